@@ -55,3 +55,15 @@ def pack(
     spec: ModelSpec,
     out_dtype: str,
 ) -> Tuple[np.ndarray, List[Tuple[int, int, int]]]: ...
+def tp_slice_adapter(
+    raw_weights: np.ndarray,
+    dtype: str,
+    weights_shape: List[int],
+    config: np.ndarray,
+    config_shape: List[int],
+    spec: ModelSpec,
+    tp_size: int,
+    tp_rank: int,
+    layers: Optional[Tuple[int, int]] = None,
+) -> Tuple[np.ndarray, int, int, List[int], ModelSpec]: ...
+def tp_rank_spec(spec: ModelSpec, tp_size: int, layers: Optional[Tuple[int, int]] = None) -> ModelSpec: ...

@@ -4,6 +4,7 @@
 pub mod error;
 pub mod format;
 pub mod modules;
+pub mod tp;
 
 #[cfg(feature = "python")]
 mod bindings;
@@ -18,5 +19,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     bindings::modules::register(m)?;
     bindings::format::register(m)?;
+    bindings::tp::register(m)?;
     Ok(())
 }
