@@ -15,6 +15,22 @@ from loramux.errors import (
     LoraTaskConflictError,
 )
 
+# torch-facing parts load on first use, so numpy-only users (format, convert) never import torch
+_LAZY = {
+    "attach": "loramux.models",
+    "detach": "loramux.models",
+    "Engine": "loramux.models",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'loramux' has no attribute {name!r}")
+
+
 __all__ = [
     "__version__",
     "ModelSpec",

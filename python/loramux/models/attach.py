@@ -1,0 +1,96 @@
+"""attach(model) swaps an HF model's LoRA target layers for per-row LoRA wrappers and gives back the
+Engine that serves them from a two-level adapter cache; detach(engine) restores the model."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from loramux.errors import LoraError, LoraFormatError
+from loramux.models.engine import Engine
+from loramux.models.targets import match_targets, spec_from_config
+from loramux.models.wrappers import LoraExperts, LoraLinear, LoraRouter
+
+_WRAPPERS = (LoraLinear, LoraRouter, LoraExperts)
+
+
+def _out_features(layer: nn.Module) -> int:
+    if isinstance(layer, nn.Linear):
+        return layer.out_features
+    if type(layer).__name__ == "Conv1D":  # GPT-2's transposed linear
+        return layer.nf
+    raise LoraFormatError(f"cannot put LoRA on a {type(layer).__name__}")
+
+
+def _wrap(name: str, layer: nn.Module, target, layer_idx: int, spec, engine) -> nn.Module:
+    def width(mid: int) -> int:
+        return spec.module_dims(mid)[1]
+
+    if target.kind == "router":
+        (mid,), = target.slices
+        return LoraRouter(layer, engine, layer_idx, mid, width(mid))
+    if target.kind == "experts":
+        (gate_id, up_id), (down_id,) = target.slices
+        return LoraExperts(layer, engine, layer_idx, (gate_id, up_id), down_id)
+    out = _out_features(layer)
+    sizes = [tuple(width(mid) for mid in ids) for ids in target.slices]
+    for ids, widths in zip(target.slices, sizes):
+        if sum(widths) != out:
+            raise LoraFormatError(f"{name}: modules {ids} give {sum(widths)} output features, the layer has {out}")
+    return LoraLinear(layer, engine, layer_idx, target.slices, sizes, conv1d=not isinstance(layer, nn.Linear))
+
+
+def attach_layers(model: nn.Module, spec, cache, dtype: torch.dtype, device: torch.device) -> Engine:
+    """Wraps every target layer of `model` (see models/targets.py); the layers read `cache`'s slots."""
+    if any(isinstance(m, _WRAPPERS) for m in model.modules()):
+        raise LoraError("this model already has loramux layers attached; detach() first")
+    engine = Engine(model, spec, cache, dtype, device, restore=[])
+    restore = []
+    for name, target, layer_idx in match_targets(model):
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        original = getattr(parent, attr)
+        setattr(parent, attr, _wrap(name, original, target, layer_idx, spec, engine))
+        restore.append((parent, attr, original))
+    if not restore:
+        raise LoraFormatError(f"no LoRA target layers found in this {model.config.model_type} model")
+    engine._restore = restore
+    return engine
+
+
+def attach(
+    model: nn.Module,
+    max_rank: int = 64,
+    host_cache_bytes: int = 1 << 30,
+    device_cache_fraction: Optional[float] = None,
+    device_cache_bytes: Optional[int] = None,
+    max_slots: int = 64,
+) -> Engine:
+    """Makes `model` serve per-row LoRA adapters; returns its Engine (engine.cache holds adapters).
+
+    The cache keeps adapters in the model's dtype on the model's device: a GPU model gets a device
+    tier of `device_cache_bytes` (or `device_cache_fraction` of free GPU memory); a CPU model a
+    host-memory "device" tier.
+    """
+    from loramux.cache import LoraCache
+
+    param = next(model.parameters())
+    spec = spec_from_config(model.config, max_rank=max_rank)
+    device = param.device
+    cache = LoraCache(
+        spec,
+        dtype=param.dtype,
+        host_cache_bytes=host_cache_bytes,
+        device=device if device.type == "cuda" else "cpu",
+        device_cache_bytes=device_cache_bytes,
+        device_cache_fraction=device_cache_fraction,
+        max_slots=max_slots,
+    )
+    return attach_layers(model, spec, cache, param.dtype, device)
+
+
+def detach(engine: Engine) -> nn.Module:
+    """Restores the original layers of the engine's model and returns the model."""
+    return engine.detach()
