@@ -56,6 +56,12 @@ pub enum LoraError {
     BatchDoesNotFit { requested: usize, fits: usize },
     #[error("task_id {task_id} is not held by any batch (release without acquire)")]
     NotAcquired { task_id: u64 },
+    #[error("batch {batch_id} is not held: it was already released or never acquired")]
+    UnknownBatch { batch_id: u64 },
+    #[error("task_id {task_id} is held by an in-flight batch; release it before replacing its weights")]
+    TaskInUse { task_id: u64 },
+    #[error("bad cache configuration: {0}")]
+    BadCacheConfig(String),
 
     // --- CUDA ---
     #[error("CUDA: {0}")]
@@ -75,7 +81,7 @@ impl LoraError {
             NotCached { .. } => "LoraNotCachedError",
             TaskConflict { .. } => "LoraTaskConflictError",
             AdapterTooLarge { .. } | TierFull { .. } | BatchDoesNotFit { .. } => "LoraCacheFullError",
-            NotAcquired { .. } => "LoraCacheError",
+            NotAcquired { .. } | UnknownBatch { .. } | TaskInUse { .. } | BadCacheConfig(_) => "LoraCacheError",
             Cuda(_) | Compile { .. } => "LoraCudaError",
             DoraWithoutBase { .. } | DoraNotNormalized { .. } => "LoraDoraError",
             _ => "LoraFormatError",

@@ -1,6 +1,7 @@
 //! loramux core: the TensorRT-LLM LoRA format, the two-level adapter cache, tensor-parallel
 //! slicing and the CUDA launchers. Pure Rust; the Python bindings live behind the `python` feature.
 
+pub mod cache;
 pub mod error;
 pub mod format;
 pub mod modules;

@@ -1,0 +1,90 @@
+//! How adapter bytes move from the host tier into the pool region: one trait, with a plain memcpy
+//! for a host-memory pool (tests, CPU serving) and cuMemcpyHtoDAsync for a CUDA pool (cuda_copier.rs).
+
+use std::time::Instant;
+
+use crate::cache::host_memory::HostBuffer;
+use crate::error::Result;
+
+/// Moves bytes into the pool and orders the compute stream after them. The cache calls it only
+/// under its write lock, so implementations need no locking of their own.
+pub trait Copier: Send + Sync {
+    /// A host buffer for an adapter image (pinned where that helps this copier).
+    fn host_buffer(&self, len: usize) -> HostBuffer;
+
+    /// Starts a batch of loads: may wait for earlier compute on released slots to finish reading
+    /// pages these loads may overwrite.
+    fn begin_loads(&mut self) -> Result<()>;
+
+    /// Copies `src` to pool address `dst`; may return before the copy completes.
+    ///
+    /// # Safety
+    /// `dst .. dst + src.len()` lies inside the pool region, and `src` stays alive and unchanged
+    /// until `wait_idle` returns or a later `end_loads` batch is known complete.
+    unsafe fn copy(&mut self, dst: u64, src: &[u8]) -> Result<()>;
+
+    /// Ends the batch begun by `begin_loads`; `bytes` is what it moved (for load-rate stats).
+    fn end_loads(&mut self, bytes: u64) -> Result<()>;
+
+    /// Makes work later enqueued on `compute_stream` run after every load issued so far.
+    fn order_after_loads(&mut self, compute_stream: u64) -> Result<()>;
+
+    /// Notes that a batch using `compute_stream` was released: later loads into pages it used must
+    /// wait for the work already enqueued there.
+    fn note_release(&mut self, compute_stream: u64) -> Result<()>;
+
+    /// Blocks until every copy issued so far has completed (before dropping a host buffer).
+    fn wait_idle(&mut self) -> Result<()>;
+
+    /// (bytes, seconds) of loads known complete, for the load GB/s figure.
+    fn load_timing(&mut self) -> (u64, f64);
+}
+
+/// The pool is ordinary host memory: copies are synchronous memcpys.
+#[derive(Default)]
+pub struct HostMemcpy {
+    batch_start: Option<Instant>,
+    bytes: u64,
+    seconds: f64,
+}
+
+impl Copier for HostMemcpy {
+    fn host_buffer(&self, len: usize) -> HostBuffer {
+        HostBuffer::pageable(len)
+    }
+
+    fn begin_loads(&mut self) -> Result<()> {
+        self.batch_start = Some(Instant::now());
+        Ok(())
+    }
+
+    unsafe fn copy(&mut self, dst: u64, src: &[u8]) -> Result<()> {
+        // SAFETY: the caller guarantees dst is inside the pool region, which does not overlap src.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst as *mut u8, src.len()) };
+        Ok(())
+    }
+
+    fn end_loads(&mut self, bytes: u64) -> Result<()> {
+        if let Some(start) = self.batch_start.take() {
+            self.seconds += start.elapsed().as_secs_f64();
+            self.bytes += bytes;
+        }
+        Ok(())
+    }
+
+    fn order_after_loads(&mut self, _compute_stream: u64) -> Result<()> {
+        Ok(())
+    }
+
+    fn note_release(&mut self, _compute_stream: u64) -> Result<()> {
+        Ok(())
+    }
+
+    fn wait_idle(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    fn load_timing(&mut self) -> (u64, f64) {
+        (self.bytes, self.seconds)
+    }
+}

@@ -1,0 +1,105 @@
+//! Page-aligned host buffers for the host tier: page-locked (cuMemHostAlloc) when a CUDA pool is
+//! served so loads run at full DMA speed, plain pageable memory otherwise or when pinning fails.
+
+use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::ptr::NonNull;
+
+use cudarc::driver::{result, sys};
+
+pub const HOST_PAGE: usize = 4096;
+
+/// One adapter image in host memory. Never read by the device after drop: the cache waits for
+/// pending copies before it drops a buffer that was loaded.
+pub struct HostBuffer {
+    ptr: NonNull<u8>,
+    len: usize,
+    kind: HostKind,
+}
+
+enum HostKind {
+    Pageable(Layout),
+    /// Freed with cuMemFreeHost under the context it was allocated in.
+    Pinned(sys::CUcontext),
+}
+
+// The buffer is plain bytes owned by this value; the context handle is only used to free it.
+unsafe impl Send for HostBuffer {}
+unsafe impl Sync for HostBuffer {}
+
+impl HostBuffer {
+    /// Zeroed pageable memory aligned to a host page.
+    pub fn pageable(len: usize) -> HostBuffer {
+        let layout = Layout::from_size_align(len.max(1), HOST_PAGE).expect("host buffer layout");
+        // SAFETY: layout has non-zero size.
+        let raw = unsafe { alloc_zeroed(layout) };
+        let ptr = NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        HostBuffer { ptr, len, kind: HostKind::Pageable(layout) }
+    }
+
+    /// Page-locked memory in `ctx` (portable across contexts), or None if the driver refuses.
+    ///
+    /// # Safety
+    /// `ctx` is a live context that outlives the buffer (a retained primary context).
+    pub unsafe fn pinned(len: usize, ctx: sys::CUcontext) -> Option<HostBuffer> {
+        // SAFETY: per the contract above; the returned memory is zeroed before use.
+        unsafe {
+            result::ctx::set_current(ctx).ok()?;
+            let raw = result::malloc_host(len.max(1), sys::CU_MEMHOSTALLOC_PORTABLE).ok()? as *mut u8;
+            let ptr = NonNull::new(raw)?;
+            std::ptr::write_bytes(raw, 0, len);
+            Some(HostBuffer { ptr, len, kind: HostKind::Pinned(ctx) })
+        }
+    }
+
+    pub fn is_pinned(&self) -> bool {
+        matches!(self.kind, HostKind::Pinned(_))
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: ptr is valid for len bytes for the life of self.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and &mut self is exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for HostBuffer {
+    fn drop(&mut self) {
+        match self.kind {
+            // SAFETY: allocated by alloc_zeroed with this layout.
+            HostKind::Pageable(layout) => unsafe { dealloc(self.ptr.as_ptr(), layout) },
+            // SAFETY: allocated by cuMemHostAlloc; errors on teardown cannot be reported from drop.
+            HostKind::Pinned(ctx) => unsafe {
+                let _ = result::ctx::set_current(ctx);
+                let _ = result::free_host(self.ptr.as_ptr() as *mut _);
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pageable_is_page_aligned_and_zeroed() {
+        let mut b = HostBuffer::pageable(10_000);
+        assert_eq!(b.as_slice().as_ptr() as usize % HOST_PAGE, 0);
+        assert!(b.as_slice().iter().all(|&x| x == 0));
+        b.as_mut_slice()[9_999] = 3;
+        assert_eq!(b.as_slice()[9_999], 3);
+        assert!(!b.is_pinned());
+        assert_eq!(HostBuffer::pageable(0).len(), 0);
+    }
+}

@@ -1,0 +1,22 @@
+//! The two-level adapter cache (seed: "LoraCache configuration"): a host tier of packed adapter
+//! images and a device tier of fixed-size pages over a caller-owned pool, with the slot table.
+
+pub mod adapter_image;
+pub mod copier;
+pub mod cuda_copier;
+pub mod device_tier;
+pub mod host_memory;
+pub mod host_tier;
+pub mod page_allocator;
+pub mod slot_table;
+pub mod stats;
+pub mod two_level;
+
+pub use copier::{Copier, HostMemcpy};
+pub use cuda_copier::{driver_present, CudaCopier};
+pub use slot_table::SlotTable;
+pub use stats::{CacheStats, StatValue};
+pub use two_level::{Acquired, CacheConfig, PoolRegion, PutOutcome, TwoLevelCache};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,276 @@
+//! The two-level cache on a host-memory pool: semantics of the seed, error atomicity, pool bytes
+//! against the format's own packing, streaming many adapters, and an 8-thread stress run.
+
+use std::sync::Arc;
+
+use rand::{Rng, SeedableRng};
+
+use super::*;
+use crate::error::LoraError;
+use crate::format::{self, ConfigRow, ModelSpec, ValidateOptions, WeightsDtype, WeightsView};
+
+pub(crate) fn spec() -> ModelSpec {
+    ModelSpec { num_layers: 3, hidden_size: 32, num_heads: 4, num_kv_heads: 2, head_dim: 8, ffn_size: 48, expert_ffn_size: 0, num_experts: 0, encoder_hidden_size: 0, max_rank: 16 }
+}
+
+/// A cache over a pool and table owned by the returned boxes (16-byte aligned via u128).
+pub(crate) struct Fixture {
+    pub cache: TwoLevelCache,
+    _pool: Box<[u128]>,
+    _table: Box<[u128]>,
+}
+
+pub(crate) fn fixture(host_budget_bytes: u64, pool_bytes: usize, page_bytes: usize, max_slots: usize) -> Fixture {
+    let pool = vec![0u128; pool_bytes / 16].into_boxed_slice();
+    let table = vec![0u128; SlotTable::table_bytes(max_slots, spec().num_layers) / 16].into_boxed_slice();
+    let cfg = CacheConfig { spec: spec(), dtype: WeightsDtype::F16, host_budget_bytes, page_bytes, max_slots, validate: ValidateOptions::default() };
+    let region = PoolRegion { pool_addr: pool.as_ptr() as u64, pool_bytes: pool_bytes as u64, table_addr: table.as_ptr() as u64 };
+    // SAFETY: both boxes live in the fixture beside the cache and are touched by nothing else.
+    let cache = unsafe { TwoLevelCache::new(cfg, region, Box::new(HostMemcpy::default())).unwrap() };
+    Fixture { cache, _pool: pool, _table: table }
+}
+
+/// An adapter as (f32 weights bytes, width, config): `modules` on every layer at `rank`, values
+/// derived from `seed` so two adapters with different seeds differ.
+pub(crate) fn adapter(seed: u64, modules: &[i64], rank: i64) -> (Vec<u8>, usize, Vec<ConfigRow>) {
+    let s = spec();
+    let cfg: Vec<ConfigRow> = (0..s.num_layers as i64).flat_map(|l| modules.iter().map(move |&m| [m, l, rank, 0])).collect();
+    let layout = format::layout_from_config(&cfg, &s, ValidateOptions::default()).unwrap();
+    let width = layout.rows.iter().map(|r| r.needed()).max().unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let vals: Vec<u8> = (0..cfg.len() * width).flat_map(|_| (rng.random_range(-1.0f32..1.0)).to_le_bytes()).collect();
+    (vals, width, cfg)
+}
+
+pub(crate) fn put(c: &TwoLevelCache, id: u64, seed: u64, modules: &[i64], rank: i64) -> crate::error::Result<PutOutcome> {
+    let (bytes, width, cfg) = adapter(seed, modules, rank);
+    let w = WeightsView::new(WeightsDtype::F32, &[cfg.len(), width], &bytes).unwrap();
+    c.put(id, &w, &cfg, false)
+}
+
+/// Reads `len` bytes at an absolute address inside a fixture's pool.
+fn read(addr: i64, len: usize) -> Vec<u8> {
+    // SAFETY: addresses come from the slot table, which only points into the live pool.
+    unsafe { std::slice::from_raw_parts(addr as *const u8, len).to_vec() }
+}
+
+/// The pool bytes behind a slot equal the adapter packed by format::pack_into (independent layout).
+fn assert_slot_holds(c: &TwoLevelCache, slot: usize, seed: u64, modules: &[i64], rank: i64) {
+    let (bytes, width, cfg) = adapter(seed, modules, rank);
+    let w = WeightsView::new(WeightsDtype::F32, &[cfg.len(), width], &bytes).unwrap();
+    let layout = format::validate(&w, &cfg, &spec(), ValidateOptions::default()).unwrap();
+    let packed = format::packed_layout(&layout);
+    let mut want = vec![0u8; packed.total_elems * 2];
+    format::pack_into(&w, &layout, &packed, WeightsDtype::F16, &mut want);
+    for (r, p) in layout.rows.iter().zip(&packed.rows) {
+        let [a, b, scale, got_rank] = c.table_entry(slot, r.layer, r.module.id() as usize);
+        assert_eq!((got_rank, scale), (r.rank as i64, 0));
+        assert_eq!(read(a, r.a_len() * 2), want[p.a * 2..(p.a + r.a_len()) * 2]);
+        assert_eq!(read(b, r.b_len() * 2), want[p.b * 2..(p.b + r.b_len()) * 2]);
+        assert_eq!(a % 16, 0);
+        assert_eq!(b % 16, 0);
+    }
+}
+
+#[test]
+fn acquired_slots_point_at_the_packed_adapter() {
+    let f = fixture(1 << 20, 1 << 18, 256, 4);
+    put(&f.cache, 7, 70, &[1, 3, 6], 4).unwrap();
+    put(&f.cache, 9, 90, &[0, 18], 16).unwrap();
+    let b = f.cache.acquire(&[7, 9, 7], 0).unwrap();
+    assert_eq!(b.slots[0], b.slots[2]);
+    assert_ne!(b.slots[0], b.slots[1]);
+    assert_slot_holds(&f.cache, b.slots[0], 70, &[1, 3, 6], 4);
+    assert_slot_holds(&f.cache, b.slots[1], 90, &[0, 18], 16);
+    // A module-layer the adapter lacks reads rank 0.
+    assert_eq!(f.cache.table_entry(b.slots[0], 0, 2), [0, 0, 0, 0]);
+    f.cache.release(b.batch_id, 0).unwrap();
+    assert!(matches!(f.cache.release(b.batch_id, 0), Err(LoraError::UnknownBatch { .. })));
+    let s = f.cache.stats();
+    assert_eq!((s.counters.misses, s.counters.hits, s.host_adapters, s.device_adapters), (2, 0, 2, 2));
+    assert!(s.device_bytes_used <= s.device_bytes_held && s.fragmentation() < 1.0);
+    f.cache.check_invariants().unwrap();
+}
+
+#[test]
+fn task_id_semantics_of_the_seed() {
+    let f = fixture(1 << 20, 1 << 18, 256, 4);
+    assert_eq!(put(&f.cache, 1, 10, &[1], 2).unwrap(), PutOutcome::Inserted);
+    assert_eq!(put(&f.cache, 1, 10, &[1], 2).unwrap(), PutOutcome::AlreadyCached);
+    assert_eq!(put(&f.cache, 1, 11, &[1], 2), Err(LoraError::TaskConflict { task_id: 1 }));
+    assert_eq!(f.cache.acquire(&[1, 5], 0), Err(LoraError::NotCached { task_id: 5 }));
+    assert!(f.cache.resident_ids().is_empty(), "a failed acquire loads nothing");
+
+    let b = f.cache.acquire(&[1], 0).unwrap();
+    let (bytes, width, cfg) = adapter(11, &[1], 2);
+    let w = WeightsView::new(WeightsDtype::F32, &[cfg.len(), width], &bytes).unwrap();
+    assert_eq!(f.cache.put(1, &w, &cfg, true), Err(LoraError::TaskInUse { task_id: 1 }));
+    f.cache.release(b.batch_id, 0).unwrap();
+    assert_eq!(f.cache.put(1, &w, &cfg, true).unwrap(), PutOutcome::Replaced);
+    assert!(f.cache.resident_ids().is_empty(), "stale weights leave the device tier");
+    let b = f.cache.acquire(&[1], 0).unwrap();
+    assert_slot_holds(&f.cache, b.slots[0], 11, &[1], 2);
+    f.cache.check_invariants().unwrap();
+}
+
+#[test]
+fn too_large_and_bad_input_change_nothing() {
+    let f = fixture(4096, 2048, 256, 2);
+    // attn_qkv on 3 layers at rank 16: far over both tiers.
+    let err = put(&f.cache, 3, 1, &[0, 4, 5, 6], 16).unwrap_err();
+    assert!(matches!(err, LoraError::AdapterTooLarge { task_id: 3, .. }), "{err:?}");
+    let vals = vec![0u8; 4 * 64];
+    let w = WeightsView::new(WeightsDtype::F32, &[1, 64], &vals).unwrap();
+    let err = f.cache.put(3, &w, &[[13, 0, 2, 0]], false).unwrap_err(); // no experts in this model
+    assert!(matches!(err, LoraError::ModuleNotInModel { row: 0, .. }), "{err:?}");
+    assert_eq!(f.cache.len(), 0);
+    assert_eq!(f.cache.stats().host_bytes, 0);
+}
+
+#[test]
+fn host_tier_evicts_least_recently_used_unpinned() {
+    // Each adapter: 3 layers x attn_q rank 1 = 3 segments x 1 page of 256 B = 768 B.
+    let f = fixture(3 * 768, 1 << 16, 256, 8);
+    for id in 1..=3 {
+        put(&f.cache, id, id, &[1], 1).unwrap();
+    }
+    let b = f.cache.acquire(&[1], 0).unwrap(); // 1 is now most recent and pinned
+    put(&f.cache, 4, 4, &[1], 1).unwrap(); // evicts 2 (least recent)
+    assert!(!f.cache.contains(2) && f.cache.contains(1) && f.cache.contains(3));
+    put(&f.cache, 5, 5, &[1], 1).unwrap(); // evicts 3
+    assert_eq!(f.cache.task_ids(), vec![5, 4, 1]);
+    put(&f.cache, 6, 6, &[1], 1).unwrap(); // evicts 4, never the pinned 1
+    assert!(f.cache.contains(1));
+    f.cache.release(b.batch_id, 0).unwrap();
+    f.cache.check_invariants().unwrap();
+    assert_eq!(f.cache.stats().counters.host_evictions, 3);
+}
+
+#[test]
+fn batch_that_cannot_fit_says_how_many_and_disturbs_nothing() {
+    // Pool of 6 pages; each adapter needs 3 pages (attn_q rank 1 on 3 layers).
+    let f = fixture(1 << 20, 6 * 256, 256, 8);
+    for id in 1..=4 {
+        put(&f.cache, id, id, &[1], 1).unwrap();
+    }
+    let held = f.cache.acquire(&[1], 0).unwrap();
+    let err = f.cache.acquire(&[2, 3], 0).unwrap_err();
+    assert_eq!(err, LoraError::BatchDoesNotFit { requested: 2, fits: 1 });
+    assert_eq!(f.cache.resident_ids(), vec![1]);
+    assert_slot_holds(&f.cache, held.slots[0], 1, &[1], 1);
+    // Once 1 is released, 2 and 3 fit by evicting it.
+    f.cache.release(held.batch_id, 0).unwrap();
+    let b = f.cache.acquire(&[2, 3], 0).unwrap();
+    assert_slot_holds(&f.cache, b.slots[0], 2, &[1], 1);
+    assert_slot_holds(&f.cache, b.slots[1], 3, &[1], 1);
+    assert_eq!(f.cache.stats().counters.device_evictions, 1);
+    // More distinct adapters than slots.
+    let g = fixture(1 << 20, 1 << 16, 256, 2);
+    for id in 1..=3 {
+        put(&g.cache, id, id, &[1], 1).unwrap();
+    }
+    assert_eq!(g.cache.acquire(&[1, 2, 3], 0), Err(LoraError::BatchDoesNotFit { requested: 3, fits: 2 }));
+    f.cache.check_invariants().unwrap();
+}
+
+#[test]
+fn prefetch_loads_without_pinning() {
+    let f = fixture(1 << 20, 3 * 256, 256, 4);
+    put(&f.cache, 1, 1, &[1], 1).unwrap();
+    put(&f.cache, 2, 2, &[1], 1).unwrap();
+    f.cache.prefetch(&[1]).unwrap();
+    assert_eq!(f.cache.resident_ids(), vec![1]);
+    assert!(f.cache.pinned_ids().is_empty());
+    f.cache.prefetch(&[2]).unwrap(); // evicts the unpinned 1
+    assert_eq!(f.cache.resident_ids(), vec![2]);
+    let b = f.cache.acquire(&[2], 0).unwrap();
+    assert_eq!(f.cache.stats().counters.hits, 1);
+    f.cache.release(b.batch_id, 0).unwrap();
+}
+
+#[test]
+fn ten_thousand_adapters_stream_through_a_small_pool_without_leaking() {
+    let f = fixture(64 * 1024, 40 * 256, 256, 8);
+    let mixes: [(&[i64], i64); 4] = [(&[1], 1), (&[1, 3], 2), (&[4], 8), (&[18, 6], 3)];
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    for id in 0..10_000u64 {
+        let (modules, rank) = mixes[(id % 4) as usize];
+        put(&f.cache, id, id, modules, rank).unwrap();
+        let b = if id > 0 && rng.random_bool(0.5) { f.cache.acquire(&[id, id - 1], 0) } else { f.cache.acquire(&[id], 0) };
+        let b = b.unwrap();
+        if id % 997 == 0 {
+            assert_slot_holds(&f.cache, b.slots[0], id, modules, rank);
+            f.cache.check_invariants().unwrap();
+        }
+        f.cache.release(b.batch_id, 0).unwrap();
+    }
+    f.cache.check_invariants().unwrap();
+    let s = f.cache.stats();
+    assert!(s.counters.device_evictions > 9_000 && s.counters.host_evictions > 9_000);
+    assert_eq!(s.in_flight_batches, 0);
+}
+
+/// 8 threads x 100k mixed operations over a shared cache under eviction pressure: invariants hold
+/// throughout, a pinned adapter's bytes never change while held, and nothing deadlocks.
+#[test]
+fn eight_threads_mixed_operations_keep_invariants() {
+    const THREADS: u64 = 8;
+    const OPS: u64 = 100_000;
+    const IDS: u64 = 48;
+    let f = Arc::new(fixture(20 * 768 * 2, 24 * 256, 256, 16));
+    let mixes: [(&[i64], i64); 3] = [(&[1], 1), (&[1, 3], 1), (&[2], 2)];
+    let shape = |id: u64| mixes[(id % 3) as usize];
+    std::thread::scope(|scope| {
+        for t in 0..THREADS {
+            let f = Arc::clone(&f);
+            scope.spawn(move || {
+                let c = &f.cache;
+                let mut rng = rand::rngs::StdRng::seed_from_u64(100 + t);
+                for op in 0..OPS {
+                    let id = rng.random_range(0..IDS);
+                    let (modules, rank) = shape(id);
+                    match rng.random_range(0..10) {
+                        0..=2 => match put(c, id, id, modules, rank) {
+                            Ok(_) | Err(LoraError::TierFull { .. }) => {}
+                            Err(e) => panic!("put {id}: {e}"),
+                        },
+                        3..=7 => {
+                            let other = rng.random_range(0..IDS);
+                            match c.acquire(&[id, other, id], 0) {
+                                Ok(b) => {
+                                    assert_eq!(b.slots[0], b.slots[2]);
+                                    let [a, ..] = c.table_entry(b.slots[0], 0, modules[0] as usize);
+                                    let first = read(a, 16);
+                                    std::thread::yield_now();
+                                    let [a2, ..] = c.table_entry(b.slots[0], 0, modules[0] as usize);
+                                    assert_eq!((a, read(a2, 16)), (a2, first), "pinned adapter {id} moved or changed");
+                                    if op % 4096 == 0 {
+                                        assert_slot_holds(c, b.slots[0], id, modules, rank);
+                                    }
+                                    c.release(b.batch_id, 0).unwrap();
+                                }
+                                Err(LoraError::NotCached { .. } | LoraError::BatchDoesNotFit { .. }) => {}
+                                Err(e) => panic!("acquire: {e}"),
+                            }
+                        }
+                        8 => match c.prefetch(&[id]) {
+                            Ok(()) | Err(LoraError::NotCached { .. } | LoraError::BatchDoesNotFit { .. }) => {}
+                            Err(e) => panic!("prefetch: {e}"),
+                        },
+                        _ => {
+                            let _ = c.contains(id);
+                            if op % 1024 == 0 {
+                                c.check_invariants().unwrap();
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    f.cache.check_invariants().unwrap();
+    let s = f.cache.stats();
+    assert!(s.host_bytes <= s.host_budget_bytes);
+    assert_eq!((s.in_flight_batches, s.pinned_by_batches), (0, 0));
+    assert!(s.counters.hits > 0 && s.counters.misses > 0 && s.counters.device_evictions > 0 && s.counters.host_evictions > 0);
+}

@@ -1,0 +1,416 @@
+//! The two-level adapter cache of the seed: put() validates and packs once into the host tier;
+//! acquire() makes a batch's adapters resident in the device pool, pins them and hands back slots.
+//! Every call plans first and mutates only once the whole call is known to succeed.
+
+use std::collections::HashMap;
+
+use parking_lot::RwLock;
+
+use crate::cache::adapter_image::{self, ImageLayout};
+use crate::cache::copier::Copier;
+use crate::cache::device_tier::DeviceTier;
+use crate::cache::host_tier::{HostEntry, HostTier};
+use crate::cache::slot_table::SlotTable;
+use crate::cache::stats::{CacheStats, Counters};
+use crate::error::{LoraError, Result};
+use crate::format::{self, ConfigRow, ModelSpec, ValidateOptions, WeightsDtype, WeightsView};
+
+#[derive(Clone, Debug)]
+pub struct CacheConfig {
+    pub spec: ModelSpec,
+    /// The serving dtype adapters are packed into.
+    pub dtype: WeightsDtype,
+    pub host_budget_bytes: u64,
+    pub page_bytes: usize,
+    pub max_slots: usize,
+    pub validate: ValidateOptions,
+}
+
+/// The caller-owned memory the cache writes: the pool and the slot table (docs/internals.md).
+#[derive(Clone, Copy, Debug)]
+pub struct PoolRegion {
+    pub pool_addr: u64,
+    pub pool_bytes: u64,
+    pub table_addr: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PutOutcome {
+    Inserted,
+    /// Same weights were already cached: nothing changed but LRU order.
+    AlreadyCached,
+    Replaced,
+}
+
+/// A pinned batch: `slots[i]` is the slot of the i-th requested task id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Acquired {
+    pub batch_id: u64,
+    pub slots: Vec<usize>,
+}
+
+struct State {
+    host: HostTier,
+    device: DeviceTier,
+    table: SlotTable,
+    /// task_id -> number of in-flight batches holding it.
+    pins: HashMap<u64, u32>,
+    /// batch_id -> the distinct task ids it holds.
+    batches: HashMap<u64, Vec<u64>>,
+    next_batch: u64,
+    counters: Counters,
+    // Last: dropped after the host buffers it may have pinned.
+    copier: Box<dyn Copier>,
+}
+
+pub struct TwoLevelCache {
+    cfg: CacheConfig,
+    state: RwLock<State>,
+}
+
+fn distinct(ids: &[u64]) -> Vec<u64> {
+    let mut out: Vec<u64> = Vec::with_capacity(ids.len());
+    for &id in ids {
+        if !out.contains(&id) {
+            out.push(id);
+        }
+    }
+    out
+}
+
+impl TwoLevelCache {
+    /// # Safety
+    /// `region.pool_addr` must point at `pool_bytes` bytes and `region.table_addr` at
+    /// `SlotTable::table_bytes(max_slots, num_layers)` zeroed bytes, both writable through
+    /// `copier`, 16-byte aligned, and alive and otherwise unused for the life of the cache.
+    pub unsafe fn new(cfg: CacheConfig, region: PoolRegion, copier: Box<dyn Copier>) -> Result<Self> {
+        let bad = |m: String| Err(LoraError::BadCacheConfig(m));
+        if cfg.page_bytes == 0 || cfg.page_bytes % 256 != 0 {
+            return bad(format!("page_bytes must be a positive multiple of 256, got {}", cfg.page_bytes));
+        }
+        if cfg.max_slots == 0 {
+            return bad("max_slots must be at least 1".into());
+        }
+        if cfg.spec.num_layers == 0 {
+            return bad("the model spec has no layers".into());
+        }
+        if region.pool_addr % 16 != 0 || region.table_addr % 16 != 0 {
+            return bad("pool and table must be 16-byte aligned".into());
+        }
+        if region.pool_bytes < cfg.page_bytes as u64 {
+            return bad(format!("device pool of {} bytes holds no page of {} bytes", region.pool_bytes, cfg.page_bytes));
+        }
+        let state = State {
+            host: HostTier::new(cfg.host_budget_bytes),
+            device: DeviceTier::new(region.pool_addr, region.pool_bytes, cfg.page_bytes, cfg.max_slots),
+            table: SlotTable::new(region.table_addr, cfg.max_slots, cfg.spec.num_layers),
+            pins: HashMap::new(),
+            batches: HashMap::new(),
+            next_batch: 1,
+            counters: Counters::default(),
+            copier,
+        };
+        Ok(TwoLevelCache { cfg, state: RwLock::new(state) })
+    }
+
+    pub fn config(&self) -> &CacheConfig {
+        &self.cfg
+    }
+
+    /// Caches `task_id`'s adapter: validated and packed once into the serving dtype. The same
+    /// weights again are a no-op; different weights need `replace`.
+    pub fn put(&self, task_id: u64, weights: &WeightsView, config: &[ConfigRow], replace: bool) -> Result<PutOutcome> {
+        let layout = format::validate(weights, config, &self.cfg.spec, self.cfg.validate)?;
+        let image_layout = ImageLayout::new(&layout, self.cfg.dtype, self.cfg.page_bytes);
+        let held = image_layout.held_bytes() as u64;
+        if held > self.cfg.host_budget_bytes {
+            return Err(LoraError::AdapterTooLarge { task_id, needed: held, tier: "host", capacity: self.cfg.host_budget_bytes });
+        }
+        let device_pages = self.state.read().device.pages().total_pages();
+        if image_layout.total_pages() > device_pages {
+            let capacity = (device_pages * self.cfg.page_bytes) as u64;
+            return Err(LoraError::AdapterTooLarge { task_id, needed: held, tier: "device", capacity });
+        }
+        let digest = adapter_image::digest(weights, &layout);
+        if let Some(outcome) = self.existing_put(task_id, digest, replace)? {
+            return Ok(outcome);
+        }
+        // Pack without the lock: other threads keep serving while this one copies.
+        let mut image = self.state.read().copier.host_buffer(image_layout.held_bytes());
+        image_layout.pack(weights, &layout, image.as_mut_slice());
+
+        let mut st = self.state.write();
+        if let Some(outcome) = Self::existing_put_locked(&mut st, task_id, digest, replace)? {
+            return Ok(outcome); // another thread put it meanwhile
+        }
+        let replacing = st.host.contains(task_id).then_some(task_id);
+        let victims = st.host.plan_room(held, replacing, |id| st.pins.contains_key(&id))?;
+        let mut wait = false;
+        let mut dropped = Vec::with_capacity(victims.len() + 1);
+        for &id in victims.iter().chain(replacing.iter()) {
+            let entry = st.host.remove(id).unwrap();
+            wait |= entry.loaded;
+            if let Some(r) = st.device.evict(id) {
+                st.table.forget_slot(r.slot);
+            }
+            dropped.push(entry);
+        }
+        st.counters.host_evictions += victims.len() as u64;
+        if wait {
+            // Copies from the dropped images must finish before their memory is freed; if the
+            // device cannot say, leak them rather than free memory a DMA may still read.
+            if let Err(e) = st.copier.wait_idle() {
+                std::mem::forget(dropped);
+                return Err(e);
+            }
+        }
+        drop(dropped);
+        st.host.insert(task_id, HostEntry { image, layout: image_layout, digest, loaded: false });
+        if replacing.is_some() {
+            st.counters.replacements += 1;
+            Ok(PutOutcome::Replaced)
+        } else {
+            st.counters.puts += 1;
+            Ok(PutOutcome::Inserted)
+        }
+    }
+
+    fn existing_put(&self, task_id: u64, digest: u64, replace: bool) -> Result<Option<PutOutcome>> {
+        let st = self.state.upgradable_read();
+        match st.host.peek(task_id) {
+            None => Ok(None),
+            Some(_) => Self::existing_put_locked(&mut parking_lot::RwLockUpgradableReadGuard::upgrade(st), task_id, digest, replace),
+        }
+    }
+
+    /// Some(outcome) when the put is settled by what is cached already.
+    fn existing_put_locked(st: &mut State, task_id: u64, digest: u64, replace: bool) -> Result<Option<PutOutcome>> {
+        let Some(entry) = st.host.peek(task_id) else { return Ok(None) };
+        if entry.digest == digest {
+            st.host.touch(task_id);
+            st.counters.put_hits += 1;
+            return Ok(Some(PutOutcome::AlreadyCached));
+        }
+        if !replace {
+            return Err(LoraError::TaskConflict { task_id });
+        }
+        if st.pins.contains_key(&task_id) {
+            return Err(LoraError::TaskInUse { task_id });
+        }
+        Ok(None)
+    }
+
+    pub fn contains(&self, task_id: u64) -> bool {
+        self.state.read().host.contains(task_id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.state.read().host.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Cached task ids, most recently used first.
+    pub fn task_ids(&self) -> Vec<u64> {
+        self.state.read().host.iter().map(|(id, _)| id).collect()
+    }
+
+    /// Makes every adapter of a batch resident and pins it until `release`; `compute_stream`
+    /// (a raw CUstream, 0 for a host pool) is ordered after the loads. Same id, same slot.
+    pub fn acquire(&self, task_ids: &[u64], compute_stream: u64) -> Result<Acquired> {
+        let mut st = self.state.write();
+        self.make_resident(&mut st, task_ids)?;
+        let wanted = distinct(task_ids);
+        for &id in &wanted {
+            *st.pins.entry(id).or_insert(0) += 1;
+        }
+        st.copier.order_after_loads(compute_stream)?;
+        let slots = task_ids.iter().map(|id| st.device.get(*id).unwrap().slot).collect();
+        let batch_id = st.next_batch;
+        st.next_batch += 1;
+        st.batches.insert(batch_id, wanted);
+        Ok(Acquired { batch_id, slots })
+    }
+
+    /// Starts loading adapters early without pinning them (same errors as acquire).
+    pub fn prefetch(&self, task_ids: &[u64]) -> Result<()> {
+        let mut st = self.state.write();
+        self.make_resident(&mut st, task_ids)
+    }
+
+    /// Unpins a batch's adapters; later loads into their pages wait for work already on `compute_stream`.
+    pub fn release(&self, batch_id: u64, compute_stream: u64) -> Result<()> {
+        let mut st = self.state.write();
+        let ids = st.batches.remove(&batch_id).ok_or(LoraError::UnknownBatch { batch_id })?;
+        for id in ids {
+            let count = st.pins.get_mut(&id).expect("a held batch's task is pinned");
+            *count -= 1;
+            if *count == 0 {
+                st.pins.remove(&id);
+            }
+        }
+        st.copier.note_release(compute_stream)
+    }
+
+    fn make_resident(&self, st: &mut State, task_ids: &[u64]) -> Result<()> {
+        let wanted = distinct(task_ids);
+        if let Some(&task_id) = wanted.iter().find(|id| !st.host.contains(**id)) {
+            return Err(LoraError::NotCached { task_id });
+        }
+        let (resident, missing_ids): (Vec<u64>, Vec<u64>) = wanted.iter().partition(|id| st.device.get(**id).is_some());
+        if !missing_ids.is_empty() {
+            let missing: Vec<(u64, &ImageLayout)> = missing_ids.iter().map(|&id| (id, &st.host.peek(id).unwrap().layout)).collect();
+            let plan = (wanted.len() <= self.cfg.max_slots)
+                .then(|| st.device.plan_loads(&missing, |id| st.pins.contains_key(&id) || wanted.contains(&id)))
+                .flatten();
+            let Some(plan) = plan else {
+                let fits = st.device.how_many_fit(&resident, &missing, |id| st.pins.contains_key(&id));
+                return Err(LoraError::BatchDoesNotFit { requested: wanted.len(), fits: fits.min(self.cfg.max_slots) });
+            };
+            let evicted = st.device.apply(plan, &missing);
+            drop(missing);
+            st.counters.device_evictions += evicted.len() as u64;
+            for (_, r) in &evicted {
+                st.table.forget_slot(r.slot);
+            }
+            self.load(st, &missing_ids)?;
+        }
+        st.counters.hits += resident.len() as u64;
+        st.counters.misses += missing_ids.len() as u64;
+        for &id in &wanted {
+            st.device.touch(id);
+            st.host.touch(id);
+        }
+        Ok(())
+    }
+
+    /// Copies freshly placed adapters from their host images and points their slots at them.
+    /// One copy per run of segments that are adjacent both in the image and in the pool.
+    fn load(&self, st: &mut State, ids: &[u64]) -> Result<()> {
+        let State { host, device, table, copier, counters, .. } = st;
+        copier.begin_loads()?;
+        let page = self.cfg.page_bytes;
+        let mut bytes = 0u64;
+        for &id in ids {
+            let entry = host.peek_mut(id).unwrap();
+            entry.loaded = true;
+            let r = device.get(id).unwrap();
+            let src = entry.image.as_slice();
+            let mut i = 0;
+            while i < r.runs.len() {
+                let (first_img, first_run) = (entry.layout.segments[i].image_offset, r.runs[i]);
+                let mut pages = first_run.pages;
+                let mut j = i + 1;
+                while j < r.runs.len() && r.runs[j].start == first_run.start + pages {
+                    pages += r.runs[j].pages; // image segments are always back to back
+                    j += 1;
+                }
+                let dst = device.pool_base + (first_run.start * page) as u64;
+                // SAFETY: the run lies in the pool (allocator bounds); the image stays alive until
+                // copies finish (wait_idle before any image is dropped).
+                unsafe { copier.copy(dst, &src[first_img..first_img + pages * page])? };
+                bytes += (pages * page) as u64;
+                i = j;
+            }
+            table.write_slot(copier.as_mut(), r.slot, &entry.layout, &r.runs, device.pool_base)?;
+        }
+        copier.end_loads(bytes)?;
+        counters.loads += 1;
+        counters.load_bytes_issued += bytes;
+        Ok(())
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        let mut st = self.state.write();
+        let (load_bytes_timed, load_seconds) = st.copier.load_timing();
+        let (mut pinned, mut pinned_bytes, mut pageable, mut pageable_bytes) = (0, 0, 0, 0);
+        for (_, e) in st.host.iter() {
+            if e.image.is_pinned() {
+                pinned += 1;
+                pinned_bytes += e.held_bytes();
+            } else {
+                pageable += 1;
+                pageable_bytes += e.held_bytes();
+            }
+        }
+        let pages = st.device.pages();
+        CacheStats {
+            counters: st.counters.clone(),
+            host_adapters: st.host.len() as u64,
+            host_bytes: st.host.used_bytes(),
+            host_budget_bytes: st.host.budget_bytes(),
+            host_pinned_adapters: pinned,
+            host_pinned_bytes: pinned_bytes,
+            host_pageable_adapters: pageable,
+            host_pageable_bytes: pageable_bytes,
+            device_adapters: st.device.len() as u64,
+            device_bytes_used: st.device.used_bytes(),
+            device_bytes_held: st.device.held_bytes(),
+            device_capacity_bytes: (pages.total_pages() * self.cfg.page_bytes) as u64,
+            page_bytes: self.cfg.page_bytes as u64,
+            device_free_runs: pages.free_run_count() as u64,
+            device_largest_free_run_bytes: (pages.largest_free_run() * self.cfg.page_bytes) as u64,
+            slots_used: st.device.len() as u64,
+            max_slots: self.cfg.max_slots as u64,
+            in_flight_batches: st.batches.len() as u64,
+            pinned_by_batches: st.pins.len() as u64,
+            load_bytes_timed,
+            load_seconds,
+        }
+    }
+
+    /// Blocks until every load issued so far has landed in the pool.
+    pub fn synchronize(&self) -> Result<()> {
+        self.state.write().copier.wait_idle()
+    }
+
+    /// The slot an adapter is resident in, if it is (no LRU touch).
+    pub fn slot_of(&self, task_id: u64) -> Option<usize> {
+        self.state.read().device.get(task_id).map(|r| r.slot)
+    }
+
+    /// Device-resident task ids, most recently used first.
+    pub fn resident_ids(&self) -> Vec<u64> {
+        self.state.read().device.iter().map(|(id, _)| id).collect()
+    }
+
+    /// Task ids pinned by in-flight batches.
+    pub fn pinned_ids(&self) -> Vec<u64> {
+        self.state.read().pins.keys().copied().collect()
+    }
+
+    /// A copy of a cached adapter's host image and layout (tests compare pool bytes against it).
+    pub fn host_image(&self, task_id: u64) -> Option<(Vec<u8>, ImageLayout)> {
+        let st = self.state.read();
+        st.host.peek(task_id).map(|e| (e.image.as_slice().to_vec(), e.layout.clone()))
+    }
+
+    /// The slot table entry (a_addr, b_addr, scale_addr, rank) the cache last wrote.
+    pub fn table_entry(&self, slot: usize, layer: usize, module: usize) -> [i64; 4] {
+        self.state.read().table.entry(slot, layer, module)
+    }
+
+    /// Every structural invariant: budgets, tier inclusion, pins, slots, pages (tests and debug).
+    pub fn check_invariants(&self) -> std::result::Result<(), String> {
+        let st = self.state.read();
+        let host_sum: u64 = st.host.iter().map(|(_, e)| e.held_bytes()).sum();
+        if host_sum != st.host.used_bytes() || host_sum > st.host.budget_bytes() {
+            return Err(format!("host bytes {host_sum} (recorded {}) vs budget {}", st.host.used_bytes(), st.host.budget_bytes()));
+        }
+        st.device.check(self.cfg.max_slots)?;
+        if let Some((id, _)) = st.device.iter().find(|(id, _)| !st.host.contains(*id)) {
+            return Err(format!("task {id} is on the device tier but not the host tier"));
+        }
+        if let Some(id) = st.pins.keys().find(|id| st.device.get(**id).is_none()) {
+            return Err(format!("pinned task {id} is not resident"));
+        }
+        let mut counted: HashMap<u64, u32> = HashMap::new();
+        st.batches.values().flatten().for_each(|id| *counted.entry(*id).or_insert(0) += 1);
+        if counted != st.pins {
+            return Err("pin counts differ from the batches holding them".into());
+        }
+        Ok(())
+    }
+}
