@@ -1,6 +1,7 @@
 """loramux: serve many LoRA adapters at once over one torch model, in the TensorRT-LLM LoRA format."""
 
 from loramux import errors, format, modules
+from loramux import convert, dora, spec  # PEFT <-> format converter, DoRA scales, HF module map
 from loramux._core import ModelSpec, __version__
 from loramux.errors import (
     LoraCacheError,
@@ -37,6 +38,9 @@ __all__ = [
     "errors",
     "format",
     "modules",
+    "convert",
+    "dora",
+    "spec",
     "LoraError",
     "LoraFormatError",
     "LoraConvertError",

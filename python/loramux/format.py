@@ -7,7 +7,8 @@ Ho DoRA scales, then padding.
 
 from __future__ import annotations
 
-from typing import List, NamedTuple, Tuple
+import os
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -90,4 +91,120 @@ def row_width(rows: List[RowLayout]) -> int:
     return max((r.needed for r in rows), default=0)
 
 
-__all__ = ["ModelSpec", "RowLayout", "validate", "raw_weights", "raw_config", "row_width", "weights_dtype_name", "WEIGHT_DTYPES"]
+# --- building and reading the arrays row by row -------------------------------------------------
+
+
+class AdapterRow(NamedTuple):
+    """One module-layer of an adapter as float32 arrays: A [rank, Hi], B [Ho, rank] (scaling folded
+    in), and the normalized DoRA scales [Ho] or None."""
+
+    module_id: int
+    layer: int
+    a: np.ndarray
+    b: np.ndarray
+    dora_scale: Optional[np.ndarray] = None
+
+
+def _to_bf16_bits(values: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit pattern (uint16), round to nearest even."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    return ((bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
+
+
+def to_float32(weights: np.ndarray) -> np.ndarray:
+    """Weights of any format dtype as float32 (a uint16 array is read as bfloat16 bits)."""
+    name = weights_dtype_name(weights)
+    if name == "bfloat16":
+        return (np.ascontiguousarray(weights).view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return weights.astype(np.float32)
+
+
+def from_rows(rows: Sequence[AdapterRow], storage_type: str = "float16") -> Tuple[np.ndarray, np.ndarray]:
+    """(weights [N, W], config [N, 3|4] int32) from rows; W is the longest row, the rest is zero
+    padding; config has the is_dora column only if some row is DoRA. bfloat16 is stored as its
+    uint16 bit pattern (what np.save/np.load round-trip without pickle)."""
+    if storage_type not in WEIGHT_DTYPES:
+        raise LoraFormatError(f"storage type {storage_type!r} is not one of {WEIGHT_DTYPES}")
+    has_dora = any(r.dora_scale is not None for r in rows)
+    cols = 4 if has_dora else 3
+    config = np.zeros((len(rows), cols), dtype=np.int32)
+    lengths = [r.a.size + r.b.size + (0 if r.dora_scale is None else r.dora_scale.size) for r in rows]
+    values = np.zeros((len(rows), max(lengths, default=0)), dtype=np.float32)
+    for i, r in enumerate(rows):
+        rank = r.a.shape[0]
+        if r.a.ndim != 2 or r.b.ndim != 2 or r.b.shape[1] != rank:
+            raise LoraFormatError(f"row {i}: A {r.a.shape} and B {r.b.shape} are not [rank, Hi] and [Ho, rank]", row=i)
+        parts = [r.a.reshape(-1), r.b.reshape(-1)] + ([] if r.dora_scale is None else [r.dora_scale.reshape(-1)])
+        values[i, : lengths[i]] = np.concatenate(parts)
+        config[i, :3] = (r.module_id, r.layer, rank)
+        if has_dora:
+            config[i, 3] = int(r.dora_scale is not None)
+    if storage_type == "float32":
+        return values, config
+    if storage_type == "float16":
+        return values.astype(np.float16), config
+    return _to_bf16_bits(values), config
+
+
+def to_rows(weights, config, spec: ModelSpec) -> List[AdapterRow]:
+    """Validates (weights, config) against `spec` and splits it into float32 AdapterRows."""
+    layouts = validate(weights, config, spec)
+    w = to_float32(np.asarray(weights).reshape(len(layouts), -1) if len(layouts) else np.asarray(weights))
+    rows = []
+    for i, r in enumerate(layouts):
+        a = w[i, r.a_slice].reshape(r.rank, r.hi)
+        b = w[i, r.b_slice].reshape(r.ho, r.rank)
+        scale = w[i, r.scale_slice].copy() if r.is_dora else None
+        rows.append(AdapterRow(r.module_id, r.layer, a.copy(), b.copy(), scale))
+    return rows
+
+
+# --- files: model.lora_weights.npy + model.lora_config.npy (TensorRT-LLM's names) ---------------
+
+WEIGHTS_FILE = "model.lora_weights.npy"
+CONFIG_FILE = "model.lora_config.npy"
+#: Refuse files larger than this unless the caller raises it (an adapter is rarely above a few GiB).
+DEFAULT_MAX_FILE_BYTES = 64 << 30
+
+
+def save(out_dir: str, weights: np.ndarray, config: np.ndarray) -> None:
+    """Writes model.lora_weights.npy and model.lora_config.npy into out_dir (created if needed)."""
+    weights_dtype_name(weights)
+    os.makedirs(out_dir, exist_ok=True)
+    np.save(os.path.join(out_dir, WEIGHTS_FILE), weights, allow_pickle=False)
+    np.save(os.path.join(out_dir, CONFIG_FILE), np.asarray(config), allow_pickle=False)
+
+
+def _load_npy(path: str, max_bytes: int) -> np.ndarray:
+    """np.load without pickle, after checking the header's shape against the file size and limit."""
+    if not os.path.isfile(path):
+        raise LoraFormatError(f"{path}: no such file")
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _fortran, dtype = read_header(f, max_header_size=1 << 16)
+        except (ValueError, TypeError) as e:
+            raise LoraFormatError(f"{path}: not a .npy file ({e})") from None
+        if dtype.hasobject:
+            raise LoraFormatError(f"{path}: holds Python objects; only numeric arrays are accepted")
+        data_bytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if data_bytes > max_bytes:
+            raise LoraFormatError(f"{path}: {data_bytes} bytes is over the limit of {max_bytes} bytes")
+        if f.tell() + data_bytes != size:
+            raise LoraFormatError(f"{path}: header says {shape} {dtype} ({data_bytes} bytes) but the file holds {size - f.tell()}")
+    return np.load(path, allow_pickle=False)
+
+
+def load(out_dir: str, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> Tuple[np.ndarray, np.ndarray]:
+    """(weights, config) from a directory written by `save` or TensorRT-LLM's converter."""
+    weights = _load_npy(os.path.join(out_dir, WEIGHTS_FILE), max_bytes)
+    config = _load_npy(os.path.join(out_dir, CONFIG_FILE), max_bytes)
+    return weights, config
+
+
+__all__ = [
+    "ModelSpec", "RowLayout", "AdapterRow", "validate", "raw_weights", "raw_config", "row_width", "weights_dtype_name",
+    "to_float32", "from_rows", "to_rows", "save", "load", "WEIGHT_DTYPES", "WEIGHTS_FILE", "CONFIG_FILE",
+]

@@ -1,0 +1,111 @@
+"""The `loramux` command. One function per subcommand (`cmd_<name>(args) -> int`) and one
+`add_<name>(subparsers)` that declares its arguments; to add a subcommand, write both and list the
+adder in SUBCOMMANDS."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from typing import Callable, List, Optional
+
+from loramux.errors import LoraError
+
+
+def add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="PEFT adapter dir -> model.lora_weights.npy + model.lora_config.npy")
+    p.add_argument("-i", "--input", required=True, help="PEFT adapter directory (adapter_config.json + weights)")
+    p.add_argument("-o", "--output", required=True, help="output directory")
+    p.add_argument("--storage-type", default="float16", choices=["float16", "bfloat16", "float32"],
+                   help="dtype of the weights file (bfloat16 is stored as its uint16 bit pattern)")
+    p.add_argument("--base-model", default=None, help="saved HF model dir: needed for DoRA, validates the result")
+    p.add_argument("--arch", default=None, help="HF model_type (llama, gpt2, phi3, mixtral, qwen2_moe, bart, ...); "
+                   "detected when omitted")
+    p.add_argument("--component", default=None, choices=["decoder", "encoder"],
+                   help="encoder-decoder models: which stack to convert")
+    p.set_defaults(func=cmd_convert)
+
+
+def cmd_convert(args) -> int:
+    from loramux import convert, format
+
+    weights, config = convert.from_peft(args.input, storage_type=args.storage_type, base_model=args.base_model,
+                                        arch=args.arch, component=args.component)
+    format.save(args.output, weights, config)
+    print(f"wrote {args.output}/{format.WEIGHTS_FILE} {list(weights.shape)} {args.storage_type} and "
+          f"{format.CONFIG_FILE} {list(config.shape)}")
+    return 0
+
+
+def add_info(sub) -> None:
+    p = sub.add_parser("info", help="summarise a converted adapter (modules, layers, ranks, bytes)")
+    p.add_argument("dir", help="directory holding model.lora_weights.npy and model.lora_config.npy")
+    p.set_defaults(func=cmd_info)
+
+
+def _ranges(values: List[int]) -> str:
+    """[0,1,2,5] -> '0-2,5'"""
+    out, start = [], None
+    for i, v in enumerate(values):
+        if start is None:
+            start = v
+        if i + 1 == len(values) or values[i + 1] != v + 1:
+            out.append(str(start) if start == v else f"{start}-{v}")
+            start = None
+    return ",".join(out)
+
+
+def cmd_info(args) -> int:
+    import numpy as np
+
+    from loramux import format
+    from loramux.modules import MODULE_NAMES
+
+    weights, config = format.load(args.dir)
+    name = format.weights_dtype_name(weights)
+    cfg = np.asarray(config).reshape(-1, np.asarray(config).shape[-1])
+    if weights.ndim == 3:
+        weights = weights.reshape(weights.shape[1:])
+    if weights.ndim != 2 or cfg.shape[0] != weights.shape[0]:
+        raise format.LoraFormatError(f"weights {list(weights.shape)} and config {list(cfg.shape)} do not pair up")
+    by_module = defaultdict(lambda: ([], set(), 0))
+    for row in cfg:
+        layers, ranks, dora = by_module[int(row[0])]
+        layers.append(int(row[1]))
+        ranks.add(int(row[2]))
+        by_module[int(row[0])] = (layers, ranks, dora + int(cfg.shape[1] == 4 and row[3] == 1))
+    print(f"{args.dir}: {cfg.shape[0]} module-layers, weights {list(weights.shape)} {name} "
+          f"({weights.nbytes} bytes), config {list(cfg.shape)} {cfg.dtype}")
+    print(f"{'module':<18}{'id':>3}  {'layers':<16}{'ranks':<12}dora")
+    for mid in sorted(by_module):
+        layers, ranks, dora = by_module[mid]
+        print(f"{MODULE_NAMES.get(mid, '?'):<18}{mid:>3}  {_ranges(sorted(layers)):<16}"
+              f"{','.join(map(str, sorted(ranks))):<12}{dora}")
+    used = int(sum(int(r[2]) for r in cfg))
+    print(f"total rank over rows: {used}; layers: {_ranges(sorted({int(r[1]) for r in cfg}))}")
+    return 0
+
+
+#: Each adds one subcommand. Others append theirs here (demo, bench, dora-normalize, ...).
+SUBCOMMANDS: List[Callable] = [add_convert, add_info]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loramux", description="Serve many LoRA adapters over one torch model.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except LoraError as e:
+        print(f"loramux {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

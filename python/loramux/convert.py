@@ -1,0 +1,252 @@
+"""PEFT LoRA adapter directory  <->  the TensorRT-LLM (weights, config) numpy format.
+
+from_peft folds the LoRA scale (alpha/r, or alpha/sqrt(r) with rsLoRA) into B, maps HF module paths
+to module ids through loramux.spec, and normalizes DoRA magnitudes against the base weights.
+to_peft writes an adapter PEFT itself loads, with lora_alpha = r so the scale is 1.
+Whatever the format cannot hold raises LoraConvertError naming it; nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections import defaultdict
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from loramux import format as fmt
+from loramux import spec as hfspec
+from loramux.dora import BaseWeights, normalize
+from loramux.errors import LoraConvertError, LoraDoraError, LoraFormatError
+from loramux.format import AdapterRow
+from loramux.modules import MODULE_NAMES
+
+from loramux.peft_writer import _EXPERT_PARAM_ORDER, ADAPTER_CONFIG, BIN_FILE, KEY_PREFIX, SAFETENSORS_FILE, to_peft
+
+# Adapters bigger than this (bytes in the output) get a progress bar by default.
+PROGRESS_BYTES = 64 << 20
+# adapter_config fields that turn LoRA into something the format cannot express.
+_UNSUPPORTED_FIELDS = ("layer_replication", "trainable_token_indices", "velora_config", "kasa_config", "arrow_config",
+                       "alora_invocation_tokens", "use_qalora", "use_bdlora", "lora_bias", "megatron_config")
+
+
+def _pattern_get(pattern: Dict[str, Any], key: str, default: Any) -> Any:
+    """PEFT's rank_pattern / alpha_pattern lookup: a pattern matches a key's trailing path."""
+    for p in pattern:
+        if re.match(rf"(.*\.)?({p})$", key):
+            return pattern[p]
+    return default
+
+
+def read_adapter(path: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """(adapter_config dict, state dict of torch tensors) of a PEFT adapter directory; safetensors
+    preferred, adapter_model.bin only through torch.load(weights_only=True)."""
+    import torch
+
+    cfg_path = os.path.join(path, ADAPTER_CONFIG)
+    if not os.path.isfile(cfg_path):
+        raise LoraConvertError(f"{path}: no {ADAPTER_CONFIG}; not a PEFT adapter directory")
+    with open(cfg_path) as f:
+        config = json.load(f)
+    st, binf = os.path.join(path, SAFETENSORS_FILE), os.path.join(path, BIN_FILE)
+    if os.path.isfile(st):
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(st)
+        except Exception as e:  # safetensors validates its header against the file size
+            raise LoraFormatError(f"{st}: unreadable safetensors file ({e})") from None
+    elif os.path.isfile(binf):
+        try:
+            state = torch.load(binf, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise LoraFormatError(f"{binf}: not loadable with torch.load(weights_only=True) ({e})") from None
+    else:
+        raise LoraConvertError(f"{path}: neither {SAFETENSORS_FILE} nor {BIN_FILE}")
+    return config, state
+
+
+def _check_config(config: Dict[str, Any]) -> None:
+    if config.get("peft_type", "LORA") != "LORA":
+        raise LoraConvertError(f"peft_type {config.get('peft_type')!r}: only LORA adapters can be converted")
+    if config.get("modules_to_save"):
+        raise LoraConvertError(f"modules_to_save {config['modules_to_save']}: fully trained modules cannot be held by the LoRA format")
+    if config.get("bias", "none") != "none":
+        raise LoraConvertError(f"bias={config['bias']!r}: trained biases cannot be held by the LoRA format")
+    for name in _UNSUPPORTED_FIELDS:
+        if config.get(name):
+            raise LoraConvertError(f"{name}={config[name]!r}: not expressible in the LoRA format")
+
+
+def _group_factors(state: Dict[str, Any]) -> Dict[str, Dict[str, np.ndarray]]:
+    """raw module path -> {'A', 'B', 'm'} as float32 numpy; any other key is an error naming it."""
+    groups: Dict[str, Dict[str, np.ndarray]] = defaultdict(dict)
+    suffixes = ((".lora_A.weight", "A"), (".lora_B.weight", "B"), (".lora_magnitude_vector.weight", "m"),
+                (".lora_magnitude_vector", "m"))
+    for key, tensor in state.items():
+        name = key[len(KEY_PREFIX):] if key.startswith(KEY_PREFIX) else key
+        for suffix, part in suffixes:
+            if name.endswith(suffix):
+                groups[name[: -len(suffix)]][part] = tensor.detach().float().cpu().numpy()
+                break
+        else:
+            if "lora_embedding" in name:
+                raise LoraConvertError(f"{key}: embedding LoRA cannot be held by the LoRA format")
+            raise LoraConvertError(f"{key}: not a LoRA factor (modules_to_save, a bias or trainable tokens?); "
+                                   "the LoRA format cannot hold it")
+    for path, parts in groups.items():
+        if "A" not in parts or "B" not in parts:
+            raise LoraConvertError(f"{path}: has {sorted(parts)} but needs both lora_A and lora_B")
+    return groups
+
+
+def detect_arch(config: Dict[str, Any], paths: Sequence[str], base: Optional[BaseWeights] = None) -> str:
+    """HF model_type of the adapter's base: from the base model, adapter_config's auto_mapping, or the
+    module names."""
+    if base is not None and base.config and base.config.get("model_type"):
+        return base.config["model_type"]
+    cls = (config.get("auto_mapping") or {}).get("base_model_class")
+    if cls and hfspec.arch_from_class_name(cls):
+        return hfspec.arch_from_class_name(cls)
+    joined = "\n".join(paths)
+    for needle, arch in ((r"encoder_attn|model\.(de|en)coder\.", "bart"), (r"\.c_attn|\.c_fc|transformer\.h\.", "gpt2"),
+                         (r"qkv_proj|mlp\.gate_up_proj", "phi3"), (r"shared_expert|experts\.\d+\.gate_proj", "qwen2_moe"),
+                         (r"block_sparse_moe|mlp\.experts|mlp\.gate(\n|$|\.)", "mixtral")):
+        if re.search(needle, joined):
+            return arch
+    return "llama"
+
+
+def _expert_params(logical: str, raws: List[str], groups, target_parameters: Sequence[str]) -> Dict[str, str]:
+    """raw path -> parameter name, for ParamWrappers nested on one experts module."""
+    names = [t.rsplit(".", 1)[1] for t in target_parameters
+             if (logical + "." + t.rsplit(".", 1)[1]).endswith(t) or f"{logical}.{t.rsplit('.', 1)[1]}" == t]
+    names = [n for n in _EXPERT_PARAM_ORDER if n in names]
+    if len(names) != len(raws):
+        raise LoraConvertError(f"{logical}: {len(raws)} LoRA wrappers but target_parameters names {names}")
+    # innermost wrapper (most ".base_layer") is the first registered parameter
+    by_depth = sorted(raws, key=lambda r: -r.count(".base_layer"))
+    return dict(zip(by_depth, names))
+
+
+def _resolve_targets(groups, arch: str, target_parameters: Sequence[str]):
+    """[(hf key for rank/alpha patterns, HfTarget, factors)] for every LoRA group."""
+    by_logical: Dict[str, List[str]] = defaultdict(list)
+    for raw in groups:
+        by_logical[raw.replace(".base_layer", "")].append(raw)
+    out = []
+    for logical, raws in sorted(by_logical.items()):
+        if logical.endswith(".experts"):
+            for raw, pname in _expert_params(logical, raws, groups, target_parameters).items():
+                key = f"{logical}.{pname}"
+                out.append((key, hfspec.target_for(arch, key), groups[raw]))
+            continue
+        if len(raws) != 1:
+            raise LoraConvertError(f"{logical}: {len(raws)} nested LoRA wrappers; only experts modules may have several")
+        target = hfspec.target_for(arch, logical)
+        key = logical + ".weight" if target.kind == hfspec.ROUTER and any(t.endswith("gate.weight") for t in target_parameters) else logical
+        out.append((key, target, groups[raws[0]]))
+    return out
+
+
+def _scaling(config: Dict[str, Any], key: str, rank: int) -> float:
+    alpha = _pattern_get(config.get("alpha_pattern") or {}, key, config.get("lora_alpha", 8))
+    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+
+def _same_for_all_experts(a: np.ndarray, b: np.ndarray, what: str) -> Tuple[np.ndarray, np.ndarray]:
+    """a [E, r, in], b [E, out, r] -> expert 0's (A, B) if every expert has the same ones."""
+    for e in range(1, a.shape[0]):
+        if not (np.array_equal(a[e], a[0]) and np.array_equal(b[e], b[0])):
+            raise LoraConvertError(f"{what}: experts 0 and {e} have different LoRA weights; the format has one row per "
+                                   "module-layer, so all experts of a layer must share one adapter")
+    return a[0], b[0]
+
+
+def _rows_for_target(key, target, factors, config, base: Optional[BaseWeights], num_experts: Optional[int]):
+    """AdapterRows for one HF target (two for a fused gate_up experts parameter)."""
+    a, b, m = factors["A"], factors["B"], factors.get("m")
+    if target.kind == hfspec.EXPERTS:
+        r = _pattern_get(config.get("rank_pattern") or {}, key, config.get("r", 8))
+        if a.shape[0] % r or b.shape[1] != a.shape[0]:
+            raise LoraConvertError(f"{key}: lora_A {a.shape} / lora_B {b.shape} are not [rank*experts, in] / [out, rank*experts] for r={r}")
+        e = a.shape[0] // r
+        if num_experts is not None and e != num_experts:
+            raise LoraConvertError(f"{key}: LoRA covers {e} experts, the model has {num_experts}")
+        a, b = _same_for_all_experts(a.reshape(e, r, -1), b.reshape(b.shape[0], r, e).transpose(2, 0, 1), key)
+    scaled_b = b * np.float32(_scaling(config, key, a.shape[0]))
+    scale = None
+    if m is not None:
+        if base is None:
+            raise LoraDoraError(f"{key}: a DoRA adapter (use_dora) needs the base model's weights to normalize its "
+                                "magnitudes: pass base_model= (an HF model or a saved model dir; CLI --base-model DIR)")
+        w0 = base.weight(key, transposed=target.kind == hfspec.CONV1D)
+        scale = normalize(w0, a, scaled_b, m.reshape(-1)).astype(np.float32)
+    if len(target.module_ids) == 1:
+        return [AdapterRow(target.module_id, target.layer, a, scaled_b, scale)]
+    if b.shape[0] % len(target.module_ids) or scale is not None:
+        raise LoraConvertError(f"{key}: cannot split a fused output of {b.shape[0]} into {len(target.module_ids)} modules")
+    parts = np.split(scaled_b, len(target.module_ids), axis=0)
+    return [AdapterRow(mid, target.layer, a, part, None) for mid, part in zip(target.module_ids, parts)]
+
+
+def _merge_per_expert(items):
+    """transformers-4 per-expert Linear LoRA -> one row per (module, layer) if all experts share it."""
+    rows, seen = [], defaultdict(dict)
+    for key, target, row in items:
+        seen[(target.module_id, target.layer)][target.expert] = (key, row)
+    for (mid, layer), experts in sorted(seen.items()):
+        if sorted(experts) != list(range(len(experts))):
+            raise LoraConvertError(f"layer {layer} {MODULE_NAMES[mid]}: LoRA on experts {sorted(experts)} only; "
+                                   "the format needs one adapter shared by all experts")
+        a = np.stack([r.a for _, r in experts.values()])
+        b = np.stack([r.b for _, r in experts.values()])
+        _same_for_all_experts(a, b, f"layer {layer} {MODULE_NAMES[mid]}")
+        rows.append(experts[0][1])
+    return rows
+
+
+def from_peft(path: str, storage_type: str = "float16", base_model: Any = None, *, arch: Optional[str] = None,
+              component: Optional[str] = None, max_rank: int = 64, progress: Optional[bool] = None,
+              max_bytes: int = fmt.DEFAULT_MAX_FILE_BYTES) -> Tuple[np.ndarray, np.ndarray]:
+    """Converts a PEFT LoRA adapter directory to (weights [N, W], config [N, 3|4]) numpy arrays.
+
+    base_model (an HF model or a saved model directory) is required for DoRA adapters and, when
+    given, the result is validated against its ModelSpec. For BART, `component` picks the decoder
+    or encoder stack when the adapter covers both."""
+    config, state = read_adapter(path)
+    _check_config(config)
+    base = BaseWeights(base_model) if base_model is not None else None
+    groups = _group_factors(state)
+    arch = arch or detect_arch(config, list(groups), base)
+    targets = _resolve_targets(groups, arch, config.get("target_parameters") or [])
+    components = sorted({t.component for _, t, _ in targets})
+    if component is None and len(components) > 1:
+        raise LoraConvertError(f"the adapter has LoRA on both the encoder and the decoder; the format holds one stack: "
+                               "pass component='decoder' or 'encoder' (CLI --component) and convert each")
+    component = component or (components[0] if components else "decoder")
+    targets = [t for t in targets if t[1].component == component]
+    spec = hfspec.spec_from_hf_config(base.config, max_rank, component) if base is not None and base.config else None
+    out_bytes = sum(f["A"].size + f["B"].size for _, _, f in targets) * (4 if storage_type == "float32" else 2)
+    if out_bytes > max_bytes:
+        raise LoraFormatError(f"{path}: converted adapter would take {out_bytes} bytes, over the limit of {max_bytes}")
+    from tqdm import tqdm
+
+    show = progress if progress is not None else out_bytes > PROGRESS_BYTES
+    rows, per_expert = [], []
+    for key, target, factors in tqdm(targets, desc="converting", unit="module", disable=not show):
+        new = _rows_for_target(key, target, factors, config, base, spec.num_experts if spec else None)
+        if target.kind == hfspec.PER_EXPERT:
+            per_expert += [(key, target, r) for r in new]
+        else:
+            rows += new
+    rows = sorted(rows + _merge_per_expert(per_expert), key=lambda r: (r.layer, r.module_id))
+    weights, cfg = fmt.from_rows(rows, storage_type)
+    if spec is not None:
+        fmt.validate(weights, cfg, spec)
+    return weights, cfg
+
+__all__ = ["from_peft", "to_peft", "read_adapter", "detect_arch", "ADAPTER_CONFIG", "SAFETENSORS_FILE", "BIN_FILE"]

@@ -1,0 +1,153 @@
+"""Writes a (weights, config) adapter as a PEFT LoRA directory (adapter_config.json +
+adapter_model.safetensors) that PeftModel.from_pretrained loads: the inverse of convert.from_peft.
+
+The scale is already folded into B, so every module gets lora_alpha = r (scale 1). Rows that share
+one HF weight (the gate and up halves of a fused experts gate_up_proj) become one block-diagonal
+LoRA of rank r_gate + r_up, which is exact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+from loramux import format as fmt
+from loramux import spec as hfspec
+from loramux.dora import BaseWeights, denormalize
+from loramux.errors import LoraConvertError, LoraDoraError
+from loramux.format import AdapterRow, ModelSpec
+
+ADAPTER_CONFIG = "adapter_config.json"
+SAFETENSORS_FILE = "adapter_model.safetensors"
+BIN_FILE = "adapter_model.bin"
+#: What PEFT puts before a module path in a saved adapter's state-dict keys.
+KEY_PREFIX = "base_model.model."
+# PEFT nests the ParamWrappers of one experts module in parameter registration order, the first
+# innermost: its keys carry one ".base_layer" per wrapper outside it.
+_EXPERT_PARAM_ORDER = ("gate_up_proj", "down_proj")
+_TASK_TYPE = {hfspec.BART: "SEQ_2_SEQ_LM"}
+
+
+def _fuse(rule: hfspec.TargetRule, parts: Dict[int, AdapterRow], spec: ModelSpec, path: str):
+    """(A, B, dora scale) of one HF target from its rows; several rows -> block-diagonal B."""
+    if len(rule.module_ids) == 1:
+        row = parts[rule.module_ids[0]]
+        return row.a, row.b, row.dora_scale
+    if any(r.dora_scale is not None for r in parts.values()):
+        raise LoraConvertError(f"{path}: PEFT has no DoRA for expert parameters")
+    present = [parts[m] for m in rule.module_ids if m in parts]
+    a = np.concatenate([r.a for r in present], axis=0)
+    heights = [spec.module_dims(m)[1] for m in rule.module_ids]
+    b = np.zeros((sum(heights), a.shape[0]), dtype=np.float32)
+    row_at, col_at = 0, 0
+    for mid, height in zip(rule.module_ids, heights):
+        if mid in parts:
+            rank = parts[mid].a.shape[0]
+            b[row_at : row_at + height, col_at : col_at + rank] = parts[mid].b
+            col_at += rank
+        row_at += height
+    return a, b, None
+
+
+def _nested_key(path: str, kind: str, present_params: List[str]) -> str:
+    """The module path PEFT's state dict uses for `path`, with ".base_layer" for nested wrappers."""
+    if kind != hfspec.EXPERTS:
+        return path
+    module, pname = path.rsplit(".", 1)
+    order = [p for p in _EXPERT_PARAM_ORDER if p in present_params]
+    return module + ".base_layer" * (len(order) - 1 - order.index(pname))
+
+
+def _save_tensors(tensors: Dict[str, np.ndarray], dtype: str, out_path: str) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    tdtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+    save_file({k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)).to(tdtype) for k, v in tensors.items()},
+              out_path, metadata={"format": "pt"})
+
+
+def to_peft(weights, config, spec: ModelSpec, out_dir: str, arch: str, base_model: Any = None, *,
+            component: str = "decoder", base_model_name_or_path: Optional[str] = None) -> None:
+    """Writes (weights, config), validated against `spec`, as a PEFT adapter for an HF `arch`
+    (model_type, e.g. 'llama', 'gpt2', 'mixtral') into out_dir. DoRA rows need base_model (an HF
+    model or a saved model dir) to turn the normalized scales back into PEFT magnitudes."""
+    rows = fmt.to_rows(weights, config, spec)
+    family = hfspec.family_of(arch)
+    dora = {r.dora_scale is not None for r in rows}
+    if len(dora) > 1:
+        raise LoraConvertError("PEFT's use_dora is per adapter: the rows mix DoRA and plain LoRA")
+    use_dora = dora == {True}
+    base = BaseWeights(base_model) if base_model is not None else None
+    if use_dora and base is None:
+        raise LoraDoraError("DoRA rows need the base model's weights to recover PEFT magnitudes: pass base_model= "
+                            "(an HF model or a saved model dir)")
+
+    targets: Dict[str, Any] = {}
+    parts: Dict[str, Dict[int, AdapterRow]] = defaultdict(dict)
+    for row in rows:
+        path, rule = hfspec.hf_path_for(arch, row.module_id, row.layer, component)
+        targets[path] = rule
+        parts[path][row.module_id] = row
+    expert_params: Dict[str, List[str]] = defaultdict(list)
+    for path, rule in targets.items():
+        if rule.kind == hfspec.EXPERTS:
+            module, pname = path.rsplit(".", 1)
+            expert_params[module].append(pname)
+
+    tensors: Dict[str, np.ndarray] = {}
+    ranks: Dict[str, int] = {}
+    target_modules, target_parameters = [], []
+    for path, rule in sorted(targets.items()):
+        a, b, scale = _fuse(rule, parts[path], spec, path)
+        pattern_key = path
+        if rule.kind == hfspec.EXPERTS:
+            # PEFT's expert LoRA: A [r*E, in] = experts' A stacked; B [out, r*E] with column k*E + e = B_e[:, k].
+            experts = spec.num_experts
+            a, b = np.tile(a, (experts, 1)), np.repeat(b, experts, axis=1)
+            target_parameters.append(path)
+        elif rule.kind == hfspec.ROUTER:
+            pattern_key = path + ".weight"
+            target_parameters.append(pattern_key)
+        else:
+            target_modules.append(path)
+        ranks[pattern_key] = a.shape[0] // (spec.num_experts if rule.kind == hfspec.EXPERTS else 1)
+        key = KEY_PREFIX + _nested_key(path, rule.kind, expert_params.get(path.rsplit(".", 1)[0], []))
+        tensors[key + ".lora_A.weight"] = a
+        tensors[key + ".lora_B.weight"] = b
+        if scale is not None:
+            w0 = base.weight(path, transposed=rule.kind == hfspec.CONV1D)
+            tensors[key + ".lora_magnitude_vector"] = denormalize(w0, a, b, scale).astype(np.float32)
+
+    r = max(set(ranks.values()), key=list(ranks.values()).count) if ranks else 8
+    odd = {k: v for k, v in ranks.items() if v != r}
+    adapter_config = {
+        "peft_type": "LORA",
+        "task_type": _TASK_TYPE.get(family, "CAUSAL_LM"),
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": r,
+        "lora_alpha": r,  # the scale is folded into B: alpha = r makes it 1
+        "rank_pattern": odd,
+        "alpha_pattern": dict(odd),
+        "use_rslora": False,
+        "use_dora": use_dora,
+        "target_modules": target_modules,
+        "target_parameters": target_parameters or None,
+        "fan_in_fan_out": family == hfspec.GPT2,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "inference_mode": True,
+    }
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, ADAPTER_CONFIG), "w") as f:
+        json.dump(adapter_config, f, indent=2)
+    _save_tensors(tensors, fmt.weights_dtype_name(np.asarray(weights)), os.path.join(out_dir, SAFETENSORS_FILE))
+
+
+__all__ = ["to_peft", "ADAPTER_CONFIG", "SAFETENSORS_FILE", "BIN_FILE", "KEY_PREFIX"]
