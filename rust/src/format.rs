@@ -265,8 +265,23 @@ pub fn validate(weights: &WeightsView, config: &[ConfigRow], spec: &ModelSpec, o
         if opts.check_finite {
             check_finite(weights.dtype, weights.row_bytes(row), r.needed(), row)?;
         }
+        if r.is_dora {
+            check_dora_scales(weights.dtype, weights.row_bytes(row), r, row)?;
+        }
     }
     Ok(layout)
+}
+
+/// A normalized DoRA scale m_o / ||W0[o,:] + B[o,:] A|| is finite and > 0; anything else (zeros of
+/// an unfilled row, a sign flip) was not produced by normalization and would corrupt the output.
+fn check_dora_scales(dtype: WeightsDtype, bytes: &[u8], r: &RowLayout, row: usize) -> Result<()> {
+    for column in r.scale_offset()..r.scale_offset() + r.scale_len() {
+        let value = dtype.read(bytes, column);
+        if !(value.is_finite() && value > 0.0) {
+            return Err(LoraError::DoraNotNormalized { row, column, value });
+        }
+    }
+    Ok(())
 }
 
 fn check_finite(dtype: WeightsDtype, bytes: &[u8], len: usize, row: usize) -> Result<()> {
@@ -444,6 +459,13 @@ mod tests {
         assert!(matches!(validate(&w, &cfg, &s, ValidateOptions::default()), Err(LoraError::RowTooShort { needed: 20, width: 19, .. })));
 
         let mut vals = vec![0.1f32; 24];
+        vals[19] = 0.0; // a DoRA scale that normalization cannot produce
+        let data = f32_bytes(&vals);
+        let w = WeightsView::new(WeightsDtype::F32, &[1, 24], &data).unwrap();
+        let err = validate(&w, &cfg, &s, ValidateOptions::default()).unwrap_err();
+        assert_eq!(err, LoraError::DoraNotNormalized { row: 0, column: 19, value: 0.0 });
+        assert_eq!(err.python_class(), "LoraDoraError");
+        vals[19] = 0.1;
         vals[21] = f32::NAN; // in the padding: ignored
         let data = f32_bytes(&vals);
         let w = WeightsView::new(WeightsDtype::F32, &[1, 24], &data).unwrap();
