@@ -87,7 +87,35 @@ def cmd_info(args) -> int:
 
 
 #: Each adds one subcommand. Others append theirs here (demo, bench, dora-normalize, ...).
-SUBCOMMANDS: List[Callable] = [add_convert, add_info]
+def add_dora_normalize(sub) -> None:
+    p = sub.add_parser("dora-normalize", help="PEFT DoRA adapter + base model -> TensorRT-LLM files with normalized "
+                       "DoRA scales ([N,4] config, is_dora=1, trailing Ho scales per row)")
+    p.add_argument("-i", "--input", required=True, help="PEFT adapter directory trained with use_dora=True")
+    p.add_argument("-b", "--base-model", default=None, help="saved HF base model dir (required: the scales are "
+                   "m / ||W0 + B A|| per output row)")
+    p.add_argument("-o", "--output", required=True, help="output directory")
+    p.add_argument("--storage-type", default="float16", choices=["float16", "bfloat16", "float32"])
+    p.add_argument("--arch", default=None, help="HF model_type; detected when omitted")
+    p.set_defaults(func=cmd_dora_normalize)
+
+
+def cmd_dora_normalize(args) -> int:
+    from loramux import convert, format
+    from loramux.errors import LoraDoraError
+
+    if args.base_model is None:
+        raise LoraDoraError("dora-normalize needs the base model's weights to normalize against: pass --base-model DIR")
+    # from_peft normalizes every DoRA module with loramux.dora.normalize against the base weights
+    weights, config = convert.from_peft(args.input, storage_type=args.storage_type, base_model=args.base_model,
+                                        arch=args.arch)
+    if config.shape[1] != 4 or not config[:, 3].any():
+        raise LoraDoraError(f"{args.input} holds no DoRA modules (use_dora=False): use `loramux convert`")
+    format.save(args.output, weights, config)
+    print(f"wrote {args.output}: {int(config[:, 3].sum())} of {config.shape[0]} module-layers with normalized DoRA scales")
+    return 0
+
+
+SUBCOMMANDS: List[Callable] = [add_convert, add_info, add_dora_normalize]
 
 
 def build_parser() -> argparse.ArgumentParser:
