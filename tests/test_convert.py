@@ -11,7 +11,7 @@ import torch
 peft = pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
-from tiny_hf import TINY_CONFIGS, fresh_model, logits, make_adapter, tiny_model  # noqa: E402
+from tiny_hf import MODEL_TYPE, TINY_CONFIGS, fresh_model, logits, make_adapter, tiny_model  # noqa: E402
 
 from loramux import cli, convert, format, spec  # noqa: E402
 from loramux.errors import LoraConvertError, LoraDoraError  # noqa: E402
@@ -28,23 +28,26 @@ def _base_dir(arch, tmp_path_factory):
     return str(path)
 
 
-def _round_trip(arch, peft_dir, out_dir, back_dir, storage="float32", base_dir=None, extra=()):
-    argv = ["convert", "-i", str(peft_dir), "-o", str(out_dir), "--storage-type", storage] + list(extra)
+def _round_trip(arch, peft_dir, out_dir, back_dir, storage="float32", base_dir=None):
+    argv = ["convert", "-i", str(peft_dir), "-o", str(out_dir), "--storage-type", storage]
     if base_dir:
         argv += ["--base-model", base_dir]
     assert cli.main(argv) == 0
     weights, config = format.load(str(out_dir))
-    model_spec = spec.spec_from_hf_config(tiny_model(arch).config)
+    hf_config = tiny_model(arch).config
+    model_spec = spec.spec_from_hf_config(hf_config)
     format.validate(weights, config, model_spec)
-    convert.to_peft(weights, config, model_spec, str(back_dir), arch, base_model=base_dir)
+    convert.to_peft(weights, config, model_spec, str(back_dir), hf_config, base_model=base_dir)
     back = peft.PeftModel.from_pretrained(fresh_model(arch), str(back_dir)).eval()
     return weights, config, back
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_every_architecture_round_trips_through_the_cli_with_identical_logits(arch, tmp_path):
+def test_every_architecture_round_trips_through_the_cli_with_identical_logits(arch, tmp_path, tmp_path_factory):
     original = make_adapter(arch, tmp_path / "peft")
-    _, config, back = _round_trip(arch, tmp_path / "peft", tmp_path / "fmt", tmp_path / "back")
+    # an encoder-decoder needs its base model (decoder layers are numbered after the encoder's)
+    base_dir = _base_dir(arch, tmp_path_factory) if arch == "bart" else None
+    _, config, back = _round_trip(arch, tmp_path / "peft", tmp_path / "fmt", tmp_path / "back", base_dir=base_dir)
     PRODUCED_IDS.update(int(m) for m in config[:, 0])
     want, got, base = logits(original, arch), logits(back, arch), logits(tiny_model(arch), arch)
     assert (want - base).abs().max() > 1e-2, "the adapter must change the output for the test to mean anything"
@@ -54,7 +57,7 @@ def test_every_architecture_round_trips_through_the_cli_with_identical_logits(ar
 def test_every_module_id_but_fused_cross_qkv_comes_from_a_tested_architecture():
     covered = set()
     for arch in ARCHS:
-        covered.update(spec.module_ids_of(arch))
+        covered.update(spec.module_ids_of(MODEL_TYPE.get(arch, arch)))
     assert covered | spec.IDS_WITHOUT_HF_ARCH == set(range(NUM_MODULES))
     assert spec.IDS_WITHOUT_HF_ARCH == {MODULE_IDS["cross_attn_qkv"]}
     if len(PRODUCED_IDS) > 10:  # the parametrized conversions above ran in this session
@@ -122,15 +125,14 @@ def test_distinct_expert_weights_are_refused(tmp_path):
         convert.from_peft(str(tmp_path / "peft"))
 
 
-def test_both_bart_stacks_need_a_component(tmp_path):
+def test_bart_numbers_decoder_layers_after_the_encoders(tmp_path, tmp_path_factory):
     make_adapter("bart", tmp_path / "peft", target_modules=["q_proj", "v_proj"])
-    with pytest.raises(LoraConvertError, match="component"):
+    with pytest.raises(LoraConvertError, match="base_model"):
         convert.from_peft(str(tmp_path / "peft"))
-    _, dec = convert.from_peft(str(tmp_path / "peft"), component="decoder")
-    _, enc = convert.from_peft(str(tmp_path / "peft"), component="encoder")
-    assert len(dec) == 8 and len(enc) == 4  # the decoder's q/v names also hit its cross attention
-    assert set(enc[:, 0].tolist()) == {MODULE_IDS["attn_q"], MODULE_IDS["attn_v"]}
-    assert set(dec[:, 0].tolist()) == {MODULE_IDS[m] for m in ("attn_q", "attn_v", "cross_attn_q", "cross_attn_v")}
+    _, config = convert.from_peft(str(tmp_path / "peft"), base_model=_base_dir("bart", tmp_path_factory))
+    by_layer = {layer: sorted(int(m) for m, lay, _ in config if lay == layer) for layer in range(4)}
+    q, v, xq, xv = (MODULE_IDS[m] for m in ("attn_q", "attn_v", "cross_attn_q", "cross_attn_v"))
+    assert by_layer == {0: [q, v], 1: [q, v], 2: [q, v, xq, xv], 3: [q, v, xq, xv]}
 
 
 def _legacy_mixtral_adapter(path, distinct):

@@ -10,7 +10,8 @@ import torch
 
 VOCAB = 64
 
-# model_type -> (config kwargs, model class name)
+# name -> (config kwargs, model class name); the name is the HF model_type unless MODEL_TYPE says otherwise
+MODEL_TYPE = {"gpt2-xattn": "gpt2"}
 TINY_CONFIGS: Dict[str, tuple] = {
     "llama": (dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
                    num_key_value_heads=2), "LlamaForCausalLM"),
@@ -19,6 +20,7 @@ TINY_CONFIGS: Dict[str, tuple] = {
     "qwen2": (dict(hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2), "Qwen2ForCausalLM"),
     "gpt2": (dict(n_embd=32, n_layer=3, n_head=4, n_positions=64), "GPT2LMHeadModel"),
+    "gpt2-xattn": (dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, add_cross_attention=True), "GPT2LMHeadModel"),
     "phi3": (dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, pad_token_id=0), "Phi3ForCausalLM"),
     "mixtral": (dict(hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
@@ -27,7 +29,7 @@ TINY_CONFIGS: Dict[str, tuple] = {
                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=4,
                        num_experts_per_tok=2), "Qwen2MoeForCausalLM"),
     "bart": (dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
-                  encoder_ffn_dim=48, decoder_ffn_dim=40, max_position_embeddings=64), "BartForConditionalGeneration"),
+                  encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=64), "BartForConditionalGeneration"),
 }
 
 # Every LoRA-able module of each architecture: (target_modules, target_parameters)
@@ -36,13 +38,13 @@ ALL_TARGETS: Dict[str, tuple] = {
     "mistral": (["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], None),
     "qwen2": (["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], None),
     "gpt2": (["c_attn", "c_proj", "c_fc"], None),
+    "gpt2-xattn": (["c_attn", "c_proj", "c_fc", "q_attn"], None),
     "phi3": (["qkv_proj", "o_proj", "gate_up_proj", "down_proj"], None),
     "mixtral": (["q_proj", "k_proj", "v_proj", "o_proj"], ["mlp.gate.weight", "mlp.experts.gate_up_proj", "mlp.experts.down_proj"]),
     "qwen2_moe": (["q_proj", "k_proj", "v_proj", "o_proj", "shared_expert.gate_proj", "shared_expert.up_proj",
                    "shared_expert.down_proj", "shared_expert_gate"],
                   ["mlp.gate.weight", "mlp.experts.gate_up_proj", "mlp.experts.down_proj"]),
-    # decoder only (a regex): the format holds one stack, and the decoder has the cross attention
-    "bart": (r"model\.decoder\.layers\.\d+\.((self_attn|encoder_attn)\.(q|k|v|out)_proj|fc1|fc2)", None),
+    "bart": (["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"], None),  # both stacks, cross attention too
 }
 
 
@@ -52,7 +54,7 @@ def tiny_model(arch: str, seed: int = 0):
     import transformers
 
     kwargs, cls_name = TINY_CONFIGS[arch]
-    config_cls = transformers.AutoConfig.for_model(arch, vocab_size=VOCAB, **kwargs)
+    config_cls = transformers.AutoConfig.for_model(MODEL_TYPE.get(arch, arch), vocab_size=VOCAB, **kwargs)
     torch.manual_seed(seed)
     return getattr(transformers, cls_name)(config_cls).eval()
 
@@ -75,7 +77,7 @@ def make_adapter(arch: str, out_dir: str, *, r: int = 4, lora_alpha: float = 8, 
         target_modules = default_modules
     if target_parameters is None:
         target_parameters = default_params
-    if arch == "gpt2":
+    if arch.startswith("gpt2"):
         lora_kwargs.setdefault("fan_in_fan_out", True)
     cfg = peft.LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=target_modules, target_parameters=target_parameters,
                           init_lora_weights=False, **lora_kwargs)
@@ -102,6 +104,8 @@ def sample_inputs(arch: str, batch: int = 2, seq: int = 7, seed: int = 3):
     ids = torch.randint(3, VOCAB, (batch, seq), generator=g)
     if arch == "bart":
         return dict(input_ids=ids, decoder_input_ids=torch.randint(3, VOCAB, (batch, 5), generator=g))
+    if arch == "gpt2-xattn":
+        return dict(input_ids=ids, encoder_hidden_states=torch.randn(batch, 5, 32, generator=g))
     return dict(input_ids=ids)
 
 

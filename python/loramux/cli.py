@@ -18,11 +18,10 @@ def add_convert(sub) -> None:
     p.add_argument("-o", "--output", required=True, help="output directory")
     p.add_argument("--storage-type", default="float16", choices=["float16", "bfloat16", "float32"],
                    help="dtype of the weights file (bfloat16 is stored as its uint16 bit pattern)")
-    p.add_argument("--base-model", default=None, help="saved HF model dir: needed for DoRA, validates the result")
+    p.add_argument("--base-model", default=None, help="saved HF model dir: needed for DoRA and encoder-decoder "
+                   "models; the result is validated against it")
     p.add_argument("--arch", default=None, help="HF model_type (llama, gpt2, phi3, mixtral, qwen2_moe, bart, ...); "
                    "detected when omitted")
-    p.add_argument("--component", default=None, choices=["decoder", "encoder"],
-                   help="encoder-decoder models: which stack to convert")
     p.set_defaults(func=cmd_convert)
 
 
@@ -30,7 +29,7 @@ def cmd_convert(args) -> int:
     from loramux import convert, format
 
     weights, config = convert.from_peft(args.input, storage_type=args.storage_type, base_model=args.base_model,
-                                        arch=args.arch, component=args.component)
+                                        arch=args.arch)
     format.save(args.output, weights, config)
     print(f"wrote {args.output}/{format.WEIGHTS_FILE} {list(weights.shape)} {args.storage_type} and "
           f"{format.CONFIG_FILE} {list(config.shape)}")

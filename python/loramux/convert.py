@@ -132,7 +132,7 @@ def _expert_params(logical: str, raws: List[str], groups, target_parameters: Seq
     return dict(zip(by_depth, names))
 
 
-def _resolve_targets(groups, arch: str, target_parameters: Sequence[str]):
+def _resolve_targets(groups, arch: str, target_parameters: Sequence[str], encoder_layers: Optional[int]):
     """[(hf key for rank/alpha patterns, HfTarget, factors)] for every LoRA group."""
     by_logical: Dict[str, List[str]] = defaultdict(list)
     for raw in groups:
@@ -142,13 +142,13 @@ def _resolve_targets(groups, arch: str, target_parameters: Sequence[str]):
         if logical.endswith(".experts"):
             for raw, pname in _expert_params(logical, raws, groups, target_parameters).items():
                 key = f"{logical}.{pname}"
-                out.append((key, hfspec.target_for(arch, key), groups[raw]))
+                out.append((key, hfspec.target_for(arch, key, encoder_layers), groups[raw]))
             continue
         if len(raws) != 1:
             raise LoraConvertError(f"{logical}: {len(raws)} nested LoRA wrappers; only experts modules may have several")
-        target = hfspec.target_for(arch, logical)
-        key = logical + ".weight" if target.kind == hfspec.ROUTER and any(t.endswith("gate.weight") for t in target_parameters) else logical
-        out.append((key, target, groups[raws[0]]))
+        target = hfspec.target_for(arch, logical, encoder_layers)
+        as_param = target.kind == hfspec.ROUTER and any(t.endswith("gate.weight") for t in target_parameters)
+        out.append((logical + ".weight" if as_param else logical, target, groups[raws[0]]))
     return out
 
 
@@ -210,26 +210,21 @@ def _merge_per_expert(items):
 
 
 def from_peft(path: str, storage_type: str = "float16", base_model: Any = None, *, arch: Optional[str] = None,
-              component: Optional[str] = None, max_rank: int = 64, progress: Optional[bool] = None,
+              max_rank: int = 64, progress: Optional[bool] = None,
               max_bytes: int = fmt.DEFAULT_MAX_FILE_BYTES) -> Tuple[np.ndarray, np.ndarray]:
     """Converts a PEFT LoRA adapter directory to (weights [N, W], config [N, 3|4]) numpy arrays.
 
-    base_model (an HF model or a saved model directory) is required for DoRA adapters and, when
-    given, the result is validated against its ModelSpec. For BART, `component` picks the decoder
-    or encoder stack when the adapter covers both."""
+    base_model (an HF model or a saved model directory) is required for DoRA adapters and for the
+    decoder of an encoder-decoder (its layers are numbered after the encoder's); when given, the
+    result is validated against its ModelSpec."""
     config, state = read_adapter(path)
     _check_config(config)
     base = BaseWeights(base_model) if base_model is not None else None
     groups = _group_factors(state)
     arch = arch or detect_arch(config, list(groups), base)
-    targets = _resolve_targets(groups, arch, config.get("target_parameters") or [])
-    components = sorted({t.component for _, t, _ in targets})
-    if component is None and len(components) > 1:
-        raise LoraConvertError(f"the adapter has LoRA on both the encoder and the decoder; the format holds one stack: "
-                               "pass component='decoder' or 'encoder' (CLI --component) and convert each")
-    component = component or (components[0] if components else "decoder")
-    targets = [t for t in targets if t[1].component == component]
-    spec = hfspec.spec_from_hf_config(base.config, max_rank, component) if base is not None and base.config else None
+    base_config = base.config if base is not None else None
+    targets = _resolve_targets(groups, arch, config.get("target_parameters") or [], hfspec.encoder_layers_of(base_config))
+    spec = hfspec.spec_from_hf_config(base_config, max_rank) if base_config else None
     out_bytes = sum(f["A"].size + f["B"].size for _, _, f in targets) * (4 if storage_type == "float32" else 2)
     if out_bytes > max_bytes:
         raise LoraFormatError(f"{path}: converted adapter would take {out_bytes} bytes, over the limit of {max_bytes}")
@@ -248,5 +243,6 @@ def from_peft(path: str, storage_type: str = "float16", base_model: Any = None, 
     if spec is not None:
         fmt.validate(weights, cfg, spec)
     return weights, cfg
+
 
 __all__ = ["from_peft", "to_peft", "read_adapter", "detect_arch", "ADAPTER_CONFIG", "SAFETENSORS_FILE", "BIN_FILE"]

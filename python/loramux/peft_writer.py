@@ -71,18 +71,22 @@ def _save_tensors(tensors: Dict[str, np.ndarray], dtype: str, out_path: str) -> 
               out_path, metadata={"format": "pt"})
 
 
-def to_peft(weights, config, spec: ModelSpec, out_dir: str, arch: str, base_model: Any = None, *,
-            component: str = "decoder", base_model_name_or_path: Optional[str] = None) -> None:
-    """Writes (weights, config), validated against `spec`, as a PEFT adapter for an HF `arch`
-    (model_type, e.g. 'llama', 'gpt2', 'mixtral') into out_dir. DoRA rows need base_model (an HF
-    model or a saved model dir) to turn the normalized scales back into PEFT magnitudes."""
+def to_peft(weights, config, spec: ModelSpec, out_dir: str, arch: Any, base_model: Any = None, *,
+            base_model_name_or_path: Optional[str] = None) -> None:
+    """Writes (weights, config), validated against `spec`, as a PEFT adapter into out_dir. `arch` is
+    the HF model_type ('llama', 'gpt2', 'mixtral', ...) or the HF config itself (needed for an
+    encoder-decoder, to tell its stacks apart, unless base_model gives it). DoRA rows need base_model
+    (an HF model or a saved model dir) to turn the normalized scales back into PEFT magnitudes."""
     rows = fmt.to_rows(weights, config, spec)
+    base = BaseWeights(base_model) if base_model is not None else None
+    hf_config = arch if not isinstance(arch, str) else (base.config if base is not None else None)
+    arch = arch if isinstance(arch, str) else hfspec.config_value(arch, "model_type")
+    encoder_layers = hfspec.encoder_layers_of(hf_config)
     family = hfspec.family_of(arch)
     dora = {r.dora_scale is not None for r in rows}
     if len(dora) > 1:
         raise LoraConvertError("PEFT's use_dora is per adapter: the rows mix DoRA and plain LoRA")
     use_dora = dora == {True}
-    base = BaseWeights(base_model) if base_model is not None else None
     if use_dora and base is None:
         raise LoraDoraError("DoRA rows need the base model's weights to recover PEFT magnitudes: pass base_model= "
                             "(an HF model or a saved model dir)")
@@ -90,7 +94,7 @@ def to_peft(weights, config, spec: ModelSpec, out_dir: str, arch: str, base_mode
     targets: Dict[str, Any] = {}
     parts: Dict[str, Dict[int, AdapterRow]] = defaultdict(dict)
     for row in rows:
-        path, rule = hfspec.hf_path_for(arch, row.module_id, row.layer, component)
+        path, rule = hfspec.hf_path_for(arch, row.module_id, row.layer, encoder_layers)
         targets[path] = rule
         parts[path][row.module_id] = row
     expert_params: Dict[str, List[str]] = defaultdict(list)

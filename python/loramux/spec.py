@@ -68,6 +68,10 @@ TARGET_RULES: List[TargetRule] = [
     TargetRule((GPT2,), "attn.c_proj", (_M["attn_dense"],), CONV1D),
     TargetRule((GPT2,), "mlp.c_fc", (_M["mlp_h_to_4h"],), CONV1D),
     TargetRule((GPT2,), "mlp.c_proj", (_M["mlp_4h_to_h"],), CONV1D),
+    # GPT-2 with add_cross_attention: q alone, then k|v fused in one Conv1D over the encoder output
+    TargetRule((GPT2,), "crossattention.q_attn", (_M["cross_attn_q"],), CONV1D),
+    TargetRule((GPT2,), "crossattention.c_attn", (_M["cross_attn_k"], _M["cross_attn_v"]), CONV1D),
+    TargetRule((GPT2,), "crossattention.c_proj", (_M["cross_attn_dense"],), CONV1D),
     # Mixture of experts (transformers 5: router module + fused 3-D expert parameters)
     TargetRule((MIXTRAL, QWEN2_MOE), "mlp.gate", (_M["moe_router"],), ROUTER),
     TargetRule((MIXTRAL, QWEN2_MOE), "mlp.experts.gate_up_proj", (_M["moe_gate"], _M["moe_h_to_4h"]), EXPERTS),
@@ -95,15 +99,18 @@ TARGET_RULES: List[TargetRule] = [
     TargetRule((BART,), "fc2", (_M["mlp_4h_to_h"],), LINEAR),
 ]
 
-# The layer stack of each family: HF path prefix of layer `{l}`, per component.
+# The layer stacks of each family: HF path prefix of block `{l}`. An encoder-decoder numbers its
+# encoder blocks 0..Le-1 and its decoder blocks Le..Le+Ld-1, so one adapter covers both stacks
+# (the same numbering as loramux.models).
 _STACKS: Dict[str, Dict[str, str]] = {
     LLAMA: {"decoder": "model.layers.{l}."},
     PHI3: {"decoder": "model.layers.{l}."},
     MIXTRAL: {"decoder": "model.layers.{l}."},
     QWEN2_MOE: {"decoder": "model.layers.{l}."},
     GPT2: {"decoder": "transformer.h.{l}."},
-    BART: {"decoder": "model.decoder.layers.{l}.", "encoder": "model.encoder.layers.{l}."},
+    BART: {"encoder": "model.encoder.layers.{l}.", "decoder": "model.decoder.layers.{l}."},
 }
+ENCODER_DECODER = frozenset({BART})
 _LAYER_RE = re.compile(r"^(?P<stack>(?:.*\.)?(?:layers|h))\.(?P<layer>\d+)\.(?P<inner>.+)$")
 
 # Module ids no supported HF architecture has (they are tested at the format level only).
@@ -114,7 +121,7 @@ class HfTarget(NamedTuple):
     """Where an HF path sits in the format: its module id(s), layer, component and weight kind."""
 
     module_ids: Tuple[int, ...]
-    layer: int
+    layer: int  # format layer index (decoder blocks of an encoder-decoder come after the encoder's)
     component: str  # "decoder" (decoder-only models, or an enc-dec decoder) or "encoder"
     kind: str
     expert: Optional[int]  # expert index for PER_EXPERT paths
@@ -147,10 +154,11 @@ def _inner_regex(inner: str) -> "re.Pattern[str]":
 _RULE_RES = [(_inner_regex(r.inner), r) for r in TARGET_RULES]
 
 
-def target_for(arch: str, hf_path: str) -> HfTarget:
+def target_for(arch: str, hf_path: str, encoder_layers: Optional[int] = None) -> HfTarget:
     """Maps an HF module path (e.g. 'model.layers.3.self_attn.q_proj', 'transformer.h.0.attn.c_attn',
     'model.layers.1.mlp.experts.gate_up_proj') to its format target. A trailing '.weight' is
-    ignored. LoraConvertError names a path the format cannot hold (embeddings, lm_head, ...)."""
+    ignored. Decoder paths of an encoder-decoder need `encoder_layers` (their layer index follows
+    the encoder's). LoraConvertError names a path the format cannot hold (embeddings, lm_head, ...)."""
     family = family_of(arch)
     path = hf_path[: -len(".weight")] if hf_path.endswith(".weight") else hf_path
     m = _LAYER_RE.match(path)
@@ -165,86 +173,105 @@ def target_for(arch: str, hf_path: str) -> HfTarget:
         hit = regex.match(m.group("inner"))
         if hit:
             expert = int(hit.group("expert")) if "expert" in regex.groupindex else None
-            return HfTarget(rule.module_ids, int(m.group("layer")), component, rule.kind, expert)
+            layer = int(m.group("layer"))
+            if family in ENCODER_DECODER and component == "decoder":
+                if encoder_layers is None:
+                    raise LoraConvertError(f"{hf_path}: decoder layers of {arch} are numbered after the encoder's; "
+                                           "the encoder's layer count is needed (pass base_model / --base-model)")
+                layer += encoder_layers
+            return HfTarget(rule.module_ids, layer, component, rule.kind, expert)
     raise LoraConvertError(f"{hf_path}: no LoRA module id for this {arch} module; the format's modules are {sorted(MODULE_IDS)}")
 
 
-def hf_path_for(arch: str, module_id: int, layer: int, component: str = "decoder") -> Tuple[str, TargetRule]:
-    """The inverse of target_for: the HF module path that holds `module_id` at `layer` (the
-    transformers-5 name), and its rule. For fused targets (experts' gate_up_proj) several ids share
-    one path; rule.module_ids gives their order along the output."""
+def hf_path_for(arch: str, module_id: int, layer: int, encoder_layers: Optional[int] = None) -> Tuple[str, TargetRule]:
+    """The inverse of target_for: the HF module path that holds `module_id` at format `layer` (the
+    transformers-5 name), and its rule. For fused targets (experts' gate_up_proj, GPT-2's cross
+    attention k|v) several ids share one path; rule.module_ids gives their order along the output.
+    An encoder-decoder needs `encoder_layers` to tell its stacks apart."""
     family = family_of(arch)
     stacks = _STACKS[family]
-    if component not in stacks:
-        raise LoraConvertError(f"{arch} has no {component} stack (it has {sorted(stacks)})")
+    component, block = "decoder", layer
+    if family in ENCODER_DECODER:
+        if encoder_layers is None:
+            raise LoraConvertError(f"{arch} numbers decoder layers after the encoder's: encoder_layers is needed")
+        component, block = ("encoder", layer) if layer < encoder_layers else ("decoder", layer - encoder_layers)
     for rule in TARGET_RULES:
         if family in rule.families and module_id in rule.module_ids and not rule.legacy:
             if component == "encoder" and rule.inner.startswith("encoder_attn."):
                 continue
-            return stacks[component].format(l=layer) + rule.inner, rule
+            return stacks[component].format(l=block) + rule.inner, rule
     name = MODULE_NAMES.get(module_id, str(module_id))
-    raise LoraConvertError(f"module {name} (id {module_id}) has no place in a {arch} {component}")
+    raise LoraConvertError(f"module {name} (id {module_id}) has no place in layer {layer} of a {arch} model")
 
 
-def module_ids_of(arch: str, component: str = "decoder") -> List[int]:
-    """The module ids an architecture (component) can hold, sorted."""
+def module_ids_of(arch: str) -> List[int]:
+    """The module ids an architecture can hold (in some layer), sorted."""
     ids = set()
     for mid in MODULE_NAMES:
         try:
-            hf_path_for(arch, mid, 0, component)
+            hf_path_for(arch, mid, 1, encoder_layers=1)
             ids.add(mid)
         except LoraConvertError:
             pass
     return sorted(ids)
 
 
-def _get(cfg: Any, name: str, default: Any = None) -> Any:
+def config_value(cfg: Any, name: str, default: Any = None) -> Any:
+    """A field of an HF config given as a PretrainedConfig or a dict."""
     if isinstance(cfg, Mapping):
         return cfg.get(name, default)
     return getattr(cfg, name, default)
 
 
-def spec_from_hf_config(hf_config: Any, max_rank: int = 64, component: str = "decoder") -> ModelSpec:
+def encoder_layers_of(hf_config: Any) -> Optional[int]:
+    """The encoder's layer count of an encoder-decoder config (None for decoder-only models)."""
+    if hf_config is None or ARCH_FAMILY.get(config_value(hf_config, "model_type")) not in ENCODER_DECODER:
+        return None
+    return config_value(hf_config, "encoder_layers")
+
+
+def spec_from_hf_config(hf_config: Any, max_rank: int = 64) -> ModelSpec:
     """ModelSpec of an HF config (a PretrainedConfig or its dict) for Llama/Mistral/Qwen2, GPT-2,
-    Phi-3, Mixtral, Qwen2-MoE or BART. For BART, `component` picks the decoder (with cross
-    attention over the encoder) or the encoder stack."""
-    arch = _get(hf_config, "model_type")
+    Phi-3, Mixtral, Qwen2-MoE or BART (encoder blocks, then decoder blocks)."""
+    arch = config_value(hf_config, "model_type")
     family = family_of(arch)
     if family == GPT2:
-        h, heads = _get(hf_config, "n_embd"), _get(hf_config, "n_head")
-        return ModelSpec(num_layers=_get(hf_config, "n_layer"), hidden_size=h, num_heads=heads,
-                         ffn_size=_get(hf_config, "n_inner") or 4 * h, max_rank=max_rank)
+        h, heads = config_value(hf_config, "n_embd"), config_value(hf_config, "n_head")
+        return ModelSpec(num_layers=config_value(hf_config, "n_layer"), hidden_size=h, num_heads=heads,
+                         ffn_size=config_value(hf_config, "n_inner") or 4 * h, max_rank=max_rank,
+                         encoder_hidden_size=h if config_value(hf_config, "add_cross_attention") else 0)
     if family == BART:
-        if component not in ("decoder", "encoder"):
-            raise LoraConvertError(f"component must be 'decoder' or 'encoder', got {component!r}")
-        side = component
-        h = _get(hf_config, "d_model")
-        return ModelSpec(num_layers=_get(hf_config, f"{side}_layers"), hidden_size=h,
-                         num_heads=_get(hf_config, f"{side}_attention_heads"), ffn_size=_get(hf_config, f"{side}_ffn_dim"),
-                         encoder_hidden_size=h if side == "decoder" else 0, max_rank=max_rank)
-    h, heads = _get(hf_config, "hidden_size"), _get(hf_config, "num_attention_heads")
-    common = dict(num_layers=_get(hf_config, "num_hidden_layers"), hidden_size=h, num_heads=heads,
-                  num_kv_heads=_get(hf_config, "num_key_value_heads") or heads,
-                  head_dim=_get(hf_config, "head_dim") or h // heads, max_rank=max_rank)
+        sides = [(config_value(hf_config, f"{s}_ffn_dim"), config_value(hf_config, f"{s}_attention_heads")) for s in ("encoder", "decoder")]
+        if sides[0] != sides[1]:
+            raise LoraConvertError(f"bart with encoder (ffn, heads) {sides[0]} != decoder {sides[1]}: the format has one "
+                                   "width per module for all layers")
+        h = config_value(hf_config, "d_model")
+        return ModelSpec(num_layers=config_value(hf_config, "encoder_layers") + config_value(hf_config, "decoder_layers"), hidden_size=h,
+                         num_heads=sides[1][1], ffn_size=sides[1][0], encoder_hidden_size=h, max_rank=max_rank)
+    h, heads = config_value(hf_config, "hidden_size"), config_value(hf_config, "num_attention_heads")
+    common = dict(num_layers=config_value(hf_config, "num_hidden_layers"), hidden_size=h, num_heads=heads,
+                  num_kv_heads=config_value(hf_config, "num_key_value_heads") or heads,
+                  head_dim=config_value(hf_config, "head_dim") or h // heads, max_rank=max_rank)
     if family == MIXTRAL:
-        return ModelSpec(expert_ffn_size=_get(hf_config, "intermediate_size"),
-                         num_experts=_get(hf_config, "num_local_experts"), **common)
+        return ModelSpec(expert_ffn_size=config_value(hf_config, "intermediate_size"),
+                         num_experts=config_value(hf_config, "num_local_experts"), **common)
     if family == QWEN2_MOE:
-        shared = _get(hf_config, "shared_expert_intermediate_size")
-        layers, step = common["num_layers"], _get(hf_config, "decoder_sparse_step", 1) or 1
-        dense = [i for i in range(layers) if i in (_get(hf_config, "mlp_only_layers") or []) or (i + 1) % step != 0]
-        if dense and _get(hf_config, "intermediate_size") != shared:
+        shared = config_value(hf_config, "shared_expert_intermediate_size")
+        layers, step = common["num_layers"], config_value(hf_config, "decoder_sparse_step", 1) or 1
+        dense = [i for i in range(layers) if i in (config_value(hf_config, "mlp_only_layers") or []) or (i + 1) % step != 0]
+        if dense and config_value(hf_config, "intermediate_size") != shared:
             # One ffn_size per model: dense layers' MLP and the shared expert would need two.
             raise LoraConvertError(
-                f"qwen2_moe with dense layers {dense} (intermediate_size {_get(hf_config, 'intermediate_size')}) "
+                f"qwen2_moe with dense layers {dense} (intermediate_size {config_value(hf_config, 'intermediate_size')}) "
                 f"beside shared experts of size {shared}: the format has one mlp width per model")
-        return ModelSpec(ffn_size=shared, expert_ffn_size=_get(hf_config, "moe_intermediate_size"),
-                         num_experts=_get(hf_config, "num_experts"), **common)
-    return ModelSpec(ffn_size=_get(hf_config, "intermediate_size"), **common)
+        return ModelSpec(ffn_size=shared, expert_ffn_size=config_value(hf_config, "moe_intermediate_size"),
+                         num_experts=config_value(hf_config, "num_experts"), **common)
+    return ModelSpec(ffn_size=config_value(hf_config, "intermediate_size"), **common)
 
 
 __all__ = [
     "ARCH_FAMILY", "TARGET_RULES", "TargetRule", "HfTarget", "IDS_WITHOUT_HF_ARCH",
     "LINEAR", "CONV1D", "ROUTER", "EXPERTS", "PER_EXPERT",
-    "family_of", "arch_from_class_name", "target_for", "hf_path_for", "module_ids_of", "spec_from_hf_config",
+    "family_of", "arch_from_class_name", "target_for", "hf_path_for", "module_ids_of", "encoder_layers_of", "config_value",
+    "spec_from_hf_config",
 ]
