@@ -21,6 +21,9 @@ _LAZY = {
     "attach": "loramux.models",
     "detach": "loramux.models",
     "Engine": "loramux.models",
+    "cache": "loramux.cache",
+    "LoraCache": "loramux.cache",
+    "AcquiredBatch": "loramux.cache",
 }
 
 
@@ -28,7 +31,8 @@ def __getattr__(name):
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        module = importlib.import_module(_LAZY[name])
+        return module if module.__name__ == f"loramux.{name}" else getattr(module, name)
     raise AttributeError(f"module 'loramux' has no attribute {name!r}")
 
 

@@ -1,0 +1,261 @@
+"""The two-level LoRA adapter cache (logic in rust/src/cache/): a host tier of packed adapters and a
+device tier of fixed-size pages in one pool tensor, with the slot table the kernels read.
+
+Python owns the memory (the pool and the table are torch tensors, docs/internals.md); Rust writes
+into them. ``put`` validates and packs once; ``acquire`` makes a batch resident and pins it.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Dict, Iterable, List, Optional, Union
+
+import numpy as np
+import torch
+
+from loramux import _core
+from loramux.errors import LoraCacheError, LoraCudaError
+from loramux.format import raw_config, raw_weights
+from loramux.modules import NUM_MODULES
+
+_DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+
+
+def _task_id(task_id) -> int:
+    if isinstance(task_id, bool) or not isinstance(task_id, numbers.Integral) or not 0 <= int(task_id) < 1 << 64:
+        raise LoraCacheError(f"task_id must be an integer in [0, 2**64), got {task_id!r}")
+    return int(task_id)
+
+
+def _as_numpy(array) -> np.ndarray:
+    """numpy view of weights/config; torch tensors are moved to the CPU (bf16 as a uint16 view)."""
+    if isinstance(array, torch.Tensor):
+        t = array.detach().cpu().contiguous()
+        if t.dtype == torch.bfloat16:
+            return t.view(torch.int16).numpy().view(np.uint16)
+        return t.numpy()
+    return array
+
+
+class AcquiredBatch:
+    """Adapters pinned for one batch: ``slots[i]`` is the slot of the i-th requested task id."""
+
+    def __init__(self, cache: "LoraCache", batch_id: int, task_ids: List[int], slots: List[int]):
+        self._cache = cache
+        self.batch_id = batch_id
+        self.task_ids = task_ids
+        self.slots = slots
+        self.released = False
+
+    @property
+    def table(self) -> torch.Tensor:
+        return self._cache.table
+
+    @property
+    def pool(self) -> torch.Tensor:
+        return self._cache.pool
+
+    def slot_tensor(self, device=None) -> torch.Tensor:
+        """The slots as an int32 tensor (e.g. to build ``slot_of_token``)."""
+        return torch.tensor(self.slots, dtype=torch.int32, device=device or self._cache.pool.device)
+
+    def release(self) -> None:
+        self._cache.release(self)
+
+    def __enter__(self) -> "AcquiredBatch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self.released:
+            self.release()
+
+    def __repr__(self) -> str:
+        return f"AcquiredBatch(task_ids={self.task_ids}, slots={self.slots}, released={self.released})"
+
+
+class LoraCache:
+    """Fixed-size two-level LoRA cache keyed by task_id (the seed's "LoraCache configuration").
+
+    ``device=None``/"cpu" keeps the "device" pool in host memory (tests, CPU serving); a CUDA device
+    allocates the pool there up front: ``device_cache_bytes``, or ``device_cache_fraction`` (default
+    0.1) of the GPU memory free now (after the model is loaded).
+    """
+
+    def __init__(
+        self,
+        spec: _core.ModelSpec,
+        *,
+        dtype: torch.dtype = torch.float16,
+        host_cache_bytes: int = 1 << 30,
+        device: Union[None, str, torch.device] = None,
+        device_cache_bytes: Optional[int] = None,
+        device_cache_fraction: Optional[float] = None,
+        max_slots: int = 64,
+        page_bytes: int = 64 << 10,
+        dora_allowed: bool = True,
+    ):
+        if dtype not in _DTYPE_NAMES:
+            raise LoraCacheError(f"dtype must be one of torch.float16, torch.bfloat16, torch.float32, got {dtype}")
+        if device_cache_bytes is not None and device_cache_fraction is not None:
+            raise LoraCacheError("give device_cache_bytes or device_cache_fraction, not both")
+        device = torch.device("cpu" if device is None else device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if device.type not in ("cpu", "cuda"):
+            raise LoraCacheError(f"device must be None, 'cpu' or a CUDA device, got {device}")
+        self.spec = spec
+        self.dtype = dtype
+        self.device = device
+        self.max_slots = max_slots
+        self.page_bytes = page_bytes
+        pool_bytes = self._pool_bytes(device, host_cache_bytes, device_cache_bytes, device_cache_fraction)
+        pool_bytes -= pool_bytes % page_bytes if page_bytes > 0 else 0
+        table_bytes = _core.AdapterCache.table_bytes(max_slots, spec.num_layers)
+        try:
+            self.pool = torch.zeros(pool_bytes, dtype=torch.uint8, device=device)
+            self.table = torch.zeros(table_bytes // 8, dtype=torch.int64, device=device).view(max_slots, spec.num_layers, NUM_MODULES, 4)
+        except torch.OutOfMemoryError as e:
+            raise LoraCudaError(f"could not allocate a device pool of {pool_bytes} bytes on {device}: {e}") from None
+        self._copy_stream = None
+        cuda_device = None
+        if device.type == "cuda":
+            if not _core.AdapterCache.cuda_driver_present():
+                raise LoraCudaError("a CUDA pool needs the CUDA driver library (libcuda), which could not be loaded")
+            self._copy_stream = torch.cuda.Stream(device=device)
+            cuda_device = device.index
+            torch.cuda.synchronize(device)  # the zeroed pool and table are visible to every stream
+        self._core = _core.AdapterCache(
+            spec,
+            _DTYPE_NAMES[dtype],
+            int(host_cache_bytes),
+            self.pool.data_ptr(),
+            pool_bytes,
+            self.table.data_ptr(),
+            max_slots,
+            page_bytes,
+            cuda_device,
+            self._copy_stream.cuda_stream if self._copy_stream is not None else 0,
+            dora_allowed,
+        )
+
+    @staticmethod
+    def _pool_bytes(device: torch.device, host_cache_bytes, device_cache_bytes, device_cache_fraction) -> int:
+        if device.type == "cpu":
+            if device_cache_fraction is not None:
+                raise LoraCacheError("device_cache_fraction is a share of free GPU memory; give device_cache_bytes for a host pool")
+            return int(device_cache_bytes if device_cache_bytes is not None else host_cache_bytes)
+        free, total = torch.cuda.mem_get_info(device)
+        if device_cache_bytes is None:
+            fraction = 0.1 if device_cache_fraction is None else float(device_cache_fraction)
+            if not 0.0 < fraction <= 1.0:
+                raise LoraCacheError(f"device_cache_fraction must be in (0, 1], got {fraction}")
+            return int(free * fraction)
+        if device_cache_bytes > free:
+            raise LoraCudaError(
+                f"device_cache_bytes={device_cache_bytes} is more than the {free} bytes free on {device} "
+                f"(GPU total {total} bytes); give a smaller pool or device_cache_fraction"
+            )
+        return int(device_cache_bytes)
+
+    # --- adapters -------------------------------------------------------------------------------
+
+    def put(self, task_id: int, weights, config, replace: bool = False) -> str:
+        """Caches an adapter (validated and packed once into ``dtype``). Putting the same weights
+        again is a no-op ("cached"); different weights raise LoraTaskConflictError unless
+        ``replace=True`` ("replaced"). Returns "inserted", "cached" or "replaced"."""
+        task_id = _task_id(task_id)
+        raw, wdtype, wshape = raw_weights(_as_numpy(weights))
+        cvals, cshape = raw_config(_as_numpy(config))
+        return self._core.put(task_id, raw, wdtype, wshape, cvals, cshape, bool(replace))
+
+    def __contains__(self, task_id) -> bool:
+        try:
+            return self._core.contains(_task_id(task_id))
+        except LoraCacheError:
+            return False
+
+    def __len__(self) -> int:
+        return len(self._core)
+
+    def task_ids(self) -> List[int]:
+        """Cached task ids, most recently used first."""
+        return self._core.task_ids()
+
+    # --- batches --------------------------------------------------------------------------------
+
+    def _stream(self) -> int:
+        return torch.cuda.current_stream(self.device).cuda_stream if self.device.type == "cuda" else 0
+
+    def acquire(self, task_ids: Iterable[int]) -> AcquiredBatch:
+        """Makes the adapters resident and pins them until ``release``; the current CUDA stream
+        waits for their copies. The same id always gets the same slot within a batch."""
+        ids = [_task_id(t) for t in task_ids]
+        batch_id, slots = self._core.acquire(ids, self._stream())
+        return AcquiredBatch(self, batch_id, ids, slots)
+
+    def release(self, batch: AcquiredBatch) -> None:
+        """Unpins a batch; its pages are reused only after work already queued on the current
+        stream has finished with them."""
+        if batch._cache is not self:
+            raise LoraCacheError("this batch was acquired from another cache")
+        self._core.release(batch.batch_id, self._stream())
+        batch.released = True
+
+    def prefetch(self, task_ids: Iterable[int]) -> None:
+        """Starts loading adapters into the device tier without pinning them."""
+        self._core.prefetch([_task_id(t) for t in task_ids])
+
+    def synchronize(self) -> None:
+        """Blocks until every issued load has landed in the pool."""
+        self._core.synchronize()
+
+    # --- inspection -----------------------------------------------------------------------------
+
+    def stats(self) -> Dict[str, Union[int, float]]:
+        """hits, misses, evictions, bytes/counts per tier, pinned vs pageable, load GB/s, fragmentation."""
+        return self._core.stats()
+
+    def slot_of(self, task_id: int) -> Optional[int]:
+        return self._core.slot_of(_task_id(task_id))
+
+    def resident_ids(self) -> List[int]:
+        """Task ids on the device tier, most recently used first."""
+        return self._core.resident_ids()
+
+    def pinned_ids(self) -> List[int]:
+        return self._core.pinned_ids()
+
+    def check_invariants(self) -> None:
+        """Raises LoraCacheError if any structural invariant of the cache is broken."""
+        broken = self._core.check_invariants()
+        if broken is not None:
+            raise LoraCacheError(f"cache invariant broken: {broken}")
+
+    def segments(self, task_id: int, slot: int) -> List[dict]:
+        """Per module-layer of a resident adapter: the table entry and the host image's bytes
+        (``a``, ``b``, ``scale``) that the pool must hold there."""
+        image = self._core.host_image(_task_id(task_id))
+        if image is None:
+            raise LoraCacheError(f"task_id {task_id} is not cached")
+        data, segs = image
+        es = torch.tensor([], dtype=self.dtype).element_size()
+        table = self.table.cpu()
+        out = []
+        for module_id, layer, rank, off, b_off, s_off in segs:
+            hi, ho = self.spec.module_dims(module_id)
+            entry = table[slot, layer, module_id].tolist()
+            seg = {"module_id": module_id, "layer": layer, "rank": rank, "entry": entry}
+            seg["a"] = data[off : off + rank * hi * es]
+            seg["b"] = data[off + b_off : off + b_off + ho * rank * es]
+            seg["scale"] = data[off + s_off : off + s_off + ho * es] if s_off >= 0 else b""
+            out.append(seg)
+        return out
+
+    def __repr__(self) -> str:
+        return (
+            f"LoraCache(dtype={self.dtype}, device={self.device}, adapters={len(self)}, "
+            f"pool_bytes={self.pool.numel()}, max_slots={self.max_slots}, page_bytes={self.page_bytes})"
+        )
+
+
+__all__ = ["LoraCache", "AcquiredBatch"]

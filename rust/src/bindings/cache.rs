@@ -1,0 +1,173 @@
+//! `AdapterCache` for Python: the two-level cache over a pool and slot table that Python allocates
+//! as torch tensors (python/loramux/cache.py). Translation only; the GIL is released around work.
+
+use numpy::PyReadonlyArray1;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict};
+
+use crate::bindings::errors::IntoPyResult;
+use crate::bindings::format::{weights_view, PyModelSpec};
+use crate::cache::{self, CacheConfig, Copier, CudaCopier, HostMemcpy, PoolRegion, PutOutcome, SlotTable, StatValue, TwoLevelCache};
+use crate::format::{self, ValidateOptions, WeightsDtype};
+
+#[pyclass(name = "AdapterCache", module = "loramux._core", frozen)]
+pub struct PyAdapterCache {
+    inner: TwoLevelCache,
+}
+
+#[pymethods]
+impl PyAdapterCache {
+    /// Addresses are those of tensors the caller keeps alive as long as this object: a uint8 pool
+    /// of `pool_bytes` and a zeroed int64 table of `table_bytes(max_slots, num_layers)` bytes, on
+    /// CUDA device `cuda_device` (with `copy_stream` a raw CUstream) or in host memory when None.
+    #[new]
+    #[pyo3(signature = (spec, dtype, host_cache_bytes, pool_addr, pool_bytes, table_addr, max_slots, page_bytes, cuda_device=None, copy_stream=0, dora_allowed=true))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        spec: &PyModelSpec,
+        dtype: &str,
+        host_cache_bytes: u64,
+        pool_addr: u64,
+        pool_bytes: u64,
+        table_addr: u64,
+        max_slots: usize,
+        page_bytes: usize,
+        cuda_device: Option<i32>,
+        copy_stream: u64,
+        dora_allowed: bool,
+    ) -> PyResult<Self> {
+        let cfg = CacheConfig {
+            spec: spec.core(),
+            dtype: WeightsDtype::from_name(dtype).py()?,
+            host_budget_bytes: host_cache_bytes,
+            page_bytes,
+            max_slots,
+            validate: ValidateOptions { dora_allowed, check_finite: true },
+        };
+        let copier: Box<dyn Copier> = match cuda_device {
+            Some(ordinal) => Box::new(CudaCopier::new(ordinal, copy_stream).py()?),
+            None => Box::new(HostMemcpy::default()),
+        };
+        let region = PoolRegion { pool_addr, pool_bytes, table_addr };
+        // SAFETY: python/loramux/cache.py passes tensors it allocated as documented above and
+        // keeps them referenced for the life of this object.
+        let inner = unsafe { TwoLevelCache::new(cfg, region, copier) }.py()?;
+        Ok(PyAdapterCache { inner })
+    }
+
+    /// Stores an adapter; returns "inserted", "cached" (same weights already there) or "replaced".
+    #[pyo3(signature = (task_id, raw_weights, dtype, weights_shape, config, config_shape, replace=false))]
+    #[allow(clippy::too_many_arguments)]
+    fn put(
+        &self,
+        py: Python<'_>,
+        task_id: u64,
+        raw_weights: PyReadonlyArray1<'_, u8>,
+        dtype: &str,
+        weights_shape: Vec<usize>,
+        config: PyReadonlyArray1<'_, i64>,
+        config_shape: Vec<usize>,
+        replace: bool,
+    ) -> PyResult<&'static str> {
+        let weights = weights_view(raw_weights.as_slice()?, dtype, weights_shape)?;
+        let rows = format::config_rows(&config_shape, config.as_slice()?).py()?;
+        let outcome = py.detach(|| self.inner.put(task_id, &weights, &rows, replace)).py()?;
+        Ok(match outcome {
+            PutOutcome::Inserted => "inserted",
+            PutOutcome::AlreadyCached => "cached",
+            PutOutcome::Replaced => "replaced",
+        })
+    }
+
+    fn contains(&self, task_id: u64) -> bool {
+        self.inner.contains(task_id)
+    }
+
+    fn __len__(&self) -> usize {
+        self.inner.len()
+    }
+
+    /// Cached task ids, most recently used first.
+    fn task_ids(&self) -> Vec<u64> {
+        self.inner.task_ids()
+    }
+
+    /// (batch_id, slot per given id); `compute_stream` is a raw CUstream (0 for a host pool).
+    fn acquire(&self, py: Python<'_>, task_ids: Vec<u64>, compute_stream: u64) -> PyResult<(u64, Vec<usize>)> {
+        let b = py.detach(|| self.inner.acquire(&task_ids, compute_stream)).py()?;
+        Ok((b.batch_id, b.slots))
+    }
+
+    fn release(&self, py: Python<'_>, batch_id: u64, compute_stream: u64) -> PyResult<()> {
+        py.detach(|| self.inner.release(batch_id, compute_stream)).py()
+    }
+
+    fn prefetch(&self, py: Python<'_>, task_ids: Vec<u64>) -> PyResult<()> {
+        py.detach(|| self.inner.prefetch(&task_ids)).py()
+    }
+
+    fn synchronize(&self, py: Python<'_>) -> PyResult<()> {
+        py.detach(|| self.inner.synchronize()).py()
+    }
+
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let stats = py.detach(|| self.inner.stats());
+        let d = PyDict::new(py);
+        for (name, value) in stats.fields() {
+            match value {
+                StatValue::Count(n) => d.set_item(name, n)?,
+                StatValue::Ratio(x) => d.set_item(name, x)?,
+            }
+        }
+        Ok(d)
+    }
+
+    fn slot_of(&self, task_id: u64) -> Option<usize> {
+        self.inner.slot_of(task_id)
+    }
+
+    /// Device-resident task ids, most recently used first.
+    fn resident_ids(&self) -> Vec<u64> {
+        self.inner.resident_ids()
+    }
+
+    fn pinned_ids(&self) -> Vec<u64> {
+        let mut ids = self.inner.pinned_ids();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// None when every structural invariant holds, else what is broken.
+    fn check_invariants(&self) -> Option<String> {
+        self.inner.check_invariants().err()
+    }
+
+    /// The host image of a cached adapter as bytes, and per segment (module_id, layer, rank,
+    /// image_offset, b_offset, scale_offset or -1).
+    #[allow(clippy::type_complexity)]
+    fn host_image<'py>(&self, py: Python<'py>, task_id: u64) -> Option<(Bound<'py, PyBytes>, Vec<(u32, usize, usize, usize, usize, i64)>)> {
+        self.inner.host_image(task_id).map(|(bytes, layout)| {
+            let segs = layout
+                .segments
+                .iter()
+                .map(|s| (s.row.module.id(), s.row.layer, s.row.rank, s.image_offset, s.b_offset, s.scale_offset.map_or(-1, |o| o as i64)))
+                .collect();
+            (PyBytes::new(py, &bytes), segs)
+        })
+    }
+
+    #[staticmethod]
+    fn table_bytes(max_slots: usize, num_layers: usize) -> usize {
+        SlotTable::table_bytes(max_slots, num_layers)
+    }
+
+    /// Whether a CUDA driver library can be loaded in this process.
+    #[staticmethod]
+    fn cuda_driver_present() -> bool {
+        cache::driver_present()
+    }
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyAdapterCache>()
+}

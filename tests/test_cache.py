@@ -1,0 +1,195 @@
+"""loramux.cache.LoraCache on a host-memory pool: the seed's task_id semantics, typed errors that
+change nothing, and pool bytes at the slot table's addresses equal to the adapter (numpy reference)."""
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+from cache_helpers import PAGE, SHAPES, SPEC, make_adapter, pool_view, segment_pages
+
+import loramux
+from loramux.cache import LoraCache
+from loramux.errors import LoraCacheError, LoraCacheFullError, LoraFormatError, LoraNotCachedError, LoraTaskConflictError
+
+
+def new_cache(**kw):
+    args = dict(host_cache_bytes=1 << 20, device_cache_bytes=1 << 16, page_bytes=PAGE, max_slots=4)
+    args.update(kw)
+    return LoraCache(SPEC, **args)
+
+
+def reference_parts(weights, config, dtype):
+    """Per row: (module, layer, A, B, scales) cast to the serving dtype, straight from the format."""
+    out = []
+    for row, (m, layer, r, d) in zip(weights.astype(np.float32), config):
+        hi, ho = SPEC.module_dims(m)
+        a = row[: r * hi]
+        b = row[r * hi : r * hi + ho * r]
+        s = row[r * hi + ho * r : r * hi + ho * r + ho] if d else np.zeros(0, np.float32)
+        cast = lambda v: torch.from_numpy(v.copy()).to(dtype).reshape(-1).view(torch.uint8).numpy() if v.size else np.zeros(0, np.uint8)  # noqa: E731
+        out.append((m, layer, cast(a), cast(b), cast(s)))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_pool_bytes_at_table_addresses_equal_the_adapter(dtype):
+    cache = new_cache(dtype=dtype)
+    adapters = {7: make_adapter(7, SHAPES[1]), 9: make_adapter(9, SHAPES[3]), 11: make_adapter(11, SHAPES[2])}
+    for tid, (w, c) in adapters.items():
+        assert cache.put(tid, w, c) == "inserted"
+    with cache.acquire([7, 9, 7, 11]) as batch:
+        assert batch.slots[0] == batch.slots[2] and len(set(batch.slots)) == 3
+        table = batch.table
+        assert table.shape == (4, SPEC.num_layers, 19, 4) and table.dtype == torch.int64
+        for tid, slot in zip(batch.task_ids, batch.slots):
+            w, c = adapters[tid]
+            present = set()
+            for m, layer, a, b, s in reference_parts(w, c, dtype):
+                a_addr, b_addr, s_addr, rank = table[slot, layer, m].tolist()
+                assert rank == c[(c[:, 0] == m) & (c[:, 1] == layer)][0, 2]
+                assert a_addr % 16 == 0 and b_addr % 16 == 0 and s_addr % 16 == 0
+                np.testing.assert_array_equal(pool_view(cache, a_addr, a.size), a)
+                np.testing.assert_array_equal(pool_view(cache, b_addr, b.size), b)
+                if s.size:
+                    np.testing.assert_array_equal(pool_view(cache, s_addr, s.size), s)
+                else:
+                    assert s_addr == 0
+                present.add((layer, m))
+            absent = [(layer, m) for layer in range(SPEC.num_layers) for m in range(19) if (layer, m) not in present]
+            assert all(table[slot, layer, m].tolist() == [0, 0, 0, 0] for layer, m in absent)
+    assert batch.released and cache.pinned_ids() == []
+    cache.check_invariants()
+
+
+def test_weights_as_bf16_ml_dtypes_and_torch_tensors_pack_alike():
+    w, c = make_adapter(3, SHAPES[0])
+    cache = new_cache(dtype=torch.bfloat16)
+    cache.put(1, w.astype(ml_dtypes.bfloat16), c)
+    cache.put(2, torch.from_numpy(w).to(torch.bfloat16), torch.from_numpy(c))
+    assert cache._core.host_image(1)[0] == cache._core.host_image(2)[0]
+    # the same values again, as a torch tensor, are the same adapter: a no-op
+    assert cache.put(1, torch.from_numpy(w).to(torch.bfloat16), c) == "cached"
+
+
+def test_task_id_semantics():
+    cache = new_cache()
+    w, c = make_adapter(1, SHAPES[0])
+    w2, _ = make_adapter(2, SHAPES[0])
+    assert cache.put(5, w, c) == "inserted"
+    assert cache.put(5, w, c) == "cached"  # same weights again: a hit, no error
+    padded = np.pad(w, ((0, 0), (0, 5)), constant_values=9.0)
+    assert cache.put(5, padded, c) == "cached"  # padding is not part of the adapter
+    with pytest.raises(LoraTaskConflictError, match="task_id 5"):
+        cache.put(5, w2, c)
+    assert 5 in cache and len(cache) == 1 and cache.task_ids() == [5]
+    with pytest.raises(LoraNotCachedError, match="task_id 6 is not cached") as e:
+        cache.acquire([5, 6])
+    assert isinstance(e.value, KeyError) and e.value.task_id == 6
+    assert cache.resident_ids() == [] and cache.pinned_ids() == []
+    batch = cache.acquire([5])
+    with pytest.raises(LoraCacheError, match="held by an in-flight batch"):
+        cache.put(5, w2, c, replace=True)
+    batch.release()
+    with pytest.raises(LoraCacheError, match="not held"):
+        batch.release()
+    assert cache.put(5, w2, c, replace=True) == "replaced"
+    assert cache.resident_ids() == []  # the stale copy left the device tier
+    assert cache.stats()["replacements"] == 1
+
+
+def test_bad_input_is_typed_and_changes_nothing():
+    cache = new_cache()
+    w, c = make_adapter(1, SHAPES[0])
+    cache.put(1, w, c)
+    before = (cache.task_ids(), cache.stats()["host_bytes"])
+    bad_w = w.copy()
+    bad_w[1, 3] = np.nan
+    with pytest.raises(LoraFormatError, match="row 1"):
+        cache.put(2, bad_w, c)
+    with pytest.raises(LoraFormatError, match="module_id 19"):
+        cache.put(2, w, np.array([[19, 0, 1], [1, 1, 1]]))
+    with pytest.raises(LoraFormatError, match="not present in this model"):
+        cache.put(2, w, np.array([[13, 0, 1], [1, 1, 1]]))  # no experts
+    with pytest.raises(LoraFormatError):
+        cache.put(2, w.astype(np.float64), c)
+    with pytest.raises(LoraCacheError, match="task_id must be"):
+        cache.put(-1, w, c)
+    with pytest.raises(LoraCacheError, match="task_id must be"):
+        cache.acquire(["x"])
+    assert -1 not in cache and "x" not in cache
+    assert (cache.task_ids(), cache.stats()["host_bytes"]) == before
+    cache.check_invariants()
+
+
+def test_adapter_larger_than_a_tier():
+    big_w, big_c = make_adapter(1, SHAPES[4])  # 18 pages
+    with pytest.raises(LoraCacheFullError, match="device tier"):
+        new_cache(device_cache_bytes=16 * PAGE).put(1, big_w, big_c)
+    with pytest.raises(LoraCacheFullError, match="host tier"):
+        new_cache(host_cache_bytes=17 * PAGE).put(1, big_w, big_c)
+
+
+def test_batch_that_cannot_fit_names_how_many_fit_and_spares_other_batches():
+    cache = new_cache(device_cache_bytes=12 * PAGE, max_slots=8)
+    for tid in (1, 2, 3):
+        cache.put(tid, *make_adapter(tid, SHAPES[1]))  # 10 pages each
+    cache.put(4, *make_adapter(4, SHAPES[0]))  # 2 pages
+    held = cache.acquire([1])
+    with pytest.raises(LoraCacheFullError, match="only 1 fit"):
+        cache.acquire([2, 4, 3])
+    assert cache.resident_ids() == [1] and cache.pinned_ids() == [1]
+    with cache.acquire([4]) as b:  # fits beside the pinned 1
+        assert b.slots != held.slots
+    held.release()
+    with cache.acquire([2]):
+        assert cache.resident_ids() == [2, 4]  # 1 evicted (least recent), 4 kept
+    assert cache.stats()["device_evictions"] == 1
+    small = new_cache(max_slots=2)
+    for tid in (1, 2, 3):
+        small.put(tid, *make_adapter(tid, SHAPES[0]))
+    with pytest.raises(LoraCacheFullError, match="3 adapters .* only 2 fit"):
+        small.acquire([1, 2, 3])
+
+
+def test_prefetch_and_stats():
+    cache = new_cache()
+    w, c = make_adapter(1, SHAPES[2])
+    cache.put(1, w, c)
+    cache.prefetch([1])
+    assert cache.resident_ids() == [1] and cache.pinned_ids() == []
+    with cache.acquire([1]):
+        pass
+    s = cache.stats()
+    expect_bytes = sum(segment_pages(c.tolist())) * PAGE
+    assert (s["hits"], s["misses"], s["loads"], s["load_bytes"]) == (1, 1, 1, expect_bytes)
+    assert s["host_bytes"] == s["device_bytes_held"] == expect_bytes
+    assert 0 < s["device_bytes_used"] <= s["device_bytes_held"] and 0.0 <= s["fragmentation"] < 1.0
+    assert s["host_pageable_adapters"] == 1 and s["host_pinned_adapters"] == 0  # no CUDA pool here
+    assert s["load_gbps"] > 0 and s["in_flight_batches"] == 0
+
+
+def test_ten_thousand_adapters_stream_through_a_small_pool():
+    cache = new_cache(host_cache_bytes=64 * PAGE, device_cache_bytes=24 * PAGE, max_slots=4)
+    shapes = [SHAPES[0], SHAPES[2], SHAPES[3], SHAPES[1]]
+    w_c = [make_adapter(i, s) for i, s in enumerate(shapes)]
+    for tid in range(10_000):
+        w, c = w_c[tid % 4]
+        cache.put(tid, w, c)
+        with cache.acquire([tid, tid - 1] if tid % 3 == 0 and tid else [tid]):
+            pass
+    cache.check_invariants()
+    s = cache.stats()
+    assert s["device_evictions"] > 9_000 and s["host_evictions"] > 9_000
+    assert s["device_bytes_held"] == sum(sum(segment_pages(w_c[t % 4][1].tolist())) * PAGE for t in cache.resident_ids())
+
+
+def test_host_pool_options_and_repr():
+    with pytest.raises(LoraCacheError, match="device_cache_fraction"):
+        LoraCache(SPEC, device_cache_fraction=0.5)
+    with pytest.raises(LoraCacheError, match="page_bytes"):
+        LoraCache(SPEC, host_cache_bytes=1 << 16, page_bytes=100)
+    with pytest.raises(LoraCacheError, match="dtype"):
+        LoraCache(SPEC, dtype=torch.int8)
+    cache = LoraCache(SPEC, host_cache_bytes=1 << 20, page_bytes=4096)
+    assert cache.pool.numel() == 1 << 20 and cache.pool.device.type == "cpu"
+    assert "LoraCache(" in repr(cache) and loramux.LoraCache is LoraCache
