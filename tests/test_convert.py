@@ -2,6 +2,7 @@
 PeftModel.from_pretrained loads the result and gives the original adapter's logits."""
 
 import json
+import math
 import os
 
 import numpy as np
@@ -175,3 +176,129 @@ def test_format_rows_without_an_hf_place_are_refused_by_to_peft(tmp_path):
                                                           np.ones((32, 2), np.float32))], "float32")
     with pytest.raises(LoraConvertError, match="attn_q"):
         convert.to_peft(weights, config, model_spec, str(tmp_path / "x"), "gpt2")
+
+
+# --- hypothesis: PEFT -> format -> PEFT over random architectures, shapes, ranks and modules ------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@st.composite
+def hf_configs(draw):
+    arch = draw(st.sampled_from(["llama", "mistral", "qwen2", "gpt2", "phi3", "mixtral", "qwen2_moe", "bart"]))
+    heads = draw(st.sampled_from([2, 4]))
+    head_dim = draw(st.sampled_from([2, 4]))
+    hidden, layers, ffn = heads * head_dim * draw(st.sampled_from([1, 2])), draw(st.integers(1, 3)), draw(st.sampled_from([6, 10]))
+    if arch == "gpt2":
+        return dict(model_type=arch, n_embd=hidden, n_head=heads, n_layer=layers, n_inner=ffn,
+                    add_cross_attention=draw(st.booleans()))
+    if arch == "bart":
+        return dict(model_type=arch, d_model=hidden, encoder_layers=layers, decoder_layers=draw(st.integers(1, 2)),
+                    encoder_attention_heads=heads, decoder_attention_heads=heads, encoder_ffn_dim=ffn, decoder_ffn_dim=ffn)
+    cfg = dict(model_type=arch, hidden_size=hidden, num_attention_heads=heads, num_hidden_layers=layers,
+               num_key_value_heads=draw(st.sampled_from([1, heads])), head_dim=head_dim, intermediate_size=ffn)
+    if arch == "mixtral":
+        cfg.update(num_local_experts=draw(st.integers(1, 3)))
+    if arch == "qwen2_moe":
+        cfg.update(num_experts=draw(st.integers(1, 3)), moe_intermediate_size=4, shared_expert_intermediate_size=ffn,
+                   decoder_sparse_step=1, mlp_only_layers=[])
+    return cfg
+
+
+def _write_base(path, cfg):
+    """A stand-in base model dir: its config.json (all from_peft reads without DoRA) and one tensor."""
+    from safetensors.numpy import save_file
+
+    os.makedirs(path)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    save_file({"unused": np.zeros(1, np.float32)}, os.path.join(path, "model.safetensors"))
+
+
+@st.composite
+def peft_adapters(draw):
+    """(hf config, adapter_config, state dict, records) of a random valid PEFT adapter; a record is
+    (pattern key, state-dict module path, A, B, experts) per target."""
+    cfg = draw(hf_configs())
+    arch, model_spec = cfg["model_type"], spec.spec_from_hf_config(cfg)
+    enc = spec.encoder_layers_of(cfg)
+    mids = draw(st.lists(st.sampled_from(spec.module_ids_of(arch)), min_size=1, max_size=6, unique=True))
+    layers = draw(st.lists(st.integers(0, model_spec.num_layers - 1), min_size=1, unique=True))
+    targets = {}
+    for mid in [1 if arch != "gpt2" else 0] + mids:
+        for layer in layers:
+            try:
+                path, rule = spec.hf_path_for(arch, mid, layer, enc)
+                model_spec.module_dims(rule.module_ids[0])
+            except (LoraConvertError, ValueError):
+                continue  # e.g. cross attention in an encoder layer, or GPT-2 without it
+            targets[path] = rule
+    r, rank_pattern, alpha_pattern, tensors, records = draw(st.integers(1, 4)), {}, {}, {}, []
+    target_modules, target_parameters = [], []
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    for path, rule in sorted(targets.items()):
+        hi = model_spec.module_dims(rule.module_ids[0])[0]
+        ho = sum(model_spec.module_dims(m)[1] for m in rule.module_ids)
+        key = path + ".weight" if rule.kind == spec.ROUTER else path
+        (target_parameters if rule.kind in (spec.ROUTER, spec.EXPERTS) else target_modules).append(key)
+        rank = draw(st.integers(1, 6)) if draw(st.booleans()) else r
+        if rank != r:
+            rank_pattern[key] = rank
+        if draw(st.booleans()):
+            alpha_pattern[key] = draw(st.sampled_from([1, 3, 16]))
+        experts = model_spec.num_experts if rule.kind == spec.EXPERTS else 1
+        nested = path
+        if rule.kind == spec.EXPERTS:  # PEFT nests the wrappers: gate_up_proj inside down_proj
+            module, pname = path.rsplit(".", 1)
+            both = f"{module}.down_proj" in targets and f"{module}.gate_up_proj" in targets
+            nested = module + (".base_layer" if both and pname == "gate_up_proj" else "")
+        a, b = rng.standard_normal((rank, hi), dtype=np.float32), rng.standard_normal((ho, rank), dtype=np.float32)
+        tensors[f"base_model.model.{nested}.lora_A.weight"] = np.tile(a, (experts, 1))
+        tensors[f"base_model.model.{nested}.lora_B.weight"] = np.repeat(b, experts, axis=1)
+        records.append((key, nested, a, b, experts))
+    adapter_config = dict(peft_type="LORA", r=r, lora_alpha=draw(st.sampled_from([1, 4, 8])), use_rslora=draw(st.booleans()),
+                          rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, layers_to_transform=sorted(layers),
+                          target_modules=target_modules, target_parameters=target_parameters or None)
+    return cfg, adapter_config, tensors, records
+
+
+def _delta(a, b, adapter_config, key):
+    """scaling * B @ A as PEFT computes it (its own pattern lookup)."""
+    from peft.utils.other import get_pattern_key
+
+    alpha = adapter_config["alpha_pattern"].get(get_pattern_key(adapter_config["alpha_pattern"].keys(), key),
+                                                adapter_config["lora_alpha"])
+    rank = a.shape[0]
+    scaling = alpha / math.sqrt(rank) if adapter_config["use_rslora"] else alpha / rank
+    return (b.astype(np.float64) * scaling) @ a.astype(np.float64)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(peft_adapters(), st.sampled_from(["float32", "float16", "bfloat16"]))
+def test_peft_to_format_to_peft_is_exact_within_dtype(tmp_path_factory, adapter, storage):
+    from safetensors.numpy import save_file
+    from safetensors.torch import load_file
+
+    cfg, adapter_config, tensors, records = adapter
+    root = tmp_path_factory.mktemp("rt")
+    os.makedirs(root / "peft")
+    save_file(tensors, str(root / "peft" / convert.SAFETENSORS_FILE))
+    with open(root / "peft" / convert.ADAPTER_CONFIG, "w") as f:
+        json.dump(adapter_config, f)
+    _write_base(str(root / "base"), cfg)
+    weights, config = convert.from_peft(str(root / "peft"), storage, base_model=str(root / "base"))
+    convert.to_peft(weights, config, spec.spec_from_hf_config(cfg), str(root / "back"), cfg)
+    with open(root / "back" / convert.ADAPTER_CONFIG) as f:
+        back_config = json.load(f)
+    back = {k: v.float().numpy() for k, v in load_file(str(root / "back" / convert.SAFETENSORS_FILE)).items()}
+    assert len(back) == len(tensors)
+    assert sorted(back_config["target_modules"] + (back_config["target_parameters"] or [])) == sorted(r[0] for r in records)
+    tol = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}[storage]
+    for key, nested, a, b, experts in records:
+        ba, bb = back[f"base_model.model.{nested}.lora_A.weight"], back[f"base_model.model.{nested}.lora_B.weight"]
+        rank = ba.shape[0] // experts
+        want = _delta(a, b, adapter_config, key)
+        for e in range(experts):  # every expert got the same adapter back
+            ea, eb = ba.reshape(experts, rank, -1)[e], bb.reshape(bb.shape[0], rank, experts)[:, :, e]
+            np.testing.assert_allclose(_delta(ea, eb, back_config, key), want, rtol=tol, atol=tol * max(1.0, np.abs(want).max()))

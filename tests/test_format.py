@@ -1,0 +1,218 @@
+"""The (weights, config) format: every valid random adapter validates and reads back exactly; every
+bad-input class raises its typed error naming the row; .npy files are read without pickle."""
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from loramux import format
+from loramux.errors import LoraDoraError, LoraFormatError
+from loramux.format import AdapterRow, ModelSpec
+from loramux.modules import MODULE_IDS, NUM_MODULES
+
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def specs(draw):
+    heads = draw(st.sampled_from([1, 2, 4]))
+    head_dim = draw(st.sampled_from([2, 4, 6]))
+    experts = draw(st.sampled_from([0, 3]))
+    return ModelSpec(num_layers=draw(st.integers(1, 4)), hidden_size=draw(st.sampled_from([4, 8, 12])), num_heads=heads,
+                     num_kv_heads=draw(st.sampled_from([h for h in (1, 2, 4) if heads % h == 0])), head_dim=head_dim,
+                     ffn_size=draw(st.sampled_from([0, 10, 16])), expert_ffn_size=6 if experts else 0, num_experts=experts,
+                     encoder_hidden_size=draw(st.sampled_from([0, 8, 12])), max_rank=draw(st.sampled_from([4, 8])))
+
+
+def _dims(spec, mid):
+    try:
+        return spec.module_dims(mid)
+    except LoraFormatError:
+        return None
+
+
+@st.composite
+def adapters(draw, storage=None):
+    """(spec, rows, storage type): a random valid adapter over a random model."""
+    spec = draw(specs())
+    present = [m for m in range(NUM_MODULES) if _dims(spec, m)]
+    slots = [(m, layer) for m in present for layer in range(spec.num_layers)]
+    chosen = draw(st.lists(st.sampled_from(slots), min_size=1, max_size=8, unique=True))
+    dora = draw(st.booleans())
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    rows = []
+    for mid, layer in chosen:
+        hi, ho = spec.module_dims(mid)
+        rank = draw(st.integers(1, spec.max_rank))
+        scale = rng.uniform(0.5, 2, ho).astype(np.float32) if dora and draw(st.booleans()) else None
+        rows.append(AdapterRow(mid, layer, rng.standard_normal((rank, hi), dtype=np.float32),
+                               rng.standard_normal((ho, rank), dtype=np.float32), scale))
+    return spec, rows, storage or draw(st.sampled_from(format.WEIGHT_DTYPES))
+
+
+def _as_stored(values, storage):
+    """What `values` become after a round trip through `storage`."""
+    if storage == "float16":
+        return values.astype(np.float16).astype(np.float32)
+    if storage == "bfloat16":
+        return format.to_float32(format.from_rows([AdapterRow(1, 0, values.reshape(1, -1), np.zeros((1, 1), np.float32))],
+                                                  "bfloat16")[0])[0, : values.size].reshape(values.shape)
+    return values
+
+
+@SETTINGS
+@given(adapters())
+def test_every_valid_random_adapter_validates_and_reads_back(adapter):
+    spec, rows, storage = adapter
+    weights, config = format.from_rows(rows, storage)
+    assert format.weights_dtype_name(weights) == storage
+    layouts = format.validate(weights, config, spec)
+    assert [(r.module_id, r.layer, r.rank, r.is_dora) for r in layouts] == \
+        [(r.module_id, r.layer, r.a.shape[0], r.dora_scale is not None) for r in rows]
+    assert weights.shape[1] == format.row_width(layouts)
+    for got, want in zip(format.to_rows(weights, config, spec), rows):
+        np.testing.assert_array_equal(got.a, _as_stored(want.a, storage))
+        np.testing.assert_array_equal(got.b, _as_stored(want.b, storage))
+        if want.dora_scale is not None:
+            np.testing.assert_array_equal(got.dora_scale, _as_stored(want.dora_scale, storage))
+    # TensorRT-LLM's leading batch dimension and int64 config are the same adapter
+    assert format.validate(weights[None], config.astype(np.int64)[None], spec) == layouts
+
+
+BAD_CLASSES = ["unknown_module", "layer_out_of_range", "negative_layer", "rank_zero", "rank_too_big", "duplicate",
+               "row_too_short", "nan", "inf", "bad_is_dora", "module_not_in_model", "dora_without_base"]
+
+
+def _corrupt(kind, spec, weights, config, row):
+    """Makes row `row` bad in one way; returns (weights, config, validate kwargs, error class)."""
+    w, c = weights.copy(), config.copy()
+    kwargs, error = {}, LoraFormatError
+    if kind == "unknown_module":
+        c[row, 0] = NUM_MODULES
+    elif kind == "layer_out_of_range":
+        c[row, 1] = spec.num_layers
+    elif kind == "negative_layer":
+        c[row, 1] = -1
+    elif kind == "rank_zero":
+        c[row, 2] = 0
+    elif kind == "rank_too_big":
+        c[row, 2] = spec.max_rank + 1
+    elif kind == "duplicate":
+        c[row, :2] = c[0, :2]
+    elif kind == "row_too_short":
+        c[row, 2] = spec.max_rank
+        hi, ho = spec.module_dims(int(c[row, 0]))
+        w = w[:, : min(w.shape[1], spec.max_rank * (hi + ho) - 1)]
+        c[:row, 2] = 1  # earlier rows still fit the narrower array
+    elif kind in ("nan", "inf"):
+        w[row, 0] = np.nan if kind == "nan" else np.inf
+    elif kind == "bad_is_dora":
+        c = np.concatenate([c, np.zeros((len(c), 1), c.dtype)], axis=1) if c.shape[1] == 3 else c
+        c[row, 3] = 2
+    elif kind == "module_not_in_model":
+        c[row, 0] = MODULE_IDS["moe_router"]  # the spec below has no experts
+    elif kind == "dora_without_base":
+        c = np.concatenate([c, np.zeros((len(c), 1), c.dtype)], axis=1) if c.shape[1] == 3 else c
+        c[:, 3] = 0
+        c[row, 3] = 1
+        w = np.concatenate([w, np.ones((len(w), 64), w.dtype)], axis=1)
+        kwargs, error = {"dora_allowed": False}, LoraDoraError
+    return w, c, kwargs, error
+
+
+@SETTINGS
+@given(st.sampled_from(BAD_CLASSES), st.integers(1, 5), st.data())
+def test_each_bad_input_class_raises_its_typed_error_naming_the_row(kind, n_rows, data):
+    assume(kind != "duplicate" or n_rows > 1)
+    spec = ModelSpec(num_layers=n_rows + 1, hidden_size=8, num_heads=2, ffn_size=12, max_rank=4)
+    rows = []
+    for layer in range(n_rows):
+        mid = data.draw(st.sampled_from([1, 2, 3, 4, 5, 6, 7, 18]))
+        hi, ho = spec.module_dims(mid)
+        rows.append(AdapterRow(mid, layer, np.full((1, hi), 0.5, np.float32), np.full((ho, 1), 0.5, np.float32)))
+    weights, config = format.from_rows(rows, data.draw(st.sampled_from(format.WEIGHT_DTYPES)))
+    row = data.draw(st.integers(1 if kind == "duplicate" else 0, n_rows - 1))
+    w, c, kwargs, error = _corrupt(kind, spec, weights, config, row)
+    with pytest.raises(error) as info:
+        format.validate(w, c, spec, **kwargs)
+    assert info.value.row == row, f"{kind}: {info.value}"
+    assert f"row {row}" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "weights, config, match",
+    [
+        (np.zeros((2, 8), np.float64), np.array([[1, 0, 1]] * 2), "dtype"),
+        (np.zeros((2, 8), np.int32), np.array([[1, 0, 1]] * 2), "dtype"),
+        (np.zeros((2, 8), np.float32), np.array([[1.0, 0, 1]] * 2), "config has dtype"),
+        (np.zeros(16, np.float32), np.array([[1, 0, 1]] * 2), r"\[N, W\]"),
+        (np.zeros((2, 2, 8), np.float32), np.array([[1, 0, 1]] * 2), r"\[N, W\]"),
+        (np.zeros((2, 8), np.float32), np.array([1, 0, 1]), r"\[N, 3\]"),
+        (np.zeros((2, 8), np.float32), np.array([[1, 0]] * 2), r"\[N, 3\]"),
+        (np.zeros((3, 8), np.float32), np.array([[1, 0, 1]] * 2), "one weights row per config row"),
+    ],
+)
+def test_shape_and_dtype_errors(weights, config, match):
+    spec = ModelSpec(num_layers=2, hidden_size=4, num_heads=2, max_rank=4)
+    with pytest.raises(LoraFormatError, match=match):
+        format.validate(weights, config, spec)
+
+
+def test_the_seed_example_layout():
+    spec = ModelSpec(num_layers=4, hidden_size=4, num_heads=2, num_kv_heads=2, head_dim=2, max_rank=8)
+    config = np.array([[1, 0, 2], [2, 0, 4], [1, 1, 2], [2, 1, 4], [1, 2, 2], [1, 3, 8]])
+    weights = np.ones((6, 8 * 4 + 4 * 8), np.float16)
+    layouts = format.validate(weights, config, spec)
+    assert [r.needed for r in layouts] == [16, 32, 16, 32, 16, 64]
+
+
+def test_cross_attn_qkv_is_held_at_the_format_level():
+    """No supported HF architecture fuses cross-attention q|k|v; the format still holds the id."""
+    qkv = MODULE_IDS["cross_attn_qkv"]
+    spec = ModelSpec(num_layers=2, hidden_size=8, num_heads=4, num_kv_heads=2, encoder_hidden_size=8, max_rank=4)
+    assert spec.module_dims(qkv) == (8, 8 + 2 * 4)
+    rows = [AdapterRow(qkv, 1, np.full((3, 8), 0.25, np.float32), np.full((16, 3), -0.5, np.float32))]
+    weights, config = format.from_rows(rows, "float32")
+    (got,) = format.to_rows(weights, config, spec)
+    np.testing.assert_array_equal(got.b, rows[0].b)
+    other_width = ModelSpec(num_layers=2, hidden_size=8, num_heads=4, encoder_hidden_size=6, max_rank=4)
+    with pytest.raises(LoraFormatError, match="cross_attn_qkv"):
+        format.validate(weights, config, other_width)
+
+
+def test_bfloat16_as_ml_dtypes_or_uint16_is_the_same_adapter():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    spec = ModelSpec(num_layers=1, hidden_size=4, num_heads=2, max_rank=2)
+    values = np.linspace(-1, 1, 2 * 4 + 4 * 2, dtype=np.float32)[None]
+    bits = format.from_rows([AdapterRow(1, 0, values[:, :8].reshape(2, 4), values[:, 8:].reshape(4, 2))], "bfloat16")[0]
+    as_ml = values.astype(ml_dtypes.bfloat16)
+    np.testing.assert_array_equal(as_ml.view(np.uint16), bits)
+    assert format.validate(as_ml, np.array([[1, 0, 2]]), spec) == format.validate(bits, np.array([[1, 0, 2]]), spec)
+
+
+def test_files_round_trip_and_untrusted_files_are_refused(tmp_path):
+    weights, config = format.from_rows([AdapterRow(1, 0, np.ones((2, 4), np.float32), np.ones((4, 2), np.float32))], "bfloat16")
+    format.save(str(tmp_path / "ok"), weights, config)
+    w, c = format.load(str(tmp_path / "ok"))
+    np.testing.assert_array_equal(w, weights)
+    np.testing.assert_array_equal(c, config)
+    with pytest.raises(LoraFormatError, match="over the limit"):
+        format.load(str(tmp_path / "ok"), max_bytes=8)
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    np.save(bad / format.CONFIG_FILE, config)
+    np.save(bad / format.WEIGHTS_FILE, np.array([{"x": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(LoraFormatError, match="objects"):
+        format.load(str(bad))
+    np.save(bad / format.WEIGHTS_FILE, np.zeros((4, 64), np.float16))
+    data = (bad / format.WEIGHTS_FILE).read_bytes()
+    (bad / format.WEIGHTS_FILE).write_bytes(data[:-10])  # header promises more than the file holds
+    with pytest.raises(LoraFormatError, match="header says"):
+        format.load(str(bad))
+    (bad / format.WEIGHTS_FILE).write_bytes(b"not a numpy file at all")
+    with pytest.raises(LoraFormatError, match="not a .npy"):
+        format.load(str(bad))
+    with pytest.raises(LoraFormatError, match="no such file"):
+        format.load(str(tmp_path / "missing"))
