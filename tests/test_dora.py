@@ -83,6 +83,38 @@ def test_converted_dora_rows_carry_is_dora_and_positive_scales(peft_setup):
             assert scales.shape == (layout.ho,) and (scales > 0).all()
 
 
+def test_mixed_dora_and_plain_batch_matches_peft_through_attach(peft_setup):
+    base, peft_model, converted, _ = peft_setup
+    ids = _input_ids()
+    want = _peft_rows(peft_model, ids)
+    model = copy.deepcopy(base)
+    engine = lm.attach(model, max_rank=8, host_cache_bytes=16 << 20, device_cache_bytes=8 << 20)
+    task = {name: i + 1 for i, name in enumerate(ADAPTERS)}
+    for name, (w, c) in converted.items():
+        engine.cache.put(task[name], w, c)
+    with torch.no_grad(), engine.batch([None if n is None else task[n] for n in ROWS]):
+        got = model(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    with torch.no_grad(), peft_model.disable_adapter():
+        plain = peft_model(ids).logits
+    assert not torch.allclose(got[0], plain[0], atol=1e-3)  # the DoRA row really differs from the base
+
+
+def test_tp1_parallel_forward_matches_peft_with_dora(peft_setup):
+    from loramux.tp_llama import ParallelContext, TpLlama
+
+    base, peft_model, converted, _ = peft_setup
+    ids = _input_ids()
+    want = _peft_rows(peft_model, ids)
+    shard = TpLlama(copy.deepcopy(base), ParallelContext(), max_rank=8, host_cache_bytes=16 << 20, device="cpu",
+                    device_cache_bytes=8 << 20)
+    task = {name: i + 1 for i, name in enumerate(ADAPTERS)}
+    for name, (w, c) in converted.items():
+        shard.load(task[name], w, c)
+    got = shard.forward(ids, [None if n is None else task[n] for n in ROWS])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
 def test_dora_without_base_weights_is_a_dora_error(peft_setup):
     from loramux import convert
 

@@ -86,3 +86,119 @@ def test_indivisible_sizes_and_bad_layouts_raise_parallel_errors():
         tp.slice_adapter(w, c, SPEC, 1, 0, layers=(2, 9))
     with pytest.raises(lm.LoraFormatError):  # invalid full adapter: named before any slicing
         tp.slice_adapter(w[:, :10], c, SPEC, 2, 0)
+
+
+# --- the torch.distributed forward: tp=2/4 and pp give tp=1's logits ------------------------------
+
+import os  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+from tp_oracle import oracle_logits, random_adapter, tiny_llama  # noqa: E402
+
+#: (tp_size, pp_size) layouts every spawned world of 4 runs, in order
+LAYOUTS = [(4, 1), (2, 2), (1, 4)]
+ALL_MODULES = [1, 2, 3, 4, 5, 6, 7]
+
+
+def _scenario():
+    """The model, a mixed batch and its adapters: ranks 2, 4 and 8, one DoRA, one row without."""
+    model = tiny_llama(0)
+    adapters = {
+        11: random_adapter(model, [(m, l, 2) for m in ALL_MODULES for l in range(4)], dora=False, seed=1),
+        12: random_adapter(model, [(m, l, 4) for m in (1, 3, 4, 6) for l in (0, 3)], dora=True, seed=2),
+        13: random_adapter(model, [(m, l, 8) for m in (2, 5, 7) for l in (1, 2)], dora=False, seed=3),
+    }
+    input_ids = torch.randint(0, 64, (5, 6), generator=torch.Generator().manual_seed(4))
+    task_ids = [11, 12, None, 13, 12]
+    return model, adapters, input_ids, task_ids
+
+
+def _run_layout(tp_size, pp_size, model_state, adapters, input_ids, task_ids, device):
+    from loramux.tp_llama import TpLlama, init_parallel
+
+    ctx = init_parallel(tp_size, pp_size)
+    model = tiny_llama(0)
+    model.load_state_dict(model_state)
+    shard = TpLlama(model.to(device), ctx, max_rank=8, host_cache_bytes=8 << 20, device_cache_bytes=4 << 20)
+    for task_id, (w, c) in adapters.items():
+        shard.load(task_id, w, c)
+    return shard.forward(input_ids.to(device), task_ids), shard
+
+
+def _worker(rank, world, rdv, out_dir, backend, layouts):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    if backend == "nccl":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, init_method=f"file://{rdv}", rank=rank, world_size=world)
+    model, adapters, input_ids, task_ids = _scenario()
+    state = model.state_dict()
+    for tp_size, pp_size in layouts:
+        logits, shard = _run_layout(tp_size, pp_size, state, adapters, input_ids, task_ids, device)
+        if logits is not None:
+            torch.save(logits.cpu(), os.path.join(out_dir, f"logits_tp{tp_size}_pp{pp_size}_rank{rank}.pt"))
+        torch.save(int(shard.spec.ffn_size), os.path.join(out_dir, f"ffn_tp{tp_size}_pp{pp_size}_rank{rank}.pt"))
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+def _spawn(world: int, out_dir: str, timeout_s: float, backend: str, layouts) -> None:
+    args = (world, os.path.join(out_dir, "rdv"), out_dir, backend, layouts)
+    ctx = mp.start_processes(_worker, args=args, nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"tensor-parallel workers did not finish in {timeout_s} s")
+
+
+def _tp1_logits():
+    """The unsplit forward (tp=1, this process), checked against the merged-weights oracle."""
+    from loramux.tp_llama import ParallelContext, TpLlama
+
+    model, adapters, input_ids, task_ids = _scenario()
+    want = oracle_logits(model, input_ids, adapters, task_ids)
+    single = TpLlama(tiny_llama(0), ParallelContext(), max_rank=8, host_cache_bytes=8 << 20, device="cpu",
+                     device_cache_bytes=4 << 20)
+    for task_id, (w, c) in adapters.items():
+        single.load(task_id, w, c)
+    tp1 = single.forward(input_ids, task_ids)
+    torch.testing.assert_close(tp1, want, rtol=1e-5, atol=1e-5)
+    return tp1
+
+
+def _check_layouts(out_dir, layouts, tp1, tol):
+    for tp_size, pp_size in layouts:
+        last_stage = range((pp_size - 1) * tp_size, pp_size * tp_size)
+        for rank in range(tp_size * pp_size):
+            path = out_dir / f"logits_tp{tp_size}_pp{pp_size}_rank{rank}.pt"
+            assert path.exists() == (rank in last_stage), f"only the last stage returns logits ({path.name})"
+            if rank in last_stage:
+                got = torch.load(path)
+                torch.testing.assert_close(got, tp1, rtol=tol, atol=tol,
+                                           msg=lambda m: f"tp={tp_size} pp={pp_size} rank {rank}: {m}")
+            # each rank caches against its shard's spec: the FFN width divided by tp
+            assert torch.load(out_dir / f"ffn_tp{tp_size}_pp{pp_size}_rank{rank}.pt") == 64 // tp_size
+
+
+def test_tp_and_pp_logits_equal_tp1_for_a_mixed_batch(tmp_path):
+    tp1 = _tp1_logits()
+    _spawn(4, str(tmp_path), timeout_s=150, backend="gloo", layouts=LAYOUTS)
+    _check_layouts(tmp_path, LAYOUTS, tp1, tol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_nccl_tp_on_the_visible_gpus_equals_tp1(tmp_path):
+    gpus = torch.cuda.device_count()
+    world = 4 if gpus >= 4 else 2 if gpus >= 2 else 1
+    layouts = [(world, 1)] + ([(world // 2, 2)] if world > 1 else [])
+    tp1 = _tp1_logits()
+    _spawn(world, str(tmp_path), timeout_s=300, backend="nccl", layouts=layouts)
+    _check_layouts(tmp_path, layouts, tp1, tol=1e-4)  # GPU fp32 matmuls may use other reduction orders

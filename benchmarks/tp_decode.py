@@ -1,0 +1,205 @@
+"""Decode step of a Llama-8B-shaped model at tp = 1, 2, 4 over NCCL: the base step, the step with a
+batch of distinct LoRA adapters (r=16 on all 7 projections by default), the LoRA overhead per tp and
+the adapter bytes each rank caches. Prints one JSON line per tp, then a table.
+
+    python benchmarks/tp_decode.py --tp 1 2 4            # one process per GPU, spawned here
+    python benchmarks/tp_decode.py --tp 1 --layers 4     # quick check on one GPU
+
+The decode step is one new token per row with no KV context: it reads every weight once, which is
+what LoRA adds to; attention over a context costs the same with or without adapters. Random
+weights (no hub access); the model is built on each rank and sharded in place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import sys
+import tempfile
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+LLAMA_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                num_key_value_heads=8, head_dim=128, max_position_embeddings=8192, tie_word_embeddings=False)
+
+
+def _adapter(model, rank: int, seed: int):
+    """A full adapter (all 7 projections, every layer) as (bfloat16 bits as uint16 [N, W], config)."""
+    from loramux.tp_llama import LLAMA_MODULES
+
+    cfg = model.config
+    h, f = cfg.hidden_size, cfg.intermediate_size
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    dims = {1: (h, q), 2: (h, kv), 3: (h, kv), 4: (q, h), 5: (h, f), 6: (f, h), 7: (h, f)}
+    rows = [(mid, layer) for layer in range(cfg.num_hidden_layers) for mid in sorted(LLAMA_MODULES.values())]
+    width = max(rank * (hi + ho) for hi, ho in dims.values())
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    weights = (torch.randn(len(rows), width, generator=gen, device="cuda", dtype=torch.bfloat16) * 0.01)
+    config = np.array([[mid, layer, rank] for mid, layer in rows], dtype=np.int64)
+    return weights.cpu().view(torch.int16).numpy().view(np.uint16), config
+
+
+def _used_bytes(config: np.ndarray, spec, elem: int) -> int:
+    """Bytes of the values a rank's adapter slice holds (A, B, DoRA scales; no padding)."""
+    total = 0
+    for mid, _, r, *dora in config.tolist():
+        hi, ho = spec.module_dims(mid)
+        total += (r * (hi + ho) + (ho if dora and dora[0] else 0)) * elem
+    return total
+
+
+def _hbm_read_gbs() -> float:
+    """Device-to-device copy bandwidth (bytes read per second) on this GPU, as the bytes ceiling."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        dst.copy_(src)
+    end.record()
+    torch.cuda.synchronize()
+    return 10 * src.numel() / (start.elapsed_time(end) / 1e3) / 1e9
+
+
+def _time_ms(step, iters: int, warmup: int) -> float:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(iters):
+        dist.barrier()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _worker(rank: int, tp: int, port: int, out_path: str, args) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from loramux.tp import rank_spec
+    from loramux.tp_llama import TpLlama, init_parallel
+
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=tp)
+    ctx = init_parallel(tp, 1)
+    cfg = LlamaConfig(num_hidden_layers=args.layers, **LLAMA_8B)
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg).eval()
+    adapters = [_adapter(model, args.rank, seed=i) for i in range(args.adapters)]
+    # every adapter has the same rows: one adapter's slice size, from the rank's module dims
+    slice_bytes = _used_bytes(adapters[0][1], rank_spec(_full_spec(model, args.rank), tp), 2)
+    budget = int(slice_bytes * args.adapters * 1.25) + (64 << 20)
+    shard = TpLlama(model, ctx, max_rank=args.rank, host_cache_bytes=budget, device_cache_bytes=budget,
+                    max_slots=max(64, args.adapters))
+    torch.cuda.empty_cache()
+    for task_id, (w, c) in enumerate(adapters):
+        shard.load(task_id, w, c)
+    del adapters
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, 1), device="cuda")
+    with_lora = [i % args.adapters for i in range(args.batch)]
+    base_ms = _time_ms(lambda: shard.forward(ids, [None] * args.batch), args.iters, args.warmup)
+    lora_ms = _time_ms(lambda: shard.forward(ids, with_lora), args.iters, args.warmup)
+    gbs = _hbm_read_gbs()
+    read_bytes = slice_bytes * len(set(with_lora))  # each adapter's slice is read once per step
+    floor_ms = read_bytes / (gbs * 1e9) * 1e3
+    if rank == 0:
+        row = dict(tp=tp, layers=args.layers, batch=args.batch, adapters=len(set(with_lora)), rank=args.rank,
+                   base_ms=round(base_ms, 3), lora_ms=round(lora_ms, 3), overhead_ms=round(lora_ms - base_ms, 3),
+                   adapter_bytes_per_rank=slice_bytes, lora_bytes_read_per_rank=read_bytes,
+                   hbm_read_gbs=round(gbs, 1), lora_floor_ms=round(floor_ms, 3),
+                   overhead_over_floor=round((lora_ms - base_ms) / floor_ms, 2) if floor_ms else None,
+                   gpu=torch.cuda.get_device_name(), kernels=_kernels_in_use())
+        with open(out_path, "w") as f:
+            json.dump(row, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _full_spec(model, max_rank):
+    import loramux
+
+    c = model.config
+    return loramux.ModelSpec(num_layers=c.num_hidden_layers, hidden_size=c.hidden_size, num_heads=c.num_attention_heads,
+                             num_kv_heads=c.num_key_value_heads, head_dim=c.head_dim, ffn_size=c.intermediate_size,
+                             max_rank=max_rank)
+
+
+def _rank_spec(model, max_rank, tp):
+    from loramux.tp import rank_spec
+
+    return rank_spec(_full_spec(model, max_rank), tp)
+
+
+def _kernels_in_use() -> bool:
+    try:
+        import loramux.kernels as k
+
+        return bool(k.available())
+    except ModuleNotFoundError:
+        return False
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--adapters", type=int, default=32)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("tp_decode needs CUDA GPUs (NCCL)", file=sys.stderr)
+        return 2
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for tp in args.tp:
+            if tp > torch.cuda.device_count():
+                row = dict(tp=tp, skipped=f"needs {tp} GPUs, {torch.cuda.device_count()} visible")
+            else:
+                out_path = os.path.join(tmp, f"tp{tp}.json")
+                mp.start_processes(_worker, args=(tp, _free_port(), out_path, args), nprocs=tp, join=True,
+                                   start_method="spawn")
+                with open(out_path) as f:
+                    row = json.load(f)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    _table(rows)
+    return 0
+
+
+def _table(rows) -> None:
+    cols = ["tp", "base_ms", "lora_ms", "overhead_ms", "lora_floor_ms", "overhead_over_floor", "adapter_bytes_per_rank"]
+    print(" ".join(f"{c:>22}" for c in cols))
+    for row in rows:
+        if "skipped" in row:
+            print(f"{row['tp']:>22} skipped: {row['skipped']}")
+        else:
+            print(" ".join(f"{row[c]!s:>22}" for c in cols))
+    if rows and "gpu" in rows[0]:
+        print(f"GPU: {rows[0]['gpu']}; kernels: {rows[0]['kernels']}; layers {rows[0]['layers']}, batch "
+              f"{rows[0]['batch']}, {rows[0]['adapters']} adapters r={rows[0]['rank']} on 7 projections")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

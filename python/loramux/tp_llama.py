@@ -1,0 +1,225 @@
+"""A tensor- and pipeline-parallel forward of a Llama-family HF model with per-row LoRA, over
+torch.distributed (gloo on CPU, NCCL on GPUs).
+
+Each process holds one shard: its pipeline stage's decoder layers, and in them its tensor-parallel
+block of every projection. q/k/v and gate/up are column-parallel (rank r keeps its heads / FFN
+block of the output rows), o_proj and down_proj row-parallel (rank r keeps the matching input
+columns; the partial outputs, base + LoRA, are summed by one all-reduce, then the bias is added
+once). Embedding, norms and lm_head are replicated. A request's full adapter is sliced on load
+(loramux.tp.slice_adapter) and each rank caches only its slice in its own LoraCache.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from loramux.errors import LoraFormatError, LoraParallelError
+from loramux.models.targets import spec_from_config
+from loramux.ops import BatchMeta, lora_apply
+from loramux.tp import rank_spec, slice_adapter, stage_layers
+
+# The module ids a Llama decoder layer applies, by projection (separate q/k/v and gate/up).
+LLAMA_MODULES = {"q_proj": 1, "k_proj": 2, "v_proj": 3, "o_proj": 4, "up_proj": 5, "down_proj": 6, "gate_proj": 7}
+_COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+_ROW = ("o_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class ParallelContext:
+    """This process's place in a tp x pp layout; global rank = pp_rank * tp_size + tp_rank."""
+
+    tp_size: int = 1
+    tp_rank: int = 0
+    pp_size: int = 1
+    pp_rank: int = 0
+    tp_group: Optional[object] = None  # torch.distributed ProcessGroup of this stage's tp ranks
+
+    @property
+    def prev_rank(self) -> Optional[int]:
+        """Global rank of the same tp rank in the previous stage (None on the first stage)."""
+        return (self.pp_rank - 1) * self.tp_size + self.tp_rank if self.pp_rank > 0 else None
+
+    @property
+    def next_rank(self) -> Optional[int]:
+        return (self.pp_rank + 1) * self.tp_size + self.tp_rank if self.pp_rank + 1 < self.pp_size else None
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+
+def init_parallel(tp_size: int, pp_size: int = 1) -> ParallelContext:
+    """Splits an initialized default process group of tp_size * pp_size ranks into one tp group per
+    pipeline stage (every rank must call this, in the same order)."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if tp_size < 1 or pp_size < 1 or tp_size * pp_size != world:
+        raise LoraParallelError(f"tp_size {tp_size} x pp_size {pp_size} must equal the world size {world}")
+    groups = [dist.new_group(list(range(s * tp_size, (s + 1) * tp_size))) for s in range(pp_size)]
+    pp_rank, tp_rank = divmod(rank, tp_size)
+    return ParallelContext(tp_size, tp_rank, pp_size, pp_rank, groups[pp_rank])
+
+
+class _RankBatch:
+    """The per-forward state every parallel LoRA layer of this rank reads: the BatchMeta."""
+
+    def __init__(self, dtype: torch.dtype, max_rank: int):
+        self.dtype, self.max_rank = dtype, max_rank
+        self.slot_of_row: Optional[torch.Tensor] = None
+        self.table = self.pool = None
+        self._metas: Dict[int, BatchMeta] = {}
+
+    def set(self, slot_of_row: Optional[torch.Tensor], table, pool) -> None:
+        self.slot_of_row, self.table, self.pool, self._metas = slot_of_row, table, pool, {}
+
+    def meta_for(self, x: torch.Tensor) -> Optional[BatchMeta]:
+        if self.slot_of_row is None:
+            return None
+        tokens = x.numel() // x.shape[-1]
+        meta = self._metas.get(tokens)
+        if meta is None:  # rows are [B, S] flattened row-major: each row's slot repeats S times
+            per_row = tokens // self.slot_of_row.numel()
+            meta = BatchMeta(self.table, self.pool, self.dtype, self.slot_of_row.repeat_interleave(per_row), self.max_rank)
+            self._metas[tokens] = meta
+        return meta
+
+
+class ParallelLoraLinear(nn.Module):
+    """One rank's shard of a Linear plus its LoRA slice. column: y_r = x W_r^T + LoRA_r + b_r.
+    row: y = all_reduce(x_r W_r^T + LoRA_r) + b (DoRA scales each partial: scale is linear)."""
+
+    def __init__(self, base: nn.Linear, kind: str, ctx: ParallelContext, batch: _RankBatch, layer: int, module_id: int):
+        super().__init__()
+        t, r = ctx.tp_size, ctx.tp_rank
+        split_dim = 0 if kind == "column" else 1
+        if base.weight.shape[split_dim] % t:
+            raise LoraParallelError(f"a {kind}-parallel Linear of shape {tuple(base.weight.shape)} does not split by tp_size {t}")
+        self.weight = nn.Parameter(base.weight.detach().chunk(t, dim=split_dim)[r].clone(), requires_grad=False)
+        bias = base.bias
+        if bias is not None and kind == "column":
+            bias = bias.detach().chunk(t)[r]
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.kind, self.layer, self.module_id = kind, layer, module_id
+        self.tp_group = ctx.tp_group if t > 1 else None
+        object.__setattr__(self, "_batch", batch)  # shared state, not a submodule
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        y = F.linear(x2, self.weight)
+        meta = self._batch.meta_for(x2)
+        if meta is not None:
+            lora_apply(x2, y, meta, self.layer, [self.module_id], [y.shape[1]])
+        if self.tp_group is not None and self.kind == "row":
+            dist.all_reduce(y, group=self.tp_group)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*lead, y.shape[-1])
+
+
+class TpLlama:
+    """One rank's shard of a Llama-family ``*ForCausalLM`` (modified in place), its LoRA cache, and
+    the forward of a batch whose rows may each use a different adapter."""
+
+    def __init__(self, model, ctx: ParallelContext, *, max_rank: int = 64, host_cache_bytes: int = 256 << 20,
+                 device=None, device_cache_bytes: Optional[int] = None, max_slots: int = 64):
+        from loramux.cache import LoraCache  # the cache engineer's module; imported on use
+
+        cfg = model.config
+        if cfg.model_type not in ("llama", "mistral", "qwen2"):
+            raise LoraFormatError(f"the tensor-parallel forward supports the Llama family, not model_type {cfg.model_type!r}")
+        self.model, self.ctx = model, ctx
+        self.dtype = next(model.parameters()).dtype
+        self.device = next(model.parameters()).device
+        self.full_spec = spec_from_config(cfg, max_rank=max_rank)
+        self.layers = stage_layers(cfg.num_hidden_layers, ctx.pp_size, ctx.pp_rank)
+        self.spec = rank_spec(self.full_spec, ctx.tp_size, self.layers)  # raises if heads/ffn do not divide
+        if device is None:  # adapters live where the model does (a host-memory tier for CPU models)
+            device = self.device if self.device.type == "cuda" else "cpu"
+        self.cache = LoraCache(self.spec, dtype=self.dtype, host_cache_bytes=host_cache_bytes, device=device,
+                               device_cache_bytes=device_cache_bytes, max_slots=max_slots)
+        self._batch = _RankBatch(self.dtype, max_rank)
+        self._empty_tasks: set = set()  # tasks whose adapter has no rows on this stage
+        self._shard(model)
+
+    def _shard(self, model) -> None:
+        start, end = self.layers
+        inner = model.model
+        inner.layers = nn.ModuleList(list(inner.layers)[start:end])
+        for local, block in enumerate(inner.layers):
+            for parent in (block.self_attn, block.mlp):
+                for name, module_id in LLAMA_MODULES.items():
+                    if hasattr(parent, name):
+                        kind = "column" if name in _COLUMN else "row"
+                        setattr(parent, name, ParallelLoraLinear(getattr(parent, name), kind, self.ctx, self._batch, local, module_id))
+        if not self.ctx.is_last_stage:
+            inner.norm = nn.Identity()  # the final norm and lm_head run on the last stage only
+            model.lm_head = nn.Identity()
+        if self.ctx.pp_rank > 0:
+            inner.embed_tokens = nn.Identity()
+
+    # --- adapters ----------------------------------------------------------------------------
+    def load(self, task_id: int, weights, config, replace: bool = False) -> None:
+        """Caches this rank's slice of a full adapter (the one every rank of the request receives)."""
+        cfg = np.asarray(config)
+        for row, mid in enumerate(cfg.reshape(-1, cfg.shape[-1])[:, 0].tolist()):
+            if mid not in LLAMA_MODULES.values():
+                raise LoraFormatError(f"config row {row}: module_id {mid} is not applied by the Llama forward (ids 1-7)", row=row)
+        sliced = slice_adapter(weights, config, self.full_spec, self.ctx.tp_size, self.ctx.tp_rank, self.layers)
+        if sliced.config.shape[0] == 0:
+            self._empty_tasks.add(task_id)
+            return
+        self.cache.put(task_id, sliced.weights, sliced.config, replace=replace)
+        self._empty_tasks.discard(task_id)
+
+    @contextmanager
+    def _acquired(self, task_ids: Sequence[Optional[int]]) -> Iterator[None]:
+        wanted = [t for t in task_ids if t is not None and t not in self._empty_tasks]
+        held = self.cache.acquire(wanted) if wanted else None
+        try:
+            if held is None:
+                self._batch.set(None, None, None)
+            else:
+                slots = iter(held.slots)
+                slot_of_row = [next(slots) if (t is not None and t not in self._empty_tasks) else -1 for t in task_ids]
+                self._batch.set(torch.tensor(slot_of_row, dtype=torch.int32, device=held.table.device), held.table, held.pool)
+            yield
+        finally:
+            self._batch.set(None, None, None)
+            if held is not None:
+                self.cache.release(held)
+
+    # --- forward -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, task_ids: Sequence[Optional[int]], **model_kwargs) -> Optional[torch.Tensor]:
+        """Logits ``[B, S, vocab]`` of a batch (row b uses adapter ``task_ids[b]``, None = base) on
+        the last pipeline stage; None on the others. Every rank of the layout calls it together.
+        ``model_kwargs`` go to the HF decoder (e.g. a KV cache and ``use_cache=True`` for decode)."""
+        if len(task_ids) != input_ids.shape[0]:
+            raise LoraFormatError(f"{len(task_ids)} task ids for a batch of {input_ids.shape[0]} rows")
+        ctx, inner = self.ctx, self.model.model
+        model_kwargs.setdefault("use_cache", False)  # a caller's KV cache (model_kwargs) turns it on
+        with self._acquired(task_ids):
+            if ctx.pp_rank == 0:
+                hidden = inner(input_ids=input_ids, **model_kwargs).last_hidden_state
+            else:
+                shape = (*input_ids.shape, self.model.config.hidden_size)
+                received = torch.empty(shape, dtype=self.dtype, device=self.device)
+                dist.recv(received, src=ctx.prev_rank)
+                hidden = inner(inputs_embeds=received, **model_kwargs).last_hidden_state
+        if ctx.next_rank is not None:
+            dist.send(hidden.contiguous(), dst=ctx.next_rank)
+            return None
+        return self.model.lm_head(hidden)
+
+    __call__ = forward
+
+
+__all__ = ["ParallelContext", "init_parallel", "ParallelLoraLinear", "TpLlama", "LLAMA_MODULES"]
