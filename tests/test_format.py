@@ -11,7 +11,7 @@ from loramux.errors import LoraDoraError, LoraFormatError
 from loramux.format import AdapterRow, ModelSpec
 from loramux.modules import MODULE_IDS, NUM_MODULES
 
-SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @st.composite
@@ -106,7 +106,10 @@ def _corrupt(kind, spec, weights, config, row):
         w = w[:, : min(w.shape[1], spec.max_rank * (hi + ho) - 1)]
         c[:row, 2] = 1  # earlier rows still fit the narrower array
     elif kind in ("nan", "inf"):
-        w[row, 0] = np.nan if kind == "nan" else np.inf
+        if w.dtype == np.uint16:  # bfloat16 bits
+            w[row, 0] = 0x7FC0 if kind == "nan" else 0x7F80
+        else:
+            w[row, 0] = np.nan if kind == "nan" else np.inf
     elif kind == "bad_is_dora":
         c = np.concatenate([c, np.zeros((len(c), 1), c.dtype)], axis=1) if c.shape[1] == 3 else c
         c[row, 3] = 2
