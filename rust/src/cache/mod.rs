@@ -7,6 +7,7 @@ pub mod cuda_copier;
 pub mod device_tier;
 pub mod host_memory;
 pub mod host_tier;
+pub mod id_hash;
 pub mod page_allocator;
 pub mod slot_table;
 pub mod stats;

@@ -2,14 +2,13 @@
 //! acquire() makes a batch's adapters resident in the device pool, pins them and hands back slots.
 //! Every call plans first and mutates only once the whole call is known to succeed.
 
-use std::collections::HashMap;
-
 use parking_lot::RwLock;
 
 use crate::cache::adapter_image::{self, ImageLayout};
 use crate::cache::copier::Copier;
 use crate::cache::device_tier::DeviceTier;
 use crate::cache::host_tier::{HostEntry, HostTier};
+use crate::cache::id_hash::IdMap;
 use crate::cache::slot_table::SlotTable;
 use crate::cache::stats::{CacheStats, Counters};
 use crate::error::{LoraError, Result};
@@ -54,9 +53,9 @@ struct State {
     device: DeviceTier,
     table: SlotTable,
     /// task_id -> number of in-flight batches holding it.
-    pins: HashMap<u64, u32>,
+    pins: IdMap<u32>,
     /// batch_id -> the distinct task ids it holds.
-    batches: HashMap<u64, Vec<u64>>,
+    batches: IdMap<Vec<u64>>,
     next_batch: u64,
     counters: Counters,
     // Last: dropped after the host buffers it may have pinned.
@@ -104,8 +103,8 @@ impl TwoLevelCache {
             host: HostTier::new(cfg.host_budget_bytes),
             device: DeviceTier::new(region.pool_addr, region.pool_bytes, cfg.page_bytes, cfg.max_slots),
             table: SlotTable::new(region.table_addr, cfg.max_slots, cfg.spec.num_layers),
-            pins: HashMap::new(),
-            batches: HashMap::new(),
+            pins: IdMap::default(),
+            batches: IdMap::default(),
             next_batch: 1,
             counters: Counters::default(),
             copier,
@@ -255,6 +254,17 @@ impl TwoLevelCache {
     }
 
     fn make_resident(&self, st: &mut State, task_ids: &[u64]) -> Result<()> {
+        if task_ids.iter().all(|id| st.device.get(*id).is_some()) {
+            // The common case: every adapter already resident; a hit per distinct id.
+            for (i, &id) in task_ids.iter().enumerate() {
+                if !task_ids[..i].contains(&id) {
+                    st.counters.hits += 1;
+                    st.device.touch(id);
+                    st.host.touch(id);
+                }
+            }
+            return Ok(());
+        }
         let wanted = distinct(task_ids);
         if let Some(&task_id) = wanted.iter().find(|id| !st.host.contains(**id)) {
             return Err(LoraError::NotCached { task_id });
@@ -406,7 +416,7 @@ impl TwoLevelCache {
         if let Some(id) = st.pins.keys().find(|id| st.device.get(**id).is_none()) {
             return Err(format!("pinned task {id} is not resident"));
         }
-        let mut counted: HashMap<u64, u32> = HashMap::new();
+        let mut counted: IdMap<u32> = IdMap::default();
         st.batches.values().flatten().for_each(|id| *counted.entry(*id).or_insert(0) += 1);
         if counted != st.pins {
             return Err("pin counts differ from the batches holding them".into());
