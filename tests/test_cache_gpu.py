@@ -1,0 +1,94 @@
+"""LoraCache with its pool on a CUDA device: loads through pinned memory on a copy stream, the
+compute stream ordered after them, device bytes equal to the host image, and a clear error for a
+pool larger than the GPU."""
+
+import numpy as np
+import pytest
+import torch
+from cache_helpers import SHAPES, SPEC, make_adapter
+
+import loramux
+from loramux.cache import LoraCache
+from loramux.errors import LoraCudaError
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+# Llama-8B-like projections at rank 16 on 8 layers: about 20 MiB per adapter, so copies take a while
+BIG = loramux.ModelSpec(num_layers=8, hidden_size=4096, num_heads=32, num_kv_heads=8, ffn_size=14336, max_rank=64)
+BIG_ROWS = [(m, layer, 16, 0) for layer in range(8) for m in (1, 2, 3, 4, 5, 6, 7)]
+
+
+def device_bytes(cache, addr, n):
+    off = addr - cache.pool.data_ptr()
+    assert 0 <= off and off + n <= cache.pool.numel()
+    return cache.pool[off : off + n].cpu().numpy()
+
+
+def assert_resident_equals_image(cache, tid, slot):
+    for seg in cache.segments(tid, slot):
+        a_addr, b_addr, s_addr, rank = seg["entry"]
+        assert rank == seg["rank"]
+        assert np.array_equal(device_bytes(cache, a_addr, len(seg["a"])), np.frombuffer(seg["a"], np.uint8))
+        assert np.array_equal(device_bytes(cache, b_addr, len(seg["b"])), np.frombuffer(seg["b"], np.uint8))
+        if seg["scale"]:
+            assert np.array_equal(device_bytes(cache, s_addr, len(seg["scale"])), np.frombuffer(seg["scale"], np.uint8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_device_bytes_equal_the_host_image(dtype):
+    cache = LoraCache(SPEC, dtype=dtype, host_cache_bytes=1 << 22, device="cuda", device_cache_bytes=1 << 20, page_bytes=4096, max_slots=4)
+    assert cache.pool.is_cuda and cache.table.is_cuda
+    for tid, shape in enumerate(SHAPES[:4]):
+        cache.put(tid, *make_adapter(tid, shape))
+    with cache.acquire([0, 1, 3, 1]) as batch:
+        torch.cuda.current_stream().synchronize()
+        for tid, slot in zip(batch.task_ids, batch.slots):
+            assert_resident_equals_image(cache, tid, slot)
+    s = cache.stats()
+    assert s["host_pinned_adapters"] == 4 and s["host_pageable_adapters"] == 0  # cuMemHostAlloc worked
+    cache.synchronize()
+    assert cache.stats()["load_gbps"] > 0
+    cache.check_invariants()
+
+
+def test_compute_stream_waits_for_the_copy_stream():
+    """Reads of the pool queued on the compute stream right after acquire see the loaded bytes."""
+    cache = LoraCache(BIG, host_cache_bytes=1 << 30, device="cuda", device_cache_bytes=96 << 20, max_slots=8)
+    weights, config = make_adapter(5, BIG_ROWS, dtype=np.float16, spec=BIG)
+    for tid in range(8):
+        cache.put(tid, weights, config)
+    for tid in range(8):  # 4 fit at a time: later ones evict and reuse pages
+        torch.cuda._sleep(5_000_000)  # keep the compute stream busy so a missing wait would show
+        with cache.acquire([tid]) as b:
+            snapshot = cache.pool.clone()  # queued on the compute stream right after acquire
+            segs = cache.segments(tid, b.slots[0])  # (reads the table: syncs, but after the clone)
+        pool = snapshot.cpu().numpy()
+        base = cache.pool.data_ptr()
+        for seg in segs:
+            a, b_ = seg["entry"][0] - base, seg["entry"][1] - base
+            assert np.array_equal(pool[a : a + len(seg["a"])], np.frombuffer(seg["a"], np.uint8)), f"adapter {tid} A"
+            assert np.array_equal(pool[b_ : b_ + len(seg["b"])], np.frombuffer(seg["b"], np.uint8)), f"adapter {tid} B"
+    s = cache.stats()
+    assert s["device_evictions"] >= 4 and s["misses"] == 8
+
+
+def test_many_adapters_stream_through_a_small_device_pool():
+    cache = LoraCache(SPEC, host_cache_bytes=1 << 16, device="cuda", device_cache_bytes=40 * 256, page_bytes=256, max_slots=4)
+    made = [make_adapter(i, SHAPES[i % 4]) for i in range(4)]
+    for tid in range(500):
+        cache.put(tid, *made[tid % 4])
+        with cache.acquire([tid]) as b:
+            if tid % 50 == 0:
+                torch.cuda.current_stream().synchronize()
+                assert_resident_equals_image(cache, tid, b.slots[0])
+    cache.check_invariants()
+
+
+def test_pool_larger_than_the_gpu_is_a_clear_error():
+    free, total = torch.cuda.mem_get_info()
+    with pytest.raises(LoraCudaError, match="free"):
+        LoraCache(SPEC, device="cuda", device_cache_bytes=total + (1 << 30))
+    with pytest.raises(loramux.LoraCacheError, match="device_cache_fraction"):
+        LoraCache(SPEC, device="cuda", device_cache_fraction=1.5)
+    small = LoraCache(SPEC, device="cuda", device_cache_fraction=0.01, page_bytes=4096)
+    assert 0 < small.pool.numel() <= free * 0.01
