@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -25,11 +24,15 @@ from transformers import (
     Qwen2MoeForCausalLM,
 )
 
-from loramux.models import attach_layers, spec_from_config
-from loramux.models.targets import match_targets
-from test_ops import pack_pool
+import loramux as lm
+from loramux import convert
+from loramux.models import join_encoder_decoder
 
 VOCAB = 96
+STORAGE = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+DEVICES = [pytest.param("cpu", id="cpu"),
+           pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                                      reason="needs CUDA")])]
 SMALL = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 # PEFT needs every adapter of a model to target the same parameters
 MOE_PARAMS = ["mlp.gate.weight", "mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
@@ -68,78 +71,51 @@ def _share_experts(module, name):
     """PEFT gives every expert its own LoRA; the format has one per layer: make all experts equal."""
     e = module.num_experts
     a, b = module.lora_A[name].weight, module.lora_B[name].weight
-    with torch.no_grad():
-        a.copy_(a.view(e, -1, a.shape[-1])[:1].expand(e, -1, -1).reshape(a.shape))
-        b.copy_(b.view(b.shape[0], -1, e)[:, :, :1].expand(-1, -1, e).reshape(b.shape))
-    r = a.shape[0] // e
-    return a[:r], b.view(b.shape[0], r, e)[:, :, 0]
+    a.copy_(a.view(e, -1, a.shape[-1])[:1].expand(e, -1, -1).reshape(a.shape))
+    b.copy_(b.view(b.shape[0], -1, e)[:, :, :1].expand(-1, -1, e).reshape(b.shape))
 
 
-def peft_to_adapter(peft_model, base, name):
-    """{(module_id, layer): (A, B * scaling, None)} of one PEFT adapter."""
-    where = {n: (t, layer) for n, t, layer in match_targets(base)}
-    adapter = {}
-    for qual, module in peft_model.named_modules():
-        if name not in getattr(module, "lora_A", {}):
-            continue
-        path = qual.removeprefix("base_model.model.").removesuffix(".base_layer")
-        target, layer = where[path]
-        scale = module.scaling[name]
-        if target.kind == "experts":
-            a, b = _share_experts(module, name)
-            if module.parameter_name == "gate_up_proj":
-                f = b.shape[0] // 2
-                adapter[(target.slices[0][0], layer)] = (a, b[:f] * scale, None)
-                adapter[(target.slices[0][1], layer)] = (a, b[f:] * scale, None)
-            else:
-                adapter[(target.slices[1][0], layer)] = (a, b * scale, None)
-            continue
-        a, b = module.lora_A[name].weight, module.lora_B[name].weight * scale
-        ids = target.slices[0]
-        rows = b.shape[0] // len(ids)
-        for i, mid in enumerate(ids):
-            adapter[(mid, layer)] = (a, b[i * rows : (i + 1) * rows], None)
-    return {k: tuple(t.detach().clone() if t is not None else None for t in v) for k, v in adapter.items()}
+def converted(peft_model, name, out_dir, dtype):
+    """(weights, config) of one PEFT adapter through loramux.convert.from_peft, stored in `dtype`."""
+    peft_model.save_pretrained(str(out_dir), selected_adapters=[name])
+    path, storage = str(out_dir / name), STORAGE[dtype]
+    config = peft_model.base_model.model.config
+    if not config.is_encoder_decoder:
+        return convert.from_peft(path, storage_type=storage)
+    parts = [convert.from_peft(path, storage_type=storage, component=c) for c in ("decoder", "encoder")]
+    return join_encoder_decoder(config, *[p if len(p[1]) else None for p in parts])
 
 
-def to_format(adapter, dtype=np.float32):
-    """(weights [N, W], config [N, 3]) of a {(module_id, layer): (A, B, None)} adapter."""
-    keys = sorted(adapter, key=lambda k: (k[1], k[0]))
-    rows = [np.concatenate([adapter[k][0].numpy().ravel(), adapter[k][1].numpy().ravel()]) for k in keys]
-    weights = np.zeros((len(rows), max(len(r) for r in rows)), dtype=dtype)
-    for i, r in enumerate(rows):
-        weights[i, : len(r)] = r
-    config = np.array([[mid, layer, adapter[(mid, layer)][0].shape[0]] for mid, layer in keys], dtype=np.int32)
-    return weights, config
-
-
-def _inputs(model, rows, seq=7, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, VOCAB, (rows, seq), generator=gen)
-    if model.config.is_encoder_decoder:
-        return dict(input_ids=ids, decoder_input_ids=torch.randint(3, VOCAB, (rows, 4), generator=gen))
-    return dict(input_ids=ids)
-
-
-def _build(arch, dtype):
+def _build(arch, dtype, tmp_path, device="cpu"):
+    """(model to attach, PeftModel holding adapters a0.. on a copy, adapter names, [(weights, config)])."""
     torch.manual_seed(0)
     make, lora_configs = ARCHS[arch]
-    base = make().eval().to(dtype)
+    base = make().eval().to(device=device, dtype=dtype)
     ours = copy.deepcopy(base)
     peft_model = get_peft_model(base, lora_configs[0], adapter_name="a0")
     for i, cfg in enumerate(lora_configs[1:], start=1):
         peft_model.add_adapter(f"a{i}", cfg)
     names = [f"a{i}" for i in range(len(lora_configs))]
-    if dtype != torch.float32:  # PEFT keeps fp32 adapters; served ones hold A and B*scaling in the model dtype
-        with torch.no_grad():
-            for module in peft_model.modules():
-                for name in getattr(module, "lora_A", {}):
+    with torch.no_grad():
+        for module in peft_model.modules():
+            for name in getattr(module, "lora_A", {}):
+                if getattr(module, "num_experts", 1) > 1:
+                    _share_experts(module, name)
+                if dtype != torch.float32:  # a served adapter holds A and B*scaling in the model dtype
                     a, b, s = module.lora_A[name].weight, module.lora_B[name].weight, module.scaling[name]
                     a.copy_(a.to(dtype).float())
                     b.copy_((b * s).to(dtype).float() / s)
-    adapters = [peft_to_adapter(peft_model, ours, n) for n in names]  # also equalizes expert LoRA
+    formats = [converted(peft_model, n, tmp_path, dtype) for n in names]
     peft_model.eval()
-    return ours, peft_model, names, adapters
+    return ours, peft_model, names, formats
+
+
+def _inputs(model, rows, seq=7, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (rows, seq), generator=gen).to(model.device)
+    if model.config.is_encoder_decoder:
+        return dict(input_ids=ids, decoder_input_ids=torch.randint(3, VOCAB, (rows, 4), generator=gen).to(model.device))
+    return dict(input_ids=ids)
 
 
 def _peft_rows(peft_model, row_adapter, run):
@@ -155,45 +131,50 @@ def _peft_rows(peft_model, row_adapter, run):
     return torch.stack([outs[name][i] for i, name in enumerate(row_adapter)])
 
 
+def _attach(ours, names, formats, **kw):
+    engine = lm.attach(ours, max_rank=16, host_cache_bytes=8 << 20, device_cache_bytes=4 << 20, **kw)
+    for task_id, (w, c) in enumerate(formats):
+        engine.cache.put(task_id, w, c)
+    return engine
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("arch", list(ARCHS))
-def test_mixed_batch_logits_and_greedy_tokens_match_peft(arch):
-    ours, peft_model, names, adapters = _build(arch, torch.float32)
-    spec = spec_from_config(ours.config, max_rank=16)
-    pool, table = pack_pool(adapters, spec.num_layers, torch.float32)
-    engine = attach_layers(ours, spec, None, torch.float32, torch.device("cpu"))
+def test_mixed_batch_logits_and_greedy_tokens_match_peft(arch, device, tmp_path):
+    ours, peft_model, names, formats = _build(arch, torch.float32, tmp_path, device)
+    engine = _attach(ours, names, formats)
     row_adapter = [names[0], None, *names[1:], names[0]]
-    slots = [-1 if n is None else names.index(n) for n in row_adapter]
+    row_task = [None if n is None else names.index(n) for n in row_adapter]
     inputs = _inputs(ours, len(row_adapter))
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         expected = _peft_rows(peft_model, row_adapter, lambda m: m(**inputs).logits)
-        engine.set_batch(slots, table, pool)
-        got = ours(**inputs).logits
-        scale = expected.abs().max().item()
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * scale)
-        gen_inputs = {"input_ids": inputs["input_ids"]}
-        kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
-        expected_tokens = _peft_rows(peft_model, row_adapter, lambda m: m.generate(**gen_inputs, **kw))
-        engine.set_batch(slots, table, pool)
-        got_tokens = ours.generate(**gen_inputs, **kw)
+        base = _peft_rows(peft_model, [None] * len(row_adapter), lambda m: m(**inputs).logits)
+        expected_tokens = _peft_rows(peft_model, row_adapter, lambda m: m.generate(input_ids=inputs["input_ids"], **kw))
+        with engine.batch(row_task):
+            got = ours(**inputs).logits
+            got_tokens = ours.generate(input_ids=inputs["input_ids"], **kw)
+        outside = ours(**inputs).logits  # no batch: the base model
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * scale)
     assert torch.equal(got_tokens, expected_tokens)
-    # the adapters change the output: rows of different adapters differ from the base row
-    assert not torch.allclose(got[0], _peft_rows(peft_model, [None] * len(row_adapter), lambda m: m(**inputs).logits)[0])
+    assert (got[0] - base[0]).abs().max() > 1e-3 * scale, "the adapters must change the output for the test to mean anything"
+    torch.testing.assert_close(outside, base, rtol=1e-5, atol=1e-5 * scale)
     engine.detach()
     assert not any("Lora" in type(m).__name__ for m in ours.modules())
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("arch", ["llama", "qwen2_moe"])
-def test_mixed_batch_logits_match_peft_in_bfloat16(arch):
-    ours, peft_model, names, adapters = _build(arch, torch.bfloat16)
-    spec = spec_from_config(ours.config, max_rank=16)
-    pool, table = pack_pool(adapters, spec.num_layers, torch.bfloat16)
-    engine = attach_layers(ours, spec, None, torch.bfloat16, torch.device("cpu"))
+def test_mixed_batch_logits_match_peft_in_bfloat16(arch, device, tmp_path):
+    ours, peft_model, names, formats = _build(arch, torch.bfloat16, tmp_path, device)
+    engine = _attach(ours, names, formats)
     row_adapter = [None, *names]
     inputs = _inputs(ours, len(row_adapter))
     with torch.no_grad():
         expected = _peft_rows(peft_model, row_adapter, lambda m: m(**inputs).logits).float()
-        engine.set_batch([-1, *range(len(names))], table, pool)
-        got = ours(**inputs).logits.float()
+        with engine.batch([None, *range(len(names))]):
+            got = ours(**inputs).logits.float()
         # the same weights in fp32 are the truth; loramux's bf16 error must be of PEFT's bf16 size
         truth = _peft_rows(peft_model.float(), row_adapter, lambda m: m(**inputs).logits)
     ours_err, peft_err = (got - truth).abs().max().item(), (expected - truth).abs().max().item()
@@ -201,9 +182,33 @@ def test_mixed_batch_logits_match_peft_in_bfloat16(arch):
     assert not torch.allclose(got[1], got[0], atol=4 * peft_err)  # the adapters do change the output
 
 
-def test_adapters_cover_every_module_id_an_hf_architecture_has():
+def test_adapters_cover_every_module_id_an_hf_architecture_has(tmp_path):
     covered = set()
     for arch in ARCHS:
-        _, _, _, adapters = _build(arch, torch.float32)
-        covered |= {mid for adapter in adapters for mid, _ in adapter}
+        _, _, _, formats = _build(arch, torch.float32, tmp_path / arch)
+        covered |= {int(mid) for _, c in formats for mid in c[:, 0]}
     assert covered == set(range(19)) - {8}  # cross_attn_qkv: no HF model fuses cross-attention q, k, v
+
+
+def test_fused_layers_take_their_parts_side_by_side(tmp_path):
+    """Phi-3's fused qkv_proj / gate_up_proj also serve attn_q|k|v and mlp_gate|h_to_4h adapters:
+    the same adapter written both ways gives the same logits."""
+    ours, _, _, formats = _build("phi3", torch.float32, tmp_path)
+    spec = lm.models.spec_from_config(ours.config)
+    rows = lm.format.to_rows(*formats[1], spec)
+    split = []
+    for r in rows:
+        parts = {0: (1, 2, 3), 18: (7, 5)}.get(r.module_id)
+        if parts is None:
+            split.append(r)
+            continue
+        start = 0
+        for mid in parts:
+            ho = spec.module_dims(mid)[1]
+            split.append(r._replace(module_id=mid, b=r.b[start : start + ho]))
+            start += ho
+    engine = _attach(ours, ["fused", "split"], [formats[1], lm.format.from_rows(split, "float32")])
+    inputs = {k: v[:1].repeat(2, 1) for k, v in _inputs(ours, 1).items()}  # one prompt, twice
+    with torch.no_grad(), engine.batch([0, 1]):
+        got = ours(**inputs).logits
+    torch.testing.assert_close(got[1], got[0], rtol=1e-5, atol=1e-5 * got.abs().max().item())

@@ -24,6 +24,9 @@ _LAZY = {
     "cache": "loramux.cache",
     "LoraCache": "loramux.cache",
     "AcquiredBatch": "loramux.cache",
+    "Executor": "loramux.runtime",
+    "Request": "loramux.runtime",
+    "LoraConfig": "loramux.runtime",
 }
 
 

@@ -85,6 +85,20 @@ def cmd_info(args) -> int:
     return 0
 
 
+def add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="serve a mixed batch of chat prompts across PEFT adapters of SmolLM2-135M-Instruct")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per request")
+    p.add_argument("--max-batch-size", type=int, default=8, help="requests per batch")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args) -> int:
+    from loramux import demo
+
+    return demo.main(max_new_tokens=args.max_new_tokens, max_batch_size=args.max_batch_size, device_name=args.device)
+
+
 #: Each adds one subcommand. Others append theirs here (demo, bench, dora-normalize, ...).
 def add_dora_normalize(sub) -> None:
     p = sub.add_parser("dora-normalize", help="PEFT DoRA adapter + base model -> TensorRT-LLM files with normalized "
@@ -114,7 +128,7 @@ def cmd_dora_normalize(args) -> int:
     return 0
 
 
-SUBCOMMANDS: List[Callable] = [add_convert, add_info, add_dora_normalize]
+SUBCOMMANDS: List[Callable] = [add_convert, add_info, add_dora_normalize, add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

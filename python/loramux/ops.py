@@ -8,6 +8,7 @@ Adapters are read out of the cache's pool through the slot table (docs/internals
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -34,6 +35,21 @@ class BatchMeta:
     dtype: torch.dtype  # dtype of the adapter values in the pool
     slot_of_token: torch.Tensor  # int32 [T], -1 = no adapter
     max_rank: int  # width of u
+
+    # The CPU reference reads the token groups and the batch's table rows once per BatchMeta, not
+    # once per layer (the slots of a batch stay pinned, so their entries do not change under it).
+    @cached_property
+    def token_groups(self) -> List[Tuple[int, object]]:
+        return _token_groups(self.slot_of_token)
+
+    @cached_property
+    def slot_entries(self) -> Dict[int, list]:
+        """slot -> table[slot] as nested lists [layer][module_id] = [a, b, scale, rank]."""
+        slots = [slot for slot, _ in self.token_groups]
+        if not slots:
+            return {}
+        rows = self.table[slots].to("cpu").tolist()
+        return dict(zip(slots, rows))
 
 
 def _use_kernels(t: torch.Tensor) -> bool:
@@ -67,12 +83,9 @@ def _token_groups(slot_of_token: torch.Tensor) -> List[Tuple[int, object]]:
     return groups
 
 
-def _entries(meta: BatchMeta, layer: int, module_ids: Sequence[int], slots: List[int]) -> Dict[Tuple[int, int], List[int]]:
-    """Table entries [(slot, module_id)] -> [a, b, scale, rank], read in one host copy."""
-    if not slots:
-        return {}
-    sel = meta.table[slots][:, layer][:, list(module_ids)].to("cpu").tolist()  # [S, M, 4]
-    return {(s, m): sel[i][j] for i, s in enumerate(slots) for j, m in enumerate(module_ids)}
+def _entries(meta: BatchMeta, layer: int, module_ids: Sequence[int]) -> Dict[Tuple[int, int], List[int]]:
+    """Table entries [(slot, module_id)] -> [a, b, scale, rank] for the slots of the batch."""
+    return {(slot, mid): rows[layer][mid] for slot, rows in meta.slot_entries.items() for mid in module_ids}
 
 
 def _check(x: torch.Tensor, meta: BatchMeta, layer: int) -> None:
@@ -90,8 +103,8 @@ def lora_shrink(x: torch.Tensor, meta: BatchMeta, layer: int, module_ids: Sequen
     if _use_kernels(x):
         return _kernels.lora_shrink(x, meta, layer, module_ids)
     u = torch.zeros(len(module_ids), x.shape[0], meta.max_rank, dtype=torch.float32, device=x.device)
-    groups = _token_groups(meta.slot_of_token)
-    entries = _entries(meta, layer, module_ids, [s for s, _ in groups])
+    groups = meta.token_groups
+    entries = _entries(meta, layer, module_ids)
     hi = x.shape[1]
     for slot, tokens in groups:
         xs = x[tokens].float()
@@ -119,8 +132,8 @@ def lora_expand(
     if _use_kernels(y):
         _kernels.lora_expand(u, y, meta, layer, module_ids, out_sizes)
         return
-    groups = _token_groups(meta.slot_of_token)
-    entries = _entries(meta, layer, module_ids, [s for s, _ in groups])
+    groups = meta.token_groups
+    entries = _entries(meta, layer, module_ids)
     starts = [sum(out_sizes[:s]) for s in range(len(out_sizes))]
     for slot, tokens in groups:
         for s, mid in enumerate(module_ids):

@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from loramux import spec as hfspec
 from loramux.errors import LoraError, LoraFormatError
 from loramux.models.engine import Engine
 from loramux.models.targets import match_targets, spec_from_config
@@ -24,35 +25,35 @@ def _out_features(layer: nn.Module) -> int:
     raise LoraFormatError(f"cannot put LoRA on a {type(layer).__name__}")
 
 
-def _wrap(name: str, layer: nn.Module, target, layer_idx: int, spec, engine) -> nn.Module:
+def _wrap(target, layer: nn.Module, spec, engine) -> nn.Module:
     def width(mid: int) -> int:
         return spec.module_dims(mid)[1]
 
-    if target.kind == "router":
+    if target.kind == hfspec.ROUTER:
         (mid,), = target.slices
-        return LoraRouter(layer, engine, layer_idx, mid, width(mid))
-    if target.kind == "experts":
+        return LoraRouter(layer, engine, target.layer, mid, width(mid))
+    if target.kind == hfspec.EXPERTS:
         (gate_id, up_id), (down_id,) = target.slices
-        return LoraExperts(layer, engine, layer_idx, (gate_id, up_id), down_id)
+        return LoraExperts(layer, engine, target.layer, (gate_id, up_id), down_id)
     out = _out_features(layer)
     sizes = [tuple(width(mid) for mid in ids) for ids in target.slices]
     for ids, widths in zip(target.slices, sizes):
         if sum(widths) != out:
-            raise LoraFormatError(f"{name}: modules {ids} give {sum(widths)} output features, the layer has {out}")
-    return LoraLinear(layer, engine, layer_idx, target.slices, sizes, conv1d=not isinstance(layer, nn.Linear))
+            raise LoraFormatError(f"{target.name}: modules {ids} give {sum(widths)} output features, the layer has {out}")
+    return LoraLinear(layer, engine, target.layer, target.slices, sizes, conv1d=not isinstance(layer, nn.Linear))
 
 
 def attach_layers(model: nn.Module, spec, cache, dtype: torch.dtype, device: torch.device) -> Engine:
-    """Wraps every target layer of `model` (see models/targets.py); the layers read `cache`'s slots."""
+    """Wraps every target layer of `model` (loramux.spec's table, via models/targets.py); the layers read `cache`'s slots."""
     if any(isinstance(m, _WRAPPERS) for m in model.modules()):
         raise LoraError("this model already has loramux layers attached; detach() first")
     engine = Engine(model, spec, cache, dtype, device, restore=[])
     restore = []
-    for name, target, layer_idx in match_targets(model):
-        parent_name, _, attr = name.rpartition(".")
+    for target in match_targets(model):
+        parent_name, _, attr = target.name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         original = getattr(parent, attr)
-        setattr(parent, attr, _wrap(name, original, target, layer_idx, spec, engine))
+        setattr(parent, attr, _wrap(target, original, spec, engine))
         restore.append((parent, attr, original))
     if not restore:
         raise LoraFormatError(f"no LoRA target layers found in this {model.config.model_type} model")
@@ -67,12 +68,13 @@ def attach(
     device_cache_fraction: Optional[float] = None,
     device_cache_bytes: Optional[int] = None,
     max_slots: int = 64,
+    page_bytes: int = 64 << 10,
 ) -> Engine:
     """Makes `model` serve per-row LoRA adapters; returns its Engine (engine.cache holds adapters).
 
     The cache keeps adapters in the model's dtype on the model's device: a GPU model gets a device
     tier of `device_cache_bytes` (or `device_cache_fraction` of free GPU memory); a CPU model a
-    host-memory "device" tier.
+    host-memory "device" tier. The device tier is carved into pages of `page_bytes`.
     """
     from loramux.cache import LoraCache
 
@@ -87,6 +89,7 @@ def attach(
         device_cache_bytes=device_cache_bytes,
         device_cache_fraction=device_cache_fraction,
         max_slots=max_slots,
+        page_bytes=page_bytes,
     )
     return attach_layers(model, spec, cache, param.dtype, device)
 

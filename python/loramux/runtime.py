@@ -1,0 +1,222 @@
+"""Request / LoraConfig / Executor with the TensorRT-LLM task_id rules: the first request for a task
+carries weights and config, later ones the id only; an unknown id fails that request alone.
+
+Requests run in submission order, in batches of up to max_batch_size mixing adapters and
+no-adapter rows; a batch whose adapters do not fit the device tier at once is split, not failed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from loramux.errors import LoraCacheFullError, LoraError, LoraFormatError, LoraNotCachedError
+
+
+@dataclass
+class LoraConfig:
+    """The adapter a request uses: `task_id` alone once cached, with (weights, config) the first time."""
+
+    task_id: int
+    weights: Optional[np.ndarray] = None
+    config: Optional[np.ndarray] = None
+
+    def __post_init__(self):
+        if not isinstance(self.task_id, (int, np.integer)) or isinstance(self.task_id, bool) or self.task_id < 0:
+            raise LoraFormatError(f"task_id must be a non-negative int, got {self.task_id!r}")
+        if (self.weights is None) != (self.config is None):
+            raise LoraFormatError(f"task_id {self.task_id}: weights and config come together (one of them is missing)")
+
+    @classmethod
+    def from_peft(cls, task_id: int, path: str, storage_type: Optional[str] = None) -> "LoraConfig":
+        """Converts the PEFT adapter folder at `path` (loramux.convert.from_peft)."""
+        from loramux.convert import from_peft
+
+        kwargs = {} if storage_type is None else {"storage_type": storage_type}
+        weights, config = from_peft(path, **kwargs)
+        return cls(task_id, weights, config)
+
+    @property
+    def carries_weights(self) -> bool:
+        return self.weights is not None
+
+
+#: a prompt: text, chat messages ([{"role": ..., "content": ...}], templated by the tokenizer) or token ids
+Prompt = Union[str, List[Dict[str, str]], List[int]]
+
+
+@dataclass
+class Request:
+    prompt: Prompt
+    max_new_tokens: int = 32
+    lora: Optional[LoraConfig] = None
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise LoraFormatError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass
+class Result:
+    """The outcome of one request: its generated text and token ids, or the error that failed it."""
+
+    request_id: int
+    task_id: Optional[int]
+    text: Optional[str] = None
+    token_ids: List[int] = field(default_factory=list)
+    error: Optional[LoraError] = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class Executor:
+    """Serves queued requests through an attached model (loramux.attach) with greedy decoding."""
+
+    def __init__(self, engine, tokenizer, max_batch_size: int = 8):
+        if max_batch_size < 1:
+            raise LoraFormatError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self._queue: List[Request] = []
+        self.generated_tokens = 0  # over the executor's life, for throughput figures
+        self.batches_run = 0
+
+    def submit(self, request: Request) -> int:
+        """Queues a request; returns its id (its index in the next run()'s results)."""
+        if not isinstance(request, Request):
+            raise LoraFormatError(f"submit takes a loramux.Request, got {type(request).__name__}")
+        self._queue.append(request)
+        return len(self._queue) - 1
+
+    def run(self, progress: Any = None) -> List[Result]:
+        """Runs every queued request; returns one Result per request, in submission order.
+        `progress`: a tqdm-like bar, advanced by one per generated token step of each batch."""
+        queue, self._queue = self._queue, []
+        results = [Result(i, r.lora.task_id if r.lora else None) for i, r in enumerate(queue)]
+        for start in range(0, len(queue), self.max_batch_size):
+            ids = list(range(start, min(start + self.max_batch_size, len(queue))))
+            runnable = self._admit(ids, queue, results)
+            if runnable:
+                self._run_fitting(runnable, queue, results, progress)
+        return results
+
+    # --- scheduling --------------------------------------------------------------------------------
+    def _admit(self, ids: List[int], queue: List[Request], results: List[Result]) -> List[int]:
+        """Loads the adapters this batch's requests carry (in order), then keeps the requests whose
+        adapter is cached; the others fail with the error that names why."""
+        cache = self.engine.cache
+        for i in ids:
+            lora = queue[i].lora
+            if lora is not None and lora.carries_weights:
+                try:
+                    cache.put(lora.task_id, lora.weights, lora.config)
+                except LoraError as err:
+                    results[i].error = err
+        runnable = []
+        for i in ids:
+            lora = queue[i].lora
+            if results[i].error is not None:
+                continue
+            if lora is not None and lora.task_id not in cache:
+                results[i].error = LoraNotCachedError(
+                    f"task_id {lora.task_id} is not cached: its first request must carry weights and config",
+                    task_id=lora.task_id)
+                continue
+            runnable.append(i)
+        return runnable
+
+    def _run_fitting(self, ids: List[int], queue, results, progress) -> None:
+        """Runs `ids` as one batch, or splits it in two (by distinct adapters) if the device tier
+        cannot hold its adapters at once."""
+        task_ids = [queue[i].lora.task_id if queue[i].lora else None for i in ids]
+        try:
+            with self.engine.batch(task_ids):
+                self._generate(ids, queue, results, progress)
+            return
+        except LoraCacheFullError as err:
+            distinct = sorted({t for t in task_ids if t is not None}, key=task_ids.index)
+            if len(distinct) <= 1:  # this adapter alone does not fit: its rows fail, the others run
+                plain = [i for i, t in zip(ids, task_ids) if t is None]
+                for i, t in zip(ids, task_ids):
+                    if t is not None:
+                        results[i].error = err
+                if plain:
+                    self._run_fitting(plain, queue, results, progress)
+                return
+            first = set(distinct[: len(distinct) // 2])
+            self._run_fitting([i for i, t in zip(ids, task_ids) if t is None or t in first], queue, results, progress)
+            self._run_fitting([i for i, t in zip(ids, task_ids) if t is not None and t not in first], queue, results, progress)
+
+    # --- generation --------------------------------------------------------------------------------
+    def _encode(self, prompts: Sequence[Prompt]) -> Dict[str, torch.Tensor]:
+        tok = self.tokenizer
+        texts_or_ids = []
+        for p in prompts:
+            if isinstance(p, list) and p and isinstance(p[0], dict):
+                p = tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+            texts_or_ids.append(p)
+        if all(isinstance(p, list) for p in texts_or_ids):
+            width = max(len(p) for p in texts_or_ids)
+            pad = self._pad_id()
+            ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in texts_or_ids])
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in texts_or_ids])
+            return {"input_ids": ids, "attention_mask": mask}
+        if any(isinstance(p, list) for p in texts_or_ids):
+            raise LoraFormatError("a batch mixes text prompts and token-id prompts; submit one kind per Executor run")
+        side = getattr(tok, "padding_side", "left")
+        tok.padding_side = "left"  # decoder-only generation continues from the last column
+        try:
+            enc = tok(list(texts_or_ids), return_tensors="pt", padding=True)
+        finally:
+            tok.padding_side = side
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def _pad_id(self) -> int:
+        tok = self.tokenizer
+        for cand in (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None)):
+            if cand is not None:
+                return int(cand)
+        return 0
+
+    def _generate(self, ids: List[int], queue, results, progress) -> None:
+        model = self.engine.model
+        inputs = {k: v.to(self.engine.device) for k, v in self._encode([queue[i].prompt for i in ids]).items()}
+        steps = max(queue[i].max_new_tokens for i in ids)
+        kwargs: Dict[str, Any] = dict(max_new_tokens=steps, do_sample=False, pad_token_id=self._pad_id())
+        if progress is not None:
+            kwargs["stopping_criteria"] = [_StepCounter(progress)]
+        with torch.no_grad():
+            out = model.generate(**inputs, **kwargs)
+        new = out if model.config.is_encoder_decoder else out[:, inputs["input_ids"].shape[1]:]
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        for row, i in enumerate(ids):
+            tokens = new[row].tolist()
+            if model.config.is_encoder_decoder and tokens and tokens[0] == model.config.decoder_start_token_id:
+                tokens = tokens[1:]
+            tokens = tokens[: queue[i].max_new_tokens]
+            if eos is not None and eos in tokens:
+                tokens = tokens[: tokens.index(eos)]
+            results[i].token_ids = tokens
+            results[i].text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            self.generated_tokens += len(tokens)
+        self.batches_run += 1
+
+
+class _StepCounter:
+    """A stopping criterion that never stops: it advances a progress bar once per decode step."""
+
+    def __init__(self, bar):
+        self.bar = bar
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.bar.update(1)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+__all__ = ["LoraConfig", "Request", "Result", "Executor"]

@@ -1,0 +1,146 @@
+"""The Executor's task_id rules over the two-level cache, on a tiny Llama with PEFT as the oracle:
+first request carries the adapter, later ones the id; unknown ids and bad adapters fail alone;
+batches split when the device tier cannot hold their adapters; results come back in order."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+import loramux as lm
+from loramux.errors import LoraCacheFullError, LoraFormatError, LoraNotCachedError
+from loramux.format import AdapterRow, from_rows
+from test_models import VOCAB, _build, _peft_rows
+
+NEW_TOKENS = 4
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    vocab = {f"t{i}": i for i in range(VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t1"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="t0", eos_token="t2", unk_token="t1")
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return _build("llama", torch.float32, tmp_path_factory.mktemp("adapters"))
+
+
+def _prompt(seed, length=6):
+    gen = torch.Generator().manual_seed(seed)
+    return " ".join(f"t{i}" for i in torch.randint(3, VOCAB, (length,), generator=gen).tolist())
+
+
+def _peft_tokens(peft_model, tokenizer, prompt, adapter):
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    out = _peft_rows(peft_model, [adapter], lambda m: m.generate(input_ids=ids, max_new_tokens=NEW_TOKENS,
+                                                                  do_sample=False, pad_token_id=0))
+    tokens = out[0, ids.shape[1]:].tolist()
+    return tokens[: tokens.index(2)] if 2 in tokens else tokens
+
+
+def _attach(ours, **kw):
+    kw.setdefault("max_rank", 16)
+    kw.setdefault("device_cache_bytes", 4 << 20)
+    return lm.attach(ours, **kw)
+
+
+def test_task_id_rules_mixed_batch_and_order(llama, tokenizer):
+    ours, peft_model, names, formats = llama
+    engine = _attach(ours)
+    try:
+        ex = lm.Executor(engine, tokenizer, max_batch_size=3)
+        plan = [(7, formats[0]), (None, None), (9, formats[1]), (7, None), (11, formats[2]), (9, None), (7, None)]
+        adapter_of = {7: names[0], 9: names[1], 11: names[2], None: None}
+        prompts = [_prompt(i) for i in range(len(plan))]
+        for prompt, (task, fmt) in zip(prompts, plan):
+            lora = None if task is None else lm.LoraConfig(task, *(fmt if fmt is not None else (None, None)))
+            ex.submit(lm.Request(prompt, max_new_tokens=NEW_TOKENS, lora=lora))
+        results = ex.run()
+        assert [r.request_id for r in results] == list(range(len(plan)))
+        assert ex.batches_run == 3
+        for r, prompt, (task, _) in zip(results, prompts, plan):
+            assert r.ok, r.error
+            assert r.task_id == task
+            assert r.token_ids == _peft_tokens(peft_model, tokenizer, prompt, adapter_of[task])
+        # a later run: the id alone is enough
+        ex.submit(lm.Request(prompts[0], max_new_tokens=NEW_TOKENS, lora=lm.LoraConfig(11)))
+        (again,) = ex.run()
+        assert again.ok and again.token_ids == _peft_tokens(peft_model, tokenizer, prompts[0], names[2])
+    finally:
+        engine.detach()
+
+
+def test_unknown_id_and_bad_adapter_fail_alone(llama, tokenizer):
+    ours, peft_model, names, formats = llama
+    engine = _attach(ours)
+    try:
+        ex = lm.Executor(engine, tokenizer, max_batch_size=4)
+        bad_w, bad_c = formats[0][0].copy(), formats[0][1].copy()
+        bad_c[0, 0] = 42  # not a module id
+        ex.submit(lm.Request(_prompt(1), max_new_tokens=NEW_TOKENS, lora=lm.LoraConfig(5)))  # never given
+        ex.submit(lm.Request(_prompt(2), max_new_tokens=NEW_TOKENS, lora=lm.LoraConfig(3, *formats[1])))
+        ex.submit(lm.Request(_prompt(3), max_new_tokens=NEW_TOKENS, lora=lm.LoraConfig(4, bad_w, bad_c)))
+        ex.submit(lm.Request(_prompt(4), max_new_tokens=NEW_TOKENS, lora=lm.LoraConfig(4)))
+        unknown, good, bad, after_bad = ex.run()
+        assert isinstance(unknown.error, LoraNotCachedError) and "5" in str(unknown.error)
+        assert good.ok and good.token_ids == _peft_tokens(peft_model, tokenizer, _prompt(2), names[1])
+        assert isinstance(bad.error, LoraFormatError) and "module_id 42" in str(bad.error)
+        assert isinstance(after_bad.error, LoraNotCachedError)  # the bad adapter was never cached
+        assert 4 not in engine.cache and 3 in engine.cache
+    finally:
+        engine.detach()
+
+
+def test_batch_split_when_device_tier_holds_fewer_adapters(llama, tokenizer):
+    ours, peft_model, names, formats = llama
+    engine = _attach(ours, max_slots=2)  # two adapters at once at most
+    try:
+        ex = lm.Executor(engine, tokenizer, max_batch_size=8)
+        tasks = [1, 2, 3, None, 1, 3]
+        for i, t in enumerate(tasks):
+            lora = None if t is None else lm.LoraConfig(t, *formats[t - 1])
+            ex.submit(lm.Request(_prompt(10 + i), max_new_tokens=NEW_TOKENS, lora=lora))
+        results = ex.run()
+        assert ex.batches_run >= 2
+        for i, (r, t) in enumerate(zip(results, tasks)):
+            assert r.ok, r.error
+            assert r.token_ids == _peft_tokens(peft_model, tokenizer, _prompt(10 + i), None if t is None else names[t - 1])
+    finally:
+        engine.detach()
+
+
+def test_adapter_larger_than_device_tier_fails_alone(llama, tokenizer):
+    ours, peft_model, names, formats = llama
+    engine = _attach(ours, device_cache_bytes=64 << 10, page_bytes=4 << 10)
+    try:
+        spec = engine.spec
+        gen = np.random.default_rng(0)
+        rows = [AdapterRow(mid, layer, gen.standard_normal((16, spec.module_dims(mid)[0])).astype(np.float32),
+                           gen.standard_normal((spec.module_dims(mid)[1], 16)).astype(np.float32))
+                for layer in range(spec.num_layers) for mid in (1, 2, 3, 4, 5, 6, 7)]
+        big = from_rows(rows, "float32")  # 2 layers x 32 KiB (+ page rounding): more than the device tier
+        ex = lm.Executor(engine, tokenizer, max_batch_size=4)
+        ex.submit(lm.Request(_prompt(20), max_new_tokens=NEW_TOKENS, lora=lm.LoraConfig(1, *big)))
+        ex.submit(lm.Request(_prompt(21), max_new_tokens=NEW_TOKENS))
+        ex.submit(lm.Request(_prompt(22), max_new_tokens=NEW_TOKENS, lora=lm.LoraConfig(2, *formats[0])))
+        too_big, plain, small = ex.run()
+        assert isinstance(too_big.error, LoraCacheFullError), too_big.error
+        assert plain.ok and plain.token_ids == _peft_tokens(peft_model, tokenizer, _prompt(21), None)
+        assert small.ok and small.token_ids == _peft_tokens(peft_model, tokenizer, _prompt(22), names[0])
+    finally:
+        engine.detach()
+
+
+def test_config_errors_are_typed():
+    with pytest.raises(LoraFormatError, match="weights and config"):
+        lm.LoraConfig(1, weights=np.zeros((1, 4), np.float32))
+    with pytest.raises(LoraFormatError, match="task_id"):
+        lm.LoraConfig(-3)
+    with pytest.raises(LoraFormatError, match="max_new_tokens"):
+        lm.Request("t3", max_new_tokens=0)
