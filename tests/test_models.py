@@ -26,7 +26,6 @@ from transformers import (
 
 import loramux as lm
 from loramux import convert
-from loramux.models import join_encoder_decoder
 
 VOCAB = 96
 STORAGE = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -78,12 +77,8 @@ def _share_experts(module, name):
 def converted(peft_model, name, out_dir, dtype):
     """(weights, config) of one PEFT adapter through loramux.convert.from_peft, stored in `dtype`."""
     peft_model.save_pretrained(str(out_dir), selected_adapters=[name])
-    path, storage = str(out_dir / name), STORAGE[dtype]
-    config = peft_model.base_model.model.config
-    if not config.is_encoder_decoder:
-        return convert.from_peft(path, storage_type=storage)
-    parts = [convert.from_peft(path, storage_type=storage, component=c) for c in ("decoder", "encoder")]
-    return join_encoder_decoder(config, *[p if len(p[1]) else None for p in parts])
+    base = peft_model.base_model.model  # for an encoder-decoder's layer numbering
+    return convert.from_peft(str(out_dir / name), storage_type=STORAGE[dtype], base_model=base)
 
 
 def _build(arch, dtype, tmp_path, device="cpu"):
