@@ -116,12 +116,21 @@ impl Digest {
         self.0 = (self.0 ^ w).wrapping_mul(Self::K).rotate_left(31);
     }
     fn bytes(&mut self, b: &[u8]) {
-        let mut chunks = b.chunks_exact(8);
-        for c in &mut chunks {
-            self.word(u64::from_le_bytes(c.try_into().unwrap()));
+        // Four independent lanes over 32-byte blocks so the multiplies overlap, then folded in.
+        let mut lanes = [self.0, self.0 ^ 1, self.0 ^ 2, self.0 ^ 3];
+        let mut blocks = b.chunks_exact(32);
+        for block in &mut blocks {
+            for (lane, w) in lanes.iter_mut().zip(block.chunks_exact(8)) {
+                *lane = (*lane ^ u64::from_le_bytes(w.try_into().unwrap())).wrapping_mul(Self::K).rotate_left(31);
+            }
+        }
+        lanes.iter().for_each(|&l| self.word(l));
+        let mut words = blocks.remainder().chunks_exact(8);
+        for w in &mut words {
+            self.word(u64::from_le_bytes(w.try_into().unwrap()));
         }
         let mut tail = [0u8; 8];
-        tail[..chunks.remainder().len()].copy_from_slice(chunks.remainder());
+        tail[..words.remainder().len()].copy_from_slice(words.remainder());
         self.word(u64::from_le_bytes(tail) ^ (b.len() as u64) << 56);
     }
     fn finish(self) -> u64 {
