@@ -112,7 +112,9 @@ class LoraCache:
         pool_bytes -= pool_bytes % page_bytes if page_bytes > 0 else 0
         table_bytes = _core.AdapterCache.table_bytes(max_slots, spec.num_layers)
         try:
-            self.pool = torch.zeros(pool_bytes, dtype=torch.uint8, device=device)
+            # Unused pool bytes are never read, so the pool is left uninitialized (no eager touch of
+            # a large host region); the table must start zeroed (rank 0 = absent).
+            self.pool = torch.empty(pool_bytes, dtype=torch.uint8, device=device)
             self.table = torch.zeros(table_bytes // 8, dtype=torch.int64, device=device).view(max_slots, spec.num_layers, NUM_MODULES, 4)
         except torch.OutOfMemoryError as e:
             raise LoraCudaError(f"could not allocate a device pool of {pool_bytes} bytes on {device}: {e}") from None
@@ -123,7 +125,7 @@ class LoraCache:
                 raise LoraCudaError("a CUDA pool needs the CUDA driver library (libcuda), which could not be loaded")
             self._copy_stream = torch.cuda.Stream(device=device)
             cuda_device = device.index
-            torch.cuda.synchronize(device)  # the zeroed pool and table are visible to every stream
+            torch.cuda.synchronize(device)  # the zeroed table is visible to every stream
         self._core = _core.AdapterCache(
             spec,
             _DTYPE_NAMES[dtype],
