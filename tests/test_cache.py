@@ -185,7 +185,10 @@ def test_ten_thousand_adapters_stream_through_a_small_pool():
 
 def test_host_pool_options_and_repr():
     with pytest.raises(LoraCacheError, match="device_cache_fraction"):
-        LoraCache(SPEC, device_cache_fraction=0.5)
+        LoraCache(SPEC, device_cache_fraction=1.5)
+    with pytest.raises(LoraCacheError, match="not both"):
+        LoraCache(SPEC, device_cache_bytes=1 << 16, device_cache_fraction=0.5)
+    assert LoraCache(SPEC, host_cache_bytes=1 << 20, device_cache_fraction=0.25).pool.numel() == 1 << 18
     with pytest.raises(LoraCacheError, match="page_bytes"):
         LoraCache(SPEC, host_cache_bytes=1 << 16, page_bytes=100)
     with pytest.raises(LoraCacheError, match="dtype"):

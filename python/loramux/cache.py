@@ -76,9 +76,10 @@ class AcquiredBatch:
 class LoraCache:
     """Fixed-size two-level LoRA cache keyed by task_id (the seed's "LoraCache configuration").
 
-    ``device=None``/"cpu" keeps the "device" pool in host memory (tests, CPU serving); a CUDA device
-    allocates the pool there up front: ``device_cache_bytes``, or ``device_cache_fraction`` (default
-    0.1) of the GPU memory free now (after the model is loaded).
+    ``device=None``/"cpu" keeps the "device" pool in host memory (tests, CPU serving), of
+    ``device_cache_bytes`` or ``device_cache_fraction`` (default 1.0) of ``host_cache_bytes``; a CUDA
+    device allocates the pool there up front: ``device_cache_bytes``, or ``device_cache_fraction``
+    (default 0.1) of the GPU memory free now (after the model is loaded).
     """
 
     def __init__(
@@ -142,16 +143,17 @@ class LoraCache:
 
     @staticmethod
     def _pool_bytes(device: torch.device, host_cache_bytes, device_cache_bytes, device_cache_fraction) -> int:
+        if device_cache_fraction is not None and not 0.0 < float(device_cache_fraction) <= 1.0:
+            raise LoraCacheError(f"device_cache_fraction must be in (0, 1], got {device_cache_fraction}")
         if device.type == "cpu":
-            if device_cache_fraction is not None:
-                raise LoraCacheError("device_cache_fraction is a share of free GPU memory; give device_cache_bytes for a host pool")
-            return int(device_cache_bytes if device_cache_bytes is not None else host_cache_bytes)
+            # No GPU memory to take a share of: a host pool is sized like the host tier, or a
+            # fraction of it, so the same call works for CPU and GPU models.
+            if device_cache_bytes is not None:
+                return int(device_cache_bytes)
+            return int(host_cache_bytes * (1.0 if device_cache_fraction is None else float(device_cache_fraction)))
         free, total = torch.cuda.mem_get_info(device)
         if device_cache_bytes is None:
-            fraction = 0.1 if device_cache_fraction is None else float(device_cache_fraction)
-            if not 0.0 < fraction <= 1.0:
-                raise LoraCacheError(f"device_cache_fraction must be in (0, 1], got {fraction}")
-            return int(free * fraction)
+            return int(free * (0.1 if device_cache_fraction is None else float(device_cache_fraction)))
         if device_cache_bytes > free:
             raise LoraCudaError(
                 f"device_cache_bytes={device_cache_bytes} is more than the {free} bytes free on {device} "
