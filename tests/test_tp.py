@@ -3,7 +3,6 @@ torch.distributed Llama forward at tp=2/4 and pp=2 against tp=1 (gloo, spawned p
 
 from __future__ import annotations
 
-import ml_dtypes
 import numpy as np
 import pytest
 
@@ -62,6 +61,8 @@ def test_column_and_row_slices_recombine_to_the_full_delta():
 
 
 def test_shapes_dtypes_and_pipeline_renumbering_are_kept():
+    import ml_dtypes
+
     w, c = _adapter([[1, 0, 2], [2, 1, 4], [1, 3, 8]], dtype=ml_dtypes.bfloat16)
     r = tp.slice_adapter(w, c, SPEC, 2, 0, layers=(1, 4))
     assert r.weights.dtype == ml_dtypes.bfloat16 and r.config.shape == (2, 3)
