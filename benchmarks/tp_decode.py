@@ -91,7 +91,8 @@ def _worker(rank: int, tp: int, port: int, out_path: str, args) -> None:
     from loramux.tp_llama import TpLlama, init_parallel
 
     torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=tp)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=tp,
+                            device_id=torch.device("cuda", rank))
     ctx = init_parallel(tp, 1)
     cfg = LlamaConfig(num_hidden_layers=args.layers, **LLAMA_8B)
     torch.manual_seed(0)
@@ -196,9 +197,11 @@ def _table(rows) -> None:
             print(f"{row['tp']:>22} skipped: {row['skipped']}")
         else:
             print(" ".join(f"{row[c]!s:>22}" for c in cols))
-    if rows and "gpu" in rows[0]:
-        print(f"GPU: {rows[0]['gpu']}; kernels: {rows[0]['kernels']}; layers {rows[0]['layers']}, batch "
-              f"{rows[0]['batch']}, {rows[0]['adapters']} adapters r={rows[0]['rank']} on 7 projections")
+    ran = [row for row in rows if "gpu" in row]
+    if ran:
+        r = ran[0]
+        print(f"GPU: {r['gpu']}; kernels: {r['kernels']}; layers {r['layers']}, batch {r['batch']}, "
+              f"{r['adapters']} adapters r={r['rank']} on 7 projections")
 
 
 if __name__ == "__main__":

@@ -136,7 +136,8 @@ def _worker(rank, world, rdv, out_dir, backend, layouts):
     device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
     if backend == "nccl":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, init_method=f"file://{rdv}", rank=rank, world_size=world)
+    dist.init_process_group(backend, init_method=f"file://{rdv}", rank=rank, world_size=world,
+                            device_id=device if backend == "nccl" else None)
     model, adapters, input_ids, task_ids = _scenario()
     state = model.state_dict()
     for tp_size, pp_size in layouts:
