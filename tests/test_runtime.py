@@ -13,7 +13,7 @@ from transformers import PreTrainedTokenizerFast
 import loramux as lm
 from loramux.errors import LoraCacheFullError, LoraFormatError, LoraNotCachedError
 from loramux.format import AdapterRow, from_rows
-from test_models import VOCAB, _build, _peft_rows
+from test_models import DEVICES, VOCAB, _build, _peft_rows
 
 NEW_TOKENS = 4
 
@@ -37,7 +37,7 @@ def _prompt(seed, length=6):
 
 
 def _peft_tokens(peft_model, tokenizer, prompt, adapter):
-    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(peft_model.device)
     out = _peft_rows(peft_model, [adapter], lambda m: m.generate(input_ids=ids, max_new_tokens=NEW_TOKENS,
                                                                   do_sample=False, pad_token_id=0))
     tokens = out[0, ids.shape[1]:].tolist()
@@ -50,8 +50,15 @@ def _attach(ours, **kw):
     return lm.attach(ours, **kw)
 
 
-def test_task_id_rules_mixed_batch_and_order(llama, tokenizer):
-    ours, peft_model, names, formats = llama
+@pytest.fixture(scope="module", params=DEVICES)
+def llama_on(request, tmp_path_factory, llama):
+    if request.param == "cpu":
+        return llama
+    return _build("llama", torch.float32, tmp_path_factory.mktemp("adapters-gpu"), request.param)
+
+
+def test_task_id_rules_mixed_batch_and_order(llama_on, tokenizer):
+    ours, peft_model, names, formats = llama_on
     engine = _attach(ours)
     try:
         ex = lm.Executor(engine, tokenizer, max_batch_size=3)

@@ -52,8 +52,11 @@ class BatchMeta:
         return dict(zip(slots, rows))
 
 
-def _use_kernels(t: torch.Tensor) -> bool:
-    return t.is_cuda and _kernels is not None and _kernels.available()
+def _use_kernels(t: torch.Tensor, meta: BatchMeta, num_slices: int) -> bool:
+    """CUDA tensors go to the kernels when they are built, usable here, and take this case
+    (e.g. fp16/bf16 only); everything else takes the torch reference."""
+    return (t.is_cuda and _kernels is not None and _kernels.available()
+            and _kernels.supports(meta.dtype, meta.max_rank, num_slices))
 
 
 def _pool_matrix(meta: BatchMeta, addr: int, rows: int, cols: int) -> torch.Tensor:
@@ -100,7 +103,7 @@ def _check(x: torch.Tensor, meta: BatchMeta, layer: int) -> None:
 def lora_shrink(x: torch.Tensor, meta: BatchMeta, layer: int, module_ids: Sequence[int]) -> torch.Tensor:
     """u[s, t, :rank] = x[t] @ A^T for slice s and token t's adapter; float32 [S, T, max_rank]."""
     _check(x, meta, layer)
-    if _use_kernels(x):
+    if _use_kernels(x, meta, len(module_ids)):
         return _kernels.lora_shrink(x, meta, layer, module_ids)
     u = torch.zeros(len(module_ids), x.shape[0], meta.max_rank, dtype=torch.float32, device=x.device)
     groups = meta.token_groups
@@ -129,7 +132,7 @@ def lora_expand(
     _check(y, meta, layer)
     if len(out_sizes) != len(module_ids) or sum(out_sizes) != y.shape[1]:
         raise LoraFormatError(f"out_sizes {list(out_sizes)} must give one width per module id and sum to y's {y.shape[1]} columns")
-    if _use_kernels(y):
+    if _use_kernels(y, meta, len(module_ids)):
         _kernels.lora_expand(u, y, meta, layer, module_ids, out_sizes)
         return
     groups = meta.token_groups
@@ -158,7 +161,7 @@ def lora_apply(
     out_sizes: Sequence[int],
 ) -> None:
     """Shrink then expand: y gains each token's LoRA term for the given module slices."""
-    if _use_kernels(x) and hasattr(_kernels, "lora_apply"):
+    if _use_kernels(x, meta, len(module_ids)):
         _kernels.lora_apply(x, y, meta, layer, module_ids, out_sizes)
         return
     lora_expand(lora_shrink(x, meta, layer, module_ids), y, meta, layer, module_ids, out_sizes)

@@ -26,6 +26,7 @@ class Engine:
         self._table: Optional[torch.Tensor] = None
         self._pool: Optional[torch.Tensor] = None
         self._metas: Dict[int, BatchMeta] = {}
+        self._used: List[List[bool]] = []
 
     @property
     def max_rank(self) -> int:
@@ -44,6 +45,10 @@ class Engine:
         self._slot_of_row = slots.to(table.device)
         self._rows = slots.numel()
         self._table, self._pool = table, pool
+        # which (layer, module) any row's adapter has: read once per batch, so layers no adapter
+        # touches run the base layer and launch nothing
+        present = sorted({int(s) for s in slots.tolist() if s >= 0})
+        self._used = (table[present][..., 3] > 0).any(dim=0).cpu().tolist()  # [layer][module_id]
 
     def clear_batch(self) -> None:
         self._slot_of_row = self._table = self._pool = None
@@ -66,6 +71,11 @@ class Engine:
             self.clear_batch()
             if acquired is not None:
                 self.cache.release(acquired)
+
+    def used_slices(self, layer: int, slices):
+        """The module-id groups of `slices` that some adapter of the current batch has at `layer`."""
+        used = self._used[layer]
+        return [ids for ids in slices if any(used[m] for m in ids)]
 
     def meta_for(self, x: torch.Tensor) -> Optional[BatchMeta]:
         """The BatchMeta for an activation of this batch ([rows, seq, H] or [rows*seq, H]); None

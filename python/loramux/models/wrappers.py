@@ -37,14 +37,16 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         meta = self._engine.meta_for(x)
-        if meta is None:
+        used = self._engine.used_slices(self.layer, self.slices) if meta is not None else []
+        if not used:
             return self.base(x)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         w = self.base.weight
         y = x2 @ w if self.conv1d else F.linear(x2, w)
         for ids, sizes in zip(self.slices, self.slice_sizes):
-            lora_apply(x2, y, meta, self.layer, ids, sizes)
+            if ids in used:
+                lora_apply(x2, y, meta, self.layer, ids, sizes)
         if self.base.bias is not None:
             y = y + self.base.bias
         return y.view(*lead, y.shape[-1])
@@ -79,7 +81,7 @@ class LoraRouter(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor):
         meta = self._engine.meta_for(hidden_states)
-        if meta is None:
+        if meta is None or not self._engine.used_slices(self.layer, [(self.module_id,)]):
             return self.base(hidden_states)
         x = hidden_states.reshape(-1, self.base.weight.shape[1])
         logits = F.linear(x, self.base.weight)
@@ -101,8 +103,10 @@ class LoraExperts(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         meta = self._engine.meta_for(hidden_states)
-        if meta is None:
+        used = self._engine.used_slices(self.layer, [self.gate_up_ids, (self.down_id,)]) if meta is not None else []
+        if not used:
             return self.base(hidden_states, top_k_index, top_k_weights)
+        gate_up_used, down_used = self.gate_up_ids in used, (self.down_id,) in used
         base = self.base
         num_experts = base.gate_up_proj.shape[0]
         f = base.gate_up_proj.shape[1] // 2
@@ -116,11 +120,13 @@ class LoraExperts(nn.Module):
             sub = replace(meta, slot_of_token=meta.slot_of_token[token_idx])
             x = hidden_states[token_idx]
             gate_up = F.linear(x, base.gate_up_proj[expert])
-            lora_apply(x, gate_up, sub, self.layer, self.gate_up_ids, [f, f])
+            if gate_up_used:
+                lora_apply(x, gate_up, sub, self.layer, self.gate_up_ids, [f, f])
             gate, up = gate_up.chunk(2, dim=-1)
             inner = base.act_fn(gate) * up
             y = F.linear(inner, base.down_proj[expert])
-            lora_apply(inner, y, sub, self.layer, [self.down_id], [h])
+            if down_used:
+                lora_apply(inner, y, sub, self.layer, [self.down_id], [h])
             y = y * top_k_weights[token_idx, k_pos, None]
             out.index_add_(0, token_idx, y.to(out.dtype))
         return out
