@@ -204,3 +204,25 @@ def test_nccl_tp_on_the_visible_gpus_equals_tp1(tmp_path):
     tp1 = _tp1_logits()
     _spawn(world, str(tmp_path), timeout_s=300, backend="nccl", layouts=layouts)
     _check_layouts(tmp_path, layouts, tp1, tol=1e-4)  # GPU fp32 matmuls may use other reduction orders
+
+
+def test_parallel_forward_refuses_what_it_cannot_serve():
+    from loramux.tp_llama import ParallelContext, TpLlama
+
+    model = tiny_llama(0)
+    with pytest.raises(lm.LoraParallelError, match="num_heads = 8"):  # 8 heads do not split 3 ways
+        TpLlama(tiny_llama(0), ParallelContext(tp_size=3), max_rank=8, device="cpu", device_cache_bytes=1 << 20)
+    shard = TpLlama(model, ParallelContext(), max_rank=8, host_cache_bytes=8 << 20, device="cpu",
+                    device_cache_bytes=4 << 20)
+    fused = np.zeros((1, 2 * (32 + 64)), np.float32)  # attn_qkv on a model with separate q/k/v
+    with pytest.raises(lm.LoraFormatError, match="row 0: module_id 0"):
+        shard.load(1, fused, np.array([[0, 0, 2]]))
+    assert 1 not in shard.cache
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(lm.LoraNotCachedError):
+        shard.forward(ids, [None, 7])
+    with pytest.raises(lm.LoraFormatError, match="3 task ids for a batch of 2 rows"):
+        shard.forward(ids, [None, None, None])
+    with torch.no_grad():  # rows without an adapter give the unsharded base model's logits
+        base = tiny_llama(0)(ids).logits
+    torch.testing.assert_close(shard.forward(ids, [None, None]), base)
