@@ -3,14 +3,14 @@
 
 use std::time::Instant;
 
-use crate::cache::host_memory::HostBuffer;
+use crate::cache::host_memory::HostAllocator;
 use crate::error::Result;
 
 /// Moves bytes into the pool and orders the compute stream after them. The cache calls it only
 /// under its write lock, so implementations need no locking of their own.
 pub trait Copier: Send + Sync {
-    /// A host buffer for an adapter image (pinned where that helps this copier).
-    fn host_buffer(&self, len: usize) -> HostBuffer;
+    /// How to allocate adapter images (pinned where that helps this copier).
+    fn host_allocator(&self) -> HostAllocator;
 
     /// Starts a batch of loads: may wait for earlier compute on released slots to finish reading
     /// pages these loads may overwrite.
@@ -49,8 +49,8 @@ pub struct HostMemcpy {
 }
 
 impl Copier for HostMemcpy {
-    fn host_buffer(&self, len: usize) -> HostBuffer {
-        HostBuffer::pageable(len)
+    fn host_allocator(&self) -> HostAllocator {
+        HostAllocator::Pageable
     }
 
     fn begin_loads(&mut self) -> Result<()> {

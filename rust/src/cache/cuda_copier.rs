@@ -7,7 +7,7 @@ use std::collections::{HashMap, VecDeque};
 use cudarc::driver::{result, sys};
 
 use crate::cache::copier::Copier;
-use crate::cache::host_memory::HostBuffer;
+use crate::cache::host_memory::HostAllocator;
 use crate::error::{LoraError, Result};
 
 fn cuda_err(what: &str, e: result::DriverError) -> LoraError {
@@ -45,8 +45,8 @@ struct ComputeStream {
     waited_loads: u64,
 }
 
-// Raw driver handles: mutated only through &mut (the cache's write lock); the one &self method,
-// host_buffer, calls the thread-safe cuMemHostAlloc.
+// Raw driver handles, used through &mut under the cache's write lock; the one &self method
+// (host_allocator) only copies the context handle.
 unsafe impl Send for CudaCopier {}
 unsafe impl Sync for CudaCopier {}
 
@@ -123,10 +123,8 @@ impl CudaCopier {
 }
 
 impl Copier for CudaCopier {
-    fn host_buffer(&self, len: usize) -> HostBuffer {
-        // SAFETY: the primary context stays retained while this copier lives; the cache drops
-        // its host buffers before its copier. Torch keeps the primary context retained as well.
-        unsafe { HostBuffer::pinned(len, self.ctx) }.unwrap_or_else(|| HostBuffer::pageable(len))
+    fn host_allocator(&self) -> HostAllocator {
+        HostAllocator::Pinned(self.ctx)
     }
 
     fn begin_loads(&mut self) -> Result<()> {

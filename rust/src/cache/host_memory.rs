@@ -88,6 +88,30 @@ impl Drop for HostBuffer {
     }
 }
 
+/// How the host tier allocates images; copied out of the copier so that allocating (slow for
+/// pinned memory) never happens under the cache's lock.
+#[derive(Clone, Copy, Debug)]
+pub enum HostAllocator {
+    Pageable,
+    /// Page-locked in this (retained) context, pageable if the driver refuses.
+    Pinned(sys::CUcontext),
+}
+
+// The context handle is only passed to the thread-safe cuMemHostAlloc / cuMemFreeHost.
+unsafe impl Send for HostAllocator {}
+unsafe impl Sync for HostAllocator {}
+
+impl HostAllocator {
+    pub fn alloc(&self, len: usize) -> HostBuffer {
+        match *self {
+            HostAllocator::Pageable => HostBuffer::pageable(len),
+            // SAFETY: a Pinned allocator comes from a CudaCopier, whose retained context outlives
+            // the cache's buffers (the cache drops them before the copier).
+            HostAllocator::Pinned(ctx) => unsafe { HostBuffer::pinned(len, ctx) }.unwrap_or_else(|| HostBuffer::pageable(len)),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,6 +7,7 @@ use parking_lot::RwLock;
 use crate::cache::adapter_image::{self, ImageLayout};
 use crate::cache::copier::Copier;
 use crate::cache::device_tier::DeviceTier;
+use crate::cache::host_memory::HostAllocator;
 use crate::cache::host_tier::{HostEntry, HostTier};
 use crate::cache::id_hash::IdMap;
 use crate::cache::slot_table::SlotTable;
@@ -65,6 +66,7 @@ struct State {
 pub struct TwoLevelCache {
     cfg: CacheConfig,
     state: RwLock<State>,
+    host_allocator: HostAllocator,
 }
 
 fn distinct(ids: &[u64]) -> Vec<u64> {
@@ -99,6 +101,7 @@ impl TwoLevelCache {
         if region.pool_bytes < cfg.page_bytes as u64 {
             return bad(format!("device pool of {} bytes holds no page of {} bytes", region.pool_bytes, cfg.page_bytes));
         }
+        let host_allocator = copier.host_allocator();
         let state = State {
             host: HostTier::new(cfg.host_budget_bytes),
             device: DeviceTier::new(region.pool_addr, region.pool_bytes, cfg.page_bytes, cfg.max_slots),
@@ -109,7 +112,7 @@ impl TwoLevelCache {
             counters: Counters::default(),
             copier,
         };
-        Ok(TwoLevelCache { cfg, state: RwLock::new(state) })
+        Ok(TwoLevelCache { cfg, state: RwLock::new(state), host_allocator })
     }
 
     pub fn config(&self) -> &CacheConfig {
@@ -135,7 +138,7 @@ impl TwoLevelCache {
             return Ok(outcome);
         }
         // Pack without the lock: other threads keep serving while this one copies.
-        let mut image = self.state.read().copier.host_buffer(image_layout.held_bytes());
+        let mut image = self.host_allocator.alloc(image_layout.held_bytes());
         image_layout.pack(weights, &layout, image.as_mut_slice());
 
         let mut st = self.state.write();
