@@ -125,6 +125,10 @@ class LoraCache:
             if not _core.AdapterCache.cuda_driver_present():
                 raise LoraCudaError("a CUDA pool needs the CUDA driver library (libcuda), which could not be loaded")
             self._copy_stream = torch.cuda.Stream(device=device)
+            # The copy stream writes both tensors: torch must not reuse their memory, once freed,
+            # before the copies queued there have finished.
+            self.pool.record_stream(self._copy_stream)
+            self.table.record_stream(self._copy_stream)
             cuda_device = device.index
             torch.cuda.synchronize(device)  # the zeroed table is visible to every stream
         self._core = _core.AdapterCache(

@@ -63,6 +63,13 @@ struct State {
     copier: Box<dyn Copier>,
 }
 
+impl Drop for State {
+    fn drop(&mut self) {
+        // Host images (and the caller's pool) must outlive every copy still in flight.
+        let _ = self.copier.wait_idle();
+    }
+}
+
 pub struct TwoLevelCache {
     cfg: CacheConfig,
     state: RwLock<State>,
