@@ -75,9 +75,19 @@ class _RankBatch:
         self.slot_of_row: Optional[torch.Tensor] = None
         self.table = self.pool = None
         self._metas: Dict[int, BatchMeta] = {}
+        self._used: Optional[List[List[bool]]] = None  # [layer][module_id]
 
     def set(self, slot_of_row: Optional[torch.Tensor], table, pool) -> None:
         self.slot_of_row, self.table, self.pool, self._metas = slot_of_row, table, pool, {}
+        self._used = None
+        if slot_of_row is not None:
+            # which (layer, module) some row's adapter has, read once per batch: the other layers
+            # skip the LoRA ops entirely (launch nothing)
+            present = sorted({s for s in slot_of_row.tolist() if s >= 0})
+            self._used = (table[present][..., 3] > 0).any(dim=0).cpu().tolist() if present else None
+
+    def uses(self, layer: int, module_id: int) -> bool:
+        return self._used is not None and self._used[layer][module_id]
 
     def meta_for(self, x: torch.Tensor) -> Optional[BatchMeta]:
         if self.slot_of_row is None:
@@ -114,7 +124,7 @@ class ParallelLoraLinear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         y = F.linear(x2, self.weight)
-        meta = self._batch.meta_for(x2)
+        meta = self._batch.meta_for(x2) if self._batch.uses(self.layer, self.module_id) else None
         if meta is not None:
             lora_apply(x2, y, meta, self.layer, [self.module_id], [y.shape[1]])
         if self.tp_group is not None and self.kind == "row":
