@@ -87,6 +87,8 @@ def test_indivisible_sizes_and_bad_layouts_raise_parallel_errors():
         tp.slice_adapter(w, c, SPEC, 1, 0, layers=(2, 9))
     with pytest.raises(lm.LoraFormatError):  # invalid full adapter: named before any slicing
         tp.slice_adapter(w[:, :10], c, SPEC, 2, 0)
+    with pytest.raises(lm.LoraParallelError, match="pipeline stage 0 of 3 over 2 layers"):
+        tp.stage_layers(2, 3, 0)
 
 
 # --- the torch.distributed forward: tp=2/4 and pp give tp=1's logits ------------------------------

@@ -17,6 +17,7 @@ import numpy as np
 
 from loramux import _core
 from loramux._core import ModelSpec
+from loramux.errors import LoraParallelError
 from loramux.format import raw_config, raw_weights
 
 
@@ -63,8 +64,6 @@ def stage_layers(num_layers: int, pp_size: int, pp_rank: int) -> Tuple[int, int]
     """Global layers ``[start, end)`` of pipeline stage ``pp_rank``: contiguous, earlier stages take
     the remainder one layer each."""
     if not 0 <= pp_rank < pp_size or pp_size > num_layers:
-        from loramux.errors import LoraParallelError
-
         raise LoraParallelError(f"pipeline stage {pp_rank} of {pp_size} over {num_layers} layers is not a valid layout")
     base, extra = divmod(num_layers, pp_size)
     start = pp_rank * base + min(pp_rank, extra)
