@@ -22,6 +22,8 @@ _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.floa
 
 
 def _task_id(task_id) -> int:
+    if type(task_id) is int and 0 <= task_id < 1 << 64:  # the common case, checked cheaply
+        return task_id
     if isinstance(task_id, bool) or not isinstance(task_id, numbers.Integral) or not 0 <= int(task_id) < 1 << 64:
         raise LoraCacheError(f"task_id must be an integer in [0, 2**64), got {task_id!r}")
     return int(task_id)
