@@ -61,7 +61,8 @@ ARCHS = {
                    _lora(8, ["k_proj", "shared_expert_gate"], params=MOE_PARAMS)]),
     "bart": (lambda: BartForConditionalGeneration(BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2,
                                                              encoder_attention_heads=4, decoder_attention_heads=4,
-                                                             encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64)),
+                                                             encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+                                                             tie_word_embeddings=False, forced_eos_token_id=None)),
              [_lora(4, ["q_proj", "v_proj", "fc1"]), _lora(8, ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"])]),
 }
 

@@ -20,10 +20,10 @@ NEW_TOKENS = 4
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    vocab = {f"t{i}": i for i in range(VOCAB)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="t1"))
+    vocab = {"<pad>": 0, "<unk>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, VOCAB)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="t0", eos_token="t2", unk_token="t1")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +31,10 @@ def llama(tmp_path_factory):
     return _build("llama", torch.float32, tmp_path_factory.mktemp("adapters"))
 
 
-def _prompt(seed, length=6):
+def _prompt(seed, length=None):
+    """Random words t3..; lengths vary (4..8 words) so batches need padding."""
     gen = torch.Generator().manual_seed(seed)
+    length = length or 4 + seed % 5
     return " ".join(f"t{i}" for i in torch.randint(3, VOCAB, (length,), generator=gen).tolist())
 
 
@@ -151,3 +153,25 @@ def test_config_errors_are_typed():
         lm.LoraConfig(-3)
     with pytest.raises(LoraFormatError, match="max_new_tokens"):
         lm.Request("t3", max_new_tokens=0)
+
+
+def test_encoder_decoder_requests_match_peft(tokenizer, tmp_path):
+    ours, peft_model, names, formats = _build("bart", torch.float32, tmp_path)
+    engine = _attach(ours)
+    try:
+        ex = lm.Executor(engine, tokenizer, max_batch_size=4)
+        plan = [(0, formats[0]), (None, None), (1, formats[1]), (0, None)]
+        for i, (task, fmt) in enumerate(plan):
+            lora = None if task is None else lm.LoraConfig(task, *(fmt if fmt is not None else (None, None)))
+            ex.submit(lm.Request(_prompt(30 + i), max_new_tokens=NEW_TOKENS, lora=lora))
+        results = ex.run()
+        assert len({tuple(r.token_ids) for r in results}) > 1, "adapters must change the generated tokens"
+        for i, (r, (task, _)) in enumerate(zip(results, plan)):
+            ids = tokenizer(_prompt(30 + i), return_tensors="pt")["input_ids"]
+            out = _peft_rows(peft_model, [None if task is None else names[task]],
+                             lambda m: m.generate(input_ids=ids, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0))
+            want = out[0, 1:].tolist()  # after the decoder start token
+            want = want[: want.index(2)] if 2 in want else want
+            assert r.ok and r.token_ids == want, (r, want)
+    finally:
+        engine.detach()

@@ -155,7 +155,10 @@ class Executor:
 
     # --- generation --------------------------------------------------------------------------------
     def _encode(self, prompts: Sequence[Prompt]) -> Dict[str, torch.Tensor]:
+        """Pads a decoder-only batch on the left (generation continues from the last column) and
+        an encoder-decoder batch on the right (the encoder's positions start at 0 in every row)."""
         tok = self.tokenizer
+        left = not self.engine.model.config.is_encoder_decoder
         texts_or_ids = []
         for p in prompts:
             if isinstance(p, list) and p and isinstance(p[0], dict):
@@ -164,13 +167,16 @@ class Executor:
         if all(isinstance(p, list) for p in texts_or_ids):
             width = max(len(p) for p in texts_or_ids)
             pad = self._pad_id()
-            ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in texts_or_ids])
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in texts_or_ids])
-            return {"input_ids": ids, "attention_mask": mask}
+            ids, mask = [], []
+            for p in texts_or_ids:
+                fill = width - len(p)
+                ids.append([pad] * fill + list(p) if left else list(p) + [pad] * fill)
+                mask.append([0] * fill + [1] * len(p) if left else [1] * len(p) + [0] * fill)
+            return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)}
         if any(isinstance(p, list) for p in texts_or_ids):
             raise LoraFormatError("a batch mixes text prompts and token-id prompts; submit one kind per Executor run")
         side = getattr(tok, "padding_side", "left")
-        tok.padding_side = "left"  # decoder-only generation continues from the last column
+        tok.padding_side = "left" if left else "right"
         try:
             enc = tok(list(texts_or_ids), return_tensors="pt", padding=True)
         finally:
