@@ -287,17 +287,51 @@ fn check_dora_scales(dtype: WeightsDtype, bytes: &[u8], r: &RowLayout, row: usiz
 fn check_finite(dtype: WeightsDtype, bytes: &[u8], len: usize, row: usize) -> Result<()> {
     // Exponent-all-ones is NaN or Inf in every IEEE-like format; test bits, not floats, for speed.
     let bad = match dtype {
-        WeightsDtype::F32 => (0..len).find(|&i| {
-            let b = u32::from_le_bytes(bytes[4 * i..4 * i + 4].try_into().unwrap());
-            b & 0x7f80_0000 == 0x7f80_0000
-        }),
-        WeightsDtype::F16 => (0..len).find(|&i| u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]]) & 0x7c00 == 0x7c00),
-        WeightsDtype::BF16 => (0..len).find(|&i| u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]]) & 0x7f80 == 0x7f80),
+        WeightsDtype::F32 => first_exponent_all_ones::<4>(bytes, len, 0x7f80_0000),
+        WeightsDtype::F16 => first_exponent_all_ones::<2>(bytes, len, 0x7c00),
+        WeightsDtype::BF16 => first_exponent_all_ones::<2>(bytes, len, 0x7f80),
     };
     match bad {
         Some(column) => Err(LoraError::NonFinite { row, column, value: dtype.read(bytes, column) }),
         None => Ok(()),
     }
+}
+
+/// Little-endian element of width N (2 or 4 bytes) as u32.
+#[inline(always)]
+fn le_bits<const N: usize>(c: &[u8]) -> u32 {
+    if N == 2 {
+        u16::from_le_bytes([c[0], c[1]]) as u32
+    } else {
+        u32::from_le_bytes([c[0], c[1], c[2], c[3]])
+    }
+}
+
+/// Index of the first of `len` elements whose `mask` bits are all set. Each block is tested
+/// branch-free (so the compiler vectorizes it); only a block that has one is searched.
+fn first_exponent_all_ones<const N: usize>(bytes: &[u8], len: usize, mask: u32) -> Option<usize> {
+    const BLOCK: usize = 512;
+    let bytes = &bytes[..len * N];
+    if N == 4 && cfg!(target_endian = "little") {
+        // SAFETY: every bit pattern is a valid u32; align_to only reinterprets the aligned middle.
+        let (head, words, _) = unsafe { bytes.align_to::<u32>() };
+        if head.is_empty() {
+            let hit = |w: &u32| *w & mask == mask;
+            for (b, block) in words.chunks(BLOCK).enumerate() {
+                if block.iter().fold(false, |any, w| any | hit(w)) {
+                    return block.iter().position(hit).map(|i| b * BLOCK + i);
+                }
+            }
+            return None;
+        }
+    }
+    let hit = |c: &[u8]| le_bits::<N>(c) & mask == mask;
+    for (b, block) in bytes.chunks(BLOCK * N).enumerate() {
+        if block.chunks_exact(N).fold(false, |any, c| any | hit(c)) {
+            return block.chunks_exact(N).position(hit).map(|i| b * BLOCK + i);
+        }
+    }
+    None
 }
 
 /// Elements each packed segment (A, B, scales) is aligned to, so kernels can use 16-byte loads.
@@ -340,18 +374,50 @@ pub fn packed_layout(layout: &AdapterLayout) -> PackedLayout {
 
 /// Copies a segment of `len` values, converting dtype when it differs.
 fn copy_convert(src: &[u8], src_dtype: WeightsDtype, dst: &mut [u8], dst_dtype: WeightsDtype, len: usize) {
+    use WeightsDtype::*;
     if src_dtype == dst_dtype {
         let n = len * src_dtype.size();
         dst[..n].copy_from_slice(&src[..n]);
         return;
     }
-    for i in 0..len {
-        let v = src_dtype.read(src, i);
-        match dst_dtype {
-            WeightsDtype::F32 => dst[4 * i..4 * i + 4].copy_from_slice(&v.to_le_bytes()),
-            WeightsDtype::F16 => dst[2 * i..2 * i + 2].copy_from_slice(&f16::from_f32(v).to_bits().to_le_bytes()),
-            WeightsDtype::BF16 => dst[2 * i..2 * i + 2].copy_from_slice(&bf16::from_f32(v).to_bits().to_le_bytes()),
-        }
+    let f16_in = |c: &[u8]| f16::from_bits(le_bits::<2>(c) as u16).to_f32();
+    let bf16_in = |c: &[u8]| bf16::from_bits(le_bits::<2>(c) as u16).to_f32();
+    let f32_in = |c: &[u8]| f32::from_bits(le_bits::<4>(c));
+    let f16_out = |v: f32, d: &mut [u8]| d.copy_from_slice(&f16::from_f32(v).to_bits().to_le_bytes());
+    let bf16_out = |v: f32, d: &mut [u8]| d.copy_from_slice(&f32_to_bf16_bits(v).to_le_bytes());
+    let f32_out = |v: f32, d: &mut [u8]| d.copy_from_slice(&v.to_le_bytes());
+    // One monomorphic loop per (source, destination) pair: no per-element dtype dispatch.
+    match (src_dtype, dst_dtype) {
+        (F16, BF16) => convert_each::<2, 2>(src, dst, len, f16_in, bf16_out),
+        (F16, F32) => convert_each::<2, 4>(src, dst, len, f16_in, f32_out),
+        (BF16, F16) => convert_each::<2, 2>(src, dst, len, bf16_in, f16_out),
+        (BF16, F32) => convert_each::<2, 4>(src, dst, len, bf16_in, f32_out),
+        (F32, F16) => convert_each::<4, 2>(src, dst, len, f32_in, f16_out),
+        (F32, BF16) => convert_each::<4, 2>(src, dst, len, f32_in, bf16_out),
+        _ => unreachable!("same dtype handled above"),
+    }
+}
+
+/// f32 -> bf16 bits, round to nearest even (as half does), written branch-free so the packing loop
+/// vectorizes; NaN stays a quiet NaN.
+#[inline(always)]
+fn f32_to_bf16_bits(v: f32) -> u16 {
+    let bits = v.to_bits();
+    let rounded = (bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16) as u16;
+    let nan = (bits & 0x7fff_ffff) > 0x7f80_0000;
+    if nan { ((bits >> 16) as u16) | 0x0040 } else { rounded }
+}
+
+#[inline(always)]
+fn convert_each<const S: usize, const D: usize>(
+    src: &[u8],
+    dst: &mut [u8],
+    len: usize,
+    read: impl Fn(&[u8]) -> f32,
+    write: impl Fn(f32, &mut [u8]),
+) {
+    for (s, d) in src[..len * S].chunks_exact(S).zip(dst[..len * D].chunks_exact_mut(D)) {
+        write(read(s), d);
     }
 }
 
@@ -359,17 +425,22 @@ fn copy_convert(src: &[u8], src_dtype: WeightsDtype, dst: &mut [u8], dst_dtype: 
 pub fn pack_into(weights: &WeightsView, layout: &AdapterLayout, packed: &PackedLayout, out_dtype: WeightsDtype, out: &mut [u8]) {
     let es = out_dtype.size();
     assert!(out.len() >= packed.total_elems * es, "pack_into: output buffer too small");
-    out[..packed.total_elems * es].fill(0);
     let ins = weights.dtype.size();
+    // Segments ascend through `out`: zero only the alignment gaps between them, so each output
+    // byte is written once (a whole-buffer fill first would double the memory traffic).
+    let mut at = 0;
     for (row, (r, p)) in layout.rows.iter().zip(&packed.rows).enumerate() {
         let src = weights.row_bytes(row);
         let segs = [(r.a_offset(), p.a, r.a_len()), (r.b_offset(), p.b, r.b_len()), (r.scale_offset(), p.scale, r.scale_len())];
         for (src_off, dst_off, len) in segs {
             if len > 0 {
+                out[at * es..dst_off * es].fill(0);
                 copy_convert(&src[src_off * ins..], weights.dtype, &mut out[dst_off * es..], out_dtype, len);
+                at = dst_off + len;
             }
         }
     }
+    out[at * es..packed.total_elems * es].fill(0);
 }
 
 #[cfg(test)]
@@ -448,6 +519,67 @@ mod tests {
         let dora = vec![[1, 0, 2, 1]];
         let err = layout_from_config(&dora, &s, ValidateOptions { dora_allowed: false, check_finite: true }).unwrap_err();
         assert_eq!(err, LoraError::DoraWithoutBase { row: 0 });
+    }
+
+    #[test]
+    fn non_finite_scan_finds_the_first_bad_value_aligned_or_not() {
+        let n = 3 * 512 + 7; // several scan blocks and a ragged tail
+        for bad in [0, 511, 512, 1000, n - 1] {
+            let mut vals = vec![0.25f32; n];
+            vals[bad] = f32::NAN;
+            if bad + 3 < n {
+                vals[bad + 3] = f32::INFINITY; // a later one must not be reported
+            }
+            let bytes = f32_bytes(&vals);
+            let mut shifted = vec![0u8; bytes.len() + 1];
+            shifted[1..].copy_from_slice(&bytes); // an unaligned view takes the byte-wise path
+            for view in [&bytes[..], &shifted[1..]] {
+                let err = check_finite(WeightsDtype::F32, view, n, 7).unwrap_err();
+                assert!(matches!(err, LoraError::NonFinite { row: 7, column, .. } if column == bad), "{bad}: {err:?}");
+            }
+            let halves: Vec<u8> = vals.iter().flat_map(|v| f16::from_f32(*v).to_bits().to_le_bytes()).collect();
+            assert!(matches!(check_finite(WeightsDtype::F16, &halves, n, 0), Err(LoraError::NonFinite { column, .. }) if column == bad));
+            let brains: Vec<u8> = vals.iter().flat_map(|v| bf16::from_f32(*v).to_bits().to_le_bytes()).collect();
+            assert!(matches!(check_finite(WeightsDtype::BF16, &brains, n, 0), Err(LoraError::NonFinite { column, .. }) if column == bad));
+        }
+        assert!(check_finite(WeightsDtype::F32, &f32_bytes(&vec![1.0; n]), n, 0).is_ok());
+    }
+
+    #[test]
+    fn bf16_rounding_matches_half() {
+        let specials = [0.0f32, -0.0, 1.0, f32::MAX, f32::MIN_POSITIVE, 1e-45, f32::INFINITY, f32::NEG_INFINITY];
+        let sweep = (0..200_000u32).map(|i| f32::from_bits(i.wrapping_mul(2_654_435_761)));
+        for v in specials.into_iter().chain(sweep) {
+            let want = bf16::from_f32(v);
+            if v.is_nan() {
+                assert!(bf16::from_bits(f32_to_bf16_bits(v)).is_nan());
+            } else {
+                assert_eq!(f32_to_bf16_bits(v), want.to_bits(), "{v:e}");
+            }
+        }
+    }
+
+    #[test]
+    fn packing_converts_between_every_dtype_pair() {
+        let vals = [0.5f32, -1.25, 3.0, 0.0];
+        let encode = |d: WeightsDtype| -> Vec<u8> {
+            vals.iter()
+                .flat_map(|v| match d {
+                    WeightsDtype::F32 => v.to_le_bytes().to_vec(),
+                    WeightsDtype::F16 => f16::from_f32(*v).to_bits().to_le_bytes().to_vec(),
+                    WeightsDtype::BF16 => bf16::from_f32(*v).to_bits().to_le_bytes().to_vec(),
+                })
+                .collect()
+        };
+        let all = [WeightsDtype::F32, WeightsDtype::F16, WeightsDtype::BF16];
+        for src in all {
+            for dst in all {
+                let mut out = vec![0u8; vals.len() * dst.size()];
+                copy_convert(&encode(src), src, &mut out, dst, vals.len());
+                let got: Vec<f32> = (0..vals.len()).map(|i| dst.read(&out, i)).collect();
+                assert_eq!(got, vals, "{src:?} -> {dst:?}"); // these values are exact in every dtype
+            }
+        }
     }
 
     #[test]
