@@ -2,6 +2,7 @@
 //! slicing and the CUDA launchers. Pure Rust; the Python bindings live behind the `python` feature.
 
 pub mod cache;
+pub mod cuda;
 pub mod error;
 pub mod format;
 pub mod modules;
@@ -22,5 +23,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     bindings::format::register(m)?;
     bindings::cache::register(m)?;
     bindings::tp::register(m)?;
+    bindings::ops::register(m)?;
     Ok(())
 }

@@ -6,3 +6,4 @@ pub mod errors;
 pub mod format;
 pub mod modules;
 pub mod tp;
+pub mod ops;

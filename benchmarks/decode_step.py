@@ -1,0 +1,202 @@
+"""Decode step of a Llama-8B-shaped model (4 layers, random weights, bf16) at batch 32 with 32
+distinct adapters of rank 16 on all 7 projections, through loramux.attach's layers and the CUDA
+kernels: base step, LoRA step, LoRA overhead vs its bytes floor, and PEFT on the same batch.
+Also checks the LoRA logits against PEFT's and replays the captured graph with new adapter
+mappings (more and fewer distinct adapters, rows without one) against eager results.
+
+    python benchmarks/decode_step.py --out decode.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import os
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+from kernel_fixtures import build_adapters  # noqa: E402
+
+from loramux import ops  # noqa: E402
+from loramux.models.attach import attach_layers  # noqa: E402
+from loramux.models.targets import spec_from_config  # noqa: E402
+
+DEV, DT = "cuda", torch.bfloat16
+BATCH, ADAPTERS, RANK, LAYERS = 32, 32, 16, 4
+# (module id, HF name)
+PROJ = [(1, "self_attn.q_proj"), (2, "self_attn.k_proj"), (3, "self_attn.v_proj"), (4, "self_attn.o_proj"),
+        (7, "mlp.gate_proj"), (5, "mlp.up_proj"), (6, "mlp.down_proj")]
+
+
+def events(fn, reps=20):
+    fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b) / 1e3)
+    return statistics.median(ts)
+
+
+def copy_bw():
+    src = torch.randn(1 << 29, device=DEV, dtype=DT)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * 2 / events(lambda: dst.copy_(src), 10)
+
+
+def build_model(attn):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                      num_hidden_layers=LAYERS, vocab_size=128256, max_position_embeddings=4096)
+    cfg._attn_implementation = attn
+    torch.manual_seed(0)
+    with torch.device(DEV):
+        prev = torch.get_default_dtype()
+        torch.set_default_dtype(DT)
+        try:
+            model = LlamaForCausalLM(cfg).eval()
+        finally:
+            torch.set_default_dtype(prev)
+    return model
+
+
+def capture(step):
+    """A CUDA graph of step() (warm-up on a side stream first, as torch requires)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = step()
+    return g, out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="decode.json")
+    args = ap.parse_args()
+    res = dict(gpu=torch.cuda.get_device_name(), batch=BATCH, adapters=ADAPTERS, rank=RANK, layers=LAYERS)
+    bw = copy_bw()
+    res["copy_bw_gbs"] = bw / 1e9
+    model, attn = None, None
+    ids = torch.randint(0, 128256, (BATCH, 1), device=DEV)
+    pos = torch.zeros(BATCH, 1, dtype=torch.long, device=DEV)
+    for attn in ("sdpa", "eager"):
+        model = build_model(attn)
+        try:
+            g_base, out_base = capture(lambda: model(input_ids=ids, position_ids=pos, use_cache=False).logits)
+            break
+        except Exception as e:  # noqa: BLE001 - record why and try the other attention
+            res[f"capture_error_{attn}"] = repr(e)[:300]
+            g_base = None
+    res["attention"] = attn
+    t_base = events(g_base.replay) if g_base is not None else events(lambda: model(input_ids=ids, position_ids=pos, use_cache=False))
+    res["base_graphed"] = g_base is not None
+
+    spec = spec_from_config(model.config, max_rank=RANK)
+    engine = attach_layers(model, spec, None, DT, torch.device(DEV))
+    gen = torch.Generator().manual_seed(1)
+    specs = {}
+    for slot in range(ADAPTERS):
+        for layer in range(LAYERS):
+            for mid, _ in PROJ:
+                hi, ho = spec.module_dims(mid)
+                specs[(slot, layer, mid)] = (RANK, hi, ho, False)
+    ad = build_adapters(specs, num_slots=ADAPTERS, num_layers=LAYERS, max_rank=RANK, dtype=DT, device=DEV, gen=gen,
+                        b_std=0.5)
+    lora_bytes = sum(RANK * (hi + ho) * 2 for (_, _, _), (_, hi, ho, _) in specs.items())
+    res["lora_bytes"] = lora_bytes
+    res["lora_floor_us"] = lora_bytes / bw * 1e6
+
+    slots0 = list(range(ADAPTERS))
+    engine.set_batch(slots0, ad.table, ad.pool)
+    step = lambda: model(input_ids=ids, position_ids=pos, use_cache=False).logits  # noqa: E731
+    eager = step().float()
+    # the torch reference on the same GPU tensors (kernels switched off) checks the kernel path
+    saved = ops._kernels
+    ops._kernels = None
+    try:
+        engine.set_batch(slots0, ad.table, ad.pool)
+        ref = step().float()
+    finally:
+        ops._kernels = saved
+    base_logits = out_base.float() if g_base is not None else None
+    res["kernel_vs_torch_ref_rel"] = float((eager - ref).norm() / (ref - base_logits).norm()) if base_logits is not None else None
+
+    engine.set_batch(slots0, ad.table, ad.pool)  # fresh metas: built inside the capture
+    try:
+        g_lora, out_lora = capture(step)
+        t_lora = events(g_lora.replay)
+        res["lora_graphed"] = True
+    except Exception as e:  # noqa: BLE001
+        res["lora_capture_error"] = repr(e)[:300]
+        g_lora, t_lora = None, events(step)
+        res["lora_graphed"] = False
+    res.update(base_us=t_base * 1e6, lora_us=t_lora * 1e6, overhead_us=(t_lora - t_base) * 1e6)
+    res["overhead_over_floor"] = (t_lora - t_base) / (lora_bytes / bw)
+
+    if g_lora is not None:  # replay with new mappings written into the engine's static slot tensor
+        static_slots = engine._slot_of_row
+        errs = []
+        rng = torch.Generator().manual_seed(7)
+        for distinct in (ADAPTERS, 4, 1, 17):
+            slots = torch.randint(0, distinct, (BATCH,), generator=rng).tolist()
+            slots[3] = -1
+            static_slots.copy_(torch.tensor(slots, dtype=torch.int32))
+            g_lora.replay()
+            torch.cuda.synchronize()
+            got = out_lora.float().clone()
+            engine.set_batch(slots, ad.table, ad.pool)
+            want = step().float()
+            errs.append(float((got - want).norm() / (want - base_logits).norm()) if base_logits is not None
+                        else float((got - want).norm() / want.norm()))
+        res["graph_replay_rel_err"] = errs
+
+    # PEFT on the same batch and the same adapters (scaling 1: lora_alpha = r)
+    try:
+        import peft
+
+        engine.detach()
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        cfg = peft.LoraConfig(r=RANK, lora_alpha=RANK, target_modules=targets, init_lora_weights=False)
+        pm = peft.get_peft_model(model, cfg, adapter_name="a0")
+        for slot in range(1, ADAPTERS):
+            pm.add_adapter(f"a{slot}", cfg)
+        with torch.no_grad():
+            for name, mod in pm.named_modules():
+                if not hasattr(mod, "lora_A") or not isinstance(getattr(mod, "lora_A"), torch.nn.ModuleDict):
+                    continue
+                layer = int(name.split("layers.")[1].split(".")[0])
+                mid = next(m for m, n in PROJ if name.endswith(n))
+                for slot in range(ADAPTERS):
+                    e = ad.entries[(slot, layer, mid)]
+                    mod.lora_A[f"a{slot}"].weight.copy_(e.a.to(DT))
+                    mod.lora_B[f"a{slot}"].weight.copy_(e.b.to(DT))
+        names = [f"a{s}" for s in slots0]
+        peft_step = lambda: pm(input_ids=ids, position_ids=pos, use_cache=False, adapter_names=names).logits  # noqa: E731
+        peft_logits = peft_step().float()
+        res["kernel_vs_peft_rel"] = float((eager - peft_logits).norm() / peft_logits.norm())
+        if base_logits is not None:
+            res["kernel_vs_peft_rel_of_lora_term"] = float((eager - peft_logits).norm() / (peft_logits - base_logits).norm())
+        res["peft_us"] = events(peft_step, 5) * 1e6
+        res["speedup_vs_peft"] = res["peft_us"] / res["lora_us"]
+    except Exception as e:  # noqa: BLE001
+        res["peft_error"] = repr(e)[:300]
+    print(json.dumps(res, indent=1))
+    with open(args.out, "w") as f:
+        f.write(json.dumps(res) + "\n")
+
+
+if __name__ == "__main__":
+    main()

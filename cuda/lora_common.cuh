@@ -1,0 +1,185 @@
+// Shared by every loramux kernel: argument structs (mirrored in rust/src/cuda/launch.rs), 16-bit
+// float conversion by PTX (NVRTC 13 ships no cuda_bf16.h/cuda_fp16.h), and token grouping by slot.
+// rust/src/cuda/nvrtc.rs prepends this file to each kernel family's source; no #include anywhere.
+
+#define LMX_MAX_SLICES 8
+#define LMX_TILE_T 64          // tokens grouped together by one block
+#define LMX_THREADS 256
+#define LMX_ENTRY_I64 4        // slot-table entry: a_addr, b_addr, scale_addr, rank
+#define LMX_MODULES 19
+
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+struct LoraSlices {
+    int count;
+    int module_id[LMX_MAX_SLICES];
+    int out_offset[LMX_MAX_SLICES];   // first column of the slice in y (expand only)
+    int out_size[LMX_MAX_SLICES];     // Ho of the slice (expand only)
+};
+
+// Where the adapters are: the slot table, already offset to one layer.
+struct LoraTable {
+    const long long* layer_base;      // &table[0, layer, 0, 0]
+    long long slot_stride;            // int64s between slots = num_layers * 19 * 4
+    int num_slots;
+    int max_rank;
+};
+
+struct ShrinkArgs {
+    const u16* x;                     // [T, Hi], row stride x_stride elements
+    long long x_stride;
+    const int* slot_of_token;         // [T], -1 = no adapter
+    float* partial;                   // [S, ksplit, T, max_rank] fp32
+    int T;
+    int hi;
+    int ksplit;
+    int kchunk;                       // reduction elements per split (multiple of 32)
+    int group_stride;                 // blocks sharing a tile each take every group_stride-th adapter
+    LoraTable table;
+    LoraSlices slices;
+};
+
+struct ExpandArgs {
+    const float* partial;             // [S, ksplit, T, max_rank]: summed over ksplit on load
+    u16* y;                           // [T, >= sum out_size], row stride y_stride elements
+    long long y_stride;
+    const int* slot_of_token;
+    int T;
+    int ksplit;
+    int ochunk;                       // output columns per block
+    int group_stride;
+    LoraTable table;
+    LoraSlices slices;
+};
+
+struct ReduceArgs {
+    const float* partial;             // [S, ksplit, T, max_rank]
+    float* u;                         // [S, T, max_rank], fully written
+    const int* slot_of_token;
+    int T;
+    int ksplit;
+    LoraTable table;
+    LoraSlices slices;
+};
+
+// ---- 16-bit floats ----------------------------------------------------------------------------
+
+template <bool BF16> __device__ __forceinline__ float to_f32(u16 v);
+template <> __device__ __forceinline__ float to_f32<true>(u16 v) {
+    return __uint_as_float(((u32)v) << 16);
+}
+template <> __device__ __forceinline__ float to_f32<false>(u16 v) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
+    return f;
+}
+template <bool BF16> __device__ __forceinline__ u16 from_f32(float f);
+template <> __device__ __forceinline__ u16 from_f32<true>(float f) {
+    u16 v;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(v) : "f"(f));
+    return v;
+}
+template <> __device__ __forceinline__ u16 from_f32<false>(float f) {
+    u16 v;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(v) : "f"(f));
+    return v;
+}
+__device__ __forceinline__ u32 pack2(u16 lo, u16 hi) { return ((u32)hi << 16) | (u32)lo; }
+
+// Loads 8 consecutive 16-bit values starting at element k of row (row has `len` elements),
+// zero past the end; one 16-byte load when the caller proved alignment (`vec`).
+__device__ __forceinline__ void load8(const u16* row, int k, int len, bool vec, u16 out[8]) {
+    if (vec && k + 8 <= len) {
+        uint4 v = *reinterpret_cast<const uint4*>(row + k);
+        out[0] = v.x & 0xffff; out[1] = v.x >> 16; out[2] = v.y & 0xffff; out[3] = v.y >> 16;
+        out[4] = v.z & 0xffff; out[5] = v.z >> 16; out[6] = v.w & 0xffff; out[7] = v.w >> 16;
+    } else {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) out[i] = (k + i < len) ? row[k + i] : (u16)0;
+    }
+}
+
+// ---- slot table --------------------------------------------------------------------------------
+
+struct AdapterEntry {
+    const u16* a;      // [rank, Hi]
+    const u16* b;      // [Ho, rank]
+    const u16* scale;  // [Ho] or null
+    int rank;
+};
+
+__device__ __forceinline__ AdapterEntry read_entry(const LoraTable& t, int slot, int module_id) {
+    const long long* e = t.layer_base + (long long)slot * t.slot_stride + module_id * LMX_ENTRY_I64;
+    AdapterEntry r;
+    r.a = reinterpret_cast<const u16*>(e[0]);
+    r.b = reinterpret_cast<const u16*>(e[1]);
+    r.scale = reinterpret_cast<const u16*>(e[2]);
+    int rank = (int)(e[3] & 0xffffffffLL);
+    // A rank past max_rank would index past u's width: the cache never writes one; clamp so a
+    // corrupt table cannot make the kernel write out of bounds.
+    r.rank = rank < 0 ? 0 : (rank > t.max_rank ? t.max_rank : rank);
+    return r;
+}
+
+// ---- grouping a tile of tokens by adapter slot (no sort, no host work) ----------------------
+// Every block of a tile computes the same grouping from slot_of_token: the distinct slots in
+// first-appearance order, then, for the one it handles, the list of its tokens.
+
+struct TileGroups {
+    int slot[LMX_TILE_T];      // slot of each token of the tile, -1 if none / out of range
+    int first[LMX_TILE_T];     // 1 where a token is the first of its slot in the tile
+    int distinct[LMX_TILE_T];  // distinct slots, first-appearance order
+    int tokens[LMX_TILE_T];    // tokens (absolute index) of the group being processed
+    int num_distinct;
+    int num_tokens;
+};
+
+__device__ __forceinline__ void group_tile(TileGroups& g, const int* slot_of_token, int t0, int n,
+                                           int num_slots) {
+    int tid = threadIdx.x;
+    if (tid < LMX_TILE_T) {
+        int s = -1;
+        if (tid < n) {
+            s = slot_of_token[t0 + tid];
+            if (s < 0 || s >= num_slots) s = -1;
+        }
+        g.slot[tid] = s;
+    }
+    __syncthreads();
+    if (tid < LMX_TILE_T) {
+        int s = g.slot[tid];
+        int first = s >= 0 ? 1 : 0;
+        for (int i = 0; i < tid; ++i) first &= (g.slot[i] != s) ? 1 : 0;
+        g.first[tid] = first;
+    }
+    __syncthreads();
+    if (tid < LMX_TILE_T && g.first[tid]) {
+        int before = 0;
+        for (int i = 0; i < tid; ++i) before += g.first[i];
+        g.distinct[before] = g.slot[tid];
+    }
+    if (tid == 0) {
+        int count = 0;
+        for (int i = 0; i < LMX_TILE_T; ++i) count += g.first[i];
+        g.num_distinct = count;
+    }
+    __syncthreads();
+}
+
+// Fills g.tokens with the tokens of `slot` in the tile (ascending), g.num_tokens with their count.
+__device__ __forceinline__ void collect_tokens(TileGroups& g, int slot, int t0, int n) {
+    int tid = threadIdx.x;
+    if (tid < n && g.slot[tid] == slot) {
+        int pos = 0;
+        for (int i = 0; i < tid; ++i) pos += (g.slot[i] == slot) ? 1 : 0;
+        g.tokens[pos] = t0 + tid;
+    }
+    if (tid == 0) {
+        int c = 0;
+        for (int i = 0; i < n; ++i) c += (g.slot[i] == slot) ? 1 : 0;
+        g.num_tokens = c;
+    }
+    __syncthreads();
+}

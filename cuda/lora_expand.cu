@@ -1,0 +1,204 @@
+// LoRA expand, in place: y[t, off_s + o] += sum_r u[s, t, r] * B_{slot(t)}[o, r], where
+// u = sum over the ksplit shrink partials; DoRA rows then scale: y = scale[o] * (y + delta).
+// Tokens are grouped by slot per 64-token tile (each block reads its B rows once for all the
+// adapter's tokens); no-adapter tokens and rank-0 entries are never touched.
+// lora_common.cuh is prepended by the loader.
+
+#define EXPAND_MAX_RANK 128
+
+// Sums the ksplit partials of the group's tokens into su[i * pitch + r] (fp32), zero past R.
+__device__ __forceinline__ void load_u(float* su, int pitch, int rcols, const ExpandArgs& p,
+                                       const TileGroups& g, int s, int R) {
+    const int nt = g.num_tokens;
+    for (int idx = threadIdx.x; idx < LMX_TILE_T * rcols; idx += blockDim.x) {
+        const int i = idx / rcols, r = idx % rcols;
+        float v = 0.f;
+        if (i < nt && r < R) {
+            const long long t = g.tokens[i];
+            for (int c = 0; c < p.ksplit; ++c)
+                v += p.partial[(((long long)s * p.ksplit + c) * p.T + t) * p.table.max_rank + r];
+        }
+        su[i * pitch + r] = v;
+    }
+}
+
+__device__ __forceinline__ bool slice_of(const ExpandArgs& p, int s, int& module_id, int& off, int& ho) {
+    if (s >= p.slices.count) return false;
+    module_id = p.slices.module_id[s];
+    off = p.slices.out_offset[s];
+    ho = p.slices.out_size[s];
+    return true;
+}
+
+template <bool BF16>
+__device__ __forceinline__ void store_y(const ExpandArgs& p, const AdapterEntry& e, int t, int col,
+                                        int o, float delta) {
+    u16* yp = p.y + (long long)t * p.y_stride + col;
+    float v = to_f32<BF16>(*yp) + delta;
+    if (e.scale) v *= to_f32<BF16>(e.scale[o]);
+    *yp = from_f32<BF16>(v);
+}
+
+// Decode (T <= 64): one output column per thread, B row in 16-byte loads, CUDA cores.
+template <bool BF16>
+__device__ void expand_decode(const ExpandArgs& p) {
+    __shared__ TileGroups g;
+    __shared__ float su[LMX_TILE_T * EXPAND_MAX_RANK];
+    int module_id, off, ho;
+    if (!slice_of(p, blockIdx.z, module_id, off, ho)) return;
+    const int o0 = blockIdx.x * p.ochunk;
+    if (o0 >= ho) return;
+    group_tile(g, p.slot_of_token, 0, p.T, p.table.num_slots);
+    for (int d = blockIdx.y; d < g.num_distinct; d += p.group_stride) {
+        const int slot = g.distinct[d];
+        const AdapterEntry e = read_entry(p.table, slot, module_id);
+        const int R = e.rank;
+        if (R == 0) continue;  // uniform over the block
+        collect_tokens(g, slot, 0, p.T);
+        const int rcols = (R + 7) & ~7;
+        load_u(su, rcols, rcols, p, g, blockIdx.z, R);
+        __syncthreads();
+        const bool vec = (R % 8 == 0) && ((reinterpret_cast<u64>(e.b) & 15) == 0);
+        for (int o = o0 + threadIdx.x; o < min(ho, o0 + p.ochunk); o += blockDim.x) {
+            const u16* brow = e.b + (long long)o * R;
+            for (int i0 = 0; i0 < g.num_tokens; i0 += 8) {
+                float acc[8];
+#pragma unroll
+                for (int q = 0; q < 8; ++q) acc[q] = 0.f;
+                for (int r = 0; r < R; r += 8) {
+                    u16 bv[8];
+                    load8(brow, r, R, vec, bv);
+                    float bf[8];
+#pragma unroll
+                    for (int k = 0; k < 8; ++k) bf[k] = to_f32<BF16>(bv[k]);
+#pragma unroll
+                    for (int q = 0; q < 8; ++q) {
+                        if (i0 + q < g.num_tokens) {
+                            const float* ur = su + (i0 + q) * rcols + r;
+#pragma unroll
+                            for (int k = 0; k < 8; ++k) acc[q] += ur[k] * bf[k];
+                        }
+                    }
+                }
+#pragma unroll
+                for (int q = 0; q < 8; ++q)
+                    if (i0 + q < g.num_tokens) store_y<BF16>(p, e, g.tokens[i0 + q], off + o, o, acc[q]);
+            }
+        }
+        __syncthreads();
+    }
+}
+
+template <bool BF16>
+__device__ __forceinline__ void mma_16816(float c[4], const u32 a[4], const u32 b[2]);
+template <>
+__device__ __forceinline__ void mma_16816<true>(float c[4], const u32 a[4], const u32 b[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+template <>
+__device__ __forceinline__ void mma_16816<false>(float c[4], const u32 a[4], const u32 b[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+#define EXPAND_OTILE 64
+#define EXPAND_PITCH (EXPAND_MAX_RANK + 8)  // halves: 272 bytes a row, conflict-free fragments
+
+// Prefill (T > 64): tensor cores, M = the group's tokens, N = 64 output columns, K = rank.
+// Warp w owns token rows 16*(w&3).. and output columns 32*(w>>2)..+32 (four n8 tiles).
+template <bool BF16>
+__device__ void expand_tile(const ExpandArgs& p) {
+    __shared__ TileGroups g;
+    __shared__ __align__(16) u16 us[LMX_TILE_T][EXPAND_PITCH];
+    __shared__ __align__(16) u16 bs[EXPAND_OTILE][EXPAND_PITCH];
+    int module_id, off, ho;
+    if (!slice_of(p, blockIdx.z, module_id, off, ho)) return;
+    const int o0 = blockIdx.x * EXPAND_OTILE;
+    if (o0 >= ho) return;
+    const int tile = blockIdx.y / p.group_stride;
+    const int j = blockIdx.y % p.group_stride;
+    const int t0 = tile * LMX_TILE_T;
+    if (t0 >= p.T) return;
+    const int n = min(LMX_TILE_T, p.T - t0);
+    group_tile(g, p.slot_of_token, t0, n, p.table.num_slots);
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int gq = lane >> 2, tq = lane & 3;
+    for (int d = j; d < g.num_distinct; d += p.group_stride) {
+        const int slot = g.distinct[d];
+        const AdapterEntry e = read_entry(p.table, slot, module_id);
+        const int R = e.rank;
+        if (R == 0) continue;
+        collect_tokens(g, slot, t0, n);
+        const int nt = g.num_tokens;
+        const int rk = (R + 15) & ~15;  // K padded to the mma's 16 with zeros
+        // u (fp32 partial sums) -> 16-bit operand tile
+        for (int idx = tid; idx < LMX_TILE_T * rk; idx += LMX_THREADS) {
+            const int i = idx / rk, r = idx % rk;
+            float v = 0.f;
+            if (i < nt && r < R) {
+                const long long t = g.tokens[i];
+                for (int c = 0; c < p.ksplit; ++c)
+                    v += p.partial[(((long long)blockIdx.z * p.ksplit + c) * p.T + t) * p.table.max_rank + r];
+            }
+            us[i][r] = from_f32<BF16>(v);
+        }
+        const bool vec = (R % 8 == 0) && ((reinterpret_cast<u64>(e.b) & 15) == 0);
+        for (int idx = tid; idx < EXPAND_OTILE * (rk / 8); idx += LMX_THREADS) {
+            const int o = idx / (rk / 8), r = (idx % (rk / 8)) * 8;
+            u16 v[8];
+            if (o0 + o < ho) {
+                load8(e.b + (long long)(o0 + o) * R, r, R, vec, v);
+            } else {
+#pragma unroll
+                for (int k = 0; k < 8; ++k) v[k] = 0;
+            }
+#pragma unroll
+            for (int k = 0; k < 8; ++k) bs[o][r + k] = v[k];
+        }
+        __syncthreads();
+        const int mt = warp & 3, nh = warp >> 2;
+        if (mt * 16 < nt) {
+            float acc[4][4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+            for (int kk = 0; kk < rk; kk += 16) {
+                u32 af[4];
+                const int r0 = mt * 16 + gq;
+                af[0] = *reinterpret_cast<const u32*>(&us[r0][kk + tq * 2]);
+                af[1] = *reinterpret_cast<const u32*>(&us[r0 + 8][kk + tq * 2]);
+                af[2] = *reinterpret_cast<const u32*>(&us[r0][kk + tq * 2 + 8]);
+                af[3] = *reinterpret_cast<const u32*>(&us[r0 + 8][kk + tq * 2 + 8]);
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const int ob = nh * 32 + i * 8 + gq;
+                    u32 bf[2];
+                    bf[0] = *reinterpret_cast<const u32*>(&bs[ob][kk + tq * 2]);
+                    bf[1] = *reinterpret_cast<const u32*>(&bs[ob][kk + tq * 2 + 8]);
+                    mma_16816<BF16>(acc[i], af, bf);
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+#pragma unroll
+                for (int h = 0; h < 4; ++h) {
+                    const int row = mt * 16 + gq + ((h & 2) ? 8 : 0);
+                    const int o = o0 + nh * 32 + i * 8 + tq * 2 + (h & 1);
+                    if (row < nt && o < ho) store_y<BF16>(p, e, g.tokens[row], off + o, o, acc[i][h]);
+                }
+            }
+        }
+        __syncthreads();
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(LMX_THREADS) lora_expand_decode_bf16(const ExpandArgs p) { expand_decode<true>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS) lora_expand_decode_f16(const ExpandArgs p) { expand_decode<false>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS) lora_expand_tile_bf16(const ExpandArgs p) { expand_tile<true>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS) lora_expand_tile_f16(const ExpandArgs p) { expand_tile<false>(p); }

@@ -1,0 +1,221 @@
+// LoRA shrink: partial[s, c, t, r] = sum_{i in split c} x[t, i] * A_{slot(t)}[r, i]  (fp32).
+// Tokens are grouped by adapter slot inside each 64-token tile, so one block reads an adapter's
+// A chunk once for all its tokens; the reduction dim is split over blockIdx.x (ksplit) so decode
+// batches spread over every SM. The expand kernel sums the ksplit partials when it loads u.
+// lora_common.cuh is prepended by the loader.
+
+// Decode (T <= 64): CUDA cores, one warp row at a time, 16-byte loads; A kept in registers.
+template <bool BF16>
+__device__ void shrink_decode(const ShrinkArgs& p) {
+    __shared__ TileGroups g;
+    const int s = blockIdx.z;
+    const int c = blockIdx.x;
+    if (s >= p.slices.count) return;
+    const int module_id = p.slices.module_id[s];
+    group_tile(g, p.slot_of_token, 0, p.T, p.table.num_slots);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int k_begin = c * p.kchunk;
+    const int k_end = min(p.hi, k_begin + p.kchunk);
+    const int passes = (k_end - k_begin + 255) >> 8;  // <= 4 (planner keeps kchunk <= 1024)
+    const bool vec = (p.hi % 8 == 0) && (p.x_stride % 8 == 0) &&
+                     ((reinterpret_cast<u64>(p.x) & 15) == 0);
+    for (int d = blockIdx.y; d < g.num_distinct; d += p.group_stride) {
+        const int slot = g.distinct[d];
+        const AdapterEntry e = read_entry(p.table, slot, module_id);
+        collect_tokens(g, slot, 0, p.T);
+        const int R = e.rank;
+        float* out = p.partial + ((long long)(s * p.ksplit + c) * p.T) * p.table.max_rank;
+        for (int r = warp; r < R; r += 8) {
+            u16 a[4][8];
+            const u16* arow = e.a + (long long)r * p.hi;
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                if (q < passes) load8(arow, k_begin + q * 256 + lane * 8, k_end, vec, a[q]);
+            }
+            for (int i = 0; i < g.num_tokens; ++i) {
+                const int t = g.tokens[i];
+                const u16* xrow = p.x + (long long)t * p.x_stride;
+                float sum = 0.f;
+#pragma unroll
+                for (int q = 0; q < 4; ++q) {
+                    if (q < passes) {
+                        u16 xv[8];
+                        load8(xrow, k_begin + q * 256 + lane * 8, k_end, vec, xv);
+#pragma unroll
+                        for (int k = 0; k < 8; ++k) sum += to_f32<BF16>(xv[k]) * to_f32<BF16>(a[q][k]);
+                    }
+                }
+#pragma unroll
+                for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+                if (lane == 0) out[(long long)t * p.table.max_rank + r] = sum;
+            }
+        }
+        __syncthreads();  // g.tokens is rewritten by the next group
+    }
+}
+
+// mma.sync m16n8k16, fp32 accumulate. A: 4 regs (row-major 16x16), B: 2 regs (col-major 16x8).
+template <bool BF16>
+__device__ __forceinline__ void mma16816(float c[4], const u32 a[4], const u32 b[2]);
+template <>
+__device__ __forceinline__ void mma16816<true>(float c[4], const u32 a[4], const u32 b[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+template <>
+__device__ __forceinline__ void mma16816<false>(float c[4], const u32 a[4], const u32 b[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+#define SHRINK_KSTEP 32
+#define SHRINK_PITCH 40  // halves per smem row: 80 bytes, conflict-free fragment loads
+
+__device__ __forceinline__ uint4 pack8(const u16 v[8]) {
+    return make_uint4(pack2(v[0], v[1]), pack2(v[2], v[3]), pack2(v[4], v[5]), pack2(v[6], v[7]));
+}
+
+// Prefill (T > 64): tensor cores. Block = (split c, tile*group_stride + j, slice s); 8 warps:
+// warp w owns token rows 16*(w&3).. and every other 8-wide rank tile starting at (w>>2).
+template <bool BF16>
+__device__ void shrink_tile(const ShrinkArgs& p) {
+    __shared__ TileGroups g;
+    __shared__ __align__(16) u16 xs[LMX_TILE_T][SHRINK_PITCH];
+    __shared__ __align__(16) u16 as[128][SHRINK_PITCH];
+    const int s = blockIdx.z;
+    const int c = blockIdx.x;
+    if (s >= p.slices.count) return;
+    const int module_id = p.slices.module_id[s];
+    const int tile = blockIdx.y / p.group_stride;
+    const int j = blockIdx.y % p.group_stride;
+    const int t0 = tile * LMX_TILE_T;
+    if (t0 >= p.T) return;
+    const int n = min(LMX_TILE_T, p.T - t0);
+    group_tile(g, p.slot_of_token, t0, n, p.table.num_slots);
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int gq = lane >> 2, tq = lane & 3;
+    const int k_begin = c * p.kchunk;
+    const int k_end = min(p.hi, k_begin + p.kchunk);
+    const bool vec = (p.hi % 8 == 0) && (p.x_stride % 8 == 0) &&
+                     ((reinterpret_cast<u64>(p.x) & 15) == 0);
+    for (int d = j; d < g.num_distinct; d += p.group_stride) {
+        const int slot = g.distinct[d];
+        const AdapterEntry e = read_entry(p.table, slot, module_id);
+        collect_tokens(g, slot, t0, n);
+        const int R = e.rank;
+        const int ntile8 = (R + 7) >> 3;
+        const int nrows_a = ntile8 * 8;
+        const int nt = g.num_tokens;
+        const int mt = warp & 3, nbase = warp >> 2;
+        float acc[8][4];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+        // Register staging of the next k-step: x (1 chunk of 8) and A (up to 2 chunks of 8).
+        const int xr = tid >> 2, xc = (tid & 3) * 8;
+        uint4 xv, av[2];
+        auto fetch = [&](int k0) {
+            u16 tmp[8];
+            if (xr < nt) {
+                load8(p.x + (long long)g.tokens[xr] * p.x_stride, k0 + xc, k_end, vec, tmp);
+                xv = pack8(tmp);
+            } else {
+                xv = make_uint4(0, 0, 0, 0);
+            }
+#pragma unroll
+            for (int q = 0; q < 2; ++q) {
+                const int idx = tid + q * LMX_THREADS;
+                const int ar = idx >> 2, ac = (idx & 3) * 8;
+                if (ar < R) {
+                    load8(e.a + (long long)ar * p.hi, k0 + ac, k_end, vec, tmp);
+                    av[q] = pack8(tmp);
+                } else {
+                    av[q] = make_uint4(0, 0, 0, 0);
+                }
+            }
+        };
+        if (k_begin < k_end) fetch(k_begin);
+        for (int k0 = k_begin; k0 < k_end; k0 += SHRINK_KSTEP) {
+            *reinterpret_cast<uint4*>(&xs[xr][xc]) = xv;
+#pragma unroll
+            for (int q = 0; q < 2; ++q) {
+                const int idx = tid + q * LMX_THREADS;
+                const int ar = idx >> 2, ac = (idx & 3) * 8;
+                if (ar < nrows_a) *reinterpret_cast<uint4*>(&as[ar][ac]) = av[q];
+            }
+            __syncthreads();
+            if (k0 + SHRINK_KSTEP < k_end) fetch(k0 + SHRINK_KSTEP);
+            if (mt * 16 < nt) {
+#pragma unroll
+                for (int kk = 0; kk < SHRINK_KSTEP; kk += 16) {
+                    u32 af[4];
+                    const int r0 = mt * 16 + gq;
+                    af[0] = *reinterpret_cast<const u32*>(&xs[r0][kk + tq * 2]);
+                    af[1] = *reinterpret_cast<const u32*>(&xs[r0 + 8][kk + tq * 2]);
+                    af[2] = *reinterpret_cast<const u32*>(&xs[r0][kk + tq * 2 + 8]);
+                    af[3] = *reinterpret_cast<const u32*>(&xs[r0 + 8][kk + tq * 2 + 8]);
+#pragma unroll
+                    for (int i = 0; i < 8; ++i) {
+                        const int nb = nbase + 2 * i;
+                        if (nb < ntile8) {
+                            u32 bf[2];
+                            bf[0] = *reinterpret_cast<const u32*>(&as[nb * 8 + gq][kk + tq * 2]);
+                            bf[1] = *reinterpret_cast<const u32*>(&as[nb * 8 + gq][kk + tq * 2 + 8]);
+                            mma16816<BF16>(acc[i], af, bf);
+                        }
+                    }
+                }
+            }
+            __syncthreads();
+        }
+        float* out = p.partial + ((long long)(s * p.ksplit + c) * p.T) * p.table.max_rank;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const int nb = nbase + 2 * i;
+            if (nb < ntile8) {
+#pragma unroll
+                for (int h = 0; h < 4; ++h) {
+                    const int row = mt * 16 + gq + ((h & 2) ? 8 : 0);
+                    const int r = nb * 8 + tq * 2 + (h & 1);
+                    if (row < nt && r < R)
+                        out[(long long)g.tokens[row] * p.table.max_rank + r] = acc[i][h];
+                }
+            }
+        }
+        __syncthreads();
+    }
+}
+
+// u[s, t, r] = sum_c partial[s, c, t, r] where token t's adapter has rank > r, else 0: the
+// standalone shrink's output (lora_apply skips this and lets expand read the partials).
+__device__ void shrink_reduce(const ReduceArgs& p) {
+    const int R = p.table.max_rank;
+    const long long total = (long long)p.slices.count * p.T * R;
+    for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < total;
+         idx += (long long)gridDim.x * blockDim.x) {
+        const int r = (int)(idx % R);
+        const int t = (int)((idx / R) % p.T);
+        const int s = (int)(idx / ((long long)R * p.T));
+        const int slot = p.slot_of_token[t];
+        float v = 0.f;
+        if (slot >= 0 && slot < p.table.num_slots) {
+            const AdapterEntry e = read_entry(p.table, slot, p.slices.module_id[s]);
+            if (r < e.rank) {
+                for (int c = 0; c < p.ksplit; ++c)
+                    v += p.partial[(((long long)s * p.ksplit + c) * p.T + t) * R + r];
+            }
+        }
+        p.u[idx] = v;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(LMX_THREADS) lora_shrink_decode_bf16(const ShrinkArgs p) { shrink_decode<true>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS) lora_shrink_decode_f16(const ShrinkArgs p) { shrink_decode<false>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS) lora_shrink_tile_bf16(const ShrinkArgs p) { shrink_tile<true>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS) lora_shrink_tile_f16(const ShrinkArgs p) { shrink_tile<false>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS) lora_shrink_reduce(const ReduceArgs p) { shrink_reduce(p); }

@@ -1,0 +1,182 @@
+"""The CUDA LoRA ops: lora_shrink / lora_expand / lora_apply with the signatures of loramux.ops
+(docs/internals.md), run by the NVRTC-compiled kernels of cuda/ on the current torch stream.
+
+This module only translates tensors to raw pointers and sizes; the Rust core validates, plans
+and launches (rust/src/cuda/). No host sync, no metadata copy: CUDA-graph capturable.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+import site
+import sys
+from typing import List, Optional, Sequence
+
+from loramux import _core
+from loramux.errors import LoraCudaError
+
+__all__ = ["available", "supports", "lora_shrink", "lora_expand", "lora_apply", "nvrtc_library"]
+
+MAX_RANK = _core.KERNEL_MAX_RANK
+MAX_SLICES = _core.KERNEL_MAX_SLICES
+_DTYPES = {"torch.float16": "float16", "torch.bfloat16": "bfloat16"}
+
+_nvrtc_handle: Optional[ctypes.CDLL] = None
+
+
+def _nvrtc_candidates() -> List[str]:
+    """libnvrtc files, most specific first: the torch wheel's nvidia packages, then a toolkit."""
+    roots = list(sys.path)
+    try:
+        roots += site.getsitepackages() + [site.getusersitepackages()]
+    except AttributeError:  # virtualenvs without site.getsitepackages
+        pass
+    found = []
+    for root in roots:
+        if not root or not os.path.isdir(os.path.join(root, "nvidia")):
+            continue
+        for pattern in ("nvidia/cu13/lib/libnvrtc.so.1*", "nvidia/cuda_nvrtc/lib/libnvrtc.so.1*"):
+            found += sorted(glob.glob(os.path.join(root, pattern)))
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        home = os.environ.get(var)
+        if home:
+            found += sorted(glob.glob(os.path.join(home, "lib64", "libnvrtc.so*")))
+    found += sorted(glob.glob("/usr/local/cuda/lib64/libnvrtc.so*"))
+    # libnvrtc.so.13 / .so.12 are the sonames; skip the builtins and alias libraries
+    return [p for p in dict.fromkeys(found) if "builtins" not in p and "alt" not in os.path.basename(p)]
+
+
+def nvrtc_library() -> Optional[str]:
+    """Loads libnvrtc globally (so the Rust core finds it by soname); returns its path, or None."""
+    global _nvrtc_handle
+    if _nvrtc_handle is not None:
+        return _nvrtc_handle._name
+    for path in _nvrtc_candidates():
+        try:
+            _nvrtc_handle = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+            return path
+        except OSError:
+            continue
+    return None
+
+
+def available() -> bool:
+    """True when a CUDA device, the driver and libnvrtc are all there."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    if not torch.cuda.is_available():
+        return False
+    nvrtc_library()
+    return bool(_core.nvrtc_available())
+
+
+def supports(dtype, max_rank: int, num_slices: int = 1) -> bool:
+    """Whether the kernels take this case (else loramux.ops keeps the torch reference)."""
+    return str(dtype) in _DTYPES and 1 <= max_rank <= MAX_RANK and 1 <= num_slices <= MAX_SLICES
+
+
+def _dtype_name(dtype) -> str:
+    name = _DTYPES.get(str(dtype))
+    if name is None:
+        raise LoraCudaError(f"the CUDA LoRA kernels take float16 or bfloat16, got {dtype}")
+    return name
+
+
+def _rows(name: str, t, device) -> None:
+    if t.device != device:
+        raise LoraCudaError(f"{name} is on {t.device}, expected {device}")
+    if t.dim() != 2 or (t.shape[1] > 1 and t.stride(1) != 1):
+        raise LoraCudaError(f"{name} must be 2-D with contiguous rows, got shape {tuple(t.shape)} strides {t.stride()}")
+
+
+def _batch(meta, layer: int, device, tokens: int):
+    import torch
+
+    nvrtc_library()
+    table, slots = meta.table, meta.slot_of_token
+    for name, t, dt in (("meta.table", table, torch.int64), ("meta.slot_of_token", slots, torch.int32)):
+        if t.device != device:
+            raise LoraCudaError(f"{name} is on {t.device}, the activations on {device}")
+        if t.dtype != dt or not t.is_contiguous():
+            raise LoraCudaError(f"{name} must be a contiguous {dt} tensor, got {t.dtype}")
+    if table.dim() != 4 or table.shape[2] != 19 or table.shape[3] != 4:
+        raise LoraCudaError(f"meta.table must be [max_slots, num_layers, 19, 4], got {tuple(table.shape)}")
+    if slots.dim() != 1 or slots.shape[0] != tokens:
+        raise LoraCudaError(f"meta.slot_of_token must be [{tokens}], got {tuple(slots.shape)}")
+    if not 0 <= layer < table.shape[1]:
+        raise LoraCudaError(f"layer {layer} is out of range for a slot table of {table.shape[1]} layers")
+    return _core.KernelBatch(
+        device=device.index if device.index is not None else torch.cuda.current_device(),
+        stream=torch.cuda.current_stream(device).cuda_stream,
+        dtype=_dtype_name(meta.dtype),
+        slot_of_token=slots.data_ptr(),
+        tokens=tokens,
+        table=table.data_ptr(),
+        num_slots=table.shape[0],
+        num_layers=table.shape[1],
+        layer=layer,
+        max_rank=int(meta.max_rank),
+    )
+
+
+def _shrink_partials(x, meta, layer: int, module_ids: Sequence[int]):
+    import torch
+
+    _rows("x", x, x.device)
+    if x.dtype != meta.dtype:
+        raise LoraCudaError(f"x is {x.dtype} but the adapters are {meta.dtype}: serve in one dtype")
+    tokens, hi = x.shape
+    batch = _batch(meta, layer, x.device, tokens)
+    ids = [int(m) for m in module_ids]
+    plan = _core.plan_shrink(tokens, hi, len(ids), meta.table.shape[0])
+    partial = torch.empty(len(ids) * plan[0] * tokens * int(meta.max_rank), dtype=torch.float32, device=x.device)
+    batch.shrink(x.data_ptr(), x.stride(0), hi, ids, partial.data_ptr(), partial.numel(), plan)
+    return batch, ids, plan, partial
+
+
+def lora_shrink(x, meta, layer: int, module_ids: Sequence[int]):
+    """u [len(module_ids), T, max_rank] float32: u[s, t, r] = sum_i x[t, i] A[r, i] (0 past rank)."""
+    import torch
+
+    batch, ids, plan, partial = _shrink_partials(x, meta, layer, module_ids)
+    u = torch.empty((len(ids), x.shape[0], int(meta.max_rank)), dtype=torch.float32, device=x.device)
+    batch.reduce(ids, partial.data_ptr(), plan, u.data_ptr())
+    return u
+
+
+def _expand_checks(y, module_ids, out_sizes, device):
+    _rows("y", y, device)
+    if len(out_sizes) != len(module_ids):
+        raise LoraCudaError(f"{len(out_sizes)} out_sizes for {len(module_ids)} module ids")
+    if sum(out_sizes) > y.shape[1]:
+        raise LoraCudaError(f"sum(out_sizes) = {sum(out_sizes)} is wider than y ({y.shape[1]} columns)")
+
+
+def lora_expand(u, y, meta, layer: int, module_ids: Sequence[int], out_sizes: Sequence[int]) -> None:
+    """In place: y[:, slice s] += u[s] @ B^T per token's adapter; DoRA rows: scale * (y + ...)."""
+    import torch
+
+    ids, sizes = [int(m) for m in module_ids], [int(o) for o in out_sizes]
+    _expand_checks(y, ids, sizes, y.device)
+    if y.dtype != meta.dtype:
+        raise LoraCudaError(f"y is {y.dtype} but the adapters are {meta.dtype}: serve in one dtype")
+    tokens = y.shape[0]
+    want = (len(ids), tokens, int(meta.max_rank))
+    if tuple(u.shape) != want or u.dtype != torch.float32 or not u.is_contiguous() or u.device != y.device:
+        raise LoraCudaError(f"u must be a contiguous float32 {list(want)} tensor on {y.device}, got {u.dtype} {list(u.shape)}")
+    batch = _batch(meta, layer, y.device, tokens)
+    batch.expand(u.data_ptr(), 1, y.data_ptr(), y.stride(0), ids, sizes)
+
+
+def lora_apply(x, y, meta, layer: int, module_ids: Sequence[int], out_sizes: Sequence[int]) -> None:
+    """Shrink then expand in two chained launches (the expand sums the split-K partials)."""
+    sizes = [int(o) for o in out_sizes]
+    _expand_checks(y, list(module_ids), sizes, x.device)
+    if y.shape[0] != x.shape[0] or y.dtype != x.dtype:
+        raise LoraCudaError(f"y {tuple(y.shape)} {y.dtype} does not match x {tuple(x.shape)} {x.dtype}")
+    batch, ids, plan, partial = _shrink_partials(x, meta, layer, module_ids)
+    batch.expand(partial.data_ptr(), plan[0], y.data_ptr(), y.stride(0), ids, sizes)

@@ -1,0 +1,107 @@
+//! The CUDA LoRA kernels for Python (python/loramux/kernels.py): raw pointers and sizes in,
+//! launches on the given stream out. Translation only; validation and planning live in
+//! rust/src/cuda/launch.rs.
+
+use pyo3::prelude::*;
+
+use crate::bindings::errors::IntoPyResult;
+use crate::cuda::{self, launch, nvrtc};
+
+/// One op call's batch and layer, as raw device pointers (`BatchMeta` translated by kernels.py).
+#[pyclass(name = "KernelBatch", module = "loramux._core", frozen)]
+pub struct PyKernelBatch {
+    device: i32,
+    batch: launch::Batch,
+}
+
+#[pymethods]
+impl PyKernelBatch {
+    #[new]
+    #[pyo3(signature = (*, device, stream, dtype, slot_of_token, tokens, table, num_slots, num_layers, layer, max_rank))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        device: i32, stream: u64, dtype: &str, slot_of_token: u64, tokens: usize, table: u64, num_slots: usize,
+        num_layers: usize, layer: usize, max_rank: usize,
+    ) -> PyResult<Self> {
+        let dtype = launch::Dtype::parse(dtype).py()?;
+        let batch = launch::Batch { stream, dtype, slot_of_token, tokens, table, num_slots, num_layers, layer, max_rank };
+        Ok(PyKernelBatch { device, batch })
+    }
+
+    /// Shrink x [T, Hi] into the fp32 partial buffer; `plan` from `plan_shrink`.
+    #[pyo3(signature = (x, x_stride, hi, module_ids, partial, partial_capacity, plan))]
+    #[allow(clippy::too_many_arguments)]
+    fn shrink(
+        &self, x: u64, x_stride: usize, hi: usize, module_ids: Vec<u32>, partial: u64, partial_capacity: usize,
+        plan: (usize, usize),
+    ) -> PyResult<()> {
+        let k = cuda::kernels(self.device).py()?;
+        let plan = launch::ShrinkPlan { ksplit: plan.0, kchunk: plan.1 };
+        launch::shrink(&k, &self.batch, x, x_stride, hi, &module_ids, partial, partial_capacity, &plan).py()
+    }
+
+    /// u [S, T, max_rank] = the summed partials (zero past each token's rank).
+    fn reduce(&self, module_ids: Vec<u32>, partial: u64, plan: (usize, usize), u: u64) -> PyResult<()> {
+        let k = cuda::kernels(self.device).py()?;
+        let plan = launch::ShrinkPlan { ksplit: plan.0, kchunk: plan.1 };
+        launch::reduce(&k, &self.batch, &module_ids, partial, &plan, u).py()
+    }
+
+    /// y[:, slice columns] += partials summed over ksplit @ B^T (DoRA scaled), in place.
+    #[allow(clippy::too_many_arguments)]
+    fn expand(
+        &self, partial: u64, ksplit: usize, y: u64, y_stride: usize, module_ids: Vec<u32>, out_sizes: Vec<usize>,
+    ) -> PyResult<()> {
+        let k = cuda::kernels(self.device).py()?;
+        launch::expand(&k, &self.batch, partial, ksplit, y, y_stride, &module_ids, &out_sizes).py()
+    }
+}
+
+/// (ksplit, kchunk) of the shrink for this geometry.
+#[pyfunction]
+fn plan_shrink(tokens: usize, hi: usize, num_slices: usize, num_slots: usize) -> (usize, usize) {
+    let p = launch::plan_shrink(tokens, hi, num_slices, num_slots);
+    (p.ksplit, p.kchunk)
+}
+
+/// Whether libnvrtc can be opened.
+#[pyfunction]
+fn nvrtc_available() -> bool {
+    nvrtc::library_present()
+}
+
+#[pyfunction]
+fn nvrtc_version() -> PyResult<(i32, i32)> {
+    nvrtc::version().py()
+}
+
+/// Compiles every kernel family for sm_{arch} (no GPU needed, no disk cache):
+/// [(family, cubin bytes)]. A compile error raises LoraCudaError with NVRTC's log.
+#[pyfunction]
+fn nvrtc_compile_all(py: Python<'_>, arch: u32) -> PyResult<Vec<(String, usize)>> {
+    py.detach(|| {
+        nvrtc::FAMILIES
+            .iter()
+            .map(|f| nvrtc::compile(f, &f.source(), arch).map(|b| (f.name.to_string(), b.len())))
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .py()
+}
+
+/// Compiles (or reads from the disk cache) and loads the kernels on `device`; returns its arch.
+#[pyfunction]
+fn load_kernels(py: Python<'_>, device: i32) -> PyResult<u32> {
+    py.detach(|| cuda::kernels(device).map(|k| k.arch)).py()
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyKernelBatch>()?;
+    m.add_function(wrap_pyfunction!(plan_shrink, m)?)?;
+    m.add_function(wrap_pyfunction!(nvrtc_available, m)?)?;
+    m.add_function(wrap_pyfunction!(nvrtc_version, m)?)?;
+    m.add_function(wrap_pyfunction!(nvrtc_compile_all, m)?)?;
+    m.add_function(wrap_pyfunction!(load_kernels, m)?)?;
+    m.add("KERNEL_MAX_RANK", launch::MAX_RANK)?;
+    m.add("KERNEL_MAX_SLICES", launch::MAX_SLICES)?;
+    Ok(())
+}

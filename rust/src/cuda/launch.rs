@@ -1,0 +1,363 @@
+//! Typed launchers, one per kernel family: validate the geometry, plan the grid, and launch on
+//! the caller's raw CUstream with raw device pointers (nothing here owns torch's stream or memory).
+//! The `#[repr(C)]` structs mirror cuda/lora_common.cuh field for field.
+
+use std::ffi::c_void;
+
+use cudarc::driver::{result as drv, sys};
+
+use super::DeviceKernels;
+use crate::error::{LoraError, Result};
+
+pub const MAX_SLICES: usize = 8;
+/// The kernels keep a token tile's u in shared memory: ranks up to this fit.
+pub const MAX_RANK: usize = 128;
+/// Tokens grouped by one block; batches up to this take the decode (split-K) kernels.
+pub const TILE_T: usize = 64;
+const THREADS: u32 = 256;
+const MODULES: u32 = 19;
+/// Enough blocks to keep every SM of an H100 (132) busy several times over.
+const TARGET_BLOCKS: usize = 4 * 132;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dtype {
+    Float16,
+    BFloat16,
+}
+
+impl Dtype {
+    pub fn parse(name: &str) -> Result<Dtype> {
+        match name.trim_start_matches("torch.") {
+            "float16" | "half" => Ok(Dtype::Float16),
+            "bfloat16" => Ok(Dtype::BFloat16),
+            other => Err(LoraError::BadDtype { what: "LoRA kernel input", dtype: other.into(), expected: "float16, bfloat16" }),
+        }
+    }
+    fn suffix(self) -> &'static str {
+        match self {
+            Dtype::Float16 => "f16",
+            Dtype::BFloat16 => "bf16",
+        }
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct LoraSlices {
+    count: i32,
+    module_id: [i32; MAX_SLICES],
+    out_offset: [i32; MAX_SLICES],
+    out_size: [i32; MAX_SLICES],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct LoraTable {
+    layer_base: u64,
+    slot_stride: i64,
+    num_slots: i32,
+    max_rank: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct ShrinkArgs {
+    x: u64,
+    x_stride: i64,
+    slot_of_token: u64,
+    partial: u64,
+    t: i32,
+    hi: i32,
+    ksplit: i32,
+    kchunk: i32,
+    group_stride: i32,
+    table: LoraTable,
+    slices: LoraSlices,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct ExpandArgs {
+    partial: u64,
+    y: u64,
+    y_stride: i64,
+    slot_of_token: u64,
+    t: i32,
+    ksplit: i32,
+    ochunk: i32,
+    group_stride: i32,
+    table: LoraTable,
+    slices: LoraSlices,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct ReduceArgs {
+    partial: u64,
+    u: u64,
+    slot_of_token: u64,
+    t: i32,
+    ksplit: i32,
+    table: LoraTable,
+    slices: LoraSlices,
+}
+
+/// What every op shares: the batch (BatchMeta) and the layer.
+#[derive(Clone, Debug)]
+pub struct Batch {
+    pub stream: u64,
+    pub dtype: Dtype,
+    /// int32 [T] device pointer
+    pub slot_of_token: u64,
+    pub tokens: usize,
+    /// int64 [max_slots, num_layers, 19, 4] device pointer
+    pub table: u64,
+    pub num_slots: usize,
+    pub num_layers: usize,
+    pub layer: usize,
+    pub max_rank: usize,
+}
+
+impl Batch {
+    fn check(&self) -> Result<()> {
+        let bad = |msg: String| Err(LoraError::Cuda(msg));
+        if self.layer >= self.num_layers {
+            return bad(format!("layer {} is out of range for a slot table of {} layers", self.layer, self.num_layers));
+        }
+        if self.max_rank == 0 || self.max_rank > MAX_RANK {
+            return bad(format!("max_rank {} must be in 1..={MAX_RANK} for the CUDA kernels", self.max_rank));
+        }
+        if self.tokens > i32::MAX as usize / 2 {
+            return bad(format!("{} tokens is more than the kernels index", self.tokens));
+        }
+        if self.num_slots == 0 {
+            return bad("the slot table has no slots".into());
+        }
+        Ok(())
+    }
+
+    fn table_args(&self) -> LoraTable {
+        let slot_stride = (self.num_layers * MODULES as usize * 4) as i64;
+        LoraTable {
+            layer_base: self.table + (self.layer * MODULES as usize * 4 * 8) as u64,
+            slot_stride,
+            num_slots: self.num_slots as i32,
+            max_rank: self.max_rank as i32,
+        }
+    }
+
+    fn decode(&self) -> bool {
+        self.tokens <= TILE_T
+    }
+
+    fn tiles(&self) -> usize {
+        self.tokens.div_ceil(TILE_T)
+    }
+
+    /// Blocks of a tile that split its distinct adapters between them.
+    fn group_stride(&self) -> usize {
+        if self.decode() {
+            self.tokens.min(self.num_slots).max(1)
+        } else {
+            4.min(self.num_slots)
+        }
+    }
+}
+
+fn slices(module_ids: &[u32], out_sizes: Option<&[usize]>) -> Result<LoraSlices> {
+    if module_ids.is_empty() || module_ids.len() > MAX_SLICES {
+        return Err(LoraError::Cuda(format!("{} slices: one launch takes 1..={MAX_SLICES}", module_ids.len())));
+    }
+    let mut s = LoraSlices { count: module_ids.len() as i32, ..Default::default() };
+    let mut offset = 0usize;
+    for (i, &m) in module_ids.iter().enumerate() {
+        if m >= MODULES {
+            return Err(LoraError::UnknownModuleId { row: i, module_id: m as i64 });
+        }
+        s.module_id[i] = m as i32;
+        if let Some(sizes) = out_sizes {
+            s.out_offset[i] = offset as i32;
+            s.out_size[i] = sizes[i] as i32;
+            offset += sizes[i];
+        }
+    }
+    if offset > i32::MAX as usize {
+        return Err(LoraError::Cuda("output width past 2^31".into()));
+    }
+    Ok(s)
+}
+
+/// How the shrink splits its reduction dim: `ksplit` partial sums of `kchunk` elements each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShrinkPlan {
+    pub ksplit: usize,
+    pub kchunk: usize,
+}
+
+pub fn plan_shrink(tokens: usize, hi: usize, num_slices: usize, num_slots: usize) -> ShrinkPlan {
+    let decode = tokens <= TILE_T;
+    // decode: a block holds up to 4 x 256 elements of each A row in registers; prefill: the tensor
+    // core kernel steps 32 at a time, and splits only to fill the SMs.
+    let (granule, max_chunk) = if decode { (256, 1024) } else { (32, usize::MAX) };
+    let groups = if decode { tokens.min(num_slots).max(1) } else { tokens.div_ceil(TILE_T) };
+    let blocks_wo_split = (groups * num_slices).max(1);
+    let want = TARGET_BLOCKS.div_ceil(blocks_wo_split).max(1);
+    let max_split = if decode { hi.div_ceil(granule) } else { 4.min(hi.div_ceil(granule)) };
+    let ksplit = want.min(max_split).max(1);
+    let kchunk = hi.div_ceil(ksplit).div_ceil(granule).max(1) * granule;
+    let kchunk = kchunk.min(max_chunk);
+    ShrinkPlan { ksplit: hi.div_ceil(kchunk).max(1), kchunk }
+}
+
+/// Elements of the fp32 partial buffer a shrink with this plan writes: [S, ksplit, T, max_rank].
+pub fn partial_len(plan: &ShrinkPlan, num_slices: usize, tokens: usize, max_rank: usize) -> usize {
+    num_slices * plan.ksplit * tokens * max_rank
+}
+
+unsafe fn launch<A>(k: &DeviceKernels, name: &str, grid: (u32, u32, u32), stream: u64, args: &A) -> Result<()> {
+    let f = k.function(name)?;
+    let mut params = [args as *const A as *mut c_void];
+    drv::launch_kernel(f, grid, (THREADS, 1, 1), 0, stream as sys::CUstream, &mut params)
+        .map_err(|e| LoraError::Cuda(format!("launch {name}: {e:?}")))
+}
+
+/// Shrink into the partial buffer. `partial` must hold `partial_len(plan, ...)` floats.
+#[allow(clippy::too_many_arguments)]
+pub fn shrink(
+    k: &DeviceKernels, b: &Batch, x: u64, x_stride: usize, hi: usize, module_ids: &[u32],
+    partial: u64, partial_capacity: usize, plan: &ShrinkPlan,
+) -> Result<()> {
+    b.check()?;
+    let sl = slices(module_ids, None)?;
+    if b.tokens == 0 || hi == 0 {
+        return Ok(());
+    }
+    if x_stride < hi {
+        return Err(LoraError::Cuda(format!("x row stride {x_stride} is shorter than Hi {hi}")));
+    }
+    let need = partial_len(plan, module_ids.len(), b.tokens, b.max_rank);
+    if partial_capacity < need {
+        return Err(LoraError::Cuda(format!("partial buffer holds {partial_capacity} floats, the plan needs {need}")));
+    }
+    let gs = b.group_stride();
+    let args = ShrinkArgs {
+        x,
+        x_stride: x_stride as i64,
+        slot_of_token: b.slot_of_token,
+        partial,
+        t: b.tokens as i32,
+        hi: hi as i32,
+        ksplit: plan.ksplit as i32,
+        kchunk: plan.kchunk as i32,
+        group_stride: gs as i32,
+        table: b.table_args(),
+        slices: sl,
+    };
+    let (kind, gy) = if b.decode() { ("decode", gs) } else { ("tile", b.tiles() * gs) };
+    let name = format!("lora_shrink_{kind}_{}", b.dtype.suffix());
+    let grid = (plan.ksplit as u32, gy as u32, module_ids.len() as u32);
+    unsafe { launch(k, &name, grid, b.stream, &args) }
+}
+
+/// Sums the partials into u [S, T, max_rank] (zero past each token's rank): the standalone shrink.
+pub fn reduce(k: &DeviceKernels, b: &Batch, module_ids: &[u32], partial: u64, plan: &ShrinkPlan, u: u64) -> Result<()> {
+    b.check()?;
+    let sl = slices(module_ids, None)?;
+    let total = module_ids.len() * b.tokens * b.max_rank;
+    if total == 0 {
+        return Ok(());
+    }
+    let args = ReduceArgs {
+        partial,
+        u,
+        slot_of_token: b.slot_of_token,
+        t: b.tokens as i32,
+        ksplit: plan.ksplit as i32,
+        table: b.table_args(),
+        slices: sl,
+    };
+    let blocks = total.div_ceil(THREADS as usize).min(8 * 132) as u32;
+    unsafe { launch(k, "lora_shrink_reduce", (blocks, 1, 1), b.stream, &args) }
+}
+
+/// Expand from `ksplit` partials (ksplit = 1 for a caller's u) into y, in place.
+#[allow(clippy::too_many_arguments)]
+pub fn expand(
+    k: &DeviceKernels, b: &Batch, partial: u64, ksplit: usize, y: u64, y_stride: usize, module_ids: &[u32],
+    out_sizes: &[usize],
+) -> Result<()> {
+    b.check()?;
+    if out_sizes.len() != module_ids.len() {
+        return Err(LoraError::Cuda(format!("{} out_sizes for {} module ids", out_sizes.len(), module_ids.len())));
+    }
+    let sl = slices(module_ids, Some(out_sizes))?;
+    let width: usize = out_sizes.iter().sum();
+    if y_stride < width {
+        return Err(LoraError::Cuda(format!("y row stride {y_stride} is narrower than sum(out_sizes) = {width}")));
+    }
+    let max_out = out_sizes.iter().copied().max().unwrap_or(0);
+    if b.tokens == 0 || max_out == 0 {
+        return Ok(());
+    }
+    let gs = b.group_stride();
+    let ochunk = if b.decode() { THREADS as usize } else { 64 };
+    let args = ExpandArgs {
+        partial,
+        y,
+        y_stride: y_stride as i64,
+        slot_of_token: b.slot_of_token,
+        t: b.tokens as i32,
+        ksplit: ksplit as i32,
+        ochunk: ochunk as i32,
+        group_stride: gs as i32,
+        table: b.table_args(),
+        slices: sl,
+    };
+    let (kind, gy) = if b.decode() { ("decode", gs) } else { ("tile", b.tiles() * gs) };
+    let name = format!("lora_expand_{kind}_{}", b.dtype.suffix());
+    let grid = (max_out.div_ceil(ochunk) as u32, gy as u32, module_ids.len() as u32);
+    unsafe { launch(k, &name, grid, b.stream, &args) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn struct_layouts_match_the_c_side() {
+        // sizes as the CUDA compiler lays out lora_common.cuh (8-byte aligned members)
+        assert_eq!(std::mem::size_of::<LoraSlices>(), 4 + 3 * 4 * MAX_SLICES);
+        assert_eq!(std::mem::size_of::<LoraTable>(), 24);
+        assert_eq!(std::mem::size_of::<ShrinkArgs>(), 32 + 20 + 4 + 24 + 100 + 4);
+    }
+
+    #[test]
+    fn plan_covers_the_reduction_dim() {
+        for &(t, hi, s, slots) in &[(1, 4096, 1, 8), (32, 14336, 3, 64), (64, 576, 2, 4), (2048, 4096, 3, 128), (8192, 1536, 1, 2), (1, 7, 1, 1)] {
+            let p = plan_shrink(t, hi, s, slots);
+            assert!(p.ksplit >= 1 && p.kchunk * p.ksplit >= hi, "{t} {hi}: {p:?}");
+            assert!(p.kchunk * (p.ksplit - 1) < hi, "empty split {p:?}");
+            if t <= TILE_T {
+                assert!(p.kchunk % 256 == 0 && p.kchunk <= 1024);
+            } else {
+                assert!(p.kchunk % 32 == 0);
+            }
+        }
+    }
+
+    #[test]
+    fn slices_reject_bad_module_ids_and_counts() {
+        assert!(matches!(slices(&[1, 19], None), Err(LoraError::UnknownModuleId { row: 1, .. })));
+        assert!(slices(&[], None).is_err());
+        assert!(slices(&[1; 9], None).is_err());
+        let s = slices(&[1, 2, 3], Some(&[4096, 1024, 1024])).unwrap();
+        assert_eq!((s.out_offset[2], s.out_size[2]), (5120, 1024));
+    }
+
+    #[test]
+    fn dtype_names() {
+        assert_eq!(Dtype::parse("torch.bfloat16").unwrap(), Dtype::BFloat16);
+        assert_eq!(Dtype::parse("float16").unwrap(), Dtype::Float16);
+        assert!(matches!(Dtype::parse("float32"), Err(LoraError::BadDtype { .. })));
+    }
+}

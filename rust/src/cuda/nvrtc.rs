@@ -1,0 +1,193 @@
+//! NVRTC: compiles the embedded kernel sources (cuda/*.cu) to a CUBIN for one GPU arch at first
+//! use, and keeps the result on disk keyed by source hash, arch and NVRTC version.
+//!
+//! libnvrtc is opened at run time by cudarc under its usual names (libnvrtc.so.13, ...); the
+//! Python layer preloads it from the torch wheel's nvidia folder or CUDA_HOME when the dynamic
+//! loader would not find it by name. Absent, every entry point returns `LoraError::Cuda`.
+
+use std::ffi::{c_char, CString};
+use std::path::PathBuf;
+
+use cudarc::nvrtc::{result as nvrtc, sys};
+
+use crate::error::{LoraError, Result};
+
+/// Prepended to every family: argument structs, 16-bit float conversion, token grouping.
+const COMMON: &str = include_str!("../../../cuda/lora_common.cuh");
+
+/// One .cu file: its kernels are compiled and loaded together.
+pub struct KernelFamily {
+    pub name: &'static str,
+    pub body: &'static str,
+    pub functions: &'static [&'static str],
+}
+
+pub const SHRINK: KernelFamily = KernelFamily {
+    name: "lora_shrink",
+    body: include_str!("../../../cuda/lora_shrink.cu"),
+    functions: &[
+        "lora_shrink_decode_bf16",
+        "lora_shrink_decode_f16",
+        "lora_shrink_tile_bf16",
+        "lora_shrink_tile_f16",
+        "lora_shrink_reduce",
+    ],
+};
+
+pub const EXPAND: KernelFamily = KernelFamily {
+    name: "lora_expand",
+    body: include_str!("../../../cuda/lora_expand.cu"),
+    functions: &["lora_expand_decode_bf16", "lora_expand_decode_f16", "lora_expand_tile_bf16", "lora_expand_tile_f16"],
+};
+
+pub const FAMILIES: [&KernelFamily; 2] = [&SHRINK, &EXPAND];
+
+impl KernelFamily {
+    pub fn source(&self) -> String {
+        format!("{COMMON}\n#line 1 \"{}.cu\"\n{}", self.name, self.body)
+    }
+}
+
+/// Whether a libnvrtc can be opened (cudarc panics on first use otherwise; we ask first).
+pub fn library_present() -> bool {
+    std::panic::catch_unwind(|| unsafe { sys::is_culib_present() }).unwrap_or(false)
+}
+
+fn require_library() -> Result<()> {
+    if library_present() {
+        Ok(())
+    } else {
+        Err(LoraError::Cuda(
+            "libnvrtc not found: install the CUDA runtime wheels that come with torch (nvidia/cu13 or \
+             nvidia-cuda-nvrtc) or a CUDA toolkit, or put its lib folder on LD_LIBRARY_PATH"
+                .into(),
+        ))
+    }
+}
+
+/// (major, minor) of the NVRTC in use.
+pub fn version() -> Result<(i32, i32)> {
+    require_library()?;
+    let (mut major, mut minor) = (0, 0);
+    let rc = std::panic::catch_unwind(move || unsafe {
+        let rc = sys::nvrtcVersion(&mut major, &mut minor);
+        (rc, major, minor)
+    })
+    .map_err(|_| LoraError::Cuda("libnvrtc has no nvrtcVersion".into()))?;
+    rc.0.result().map_err(|e| LoraError::Cuda(format!("nvrtcVersion: {e}")))?;
+    Ok((rc.1, rc.2))
+}
+
+/// Compile options; part of the cache key.
+fn options(arch: u32) -> Vec<String> {
+    vec![format!("--gpu-architecture=sm_{arch}"), "-std=c++17".into(), "--fmad=true".into()]
+}
+
+/// FNV-1a: a hash that stays the same across Rust versions, so the disk cache stays valid.
+fn fnv1a64(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for part in parts {
+        for b in part.iter() {
+            h ^= *b as u64;
+            h = h.wrapping_mul(0x100000001b3);
+        }
+        h ^= 0xff;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h
+}
+
+fn cache_dir() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("LORAMUX_KERNEL_CACHE") {
+        return Some(PathBuf::from(dir));
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(base.join("loramux").join("kernels"))
+}
+
+/// The CUBIN of `family` for `sm_{arch}`, from the disk cache or freshly compiled.
+pub fn cubin(family: &KernelFamily, arch: u32) -> Result<Vec<u8>> {
+    let (major, minor) = version()?;
+    let source = family.source();
+    let opts = options(arch).join(" ");
+    let key = fnv1a64(&[source.as_bytes(), opts.as_bytes(), format!("{major}.{minor}").as_bytes()]);
+    let path = cache_dir().map(|d| d.join(format!("{}-sm{arch}-nvrtc{major}.{minor}-{key:016x}.cubin", family.name)));
+    if let Some(p) = &path {
+        if let Ok(bytes) = std::fs::read(p) {
+            if !bytes.is_empty() {
+                return Ok(bytes);
+            }
+        }
+    }
+    let bytes = compile(family, &source, arch)?;
+    if let Some(p) = &path {
+        // Best effort: a read-only home only costs a recompile next time. Write then rename so a
+        // concurrent reader never sees half a file.
+        if let Some(dir) = p.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let tmp = p.with_extension(format!("tmp{}", std::process::id()));
+        if std::fs::write(&tmp, &bytes).is_ok() {
+            let _ = std::fs::rename(&tmp, p);
+        }
+    }
+    Ok(bytes)
+}
+
+/// Compiles without the disk cache; a compile error carries NVRTC's log.
+pub fn compile(family: &KernelFamily, source: &str, arch: u32) -> Result<Vec<u8>> {
+    require_library()?;
+    let src = CString::new(source).map_err(|_| LoraError::Cuda("kernel source holds a NUL byte".into()))?;
+    let name = CString::new(format!("{}.cu", family.name)).expect("no NUL in family names");
+    let cuda = |what: &str, e: nvrtc::NvrtcError| LoraError::Cuda(format!("NVRTC {what}: {e}"));
+    let prog = nvrtc::create_program(&src, Some(&name)).map_err(|e| cuda("create program", e))?;
+    let result = (|| unsafe {
+        if let Err(e) = nvrtc::compile_program(prog, &options(arch)) {
+            let log = nvrtc::get_program_log(prog).map(|l| c_chars_to_string(&l)).unwrap_or_default();
+            return Err(if e.0 == sys::nvrtcResult::NVRTC_ERROR_COMPILATION {
+                LoraError::Compile { kernel: format!("{} (sm_{arch})", family.name), log }
+            } else {
+                LoraError::Cuda(format!("NVRTC compile {}: {e}: {log}", family.name))
+            });
+        }
+        let mut size = 0usize;
+        sys::nvrtcGetCUBINSize(prog, &mut size).result().map_err(|e| cuda("cubin size", e))?;
+        let mut bytes = vec![0u8; size];
+        sys::nvrtcGetCUBIN(prog, bytes.as_mut_ptr() as *mut c_char).result().map_err(|e| cuda("get cubin", e))?;
+        Ok(bytes)
+    })();
+    unsafe {
+        let _ = nvrtc::destroy_program(prog);
+    }
+    result
+}
+
+fn c_chars_to_string(chars: &[c_char]) -> String {
+    let bytes: Vec<u8> = chars.iter().take_while(|c| **c != 0).map(|c| *c as u8).collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_key_changes_with_every_part() {
+        let base = fnv1a64(&[b"src", b"opts", b"13.0"]);
+        assert_ne!(base, fnv1a64(&[b"src2", b"opts", b"13.0"]));
+        assert_ne!(base, fnv1a64(&[b"src", b"opts", b"13.2"]));
+        assert_ne!(fnv1a64(&[b"ab", b"c"]), fnv1a64(&[b"a", b"bc"]));
+    }
+
+    #[test]
+    fn every_family_names_its_functions_in_its_source() {
+        for family in FAMILIES {
+            let src = family.source();
+            for f in family.functions {
+                assert!(src.contains(&format!("void __launch_bounds__(LMX_THREADS) {f}(")), "{f}");
+            }
+        }
+    }
+}
