@@ -68,24 +68,60 @@ def build_model(attn):
     return model
 
 
-def capture(step):
-    """A CUDA graph of step() (warm-up on a side stream first, as torch requires)."""
+def capture(step, before=None):
+    """A CUDA graph of step() (warm-up on a side stream first, as torch requires); `before` runs
+    between warm-up and capture (the engine rebuilds its per-batch metadata inside the graph)."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
         for _ in range(2):
             step()
     torch.cuda.current_stream().wait_stream(s)
+    if before is not None:
+        before()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         out = step()
     return g, out
 
 
+def ops_only(ad, spec):
+    """The step's LoRA work alone in a graph: 7 applies per layer (as attach's layers issue them)
+    vs 4 (q,k,v in one 3-slice launch, gate,up in one 2-slice launch)."""
+    from loramux import kernels
+    from kernel_fixtures import BatchMeta
+
+    meta = BatchMeta(table=ad.table, pool=ad.pool, dtype=DT, slot_of_token=torch.arange(BATCH, dtype=torch.int32, device=DEV),
+                     max_rank=RANK)
+    x_h = torch.randn(BATCH, 4096, device=DEV, dtype=DT)
+    x_f = torch.randn(BATCH, 14336, device=DEV, dtype=DT)
+    y = {w: torch.zeros(BATCH, w, device=DEV, dtype=DT) for w in (1024, 4096, 14336, 6144, 28672)}
+    per_proj = [(x_h, 1, 4096), (x_h, 2, 1024), (x_h, 3, 1024), (x_h, 4, 4096), (x_h, 7, 14336), (x_h, 5, 14336),
+                (x_f, 6, 4096)]
+    fused = [(x_h, [1, 2, 3], [4096, 1024, 1024]), (x_h, [4], [4096]), (x_h, [7, 5], [14336, 14336]), (x_f, [6], [4096])]
+
+    def run_per_proj():
+        for layer in range(LAYERS):
+            for x, mid, ho in per_proj:
+                kernels.lora_apply(x, y[ho], meta, layer, [mid], [ho])
+
+    def run_fused():
+        for layer in range(LAYERS):
+            for x, mids, sizes in fused:
+                kernels.lora_apply(x, y[sum(sizes)], meta, layer, mids, sizes)
+
+    out = {}
+    for name, fn in (("ops_only_7_per_layer_us", run_per_proj), ("ops_only_4_fused_per_layer_us", run_fused)):
+        g, _ = capture(lambda: (fn(), None)[1])
+        out[name] = events(g.replay) * 1e6
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="decode.json")
     args = ap.parse_args()
+    torch.set_grad_enabled(False)
     res = dict(gpu=torch.cuda.get_device_name(), batch=BATCH, adapters=ADAPTERS, rank=RANK, layers=LAYERS)
     bw = copy_bw()
     res["copy_bw_gbs"] = bw / 1e9
@@ -122,13 +158,15 @@ def main():
     slots0 = list(range(ADAPTERS))
     engine.set_batch(slots0, ad.table, ad.pool)
     step = lambda: model(input_ids=ids, position_ids=pos, use_cache=False).logits  # noqa: E731
-    eager = step().float()
+    with torch.no_grad():
+        eager = step().float()
     # the torch reference on the same GPU tensors (kernels switched off) checks the kernel path
     saved = ops._kernels
     ops._kernels = None
     try:
         engine.set_batch(slots0, ad.table, ad.pool)
-        ref = step().float()
+        with torch.no_grad():
+            ref = step().float()
     finally:
         ops._kernels = saved
     base_logits = out_base.float() if g_base is not None else None
@@ -136,7 +174,10 @@ def main():
 
     engine.set_batch(slots0, ad.table, ad.pool)  # fresh metas: built inside the capture
     try:
-        g_lora, out_lora = capture(step)
+        def fresh_metas():
+            engine._metas = {}
+
+        g_lora, out_lora = capture(step, fresh_metas)
         t_lora = events(g_lora.replay)
         res["lora_graphed"] = True
     except Exception as e:  # noqa: BLE001
@@ -145,6 +186,8 @@ def main():
         res["lora_graphed"] = False
     res.update(base_us=t_base * 1e6, lora_us=t_lora * 1e6, overhead_us=(t_lora - t_base) * 1e6)
     res["overhead_over_floor"] = (t_lora - t_base) / (lora_bytes / bw)
+
+    res.update(ops_only(ad, spec))
 
     if g_lora is not None:  # replay with new mappings written into the engine's static slot tensor
         static_slots = engine._slot_of_row
@@ -170,7 +213,7 @@ def main():
         engine.detach()
         targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
         cfg = peft.LoraConfig(r=RANK, lora_alpha=RANK, target_modules=targets, init_lora_weights=False)
-        pm = peft.get_peft_model(model, cfg, adapter_name="a0")
+        pm = peft.get_peft_model(model, cfg, adapter_name="a0").eval()
         for slot in range(1, ADAPTERS):
             pm.add_adapter(f"a{slot}", cfg)
         with torch.no_grad():
@@ -183,6 +226,7 @@ def main():
                     e = ad.entries[(slot, layer, mid)]
                     mod.lora_A[f"a{slot}"].weight.copy_(e.a.to(DT))
                     mod.lora_B[f"a{slot}"].weight.copy_(e.b.to(DT))
+        pm.eval()
         names = [f"a{s}" for s in slots0]
         peft_step = lambda: pm(input_ids=ids, position_ids=pos, use_cache=False, adapter_names=names).logits  # noqa: E731
         peft_logits = peft_step().float()

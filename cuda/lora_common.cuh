@@ -124,23 +124,30 @@ __device__ __forceinline__ AdapterEntry read_entry(const LoraTable& t, int slot,
 }
 
 // ---- grouping a tile of tokens by adapter slot (no sort, no host work) ----------------------
-// Every block of a tile computes the same grouping from slot_of_token: the distinct slots in
-// first-appearance order, then, for the one it handles, the list of its tokens.
+// Every block of a tile computes the same grouping from slot_of_token with warp votes: threads
+// 0..63 own one token each. distinct[] lists the slots in first-appearance order; collect_tokens
+// lists the tokens of one slot.
 
 struct TileGroups {
     int slot[LMX_TILE_T];      // slot of each token of the tile, -1 if none / out of range
-    int first[LMX_TILE_T];     // 1 where a token is the first of its slot in the tile
     int distinct[LMX_TILE_T];  // distinct slots, first-appearance order
     int tokens[LMX_TILE_T];    // tokens (absolute index) of the group being processed
+    int warp_count[2];
     int num_distinct;
     int num_tokens;
 };
 
+__device__ __forceinline__ unsigned lanemask_lt() {
+    unsigned m;
+    asm("mov.u32 %0, %%lanemask_lt;" : "=r"(m));
+    return m;
+}
+
 __device__ __forceinline__ void group_tile(TileGroups& g, const int* slot_of_token, int t0, int n,
                                            int num_slots) {
-    int tid = threadIdx.x;
+    const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
+    int s = -1;
     if (tid < LMX_TILE_T) {
-        int s = -1;
         if (tid < n) {
             s = slot_of_token[t0 + tid];
             if (s < 0 || s >= num_slots) s = -1;
@@ -148,38 +155,49 @@ __device__ __forceinline__ void group_tile(TileGroups& g, const int* slot_of_tok
         g.slot[tid] = s;
     }
     __syncthreads();
+    unsigned firsts = 0;
     if (tid < LMX_TILE_T) {
-        int s = g.slot[tid];
-        int first = s >= 0 ? 1 : 0;
-        for (int i = 0; i < tid; ++i) first &= (g.slot[i] != s) ? 1 : 0;
-        g.first[tid] = first;
+        const unsigned peers = __match_any_sync(0xffffffffu, s);
+        bool first = s >= 0 && (__ffs(peers) - 1) == lane;
+        if (w == 1 && first) {
+#pragma unroll
+            for (int i = 0; i < 32; ++i) first &= (g.slot[i] != s);
+        }
+        firsts = __ballot_sync(0xffffffffu, first);
+        if (lane == 0) g.warp_count[w] = __popc(firsts);
     }
     __syncthreads();
-    if (tid < LMX_TILE_T && g.first[tid]) {
-        int before = 0;
-        for (int i = 0; i < tid; ++i) before += g.first[i];
-        g.distinct[before] = g.slot[tid];
-    }
-    if (tid == 0) {
-        int count = 0;
-        for (int i = 0; i < LMX_TILE_T; ++i) count += g.first[i];
-        g.num_distinct = count;
-    }
+    if (tid < LMX_TILE_T && ((firsts >> lane) & 1u))
+        g.distinct[__popc(firsts & lanemask_lt()) + (w ? g.warp_count[0] : 0)] = s;
+    if (tid == 0) g.num_distinct = g.warp_count[0] + g.warp_count[1];
     __syncthreads();
 }
 
 // Fills g.tokens with the tokens of `slot` in the tile (ascending), g.num_tokens with their count.
 __device__ __forceinline__ void collect_tokens(TileGroups& g, int slot, int t0, int n) {
-    int tid = threadIdx.x;
-    if (tid < n && g.slot[tid] == slot) {
-        int pos = 0;
-        for (int i = 0; i < tid; ++i) pos += (g.slot[i] == slot) ? 1 : 0;
-        g.tokens[pos] = t0 + tid;
-    }
-    if (tid == 0) {
-        int c = 0;
-        for (int i = 0; i < n; ++i) c += (g.slot[i] == slot) ? 1 : 0;
-        g.num_tokens = c;
+    const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
+    unsigned mine = 0;
+    if (tid < LMX_TILE_T) {
+        mine = __ballot_sync(0xffffffffu, g.slot[tid] == slot);
+        if (lane == 0) g.warp_count[w] = __popc(mine);
     }
     __syncthreads();
+    if (tid < LMX_TILE_T && ((mine >> lane) & 1u))
+        g.tokens[__popc(mine & lanemask_lt()) + (w ? g.warp_count[0] : 0)] = t0 + tid;
+    if (tid == 0) g.num_tokens = g.warp_count[0] + g.warp_count[1];
+    __syncthreads();
+}
+
+// Programmatic dependent launch (sm_90): the shrink lets the expand start early; the expand runs
+// its prologue (grouping, table, B and y loads) and waits here before reading the partials.
+// Without the launch attribute both are no-ops.
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
 }

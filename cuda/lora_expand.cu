@@ -10,10 +10,10 @@
 __device__ __forceinline__ void load_u(float* su, int pitch, int rcols, const ExpandArgs& p,
                                        const TileGroups& g, int s, int R) {
     const int nt = g.num_tokens;
-    for (int idx = threadIdx.x; idx < LMX_TILE_T * rcols; idx += blockDim.x) {
+    for (int idx = threadIdx.x; idx < nt * rcols; idx += blockDim.x) {
         const int i = idx / rcols, r = idx % rcols;
         float v = 0.f;
-        if (i < nt && r < R) {
+        if (r < R) {
             const long long t = g.tokens[i];
             for (int c = 0; c < p.ksplit; ++c)
                 v += p.partial[(((long long)s * p.ksplit + c) * p.T + t) * p.table.max_rank + r];
@@ -39,7 +39,14 @@ __device__ __forceinline__ void store_y(const ExpandArgs& p, const AdapterEntry&
     *yp = from_f32<BF16>(v);
 }
 
-// Decode (T <= 64): one output column per thread, B row in 16-byte loads, CUDA cores.
+__device__ __forceinline__ void unpack8(uint4 v, u16 out[8]) {
+    out[0] = v.x & 0xffff; out[1] = v.x >> 16; out[2] = v.y & 0xffff; out[3] = v.y >> 16;
+    out[4] = v.z & 0xffff; out[5] = v.z >> 16; out[6] = v.w & 0xffff; out[7] = v.w >> 16;
+}
+
+// Decode (T <= 64): one output column per thread, CUDA cores. Before waiting on the shrink (PDL)
+// each thread already holds its B row (up to rank 64, 16-byte loads) and the y values of the
+// first 8 tokens, so the expand's own memory latency hides under the shrink.
 template <bool BF16>
 __device__ void expand_decode(const ExpandArgs& p) {
     __shared__ TileGroups g;
@@ -49,40 +56,73 @@ __device__ void expand_decode(const ExpandArgs& p) {
     const int o0 = blockIdx.x * p.ochunk;
     if (o0 >= ho) return;
     group_tile(g, p.slot_of_token, 0, p.T, p.table.num_slots);
+    bool waited = false;
+    const int o = o0 + threadIdx.x;  // ochunk == blockDim.x
+    const bool active = o < min(ho, o0 + p.ochunk);
     for (int d = blockIdx.y; d < g.num_distinct; d += p.group_stride) {
         const int slot = g.distinct[d];
         const AdapterEntry e = read_entry(p.table, slot, module_id);
         const int R = e.rank;
         if (R == 0) continue;  // uniform over the block
         collect_tokens(g, slot, 0, p.T);
+        const int nt = g.num_tokens;
+        const bool vec = (R % 8 == 0) && ((reinterpret_cast<u64>(e.b) & 15) == 0);
+        const u16* brow = e.b + (long long)o * R;
+        uint4 bq[8];
+        u16 yv[8];
+        if (active) {
+#pragma unroll
+            for (int q = 0; q < 8; ++q)
+                if (vec && q * 8 < R) bq[q] = *reinterpret_cast<const uint4*>(brow + q * 8);
+#pragma unroll
+            for (int q = 0; q < 8; ++q)
+                if (q < nt) yv[q] = p.y[(long long)g.tokens[q] * p.y_stride + off + o];
+        }
+        if (!waited) {
+            pdl_wait();
+            waited = true;
+        }
         const int rcols = (R + 7) & ~7;
         load_u(su, rcols, rcols, p, g, blockIdx.z, R);
         __syncthreads();
-        const bool vec = (R % 8 == 0) && ((reinterpret_cast<u64>(e.b) & 15) == 0);
-        for (int o = o0 + threadIdx.x; o < min(ho, o0 + p.ochunk); o += blockDim.x) {
-            const u16* brow = e.b + (long long)o * R;
-            for (int i0 = 0; i0 < g.num_tokens; i0 += 8) {
+        if (active) {
+            for (int i0 = 0; i0 < nt; i0 += 8) {
                 float acc[8];
 #pragma unroll
                 for (int q = 0; q < 8; ++q) acc[q] = 0.f;
-                for (int r = 0; r < R; r += 8) {
-                    u16 bv[8];
-                    load8(brow, r, R, vec, bv);
-                    float bf[8];
 #pragma unroll
-                    for (int k = 0; k < 8; ++k) bf[k] = to_f32<BF16>(bv[k]);
+                for (int q = 0; q < EXPAND_MAX_RANK / 8; ++q) {
+                    if (q * 8 < R) {
+                        u16 bv[8];
+                        if (q < 8 && vec) unpack8(bq[q], bv);
+                        else load8(brow, q * 8, R, vec, bv);
+                        float bf[8];
 #pragma unroll
-                    for (int q = 0; q < 8; ++q) {
-                        if (i0 + q < g.num_tokens) {
-                            const float* ur = su + (i0 + q) * rcols + r;
+                        for (int k = 0; k < 8; ++k) bf[k] = to_f32<BF16>(bv[k]);
 #pragma unroll
-                            for (int k = 0; k < 8; ++k) acc[q] += ur[k] * bf[k];
+                        for (int t = 0; t < 8; ++t) {
+                            if (i0 + t < nt) {
+                                const float* ur = su + (i0 + t) * rcols + q * 8;
+#pragma unroll
+                                for (int k = 0; k < 8; ++k) acc[t] += ur[k] * bf[k];
+                            }
                         }
                     }
                 }
+                if (i0 > 0) {
 #pragma unroll
-                for (int q = 0; q < 8; ++q)
-                    if (i0 + q < g.num_tokens) store_y<BF16>(p, e, g.tokens[i0 + q], off + o, o, acc[q]);
+                    for (int t = 0; t < 8; ++t)
+                        if (i0 + t < nt) yv[t] = p.y[(long long)g.tokens[i0 + t] * p.y_stride + off + o];
+                }
+                const float sc = e.scale ? to_f32<BF16>(e.scale[o]) : 1.f;
+#pragma unroll
+                for (int t = 0; t < 8; ++t) {
+                    if (i0 + t < nt) {
+                        float v = to_f32<BF16>(yv[t]) + acc[t];
+                        if (e.scale) v *= sc;
+                        p.y[(long long)g.tokens[i0 + t] * p.y_stride + off + o] = from_f32<BF16>(v);
+                    }
+                }
             }
         }
         __syncthreads();
@@ -138,6 +178,7 @@ __device__ void expand_tile(const ExpandArgs& p) {
         collect_tokens(g, slot, t0, n);
         const int nt = g.num_tokens;
         const int rk = (R + 15) & ~15;  // K padded to the mma's 16 with zeros
+        pdl_wait();
         // u (fp32 partial sums) -> 16-bit operand tile
         for (int idx = tid; idx < LMX_TILE_T * rk; idx += LMX_THREADS) {
             const int i = idx / rk, r = idx % rk;
@@ -198,7 +239,7 @@ __device__ void expand_tile(const ExpandArgs& p) {
     }
 }
 
-extern "C" __global__ void __launch_bounds__(LMX_THREADS) lora_expand_decode_bf16(const ExpandArgs p) { expand_decode<true>(p); }
-extern "C" __global__ void __launch_bounds__(LMX_THREADS) lora_expand_decode_f16(const ExpandArgs p) { expand_decode<false>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 2) lora_expand_decode_bf16(const ExpandArgs p) { expand_decode<true>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 2) lora_expand_decode_f16(const ExpandArgs p) { expand_decode<false>(p); }
 extern "C" __global__ void __launch_bounds__(LMX_THREADS) lora_expand_tile_bf16(const ExpandArgs p) { expand_tile<true>(p); }
 extern "C" __global__ void __launch_bounds__(LMX_THREADS) lora_expand_tile_f16(const ExpandArgs p) { expand_tile<false>(p); }

@@ -4,53 +4,78 @@
 // batches spread over every SM. The expand kernel sums the ksplit partials when it loads u.
 // lora_common.cuh is prepended by the loader.
 
-// Decode (T <= 64): CUDA cores, one warp row at a time, 16-byte loads; A kept in registers.
+// Decode (T <= 64): CUDA cores. The group's x chunk is staged in shared memory 16 tokens at a
+// time; each warp takes rank rows, holds its A chunk in registers (16-byte loads) and reduces
+// one dot product per token with shuffles.
+#define DECODE_TOKENS 16
+#define DECODE_MAX_CHUNK 1024
+
 template <bool BF16>
 __device__ void shrink_decode(const ShrinkArgs& p) {
     __shared__ TileGroups g;
+    __shared__ __align__(16) u16 xs[DECODE_TOKENS][DECODE_MAX_CHUNK];
     const int s = blockIdx.z;
     const int c = blockIdx.x;
+    pdl_launch_dependents();
     if (s >= p.slices.count) return;
     const int module_id = p.slices.module_id[s];
     group_tile(g, p.slot_of_token, 0, p.T, p.table.num_slots);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int k_begin = c * p.kchunk;
     const int k_end = min(p.hi, k_begin + p.kchunk);
-    const int passes = (k_end - k_begin + 255) >> 8;  // <= 4 (planner keeps kchunk <= 1024)
+    const int span = k_end - k_begin;
+    const int passes = (span + 255) >> 8;  // <= 4 (planner keeps kchunk <= 1024)
     const bool vec = (p.hi % 8 == 0) && (p.x_stride % 8 == 0) &&
                      ((reinterpret_cast<u64>(p.x) & 15) == 0);
     for (int d = blockIdx.y; d < g.num_distinct; d += p.group_stride) {
         const int slot = g.distinct[d];
         const AdapterEntry e = read_entry(p.table, slot, module_id);
-        collect_tokens(g, slot, 0, p.T);
         const int R = e.rank;
+        if (R == 0) continue;  // uniform over the block
+        collect_tokens(g, slot, 0, p.T);
         float* out = p.partial + ((long long)(s * p.ksplit + c) * p.T) * p.table.max_rank;
-        for (int r = warp; r < R; r += 8) {
-            u16 a[4][8];
-            const u16* arow = e.a + (long long)r * p.hi;
-#pragma unroll
-            for (int q = 0; q < 4; ++q) {
-                if (q < passes) load8(arow, k_begin + q * 256 + lane * 8, k_end, vec, a[q]);
+        for (int tc = 0; tc < g.num_tokens; tc += DECODE_TOKENS) {
+            const int cnt = min(DECODE_TOKENS, g.num_tokens - tc);
+            const int per_row = passes * 32;  // 8-element chunks per staged row
+            for (int idx = threadIdx.x; idx < cnt * per_row; idx += blockDim.x) {
+                const int i = idx / per_row, k = (idx % per_row) * 8;
+                u16 v[8];
+                load8(p.x + (long long)g.tokens[tc + i] * p.x_stride, k_begin + k, k_end, vec, v);
+                *reinterpret_cast<uint4*>(&xs[i][k]) =
+                    make_uint4(pack2(v[0], v[1]), pack2(v[2], v[3]), pack2(v[4], v[5]), pack2(v[6], v[7]));
             }
-            for (int i = 0; i < g.num_tokens; ++i) {
-                const int t = g.tokens[i];
-                const u16* xrow = p.x + (long long)t * p.x_stride;
-                float sum = 0.f;
+            __syncthreads();
+            for (int r = warp; r < R; r += 8) {
+                float a[4][8];
+                const u16* arow = e.a + (long long)r * p.hi;
 #pragma unroll
                 for (int q = 0; q < 4; ++q) {
-                    if (q < passes) {
-                        u16 xv[8];
-                        load8(xrow, k_begin + q * 256 + lane * 8, k_end, vec, xv);
+                    u16 av[8];
+                    if (q < passes) load8(arow, k_begin + q * 256 + lane * 8, k_end, vec, av);
 #pragma unroll
-                        for (int k = 0; k < 8; ++k) sum += to_f32<BF16>(xv[k]) * to_f32<BF16>(a[q][k]);
-                    }
+                    for (int k = 0; k < 8; ++k) a[q][k] = q < passes ? to_f32<BF16>(av[k]) : 0.f;
                 }
+                for (int i = 0; i < cnt; ++i) {
+                    float sum = 0.f;
 #pragma unroll
-                for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-                if (lane == 0) out[(long long)t * p.table.max_rank + r] = sum;
+                    for (int q = 0; q < 4; ++q) {
+                        if (q < passes) {
+                            const uint4 xv = *reinterpret_cast<const uint4*>(&xs[i][q * 256 + lane * 8]);
+                            const u32 w4[4] = {xv.x, xv.y, xv.z, xv.w};
+#pragma unroll
+                            for (int k = 0; k < 4; ++k) {
+                                sum += to_f32<BF16>((u16)(w4[k] & 0xffff)) * a[q][2 * k];
+                                sum += to_f32<BF16>((u16)(w4[k] >> 16)) * a[q][2 * k + 1];
+                            }
+                        }
+                    }
+#pragma unroll
+                    for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+                    if (lane == 0) out[(long long)g.tokens[tc + i] * p.table.max_rank + r] = sum;
+                }
             }
+            __syncthreads();  // xs and g.tokens are rewritten next
         }
-        __syncthreads();  // g.tokens is rewritten by the next group
     }
 }
 
@@ -74,8 +99,8 @@ __device__ __forceinline__ void mma16816<false>(float c[4], const u32 a[4], cons
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
-#define SHRINK_KSTEP 32
-#define SHRINK_PITCH 40  // halves per smem row: 80 bytes, conflict-free fragment loads
+#define SHRINK_KSTEP 64
+#define SHRINK_PITCH 72  // halves per smem row: 144 bytes, conflict-free fragment loads
 
 __device__ __forceinline__ uint4 pack8(const u16 v[8]) {
     return make_uint4(pack2(v[0], v[1]), pack2(v[2], v[3]), pack2(v[4], v[5]), pack2(v[6], v[7]));
@@ -91,6 +116,7 @@ __device__ void shrink_tile(const ShrinkArgs& p) {
     const int s = blockIdx.z;
     const int c = blockIdx.x;
     if (s >= p.slices.count) return;
+    pdl_launch_dependents();
     const int module_id = p.slices.module_id[s];
     const int tile = blockIdx.y / p.group_stride;
     const int j = blockIdx.y % p.group_stride;
@@ -116,21 +142,25 @@ __device__ void shrink_tile(const ShrinkArgs& p) {
         float acc[8][4];
 #pragma unroll
         for (int i = 0; i < 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
-        // Register staging of the next k-step: x (1 chunk of 8) and A (up to 2 chunks of 8).
-        const int xr = tid >> 2, xc = (tid & 3) * 8;
-        uint4 xv, av[2];
+        // Register staging of the next k-step: x (2 chunks of 8) and A (up to 4 chunks of 8).
+        uint4 xv[2], av[4];
         auto fetch = [&](int k0) {
             u16 tmp[8];
-            if (xr < nt) {
-                load8(p.x + (long long)g.tokens[xr] * p.x_stride, k0 + xc, k_end, vec, tmp);
-                xv = pack8(tmp);
-            } else {
-                xv = make_uint4(0, 0, 0, 0);
-            }
 #pragma unroll
             for (int q = 0; q < 2; ++q) {
                 const int idx = tid + q * LMX_THREADS;
-                const int ar = idx >> 2, ac = (idx & 3) * 8;
+                const int xr = idx >> 3, xc = (idx & 7) * 8;
+                if (xr < nt) {
+                    load8(p.x + (long long)g.tokens[xr] * p.x_stride, k0 + xc, k_end, vec, tmp);
+                    xv[q] = pack8(tmp);
+                } else {
+                    xv[q] = make_uint4(0, 0, 0, 0);
+                }
+            }
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                const int idx = tid + q * LMX_THREADS;
+                const int ar = idx >> 3, ac = (idx & 7) * 8;
                 if (ar < R) {
                     load8(e.a + (long long)ar * p.hi, k0 + ac, k_end, vec, tmp);
                     av[q] = pack8(tmp);
@@ -141,11 +171,15 @@ __device__ void shrink_tile(const ShrinkArgs& p) {
         };
         if (k_begin < k_end) fetch(k_begin);
         for (int k0 = k_begin; k0 < k_end; k0 += SHRINK_KSTEP) {
-            *reinterpret_cast<uint4*>(&xs[xr][xc]) = xv;
 #pragma unroll
             for (int q = 0; q < 2; ++q) {
                 const int idx = tid + q * LMX_THREADS;
-                const int ar = idx >> 2, ac = (idx & 3) * 8;
+                *reinterpret_cast<uint4*>(&xs[idx >> 3][(idx & 7) * 8]) = xv[q];
+            }
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                const int idx = tid + q * LMX_THREADS;
+                const int ar = idx >> 3, ac = (idx & 7) * 8;
                 if (ar < nrows_a) *reinterpret_cast<uint4*>(&as[ar][ac]) = av[q];
             }
             __syncthreads();
@@ -214,8 +248,8 @@ __device__ void shrink_reduce(const ReduceArgs& p) {
     }
 }
 
-extern "C" __global__ void __launch_bounds__(LMX_THREADS) lora_shrink_decode_bf16(const ShrinkArgs p) { shrink_decode<true>(p); }
-extern "C" __global__ void __launch_bounds__(LMX_THREADS) lora_shrink_decode_f16(const ShrinkArgs p) { shrink_decode<false>(p); }
-extern "C" __global__ void __launch_bounds__(LMX_THREADS) lora_shrink_tile_bf16(const ShrinkArgs p) { shrink_tile<true>(p); }
-extern "C" __global__ void __launch_bounds__(LMX_THREADS) lora_shrink_tile_f16(const ShrinkArgs p) { shrink_tile<false>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 2) lora_shrink_decode_bf16(const ShrinkArgs p) { shrink_decode<true>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 2) lora_shrink_decode_f16(const ShrinkArgs p) { shrink_decode<false>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 2) lora_shrink_tile_bf16(const ShrinkArgs p) { shrink_tile<true>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 2) lora_shrink_tile_f16(const ShrinkArgs p) { shrink_tile<false>(p); }
 extern "C" __global__ void __launch_bounds__(LMX_THREADS) lora_shrink_reduce(const ReduceArgs p) { shrink_reduce(p); }

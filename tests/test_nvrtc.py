@@ -31,4 +31,4 @@ def test_plan_splits_decode_over_the_sms():
     ksplit, kchunk = _core.plan_shrink(1, 4096, 1, 8)
     assert ksplit * kchunk >= 4096 and ksplit >= 4
     ksplit, kchunk = _core.plan_shrink(2048, 4096, 3, 8)
-    assert 1 <= ksplit <= 4 and kchunk % 32 == 0
+    assert 1 <= ksplit <= 16 and kchunk % 64 == 0 and ksplit * kchunk >= 4096

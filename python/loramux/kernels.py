@@ -8,6 +8,7 @@ and launches (rust/src/cuda/). No host sync, no metadata copy: CUDA-graph captur
 from __future__ import annotations
 
 import ctypes
+import functools
 import glob
 import os
 import site
@@ -62,8 +63,9 @@ def nvrtc_library() -> Optional[str]:
     return None
 
 
+@functools.lru_cache(maxsize=None)
 def available() -> bool:
-    """True when a CUDA device, the driver and libnvrtc are all there."""
+    """True when a CUDA device, the driver and libnvrtc are all there (asked once per process)."""
     try:
         import torch
     except ImportError:
@@ -173,10 +175,11 @@ def lora_expand(u, y, meta, layer: int, module_ids: Sequence[int], out_sizes: Se
 
 
 def lora_apply(x, y, meta, layer: int, module_ids: Sequence[int], out_sizes: Sequence[int]) -> None:
-    """Shrink then expand in two chained launches (the expand sums the split-K partials)."""
+    """Shrink then expand in two launches; on sm_90 the expand is a programmatic dependent of the
+    shrink (starts early, waits in-kernel) and sums the split-K partials as it loads u."""
     sizes = [int(o) for o in out_sizes]
     _expand_checks(y, list(module_ids), sizes, x.device)
     if y.shape[0] != x.shape[0] or y.dtype != x.dtype:
         raise LoraCudaError(f"y {tuple(y.shape)} {y.dtype} does not match x {tuple(x.shape)} {x.dtype}")
     batch, ids, plan, partial = _shrink_partials(x, meta, layer, module_ids)
-    batch.expand(partial.data_ptr(), plan[0], y.data_ptr(), y.stride(0), ids, sizes)
+    batch.expand(partial.data_ptr(), plan[0], y.data_ptr(), y.stride(0), ids, sizes, chained=True)

@@ -55,7 +55,7 @@ class BatchMeta:
 def _use_kernels(t: torch.Tensor, meta: BatchMeta, num_slices: int) -> bool:
     """CUDA tensors go to the kernels when they are built, usable here, and take this case
     (e.g. fp16/bf16 only); everything else takes the torch reference."""
-    return (t.is_cuda and _kernels is not None and _kernels.available()
+    return (t.is_cuda and _kernels is not None and t.dtype == meta.dtype and _kernels.available()
             and _kernels.supports(meta.dtype, meta.max_rank, num_slices))
 
 

@@ -48,12 +48,15 @@ impl PyKernelBatch {
     }
 
     /// y[:, slice columns] += partials summed over ksplit @ B^T (DoRA scaled), in place.
+    /// `chained`: launched right after the shrink that wrote `partial` (may overlap it).
+    #[pyo3(signature = (partial, ksplit, y, y_stride, module_ids, out_sizes, chained=false))]
     #[allow(clippy::too_many_arguments)]
     fn expand(
         &self, partial: u64, ksplit: usize, y: u64, y_stride: usize, module_ids: Vec<u32>, out_sizes: Vec<usize>,
+        chained: bool,
     ) -> PyResult<()> {
         let k = cuda::kernels(self.device).py()?;
-        launch::expand(&k, &self.batch, partial, ksplit, y, y_stride, &module_ids, &out_sizes).py()
+        launch::expand(&k, &self.batch, partial, ksplit, y, y_stride, &module_ids, &out_sizes, chained).py()
     }
 }
 

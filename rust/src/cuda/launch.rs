@@ -154,12 +154,16 @@ impl Batch {
         self.tokens.div_ceil(TILE_T)
     }
 
-    /// Blocks of a tile that split its distinct adapters between them.
-    fn group_stride(&self) -> usize {
+    /// Blocks of a tile that split its distinct adapters between them. Decode: one block per
+    /// adapter. Prefill: few, since a block that finds no adapter of its own still pays for the
+    /// grouping (the expand grid is wide along Ho, so it takes fewer than the shrink).
+    fn group_stride(&self, expand: bool) -> usize {
         if self.decode() {
             self.tokens.min(self.num_slots).max(1)
+        } else if expand {
+            2.min(self.num_slots)
         } else {
-            4.min(self.num_slots)
+            8.min(self.num_slots)
         }
     }
 }
@@ -197,12 +201,13 @@ pub struct ShrinkPlan {
 pub fn plan_shrink(tokens: usize, hi: usize, num_slices: usize, num_slots: usize) -> ShrinkPlan {
     let decode = tokens <= TILE_T;
     // decode: a block holds up to 4 x 256 elements of each A row in registers; prefill: the tensor
-    // core kernel steps 32 at a time, and splits only to fill the SMs.
-    let (granule, max_chunk) = if decode { (256, 1024) } else { (32, usize::MAX) };
+    // core kernel steps 64 at a time, and splits only to fill the SMs.
+    let (granule, max_chunk) = if decode { (256, 1024) } else { (64, usize::MAX) };
     let groups = if decode { tokens.min(num_slots).max(1) } else { tokens.div_ceil(TILE_T) };
     let blocks_wo_split = (groups * num_slices).max(1);
     let want = TARGET_BLOCKS.div_ceil(blocks_wo_split).max(1);
-    let max_split = if decode { hi.div_ceil(granule) } else { 4.min(hi.div_ceil(granule)) };
+    // prefill splits no finer than 256 (the partials it adds stay small next to x)
+    let max_split = if decode { hi.div_ceil(granule) } else { hi.div_ceil(256) };
     let ksplit = want.min(max_split).max(1);
     let kchunk = hi.div_ceil(ksplit).div_ceil(granule).max(1) * granule;
     let kchunk = kchunk.min(max_chunk);
@@ -219,6 +224,34 @@ unsafe fn launch<A>(k: &DeviceKernels, name: &str, grid: (u32, u32, u32), stream
     let mut params = [args as *const A as *mut c_void];
     drv::launch_kernel(f, grid, (THREADS, 1, 1), 0, stream as sys::CUstream, &mut params)
         .map_err(|e| LoraError::Cuda(format!("launch {name}: {e:?}")))
+}
+
+/// Launches as a programmatic dependent of the kernel before it on the stream (sm_90+): it may
+/// start while that one runs and waits in-kernel (griddepcontrol.wait) before reading its output.
+unsafe fn launch_dependent<A>(k: &DeviceKernels, name: &str, grid: (u32, u32, u32), stream: u64, args: &A) -> Result<()> {
+    if k.arch < 90 {
+        return launch(k, name, grid, stream, args);
+    }
+    let f = k.function(name)?;
+    let mut params = [args as *const A as *mut c_void];
+    let mut attr: sys::CUlaunchAttribute = std::mem::zeroed();
+    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attr.value.programmaticStreamSerializationAllowed = 1;
+    let config = sys::CUlaunchConfig {
+        gridDimX: grid.0,
+        gridDimY: grid.1,
+        gridDimZ: grid.2,
+        blockDimX: THREADS,
+        blockDimY: 1,
+        blockDimZ: 1,
+        sharedMemBytes: 0,
+        hStream: stream as sys::CUstream,
+        attrs: &mut attr,
+        numAttrs: 1,
+    };
+    sys::cuLaunchKernelEx(&config, f, params.as_mut_ptr(), std::ptr::null_mut())
+        .result()
+        .map_err(|e| LoraError::Cuda(format!("launch {name} (dependent): {e:?}")))
 }
 
 /// Shrink into the partial buffer. `partial` must hold `partial_len(plan, ...)` floats.
@@ -239,7 +272,7 @@ pub fn shrink(
     if partial_capacity < need {
         return Err(LoraError::Cuda(format!("partial buffer holds {partial_capacity} floats, the plan needs {need}")));
     }
-    let gs = b.group_stride();
+    let gs = b.group_stride(false);
     let args = ShrinkArgs {
         x,
         x_stride: x_stride as i64,
@@ -280,11 +313,12 @@ pub fn reduce(k: &DeviceKernels, b: &Batch, module_ids: &[u32], partial: u64, pl
     unsafe { launch(k, "lora_shrink_reduce", (blocks, 1, 1), b.stream, &args) }
 }
 
-/// Expand from `ksplit` partials (ksplit = 1 for a caller's u) into y, in place.
+/// Expand from `ksplit` partials (ksplit = 1 for a caller's u) into y, in place. `chained`: the
+/// kernel before it on the stream is the shrink that wrote `partial` (lora_apply).
 #[allow(clippy::too_many_arguments)]
 pub fn expand(
     k: &DeviceKernels, b: &Batch, partial: u64, ksplit: usize, y: u64, y_stride: usize, module_ids: &[u32],
-    out_sizes: &[usize],
+    out_sizes: &[usize], chained: bool,
 ) -> Result<()> {
     b.check()?;
     if out_sizes.len() != module_ids.len() {
@@ -299,7 +333,7 @@ pub fn expand(
     if b.tokens == 0 || max_out == 0 {
         return Ok(());
     }
-    let gs = b.group_stride();
+    let gs = b.group_stride(true);
     let ochunk = if b.decode() { THREADS as usize } else { 64 };
     let args = ExpandArgs {
         partial,
@@ -316,7 +350,12 @@ pub fn expand(
     let (kind, gy) = if b.decode() { ("decode", gs) } else { ("tile", b.tiles() * gs) };
     let name = format!("lora_expand_{kind}_{}", b.dtype.suffix());
     let grid = (max_out.div_ceil(ochunk) as u32, gy as u32, module_ids.len() as u32);
-    unsafe { launch(k, &name, grid, b.stream, &args) }
+    // Chained right after our own shrink (which never writes y): start early, overlap the prologue.
+    if chained {
+        unsafe { launch_dependent(k, &name, grid, b.stream, &args) }
+    } else {
+        unsafe { launch(k, &name, grid, b.stream, &args) }
+    }
 }
 
 #[cfg(test)]
@@ -340,7 +379,7 @@ mod tests {
             if t <= TILE_T {
                 assert!(p.kchunk % 256 == 0 && p.kchunk <= 1024);
             } else {
-                assert!(p.kchunk % 32 == 0);
+                assert!(p.kchunk % 64 == 0);
             }
         }
     }

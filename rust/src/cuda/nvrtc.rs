@@ -186,7 +186,7 @@ mod tests {
         for family in FAMILIES {
             let src = family.source();
             for f in family.functions {
-                assert!(src.contains(&format!("void __launch_bounds__(LMX_THREADS) {f}(")), "{f}");
+                assert!(src.contains(&format!(") {f}(")), "{f}");
             }
         }
     }
