@@ -30,25 +30,21 @@ __device__ __forceinline__ bool slice_of(const ExpandArgs& p, int s, int& module
     return true;
 }
 
-template <bool BF16>
-__device__ __forceinline__ void store_y(const ExpandArgs& p, const AdapterEntry& e, int t, int col,
-                                        int o, float delta) {
-    u16* yp = p.y + (long long)t * p.y_stride + col;
-    float v = to_f32<BF16>(*yp) + delta;
-    if (e.scale) v *= to_f32<BF16>(e.scale[o]);
-    *yp = from_f32<BF16>(v);
-}
 
 __device__ __forceinline__ void unpack8(uint4 v, u16 out[8]) {
     out[0] = v.x & 0xffff; out[1] = v.x >> 16; out[2] = v.y & 0xffff; out[3] = v.y >> 16;
     out[4] = v.z & 0xffff; out[5] = v.z >> 16; out[6] = v.w & 0xffff; out[7] = v.w >> 16;
 }
 
-// Decode (T <= 64): one output column per thread, CUDA cores. Before waiting on the shrink (PDL)
-// each thread already holds its B row (up to rank 64, 16-byte loads) and the y values of the
-// first 8 tokens, so the expand's own memory latency hides under the shrink.
-template <bool BF16>
+// Decode (T <= 64): OPT output columns per thread (o0 + tid + 256 j), CUDA cores. Before waiting
+// on the shrink (PDL) each thread already holds its B rows (the first 64/OPT ranks, 16-byte loads)
+// and the y values of the first two tokens, so the expand's own memory latency hides under the
+// shrink. OPT = 4 / 2 / 1 for max_rank <= 16 / 32 / more keeps that prefetch at 8 registers x 4.
+#define Y_PREFETCH 2
+
+template <bool BF16, int OPT>
 __device__ void expand_decode(const ExpandArgs& p) {
+    constexpr int QP = 8 / OPT;  // 8-rank chunks of B prefetched per column
     __shared__ TileGroups g;
     __shared__ float su[LMX_TILE_T * EXPAND_MAX_RANK];
     int module_id, off, ho;
@@ -57,8 +53,7 @@ __device__ void expand_decode(const ExpandArgs& p) {
     if (o0 >= ho) return;
     group_tile(g, p.slot_of_token, 0, p.T, p.table.num_slots);
     bool waited = false;
-    const int o = o0 + threadIdx.x;  // ochunk == blockDim.x
-    const bool active = o < min(ho, o0 + p.ochunk);
+    const int o_end = min(ho, o0 + p.ochunk);
     for (int d = blockIdx.y; d < g.num_distinct; d += p.group_stride) {
         const int slot = g.distinct[d];
         const AdapterEntry e = read_entry(p.table, slot, module_id);
@@ -67,16 +62,20 @@ __device__ void expand_decode(const ExpandArgs& p) {
         collect_tokens(g, slot, 0, p.T);
         const int nt = g.num_tokens;
         const bool vec = (R % 8 == 0) && ((reinterpret_cast<u64>(e.b) & 15) == 0);
-        const u16* brow = e.b + (long long)o * R;
-        uint4 bq[8];
-        u16 yv[8];
-        if (active) {
+        uint4 bq[OPT][QP];
+        u16 yv[OPT][Y_PREFETCH];
 #pragma unroll
-            for (int q = 0; q < 8; ++q)
-                if (vec && q * 8 < R) bq[q] = *reinterpret_cast<const uint4*>(brow + q * 8);
+        for (int j = 0; j < OPT; ++j) {
+            const int o = o0 + threadIdx.x + j * LMX_THREADS;
+            if (o < o_end) {
+                const u16* brow = e.b + (long long)o * R;
 #pragma unroll
-            for (int q = 0; q < 8; ++q)
-                if (q < nt) yv[q] = p.y[(long long)g.tokens[q] * p.y_stride + off + o];
+                for (int q = 0; q < QP; ++q)
+                    if (vec && q * 8 < R) bq[j][q] = *reinterpret_cast<const uint4*>(brow + q * 8);
+#pragma unroll
+                for (int t = 0; t < Y_PREFETCH; ++t)
+                    if (t < nt) yv[j][t] = p.y[(long long)g.tokens[t] * p.y_stride + off + o];
+            }
         }
         if (!waited) {
             pdl_wait();
@@ -85,16 +84,21 @@ __device__ void expand_decode(const ExpandArgs& p) {
         const int rcols = (R + 7) & ~7;
         load_u(su, rcols, rcols, p, g, blockIdx.z, R);
         __syncthreads();
-        if (active) {
+#pragma unroll
+        for (int j = 0; j < OPT; ++j) {
+            const int o = o0 + threadIdx.x + j * LMX_THREADS;
+            if (o >= o_end) continue;
+            const u16* brow = e.b + (long long)o * R;
+            const float sc = e.scale ? to_f32<BF16>(e.scale[o]) : 1.f;
             for (int i0 = 0; i0 < nt; i0 += 8) {
                 float acc[8];
 #pragma unroll
-                for (int q = 0; q < 8; ++q) acc[q] = 0.f;
+                for (int t = 0; t < 8; ++t) acc[t] = 0.f;
 #pragma unroll
                 for (int q = 0; q < EXPAND_MAX_RANK / 8; ++q) {
                     if (q * 8 < R) {
                         u16 bv[8];
-                        if (q < 8 && vec) unpack8(bq[q], bv);
+                        if (q < QP && vec) unpack8(bq[j][q < QP ? q : 0], bv);
                         else load8(brow, q * 8, R, vec, bv);
                         float bf[8];
 #pragma unroll
@@ -109,16 +113,20 @@ __device__ void expand_decode(const ExpandArgs& p) {
                         }
                     }
                 }
-                if (i0 > 0) {
-#pragma unroll
-                    for (int t = 0; t < 8; ++t)
-                        if (i0 + t < nt) yv[t] = p.y[(long long)g.tokens[i0 + t] * p.y_stride + off + o];
-                }
-                const float sc = e.scale ? to_f32<BF16>(e.scale[o]) : 1.f;
+                // all loads of y first, then the stores: a store between loads would serialize them
+                u16 old[8];
 #pragma unroll
                 for (int t = 0; t < 8; ++t) {
                     if (i0 + t < nt) {
-                        float v = to_f32<BF16>(yv[t]) + acc[t];
+                        old[t] = (i0 == 0 && t < Y_PREFETCH)
+                                     ? yv[j][t < Y_PREFETCH ? t : 0]
+                                     : p.y[(long long)g.tokens[i0 + t] * p.y_stride + off + o];
+                    }
+                }
+#pragma unroll
+                for (int t = 0; t < 8; ++t) {
+                    if (i0 + t < nt) {
+                        float v = to_f32<BF16>(old[t]) + acc[t];
                         if (e.scale) v *= sc;
                         p.y[(long long)g.tokens[i0 + t] * p.y_stride + off + o] = from_f32<BF16>(v);
                     }
@@ -225,13 +233,29 @@ __device__ void expand_tile(const ExpandArgs& p) {
                     mma_16816<BF16>(acc[i], af, bf);
                 }
             }
+            // epilogue: every y (and DoRA scale) load first, then the stores
+            u16 old[4][4], scl[4][2];
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
 #pragma unroll
                 for (int h = 0; h < 4; ++h) {
                     const int row = mt * 16 + gq + ((h & 2) ? 8 : 0);
                     const int o = o0 + nh * 32 + i * 8 + tq * 2 + (h & 1);
-                    if (row < nt && o < ho) store_y<BF16>(p, e, g.tokens[row], off + o, o, acc[i][h]);
+                    if (row < nt && o < ho) old[i][h] = p.y[(long long)g.tokens[row] * p.y_stride + off + o];
+                    if (h < 2) scl[i][h] = (e.scale && o < ho) ? e.scale[o] : (u16)0;
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+#pragma unroll
+                for (int h = 0; h < 4; ++h) {
+                    const int row = mt * 16 + gq + ((h & 2) ? 8 : 0);
+                    const int o = o0 + nh * 32 + i * 8 + tq * 2 + (h & 1);
+                    if (row < nt && o < ho) {
+                        float v = to_f32<BF16>(old[i][h]) + acc[i][h];
+                        if (e.scale) v *= to_f32<BF16>(scl[i][h & 1]);
+                        p.y[(long long)g.tokens[row] * p.y_stride + off + o] = from_f32<BF16>(v);
+                    }
                 }
             }
         }
@@ -239,7 +263,11 @@ __device__ void expand_tile(const ExpandArgs& p) {
     }
 }
 
-extern "C" __global__ void __launch_bounds__(LMX_THREADS, 2) lora_expand_decode_bf16(const ExpandArgs p) { expand_decode<true>(p); }
-extern "C" __global__ void __launch_bounds__(LMX_THREADS, 2) lora_expand_decode_f16(const ExpandArgs p) { expand_decode<false>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 2) lora_expand_decode_bf16_o1(const ExpandArgs p) { expand_decode<true, 1>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 2) lora_expand_decode_f16_o1(const ExpandArgs p) { expand_decode<false, 1>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 2) lora_expand_decode_bf16_o2(const ExpandArgs p) { expand_decode<true, 2>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 2) lora_expand_decode_f16_o2(const ExpandArgs p) { expand_decode<false, 2>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 2) lora_expand_decode_bf16_o4(const ExpandArgs p) { expand_decode<true, 4>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 2) lora_expand_decode_f16_o4(const ExpandArgs p) { expand_decode<false, 4>(p); }
 extern "C" __global__ void __launch_bounds__(LMX_THREADS) lora_expand_tile_bf16(const ExpandArgs p) { expand_tile<true>(p); }
 extern "C" __global__ void __launch_bounds__(LMX_THREADS) lora_expand_tile_f16(const ExpandArgs p) { expand_tile<false>(p); }

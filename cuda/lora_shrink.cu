@@ -4,11 +4,43 @@
 // batches spread over every SM. The expand kernel sums the ksplit partials when it loads u.
 // lora_common.cuh is prepended by the loader.
 
-// Decode (T <= 64): CUDA cores. The group's x chunk is staged in shared memory 16 tokens at a
-// time; each warp takes rank rows, holds its A chunk in registers (16-byte loads) and reduces
-// one dot product per token with shuffles.
-#define DECODE_TOKENS 16
+// Decode (T <= 64): CUDA cores. The group's x chunk is staged in shared memory 8 tokens at a
+// time; each warp takes rank rows two at a time (r, r + 8), holding their A chunks in registers
+// (16-byte loads, issued before the x staging so the two latencies overlap), and reduces one dot
+// product per token with shuffles.
+#define DECODE_TOKENS 8
 #define DECODE_MAX_CHUNK 1024
+
+__device__ __forceinline__ void load_a_rows(const u16* a, int hi, int r, int R, int k_begin, int k_end,
+                                            int passes, int lane, bool vec, uint4 out[2][4]) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int row = r + 8 * h;
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            u16 v[8];
+            if (row < R && q < passes) {
+                load8(a + (long long)row * hi, k_begin + q * 256 + lane * 8, k_end, vec, v);
+                out[h][q] = make_uint4(pack2(v[0], v[1]), pack2(v[2], v[3]), pack2(v[4], v[5]), pack2(v[6], v[7]));
+            } else {
+                out[h][q] = make_uint4(0, 0, 0, 0);
+            }
+        }
+    }
+}
+
+template <bool BF16>
+__device__ __forceinline__ float dot8(uint4 a, uint4 b) {
+    const u32 aw[4] = {a.x, a.y, a.z, a.w};
+    const u32 bw[4] = {b.x, b.y, b.z, b.w};
+    float s = 0.f;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        s += to_f32<BF16>((u16)(aw[k] & 0xffff)) * to_f32<BF16>((u16)(bw[k] & 0xffff));
+        s += to_f32<BF16>((u16)(aw[k] >> 16)) * to_f32<BF16>((u16)(bw[k] >> 16));
+    }
+    return s;
+}
 
 template <bool BF16>
 __device__ void shrink_decode(const ShrinkArgs& p) {
@@ -23,8 +55,7 @@ __device__ void shrink_decode(const ShrinkArgs& p) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int k_begin = c * p.kchunk;
     const int k_end = min(p.hi, k_begin + p.kchunk);
-    const int span = k_end - k_begin;
-    const int passes = (span + 255) >> 8;  // <= 4 (planner keeps kchunk <= 1024)
+    const int passes = (k_end - k_begin + 255) >> 8;  // <= 4 (planner keeps kchunk <= 1024)
     const bool vec = (p.hi % 8 == 0) && (p.x_stride % 8 == 0) &&
                      ((reinterpret_cast<u64>(p.x) & 15) == 0);
     for (int d = blockIdx.y; d < g.num_distinct; d += p.group_stride) {
@@ -32,6 +63,8 @@ __device__ void shrink_decode(const ShrinkArgs& p) {
         const AdapterEntry e = read_entry(p.table, slot, module_id);
         const int R = e.rank;
         if (R == 0) continue;  // uniform over the block
+        uint4 a[2][4];
+        load_a_rows(e.a, p.hi, warp, R, k_begin, k_end, passes, lane, vec, a);  // in flight now
         collect_tokens(g, slot, 0, p.T);
         float* out = p.partial + ((long long)(s * p.ksplit + c) * p.T) * p.table.max_rank;
         for (int tc = 0; tc < g.num_tokens; tc += DECODE_TOKENS) {
@@ -45,33 +78,26 @@ __device__ void shrink_decode(const ShrinkArgs& p) {
                     make_uint4(pack2(v[0], v[1]), pack2(v[2], v[3]), pack2(v[4], v[5]), pack2(v[6], v[7]));
             }
             __syncthreads();
-            for (int r = warp; r < R; r += 8) {
-                float a[4][8];
-                const u16* arow = e.a + (long long)r * p.hi;
-#pragma unroll
-                for (int q = 0; q < 4; ++q) {
-                    u16 av[8];
-                    if (q < passes) load8(arow, k_begin + q * 256 + lane * 8, k_end, vec, av);
-#pragma unroll
-                    for (int k = 0; k < 8; ++k) a[q][k] = q < passes ? to_f32<BF16>(av[k]) : 0.f;
-                }
+            for (int r = warp; r < R; r += 16) {
+                if (r != warp || tc != 0) load_a_rows(e.a, p.hi, r, R, k_begin, k_end, passes, lane, vec, a);
                 for (int i = 0; i < cnt; ++i) {
-                    float sum = 0.f;
+                    float sum0 = 0.f, sum1 = 0.f;
 #pragma unroll
                     for (int q = 0; q < 4; ++q) {
                         if (q < passes) {
                             const uint4 xv = *reinterpret_cast<const uint4*>(&xs[i][q * 256 + lane * 8]);
-                            const u32 w4[4] = {xv.x, xv.y, xv.z, xv.w};
-#pragma unroll
-                            for (int k = 0; k < 4; ++k) {
-                                sum += to_f32<BF16>((u16)(w4[k] & 0xffff)) * a[q][2 * k];
-                                sum += to_f32<BF16>((u16)(w4[k] >> 16)) * a[q][2 * k + 1];
-                            }
+                            sum0 += dot8<BF16>(a[0][q], xv);
+                            sum1 += dot8<BF16>(a[1][q], xv);
                         }
                     }
 #pragma unroll
-                    for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-                    if (lane == 0) out[(long long)g.tokens[tc + i] * p.table.max_rank + r] = sum;
+                    for (int off = 16; off > 0; off >>= 1) {
+                        sum0 += __shfl_xor_sync(0xffffffffu, sum0, off);
+                        sum1 += __shfl_xor_sync(0xffffffffu, sum1, off);
+                    }
+                    const long long base = (long long)g.tokens[tc + i] * p.table.max_rank;
+                    if (lane == 0) out[base + r] = sum0;
+                    if (lane == 1 && r + 8 < R) out[base + r + 8] = sum1;
                 }
             }
             __syncthreads();  // xs and g.tokens are rewritten next

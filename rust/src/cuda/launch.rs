@@ -334,7 +334,13 @@ pub fn expand(
         return Ok(());
     }
     let gs = b.group_stride(true);
-    let ochunk = if b.decode() { THREADS as usize } else { 64 };
+    // decode: columns per thread, so the B rows a thread prefetches stay at 8 x 16 bytes
+    let per_thread = match b.max_rank {
+        0..=16 => 4,
+        17..=32 => 2,
+        _ => 1,
+    };
+    let ochunk = if b.decode() { THREADS as usize * per_thread } else { 64 };
     let args = ExpandArgs {
         partial,
         y,
@@ -347,8 +353,11 @@ pub fn expand(
         table: b.table_args(),
         slices: sl,
     };
-    let (kind, gy) = if b.decode() { ("decode", gs) } else { ("tile", b.tiles() * gs) };
-    let name = format!("lora_expand_{kind}_{}", b.dtype.suffix());
+    let (name, gy) = if b.decode() {
+        (format!("lora_expand_decode_{}_o{per_thread}", b.dtype.suffix()), gs)
+    } else {
+        (format!("lora_expand_tile_{}", b.dtype.suffix()), b.tiles() * gs)
+    };
     let grid = (max_out.div_ceil(ochunk) as u32, gy as u32, module_ids.len() as u32);
     // Chained right after our own shrink (which never writes y): start early, overlap the prologue.
     if chained {

@@ -37,7 +37,16 @@ pub const SHRINK: KernelFamily = KernelFamily {
 pub const EXPAND: KernelFamily = KernelFamily {
     name: "lora_expand",
     body: include_str!("../../../cuda/lora_expand.cu"),
-    functions: &["lora_expand_decode_bf16", "lora_expand_decode_f16", "lora_expand_tile_bf16", "lora_expand_tile_f16"],
+    functions: &[
+        "lora_expand_decode_bf16_o1",
+        "lora_expand_decode_f16_o1",
+        "lora_expand_decode_bf16_o2",
+        "lora_expand_decode_f16_o2",
+        "lora_expand_decode_bf16_o4",
+        "lora_expand_decode_f16_o4",
+        "lora_expand_tile_bf16",
+        "lora_expand_tile_f16",
+    ],
 };
 
 pub const FAMILIES: [&KernelFamily; 2] = [&SHRINK, &EXPAND];
