@@ -20,12 +20,17 @@ fi
 if has bench; then
   timeout ${BENCH_S:-220} python benchmarks/ops.py --out $OUT/ops.json $BENCH_ARGS > $OUT/ops.txt 2>&1
   echo "ops rc=$?"; head -1 $OUT/ops.txt; tail -2 $OUT/ops.txt
+  python benchmarks/plot.py $OUT/ops.json $OUT/roofline.png; echo "plot rc=$?"
 fi
 if has decode; then
   timeout ${DECODE_S:-150} python benchmarks/decode_step.py --out $OUT/decode.json > $OUT/decode.txt 2>&1
   echo "decode rc=$?"; tail -30 $OUT/decode.txt
 fi
+if has ncu; then
+  timeout ${NCU_S:-120} ncu --kernel-name regex:lora --launch-skip 2 --launch-count 4 --section SpeedOfLight --section Occupancy --section LaunchStats python benchmarks/profile_case.py > $OUT/ncu.txt 2>&1
+  echo "ncu rc=$?"; grep -E "lora_|Duration|Memory Throughput|DRAM Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per" $OUT/ncu.txt | head -40
+fi
 if has memcheck; then
-  timeout ${MEMCHECK_S:-150} compute-sanitizer --tool memcheck --error-exitcode 9 python -m pytest -q -m gpu tests/test_kernels.py -k "${MEMCHECK_K:-odd or dora or standalone}" > $OUT/memcheck.log 2>&1
-  echo "memcheck rc=$?"; tail -8 $OUT/memcheck.log
+  timeout ${MEMCHECK_S:-150} compute-sanitizer --tool memcheck --error-exitcode 9 python -m pytest -q -m gpu tests/test_kernels.py -k "${MEMCHECK_K:-odd or dora or standalone}" >> $OUT/pytest.log 2>&1
+  echo "memcheck rc=$?"; tail -4 $OUT/pytest.log
 fi

@@ -334,12 +334,9 @@ pub fn expand(
         return Ok(());
     }
     let gs = b.group_stride(true);
-    // decode: columns per thread, so the B rows a thread prefetches stay at 8 x 16 bytes
-    let per_thread = match b.max_rank {
-        0..=16 => 4,
-        17..=32 => 2,
-        _ => 1,
-    };
+    // decode: output columns per thread. 2 and 4 (lora_expand_decode_*_o2/_o4) measured slower
+    // on the H100 than 1 (docs/kernel-notes.md, pass 3), so the launcher keeps 1.
+    let per_thread = 1;
     let ochunk = if b.decode() { THREADS as usize * per_thread } else { 64 };
     let args = ExpandArgs {
         partial,
