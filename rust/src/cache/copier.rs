@@ -6,15 +6,23 @@ use std::time::Instant;
 use crate::cache::host_memory::HostAllocator;
 use crate::error::Result;
 
+/// A point on a compute stream where a batch was released: work queued there before it may still
+/// read the batch's pages and slot rows. `seq` counts releases on that stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReleaseTicket {
+    pub stream: u64,
+    pub seq: u64,
+}
+
 /// Moves bytes into the pool and orders the compute stream after them. The cache calls it only
 /// under its write lock, so implementations need no locking of their own.
 pub trait Copier: Send + Sync {
     /// How to allocate adapter images (pinned where that helps this copier).
     fn host_allocator(&self) -> HostAllocator;
 
-    /// Starts a batch of loads: may wait for earlier compute on released slots to finish reading
-    /// pages these loads may overwrite.
-    fn begin_loads(&mut self) -> Result<()>;
+    /// Starts a batch of loads, ordered after the released work in `after` (the last releases of
+    /// adapters whose pages or slots were freed since the previous batch of loads).
+    fn begin_loads(&mut self, after: &[ReleaseTicket]) -> Result<()>;
 
     /// Copies `src` to pool address `dst`; may return before the copy completes.
     ///
@@ -29,9 +37,9 @@ pub trait Copier: Send + Sync {
     /// Makes work later enqueued on `compute_stream` run after every load issued so far.
     fn order_after_loads(&mut self, compute_stream: u64) -> Result<()>;
 
-    /// Notes that a batch using `compute_stream` was released: later loads into pages it used must
-    /// wait for the work already enqueued there.
-    fn note_release(&mut self, compute_stream: u64) -> Result<()>;
+    /// Marks the release of a batch that ran on `compute_stream`; loads that later overwrite its
+    /// pages pass the returned ticket to `begin_loads`.
+    fn note_release(&mut self, compute_stream: u64) -> Result<ReleaseTicket>;
 
     /// Blocks until every copy issued so far has completed (before dropping a host buffer).
     fn wait_idle(&mut self) -> Result<()>;
@@ -53,7 +61,7 @@ impl Copier for HostMemcpy {
         HostAllocator::Pageable
     }
 
-    fn begin_loads(&mut self) -> Result<()> {
+    fn begin_loads(&mut self, _after: &[ReleaseTicket]) -> Result<()> {
         self.batch_start = Some(Instant::now());
         Ok(())
     }
@@ -76,8 +84,8 @@ impl Copier for HostMemcpy {
         Ok(())
     }
 
-    fn note_release(&mut self, _compute_stream: u64) -> Result<()> {
-        Ok(())
+    fn note_release(&mut self, compute_stream: u64) -> Result<ReleaseTicket> {
+        Ok(ReleaseTicket { stream: compute_stream, seq: 0 }) // memcpy is synchronous: nothing to wait for
     }
 
     fn wait_idle(&mut self) -> Result<()> {

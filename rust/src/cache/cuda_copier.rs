@@ -6,7 +6,7 @@ use std::collections::{HashMap, VecDeque};
 
 use cudarc::driver::{result, sys};
 
-use crate::cache::copier::Copier;
+use crate::cache::copier::{Copier, ReleaseTicket};
 use crate::cache::host_memory::HostAllocator;
 use crate::error::{LoraError, Result};
 
@@ -39,9 +39,13 @@ pub struct CudaCopier {
     done_seconds: f64,
 }
 
+/// Release events are recorded into a ring per stream; a ticket whose slot was re-recorded since
+/// points at a later release, and waiting for that is still correct (only longer).
+const RELEASE_RING: usize = 64;
+
 struct ComputeStream {
-    released: sys::CUevent,
-    has_release: bool,
+    released: Vec<sys::CUevent>,
+    next_release: u64,
     waited_loads: u64,
 }
 
@@ -94,8 +98,10 @@ impl CudaCopier {
         match self.compute.entry(stream) {
             Entry::Occupied(e) => Ok(e.into_mut()),
             Entry::Vacant(v) => {
-                let released = result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING).map_err(|e| cuda_err("cuEventCreate", e))?;
-                Ok(v.insert(ComputeStream { released, has_release: false, waited_loads: 0 }))
+                let released = (0..RELEASE_RING)
+                    .map(|_| result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING).map_err(|e| cuda_err("cuEventCreate", e)))
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(v.insert(ComputeStream { released, next_release: 0, waited_loads: 0 }))
             }
         }
     }
@@ -127,14 +133,21 @@ impl Copier for CudaCopier {
         HostAllocator::Pinned(self.ctx)
     }
 
-    fn begin_loads(&mut self) -> Result<()> {
+    fn begin_loads(&mut self, after: &[ReleaseTicket]) -> Result<()> {
         self.bind()?;
         let copy_stream = self.copy_stream;
-        for cs in self.compute.values_mut().filter(|c| c.has_release) {
+        // Per stream, waiting for its latest listed release covers the earlier ones (stream order).
+        let mut latest: HashMap<u64, u64> = HashMap::new();
+        for t in after {
+            let seq = latest.entry(t.stream).or_insert(t.seq);
+            *seq = (*seq).max(t.seq);
+        }
+        for (stream, seq) in latest {
+            let Some(cs) = self.compute.get(&stream) else { continue };
+            let event = cs.released[(seq % RELEASE_RING as u64) as usize];
             // SAFETY: event and stream are live handles.
-            unsafe { result::stream::wait_event(copy_stream, cs.released, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT) }
+            unsafe { result::stream::wait_event(copy_stream, event, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT) }
                 .map_err(|e| cuda_err("cuStreamWaitEvent(copy stream, release)", e))?;
-            cs.has_release = false; // the copy stream is now ordered after it for good
         }
         let start = self.timing_event()?;
         unsafe { result::event::record(start, copy_stream) }.map_err(|e| cuda_err("cuEventRecord", e))?;
@@ -179,12 +192,15 @@ impl Copier for CudaCopier {
         Ok(())
     }
 
-    fn note_release(&mut self, compute_stream: u64) -> Result<()> {
+    fn note_release(&mut self, compute_stream: u64) -> Result<ReleaseTicket> {
         self.bind()?;
         let cs = self.compute_stream(compute_stream)?;
-        unsafe { result::event::record(cs.released, compute_stream as sys::CUstream) }.map_err(|e| cuda_err("cuEventRecord(release)", e))?;
-        cs.has_release = true;
-        Ok(())
+        let seq = cs.next_release;
+        let event = cs.released[(seq % RELEASE_RING as u64) as usize];
+        // SAFETY: live event; the stream handle comes from torch and outlives this call.
+        unsafe { result::event::record(event, compute_stream as sys::CUstream) }.map_err(|e| cuda_err("cuEventRecord(release)", e))?;
+        cs.next_release += 1;
+        Ok(ReleaseTicket { stream: compute_stream, seq })
     }
 
     fn wait_idle(&mut self) -> Result<()> {
@@ -210,7 +226,7 @@ impl Drop for CudaCopier {
             let _ = result::ctx::set_current(self.ctx);
             let _ = result::event::synchronize(self.loads_done);
             let mut events = vec![self.loads_done];
-            events.extend(self.compute.values().map(|c| c.released));
+            events.extend(self.compute.values().flat_map(|c| c.released.iter().copied()));
             events.append(&mut self.spare_events);
             events.extend(self.pending.drain(..).flat_map(|(s, e, _)| [s, e]));
             events.extend(self.batch_start.take());

@@ -13,7 +13,7 @@ pub mod slot_table;
 pub mod stats;
 pub mod two_level;
 
-pub use copier::{Copier, HostMemcpy};
+pub use copier::{Copier, HostMemcpy, ReleaseTicket};
 pub use cuda_copier::{driver_present, CudaCopier};
 pub use slot_table::SlotTable;
 pub use stats::{CacheStats, StatValue};

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use rand::{Rng, SeedableRng};
 
 use super::*;
+use crate::cache::host_memory;
 use crate::error::LoraError;
 use crate::format::{self, ConfigRow, ModelSpec, ValidateOptions, WeightsDtype, WeightsView};
 
@@ -273,4 +274,69 @@ fn eight_threads_mixed_operations_keep_invariants() {
     assert!(s.host_bytes <= s.host_budget_bytes);
     assert_eq!((s.in_flight_batches, s.pinned_by_batches), (0, 0));
     assert!(s.counters.hits > 0 && s.counters.misses > 0 && s.counters.device_evictions > 0 && s.counters.host_evictions > 0);
+}
+
+/// Host memcpy that also records which releases each batch of loads was ordered after, and hands
+/// out release tickets the way a CUDA copier does (a sequence number per stream).
+struct OrderRecorder {
+    inner: HostMemcpy,
+    next_seq: std::collections::HashMap<u64, u64>,
+    log: Arc<parking_lot::Mutex<Vec<Vec<ReleaseTicket>>>>,
+}
+
+impl Copier for OrderRecorder {
+    fn host_allocator(&self) -> host_memory::HostAllocator {
+        self.inner.host_allocator()
+    }
+    fn begin_loads(&mut self, after: &[ReleaseTicket]) -> crate::error::Result<()> {
+        self.log.lock().push(after.to_vec());
+        self.inner.begin_loads(after)
+    }
+    unsafe fn copy(&mut self, dst: u64, src: &[u8]) -> crate::error::Result<()> {
+        unsafe { self.inner.copy(dst, src) }
+    }
+    fn end_loads(&mut self, bytes: u64) -> crate::error::Result<()> {
+        self.inner.end_loads(bytes)
+    }
+    fn order_after_loads(&mut self, s: u64) -> crate::error::Result<()> {
+        self.inner.order_after_loads(s)
+    }
+    fn note_release(&mut self, stream: u64) -> crate::error::Result<ReleaseTicket> {
+        let seq = self.next_seq.entry(stream).or_insert(0);
+        *seq += 1;
+        Ok(ReleaseTicket { stream, seq: *seq - 1 })
+    }
+    fn wait_idle(&mut self) -> crate::error::Result<()> {
+        Ok(())
+    }
+    fn load_timing(&mut self) -> (u64, f64) {
+        self.inner.load_timing()
+    }
+}
+
+#[test]
+fn loads_wait_only_for_releases_of_adapters_whose_pages_they_reuse() {
+    let pool = vec![0u128; 6 * 256 / 16].into_boxed_slice(); // 2 adapters of 3 pages
+    let table = vec![0u128; SlotTable::table_bytes(4, spec().num_layers) / 16].into_boxed_slice();
+    let log = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let copier = OrderRecorder { inner: HostMemcpy::default(), next_seq: Default::default(), log: Arc::clone(&log) };
+    let cfg = CacheConfig { spec: spec(), dtype: WeightsDtype::F16, host_budget_bytes: 1 << 20, page_bytes: 256, max_slots: 4, validate: ValidateOptions::default() };
+    let region = PoolRegion { pool_addr: pool.as_ptr() as u64, pool_bytes: pool.len() as u64 * 16, table_addr: table.as_ptr() as u64 };
+    let c = unsafe { TwoLevelCache::new(cfg, region, Box::new(copier)).unwrap() };
+    for id in 1..=4 {
+        put(&c, id, id, &[1], 1).unwrap();
+    }
+    let a = c.acquire(&[1], 7).unwrap();
+    c.release(a.batch_id, 7).unwrap(); // ticket (7, 0)
+    let b = c.acquire(&[2], 9).unwrap(); // free pages: no wait
+    c.release(b.batch_id, 9).unwrap(); // ticket (9, 0)
+    let b = c.acquire(&[2], 9).unwrap();
+    c.release(b.batch_id, 9).unwrap(); // ticket (9, 1): 2's last release on stream 9
+    let d = c.acquire(&[3], 7).unwrap(); // evicts 1 (least recent): after (7, 0)
+    c.release(d.batch_id, 7).unwrap();
+    c.prefetch(&[4]).unwrap(); // evicts 2: after (9, 1) only
+    let got = log.lock().clone();
+    let t = |stream, seq| ReleaseTicket { stream, seq };
+    assert_eq!(got, vec![vec![], vec![], vec![t(7, 0)], vec![t(9, 1)]]);
+    c.check_invariants().unwrap();
 }

@@ -7,7 +7,7 @@ use parking_lot::RwLock;
 mod inspect;
 
 use crate::cache::adapter_image::{self, ImageLayout};
-use crate::cache::copier::Copier;
+use crate::cache::copier::{Copier, ReleaseTicket};
 use crate::cache::device_tier::DeviceTier;
 use crate::cache::host_memory::HostAllocator;
 use crate::cache::host_tier::{HostEntry, HostTier};
@@ -59,10 +59,29 @@ struct State {
     pins: IdMap<u32>,
     /// batch_id -> the distinct task ids it holds.
     batches: IdMap<Vec<u64>>,
+    /// task_id -> its last release per compute stream (while resident).
+    released_at: IdMap<Vec<ReleaseTicket>>,
+    /// Releases the next loads must follow: of adapters whose pages or slot were freed since.
+    loads_after: Vec<ReleaseTicket>,
     next_batch: u64,
     counters: Counters,
     // Last: dropped after the host buffers it may have pinned.
     copier: Box<dyn Copier>,
+}
+
+impl State {
+    /// An adapter left the device tier: its slot rows go, and whatever last read its pages must
+    /// finish before the next loads overwrite them.
+    fn forget_resident(&mut self, task_id: u64, slot: usize) {
+        self.table.forget_slot(slot);
+        for ticket in self.released_at.remove(&task_id).unwrap_or_default() {
+            // Per stream only the latest release matters (stream order covers the earlier ones).
+            match self.loads_after.iter_mut().find(|t| t.stream == ticket.stream) {
+                Some(t) => t.seq = t.seq.max(ticket.seq),
+                None => self.loads_after.push(ticket),
+            }
+        }
+    }
 }
 
 impl Drop for State {
@@ -117,6 +136,8 @@ impl TwoLevelCache {
             table: SlotTable::new(region.table_addr, cfg.max_slots, cfg.spec.num_layers),
             pins: IdMap::default(),
             batches: IdMap::default(),
+            released_at: IdMap::default(),
+            loads_after: Vec::new(),
             next_batch: 1,
             counters: Counters::default(),
             copier,
@@ -162,7 +183,7 @@ impl TwoLevelCache {
             let entry = st.host.remove(id).unwrap();
             wait |= entry.loaded;
             if let Some(r) = st.device.evict(id) {
-                st.table.forget_slot(r.slot);
+                st.forget_resident(id, r.slot);
             }
             dropped.push(entry);
         }
@@ -254,15 +275,22 @@ impl TwoLevelCache {
     /// Unpins a batch's adapters; later loads into their pages wait for work already on `compute_stream`.
     pub fn release(&self, batch_id: u64, compute_stream: u64) -> Result<()> {
         let mut st = self.state.write();
-        let ids = st.batches.remove(&batch_id).ok_or(LoraError::UnknownBatch { batch_id })?;
+        if !st.batches.contains_key(&batch_id) {
+            return Err(LoraError::UnknownBatch { batch_id });
+        }
+        let ticket = st.copier.note_release(compute_stream)?;
+        let ids = st.batches.remove(&batch_id).unwrap();
         for id in ids {
             let count = st.pins.get_mut(&id).expect("a held batch's task is pinned");
             *count -= 1;
             if *count == 0 {
                 st.pins.remove(&id);
             }
+            let tickets = st.released_at.entry(id).or_default();
+            tickets.retain(|t| t.stream != ticket.stream);
+            tickets.push(ticket);
         }
-        st.copier.note_release(compute_stream)
+        Ok(())
     }
 
     fn make_resident(&self, st: &mut State, task_ids: &[u64]) -> Result<()> {
@@ -294,8 +322,8 @@ impl TwoLevelCache {
             let evicted = st.device.apply(plan, &missing);
             drop(missing);
             st.counters.device_evictions += evicted.len() as u64;
-            for (_, r) in &evicted {
-                st.table.forget_slot(r.slot);
+            for (id, r) in &evicted {
+                st.forget_resident(*id, r.slot);
             }
             self.load(st, &missing_ids)?;
         }
@@ -311,8 +339,9 @@ impl TwoLevelCache {
     /// Copies freshly placed adapters from their host images and points their slots at them.
     /// One copy per run of segments that are adjacent both in the image and in the pool.
     fn load(&self, st: &mut State, ids: &[u64]) -> Result<()> {
-        let State { host, device, table, copier, counters, .. } = st;
-        copier.begin_loads()?;
+        let State { host, device, table, copier, counters, loads_after, .. } = st;
+        copier.begin_loads(loads_after)?;
+        loads_after.clear();
         let page = self.cfg.page_bytes;
         let mut bytes = 0u64;
         for &id in ids {

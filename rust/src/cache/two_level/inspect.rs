@@ -85,6 +85,9 @@ impl TwoLevelCache {
         if let Some(id) = st.pins.keys().find(|id| st.device.get(**id).is_none()) {
             return Err(format!("pinned task {id} is not resident"));
         }
+        if let Some(id) = st.released_at.keys().find(|id| st.device.get(**id).is_none()) {
+            return Err(format!("task {id} keeps release tickets after leaving the device tier"));
+        }
         let mut counted: IdMap<u32> = IdMap::default();
         st.batches.values().flatten().for_each(|id| *counted.entry(*id).or_insert(0) += 1);
         if counted != st.pins {
