@@ -72,6 +72,26 @@ def test_compute_stream_waits_for_the_copy_stream():
     assert s["device_evictions"] >= 4 and s["misses"] == 8
 
 
+def test_loads_never_overwrite_pages_a_released_batch_still_reads():
+    """A batch released while its kernels are still queued: the next load that evicts its adapter
+    waits for them (release ticket) instead of overwriting the pages they read."""
+    cache = LoraCache(BIG, host_cache_bytes=1 << 30, device="cuda", device_cache_bytes=24 << 20, max_slots=2)
+    for tid in (0, 1):  # one 20 MiB adapter fits at a time
+        cache.put(tid, *make_adapter(tid + 1, BIG_ROWS, dtype=np.float16, spec=BIG))
+    with cache.acquire([0]) as b:
+        segs = cache.segments(0, b.slots[0])  # syncs: adapter 0 is in place
+        torch.cuda._sleep(50_000_000)  # tens of ms of queued "compute" before the read below
+        seen = cache.pool.clone()
+    with cache.acquire([1]):  # evicts 0 and loads 1 into the same pages
+        pass
+    pool = seen.cpu().numpy()
+    base = cache.pool.data_ptr()
+    for seg in segs:
+        a = seg["entry"][0] - base
+        assert np.array_equal(pool[a : a + len(seg["a"])], np.frombuffer(seg["a"], np.uint8)), "a load overwrote pages in use"
+    assert cache.stats()["device_evictions"] == 1
+
+
 def test_many_adapters_stream_through_a_small_device_pool():
     cache = LoraCache(SPEC, host_cache_bytes=1 << 16, device="cuda", device_cache_bytes=40 * 256, page_bytes=256, max_slots=4)
     made = [make_adapter(i, SHAPES[i % 4]) for i in range(4)]
