@@ -340,3 +340,21 @@ fn loads_wait_only_for_releases_of_adapters_whose_pages_they_reuse() {
     assert_eq!(got, vec![vec![], vec![], vec![t(7, 0)], vec![t(9, 1)]]);
     c.check_invariants().unwrap();
 }
+
+#[test]
+fn long_per_row_id_lists_map_each_id_to_one_slot() {
+    let f = fixture(1 << 20, 1 << 16, 256, 8);
+    for id in 0..5 {
+        put(&f.cache, id, id, &[1], 1).unwrap();
+    }
+    let rows: Vec<u64> = (0..40).map(|i| (i * 7 % 5) as u64).collect();
+    for _ in 0..2 {
+        let b = f.cache.acquire(&rows, 0).unwrap(); // first: loads; second: all resident
+        for (id, slot) in rows.iter().zip(&b.slots) {
+            assert_eq!(Some(*slot), f.cache.slot_of(*id));
+        }
+        f.cache.release(b.batch_id, 0).unwrap();
+    }
+    let s = f.cache.stats();
+    assert_eq!((s.counters.misses, s.counters.hits), (5, 5));
+}

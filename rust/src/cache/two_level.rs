@@ -97,12 +97,18 @@ pub struct TwoLevelCache {
     host_allocator: HostAllocator,
 }
 
+/// The ids in first-seen order without repeats (per-row id lists repeat ids a lot).
 fn distinct(ids: &[u64]) -> Vec<u64> {
     let mut out: Vec<u64> = Vec::with_capacity(ids.len());
-    for &id in ids {
-        if !out.contains(&id) {
-            out.push(id);
+    if ids.len() <= 16 {
+        for &id in ids {
+            if !out.contains(&id) {
+                out.push(id);
+            }
         }
+    } else {
+        let mut seen = IdMap::default();
+        out.extend(ids.iter().copied().filter(|&id| seen.insert(id, ()).is_none()));
     }
     out
 }
@@ -254,11 +260,11 @@ impl TwoLevelCache {
     pub fn acquire(&self, task_ids: &[u64], compute_stream: u64) -> Result<Acquired> {
         let mut st = self.state.write();
         self.make_resident(&mut st, task_ids)?;
+        st.copier.order_after_loads(compute_stream)?;
         let wanted = distinct(task_ids);
         for &id in &wanted {
             *st.pins.entry(id).or_insert(0) += 1;
         }
-        st.copier.order_after_loads(compute_stream)?;
         let slots = task_ids.iter().map(|id| st.device.get(*id).unwrap().slot).collect();
         let batch_id = st.next_batch;
         st.next_batch += 1;
@@ -296,12 +302,10 @@ impl TwoLevelCache {
     fn make_resident(&self, st: &mut State, task_ids: &[u64]) -> Result<()> {
         if task_ids.iter().all(|id| st.device.get(*id).is_some()) {
             // The common case: every adapter already resident; a hit per distinct id.
-            for (i, &id) in task_ids.iter().enumerate() {
-                if !task_ids[..i].contains(&id) {
-                    st.counters.hits += 1;
-                    st.device.touch(id);
-                    st.host.touch(id);
-                }
+            for id in distinct(task_ids) {
+                st.counters.hits += 1;
+                st.device.touch(id);
+                st.host.touch(id);
             }
             return Ok(());
         }
