@@ -172,10 +172,60 @@ def test_transformers4_per_expert_mixtral_adapters(tmp_path):
 
 def test_format_rows_without_an_hf_place_are_refused_by_to_peft(tmp_path):
     model_spec = spec.spec_from_hf_config(tiny_model("gpt2").config)
-    weights, config = format.from_rows([format.AdapterRow(MODULE_IDS["attn_q"], 0, np.ones((2, 32), np.float32),
-                                                          np.ones((32, 2), np.float32))], "float32")
-    with pytest.raises(LoraConvertError, match="attn_q"):
+    weights, config = format.from_rows([format.AdapterRow(MODULE_IDS["mlp_router"], 0, np.ones((2, 32), np.float32),
+                                                          np.ones((1, 2), np.float32))], "float32")
+    with pytest.raises(LoraConvertError, match="mlp_router"):
         convert.to_peft(weights, config, model_spec, str(tmp_path / "x"), "gpt2")
+
+
+def _split_rows(arch, rng, dora=False):
+    """Rows that a fused HF layer holds side by side: q/k/v beside qkv, gate/up beside gate_up."""
+    model_spec = spec.spec_from_hf_config(tiny_model(arch).config)
+    names = ["attn_q", "attn_v", "attn_qkv"] + (["mlp_gate", "mlp_h_to_4h", "mlp_gate_up"] if arch == "phi3" else [])
+    rows = []
+    for rank, name in enumerate(names, start=1):
+        hi, ho = model_spec.module_dims(MODULE_IDS[name])
+        scale = rng.uniform(0.5, 1.5, ho).astype(np.float32) if dora else None
+        rows.append(format.AdapterRow(MODULE_IDS[name], 1, rng.standard_normal((rank, hi), dtype=np.float32) * 0.3,
+                                      rng.standard_normal((ho, rank), dtype=np.float32) * 0.3, scale))
+    return model_spec, rows
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "phi3"])
+def test_split_rows_are_written_into_the_fused_layer(arch, tmp_path):
+    """Oracle: each row's B @ A merged into the base weight at its output offset."""
+    model_spec, rows = _split_rows(arch, np.random.default_rng(5))
+    weights, config = format.from_rows(rows, "float32")
+    convert.to_peft(weights, config, model_spec, str(tmp_path / "peft"), tiny_model(arch).config)
+    loaded = peft.PeftModel.from_pretrained(fresh_model(arch), str(tmp_path / "peft")).eval()
+    merged = fresh_model(arch)
+    for row in rows:
+        path, rule = spec.hf_path_for(arch, row.module_id, row.layer)
+        at = spec.output_offset(rule, row.module_id, model_spec)
+        delta = torch.from_numpy(row.b @ row.a)
+        weight = merged.get_parameter(path + ".weight")
+        with torch.no_grad():
+            if rule.kind == spec.CONV1D:
+                weight[:, at : at + delta.shape[0]] += delta.T
+            else:
+                weight[at : at + delta.shape[0]] += delta
+    torch.testing.assert_close(logits(loaded, arch), logits(merged, arch), rtol=1e-5, atol=1e-5)
+
+
+def test_split_dora_rows_keep_scale_one_where_no_row_covers(tmp_path, tmp_path_factory):
+    model_spec, rows = _split_rows("gpt2", np.random.default_rng(6), dora=True)
+    rows = rows[:1]  # attn_q only: c_attn's k and v outputs are untouched
+    weights, config = format.from_rows(rows, "float32")
+    base_dir = _base_dir("gpt2", tmp_path_factory)
+    convert.to_peft(weights, config, model_spec, str(tmp_path / "peft"), "gpt2", base_model=base_dir)
+    w2, c2 = convert.from_peft(str(tmp_path / "peft"), "float32", base_model=base_dir)
+    (back,) = format.to_rows(w2, c2, model_spec)
+    q = model_spec.module_dims(MODULE_IDS["attn_q"])[1]
+    assert back.module_id == MODULE_IDS["attn_qkv"]
+    np.testing.assert_allclose(back.b[:q], rows[0].b, rtol=1e-6)
+    np.testing.assert_array_equal(back.b[q:], 0)
+    np.testing.assert_allclose(back.dora_scale[:q], rows[0].dora_scale, rtol=1e-5)
+    np.testing.assert_allclose(back.dora_scale[q:], 1, rtol=1e-5)
 
 
 # --- hypothesis: PEFT -> format -> PEFT over random architectures, shapes, ranks and modules ------

@@ -3,7 +3,8 @@ adapter_model.safetensors) that PeftModel.from_pretrained loads: the inverse of 
 
 The scale is already folded into B, so every module gets lora_alpha = r (scale 1). Rows that share
 one HF weight (the gate and up halves of a fused experts gate_up_proj) become one block-diagonal
-LoRA of rank r_gate + r_up, which is exact.
+LoRA of rank r_gate + r_up, which is exact; so do attn_q/k/v rows on a fused qkv layer (GPT-2,
+Phi-3) and mlp_gate/mlp_h_to_4h rows on Phi-3's gate_up_proj.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from collections import defaultdict
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -32,25 +33,25 @@ _EXPERT_PARAM_ORDER = ("gate_up_proj", "down_proj")
 _TASK_TYPE = {hfspec.BART: "SEQ_2_SEQ_LM"}
 
 
-def _fuse(rule: hfspec.TargetRule, parts: Dict[int, AdapterRow], spec: ModelSpec, path: str):
-    """(A, B, dora scale) of one HF target from its rows; several rows -> block-diagonal B."""
-    if len(rule.module_ids) == 1:
-        row = parts[rule.module_ids[0]]
+def _fuse(rows: List[Tuple[hfspec.TargetRule, AdapterRow]], spec: ModelSpec, out_features: int):
+    """(A, B, DoRA scale or None) of one HF layer from the rows it holds: A stacks the rows' A, B
+    places each row's B at its output offset in its own rank columns (block-diagonal: exact). With
+    DoRA, outputs no row covers keep scale 1 (their weight rows are untouched)."""
+    if len(rows) == 1 and len(rows[0][0].module_ids) == 1:
+        row = rows[0][1]
         return row.a, row.b, row.dora_scale
-    if any(r.dora_scale is not None for r in parts.values()):
-        raise LoraConvertError(f"{path}: PEFT has no DoRA for expert parameters")
-    present = [parts[m] for m in rule.module_ids if m in parts]
-    a = np.concatenate([r.a for r in present], axis=0)
-    heights = [spec.module_dims(m)[1] for m in rule.module_ids]
-    b = np.zeros((sum(heights), a.shape[0]), dtype=np.float32)
-    row_at, col_at = 0, 0
-    for mid, height in zip(rule.module_ids, heights):
-        if mid in parts:
-            rank = parts[mid].a.shape[0]
-            b[row_at : row_at + height, col_at : col_at + rank] = parts[mid].b
-            col_at += rank
-        row_at += height
-    return a, b, None
+    a = np.concatenate([row.a for _, row in rows], axis=0)
+    b = np.zeros((out_features, a.shape[0]), dtype=np.float32)
+    dora = any(row.dora_scale is not None for _, row in rows)
+    scale = np.ones(out_features, dtype=np.float32) if dora else None
+    col = 0
+    for rule, row in rows:
+        at, (ho, rank) = hfspec.output_offset(rule, row.module_id, spec), row.b.shape
+        b[at : at + ho, col : col + rank] = row.b
+        if dora:
+            scale[at : at + ho] = row.dora_scale
+        col += rank
+    return a, b, scale
 
 
 def _nested_key(path: str, kind: str, present_params: List[str]) -> str:
@@ -91,25 +92,27 @@ def to_peft(weights, config, spec: ModelSpec, out_dir: str, arch: Any, base_mode
         raise LoraDoraError("DoRA rows need the base model's weights to recover PEFT magnitudes: pass base_model= "
                             "(an HF model or a saved model dir)")
 
-    targets: Dict[str, Any] = {}
-    parts: Dict[str, Dict[int, AdapterRow]] = defaultdict(dict)
+    by_path: Dict[str, List[Tuple[hfspec.TargetRule, AdapterRow]]] = defaultdict(list)
     for row in rows:
         path, rule = hfspec.hf_path_for(arch, row.module_id, row.layer, encoder_layers)
-        targets[path] = rule
-        parts[path][row.module_id] = row
+        by_path[path].append((rule, row))
     expert_params: Dict[str, List[str]] = defaultdict(list)
-    for path, rule in targets.items():
-        if rule.kind == hfspec.EXPERTS:
+    for path, held in by_path.items():
+        if held[0][0].kind == hfspec.EXPERTS:
             module, pname = path.rsplit(".", 1)
             expert_params[module].append(pname)
 
     tensors: Dict[str, np.ndarray] = {}
     ranks: Dict[str, int] = {}
     target_modules, target_parameters = [], []
-    for path, rule in sorted(targets.items()):
-        a, b, scale = _fuse(rule, parts[path], spec, path)
+    for path, held in sorted(by_path.items()):
+        rule = held[0][0]
+        out_features = sum(spec.module_dims(m)[1] for m in rule.module_ids)
+        a, b, scale = _fuse(held, spec, out_features)
         pattern_key = path
         if rule.kind == hfspec.EXPERTS:
+            if scale is not None:
+                raise LoraConvertError(f"{path}: PEFT has no DoRA for expert parameters")
             # PEFT's expert LoRA: A [r*E, in] = experts' A stacked; B [out, r*E] with column k*E + e = B_e[:, k].
             experts = spec.num_experts
             a, b = np.tile(a, (experts, 1)), np.repeat(b, experts, axis=1)

@@ -49,6 +49,7 @@ class TargetRule(NamedTuple):
     module_ids: Tuple[int, ...]
     kind: str
     legacy: bool = False  # accepted when reading; never written
+    split: bool = False  # a fused layer seen as its parts (q|k|v, gate|up): used when writing only
 
 
 _ATTN_FAMILIES = (LLAMA, MIXTRAL, QWEN2_MOE)
@@ -72,6 +73,11 @@ TARGET_RULES: List[TargetRule] = [
     TargetRule((GPT2,), "crossattention.q_attn", (_M["cross_attn_q"],), CONV1D),
     TargetRule((GPT2,), "crossattention.c_attn", (_M["cross_attn_k"], _M["cross_attn_v"]), CONV1D),
     TargetRule((GPT2,), "crossattention.c_proj", (_M["cross_attn_dense"],), CONV1D),
+    # The same fused layers seen as their parts: format rows of attn_q/k/v or mlp_gate/mlp_h_to_4h are
+    # written into the fused layer side by side (reading always yields the fused id above)
+    TargetRule((PHI3,), "self_attn.qkv_proj", (_M["attn_q"], _M["attn_k"], _M["attn_v"]), LINEAR, split=True),
+    TargetRule((PHI3,), "mlp.gate_up_proj", (_M["mlp_gate"], _M["mlp_h_to_4h"]), LINEAR, split=True),
+    TargetRule((GPT2,), "attn.c_attn", (_M["attn_q"], _M["attn_k"], _M["attn_v"]), CONV1D, split=True),
     # Mixture of experts (transformers 5: router module + fused 3-D expert parameters)
     TargetRule((MIXTRAL, QWEN2_MOE), "mlp.gate", (_M["moe_router"],), ROUTER),
     TargetRule((MIXTRAL, QWEN2_MOE), "mlp.experts.gate_up_proj", (_M["moe_gate"], _M["moe_h_to_4h"]), EXPERTS),
@@ -168,7 +174,7 @@ def target_for(arch: str, hf_path: str, encoder_layers: Optional[int] = None) ->
             "the LoRA format holds only per-layer modules")
     component = "encoder" if "encoder" in m.group("stack").split(".") else "decoder"
     for regex, rule in _RULE_RES:
-        if family not in rule.families:
+        if family not in rule.families or rule.split:
             continue
         hit = regex.match(m.group("inner"))
         if hit:
@@ -202,6 +208,12 @@ def hf_path_for(arch: str, module_id: int, layer: int, encoder_layers: Optional[
             return stacks[component].format(l=block) + rule.inner, rule
     name = MODULE_NAMES.get(module_id, str(module_id))
     raise LoraConvertError(f"module {name} (id {module_id}) has no place in layer {layer} of a {arch} model")
+
+
+def output_offset(rule: TargetRule, module_id: int, spec: ModelSpec) -> int:
+    """Where `module_id`'s outputs start inside the fused output of `rule`'s HF layer."""
+    ids = rule.module_ids
+    return sum(spec.module_dims(m)[1] for m in ids[: ids.index(module_id)])
 
 
 def module_ids_of(arch: str) -> List[int]:
@@ -272,6 +284,6 @@ def spec_from_hf_config(hf_config: Any, max_rank: int = 64) -> ModelSpec:
 __all__ = [
     "ARCH_FAMILY", "TARGET_RULES", "TargetRule", "HfTarget", "IDS_WITHOUT_HF_ARCH",
     "LINEAR", "CONV1D", "ROUTER", "EXPERTS", "PER_EXPERT",
-    "family_of", "arch_from_class_name", "target_for", "hf_path_for", "module_ids_of", "encoder_layers_of", "config_value",
+    "family_of", "arch_from_class_name", "target_for", "hf_path_for", "output_offset", "module_ids_of", "encoder_layers_of", "config_value",
     "spec_from_hf_config",
 ]
