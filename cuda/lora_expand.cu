@@ -15,6 +15,7 @@ __device__ __forceinline__ void load_u(float* su, int pitch, int rcols, const Ex
         float v = 0.f;
         if (r < R) {
             const long long t = g.tokens[i];
+#pragma unroll 16
             for (int c = 0; c < p.ksplit; ++c)
                 v += p.partial[(((long long)s * p.ksplit + c) * p.T + t) * p.table.max_rank + r];
         }
@@ -193,7 +194,8 @@ __device__ void expand_tile(const ExpandArgs& p) {
             float v = 0.f;
             if (i < nt && r < R) {
                 const long long t = g.tokens[i];
-                for (int c = 0; c < p.ksplit; ++c)
+#pragma unroll 16
+            for (int c = 0; c < p.ksplit; ++c)
                     v += p.partial[(((long long)blockIdx.z * p.ksplit + c) * p.T + t) * p.table.max_rank + r];
             }
             us[i][r] = from_f32<BF16>(v);

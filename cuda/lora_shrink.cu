@@ -266,7 +266,8 @@ __device__ void shrink_reduce(const ReduceArgs& p) {
         if (slot >= 0 && slot < p.table.num_slots) {
             const AdapterEntry e = read_entry(p.table, slot, p.slices.module_id[s]);
             if (r < e.rank) {
-                for (int c = 0; c < p.ksplit; ++c)
+#pragma unroll 16
+            for (int c = 0; c < p.ksplit; ++c)
                     v += p.partial[(((long long)s * p.ksplit + c) * p.T + t) * R + r];
             }
         }

@@ -28,7 +28,8 @@ def test_an_unknown_arch_is_a_typed_error():
 
 
 def test_plan_splits_decode_over_the_sms():
-    ksplit, kchunk = _core.plan_shrink(1, 4096, 1, 8)
-    assert ksplit * kchunk >= 4096 and ksplit >= 4
-    ksplit, kchunk = _core.plan_shrink(2048, 4096, 3, 8)
+    ksplit, kchunk, reduce_first = _core.plan_shrink(1, 4096, 1, 8)
+    assert ksplit * kchunk >= 4096 and ksplit >= 4 and not reduce_first
+    ksplit, kchunk, reduce_first = _core.plan_shrink(2048, 4096, 3, 8)
     assert 1 <= ksplit <= 16 and kchunk % 64 == 0 and ksplit * kchunk >= 4096
+    assert reduce_first == (ksplit > 1)

@@ -175,11 +175,19 @@ def lora_expand(u, y, meta, layer: int, module_ids: Sequence[int], out_sizes: Se
 
 
 def lora_apply(x, y, meta, layer: int, module_ids: Sequence[int], out_sizes: Sequence[int]) -> None:
-    """Shrink then expand in two launches; on sm_90 the expand is a programmatic dependent of the
-    shrink (starts early, waits in-kernel) and sums the split-K partials as it loads u."""
+    """Shrink then expand. Decode (T <= 64): two launches, the expand a programmatic dependent of
+    the shrink on sm_90 (starts early, waits in-kernel) that sums the split-K partials as it
+    loads u. Prefill: shrink, a reduce of the partials into u, then the expand."""
     sizes = [int(o) for o in out_sizes]
     _expand_checks(y, list(module_ids), sizes, x.device)
     if y.shape[0] != x.shape[0] or y.dtype != x.dtype:
         raise LoraCudaError(f"y {tuple(y.shape)} {y.dtype} does not match x {tuple(x.shape)} {x.dtype}")
+    import torch
+
     batch, ids, plan, partial = _shrink_partials(x, meta, layer, module_ids)
-    batch.expand(partial.data_ptr(), plan[0], y.data_ptr(), y.stride(0), ids, sizes, chained=True)
+    if plan[2]:  # prefill: sum the split-K partials once instead of in every expand block
+        u = torch.empty((len(ids), x.shape[0], int(meta.max_rank)), dtype=torch.float32, device=x.device)
+        batch.reduce(ids, partial.data_ptr(), plan, u.data_ptr())
+        batch.expand(u.data_ptr(), 1, y.data_ptr(), y.stride(0), ids, sizes)
+    else:
+        batch.expand(partial.data_ptr(), plan[0], y.data_ptr(), y.stride(0), ids, sizes, chained=True)

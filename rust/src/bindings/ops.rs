@@ -33,7 +33,7 @@ impl PyKernelBatch {
     #[allow(clippy::too_many_arguments)]
     fn shrink(
         &self, x: u64, x_stride: usize, hi: usize, module_ids: Vec<u32>, partial: u64, partial_capacity: usize,
-        plan: (usize, usize),
+        plan: (usize, usize, bool),
     ) -> PyResult<()> {
         let k = cuda::kernels(self.device).py()?;
         let plan = launch::ShrinkPlan { ksplit: plan.0, kchunk: plan.1 };
@@ -41,7 +41,7 @@ impl PyKernelBatch {
     }
 
     /// u [S, T, max_rank] = the summed partials (zero past each token's rank).
-    fn reduce(&self, module_ids: Vec<u32>, partial: u64, plan: (usize, usize), u: u64) -> PyResult<()> {
+    fn reduce(&self, module_ids: Vec<u32>, partial: u64, plan: (usize, usize, bool), u: u64) -> PyResult<()> {
         let k = cuda::kernels(self.device).py()?;
         let plan = launch::ShrinkPlan { ksplit: plan.0, kchunk: plan.1 };
         launch::reduce(&k, &self.batch, &module_ids, partial, &plan, u).py()
@@ -60,11 +60,12 @@ impl PyKernelBatch {
     }
 }
 
-/// (ksplit, kchunk) of the shrink for this geometry.
+/// (ksplit, kchunk, reduce_first) of the shrink for this geometry; reduce_first: lora_apply
+/// sums the partials into u before the expand.
 #[pyfunction]
-fn plan_shrink(tokens: usize, hi: usize, num_slices: usize, num_slots: usize) -> (usize, usize) {
+fn plan_shrink(tokens: usize, hi: usize, num_slices: usize, num_slots: usize) -> (usize, usize, bool) {
     let p = launch::plan_shrink(tokens, hi, num_slices, num_slots);
-    (p.ksplit, p.kchunk)
+    (p.ksplit, p.kchunk, launch::apply_reduces_first(tokens, &p))
 }
 
 /// Whether libnvrtc can be opened.

@@ -214,6 +214,13 @@ pub fn plan_shrink(tokens: usize, hi: usize, num_slices: usize, num_slots: usize
     ShrinkPlan { ksplit: hi.div_ceil(kchunk).max(1), kchunk }
 }
 
+/// Whether lora_apply sums the partials into u (the reduce kernel) before the expand: in the
+/// prefill (tile) path every 64-column expand block would otherwise re-read all ksplit partials
+/// of its tokens (measured: most of the expand's time at T = 2048, docs/kernel-notes.md).
+pub fn apply_reduces_first(tokens: usize, plan: &ShrinkPlan) -> bool {
+    tokens > TILE_T && plan.ksplit > 1
+}
+
 /// Elements of the fp32 partial buffer a shrink with this plan writes: [S, ksplit, T, max_rank].
 pub fn partial_len(plan: &ShrinkPlan, num_slices: usize, tokens: usize, max_rank: usize) -> usize {
     num_slices * plan.ksplit * tokens * max_rank
