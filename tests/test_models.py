@@ -208,3 +208,25 @@ def test_fused_layers_take_their_parts_side_by_side(tmp_path):
     with torch.no_grad(), engine.batch([0, 1]):
         got = ours(**inputs).logits
     torch.testing.assert_close(got[1], got[0], rtol=1e-5, atol=1e-5 * got.abs().max().item())
+
+
+def test_attach_errors_are_typed_and_change_nothing():
+    from transformers import BertConfig, BertModel
+
+    from loramux.errors import LoraConvertError, LoraError, LoraNotCachedError
+
+    bert = BertModel(BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                intermediate_size=64))
+    with pytest.raises(LoraConvertError, match="bert"):
+        lm.attach(bert)
+    assert not any("Lora" in type(m).__name__ for m in bert.modules())
+    model = ARCHS["llama"][0]().eval()
+    engine = lm.attach(model, max_rank=16, device_cache_bytes=1 << 20)
+    with pytest.raises(LoraError, match="already"):
+        lm.attach(model)
+    with pytest.raises(LoraNotCachedError, match="7"):
+        with engine.batch([None, 7]):
+            pass
+    assert engine.meta_for(torch.zeros(2, 3, 32)) is None  # the failed batch left nothing behind
+    lm.detach(engine)
+    assert not any("Lora" in type(m).__name__ for m in model.modules())

@@ -152,6 +152,9 @@ class Executor:
             first = set(distinct[: len(distinct) // 2])
             self._run_fitting([i for i, t in zip(ids, task_ids) if t is None or t in first], queue, results, progress)
             self._run_fitting([i for i, t in zip(ids, task_ids) if t is not None and t not in first], queue, results, progress)
+        except LoraError as err:  # anything else loramux refuses fails this batch's requests only
+            for i in ids:
+                results[i].error = err
 
     # --- generation --------------------------------------------------------------------------------
     def _encode(self, prompts: Sequence[Prompt]) -> Dict[str, torch.Tensor]:
