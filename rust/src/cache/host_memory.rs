@@ -112,6 +112,43 @@ impl HostAllocator {
     }
 }
 
+/// Images of evicted adapters kept for the next put of the same size: fresh host memory costs
+/// page faults (and, pinned, page locking), far more than packing into memory already mapped.
+/// Bounded by `cap_bytes`, outside the host budget.
+pub struct SpareImages {
+    cap_bytes: u64,
+    spares: parking_lot::Mutex<(Vec<HostBuffer>, u64)>,
+}
+
+impl SpareImages {
+    pub fn new(cap_bytes: u64) -> Self {
+        SpareImages { cap_bytes, spares: parking_lot::Mutex::new((Vec::new(), 0)) }
+    }
+
+    /// A kept buffer of exactly `len` bytes (its old contents: the caller overwrites them all).
+    pub fn take(&self, len: usize) -> Option<HostBuffer> {
+        let mut guard = self.spares.lock();
+        let (list, bytes) = &mut *guard;
+        let i = list.iter().position(|b| b.len() == len)?;
+        *bytes -= len as u64;
+        Some(list.swap_remove(i))
+    }
+
+    /// Keeps a buffer no copy reads any more, or frees it when the spares are full.
+    pub fn give(&self, buf: HostBuffer) {
+        let mut guard = self.spares.lock();
+        let (list, bytes) = &mut *guard;
+        if *bytes + buf.len() as u64 <= self.cap_bytes {
+            *bytes += buf.len() as u64;
+            list.push(buf);
+        }
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.spares.lock().1
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -125,5 +162,17 @@ mod tests {
         assert_eq!(b.as_slice()[9_999], 3);
         assert!(!b.is_pinned());
         assert_eq!(HostBuffer::pageable(0).len(), 0);
+    }
+
+    #[test]
+    fn spares_match_exact_sizes_within_their_cap() {
+        let spares = SpareImages::new(8192);
+        spares.give(HostBuffer::pageable(4096));
+        spares.give(HostBuffer::pageable(2048));
+        spares.give(HostBuffer::pageable(4096)); // over the cap: freed
+        assert_eq!(spares.bytes(), 6144);
+        assert!(spares.take(1024).is_none());
+        assert_eq!(spares.take(2048).map(|b| b.len()), Some(2048));
+        assert_eq!(spares.bytes(), 4096);
     }
 }

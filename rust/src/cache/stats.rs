@@ -32,6 +32,8 @@ pub struct CacheStats {
     pub host_pinned_bytes: u64,
     pub host_pageable_adapters: u64,
     pub host_pageable_bytes: u64,
+    /// Evicted images kept for reuse by later puts (outside the host budget, at most 1/8 of it).
+    pub host_spare_bytes: u64,
     pub device_adapters: u64,
     /// Bytes adapters' segments really use on the device tier.
     pub device_bytes_used: u64,
@@ -94,6 +96,7 @@ impl CacheStats {
             ("host_pinned_bytes", C(self.host_pinned_bytes)),
             ("host_pageable_adapters", C(self.host_pageable_adapters)),
             ("host_pageable_bytes", C(self.host_pageable_bytes)),
+            ("host_spare_bytes", C(self.host_spare_bytes)),
             ("device_adapters", C(self.device_adapters)),
             ("device_bytes_used", C(self.device_bytes_used)),
             ("device_bytes_held", C(self.device_bytes_held)),

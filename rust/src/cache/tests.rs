@@ -209,6 +209,7 @@ fn ten_thousand_adapters_stream_through_a_small_pool_without_leaking() {
     let s = f.cache.stats();
     assert!(s.counters.device_evictions > 9_000 && s.counters.host_evictions > 9_000);
     assert_eq!(s.in_flight_batches, 0);
+    assert!(s.host_spare_bytes > 0 && s.host_spare_bytes <= 64 * 1024 / 8, "evicted images recycled within their cap");
 }
 
 /// 8 threads x 100k mixed operations over a shared cache under eviction pressure: invariants hold

@@ -9,7 +9,7 @@ mod inspect;
 use crate::cache::adapter_image::{self, ImageLayout};
 use crate::cache::copier::{Copier, ReleaseTicket};
 use crate::cache::device_tier::DeviceTier;
-use crate::cache::host_memory::HostAllocator;
+use crate::cache::host_memory::{HostAllocator, SpareImages};
 use crate::cache::host_tier::{HostEntry, HostTier};
 use crate::cache::id_hash::IdMap;
 use crate::cache::slot_table::SlotTable;
@@ -93,6 +93,8 @@ impl Drop for State {
 
 pub struct TwoLevelCache {
     cfg: CacheConfig,
+    // Before `state`: spare pinned buffers are freed while the copier still holds the context.
+    spares: SpareImages,
     state: RwLock<State>,
     host_allocator: HostAllocator,
 }
@@ -148,7 +150,8 @@ impl TwoLevelCache {
             counters: Counters::default(),
             copier,
         };
-        Ok(TwoLevelCache { cfg, state: RwLock::new(state), host_allocator })
+        let spares = SpareImages::new((cfg.host_budget_bytes / 8).min(1 << 30));
+        Ok(TwoLevelCache { cfg, spares, state: RwLock::new(state), host_allocator })
     }
 
     pub fn config(&self) -> &CacheConfig {
@@ -174,15 +177,24 @@ impl TwoLevelCache {
             return Ok(outcome);
         }
         // Pack without the lock: other threads keep serving while this one copies.
-        let mut image = self.host_allocator.alloc(image_layout.held_bytes());
+        let len = image_layout.held_bytes();
+        let mut image = self.spares.take(len).unwrap_or_else(|| self.host_allocator.alloc(len));
         image_layout.pack(weights, &layout, image.as_mut_slice());
 
         let mut st = self.state.write();
-        if let Some(outcome) = Self::existing_put_locked(&mut st, task_id, digest, replace)? {
-            return Ok(outcome); // another thread put it meanwhile
+        let settled = Self::existing_put_locked(&mut st, task_id, digest, replace);
+        if !matches!(settled, Ok(None)) {
+            self.spares.give(image); // another thread put it meanwhile
+            return settled.map(Option::unwrap);
         }
         let replacing = st.host.contains(task_id).then_some(task_id);
-        let victims = st.host.plan_room(held, replacing, |id| st.pins.contains_key(&id))?;
+        let victims = match st.host.plan_room(held, replacing, |id| st.pins.contains_key(&id)) {
+            Ok(victims) => victims,
+            Err(e) => {
+                self.spares.give(image);
+                return Err(e);
+            }
+        };
         let mut wait = false;
         let mut dropped = Vec::with_capacity(victims.len() + 1);
         for &id in victims.iter().chain(replacing.iter()) {
@@ -202,7 +214,7 @@ impl TwoLevelCache {
                 return Err(e);
             }
         }
-        drop(dropped);
+        dropped.into_iter().for_each(|e| self.spares.give(e.image));
         st.host.insert(task_id, HostEntry { image, layout: image_layout, digest, loaded: false });
         if replacing.is_some() {
             st.counters.replacements += 1;

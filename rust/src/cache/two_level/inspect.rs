@@ -29,6 +29,7 @@ impl TwoLevelCache {
             host_pinned_bytes: pinned_bytes,
             host_pageable_adapters: pageable,
             host_pageable_bytes: pageable_bytes,
+            host_spare_bytes: self.spares.bytes(),
             device_adapters: st.device.len() as u64,
             device_bytes_used: st.device.used_bytes(),
             device_bytes_held: st.device.held_bytes(),
