@@ -24,7 +24,7 @@ from loramux.errors import LoraConvertError, LoraDoraError, LoraFormatError
 from loramux.format import AdapterRow
 from loramux.modules import MODULE_NAMES
 
-from loramux.peft_writer import _EXPERT_PARAM_ORDER, ADAPTER_CONFIG, BIN_FILE, KEY_PREFIX, SAFETENSORS_FILE, to_peft
+from loramux.peft_writer import EXPERT_PARAM_ORDER, ADAPTER_CONFIG, BIN_FILE, KEY_PREFIX, SAFETENSORS_FILE, to_peft
 
 # Adapters bigger than this (bytes in the output) get a progress bar by default.
 PROGRESS_BYTES = 64 << 20
@@ -124,7 +124,7 @@ def _expert_params(logical: str, raws: List[str], groups, target_parameters: Seq
     """raw path -> parameter name, for ParamWrappers nested on one experts module."""
     names = [t.rsplit(".", 1)[1] for t in target_parameters
              if (logical + "." + t.rsplit(".", 1)[1]).endswith(t) or f"{logical}.{t.rsplit('.', 1)[1]}" == t]
-    names = [n for n in _EXPERT_PARAM_ORDER if n in names]
+    names = [n for n in EXPERT_PARAM_ORDER if n in names]
     if len(names) != len(raws):
         raise LoraConvertError(f"{logical}: {len(raws)} LoRA wrappers but target_parameters names {names}")
     # innermost wrapper (most ".base_layer") is the first registered parameter

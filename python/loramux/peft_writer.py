@@ -29,7 +29,7 @@ BIN_FILE = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
 # PEFT nests the ParamWrappers of one experts module in parameter registration order, the first
 # innermost: its keys carry one ".base_layer" per wrapper outside it.
-_EXPERT_PARAM_ORDER = ("gate_up_proj", "down_proj")
+EXPERT_PARAM_ORDER = ("gate_up_proj", "down_proj")
 _TASK_TYPE = {hfspec.BART: "SEQ_2_SEQ_LM"}
 
 
@@ -59,7 +59,7 @@ def _nested_key(path: str, kind: str, present_params: List[str]) -> str:
     if kind != hfspec.EXPERTS:
         return path
     module, pname = path.rsplit(".", 1)
-    order = [p for p in _EXPERT_PARAM_ORDER if p in present_params]
+    order = [p for p in EXPERT_PARAM_ORDER if p in present_params]
     return module + ".base_layer" * (len(order) - 1 - order.index(pname))
 
 
