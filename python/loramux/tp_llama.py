@@ -157,6 +157,7 @@ class TpLlama:
                                device_cache_bytes=device_cache_bytes, max_slots=max_slots)
         self._batch = _RankBatch(self.dtype, max_rank)
         self._empty_tasks: set = set()  # tasks whose adapter has no rows on this stage
+        self._rows: Optional[int] = None  # rows of the current batch (None outside `batch`)
         self._shard(model)
 
     def _shard(self, model) -> None:
@@ -190,7 +191,9 @@ class TpLlama:
         self._empty_tasks.discard(task_id)
 
     @contextmanager
-    def _acquired(self, task_ids: Sequence[Optional[int]]) -> Iterator[None]:
+    def batch(self, task_ids: Sequence[Optional[int]]) -> Iterator[None]:
+        """Acquires this rank's slices of ``task_ids`` (row b's adapter; None = base) for the
+        ``step`` calls inside; host work only, so a CUDA graph of ``step`` can be captured inside."""
         wanted = [t for t in task_ids if t is not None and t not in self._empty_tasks]
         held = self.cache.acquire(wanted) if wanted else None
         try:
@@ -200,34 +203,43 @@ class TpLlama:
                 slots = iter(held.slots)
                 slot_of_row = [next(slots) if (t is not None and t not in self._empty_tasks) else -1 for t in task_ids]
                 self._batch.set(torch.tensor(slot_of_row, dtype=torch.int32, device=held.table.device), held.table, held.pool)
+            self._rows = len(task_ids)
             yield
         finally:
             self._batch.set(None, None, None)
+            self._rows = None
             if held is not None:
                 self.cache.release(held)
 
     # --- forward -----------------------------------------------------------------------------
     @torch.no_grad()
-    def forward(self, input_ids: torch.Tensor, task_ids: Sequence[Optional[int]], **model_kwargs) -> Optional[torch.Tensor]:
-        """Logits ``[B, S, vocab]`` of a batch (row b uses adapter ``task_ids[b]``, None = base) on
-        the last pipeline stage; None on the others. Every rank of the layout calls it together.
-        ``model_kwargs`` go to the HF decoder (e.g. a KV cache and ``use_cache=True`` for decode)."""
-        if len(task_ids) != input_ids.shape[0]:
-            raise LoraFormatError(f"{len(task_ids)} task ids for a batch of {input_ids.shape[0]} rows")
+    def step(self, input_ids: torch.Tensor, **model_kwargs) -> Optional[torch.Tensor]:
+        """This stage's pass over the current ``batch``: logits ``[B, S, vocab]`` on the last
+        pipeline stage, None on the others (which send their hidden states on). Every rank of the
+        layout calls it together. ``model_kwargs`` go to the HF decoder (a KV cache and
+        ``use_cache=True`` for decode)."""
+        if self._rows != input_ids.shape[0]:
+            raise LoraFormatError(f"{self._rows} task ids for a batch of {input_ids.shape[0]} rows")
         ctx, inner = self.ctx, self.model.model
-        model_kwargs.setdefault("use_cache", False)  # a caller's KV cache (model_kwargs) turns it on
-        with self._acquired(task_ids):
-            if ctx.pp_rank == 0:
-                hidden = inner(input_ids=input_ids, **model_kwargs).last_hidden_state
-            else:
-                shape = (*input_ids.shape, self.model.config.hidden_size)
-                received = torch.empty(shape, dtype=self.dtype, device=self.device)
-                dist.recv(received, src=ctx.prev_rank)
-                hidden = inner(inputs_embeds=received, **model_kwargs).last_hidden_state
+        model_kwargs.setdefault("use_cache", False)
+        if ctx.pp_rank == 0:
+            hidden = inner(input_ids=input_ids, **model_kwargs).last_hidden_state
+        else:
+            shape = (*input_ids.shape, self.model.config.hidden_size)
+            received = torch.empty(shape, dtype=self.dtype, device=self.device)
+            dist.recv(received, src=ctx.prev_rank)
+            hidden = inner(inputs_embeds=received, **model_kwargs).last_hidden_state
         if ctx.next_rank is not None:
             dist.send(hidden.contiguous(), dst=ctx.next_rank)
             return None
         return self.model.lm_head(hidden)
+
+    def forward(self, input_ids: torch.Tensor, task_ids: Sequence[Optional[int]], **model_kwargs) -> Optional[torch.Tensor]:
+        """One batch whose row b uses adapter ``task_ids[b]`` (None = base): ``batch`` + ``step``."""
+        if len(task_ids) != input_ids.shape[0]:
+            raise LoraFormatError(f"{len(task_ids)} task ids for a batch of {input_ids.shape[0]} rows")
+        with self.batch(task_ids):
+            return self.step(input_ids, **model_kwargs)
 
     __call__ = forward
 
