@@ -15,7 +15,7 @@ pytest.importorskip("transformers")
 from tiny_hf import MODEL_TYPE, TINY_CONFIGS, fresh_model, logits, make_adapter, tiny_model  # noqa: E402
 
 from loramux import cli, convert, format, spec  # noqa: E402
-from loramux.errors import LoraConvertError, LoraDoraError  # noqa: E402
+from loramux.errors import LoraConvertError, LoraDoraError, LoraFormatError  # noqa: E402
 from loramux.modules import MODULE_IDS, NUM_MODULES  # noqa: E402
 
 ARCHS = sorted(TINY_CONFIGS)
@@ -112,12 +112,19 @@ def test_bin_adapter_converts_like_safetensors(tmp_path):
         (dict(target_modules=["q_proj", "lm_head"]), "lm_head"),
         (dict(target_modules=["q_proj", "embed_tokens"]), "embed"),
         (dict(target_modules=["q_proj"], bias="lora_only"), "bias"),
+        (dict(target_modules=["q_proj"], bias="all"), "bias"),
     ],
 )
 def test_what_the_format_cannot_hold_is_named(kwargs, match, tmp_path):
     make_adapter("llama", tmp_path / "peft", **kwargs)
     with pytest.raises(LoraConvertError, match=match):
         convert.from_peft(str(tmp_path / "peft"))
+
+
+def test_output_size_is_checked_before_allocating(tmp_path):
+    make_adapter("llama", tmp_path / "peft", target_modules=["q_proj"])
+    with pytest.raises(LoraFormatError, match="over the limit"):
+        convert.from_peft(str(tmp_path / "peft"), max_bytes=100)
 
 
 def test_distinct_expert_weights_are_refused(tmp_path):
