@@ -165,8 +165,12 @@ __device__ __forceinline__ void mma_16816<false>(float c[4], const u32 a[4], con
 template <bool BF16>
 __device__ void expand_tile(const ExpandArgs& p) {
     __shared__ TileGroups g;
-    __shared__ __align__(16) u16 us[LMX_TILE_T][EXPAND_PITCH];
-    __shared__ __align__(16) u16 bs[EXPAND_OTILE][EXPAND_PITCH];
+    // us (u as the mma's A operand) and bs (B rows) during the mma; then ct, the fp32 output tile
+    // the epilogue reads back row by row for 16-byte coalesced y updates.
+    __shared__ __align__(16) u16 smem[(LMX_TILE_T + EXPAND_OTILE) * EXPAND_PITCH];
+    u16 (*us)[EXPAND_PITCH] = reinterpret_cast<u16 (*)[EXPAND_PITCH]>(smem);
+    u16 (*bs)[EXPAND_PITCH] = reinterpret_cast<u16 (*)[EXPAND_PITCH]>(smem + LMX_TILE_T * EXPAND_PITCH);
+    float (*ct)[EXPAND_OTILE + 4] = reinterpret_cast<float (*)[EXPAND_OTILE + 4]>(smem);
     int module_id, off, ho;
     if (!slice_of(p, blockIdx.z, module_id, off, ho)) return;
     const int o0 = blockIdx.x * EXPAND_OTILE;
@@ -215,10 +219,10 @@ __device__ void expand_tile(const ExpandArgs& p) {
         }
         __syncthreads();
         const int mt = warp & 3, nh = warp >> 2;
-        if (mt * 16 < nt) {
-            float acc[4][4];
+        float acc[4][4];
 #pragma unroll
-            for (int i = 0; i < 4; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+        for (int i = 0; i < 4; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+        if (mt * 16 < nt) {
             for (int kk = 0; kk < rk; kk += 16) {
                 u32 af[4];
                 const int r0 = mt * 16 + gq;
@@ -235,29 +239,42 @@ __device__ void expand_tile(const ExpandArgs& p) {
                     mma_16816<BF16>(acc[i], af, bf);
                 }
             }
-            // epilogue: every y (and DoRA scale) load first, then the stores
-            u16 old[4][4], scl[4][2];
+        }
+        __syncthreads();  // us and bs are read; ct overlays them
+        if (mt * 16 < nt) {
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
+            for (int i = 0; i < 4; ++i)
 #pragma unroll
-                for (int h = 0; h < 4; ++h) {
-                    const int row = mt * 16 + gq + ((h & 2) ? 8 : 0);
-                    const int o = o0 + nh * 32 + i * 8 + tq * 2 + (h & 1);
-                    if (row < nt && o < ho) old[i][h] = p.y[(long long)g.tokens[row] * p.y_stride + off + o];
-                    if (h < 2) scl[i][h] = (e.scale && o < ho) ? e.scale[o] : (u16)0;
+                for (int h = 0; h < 4; ++h)
+                    ct[mt * 16 + gq + ((h & 2) ? 8 : 0)][nh * 32 + i * 8 + tq * 2 + (h & 1)] = acc[i][h];
+        }
+        __syncthreads();
+        // y += ct (DoRA: y = scale * (y + ct)), 8 threads a token row, 8 columns (16 bytes) each
+        const bool yvec = (p.y_stride % 8 == 0) && ((off + o0) % 8 == 0) &&
+                          ((reinterpret_cast<u64>(p.y) & 15) == 0);
+        for (int idx = tid; idx < nt * (EXPAND_OTILE / 8); idx += LMX_THREADS) {
+            const int i = idx / (EXPAND_OTILE / 8), c = (idx % (EXPAND_OTILE / 8)) * 8;
+            const int o = o0 + c;
+            if (o >= ho) continue;
+            u16* yp = p.y + (long long)g.tokens[i] * p.y_stride + off + o;
+            if (yvec && o + 8 <= ho) {
+                u16 yv[8], sv[8];
+                unpack8(*reinterpret_cast<const uint4*>(yp), yv);
+                if (e.scale) unpack8(*reinterpret_cast<const uint4*>(e.scale + o), sv);
+                u16 out[8];
+#pragma unroll
+                for (int k = 0; k < 8; ++k) {
+                    float v = to_f32<BF16>(yv[k]) + ct[i][c + k];
+                    if (e.scale) v *= to_f32<BF16>(sv[k]);
+                    out[k] = from_f32<BF16>(v);
                 }
-            }
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-#pragma unroll
-                for (int h = 0; h < 4; ++h) {
-                    const int row = mt * 16 + gq + ((h & 2) ? 8 : 0);
-                    const int o = o0 + nh * 32 + i * 8 + tq * 2 + (h & 1);
-                    if (row < nt && o < ho) {
-                        float v = to_f32<BF16>(old[i][h]) + acc[i][h];
-                        if (e.scale) v *= to_f32<BF16>(scl[i][h & 1]);
-                        p.y[(long long)g.tokens[row] * p.y_stride + off + o] = from_f32<BF16>(v);
-                    }
+                *reinterpret_cast<uint4*>(yp) = make_uint4(pack2(out[0], out[1]), pack2(out[2], out[3]),
+                                                           pack2(out[4], out[5]), pack2(out[6], out[7]));
+            } else {
+                for (int k = 0; k < 8 && o + k < ho; ++k) {
+                    float v = to_f32<BF16>(yp[k]) + ct[i][c + k];
+                    if (e.scale) v *= to_f32<BF16>(e.scale[o + k]);
+                    yp[k] = from_f32<BF16>(v);
                 }
             }
         }
