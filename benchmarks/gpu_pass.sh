@@ -27,7 +27,7 @@ if has decode; then
   echo "decode rc=$?"; tail -30 $OUT/decode.txt
 fi
 if has ncu; then
-  timeout ${NCU_S:-120} ncu --kernel-name regex:lora --launch-skip 2 --launch-count 4 --section SpeedOfLight --section Occupancy --section LaunchStats python benchmarks/profile_case.py > $OUT/ncu.txt 2>&1
+  timeout ${NCU_S:-120} ncu --kernel-name regex:lora --launch-skip 2 --launch-count 5 --section SpeedOfLight --section Occupancy --section LaunchStats python benchmarks/profile_case.py > $OUT/ncu.txt 2>&1
   echo "ncu rc=$?"; grep -E "lora_|Duration|Memory Throughput|DRAM Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per" $OUT/ncu.txt | head -40
 fi
 if has memcheck; then
