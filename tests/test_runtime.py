@@ -175,3 +175,19 @@ def test_encoder_decoder_requests_match_peft(tokenizer, tmp_path):
             assert r.ok and r.token_ids == want, (r, want)
     finally:
         engine.detach()
+
+
+def test_next_batch_adapters_load_while_the_current_batch_runs(llama, tokenizer):
+    ours, peft_model, names, formats = llama
+    engine = _attach(ours)
+    try:
+        ex = lm.Executor(engine, tokenizer, max_batch_size=1)
+        for t in range(3):
+            ex.submit(lm.Request(_prompt(40 + t), max_new_tokens=2, lora=lm.LoraConfig(t, *formats[t])))
+        assert all(r.ok for r in ex.run())
+        stats = engine.cache.stats()
+        # each adapter is loaded once (a miss): batch 1's on acquire, batches 2 and 3's by the
+        # prefetch during the batch before, so their acquires are hits (without it: 0 hits)
+        assert (stats["misses"], stats["hits"]) == (3, 2), stats
+    finally:
+        engine.detach()

@@ -84,6 +84,7 @@ class Executor:
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self._queue: List[Request] = []
+        self._next_ids: List[int] = []  # task ids of the next batch, to prefetch
         self.generated_tokens = 0  # over the executor's life, for throughput figures
         self.batches_run = 0
 
@@ -99,12 +100,25 @@ class Executor:
         `progress`: a tqdm-like bar, advanced by one per generated token step of each batch."""
         queue, self._queue = self._queue, []
         results = [Result(i, r.lora.task_id if r.lora else None) for i, r in enumerate(queue)]
-        for start in range(0, len(queue), self.max_batch_size):
-            ids = list(range(start, min(start + self.max_batch_size, len(queue))))
-            runnable = self._admit(ids, queue, results)
+        chunks = [list(range(s, min(s + self.max_batch_size, len(queue)))) for s in range(0, len(queue), self.max_batch_size)]
+        admitted = self._admit(chunks[0], queue, results) if chunks else []
+        for k in range(len(chunks)):
+            runnable = admitted
+            # admit the next batch now; its adapters start loading once this batch holds its own
+            # (see _run_fitting), so the copies overlap this batch's compute
+            admitted = self._admit(chunks[k + 1], queue, results) if k + 1 < len(chunks) else []
+            self._next_ids = list(dict.fromkeys(queue[i].lora.task_id for i in admitted if queue[i].lora is not None))
             if runnable:
                 self._run_fitting(runnable, queue, results, progress)
         return results
+
+    def _prefetch_next(self) -> None:
+        wanted, self._next_ids = self._next_ids, []
+        if wanted:
+            try:
+                self.engine.cache.prefetch(wanted)
+            except LoraError:
+                pass  # only a hint: acquire loads (or splits) for real when that batch runs
 
     # --- scheduling --------------------------------------------------------------------------------
     def _admit(self, ids: List[int], queue: List[Request], results: List[Result]) -> List[int]:
@@ -137,6 +151,7 @@ class Executor:
         task_ids = [queue[i].lora.task_id if queue[i].lora else None for i in ids]
         try:
             with self.engine.batch(task_ids):
+                self._prefetch_next()
                 self._generate(ids, queue, results, progress)
             return
         except LoraCacheFullError as err:
