@@ -5,7 +5,8 @@ Each process holds one shard: its pipeline stage's decoder layers, and in them i
 block of every projection. q/k/v and gate/up are column-parallel (rank r keeps its heads / FFN
 block of the output rows), o_proj and down_proj row-parallel (rank r keeps the matching input
 columns; the partial outputs, base + LoRA, are summed by one all-reduce, then the bias is added
-once). Embedding, norms and lm_head are replicated. A request's full adapter is sliced on load
+once). q/k/v (and gate/up) run as one GEMM and one multi-slice LoRA launch per layer; the HF
+modules' calls take their slices of it. Embedding, norms and lm_head are replicated. A request's full adapter is sliced on load
 (loramux.tp.slice_adapter) and each rank caches only its slice in its own LoraCache.
 """
 
@@ -28,8 +29,9 @@ from loramux.tp import rank_spec, slice_adapter, stage_layers
 
 # The module ids a Llama decoder layer applies, by projection (separate q/k/v and gate/up).
 LLAMA_MODULES = {"q_proj": 1, "k_proj": 2, "v_proj": 3, "o_proj": 4, "up_proj": 5, "down_proj": 6, "gate_proj": 7}
-_COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
-_ROW = ("o_proj", "down_proj")
+# Projections of one input computed together (one GEMM, one multi-slice LoRA launch), and o/down.
+_ATTN_GROUPS = ((("q_proj", "k_proj", "v_proj"), "column"), (("o_proj",), "row"))
+_MLP_GROUPS = ((("gate_proj", "up_proj"), "column"), (("down_proj",), "row"))
 
 
 @dataclass(frozen=True)
@@ -102,36 +104,73 @@ class _RankBatch:
 
 
 class ParallelLoraLinear(nn.Module):
-    """One rank's shard of a Linear plus its LoRA slice. column: y_r = x W_r^T + LoRA_r + b_r.
-    row: y = all_reduce(x_r W_r^T + LoRA_r) + b (DoRA scales each partial: scale is linear)."""
+    """One rank's shard of one or more Linears that read the same input, plus their LoRA slices.
+    column: y_r = x [W_r of each base]^T + LoRA_r + b_r, the bases side by side (q|k|v, gate|up:
+    one GEMM and one multi-slice LoRA launch). row (one base): y = all_reduce(x_r W_r^T + LoRA_r)
+    + b; DoRA scales each partial (the scale is linear over the sum)."""
 
-    def __init__(self, base: nn.Linear, kind: str, ctx: ParallelContext, batch: _RankBatch, layer: int, module_id: int):
+    def __init__(self, bases: Sequence[nn.Linear], kind: str, ctx: ParallelContext, batch: _RankBatch, layer: int,
+                 module_ids: Sequence[int]):
         super().__init__()
         t, r = ctx.tp_size, ctx.tp_rank
         split_dim = 0 if kind == "column" else 1
-        if base.weight.shape[split_dim] % t:
-            raise LoraParallelError(f"a {kind}-parallel Linear of shape {tuple(base.weight.shape)} does not split by tp_size {t}")
-        self.weight = nn.Parameter(base.weight.detach().chunk(t, dim=split_dim)[r].clone(), requires_grad=False)
-        bias = base.bias
-        if bias is not None and kind == "column":
-            bias = bias.detach().chunk(t)[r]
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self.kind, self.layer, self.module_id = kind, layer, module_id
+        if kind == "row" and len(bases) != 1:
+            raise LoraParallelError("a row-parallel layer has one base Linear")
+        for base in bases:
+            if base.weight.shape[split_dim] % t:
+                raise LoraParallelError(f"a {kind}-parallel Linear of shape {tuple(base.weight.shape)} does not split by tp_size {t}")
+        if len({base.bias is None for base in bases}) > 1:
+            raise LoraParallelError("projections computed together must all have a bias or none")
+        shards = [base.weight.detach().chunk(t, dim=split_dim)[r] for base in bases]
+        self.weight = nn.Parameter(torch.cat(shards, dim=0), requires_grad=False)
+        bias = None
+        if bases[0].bias is not None:
+            bias = torch.cat([b.bias.detach().chunk(t)[r] for b in bases]) if kind == "column" else bases[0].bias.detach()
+        self.bias = None if bias is None else nn.Parameter(bias.clone(), requires_grad=False)
+        self.kind, self.layer, self.module_ids = kind, layer, list(module_ids)
+        self.out_sizes = [w.shape[0] for w in shards]
         self.tp_group = ctx.tp_group if t > 1 else None
         object.__setattr__(self, "_batch", batch)  # shared state, not a submodule
+        self._pending = None  # (input, output slices, slices not yet taken) for SliceOf
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         y = F.linear(x2, self.weight)
-        meta = self._batch.meta_for(x2) if self._batch.uses(self.layer, self.module_id) else None
-        if meta is not None:
-            lora_apply(x2, y, meta, self.layer, [self.module_id], [y.shape[1]])
+        used = any(self._batch.uses(self.layer, m) for m in self.module_ids)
+        meta = self._batch.meta_for(x2) if used else None
+        if meta is not None:  # module ids no adapter of a row has are rank 0 there: left untouched
+            lora_apply(x2, y, meta, self.layer, self.module_ids, self.out_sizes)
         if self.tp_group is not None and self.kind == "row":
             dist.all_reduce(y, group=self.tp_group)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*lead, y.shape[-1])
+
+    def slice_for(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        """Slice `index` of this layer's output for input x: the first call for an input computes
+        every slice, the others take theirs (q, k, v are each asked for with the same tensor)."""
+        if self._pending is None or self._pending[0] is not x:
+            self._pending = (x, self(x).split(self.out_sizes, dim=-1), len(self.out_sizes))
+        x_seen, slices, left = self._pending
+        self._pending = (x_seen, slices, left - 1) if left > 1 else None  # drop references once taken
+        return slices[index]
+
+
+class SliceOf(nn.Module):
+    """Stands in for one projection (e.g. k_proj) that a ParallelLoraLinear computes together with
+    its siblings; the first sibling holds the fused layer as a submodule."""
+
+    def __init__(self, fused: ParallelLoraLinear, index: int):
+        super().__init__()
+        if index == 0:
+            self.fused = fused
+        else:
+            object.__setattr__(self, "fused", fused)  # registered once, under the first sibling
+        self.index = index
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fused.slice_for(x, self.index)
 
 
 class TpLlama:
@@ -165,11 +204,16 @@ class TpLlama:
         inner = model.model
         inner.layers = nn.ModuleList(list(inner.layers)[start:end])
         for local, block in enumerate(inner.layers):
-            for parent in (block.self_attn, block.mlp):
-                for name, module_id in LLAMA_MODULES.items():
-                    if hasattr(parent, name):
-                        kind = "column" if name in _COLUMN else "row"
-                        setattr(parent, name, ParallelLoraLinear(getattr(parent, name), kind, self.ctx, self._batch, local, module_id))
+            for parent, groups in ((block.self_attn, _ATTN_GROUPS), (block.mlp, _MLP_GROUPS)):
+                for names, kind in groups:
+                    bases = [getattr(parent, n) for n in names]
+                    ids = [LLAMA_MODULES[n] for n in names]
+                    fused = ParallelLoraLinear(bases, kind, self.ctx, self._batch, local, ids)
+                    if len(names) == 1:
+                        setattr(parent, names[0], fused)
+                    else:
+                        for index, name in enumerate(names):
+                            setattr(parent, name, SliceOf(fused, index))
         if not self.ctx.is_last_stage:
             inner.norm = nn.Identity()  # the final norm and lm_head run on the last stage only
             model.lm_head = nn.Identity()
@@ -244,4 +288,4 @@ class TpLlama:
     __call__ = forward
 
 
-__all__ = ["ParallelContext", "init_parallel", "ParallelLoraLinear", "TpLlama", "LLAMA_MODULES"]
+__all__ = ["ParallelContext", "init_parallel", "ParallelLoraLinear", "SliceOf", "TpLlama", "LLAMA_MODULES"]
