@@ -36,6 +36,20 @@ def test_convert_then_info_as_a_subprocess(tmp_path):
     assert lines["mlp_gate"][1:4] == [str(MODULE_IDS["mlp_gate"]), "1-2", "4"]
 
 
+def test_convert_and_back_with_to_peft(tmp_path):
+    import peft
+    from tiny_hf import fresh_model, logits, tiny_model
+
+    original = make_adapter("phi3", tmp_path / "peft")
+    tiny_model("phi3").save_pretrained(str(tmp_path / "base"))
+    assert cli.main(["convert", "-i", str(tmp_path / "peft"), "-o", str(tmp_path / "fmt"), "--storage-type", "float32"]) == 0
+    assert cli.main(["to-peft", "-i", str(tmp_path / "fmt"), "-o", str(tmp_path / "back"),
+                     "--base-model", str(tmp_path / "base")]) == 0
+    back = peft.PeftModel.from_pretrained(fresh_model("phi3"), str(tmp_path / "back")).eval()
+    np.testing.assert_allclose(logits(back, "phi3").numpy(), logits(original, "phi3").numpy(), rtol=1e-5, atol=1e-5)
+    assert cli.main(["to-peft", "-i", str(tmp_path / "fmt"), "-o", str(tmp_path / "x"), "--base-model", str(tmp_path)]) == 2
+
+
 def test_errors_exit_2_with_the_typed_error(tmp_path):
     make_adapter("llama", tmp_path / "dora", target_modules=["q_proj"], use_dora=True)
     assert cli.main(["convert", "-i", str(tmp_path / "dora"), "-o", str(tmp_path / "out")]) == 2
@@ -56,7 +70,7 @@ def test_progress_bar_on_large_adapters(tmp_path, monkeypatch, capsys):
 
 def test_help_lists_the_subcommands():
     text = cli.build_parser().format_help()
-    for name in ("convert", "info"):
+    for name in ("convert", "to-peft", "info"):
         assert name in text
     with pytest.raises(SystemExit):
         cli.main(["convert"])  # -i / -o are required

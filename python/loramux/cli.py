@@ -36,6 +36,36 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def add_to_peft(sub) -> None:
+    p = sub.add_parser("to-peft", help="model.lora_weights.npy + model.lora_config.npy -> PEFT adapter dir")
+    p.add_argument("-i", "--input", required=True, help="directory written by `loramux convert`")
+    p.add_argument("-o", "--output", required=True, help="PEFT adapter directory to write")
+    p.add_argument("--base-model", required=True, help="saved HF model dir: its config places the rows (and its "
+                   "weights turn DoRA scales back into magnitudes)")
+    p.add_argument("--max-rank", type=int, default=64, help="largest rank the adapter may use")
+    p.set_defaults(func=cmd_to_peft)
+
+
+def cmd_to_peft(args) -> int:
+    import json
+    import os
+
+    from loramux import convert, format, spec
+    from loramux.errors import LoraConvertError
+
+    config_path = os.path.join(args.base_model, "config.json")
+    if not os.path.isfile(config_path):
+        raise LoraConvertError(f"{args.base_model}: no config.json; pass a saved HF model directory")
+    with open(config_path) as f:
+        hf_config = json.load(f)
+    weights, config = format.load(args.input)
+    has_dora = config.shape[-1] == 4 and bool(config[..., 3].any())  # only DoRA needs the weights themselves
+    convert.to_peft(weights, config, spec.spec_from_hf_config(hf_config, args.max_rank), args.output, hf_config,
+                    base_model=args.base_model if has_dora else None, base_model_name_or_path=args.base_model)
+    print(f"wrote {args.output}/{convert.ADAPTER_CONFIG} and {convert.SAFETENSORS_FILE}")
+    return 0
+
+
 def add_info(sub) -> None:
     p = sub.add_parser("info", help="summarise a converted adapter (modules, layers, ranks, bytes)")
     p.add_argument("dir", help="directory holding model.lora_weights.npy and model.lora_config.npy")
@@ -128,7 +158,7 @@ def cmd_dora_normalize(args) -> int:
     return 0
 
 
-SUBCOMMANDS: List[Callable] = [add_convert, add_info, add_dora_normalize, add_demo]
+SUBCOMMANDS: List[Callable] = [add_convert, add_to_peft, add_info, add_dora_normalize, add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:
