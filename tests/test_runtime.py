@@ -191,3 +191,29 @@ def test_next_batch_adapters_load_while_the_current_batch_runs(llama, tokenizer)
         assert (stats["misses"], stats["hits"]) == (3, 2), stats
     finally:
         engine.detach()
+
+
+def test_token_id_prompts_and_chat_messages(llama, tokenizer):
+    ours, peft_model, names, formats = llama
+    engine = _attach(ours)
+    try:
+        ex = lm.Executor(engine, tokenizer, max_batch_size=4)
+        texts = [_prompt(50), _prompt(51)]
+        for text in texts:
+            ex.submit(lm.Request(text, max_new_tokens=NEW_TOKENS, lora=lm.LoraConfig(0, *formats[0])))
+        as_text = ex.run()
+        for text in texts:
+            ex.submit(lm.Request(tokenizer(text)["input_ids"], max_new_tokens=NEW_TOKENS, lora=lm.LoraConfig(0)))
+        as_ids = ex.run()
+        assert [r.token_ids for r in as_ids] == [r.token_ids for r in as_text]
+        ex.submit(lm.Request(texts[0], max_new_tokens=NEW_TOKENS))
+        ex.submit(lm.Request(tokenizer(texts[1])["input_ids"], max_new_tokens=NEW_TOKENS))
+        mixed = ex.run()  # text and token ids in one batch: that batch fails with a clear error
+        assert all(isinstance(r.error, LoraFormatError) and "mixes" in str(r.error) for r in mixed)
+        tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+        ex.submit(lm.Request([{"role": "user", "content": texts[0]}], max_new_tokens=NEW_TOKENS, lora=lm.LoraConfig(0)))
+        (chat,) = ex.run()
+        assert chat.ok and chat.token_ids == as_text[0].token_ids
+    finally:
+        tokenizer.chat_template = None
+        engine.detach()
