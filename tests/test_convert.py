@@ -164,6 +164,23 @@ def _legacy_mixtral_adapter(path, distinct):
     return tensors
 
 
+def test_factors_that_do_not_pair_up_are_named(tmp_path):
+    from safetensors.numpy import save_file
+
+    os.makedirs(tmp_path / "bad")
+    key = "base_model.model.model.layers.0.self_attn.q_proj"
+    save_file({key + ".lora_A.weight": np.ones((2, 8), np.float32), key + ".lora_B.weight": np.ones((8, 3), np.float32)},
+              str(tmp_path / "bad" / convert.SAFETENSORS_FILE))
+    with open(tmp_path / "bad" / convert.ADAPTER_CONFIG, "w") as fh:
+        json.dump({"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ["q_proj"]}, fh)
+    with pytest.raises(LoraConvertError, match="q_proj: lora_A"):
+        convert.from_peft(str(tmp_path / "bad"))
+    with open(tmp_path / "bad" / convert.ADAPTER_CONFIG, "w") as fh:
+        json.dump({"peft_type": "IA3", "target_modules": ["q_proj"]}, fh)
+    with pytest.raises(LoraConvertError, match="IA3"):
+        convert.from_peft(str(tmp_path / "bad"))
+
+
 def test_transformers4_per_expert_mixtral_adapters(tmp_path):
     tensors = _legacy_mixtral_adapter(str(tmp_path / "same"), distinct=False)
     weights, config = convert.from_peft(str(tmp_path / "same"), "float32")

@@ -120,7 +120,7 @@ def detect_arch(config: Dict[str, Any], paths: Sequence[str], base: Optional[Bas
     return "llama"
 
 
-def _expert_params(logical: str, raws: List[str], groups, target_parameters: Sequence[str]) -> Dict[str, str]:
+def _expert_params(logical: str, raws: List[str], target_parameters: Sequence[str]) -> Dict[str, str]:
     """raw path -> parameter name, for ParamWrappers nested on one experts module."""
     names = [t.rsplit(".", 1)[1] for t in target_parameters
              if (logical + "." + t.rsplit(".", 1)[1]).endswith(t) or f"{logical}.{t.rsplit('.', 1)[1]}" == t]
@@ -140,7 +140,7 @@ def _resolve_targets(groups, arch: str, target_parameters: Sequence[str], encode
     out = []
     for logical, raws in sorted(by_logical.items()):
         if logical.endswith(".experts"):
-            for raw, pname in _expert_params(logical, raws, groups, target_parameters).items():
+            for raw, pname in _expert_params(logical, raws, target_parameters).items():
                 key = f"{logical}.{pname}"
                 out.append((key, hfspec.target_for(arch, key, encoder_layers), groups[raw]))
             continue
@@ -169,6 +169,8 @@ def _same_for_all_experts(a: np.ndarray, b: np.ndarray, what: str) -> Tuple[np.n
 def _rows_for_target(key, target, factors, config, base: Optional[BaseWeights], num_experts: Optional[int]):
     """AdapterRows for one HF target (two for a fused gate_up experts parameter)."""
     a, b, m = factors["A"], factors["B"], factors.get("m")
+    if a.ndim != 2 or b.ndim != 2 or b.shape[1] != a.shape[0]:
+        raise LoraConvertError(f"{key}: lora_A {a.shape} and lora_B {b.shape} are not [rank, in] and [out, rank]")
     if target.kind == hfspec.EXPERTS:
         r = _pattern_get(config.get("rank_pattern") or {}, key, config.get("r", 8))
         if a.shape[0] % r or b.shape[1] != a.shape[0]:
