@@ -55,6 +55,11 @@ class Request:
     lora: Optional[LoraConfig] = None
 
     def __post_init__(self):
+        p = self.prompt
+        if not p or not (isinstance(p, str) or all(isinstance(t, int) for t in p)
+                         or all(isinstance(m, dict) and "content" in m for m in p)):
+            raise LoraFormatError("a prompt must be text, chat messages ({'role', 'content'} dicts) or a non-empty "
+                                  f"list of token ids, got {type(p).__name__} {str(p)[:40]!r}")
         if self.max_new_tokens < 1:
             raise LoraFormatError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
@@ -173,33 +178,25 @@ class Executor:
 
     # --- generation --------------------------------------------------------------------------------
     def _encode(self, prompts: Sequence[Prompt]) -> Dict[str, torch.Tensor]:
-        """Pads a decoder-only batch on the left (generation continues from the last column) and
-        an encoder-decoder batch on the right (the encoder's positions start at 0 in every row)."""
+        """Token ids of each prompt (chat messages through the tokenizer's chat template), padded on
+        the left for a decoder-only model (generation continues from the last column) and on the
+        right for an encoder-decoder (the encoder's positions start at 0 in every row)."""
         tok = self.tokenizer
         left = not self.engine.model.config.is_encoder_decoder
-        texts_or_ids = []
+        rows = []
         for p in prompts:
             if isinstance(p, list) and p and isinstance(p[0], dict):
                 p = tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
-            texts_or_ids.append(p)
-        if all(isinstance(p, list) for p in texts_or_ids):
-            width = max(len(p) for p in texts_or_ids)
-            pad = self._pad_id()
-            ids, mask = [], []
-            for p in texts_or_ids:
-                fill = width - len(p)
-                ids.append([pad] * fill + list(p) if left else list(p) + [pad] * fill)
-                mask.append([0] * fill + [1] * len(p) if left else [1] * len(p) + [0] * fill)
-            return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)}
-        if any(isinstance(p, list) for p in texts_or_ids):
-            raise LoraFormatError("a batch mixes text prompts and token-id prompts; submit one kind per Executor run")
-        side = getattr(tok, "padding_side", "left")
-        tok.padding_side = "left" if left else "right"
-        try:
-            enc = tok(list(texts_or_ids), return_tensors="pt", padding=True)
-        finally:
-            tok.padding_side = side
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+            if isinstance(p, str):
+                p = tok(p)["input_ids"]
+            rows.append(list(p))
+        width, pad = max(len(p) for p in rows), self._pad_id()
+        ids, mask = [], []
+        for p in rows:
+            fill = width - len(p)
+            ids.append([pad] * fill + p if left else p + [pad] * fill)
+            mask.append([0] * fill + [1] * len(p) if left else [1] * len(p) + [0] * fill)
+        return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)}
 
     def _pad_id(self) -> int:
         tok = self.tokenizer
