@@ -230,3 +230,14 @@ def test_attach_errors_are_typed_and_change_nothing():
     assert engine.meta_for(torch.zeros(2, 3, 32)) is None  # the failed batch left nothing behind
     lm.detach(engine)
     assert not any("Lora" in type(m).__name__ for m in model.modules())
+
+
+def test_wrapped_layers_read_through_to_the_original():
+    model = ARCHS["gpt2"][0]().eval()
+    conv = model.transformer.h[0].attn.c_attn
+    engine = lm.attach(model, max_rank=16, device_cache_bytes=1 << 20)
+    wrapped = model.transformer.h[0].attn.c_attn
+    assert wrapped is not conv and wrapped.weight is conv.weight and wrapped.nf == conv.nf
+    assert "base.weight" in dict(wrapped.named_parameters())
+    engine.detach()
+    assert model.transformer.h[0].attn.c_attn is conv

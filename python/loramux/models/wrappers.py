@@ -14,7 +14,20 @@ from torch import nn
 from loramux.ops import lora_apply
 
 
-class LoraLinear(nn.Module):
+class _Wrapper(nn.Module):
+    """Reads through to the wrapped layer, so model code that asks a layer for its weight,
+    in_features, top_k, ... still gets its answer."""
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base":
+                raise
+            return getattr(self.base, name)
+
+
+class LoraLinear(_Wrapper):
     """y = x W^T (+ each token's LoRA slices, DoRA scaling on the bias-free output) + bias."""
 
     def __init__(self, base: nn.Module, engine, layer: int, slices: Sequence[Tuple[int, ...]],
@@ -26,14 +39,6 @@ class LoraLinear(nn.Module):
         self.slice_sizes = [tuple(s) for s in slice_sizes]
         self.conv1d = conv1d  # GPT-2 Conv1D keeps its weight as [in, out]
         object.__setattr__(self, "_engine", engine)  # not a submodule: the engine is not part of the model
-
-    @property
-    def weight(self):
-        return self.base.weight
-
-    @property
-    def bias(self):
-        return self.base.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         meta = self._engine.meta_for(x)
@@ -63,7 +68,7 @@ def _route(router: nn.Module, logits: torch.Tensor):
     return logits, top_value, top_index
 
 
-class LoraRouter(nn.Module):
+class LoraRouter(_Wrapper):
     """A top-k MoE router whose logits take the moe_router LoRA (module 16)."""
 
     def __init__(self, base: nn.Module, engine, layer: int, module_id: int, num_experts: int):
@@ -72,12 +77,7 @@ class LoraRouter(nn.Module):
         self.layer = layer
         self.module_id = module_id
         self.num_experts = num_experts
-        self.top_k = base.top_k
         object.__setattr__(self, "_engine", engine)
-
-    @property
-    def weight(self):
-        return self.base.weight
 
     def forward(self, hidden_states: torch.Tensor):
         meta = self._engine.meta_for(hidden_states)
@@ -89,7 +89,7 @@ class LoraRouter(nn.Module):
         return _route(self.base, logits)
 
 
-class LoraExperts(nn.Module):
+class LoraExperts(_Wrapper):
     """Fused MoE experts (gate_up_proj [E, 2f, h], down_proj [E, h, f]) taking one adapter shared by
     all experts of the layer: moe_gate / moe_h_to_4h on the gate / up halves, moe_4h_to_h on down."""
 
