@@ -241,3 +241,26 @@ def test_wrapped_layers_read_through_to_the_original():
     assert "base.weight" in dict(wrapped.named_parameters())
     engine.detach()
     assert model.transformer.h[0].attn.c_attn is conv
+
+
+def test_gpt2_cross_attention_matches_peft(tmp_path):
+    """GPT-2 with cross attention: q_attn (cross_attn_q) and the fused k|v c_attn (cross_attn_k,
+    cross_attn_v side by side) read the encoder states; Conv1D layers throughout."""
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, add_cross_attention=True)
+    base = GPT2LMHeadModel(config).eval()
+    ours = copy.deepcopy(base)
+    cfg = _lora(4, ["q_attn", "crossattention.c_attn", "crossattention.c_proj", "attn.c_attn"], fan_in_fan_out=True)
+    peft_model = get_peft_model(base, cfg, adapter_name="x").eval()
+    w, c = converted(peft_model, "x", tmp_path, torch.float32)
+    assert {9, 10, 11, 12} <= {int(m) for m in c[:, 0]}
+    engine = _attach(ours, ["x"], [(w, c)])
+    gen = torch.Generator().manual_seed(3)
+    inputs = dict(input_ids=torch.randint(3, VOCAB, (2, 6), generator=gen),
+                  encoder_hidden_states=torch.randn(2, 5, 32, generator=gen))
+    with torch.no_grad():
+        expected = _peft_rows(peft_model, ["x", None], lambda m: m(**inputs).logits)
+        with engine.batch([0, None]):
+            got = ours(**inputs).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    assert (got[0] - _peft_rows(peft_model, [None], lambda m: m(**inputs).logits)[0]).abs().max() > 1e-4
