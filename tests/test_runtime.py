@@ -7,6 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -220,3 +222,49 @@ def test_token_id_prompts_and_chat_messages(llama, tokenizer):
     finally:
         tokenizer.chat_template = None
         engine.detach()
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(plan=st.lists(st.tuples(st.sampled_from([None, 0, 1, 2, 7]), st.booleans(), st.integers(0, 3)),
+                     min_size=1, max_size=9),
+       batch=st.integers(1, 4))
+def test_any_request_sequence_follows_the_task_id_rules(llama, tokenizer, plan, batch):
+    """Model of the seed's rules: requests run in order, max_batch_size at a time; a batch first
+    caches the adapters its requests carry, then a request whose id is still unknown fails alone."""
+    ours, peft_model, names, formats = llama
+    engine = _attach(ours)
+    try:
+        ex = lm.Executor(engine, tokenizer, max_batch_size=batch)
+        cached, expect_ok = set(), []
+        for start in range(0, len(plan), batch):
+            chunk = plan[start : start + batch]
+            cached |= {t for t, carries, _ in chunk if t is not None and t != 7 and carries}
+            expect_ok += [t is None or t in cached for t, _, _ in chunk]
+        for task, carries, p in plan:
+            lora = None
+            if task is not None:  # id 7 never comes with weights
+                lora = lm.LoraConfig(task, *formats[task]) if carries and task != 7 else lm.LoraConfig(task)
+            ex.submit(lm.Request(_prompt(60 + p), max_new_tokens=2, lora=lora))
+        results = ex.run()
+        assert [r.ok for r in results] == expect_ok
+        for r, (task, _, p) in zip(results, plan):
+            if r.ok:
+                assert r.token_ids == _tokens_of(peft_model, tokenizer, p, None if task is None else names[task])
+            else:
+                assert isinstance(r.error, LoraNotCachedError) and r.error.task_id == task
+    finally:
+        engine.detach()
+
+
+_TOKENS = {}
+
+
+def _tokens_of(peft_model, tokenizer, p, adapter):
+    key = (p, adapter)
+    if key not in _TOKENS:
+        ids = tokenizer(_prompt(60 + p), return_tensors="pt")["input_ids"]
+        out = _peft_rows(peft_model, [adapter], lambda m: m.generate(input_ids=ids, max_new_tokens=2, do_sample=False,
+                                                                     pad_token_id=0))
+        tokens = out[0, ids.shape[1]:].tolist()
+        _TOKENS[key] = tokens[: tokens.index(2)] if 2 in tokens else tokens
+    return _TOKENS[key]
