@@ -284,9 +284,5 @@ __device__ void expand_tile(const ExpandArgs& p) {
 
 extern "C" __global__ void __launch_bounds__(LMX_THREADS, 2) lora_expand_decode_bf16_o1(const ExpandArgs p) { expand_decode<true, 1>(p); }
 extern "C" __global__ void __launch_bounds__(LMX_THREADS, 2) lora_expand_decode_f16_o1(const ExpandArgs p) { expand_decode<false, 1>(p); }
-extern "C" __global__ void __launch_bounds__(LMX_THREADS, 2) lora_expand_decode_bf16_o2(const ExpandArgs p) { expand_decode<true, 2>(p); }
-extern "C" __global__ void __launch_bounds__(LMX_THREADS, 2) lora_expand_decode_f16_o2(const ExpandArgs p) { expand_decode<false, 2>(p); }
-extern "C" __global__ void __launch_bounds__(LMX_THREADS, 2) lora_expand_decode_bf16_o4(const ExpandArgs p) { expand_decode<true, 4>(p); }
-extern "C" __global__ void __launch_bounds__(LMX_THREADS, 2) lora_expand_decode_f16_o4(const ExpandArgs p) { expand_decode<false, 4>(p); }
 extern "C" __global__ void __launch_bounds__(LMX_THREADS) lora_expand_tile_bf16(const ExpandArgs p) { expand_tile<true>(p); }
 extern "C" __global__ void __launch_bounds__(LMX_THREADS) lora_expand_tile_f16(const ExpandArgs p) { expand_tile<false>(p); }

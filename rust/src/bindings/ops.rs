@@ -5,7 +5,7 @@
 use pyo3::prelude::*;
 
 use crate::bindings::errors::IntoPyResult;
-use crate::cuda::{self, launch, nvrtc};
+use crate::cuda::{self, launch, nvrtc, plan};
 
 /// One op call's batch and layer, as raw device pointers (`BatchMeta` translated by kernels.py).
 #[pyclass(name = "KernelBatch", module = "loramux._core", frozen)]
@@ -36,14 +36,14 @@ impl PyKernelBatch {
         plan: (usize, usize, bool),
     ) -> PyResult<()> {
         let k = cuda::kernels(self.device).py()?;
-        let plan = launch::ShrinkPlan { ksplit: plan.0, kchunk: plan.1 };
+        let plan = plan::ShrinkPlan { ksplit: plan.0, kchunk: plan.1 };
         launch::shrink(&k, &self.batch, x, x_stride, hi, &module_ids, partial, partial_capacity, &plan).py()
     }
 
     /// u [S, T, max_rank] = the summed partials (zero past each token's rank).
     fn reduce(&self, module_ids: Vec<u32>, partial: u64, plan: (usize, usize, bool), u: u64) -> PyResult<()> {
         let k = cuda::kernels(self.device).py()?;
-        let plan = launch::ShrinkPlan { ksplit: plan.0, kchunk: plan.1 };
+        let plan = plan::ShrinkPlan { ksplit: plan.0, kchunk: plan.1 };
         launch::reduce(&k, &self.batch, &module_ids, partial, &plan, u).py()
     }
 
@@ -64,8 +64,8 @@ impl PyKernelBatch {
 /// sums the partials into u before the expand.
 #[pyfunction]
 fn plan_shrink(tokens: usize, hi: usize, num_slices: usize, num_slots: usize) -> (usize, usize, bool) {
-    let p = launch::plan_shrink(tokens, hi, num_slices, num_slots);
-    (p.ksplit, p.kchunk, launch::apply_reduces_first(tokens, &p))
+    let p = plan::plan_shrink(tokens, hi, num_slices, num_slots);
+    (p.ksplit, p.kchunk, plan::apply_reduces_first(tokens, &p))
 }
 
 /// Whether libnvrtc can be opened.

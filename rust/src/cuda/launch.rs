@@ -6,18 +6,15 @@ use std::ffi::c_void;
 
 use cudarc::driver::{result as drv, sys};
 
+use super::plan::{partial_len, ShrinkPlan, TILE_T};
 use super::DeviceKernels;
 use crate::error::{LoraError, Result};
 
 pub const MAX_SLICES: usize = 8;
 /// The kernels keep a token tile's u in shared memory: ranks up to this fit.
 pub const MAX_RANK: usize = 128;
-/// Tokens grouped by one block; batches up to this take the decode (split-K) kernels.
-pub const TILE_T: usize = 64;
 const THREADS: u32 = 256;
 const MODULES: u32 = 19;
-/// Enough blocks to keep every SM of an H100 (132) busy several times over.
-const TARGET_BLOCKS: usize = 4 * 132;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Dtype {
@@ -191,41 +188,6 @@ fn slices(module_ids: &[u32], out_sizes: Option<&[usize]>) -> Result<LoraSlices>
     Ok(s)
 }
 
-/// How the shrink splits its reduction dim: `ksplit` partial sums of `kchunk` elements each.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ShrinkPlan {
-    pub ksplit: usize,
-    pub kchunk: usize,
-}
-
-pub fn plan_shrink(tokens: usize, hi: usize, num_slices: usize, num_slots: usize) -> ShrinkPlan {
-    let decode = tokens <= TILE_T;
-    // decode: a block holds up to 4 x 256 elements of each A row in registers; prefill: the tensor
-    // core kernel steps 64 at a time, and splits only to fill the SMs.
-    let (granule, max_chunk) = if decode { (256, 1024) } else { (64, usize::MAX) };
-    let groups = if decode { tokens.min(num_slots).max(1) } else { tokens.div_ceil(TILE_T) };
-    let blocks_wo_split = (groups * num_slices).max(1);
-    let want = TARGET_BLOCKS.div_ceil(blocks_wo_split).max(1);
-    // prefill splits no finer than 256 (the partials it adds stay small next to x)
-    let max_split = if decode { hi.div_ceil(granule) } else { hi.div_ceil(256) };
-    let ksplit = want.min(max_split).max(1);
-    let kchunk = hi.div_ceil(ksplit).div_ceil(granule).max(1) * granule;
-    let kchunk = kchunk.min(max_chunk);
-    ShrinkPlan { ksplit: hi.div_ceil(kchunk).max(1), kchunk }
-}
-
-/// Whether lora_apply sums the partials into u (the reduce kernel) before the expand: in the
-/// prefill (tile) path every 64-column expand block would otherwise re-read all ksplit partials
-/// of its tokens (measured: most of the expand's time at T = 2048, docs/kernel-notes.md).
-pub fn apply_reduces_first(tokens: usize, plan: &ShrinkPlan) -> bool {
-    tokens > TILE_T && plan.ksplit > 1
-}
-
-/// Elements of the fp32 partial buffer a shrink with this plan writes: [S, ksplit, T, max_rank].
-pub fn partial_len(plan: &ShrinkPlan, num_slices: usize, tokens: usize, max_rank: usize) -> usize {
-    num_slices * plan.ksplit * tokens * max_rank
-}
-
 unsafe fn launch<A>(k: &DeviceKernels, name: &str, grid: (u32, u32, u32), stream: u64, args: &A) -> Result<()> {
     let f = k.function(name)?;
     let mut params = [args as *const A as *mut c_void];
@@ -341,8 +303,8 @@ pub fn expand(
         return Ok(());
     }
     let gs = b.group_stride(true);
-    // decode: output columns per thread. 2 and 4 (lora_expand_decode_*_o2/_o4) measured slower
-    // on the H100 than 1 (docs/kernel-notes.md, pass 3), so the launcher keeps 1.
+    // decode: output columns per thread. The kernel is templated on it; 2 and 4 measured slower on
+    // the H100 than 1 (docs/kernel-notes.md, pass 3), so only 1 is instantiated.
     let per_thread = 1;
     let ochunk = if b.decode() { THREADS as usize * per_thread } else { 64 };
     let args = ExpandArgs {
@@ -381,20 +343,6 @@ mod tests {
         assert_eq!(std::mem::size_of::<LoraSlices>(), 4 + 3 * 4 * MAX_SLICES);
         assert_eq!(std::mem::size_of::<LoraTable>(), 24);
         assert_eq!(std::mem::size_of::<ShrinkArgs>(), 32 + 20 + 4 + 24 + 100 + 4);
-    }
-
-    #[test]
-    fn plan_covers_the_reduction_dim() {
-        for &(t, hi, s, slots) in &[(1, 4096, 1, 8), (32, 14336, 3, 64), (64, 576, 2, 4), (2048, 4096, 3, 128), (8192, 1536, 1, 2), (1, 7, 1, 1)] {
-            let p = plan_shrink(t, hi, s, slots);
-            assert!(p.ksplit >= 1 && p.kchunk * p.ksplit >= hi, "{t} {hi}: {p:?}");
-            assert!(p.kchunk * (p.ksplit - 1) < hi, "empty split {p:?}");
-            if t <= TILE_T {
-                assert!(p.kchunk % 256 == 0 && p.kchunk <= 1024);
-            } else {
-                assert!(p.kchunk % 64 == 0);
-            }
-        }
     }
 
     #[test]

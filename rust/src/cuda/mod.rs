@@ -4,6 +4,7 @@
 
 pub mod launch;
 pub mod nvrtc;
+pub mod plan;
 
 use std::collections::HashMap;
 use std::ffi::CString;

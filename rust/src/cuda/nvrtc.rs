@@ -40,10 +40,6 @@ pub const EXPAND: KernelFamily = KernelFamily {
     functions: &[
         "lora_expand_decode_bf16_o1",
         "lora_expand_decode_f16_o1",
-        "lora_expand_decode_bf16_o2",
-        "lora_expand_decode_f16_o2",
-        "lora_expand_decode_bf16_o4",
-        "lora_expand_decode_f16_o4",
         "lora_expand_tile_bf16",
         "lora_expand_tile_f16",
     ],

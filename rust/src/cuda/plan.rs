@@ -1,0 +1,62 @@
+//! Launch planning: which kernel path a batch takes and how the shrink splits its reduction
+//! dimension so decode batches spread over every SM. Pure arithmetic, no CUDA.
+
+/// Tokens grouped by one block; batches up to this take the decode (split-K) kernels.
+pub const TILE_T: usize = 64;
+/// Enough blocks to keep every SM of an H100 (132) busy several times over.
+const TARGET_BLOCKS: usize = 4 * 132;
+
+/// How the shrink splits its reduction dim: `ksplit` partial sums of `kchunk` elements each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShrinkPlan {
+    pub ksplit: usize,
+    pub kchunk: usize,
+}
+
+pub fn plan_shrink(tokens: usize, hi: usize, num_slices: usize, num_slots: usize) -> ShrinkPlan {
+    let decode = tokens <= TILE_T;
+    // decode: a block holds up to 4 x 256 elements of each A row in registers; prefill: the tensor
+    // core kernel steps 64 at a time, and splits only to fill the SMs.
+    let (granule, max_chunk) = if decode { (256, 1024) } else { (64, usize::MAX) };
+    let groups = if decode { tokens.min(num_slots).max(1) } else { tokens.div_ceil(TILE_T) };
+    let blocks_wo_split = (groups * num_slices).max(1);
+    let want = TARGET_BLOCKS.div_ceil(blocks_wo_split).max(1);
+    // prefill splits no finer than 256 (the partials it adds stay small next to x)
+    let max_split = if decode { hi.div_ceil(granule) } else { hi.div_ceil(256) };
+    let ksplit = want.min(max_split).max(1);
+    let kchunk = hi.div_ceil(ksplit).div_ceil(granule).max(1) * granule;
+    let kchunk = kchunk.min(max_chunk);
+    ShrinkPlan { ksplit: hi.div_ceil(kchunk).max(1), kchunk }
+}
+
+/// Whether lora_apply sums the partials into u (the reduce kernel) before the expand: in the
+/// prefill (tile) path every 64-column expand block would otherwise re-read all ksplit partials
+/// of its tokens (measured: most of the expand's time at T = 2048, docs/kernel-notes.md).
+pub fn apply_reduces_first(tokens: usize, plan: &ShrinkPlan) -> bool {
+    tokens > TILE_T && plan.ksplit > 1
+}
+
+/// Elements of the fp32 partial buffer a shrink with this plan writes: [S, ksplit, T, max_rank].
+pub fn partial_len(plan: &ShrinkPlan, num_slices: usize, tokens: usize, max_rank: usize) -> usize {
+    num_slices * plan.ksplit * tokens * max_rank
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_covers_the_reduction_dim() {
+        for &(t, hi, s, slots) in &[(1, 4096, 1, 8), (32, 14336, 3, 64), (64, 576, 2, 4), (2048, 4096, 3, 128), (8192, 1536, 1, 2), (1, 7, 1, 1)] {
+            let p = plan_shrink(t, hi, s, slots);
+            assert!(p.ksplit >= 1 && p.kchunk * p.ksplit >= hi, "{t} {hi}: {p:?}");
+            assert!(p.kchunk * (p.ksplit - 1) < hi, "empty split {p:?}");
+            if t <= TILE_T {
+                assert!(p.kchunk % 256 == 0 && p.kchunk <= 1024);
+            } else {
+                assert!(p.kchunk % 64 == 0);
+            }
+        }
+    }
+
+}
