@@ -268,3 +268,23 @@ def _tokens_of(peft_model, tokenizer, p, adapter):
         tokens = out[0, ids.shape[1]:].tolist()
         _TOKENS[key] = tokens[: tokens.index(2)] if 2 in tokens else tokens
     return _TOKENS[key]
+
+
+def test_next_batch_never_evicts_the_running_batch(llama, tokenizer):
+    """A host tier that holds one adapter: each batch's adapter is cached and served in turn (the
+    next batch's adapter is loaded only after the running one is pinned, or at its own turn)."""
+    ours, peft_model, names, formats = llama
+    probe = _attach(ours)
+    probe.cache.put(0, *formats[1])
+    one = probe.cache.stats()["host_bytes"]
+    probe.detach()
+    engine = _attach(ours, host_cache_bytes=one)
+    try:
+        ex = lm.Executor(engine, tokenizer, max_batch_size=1)
+        for t in (0, 1, 2):
+            ex.submit(lm.Request(_prompt(70 + t), max_new_tokens=2, lora=lm.LoraConfig(t, *formats[1])))
+        results = ex.run()
+        assert all(r.ok for r in results), [r.error for r in results]
+        assert all(r.token_ids == _tokens_of(peft_model, tokenizer, 10 + t, names[1]) for t, r in enumerate(results))
+    finally:
+        engine.detach()

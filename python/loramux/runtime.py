@@ -89,7 +89,8 @@ class Executor:
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self._queue: List[Request] = []
-        self._next_ids: List[int] = []  # task ids of the next batch, to prefetch
+        self._upcoming = None  # (next batch's request ids, queue, results) until it is admitted
+        self._upcoming_admitted: Optional[List[int]] = None
         self.generated_tokens = 0  # over the executor's life, for throughput figures
         self.batches_run = 0
 
@@ -106,19 +107,27 @@ class Executor:
         queue, self._queue = self._queue, []
         results = [Result(i, r.lora.task_id if r.lora else None) for i, r in enumerate(queue)]
         chunks = [list(range(s, min(s + self.max_batch_size, len(queue)))) for s in range(0, len(queue), self.max_batch_size)]
-        admitted = self._admit(chunks[0], queue, results) if chunks else []
-        for k in range(len(chunks)):
-            runnable = admitted
-            # admit the next batch now; its adapters start loading once this batch holds its own
-            # (see _run_fitting), so the copies overlap this batch's compute
-            admitted = self._admit(chunks[k + 1], queue, results) if k + 1 < len(chunks) else []
-            self._next_ids = list(dict.fromkeys(queue[i].lora.task_id for i in admitted if queue[i].lora is not None))
+        admitted: Optional[List[int]] = None
+        for k, chunk in enumerate(chunks):
+            runnable = admitted if admitted is not None else self._admit(chunk, queue, results)
+            # the next batch is admitted (and its adapters prefetched) once this batch holds its
+            # own, so the copies overlap this batch's compute and cannot evict what it needs
+            self._upcoming = (chunks[k + 1], queue, results) if k + 1 < len(chunks) else None
+            self._upcoming_admitted = None
             if runnable:
                 self._run_fitting(runnable, queue, results, progress)
+            admitted = self._upcoming_admitted
         return results
 
-    def _prefetch_next(self) -> None:
-        wanted, self._next_ids = self._next_ids, []
+    def _admit_upcoming(self) -> None:
+        upcoming, self._upcoming = self._upcoming, None
+        if upcoming is None:
+            return
+        chunk, queue, results = upcoming
+        self._upcoming_admitted = self._admit(chunk, queue, results, defer_when_full=True)
+        if self._upcoming_admitted is None:
+            return  # the host tier is held by this batch: admit that batch at its own turn
+        wanted = list(dict.fromkeys(queue[i].lora.task_id for i in self._upcoming_admitted if queue[i].lora is not None))
         if wanted:
             try:
                 self.engine.cache.prefetch(wanted)
@@ -126,17 +135,26 @@ class Executor:
                 pass  # only a hint: acquire loads (or splits) for real when that batch runs
 
     # --- scheduling --------------------------------------------------------------------------------
-    def _admit(self, ids: List[int], queue: List[Request], results: List[Result]) -> List[int]:
+    def _admit(self, ids: List[int], queue: List[Request], results: List[Result],
+               defer_when_full: bool = False) -> Optional[List[int]]:
         """Loads the adapters this batch's requests carry (in order), then keeps the requests whose
-        adapter is cached; the others fail with the error that names why."""
+        adapter is cached; the others fail with the error that names why. With defer_when_full, a
+        full host tier returns None instead (the caller admits the batch again later)."""
         cache = self.engine.cache
+        errors: Dict[int, LoraError] = {}
         for i in ids:
             lora = queue[i].lora
             if lora is not None and lora.carries_weights:
                 try:
                     cache.put(lora.task_id, lora.weights, lora.config)
+                except LoraCacheFullError as err:
+                    if defer_when_full:
+                        return None
+                    errors[i] = err
                 except LoraError as err:
-                    results[i].error = err
+                    errors[i] = err
+        for i, err in errors.items():
+            results[i].error = err
         runnable = []
         for i in ids:
             lora = queue[i].lora
@@ -156,7 +174,7 @@ class Executor:
         task_ids = [queue[i].lora.task_id if queue[i].lora else None for i in ids]
         try:
             with self.engine.batch(task_ids):
-                self._prefetch_next()
+                self._admit_upcoming()
                 self._generate(ids, queue, results, progress)
             return
         except LoraCacheFullError as err:
