@@ -111,3 +111,38 @@ class AdapterCache:
     def table_bytes(max_slots: int, num_layers: int) -> int: ...
     @staticmethod
     def cuda_driver_present() -> bool: ...
+
+# --- CUDA LoRA kernels (rust/src/bindings/ops.rs; used by loramux.kernels) ---
+KERNEL_MAX_RANK: int
+KERNEL_MAX_SLICES: int
+
+class KernelBatch:
+    def __init__(
+        self,
+        *,
+        device: int,
+        stream: int,
+        dtype: str,
+        slot_of_token: int,
+        tokens: int,
+        table: int,
+        num_slots: int,
+        num_layers: int,
+        layer: int,
+        max_rank: int,
+    ) -> None: ...
+    def shrink(
+        self, x: int, x_stride: int, hi: int, module_ids: List[int], partial: int, partial_capacity: int,
+        plan: Tuple[int, int, bool],
+    ) -> None: ...
+    def reduce(self, module_ids: List[int], partial: int, plan: Tuple[int, int, bool], u: int) -> None: ...
+    def expand(
+        self, partial: int, ksplit: int, y: int, y_stride: int, module_ids: List[int], out_sizes: List[int],
+        chained: bool = False,
+    ) -> None: ...
+
+def plan_shrink(tokens: int, hi: int, num_slices: int, num_slots: int) -> Tuple[int, int, bool]: ...
+def nvrtc_available() -> bool: ...
+def nvrtc_version() -> Tuple[int, int]: ...
+def nvrtc_compile_all(arch: int) -> List[Tuple[str, int]]: ...
+def load_kernels(device: int) -> int: ...
