@@ -240,6 +240,10 @@ def test_attach_errors_are_typed_and_change_nothing():
         with engine.batch([None, 7]):
             pass
     assert engine.meta_for(torch.zeros(2, 3, 32)) is None  # the failed batch left nothing behind
+    with engine.batch([None]):
+        with pytest.raises(LoraError, match="already running"):
+            with engine.batch([None]):
+                pass
     lm.detach(engine)
     assert not any("Lora" in type(m).__name__ for m in model.modules())
 

@@ -27,6 +27,7 @@ class Engine:
         self._pool: Optional[torch.Tensor] = None
         self._metas: Dict[int, BatchMeta] = {}
         self._used: List[List[bool]] = []
+        self._in_batch = False
 
     @property
     def max_rank(self) -> int:
@@ -57,9 +58,13 @@ class Engine:
     @contextmanager
     def batch(self, task_ids: Sequence[Optional[int]]) -> Iterator[List[int]]:
         """Acquires the cached adapters of `task_ids` (None: no adapter) for the rows of the forwards
-        run inside; yields each row's slot. Every id must already be in the cache."""
+        run inside; yields each row's slot. Every id must already be in the cache. One batch at a
+        time per engine: the layers read one set of rows."""
+        if self._in_batch:
+            raise LoraError("this engine is already running a batch; finish it before starting another")
         wanted = [t for t in task_ids if t is not None]
         acquired = self.cache.acquire(wanted) if wanted else None
+        self._in_batch = True
         try:
             slot_iter = iter(acquired.slots if acquired is not None else [])
             slots = [next(slot_iter) if t is not None else -1 for t in task_ids]
@@ -68,6 +73,7 @@ class Engine:
             self.set_batch(slots, table, pool)
             yield slots
         finally:
+            self._in_batch = False
             self.clear_batch()
             if acquired is not None:
                 self.cache.release(acquired)
