@@ -191,6 +191,10 @@ def test_host_pool_options_and_repr():
     assert LoraCache(SPEC, host_cache_bytes=1 << 20, device_cache_fraction=0.25).pool.numel() == 1 << 18
     with pytest.raises(LoraCacheError, match="page_bytes"):
         LoraCache(SPEC, host_cache_bytes=1 << 16, page_bytes=100)
+    with pytest.raises(LoraCacheError, match="max_slots"):
+        LoraCache(SPEC, max_slots=0)
+    with pytest.raises(LoraCacheError, match="host_cache_bytes"):
+        LoraCache(SPEC, host_cache_bytes=-1)
     with pytest.raises(LoraCacheError, match="dtype"):
         LoraCache(SPEC, dtype=torch.int8)
     cache = LoraCache(SPEC, host_cache_bytes=1 << 20, page_bytes=4096)

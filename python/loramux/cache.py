@@ -99,6 +99,10 @@ class LoraCache:
     ):
         if dtype not in _DTYPE_NAMES:
             raise LoraCacheError(f"dtype must be one of torch.float16, torch.bfloat16, torch.float32, got {dtype}")
+        for name, value, low in (("host_cache_bytes", host_cache_bytes, 0), ("max_slots", max_slots, 1), ("page_bytes", page_bytes, 1),
+                                 ("device_cache_bytes", 0 if device_cache_bytes is None else device_cache_bytes, 0)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+                raise LoraCacheError(f"{name} must be an integer >= {low}, got {value!r}")
         if device_cache_bytes is not None and device_cache_fraction is not None:
             raise LoraCacheError("give device_cache_bytes or device_cache_fraction, not both")
         device = torch.device("cpu" if device is None else device)
@@ -112,7 +116,7 @@ class LoraCache:
         self.max_slots = max_slots
         self.page_bytes = page_bytes
         pool_bytes = self._pool_bytes(device, host_cache_bytes, device_cache_bytes, device_cache_fraction)
-        pool_bytes -= pool_bytes % page_bytes if page_bytes > 0 else 0
+        pool_bytes -= pool_bytes % page_bytes
         table_bytes = _core.AdapterCache.table_bytes(max_slots, spec.num_layers)
         try:
             # Unused pool bytes are never read, so the pool is left uninitialized (no eager touch of
