@@ -147,7 +147,7 @@ pub struct SlicedAdapter {
 
 /// Element ranges (in the row) that make rank r's slice of a row, in output order.
 fn row_ranges(r: &RowLayout, parts: &[Part], kind: SplitKind, tp: usize, rank: usize) -> Vec<Range<usize>> {
-    let whole = |off: usize, len: usize| vec![off..off + len];
+    let whole = |off: usize, len: usize| off..off + len;
     // Rank's block of each part of a dimension of length sum(parts), as offsets along it.
     let blocks: Vec<Range<usize>> = {
         let mut at = 0;
@@ -164,12 +164,12 @@ fn row_ranges(r: &RowLayout, parts: &[Part], kind: SplitKind, tp: usize, rank: u
     let mut out = Vec::new();
     match kind {
         SplitKind::Replicated => {
-            out.extend(whole(r.a_offset(), r.a_len()));
-            out.extend(whole(r.b_offset(), r.b_len()));
-            out.extend(whole(r.scale_offset(), r.scale_len()));
+            out.push(whole(r.a_offset(), r.a_len()));
+            out.push(whole(r.b_offset(), r.b_len()));
+            out.push(whole(r.scale_offset(), r.scale_len()));
         }
         SplitKind::Column => {
-            out.extend(whole(r.a_offset(), r.a_len()));
+            out.push(whole(r.a_offset(), r.a_len()));
             // B is [Ho, D] row-major: a block of Ho rows is contiguous.
             out.extend(blocks.iter().map(|b| r.b_offset() + b.start * r.rank..r.b_offset() + b.end * r.rank));
             if r.is_dora {
@@ -181,8 +181,8 @@ fn row_ranges(r: &RowLayout, parts: &[Part], kind: SplitKind, tp: usize, rank: u
             for d in 0..r.rank {
                 out.extend(blocks.iter().map(|b| r.a_offset() + d * r.hi + b.start..r.a_offset() + d * r.hi + b.end));
             }
-            out.extend(whole(r.b_offset(), r.b_len()));
-            out.extend(whole(r.scale_offset(), r.scale_len()));
+            out.push(whole(r.b_offset(), r.b_len()));
+            out.push(whole(r.scale_offset(), r.scale_len()));
         }
     }
     out.retain(|x| !x.is_empty());
