@@ -128,7 +128,23 @@ def _run_layout(tp_size, pp_size, model_state, adapters, input_ids, task_ids, de
     shard = TpLlama(model.to(device), ctx, max_rank=8, host_cache_bytes=8 << 20, device_cache_bytes=4 << 20)
     for task_id, (w, c) in adapters.items():
         shard.load(task_id, w, c)
-    return shard.forward(input_ids.to(device), task_ids), shard
+    ids = input_ids.to(device)
+    return shard.forward(ids, task_ids), _decode_last(shard, ids, task_ids, model), shard
+
+
+def _decode_last(shard, ids, task_ids, model):
+    """The last position's logits by prefill of all but it, then one decode step over a KV cache."""
+    import inspect
+
+    from transformers import DynamicCache
+
+    # the HF decoder's KV-cache argument was renamed past_key_values -> cache in transformers 5.x
+    name = "cache" if "cache" in inspect.signature(type(model.model).forward).parameters else "past_key_values"
+    kv = {name: DynamicCache(config=model.config), "use_cache": True}
+    with shard.batch(task_ids):
+        shard.step(ids[:, :-1], **kv)
+        last = shard.step(ids[:, -1:], **kv)
+    return None if last is None else last[:, -1]
 
 
 def _worker(rank, world, rdv, out_dir, backend, layouts):
@@ -143,9 +159,10 @@ def _worker(rank, world, rdv, out_dir, backend, layouts):
     model, adapters, input_ids, task_ids = _scenario()
     state = model.state_dict()
     for tp_size, pp_size in layouts:
-        logits, shard = _run_layout(tp_size, pp_size, state, adapters, input_ids, task_ids, device)
+        logits, decoded, shard = _run_layout(tp_size, pp_size, state, adapters, input_ids, task_ids, device)
         if logits is not None:
             torch.save(logits.cpu(), os.path.join(out_dir, f"logits_tp{tp_size}_pp{pp_size}_rank{rank}.pt"))
+            torch.save(decoded.cpu(), os.path.join(out_dir, f"decoded_tp{tp_size}_pp{pp_size}_rank{rank}.pt"))
         torch.save(int(shard.spec.ffn_size), os.path.join(out_dir, f"ffn_tp{tp_size}_pp{pp_size}_rank{rank}.pt"))
         dist.barrier()
     dist.destroy_process_group()
@@ -187,6 +204,9 @@ def _check_layouts(out_dir, layouts, tp1, tol):
                 got = torch.load(path)
                 torch.testing.assert_close(got, tp1, rtol=tol, atol=tol,
                                            msg=lambda m: f"tp={tp_size} pp={pp_size} rank {rank}: {m}")
+                decoded = torch.load(out_dir / f"decoded_tp{tp_size}_pp{pp_size}_rank{rank}.pt")
+                torch.testing.assert_close(decoded, tp1[:, -1], rtol=tol, atol=tol,
+                                           msg=lambda m: f"KV-cache decode, tp={tp_size} pp={pp_size} rank {rank}: {m}")
             # each rank caches against its shard's spec: the FFN width divided by tp
             assert torch.load(out_dir / f"ffn_tp{tp_size}_pp{pp_size}_rank{rank}.pt") == 64 // tp_size
 

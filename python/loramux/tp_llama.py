@@ -204,6 +204,8 @@ class TpLlama:
         inner = model.model
         inner.layers = nn.ModuleList(list(inner.layers)[start:end])
         for local, block in enumerate(inner.layers):
+            # a stage's KV cache holds its own layers from 0 (positions are read off layer 0's)
+            block.self_attn.layer_idx = local
             for parent, groups in ((block.self_attn, _ATTN_GROUPS), (block.mlp, _MLP_GROUPS)):
                 for names, kind in groups:
                     bases = [getattr(parent, n) for n in names]
