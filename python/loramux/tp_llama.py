@@ -6,8 +6,10 @@ block of every projection. q/k/v and gate/up are column-parallel (rank r keeps i
 block of the output rows), o_proj and down_proj row-parallel (rank r keeps the matching input
 columns; the partial outputs, base + LoRA, are summed by one all-reduce, then the bias is added
 once). q/k/v (and gate/up) run as one GEMM and one multi-slice LoRA launch per layer; the HF
-modules' calls take their slices of it. Embedding, norms and lm_head are replicated. A request's full adapter is sliced on load
-(loramux.tp.slice_adapter) and each rank caches only its slice in its own LoraCache.
+modules' calls take their slices of it. Embedding, norms and lm_head are replicated. A request's
+full adapter is sliced on load (loramux.tp.slice_adapter) and each rank caches only its slice in
+its own LoraCache. `load` is per rank: every rank must load the same adapters (a rank that fails,
+e.g. on a full cache, leaves the layout inconsistent until the caller retries or drops the task).
 """
 
 from __future__ import annotations
