@@ -1,7 +1,7 @@
 #!/bin/bash
 # One GPU pass (see docs/kernel-notes.md): install the wheel, check, test, benchmark; logs to $OUT.
 # Run from the repository root of the GPU machine with .gpu (the wheel) and .gpuwork (tests,
-# benchmarks) carried. STEPS picks what runs: any of env test bench decode memcheck.
+# benchmarks) carried. STEPS picks what runs: any of env test ab bench decode ncu memcheck.
 export PYTHONUNBUFFERED=1
 STEPS=${STEPS:-"env test bench decode"}
 pip install -q --no-index --no-deps --target /tmp/site .gpu/*.whl || exit 1
@@ -16,6 +16,10 @@ fi
 if has test; then
   timeout ${TEST_S:-150} python -m pytest -q --maxfail=8 -m gpu tests/test_kernels.py > $OUT/pytest.log 2>&1
   echo "pytest rc=$?"; tail -40 $OUT/pytest.log | grep -vE "^\s*$" | tail -25
+fi
+if has ab; then
+  timeout ${AB_S:-120} python benchmarks/decode_ab.py --out $OUT/ab.json > $OUT/ab.txt 2>&1
+  echo "ab rc=$?"; cat $OUT/ab.txt | tail -20
 fi
 if has bench; then
   timeout ${BENCH_S:-220} python benchmarks/ops.py --out $OUT/ops.json $BENCH_ARGS > $OUT/ops.txt 2>&1

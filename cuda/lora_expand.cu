@@ -138,6 +138,110 @@ __device__ void expand_decode(const ExpandArgs& p) {
     }
 }
 
+// Decode (T <= 64), flat: no grouping. Block = (p.ochunk columns, slice); thread = one column
+// o0 + tid % ochunk of the token rows tid / ochunk, += 256 / ochunk (the planner keeps that <= 4
+// rows a thread). Slot-table entries are read once per block into shared memory; then, before
+// waiting on the shrink (PDL), each thread issues the B-row loads (first 16 ranks) and y loads of
+// all its rows at once: the only dependent chain is slot -> entry -> B, and it overlaps the shrink.
+// Tokens sharing an adapter re-read its B rows from L1/L2 (decode tiles are <= 64 tokens).
+// Taken for multi-slice launches of 32..64 tokens (plan.rs decode_expand_is_flat: measured there).
+#define FLAT_ROWS 4   // token rows per thread (prefetched in registers)
+#define FLAT_PQ 2     // 8-rank chunks of B prefetched per row
+
+template <bool BF16>
+__device__ void expand_flat(const ExpandArgs& p) {
+    __shared__ const u16* sb[LMX_TILE_T];
+    __shared__ const u16* ssc[LMX_TILE_T];
+    __shared__ int srank[LMX_TILE_T];
+    __shared__ float su[LMX_TILE_T * EXPAND_MAX_RANK];
+    int module_id, off, ho;
+    if (!slice_of(p, blockIdx.z, module_id, off, ho)) return;
+    const int oc = p.ochunk;
+    const int o0 = blockIdx.x * oc;
+    if (o0 >= ho) return;
+    const int tid = threadIdx.x;
+    if (tid < p.T) {
+        const int slot = p.slot_of_token[tid];
+        int rank = 0;
+        const u16* b = nullptr;
+        const u16* sc = nullptr;
+        if (slot >= 0 && slot < p.table.num_slots) {
+            const AdapterEntry e = read_entry(p.table, slot, module_id);
+            rank = e.rank;
+            b = e.b;
+            sc = e.scale;
+        }
+        srank[tid] = rank;
+        sb[tid] = b;
+        ssc[tid] = sc;
+    }
+    __syncthreads();
+    const int col = tid % oc, row0 = tid / oc, rstep = LMX_THREADS / oc;
+    const int o = o0 + col;
+    const bool live = o < ho;
+    uint4 bq[FLAT_ROWS][FLAT_PQ];
+    u16 yv[FLAT_ROWS];
+#pragma unroll
+    for (int i = 0; i < FLAT_ROWS; ++i) {
+        const int t = row0 + i * rstep;
+        const int R = t < p.T ? srank[t] : 0;
+        if (live && R > 0) {
+            const u16* brow = sb[t] + (long long)o * R;
+            const bool vec = (R % 8 == 0) && ((reinterpret_cast<u64>(sb[t]) & 15) == 0);
+#pragma unroll
+            for (int q = 0; q < FLAT_PQ; ++q)
+                if (vec && q * 8 < R) bq[i][q] = *reinterpret_cast<const uint4*>(brow + q * 8);
+            yv[i] = p.y[(long long)t * p.y_stride + off + o];
+        }
+    }
+    pdl_wait();
+    const int mr = p.table.max_rank;
+    for (int idx = tid; idx < p.T * mr; idx += LMX_THREADS) {
+        const int t = idx / mr, r = idx % mr;
+        float v = 0.f;
+        if (r < srank[t]) {
+#pragma unroll 16
+            for (int c = 0; c < p.ksplit; ++c)
+                v += p.partial[(((long long)blockIdx.z * p.ksplit + c) * p.T + t) * mr + r];
+        }
+        su[idx] = v;
+    }
+    __syncthreads();
+    if (!live) return;
+    float acc[FLAT_ROWS];
+#pragma unroll
+    for (int i = 0; i < FLAT_ROWS; ++i) {
+        acc[i] = 0.f;
+        const int t = row0 + i * rstep;
+        const int R = t < p.T ? srank[t] : 0;
+        if (R == 0) continue;
+        const u16* brow = sb[t] + (long long)o * R;
+        const bool vec = (R % 8 == 0) && ((reinterpret_cast<u64>(sb[t]) & 15) == 0);
+        const float* ur = su + t * mr;
+#pragma unroll
+        for (int q = 0; q < EXPAND_MAX_RANK / 8; ++q) {
+            if (q * 8 < R) {  // unrolled with a guard so bq stays in registers
+                u16 bv[8];
+                if (q < FLAT_PQ && vec) unpack8(bq[i][q < FLAT_PQ ? q : 0], bv);
+                else load8(brow, q * 8, R, vec, bv);
+#pragma unroll
+                for (int k = 0; k < 8; ++k)
+                    if (q * 8 + k < R) acc[i] += ur[q * 8 + k] * to_f32<BF16>(bv[k]);
+            }
+        }
+    }
+    // every y load was issued before the wait; now only stores
+#pragma unroll
+    for (int i = 0; i < FLAT_ROWS; ++i) {
+        const int t = row0 + i * rstep;
+        const int R = t < p.T ? srank[t] : 0;
+        if (R == 0) continue;
+        float v = to_f32<BF16>(yv[i]) + acc[i];
+        if (ssc[t]) v *= to_f32<BF16>(ssc[t][o]);
+        p.y[(long long)t * p.y_stride + off + o] = from_f32<BF16>(v);
+    }
+}
+
 template <bool BF16>
 __device__ __forceinline__ void mma_16816(float c[4], const u32 a[4], const u32 b[2]);
 template <>
@@ -284,5 +388,7 @@ __device__ void expand_tile(const ExpandArgs& p) {
 
 extern "C" __global__ void __launch_bounds__(LMX_THREADS, 2) lora_expand_decode_bf16_o1(const ExpandArgs p) { expand_decode<true, 1>(p); }
 extern "C" __global__ void __launch_bounds__(LMX_THREADS, 2) lora_expand_decode_f16_o1(const ExpandArgs p) { expand_decode<false, 1>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_expand_flat_bf16(const ExpandArgs p) { expand_flat<true>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_expand_flat_f16(const ExpandArgs p) { expand_flat<false>(p); }
 extern "C" __global__ void __launch_bounds__(LMX_THREADS) lora_expand_tile_bf16(const ExpandArgs p) { expand_tile<true>(p); }
 extern "C" __global__ void __launch_bounds__(LMX_THREADS) lora_expand_tile_f16(const ExpandArgs p) { expand_tile<false>(p); }

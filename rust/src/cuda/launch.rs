@@ -6,7 +6,7 @@ use std::ffi::c_void;
 
 use cudarc::driver::{result as drv, sys};
 
-use super::plan::{partial_len, ShrinkPlan, TILE_T};
+use super::plan::{decode_expand_is_flat, flat_expand_columns, partial_len, ShrinkPlan, TILE_T};
 use super::DeviceKernels;
 use crate::error::{LoraError, Result};
 
@@ -306,7 +306,8 @@ pub fn expand(
     // decode: output columns per thread. The kernel is templated on it; 2 and 4 measured slower on
     // the H100 than 1 (docs/kernel-notes.md, pass 3), so only 1 is instantiated.
     let per_thread = 1;
-    let ochunk = if b.decode() { THREADS as usize * per_thread } else { 64 };
+    let flat = decode_expand_is_flat(b.tokens, module_ids.len());
+    let ochunk = if flat { flat_expand_columns(b.tokens) } else if b.decode() { THREADS as usize * per_thread } else { 64 };
     let args = ExpandArgs {
         partial,
         y,
@@ -319,7 +320,9 @@ pub fn expand(
         table: b.table_args(),
         slices: sl,
     };
-    let (name, gy) = if b.decode() {
+    let (name, gy) = if flat {
+        (format!("lora_expand_flat_{}", b.dtype.suffix()), 1)
+    } else if b.decode() {
         (format!("lora_expand_decode_{}_o{per_thread}", b.dtype.suffix()), gs)
     } else {
         (format!("lora_expand_tile_{}", b.dtype.suffix()), b.tiles() * gs)

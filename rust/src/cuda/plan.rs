@@ -6,6 +6,25 @@ pub const TILE_T: usize = 64;
 /// Enough blocks to keep every SM of an H100 (132) busy several times over.
 const TARGET_BLOCKS: usize = 4 * 132;
 
+/// Decode shrink target when the flat expand follows (measured best of 528 / 264 / 132, pass 8).
+const FLAT_TARGET_BLOCKS: usize = 132;
+
+/// Whether a decode batch's expand takes the flat kernel (every block all tokens of a column
+/// chunk) rather than the grouped one (a block per adapter). Measured on the H100 (pass 8 of
+/// docs/kernel-notes.md): flat wins for multi-slice launches (q|k|v, gate|up) at 32..64 tokens
+/// and loses for single slices and at 8 tokens, where it has too few blocks or re-reads too many
+/// partials. `LORAMUX_EXPAND_DECODE=flat|grouped` forces one (benchmarks/decode_ab.py).
+pub fn decode_expand_is_flat(tokens: usize, num_slices: usize) -> bool {
+    if tokens > TILE_T {
+        return false;
+    }
+    match std::env::var("LORAMUX_EXPAND_DECODE").as_deref() {
+        Ok("flat") => true,
+        Ok("grouped") => false,
+        _ => tokens >= 32 && num_slices > 1,
+    }
+}
+
 /// How the shrink splits its reduction dim: `ksplit` partial sums of `kchunk` elements each.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ShrinkPlan {
@@ -20,7 +39,9 @@ pub fn plan_shrink(tokens: usize, hi: usize, num_slices: usize, num_slots: usize
     let (granule, max_chunk) = if decode { (256, 1024) } else { (64, usize::MAX) };
     let groups = if decode { tokens.min(num_slots).max(1) } else { tokens.div_ceil(TILE_T) };
     let blocks_wo_split = (groups * num_slices).max(1);
-    let want = TARGET_BLOCKS.div_ceil(blocks_wo_split).max(1);
+    // the flat expand re-reads every token's partials in each block: fewer, fatter splits pay there
+    let target = if decode_expand_is_flat(tokens, num_slices) { FLAT_TARGET_BLOCKS } else { TARGET_BLOCKS };
+    let want = target.div_ceil(blocks_wo_split).max(1);
     // prefill splits no finer than 256 (the partials it adds stay small next to x)
     let max_split = if decode { hi.div_ceil(granule) } else { hi.div_ceil(256) };
     let ksplit = want.min(max_split).max(1);
@@ -34,6 +55,13 @@ pub fn plan_shrink(tokens: usize, hi: usize, num_slices: usize, num_slots: usize
 /// of its tokens (measured: most of the expand's time at T = 2048, docs/kernel-notes.md).
 pub fn apply_reduces_first(tokens: usize, plan: &ShrinkPlan) -> bool {
     tokens > TILE_T && plan.ksplit > 1
+}
+
+/// Output columns per block of the flat decode expand: each thread takes one column of at most
+/// 4 token rows (its prefetch registers), so 256 / columns row groups must cover the batch.
+pub fn flat_expand_columns(tokens: usize) -> usize {
+    let groups = tokens.div_ceil(4).max(1).next_power_of_two();
+    256 / groups.min(256)
 }
 
 /// Elements of the fp32 partial buffer a shrink with this plan writes: [S, ksplit, T, max_rank].
@@ -59,4 +87,26 @@ mod tests {
         }
     }
 
+    #[test]
+    fn flat_expand_only_for_multi_slice_decode_of_32_to_64_tokens() {
+        if std::env::var("LORAMUX_EXPAND_DECODE").is_ok() {
+            return; // forced by the environment: nothing to check
+        }
+        assert!(decode_expand_is_flat(32, 3) && decode_expand_is_flat(64, 2));
+        assert!(!decode_expand_is_flat(32, 1) && !decode_expand_is_flat(16, 3) && !decode_expand_is_flat(65, 2));
+        // the flat path's shrink splits coarser
+        assert!(plan_shrink(32, 4096, 3, 32).ksplit < plan_shrink(32, 4096, 1, 32).ksplit);
+    }
+
+    #[test]
+    fn flat_expand_rows_cover_the_batch() {
+        for t in 1..=TILE_T {
+            let oc = flat_expand_columns(t);
+            assert!(oc >= 16 && 256 % oc == 0, "{t}: {oc}");
+            assert!((256 / oc) * 4 >= t, "{t}: {oc} columns leave tokens uncovered");
+        }
+        assert_eq!(flat_expand_columns(1), 256);
+        assert_eq!(flat_expand_columns(32), 32);
+        assert_eq!(flat_expand_columns(64), 16);
+    }
 }

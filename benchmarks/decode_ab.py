@@ -1,0 +1,95 @@
+"""A/B of decode-path kernel variants in one process (docs/kernel-notes.md, pass 8): the LoRA work
+of a Llama-8B-shaped decode step (4 layers, 32 adapters r=16 on all 7 projections, weights beyond
+L2) captured in CUDA graphs, 7 applies per layer and 4 (q|k|v and gate|up fused), at batch 1, 8,
+32 and 64, for each variant. A variant is a set of environment variables the launchers read at
+launch: LORAMUX_EXPAND_DECODE=grouped|flat forces the decode expand kernel (and the shrink split
+that goes with it, rust/src/cuda/plan.rs), anything else lets the geometry choose ("auto"); graphs
+are captured under each. Also checks every variant's y against the first one's.
+
+    python benchmarks/decode_ab.py --out ab.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+from decode_step import ADAPTERS, DEV, DT, LAYERS, RANK, capture, copy_bw, events  # noqa: E402
+from kernel_fixtures import BatchMeta, build_adapters  # noqa: E402
+
+from loramux import kernels  # noqa: E402
+
+DIMS = {1: (4096, 4096), 2: (4096, 1024), 3: (4096, 1024), 4: (4096, 4096), 7: (4096, 14336), 5: (4096, 14336),
+        6: (14336, 4096)}
+PER_PROJ = [[1], [2], [3], [4], [7], [5], [6]]
+FUSED = [[1, 2, 3], [4], [7, 5], [6]]
+VARIANTS = {
+    "grouped": {"LORAMUX_EXPAND_DECODE": "grouped"},
+    "flat": {"LORAMUX_EXPAND_DECODE": "flat"},
+    "auto": {"LORAMUX_EXPAND_DECODE": "auto"},
+}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="ab.json")
+    args = ap.parse_args()
+    torch.set_grad_enabled(False)
+    gen = torch.Generator().manual_seed(1)
+    specs = {(s, l, m): (RANK, hi, ho, False) for s in range(ADAPTERS) for l in range(LAYERS) for m, (hi, ho) in DIMS.items()}
+    ad = build_adapters(specs, num_slots=ADAPTERS, num_layers=LAYERS, max_rank=RANK, dtype=DT, device=DEV, gen=gen,
+                        b_std=0.5)
+    bw = copy_bw()
+    lora_bytes = sum(RANK * (hi + ho) * 2 for (_, _, _), (_, hi, ho, _) in specs.items())
+    res = dict(gpu=torch.cuda.get_device_name(), copy_bw_gbs=bw / 1e9, lora_floor_us=lora_bytes / bw * 1e6, cases={})
+    for batch in (32, 1, 8, 64):
+        slots = torch.tensor([t % ADAPTERS for t in range(batch)], dtype=torch.int32, device=DEV)
+        meta = BatchMeta(table=ad.table, pool=ad.pool, dtype=DT, slot_of_token=slots, max_rank=RANK)
+        x = {4096: torch.randn(batch, 4096, device=DEV, dtype=DT), 14336: torch.randn(batch, 14336, device=DEV, dtype=DT)}
+        y0 = {w: 0.1 * torch.randn(batch, w, device=DEV, dtype=DT) for w in (1024, 4096, 6144, 14336, 28672)}
+        ref = None
+        for vname, env in VARIANTS.items():
+            old = {k: os.environ.get(k) for k in env}
+            os.environ.update(env)
+            try:
+                y = {w: t.clone() for w, t in y0.items()}
+
+                def run(groups):
+                    for layer in range(LAYERS):
+                        for mids in groups:
+                            sizes = [DIMS[m][1] for m in mids]
+                            kernels.lora_apply(x[DIMS[mids[0]][0]], y[sum(sizes)], meta, layer, mids, sizes)
+
+                # correctness: one eager pass from y0 compared across variants
+                run(PER_PROJ)
+                torch.cuda.synchronize()
+                got = torch.cat([y[w].float().flatten() for w in sorted(y)])
+                if ref is None:
+                    ref, err = got, 0.0
+                else:
+                    err = float((got - ref).norm() / ref.norm())
+                row = {"rel_diff_vs_first": err}
+                for name, groups in (("per_proj_us", PER_PROJ), ("fused_us", FUSED)):
+                    g, _ = capture(lambda: (run(groups), None)[1])
+                    row[name] = events(g.replay) * 1e6
+                    del g
+                res["cases"][f"T{batch}/{vname}"] = row
+                print(f"T={batch:3d} {vname:12s} {row}", flush=True)
+            finally:
+                for k, v in old.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
+    with open(args.out, "w") as f:
+        f.write(json.dumps(res, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
