@@ -242,25 +242,6 @@ __device__ void expand_flat(const ExpandArgs& p) {
     }
 }
 
-template <bool BF16>
-__device__ __forceinline__ void mma_16816(float c[4], const u32 a[4], const u32 b[2]);
-template <>
-__device__ __forceinline__ void mma_16816<true>(float c[4], const u32 a[4], const u32 b[2]) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-template <>
-__device__ __forceinline__ void mma_16816<false>(float c[4], const u32 a[4], const u32 b[2]) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-
 #define EXPAND_OTILE 64
 #define EXPAND_PITCH (EXPAND_MAX_RANK + 8)  // halves: 272 bytes a row, conflict-free fragments
 
@@ -340,7 +321,7 @@ __device__ void expand_tile(const ExpandArgs& p) {
                     u32 bf[2];
                     bf[0] = *reinterpret_cast<const u32*>(&bs[ob][kk + tq * 2]);
                     bf[1] = *reinterpret_cast<const u32*>(&bs[ob][kk + tq * 2 + 8]);
-                    mma_16816<BF16>(acc[i], af, bf);
+                    mma16816<BF16>(acc[i], af, bf);
                 }
             }
         }
