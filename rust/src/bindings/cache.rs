@@ -6,9 +6,9 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
 use crate::bindings::errors::IntoPyResult;
-use crate::bindings::format::{weights_view, PyModelSpec};
+use crate::bindings::format::{adapter_arrays, PyModelSpec};
 use crate::cache::{self, CacheConfig, Copier, CudaCopier, HostMemcpy, PoolRegion, PutOutcome, SlotTable, StatValue, TwoLevelCache};
-use crate::format::{self, ValidateOptions, WeightsDtype};
+use crate::format::{ValidateOptions, WeightsDtype};
 
 #[pyclass(name = "AdapterCache", module = "loramux._core", frozen)]
 pub struct PyAdapterCache {
@@ -69,8 +69,7 @@ impl PyAdapterCache {
         config_shape: Vec<usize>,
         replace: bool,
     ) -> PyResult<&'static str> {
-        let weights = weights_view(raw_weights.as_slice()?, dtype, weights_shape)?;
-        let rows = format::config_rows(&config_shape, config.as_slice()?).py()?;
+        let (weights, rows) = adapter_arrays(raw_weights.as_slice()?, dtype, weights_shape, config.as_slice()?, &config_shape)?;
         let outcome = py.detach(|| self.inner.put(task_id, &weights, &rows, replace)).py()?;
         Ok(match outcome {
             PutOutcome::Inserted => "inserted",

@@ -92,9 +92,18 @@ impl PyModelSpec {
 /// One validated row: (module_id, layer, rank, hi, ho, is_dora).
 type RowTuple = (u32, usize, usize, usize, usize, bool);
 
-pub fn weights_view<'a>(raw: &'a [u8], dtype: &str, shape: Vec<usize>) -> PyResult<WeightsView<'a>> {
+/// The (weights, config) pair as the core reads it: a borrowed weights view and normalized config rows.
+pub fn adapter_arrays<'a>(
+    raw: &'a [u8],
+    dtype: &str,
+    weights_shape: Vec<usize>,
+    config: &[i64],
+    config_shape: &[usize],
+) -> PyResult<(WeightsView<'a>, Vec<format::ConfigRow>)> {
     let dtype = WeightsDtype::from_name(dtype).py()?;
-    WeightsView::new(dtype, &shape, raw).py()
+    let weights = WeightsView::new(dtype, &weights_shape, raw).py()?;
+    let rows = format::config_rows(config_shape, config).py()?;
+    Ok((weights, rows))
 }
 
 /// Validates (weights, config) against `spec`; returns the row layouts or raises LoraFormatError.
@@ -112,9 +121,7 @@ fn validate(
     dora_allowed: bool,
     check_finite: bool,
 ) -> PyResult<Vec<RowTuple>> {
-    let raw = raw_weights.as_slice()?;
-    let weights = weights_view(raw, dtype, weights_shape)?;
-    let rows = format::config_rows(&config_shape, config.as_slice()?).py()?;
+    let (weights, rows) = adapter_arrays(raw_weights.as_slice()?, dtype, weights_shape, config.as_slice()?, &config_shape)?;
     let core = spec.core();
     let opts = ValidateOptions { dora_allowed, check_finite };
     let layout = py.detach(|| format::validate(&weights, &rows, &core, opts)).py()?;
@@ -136,9 +143,7 @@ fn pack<'py>(
     spec: &PyModelSpec,
     out_dtype: &str,
 ) -> PyResult<(Bound<'py, PyArray1<u8>>, Vec<(usize, usize, usize)>)> {
-    let raw = raw_weights.as_slice()?;
-    let weights = weights_view(raw, dtype, weights_shape)?;
-    let rows = format::config_rows(&config_shape, config.as_slice()?).py()?;
+    let (weights, rows) = adapter_arrays(raw_weights.as_slice()?, dtype, weights_shape, config.as_slice()?, &config_shape)?;
     let out_dtype = WeightsDtype::from_name(out_dtype).py()?;
     let core = spec.core();
     let (buf, offsets) = py

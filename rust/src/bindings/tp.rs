@@ -4,7 +4,7 @@ use numpy::{PyArray1, PyReadonlyArray1};
 use pyo3::prelude::*;
 
 use crate::bindings::errors::IntoPyResult;
-use crate::bindings::format::{weights_view, PyModelSpec};
+use crate::bindings::format::{adapter_arrays, PyModelSpec};
 use crate::format;
 use crate::tp::{self, ParallelLayout};
 
@@ -43,9 +43,7 @@ fn tp_slice_adapter<'py>(
     tp_rank: usize,
     layers: Option<(usize, usize)>,
 ) -> PyResult<(Bound<'py, PyArray1<u8>>, usize, usize, Vec<i64>, PyModelSpec)> {
-    let raw = raw_weights.as_slice()?;
-    let weights = weights_view(raw, dtype, weights_shape)?;
-    let rows = format::config_rows(&config_shape, config.as_slice()?).py()?;
+    let (weights, rows) = adapter_arrays(raw_weights.as_slice()?, dtype, weights_shape, config.as_slice()?, &config_shape)?;
     let core = spec.core();
     let lay = layout(tp_size, tp_rank, layers);
     let sliced = py.detach(|| tp::slice_adapter(&weights, &rows, &core, &lay)).py()?;
