@@ -11,6 +11,7 @@ from torch import nn
 from loramux import spec as hfspec
 from loramux.errors import LoraError, LoraFormatError
 from loramux.models.engine import Engine
+from loramux.models.siblings import group_siblings
 from loramux.models.targets import match_targets, spec_from_config
 from loramux.models.wrappers import LoraExperts, LoraLinear, LoraRouter
 
@@ -43,21 +44,28 @@ def _wrap(target, layer: nn.Module, spec, engine) -> nn.Module:
     return LoraLinear(layer, engine, target.layer, target.slices, sizes, conv1d=not isinstance(layer, nn.Linear))
 
 
-def attach_layers(model: nn.Module, spec, cache, dtype: torch.dtype, device: torch.device) -> Engine:
-    """Wraps every target layer of `model` (loramux.spec's table, via models/targets.py); the layers read `cache`'s slots."""
+def attach_layers(model: nn.Module, spec, cache, dtype: torch.dtype, device: torch.device,
+                  fuse_siblings: bool = True) -> Engine:
+    """Wraps every target layer of `model` (loramux.spec's table, via models/targets.py); the layers read `cache`'s slots.
+    `fuse_siblings`: projections that read one input (q|k|v, gate|up) share one multi-slice LoRA launch."""
     if any(isinstance(m, _WRAPPERS) for m in model.modules()):
         raise LoraError("this model already has loramux layers attached; detach() first")
     engine = Engine(model, spec, cache, dtype, device, restore=[])
-    restore = []
+    restore, linears = [], []
     for target in match_targets(model):
         parent_name, _, attr = target.name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         original = getattr(parent, attr)
-        setattr(parent, attr, _wrap(target, original, spec, engine))
+        wrapper = _wrap(target, original, spec, engine)
+        setattr(parent, attr, wrapper)
         restore.append((parent, attr, original))
+        if isinstance(wrapper, LoraLinear):
+            linears.append((parent_name, wrapper))
     if not restore:
         raise LoraFormatError(f"no LoRA target layers found in this {model.config.model_type} model")
     engine._restore = restore
+    engine.sibling_groups = group_siblings(linears, engine)
+    engine.fuse_siblings = fuse_siblings
     return engine
 
 
@@ -69,12 +77,15 @@ def attach(
     device_cache_bytes: Optional[int] = None,
     max_slots: int = 64,
     page_bytes: int = 64 << 10,
+    fuse_siblings: bool = True,
 ) -> Engine:
     """Makes `model` serve per-row LoRA adapters; returns its Engine (engine.cache holds adapters).
 
     The cache keeps adapters in the model's dtype on the model's device: a GPU model gets a device
     tier of `device_cache_bytes` (or `device_cache_fraction` of free GPU memory); a CPU model a
     host-memory "device" tier. The device tier is carved into pages of `page_bytes`.
+    With `fuse_siblings` (default), projections HF calls on one input (q|k|v, gate|up) get their
+    LoRA from one multi-slice launch; False keeps one launch per projection (same results).
     """
     from loramux.cache import LoraCache
 
@@ -91,7 +102,7 @@ def attach(
         max_slots=max_slots,
         page_bytes=page_bytes,
     )
-    return attach_layers(model, spec, cache, param.dtype, device)
+    return attach_layers(model, spec, cache, param.dtype, device, fuse_siblings=fuse_siblings)
 
 
 def detach(engine: Engine) -> nn.Module:

@@ -28,6 +28,10 @@ class Engine:
         self._metas: Dict[int, BatchMeta] = {}
         self._used: List[List[bool]] = []
         self._in_batch = False
+        # q|k|v and gate|up siblings computed by one multi-slice lora_apply (models/siblings.py);
+        # False: one lora_apply per projection (same results, for A/B runs)
+        self.fuse_siblings = True
+        self.sibling_groups: list = []
 
     @property
     def max_rank(self) -> int:
@@ -40,6 +44,7 @@ class Engine:
         if slots.numel() == 0:
             raise LoraError("a batch needs at least one row")
         self._metas = {}
+        self._drop_sibling_outputs()
         if bool((slots < 0).all()):
             self._slot_of_row = None  # no adapter anywhere: the layers run the base model untouched
             return
@@ -54,6 +59,11 @@ class Engine:
     def clear_batch(self) -> None:
         self._slot_of_row = self._table = self._pool = None
         self._metas = {}
+        self._drop_sibling_outputs()
+
+    def _drop_sibling_outputs(self) -> None:
+        for group in self.sibling_groups:
+            group.clear()
 
     @contextmanager
     def batch(self, task_ids: Sequence[Optional[int]]) -> Iterator[List[int]]:
@@ -106,4 +116,5 @@ class Engine:
             setattr(parent, attr, original)
         self._restore = []
         self.clear_batch()
+        self.sibling_groups = []
         return self.model

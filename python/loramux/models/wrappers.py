@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loramux.ops import lora_apply
+from loramux import ops  # ops.lora_apply looked up per call (a counting wrapper in tests sees it)
 
 
 class _Wrapper(nn.Module):
@@ -39,8 +39,15 @@ class LoraLinear(_Wrapper):
         self.slice_sizes = [tuple(s) for s in slice_sizes]
         self.conv1d = conv1d  # GPT-2 Conv1D keeps its weight as [in, out]
         object.__setattr__(self, "_engine", engine)  # not a submodule: the engine is not part of the model
+        # set by models/siblings.py when q|k|v or gate|up siblings share one fused LoRA launch
+        self.sibling = None
+        self.sibling_index = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sibling is not None:
+            fused = self.sibling.output_for(self.sibling_index, x)
+            if fused is not None:
+                return fused
         meta = self._engine.meta_for(x)
         used = self._engine.used_slices(self.layer, self.slices) if meta is not None else []
         if not used:
@@ -51,7 +58,7 @@ class LoraLinear(_Wrapper):
         y = x2 @ w if self.conv1d else F.linear(x2, w)
         for ids, sizes in zip(self.slices, self.slice_sizes):
             if ids in used:
-                lora_apply(x2, y, meta, self.layer, ids, sizes)
+                ops.lora_apply(x2, y, meta, self.layer, ids, sizes)
         if self.base.bias is not None:
             y = y + self.base.bias
         return y.view(*lead, y.shape[-1])
@@ -85,7 +92,7 @@ class LoraRouter(_Wrapper):
             return self.base(hidden_states)
         x = hidden_states.reshape(-1, self.base.weight.shape[1])
         logits = F.linear(x, self.base.weight)
-        lora_apply(x, logits, meta, self.layer, [self.module_id], [self.num_experts])
+        ops.lora_apply(x, logits, meta, self.layer, [self.module_id], [self.num_experts])
         return _route(self.base, logits)
 
 
@@ -121,12 +128,12 @@ class LoraExperts(_Wrapper):
             x = hidden_states[token_idx]
             gate_up = F.linear(x, base.gate_up_proj[expert])
             if gate_up_used:
-                lora_apply(x, gate_up, sub, self.layer, self.gate_up_ids, [f, f])
+                ops.lora_apply(x, gate_up, sub, self.layer, self.gate_up_ids, [f, f])
             gate, up = gate_up.chunk(2, dim=-1)
             inner = base.act_fn(gate) * up
             y = F.linear(inner, base.down_proj[expert])
             if down_used:
-                lora_apply(inner, y, sub, self.layer, [self.down_id], [h])
+                ops.lora_apply(inner, y, sub, self.layer, [self.down_id], [h])
             y = y * top_k_weights[token_idx, k_pos, None]
             out.index_add_(0, token_idx, y.to(out.dtype))
         return out

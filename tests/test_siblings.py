@@ -1,0 +1,167 @@
+"""Sibling fusion (models/siblings.py): q|k|v and gate|up take their LoRA from one multi-slice
+lora_apply per layer, and the logits equal the per-projection path's and PEFT's (plain, DoRA,
+biased, partial targets, no-adapter rows, generate with a KV cache, autograd on)."""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+
+import pytest
+import torch
+
+import loramux as lm
+from loramux import ops
+from test_dora import ADAPTERS as DORA_ADAPTERS
+from test_dora import ROWS as DORA_ROWS
+from test_dora import _input_ids as dora_input_ids
+from test_dora import _peft_rows as dora_peft_rows
+from test_dora import peft_setup  # noqa: F401 - the module-scoped DoRA fixture
+from test_models import _attach, _build, _inputs, _peft_rows
+
+Q, K, V, O, UP, DOWN, GATE = 1, 2, 3, 4, 5, 6, 7
+
+
+@pytest.fixture
+def applies(monkeypatch):
+    """Every ops.lora_apply call of the models layer as (layer, module ids), still computed for real."""
+    calls = []
+    real = ops.lora_apply
+
+    def counting(x, y, meta, layer, module_ids, out_sizes):
+        calls.append((layer, tuple(module_ids)))
+        real(x, y, meta, layer, module_ids, out_sizes)
+
+    monkeypatch.setattr(ops, "lora_apply", counting)
+    return calls
+
+
+def _both_paths(arch, tmp_path, row_of):
+    """(fused engine + model, unfused engine + model, PeftModel, names) over one random model."""
+    ours, peft_model, names, formats = _build(arch, torch.float32, tmp_path)
+    other = copy.deepcopy(ours)
+    fused = _attach(ours, names, formats)
+    unfused = _attach(other, names, formats, fuse_siblings=False)
+    rows = [None if n is None else names.index(n) for n in row_of(names)]
+    return (fused, ours), (unfused, other), peft_model, rows, row_of(names)
+
+
+def _logits(engine, model, rows, inputs, calls):
+    start = len(calls)
+    with torch.no_grad(), engine.batch(rows):
+        logits = model(**inputs).logits
+    return logits, Counter(calls[start:])
+
+
+def test_llama_fuses_qkv_and_gate_up_and_matches_unfused_and_peft(applies, tmp_path):
+    # a0: q, v (r 4); a1: all 7 (r 8, rsLoRA); a2: down of layer 1 only; a None row
+    (fused, ours), (unfused, other), peft_model, rows, names = _both_paths(
+        "llama", tmp_path, lambda n: [n[0], None, n[1], n[2], n[0]])
+    inputs = _inputs(ours, len(rows))
+    got, fused_calls = _logits(fused, ours, rows, inputs, applies)
+    plain, unfused_calls = _logits(unfused, other, rows, inputs, applies)
+    layers = ours.config.num_hidden_layers
+    assert fused_calls == Counter({(l, ids): 1 for l in range(layers) for ids in [(Q, K, V), (O,), (GATE, UP), (DOWN,)]})
+    assert unfused_calls == Counter({(l, (m,)): 1 for l in range(layers) for m in (Q, K, V, O, GATE, UP, DOWN)})
+    torch.testing.assert_close(got, plain, rtol=1e-6, atol=1e-6 * plain.abs().max().item())
+    with torch.no_grad():
+        want = _peft_rows(peft_model, names, lambda m: m(**inputs).logits)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def test_generate_with_kv_cache_fuses_every_step_and_matches_peft(applies, tmp_path):
+    (fused, ours), (unfused, other), peft_model, rows, names = _both_paths(
+        "llama", tmp_path, lambda n: [n[1], None, n[0], n[1]])
+    ids = _inputs(ours, len(rows))["input_ids"]
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        with fused.batch(rows):
+            got = ours.generate(input_ids=ids, **kw)
+        steps = [c for c in applies if c[1] == (Q, K, V)]
+        with unfused.batch(rows):
+            plain = other.generate(input_ids=ids, **kw)
+        want = _peft_rows(peft_model, names, lambda m: m.generate(input_ids=ids, **kw))
+    assert len(steps) == 4 * ours.config.num_hidden_layers  # prefill + 3 decode steps, each layer fused
+    assert torch.equal(got, plain) and torch.equal(got, want)
+
+
+def test_one_used_sibling_keeps_the_per_projection_path(applies, tmp_path):
+    # mistral's adapter targets v, gate and down: q|k|v and gate|up each have one used slice
+    (fused, ours), (_, other), peft_model, rows, names = _both_paths("mistral", tmp_path, lambda n: [n[0], None])
+    inputs = _inputs(ours, len(rows))
+    got, calls = _logits(fused, ours, rows, inputs, applies)
+    assert {ids for _, ids in calls} == {(V,), (GATE,), (DOWN,)}
+    with torch.no_grad():
+        want = _peft_rows(peft_model, names, lambda m: m(**inputs).logits)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("arch, fused_ids", [("qwen2", {(Q, K, V)}), ("qwen2_moe", {(GATE, UP)}), ("bart", {(Q, K, V), (10, 11)})])
+def test_other_architectures_fuse_and_match_peft(applies, tmp_path, arch, fused_ids):
+    (fused, ours), (unfused, other), peft_model, rows, names = _both_paths(
+        arch, tmp_path, lambda n: [n[0], None, *n[1:]])
+    inputs = _inputs(ours, len(rows))
+    got, calls = _logits(fused, ours, rows, inputs, applies)
+    plain, _ = _logits(unfused, other, rows, inputs, applies)
+    assert fused_ids <= {ids for _, ids in calls}
+    torch.testing.assert_close(got, plain, rtol=1e-6, atol=1e-6 * plain.abs().max().item())
+    with torch.no_grad():
+        want = _peft_rows(peft_model, names, lambda m: m(**inputs).logits)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def test_dora_rows_fused_match_unfused_and_peft(applies, peft_setup):  # noqa: F811
+    base, peft_model, converted, _ = peft_setup
+    ids = dora_input_ids()
+    task = {name: i + 1 for i, name in enumerate(DORA_ADAPTERS)}
+    rows = [None if n is None else task[n] for n in DORA_ROWS]
+    outs = {}
+    for fuse in (True, False):
+        model = copy.deepcopy(base)  # biases on every projection: added after each slice's DoRA scale
+        engine = lm.attach(model, max_rank=8, host_cache_bytes=16 << 20, device_cache_bytes=8 << 20, fuse_siblings=fuse)
+        for name, (w, c) in converted.items():
+            engine.cache.put(task[name], w, c)
+        outs[fuse], calls = _logits(engine, model, rows, dict(input_ids=ids), applies)
+        assert ((0, (Q, K, V)) in calls) == fuse
+    want = dora_peft_rows(peft_model, ids)
+    torch.testing.assert_close(outs[True], outs[False], rtol=1e-6, atol=1e-6 * want.abs().max().item())
+    torch.testing.assert_close(outs[True], want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def test_autograd_path_gives_the_same_logits_and_gradients_flow(tmp_path):
+    (fused, ours), (unfused, other), _, rows, _ = _both_paths("llama", tmp_path, lambda n: [n[1], n[0]])
+    inputs = _inputs(ours, len(rows))
+    with fused.batch(rows):
+        tracked = ours(**inputs).logits  # grad on: the siblings' base outputs are concatenated
+    with torch.no_grad(), fused.batch(rows):
+        untracked = ours(**inputs).logits  # no grad: written in place into one buffer
+    assert tracked.requires_grad
+    tracked.sum().backward()
+    assert ours.model.layers[0].self_attn.k_proj.base.weight.grad is not None
+    torch.testing.assert_close(tracked.detach(), untracked, rtol=1e-6, atol=1e-6 * untracked.abs().max().item())
+
+
+def test_a_sibling_called_with_another_input_falls_back(tmp_path):
+    (fused, ours), (unfused, other), _, rows, _ = _both_paths("llama", tmp_path, lambda n: [n[1], n[0]])
+    gen = torch.Generator().manual_seed(5)
+    x1, x2 = (torch.randn(len(rows), 3, ours.config.hidden_size, generator=gen) for _ in range(2))
+    attn, attn_ref = ours.model.layers[0].self_attn, other.model.layers[0].self_attn
+    group = attn.q_proj.sibling
+    with torch.no_grad(), fused.batch(rows), unfused.batch(rows):
+        q = attn.q_proj(x1)
+        k = attn.k_proj(x2)  # not q's input: its own path, and the group stops fusing
+        v = attn.v_proj(x1)
+        assert not group.fusable
+        for got, proj, x in ((q, "q_proj", x1), (k, "k_proj", x2), (v, "v_proj", x1)):
+            want = getattr(attn_ref, proj)(x)
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6 * want.abs().max().item())
+
+
+def test_outputs_not_taken_are_dropped_with_the_batch(tmp_path):
+    (fused, ours), _, _, rows, _ = _both_paths("llama", tmp_path, lambda n: [n[1]])
+    x = torch.randn(1, 2, ours.config.hidden_size)
+    group = ours.model.layers[0].mlp.gate_proj.sibling
+    with torch.no_grad(), fused.batch(rows):
+        ours.model.layers[0].mlp.gate_proj(x)
+        assert group._pending is not None  # up_proj's slice waits
+    assert group._pending is None and group.fusable
