@@ -1,6 +1,8 @@
 """Decode step of a Llama-8B-shaped model (4 layers, random weights, bf16) at batch 32 with 32
 distinct adapters of rank 16 on all 7 projections, through loramux.attach's layers and the CUDA
 kernels: base step, LoRA step, LoRA overhead vs its bytes floor, and PEFT on the same batch.
+The LoRA step runs attach's fused siblings (q|k|v and gate|up: 4 lora_apply per layer); the same
+step with one apply per projection (fuse_siblings off: 7 per layer) is timed beside it.
 Also checks the LoRA logits against PEFT's and replays the captured graph with new adapter
 mappings (more and fewer distinct adapters, rows without one) against eager results.
 
@@ -117,6 +119,44 @@ def ops_only(ad, spec):
     return out
 
 
+def applies_per_step(step):
+    """How many lora_apply calls (and of how many slices) one eager step issues."""
+    calls = []
+    real = ops.lora_apply
+
+    def counting(x, y, meta, layer, module_ids, out_sizes):
+        calls.append(len(module_ids))
+        real(x, y, meta, layer, module_ids, out_sizes)
+
+    ops.lora_apply = counting
+    try:
+        step()
+    finally:
+        ops.lora_apply = real
+    return dict(applies=len(calls), slices=sum(calls))
+
+
+def unfused_step(engine, step, slots0, ad, fused_logits):
+    """The same LoRA step with one lora_apply per projection (attach(..., fuse_siblings=False)):
+    graphed time, applies per step, and its logits against the fused path's."""
+    out = {"applies_per_step": applies_per_step(step)}
+    engine.fuse_siblings = False
+    engine.set_batch(slots0, ad.table, ad.pool)
+    out["applies_per_step_unfused"] = applies_per_step(step)
+    unfused = step().float()
+    out["fused_vs_unfused_rel"] = float((fused_logits - unfused).norm() / unfused.norm())
+    try:
+        engine.set_batch(slots0, ad.table, ad.pool)
+        g, _ = capture(step, lambda: setattr(engine, "_metas", {}))
+        out["lora_unfused_us"] = events(g.replay) * 1e6
+        del g
+    except Exception as e:  # noqa: BLE001
+        out["lora_unfused_capture_error"] = repr(e)[:300]
+    engine.fuse_siblings = True
+    engine.set_batch(slots0, ad.table, ad.pool)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="decode.json")
@@ -205,6 +245,12 @@ def main():
             errs.append(float((got - want).norm() / (want - base_logits).norm()) if base_logits is not None
                         else float((got - want).norm() / want.norm()))
         res["graph_replay_rel_err"] = errs
+
+    # after the replay check: it writes the slot tensor g_lora captured, which set_batch replaces
+    res.update(unfused_step(engine, step, slots0, ad, eager))
+    if "lora_unfused_us" in res:
+        res["overhead_unfused_us"] = res["lora_unfused_us"] - t_base * 1e6
+        res["overhead_unfused_over_floor"] = res["overhead_unfused_us"] / res["lora_floor_us"]
 
     # PEFT on the same batch and the same adapters (scaling 1: lora_alpha = r)
     try:

@@ -10,7 +10,7 @@ export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi -L
 python3 -c "import loramux, loramux.kernels as k, torch, transformers, peft; print(loramux.__file__, 'kernels', k.available(), torch.__version__, transformers.__version__, peft.__version__)"
-timeout ${TEST_S:-140} python3 -m pytest -q -m gpu tests/test_ops.py tests/test_models.py tests/test_runtime.py \
+timeout ${TEST_S:-140} python3 -m pytest -q -m gpu tests/test_ops.py tests/test_models.py tests/test_runtime.py tests/test_siblings.py \
   -p no:cacheprovider 2>&1 | tee "$OUT/gpu_models_tests.log" | tail -40
 timeout ${BENCH_S:-120} python3 benchmarks/model_generate.py --repeats 2 $BENCH_ARGS 2>&1 | grep -v -i warn \
   | tee "$OUT/model_generate.log"

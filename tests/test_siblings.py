@@ -165,3 +165,38 @@ def test_outputs_not_taken_are_dropped_with_the_batch(tmp_path):
         ours.model.layers[0].mlp.gate_proj(x)
         assert group._pending is not None  # up_proj's slice waits
     assert group._pending is None and group.fusable
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_siblings_on_cuda_match_unfused_and_replay_in_a_cuda_graph(applies, tmp_path):
+    ours, _, names, formats = _build("llama", torch.bfloat16, tmp_path, "cuda")
+    other = copy.deepcopy(ours)
+    fused = _attach(ours, names, formats)
+    unfused = _attach(other, names, formats, fuse_siblings=False)
+    rows = [1, None, 0, 1, 2]
+    ids = _inputs(ours, len(rows), seq=1)["input_ids"]  # a decode-shaped step: one token a row
+    with torch.no_grad():
+        base = ours(input_ids=ids, use_cache=False).logits.float()
+        with fused.batch(rows):
+            step = lambda: ours(input_ids=ids, use_cache=False).logits  # noqa: E731
+            eager = step().float()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up off the capture stream, as torch asks
+                step()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = step()
+            graph.replay()
+            torch.cuda.synchronize()
+            graphed = out.float()
+        with unfused.batch(rows):
+            plain = other(input_ids=ids, use_cache=False).logits.float()
+    assert (0, (Q, K, V)) in applies and (0, (GATE, UP)) in applies
+    scale = plain.abs().max().item()
+    lora_term = (plain - base).abs().max().item()
+    assert lora_term > 1e-2 * scale  # the adapters change the output
+    torch.testing.assert_close(graphed, eager, rtol=0, atol=1e-3 * scale)
+    torch.testing.assert_close(eager, plain, rtol=0, atol=2e-2 * scale)  # bf16: summation order only
