@@ -128,6 +128,15 @@ def test_dora_rows_fused_match_unfused_and_peft(applies, peft_setup):  # noqa: F
     torch.testing.assert_close(outs[True], want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
+def test_inference_mode_fuses_and_matches_no_grad(applies, tmp_path):
+    (fused, ours), _, _, rows, _ = _both_paths("llama", tmp_path, lambda n: [n[1], None])
+    inputs = _inputs(ours, len(rows))
+    with torch.inference_mode(), fused.batch(rows):  # inference tensors keep no version counter
+        got = ours(**inputs).logits
+    want, calls = _logits(fused, ours, rows, inputs, applies)
+    assert (0, (Q, K, V)) in calls and torch.equal(got, want)
+
+
 def test_autograd_path_gives_the_same_logits_and_gradients_flow(tmp_path):
     (fused, ours), (unfused, other), _, rows, _ = _both_paths("llama", tmp_path, lambda n: [n[1], n[0]])
     inputs = _inputs(ours, len(rows))

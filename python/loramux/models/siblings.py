@@ -29,10 +29,15 @@ class _Pending(NamedTuple):
     """The outputs computed for one input, until every sibling has taken its own."""
 
     x: torch.Tensor
-    version: int  # x._version when computed: an in-place change to x is another input
+    version: Optional[int]  # x._version when computed: an in-place change to x is another input
     meta: object  # the BatchMeta they were computed under (a new batch or token count is another)
     outputs: List[torch.Tensor]
     left: frozenset  # member indices that have not taken their output yet
+
+
+def _version_of(x: torch.Tensor) -> Optional[int]:
+    """x's in-place version counter; None for inference-mode tensors, which keep none."""
+    return None if x.is_inference() else x._version
 
 
 class SiblingGroup:
@@ -66,7 +71,7 @@ class SiblingGroup:
             return None
         pending = self._pending
         if pending is not None and pending.meta is meta:
-            same_input = pending.x is x and pending.version == x._version
+            same_input = pending.x is x and pending.version == _version_of(x)
             if same_input and index in pending.left:
                 left = pending.left - {index}
                 self._pending = pending._replace(left=left) if left else None
@@ -78,7 +83,7 @@ class SiblingGroup:
                 return None
         outputs = self._compute(x, meta)
         left = frozenset(range(len(self.members))) - {index}
-        self._pending = _Pending(x, x._version, meta, outputs, left) if left else None
+        self._pending = _Pending(x, _version_of(x), meta, outputs, left) if left else None
         return outputs[index]
 
     def _compute(self, x: torch.Tensor, meta) -> List[torch.Tensor]:
