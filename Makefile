@@ -17,6 +17,8 @@ install: deps
 
 test-rust:
 	cargo test --locked --lib --tests
+	# the criterion benchmarks must keep compiling (run them with `cargo bench`)
+	cargo bench --locked --no-run
 
 test-python: install
 	$(PYTHON) -m pytest -q tests
