@@ -55,7 +55,8 @@ def _used_bytes(config: np.ndarray, spec, elem: int) -> int:
 
 
 def _hbm_read_gbs() -> float:
-    """Device-to-device copy bandwidth (bytes read per second) on this GPU, as the bytes ceiling."""
+    """Device-to-device copy bandwidth on this GPU, bytes read plus bytes written per second (as
+    benchmarks/ops.py and decode_step.py count it): the ceiling for the LoRA weights' reads."""
     src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     for _ in range(3):
@@ -66,7 +67,7 @@ def _hbm_read_gbs() -> float:
         dst.copy_(src)
     end.record()
     torch.cuda.synchronize()
-    return 10 * src.numel() / (start.elapsed_time(end) / 1e3) / 1e9
+    return 10 * 2 * src.numel() / (start.elapsed_time(end) / 1e3) / 1e9
 
 
 def _time_ms(step, iters: int, warmup: int) -> float:
