@@ -54,7 +54,7 @@ def _used_bytes(config: np.ndarray, spec, elem: int) -> int:
     return total
 
 
-def _hbm_read_gbs() -> float:
+def _copy_gbs() -> float:
     """Device-to-device copy bandwidth on this GPU, bytes read plus bytes written per second (as
     benchmarks/ops.py and decode_step.py count it): the ceiling for the LoRA weights' reads."""
     src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
@@ -141,13 +141,13 @@ def _worker(rank: int, tp: int, port: int, out_path: str, args) -> None:
     with_lora = [i % args.adapters for i in range(args.batch)]
     base = _step_ms(shard, ids, [None] * args.batch, args)
     lora = _step_ms(shard, ids, with_lora, args)
-    gbs = _hbm_read_gbs()
+    gbs = _copy_gbs()
     read_bytes = slice_bytes * len(set(with_lora))  # each adapter's slice is read once per step
     floor_ms = read_bytes / (gbs * 1e9) * 1e3
     if rank == 0:
         row = dict(tp=tp, layers=args.layers, batch=args.batch, adapters=len(set(with_lora)), rank=args.rank,
                    adapter_bytes_per_rank=slice_bytes, lora_bytes_read_per_rank=read_bytes,
-                   hbm_read_gbs=round(gbs, 1), lora_floor_ms=round(floor_ms, 3),
+                   copy_gbs=round(gbs, 1), lora_floor_ms=round(floor_ms, 3),
                    gpu=torch.cuda.get_device_name(), kernels=_kernels_in_use())
         for mode in ("eager", "graph"):
             if mode in base and mode in lora:
