@@ -288,3 +288,23 @@ def test_next_batch_never_evicts_the_running_batch(llama, tokenizer):
         assert all(r.token_ids == _tokens_of(peft_model, tokenizer, 10 + t, names[1]) for t, r in enumerate(results))
     finally:
         engine.detach()
+
+
+def test_split_batch_keeps_its_second_half_cached_while_admitting_the_next(llama, tokenizer):
+    """A batch split by the device tier (one slot) with a host tier of two adapters: the next batch's
+    adapter is admitted only while the last part runs, so it never evicts the part still waiting."""
+    ours, peft_model, names, formats = llama
+    probe = _attach(ours)
+    probe.cache.put(0, *formats[1])
+    one = probe.cache.stats()["host_bytes"]
+    probe.detach()
+    engine = _attach(ours, host_cache_bytes=2 * one, max_slots=1)
+    try:
+        ex = lm.Executor(engine, tokenizer, max_batch_size=2)
+        for t in (0, 1, 2):
+            ex.submit(lm.Request(_prompt(70 + t), max_new_tokens=2, lora=lm.LoraConfig(t, *formats[1])))
+        results = ex.run()
+        assert all(r.ok for r in results), [r.error for r in results]
+        assert all(r.token_ids == _tokens_of(peft_model, tokenizer, 10 + t, names[1]) for t, r in enumerate(results))
+    finally:
+        engine.detach()

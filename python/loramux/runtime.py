@@ -168,13 +168,15 @@ class Executor:
             runnable.append(i)
         return runnable
 
-    def _run_fitting(self, ids: List[int], queue, results, progress) -> None:
+    def _run_fitting(self, ids: List[int], queue, results, progress, admit_next: bool = True) -> None:
         """Runs `ids` as one batch, or splits it in two (by distinct adapters) if the device tier
-        cannot hold its adapters at once."""
+        cannot hold its adapters at once. Only the last part admits the next batch: admitted
+        earlier, its puts could evict (host tier) the adapters of a part still waiting to run."""
         task_ids = [queue[i].lora.task_id if queue[i].lora else None for i in ids]
         try:
             with self.engine.batch(task_ids):
-                self._admit_upcoming()
+                if admit_next:
+                    self._admit_upcoming()
                 self._generate(ids, queue, results, progress)
             return
         except LoraCacheFullError as err:
@@ -185,11 +187,13 @@ class Executor:
                     if t is not None:
                         results[i].error = err
                 if plain:
-                    self._run_fitting(plain, queue, results, progress)
+                    self._run_fitting(plain, queue, results, progress, admit_next)
                 return
             first = set(distinct[: len(distinct) // 2])
-            self._run_fitting([i for i, t in zip(ids, task_ids) if t is None or t in first], queue, results, progress)
-            self._run_fitting([i for i, t in zip(ids, task_ids) if t is not None and t not in first], queue, results, progress)
+            self._run_fitting([i for i, t in zip(ids, task_ids) if t is None or t in first], queue, results, progress,
+                              admit_next=False)
+            self._run_fitting([i for i, t in zip(ids, task_ids) if t is not None and t not in first], queue, results,
+                              progress, admit_next)
         except LoraError as err:  # anything else loramux refuses fails this batch's requests only
             for i in ids:
                 results[i].error = err
