@@ -308,3 +308,24 @@ def test_split_batch_keeps_its_second_half_cached_while_admitting_the_next(llama
         assert all(r.token_ids == _tokens_of(peft_model, tokenizer, 10 + t, names[1]) for t, r in enumerate(results))
     finally:
         engine.detach()
+
+
+def test_adapter_evicted_by_its_own_batch_gets_a_host_tier_error(llama, tokenizer):
+    """A host tier of one adapter and a batch carrying two: the first is evicted by the second's
+    put; its request fails with LoraCacheFullError naming the host tier (not "not cached")."""
+    ours, peft_model, names, formats = llama
+    probe = _attach(ours)
+    probe.cache.put(0, *formats[1])
+    one = probe.cache.stats()["host_bytes"]
+    probe.detach()
+    engine = _attach(ours, host_cache_bytes=one)
+    try:
+        ex = lm.Executor(engine, tokenizer, max_batch_size=2)
+        for t in (0, 1):
+            ex.submit(lm.Request(_prompt(70 + t), max_new_tokens=2, lora=lm.LoraConfig(t, *formats[1])))
+        evicted, kept = ex.run()
+        assert isinstance(evicted.error, LoraCacheFullError) and "host" in str(evicted.error), evicted.error
+        assert evicted.error.task_id == 0
+        assert kept.ok and kept.token_ids == _tokens_of(peft_model, tokenizer, 11, names[1])
+    finally:
+        engine.detach()

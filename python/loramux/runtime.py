@@ -142,11 +142,14 @@ class Executor:
         full host tier returns None instead (the caller admits the batch again later)."""
         cache = self.engine.cache
         errors: Dict[int, LoraError] = {}
+        # ids this batch had in the host tier: one missing after the puts was evicted by them
+        held = {queue[i].lora.task_id for i in ids if queue[i].lora is not None and queue[i].lora.task_id in cache}
         for i in ids:
             lora = queue[i].lora
             if lora is not None and lora.carries_weights:
                 try:
                     cache.put(lora.task_id, lora.weights, lora.config)
+                    held.add(lora.task_id)
                 except LoraCacheFullError as err:
                     if defer_when_full:
                         return None
@@ -159,6 +162,12 @@ class Executor:
         for i in ids:
             lora = queue[i].lora
             if results[i].error is not None:
+                continue
+            if lora is not None and lora.task_id in held and lora.task_id not in cache:
+                results[i].error = LoraCacheFullError(
+                    f"task_id {lora.task_id} was evicted from the host tier by the adapters later requests of its "
+                    f"batch carry: the host tier holds fewer adapters than a batch of {len(ids)} requests needs "
+                    "(raise host_cache_bytes or lower max_batch_size)", task_id=lora.task_id)
                 continue
             if lora is not None and lora.task_id not in cache:
                 results[i].error = LoraNotCachedError(
