@@ -329,3 +329,31 @@ def test_adapter_evicted_by_its_own_batch_gets_a_host_tier_error(llama, tokenize
         assert kept.ok and kept.token_ids == _tokens_of(peft_model, tokenizer, 11, names[1])
     finally:
         engine.detach()
+
+
+def test_a_bad_prompt_fails_its_request_alone_and_caches_nothing(llama, tokenizer):
+    """Token ids outside the vocabulary, or chat messages for a tokenizer without a chat template,
+    fail their own request with LoraFormatError; its adapter is not cached; the batch runs."""
+    ours, peft_model, names, formats = llama
+    engine = _attach(ours)
+    try:
+        ex = lm.Executor(engine, tokenizer, max_batch_size=4)
+        ex.submit(lm.Request(_prompt(80), max_new_tokens=2))
+        ex.submit(lm.Request([3, VOCAB], max_new_tokens=2, lora=lm.LoraConfig(1, *formats[0])))
+        ex.submit(lm.Request([{"role": "user", "content": "t3"}], max_new_tokens=2, lora=lm.LoraConfig(2, *formats[1])))
+        ex.submit(lm.Request(_prompt(81), max_new_tokens=2, lora=lm.LoraConfig(0, *formats[2])))
+        plain, out_of_vocab, no_template, good = ex.run()
+        assert isinstance(out_of_vocab.error, LoraFormatError) and str(VOCAB) in str(out_of_vocab.error)
+        assert isinstance(no_template.error, LoraFormatError) and "prompt" in str(no_template.error)
+        assert 1 not in engine.cache and 2 not in engine.cache
+        assert plain.ok and plain.token_ids == _tokens_of(peft_model, tokenizer, 20, None)
+        assert good.ok and good.token_ids == _tokens_of(peft_model, tokenizer, 21, names[2])
+    finally:
+        engine.detach()
+
+
+def test_request_fields_are_typed():
+    with pytest.raises(LoraFormatError, match="lora"):
+        lm.Request("t3", lora=5)
+    with pytest.raises(LoraFormatError, match="max_new_tokens"):
+        lm.Request("t3", max_new_tokens="8")

@@ -60,8 +60,11 @@ class Request:
                          or all(isinstance(m, dict) and "content" in m for m in p)):
             raise LoraFormatError("a prompt must be text, chat messages ({'role', 'content'} dicts) or a non-empty "
                                   f"list of token ids, got {type(p).__name__} {str(p)[:40]!r}")
-        if self.max_new_tokens < 1:
-            raise LoraFormatError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, (int, np.integer)) \
+                or self.max_new_tokens < 1:
+            raise LoraFormatError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+        if self.lora is not None and not isinstance(self.lora, LoraConfig):
+            raise LoraFormatError(f"lora must be a loramux.LoraConfig or None, got {type(self.lora).__name__}")
 
 
 @dataclass
@@ -91,6 +94,7 @@ class Executor:
         self._queue: List[Request] = []
         self._upcoming = None  # (next batch's request ids, queue, results) until it is admitted
         self._upcoming_admitted: Optional[List[int]] = None
+        self._prompt_ids: Dict[int, List[int]] = {}  # this run's request index -> its prompt's token ids
         self.generated_tokens = 0  # over the executor's life, for throughput figures
         self.batches_run = 0
 
@@ -105,6 +109,7 @@ class Executor:
         """Runs every queued request; returns one Result per request, in submission order.
         `progress`: a tqdm-like bar, advanced by one per generated token step of each batch."""
         queue, self._queue = self._queue, []
+        self._prompt_ids = {}
         results = [Result(i, r.lora.task_id if r.lora else None) for i, r in enumerate(queue)]
         chunks = [list(range(s, min(s + self.max_batch_size, len(queue)))) for s in range(0, len(queue), self.max_batch_size)]
         admitted: Optional[List[int]] = None
@@ -142,11 +147,17 @@ class Executor:
         full host tier returns None instead (the caller admits the batch again later)."""
         cache = self.engine.cache
         errors: Dict[int, LoraError] = {}
+        for i in ids:  # a prompt that cannot run fails its request before its adapter is cached
+            if i not in self._prompt_ids:
+                try:
+                    self._prompt_ids[i] = self._token_ids(queue[i].prompt)
+                except LoraFormatError as err:
+                    errors[i] = err
         # ids this batch had in the host tier: one missing after the puts was evicted by them
         held = {queue[i].lora.task_id for i in ids if queue[i].lora is not None and queue[i].lora.task_id in cache}
         for i in ids:
             lora = queue[i].lora
-            if lora is not None and lora.carries_weights:
+            if lora is not None and lora.carries_weights and i not in errors:
                 try:
                     cache.put(lora.task_id, lora.weights, lora.config)
                     held.add(lora.task_id)
@@ -208,19 +219,30 @@ class Executor:
                 results[i].error = err
 
     # --- generation --------------------------------------------------------------------------------
-    def _encode(self, prompts: Sequence[Prompt]) -> Dict[str, torch.Tensor]:
-        """Token ids of each prompt (chat messages through the tokenizer's chat template), padded on
-        the left for a decoder-only model (generation continues from the last column) and on the
-        right for an encoder-decoder (the encoder's positions start at 0 in every row)."""
+    def _token_ids(self, prompt: Prompt) -> List[int]:
+        """The prompt's token ids (chat messages through the tokenizer's chat template); a prompt the
+        tokenizer refuses, or ids outside the model's vocabulary, raise LoraFormatError."""
         tok = self.tokenizer
+        try:
+            if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+                prompt = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+            if isinstance(prompt, str):
+                prompt = tok(prompt)["input_ids"]
+        except Exception as err:  # e.g. chat messages for a tokenizer without a chat template
+            raise LoraFormatError(f"the tokenizer refused this prompt: {type(err).__name__}: {err}") from None
+        ids = [int(t) for t in prompt]
+        model = self.engine.model
+        vocab = getattr(model.get_input_embeddings(), "num_embeddings", None) or model.config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if not ids or bad:
+            raise LoraFormatError(f"prompt token ids must be in [0, {vocab}) and not empty; got {bad[:4] or ids}")
+        return ids
+
+    def _encode(self, rows: Sequence[List[int]]) -> Dict[str, torch.Tensor]:
+        """The prompts' token ids padded on the left for a decoder-only model (generation continues
+        from the last column) and on the right for an encoder-decoder (the encoder's positions start
+        at 0 in every row)."""
         left = not self.engine.model.config.is_encoder_decoder
-        rows = []
-        for p in prompts:
-            if isinstance(p, list) and p and isinstance(p[0], dict):
-                p = tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
-            if isinstance(p, str):
-                p = tok(p)["input_ids"]
-            rows.append(list(p))
         width, pad = max(len(p) for p in rows), self._pad_id()
         ids, mask = [], []
         for p in rows:
@@ -238,7 +260,7 @@ class Executor:
 
     def _generate(self, ids: List[int], queue, results, progress) -> None:
         model = self.engine.model
-        inputs = {k: v.to(self.engine.device) for k, v in self._encode([queue[i].prompt for i in ids]).items()}
+        inputs = {k: v.to(self.engine.device) for k, v in self._encode([self._prompt_ids[i] for i in ids]).items()}
         steps = max(queue[i].max_new_tokens for i in ids)
         kwargs: Dict[str, Any] = dict(max_new_tokens=steps, do_sample=False, pad_token_id=self._pad_id())
         if progress is not None:
