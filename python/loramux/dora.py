@@ -125,7 +125,7 @@ class BaseWeights:
             t = self._tensor(found[0]) if len(found) == 1 else None
         if t is None:
             raise LoraDoraError(f"DoRA: base weight {key} not found in the base model")
-        w = t.float().numpy().astype(np.float64)
+        w = t.detach().float().cpu().numpy().astype(np.float64)  # a GPU model's weights too
         return w.T if transposed else w
 
 
