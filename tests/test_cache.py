@@ -121,6 +121,18 @@ def test_bad_input_is_typed_and_changes_nothing():
     cache.check_invariants()
 
 
+def test_values_beyond_the_serving_dtype_are_refused_not_served_as_inf():
+    w, c = make_adapter(4, SHAPES[1])
+    w[2, 5] = 1e6  # finite in float32; inf once packed into float16
+    cache = new_cache(dtype=torch.float16)
+    with pytest.raises(LoraFormatError, match="row 2.*float16") as err:
+        cache.put(1, w, c)
+    assert err.value.row == 2
+    assert len(cache) == 0 and cache.stats()["host_bytes"] == 0
+    assert new_cache(dtype=torch.float32).put(1, w, c) == "inserted"
+    assert new_cache(dtype=torch.bfloat16).put(1, w, c) == "inserted"
+
+
 def test_adapter_larger_than_a_tier():
     big_w, big_c = make_adapter(1, SHAPES[4])  # 18 pages
     with pytest.raises(LoraCacheFullError, match="device tier"):

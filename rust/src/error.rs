@@ -30,6 +30,8 @@ pub enum LoraError {
     RowTooShort { row: usize, module: &'static str, layer: usize, rank: usize, needed: usize, width: usize, dora: &'static str },
     #[error("weights row {row}: value at column {column} is not finite ({value})")]
     NonFinite { row: usize, column: usize, value: f32 },
+    #[error("weights row {row}: value {value} at column {column} is beyond the range of the serving dtype {dtype} (it would be served as inf)")]
+    NotRepresentable { row: usize, column: usize, value: f32, dtype: &'static str },
     #[error("config row {row}: a DoRA row needs the model's base weights to be normalized against, and none were given")]
     DoraWithoutBase { row: usize },
     #[error("weights row {row}: DoRA scale at column {column} is {value}, not a normalized scale (finite and > 0); run loramux.dora.normalize first")]
@@ -100,6 +102,7 @@ impl LoraError {
             | DuplicateModuleLayer { row, .. }
             | RowTooShort { row, .. }
             | NonFinite { row, .. }
+            | NotRepresentable { row, .. }
             | DoraWithoutBase { row }
             | DoraNotNormalized { row, .. }
             | TpIndivisible { row, .. } => Some(*row),

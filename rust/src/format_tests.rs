@@ -204,3 +204,59 @@ fn packing_drops_padding_aligns_segments_and_converts() {
     assert_eq!(got(24), 16.0); // row 1's B: column 4 of row 1 = 12 + 4
     assert_eq!(got(32), 18.0); // row 1's scales: column 6
 }
+
+#[test]
+fn values_the_serving_dtype_cannot_hold_are_rejected_before_packing() {
+    // Finite in the source dtype, but float16 tops out at 65504 (65520 and up round to inf) and
+    // bfloat16 just below f32::MAX: a cache packing them would serve inf.
+    let s = spec();
+    let cfg = vec![[1, 0, 1, 0], [2, 0, 1, 0]]; // q and k, 8 values each
+    let mut vals = vec![0.25f32; 2 * 8];
+    let check = |vals: &[f32], src: WeightsDtype, dst: WeightsDtype| {
+        let data: Vec<u8> = vals
+            .iter()
+            .flat_map(|v| match src {
+                WeightsDtype::F32 => v.to_le_bytes().to_vec(),
+                WeightsDtype::F16 => f16::from_f32(*v).to_bits().to_le_bytes().to_vec(),
+                WeightsDtype::BF16 => bf16::from_f32(*v).to_bits().to_le_bytes().to_vec(),
+            })
+            .collect();
+        let w = WeightsView::new(src, &[2, 8], &data).unwrap();
+        let layout = validate(&w, &cfg, &s, ValidateOptions::default()).unwrap();
+        check_representable(&w, &layout, dst)
+    };
+    use WeightsDtype::*;
+    vals[13] = 65519.0; // rounds to 65504 in float16: fine
+    assert!(check(&vals, F32, F16).is_ok());
+    vals[13] = -65520.0;
+    let err = check(&vals, F32, F16).unwrap_err();
+    assert_eq!(err, LoraError::NotRepresentable { row: 1, column: 5, value: -65520.0, dtype: "float16" });
+    assert_eq!((err.python_class(), err.row()), ("LoraFormatError", Some(1)));
+    assert!(check(&vals, BF16, F16).is_err());
+    for ok in [(F32, BF16), (F32, F32), (BF16, BF16), (BF16, F32)] {
+        assert!(check(&vals, ok.0, ok.1).is_ok(), "{ok:?}");
+    }
+    vals[13] = f32::MAX;
+    assert!(matches!(check(&vals, F32, BF16), Err(LoraError::NotRepresentable { dtype: "bfloat16", .. })));
+    assert!(check(&vals, F32, F32).is_ok());
+    // Agrees with the conversion itself on a sweep of finite float32 values.
+    let sweep: Vec<f32> = (0..100_000u32).map(|i| f32::from_bits(i.wrapping_mul(2_654_435_761))).filter(|v| v.is_finite()).collect();
+    for dst in [F16, BF16] {
+        let data = f32_bytes(&sweep);
+        let got = first_overflow(F32, &data, sweep.len(), dst);
+        let want = sweep.iter().position(|&v| !dst_is_finite(v, dst));
+        assert_eq!(got, want, "{dst:?}");
+        for &v in sweep.iter().take(5_000) {
+            let one = f32_bytes(&[v]);
+            assert_eq!(first_overflow(F32, &one, 1, dst).is_none(), dst_is_finite(v, dst), "{v:e} -> {dst:?}");
+        }
+    }
+}
+
+fn dst_is_finite(v: f32, dst: WeightsDtype) -> bool {
+    match dst {
+        WeightsDtype::F16 => f16::from_f32(v).is_finite(),
+        WeightsDtype::BF16 => bf16::from_f32(v).is_finite(),
+        WeightsDtype::F32 => v.is_finite(),
+    }
+}

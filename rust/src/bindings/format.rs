@@ -149,6 +149,7 @@ fn pack<'py>(
     let (buf, offsets) = py
         .detach(|| -> crate::error::Result<_> {
             let layout = format::validate(&weights, &rows, &core, ValidateOptions::default())?;
+            format::check_representable(&weights, &layout, out_dtype)?;
             let packed = format::packed_layout(&layout);
             let mut buf = vec![0u8; packed.total_elems * out_dtype.size()];
             format::pack_into(&weights, &layout, &packed, out_dtype, &mut buf);

@@ -162,6 +162,7 @@ impl TwoLevelCache {
     /// weights again are a no-op; different weights need `replace`.
     pub fn put(&self, task_id: u64, weights: &WeightsView, config: &[ConfigRow], replace: bool) -> Result<PutOutcome> {
         let layout = format::validate(weights, config, &self.cfg.spec, self.cfg.validate)?;
+        format::check_representable(weights, &layout, self.cfg.dtype)?;
         let image_layout = ImageLayout::new(&layout, self.cfg.dtype, self.cfg.page_bytes);
         let held = image_layout.held_bytes() as u64;
         if held > self.cfg.host_budget_bytes {
