@@ -219,3 +219,22 @@ def test_files_round_trip_and_untrusted_files_are_refused(tmp_path):
         format.load(str(bad))
     with pytest.raises(LoraFormatError, match="no such file"):
         format.load(str(tmp_path / "missing"))
+
+
+def test_a_header_whose_shape_overflows_int64_is_refused(tmp_path):
+    # (2**62 + 4) * 4 elements wraps to 16 in int64: the 64 bytes written must not pass for it.
+    header = {"descr": "<f4", "fortran_order": False, "shape": (2**62 + 4, 4)}
+    with open(tmp_path / format.WEIGHTS_FILE, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        f.write(np.zeros(16, np.float32).tobytes())
+    np.save(tmp_path / format.CONFIG_FILE, np.zeros((1, 3), np.int64))
+    with pytest.raises(LoraFormatError, match="over the limit"):
+        format.load(str(tmp_path))
+
+
+def test_from_rows_refuses_rows_that_are_not_an_adapter():
+    a, b = np.ones((2, 4), np.float32), np.ones((4, 2), np.float32)
+    with pytest.raises(LoraFormatError, match="row 0.*DoRA scales"):
+        format.from_rows([AdapterRow(1, 0, a, b, np.ones(3, np.float32))])
+    with pytest.raises(LoraFormatError, match="row 1"):
+        format.from_rows([AdapterRow(1, 0, a, b), AdapterRow(2, 0, np.float32(1.0), b)])

@@ -7,6 +7,7 @@ Ho DoRA scales, then padding.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
@@ -131,9 +132,11 @@ def from_rows(rows: Sequence[AdapterRow], storage_type: str = "float16") -> Tupl
     lengths = [r.a.size + r.b.size + (0 if r.dora_scale is None else r.dora_scale.size) for r in rows]
     values = np.zeros((len(rows), max(lengths, default=0)), dtype=np.float32)
     for i, r in enumerate(rows):
+        if np.ndim(r.a) != 2 or np.ndim(r.b) != 2 or r.b.shape[1] != r.a.shape[0]:
+            raise LoraFormatError(f"row {i}: A {np.shape(r.a)} and B {np.shape(r.b)} are not [rank, Hi] and [Ho, rank]", row=i)
         rank = r.a.shape[0]
-        if r.a.ndim != 2 or r.b.ndim != 2 or r.b.shape[1] != rank:
-            raise LoraFormatError(f"row {i}: A {r.a.shape} and B {r.b.shape} are not [rank, Hi] and [Ho, rank]", row=i)
+        if r.dora_scale is not None and np.size(r.dora_scale) != r.b.shape[0]:
+            raise LoraFormatError(f"row {i}: {np.size(r.dora_scale)} DoRA scales for B with Ho = {r.b.shape[0]} rows", row=i)
         parts = [r.a.reshape(-1), r.b.reshape(-1)] + ([] if r.dora_scale is None else [r.dora_scale.reshape(-1)])
         values[i, : lengths[i]] = np.concatenate(parts)
         config[i, :3] = (r.module_id, r.layer, rank)
@@ -189,7 +192,7 @@ def _load_npy(path: str, max_bytes: int) -> np.ndarray:
             raise LoraFormatError(f"{path}: not a .npy file ({e})") from None
         if dtype.hasobject:
             raise LoraFormatError(f"{path}: holds Python objects; only numeric arrays are accepted")
-        data_bytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        data_bytes = math.prod(shape) * dtype.itemsize  # Python ints: a crafted shape cannot wrap
         if data_bytes > max_bytes:
             raise LoraFormatError(f"{path}: {data_bytes} bytes is over the limit of {max_bytes} bytes")
         if f.tell() + data_bytes != size:
