@@ -89,6 +89,11 @@ def test_indivisible_sizes_and_bad_layouts_raise_parallel_errors():
         tp.slice_adapter(w[:, :10], c, SPEC, 2, 0)
     with pytest.raises(lm.LoraParallelError, match="pipeline stage 0 of 3 over 2 layers"):
         tp.stage_layers(2, 3, 0)
+    for size, rank, layers in ((2, -1, None), (-2, 0, None), (1, 0, (-1, 1)), (2.5, 0, None)):
+        with pytest.raises(lm.LoraParallelError, match="must be"):  # typed, not OverflowError
+            tp.slice_adapter(w, c, SPEC, size, rank, layers)
+    with pytest.raises(lm.LoraParallelError, match="tp_size must be"):
+        tp.rank_spec(SPEC, -2)
 
 
 # --- the torch.distributed forward: tp=2/4 and pp give tp=1's logits ------------------------------

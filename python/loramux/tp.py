@@ -11,6 +11,7 @@ The torch.distributed forward for the Llama family lives in ``loramux.tp_llama``
 
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple, Optional, Tuple
 
 import numpy as np
@@ -29,11 +30,18 @@ class RankAdapter(NamedTuple):
     spec: ModelSpec
 
 
+def _count(name: str, value) -> int:
+    """A size or index as a non-negative int (the core takes unsigned ints: say so, typed)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise LoraParallelError(f"{name} must be an integer >= 0, got {value!r}")
+    return int(value)
+
+
 def _layers(layers: Optional[Tuple[int, int]]) -> Optional[Tuple[int, int]]:
     if layers is None:
         return None
-    start, end = (int(v) for v in layers)
-    return (start, end)
+    start, end = layers
+    return (_count("layers start", start), _count("layers end", end))
 
 
 def slice_adapter(weights, config, spec: ModelSpec, tp_size: int, tp_rank: int, layers: Optional[Tuple[int, int]] = None) -> RankAdapter:
@@ -46,7 +54,7 @@ def slice_adapter(weights, config, spec: ModelSpec, tp_size: int, tp_rank: int, 
     raw, dtype, wshape = raw_weights(weights)
     cvals, cshape = raw_config(config)
     data, rows, width, flat_config, rank_spec_ = _core.tp_slice_adapter(
-        raw, dtype, wshape, cvals, cshape, spec, int(tp_size), int(tp_rank), _layers(layers)
+        raw, dtype, wshape, cvals, cshape, spec, _count("tp_size", tp_size), _count("tp_rank", tp_rank), _layers(layers)
     )
     out_weights = data.view(np.asarray(weights).dtype).reshape(rows, width)
     out_config = np.asarray(flat_config, dtype=np.int64).reshape(rows, 4)
@@ -57,7 +65,7 @@ def slice_adapter(weights, config, spec: ModelSpec, tp_size: int, tp_rank: int, 
 
 def rank_spec(spec: ModelSpec, tp_size: int, layers: Optional[Tuple[int, int]] = None) -> ModelSpec:
     """The ModelSpec of one rank's shard: heads and FFN widths divided by tp_size, the stage's layers."""
-    return _core.tp_rank_spec(spec, int(tp_size), _layers(layers))
+    return _core.tp_rank_spec(spec, _count("tp_size", tp_size), _layers(layers))
 
 
 def stage_layers(num_layers: int, pp_size: int, pp_rank: int) -> Tuple[int, int]:
