@@ -359,3 +359,67 @@ fn long_per_row_id_lists_map_each_id_to_one_slot() {
     let s = f.cache.stats();
     assert_eq!((s.counters.misses, s.counters.hits), (5, 5));
 }
+
+/// Host memcpy whose copies fail while `fail` is set, as a CUDA copy can (a driver error).
+struct FlakyCopier {
+    inner: HostMemcpy,
+    fail: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Copier for FlakyCopier {
+    fn host_allocator(&self) -> host_memory::HostAllocator {
+        self.inner.host_allocator()
+    }
+    fn begin_loads(&mut self, after: &[ReleaseTicket]) -> crate::error::Result<()> {
+        self.inner.begin_loads(after)
+    }
+    unsafe fn copy(&mut self, dst: u64, src: &[u8]) -> crate::error::Result<()> {
+        if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(LoraError::Cuda("injected copy failure".into()));
+        }
+        unsafe { self.inner.copy(dst, src) }
+    }
+    fn end_loads(&mut self, bytes: u64) -> crate::error::Result<()> {
+        self.inner.end_loads(bytes)
+    }
+    fn order_after_loads(&mut self, s: u64) -> crate::error::Result<()> {
+        self.inner.order_after_loads(s)
+    }
+    fn note_release(&mut self, stream: u64) -> crate::error::Result<ReleaseTicket> {
+        self.inner.note_release(stream)
+    }
+    fn wait_idle(&mut self) -> crate::error::Result<()> {
+        Ok(())
+    }
+    fn load_timing(&mut self) -> (u64, f64) {
+        self.inner.load_timing()
+    }
+}
+
+#[test]
+fn a_failed_load_leaves_no_half_loaded_adapter_resident() {
+    let pool = vec![0u128; (1 << 16) / 16].into_boxed_slice();
+    let table = vec![0u128; SlotTable::table_bytes(4, spec().num_layers) / 16].into_boxed_slice();
+    let fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let copier = FlakyCopier { inner: HostMemcpy::default(), fail: Arc::clone(&fail) };
+    let cfg = CacheConfig { spec: spec(), dtype: WeightsDtype::F16, host_budget_bytes: 1 << 20, page_bytes: 256, max_slots: 4, validate: ValidateOptions::default() };
+    let region = PoolRegion { pool_addr: pool.as_ptr() as u64, pool_bytes: pool.len() as u64 * 16, table_addr: table.as_ptr() as u64 };
+    let c = unsafe { TwoLevelCache::new(cfg, region, Box::new(copier)).unwrap() };
+    put(&c, 1, 10, &[1, 3], 4).unwrap();
+    put(&c, 2, 20, &[6], 2).unwrap();
+    let b = c.acquire(&[1], 0).unwrap();
+    fail.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(matches!(c.acquire(&[2], 0), Err(LoraError::Cuda(_))));
+    assert!(matches!(c.prefetch(&[2]), Err(LoraError::Cuda(_))));
+    // Not resident, so the next acquire loads it again rather than serving unwritten pages.
+    assert_eq!(c.resident_ids(), vec![1]);
+    c.check_invariants().unwrap();
+    fail.store(false, std::sync::atomic::Ordering::SeqCst);
+    let b2 = c.acquire(&[2, 1], 0).unwrap();
+    assert_eq!(b2.slots[1], b.slots[0]);
+    assert_slot_holds(&c, b2.slots[0], 20, &[6], 2);
+    assert_slot_holds(&c, b2.slots[1], 10, &[1, 3], 4);
+    c.release(b.batch_id, 0).unwrap();
+    c.release(b2.batch_id, 0).unwrap();
+    c.check_invariants().unwrap();
+}

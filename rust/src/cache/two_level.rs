@@ -342,7 +342,16 @@ impl TwoLevelCache {
             for (id, r) in &evicted {
                 st.forget_resident(*id, r.slot);
             }
-            self.load(st, &missing_ids)?;
+            if let Err(e) = self.load(st, &missing_ids) {
+                // Leave no adapter resident whose pages or slot rows may be half written: the
+                // next acquire loads it again (the victims stay evicted; nothing held them).
+                for &id in &missing_ids {
+                    if let Some(r) = st.device.evict(id) {
+                        st.forget_resident(id, r.slot);
+                    }
+                }
+                return Err(e);
+            }
         }
         st.counters.hits += resident.len() as u64;
         st.counters.misses += missing_ids.len() as u64;
