@@ -277,12 +277,15 @@ fn eight_threads_mixed_operations_keep_invariants() {
     assert!(s.counters.hits > 0 && s.counters.misses > 0 && s.counters.device_evictions > 0 && s.counters.host_evictions > 0);
 }
 
-/// Host memcpy that also records which releases each batch of loads was ordered after, and hands
-/// out release tickets the way a CUDA copier does (a sequence number per stream).
+/// Host memcpy that also records which releases each batch of loads was ordered after, hands
+/// out release tickets the way a CUDA copier does (a sequence number per stream), and fails its
+/// copies while `fail` is set (as a CUDA copy can, on a driver error).
+#[derive(Default)]
 struct OrderRecorder {
     inner: HostMemcpy,
     next_seq: std::collections::HashMap<u64, u64>,
     log: Arc<parking_lot::Mutex<Vec<Vec<ReleaseTicket>>>>,
+    fail: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Copier for OrderRecorder {
@@ -294,6 +297,9 @@ impl Copier for OrderRecorder {
         self.inner.begin_loads(after)
     }
     unsafe fn copy(&mut self, dst: u64, src: &[u8]) -> crate::error::Result<()> {
+        if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(LoraError::Cuda("injected copy failure".into()));
+        }
         unsafe { self.inner.copy(dst, src) }
     }
     fn end_loads(&mut self, bytes: u64) -> crate::error::Result<()> {
@@ -320,7 +326,7 @@ fn loads_wait_only_for_releases_of_adapters_whose_pages_they_reuse() {
     let pool = vec![0u128; 6 * 256 / 16].into_boxed_slice(); // 2 adapters of 3 pages
     let table = vec![0u128; SlotTable::table_bytes(4, spec().num_layers) / 16].into_boxed_slice();
     let log = Arc::new(parking_lot::Mutex::new(Vec::new()));
-    let copier = OrderRecorder { inner: HostMemcpy::default(), next_seq: Default::default(), log: Arc::clone(&log) };
+    let copier = OrderRecorder { log: Arc::clone(&log), ..Default::default() };
     let cfg = CacheConfig { spec: spec(), dtype: WeightsDtype::F16, host_budget_bytes: 1 << 20, page_bytes: 256, max_slots: 4, validate: ValidateOptions::default() };
     let region = PoolRegion { pool_addr: pool.as_ptr() as u64, pool_bytes: pool.len() as u64 * 16, table_addr: table.as_ptr() as u64 };
     let c = unsafe { TwoLevelCache::new(cfg, region, Box::new(copier)).unwrap() };
@@ -360,48 +366,12 @@ fn long_per_row_id_lists_map_each_id_to_one_slot() {
     assert_eq!((s.counters.misses, s.counters.hits), (5, 5));
 }
 
-/// Host memcpy whose copies fail while `fail` is set, as a CUDA copy can (a driver error).
-struct FlakyCopier {
-    inner: HostMemcpy,
-    fail: Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl Copier for FlakyCopier {
-    fn host_allocator(&self) -> host_memory::HostAllocator {
-        self.inner.host_allocator()
-    }
-    fn begin_loads(&mut self, after: &[ReleaseTicket]) -> crate::error::Result<()> {
-        self.inner.begin_loads(after)
-    }
-    unsafe fn copy(&mut self, dst: u64, src: &[u8]) -> crate::error::Result<()> {
-        if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(LoraError::Cuda("injected copy failure".into()));
-        }
-        unsafe { self.inner.copy(dst, src) }
-    }
-    fn end_loads(&mut self, bytes: u64) -> crate::error::Result<()> {
-        self.inner.end_loads(bytes)
-    }
-    fn order_after_loads(&mut self, s: u64) -> crate::error::Result<()> {
-        self.inner.order_after_loads(s)
-    }
-    fn note_release(&mut self, stream: u64) -> crate::error::Result<ReleaseTicket> {
-        self.inner.note_release(stream)
-    }
-    fn wait_idle(&mut self) -> crate::error::Result<()> {
-        Ok(())
-    }
-    fn load_timing(&mut self) -> (u64, f64) {
-        self.inner.load_timing()
-    }
-}
-
 #[test]
 fn a_failed_load_leaves_no_half_loaded_adapter_resident() {
     let pool = vec![0u128; (1 << 16) / 16].into_boxed_slice();
     let table = vec![0u128; SlotTable::table_bytes(4, spec().num_layers) / 16].into_boxed_slice();
     let fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let copier = FlakyCopier { inner: HostMemcpy::default(), fail: Arc::clone(&fail) };
+    let copier = OrderRecorder { fail: Arc::clone(&fail), ..Default::default() };
     let cfg = CacheConfig { spec: spec(), dtype: WeightsDtype::F16, host_budget_bytes: 1 << 20, page_bytes: 256, max_slots: 4, validate: ValidateOptions::default() };
     let region = PoolRegion { pool_addr: pool.as_ptr() as u64, pool_bytes: pool.len() as u64 * 16, table_addr: table.as_ptr() as u64 };
     let c = unsafe { TwoLevelCache::new(cfg, region, Box::new(copier)).unwrap() };
