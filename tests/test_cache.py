@@ -209,6 +209,8 @@ def test_host_pool_options_and_repr():
         LoraCache(SPEC, host_cache_bytes=-1)
     with pytest.raises(LoraCacheError, match="dtype"):
         LoraCache(SPEC, dtype=torch.int8)
+    with pytest.raises(LoraCacheError, match="could not allocate"):  # typed, not torch's RuntimeError
+        LoraCache(SPEC, device_cache_bytes=1 << 60)
     cache = LoraCache(SPEC, host_cache_bytes=1 << 20, page_bytes=4096)
     assert cache.pool.numel() == 1 << 20 and cache.pool.device.type == "cpu"
     assert "LoraCache(" in repr(cache) and loramux.LoraCache is LoraCache

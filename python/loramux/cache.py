@@ -123,8 +123,9 @@ class LoraCache:
             # a large host region); the table must start zeroed (rank 0 = absent).
             self.pool = torch.empty(pool_bytes, dtype=torch.uint8, device=device)
             self.table = torch.zeros(table_bytes // 8, dtype=torch.int64, device=device).view(max_slots, spec.num_layers, NUM_MODULES, 4)
-        except torch.OutOfMemoryError as e:
-            raise LoraCudaError(f"could not allocate a device pool of {pool_bytes} bytes on {device}: {e}") from None
+        except (torch.OutOfMemoryError, RuntimeError) as e:  # torch's CPU allocator raises RuntimeError
+            error = LoraCudaError if device.type == "cuda" else LoraCacheError
+            raise error(f"could not allocate a pool of {pool_bytes} bytes and a slot table of {table_bytes} bytes on {device}: {e}") from None
         self._copy_stream = None
         cuda_device = None
         if device.type == "cuda":
