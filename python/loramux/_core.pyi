@@ -46,15 +46,6 @@ def validate(
     dora_allowed: bool = True,
     check_finite: bool = True,
 ) -> List[Tuple[int, int, int, int, int, bool]]: ...
-def pack(
-    raw_weights: np.ndarray,
-    dtype: str,
-    weights_shape: List[int],
-    config: np.ndarray,
-    config_shape: List[int],
-    spec: ModelSpec,
-    out_dtype: str,
-) -> Tuple[np.ndarray, List[Tuple[int, int, int]]]: ...
 def tp_slice_adapter(
     raw_weights: np.ndarray,
     dtype: str,

@@ -56,8 +56,6 @@ pub enum LoraError {
     TierFull { tier: &'static str, needed: u64, evictable: u64 },
     #[error("batch needs {requested} adapters on the device tier but only {fits} fit at once; split the batch")]
     BatchDoesNotFit { requested: usize, fits: usize },
-    #[error("task_id {task_id} is not held by any batch (release without acquire)")]
-    NotAcquired { task_id: u64 },
     #[error("batch {batch_id} is not held: it was already released or never acquired")]
     UnknownBatch { batch_id: u64 },
     #[error("task_id {task_id} is held by an in-flight batch; release it before replacing its weights")]
@@ -83,7 +81,7 @@ impl LoraError {
             NotCached { .. } => "LoraNotCachedError",
             TaskConflict { .. } => "LoraTaskConflictError",
             AdapterTooLarge { .. } | TierFull { .. } | BatchDoesNotFit { .. } => "LoraCacheFullError",
-            NotAcquired { .. } | UnknownBatch { .. } | TaskInUse { .. } | BadCacheConfig(_) => "LoraCacheError",
+            UnknownBatch { .. } | TaskInUse { .. } | BadCacheConfig(_) => "LoraCacheError",
             Cuda(_) | Compile { .. } => "LoraCudaError",
             DoraWithoutBase { .. } | DoraNotNormalized { .. } => "LoraDoraError",
             _ => "LoraFormatError",

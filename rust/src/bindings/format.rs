@@ -1,7 +1,7 @@
 //! `ModelSpec` and the format's validation / packing for Python. Weights arrive as a flat uint8
 //! view plus dtype name and shape (python/loramux/format.py makes that view without copying).
 
-use numpy::{PyArray1, PyReadonlyArray1};
+use numpy::PyReadonlyArray1;
 use pyo3::prelude::*;
 
 use crate::bindings::errors::IntoPyResult;
@@ -128,37 +128,6 @@ fn validate(
     Ok(layout.rows.iter().map(|r| (r.module.id(), r.layer, r.rank, r.hi, r.ho, r.is_dora)).collect())
 }
 
-/// Validates and packs an adapter into one contiguous buffer of `out_dtype`; returns the buffer
-/// (uint8) and per row the element offsets of (A, B, scales).
-#[pyfunction]
-#[pyo3(signature = (raw_weights, dtype, weights_shape, config, config_shape, spec, out_dtype))]
-#[allow(clippy::too_many_arguments, clippy::type_complexity)]
-fn pack<'py>(
-    py: Python<'py>,
-    raw_weights: PyReadonlyArray1<'py, u8>,
-    dtype: &str,
-    weights_shape: Vec<usize>,
-    config: PyReadonlyArray1<'py, i64>,
-    config_shape: Vec<usize>,
-    spec: &PyModelSpec,
-    out_dtype: &str,
-) -> PyResult<(Bound<'py, PyArray1<u8>>, Vec<(usize, usize, usize)>)> {
-    let (weights, rows) = adapter_arrays(raw_weights.as_slice()?, dtype, weights_shape, config.as_slice()?, &config_shape)?;
-    let out_dtype = WeightsDtype::from_name(out_dtype).py()?;
-    let core = spec.core();
-    let (buf, offsets) = py
-        .detach(|| -> crate::error::Result<_> {
-            let layout = format::validate(&weights, &rows, &core, ValidateOptions::default())?;
-            format::check_representable(&weights, &layout, out_dtype)?;
-            let packed = format::packed_layout(&layout);
-            let mut buf = vec![0u8; packed.total_elems * out_dtype.size()];
-            format::pack_into(&weights, &layout, &packed, out_dtype, &mut buf);
-            Ok((buf, packed.rows.iter().map(|p| (p.a, p.b, p.scale)).collect::<Vec<_>>()))
-        })
-        .py()?;
-    Ok((PyArray1::from_vec(py, buf), offsets))
-}
-
 #[pyfunction]
 fn module_name(module_id: i64) -> Option<&'static str> {
     LoraModule::from_id(module_id).map(LoraModule::name)
@@ -167,7 +136,6 @@ fn module_name(module_id: i64) -> Option<&'static str> {
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyModelSpec>()?;
     m.add_function(wrap_pyfunction!(validate, m)?)?;
-    m.add_function(wrap_pyfunction!(pack, m)?)?;
     m.add_function(wrap_pyfunction!(module_name, m)?)?;
     Ok(())
 }
