@@ -87,8 +87,9 @@ def test_task_id_semantics():
     assert isinstance(e.value, KeyError) and e.value.task_id == 6
     assert cache.resident_ids() == [] and cache.pinned_ids() == []
     batch = cache.acquire([5])
-    with pytest.raises(LoraCacheError, match="held by an in-flight batch"):
+    with pytest.raises(LoraCacheError, match="held by an in-flight batch") as e:
         cache.put(5, w2, c, replace=True)
+    assert e.value.task_id == 5  # every cache error about a task names it (README: errors carry .task_id)
     batch.release()
     with pytest.raises(LoraCacheError, match="not held"):
         batch.release()

@@ -88,6 +88,15 @@ impl LoraError {
         }
     }
 
+    /// The task the error is about, if any.
+    pub fn task_id(&self) -> Option<u64> {
+        use LoraError::*;
+        match self {
+            NotCached { task_id } | TaskConflict { task_id } | AdapterTooLarge { task_id, .. } | TaskInUse { task_id } => Some(*task_id),
+            _ => None,
+        }
+    }
+
     /// The config/weights row the error is about, if any.
     pub fn row(&self) -> Option<usize> {
         use LoraError::*;

@@ -13,9 +13,7 @@ pub fn to_py(err: LoraError) -> PyErr {
             let class = module.getattr(err.python_class())?;
             let kwargs = PyDict::new(py);
             kwargs.set_item("row", err.row())?;
-            if let LoraError::NotCached { task_id } | LoraError::TaskConflict { task_id } | LoraError::AdapterTooLarge { task_id, .. } = &err {
-                kwargs.set_item("task_id", *task_id)?;
-            }
+            kwargs.set_item("task_id", err.task_id())?;
             let instance = class.call((err.to_string(),), Some(&kwargs))?;
             Ok(PyErr::from_value(instance))
         };
