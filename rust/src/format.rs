@@ -91,7 +91,7 @@ impl WeightsDtype {
     }
     /// Element `i` of a little-endian buffer of this dtype, as f32.
     #[inline]
-    fn read(self, bytes: &[u8], i: usize) -> f32 {
+    pub(crate) fn read(self, bytes: &[u8], i: usize) -> f32 {
         match self {
             WeightsDtype::F32 => f32::from_le_bytes(bytes[4 * i..4 * i + 4].try_into().unwrap()),
             WeightsDtype::F16 => f16::from_bits(u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]])).to_f32(),
@@ -284,82 +284,14 @@ fn check_dora_scales(dtype: WeightsDtype, bytes: &[u8], r: &RowLayout, row: usiz
     Ok(())
 }
 
-fn check_finite(dtype: WeightsDtype, bytes: &[u8], len: usize, row: usize) -> Result<()> {
-    // Exponent-all-ones is NaN or Inf in every IEEE-like format; test bits, not floats, for speed.
-    let all_ones = |mask: u32| move |bits: u32| bits & mask == mask;
-    let bad = match dtype {
-        WeightsDtype::F32 => first_hit::<4>(bytes, len, all_ones(0x7f80_0000)),
-        WeightsDtype::F16 => first_hit::<2>(bytes, len, all_ones(0x7c00)),
-        WeightsDtype::BF16 => first_hit::<2>(bytes, len, all_ones(0x7f80)),
-    };
-    match bad {
-        Some(column) => Err(LoraError::NonFinite { row, column, value: dtype.read(bytes, column) }),
-        None => Ok(()),
-    }
-}
-
-/// Checks that every used value stays finite once converted to `out_dtype` (the serving dtype a
-/// cache packs into): a float32 1e6 is a valid weight but would be served as inf in float16.
-pub fn check_representable(weights: &WeightsView, layout: &AdapterLayout, out_dtype: WeightsDtype) -> Result<()> {
-    for (row, r) in layout.rows.iter().enumerate() {
-        if let Some(column) = first_overflow(weights.dtype, weights.row_bytes(row), r.needed(), out_dtype) {
-            let value = weights.dtype.read(weights.row_bytes(row), column);
-            return Err(LoraError::NotRepresentable { row, column, value, dtype: out_dtype.name() });
-        }
-    }
-    Ok(())
-}
-
-/// Index of the first of `len` values whose magnitude rounds to inf in `dst` (None when `dst`
-/// holds every value of `src`). Compares float32 bit patterns of |v|, which order like the values.
-fn first_overflow(src: WeightsDtype, bytes: &[u8], len: usize, dst: WeightsDtype) -> Option<usize> {
-    use WeightsDtype::*;
-    // Smallest |v| (as f32 bits) that converts to inf: halfway past the largest finite value
-    // rounds to even, which is inf (65520 for float16; 0x7f7f8000 for bfloat16).
-    let limit = match (src, dst) {
-        (F32 | BF16, F16) => 65520.0f32.to_bits(),
-        (F32, BF16) => 0x7f7f_8000,
-        _ => return None,
-    };
-    match src {
-        F32 => first_hit::<4>(bytes, len, move |bits| bits & 0x7fff_ffff >= limit),
-        _ => first_hit::<2>(bytes, len, move |bits| (bits & 0x7fff) << 16 >= limit),
-    }
-}
-
 /// Little-endian element of width N (2 or 4 bytes) as u32.
 #[inline(always)]
-fn le_bits<const N: usize>(c: &[u8]) -> u32 {
+pub(crate) fn le_bits<const N: usize>(c: &[u8]) -> u32 {
     if N == 2 {
         u16::from_le_bytes([c[0], c[1]]) as u32
     } else {
         u32::from_le_bytes([c[0], c[1], c[2], c[3]])
     }
-}
-
-/// Index of the first of `len` elements (N bytes each, as u32 bits) that `hit` accepts. Each block
-/// is tested branch-free (so the compiler vectorizes it); only a block that has one is searched.
-fn first_hit<const N: usize>(bytes: &[u8], len: usize, hit: impl Fn(u32) -> bool + Copy) -> Option<usize> {
-    const BLOCK: usize = 512;
-    let bytes = &bytes[..len * N];
-    if N == 4 && cfg!(target_endian = "little") {
-        // SAFETY: every bit pattern is a valid u32; align_to only reinterprets the aligned middle.
-        let (head, words, _) = unsafe { bytes.align_to::<u32>() };
-        if head.is_empty() {
-            for (b, block) in words.chunks(BLOCK).enumerate() {
-                if block.iter().fold(false, |any, &w| any | hit(w)) {
-                    return block.iter().position(|&w| hit(w)).map(|i| b * BLOCK + i);
-                }
-            }
-            return None;
-        }
-    }
-    for (b, block) in bytes.chunks(BLOCK * N).enumerate() {
-        if block.chunks_exact(N).fold(false, |any, c| any | hit(le_bits::<N>(c))) {
-            return block.chunks_exact(N).position(|c| hit(le_bits::<N>(c))).map(|i| b * BLOCK + i);
-        }
-    }
-    None
 }
 
 /// Elements each packed segment (A, B, scales) is aligned to, so kernels can use 16-byte loads.
@@ -470,6 +402,11 @@ pub fn pack_into(weights: &WeightsView, layout: &AdapterLayout, packed: &PackedL
     }
     out[at * es..packed.total_elems * es].fill(0);
 }
+
+#[path = "format_scan.rs"]
+mod scan;
+pub use scan::check_representable;
+use scan::check_finite;
 
 #[cfg(test)]
 #[path = "format_tests.rs"]

@@ -1,6 +1,7 @@
 //! Unit tests of format.rs: layouts, each bad-input class, the NaN/Inf scan, packing and dtype conversion.
 
 use super::*;
+use super::scan::first_overflow;
 
 fn spec() -> ModelSpec {
     ModelSpec {

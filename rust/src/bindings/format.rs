@@ -62,7 +62,7 @@ impl PyModelSpec {
             hidden_size,
             num_heads,
             num_kv_heads: num_kv_heads.unwrap_or(num_heads),
-            head_dim: head_dim.unwrap_or(if num_heads > 0 { hidden_size / num_heads } else { 0 }),
+            head_dim: head_dim.unwrap_or(hidden_size.checked_div(num_heads).unwrap_or(0)),
             ffn_size,
             expert_ffn_size,
             num_experts,
