@@ -238,3 +238,14 @@ def test_from_rows_refuses_rows_that_are_not_an_adapter():
         format.from_rows([AdapterRow(1, 0, a, b, np.ones(3, np.float32))])
     with pytest.raises(LoraFormatError, match="row 1"):
         format.from_rows([AdapterRow(1, 0, a, b), AdapterRow(2, 0, np.float32(1.0), b)])
+
+
+def test_ml_dtypes_bfloat16_is_saved_as_its_uint16_bits(tmp_path):
+    import ml_dtypes
+
+    weights = (np.arange(24, dtype=np.float32).reshape(1, 24) / 8).astype(ml_dtypes.bfloat16)
+    config = np.array([[1, 0, 2]])
+    format.save(str(tmp_path), weights, config)  # np.save alone would write an opaque |V2 array
+    w, _ = format.load(str(tmp_path))
+    assert w.dtype == np.uint16 and format.weights_dtype_name(w) == "bfloat16"
+    np.testing.assert_array_equal(w, weights.view(np.uint16))

@@ -172,7 +172,8 @@ DEFAULT_MAX_FILE_BYTES = 64 << 30
 
 def save(out_dir: str, weights: np.ndarray, config: np.ndarray) -> None:
     """Writes model.lora_weights.npy and model.lora_config.npy into out_dir (created if needed)."""
-    weights_dtype_name(weights)
+    if weights_dtype_name(weights) == "bfloat16":
+        weights = np.ascontiguousarray(weights).view(np.uint16)  # ml_dtypes' bfloat16 would save as opaque |V2
     os.makedirs(out_dir, exist_ok=True)
     np.save(os.path.join(out_dir, WEIGHTS_FILE), weights, allow_pickle=False)
     np.save(os.path.join(out_dir, CONFIG_FILE), np.asarray(config), allow_pickle=False)
