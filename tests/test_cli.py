@@ -59,6 +59,22 @@ def test_errors_exit_2_with_the_typed_error(tmp_path):
     assert cli.main(["info", str(tmp_path / "nowhere")]) == 2
 
 
+def test_unreadable_json_exits_2_naming_the_file(tmp_path, capsys):
+    (tmp_path / "peft").mkdir()
+    (tmp_path / "peft" / "adapter_config.json").write_text("{not json")
+    assert cli.main(["convert", "-i", str(tmp_path / "peft"), "-o", str(tmp_path / "out")]) == 2
+    assert "LoraConvertError" in capsys.readouterr().err
+    make_adapter("llama", tmp_path / "good", target_modules=["q_proj"])
+    assert cli.main(["convert", "-i", str(tmp_path / "good"), "-o", str(tmp_path / "trt")]) == 0
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "config.json").write_text("{not json")
+    for argv in (["to-peft", "-i", str(tmp_path / "trt"), "-o", str(tmp_path / "back"), "--base-model", str(tmp_path / "base")],
+                 ["convert", "-i", str(tmp_path / "good"), "-o", str(tmp_path / "o2"), "--base-model", str(tmp_path / "base")]):
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "config.json" in err and "Lora" in err, err
+
+
 def test_progress_bar_on_large_adapters(tmp_path, monkeypatch, capsys):
     make_adapter("llama", tmp_path / "peft", target_modules=["q_proj"])
     assert cli.main(["convert", "-i", str(tmp_path / "peft"), "-o", str(tmp_path / "small")]) == 0

@@ -56,8 +56,11 @@ def cmd_to_peft(args) -> int:
     config_path = os.path.join(args.base_model, "config.json")
     if not os.path.isfile(config_path):
         raise LoraConvertError(f"{args.base_model}: no config.json; pass a saved HF model directory")
-    with open(config_path) as f:
-        hf_config = json.load(f)
+    try:
+        with open(config_path) as f:
+            hf_config = json.load(f)
+    except ValueError as e:  # not JSON (or not UTF-8)
+        raise LoraConvertError(f"{config_path}: not a readable JSON file ({e})") from None
     weights, config = format.load(args.input)
     has_dora = config.shape[-1] == 4 and bool(config[..., 3].any())  # only DoRA needs the weights themselves
     convert.to_peft(weights, config, spec.spec_from_hf_config(hf_config, args.max_rank), args.output, hf_config,

@@ -49,8 +49,11 @@ def read_adapter(path: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     cfg_path = os.path.join(path, ADAPTER_CONFIG)
     if not os.path.isfile(cfg_path):
         raise LoraConvertError(f"{path}: no {ADAPTER_CONFIG}; not a PEFT adapter directory")
-    with open(cfg_path) as f:
-        config = json.load(f)
+    try:
+        with open(cfg_path) as f:
+            config = json.load(f)
+    except ValueError as e:  # not JSON (or not UTF-8)
+        raise LoraConvertError(f"{cfg_path}: not a readable JSON file ({e})") from None
     st, binf = os.path.join(path, SAFETENSORS_FILE), os.path.join(path, BIN_FILE)
     if os.path.isfile(st):
         from safetensors.torch import load_file

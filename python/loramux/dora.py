@@ -75,8 +75,11 @@ class BaseWeights:
             raise LoraDoraError(f"base model directory {path!r} does not exist")
         cfg_path = os.path.join(path, "config.json")
         if os.path.exists(cfg_path):
-            with open(cfg_path) as f:
-                self.config = json.load(f)
+            try:
+                with open(cfg_path) as f:
+                    self.config = json.load(f)
+            except ValueError as e:  # not JSON (or not UTF-8)
+                raise LoraDoraError(f"{cfg_path}: not a readable JSON file ({e})") from None
         index = os.path.join(path, "model.safetensors.index.json")
         single = os.path.join(path, "model.safetensors")
         if os.path.exists(index):
