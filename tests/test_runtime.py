@@ -357,3 +357,18 @@ def test_request_fields_are_typed():
         lm.Request("t3", lora=5)
     with pytest.raises(LoraFormatError, match="max_new_tokens"):
         lm.Request("t3", max_new_tokens="8")
+
+
+def test_loraconfig_from_peft_keeps_float32_and_takes_a_base_model(tmp_path):
+    """The numpy-free shortcut: lossless by default (the cache packs into the serving dtype anyway),
+    and DoRA adapters (which need the base weights) convert through it too."""
+    from tiny_hf import make_adapter, tiny_model
+
+    make_adapter("llama", str(tmp_path / "plain"), target_modules=["q_proj", "v_proj"])
+    plain = lm.LoraConfig.from_peft(3, str(tmp_path / "plain"))
+    assert plain.weights.dtype == np.float32
+    assert np.array_equal(plain.weights, lm.convert.from_peft(str(tmp_path / "plain"), storage_type="float32")[0])
+    assert lm.LoraConfig.from_peft(3, str(tmp_path / "plain"), storage_type="float16").weights.dtype == np.float16
+    make_adapter("llama", str(tmp_path / "dora"), target_modules=["q_proj"], use_dora=True)
+    dora = lm.LoraConfig.from_peft(4, str(tmp_path / "dora"), base_model=tiny_model("llama"))
+    assert dora.config.shape[1] == 4 and dora.config[:, 3].all()

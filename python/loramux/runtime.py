@@ -31,12 +31,15 @@ class LoraConfig:
             raise LoraFormatError(f"task_id {self.task_id}: weights and config come together (one of them is missing)")
 
     @classmethod
-    def from_peft(cls, task_id: int, path: str, storage_type: Optional[str] = None) -> "LoraConfig":
-        """Converts the PEFT adapter folder at `path` (loramux.convert.from_peft)."""
+    def from_peft(cls, task_id: int, path: str, storage_type: Optional[str] = None,
+                  base_model: Any = None) -> "LoraConfig":
+        """Converts the PEFT adapter folder at `path` (loramux.convert.from_peft). Stored as float32
+        unless `storage_type` says otherwise: the cache packs it into the model's dtype on put, so
+        nothing is rounded twice. `base_model` (an HF model or a saved model dir) is needed for
+        DoRA adapters and encoder-decoder models."""
         from loramux.convert import from_peft
 
-        kwargs = {} if storage_type is None else {"storage_type": storage_type}
-        weights, config = from_peft(path, **kwargs)
+        weights, config = from_peft(path, storage_type=storage_type or "float32", base_model=base_model)
         return cls(task_id, weights, config)
 
     @property
