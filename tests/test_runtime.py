@@ -357,6 +357,10 @@ def test_request_fields_are_typed():
         lm.Request("t3", lora=5)
     with pytest.raises(LoraFormatError, match="max_new_tokens"):
         lm.Request("t3", max_new_tokens="8")
+    for bad in (np.zeros((2, 2), np.int64), 7, [True, False], torch.tensor([])):
+        with pytest.raises(LoraFormatError, match="prompt"):
+            lm.Request(bad)
+    assert lm.Request(np.array([3, 4])).prompt == [3, 4] == lm.Request(torch.tensor([3, 4])).prompt
 
 
 def test_loraconfig_from_peft_keeps_float32_and_takes_a_base_model(tmp_path):

@@ -58,9 +58,12 @@ class Request:
     lora: Optional[LoraConfig] = None
 
     def __post_init__(self):
+        if isinstance(self.prompt, (np.ndarray, torch.Tensor)) and self.prompt.ndim == 1:
+            self.prompt = self.prompt.tolist()  # token ids as an array (truth value ambiguous below)
         p = self.prompt
-        if not p or not (isinstance(p, str) or all(isinstance(t, int) for t in p)
-                         or all(isinstance(m, dict) and "content" in m for m in p)):
+        if not isinstance(p, (str, list, tuple)) or not p or not (
+                isinstance(p, str) or all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in p)
+                or all(isinstance(m, dict) and "content" in m for m in p)):
             raise LoraFormatError("a prompt must be text, chat messages ({'role', 'content'} dicts) or a non-empty "
                                   f"list of token ids, got {type(p).__name__} {str(p)[:40]!r}")
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, (int, np.integer)) \
@@ -227,13 +230,13 @@ class Executor:
         tokenizer refuses, or ids outside the model's vocabulary, raise LoraFormatError."""
         tok = self.tokenizer
         try:
-            if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
-                prompt = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+            if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], dict):
+                prompt = tok.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
             if isinstance(prompt, str):
                 prompt = tok(prompt)["input_ids"]
+            ids = [int(t) for t in prompt]
         except Exception as err:  # e.g. chat messages for a tokenizer without a chat template
             raise LoraFormatError(f"the tokenizer refused this prompt: {type(err).__name__}: {err}") from None
-        ids = [int(t) for t in prompt]
         model = self.engine.model
         vocab = getattr(model.get_input_embeddings(), "num_embeddings", None) or model.config.vocab_size
         bad = [t for t in ids if not 0 <= t < vocab]
