@@ -376,3 +376,25 @@ def test_loraconfig_from_peft_keeps_float32_and_takes_a_base_model(tmp_path):
     make_adapter("llama", str(tmp_path / "dora"), target_modules=["q_proj"], use_dora=True)
     dora = lm.LoraConfig.from_peft(4, str(tmp_path / "dora"), base_model=tiny_model("llama"))
     assert dora.config.shape[1] == 4 and dora.config[:, 3].all()
+
+
+def test_generation_stops_at_the_models_own_eos(llama, tokenizer):
+    """A model whose generation_config names another end token than the tokenizer's: the answer ends
+    before it (generate stops there and pads the row), as it does at the tokenizer's."""
+    ours, peft_model, names, formats = llama
+    engine = _attach(ours)
+    saved = ours.generation_config.eos_token_id
+    try:
+        ex = lm.Executor(engine, tokenizer)
+        ex.submit(lm.Request(_prompt(90), max_new_tokens=4))
+        (free,) = ex.run()
+        assert len(free.token_ids) == 4 and 2 not in free.token_ids
+        ours.generation_config.eos_token_id = [free.token_ids[1]]
+        ex.submit(lm.Request(_prompt(90), max_new_tokens=4))
+        ex.submit(lm.Request(_prompt(91), max_new_tokens=4))  # another row: the stopped one gets padded
+        stopped, _ = ex.run()
+        cut = free.token_ids.index(free.token_ids[1])
+        assert stopped.token_ids == free.token_ids[:cut], (stopped.token_ids, free.token_ids)
+    finally:
+        ours.generation_config.eos_token_id = saved
+        engine.detach()

@@ -264,6 +264,16 @@ class Executor:
                 return int(cand)
         return 0
 
+    def _end_ids(self) -> set:
+        """The tokens an answer ends at: the tokenizer's end token and the model's generation_config
+        eos_token_id (an int or a list), where generate stops a row."""
+        stops = set()
+        generation_config = getattr(self.engine.model, "generation_config", None)
+        for eos in (getattr(self.tokenizer, "eos_token_id", None), getattr(generation_config, "eos_token_id", None)):
+            if eos is not None:
+                stops.update([int(e) for e in eos] if isinstance(eos, (list, tuple)) else [int(eos)])
+        return stops
+
     def _generate(self, ids: List[int], queue, results, progress) -> None:
         model = self.engine.model
         inputs = {k: v.to(self.engine.device) for k, v in self._encode([self._prompt_ids[i] for i in ids]).items()}
@@ -274,14 +284,15 @@ class Executor:
         with torch.no_grad():
             out = model.generate(**inputs, **kwargs)
         new = out if model.config.is_encoder_decoder else out[:, inputs["input_ids"].shape[1]:]
-        eos = getattr(self.tokenizer, "eos_token_id", None)
+        stops = self._end_ids()
         for row, i in enumerate(ids):
             tokens = new[row].tolist()
             if model.config.is_encoder_decoder and tokens and tokens[0] == model.config.decoder_start_token_id:
                 tokens = tokens[1:]
             tokens = tokens[: queue[i].max_new_tokens]
-            if eos is not None and eos in tokens:
-                tokens = tokens[: tokens.index(eos)]
+            end = next((k for k, t in enumerate(tokens) if t in stops), None)
+            if end is not None:  # generate stopped this row there (and padded it after)
+                tokens = tokens[:end]
             results[i].token_ids = tokens
             results[i].text = self.tokenizer.decode(tokens, skip_special_tokens=True)
             self.generated_tokens += len(tokens)
