@@ -154,6 +154,7 @@ def test_each_bad_input_class_raises_its_typed_error_naming_the_row(kind, n_rows
         (np.zeros((2, 8), np.float32), np.array([1, 0, 1]), r"\[N, 3\]"),
         (np.zeros((2, 8), np.float32), np.array([[1, 0]] * 2), r"\[N, 3\]"),
         (np.zeros((3, 8), np.float32), np.array([[1, 0, 1]] * 2), "one weights row per config row"),
+        (np.zeros((1, 8), np.float32), np.array([[1, 2**64 - 1, 1]], np.uint64), "18446744073709551615"),  # not wrapped to -1
     ],
 )
 def test_shape_and_dtype_errors(weights, config, match):

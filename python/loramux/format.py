@@ -73,6 +73,8 @@ def raw_config(config) -> Tuple[np.ndarray, List[int]]:
     arr = np.asarray(config)
     if arr.dtype.kind not in "iu":
         raise LoraFormatError(f"config has dtype {arr.dtype}, expected int32 or int64")
+    if arr.dtype.kind == "u" and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
+        raise LoraFormatError(f"config value {int(arr.max())} is out of range (the cast to int64 would wrap it)")
     return np.ascontiguousarray(arr, dtype=np.int64).reshape(-1), list(arr.shape)
 
 
