@@ -65,6 +65,9 @@ fn bench_format(c: &mut Criterion) {
         group.bench_function("validate (config + NaN/Inf scan)", |b| {
             b.iter(|| format::validate(black_box(&weights), &config, &spec, ValidateOptions::default()).unwrap())
         });
+        group.bench_function("check_representable (serving-dtype range scan)", |b| {
+            b.iter(|| format::check_representable(black_box(&weights), &layout, out_dtype).unwrap())
+        });
         group.bench_function("validate + pack", |b| {
             b.iter(|| {
                 let layout = format::validate(black_box(&weights), &config, &spec, ValidateOptions::default()).unwrap();
