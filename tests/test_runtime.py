@@ -310,9 +310,10 @@ def test_split_batch_keeps_its_second_half_cached_while_admitting_the_next(llama
         engine.detach()
 
 
-def test_adapter_evicted_by_its_own_batch_gets_a_host_tier_error(llama, tokenizer):
-    """A host tier of one adapter and a batch carrying two: the first is evicted by the second's
-    put; its request fails with LoraCacheFullError naming the host tier (not "not cached")."""
+def test_host_tier_smaller_than_the_batch_splits_it_and_an_evicted_id_only_request_fails_typed(llama, tokenizer):
+    """A host tier of one adapter and a batch carrying two: the one the other's put evicted is put
+    again and runs in a batch of its own. A request naming only the id of an adapter its batch's
+    puts evicted cannot be reloaded: LoraCacheFullError naming the host tier (not "not cached")."""
     ours, peft_model, names, formats = llama
     probe = _attach(ours)
     probe.cache.put(0, *formats[1])
@@ -323,8 +324,15 @@ def test_adapter_evicted_by_its_own_batch_gets_a_host_tier_error(llama, tokenize
         ex = lm.Executor(engine, tokenizer, max_batch_size=2)
         for t in (0, 1):
             ex.submit(lm.Request(_prompt(70 + t), max_new_tokens=2, lora=lm.LoraConfig(t, *formats[1])))
+        results = ex.run()
+        assert all(r.ok for r in results), [r.error for r in results]
+        assert [r.token_ids for r in results] == [_tokens_of(peft_model, tokenizer, 10 + t, names[1]) for t in (0, 1)]
+        assert ex.batches_run == 2
+        assert engine.cache.task_ids() == [0]  # the one put again last
+        ex.submit(lm.Request(_prompt(70), max_new_tokens=2, lora=lm.LoraConfig(0)))  # evicted by 2's put below
+        ex.submit(lm.Request(_prompt(71), max_new_tokens=2, lora=lm.LoraConfig(2, *formats[1])))
         evicted, kept = ex.run()
-        assert isinstance(evicted.error, LoraCacheFullError) and "host" in str(evicted.error), evicted.error
+        assert isinstance(evicted.error, LoraCacheFullError) and "host tier" in str(evicted.error), evicted.error
         assert evicted.error.task_id == 0
         assert kept.ok and kept.token_ids == _tokens_of(peft_model, tokenizer, 11, names[1])
     finally:

@@ -2,7 +2,8 @@
 carries weights and config, later ones the id only; an unknown id fails that request alone.
 
 Requests run in submission order, in batches of up to max_batch_size mixing adapters and
-no-adapter rows; a batch whose adapters do not fit the device tier at once is split, not failed.
+no-adapter rows; a batch whose adapters do not fit the device tier at once is split, not failed;
+so is one whose adapters (carried by its requests) do not fit the host tier at once.
 """
 
 from __future__ import annotations
@@ -101,6 +102,7 @@ class Executor:
         self._upcoming = None  # (next batch's request ids, queue, results) until it is admitted
         self._upcoming_admitted: Optional[List[int]] = None
         self._prompt_ids: Dict[int, List[int]] = {}  # this run's request index -> its prompt's token ids
+        self._readmit: List[int] = []  # requests of the batch being admitted that go to a batch of their own
         self.generated_tokens = 0  # over the executor's life, for throughput figures
         self.batches_run = 0
 
@@ -121,6 +123,9 @@ class Executor:
         admitted: Optional[List[int]] = None
         for k, chunk in enumerate(chunks):
             runnable = admitted if admitted is not None else self._admit(chunk, queue, results)
+            if self._readmit:  # requests whose adapters this batch's own puts evicted: run them next
+                chunks.insert(k + 1, self._readmit)
+                self._readmit = []
             # the next batch is admitted (and its adapters prefetched) once this batch holds its
             # own, so the copies overlap this batch's compute and cannot evict what it needs
             self._upcoming = (chunks[k + 1], queue, results) if k + 1 < len(chunks) else None
@@ -173,6 +178,12 @@ class Executor:
                     errors[i] = err
                 except LoraError as err:
                     errors[i] = err
+        # adapters put here and evicted by later puts here (a host tier smaller than the batch's
+        # adapters): their requests carry the weights, so they are put again in a batch of their own
+        evicted = {queue[i].lora.task_id for i in ids if i not in errors and queue[i].lora is not None
+                   and queue[i].lora.carries_weights and queue[i].lora.task_id not in cache}
+        if evicted and defer_when_full:
+            return None
         for i, err in errors.items():
             results[i].error = err
         runnable = []
@@ -180,9 +191,12 @@ class Executor:
             lora = queue[i].lora
             if results[i].error is not None:
                 continue
+            if lora is not None and lora.task_id in evicted:
+                self._readmit.append(i)
+                continue
             if lora is not None and lora.task_id in held and lora.task_id not in cache:
                 results[i].error = LoraCacheFullError(
-                    f"task_id {lora.task_id} was evicted from the host tier by the adapters later requests of its "
+                    f"task_id {lora.task_id} was evicted from the host tier by the adapters other requests of its "
                     f"batch carry: the host tier holds fewer adapters than a batch of {len(ids)} requests needs "
                     "(raise host_cache_bytes or lower max_batch_size)", task_id=lora.task_id)
                 continue
