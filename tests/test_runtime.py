@@ -369,6 +369,9 @@ def test_request_fields_are_typed():
         with pytest.raises(LoraFormatError, match="prompt"):
             lm.Request(bad)
     assert lm.Request(np.array([3, 4])).prompt == [3, 4] == lm.Request(torch.tensor([3, 4])).prompt
+    for bad in (0, 2.5, "8"):
+        with pytest.raises(LoraFormatError, match="max_batch_size"):
+            lm.Executor(None, None, max_batch_size=bad)
 
 
 def test_loraconfig_from_peft_keeps_float32_and_takes_a_base_model(tmp_path):

@@ -93,8 +93,8 @@ class Executor:
     """Serves queued requests through an attached model (loramux.attach) with greedy decoding."""
 
     def __init__(self, engine, tokenizer, max_batch_size: int = 8):
-        if max_batch_size < 1:
-            raise LoraFormatError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, (int, np.integer)) or max_batch_size < 1:
+            raise LoraFormatError(f"max_batch_size must be an int >= 1, got {max_batch_size!r}")
         self.engine = engine
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
@@ -133,6 +133,7 @@ class Executor:
             if runnable:
                 self._run_fitting(runnable, queue, results, progress)
             admitted = self._upcoming_admitted
+        self._prompt_ids = {}
         return results
 
     def _admit_upcoming(self) -> None:
