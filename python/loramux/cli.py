@@ -47,7 +47,6 @@ def add_to_peft(sub) -> None:
 
 
 def cmd_to_peft(args) -> int:
-    import json
     import os
 
     from loramux import convert, format, spec
@@ -56,11 +55,7 @@ def cmd_to_peft(args) -> int:
     config_path = os.path.join(args.base_model, "config.json")
     if not os.path.isfile(config_path):
         raise LoraConvertError(f"{args.base_model}: no config.json; pass a saved HF model directory")
-    try:
-        with open(config_path) as f:
-            hf_config = json.load(f)
-    except ValueError as e:  # not JSON (or not UTF-8)
-        raise LoraConvertError(f"{config_path}: not a readable JSON file ({e})") from None
+    hf_config = format.read_json(config_path, LoraConvertError)
     weights, config = format.load(args.input)
     has_dora = config.shape[-1] == 4 and bool(config[..., 3].any())  # only DoRA needs the weights themselves
     convert.to_peft(weights, config, spec.spec_from_hf_config(hf_config, args.max_rank), args.output, hf_config,

@@ -8,7 +8,6 @@ Whatever the format cannot hold raises LoraConvertError naming it; nothing is dr
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -49,11 +48,7 @@ def read_adapter(path: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     cfg_path = os.path.join(path, ADAPTER_CONFIG)
     if not os.path.isfile(cfg_path):
         raise LoraConvertError(f"{path}: no {ADAPTER_CONFIG}; not a PEFT adapter directory")
-    try:
-        with open(cfg_path) as f:
-            config = json.load(f)
-    except ValueError as e:  # not JSON (or not UTF-8)
-        raise LoraConvertError(f"{cfg_path}: not a readable JSON file ({e})") from None
+    config = fmt.read_json(cfg_path, LoraConvertError)
     st, binf = os.path.join(path, SAFETENSORS_FILE), os.path.join(path, BIN_FILE)
     if os.path.isfile(st):
         from safetensors.torch import load_file

@@ -7,13 +7,13 @@ reads W0 from an HF model (an nn.Module or a saved model directory) without inst
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Dict, Optional
 
 import numpy as np
 
 from loramux.errors import LoraDoraError
+from loramux.format import read_json
 
 # Rows per block when forming W0 + B A, so a large module never needs a second full-size copy.
 _ROW_BLOCK = 1024
@@ -75,16 +75,12 @@ class BaseWeights:
             raise LoraDoraError(f"base model directory {path!r} does not exist")
         cfg_path = os.path.join(path, "config.json")
         if os.path.exists(cfg_path):
-            try:
-                with open(cfg_path) as f:
-                    self.config = json.load(f)
-            except ValueError as e:  # not JSON (or not UTF-8)
-                raise LoraDoraError(f"{cfg_path}: not a readable JSON file ({e})") from None
+            self.config = read_json(cfg_path, LoraDoraError)
         index = os.path.join(path, "model.safetensors.index.json")
         single = os.path.join(path, "model.safetensors")
         if os.path.exists(index):
-            with open(index) as f:
-                self._files = {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
+            weight_map = read_json(index, LoraDoraError)["weight_map"]
+            self._files = {k: os.path.join(path, v) for k, v in weight_map.items()}
         elif os.path.exists(single):
             from safetensors import safe_open
 

@@ -7,9 +7,10 @@ Ho DoRA scales, then padding.
 
 from __future__ import annotations
 
+import json
 import math
 import os
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, List, NamedTuple, Optional, Sequence, Tuple, Type
 
 import numpy as np
 
@@ -170,6 +171,15 @@ WEIGHTS_FILE = "model.lora_weights.npy"
 CONFIG_FILE = "model.lora_config.npy"
 #: Refuse files larger than this unless the caller raises it (an adapter is rarely above a few GiB).
 DEFAULT_MAX_FILE_BYTES = 64 << 30
+
+
+def read_json(path: str, error: Type[Exception] = LoraFormatError) -> Any:
+    """The parsed JSON file at `path`; a file that is not JSON (or not UTF-8) raises `error` naming it."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError as e:
+        raise error(f"{path}: not a readable JSON file ({e})") from None
 
 
 def save(out_dir: str, weights: np.ndarray, config: np.ndarray) -> None:
