@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from decode_step import ADAPTERS, DEV, DT, LAYERS, RANK, capture, copy_bw, events  # noqa: E402
 from kernel_fixtures import BatchMeta, build_adapters  # noqa: E402
 
-from loramux import kernels  # noqa: E402
+from loramux.ops import kernels  # noqa: E402
 
 DIMS = {1: (4096, 4096), 2: (4096, 1024), 3: (4096, 1024), 4: (4096, 4096), 7: (4096, 14336), 5: (4096, 14336),
         6: (14336, 4096)}

@@ -90,7 +90,7 @@ def capture(step, before=None):
 def ops_only(ad, spec):
     """The step's LoRA work alone in a graph: 7 applies per layer (as attach's layers issue them)
     vs 4 (q,k,v in one 3-slice launch, gate,up in one 2-slice launch)."""
-    from loramux import kernels
+    from loramux.ops import kernels
     from kernel_fixtures import BatchMeta
 
     meta = BatchMeta(table=ad.table, pool=ad.pool, dtype=DT, slot_of_token=torch.arange(BATCH, dtype=torch.int32, device=DEV),
@@ -201,14 +201,14 @@ def main():
     with torch.no_grad():
         eager = step().float()
     # the torch reference on the same GPU tensors (kernels switched off) checks the kernel path
-    saved = ops._kernels
-    ops._kernels = None
+    saved = ops.apply._kernels
+    ops.apply._kernels = None
     try:
         engine.set_batch(slots0, ad.table, ad.pool)
         with torch.no_grad():
             ref = step().float()
     finally:
-        ops._kernels = saved
+        ops.apply._kernels = saved
     base_logits = out_base.float() if g_base is not None else None
     res["kernel_vs_torch_ref_rel"] = float((eager - ref).norm() / (ref - base_logits).norm()) if base_logits is not None else None
 

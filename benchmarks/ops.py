@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, __import__("os").path.join(__import__("os").path.dirname(__file__), "..", "tests"))
 from kernel_fixtures import BatchMeta  # noqa: E402
 
-from loramux import kernels  # noqa: E402
+from loramux.ops import kernels  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]
 RANKS = [8, 16, 64]

@@ -9,7 +9,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from kernel_fixtures import BatchMeta  # noqa: E402
 
-from loramux import kernels  # noqa: E402
+from loramux.ops import kernels  # noqa: E402
 
 hi, ho, r = 4096, 14336, 16
 for T, n in ((32, 32), (2048, 1)):

@@ -5,7 +5,7 @@ import ctypes
 import pathlib
 import sys
 
-from loramux import kernels
+from loramux.ops import kernels
 
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "cuda"
 

@@ -31,13 +31,13 @@ LLAMA_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, nu
 
 def _adapter(model, rank: int, seed: int):
     """A full adapter (all 7 projections, every layer) as (bfloat16 bits as uint16 [N, W], config)."""
-    from loramux.tp_llama import LLAMA_MODULES
+    from loramux.parallel.llama import SERVED_MODULE_IDS
+    from loramux.models.targets import spec_from_config
 
     cfg = model.config
-    h, f = cfg.hidden_size, cfg.intermediate_size
-    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    dims = {1: (h, q), 2: (h, kv), 3: (h, kv), 4: (q, h), 5: (h, f), 6: (f, h), 7: (h, f)}
-    rows = [(mid, layer) for layer in range(cfg.num_hidden_layers) for mid in sorted(LLAMA_MODULES.values())]
+    spec = spec_from_config(cfg, max_rank=rank)
+    dims = {mid: spec.module_dims(mid) for mid in SERVED_MODULE_IDS}
+    rows = [(mid, layer) for layer in range(cfg.num_hidden_layers) for mid in sorted(SERVED_MODULE_IDS)]
     width = max(rank * (hi + ho) for hi, ho in dims.values())
     gen = torch.Generator(device="cuda").manual_seed(seed)
     weights = (torch.randn(len(rows), width, generator=gen, device="cuda", dtype=torch.bfloat16) * 0.01)
@@ -115,8 +115,8 @@ def _step_ms(shard, ids, task_ids, args) -> dict:
 def _worker(rank: int, tp: int, port: int, out_path: str, args) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from loramux.tp import rank_spec
-    from loramux.tp_llama import TpLlama, init_parallel
+    from loramux.parallel import rank_spec
+    from loramux.parallel import TpLlama, init_parallel
 
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=tp,
@@ -172,14 +172,14 @@ def _full_spec(model, max_rank):
 
 
 def _rank_spec(model, max_rank, tp):
-    from loramux.tp import rank_spec
+    from loramux.parallel import rank_spec
 
     return rank_spec(_full_spec(model, max_rank), tp)
 
 
 def _kernels_in_use() -> bool:
     try:
-        import loramux.kernels as k
+        import loramux.ops.kernels as k
 
         return bool(k.available())
     except ModuleNotFoundError:

@@ -79,7 +79,7 @@ def test_progress_bar_on_large_adapters(tmp_path, monkeypatch, capsys):
     make_adapter("llama", tmp_path / "peft", target_modules=["q_proj"])
     assert cli.main(["convert", "-i", str(tmp_path / "peft"), "-o", str(tmp_path / "small")]) == 0
     assert "converting" not in capsys.readouterr().err
-    monkeypatch.setattr(convert, "PROGRESS_BYTES", 0)  # every adapter counts as large
+    monkeypatch.setattr(convert.peft_reader, "PROGRESS_BYTES", 0)  # every adapter counts as large
     assert cli.main(["convert", "-i", str(tmp_path / "peft"), "-o", str(tmp_path / "large")]) == 0
     assert "converting" in capsys.readouterr().err
 

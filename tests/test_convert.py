@@ -14,7 +14,8 @@ pytest.importorskip("transformers")
 
 from tiny_hf import MODEL_TYPE, TINY_CONFIGS, fresh_model, logits, make_adapter, tiny_model  # noqa: E402
 
-from loramux import cli, convert, format, spec  # noqa: E402
+from loramux import cli, convert, format  # noqa: E402
+from loramux.convert import hf_modules as spec  # noqa: E402
 from loramux.errors import LoraConvertError, LoraDoraError, LoraFormatError  # noqa: E402
 from loramux.modules import MODULE_IDS, NUM_MODULES  # noqa: E402
 

@@ -101,7 +101,7 @@ def test_mixed_dora_and_plain_batch_matches_peft_through_attach(peft_setup):
 
 
 def test_tp1_parallel_forward_matches_peft_with_dora(peft_setup):
-    from loramux.tp_llama import ParallelContext, TpLlama
+    from loramux.parallel import ParallelContext, TpLlama
 
     base, peft_model, converted, _ = peft_setup
     ids = _input_ids()

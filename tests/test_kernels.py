@@ -14,7 +14,7 @@ from kernel_fixtures import build_adapters, oracle_apply, oracle_u, rel_err
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 if torch.cuda.is_available():
-    from loramux import kernels
+    from loramux.ops import kernels
     from loramux.errors import LoraCudaError
 
 TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3}

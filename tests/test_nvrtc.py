@@ -4,7 +4,8 @@ not on the GPU machine."""
 
 import pytest
 
-from loramux import _core, kernels
+from loramux import _core
+from loramux.ops import kernels
 from loramux.errors import LoraCudaError
 
 pytestmark = pytest.mark.skipif(kernels.nvrtc_library() is None, reason="no libnvrtc installed")

@@ -168,7 +168,7 @@ def test_any_token_assignment_matches_oracle(slots, ranks, seed):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("tokens", [1, 7, 300])
 def test_cuda_dispatch_matches_the_cpu_reference(dtype, tokens):
-    """On CUDA, ops take loramux.kernels where they support the case (fp32 stays on the reference):
+    """On CUDA, ops take loramux.ops.kernels where they support the case (fp32 stays on the reference):
     either way the result equals the CPU reference."""
     gen = torch.Generator().manual_seed(tokens)
     hi, q, kv = 64, 64, 32

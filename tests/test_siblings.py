@@ -172,8 +172,8 @@ def test_outputs_not_taken_are_dropped_with_the_batch(tmp_path):
     group = ours.model.layers[0].mlp.gate_proj.sibling
     with torch.no_grad(), fused.batch(rows):
         ours.model.layers[0].mlp.gate_proj(x)
-        assert group._pending is not None  # up_proj's slice waits
-    assert group._pending is None and group.fusable
+        assert group.shared._pending is not None  # up_proj's slice waits
+    assert group.shared._pending is None and group.fusable
 
 
 @pytest.mark.gpu

@@ -1,4 +1,4 @@
-"""Tensor/pipeline-parallel LoRA: per-rank slicing (rust/src/tp.rs through loramux.tp), and the
+"""Tensor/pipeline-parallel LoRA: per-rank slicing (rust/src/tp.rs through loramux.parallel), and the
 torch.distributed Llama forward at tp=2/4 and pp=2 against tp=1 (gloo, spawned processes)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import loramux as lm
-from loramux import tp
+import loramux.parallel as tp
 
 SPEC = lm.ModelSpec(num_layers=4, hidden_size=16, num_heads=8, num_kv_heads=4, ffn_size=24, max_rank=8)  # q 16, kv 8
 
@@ -128,7 +128,7 @@ def _scenario():
 
 
 def _run_layout(tp_size, pp_size, dtype, model_state, adapters, input_ids, task_ids, device):
-    from loramux.tp_llama import TpLlama, init_parallel
+    from loramux.parallel import TpLlama, init_parallel
 
     ctx = init_parallel(tp_size, pp_size)
     model = tiny_llama(0)
@@ -191,7 +191,7 @@ def _spawn(world: int, out_dir: str, timeout_s: float, backend: str, layouts) ->
 def _tp1_logits(dtypes=("float32",)):
     """The unsplit forward (tp=1, this process) per dtype; float32 checked against the merged-weights
     oracle."""
-    from loramux.tp_llama import ParallelContext, TpLlama
+    from loramux.parallel import ParallelContext, TpLlama
 
     model, adapters, input_ids, task_ids = _scenario()
     out = {}
@@ -243,7 +243,7 @@ def test_nccl_tp_on_the_visible_gpus_equals_tp1(tmp_path):
 
 
 def test_parallel_forward_refuses_what_it_cannot_serve():
-    from loramux.tp_llama import ParallelContext, TpLlama
+    from loramux.parallel import ParallelContext, TpLlama
 
     model = tiny_llama(0)
     with pytest.raises(lm.LoraParallelError, match="num_heads = 8"):  # 8 heads do not split 3 ways

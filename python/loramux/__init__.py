@@ -1,7 +1,10 @@
-"""loramux: serve many LoRA adapters at once over one torch model, in the TensorRT-LLM LoRA format."""
+"""loramux: serve many LoRA adapters at once over one torch model, in the TensorRT-LLM LoRA format.
 
-from loramux import errors, format, modules
-from loramux import convert, dora, spec  # PEFT <-> format converter, DoRA scales, HF module map
+The numpy-only parts (format, modules, convert, dora, parallel slicing) import without torch; the
+torch-facing names (attach, LoraCache, Executor, ...) load on first use.
+"""
+
+from loramux import convert, dora, errors, format, modules
 from loramux._core import ModelSpec, __version__
 from loramux.errors import (
     LoraCacheError,
@@ -16,17 +19,23 @@ from loramux.errors import (
     LoraTaskConflictError,
 )
 
-# torch-facing parts load on first use, so numpy-only users (format, convert) never import torch
+# name -> the module that defines it; imported on first use, so numpy-only users never import torch
 _LAZY = {
     "attach": "loramux.models",
     "detach": "loramux.models",
     "Engine": "loramux.models",
-    "cache": "loramux.cache",
     "LoraCache": "loramux.cache",
     "AcquiredBatch": "loramux.cache",
-    "Executor": "loramux.runtime",
-    "Request": "loramux.runtime",
-    "LoraConfig": "loramux.runtime",
+    "Executor": "loramux.serving",
+    "Request": "loramux.serving",
+    "LoraConfig": "loramux.serving",
+    "Result": "loramux.serving",
+    "cache": "loramux.cache",
+    "models": "loramux.models",
+    "ops": "loramux.ops",
+    "parallel": "loramux.parallel",
+    "serving": "loramux.serving",
+    "demo": "loramux.demo",
 }
 
 
@@ -35,19 +44,42 @@ def __getattr__(name):
         import importlib
 
         module = importlib.import_module(_LAZY[name])
-        return module if module.__name__ == f"loramux.{name}" else getattr(module, name)
+        value = module if module.__name__ == f"loramux.{name}" else getattr(module, name)
+        globals()[name] = value  # later lookups skip this function
+        return value
     raise AttributeError(f"module 'loramux' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
 
 
 __all__ = [
     "__version__",
-    "ModelSpec",
+    # numpy-facing modules
     "errors",
     "format",
     "modules",
     "convert",
     "dora",
-    "spec",
+    "ModelSpec",
+    # torch-facing modules and names (lazy)
+    "cache",
+    "models",
+    "ops",
+    "parallel",
+    "serving",
+    "demo",
+    "attach",
+    "detach",
+    "Engine",
+    "LoraCache",
+    "AcquiredBatch",
+    "Executor",
+    "Request",
+    "LoraConfig",
+    "Result",
+    # errors
     "LoraError",
     "LoraFormatError",
     "LoraConvertError",

@@ -103,7 +103,7 @@ class AdapterCache:
     @staticmethod
     def cuda_driver_present() -> bool: ...
 
-# --- CUDA LoRA kernels (rust/src/bindings/ops.rs; used by loramux.kernels) ---
+# --- CUDA LoRA kernels (rust/src/bindings/ops.rs; used by loramux.ops.kernels) ---
 KERNEL_MAX_RANK: int
 KERNEL_MAX_SLICES: int
 

@@ -13,7 +13,7 @@ from typing import Dict, Iterable, List, Optional, Union
 import numpy as np
 import torch
 
-from loramux import _core
+import loramux._core as _core
 from loramux.errors import LoraCacheError, LoraCudaError
 from loramux.format import raw_config, raw_weights
 from loramux.modules import NUM_MODULES

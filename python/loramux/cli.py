@@ -49,7 +49,8 @@ def add_to_peft(sub) -> None:
 def cmd_to_peft(args) -> int:
     import os
 
-    from loramux import convert, format, spec
+    from loramux import convert, format
+    from loramux.convert import hf_modules
     from loramux.errors import LoraConvertError
 
     config_path = os.path.join(args.base_model, "config.json")
@@ -58,7 +59,7 @@ def cmd_to_peft(args) -> int:
     hf_config = format.read_json(config_path, LoraConvertError)
     weights, config = format.load(args.input)
     has_dora = config.shape[-1] == 4 and bool(config[..., 3].any())  # only DoRA needs the weights themselves
-    convert.to_peft(weights, config, spec.spec_from_hf_config(hf_config, args.max_rank), args.output, hf_config,
+    convert.to_peft(weights, config, hf_modules.spec_from_hf_config(hf_config, args.max_rank), args.output, hf_config,
                     base_model=args.base_model if has_dora else None, base_model_name_or_path=args.base_model)
     print(f"wrote {args.output}/{convert.ADAPTER_CONFIG} and {convert.SAFETENSORS_FILE}")
     return 0

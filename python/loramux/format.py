@@ -14,7 +14,7 @@ from typing import Any, List, NamedTuple, Optional, Sequence, Tuple, Type
 
 import numpy as np
 
-from loramux import _core
+import loramux._core as _core
 from loramux._core import ModelSpec
 from loramux.errors import LoraFormatError
 

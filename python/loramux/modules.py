@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Dict, List
 
-from loramux import _core
+import loramux._core as _core
 
 _TABLE = _core.module_table()
 

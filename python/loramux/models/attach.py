@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from loramux import spec as hfspec
+from loramux.convert import hf_modules as hfspec
 from loramux.errors import LoraError, LoraFormatError
 from loramux.models.engine import Engine
 from loramux.models.siblings import group_siblings
@@ -46,7 +46,7 @@ def _wrap(target, layer: nn.Module, spec, engine) -> nn.Module:
 
 def attach_layers(model: nn.Module, spec, cache, dtype: torch.dtype, device: torch.device,
                   fuse_siblings: bool = True) -> Engine:
-    """Wraps every target layer of `model` (loramux.spec's table, via models/targets.py); the layers read `cache`'s slots.
+    """Wraps every target layer of `model` (loramux.convert.hf_modules table, via models/targets.py); the layers read `cache`'s slots.
     `fuse_siblings`: projections that read one input (q|k|v, gate|up) share one multi-slice LoRA launch."""
     if any(isinstance(m, _WRAPPERS) for m in model.modules()):
         raise LoraError("this model already has loramux layers attached; detach() first")

@@ -1,15 +1,16 @@
-"""The Engine: one attached model, its adapter cache, and the adapter slot of each row of the batch
-being run. The LoRA layers ask it for the BatchMeta of their input (built once per token count)."""
+"""The Engine: one attached model, its adapter cache, and the StepBatch (each row's adapter slot)
+of the batch being run, which the LoRA layers read."""
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence
 
 import torch
 
 from loramux.errors import LoraError
 from loramux.ops import BatchMeta
+from loramux.ops.step_batch import StepBatch
 
 
 class Engine:
@@ -22,11 +23,7 @@ class Engine:
         self.dtype = dtype
         self.device = device
         self._restore = restore  # [(parent module, attribute, original layer)], for detach()
-        self._slot_of_row: Optional[torch.Tensor] = None
-        self._table: Optional[torch.Tensor] = None
-        self._pool: Optional[torch.Tensor] = None
-        self._metas: Dict[int, BatchMeta] = {}
-        self._used: List[List[bool]] = []
+        self.step = StepBatch(dtype, spec.max_rank)  # the adapter mapping every LoRA layer reads
         self._in_batch = False
         # q|k|v and gate|up siblings computed by one multi-slice lora_apply (models/siblings.py);
         # False: one lora_apply per projection (same results, for A/B runs)
@@ -40,25 +37,11 @@ class Engine:
     # --- the batch the layers see ---------------------------------------------------------------
     def set_batch(self, slot_of_row: Sequence[int], table: torch.Tensor, pool: torch.Tensor) -> None:
         """Rows of the coming forwards use these slots of `table` (-1: no adapter)."""
-        slots = torch.as_tensor(list(slot_of_row), dtype=torch.int32)
-        if slots.numel() == 0:
-            raise LoraError("a batch needs at least one row")
-        self._metas = {}
         self._drop_sibling_outputs()
-        if bool((slots < 0).all()):
-            self._slot_of_row = None  # no adapter anywhere: the layers run the base model untouched
-            return
-        self._slot_of_row = slots.to(table.device)
-        self._rows = slots.numel()
-        self._table, self._pool = table, pool
-        # which (layer, module) any row's adapter has: read once per batch, so layers no adapter
-        # touches run the base layer and launch nothing
-        present = sorted({int(s) for s in slots.tolist() if s >= 0})
-        self._used = (table[present][..., 3] > 0).any(dim=0).cpu().tolist()  # [layer][module_id]
+        self.step.set(list(slot_of_row), table, pool)
 
     def clear_batch(self) -> None:
-        self._slot_of_row = self._table = self._pool = None
-        self._metas = {}
+        self.step.clear()
         self._drop_sibling_outputs()
 
     def _drop_sibling_outputs(self) -> None:
@@ -90,24 +73,11 @@ class Engine:
 
     def used_slices(self, layer: int, slices):
         """The module-id groups of `slices` that some adapter of the current batch has at `layer`."""
-        used = self._used[layer]
-        return [ids for ids in slices if any(used[m] for m in ids)]
+        return self.step.used_slices(layer, slices)
 
     def meta_for(self, x: torch.Tensor) -> Optional[BatchMeta]:
-        """The BatchMeta for an activation of this batch ([rows, seq, H] or [rows*seq, H]); None
-        when no row holds an adapter."""
-        if self._slot_of_row is None:
-            return None
-        tokens = x.numel() // x.shape[-1]
-        meta = self._metas.get(tokens)
-        if meta is None:
-            if tokens % self._rows:
-                raise LoraError(f"an activation of {tokens} tokens does not split into the batch's {self._rows} rows")
-            slot_of_token = self._slot_of_row.repeat_interleave(tokens // self._rows)
-            meta = BatchMeta(table=self._table, pool=self._pool, dtype=self.dtype,
-                             slot_of_token=slot_of_token, max_rank=self.max_rank)
-            self._metas[tokens] = meta
-        return meta
+        """The BatchMeta for an activation of this batch; None when no row holds an adapter."""
+        return self.step.meta_for(x)
 
     # --- attach / detach -------------------------------------------------------------------------
     def detach(self):

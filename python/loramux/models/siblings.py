@@ -8,12 +8,12 @@ with another input than the one its group computed for runs its own per-projecti
 
 from __future__ import annotations
 
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from loramux import ops
+import loramux.ops as ops
 from loramux.modules import MODULE_IDS
 
 _M = MODULE_IDS
@@ -26,18 +26,47 @@ SIBLING_IDS: Tuple[Tuple[int, ...], ...] = (
 
 
 class _Pending(NamedTuple):
-    """The outputs computed for one input, until every sibling has taken its own."""
-
     x: torch.Tensor
     version: Optional[int]  # x._version when computed: an in-place change to x is another input
-    meta: object  # the BatchMeta they were computed under (a new batch or token count is another)
+    key: object  # what they were computed under (a new batch or token count is another BatchMeta)
     outputs: List[torch.Tensor]
-    left: frozenset  # member indices that have not taken their output yet
+    left: frozenset  # indices that have not taken their output yet
 
 
 def _version_of(x: torch.Tensor) -> Optional[int]:
     """x's in-place version counter; None for inference-mode tensors, which keep none."""
     return None if x.is_inference() else x._version
+
+
+class SharedOutputs:
+    """Outputs computed together for one input (one GEMM and one multi-slice LoRA launch), each
+    handed once to the sibling that asks for it; the first sibling called computes them all."""
+
+    def __init__(self) -> None:
+        self._pending: Optional[_Pending] = None
+
+    def clear(self) -> None:
+        """Drops outputs not taken (a batch ended, or a forward stopped half way)."""
+        self._pending = None
+
+    def take(self, index: int, x: torch.Tensor, key: object, compute: Callable[[], List[torch.Tensor]]
+             ) -> Optional[torch.Tensor]:
+        """Sibling `index`'s output for x under `key`: taken from the pending outputs when they are
+        for this input, else computed with compute() (all of them). None when outputs for another
+        input are still pending: the caller decides (stop fusing, or clear() and ask again)."""
+        pending = self._pending
+        if pending is not None and pending.key is key:
+            same_input = pending.x is x and pending.version == _version_of(x)
+            if same_input and index in pending.left:
+                left = pending.left - {index}
+                self._pending = pending._replace(left=left) if left else None
+                return pending.outputs[index]
+            if not same_input:
+                return None
+        outputs = compute()
+        left = frozenset(range(len(outputs))) - {index}
+        self._pending = _Pending(x, _version_of(x), key, outputs, left) if left else None
+        return outputs[index]
 
 
 class SiblingGroup:
@@ -51,11 +80,10 @@ class SiblingGroup:
         self.out_sizes = [m.slice_sizes[0][0] for m in self.members]
         self.starts = [sum(self.out_sizes[:i]) for i in range(len(self.members))]
         self.fusable = True  # False once a sibling was called with another input (then never again)
-        self._pending: Optional[_Pending] = None
+        self.shared = SharedOutputs()
 
     def clear(self) -> None:
-        """Drops outputs not taken (a batch ended, or a forward stopped half way)."""
-        self._pending = None
+        self.shared.clear()
 
     def output_for(self, index: int, x: torch.Tensor) -> Optional[torch.Tensor]:
         """Member `index`'s output for input x, or None when it should run its own per-projection
@@ -69,22 +97,12 @@ class SiblingGroup:
         used = sum(1 for m in self.members if engine.used_slices(self.layer, m.slices))
         if used < 2:  # one LoRA slice or none: the per-projection path launches no more than this
             return None
-        pending = self._pending
-        if pending is not None and pending.meta is meta:
-            same_input = pending.x is x and pending.version == _version_of(x)
-            if same_input and index in pending.left:
-                left = pending.left - {index}
-                self._pending = pending._replace(left=left) if left else None
-                return pending.outputs[index]
-            if not same_input:
-                # this model calls the siblings on different inputs: stop guessing for this group
-                self.fusable = False
-                self._pending = None
-                return None
-        outputs = self._compute(x, meta)
-        left = frozenset(range(len(self.members))) - {index}
-        self._pending = _Pending(x, _version_of(x), meta, outputs, left) if left else None
-        return outputs[index]
+        output = self.shared.take(index, x, meta, lambda: self._compute(x, meta))
+        if output is None:
+            # this model calls the siblings on different inputs: stop guessing for this group
+            self.fusable = False
+            self.shared.clear()
+        return output
 
     def _compute(self, x: torch.Tensor, meta) -> List[torch.Tensor]:
         """Every sibling's output for x: the bias-free base outputs side by side in one buffer (so a
@@ -134,4 +152,4 @@ def group_siblings(wrapped: Sequence[Tuple[str, object]], engine) -> List[Siblin
     return groups
 
 
-__all__ = ["SIBLING_IDS", "SiblingGroup", "group_siblings"]
+__all__ = ["SIBLING_IDS", "SharedOutputs", "SiblingGroup", "group_siblings"]

@@ -1,4 +1,4 @@
-"""Which layers of an HF model take LoRA, and as which module ids: loramux.spec's per-architecture
+"""Which layers of an HF model take LoRA, and as which module ids: loramux.convert.hf_modules per-architecture
 table (the converter's too) applied to a live model. Layer indices are spec's: an encoder-decoder
 numbers its encoder blocks 0..Le-1 and its decoder blocks Le..Le+Ld-1, so one adapter covers both.
 """
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import List, NamedTuple, Optional, Tuple
 
-from loramux import spec as hfspec
+from loramux.convert import hf_modules as hfspec
 from loramux._core import ModelSpec
 from loramux.errors import LoraConvertError
 from loramux.modules import MODULE_IDS

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loramux import ops  # ops.lora_apply looked up per call (a counting wrapper in tests sees it)
+import loramux.ops as ops  # ops.lora_apply looked up per call (a counting wrapper in tests sees it)
 
 
 class _Wrapper(nn.Module):

@@ -6,7 +6,7 @@ scales); fused attn_qkv / mlp_gate_up split each part (q|k|v, gate|up) separatel
 ``q_r|k_r|v_r`` / ``gate_r|up_r``; RowLinear modules (attn_dense, mlp_4h_to_h, cross_attn_dense,
 moe_4h_to_h) keep rank r's block of A's columns and B and the DoRA scales whole; the routers are
 replicated. A pipeline stage keeps its layers' rows, renumbered from 0.
-The torch.distributed forward for the Llama family lives in ``loramux.tp_llama``.
+The torch.distributed forward for the Llama family lives in ``loramux.parallel.llama``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import NamedTuple, Optional, Tuple
 
 import numpy as np
 
-from loramux import _core
+import loramux._core as _core
 from loramux._core import ModelSpec
 from loramux.errors import LoraParallelError
 from loramux.format import raw_config, raw_weights

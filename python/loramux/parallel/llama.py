@@ -7,7 +7,7 @@ block of the output rows), o_proj and down_proj row-parallel (rank r keeps the m
 columns; the partial outputs, base + LoRA, are summed by one all-reduce, then the bias is added
 once). q/k/v (and gate/up) run as one GEMM and one multi-slice LoRA launch per layer; the HF
 modules' calls take their slices of it. Embedding, norms and lm_head are replicated. A request's
-full adapter is sliced on load (loramux.tp.slice_adapter) and each rank caches only its slice in
+full adapter is sliced on load (loramux.parallel.slice_adapter) and each rank caches only its slice in
 its own LoraCache. `load` is per rank: every rank must load the same adapters (a rank that fails,
 e.g. on a full cache, leaves the layout inconsistent until the caller retries or drops the task).
 """
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -24,16 +24,34 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from loramux.convert import hf_modules
 from loramux.errors import LoraFormatError, LoraParallelError
+from loramux.models.siblings import SharedOutputs
 from loramux.models.targets import spec_from_config
-from loramux.ops import BatchMeta, lora_apply
-from loramux.tp import rank_spec, slice_adapter, stage_layers
+from loramux.modules import MODULE_IDS
+from loramux.ops import lora_apply
+from loramux.ops.step_batch import StepBatch
+from loramux.parallel.slicing import rank_spec, slice_adapter, stage_layers
 
-# The module ids a Llama decoder layer applies, by projection (separate q/k/v and gate/up).
-LLAMA_MODULES = {"q_proj": 1, "k_proj": 2, "v_proj": 3, "o_proj": 4, "up_proj": 5, "down_proj": 6, "gate_proj": 7}
-# Projections of one input computed together (one GEMM, one multi-slice LoRA launch), and o/down.
-_ATTN_GROUPS = ((("q_proj", "k_proj", "v_proj"), "column"), (("o_proj",), "row"))
-_MLP_GROUPS = ((("gate_proj", "up_proj"), "column"), (("down_proj",), "row"))
+_M = MODULE_IDS
+# The projections of a Llama decoder layer by module id, in the order one layer computes them:
+# q|k|v and gate|up each as one column-parallel GEMM + one multi-slice LoRA launch (the sibling
+# groups attach() fuses too), o and down row-parallel. Their HF names come from the module map.
+_GROUPS = (
+    ((_M["attn_q"], _M["attn_k"], _M["attn_v"]), "column"),
+    ((_M["attn_dense"],), "row"),
+    ((_M["mlp_gate"], _M["mlp_h_to_4h"]), "column"),
+    ((_M["mlp_4h_to_h"],), "row"),
+)
+#: the module ids the tensor-parallel forward serves
+SERVED_MODULE_IDS = frozenset(m for ids, _ in _GROUPS for m in ids)
+
+
+def _projection(block: nn.Module, arch: str, module_id: int):
+    """(parent module, attribute) of the projection that holds `module_id` in a decoder block."""
+    _, rule = hf_modules.hf_path_for(arch, module_id, 0)
+    parent, attr = rule.inner.rsplit(".", 1)  # e.g. self_attn.q_proj
+    return block.get_submodule(parent), attr
 
 
 @dataclass(frozen=True)
@@ -71,47 +89,13 @@ def init_parallel(tp_size: int, pp_size: int = 1) -> ParallelContext:
     return ParallelContext(tp_size, tp_rank, pp_size, pp_rank, groups[pp_rank])
 
 
-class _RankBatch:
-    """The per-forward state every parallel LoRA layer of this rank reads: the BatchMeta."""
-
-    def __init__(self, dtype: torch.dtype, max_rank: int):
-        self.dtype, self.max_rank = dtype, max_rank
-        self.slot_of_row: Optional[torch.Tensor] = None
-        self.table = self.pool = None
-        self._metas: Dict[int, BatchMeta] = {}
-        self._used: Optional[List[List[bool]]] = None  # [layer][module_id]
-
-    def set(self, slot_of_row: Optional[torch.Tensor], table, pool) -> None:
-        self.slot_of_row, self.table, self.pool, self._metas = slot_of_row, table, pool, {}
-        self._used = None
-        if slot_of_row is not None:
-            # which (layer, module) some row's adapter has, read once per batch: the other layers
-            # skip the LoRA ops entirely (launch nothing)
-            present = sorted({s for s in slot_of_row.tolist() if s >= 0})
-            self._used = (table[present][..., 3] > 0).any(dim=0).cpu().tolist() if present else None
-
-    def uses(self, layer: int, module_id: int) -> bool:
-        return self._used is not None and self._used[layer][module_id]
-
-    def meta_for(self, x: torch.Tensor) -> Optional[BatchMeta]:
-        if self.slot_of_row is None:
-            return None
-        tokens = x.numel() // x.shape[-1]
-        meta = self._metas.get(tokens)
-        if meta is None:  # rows are [B, S] flattened row-major: each row's slot repeats S times
-            per_row = tokens // self.slot_of_row.numel()
-            meta = BatchMeta(self.table, self.pool, self.dtype, self.slot_of_row.repeat_interleave(per_row), self.max_rank)
-            self._metas[tokens] = meta
-        return meta
-
-
 class ParallelLoraLinear(nn.Module):
     """One rank's shard of one or more Linears that read the same input, plus their LoRA slices.
     column: y_r = x [W_r of each base]^T + LoRA_r + b_r, the bases side by side (q|k|v, gate|up:
     one GEMM and one multi-slice LoRA launch). row (one base): y = all_reduce(x_r W_r^T + LoRA_r)
     + b; DoRA scales each partial (the scale is linear over the sum)."""
 
-    def __init__(self, bases: Sequence[nn.Linear], kind: str, ctx: ParallelContext, batch: _RankBatch, layer: int,
+    def __init__(self, bases: Sequence[nn.Linear], kind: str, ctx: ParallelContext, batch: StepBatch, layer: int,
                  module_ids: Sequence[int]):
         super().__init__()
         t, r = ctx.tp_size, ctx.tp_rank
@@ -133,7 +117,7 @@ class ParallelLoraLinear(nn.Module):
         self.out_sizes = [w.shape[0] for w in shards]
         self.tp_group = ctx.tp_group if t > 1 else None
         object.__setattr__(self, "_batch", batch)  # shared state, not a submodule
-        self._pending = None  # (input, output slices, slices not yet taken) for SliceOf
+        self.shared = SharedOutputs()  # the slices of one input, each taken once by its SliceOf
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -152,11 +136,13 @@ class ParallelLoraLinear(nn.Module):
     def slice_for(self, x: torch.Tensor, index: int) -> torch.Tensor:
         """Slice `index` of this layer's output for input x: the first call for an input computes
         every slice, the others take theirs (q, k, v are each asked for with the same tensor)."""
-        if self._pending is None or self._pending[0] is not x:
-            self._pending = (x, self(x).split(self.out_sizes, dim=-1), len(self.out_sizes))
-        x_seen, slices, left = self._pending
-        self._pending = (x_seen, slices, left - 1) if left > 1 else None  # drop references once taken
-        return slices[index]
+        key = self._batch.meta_for(x)
+        compute = lambda: list(self(x).split(self.out_sizes, dim=-1))  # noqa: E731
+        output = self.shared.take(index, x, key, compute)
+        if output is None:  # another input than the pending one: start over for it
+            self.shared.clear()
+            output = self.shared.take(index, x, key, compute)
+        return output
 
 
 class SliceOf(nn.Module):
@@ -196,7 +182,8 @@ class TpLlama:
             device = self.device if self.device.type == "cuda" else "cpu"
         self.cache = LoraCache(self.spec, dtype=self.dtype, host_cache_bytes=host_cache_bytes, device=device,
                                device_cache_bytes=device_cache_bytes, max_slots=max_slots)
-        self._batch = _RankBatch(self.dtype, max_rank)
+        self._batch = StepBatch(self.dtype, max_rank)
+        self._fused: List[ParallelLoraLinear] = []
         self._empty_tasks: set = set()  # tasks whose adapter has no rows on this stage
         self._rows: Optional[int] = None  # rows of the current batch (None outside `batch`)
         self._shard(model)
@@ -205,19 +192,20 @@ class TpLlama:
         start, end = self.layers
         inner = model.model
         inner.layers = nn.ModuleList(list(inner.layers)[start:end])
+        arch = model.config.model_type
         for local, block in enumerate(inner.layers):
             # a stage's KV cache holds its own layers from 0 (positions are read off layer 0's)
             block.self_attn.layer_idx = local
-            for parent, groups in ((block.self_attn, _ATTN_GROUPS), (block.mlp, _MLP_GROUPS)):
-                for names, kind in groups:
-                    bases = [getattr(parent, n) for n in names]
-                    ids = [LLAMA_MODULES[n] for n in names]
-                    fused = ParallelLoraLinear(bases, kind, self.ctx, self._batch, local, ids)
-                    if len(names) == 1:
-                        setattr(parent, names[0], fused)
-                    else:
-                        for index, name in enumerate(names):
-                            setattr(parent, name, SliceOf(fused, index))
+            for ids, kind in _GROUPS:
+                places = [_projection(block, arch, m) for m in ids]
+                bases = [getattr(parent, attr) for parent, attr in places]
+                fused = ParallelLoraLinear(bases, kind, self.ctx, self._batch, local, ids)
+                self._fused.append(fused)
+                if len(ids) == 1:
+                    setattr(*places[0], fused)
+                else:
+                    for index, (parent, attr) in enumerate(places):
+                        setattr(parent, attr, SliceOf(fused, index))
         if not self.ctx.is_last_stage:
             inner.norm = nn.Identity()  # the final norm and lm_head run on the last stage only
             model.lm_head = nn.Identity()
@@ -229,8 +217,9 @@ class TpLlama:
         """Caches this rank's slice of a full adapter (the one every rank of the request receives)."""
         cfg = np.asarray(config)
         for row, mid in enumerate(cfg.reshape(-1, cfg.shape[-1])[:, 0].tolist()):
-            if mid not in LLAMA_MODULES.values():
-                raise LoraFormatError(f"config row {row}: module_id {mid} is not applied by the Llama forward (ids 1-7)", row=row)
+            if mid not in SERVED_MODULE_IDS:
+                raise LoraFormatError(f"config row {row}: module_id {mid} is not applied by the Llama forward "
+                                      f"(ids {sorted(SERVED_MODULE_IDS)})", row=row)
         sliced = slice_adapter(weights, config, self.full_spec, self.ctx.tp_size, self.ctx.tp_rank, self.layers)
         if sliced.config.shape[0] == 0:
             self._empty_tasks.add(task_id)
@@ -245,16 +234,15 @@ class TpLlama:
         wanted = [t for t in task_ids if t is not None and t not in self._empty_tasks]
         held = self.cache.acquire(wanted) if wanted else None
         try:
-            if held is None:
-                self._batch.set(None, None, None)
-            else:
-                slots = iter(held.slots)
-                slot_of_row = [next(slots) if (t is not None and t not in self._empty_tasks) else -1 for t in task_ids]
-                self._batch.set(torch.tensor(slot_of_row, dtype=torch.int32, device=held.table.device), held.table, held.pool)
+            slots = iter(held.slots if held is not None else [])
+            slot_of_row = [next(slots) if (t is not None and t not in self._empty_tasks) else -1 for t in task_ids]
+            self._batch.set(slot_of_row, held.table if held else None, held.pool if held else None)
             self._rows = len(task_ids)
             yield
         finally:
-            self._batch.set(None, None, None)
+            self._batch.clear()
+            for fused in self._fused:
+                fused.shared.clear()
             self._rows = None
             if held is not None:
                 self.cache.release(held)
@@ -292,4 +280,4 @@ class TpLlama:
     __call__ = forward
 
 
-__all__ = ["ParallelContext", "init_parallel", "ParallelLoraLinear", "SliceOf", "TpLlama", "LLAMA_MODULES"]
+__all__ = ["ParallelContext", "init_parallel", "ParallelLoraLinear", "SliceOf", "TpLlama", "SERVED_MODULE_IDS"]

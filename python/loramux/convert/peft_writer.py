@@ -16,20 +16,13 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from loramux import format as fmt
-from loramux import spec as hfspec
+import loramux.format as fmt
+from loramux.convert import hf_modules as hfspec
 from loramux.dora import BaseWeights, denormalize
 from loramux.errors import LoraConvertError, LoraDoraError
+from loramux.convert.peft_files import ADAPTER_CONFIG, BIN_FILE, EXPERT_PARAM_ORDER, KEY_PREFIX, SAFETENSORS_FILE
 from loramux.format import AdapterRow, ModelSpec
 
-ADAPTER_CONFIG = "adapter_config.json"
-SAFETENSORS_FILE = "adapter_model.safetensors"
-BIN_FILE = "adapter_model.bin"
-#: What PEFT puts before a module path in a saved adapter's state-dict keys.
-KEY_PREFIX = "base_model.model."
-# PEFT nests the ParamWrappers of one experts module in parameter registration order, the first
-# innermost: its keys carry one ".base_layer" per wrapper outside it.
-EXPERT_PARAM_ORDER = ("gate_up_proj", "down_proj")
 _TASK_TYPE = {hfspec.BART: "SEQ_2_SEQ_LM"}
 
 
@@ -157,4 +150,4 @@ def to_peft(weights, config, spec: ModelSpec, out_dir: str, arch: Any, base_mode
     _save_tensors(tensors, fmt.weights_dtype_name(np.asarray(weights)), os.path.join(out_dir, SAFETENSORS_FILE))
 
 
-__all__ = ["to_peft", "ADAPTER_CONFIG", "SAFETENSORS_FILE", "BIN_FILE", "KEY_PREFIX"]
+__all__ = ["to_peft"]

@@ -1,8 +1,7 @@
-"""PEFT LoRA adapter directory  <->  the TensorRT-LLM (weights, config) numpy format.
+"""Reads a PEFT LoRA adapter directory into the TensorRT-LLM (weights, config) numpy format.
 
 from_peft folds the LoRA scale (alpha/r, or alpha/sqrt(r) with rsLoRA) into B, maps HF module paths
-to module ids through loramux.spec, and normalizes DoRA magnitudes against the base weights.
-to_peft writes an adapter PEFT itself loads, with lora_alpha = r so the scale is 1.
+to module ids through loramux.convert.hf_modules, and normalizes DoRA magnitudes against the base weights.
 Whatever the format cannot hold raises LoraConvertError naming it; nothing is dropped silently.
 """
 
@@ -16,14 +15,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from loramux import format as fmt
-from loramux import spec as hfspec
+import loramux.format as fmt
+from loramux.convert import hf_modules as hfspec
+from loramux.convert.peft_files import ADAPTER_CONFIG, BIN_FILE, EXPERT_PARAM_ORDER, KEY_PREFIX, SAFETENSORS_FILE
 from loramux.dora import BaseWeights, normalize
 from loramux.errors import LoraConvertError, LoraDoraError, LoraFormatError
 from loramux.format import AdapterRow
 from loramux.modules import MODULE_NAMES
-
-from loramux.peft_writer import EXPERT_PARAM_ORDER, ADAPTER_CONFIG, BIN_FILE, KEY_PREFIX, SAFETENSORS_FILE, to_peft
 
 # Adapters bigger than this (bytes in the output) get a progress bar by default.
 PROGRESS_BYTES = 64 << 20
@@ -245,4 +243,4 @@ def from_peft(path: str, storage_type: str = "float16", base_model: Any = None, 
     return weights, cfg
 
 
-__all__ = ["from_peft", "to_peft", "read_adapter", "detect_arch", "ADAPTER_CONFIG", "SAFETENSORS_FILE", "BIN_FILE"]
+__all__ = ["from_peft", "read_adapter", "detect_arch"]

@@ -1,0 +1,13 @@
+"""The demo: a real small model (SmolLM2-135M-Instruct, shipped in a PyPI package) serving a mixed
+batch of LoRA adapters, checked against PEFT. `load_smollm2()` gives the model to try loramux on."""
+
+from loramux.demo.smollm2 import load_smollm2
+
+
+def main(*args, **kwargs) -> int:
+    from loramux.demo.main import main as run
+
+    return run(*args, **kwargs)
+
+
+__all__ = ["load_smollm2", "main"]

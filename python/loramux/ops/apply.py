@@ -1,0 +1,79 @@
+"""The LoRA batch ops: lora_shrink (x -> u), lora_expand (u -> y, in place) and lora_apply (both),
+one adapter per token. CUDA tensors take the kernels (loramux.ops.kernels) when they take the case;
+everything else takes the torch reference (loramux.ops.reference)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from loramux.errors import LoraFormatError
+from loramux.ops import reference
+from loramux.ops.batch_meta import BatchMeta
+
+try:  # the CUDA kernels are optional: absent on builds without them, the reference serves CUDA too
+    from loramux.ops import kernels as _kernels
+except ModuleNotFoundError as err:
+    if err.name != "loramux.ops.kernels":
+        raise
+    _kernels = None
+
+__all__ = ["lora_shrink", "lora_expand", "lora_apply"]
+
+
+def _use_kernels(t: torch.Tensor, meta: BatchMeta, num_slices: int) -> bool:
+    """CUDA tensors go to the kernels when they are built, usable here, and take this case
+    (e.g. fp16/bf16 only); everything else takes the torch reference."""
+    return (t.is_cuda and _kernels is not None and t.dtype == meta.dtype and _kernels.available()
+            and _kernels.supports(meta.dtype, meta.max_rank, num_slices))
+
+
+def _check(x: torch.Tensor, meta: BatchMeta, layer: int) -> None:
+    if x.dim() != 2:
+        raise LoraFormatError(f"lora ops take x as [T, H], got shape {tuple(x.shape)}")
+    if meta.slot_of_token.numel() != x.shape[0]:
+        raise LoraFormatError(f"slot_of_token has {meta.slot_of_token.numel()} tokens but x has {x.shape[0]}")
+    if not 0 <= layer < meta.table.shape[1]:
+        raise LoraFormatError(f"layer {layer} is out of range for a slot table of {meta.table.shape[1]} layers")
+
+
+def lora_shrink(x: torch.Tensor, meta: BatchMeta, layer: int, module_ids: Sequence[int]) -> torch.Tensor:
+    """u[s, t, :rank] = x[t] @ A^T for slice s and token t's adapter; float32 [S, T, max_rank]."""
+    _check(x, meta, layer)
+    if _use_kernels(x, meta, len(module_ids)):
+        return _kernels.lora_shrink(x, meta, layer, module_ids)
+    return reference.shrink(x, meta, layer, module_ids)
+
+
+def lora_expand(
+    u: torch.Tensor,
+    y: torch.Tensor,
+    meta: BatchMeta,
+    layer: int,
+    module_ids: Sequence[int],
+    out_sizes: Sequence[int],
+) -> None:
+    """y[:, slice s] += u[s] @ B^T per token's adapter, in place; DoRA rows: y = scale * (y + u B^T)."""
+    _check(y, meta, layer)
+    if len(out_sizes) != len(module_ids) or sum(out_sizes) != y.shape[1]:
+        raise LoraFormatError(f"out_sizes {list(out_sizes)} must give one width per module id and sum to y's {y.shape[1]} columns")
+    if _use_kernels(y, meta, len(module_ids)):
+        _kernels.lora_expand(u, y, meta, layer, module_ids, out_sizes)
+        return
+    reference.expand(u, y, meta, layer, module_ids, out_sizes)
+
+
+def lora_apply(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    meta: BatchMeta,
+    layer: int,
+    module_ids: Sequence[int],
+    out_sizes: Sequence[int],
+) -> None:
+    """Shrink then expand: y gains each token's LoRA term for the given module slices."""
+    if _use_kernels(x, meta, len(module_ids)):
+        _kernels.lora_apply(x, y, meta, layer, module_ids, out_sizes)
+        return
+    lora_expand(lora_shrink(x, meta, layer, module_ids), y, meta, layer, module_ids, out_sizes)

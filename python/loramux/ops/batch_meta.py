@@ -1,0 +1,54 @@
+"""BatchMeta: what every LoRA op of one forward reads (the slot table, the pool, each token's slot),
+built once per forward and shared by all layers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Dict, List, Tuple
+
+import torch
+
+__all__ = ["BatchMeta", "token_groups"]
+
+@dataclass(frozen=True)
+class BatchMeta:
+    """What every LoRA layer of one forward needs: built once per forward, shared by all layers."""
+
+    table: torch.Tensor  # int64 [max_slots, num_layers, 19, 4]: (a_addr, b_addr, scale_addr, rank)
+    pool: torch.Tensor  # uint8 region the addresses point into
+    dtype: torch.dtype  # dtype of the adapter values in the pool
+    slot_of_token: torch.Tensor  # int32 [T], -1 = no adapter
+    max_rank: int  # width of u
+
+    # The CPU reference reads the token groups and the batch's table rows once per BatchMeta, not
+    # once per layer (the slots of a batch stay pinned, so their entries do not change under it).
+    @cached_property
+    def token_groups(self) -> List[Tuple[int, object]]:
+        return token_groups(self.slot_of_token)
+
+    @cached_property
+    def slot_entries(self) -> Dict[int, list]:
+        """slot -> table[slot] as nested lists [layer][module_id] = [a, b, scale, rank]."""
+        slots = [slot for slot, _ in self.token_groups]
+        if not slots:
+            return {}
+        rows = self.table[slots].to("cpu").tolist()
+        return dict(zip(slots, rows))
+
+
+def token_groups(slot_of_token: torch.Tensor) -> List[Tuple[int, object]]:
+    """(slot, token selector) per adapter slot present; the selector is a slice when contiguous."""
+    slots = slot_of_token.to(device="cpu", dtype=torch.int64)
+    present = torch.unique(slots).tolist()
+    groups: List[Tuple[int, object]] = []
+    for slot in present:
+        if slot < 0:
+            continue
+        idx = torch.nonzero(slots == slot).flatten()
+        first, last = int(idx[0]), int(idx[-1])
+        if last - first + 1 == idx.numel():
+            groups.append((slot, slice(first, last + 1)))
+        else:
+            groups.append((slot, idx.to(slot_of_token.device)))
+    return groups

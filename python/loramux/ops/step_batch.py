@@ -1,0 +1,86 @@
+"""StepBatch: the adapter mapping of one forward step, owned once and read by every LoRA layer of
+the model (the Engine's wrappers and the tensor-parallel layers alike).
+
+Which slot each row uses is the same for every layer and projection of a step, so it is turned
+into per-token metadata once per token count, not once per layer; which (layer, module) pairs any
+row's adapter has is read once per batch, so layers no adapter touches launch nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Union
+
+import torch
+
+from loramux.errors import LoraError
+from loramux.ops.batch_meta import BatchMeta
+
+__all__ = ["StepBatch"]
+
+
+class StepBatch:
+    """Each row's adapter slot for the forwards of one batch, and what the LoRA layers derive from it."""
+
+    def __init__(self, dtype: torch.dtype, max_rank: int):
+        self.dtype = dtype
+        self.max_rank = max_rank
+        self.rows = 0
+        self.slot_of_row: Optional[torch.Tensor] = None  # int32 [rows] on the table's device; None: no adapter
+        self.table: Optional[torch.Tensor] = None
+        self.pool: Optional[torch.Tensor] = None
+        self._used: Optional[List[List[bool]]] = None  # [layer][module_id]: some row's adapter has it
+        self._metas: Dict[int, BatchMeta] = {}  # token count -> BatchMeta
+
+    def set(self, slot_of_row: Union[Sequence[int], torch.Tensor], table: Optional[torch.Tensor],
+            pool: Optional[torch.Tensor]) -> None:
+        """Rows of the coming forwards use these slots of `table` (-1: no adapter)."""
+        slots = torch.as_tensor(slot_of_row, dtype=torch.int32).flatten()
+        if slots.numel() == 0:
+            raise LoraError("a batch needs at least one row")
+        self.clear()
+        self.rows = slots.numel()
+        present = sorted({int(s) for s in slots.tolist() if s >= 0})
+        if not present:
+            return  # no adapter anywhere: the layers run the base model untouched
+        if table is None or pool is None:
+            raise LoraError("a batch with adapter slots needs the cache's slot table and pool")
+        self.slot_of_row = slots.to(table.device)
+        self.table, self.pool = table, pool
+        self._used = (table[present][..., 3] > 0).any(dim=0).cpu().tolist()
+
+    def clear(self) -> None:
+        self.rows = 0
+        self.slot_of_row = self.table = self.pool = None
+        self._used = None
+        self._metas = {}
+
+    @property
+    def has_adapters(self) -> bool:
+        return self.slot_of_row is not None
+
+    def uses(self, layer: int, module_id: int) -> bool:
+        """Whether some row's adapter has `module_id` at `layer`."""
+        return self._used is not None and self._used[layer][module_id]
+
+    def used_slices(self, layer: int, slices: Sequence[Sequence[int]]) -> list:
+        """The module-id groups of `slices` that some row's adapter has at `layer`."""
+        if self._used is None:
+            return []
+        used = self._used[layer]
+        return [ids for ids in slices if any(used[m] for m in ids)]
+
+    def meta_for(self, x: torch.Tensor) -> Optional[BatchMeta]:
+        """The BatchMeta for an activation of this batch ([rows, seq, H] or [rows*seq, H], rows
+        major); None when no row holds an adapter."""
+        if self.slot_of_row is None:
+            return None
+        tokens = x.numel() // x.shape[-1]
+        meta = self._metas.get(tokens)
+        if meta is None:
+            if tokens % self.rows:
+                raise LoraError(f"an activation of {tokens} tokens does not split into the batch's {self.rows} rows")
+            slot_of_token = self.slot_of_row.repeat_interleave(tokens // self.rows)
+            meta = BatchMeta(table=self.table, pool=self.pool, dtype=self.dtype, slot_of_token=slot_of_token,
+                             max_rank=self.max_rank)
+            self._metas[tokens] = meta
+        return meta
