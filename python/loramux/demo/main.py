@@ -97,7 +97,8 @@ def peft_logits(peft_model, tokenizer, texts: List[str], row_task: List[Optional
 def main(max_new_tokens: int = 32, max_batch_size: int = 8, device_name: Optional[str] = None) -> int:
     from tqdm import tqdm
 
-    import loramux as lm
+    from loramux.models import attach
+    from loramux.serving import Executor, LoraConfig, Request
 
     device = torch.device(device_name or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -117,18 +118,18 @@ def main(max_new_tokens: int = 32, max_batch_size: int = 8, device_name: Optiona
             converted[task_id] = convert_with_cli(adapter_dir, os.path.join(tmp, f"trt-{task_id}"), storage)
         model = peft_model.unload()  # the plain base model again, without PEFT's layers
 
-    engine = lm.attach(model, max_rank=64, host_cache_bytes=256 << 20, device_cache_bytes=64 << 20)
-    ex = lm.Executor(engine, tokenizer, max_batch_size=max_batch_size)
+    engine = attach(model, max_rank=64, host_cache_bytes=256 << 20, device_cache_bytes=64 << 20)
+    ex = Executor(engine, tokenizer, max_batch_size=max_batch_size)
 
     # the first request of each task carries its adapter; later ones only the task id
     seen = set()
     for prompt, task in zip(PROMPTS, row_task):
         lora = None
         if task is not None:
-            lora = lm.LoraConfig(task) if task in seen else lm.LoraConfig(task, *converted[task])
+            lora = LoraConfig(task) if task in seen else LoraConfig(task, *converted[task])
             seen.add(task)
-        ex.submit(lm.Request([{"role": "user", "content": prompt}], max_new_tokens=max_new_tokens, lora=lora))
-    ex.submit(lm.Request("An unknown task id fails alone.", max_new_tokens=4, lora=lm.LoraConfig(999)))
+        ex.submit(Request([{"role": "user", "content": prompt}], max_new_tokens=max_new_tokens, lora=lora))
+    ex.submit(Request("An unknown task id fails alone.", max_new_tokens=4, lora=LoraConfig(999)))
 
     steps = -(-len(PROMPTS) // max_batch_size) * max_new_tokens  # the unknown id generates nothing
     t1 = time.perf_counter()
