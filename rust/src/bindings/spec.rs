@@ -55,7 +55,7 @@ impl SizeArg {
 }
 
 impl PyModelSpec {
-    /// Every field by name, in declaration order (the one list the setter and repr read).
+    /// Every field by name, in declaration order (what repr shows).
     fn fields(&self) -> [(&'static str, usize); 10] {
         let s = &self.core;
         [
