@@ -163,6 +163,36 @@ def test_shape_and_dtype_errors(weights, config, match):
         format.validate(weights, config, spec)
 
 
+SPEC_FIELDS = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "ffn_size", "expert_ffn_size",
+               "num_experts", "encoder_hidden_size", "max_rank")
+
+
+@pytest.mark.parametrize("value", [-1, 2.5, True, "8", 2**64, None])
+@pytest.mark.parametrize("field", SPEC_FIELDS)
+def test_a_model_spec_size_that_is_not_a_count_is_a_typed_error_naming_the_field(field, value):
+    sizes = dict(num_layers=2, hidden_size=8, num_heads=2)
+    if value is None and field in ("num_kv_heads", "head_dim"):
+        assert ModelSpec(**sizes, **{field: None}) == ModelSpec(**sizes)  # None: derived from the heads
+        return
+    with pytest.raises(LoraFormatError, match=f"ModelSpec {field} must be an integer in") as raised:
+        ModelSpec(**{**sizes, field: value})
+    assert isinstance(raised.value, ValueError) and not isinstance(raised.value, OverflowError)
+    spec = ModelSpec(**sizes)
+    with pytest.raises(LoraFormatError, match=f"ModelSpec {field} must be an integer in"):
+        setattr(spec, field, value)
+    assert spec == ModelSpec(**sizes)  # a refused assignment changes nothing
+
+
+def test_model_spec_takes_numpy_integers_and_names_its_fields():
+    spec = ModelSpec(num_layers=np.int64(3), hidden_size=np.uint16(8), num_heads=2)
+    assert (spec.num_layers, spec.hidden_size, spec.num_kv_heads, spec.head_dim) == (3, 8, 2, 4)
+    spec.max_rank = np.int32(16)
+    assert repr(spec).startswith("ModelSpec(num_layers=3, hidden_size=8,") and "max_rank=16)" in repr(spec)
+    assert [f for f in SPEC_FIELDS if hasattr(spec, f)] == list(SPEC_FIELDS)
+    with pytest.raises(AttributeError, match="no field"):
+        spec.num_layer = 3
+
+
 def test_the_seed_example_layout():
     spec = ModelSpec(num_layers=4, hidden_size=4, num_heads=2, num_kv_heads=2, head_dim=2, max_rank=8)
     config = np.array([[1, 0, 2], [2, 0, 4], [1, 1, 2], [2, 1, 4], [1, 2, 2], [1, 3, 8]])

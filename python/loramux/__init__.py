@@ -4,7 +4,7 @@ The numpy-only parts (format, modules, convert, dora, parallel slicing) import w
 torch-facing names (attach, LoraCache, Executor, ...) load on first use.
 """
 
-from loramux import convert, dora, errors, format, modules
+from loramux import convert, dora, errors, format, layout, modules
 from loramux._core import ModelSpec, __version__
 from loramux.errors import (
     LoraCacheError,
@@ -59,6 +59,7 @@ __all__ = [
     # numpy-facing modules
     "errors",
     "format",
+    "layout",
     "modules",
     "convert",
     "dora",

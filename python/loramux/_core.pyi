@@ -1,10 +1,15 @@
-"""Type stubs for the Rust extension loramux._core (rust/src/bindings/)."""
+"""Type stubs for the Rust extension loramux._core (rust/src/bindings/). tests/test_core_stub.py
+fails when a name or a signature here differs from the compiled module."""
 
 from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
 __version__: str
+
+#: (flat uint8 weights, dtype name, weights shape, flat int64 config, config shape), as
+#: loramux.format.adapter_input builds it
+_AdapterInput = Tuple[np.ndarray, str, List[int], np.ndarray, List[int]]
 
 class ModelSpec:
     num_layers: int
@@ -36,28 +41,24 @@ class ModelSpec:
 def module_table() -> List[Tuple[int, str, str]]: ...
 def module_id(name: str) -> int: ...
 def module_name(module_id: int) -> Optional[str]: ...
+def dtype_table() -> List[Tuple[str, int, bool]]: ...
 def validate(
-    raw_weights: np.ndarray,
-    dtype: str,
-    weights_shape: List[int],
-    config: np.ndarray,
-    config_shape: List[int],
+    adapter: _AdapterInput,
     spec: ModelSpec,
     dora_allowed: bool = True,
     check_finite: bool = True,
 ) -> List[Tuple[int, int, int, int, int, bool]]: ...
 def tp_slice_adapter(
-    raw_weights: np.ndarray,
-    dtype: str,
-    weights_shape: List[int],
-    config: np.ndarray,
-    config_shape: List[int],
+    adapter: _AdapterInput,
     spec: ModelSpec,
     tp_size: int,
     tp_rank: int,
     layers: Optional[Tuple[int, int]] = None,
 ) -> Tuple[np.ndarray, int, int, List[int], ModelSpec]: ...
 def tp_rank_spec(spec: ModelSpec, tp_size: int, layers: Optional[Tuple[int, int]] = None) -> ModelSpec: ...
+
+#: names of the int64 words of one slot-table entry, in order
+SLOT_ENTRY_FIELDS: Tuple[str, ...]
 
 class AdapterCache:
     """The two-level adapter cache over caller-owned pool/table tensors (python/loramux/cache.py)."""
@@ -75,16 +76,7 @@ class AdapterCache:
         copy_stream: int = 0,
         dora_allowed: bool = True,
     ) -> None: ...
-    def put(
-        self,
-        task_id: int,
-        raw_weights: np.ndarray,
-        dtype: str,
-        weights_shape: List[int],
-        config: np.ndarray,
-        config_shape: List[int],
-        replace: bool = False,
-    ) -> str: ...
+    def put(self, task_id: int, adapter: _AdapterInput, replace: bool = False) -> str: ...
     def contains(self, task_id: int) -> bool: ...
     def __len__(self) -> int: ...
     def task_ids(self) -> List[int]: ...
@@ -137,3 +129,5 @@ def nvrtc_available() -> bool: ...
 def nvrtc_version() -> Tuple[int, int]: ...
 def nvrtc_compile_all(arch: int) -> List[Tuple[str, int]]: ...
 def load_kernels(device: int) -> int: ...
+def kernel_struct_layouts() -> List[Tuple[str, int, int, List[Tuple[str, int]]]]: ...
+def kernel_constants() -> List[Tuple[str, int]]: ...

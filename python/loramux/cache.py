@@ -15,10 +15,11 @@ import torch
 
 import loramux._core as _core
 from loramux.errors import LoraCacheError, LoraCudaError
-from loramux.format import raw_config, raw_weights
-from loramux.modules import NUM_MODULES
+from loramux.format import adapter_input
+from loramux.layout import DTYPES, table_shape
 
-_DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+#: torch dtype -> the core's name for it, for every dtype the cache serves in
+_DTYPE_NAMES = {getattr(torch, name): name for name in DTYPES}
 
 
 def _task_id(task_id) -> int:
@@ -98,7 +99,7 @@ class LoraCache:
         dora_allowed: bool = True,
     ):
         if dtype not in _DTYPE_NAMES:
-            raise LoraCacheError(f"dtype must be one of torch.float16, torch.bfloat16, torch.float32, got {dtype}")
+            raise LoraCacheError(f"dtype must be one of {', '.join(map(str, _DTYPE_NAMES))}, got {dtype}")
         for name, value, low in (("host_cache_bytes", host_cache_bytes, 0), ("max_slots", max_slots, 1), ("page_bytes", page_bytes, 1),
                                  ("device_cache_bytes", 0 if device_cache_bytes is None else device_cache_bytes, 0)):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
@@ -122,7 +123,7 @@ class LoraCache:
             # Unused pool bytes are never read, so the pool is left uninitialized (no eager touch of
             # a large host region); the table must start zeroed (rank 0 = absent).
             self.pool = torch.empty(pool_bytes, dtype=torch.uint8, device=device)
-            self.table = torch.zeros(table_bytes // 8, dtype=torch.int64, device=device).view(max_slots, spec.num_layers, NUM_MODULES, 4)
+            self.table = torch.zeros(table_bytes // 8, dtype=torch.int64, device=device).view(table_shape(max_slots, spec.num_layers))
         except (torch.OutOfMemoryError, RuntimeError) as e:  # torch's CPU allocator raises RuntimeError
             error = LoraCudaError if device.type == "cuda" else LoraCacheError
             raise error(f"could not allocate a pool of {pool_bytes} bytes and a slot table of {table_bytes} bytes on {device}: {e}") from None
@@ -179,9 +180,7 @@ class LoraCache:
         again is a no-op ("cached"); different weights raise LoraTaskConflictError unless
         ``replace=True`` ("replaced"). Returns "inserted", "cached" or "replaced"."""
         task_id = _task_id(task_id)
-        raw, wdtype, wshape = raw_weights(_as_numpy(weights))
-        cvals, cshape = raw_config(_as_numpy(config))
-        return self._core.put(task_id, raw, wdtype, wshape, cvals, cshape, bool(replace))
+        return self._core.put(task_id, adapter_input(_as_numpy(weights), _as_numpy(config)), bool(replace))
 
     def __contains__(self, task_id) -> bool:
         try:

@@ -1,5 +1,5 @@
-"""The exceptions loramux raises. The Rust core names one of these classes for each of its errors
-(rust/src/error.rs, `python_class`), so a Python caller catches by meaning, not by message."""
+"""The exceptions loramux raises. The Rust bindings raise each core error as one of these classes
+(rust/src/bindings/errors.rs), so a Python caller catches by meaning, not by message."""
 
 from __future__ import annotations
 

@@ -17,8 +17,10 @@ import numpy as np
 import loramux._core as _core
 from loramux._core import ModelSpec
 from loramux.errors import LoraFormatError
+from loramux.layout import DTYPES
 
-WEIGHT_DTYPES = ("float16", "bfloat16", "float32")
+#: the dtypes a weights array may have (names as numpy and torch spell them)
+WEIGHT_DTYPES = DTYPES
 
 
 class RowLayout(NamedTuple):
@@ -79,14 +81,24 @@ def raw_config(config) -> Tuple[np.ndarray, List[int]]:
     return np.ascontiguousarray(arr, dtype=np.int64).reshape(-1), list(arr.shape)
 
 
+#: (flat uint8 weights, dtype name, weights shape, flat int64 config, config shape)
+AdapterInput = Tuple[np.ndarray, str, List[int], np.ndarray, List[int]]
+
+
+def adapter_input(weights, config) -> AdapterInput:
+    """An adapter as every binding of the core takes it (rust/src/bindings/adapter.rs): raw views
+    of weights and config, copied only when not C-contiguous (or config not int64)."""
+    raw, dtype, wshape = raw_weights(weights)
+    cvals, cshape = raw_config(config)
+    return raw, dtype, wshape, cvals, cshape
+
+
 def validate(weights, config, spec: ModelSpec, *, dora_allowed: bool = True, check_finite: bool = True) -> List[RowLayout]:
     """Checks (weights, config) against the model; returns one RowLayout per row.
 
     Raises LoraFormatError (a ValueError) naming the row and field at fault.
     """
-    raw, dtype, wshape = raw_weights(weights)
-    cvals, cshape = raw_config(config)
-    rows = _core.validate(raw, dtype, wshape, cvals, cshape, spec, dora_allowed, check_finite)
+    rows = _core.validate(adapter_input(weights, config), spec, dora_allowed, check_finite)
     return [RowLayout(*r) for r in rows]
 
 
@@ -221,6 +233,6 @@ def load(out_dir: str, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> Tuple[np.ndar
 
 
 __all__ = [
-    "ModelSpec", "RowLayout", "AdapterRow", "validate", "raw_weights", "raw_config", "row_width", "weights_dtype_name",
+    "ModelSpec", "RowLayout", "AdapterRow", "validate", "adapter_input", "raw_weights", "raw_config", "row_width", "weights_dtype_name",
     "to_float32", "from_rows", "to_rows", "save", "load", "WEIGHT_DTYPES", "WEIGHTS_FILE", "CONFIG_FILE",
 ]

@@ -1,11 +1,11 @@
-//! Every failure loramux reports, defined once. The Python bindings map each variant to one
-//! class of the `loramux.errors` hierarchy (see `bindings/errors.rs`).
+//! Every failure loramux reports, defined once, grouped by what went wrong (adapter format,
+//! parallel layout, cache, CUDA). How a caller sees each one is the callers' business.
 
 use thiserror::Error;
 
 #[derive(Debug, Error, Clone, PartialEq)]
 pub enum LoraError {
-    // --- format: (weights, config) rejected; the Python class is LoraFormatError (a ValueError) ---
+    // --- format: (weights, config) rejected ---
     #[error("unknown LoRA module name {0:?}")]
     UnknownModuleName(String),
     #[error("{what} must be {expected}, got shape {shape:?}")]
@@ -73,21 +73,6 @@ pub enum LoraError {
 pub type Result<T> = std::result::Result<T, LoraError>;
 
 impl LoraError {
-    /// The `loramux.errors` class this error is raised as in Python.
-    pub fn python_class(&self) -> &'static str {
-        use LoraError::*;
-        match self {
-            TpIndivisible { .. } | BadParallelLayout(_) => "LoraParallelError",
-            NotCached { .. } => "LoraNotCachedError",
-            TaskConflict { .. } => "LoraTaskConflictError",
-            AdapterTooLarge { .. } | TierFull { .. } | BatchDoesNotFit { .. } => "LoraCacheFullError",
-            UnknownBatch { .. } | TaskInUse { .. } | BadCacheConfig(_) => "LoraCacheError",
-            Cuda(_) | Compile { .. } => "LoraCudaError",
-            DoraWithoutBase { .. } | DoraNotNormalized { .. } => "LoraDoraError",
-            _ => "LoraFormatError",
-        }
-    }
-
     /// The task the error is about, if any.
     pub fn task_id(&self) -> Option<u64> {
         use LoraError::*;

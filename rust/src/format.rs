@@ -60,6 +60,7 @@ impl ModelSpec {
     }
 }
 
+/// The element types adapters arrive in and are served in: the one table of dtype names and sizes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum WeightsDtype {
     F16,
@@ -68,6 +69,8 @@ pub enum WeightsDtype {
 }
 
 impl WeightsDtype {
+    pub const ALL: [WeightsDtype; 3] = [WeightsDtype::F16, WeightsDtype::BF16, WeightsDtype::F32];
+
     pub fn size(self) -> usize {
         match self {
             WeightsDtype::F32 => 4,

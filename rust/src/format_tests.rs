@@ -152,7 +152,6 @@ fn short_rows_and_non_finite_values_are_rejected() {
     let w = WeightsView::new(WeightsDtype::F32, &[1, 24], &data).unwrap();
     let err = validate(&w, &cfg, &s, ValidateOptions::default()).unwrap_err();
     assert_eq!(err, LoraError::DoraNotNormalized { row: 0, column: 19, value: 0.0 });
-    assert_eq!(err.python_class(), "LoraDoraError");
     vals[19] = 0.1;
     vals[21] = f32::NAN; // in the padding: ignored
     let data = f32_bytes(&vals);
@@ -232,7 +231,7 @@ fn values_the_serving_dtype_cannot_hold_are_rejected_before_packing() {
     vals[13] = -65520.0;
     let err = check(&vals, F32, F16).unwrap_err();
     assert_eq!(err, LoraError::NotRepresentable { row: 1, column: 5, value: -65520.0, dtype: "float16" });
-    assert_eq!((err.python_class(), err.row()), ("LoraFormatError", Some(1)));
+    assert_eq!(err.row(), Some(1));
     assert!(check(&vals, BF16, F16).is_err());
     for ok in [(F32, BF16), (F32, F32), (BF16, BF16), (BF16, F32)] {
         assert!(check(&vals, ok.0, ok.1).is_ok(), "{ok:?}");

@@ -20,6 +20,7 @@ use pyo3::prelude::*;
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     bindings::modules::register(m)?;
+    bindings::spec::register(m)?;
     bindings::format::register(m)?;
     bindings::cache::register(m)?;
     bindings::tp::register(m)?;

@@ -15,7 +15,7 @@ __all__ = ["BatchMeta", "token_groups"]
 class BatchMeta:
     """What every LoRA layer of one forward needs: built once per forward, shared by all layers."""
 
-    table: torch.Tensor  # int64 [max_slots, num_layers, 19, 4]: (a_addr, b_addr, scale_addr, rank)
+    table: torch.Tensor  # int64 loramux.layout.table_shape(max_slots, num_layers), entries ENTRY_FIELDS
     pool: torch.Tensor  # uint8 region the addresses point into
     dtype: torch.dtype  # dtype of the adapter values in the pool
     slot_of_token: torch.Tensor  # int32 [T], -1 = no adapter
@@ -29,7 +29,7 @@ class BatchMeta:
 
     @cached_property
     def slot_entries(self) -> Dict[int, list]:
-        """slot -> table[slot] as nested lists [layer][module_id] = [a, b, scale, rank]."""
+        """slot -> table[slot] as nested lists [layer][module_id] = entry (loramux.layout.ENTRY_FIELDS)."""
         slots = [slot for slot, _ in self.token_groups]
         if not slots:
             return {}

@@ -12,13 +12,16 @@ from typing import Sequence
 
 import loramux._core as _core
 from loramux.errors import LoraCudaError
+from loramux.layout import ENTRY_WORDS, KERNEL_DTYPES
+from loramux.modules import NUM_MODULES
 from loramux.ops.nvrtc_library import nvrtc_library
 
 __all__ = ["available", "supports", "lora_shrink", "lora_expand", "lora_apply"]
 
 MAX_RANK = _core.KERNEL_MAX_RANK
 MAX_SLICES = _core.KERNEL_MAX_SLICES
-_DTYPES = {"torch.float16": "float16", "torch.bfloat16": "bfloat16"}
+#: str(torch dtype) -> the core's name, for the dtypes the kernels take
+_DTYPES = {f"torch.{name}": name for name in KERNEL_DTYPES}
 
 
 @functools.lru_cache(maxsize=None)
@@ -42,7 +45,7 @@ def supports(dtype, max_rank: int, num_slices: int = 1) -> bool:
 def _dtype_name(dtype) -> str:
     name = _DTYPES.get(str(dtype))
     if name is None:
-        raise LoraCudaError(f"the CUDA LoRA kernels take float16 or bfloat16, got {dtype}")
+        raise LoraCudaError(f"the CUDA LoRA kernels take {' or '.join(KERNEL_DTYPES)}, got {dtype}")
     return name
 
 
@@ -63,8 +66,8 @@ def _batch(meta, layer: int, device, tokens: int):
             raise LoraCudaError(f"{name} is on {t.device}, the activations on {device}")
         if t.dtype != dt or not t.is_contiguous():
             raise LoraCudaError(f"{name} must be a contiguous {dt} tensor, got {t.dtype}")
-    if table.dim() != 4 or table.shape[2] != 19 or table.shape[3] != 4:
-        raise LoraCudaError(f"meta.table must be [max_slots, num_layers, 19, 4], got {tuple(table.shape)}")
+    if table.dim() != 4 or tuple(table.shape[2:]) != (NUM_MODULES, ENTRY_WORDS):
+        raise LoraCudaError(f"meta.table must be [max_slots, num_layers, {NUM_MODULES}, {ENTRY_WORDS}], got {tuple(table.shape)}")
     if slots.dim() != 1 or slots.shape[0] != tokens:
         raise LoraCudaError(f"meta.slot_of_token must be [{tokens}], got {tuple(slots.shape)}")
     if not 0 <= layer < table.shape[1]:

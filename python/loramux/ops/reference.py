@@ -9,6 +9,7 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 
 from loramux.errors import LoraFormatError
+from loramux.layout import A_ADDR, B_ADDR, RANK, SCALE_ADDR
 from loramux.ops.batch_meta import BatchMeta
 
 __all__ = ["shrink", "expand"]
@@ -25,7 +26,7 @@ def _pool_matrix(meta: BatchMeta, addr: int, rows: int, cols: int) -> torch.Tens
 
 
 def _entries(meta: BatchMeta, layer: int, module_ids: Sequence[int]) -> Dict[Tuple[int, int], List[int]]:
-    """Table entries [(slot, module_id)] -> [a, b, scale, rank] for the slots of the batch."""
+    """Table entries [(slot, module_id)] -> entry (loramux.layout.ENTRY_FIELDS) for the slots of the batch."""
     return {(slot, mid): rows[layer][mid] for slot, rows in meta.slot_entries.items() for mid in module_ids}
 
 
@@ -38,7 +39,8 @@ def shrink(x: torch.Tensor, meta: BatchMeta, layer: int, module_ids: Sequence[in
     for slot, tokens in groups:
         xs = x[tokens].float()
         for s, mid in enumerate(module_ids):
-            a_addr, _, _, rank = entries[(slot, mid)]
+            entry = entries[(slot, mid)]
+            a_addr, rank = entry[A_ADDR], entry[RANK]
             if rank == 0:
                 continue
             a = _pool_matrix(meta, a_addr, rank, hi).float()
@@ -60,7 +62,8 @@ def expand(
     starts = [sum(out_sizes[:s]) for s in range(len(out_sizes))]
     for slot, tokens in groups:
         for s, mid in enumerate(module_ids):
-            _, b_addr, scale_addr, rank = entries[(slot, mid)]
+            entry = entries[(slot, mid)]
+            b_addr, scale_addr, rank = entry[B_ADDR], entry[SCALE_ADDR], entry[RANK]
             if rank == 0:
                 continue
             ho, c0 = out_sizes[s], starts[s]

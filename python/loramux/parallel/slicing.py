@@ -19,7 +19,7 @@ import numpy as np
 import loramux._core as _core
 from loramux._core import ModelSpec
 from loramux.errors import LoraParallelError
-from loramux.format import raw_config, raw_weights
+from loramux.format import adapter_input
 
 
 class RankAdapter(NamedTuple):
@@ -51,10 +51,10 @@ def slice_adapter(weights, config, spec: ModelSpec, tp_size: int, tp_rank: int, 
     Raises LoraFormatError for an invalid adapter, LoraParallelError (a ValueError) when a split
     size does not divide by tp_size (naming the row, module and dimension) or the layout is bad.
     """
-    raw, dtype, wshape = raw_weights(weights)
-    cvals, cshape = raw_config(config)
+    adapter = adapter_input(weights, config)
+    cshape = adapter[4]
     data, rows, width, flat_config, rank_spec_ = _core.tp_slice_adapter(
-        raw, dtype, wshape, cvals, cshape, spec, _count("tp_size", tp_size), _count("tp_rank", tp_rank), _layers(layers)
+        adapter, spec, _count("tp_size", tp_size), _count("tp_rank", tp_rank), _layers(layers)
     )
     out_weights = data.view(np.asarray(weights).dtype).reshape(rows, width)
     out_config = np.asarray(flat_config, dtype=np.int64).reshape(rows, 4)

@@ -1,12 +1,13 @@
 //! `AdapterCache` for Python: the two-level cache over a pool and slot table that Python allocates
 //! as torch tensors (python/loramux/cache.py). Translation only; the GIL is released around work.
 
-use numpy::PyReadonlyArray1;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict};
+use pyo3::types::{PyBytes, PyDict, PyTuple};
 
+use crate::bindings::adapter::AdapterInput;
 use crate::bindings::errors::IntoPyResult;
-use crate::bindings::format::{adapter_arrays, PyModelSpec};
+use crate::bindings::spec::PyModelSpec;
+use crate::cache::slot_table::ENTRY_FIELDS;
 use crate::cache::{self, CacheConfig, Copier, CudaCopier, HostMemcpy, PoolRegion, PutOutcome, SlotTable, StatValue, TwoLevelCache};
 use crate::format::{ValidateOptions, WeightsDtype};
 
@@ -37,7 +38,7 @@ impl PyAdapterCache {
         dora_allowed: bool,
     ) -> PyResult<Self> {
         let cfg = CacheConfig {
-            spec: spec.core(),
+            spec: spec.core.clone(),
             dtype: WeightsDtype::from_name(dtype).py()?,
             host_budget_bytes: host_cache_bytes,
             page_bytes,
@@ -55,21 +56,11 @@ impl PyAdapterCache {
         Ok(PyAdapterCache { inner })
     }
 
-    /// Stores an adapter; returns "inserted", "cached" (same weights already there) or "replaced".
-    #[pyo3(signature = (task_id, raw_weights, dtype, weights_shape, config, config_shape, replace=false))]
-    #[allow(clippy::too_many_arguments)]
-    fn put(
-        &self,
-        py: Python<'_>,
-        task_id: u64,
-        raw_weights: PyReadonlyArray1<'_, u8>,
-        dtype: &str,
-        weights_shape: Vec<usize>,
-        config: PyReadonlyArray1<'_, i64>,
-        config_shape: Vec<usize>,
-        replace: bool,
-    ) -> PyResult<&'static str> {
-        let (weights, rows) = adapter_arrays(raw_weights.as_slice()?, dtype, weights_shape, config.as_slice()?, &config_shape)?;
+    /// Stores an adapter (`format.adapter_input(weights, config)`); returns "inserted", "cached"
+    /// (same weights already there) or "replaced".
+    #[pyo3(signature = (task_id, adapter, replace=false))]
+    fn put(&self, py: Python<'_>, task_id: u64, adapter: AdapterInput<'_>, replace: bool) -> PyResult<&'static str> {
+        let (weights, rows) = adapter.core()?;
         let outcome = py.detach(|| self.inner.put(task_id, &weights, &rows, replace)).py()?;
         Ok(match outcome {
             PutOutcome::Inserted => "inserted",
@@ -168,5 +159,8 @@ impl PyAdapterCache {
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_class::<PyAdapterCache>()
+    m.add_class::<PyAdapterCache>()?;
+    // The names of one slot-table entry's int64 words, in order (rust/src/cache/slot_table.rs).
+    m.add("SLOT_ENTRY_FIELDS", PyTuple::new(m.py(), ENTRY_FIELDS)?)?;
+    Ok(())
 }

@@ -1,4 +1,4 @@
-//! The CUDA LoRA kernels for Python (python/loramux/kernels.py): raw pointers and sizes in,
+//! The CUDA LoRA kernels for Python (python/loramux/ops/kernels.py): raw pointers and sizes in,
 //! launches on the given stream out. Translation only; validation and planning live in
 //! rust/src/cuda/launch.rs.
 
@@ -92,6 +92,20 @@ fn nvrtc_compile_all(py: Python<'_>, arch: u32) -> PyResult<Vec<(String, usize)>
     .py()
 }
 
+/// `[(struct name, sizeof, alignof, [(field name, offsetof), ...]), ...]` of the kernels'
+/// argument structs as Rust lays them out, for the check against cuda/lora_common.cuh.
+#[pyfunction]
+#[allow(clippy::type_complexity)]
+fn kernel_struct_layouts() -> Vec<(&'static str, usize, usize, Vec<(&'static str, usize)>)> {
+    launch::abi::struct_layouts().into_iter().map(|s| (s.name, s.size, s.align, s.fields)).collect()
+}
+
+/// `[(macro name in cuda/lora_common.cuh, value the Rust side uses), ...]`.
+#[pyfunction]
+fn kernel_constants() -> Vec<(&'static str, usize)> {
+    launch::abi::constants()
+}
+
 /// Compiles (or reads from the disk cache) and loads the kernels on `device`; returns its arch.
 #[pyfunction]
 fn load_kernels(py: Python<'_>, device: i32) -> PyResult<u32> {
@@ -105,6 +119,8 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(nvrtc_version, m)?)?;
     m.add_function(wrap_pyfunction!(nvrtc_compile_all, m)?)?;
     m.add_function(wrap_pyfunction!(load_kernels, m)?)?;
+    m.add_function(wrap_pyfunction!(kernel_struct_layouts, m)?)?;
+    m.add_function(wrap_pyfunction!(kernel_constants, m)?)?;
     m.add("KERNEL_MAX_RANK", launch::MAX_RANK)?;
     m.add("KERNEL_MAX_SLICES", launch::MAX_SLICES)?;
     Ok(())

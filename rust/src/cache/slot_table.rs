@@ -1,5 +1,5 @@
-//! The slot table kernels read (docs/internals.md): int64 `[max_slots, num_layers, 19, 4]`, entry
-//! `[slot, layer, module]` = (a_addr, b_addr, scale_addr, rank), absolute pool addresses. A host
+//! The slot table kernels read (docs/internals.md): int64 `[max_slots, num_layers, 19, ENTRY_WORDS]`,
+//! entry `[slot, layer, module]` = `ENTRY_FIELDS`, absolute pool addresses. A host
 //! mirror is edited and the changed slot's rows are copied to the table through the copier.
 
 use crate::cache::adapter_image::ImageLayout;
@@ -8,7 +8,15 @@ use crate::cache::page_allocator::PageRun;
 use crate::error::Result;
 use crate::modules::NUM_MODULES;
 
-pub const ENTRY_WORDS: usize = 4;
+/// The int64 words of one entry `[slot, layer, module]`, in order: the absolute addresses of A,
+/// B and the DoRA scales (0 = none) and the rank (0 = the adapter lacks this module-layer). The
+/// kernels read the same words (cuda/lora_common.cuh, `read_entry`); Python reads these names.
+pub const ENTRY_FIELDS: [&str; 4] = ["a_addr", "b_addr", "scale_addr", "rank"];
+pub const ENTRY_WORDS: usize = ENTRY_FIELDS.len();
+const A_ADDR: usize = 0;
+const B_ADDR: usize = 1;
+const SCALE_ADDR: usize = 2;
+const RANK: usize = 3;
 
 pub struct SlotTable {
     table_addr: u64,
@@ -36,9 +44,9 @@ impl SlotTable {
     }
 
     /// The mirror's entry, as the table will hold it once copies land.
-    pub fn entry(&self, slot: usize, layer: usize, module: usize) -> [i64; 4] {
+    pub fn entry(&self, slot: usize, layer: usize, module: usize) -> [i64; ENTRY_WORDS] {
         let at = ((slot * self.num_layers + layer) * NUM_MODULES + module) * ENTRY_WORDS;
-        self.mirror[at..at + 4].try_into().unwrap()
+        self.mirror[at..at + ENTRY_WORDS].try_into().unwrap()
     }
 
     /// Points `slot` at an adapter placed in `runs` (one per segment) of a pool at `pool_base`.
@@ -49,10 +57,11 @@ impl SlotTable {
         for (seg, run) in image.segments.iter().zip(runs) {
             let seg_addr = pool_base + (run.start * image.page_bytes) as u64;
             let at = (seg.row.layer * NUM_MODULES + seg.row.module.id() as usize) * ENTRY_WORDS;
-            slot_rows[at] = seg_addr as i64;
-            slot_rows[at + 1] = (seg_addr + seg.b_offset as u64) as i64;
-            slot_rows[at + 2] = seg.scale_offset.map_or(0, |s| (seg_addr + s as u64) as i64);
-            slot_rows[at + 3] = seg.row.rank as i64;
+            let entry = &mut slot_rows[at..at + ENTRY_WORDS];
+            entry[A_ADDR] = seg_addr as i64;
+            entry[B_ADDR] = (seg_addr + seg.b_offset as u64) as i64;
+            entry[SCALE_ADDR] = seg.scale_offset.map_or(0, |s| (seg_addr + s as u64) as i64);
+            entry[RANK] = seg.row.rank as i64;
         }
         self.flush_slot(copier, slot)
     }

@@ -8,13 +8,18 @@ use cudarc::driver::{result as drv, sys};
 
 use super::plan::{decode_expand_is_flat, flat_expand_columns, partial_len, ShrinkPlan, TILE_T};
 use super::DeviceKernels;
+use crate::cache::slot_table::ENTRY_WORDS;
 use crate::error::{LoraError, Result};
+use crate::format::WeightsDtype;
+use crate::modules::NUM_MODULES;
+
+pub mod abi;
 
 pub const MAX_SLICES: usize = 8;
 /// The kernels keep a token tile's u in shared memory: ranks up to this fit.
 pub const MAX_RANK: usize = 128;
 const THREADS: u32 = 256;
-const MODULES: u32 = 19;
+const MODULES: u32 = NUM_MODULES as u32;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Dtype {
@@ -23,12 +28,24 @@ pub enum Dtype {
 }
 
 impl Dtype {
-    pub fn parse(name: &str) -> Result<Dtype> {
-        match name.trim_start_matches("torch.") {
-            "float16" | "half" => Ok(Dtype::Float16),
-            "bfloat16" => Ok(Dtype::BFloat16),
-            other => Err(LoraError::BadDtype { what: "LoRA kernel input", dtype: other.into(), expected: "float16, bfloat16" }),
+    /// The serving dtypes the kernels are instantiated for.
+    pub const ALL: [Dtype; 2] = [Dtype::Float16, Dtype::BFloat16];
+
+    /// The same element type in the format's dtype table (its name and size).
+    pub fn weights_dtype(self) -> WeightsDtype {
+        match self {
+            Dtype::Float16 => WeightsDtype::F16,
+            Dtype::BFloat16 => WeightsDtype::BF16,
         }
+    }
+
+    pub fn parse(name: &str) -> Result<Dtype> {
+        let name = name.trim_start_matches("torch.");
+        let wanted = WeightsDtype::from_name(name).ok();
+        Dtype::ALL
+            .into_iter()
+            .find(|d| Some(d.weights_dtype()) == wanted)
+            .ok_or_else(|| LoraError::BadDtype { what: "LoRA kernel input", dtype: name.into(), expected: "float16, bfloat16" })
     }
     fn suffix(self) -> &'static str {
         match self {
@@ -107,7 +124,7 @@ pub struct Batch {
     /// int32 [T] device pointer
     pub slot_of_token: u64,
     pub tokens: usize,
-    /// int64 [max_slots, num_layers, 19, 4] device pointer
+    /// int64 [max_slots, num_layers, 19, ENTRY_WORDS] device pointer
     pub table: u64,
     pub num_slots: usize,
     pub num_layers: usize,
@@ -134,9 +151,10 @@ impl Batch {
     }
 
     fn table_args(&self) -> LoraTable {
-        let slot_stride = (self.num_layers * MODULES as usize * 4) as i64;
+        let layer_words = MODULES as usize * ENTRY_WORDS;
+        let slot_stride = (self.num_layers * layer_words) as i64;
         LoraTable {
-            layer_base: self.table + (self.layer * MODULES as usize * 4 * 8) as u64,
+            layer_base: self.table + (self.layer * layer_words * std::mem::size_of::<i64>()) as u64,
             slot_stride,
             num_slots: self.num_slots as i32,
             max_rank: self.max_rank as i32,

@@ -2,6 +2,7 @@
 
 use crate::cache::adapter_image::ImageLayout;
 use crate::cache::id_hash::IdMap;
+use crate::cache::slot_table::ENTRY_WORDS;
 use crate::cache::stats::CacheStats;
 use crate::cache::two_level::TwoLevelCache;
 
@@ -67,8 +68,8 @@ impl TwoLevelCache {
         st.host.peek(task_id).map(|e| (e.image.as_slice().to_vec(), e.layout.clone()))
     }
 
-    /// The slot table entry (a_addr, b_addr, scale_addr, rank) the cache last wrote.
-    pub fn table_entry(&self, slot: usize, layer: usize, module: usize) -> [i64; 4] {
+    /// The slot table entry (`slot_table::ENTRY_FIELDS`) the cache last wrote.
+    pub fn table_entry(&self, slot: usize, layer: usize, module: usize) -> [i64; ENTRY_WORDS] {
         self.state.read().table.entry(slot, layer, module)
     }
 
