@@ -14,7 +14,7 @@ PACKAGE_DIR = pathlib.Path(loramux.__file__).parent
 
 # lowest first; a module's layer is its first path component under loramux/
 LAYERS = [
-    ("_core", "errors"),
+    ("_core", "errors", "layout"),
     ("modules",),
     ("format",),
     ("dora",),
