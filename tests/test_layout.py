@@ -14,8 +14,8 @@ PACKAGE_DIR = pathlib.Path(loramux.__file__).parent
 
 # lowest first; a module's layer is its first path component under loramux/
 LAYERS = [
-    ("_core", "errors", "layout"),
-    ("modules",),
+    ("_core", "errors"),
+    ("modules", "layout"),
     ("format",),
     ("dora",),
     ("convert",),
