@@ -1,4 +1,5 @@
-"""A/B of decode-path kernel variants in one process (docs/kernel-notes.md, pass 8): the LoRA work
+"""A/B of decode-path kernel variants in one process (docs/kernel-notes.md, "Where the per-apply
+time goes"): the LoRA work
 of a Llama-8B-shaped decode step (4 layers, 32 adapters r=16 on all 7 projections, weights beyond
 L2) captured in CUDA graphs, 7 applies per layer and 4 (q|k|v and gate|up fused), at batch 1, 8,
 32 and 64, for each variant. A variant is a set of environment variables the launchers read at

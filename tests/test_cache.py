@@ -1,4 +1,4 @@
-"""loramux.cache.LoraCache on a host-memory pool: the seed's task_id semantics, typed errors that
+"""loramux.cache.LoraCache on a host-memory pool: the task_id semantics of the TensorRT-LLM LoRA documentation, typed errors that
 change nothing, and pool bytes at the slot table's addresses equal to the adapter (numpy reference)."""
 
 import ml_dtypes

@@ -163,7 +163,7 @@ def test_shape_and_dtype_errors(weights, config, match):
         format.validate(weights, config, spec)
 
 
-def test_the_seed_example_layout():
+def test_the_trtllm_documentation_example_layout():
     spec = ModelSpec(num_layers=4, hidden_size=4, num_heads=2, num_kv_heads=2, head_dim=2, max_rank=8)
     config = np.array([[1, 0, 2], [2, 0, 4], [1, 1, 2], [2, 1, 4], [1, 2, 2], [1, 3, 8]])
     weights = np.ones((6, 8 * 4 + 4 * 8), np.float16)

@@ -76,7 +76,8 @@ class AcquiredBatch:
 
 
 class LoraCache:
-    """Fixed-size two-level LoRA cache keyed by task_id (the seed's "LoraCache configuration").
+    """Fixed-size two-level LoRA cache keyed by task_id (the TensorRT-LLM LoRA
+    documentation, "LoraCache configuration").
 
     ``device=None``/"cpu" keeps the "device" pool in host memory (tests, CPU serving), of
     ``device_cache_bytes`` or ``device_cache_fraction`` (default 1.0) of ``host_cache_bytes``; a CUDA

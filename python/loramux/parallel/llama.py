@@ -167,7 +167,7 @@ class TpLlama:
 
     def __init__(self, model, ctx: ParallelContext, *, max_rank: int = 64, host_cache_bytes: int = 256 << 20,
                  device=None, device_cache_bytes: Optional[int] = None, max_slots: int = 64):
-        from loramux.cache import LoraCache  # the cache engineer's module; imported on use
+        from loramux.cache import LoraCache  # imported on use: the cache needs torch
 
         cfg = model.config
         if cfg.model_type not in ("llama", "mistral", "qwen2"):
