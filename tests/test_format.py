@@ -239,6 +239,9 @@ def test_from_rows_refuses_rows_that_are_not_an_adapter():
         format.from_rows([AdapterRow(1, 0, a, b, np.ones(3, np.float32))])
     with pytest.raises(LoraFormatError, match="row 1"):
         format.from_rows([AdapterRow(1, 0, a, b), AdapterRow(2, 0, np.float32(1.0), b)])
+    with pytest.raises(ValueError, match="storage type 'int8'") as err:  # an argument, not adapter data
+        format.from_rows([AdapterRow(1, 0, a, b)], "int8")
+    assert not isinstance(err.value, LoraFormatError)
 
 
 def test_ml_dtypes_bfloat16_is_saved_as_its_uint16_bits(tmp_path):

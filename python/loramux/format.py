@@ -128,7 +128,7 @@ def from_rows(rows: Sequence[AdapterRow], storage_type: str = "float16") -> Tupl
     padding; config has the is_dora column only if some row is DoRA. bfloat16 is stored as its
     uint16 bit pattern (what np.save/np.load round-trip without pickle)."""
     if storage_type not in WEIGHT_DTYPES:
-        raise LoraFormatError(f"storage type {storage_type!r} is not one of {WEIGHT_DTYPES}")
+        raise ValueError(f"storage type {storage_type!r} is not one of {WEIGHT_DTYPES}")
     has_dora = any(r.dora_scale is not None for r in rows)
     cols = 4 if has_dora else 3
     config = np.zeros((len(rows), cols), dtype=np.int32)
