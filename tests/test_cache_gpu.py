@@ -11,7 +11,7 @@ import loramux
 from loramux.cache import LoraCache
 from loramux.errors import LoraCudaError
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = pytest.mark.gpu  # skipped without CUDA (conftest.py)
 
 # Llama-8B-like projections at rank 16 on 8 layers: about 20 MiB per adapter, so copies take a while
 BIG = loramux.ModelSpec(num_layers=8, hidden_size=4096, num_heads=32, num_kv_heads=8, ffn_size=14336, max_rank=64)

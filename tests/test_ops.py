@@ -165,7 +165,6 @@ def test_any_token_assignment_matches_oracle(slots, ranks, seed):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("tokens", [1, 7, 300])
 def test_cuda_dispatch_matches_the_cpu_reference(dtype, tokens):

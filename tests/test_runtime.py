@@ -15,7 +15,9 @@ from transformers import PreTrainedTokenizerFast
 import loramux as lm
 from loramux.errors import LoraCacheFullError, LoraFormatError, LoraNotCachedError
 from loramux.format import AdapterRow, from_rows
-from test_models import DEVICES, VOCAB, _build, _peft_rows
+from peft_models import DEVICES, VOCAB
+from peft_models import build as _build
+from peft_models import peft_rows as _peft_rows
 
 NEW_TOKENS = 4
 

@@ -232,7 +232,6 @@ def test_tp_and_pp_logits_equal_tp1_for_a_mixed_batch(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_nccl_tp_on_the_visible_gpus_equals_tp1(tmp_path):
     gpus = torch.cuda.device_count()
     world = 4 if gpus >= 4 else 2 if gpus >= 2 else 1
