@@ -218,8 +218,11 @@ def test_files_round_trip_and_untrusted_files_are_refused(tmp_path):
     (bad / format.WEIGHTS_FILE).write_bytes(b"not a numpy file at all")
     with pytest.raises(LoraFormatError, match="not a .npy"):
         format.load(str(bad))
-    with pytest.raises(LoraFormatError, match="no such file"):
+    with pytest.raises(LoraFormatError, match="missing: no such folder"):
         format.load(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LoraFormatError, match="no such file"):
+        format.load(str(tmp_path / "empty"))
 
 
 def test_a_header_whose_shape_overflows_int64_is_refused(tmp_path):

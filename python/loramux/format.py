@@ -215,6 +215,8 @@ def _load_npy(path: str, max_bytes: int) -> np.ndarray:
 
 def load(out_dir: str, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> Tuple[np.ndarray, np.ndarray]:
     """(weights, config) from a directory written by `save` or TensorRT-LLM's converter."""
+    if not os.path.isdir(out_dir):
+        raise LoraFormatError(f"{out_dir}: no such folder (it should hold {WEIGHTS_FILE} and {CONFIG_FILE})")
     weights = _load_npy(os.path.join(out_dir, WEIGHTS_FILE), max_bytes)
     config = _load_npy(os.path.join(out_dir, CONFIG_FILE), max_bytes)
     return weights, config
