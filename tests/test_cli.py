@@ -180,3 +180,18 @@ def test_help_lists_the_subcommands():
         assert name in text
     with pytest.raises(SystemExit):
         cli.main(["convert"])  # -i / -o are required
+
+
+def test_demo_progress_is_plain_lines_off_a_terminal(capsys):
+    """Written to a pipe or a log, the demo's progress is a few whole lines, not a bar's carriage
+    returns; on a terminal it is a tqdm bar."""
+    from loramux.demo.main import LineProgress, progress
+
+    with progress(8, "serving", "step") as bar:  # pytest's captured stdout is not a terminal
+        assert isinstance(bar, LineProgress)
+        for _ in range(8):
+            bar.update(1)
+    out = capsys.readouterr().out
+    assert "\r" not in out
+    assert out.splitlines() == ["serving: 1/8 steps", "serving: 2/8 steps", "serving: 4/8 steps", "serving: 6/8 steps",
+                                "serving: 8/8 steps, done"]
