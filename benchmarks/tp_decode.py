@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import socket
-import statistics
 import sys
 import tempfile
 
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _common import adapter_value_bytes, capture, copy_bandwidth, median_seconds
 
 LLAMA_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
                 num_key_value_heads=8, head_dim=128, max_position_embeddings=8192, tie_word_embeddings=False)
@@ -45,68 +45,19 @@ def _adapter(model, rank: int, seed: int):
     return weights.cpu().view(torch.int16).numpy().view(np.uint16), config
 
 
-def _used_bytes(config: np.ndarray, spec, elem: int) -> int:
-    """Bytes of the values a rank's adapter slice holds (A, B, DoRA scales; no padding)."""
-    total = 0
-    for mid, _, r, *dora in config.tolist():
-        hi, ho = spec.module_dims(mid)
-        total += (r * (hi + ho) + (ho if dora and dora[0] else 0)) * elem
-    return total
-
-
-def _copy_gbs() -> float:
-    """Device-to-device copy bandwidth on this GPU, bytes read plus bytes written per second (as
-    benchmarks/ops.py and decode_step.py count it): the ceiling for the LoRA weights' reads."""
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        dst.copy_(src)
-    end.record()
-    torch.cuda.synchronize()
-    return 10 * 2 * src.numel() / (start.elapsed_time(end) / 1e3) / 1e9
-
-
-def _time_ms(step, iters: int, warmup: int) -> float:
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(iters):
-        dist.barrier()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def _capture(step):
-    """A CUDA graph of step() (warmed up on a side stream first, as torch requires)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph
+def _time_ms(step, args) -> float:
+    """Median ms of one step; every rank starts each timed step together (a barrier before it)."""
+    return median_seconds(step, reps=args.iters, warmup=args.warmup, before=dist.barrier) * 1e3
 
 
 def _step_ms(shard, ids, task_ids, args) -> dict:
     """Eager and CUDA-graphed step times (ms) of one batch; the graph holds the whole stage pass,
     the NCCL all-reduces included; acquiring the adapters stays outside it."""
     with shard.batch(task_ids):
-        out = {"eager": _time_ms(lambda: shard.step(ids), args.iters, args.warmup)}
+        out = {"eager": _time_ms(lambda: shard.step(ids), args)}
         try:
-            graph = _capture(lambda: shard.step(ids))
-            out["graph"] = _time_ms(graph.replay, args.iters, args.warmup)
+            graph, _ = capture(lambda: shard.step(ids))
+            out["graph"] = _time_ms(graph.replay, args)
         except Exception as e:  # noqa: BLE001 - report why, keep the eager figure
             out["graph_error"] = repr(e)[:300]
     return out
@@ -129,7 +80,7 @@ def _worker(rank: int, tp: int, port: int, out_path: str, args) -> None:
         model = LlamaForCausalLM(cfg).eval()
     adapters = [_adapter(model, args.rank, seed=i) for i in range(args.adapters)]
     # every adapter has the same rows: one adapter's slice size, from the rank's module dims
-    slice_bytes = _used_bytes(adapters[0][1], rank_spec(_full_spec(model, args.rank), tp), 2)
+    slice_bytes = adapter_value_bytes(rank_spec(_full_spec(model, args.rank), tp), adapters[0][1], 2)
     budget = int(slice_bytes * args.adapters * 1.25) + (64 << 20)
     shard = TpLlama(model, ctx, max_rank=args.rank, host_cache_bytes=budget, device_cache_bytes=budget,
                     max_slots=max(64, args.adapters))
@@ -141,7 +92,7 @@ def _worker(rank: int, tp: int, port: int, out_path: str, args) -> None:
     with_lora = [i % args.adapters for i in range(args.batch)]
     base = _step_ms(shard, ids, [None] * args.batch, args)
     lora = _step_ms(shard, ids, with_lora, args)
-    gbs = _copy_gbs()
+    gbs = copy_bandwidth() / 1e9  # device copy, read + write counted
     read_bytes = slice_bytes * len(set(with_lora))  # each adapter's slice is read once per step
     floor_ms = read_bytes / (gbs * 1e9) * 1e3
     if rank == 0:
@@ -169,12 +120,6 @@ def _full_spec(model, max_rank):
     return loramux.ModelSpec(num_layers=c.num_hidden_layers, hidden_size=c.hidden_size, num_heads=c.num_attention_heads,
                              num_kv_heads=c.num_key_value_heads, head_dim=c.head_dim, ffn_size=c.intermediate_size,
                              max_rank=max_rank)
-
-
-def _rank_spec(model, max_rank, tp):
-    from loramux.parallel import rank_spec
-
-    return rank_spec(_full_spec(model, max_rank), tp)
 
 
 def _kernels_in_use() -> bool:

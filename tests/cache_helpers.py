@@ -1,4 +1,4 @@
-"""Shared by the cache tests: a tiny model spec, adapters built from a seed, and what each costs."""
+"""Shared by the cache tests: a tiny model spec, adapters built from a random seed, and what each costs."""
 
 from __future__ import annotations
 

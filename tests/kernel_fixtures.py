@@ -5,20 +5,11 @@ out (docs/internals.md), plus a float64 per-token oracle computed from the origi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
-try:
-    from loramux.ops import BatchMeta
-except ImportError:  # ops.py not there yet: the same fields
-    @dataclass(frozen=True)
-    class BatchMeta:  # type: ignore[no-redef]
-        table: torch.Tensor
-        pool: torch.Tensor
-        dtype: torch.dtype
-        slot_of_token: torch.Tensor
-        max_rank: int
+from loramux.ops import BatchMeta
 
 
 @dataclass

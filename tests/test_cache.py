@@ -1,5 +1,6 @@
-"""loramux.cache.LoraCache on a host-memory pool: the seed's task_id semantics, typed errors that
-change nothing, and pool bytes at the slot table's addresses equal to the adapter (numpy reference)."""
+"""loramux.cache.LoraCache on a host-memory pool: the task_id semantics of the TensorRT-LLM LoRA
+documentation, typed errors that change nothing, and pool bytes at the slot table's addresses equal
+to the adapter (numpy reference)."""
 
 import ml_dtypes
 import numpy as np
@@ -9,7 +10,14 @@ from cache_helpers import PAGE, SHAPES, SPEC, make_adapter, pool_view, segment_p
 
 import loramux
 from loramux.cache import LoraCache
-from loramux.errors import LoraCacheError, LoraCacheFullError, LoraFormatError, LoraNotCachedError, LoraTaskConflictError
+from loramux.errors import (
+    LoraCacheError,
+    LoraCacheFullError,
+    LoraCudaError,
+    LoraFormatError,
+    LoraNotCachedError,
+    LoraTaskConflictError,
+)
 
 
 def new_cache(**kw):
@@ -113,10 +121,12 @@ def test_bad_input_is_typed_and_changes_nothing():
         cache.put(2, w, np.array([[13, 0, 1], [1, 1, 1]]))  # no experts
     with pytest.raises(LoraFormatError):
         cache.put(2, w.astype(np.float64), c)
-    with pytest.raises(LoraCacheError, match="task_id must be"):
+    with pytest.raises(ValueError, match="task_id must be"):
         cache.put(-1, w, c)
-    with pytest.raises(LoraCacheError, match="task_id must be"):
+    with pytest.raises(TypeError, match="task_id must be"):
         cache.acquire(["x"])
+    with pytest.raises(ValueError, match="acquired from this cache"):
+        cache.release("not a batch")
     assert -1 not in cache and "x" not in cache
     assert (cache.task_ids(), cache.stats()["host_bytes"]) == before
     cache.check_invariants()
@@ -197,21 +207,36 @@ def test_ten_thousand_adapters_stream_through_a_small_pool():
 
 
 def test_host_pool_options_and_repr():
-    with pytest.raises(LoraCacheError, match="device_cache_fraction"):
+    with pytest.raises(ValueError, match="device_cache_fraction"):
         LoraCache(SPEC, device_cache_fraction=1.5)
-    with pytest.raises(LoraCacheError, match="not both"):
+    with pytest.raises(TypeError, match="device_cache_fraction"):
+        LoraCache(SPEC, device_cache_fraction="half")
+    with pytest.raises(ValueError, match="not both"):
         LoraCache(SPEC, device_cache_bytes=1 << 16, device_cache_fraction=0.5)
     assert LoraCache(SPEC, host_cache_bytes=1 << 20, device_cache_fraction=0.25).pool.numel() == 1 << 18
-    with pytest.raises(LoraCacheError, match="page_bytes"):
+    with pytest.raises(ValueError, match="page_bytes"):
         LoraCache(SPEC, host_cache_bytes=1 << 16, page_bytes=100)
-    with pytest.raises(LoraCacheError, match="max_slots"):
+    with pytest.raises(ValueError, match="max_slots"):
         LoraCache(SPEC, max_slots=0)
-    with pytest.raises(LoraCacheError, match="host_cache_bytes"):
+    with pytest.raises(TypeError, match="max_slots"):
+        LoraCache(SPEC, max_slots=2.5)
+    with pytest.raises(ValueError, match="host_cache_bytes"):
         LoraCache(SPEC, host_cache_bytes=-1)
-    with pytest.raises(LoraCacheError, match="dtype"):
+    with pytest.raises(ValueError, match="dtype"):
         LoraCache(SPEC, dtype=torch.int8)
+    with pytest.raises(ValueError, match="device must be"):
+        LoraCache(SPEC, device="meta")
     with pytest.raises(LoraCacheError, match="could not allocate"):  # typed, not torch's RuntimeError
         LoraCache(SPEC, device_cache_bytes=1 << 60)
     cache = LoraCache(SPEC, host_cache_bytes=1 << 20, page_bytes=4096)
     assert cache.pool.numel() == 1 << 20 and cache.pool.device.type == "cpu"
     assert "LoraCache(" in repr(cache) and loramux.LoraCache is LoraCache
+
+
+def test_a_cuda_pool_torch_cannot_reach_is_a_cuda_error():
+    """device="cuda" without a GPU (or a CUDA device index past the last GPU) raises LoraCudaError
+    saying so, before any allocation, rather than torch's RuntimeError from deep inside it."""
+    missing = "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
+    with pytest.raises(LoraCudaError, match="CUDA") as err:
+        LoraCache(SPEC, device=missing, device_cache_bytes=1 << 16, page_bytes=PAGE)
+    assert missing in str(err.value)

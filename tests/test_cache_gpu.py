@@ -11,7 +11,7 @@ import loramux
 from loramux.cache import LoraCache
 from loramux.errors import LoraCudaError
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = pytest.mark.gpu  # skipped without CUDA (conftest.py)
 
 # Llama-8B-like projections at rank 16 on 8 layers: about 20 MiB per adapter, so copies take a while
 BIG = loramux.ModelSpec(num_layers=8, hidden_size=4096, num_heads=32, num_kv_heads=8, ffn_size=14336, max_rank=64)
@@ -108,7 +108,7 @@ def test_pool_larger_than_the_gpu_is_a_clear_error():
     free, total = torch.cuda.mem_get_info()
     with pytest.raises(LoraCudaError, match="free"):
         LoraCache(SPEC, device="cuda", device_cache_bytes=total + (1 << 30))
-    with pytest.raises(loramux.LoraCacheError, match="device_cache_fraction"):
+    with pytest.raises(ValueError, match="device_cache_fraction"):
         LoraCache(SPEC, device="cuda", device_cache_fraction=1.5)
     small = LoraCache(SPEC, device="cuda", device_cache_fraction=0.01, page_bytes=4096)
     assert 0 < small.pool.numel() <= free * 0.01

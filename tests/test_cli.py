@@ -59,6 +59,96 @@ def test_errors_exit_2_with_the_typed_error(tmp_path):
     assert cli.main(["info", str(tmp_path / "nowhere")]) == 2
 
 
+def test_a_missing_folder_is_named_as_missing(tmp_path, capsys):
+    for argv in (["convert", "-i", str(tmp_path / "nowhere"), "-o", str(tmp_path / "out")],
+                 ["info", str(tmp_path / "nowhere")],
+                 ["dora-normalize", "-i", str(tmp_path / "nowhere"), "-b", str(tmp_path), "-o", str(tmp_path / "out")]):
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert f"{tmp_path / 'nowhere'}: no such folder" in err, err
+    make_adapter("llama", tmp_path / "peft", target_modules=["q_proj"])
+    assert cli.main(["convert", "-i", str(tmp_path / "peft"), "-o", str(tmp_path / "trt")]) == 0
+    assert cli.main(["to-peft", "-i", str(tmp_path / "trt"), "-o", str(tmp_path / "back"),
+                     "--base-model", str(tmp_path / "no-model")]) == 2
+    assert "no-model: no such folder" in capsys.readouterr().err
+
+
+def test_version():
+    from loramux import __version__
+
+    done = _run("--version")
+    assert done.returncode == 0 and done.stdout.strip() == f"loramux {__version__}", (done.stdout, done.stderr)
+
+
+def _bad_pairs(weights, config):
+    """(what, weights, config) for each kind of invalid adapter info must refuse."""
+    unknown = config.copy()
+    unknown[0, 0] = 19
+    negative = config.copy()
+    negative[1, 1] = -1
+    duplicate = config.copy()
+    duplicate[1] = duplicate[0]
+    nan = format.to_float32(weights)
+    nan[0, 0] = np.nan
+    rank0 = config.copy()
+    rank0[0, 2] = 0
+    return [("module_id 19", weights, unknown), ("layer_idx -1", weights, negative), ("already given", weights, duplicate),
+            ("not finite", nan, config), ("adapter_size", weights, rank0)]
+
+
+def test_info_validates_what_it_lists(tmp_path, capsys):
+    """info exits 2 with the format's typed error for an adapter it cannot serve (as to-peft does),
+    without a model for ids, layers, ranks, duplicates and values, with --base-model also widths."""
+    make_adapter("llama", tmp_path / "peft", r=4)
+    assert cli.main(["convert", "-i", str(tmp_path / "peft"), "-o", str(tmp_path / "good"), "--storage-type", "float32"]) == 0
+    assert cli.main(["info", str(tmp_path / "good")]) == 0
+    assert "valid" in capsys.readouterr().out
+    weights, config = format.load(str(tmp_path / "good"))
+    for what, w, c in _bad_pairs(weights, config):
+        format.save(str(tmp_path / "bad"), w, c)
+        assert cli.main(["info", str(tmp_path / "bad")]) == 2, what
+        err = capsys.readouterr().err
+        assert "LoraFormatError" in err and what in err, (what, err)
+    from tiny_hf import tiny_model
+
+    tiny_model("llama").save_pretrained(str(tmp_path / "base"))
+    assert cli.main(["info", str(tmp_path / "good"), "--base-model", str(tmp_path / "base")]) == 0
+    assert "valid for" in capsys.readouterr().out
+    narrow = weights[:, : weights.shape[1] // 2].copy()  # every row too short for its shapes
+    format.save(str(tmp_path / "narrow"), narrow, config)
+    assert cli.main(["info", str(tmp_path / "narrow")]) == 0  # widths need the model
+    capsys.readouterr()
+    assert cli.main(["info", str(tmp_path / "narrow"), "--base-model", str(tmp_path / "base")]) == 2
+    assert "needs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_example_adapter_is_a_real_peft_adapter_and_its_conversion(tmp_path, dora):
+    """make_example_adapter (what `loramux example-adapter` runs on SmolLM2) on a tiny Llama: the
+    PEFT folder loads back into PEFT, the converted pair validates against the model and carries
+    normalized DoRA scales when asked, and the model is left as it was."""
+    import peft
+    import torch
+    from tiny_hf import fresh_model
+
+    from loramux.demo import make_example_adapter
+    from loramux.models import spec_from_config
+
+    model = fresh_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    paths = make_example_adapter(str(tmp_path / "ex"), rank=4, targets=["q_proj", "down_proj"], dora=dora,
+                                 storage_type="float32", model=model)
+    assert {k: v for k, v in model.state_dict().items()}.keys() == before.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    weights, config = format.load(paths["trt"])
+    layouts = format.validate(weights, config, spec_from_config(model.config, max_rank=8))
+    assert {r.module_id for r in layouts} == {MODULE_IDS["attn_q"], MODULE_IDS["mlp_4h_to_h"]}
+    assert all(r.rank == 4 and r.is_dora == dora for r in layouts)
+    assert np.abs(weights).max() > 0
+    loaded = peft.PeftModel.from_pretrained(fresh_model("llama"), paths["peft"])
+    assert loaded.peft_config["default"].use_dora == dora
+
+
 def test_unreadable_json_exits_2_naming_the_file(tmp_path, capsys):
     (tmp_path / "peft").mkdir()
     (tmp_path / "peft" / "adapter_config.json").write_text("{not json")
@@ -86,7 +176,22 @@ def test_progress_bar_on_large_adapters(tmp_path, monkeypatch, capsys):
 
 def test_help_lists_the_subcommands():
     text = cli.build_parser().format_help()
-    for name in ("convert", "to-peft", "info"):
+    for name in ("convert", "to-peft", "info", "dora-normalize", "demo", "example-adapter"):
         assert name in text
     with pytest.raises(SystemExit):
         cli.main(["convert"])  # -i / -o are required
+
+
+def test_demo_progress_is_plain_lines_off_a_terminal(capsys):
+    """Written to a pipe or a log, the demo's progress is a few whole lines, not a bar's carriage
+    returns; on a terminal it is a tqdm bar."""
+    from loramux.demo.main import LineProgress, progress
+
+    with progress(8, "serving", "step") as bar:  # pytest's captured stdout is not a terminal
+        assert isinstance(bar, LineProgress)
+        for _ in range(8):
+            bar.update(1)
+    out = capsys.readouterr().out
+    assert "\r" not in out
+    assert out.splitlines() == ["serving: 1/8 steps", "serving: 2/8 steps", "serving: 4/8 steps", "serving: 6/8 steps",
+                                "serving: 8/8 steps, done"]

@@ -193,7 +193,7 @@ def test_model_spec_takes_numpy_integers_and_names_its_fields():
         spec.num_layer = 3
 
 
-def test_the_seed_example_layout():
+def test_the_trtllm_documentation_example_layout():
     spec = ModelSpec(num_layers=4, hidden_size=4, num_heads=2, num_kv_heads=2, head_dim=2, max_rank=8)
     config = np.array([[1, 0, 2], [2, 0, 4], [1, 1, 2], [2, 1, 4], [1, 2, 2], [1, 3, 8]])
     weights = np.ones((6, 8 * 4 + 4 * 8), np.float16)
@@ -248,8 +248,11 @@ def test_files_round_trip_and_untrusted_files_are_refused(tmp_path):
     (bad / format.WEIGHTS_FILE).write_bytes(b"not a numpy file at all")
     with pytest.raises(LoraFormatError, match="not a .npy"):
         format.load(str(bad))
-    with pytest.raises(LoraFormatError, match="no such file"):
+    with pytest.raises(LoraFormatError, match="missing: no such folder"):
         format.load(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LoraFormatError, match="no such file"):
+        format.load(str(tmp_path / "empty"))
 
 
 def test_a_header_whose_shape_overflows_int64_is_refused(tmp_path):
@@ -269,6 +272,9 @@ def test_from_rows_refuses_rows_that_are_not_an_adapter():
         format.from_rows([AdapterRow(1, 0, a, b, np.ones(3, np.float32))])
     with pytest.raises(LoraFormatError, match="row 1"):
         format.from_rows([AdapterRow(1, 0, a, b), AdapterRow(2, 0, np.float32(1.0), b)])
+    with pytest.raises(ValueError, match="storage type 'int8'") as err:  # an argument, not adapter data
+        format.from_rows([AdapterRow(1, 0, a, b)], "int8")
+    assert not isinstance(err.value, LoraFormatError)
 
 
 def test_ml_dtypes_bfloat16_is_saved_as_its_uint16_bits(tmp_path):

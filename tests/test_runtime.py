@@ -15,7 +15,9 @@ from transformers import PreTrainedTokenizerFast
 import loramux as lm
 from loramux.errors import LoraCacheFullError, LoraFormatError, LoraNotCachedError
 from loramux.format import AdapterRow, from_rows
-from test_models import DEVICES, VOCAB, _build, _peft_rows
+from peft_models import DEVICES, VOCAB
+from peft_models import build as _build
+from peft_models import peft_rows as _peft_rows
 
 NEW_TOKENS = 4
 
@@ -229,7 +231,7 @@ def test_token_id_prompts_and_chat_messages(llama, tokenizer):
                      min_size=1, max_size=9),
        batch=st.integers(1, 4))
 def test_any_request_sequence_follows_the_task_id_rules(llama, tokenizer, plan, batch):
-    """Model of the seed's rules: requests run in order, max_batch_size at a time; a batch first
+    """Model of the Executor's rules: requests run in order, max_batch_size at a time; a batch first
     caches the adapters its requests carry, then a request whose id is still unknown fails alone."""
     ours, peft_model, names, formats = llama
     engine = _attach(ours)

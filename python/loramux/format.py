@@ -140,7 +140,7 @@ def from_rows(rows: Sequence[AdapterRow], storage_type: str = "float16") -> Tupl
     padding; config has the is_dora column only if some row is DoRA. bfloat16 is stored as its
     uint16 bit pattern (what np.save/np.load round-trip without pickle)."""
     if storage_type not in WEIGHT_DTYPES:
-        raise LoraFormatError(f"storage type {storage_type!r} is not one of {WEIGHT_DTYPES}")
+        raise ValueError(f"storage type {storage_type!r} is not one of {WEIGHT_DTYPES}")
     has_dora = any(r.dora_scale is not None for r in rows)
     cols = 4 if has_dora else 3
     config = np.zeros((len(rows), cols), dtype=np.int32)
@@ -227,6 +227,8 @@ def _load_npy(path: str, max_bytes: int) -> np.ndarray:
 
 def load(out_dir: str, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> Tuple[np.ndarray, np.ndarray]:
     """(weights, config) from a directory written by `save` or TensorRT-LLM's converter."""
+    if not os.path.isdir(out_dir):
+        raise LoraFormatError(f"{out_dir}: no such folder (it should hold {WEIGHTS_FILE} and {CONFIG_FILE})")
     weights = _load_npy(os.path.join(out_dir, WEIGHTS_FILE), max_bytes)
     config = _load_npy(os.path.join(out_dir, CONFIG_FILE), max_bytes)
     return weights, config

@@ -22,8 +22,8 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
-/// The seed's example: q and k adapters, 4 layers, hidden 4 (heads chosen so q = k = 4 wide).
-fn seed_example() -> (Vec<ConfigRow>, ModelSpec) {
+/// The example of the TensorRT-LLM LoRA documentation ("LoRA tensor format details"): q and k adapters, 4 layers, hidden 4 (heads chosen so q = k = 4 wide).
+fn trtllm_doc_example() -> (Vec<ConfigRow>, ModelSpec) {
     let mut s = spec();
     s.num_kv_heads = 2;
     let cfg = vec![[1, 0, 2, 0], [2, 0, 4, 0], [1, 1, 2, 0], [2, 1, 4, 0], [1, 2, 2, 0], [1, 3, 8, 0]];
@@ -31,8 +31,8 @@ fn seed_example() -> (Vec<ConfigRow>, ModelSpec) {
 }
 
 #[test]
-fn seed_example_validates_with_expected_widths() {
-    let (cfg, s) = seed_example();
+fn trtllm_doc_example_validates_with_expected_widths() {
+    let (cfg, s) = trtllm_doc_example();
     let width = 8 * 4 + 4 * 8;
     let data = f32_bytes(&vec![0.5; cfg.len() * width]);
     let w = WeightsView::new(WeightsDtype::F32, &[cfg.len(), width], &data).unwrap();
@@ -169,7 +169,7 @@ fn short_rows_and_non_finite_values_are_rejected() {
 }
 
 #[test]
-fn module_dims_follow_the_design_table() {
+fn module_dims_follow_the_trtllm_module_table() {
     let s = ModelSpec { num_layers: 1, hidden_size: 16, num_heads: 4, num_kv_heads: 2, head_dim: 4, ffn_size: 32, expert_ffn_size: 8, num_experts: 4, encoder_hidden_size: 12, max_rank: 4 };
     use LoraModule::*;
     assert_eq!(s.module_dims(AttnQkv), Ok((16, 16 + 16)));

@@ -1,5 +1,6 @@
 //! Tensor- and pipeline-parallel slicing: a request carries the full adapter, and each rank keeps
-//! only what its shard of the model needs (seed, "LoRA with tensor parallel"; DESIGN.md).
+//! only what its shard of the model needs (the TensorRT-LLM LoRA
+//! documentation, "LoRA with tensor parallel").
 //!
 //! Per-rank layout (what `slice_adapter` returns for rank r of tp_size t):
 //! - ColumnLinear modules: A `[D, Hi]` whole; B's rows (Ho) and the DoRA scales split into t equal

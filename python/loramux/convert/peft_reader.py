@@ -43,6 +43,8 @@ def read_adapter(path: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     preferred, adapter_model.bin only through torch.load(weights_only=True)."""
     import torch
 
+    if not os.path.isdir(path):
+        raise LoraConvertError(f"{path}: no such folder (a PEFT adapter folder holds {ADAPTER_CONFIG} and its weights)")
     cfg_path = os.path.join(path, ADAPTER_CONFIG)
     if not os.path.isfile(cfg_path):
         raise LoraConvertError(f"{path}: no {ADAPTER_CONFIG}; not a PEFT adapter directory")

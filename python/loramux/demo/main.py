@@ -7,7 +7,9 @@ checked against PEFT's logits.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -18,7 +20,8 @@ import numpy as np
 import torch
 
 import loramux.format as lm_format
-from loramux.demo.smollm2 import GGUF_FILE, load_smollm2
+from loramux.demo.example import randomize_lora_b
+from loramux.demo.smollm2 import GGUF_FILE, load_smollm2, quiet_loading
 
 # (task_id, rank, target modules, layers or None for all): deliberately different shapes
 ADAPTERS = [
@@ -49,16 +52,14 @@ def make_adapters(model, out_dir: str, seed: int = 0) -> Tuple[object, Dict[int,
         cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, layers_to_transform=layers,
                          init_lora_weights=False)
         name = f"task{task_id}"
-        if peft_model is None:
-            peft_model = get_peft_model(model, cfg, adapter_name=name)
-        else:
-            peft_model.add_adapter(name, cfg)
-        with torch.no_grad():
-            for module in peft_model.modules():
-                if name in getattr(module, "lora_B", {}):
-                    module.lora_B[name].weight.normal_(0.0, 0.02)
-        dirs[task_id] = os.path.join(out_dir, name)
-        peft_model.save_pretrained(out_dir, selected_adapters=[name])
+        with quiet_loading():
+            if peft_model is None:
+                peft_model = get_peft_model(model, cfg, adapter_name=name)
+            else:
+                peft_model.add_adapter(name, cfg)
+            randomize_lora_b(peft_model, name)
+            dirs[task_id] = os.path.join(out_dir, name)
+            peft_model.save_pretrained(out_dir, selected_adapters=[name])
         # PEFT saves a non-default adapter into out_dir/<name>
     peft_model.eval()
     return peft_model, dirs
@@ -69,6 +70,39 @@ def convert_with_cli(adapter_dir: str, out_dir: str, storage_type: str) -> Tuple
     cmd = [sys.executable, "-m", "loramux.cli", "convert", "-i", adapter_dir, "-o", out_dir, "--storage-type", storage_type]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return lm_format.load(out_dir)
+
+
+class LineProgress:
+    """The progress a tqdm bar shows, as plain lines (at 0, each quarter and the end) for a log or a
+    pipe, where a bar's carriage returns would leave hundreds of half-lines."""
+
+    def __init__(self, total: int, desc: str, unit: str):
+        self.total, self.desc, self.unit, self.n, self._shown = total, desc, unit, 0, -1
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        quarter = 4 * self.n // max(self.total, 1)
+        if quarter > self._shown and self.n < self.total:
+            self._shown = quarter
+            print(f"{self.desc}: {self.n}/{self.total} {self.unit}s", flush=True)
+
+    def close(self) -> None:
+        print(f"{self.desc}: {self.n}/{self.total} {self.unit}s, done", flush=True)
+
+    def __enter__(self) -> "LineProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def progress(total: int, desc: str, unit: str):
+    """A tqdm bar on a terminal, plain lines elsewhere."""
+    if sys.stdout.isatty():
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, unit=unit)
+    return LineProgress(total, desc, unit)
 
 
 def chat(tokenizer, prompt: str) -> str:
@@ -94,9 +128,10 @@ def peft_logits(peft_model, tokenizer, texts: List[str], row_task: List[Optional
     return out
 
 
-def main(max_new_tokens: int = 32, max_batch_size: int = 8, device_name: Optional[str] = None) -> int:
-    from tqdm import tqdm
-
+def main(max_new_tokens: int = 32, max_batch_size: int = 8, device_name: Optional[str] = None,
+         keep: Optional[str] = None) -> int:
+    """Runs the demo; `keep`: a folder that receives the PEFT adapters (`peft/task<id>`) and their
+    converted pairs (`trt-<id>`) instead of a temporary folder that is deleted."""
     from loramux.models import attach
     from loramux.serving import Executor, LoraConfig, Request
 
@@ -110,13 +145,22 @@ def main(max_new_tokens: int = 32, max_batch_size: int = 8, device_name: Optiona
 
     row_task = [ADAPTERS[i % len(ADAPTERS)][0] for i in range(len(PROMPTS) - 1)] + [None]
     texts = [chat(tokenizer, p) for p in PROMPTS]
-    with tempfile.TemporaryDirectory(prefix="loramux-demo-") as tmp:
+    with contextlib.ExitStack() as scope:
+        tmp = keep if keep is not None else scope.enter_context(tempfile.TemporaryDirectory(prefix="loramux-demo-"))
+        if keep is not None:
+            for old in ["peft"] + [f"trt-{task_id}" for task_id, *_ in ADAPTERS]:
+                shutil.rmtree(os.path.join(keep, old), ignore_errors=True)  # a previous run's adapters
         peft_model, dirs = make_adapters(model, os.path.join(tmp, "peft"))
         expected = peft_logits(peft_model, tokenizer, texts, row_task, device)
         converted = {}
-        for task_id, adapter_dir in tqdm(dirs.items(), desc="loramux convert", unit="adapter"):
-            converted[task_id] = convert_with_cli(adapter_dir, os.path.join(tmp, f"trt-{task_id}"), storage)
+        with progress(len(dirs), "loramux convert", "adapter") as bar:
+            for task_id, adapter_dir in dirs.items():
+                converted[task_id] = convert_with_cli(adapter_dir, os.path.join(tmp, f"trt-{task_id}"), storage)
+                bar.update(1)
         model = peft_model.unload()  # the plain base model again, without PEFT's layers
+    if keep is not None:
+        print(f"kept the adapters in {keep}: peft/task<id> (PEFT) and trt-<id> (converted), task ids "
+              f"{', '.join(str(t) for t, *_ in ADAPTERS)}")
 
     engine = attach(model, max_rank=64, host_cache_bytes=256 << 20, device_cache_bytes=64 << 20)
     ex = Executor(engine, tokenizer, max_batch_size=max_batch_size)
@@ -133,7 +177,7 @@ def main(max_new_tokens: int = 32, max_batch_size: int = 8, device_name: Optiona
 
     steps = -(-len(PROMPTS) // max_batch_size) * max_new_tokens  # the unknown id generates nothing
     t1 = time.perf_counter()
-    with tqdm(total=steps, desc="serving", unit="step") as bar:
+    with progress(steps, "serving", "step") as bar:
         results = ex.run(progress=bar)
     elapsed = time.perf_counter() - t1
 

@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from loramux.convert import hf_modules as hfspec
-from loramux.errors import LoraError, LoraFormatError
 from loramux.models.engine import Engine
 from loramux.models.siblings import group_siblings
 from loramux.models.targets import match_targets, spec_from_config
@@ -23,7 +22,7 @@ def _out_features(layer: nn.Module) -> int:
         return layer.out_features
     if type(layer).__name__ == "Conv1D":  # GPT-2's transposed linear
         return layer.nf
-    raise LoraFormatError(f"cannot put LoRA on a {type(layer).__name__}")
+    raise TypeError(f"cannot put LoRA on a {type(layer).__name__}")
 
 
 def _wrap(target, layer: nn.Module, spec, engine) -> nn.Module:
@@ -40,7 +39,7 @@ def _wrap(target, layer: nn.Module, spec, engine) -> nn.Module:
     sizes = [tuple(width(mid) for mid in ids) for ids in target.slices]
     for ids, widths in zip(target.slices, sizes):
         if sum(widths) != out:
-            raise LoraFormatError(f"{target.name}: modules {ids} give {sum(widths)} output features, the layer has {out}")
+            raise ValueError(f"{target.name}: modules {ids} give {sum(widths)} output features, the layer has {out}")
     return LoraLinear(layer, engine, target.layer, target.slices, sizes, conv1d=not isinstance(layer, nn.Linear))
 
 
@@ -49,7 +48,7 @@ def attach_layers(model: nn.Module, spec, cache, dtype: torch.dtype, device: tor
     """Wraps every target layer of `model` (loramux.convert.hf_modules table, via models/targets.py); the layers read `cache`'s slots.
     `fuse_siblings`: projections that read one input (q|k|v, gate|up) share one multi-slice LoRA launch."""
     if any(isinstance(m, _WRAPPERS) for m in model.modules()):
-        raise LoraError("this model already has loramux layers attached; detach() first")
+        raise ValueError("this model already has loramux layers attached; detach() first")
     engine = Engine(model, spec, cache, dtype, device, restore=[])
     restore, linears = [], []
     for target in match_targets(model):
@@ -62,7 +61,7 @@ def attach_layers(model: nn.Module, spec, cache, dtype: torch.dtype, device: tor
         if isinstance(wrapper, LoraLinear):
             linears.append((parent_name, wrapper))
     if not restore:
-        raise LoraFormatError(f"no LoRA target layers found in this {model.config.model_type} model")
+        raise ValueError(f"no LoRA target layers found in this {model.config.model_type} model")
     engine._restore = restore
     engine.sibling_groups = group_siblings(linears, engine)
     engine.fuse_siblings = fuse_siblings

@@ -2,7 +2,7 @@
 on the same input, so the first one called computes every sibling's base output into one buffer and
 all their LoRA slices with one multi-slice lora_apply; the others take their columns of it.
 
-Fewer, wider launches are what a decode step costs (docs/kernel-notes.md, pass 8). A sibling called
+Fewer, wider launches are what a decode step costs (docs/kernel-notes.md, "Where the per-apply time goes"). A sibling called
 with another input than the one its group computed for runs its own per-projection path.
 """
 

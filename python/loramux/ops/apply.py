@@ -8,7 +8,6 @@ from typing import Sequence
 
 import torch
 
-from loramux.errors import LoraFormatError
 from loramux.ops import reference
 from loramux.ops.batch_meta import BatchMeta
 
@@ -30,12 +29,13 @@ def _use_kernels(t: torch.Tensor, meta: BatchMeta, num_slices: int) -> bool:
 
 
 def _check(x: torch.Tensor, meta: BatchMeta, layer: int) -> None:
+    """Shapes that do not fit the batch are bad arguments (ValueError), not bad adapters."""
     if x.dim() != 2:
-        raise LoraFormatError(f"lora ops take x as [T, H], got shape {tuple(x.shape)}")
+        raise ValueError(f"lora ops take x as [T, H], got shape {tuple(x.shape)}")
     if meta.slot_of_token.numel() != x.shape[0]:
-        raise LoraFormatError(f"slot_of_token has {meta.slot_of_token.numel()} tokens but x has {x.shape[0]}")
+        raise ValueError(f"slot_of_token has {meta.slot_of_token.numel()} tokens but x has {x.shape[0]}")
     if not 0 <= layer < meta.table.shape[1]:
-        raise LoraFormatError(f"layer {layer} is out of range for a slot table of {meta.table.shape[1]} layers")
+        raise ValueError(f"layer {layer} is out of range for a slot table of {meta.table.shape[1]} layers")
 
 
 def lora_shrink(x: torch.Tensor, meta: BatchMeta, layer: int, module_ids: Sequence[int]) -> torch.Tensor:
@@ -57,7 +57,7 @@ def lora_expand(
     """y[:, slice s] += u[s] @ B^T per token's adapter, in place; DoRA rows: y = scale * (y + u B^T)."""
     _check(y, meta, layer)
     if len(out_sizes) != len(module_ids) or sum(out_sizes) != y.shape[1]:
-        raise LoraFormatError(f"out_sizes {list(out_sizes)} must give one width per module id and sum to y's {y.shape[1]} columns")
+        raise ValueError(f"out_sizes {list(out_sizes)} must give one width per module id and sum to y's {y.shape[1]} columns")
     if _use_kernels(y, meta, len(module_ids)):
         _kernels.lora_expand(u, y, meta, layer, module_ids, out_sizes)
         return

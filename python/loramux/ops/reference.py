@@ -8,7 +8,6 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-from loramux.errors import LoraFormatError
 from loramux.layout import A_ADDR, B_ADDR, RANK, SCALE_ADDR
 from loramux.ops.batch_meta import BatchMeta
 
@@ -21,7 +20,7 @@ def _pool_matrix(meta: BatchMeta, addr: int, rows: int, cols: int) -> torch.Tens
     offset = addr - meta.pool.data_ptr()
     nbytes = rows * cols * esize
     if offset < 0 or offset + nbytes > meta.pool.numel():
-        raise LoraFormatError(f"slot table address {addr:#x} (+{nbytes} bytes) lies outside the pool")
+        raise ValueError(f"slot table address {addr:#x} (+{nbytes} bytes) lies outside the pool")
     return meta.pool[offset : offset + nbytes].view(meta.dtype).view(rows, cols)
 
 

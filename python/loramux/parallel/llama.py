@@ -167,11 +167,11 @@ class TpLlama:
 
     def __init__(self, model, ctx: ParallelContext, *, max_rank: int = 64, host_cache_bytes: int = 256 << 20,
                  device=None, device_cache_bytes: Optional[int] = None, max_slots: int = 64):
-        from loramux.cache import LoraCache  # the cache engineer's module; imported on use
+        from loramux.cache import LoraCache  # imported on use: the cache needs torch
 
         cfg = model.config
         if cfg.model_type not in ("llama", "mistral", "qwen2"):
-            raise LoraFormatError(f"the tensor-parallel forward supports the Llama family, not model_type {cfg.model_type!r}")
+            raise ValueError(f"the tensor-parallel forward supports the Llama family, not model_type {cfg.model_type!r}")
         self.model, self.ctx = model, ctx
         self.dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device
@@ -255,7 +255,7 @@ class TpLlama:
         layout calls it together. ``model_kwargs`` go to the HF decoder (a KV cache and
         ``use_cache=True`` for decode)."""
         if self._rows != input_ids.shape[0]:
-            raise LoraFormatError(f"{self._rows} task ids for a batch of {input_ids.shape[0]} rows")
+            raise ValueError(f"{self._rows} task ids for a batch of {input_ids.shape[0]} rows")
         ctx, inner = self.ctx, self.model.model
         model_kwargs.setdefault("use_cache", False)
         if ctx.pp_rank == 0:
@@ -273,7 +273,7 @@ class TpLlama:
     def forward(self, input_ids: torch.Tensor, task_ids: Sequence[Optional[int]], **model_kwargs) -> Optional[torch.Tensor]:
         """One batch whose row b uses adapter ``task_ids[b]`` (None = base): ``batch`` + ``step``."""
         if len(task_ids) != input_ids.shape[0]:
-            raise LoraFormatError(f"{len(task_ids)} task ids for a batch of {input_ids.shape[0]} rows")
+            raise ValueError(f"{len(task_ids)} task ids for a batch of {input_ids.shape[0]} rows")
         with self.batch(task_ids):
             return self.step(input_ids, **model_kwargs)
 

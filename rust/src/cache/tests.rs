@@ -1,4 +1,5 @@
-//! The two-level cache on a host-memory pool: semantics of the seed, error atomicity, pool bytes
+//! The two-level cache on a host-memory pool: task_id semantics of the TensorRT-LLM LoRA
+//! documentation, error atomicity, pool bytes
 //! against the format's own packing, streaming many adapters, and an 8-thread stress run.
 
 use std::sync::Arc;
@@ -94,7 +95,7 @@ fn acquired_slots_point_at_the_packed_adapter() {
 }
 
 #[test]
-fn task_id_semantics_of_the_seed() {
+fn first_request_carries_weights_later_ones_the_task_id() {
     let f = fixture(1 << 20, 1 << 18, 256, 4);
     assert_eq!(put(&f.cache, 1, 10, &[1], 2).unwrap(), PutOutcome::Inserted);
     assert_eq!(put(&f.cache, 1, 10, &[1], 2).unwrap(), PutOutcome::AlreadyCached);

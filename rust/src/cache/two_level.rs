@@ -1,5 +1,6 @@
-//! The two-level adapter cache of the seed: put() validates and packs once into the host tier;
-//! acquire() makes a batch's adapters resident in the device pool, pins them and hands back slots.
+//! The two-level adapter cache (the TensorRT-LLM LoRA documentation, "LoraCache configuration"):
+//! put() validates and packs once into the host tier; acquire() makes a batch's adapters resident
+//! in the device pool, pins them and hands back slots.
 //! Every call plans first and mutates only once the whole call is known to succeed.
 
 use parking_lot::RwLock;

@@ -322,7 +322,7 @@ pub fn expand(
     }
     let gs = b.group_stride(true);
     // decode: output columns per thread. The kernel is templated on it; 2 and 4 measured slower on
-    // the H100 than 1 (docs/kernel-notes.md, pass 3), so only 1 is instantiated.
+    // the H100 than 1 (docs/kernel-notes.md, "Optimization log"), so only 1 is instantiated.
     let per_thread = 1;
     let flat = decode_expand_is_flat(b.tokens, module_ids.len());
     let ochunk = if flat { flat_expand_columns(b.tokens) } else if b.decode() { THREADS as usize * per_thread } else { 64 };

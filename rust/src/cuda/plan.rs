@@ -6,12 +6,13 @@ pub const TILE_T: usize = 64;
 /// Enough blocks to keep every SM of an H100 (132) busy several times over.
 const TARGET_BLOCKS: usize = 4 * 132;
 
-/// Decode shrink target when the flat expand follows (measured best of 528 / 264 / 132, pass 8).
+/// Decode shrink target when the flat expand follows (measured best of 528 / 264 / 132;
+/// docs/kernel-notes.md, "Where the per-apply time goes").
 const FLAT_TARGET_BLOCKS: usize = 132;
 
 /// Whether a decode batch's expand takes the flat kernel (every block all tokens of a column
-/// chunk) rather than the grouped one (a block per adapter). Measured on the H100 (pass 8 of
-/// docs/kernel-notes.md): flat wins for multi-slice launches (q|k|v, gate|up) at 32..64 tokens
+/// chunk) rather than the grouped one (a block per adapter). Measured on the H100
+/// (docs/kernel-notes.md, "Where the per-apply time goes"): flat wins for multi-slice launches (q|k|v, gate|up) at 32..64 tokens
 /// and loses for single slices and at 8 tokens, where it has too few blocks or re-reads too many
 /// partials. `LORAMUX_EXPAND_DECODE=flat|grouped` forces one (benchmarks/decode_ab.py).
 pub fn decode_expand_is_flat(tokens: usize, num_slices: usize) -> bool {
