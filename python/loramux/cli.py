@@ -246,7 +246,7 @@ SUBCOMMANDS: List[Callable] = [add_convert, add_to_peft, add_info, add_dora_norm
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from loramux import __version__
+    from loramux._core import __version__
 
     parser = argparse.ArgumentParser(prog="loramux", description="Serve many LoRA adapters over one torch model.")
     parser.add_argument("--version", action="version", version=f"loramux {__version__}")
