@@ -132,7 +132,8 @@ def test_each_error_class_gets_its_status_and_openai_shape(error, status):
 
 # --- Prometheus text -----------------------------------------------------------------------------
 def test_prometheus_text_format():
-    c = Counter("x_total", "things")
+    assert render([Counter("n_total", "none yet").lines()]).endswith("n_total 0\n")
+    c = Counter("x_total", "things", labelled=True)
     c.inc(endpoint='/v1/"a"', status="200")
     c.inc(2, endpoint='/v1/"a"', status="200")
     h = Histogram("t_seconds", "time", [0.1, 1.0])

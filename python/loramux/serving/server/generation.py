@@ -143,6 +143,7 @@ class Generation:
         for choice in self.choices:
             if choice.handle is not None and not choice.handle.done():
                 choice.handle.cancel()
+                self.state.metrics.cancelled.inc()
         if self.adapter is not None:
             self.state.registry.release(self.adapter)
         if self._admitted:

@@ -38,9 +38,11 @@ def _number(value: float) -> str:
 
 
 class Counter:
-    def __init__(self, name: str, help: str):
+    """A total, unlabelled (reported from 0) or split by labels (a sample per label set seen)."""
+
+    def __init__(self, name: str, help: str, labelled: bool = False):
         self.name, self.help = name, help
-        self._values: Dict[Labels, float] = {}
+        self._values: Dict[Labels, float] = {} if labelled else {(): 0}
         self._lock = threading.Lock()
 
     def inc(self, amount: float = 1, **labels: str) -> None:

@@ -29,9 +29,13 @@ def _flat_numbers(prefix: str, values: Mapping[str, Any]) -> Dict[str, float]:
 
 class ServerMetrics:
     def __init__(self):
-        self.requests = Counter("loramux_requests_total", "HTTP requests answered, by endpoint and status")
-        self.finished = Counter("loramux_request_finished_total", "generation requests finished, by finish reason")
+        self.requests = Counter("loramux_requests_total", "HTTP requests answered, by endpoint and status",
+                                labelled=True)
+        self.finished = Counter("loramux_request_finished_total", "generation requests finished, by finish reason",
+                                labelled=True)
         self.prompt_tokens = Counter("loramux_prompt_tokens_total", "prompt tokens of finished generation requests")
+        self.cancelled = Counter("loramux_requests_cancelled_total", "requests cancelled while running (their client "
+                                 "went away, or another choice of their call failed)")
         self.generation_tokens = Counter("loramux_generation_tokens_total", "tokens generated")
         self.ttft = Histogram("loramux_time_to_first_token_seconds", "time to first token", TTFT_BUCKETS)
         self.tpot = Histogram("loramux_time_per_output_token_seconds", "time per output token after the first",
@@ -48,8 +52,9 @@ class ServerMetrics:
              levels: Mapping[str, float]) -> str:
         """The exposition: own metrics, then `levels` (name -> value, gauges), the executor's and the
         cache's figures."""
-        blocks: List[List[str]] = [self.requests.lines(), self.finished.lines(), self.prompt_tokens.lines(),
-                                   self.generation_tokens.lines(), self.ttft.lines(), self.tpot.lines()]
+        blocks: List[List[str]] = [self.requests.lines(), self.finished.lines(), self.cancelled.lines(),
+                                   self.prompt_tokens.lines(), self.generation_tokens.lines(), self.ttft.lines(),
+                                   self.tpot.lines()]
         blocks += [gauge_lines(name, name.replace("_", " "), value) for name, value in levels.items()]
         for name, value in _flat_numbers("loramux_executor", executor_metrics).items():
             blocks.append(gauge_lines(name, "executor figure " + name[len("loramux_executor_"):], value))
