@@ -145,3 +145,14 @@ def test_prometheus_text_format():
     assert 't_seconds_bucket{le="0.1"} 1' in text and 't_seconds_bucket{le="1.0"} 2' in text
     assert 't_seconds_bucket{le="+Inf"} 3' in text and "t_seconds_count 3" in text and "t_seconds_sum 5.55" in text
     assert text.endswith("\n")
+
+
+# --- the command line ----------------------------------------------------------------------------
+def test_serve_refuses_what_is_not_a_model_and_parses_sizes(tmp_path, capsys):
+    from loramux import cli
+
+    assert cli.main(["serve", str(tmp_path / "missing")]) == 2
+    assert "not a model folder" in capsys.readouterr().err
+    assert cli.main(["serve", str(tmp_path), "--task-id", "x=3"]) == 2
+    args = cli.build_parser().parse_args(["serve", "smollm2", "--host-cache-bytes", "512M", "--adapter", "a=/p"])
+    assert args.host_cache_bytes == 512 << 20 and args.adapter == [("a", "/p")] and args.host == "127.0.0.1"

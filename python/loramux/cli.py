@@ -9,7 +9,7 @@ import sys
 from collections import defaultdict
 from typing import Callable, List, Optional
 
-from loramux.errors import LoraError, LoraFormatError
+from loramux.errors import LoraError
 
 
 def add_convert(sub) -> None:
@@ -204,6 +204,8 @@ def add_serve(sub) -> None:
     p.add_argument("--device-cache-bytes", type=_bytes, default=None, help="device tier of the adapter cache "
                    "(default: a share of free GPU memory; on CPU, the host tier's size)")
     p.add_argument("--max-slots", type=int, default=64, help="adapters resident on the device at once")
+    p.add_argument("--kv-cache-bytes", type=_bytes, default=None, help="KV-cache budget of the executor (default: "
+                   "its own, a share of free GPU memory on CUDA)")
     p.add_argument("--max-body-bytes", type=_bytes, default=1 << 20, help="largest request body")
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask for")
     p.add_argument("--max-pending", type=int, default=256, help="requests admitted at once; more are answered 429")
@@ -221,14 +223,16 @@ def cmd_serve(args) -> int:
     task_ids = dict(args.task_id)
     unknown = set(task_ids) - {name for name, _ in args.adapter}
     if unknown:
-        raise LoraFormatError(f"--task-id names adapters not given with --adapter: {', '.join(sorted(unknown))}")
+        print(f"loramux serve: --task-id names adapters not given with --adapter: {', '.join(sorted(unknown))}",
+              file=sys.stderr)
+        return 2
     options = ServeOptions(
         model=args.model, host=args.host, port=args.port, adapter_root=args.adapter_root,
         adapters=[(name, path, task_ids.get(name)) for name, path in args.adapter],
         api_key=args.api_key or os.environ.get("LORAMUX_API_KEY") or None, served_model_name=args.served_model_name,
         device=args.device, max_batch_size=args.max_batch_size, max_rank=args.max_rank,
         host_cache_bytes=args.host_cache_bytes, device_cache_bytes=args.device_cache_bytes, max_slots=args.max_slots,
-        max_body_bytes=args.max_body_bytes, max_tokens_limit=args.max_tokens_limit, max_pending=args.max_pending,
+        kv_cache_bytes=args.kv_cache_bytes, max_body_bytes=args.max_body_bytes, max_tokens_limit=args.max_tokens_limit, max_pending=args.max_pending,
         unload_timeout_s=args.unload_timeout, log_level=args.log_level)
     return serve(options)
 

@@ -24,6 +24,7 @@ class ServeOptions:
     host_cache_bytes: int = 1 << 30
     device_cache_bytes: Optional[int] = None
     max_slots: int = 64
+    kv_cache_bytes: Optional[int] = None  # the executor's KV-cache budget (default: its own)
     max_body_bytes: int = 1 << 20
     max_tokens_limit: int = 4096
     max_pending: int = 256
@@ -44,7 +45,8 @@ def build(options: ServeOptions):
     name = options.served_model_name or base.name
     engine = lm.attach(base.model, max_rank=options.max_rank, host_cache_bytes=options.host_cache_bytes,
                        device_cache_bytes=options.device_cache_bytes, max_slots=options.max_slots)
-    executor = lm.Executor(engine, base.tokenizer, max_batch_size=options.max_batch_size)
+    kv = {} if options.kv_cache_bytes is None else {"kv_cache_bytes": options.kv_cache_bytes}
+    executor = lm.Executor(engine, base.tokenizer, max_batch_size=options.max_batch_size, **kv)
     registry = AdapterRegistry(engine.cache, name, options.adapter_root, base.folder)
     for adapter_name, path, task_id in options.adapters:  # the operator's own paths: trusted
         registry.load(adapter_name, path, task_id, trusted=True)
