@@ -157,7 +157,7 @@ def main() -> int:
     if args.out:
         with open(args.out, "w") as f:
             f.write(text + "\n")
-    print(f"\n| clients | requests/s | output tok/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms |", file=sys.stderr)
+    print("\n| clients | requests/s | output tok/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms |", file=sys.stderr)
     print("|---|---|---|---|---|", file=sys.stderr)
     for r in rows:
         print(f"| {r['concurrency']} | {r['requests_per_s']} | {r['output_tokens_per_s']} | {r['ttft_ms_p50']} / "

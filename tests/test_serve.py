@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import threading
 import time
 
@@ -26,6 +27,14 @@ PROMPT = "tell me a story about the sea and the moon"
 MESSAGES = [{"role": "system", "content": "you are a cat"}, {"role": "user", "content": "what is the capital of france?"}]
 
 
+class _WritesMarker:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     from loramux import convert, format
@@ -43,6 +52,9 @@ def files(tmp_path_factory):
     cfg = config.copy()
     cfg[0, 1] = 7
     format.save(str(root / "wrong-model"), weights, cfg)
+    (root / "pickled").mkdir()  # a PEFT .bin whose unpickling would run code: must be refused unread
+    (root / "pickled" / "adapter_config.json").write_text((root / "a1" / "adapter_config.json").read_text())
+    (root / "pickled" / "adapter_model.bin").write_bytes(pickle.dumps(_WritesMarker(str(tmp / "pwned"))))
     save_adapter(model, str(tmp / "outside"), seed=30)
     os.symlink(tmp / "outside", root / "escape")
     return {"model": model, "root": root, "tmp": tmp}
@@ -263,8 +275,10 @@ def test_every_error_is_answered_in_the_openai_shape_and_a_good_request_still_wo
     # invalid adapters: the typed loramux error's message, and nothing loaded
     assert "broken" in _error(_post(server, "/v1/load_lora_adapter", {"lora_name": "b", "lora_path": "broken"}), 400)
     _error(_post(server, "/v1/load_lora_adapter", {"lora_name": "w", "lora_path": "wrong-model"}), 400)
+    assert "weights_only" in _error(_post(server, "/v1/load_lora_adapter", {"lora_name": "p", "lora_path": "pickled"}), 400)
+    assert not (server.root.parent / "pwned").exists()
     _error(_post(server, "/v1/load_lora_adapter", {"lora_name": "a1", "lora_path": "a3"}), 409, "adapter_conflict")
-    assert {"b", "w"}.isdisjoint(_models(client))
+    assert {"b", "w", "p"}.isdisjoint(_models(client))
     _good(client)
     # paths out of the adapter root
     for path in ("../outside", "escape", str(server.root.parent / "outside"), "a3/../../outside"):

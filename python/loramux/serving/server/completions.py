@@ -49,9 +49,12 @@ async def answer(state: ServerState, http: HttpRequest, body: Union[CompletionRe
     """The whole answer (200), or a streamed one; an error before the first token gets its own status."""
     gen = build(state, body)
     gen.start()
+    streaming = False
     try:
         if body.stream:
-            return await _stream(state, http, body, gen)
+            response = await _stream(state, http, body, gen)
+            streaming = isinstance(response, EventStream)  # from here the stream closes the generation
+            return response
         choices = await until_disconnect(http, gen.wait())
         if choices is None:  # the client went away: nobody to answer
             return JSONResponse({}, status_code=499)
@@ -60,7 +63,7 @@ async def answer(state: ServerState, http: HttpRequest, body: Union[CompletionRe
             raise error
         return JSONResponse(_whole(state, body, choices))
     finally:
-        if not body.stream:
+        if not streaming:
             gen.close()
 
 
@@ -91,13 +94,11 @@ async def _stream(state: ServerState, http: HttpRequest, body, gen: Generation):
     events = gen.events()
     first = await until_disconnect(http, events.__anext__())
     if first is None:
-        gen.close()
         return JSONResponse({}, status_code=499)
     choice, delta = first
     if delta is None and choice.error is not None and not choice.token_ids:
-        gen.close()
         raise from_exception(choice.error)
-    return EventStream(_sse(state, body, gen, first, events))
+    return EventStream(_sse(state, body, gen, first, events), on_close=gen.close)
 
 
 async def _sse(state: ServerState, body, gen: Generation, first, events) -> AsyncIterator[bytes]:

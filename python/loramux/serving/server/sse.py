@@ -5,7 +5,7 @@ generator at once, so its `finally` cancels the request and frees its memory."""
 from __future__ import annotations
 
 import json
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncGenerator, Awaitable, Callable, Optional
 
 import anyio
 from starlette.requests import Request
@@ -25,10 +25,12 @@ async def wait_for_disconnect(receive: Callable[[], Awaitable[dict]]) -> None:
 
 
 class EventStream:
-    """ASGI response streaming `events` (bytes, already framed by `event`) as text/event-stream."""
+    """ASGI response streaming `events` (bytes, already framed by `event`) as text/event-stream.
+    `on_close` runs however the stream ends, even if the generator never started."""
 
-    def __init__(self, events: AsyncIterator[bytes]):
+    def __init__(self, events: AsyncGenerator[bytes, None], on_close: Optional[Callable[[], None]] = None):
         self.events = events
+        self.on_close = on_close
 
     async def __call__(self, scope, receive, send) -> None:
         headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
@@ -49,7 +51,11 @@ class EventStream:
                 group.start_soon(stream)
                 group.start_soon(listen)
         finally:
-            await self.events.aclose()  # runs the generator's finally (cancel) even if it never started
+            try:
+                await self.events.aclose()  # runs the generator's own cleanup if it started
+            finally:
+                if self.on_close is not None:
+                    self.on_close()
 
 
 async def until_disconnect(request: Request, work: Awaitable[Any]) -> Any:
