@@ -71,7 +71,8 @@ def _whole(state: ServerState, body, choices: List[Choice]) -> dict:
     chat = isinstance(body, ChatCompletionRequest)
     out, completion_tokens = [], 0
     for c in choices:
-        text = "".join(c.text)
+        text = getattr(c.result, "text", None)
+        text = "".join(c.text) if text is None else text
         completion_tokens += len(c.token_ids)
         lp = None
         if gen_logprobs(body):
