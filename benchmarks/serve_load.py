@@ -141,8 +141,9 @@ def main() -> int:
         finally:
             proc.terminate()
             proc.wait(timeout=60)
-    report = {"benchmark": "serve_load", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "machine": platform.node(), "cpu_count": os.cpu_count(), "model": args.model, "device": args.device or "auto",
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    report = {"benchmark": "serve_load", "date": date, "machine": platform.node(), "cpu_count": os.cpu_count(),
+              "model": args.model, "device": args.device or "auto",
               "models_served": ["base"] + list(adapters), "max_tokens": args.max_tokens,
               "requests_per_client": args.requests_per_client, "rows": rows}
     try:

@@ -75,3 +75,17 @@ class ServerProcess:
                 self.proc.kill()
                 self.proc.wait()
         os.unlink(self.log.name)
+
+
+def streaming_executor_missing() -> bool:
+    """True in a tree whose Executor has no streaming handles yet (the server is built on them)."""
+    import loramux.serving
+
+    return not hasattr(loramux.serving, "RequestHandle")
+
+
+def cache_remove_missing() -> bool:
+    """True in a tree whose LoraCache cannot drop an adapter yet (unloading needs it)."""
+    from loramux.cache import LoraCache
+
+    return not hasattr(LoraCache, "remove")

@@ -109,7 +109,8 @@ def test_bad_completion_requests_name_the_field(body, field):
 def test_bad_chat_requests_are_refused():
     assert _parse_error({"model": "m", "messages": []}, ChatCompletionRequest).param == "messages"
     _parse_error({"model": "m", "messages": [{"content": "x"}]}, ChatCompletionRequest)
-    _parse_error({"model": "m", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 3}, ChatCompletionRequest)
+    _parse_error({"model": "m", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 3},
+                 ChatCompletionRequest)
 
 
 # --- error statuses ------------------------------------------------------------------------------

@@ -232,7 +232,8 @@ def cmd_serve(args) -> int:
         api_key=args.api_key or os.environ.get("LORAMUX_API_KEY") or None, served_model_name=args.served_model_name,
         device=args.device, max_batch_size=args.max_batch_size, max_rank=args.max_rank,
         host_cache_bytes=args.host_cache_bytes, device_cache_bytes=args.device_cache_bytes, max_slots=args.max_slots,
-        kv_cache_bytes=args.kv_cache_bytes, max_body_bytes=args.max_body_bytes, max_tokens_limit=args.max_tokens_limit, max_pending=args.max_pending,
+        kv_cache_bytes=args.kv_cache_bytes, max_body_bytes=args.max_body_bytes,
+        max_tokens_limit=args.max_tokens_limit, max_pending=args.max_pending,
         unload_timeout_s=args.unload_timeout, log_level=args.log_level)
     return serve(options)
 

@@ -33,7 +33,8 @@ def resolve_inside_root(root: Optional[str], path: str) -> str:
         for name in dirs + files:
             seen += 1
             if seen > MAX_FOLDER_ENTRIES:
-                raise AdapterPathError(f"lora_path {path!r}: more than {MAX_FOLDER_ENTRIES} entries; not an adapter folder")
+                raise AdapterPathError(f"lora_path {path!r}: more than {MAX_FOLDER_ENTRIES} entries; "
+                                       "not an adapter folder")
             target = os.path.realpath(os.path.join(folder, name))
             if not _inside(real_root, target):
                 raise AdapterPathError(f"lora_path {path!r}: {os.path.join(folder, name)} links to {target}, outside "

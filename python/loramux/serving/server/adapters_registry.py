@@ -18,7 +18,7 @@ from loramux import format as lm_format
 from loramux.convert.peft_files import ADAPTER_CONFIG
 from loramux.errors import LoraCacheError, LoraFormatError, LoraNotCachedError
 from loramux.serving.server.adapter_paths import resolve_inside_root
-from loramux.serving.server.errors import (AdapterBusyError, AdapterConflictError, AdapterPathError,
+from loramux.serving.server.errors import (AdapterBusyError, AdapterConflictError, AdapterPathError, RequestError,
                                            UnknownModelError)
 
 #: adapter names: what fits in a URL path segment and a Prometheus label without escaping surprises
@@ -98,10 +98,10 @@ class AdapterRegistry:
         An untrusted path (one sent over HTTP) must lie inside the adapter root. Blocking: call it
         from a worker thread."""
         if not isinstance(name, str) or not NAME_PATTERN.match(name):
-            raise LoraFormatError(f"lora_name must be 1-128 letters, digits or ._:/@+- starting with a letter or "
+            raise RequestError(f"lora_name must be 1-128 letters, digits or ._:/@+- starting with a letter or "
                                   f"digit, got {name!r}")
         if task_id is not None and (isinstance(task_id, bool) or not isinstance(task_id, int) or task_id < 0):
-            raise LoraFormatError(f"task_id must be a non-negative integer, got {task_id!r}")
+            raise RequestError(f"task_id must be a non-negative integer, got {task_id!r}")
         if trusted:
             real = os.path.realpath(path)
             if not os.path.isdir(real):

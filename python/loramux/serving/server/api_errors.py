@@ -10,7 +10,7 @@ from starlette.responses import JSONResponse
 from loramux.errors import (LoraCacheFullError, LoraConvertError, LoraError, LoraFormatError, LoraNotCachedError,
                             LoraTaskConflictError)
 from loramux.serving.server.errors import (AdapterBusyError, AdapterConflictError, AdapterPathError, QueueFullError,
-                                           UnknownModelError)
+                                           RequestError, UnknownModelError)
 
 
 class ApiError(Exception):
@@ -36,6 +36,7 @@ _STATUS = [
     (AdapterConflictError, 409, "invalid_request_error", "adapter_conflict"),
     (AdapterBusyError, 409, "invalid_request_error", "adapter_busy"),
     (QueueFullError, 429, "rate_limit_error", "queue_full"),
+    (RequestError, 400, "invalid_request_error", "invalid_request"),
     (LoraTaskConflictError, 409, "invalid_request_error", "adapter_conflict"),
     (LoraCacheFullError, 503, "server_error", "adapter_cache_full"),
     (LoraNotCachedError, 503, "server_error", "adapter_not_cached"),

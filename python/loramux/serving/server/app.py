@@ -103,7 +103,8 @@ def build_app(state: ServerState, executor_context: Any = None) -> Any:
         _route(state, "/metrics", metrics, ["GET"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
-        404: lambda request, exc: ApiError(404, f"no route {request.method} {request.url.path}", code="not_found").response(),
+        404: lambda request, exc: ApiError(404, f"no route {request.method} {request.url.path}",
+                                           code="not_found").response(),
         405: lambda request, exc: ApiError(405, f"{request.method} is not allowed on {request.url.path}",
                                            code="method_not_allowed").response(),
     })

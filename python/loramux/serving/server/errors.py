@@ -26,9 +26,14 @@ class QueueFullError(LoraError, RuntimeError):
     """The server already holds as many requests as it admits at once."""
 
 
+class RequestError(LoraError, ValueError):
+    """A request refused before it reaches the executor: a prompt the tokenizer refuses or the
+    model's context cannot hold, a max_tokens over the server's limit, a bad adapter name."""
+
+
 class ModelSourceError(LoraError, ValueError):
     """`loramux serve MODEL` got something that is not a model folder, a GGUF file or `smollm2`."""
 
 
 __all__ = ["UnknownModelError", "AdapterPathError", "AdapterConflictError", "AdapterBusyError", "QueueFullError",
-           "ModelSourceError"]
+           "RequestError", "ModelSourceError"]

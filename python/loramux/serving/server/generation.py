@@ -83,8 +83,8 @@ class Generation:
             lora = LoraConfig(a.task_id, a.weights, a.config) if carry else LoraConfig(a.task_id)
         s = self.sampling
         return Request(choice.prompt, max_new_tokens=choice.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
-                       top_k=max(s.top_k, 0), seed=choice.seed, stop=s.stops, stop_token_ids=list(s.stop_token_ids or []),
-                       logprobs=self.logprobs, lora=lora)
+                       top_k=max(s.top_k, 0), seed=choice.seed, stop=s.stops,
+                       stop_token_ids=list(s.stop_token_ids or []), logprobs=self.logprobs, lora=lora)
 
     # --- run -----------------------------------------------------------------------------------
     async def _drive(self, choice: Choice) -> None:

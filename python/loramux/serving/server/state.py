@@ -8,9 +8,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Union
 
-from loramux.errors import LoraFormatError
 from loramux.serving.server.adapters_registry import AdapterRegistry
-from loramux.serving.server.errors import QueueFullError
+from loramux.serving.server.errors import QueueFullError, RequestError
 from loramux.serving.server.server_metrics import ServerMetrics
 
 
@@ -57,35 +56,37 @@ class ServerState:
     # --- prompts --------------------------------------------------------------------------------
     def prompt_ids(self, prompt: Union[str, Sequence[int], List[Dict[str, str]]]) -> List[int]:
         """The prompt's token ids as the executor will see them (chat messages through the
-        tokenizer's chat template); LoraFormatError names what the tokenizer or vocabulary refused."""
+        tokenizer's chat template); RequestError names what the tokenizer or vocabulary refused."""
         tok = self.tokenizer
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
             if not getattr(tok, "chat_template", None):
-                raise LoraFormatError(f"the model `{self.config.base_name}` has no chat template: use /v1/completions")
+                raise RequestError(f"the model `{self.config.base_name}` has no chat template: use /v1/completions")
             try:
                 prompt = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
             except Exception as err:  # the template's own checks (roles, order) raise what they like
-                raise LoraFormatError(f"the chat template refused these messages: {err}") from None
+                raise RequestError(f"the chat template refused these messages: {err}") from None
         if isinstance(prompt, str):
             if not prompt:
-                raise LoraFormatError("prompt must not be empty")
+                raise RequestError("prompt must not be empty")
             return list(tok(prompt)["input_ids"])
         ids = list(prompt)
         bad = [t for t in ids if not 0 <= t < self.vocab_size]
         if not ids or bad:
-            raise LoraFormatError(f"prompt token ids must be in [0, {self.vocab_size}) and not empty; got {bad[:4] or ids}")
+            raise RequestError(f"prompt token ids must be in [0, {self.vocab_size}) and not empty; "
+                               f"got {bad[:4] or ids}")
         return ids
 
     def check_length(self, prompt_tokens: int, max_tokens: Optional[int]) -> int:
         """max_new_tokens for a prompt of `prompt_tokens`: `max_tokens`, or what the context leaves
-        (up to the server's limit) when None; LoraFormatError when the two do not fit the model."""
+        (up to the server's limit) when None; RequestError when the two do not fit the model."""
         limit = self.config.max_tokens_limit
         room = self.context_len - prompt_tokens
         if max_tokens is not None and max_tokens > limit:
-            raise LoraFormatError(f"max_tokens is {max_tokens}, over this server's limit of {limit} (--max-tokens-limit)")
+            raise RequestError(f"max_tokens is {max_tokens}, over this server's limit of {limit} "
+                               "(--max-tokens-limit)")
         wanted = max_tokens if max_tokens is not None else min(limit, room)
         if prompt_tokens + wanted > self.context_len or room < 1:
-            raise LoraFormatError(f"This model's maximum context length is {self.context_len} tokens; the prompt has "
+            raise RequestError(f"This model's maximum context length is {self.context_len} tokens; the prompt has "
                                   f"{prompt_tokens} and the completion asks for {wanted} (max_tokens): "
                                   "shorten the prompt or lower max_tokens")
         return wanted
