@@ -238,6 +238,19 @@ def test_unloading_an_adapter_in_use_waits_for_its_requests(server, client):
     assert "busy" not in _models(client)
 
 
+def test_a_client_that_goes_away_cancels_its_request(server, client):
+    before = server.metrics()["loramux_requests_cancelled_total"]
+    with pytest.raises(httpx.TimeoutException):  # a non-streamed answer the client stops waiting for
+        httpx.post(server.url + "/v1/completions", headers=server.headers(), timeout=0.02,
+                   json={"model": "a2", "prompt": PROMPT, "max_tokens": MAX_TOKENS_LIMIT})
+    deadline = time.monotonic() + 30
+    while server.metrics()["loramux_requests_cancelled_total"] == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    m = server.metrics()
+    assert m["loramux_requests_cancelled_total"] == before + 1 and m["loramux_server_pending_requests"] == 0
+    _good(client)
+
+
 def _good(client):
     r = client.completions.create(model="a1", prompt=PROMPT, max_tokens=8)
     assert r.usage.completion_tokens == 8
