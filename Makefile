@@ -3,7 +3,7 @@
 
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
-PYDEPS := torch numpy safetensors tqdm transformers peft gguf ml_dtypes hypothesis pytest maturin
+PYDEPS := torch numpy safetensors tqdm transformers peft gguf ml_dtypes hypothesis pytest maturin starlette uvicorn pydantic openai httpx psutil
 
 .PHONY: deps install test test-rust test-python demo bench-gpu wheel clean
 

@@ -241,8 +241,89 @@ def cmd_dora_normalize(args) -> int:
     return 0
 
 
+def _bytes(text: str) -> int:
+    """'1073741824', '512M', '1G' -> bytes (binary units)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    text = text.strip().upper().removesuffix("IB").removesuffix("B")
+    try:
+        return int(text[:-1]) * units[text[-1]] if text and text[-1] in units else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a byte size (an integer, or with K, M, G, T): {text!r}") from None
+
+
+def _named_path(text: str):
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"--adapter takes NAME=PATH, got {text!r}")
+    return name, path
+
+
+def _named_task_id(text: str):
+    name, sep, value = text.partition("=")
+    if not sep or not name or not value.isdigit():
+        raise argparse.ArgumentTypeError(f"--task-id takes NAME=ID (a non-negative integer), got {text!r}")
+    return name, int(value)
+
+
+def add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server; each request's `model` names an adapter or "
+                       "the base model")
+    p.add_argument("model", help="a Hugging Face model folder, a .gguf file, or `smollm2` (the packaged demo model)")
+    p.add_argument("--adapter", action="append", default=[], type=_named_path, metavar="NAME=PATH",
+                   help="serve the adapter at PATH (a PEFT folder or a TensorRT-LLM model.lora_weights.npy + "
+                   "model.lora_config.npy folder) as model NAME; repeatable")
+    p.add_argument("--task-id", action="append", default=[], type=_named_task_id, metavar="NAME=ID",
+                   help="the TensorRT-LLM task id of adapter NAME (default: the next free id from 1)")
+    p.add_argument("--adapter-root", default=None, help="POST /v1/load_lora_adapter reads adapters only inside this "
+                   "folder (no `..` or symbolic link out of it); without it, loading at run time is off")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (default: env LORAMUX_API_KEY)")
+    p.add_argument("--served-model-name", default=None, help="the base model's name in requests (default: the "
+                   "folder or file name, or smollm2)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--max-batch-size", type=int, default=64, help="requests decoded together")
+    p.add_argument("--max-rank", type=int, default=64, help="largest adapter rank served")
+    p.add_argument("--host-cache-bytes", type=_bytes, default=1 << 30, help="host tier of the adapter cache")
+    p.add_argument("--device-cache-bytes", type=_bytes, default=None, help="device tier of the adapter cache "
+                   "(default: a share of free GPU memory; on CPU, the host tier's size)")
+    p.add_argument("--max-slots", type=int, default=64, help="adapters resident on the device at once")
+    p.add_argument("--kv-cache-bytes", type=_bytes, default=None, help="KV-cache budget of the executor (default: "
+                   "its own, a share of free GPU memory on CUDA)")
+    p.add_argument("--max-body-bytes", type=_bytes, default=1 << 20, help="largest request body")
+    p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask for")
+    p.add_argument("--max-pending", type=int, default=256, help="requests admitted at once; more are answered 429")
+    p.add_argument("--unload-timeout", type=float, default=30.0, help="seconds an unload waits for the adapter's "
+                   "requests before it is refused")
+    p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args) -> int:
+    import os
+
+    from loramux.serving.server import ServeOptions, serve
+
+    task_ids = dict(args.task_id)
+    unknown = set(task_ids) - {name for name, _ in args.adapter}
+    if unknown:
+        print(f"loramux serve: --task-id names adapters not given with --adapter: {', '.join(sorted(unknown))}",
+              file=sys.stderr)
+        return 2
+    options = ServeOptions(
+        model=args.model, host=args.host, port=args.port, adapter_root=args.adapter_root,
+        adapters=[(name, path, task_ids.get(name)) for name, path in args.adapter],
+        api_key=args.api_key or os.environ.get("LORAMUX_API_KEY") or None, served_model_name=args.served_model_name,
+        device=args.device, max_batch_size=args.max_batch_size, max_rank=args.max_rank,
+        host_cache_bytes=args.host_cache_bytes, device_cache_bytes=args.device_cache_bytes, max_slots=args.max_slots,
+        kv_cache_bytes=args.kv_cache_bytes, max_body_bytes=args.max_body_bytes,
+        max_tokens_limit=args.max_tokens_limit, max_pending=args.max_pending,
+        unload_timeout_s=args.unload_timeout, log_level=args.log_level)
+    return serve(options)
+
+
 #: Each adds one subcommand.
-SUBCOMMANDS: List[Callable] = [add_convert, add_to_peft, add_info, add_dora_normalize, add_demo, add_example_adapter]
+SUBCOMMANDS: List[Callable] = [add_convert, add_to_peft, add_info, add_dora_normalize, add_demo, add_example_adapter, add_serve]
 
 
 def build_parser() -> argparse.ArgumentParser:

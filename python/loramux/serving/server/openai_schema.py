@@ -1,0 +1,168 @@
+"""The request bodies of the OpenAI API this server accepts (completions, chat completions) and of
+the adapter endpoints, as strict pydantic models: a wrong type or an out-of-range sampling
+parameter is refused with the field named, never coerced."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Dict, List, Literal, Optional, Type, TypeVar, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from loramux.serving.server.api_errors import ApiError
+
+#: OpenAI allows up to 4 stop sequences; a few more cost nothing here
+MAX_STOP = 16
+MAX_N = 16
+
+
+class _Strict(BaseModel):
+    # unknown fields (user, metadata, ...) are ignored as the OpenAI API ignores what it does not use
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Sampling(_Strict):
+    model: str = Field(min_length=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=-1)  # vLLM's extension; 0 or -1: off
+    n: int = Field(1, ge=1, le=MAX_N)
+    seed: Optional[int] = Field(None, ge=0, lt=1 << 63)
+    stop: Optional[Union[str, List[str]]] = None
+    stop_token_ids: Optional[List[int]] = None
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: Optional[Dict[str, float]] = None
+
+    @model_validator(mode="after")
+    def _supported(self):
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) != 0.0:
+                raise ValueError(f"{name} is not supported by this server (only 0)")
+        if self.logit_bias:
+            raise ValueError("logit_bias is not supported by this server")
+        stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        if len(stops) > MAX_STOP or any(not s for s in stops):
+            raise ValueError(f"stop must be up to {MAX_STOP} non-empty strings")
+        if any(t < 0 for t in self.stop_token_ids or []):
+            raise ValueError("stop_token_ids must be non-negative token ids")
+        return self
+
+    @property
+    def stops(self) -> List[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(_Sampling):
+    prompt: Union[str, List[str], List[int], List[List[int]]]
+    max_tokens: Optional[int] = Field(16, ge=1)
+    logprobs: Optional[int] = Field(None, ge=0, le=0)  # only the chosen token's logprob is known
+    echo: bool = False
+    best_of: Optional[int] = None
+    suffix: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _prompt(self):
+        if self.echo:
+            raise ValueError("echo is not supported by this server")
+        if self.suffix:
+            raise ValueError("suffix is not supported by this server")
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError("best_of other than n is not supported by this server")
+        if isinstance(self.prompt, list) and not self.prompt:
+            raise ValueError("prompt must not be empty")
+        return self
+
+    @property
+    def prompts(self) -> List[Union[str, List[int]]]:
+        """Each prompt of the request: a text or a list of token ids."""
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]
+        return list(p)
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: str = Field(min_length=1)
+    content: Optional[Union[str, List[TextPart]]] = None
+    name: Optional[str] = None
+
+    def as_dict(self) -> Dict[str, str]:
+        content = self.content
+        if isinstance(content, list):
+            content = "".join(part.text for part in content)
+        return {"role": self.role, "content": content or ""}
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: List[ChatMessage] = Field(min_length=1)
+    max_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(None, ge=0, le=0)  # only the chosen token's logprob is known
+    tools: Optional[List[Any]] = None
+    response_format: Optional[Dict[str, Any]] = None
+
+    @model_validator(mode="after")
+    def _chat(self):
+        if self.tools:
+            raise ValueError("tools are not supported by this server")
+        if self.response_format and self.response_format.get("type") not in (None, "text"):
+            raise ValueError("response_format other than text is not supported by this server")
+        return self
+
+    @property
+    def max_new_tokens(self) -> Optional[int]:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class LoadAdapterRequest(_Strict):
+    lora_name: str
+    lora_path: str
+    task_id: Optional[int] = Field(None, ge=0)
+
+
+class UnloadAdapterRequest(_Strict):
+    lora_name: str
+    lora_int_id: Optional[int] = None  # vLLM's field; the name decides here
+
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+def parse(body: bytes, model: Type[Model]) -> Model:
+    """The validated request; ApiError 400 naming the field (or the JSON syntax error) otherwise."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ApiError(400, f"malformed JSON body: {err}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, f"the request body must be a JSON object, got {type(data).__name__}", code="invalid_json")
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        got = "" if first["type"] == "missing" else f" (got {json.dumps(first.get('input'), default=str)[:80]})"
+        message = first["msg"].removeprefix("Value error, ")
+        raise ApiError(400, f"{where + ': ' if where else ''}{message}{got}", code="invalid_request",
+                       param=str(first["loc"][0]) if first["loc"] else None) from None
+
+
+__all__ = ["CompletionRequest", "ChatCompletionRequest", "ChatMessage", "LoadAdapterRequest", "UnloadAdapterRequest",
+           "StreamOptions", "parse", "MAX_N", "MAX_STOP"]

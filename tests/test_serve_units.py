@@ -1,0 +1,159 @@
+"""The server's parts that need no model: adapter paths kept inside the adapter root, the bearer-key
+check, request validation in the OpenAI error shape, error statuses, and the Prometheus text format."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+pytest.importorskip("starlette")
+
+from loramux.errors import LoraCacheFullError, LoraConvertError, LoraFormatError, LoraNotCachedError  # noqa: E402
+from loramux.serving.server.adapter_paths import resolve_inside_root  # noqa: E402
+from loramux.serving.server.api_errors import ApiError, from_exception  # noqa: E402
+from loramux.serving.server.auth import BearerAuth  # noqa: E402
+from loramux.serving.server.errors import AdapterPathError, QueueFullError, UnknownModelError  # noqa: E402
+from loramux.serving.server.metrics_text import Counter, Histogram, render  # noqa: E402
+from loramux.serving.server.openai_schema import ChatCompletionRequest, CompletionRequest, parse  # noqa: E402
+
+
+# --- adapter paths -------------------------------------------------------------------------------
+@pytest.fixture
+def root(tmp_path):
+    r = tmp_path / "adapters"
+    (r / "good").mkdir(parents=True)
+    (r / "good" / "adapter_config.json").write_text("{}")
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "secret.safetensors").write_text("x")
+    return r
+
+
+def test_a_path_inside_the_root_resolves(root):
+    assert resolve_inside_root(str(root), "good") == os.path.realpath(root / "good")
+    assert resolve_inside_root(str(root), str(root / "good")) == os.path.realpath(root / "good")
+
+
+@pytest.mark.parametrize("path", ["../outside", "good/../../outside", "/etc", "", "good\x00"])
+def test_a_path_leaving_the_root_is_refused(root, path):
+    with pytest.raises(AdapterPathError):
+        resolve_inside_root(str(root), path)
+
+
+def test_a_symlinked_folder_leading_out_of_the_root_is_refused(root, tmp_path):
+    os.symlink(tmp_path / "outside", root / "escape")
+    with pytest.raises(AdapterPathError, match="outside the adapter root"):
+        resolve_inside_root(str(root), "escape")
+
+
+def test_a_symlinked_file_inside_an_adapter_folder_leading_out_is_refused(root, tmp_path):
+    os.symlink(tmp_path / "outside" / "secret.safetensors", root / "good" / "adapter_model.safetensors")
+    with pytest.raises(AdapterPathError, match="links to"):
+        resolve_inside_root(str(root), "good")
+
+
+def test_without_a_root_runtime_loading_is_off(root):
+    with pytest.raises(AdapterPathError, match="--adapter-root"):
+        resolve_inside_root(None, str(root / "good"))
+
+
+# --- bearer key ----------------------------------------------------------------------------------
+def test_bearer_key_check():
+    auth = BearerAuth(None, "s3cret")
+    assert auth.allows(b"Bearer s3cret") and auth.allows(b"bearer s3cret")
+    for header in (None, b"", b"Bearer s3cre", b"Bearer s3cret2", b"Basic s3cret", b"s3cret"):
+        assert not auth.allows(header), header
+    assert BearerAuth(None, None).allows(None)
+
+
+# --- request validation --------------------------------------------------------------------------
+def _parse_error(body, model=CompletionRequest) -> ApiError:
+    with pytest.raises(ApiError) as info:
+        parse(body if isinstance(body, bytes) else json.dumps(body).encode(), model)
+    assert info.value.status == 400
+    return info.value
+
+
+def test_valid_requests_parse():
+    r = parse(b'{"model": "m", "prompt": ["a", "b"], "n": 2, "temperature": 0, "stop": "x"}', CompletionRequest)
+    assert r.prompts == ["a", "b"] and r.stops == ["x"] and r.max_tokens == 16
+    assert parse(b'{"model": "m", "prompt": [1, 2, 3]}', CompletionRequest).prompts == [[1, 2, 3]]
+    c = parse(b'{"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}], '
+              b'"max_completion_tokens": 5}', ChatCompletionRequest)
+    assert c.messages[0].as_dict() == {"role": "user", "content": "hi"} and c.max_new_tokens == 5
+
+
+@pytest.mark.parametrize("body,field", [
+    (b"{not json", None),
+    (b"[1, 2]", None),
+    ({"prompt": "x"}, "model"),
+    ({"model": "m"}, "prompt"),
+    ({"model": "m", "prompt": "x", "temperature": 2.5}, "temperature"),
+    ({"model": "m", "prompt": "x", "temperature": "hot"}, "temperature"),
+    ({"model": "m", "prompt": "x", "top_p": 0}, "top_p"),
+    ({"model": "m", "prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ({"model": "m", "prompt": "x", "max_tokens": True}, "max_tokens"),
+    ({"model": "m", "prompt": "x", "n": 0}, "n"),
+    ({"model": "m", "prompt": "x", "stop": [""]}, None),
+    ({"model": "m", "prompt": "x", "presence_penalty": 0.5}, None),
+    ({"model": "m", "prompt": []}, None),
+])
+def test_bad_completion_requests_name_the_field(body, field):
+    err = _parse_error(body)
+    assert err.body()["error"]["type"] == "invalid_request_error"
+    if field is not None:
+        assert err.param == field and field in err.message
+
+
+def test_bad_chat_requests_are_refused():
+    assert _parse_error({"model": "m", "messages": []}, ChatCompletionRequest).param == "messages"
+    _parse_error({"model": "m", "messages": [{"content": "x"}]}, ChatCompletionRequest)
+    _parse_error({"model": "m", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 3},
+                 ChatCompletionRequest)
+
+
+# --- error statuses ------------------------------------------------------------------------------
+@pytest.mark.parametrize("error,status", [
+    (UnknownModelError("no such model"), 404),
+    (AdapterPathError("outside"), 403),
+    (QueueFullError("full"), 429),
+    (LoraFormatError("bad adapter"), 400),
+    (LoraConvertError("cannot convert"), 400),
+    (LoraCacheFullError("too big"), 503),
+    (LoraNotCachedError("evicted"), 503),
+    (RuntimeError("bug"), 500),
+])
+def test_each_error_class_gets_its_status_and_openai_shape(error, status):
+    api = from_exception(error)
+    body = api.body()["error"]
+    assert api.status == status and set(body) == {"message", "type", "param", "code"}
+    assert str(error) in body["message"]
+
+
+# --- Prometheus text -----------------------------------------------------------------------------
+def test_prometheus_text_format():
+    assert render([Counter("n_total", "none yet").lines()]).endswith("n_total 0\n")
+    c = Counter("x_total", "things", labelled=True)
+    c.inc(endpoint='/v1/"a"', status="200")
+    c.inc(2, endpoint='/v1/"a"', status="200")
+    h = Histogram("t_seconds", "time", [0.1, 1.0])
+    for v in (0.05, 0.5, 5.0, None, float("nan")):
+        h.observe(v)
+    text = render([c.lines(), h.lines()])
+    assert 'x_total{endpoint="/v1/\\"a\\"",status="200"} 3' in text
+    assert "# TYPE t_seconds histogram" in text
+    assert 't_seconds_bucket{le="0.1"} 1' in text and 't_seconds_bucket{le="1.0"} 2' in text
+    assert 't_seconds_bucket{le="+Inf"} 3' in text and "t_seconds_count 3" in text and "t_seconds_sum 5.55" in text
+    assert text.endswith("\n")
+
+
+# --- the command line ----------------------------------------------------------------------------
+def test_serve_refuses_what_is_not_a_model_and_parses_sizes(tmp_path, capsys):
+    from loramux import cli
+
+    assert cli.main(["serve", str(tmp_path / "missing")]) == 2
+    assert "not a model folder" in capsys.readouterr().err
+    assert cli.main(["serve", str(tmp_path), "--task-id", "x=3"]) == 2
+    args = cli.build_parser().parse_args(["serve", "smollm2", "--host-cache-bytes", "512M", "--adapter", "a=/p"])
+    assert args.host_cache_bytes == 512 << 20 and args.adapter == [("a", "/p")] and args.host == "127.0.0.1"
