@@ -13,7 +13,8 @@ import loramux
 
 PACKAGE_DIR = pathlib.Path(loramux.__file__).parent
 
-# lowest first; a module's layer is its first path component under loramux/
+# lowest first; a module's layer is its first path component under loramux/ (or its first two,
+# where those are listed)
 LAYERS = [
     ("_core", "errors"),
     ("modules", "layout"),
@@ -26,6 +27,7 @@ LAYERS = [
     ("parallel",),
     ("serving",),
     ("demo",),
+    ("serving.server",),  # the HTTP server serves the packaged demo model too
     ("cli",),
 ]
 RANK: Dict[str, int] = {name: rank for rank, names in enumerate(LAYERS) for name in names}
@@ -72,6 +74,8 @@ def _imported(path: pathlib.Path) -> Set[str]:
 
 def _layer(module: str) -> str:
     parts = module.split(".")
+    if ".".join(parts[1:3]) in RANK:
+        return ".".join(parts[1:3])
     return parts[1] if len(parts) > 1 else "__init__"
 
 

@@ -34,7 +34,8 @@ class ServeOptions:
 
 def build(options: ServeOptions):
     """(ASGI app, executor): everything but the socket, so tests and embedders can serve it their way."""
-    import loramux as lm
+    from loramux.models import attach
+    from loramux.serving import Executor
     from loramux.serving.server.adapters_registry import AdapterRegistry
     from loramux.serving.server.app import build_app
     from loramux.serving.server.model_source import load_base_model
@@ -43,10 +44,10 @@ def build(options: ServeOptions):
     device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
     base = load_base_model(options.model, device)
     name = options.served_model_name or base.name
-    engine = lm.attach(base.model, max_rank=options.max_rank, host_cache_bytes=options.host_cache_bytes,
+    engine = attach(base.model, max_rank=options.max_rank, host_cache_bytes=options.host_cache_bytes,
                        device_cache_bytes=options.device_cache_bytes, max_slots=options.max_slots)
     kv = {} if options.kv_cache_bytes is None else {"kv_cache_bytes": options.kv_cache_bytes}
-    executor = lm.Executor(engine, base.tokenizer, max_batch_size=options.max_batch_size, **kv)
+    executor = Executor(engine, base.tokenizer, max_batch_size=options.max_batch_size, **kv)
     registry = AdapterRegistry(engine.cache, name, options.adapter_root, base.folder)
     for adapter_name, path, task_id in options.adapters:  # the operator's own paths: trusted
         registry.load(adapter_name, path, task_id, trusted=True)
