@@ -20,6 +20,19 @@ def buckets(limit: int, first: int) -> List[int]:
     return out + [limit]
 
 
+def _kernels_refuse(engine) -> Optional[str]:
+    """Why adapter steps cannot be captured (the torch reference of the LoRA ops reads the batch's
+    slots on the host), or None when the CUDA kernels take them."""
+    from loramux.ops import apply
+
+    kernels = apply._kernels
+    if kernels is None or not kernels.available():
+        return "the CUDA LoRA kernels are not available here: adapter steps run eagerly"
+    if not kernels.supports(engine.dtype, engine.max_rank, 3):
+        return f"the CUDA LoRA kernels do not take {engine.dtype} (max_rank {engine.max_rank}): adapter steps run eagerly"
+    return None
+
+
 class _Statics:
     """The static inputs of every graph of one batch-size bucket."""
 
@@ -30,8 +43,9 @@ class _Statics:
 
 
 class DecodeGraphs:
-    """Captures and replays decode-step graphs for a ModelStep. A capture that fails turns graphs off
-    (`error` says why) and the step runs eagerly from then on."""
+    """Captures and replays decode-step graphs for a ModelStep. A capture that fails turns that kind
+    of graph (with adapters, or without) off and its steps run eagerly from then on; `error` says
+    why (e.g. float32 adapters take the torch reference of the LoRA ops, which is not capturable)."""
 
     def __init__(self, step, max_rows: int):
         self.step = step
@@ -41,8 +55,15 @@ class DecodeGraphs:
         self.pool = torch.cuda.graph_pool_handle()
         self._statics: Dict[int, _Statics] = {}
         self._graphs: Dict[Tuple[int, int, bool], Tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.error: Optional[str] = None
+        self.failed: Dict[bool, str] = {}  # adapters or not -> why its capture failed
         self.replays = 0
+        why = _kernels_refuse(step.engine)
+        if why is not None:
+            self.failed[True] = why
+
+    @property
+    def error(self) -> Optional[str]:
+        return "; ".join(f"{'adapter' if k else 'base'} graphs: {v}" for k, v in self.failed.items()) or None
 
     @property
     def captured(self) -> int:
@@ -50,14 +71,14 @@ class DecodeGraphs:
 
     def run(self, tokens: List[int], positions: List[int], slots: List[int], span: int) -> Optional[torch.Tensor]:
         """Logits [len(tokens), vocab] from a graph replay; None when graphs are off or too small."""
-        if self.error is not None:
+        lora = any(s >= 0 for s in slots)
+        if lora in self.failed:
             return None
         n = len(tokens)
         rows = next((b for b in self.batch_buckets if b >= n), None)
         span_b = next((s for s in self.span_buckets if s >= span), None)
         if rows is None or span_b is None:
             return None
-        lora = any(s >= 0 for s in slots)
         statics = self._statics.get(rows)
         if statics is None:
             statics = self._statics[rows] = _Statics(rows, self.device)
@@ -71,7 +92,7 @@ class DecodeGraphs:
             try:
                 entry = self._graphs[key] = self._capture(statics, span_b, lora)
             except Exception as err:  # noqa: BLE001 - any capture failure falls back to eager steps
-                self.error = f"{type(err).__name__}: {err}"[:300]
+                self.failed[lora] = f"{type(err).__name__}: {err}"[:300]
                 torch.cuda.synchronize(self.device)
                 return None
         graph, logits = entry
