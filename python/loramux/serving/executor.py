@@ -208,6 +208,7 @@ class Executor:
         made = 0
         try:
             self._sweep_cancelled()
+            self._retire()
             admitted, failed = self._scheduler.admit(self._running)
             self._end(failed)
             if admitted:
