@@ -139,11 +139,7 @@ def main(max_new_tokens: int = 32, max_batch_size: int = 8, device_name: Optiona
         for delta in sampled:
             print(delta.text, end="", flush=True)
         print()
-        with tqdm(total=len(handles), desc="serving", unit="request") as bar:
-            results = []
-            for h in handles:
-                results.append(h.result())
-                bar.update(1)
+        results = [h.result() for h in handles]
         metrics = ex.metrics()
     elapsed = time.perf_counter() - t1
 
