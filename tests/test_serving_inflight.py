@@ -291,3 +291,35 @@ def test_metrics_report_queue_running_kv_and_cache(llama, tokenizer):
             assert key in after
     finally:
         engine.detach()
+
+
+def test_leaving_the_with_block_on_an_exception_cancels_what_runs(llama, tokenizer):
+    ours, peft_model, names, formats = llama
+    engine = attach(ours)
+    try:
+        ids = talkative_prompt(peft_model, names[1], 40, first_seed=120)
+        release = threading.Event()
+        # the loop's second forward (its first decode) waits until the caller is about to fail
+        calls = []
+
+        def hold_second_forward(module, args):
+            calls.append(1)
+            if len(calls) == 2:
+                release.wait(60)
+
+        hook = ours.model.layers[0].register_forward_pre_hook(hold_second_forward)
+        try:
+            with pytest.raises(RuntimeError, match="caller failed"):
+                with lm.Executor(engine, tokenizer) as ex:
+                    h = ex.submit(lm.Request(ids, max_new_tokens=40, lora=lm.LoraConfig(1, *formats[1])))
+                    next(iter(h))
+                    release.set()
+                    raise RuntimeError("caller failed")
+        finally:
+            hook.remove()
+        r = h.result(timeout=60)
+        assert r.finish_reason == "cancelled" and 1 <= len(r.token_ids) < 40
+        assert r.token_ids == alone(peft_model, ids, 40, names[1])[: len(r.token_ids)]
+        assert engine.cache.pinned_ids() == [] and ex.metrics()["running"] == 0
+    finally:
+        engine.detach()
