@@ -1,6 +1,7 @@
 """The Executor's task_id rules over the two-level cache, on a tiny Llama with PEFT as the oracle:
 first request carries the adapter, later ones the id; unknown ids and bad adapters fail alone;
-batches split when the device tier cannot hold their adapters; results come back in order."""
+requests wait (not fail) when the device or host tier cannot hold their adapters beside the running
+ones; results come back in order."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 import loramux as lm
-from loramux.errors import LoraCacheFullError, LoraFormatError, LoraNotCachedError
+from loramux.errors import LoraCacheFullError, LoraFormatError, LoraNotCachedError, LoraRequestError
 from loramux.format import AdapterRow, from_rows
 from peft_models import DEVICES, VOCAB
 from peft_models import build as _build
@@ -76,7 +77,6 @@ def test_task_id_rules_mixed_batch_and_order(llama_on, tokenizer):
             ex.submit(lm.Request(prompt, max_new_tokens=NEW_TOKENS, lora=lora))
         results = ex.run()
         assert [r.request_id for r in results] == list(range(len(plan)))
-        assert ex.batches_run == 3
         for r, prompt, (task, _) in zip(results, prompts, plan):
             assert r.ok, r.error
             assert r.task_id == task
@@ -110,7 +110,9 @@ def test_unknown_id_and_bad_adapter_fail_alone(llama, tokenizer):
         engine.detach()
 
 
-def test_batch_split_when_device_tier_holds_fewer_adapters(llama, tokenizer):
+def test_requests_wait_when_device_tier_holds_fewer_adapters(llama, tokenizer):
+    """Two slots for three adapters: the third adapter's request waits until a running request
+    releases its slot (TensorRT-LLM defers, it does not fail), then runs."""
     ours, peft_model, names, formats = llama
     engine = _attach(ours, max_slots=2)  # two adapters at once at most
     try:
@@ -120,7 +122,7 @@ def test_batch_split_when_device_tier_holds_fewer_adapters(llama, tokenizer):
             lora = None if t is None else lm.LoraConfig(t, *formats[t - 1])
             ex.submit(lm.Request(_prompt(10 + i), max_new_tokens=NEW_TOKENS, lora=lora))
         results = ex.run()
-        assert ex.batches_run >= 2
+        assert ex.metrics()["cache_evictions"] >= 1  # a slot was handed from one adapter to another
         for i, (r, t) in enumerate(zip(results, tasks)):
             assert r.ok, r.error
             assert r.token_ids == _peft_tokens(peft_model, tokenizer, _prompt(10 + i), None if t is None else names[t - 1])
@@ -153,9 +155,11 @@ def test_adapter_larger_than_device_tier_fails_alone(llama, tokenizer):
 def test_config_errors_are_typed():
     with pytest.raises(LoraFormatError, match="weights and config"):
         lm.LoraConfig(1, weights=np.zeros((1, 4), np.float32))
-    with pytest.raises(LoraFormatError, match="task_id"):
+    with pytest.raises(LoraRequestError, match="task_id"):
         lm.LoraConfig(-3)
-    with pytest.raises(LoraFormatError, match="max_new_tokens"):
+    with pytest.raises(TypeError, match="task_id"):
+        lm.LoraConfig("7")
+    with pytest.raises(ValueError, match="max_new_tokens"):
         lm.Request("t3", max_new_tokens=0)
 
 
@@ -190,9 +194,9 @@ def test_next_batch_adapters_load_while_the_current_batch_runs(llama, tokenizer)
             ex.submit(lm.Request(_prompt(40 + t), max_new_tokens=2, lora=lm.LoraConfig(t, *formats[t])))
         assert all(r.ok for r in ex.run())
         stats = engine.cache.stats()
-        # each adapter is loaded once (a miss): batch 1's on acquire, batches 2 and 3's by the
-        # prefetch during the batch before, so their acquires are hits (without it: 0 hits)
-        assert (stats["misses"], stats["hits"]) == (3, 2), stats
+        # each adapter is loaded once (a miss, by the prefetch when its request is scheduled) and
+        # admitted once the load has landed, so every acquire is a hit: none waits on a copy
+        assert (stats["misses"], stats["hits"]) == (3, 3), stats
     finally:
         engine.detach()
 
@@ -214,9 +218,11 @@ def test_token_id_prompts_and_chat_messages(llama, tokenizer):
         ex.submit(lm.Request(tokenizer(texts[1])["input_ids"], max_new_tokens=NEW_TOKENS))
         mixed = ex.run()  # text and token ids share a batch
         assert [r.token_ids for r in mixed] == [_peft_tokens(peft_model, tokenizer, t, None) for t in texts]
-        for bad in ([], [1.5, 2], [{"role": "user"}]):
-            with pytest.raises(LoraFormatError, match="prompt"):
+        for bad in ([], [{"role": "user"}]):
+            with pytest.raises(LoraRequestError, match="prompt"):
                 lm.Request(bad)
+        with pytest.raises(TypeError, match="prompt"):
+            lm.Request([1.5, 2])
         tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
         ex.submit(lm.Request([{"role": "user", "content": texts[0]}], max_new_tokens=NEW_TOKENS, lora=lm.LoraConfig(0)))
         (chat,) = ex.run()
@@ -231,17 +237,17 @@ def test_token_id_prompts_and_chat_messages(llama, tokenizer):
                      min_size=1, max_size=9),
        batch=st.integers(1, 4))
 def test_any_request_sequence_follows_the_task_id_rules(llama, tokenizer, plan, batch):
-    """Model of the Executor's rules: requests run in order, max_batch_size at a time; a batch first
-    caches the adapters its requests carry, then a request whose id is still unknown fails alone."""
+    """Model of the TensorRT-LLM rules: requests are scheduled in submission order; one carrying an
+    adapter caches it; one naming an id no earlier request carried fails alone."""
     ours, peft_model, names, formats = llama
     engine = _attach(ours)
     try:
         ex = lm.Executor(engine, tokenizer, max_batch_size=batch)
         cached, expect_ok = set(), []
-        for start in range(0, len(plan), batch):
-            chunk = plan[start : start + batch]
-            cached |= {t for t, carries, _ in chunk if t is not None and t != 7 and carries}
-            expect_ok += [t is None or t in cached for t, _, _ in chunk]
+        for t, carries, _ in plan:
+            if t is not None and t != 7 and carries:
+                cached.add(t)
+            expect_ok.append(t is None or t in cached)
         for task, carries, p in plan:
             lora = None
             if task is not None:  # id 7 never comes with weights
@@ -312,10 +318,11 @@ def test_split_batch_keeps_its_second_half_cached_while_admitting_the_next(llama
         engine.detach()
 
 
-def test_host_tier_smaller_than_the_batch_splits_it_and_an_evicted_id_only_request_fails_typed(llama, tokenizer):
-    """A host tier of one adapter and a batch carrying two: the one the other's put evicted is put
-    again and runs in a batch of its own. A request naming only the id of an adapter its batch's
-    puts evicted cannot be reloaded: LoraCacheFullError naming the host tier (not "not cached")."""
+def test_host_tier_of_one_adapter_serves_carried_adapters_in_turn_and_an_evicted_id_fails_typed(llama, tokenizer):
+    """A host tier of one adapter and two requests carrying two: the second put waits until the
+    first request (which pins the first adapter) has finished, then evicts it. A request naming
+    only the id of an adapter a later put evicted cannot be reloaded: LoraCacheFullError naming the
+    host tier (not "not cached")."""
     ours, peft_model, names, formats = llama
     probe = _attach(ours)
     probe.cache.put(0, *formats[1])
@@ -329,13 +336,12 @@ def test_host_tier_smaller_than_the_batch_splits_it_and_an_evicted_id_only_reque
         results = ex.run()
         assert all(r.ok for r in results), [r.error for r in results]
         assert [r.token_ids for r in results] == [_tokens_of(peft_model, tokenizer, 10 + t, names[1]) for t in (0, 1)]
-        assert ex.batches_run == 2
-        assert engine.cache.task_ids() == [0]  # the one put again last
-        ex.submit(lm.Request(_prompt(70), max_new_tokens=2, lora=lm.LoraConfig(0)))  # evicted by 2's put below
-        ex.submit(lm.Request(_prompt(71), max_new_tokens=2, lora=lm.LoraConfig(2, *formats[1])))
-        evicted, kept = ex.run()
+        assert engine.cache.task_ids() == [1]  # the one put last
+        ex.submit(lm.Request(_prompt(71), max_new_tokens=2, lora=lm.LoraConfig(2, *formats[1])))  # evicts 1
+        ex.submit(lm.Request(_prompt(70), max_new_tokens=2, lora=lm.LoraConfig(1)))
+        kept, evicted = ex.run()
         assert isinstance(evicted.error, LoraCacheFullError) and "host tier" in str(evicted.error), evicted.error
-        assert evicted.error.task_id == 0
+        assert evicted.error.task_id == 1 and evicted.finish_reason == "error"
         assert kept.ok and kept.token_ids == _tokens_of(peft_model, tokenizer, 11, names[1])
     finally:
         engine.detach()
@@ -343,7 +349,7 @@ def test_host_tier_smaller_than_the_batch_splits_it_and_an_evicted_id_only_reque
 
 def test_a_bad_prompt_fails_its_request_alone_and_caches_nothing(llama, tokenizer):
     """Token ids outside the vocabulary, or chat messages for a tokenizer without a chat template,
-    fail their own request with LoraFormatError; its adapter is not cached; the batch runs."""
+    fail their own request with LoraRequestError; its adapter is not cached; the others run."""
     ours, peft_model, names, formats = llama
     engine = _attach(ours)
     try:
@@ -353,8 +359,8 @@ def test_a_bad_prompt_fails_its_request_alone_and_caches_nothing(llama, tokenize
         ex.submit(lm.Request([{"role": "user", "content": "t3"}], max_new_tokens=2, lora=lm.LoraConfig(2, *formats[1])))
         ex.submit(lm.Request(_prompt(81), max_new_tokens=2, lora=lm.LoraConfig(0, *formats[2])))
         plain, out_of_vocab, no_template, good = ex.run()
-        assert isinstance(out_of_vocab.error, LoraFormatError) and str(VOCAB) in str(out_of_vocab.error)
-        assert isinstance(no_template.error, LoraFormatError) and "prompt" in str(no_template.error)
+        assert isinstance(out_of_vocab.error, LoraRequestError) and str(VOCAB) in str(out_of_vocab.error)
+        assert isinstance(no_template.error, LoraRequestError) and "prompt" in str(no_template.error)
         assert 1 not in engine.cache and 2 not in engine.cache
         assert plain.ok and plain.token_ids == _tokens_of(peft_model, tokenizer, 20, None)
         assert good.ok and good.token_ids == _tokens_of(peft_model, tokenizer, 21, names[2])
@@ -363,17 +369,30 @@ def test_a_bad_prompt_fails_its_request_alone_and_caches_nothing(llama, tokenize
 
 
 def test_request_fields_are_typed():
-    with pytest.raises(LoraFormatError, match="lora"):
+    """Bad arguments are TypeError / ValueError (LoraRequestError is a ValueError), never the
+    adapter-format error."""
+    with pytest.raises(TypeError, match="lora"):
         lm.Request("t3", lora=5)
-    with pytest.raises(LoraFormatError, match="max_new_tokens"):
+    with pytest.raises(TypeError, match="max_new_tokens"):
         lm.Request("t3", max_new_tokens="8")
-    for bad in (np.zeros((2, 2), np.int64), 7, [True, False], torch.tensor([])):
-        with pytest.raises(LoraFormatError, match="prompt"):
+    for bad in (np.zeros((2, 2), np.int64), 7, [True, False]):
+        with pytest.raises(TypeError, match="prompt"):
             lm.Request(bad)
+    with pytest.raises(LoraRequestError, match="prompt"):
+        lm.Request(torch.tensor([], dtype=torch.long))
     assert lm.Request(np.array([3, 4])).prompt == [3, 4] == lm.Request(torch.tensor([3, 4])).prompt
-    for bad in (0, 2.5, "8"):
-        with pytest.raises(LoraFormatError, match="max_batch_size"):
+    for bad, error in ((0, ValueError), (2.5, TypeError), ("8", TypeError)):
+        with pytest.raises(error, match="max_batch_size"):
             lm.Executor(None, None, max_batch_size=bad)
+    for kwargs, error in ((dict(temperature=-1.0), ValueError), (dict(temperature="hot"), TypeError),
+                          (dict(top_p=0.0), ValueError), (dict(top_p=1.5), ValueError), (dict(top_k=-1), ValueError),
+                          (dict(top_k=2.0), TypeError), (dict(seed=-1), ValueError), (dict(seed=1.5), TypeError),
+                          (dict(stop=[""]), ValueError), (dict(stop=[3]), TypeError),
+                          (dict(stop_token_ids=["a"]), TypeError), (dict(logprobs=1), TypeError)):
+        with pytest.raises(error) as caught:
+            lm.Request("t3", **kwargs)
+        assert not isinstance(caught.value, LoraFormatError)
+        assert next(iter(kwargs)) in str(caught.value)
 
 
 def test_loraconfig_from_peft_keeps_float32_and_takes_a_base_model(tmp_path):

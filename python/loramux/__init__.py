@@ -16,6 +16,8 @@ from loramux.errors import (
     LoraFormatError,
     LoraNotCachedError,
     LoraParallelError,
+    LoraRequestError,
+    LoraStepError,
     LoraTaskConflictError,
 )
 
@@ -30,6 +32,9 @@ _LAZY = {
     "Request": "loramux.serving",
     "LoraConfig": "loramux.serving",
     "Result": "loramux.serving",
+    "Delta": "loramux.serving",
+    "RequestHandle": "loramux.serving",
+    "StaticExecutor": "loramux.serving",
     "cache": "loramux.cache",
     "models": "loramux.models",
     "ops": "loramux.ops",
@@ -80,6 +85,9 @@ __all__ = [
     "Request",
     "LoraConfig",
     "Result",
+    "Delta",
+    "RequestHandle",
+    "StaticExecutor",
     # errors
     "LoraError",
     "LoraFormatError",
@@ -91,4 +99,6 @@ __all__ = [
     "LoraTaskConflictError",
     "LoraCacheFullError",
     "LoraCudaError",
+    "LoraRequestError",
+    "LoraStepError",
 ]

@@ -54,6 +54,16 @@ class LoraCudaError(LoraError, RuntimeError):
     """CUDA, the driver or NVRTC failed (or is missing)."""
 
 
+class LoraRequestError(LoraError, ValueError):
+    """A served request that cannot run: a prompt the tokenizer refuses or the model cannot hold,
+    one that could never fit the KV-cache budget, or options the model cannot serve."""
+
+
+class LoraStepError(LoraError, RuntimeError):
+    """A forward step failed (out of memory, a CUDA error, ...); the requests it carried fail with
+    this error (the cause chained), the others go on."""
+
+
 __all__ = [
     "LoraError",
     "LoraFormatError",
@@ -65,4 +75,6 @@ __all__ = [
     "LoraTaskConflictError",
     "LoraCacheFullError",
     "LoraCudaError",
+    "LoraRequestError",
+    "LoraStepError",
 ]

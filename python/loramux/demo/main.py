@@ -163,22 +163,29 @@ def main(max_new_tokens: int = 32, max_batch_size: int = 8, device_name: Optiona
               f"{', '.join(str(t) for t, *_ in ADAPTERS)}")
 
     engine = attach(model, max_rank=64, host_cache_bytes=256 << 20, device_cache_bytes=64 << 20)
-    ex = Executor(engine, tokenizer, max_batch_size=max_batch_size)
 
-    # the first request of each task carries its adapter; later ones only the task id
-    seen = set()
-    for prompt, task in zip(PROMPTS, row_task):
-        lora = None
-        if task is not None:
-            lora = LoraConfig(task) if task in seen else LoraConfig(task, *converted[task])
-            seen.add(task)
-        ex.submit(Request([{"role": "user", "content": prompt}], max_new_tokens=max_new_tokens, lora=lora))
-    ex.submit(Request("An unknown task id fails alone.", max_new_tokens=4, lora=LoraConfig(999)))
-
-    steps = -(-len(PROMPTS) // max_batch_size) * max_new_tokens  # the unknown id generates nothing
+    # the first request of each task carries its adapter; later ones only the task id. The loop
+    # runs in a background thread; requests join and leave it at every step.
     t1 = time.perf_counter()
-    with progress(steps, "serving", "step") as bar:
-        results = ex.run(progress=bar)
+    with Executor(engine, tokenizer, max_batch_size=max_batch_size) as ex:
+        seen, handles = set(), []
+        for prompt, task in zip(PROMPTS, row_task):
+            lora = None
+            if task is not None:
+                lora = LoraConfig(task) if task in seen else LoraConfig(task, *converted[task])
+                seen.add(task)
+            handles.append(ex.submit(Request([{"role": "user", "content": prompt}], max_new_tokens=max_new_tokens,
+                                                lora=lora)))
+        handles.append(ex.submit(Request("An unknown task id fails alone.", max_new_tokens=4, lora=LoraConfig(999))))
+        # a sampled answer, streamed as it is made (seeded: the same text on every run)
+        sampled = ex.submit(Request([{"role": "user", "content": PROMPTS[2]}], max_new_tokens=max_new_tokens,
+                                       temperature=0.7, top_p=0.9, seed=7, lora=LoraConfig(ADAPTERS[0][0])))
+        print(f"\n[task {ADAPTERS[0][0]}, sampled, streaming] {PROMPTS[2]}\n    -> ", end="", flush=True)
+        for delta in sampled:
+            print(delta.text, end="", flush=True)
+        print()
+        results = [h.result() for h in handles]
+        metrics = ex.metrics()
     elapsed = time.perf_counter() - t1
 
     print()
@@ -206,8 +213,10 @@ def main(max_new_tokens: int = 32, max_batch_size: int = 8, device_name: Optiona
              "host_pageable_bytes", "device_adapters", "device_bytes_used", "device_capacity_bytes", "load_gbps")
     print("\ncache stats:", ", ".join(f"{k}={stats[k]:.3g}" if isinstance(stats.get(k), float) else f"{k}={stats.get(k)}"
                                       for k in shown if k in stats))
-    print(f"\n{ex.generated_tokens} tokens in {elapsed:.1f}s = {ex.generated_tokens / elapsed:.1f} tokens/s "
-          f"({ex.batches_run} batch(es), {device}); total {time.perf_counter() - t0:.0f}s")
+    tokens = metrics["generated_tokens"]
+    print(f"\n{tokens} tokens in {elapsed:.1f}s = {tokens / elapsed:.1f} tokens/s over {metrics['steps']} in-flight steps "
+          f"({device}); time to first token p50 {sorted(r.ttft_s for r in results if r.ok)[len(PROMPTS) // 2]:.2f}s; "
+          f"total {time.perf_counter() - t0:.0f}s")
     return 0
 
 

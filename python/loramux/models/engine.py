@@ -40,6 +40,12 @@ class Engine:
         self._drop_sibling_outputs()
         self.step.set(list(slot_of_row), table, pool)
 
+    def set_static_batch(self, slot_of_row: torch.Tensor, table: torch.Tensor, pool: torch.Tensor) -> None:
+        """set_batch for CUDA-graph capture: the layers read `slot_of_row` in place (rewritten
+        between replays) and launch for every module, so one graph serves any adapter mix."""
+        self._drop_sibling_outputs()
+        self.step.set_static(slot_of_row, table, pool)
+
     def clear_batch(self) -> None:
         self.step.clear()
         self._drop_sibling_outputs()

@@ -48,6 +48,18 @@ class StepBatch:
         self.table, self.pool = table, pool
         self._used = (table[present][..., 3] > 0).any(dim=0).cpu().tolist()
 
+    def set_static(self, slot_of_row: torch.Tensor, table: torch.Tensor, pool: torch.Tensor) -> None:
+        """For CUDA-graph capture: the rows read `slot_of_row` (int32, on the table's device) in
+        place, so the caller rewrites it between replays, and every (layer, module) counts as used,
+        so the captured launches serve any adapter mix (a slot without a module has rank 0 there)."""
+        if slot_of_row.dtype != torch.int32 or slot_of_row.device != table.device or slot_of_row.dim() != 1:
+            raise LoraError("a static slot tensor must be 1-D int32 on the slot table's device")
+        self.clear()
+        self.rows = slot_of_row.numel()
+        self.slot_of_row = slot_of_row
+        self.table, self.pool = table, pool
+        self._used = [[True] * table.shape[2] for _ in range(table.shape[1])]
+
     def clear(self) -> None:
         self.rows = 0
         self.slot_of_row = self.table = self.pool = None
@@ -79,7 +91,9 @@ class StepBatch:
         if meta is None:
             if tokens % self.rows:
                 raise LoraError(f"an activation of {tokens} tokens does not split into the batch's {self.rows} rows")
-            slot_of_token = self.slot_of_row.repeat_interleave(tokens // self.rows)
+            # one token per row (decode) reads the row slots as they are: no copy, and a captured
+            # graph keeps reading the tensor its caller rewrites
+            slot_of_token = self.slot_of_row if tokens == self.rows else self.slot_of_row.repeat_interleave(tokens // self.rows)
             meta = BatchMeta(table=self.table, pool=self.pool, dtype=self.dtype, slot_of_token=slot_of_token,
                              max_rank=self.max_rank)
             self._metas[tokens] = meta

@@ -1,256 +1,392 @@
-"""The Executor, with the TensorRT-LLM task_id rules: the first request for a task
-carries weights and config, later ones the id only; an unknown id fails that request alone.
+"""The in-flight batching Executor: a step loop over the attached model's forward where requests
+join and leave at every step, each row with its own adapter, streamed through handles.
 
-Requests run in submission order, in batches of up to max_batch_size mixing adapters and
-no-adapter rows; a batch whose adapters do not fit the device tier at once is split, not failed;
-so is one whose adapters (carried by its requests) do not fit the host tier at once.
+Each step: submitted requests enter the queue; waiting ones are admitted in order (scheduler.py:
+the TensorRT-LLM task_id rules, KV rows, adapters loaded when scheduled); admitted prompts are
+prefilled in chunks within `max_tokens_per_step`; every running request decodes one token in one
+batched forward (a captured CUDA graph on GPU); finished, cancelled and failed requests leave and
+free their KV row and adapter hold at once. An exception inside a forward fails the requests of
+that forward only. The loop runs in a background thread (`with Executor(...) as ex:`) or in the
+caller's (`run()`, for scripts). Encoder-decoder models are served in static greedy batches
+(static_batch.py).
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence
+import threading
+import time
+from collections import deque
+from typing import Any, Deque, Dict, List, Optional
 
-import numpy as np
 import torch
 
-from loramux.errors import LoraCacheFullError, LoraError, LoraFormatError, LoraNotCachedError
-from loramux.serving.request import Prompt, Request, Result
+from loramux.errors import LoraError, LoraStepError
+from loramux.serving.handle import RequestHandle
+from loramux.serving.kv_cache import RowKVCache, model_positions
+from loramux.serving.metrics import Metrics
+from loramux.serving.model_step import ModelStep
+from loramux.serving.request import Delta, Request, Result
+from loramux.serving.sampling import choose, new_generator
+from loramux.serving.scheduler import AdapterGate, Scheduler
+from loramux.serving.sequence import Sequence
+from loramux.serving.static_batch import StaticExecutor, check_batch_size
+from loramux.serving.text import end_token_ids, pad_token_id
+
+_CPU_KV_BYTES = 2 << 30  # default KV budget of a CPU model (the buffers grow to it as needed)
+_CUDA_KV_FRACTION = 0.3  # default share of the GPU memory free at construction
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
 
 
 class Executor:
-    """Serves queued requests through an attached model (loramux.attach) with greedy decoding."""
+    """Serves requests through an attached model (loramux.attach) with in-flight batching.
 
-    def __init__(self, engine, tokenizer, max_batch_size: int = 8):
-        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, (int, np.integer)) or max_batch_size < 1:
-            raise LoraFormatError(f"max_batch_size must be an int >= 1, got {max_batch_size!r}")
-        self.engine = engine
-        self.tokenizer = tokenizer
-        self.max_batch_size = max_batch_size
-        self._queue: List[Request] = []
-        self._upcoming = None  # (next batch's request ids, queue, results) until it is admitted
-        self._upcoming_admitted: Optional[List[int]] = None
-        self._prompt_ids: Dict[int, List[int]] = {}  # this run's request index -> its prompt's token ids
-        self._readmit: List[int] = []  # requests of the batch being admitted that go to a batch of their own
-        self.generated_tokens = 0  # over the executor's life, for throughput figures
-        self.batches_run = 0
+    max_batch_size: running requests at once (KV rows). max_tokens_per_step: prompt tokens prefilled
+    per step, beside the decode tokens (longer prompts are prefilled in chunks). KV memory:
+    `kv_cache_bytes`, or `kv_cache_fraction` of the GPU memory free now (default 0.3 on CUDA, 2 GiB
+    on the CPU); `max_seq_len` caps one request's prompt + max_new_tokens (default: the model's).
+    cuda_graphs: replay captured decode graphs (default: on for CUDA models).
+    """
 
-    def submit(self, request: Request) -> int:
-        """Queues a request; returns its id (its index in the next run()'s results)."""
+    def __init__(self, engine, tokenizer, max_batch_size: int = 64, max_tokens_per_step: int = 2048,
+                 kv_cache_bytes: Optional[int] = None, kv_cache_fraction: Optional[float] = None,
+                 max_seq_len: Optional[int] = None, cuda_graphs: Optional[bool] = None):
+        self.max_batch_size = check_batch_size(max_batch_size)
+        self.max_tokens_per_step = _positive_int("max_tokens_per_step", max_tokens_per_step)
+        self.engine, self.tokenizer = engine, tokenizer
+        model = engine.model
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._incoming: Deque[Sequence] = deque()
+        self._unreturned: List[RequestHandle] = []
+        self._running: List[Sequence] = []  # _running[i] holds KV row i
+        self._next_id = 0
+        self._thread: Optional[threading.Thread] = None
+        self._stopping = False
+        self._cancel_on_stop = False
+        self._metrics = Metrics()
+        self._end_ids = end_token_ids(tokenizer, model)
+        self._static: Optional[StaticExecutor] = None
+        self._progress = None
+        if model.config.is_encoder_decoder:
+            self._static = StaticExecutor(engine, tokenizer, max_batch_size)
+            self.kv, self._step, self._waiting = None, None, deque()
+            return
+        device = engine.device
+        budget = self._kv_budget(device, kv_cache_bytes, kv_cache_fraction)
+        positions = model_positions(model)
+        if max_seq_len is not None:
+            positions = min(positions, _positive_int("max_seq_len", max_seq_len))
+        if cuda_graphs is None:
+            cuda_graphs = device.type == "cuda"
+        if not isinstance(cuda_graphs, bool):
+            raise TypeError(f"cuda_graphs must be a bool or None, got {cuda_graphs!r}")
+        if cuda_graphs and device.type != "cuda":
+            raise ValueError("cuda_graphs needs a model on a CUDA device")
+        dtype = next(model.parameters()).dtype
+        self.kv = RowKVCache(model.config, dtype, device, self.max_batch_size, budget, positions,
+                             grow=device.type != "cuda")
+        self._step = ModelStep(engine, self.kv, pad_token_id(tokenizer), cuda_graphs)
+        self._gate = AdapterGate(engine.cache)
+        self._scheduler = Scheduler(self.kv, self._gate, tokenizer, model, self.max_batch_size, positions)
+        self._waiting = self._scheduler.waiting
+
+    @staticmethod
+    def _kv_budget(device, kv_cache_bytes, kv_cache_fraction) -> int:
+        if kv_cache_bytes is not None and kv_cache_fraction is not None:
+            raise ValueError("give kv_cache_bytes or kv_cache_fraction, not both")
+        if kv_cache_bytes is not None:
+            return _positive_int("kv_cache_bytes", kv_cache_bytes)
+        if kv_cache_fraction is not None:
+            if isinstance(kv_cache_fraction, bool) or not isinstance(kv_cache_fraction, (int, float)):
+                raise TypeError(f"kv_cache_fraction must be a number, got {kv_cache_fraction!r}")
+            if not 0.0 < kv_cache_fraction <= 1.0:
+                raise ValueError(f"kv_cache_fraction must be in (0, 1], got {kv_cache_fraction}")
+            if device.type != "cuda":
+                raise ValueError("kv_cache_fraction is a share of free GPU memory: give kv_cache_bytes on the CPU")
+        if device.type != "cuda":
+            return _CPU_KV_BYTES
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * (kv_cache_fraction or _CUDA_KV_FRACTION))
+
+    # --- submitting --------------------------------------------------------------------------------
+    def submit(self, request: Request) -> RequestHandle:
+        """Queues a request (thread-safe); returns its handle at once."""
         if not isinstance(request, Request):
-            raise LoraFormatError(f"submit takes a loramux.Request, got {type(request).__name__}")
-        self._queue.append(request)
-        return len(self._queue) - 1
+            raise TypeError(f"submit takes a loramux.Request, got {type(request).__name__}")
+        with self._lock:
+            handle = RequestHandle(self._next_id, request.lora.task_id if request.lora else None, self._cancelled)
+            self._next_id += 1
+            self._incoming.append(Sequence(request, handle, self.tokenizer))
+            self._unreturned.append(handle)
+            self._wake.notify_all()
+        self._metrics.add(requests_submitted=1)
+        return handle
+
+    def _cancelled(self, handle: RequestHandle) -> None:
+        with self._lock:
+            self._wake.notify_all()
+
+    # --- running -------------------------------------------------------------------------------------
+    def __enter__(self) -> "Executor":
+        self.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(cancel=exc_type is not None)
+
+    def start(self) -> None:
+        """Starts the step loop in a background thread."""
+        with self._lock:
+            if self._thread is not None:
+                raise RuntimeError("this executor's loop is already running")
+            self._stopping = self._cancel_on_stop = False
+            self._thread = threading.Thread(target=self._loop, name="loramux-executor", daemon=True)
+        self._thread.start()
+
+    def close(self, cancel: bool = False) -> None:
+        """Stops the background loop: after every submitted request has finished, or at once with
+        the unfinished ones cancelled."""
+        with self._lock:
+            thread = self._thread
+            self._stopping, self._cancel_on_stop = True, cancel
+            self._wake.notify_all()
+        if thread is not None:
+            thread.join()
+        with self._lock:
+            self._thread = None
+
+    def _has_work(self) -> bool:
+        return bool(self._incoming or self._waiting or self._running)
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    while not self._stopping and not self._has_work():
+                        self._wake.wait()
+                    if self._stopping and (self._cancel_on_stop or not self._has_work()):
+                        break
+                self._step_once()
+        finally:
+            self._cancel_all()
 
     def run(self, progress: Any = None) -> List[Result]:
-        """Runs every queued request; returns one Result per request, in submission order.
-        `progress`: a tqdm-like bar, advanced by one per generated token step of each batch."""
-        queue, self._queue = self._queue, []
-        self._prompt_ids = {}
-        results = [Result(i, r.lora.task_id if r.lora else None) for i, r in enumerate(queue)]
-        chunks = [list(range(s, min(s + self.max_batch_size, len(queue)))) for s in range(0, len(queue), self.max_batch_size)]
-        admitted: Optional[List[int]] = None
-        for k, chunk in enumerate(chunks):
-            runnable = admitted if admitted is not None else self._admit(chunk, queue, results)
-            if self._readmit:  # requests whose adapters this batch's own puts evicted: run them next
-                chunks.insert(k + 1, self._readmit)
-                self._readmit = []
-            # the next batch is admitted (and its adapters prefetched) once this batch holds its
-            # own, so the copies overlap this batch's compute and cannot evict what it needs
-            self._upcoming = (chunks[k + 1], queue, results) if k + 1 < len(chunks) else None
-            self._upcoming_admitted = None
-            if runnable:
-                self._run_fitting(runnable, queue, results, progress)
-            admitted = self._upcoming_admitted
-        self._prompt_ids = {}
-        return results
+        """Runs everything submitted since the last run() and returns their Results in submission
+        order. Without a background loop it steps in this thread; Ctrl-C stops it and returns what
+        finished (the rest cancelled). `progress`: a tqdm-like bar, advanced per generated token."""
+        with self._lock:
+            handles, self._unreturned = self._unreturned, []
+            background = self._thread is not None
+        if background:
+            return [h.result() for h in handles]
+        self._progress = progress
+        try:
+            while not all(h.done() for h in handles):
+                self._step_once()
+        except KeyboardInterrupt:
+            self._cancel_all()
+        finally:
+            self._progress = None
+        return [h.result() for h in handles]
 
-    def _admit_upcoming(self) -> None:
-        upcoming, self._upcoming = self._upcoming, None
-        if upcoming is None:
+    # --- one step ------------------------------------------------------------------------------------
+    def _step_once(self) -> None:
+        with self._lock:
+            incoming, self._incoming = list(self._incoming), deque()
+        self._waiting.extend(incoming)
+        if self._static is not None:
+            self._static_step()
             return
-        chunk, queue, results = upcoming
-        self._upcoming_admitted = self._admit(chunk, queue, results, defer_when_full=True)
-        if self._upcoming_admitted is None:
-            return  # the host tier is held by this batch: admit that batch at its own turn
-        wanted = list(dict.fromkeys(queue[i].lora.task_id for i in self._upcoming_admitted if queue[i].lora is not None))
-        if wanted:
+        self._end_ids = end_token_ids(self.tokenizer, self.engine.model)  # the model's generation_config may change
+        made = 0
+        try:
+            self._sweep_cancelled()
+            self._retire()
+            admitted, failed = self._scheduler.admit(self._running)
+            self._end(failed)
+            if admitted:
+                self.kv.reserve(len(self._running) + len(admitted), max(s.need for s in self._running + admitted))
+                for seq in admitted:
+                    seq.generator = new_generator(seq.request, self.kv.device)
+                    self._metrics.add(prompt_tokens=len(seq.prompt_ids))
+                self._running.extend(admitted)
+            made += self._prefill()
+            self._retire()
+            made += self._decode()
+            self._retire()
+        except Exception as err:  # noqa: BLE001 - a fault outside one forward: fail what runs, go on
+            self._fail(list(self._running), err)
+            self._retire()
+        self._metrics.step_done(made)
+        if self._progress is not None and made:
+            self._progress.update(made)
+        if not made and not self._running:
+            time.sleep(0.0005)  # only waiting for an adapter load (or nothing): do not spin hot
+
+    def _sweep_cancelled(self) -> None:
+        for seq in self._running:
+            if seq.handle.cancel_requested:
+                seq.finish("cancelled")
+        gone = [s for s in self._waiting if s.handle.cancel_requested]
+        if gone:
+            for seq in gone:
+                self._waiting.remove(seq)
+                seq.finish("cancelled")
+            self._end(gone)
+
+    def _prefill(self) -> int:
+        """Prompt chunks of admitted requests within the step's token budget; returns first tokens made."""
+        decoding = sum(1 for s in self._running if s.decoding)
+        budget = self.max_tokens_per_step - decoding if decoding else self.max_tokens_per_step
+        made = 0
+        for seq in list(self._running):
+            if budget <= 0:
+                break
+            if seq.finished or seq.prefilled == len(seq.prompt_ids):
+                continue
+            chunk = seq.prompt_ids[seq.prefilled: seq.prefilled + budget]
             try:
-                self.engine.cache.prefetch(wanted)
-            except LoraError:
-                pass  # only a hint: acquire loads (or splits) for real when that batch runs
+                logits = self._step.prefill(seq.row, seq.prefilled, chunk, seq.slot)
+            except Exception as err:  # noqa: BLE001 - this forward's request fails alone
+                self._fail([seq], err)
+                continue
+            self._metrics.add(prefill_chunks=1)
+            seq.prefilled += len(chunk)
+            budget -= len(chunk)
+            if seq.prefilled == len(seq.prompt_ids):
+                made += self._take_tokens([seq], logits)
+        return made
 
-    # --- scheduling --------------------------------------------------------------------------------
-    def _admit(self, ids: List[int], queue: List[Request], results: List[Result],
-               defer_when_full: bool = False) -> Optional[List[int]]:
-        """Loads the adapters this batch's requests carry (in order), then keeps the requests whose
-        adapter is cached; the others fail with the error that names why. With defer_when_full, a
-        full host tier returns None instead (the caller admits the batch again later)."""
-        cache = self.engine.cache
-        errors: Dict[int, LoraError] = {}
-        for i in ids:  # a prompt that cannot run fails its request before its adapter is cached
-            if i not in self._prompt_ids:
-                try:
-                    self._prompt_ids[i] = self._token_ids(queue[i].prompt)
-                except LoraFormatError as err:
-                    errors[i] = err
-        # ids this batch had in the host tier: one missing after the puts was evicted by them
-        held = {queue[i].lora.task_id for i in ids if queue[i].lora is not None and queue[i].lora.task_id in cache}
-        for i in ids:
-            lora = queue[i].lora
-            if lora is not None and lora.carries_weights and i not in errors:
-                try:
-                    cache.put(lora.task_id, lora.weights, lora.config)
-                    held.add(lora.task_id)
-                except LoraCacheFullError as err:
-                    if defer_when_full:
-                        return None
-                    errors[i] = err
-                except LoraError as err:
-                    errors[i] = err
-        # adapters put here and evicted by later puts here (a host tier smaller than the batch's
-        # adapters): their requests carry the weights, so they are put again in a batch of their own
-        evicted = {queue[i].lora.task_id for i in ids if i not in errors and queue[i].lora is not None
-                   and queue[i].lora.carries_weights and queue[i].lora.task_id not in cache}
-        if evicted and defer_when_full:
-            return None
-        for i, err in errors.items():
-            results[i].error = err
-        runnable = []
-        for i in ids:
-            lora = queue[i].lora
-            if results[i].error is not None:
-                continue
-            if lora is not None and lora.task_id in evicted:
-                self._readmit.append(i)
-                continue
-            if lora is not None and lora.task_id in held and lora.task_id not in cache:
-                results[i].error = LoraCacheFullError(
-                    f"task_id {lora.task_id} was evicted from the host tier by the adapters other requests of its "
-                    f"batch carry: the host tier holds fewer adapters than a batch of {len(ids)} requests needs "
-                    "(raise host_cache_bytes or lower max_batch_size)", task_id=lora.task_id)
-                continue
-            if lora is not None and lora.task_id not in cache:
-                results[i].error = LoraNotCachedError(
-                    f"task_id {lora.task_id} is not cached: its first request must carry weights and config",
-                    task_id=lora.task_id)
-                continue
-            runnable.append(i)
-        return runnable
-
-    def _run_fitting(self, ids: List[int], queue, results, progress, admit_next: bool = True) -> None:
-        """Runs `ids` as one batch, or splits it in two (by distinct adapters) if the device tier
-        cannot hold its adapters at once. Only the last part admits the next batch: admitted
-        earlier, its puts could evict (host tier) the adapters of a part still waiting to run."""
-        task_ids = [queue[i].lora.task_id if queue[i].lora else None for i in ids]
+    def _decode(self) -> int:
+        rows = self._running
+        if not any(s.decoding and not s.finished for s in rows):
+            return 0
+        live = [s.decoding and not s.finished for s in rows]
+        # rows still prefilling ride along as padding: their write lands at their next prompt
+        # position, which their next chunk overwrites
+        tokens = [s.tokens[-1] if ok else self._step.pad_id for s, ok in zip(rows, live)]
+        positions = [s.length if ok else s.prefilled for s, ok in zip(rows, live)]
+        slots = [s.slot for s in rows]
         try:
-            with self.engine.batch(task_ids):
-                if admit_next:
-                    self._admit_upcoming()
-                self._generate(ids, queue, results, progress)
-            return
-        except LoraCacheFullError as err:
-            distinct = sorted({t for t in task_ids if t is not None}, key=task_ids.index)
-            if len(distinct) <= 1:  # this adapter alone does not fit: its rows fail, the others run
-                plain = [i for i, t in zip(ids, task_ids) if t is None]
-                for i, t in zip(ids, task_ids):
-                    if t is not None:
-                        results[i].error = err
-                if plain:
-                    self._run_fitting(plain, queue, results, progress, admit_next)
-                return
-            first = set(distinct[: len(distinct) // 2])
-            self._run_fitting([i for i, t in zip(ids, task_ids) if t is None or t in first], queue, results, progress,
-                              admit_next=False)
-            self._run_fitting([i for i, t in zip(ids, task_ids) if t is not None and t not in first], queue, results,
-                              progress, admit_next)
-        except LoraError as err:  # anything else loramux refuses fails this batch's requests only
-            for i in ids:
-                results[i].error = err
+            logits = self._step.decode(tokens, positions, slots)
+        except Exception as err:  # noqa: BLE001 - the requests of this step fail, the loop goes on
+            self._fail([s for s, ok in zip(rows, live) if ok], err)
+            return 0
+        picked = [i for i, ok in enumerate(live) if ok]
+        return self._take_tokens([rows[i] for i in picked], logits[picked] if len(picked) < len(rows) else logits)
 
-    # --- generation --------------------------------------------------------------------------------
-    def _token_ids(self, prompt: Prompt) -> List[int]:
-        """The prompt's token ids (chat messages through the tokenizer's chat template); a prompt the
-        tokenizer refuses, or ids outside the model's vocabulary, raise LoraFormatError."""
-        tok = self.tokenizer
-        try:
-            if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], dict):
-                prompt = tok.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
-            if isinstance(prompt, str):
-                prompt = tok(prompt)["input_ids"]
-            ids = [int(t) for t in prompt]
-        except Exception as err:  # e.g. chat messages for a tokenizer without a chat template
-            raise LoraFormatError(f"the tokenizer refused this prompt: {type(err).__name__}: {err}") from None
-        model = self.engine.model
-        vocab = getattr(model.get_input_embeddings(), "num_embeddings", None) or model.config.vocab_size
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if not ids or bad:
-            raise LoraFormatError(f"prompt token ids must be in [0, {vocab}) and not empty; got {bad[:4] or ids}")
-        return ids
+    def _take_tokens(self, seqs: List[Sequence], logits: torch.Tensor) -> int:
+        tokens, logprobs = choose(logits, [s.request for s in seqs], [s.generator for s in seqs])
+        for seq, token, logprob in zip(seqs, tokens, logprobs):
+            try:
+                seq.add_token(token, logprob, self._end_ids)
+            except Exception as err:  # noqa: BLE001 - e.g. the tokenizer failing on this answer
+                self._fail([seq], err)
+        return len(seqs)
 
-    def _encode(self, rows: Sequence[List[int]]) -> Dict[str, torch.Tensor]:
-        """The prompts' token ids padded on the left for a decoder-only model (generation continues
-        from the last column) and on the right for an encoder-decoder (the encoder's positions start
-        at 0 in every row)."""
-        left = not self.engine.model.config.is_encoder_decoder
-        width, pad = max(len(p) for p in rows), self._pad_id()
-        ids, mask = [], []
-        for p in rows:
-            fill = width - len(p)
-            ids.append([pad] * fill + p if left else p + [pad] * fill)
-            mask.append([0] * fill + [1] * len(p) if left else [1] * len(p) + [0] * fill)
-        return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)}
+    def _fail(self, seqs: List[Sequence], err: BaseException) -> None:
+        self._metrics.add(step_errors=1)
+        if isinstance(err, LoraError):
+            error = err
+        else:
+            error = LoraStepError(f"a step failed for {len(seqs)} request(s): {type(err).__name__}: {err}")
+            error.__cause__ = err
+        for seq in seqs:
+            seq.finish("error", error)
+        if torch.cuda.is_available() and isinstance(err, torch.OutOfMemoryError):
+            torch.cuda.empty_cache()
 
-    def _pad_id(self) -> int:
-        tok = self.tokenizer
-        for cand in (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None)):
-            if cand is not None:
-                return int(cand)
-        return 0
+    def _retire(self) -> None:
+        """Ends finished requests: frees their adapter hold and KV row (the last row moves into a
+        freed one, so running rows stay 0..n-1) and completes their handles."""
+        done = sorted((s for s in self._running if s.finished), key=lambda s: -s.row)
+        for seq in done:
+            last = len(self._running) - 1
+            if seq.row != last:
+                mover = self._running[last]
+                self.kv.move_row(last, seq.row, mover.length)
+                mover.row = seq.row
+                self._running[seq.row] = mover
+            self._running.pop()
+            seq.row = None
+        self._end(done)
 
-    def _end_ids(self) -> set:
-        """The tokens an answer ends at: the tokenizer's end token and the model's generation_config
-        eos_token_id (an int or a list), where generate stops a row."""
-        stops = set()
-        generation_config = getattr(self.engine.model, "generation_config", None)
-        for eos in (getattr(self.tokenizer, "eos_token_id", None), getattr(generation_config, "eos_token_id", None)):
-            if eos is not None:
-                stops.update([int(e) for e in eos] if isinstance(eos, (list, tuple)) else [int(eos)])
-        return stops
+    def _end(self, seqs: List[Sequence]) -> None:
+        for seq in seqs:
+            if self._static is None:
+                self._gate.release(seq)
+            outcome = {"error": "requests_failed", "cancelled": "requests_cancelled"}.get(seq.finish_reason,
+                                                                                          "requests_finished")
+            self._metrics.add(**{outcome: 1})
+            seq.handle._finish(seq.result())
 
-    def _generate(self, ids: List[int], queue, results, progress) -> None:
-        model = self.engine.model
-        inputs = {k: v.to(self.engine.device) for k, v in self._encode([self._prompt_ids[i] for i in ids]).items()}
-        steps = max(queue[i].max_new_tokens for i in ids)
-        kwargs: Dict[str, Any] = dict(max_new_tokens=steps, do_sample=False, pad_token_id=self._pad_id())
-        if progress is not None:
-            kwargs["stopping_criteria"] = [_StepCounter(progress)]
-        with torch.no_grad():
-            out = model.generate(**inputs, **kwargs)
-        new = out if model.config.is_encoder_decoder else out[:, inputs["input_ids"].shape[1]:]
-        stops = self._end_ids()
-        for row, i in enumerate(ids):
-            tokens = new[row].tolist()
-            if model.config.is_encoder_decoder and tokens and tokens[0] == model.config.decoder_start_token_id:
-                tokens = tokens[1:]
-            tokens = tokens[: queue[i].max_new_tokens]
-            end = next((k for k, t in enumerate(tokens) if t in stops), None)
-            if end is not None:  # generate stopped this row there (and padded it after)
-                tokens = tokens[:end]
-            results[i].token_ids = tokens
-            results[i].text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            self.generated_tokens += len(tokens)
-        self.batches_run += 1
+    def _cancel_all(self) -> None:
+        """Ends every request not finished (cancelled), releasing what it holds."""
+        with self._lock:
+            incoming, self._incoming = list(self._incoming), deque()
+        self._waiting.extend(incoming)
+        for seq in list(self._waiting) + self._running:
+            seq.finish("cancelled")
+        waiting = list(self._waiting)
+        self._waiting.clear()
+        self._end(waiting)
+        if self._static is None:
+            self._retire()
+            self.engine.clear_batch()
 
+    def _static_step(self) -> None:
+        """Encoder-decoder models: the next max_batch_size waiting requests through generate."""
+        batch = [self._waiting.popleft() for _ in range(min(self.max_batch_size, len(self._waiting)))]
+        for seq in batch:
+            self._static.submit(seq.request)
+        results = self._static.run(progress=self._progress)
+        for seq, r in zip(batch, results):
+            seq.prompt_ids = [0] * r.prompt_tokens
+            if r.ok:
+                for token in r.token_ids:
+                    seq.add_token(token, None, set())
+                if not seq.finished:
+                    seq.finish(r.finish_reason)
+            else:
+                seq.finish("error", r.error)
+        self._end(batch)
+        self._metrics.step_done(sum(len(r.token_ids) for r in results))
 
-class _StepCounter:
-    """A stopping criterion that never stops: it advances a progress bar once per decode step."""
+    # --- figures -------------------------------------------------------------------------------------
+    @property
+    def generated_tokens(self) -> int:
+        return self._metrics.totals["generated_tokens"]
 
-    def __init__(self, bar):
-        self.bar = bar
-
-    def __call__(self, input_ids, scores, **kwargs):
-        self.bar.update(1)
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    def metrics(self) -> Dict[str, Any]:
+        """Live figures (queue depth, running requests, tokens/s, KV memory, adapter cache) and totals."""
+        stats = self.engine.cache.stats()
+        running = list(self._running)
+        out: Dict[str, Any] = {
+            "queue_depth": len(self._incoming) + len(self._waiting),
+            "running": len(running),
+            "tokens_per_s": self._metrics.tokens_per_s(),
+            "kv_bytes_in_use": sum(s.length for s in running) * self.kv.bytes_per_token if self.kv else 0,
+            "kv_bytes_allocated": self.kv.bytes_allocated if self.kv else 0,
+            "kv_bytes_budget": self.kv.budget_bytes if self.kv else 0,
+            "cache_hits": stats["hits"],
+            "cache_misses": stats["misses"],
+            "cache_loads": stats["loads"],
+            "cache_evictions": stats["evictions"],
+            "cache_device_adapters": stats["device_adapters"],
+        }
+        graphs = self._step.graphs if self._step is not None else None
+        out["cuda_graphs_captured"] = graphs.captured if graphs is not None else 0
+        out["cuda_graph_replays"] = graphs.replays if graphs is not None else 0
+        out["cuda_graphs_error"] = graphs.error if graphs is not None else None
+        out.update(self._metrics.snapshot())
+        return out
 
 
 __all__ = ["Executor"]

@@ -1,0 +1,130 @@
+"""CUDA graphs of the decode step: one per (batch-size bucket, attended-length bucket, adapters or
+not), captured the first time a step needs it and replayed after with the step's tokens,
+positions and adapter slots written into the graph's static input tensors. The LoRA kernels read
+the slots from device memory, so one graph serves any adapter mix (and -1 rows). Rows past the
+step's real ones are free KV rows: they decode a pad token at position 0 and are ignored."""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+
+def buckets(limit: int, first: int) -> List[int]:
+    """first, 2*first, 4*first, ... below limit, then limit itself."""
+    out, size = [], first
+    while size < limit:
+        out.append(size)
+        size *= 2
+    return out + [limit]
+
+
+def _kernels_refuse(engine) -> Optional[str]:
+    """Why adapter steps cannot be captured (the torch reference of the LoRA ops reads the batch's
+    slots on the host), or None when the CUDA kernels take them."""
+    from loramux.ops import apply
+
+    kernels = apply._kernels
+    if kernels is None or not kernels.available():
+        return "the CUDA LoRA kernels are not available here: adapter steps run eagerly"
+    if not kernels.supports(engine.dtype, engine.max_rank, 3):
+        return f"the CUDA LoRA kernels do not take {engine.dtype} (max_rank {engine.max_rank}): adapter steps run eagerly"
+    return None
+
+
+class _Statics:
+    """The static inputs of every graph of one batch-size bucket."""
+
+    def __init__(self, rows: int, device):
+        self.ids = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        self.pos = torch.zeros(rows, dtype=torch.long, device=device)
+        self.slots = torch.full((rows,), -1, dtype=torch.int32, device=device)
+
+
+class DecodeGraphs:
+    """Captures and replays decode-step graphs for a ModelStep. A capture that fails turns that kind
+    of graph (with adapters, or without) off and its steps run eagerly from then on; `error` says
+    why (e.g. float32 adapters take the torch reference of the LoRA ops, which is not capturable)."""
+
+    def __init__(self, step, max_rows: int):
+        self.step = step
+        self.device = step.device
+        self.batch_buckets = buckets(max_rows, 1)
+        self.span_buckets = buckets(step.kv.capacity, 64)
+        self.pool = torch.cuda.graph_pool_handle()
+        self._statics: Dict[int, _Statics] = {}
+        self._graphs: Dict[Tuple[int, int, bool], Tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.failed: Dict[bool, str] = {}  # adapters or not -> why its capture failed
+        self.replays = 0
+        why = _kernels_refuse(step.engine)
+        if why is not None:
+            self.failed[True] = why
+
+    @property
+    def error(self) -> Optional[str]:
+        return "; ".join(f"{'adapter' if k else 'base'} graphs: {v}" for k, v in self.failed.items()) or None
+
+    @property
+    def captured(self) -> int:
+        return len(self._graphs)
+
+    def run(self, tokens: List[int], positions: List[int], slots: List[int], span: int) -> Optional[torch.Tensor]:
+        """Logits [len(tokens), vocab] from a graph replay; None when graphs are off or too small."""
+        lora = any(s >= 0 for s in slots)
+        if lora in self.failed:
+            return None
+        n = len(tokens)
+        rows = next((b for b in self.batch_buckets if b >= n), None)
+        span_b = next((s for s in self.span_buckets if s >= span), None)
+        if rows is None or span_b is None:
+            return None
+        statics = self._statics.get(rows)
+        if statics is None:
+            statics = self._statics[rows] = _Statics(rows, self.device)
+        pad = rows - n
+        statics.ids.copy_(torch.tensor(tokens + [self.step.pad_id] * pad, dtype=torch.long)[:, None])
+        statics.pos.copy_(torch.tensor(positions + [0] * pad, dtype=torch.long))
+        statics.slots.copy_(torch.tensor(slots + [-1] * pad, dtype=torch.int32))
+        key = (rows, span_b, lora)
+        entry = self._graphs.get(key)
+        if entry is None:
+            try:
+                entry = self._graphs[key] = self._capture(statics, span_b, lora)
+            except Exception as err:  # noqa: BLE001 - any capture failure falls back to eager steps
+                self.failed[lora] = f"{type(err).__name__}: {err}"[:300]
+                torch.cuda.synchronize(self.device)
+                return None
+        graph, logits = entry
+        graph.replay()
+        self.replays += 1
+        return logits[:n].clone()
+
+    def _forward(self, statics: _Statics, span: int) -> torch.Tensor:
+        view = self.step.kv.decode_view(statics.pos, span)
+        return self.step.forward(view, statics.ids, statics.pos[:, None], last_only=False)
+
+    def _capture(self, statics: _Statics, span: int, lora: bool):
+        """Warm-up on a side stream (as torch requires), then the capture. The warm-up runs the very
+        step being served with its real inputs, so its KV writes are the ones the replay repeats."""
+        engine, cache = self.step.engine, self.step.engine.cache
+        if lora:
+            engine.set_static_batch(statics.slots, cache.table, cache.pool)
+        else:
+            engine.clear_batch()
+        try:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side), torch.no_grad():
+                for _ in range(2):
+                    self._forward(statics, span)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.no_grad(), torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                logits = self._forward(statics, span)
+            return graph, logits
+        finally:
+            engine.clear_batch()
+
+
+__all__ = ["DecodeGraphs", "buckets"]

@@ -1,0 +1,171 @@
+"""The Executor's KV cache: one row per running request in per-layer key/value buffers
+[rows, kv_heads, capacity, head_dim], under a byte budget, and the views an HF decoder's
+attention layers write into and read from during one forward (prefill chunk or decode step).
+
+Each request keeps its own row with its positions 0..n-1 (no padding inside a row), so position ids
+stay natural; a decode step attends over the first L positions of rows 0..b-1 with a mask that
+hides every position past a row's own length. Running requests always occupy rows 0..n-1 (a row
+freed in the middle takes the last row's contents), so a step's keys are a view, never a gather.
+On CUDA the buffers are allocated once at full size (captured CUDA graphs keep their addresses);
+on the CPU they grow (rows and capacity, doubling) up to the budget as requests need them.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+
+def kv_layout(config):
+    """(layers, kv heads, head dim) of an HF decoder config."""
+    layers = config.num_hidden_layers
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return layers, heads, head_dim
+
+
+class RowKVCache:
+    """Key/value rows for up to `max_rows` requests of up to `max_seq_len` tokens each, within
+    `budget_bytes` (rows x capacity x bytes per token)."""
+
+    def __init__(self, config, dtype: torch.dtype, device: torch.device, max_rows: int, budget_bytes: int,
+                 max_seq_len: int, grow: bool):
+        self.layers, self.heads, self.head_dim = kv_layout(config)
+        self.dtype, self.device = dtype, device
+        self.bytes_per_token = 2 * self.layers * self.heads * self.head_dim * torch.tensor([], dtype=dtype).element_size()
+        self.max_rows = max_rows
+        self.budget_bytes = int(budget_bytes)
+        # the longest row the budget allows with every row in use (CUDA) or with one row (CPU)
+        per_row = self.budget_bytes // self.bytes_per_token // (1 if grow else max_rows)
+        self.max_seq_len = min(max_seq_len, per_row)
+        if self.max_seq_len < 2:
+            raise ValueError(f"kv_cache_bytes={budget_bytes} holds {per_row} tokens per row "
+                             f"({self.bytes_per_token} bytes per token, {max_rows if not grow else 1} row(s)): too small")
+        self.grow = grow
+        self.rows_alloc, self.capacity = (0, 0) if grow else (max_rows, self.max_seq_len)
+        self.keys: List[torch.Tensor] = []
+        self.values: List[torch.Tensor] = []
+        self._allocate(self.rows_alloc, self.capacity)
+
+    # --- memory --------------------------------------------------------------------------------------
+    @property
+    def bytes_allocated(self) -> int:
+        return self.rows_alloc * self.capacity * self.bytes_per_token
+
+    def never_fits(self, length: int) -> Optional[str]:
+        """Why a request of `length` tokens (prompt + max_new_tokens) could never be held, or None."""
+        if length > self.max_seq_len:
+            return (f"needs {length} KV positions, more than the {self.max_seq_len} one request can hold "
+                    f"(kv_cache_bytes={self.budget_bytes}, {self.bytes_per_token} bytes per token)")
+        return None
+
+    def fits(self, rows: int, length: int) -> bool:
+        """Whether `rows` rows of `length` positions fit now (allocated, or growable within the budget)."""
+        if rows > self.max_rows or length > self.max_seq_len:
+            return False
+        if rows <= self.rows_alloc and length <= self.capacity:
+            return True
+        if not self.grow:
+            return False
+        return max(rows, self.rows_alloc) * max(length, self.capacity) * self.bytes_per_token <= self.budget_bytes
+
+    def reserve(self, rows: int, length: int) -> None:
+        """Grows the buffers (CPU) to hold `rows` rows of `length` positions; the caller checked fits()."""
+        if rows <= self.rows_alloc and length <= self.capacity:
+            return
+        want_rows, want_len = max(rows, self.rows_alloc), max(length, self.capacity)
+        # doubling keeps regrowth rare; fall back to the exact size when doubling would pass the budget
+        grown_rows = min(self.max_rows, max(want_rows, 2 * self.rows_alloc if rows > self.rows_alloc else want_rows))
+        grown_len = min(self.max_seq_len, max(want_len, 2 * self.capacity if length > self.capacity else want_len))
+        if grown_rows * grown_len * self.bytes_per_token > self.budget_bytes:
+            grown_rows, grown_len = want_rows, want_len
+        old_k, old_v, old_rows, old_cap = self.keys, self.values, self.rows_alloc, self.capacity
+        self._allocate(grown_rows, grown_len)
+        for new, old in zip(self.keys + self.values, old_k + old_v):
+            new[:old_rows, :, :old_cap] = old
+
+    def _allocate(self, rows: int, capacity: int) -> None:
+        # zeros, not empty: a masked position still enters attention as (weight 0) x value, and
+        # uninitialized memory may hold NaN
+        shape = (rows, self.heads, capacity, self.head_dim)
+        self.keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.layers)]
+        self.values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.layers)]
+        self.rows_alloc, self.capacity = rows, capacity
+
+    def move_row(self, src: int, dst: int, length: int) -> None:
+        """Copies the first `length` positions of row `src` into row `dst` (compaction)."""
+        for buf in self.keys + self.values:
+            buf[dst, :, :length] = buf[src, :, :length]
+
+    # --- the views one forward uses --------------------------------------------------------------------
+    def prefill_view(self, row: int, start: int, length: int) -> "PrefillView":
+        return PrefillView(self, row, start, length)
+
+    def decode_view(self, positions: torch.Tensor, span: int) -> "DecodeView":
+        return DecodeView(self, positions, span)
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """0 where attention is allowed, the dtype's lowest value elsewhere (eager and SDPA attention
+    both add it to the scores; a finite value keeps a row with nothing allowed free of NaN)."""
+    zero = torch.zeros((), dtype=dtype, device=allowed.device)
+    low = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=allowed.device)
+    return torch.where(allowed, zero, low)
+
+
+class PrefillView:
+    """One request's prompt chunk: positions start..start+length-1 of one row."""
+
+    def __init__(self, kv: RowKVCache, row: int, start: int, length: int):
+        self.kv, self.row, self.start, self.length = kv, row, start, length
+
+    def mask(self) -> torch.Tensor:
+        end = self.start + self.length
+        q = torch.arange(self.start, end, device=self.kv.device)[:, None]
+        k = torch.arange(end, device=self.kv.device)[None, :]
+        return additive_mask(k <= q, self.kv.dtype)[None, None]
+
+    def positions(self) -> torch.Tensor:
+        return torch.arange(self.start, self.start + self.length, device=self.kv.device)[None]
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        end = self.start + self.length
+        k, v = self.kv.keys[layer_idx], self.kv.values[layer_idx]
+        k[self.row, :, self.start:end] = key_states[0]
+        v[self.row, :, self.start:end] = value_states[0]
+        return k[self.row:self.row + 1, :, :end], v[self.row:self.row + 1, :, :end]
+
+
+class DecodeView:
+    """One new token for each of rows 0..b-1, written at its row's position; attention reads the
+    rows' first `span` positions (a row sees its own positions up to the new token's)."""
+
+    def __init__(self, kv: RowKVCache, positions: torch.Tensor, span: int):
+        self.kv, self.pos, self.span = kv, positions, span
+        self.rows = torch.arange(positions.shape[0], device=positions.device)
+
+    def mask(self) -> torch.Tensor:
+        k = torch.arange(self.span, device=self.pos.device)[None, :]
+        return additive_mask(k <= self.pos[:, None], self.kv.dtype)[:, None, None, :]
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        b = self.pos.shape[0]
+        k, v = self.kv.keys[layer_idx], self.kv.values[layer_idx]
+        k[self.rows, :, self.pos] = key_states[:, :, 0]
+        v[self.rows, :, self.pos] = value_states[:, :, 0]
+        return k[:b, :, :self.span], v[:b, :, :self.span]
+
+
+def model_positions(model) -> int:
+    """The longest sequence the model takes (its position table, or its sliding window: the mask
+    here is plain causal)."""
+    config = model.config
+    longest = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 1 << 20
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True) is not False:
+        longest = min(longest, window)
+    return int(longest)
+
+
+__all__ = ["DecodeView", "PrefillView", "RowKVCache", "additive_mask", "kv_layout", "model_positions"]

@@ -1,0 +1,80 @@
+"""One forward of the attached HF decoder over the Executor's KV rows: a prompt chunk of one request,
+or a decode step of one token per row; eager, or (CUDA) a captured graph replayed for the step's
+batch-size and length bucket (serving/cuda_graphs.py)."""
+
+from __future__ import annotations
+
+import inspect
+from typing import List, Optional
+
+import torch
+
+from loramux.serving.kv_cache import RowKVCache
+
+
+def cache_argument(model) -> str:
+    """The keyword the model's forward takes its cache under ("cache" from transformers 5.x on)."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+class ModelStep:
+    """Runs forwards of `engine.model` over `kv`; the engine's StepBatch holds the step's adapters."""
+
+    def __init__(self, engine, kv: RowKVCache, pad_id: int, cuda_graphs: bool):
+        self.engine, self.model, self.kv = engine, engine.model, kv
+        self.device = kv.device
+        self.pad_id = pad_id
+        self._cache_kw = cache_argument(self.model)
+        self.graphs = None
+        if cuda_graphs:
+            from loramux.serving.cuda_graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(self, kv.max_rows)
+
+    def _set_adapters(self, slots: List[int]) -> None:
+        cache = self.engine.cache
+        if any(s >= 0 for s in slots):
+            self.engine.set_batch(slots, cache.table, cache.pool)
+        else:
+            self.engine.clear_batch()
+
+    def forward(self, view, input_ids: torch.Tensor, positions: torch.Tensor, last_only: bool) -> torch.Tensor:
+        """Logits [rows, vocab] at each row's last position of this forward."""
+        kwargs = {self._cache_kw: view, "use_cache": True}
+        if last_only:
+            kwargs["logits_to_keep"] = 1
+        out = self.model(input_ids=input_ids, position_ids=positions, attention_mask=view.mask(), **kwargs)
+        return out.logits[:, -1]
+
+    @torch.no_grad()
+    def prefill(self, row: int, start: int, ids: List[int], slot: int) -> torch.Tensor:
+        """Writes one request's prompt chunk (positions start..) into its row; logits [1, vocab]
+        after its last token."""
+        self._set_adapters([slot])
+        try:
+            view = self.kv.prefill_view(row, start, len(ids))
+            input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
+            return self.forward(view, input_ids, view.positions(), last_only=True)
+        finally:
+            self.engine.clear_batch()
+
+    @torch.no_grad()
+    def decode(self, tokens: List[int], positions: List[int], slots: List[int]) -> torch.Tensor:
+        """One token for each of rows 0..len(tokens)-1 at its position; logits [rows, vocab]."""
+        span = max(positions) + 1
+        if self.graphs is not None:
+            logits = self.graphs.run(tokens, positions, slots, span)
+            if logits is not None:
+                return logits
+        self._set_adapters(slots)
+        try:
+            pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+            view = self.kv.decode_view(pos, span)
+            input_ids = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
+            return self.forward(view, input_ids, pos[:, None], last_only=False)
+        finally:
+            self.engine.clear_batch()
+
+
+__all__ = ["ModelStep", "cache_argument"]

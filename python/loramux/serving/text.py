@@ -1,0 +1,86 @@
+"""Text in and out of the model: a prompt's token ids (chat messages through the tokenizer's
+template), and incremental detokenization for streaming, which holds text back while it ends in an
+incomplete character or could still become one of the request's stop strings."""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+from loramux.errors import LoraRequestError
+
+
+def prompt_token_ids(tokenizer, model, prompt) -> List[int]:
+    """The prompt's token ids; a prompt the tokenizer refuses, or ids outside the model's
+    vocabulary, raise LoraRequestError."""
+    try:
+        if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], dict):
+            prompt = tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
+        if isinstance(prompt, str):
+            prompt = tokenizer(prompt)["input_ids"]
+        ids = [int(t) for t in prompt]
+    except Exception as err:  # e.g. chat messages for a tokenizer without a chat template
+        raise LoraRequestError(f"the tokenizer refused this prompt: {type(err).__name__}: {err}") from None
+    vocab = getattr(model.get_input_embeddings(), "num_embeddings", None) or model.config.vocab_size
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if not ids or bad:
+        raise LoraRequestError(f"prompt token ids must be in [0, {vocab}) and not empty; got {bad[:4] or ids}")
+    return ids
+
+
+class IncrementalText:
+    """Decodes a growing list of token ids; `add` returns the text that is now safe to stream."""
+
+    def __init__(self, tokenizer, stop: Optional[Sequence[str]] = None):
+        self.tokenizer = tokenizer
+        self.stop = list(stop or [])
+        self._hold = max((len(s) for s in self.stop), default=1) - 1  # a stop string's prefix may be pending
+        self.ids: List[int] = []
+        self.text = ""  # the whole answer's text so far (cut at a stop string once one is seen)
+        self.sent = 0  # characters of self.text already streamed
+        self.stopped = False
+
+    def add(self, token_id: int) -> str:
+        """Adds a token; returns the newly streamable text. Sets `stopped` when a stop string shows up
+        (the text is cut before it)."""
+        self.ids.append(token_id)
+        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if self.stop:
+            start = max(0, self.sent - self._hold)
+            hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+            if hits:
+                self.text = self.text[: min(hits)]
+                self.stopped = True
+                return self.flush()
+        safe = len(self.text) - self._hold
+        if self.text.endswith("\ufffd"):  # a multi-byte character still incomplete
+            safe = min(safe, len(self.text) - 1)
+        if safe <= self.sent:
+            return ""
+        piece, self.sent = self.text[self.sent : safe], safe
+        return piece
+
+    def flush(self) -> str:
+        """The rest of the text (the answer is over)."""
+        piece, self.sent = self.text[self.sent :], len(self.text)
+        return piece
+
+
+def end_token_ids(tokenizer, model) -> set:
+    """The tokens an answer ends at: the tokenizer's end token and the model's generation_config
+    eos_token_id (an int or a list), where generate stops a row."""
+    stops = set()
+    generation_config = getattr(model, "generation_config", None)
+    for eos in (getattr(tokenizer, "eos_token_id", None), getattr(generation_config, "eos_token_id", None)):
+        if eos is not None:
+            stops.update([int(e) for e in eos] if isinstance(eos, (list, tuple)) else [int(eos)])
+    return stops
+
+
+def pad_token_id(tokenizer) -> int:
+    for cand in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if cand is not None:
+            return int(cand)
+    return 0
+
+
+__all__ = ["IncrementalText", "end_token_ids", "pad_token_id", "prompt_token_ids"]

@@ -1,0 +1,325 @@
+"""The in-flight Executor on a tiny Llama, PEFT (one request at a time, HF generate) as the oracle: a
+mixed workload submitted while others run gives every request the greedy tokens it gets alone;
+chunked prefill, waiting for KV rows and adapter slots change nothing; failures stay local."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+import loramux as lm
+from loramux.errors import LoraRequestError, LoraStepError
+from serving_helpers import alone, attach, llama, prompt_ids, talkative_prompt, tokenizer  # noqa: F401 (fixtures)
+
+
+def _mixed_plan(n, seed=0):
+    """(prompt ids, max_new_tokens, adapter index or None): prompts 3..40 tokens, 1..12 new tokens,
+    three adapters and no-adapter rows."""
+    gen = torch.Generator().manual_seed(seed)
+    plan = []
+    for i in range(n):
+        length = int(torch.randint(3, 41, (1,), generator=gen))
+        new = int(torch.randint(1, 13, (1,), generator=gen))
+        adapter = [None, 0, 1, 2][i % 4]
+        plan.append((prompt_ids(100 + i, length), new, adapter))
+    return plan
+
+
+def _lora(adapter, formats, seen):
+    if adapter is None:
+        return None
+    if adapter in seen:
+        return lm.LoraConfig(adapter)
+    seen.add(adapter)
+    return lm.LoraConfig(adapter, *formats[adapter])
+
+
+def test_mixed_workload_submitted_while_running_matches_peft_alone(llama, tokenizer):
+    """16 requests, 4 running at most, prompts chunked by a 16-token step budget; half submitted
+    from another thread while the first half runs. Each answer equals PEFT's for it alone."""
+    ours, peft_model, names, formats = llama
+    engine = attach(ours)
+    plan = _mixed_plan(16)
+    try:
+        seen, handles = set(), [None] * len(plan)
+        with lm.Executor(engine, tokenizer, max_batch_size=4, max_tokens_per_step=16) as ex:
+            for i in range(8):
+                ids, new, adapter = plan[i]
+                handles[i] = ex.submit(lm.Request(ids, max_new_tokens=new, lora=_lora(adapter, formats, seen)))
+            next(iter(handles[0]))  # the loop is producing tokens when the rest arrive
+
+            def late():
+                for i in range(8, 16):
+                    ids, new, adapter = plan[i]
+                    handles[i] = ex.submit(lm.Request(ids, max_new_tokens=new, lora=_lora(adapter, formats, seen)))
+
+            t = threading.Thread(target=late)
+            t.start()
+            t.join()
+            results = [h.result(timeout=600) for h in handles]
+            metrics = ex.metrics()
+        assert metrics["prefill_chunks"] > len(plan)  # some prompts took several chunks
+        assert metrics["requests_finished"] == len(plan) and metrics["running"] == 0
+        for r, (ids, new, adapter) in zip(results, plan):
+            assert r.ok, r.error
+            assert r.token_ids == alone(peft_model, ids, new, None if adapter is None else names[adapter]), r
+            assert r.prompt_tokens == len(ids)
+            assert r.finish_reason == ("length" if len(r.token_ids) == new else "stop")
+            assert r.ttft_s is not None and r.ttft_s >= 0
+    finally:
+        engine.detach()
+
+
+def test_run_without_a_thread_and_streams_match_results(llama, tokenizer):
+    ours, peft_model, names, formats = llama
+    engine = attach(ours)
+    try:
+        ex = lm.Executor(engine, tokenizer, max_batch_size=3)
+        plan = _mixed_plan(5, seed=1)
+        seen = set()
+        handles = [ex.submit(lm.Request(ids, max_new_tokens=new, lora=_lora(a, formats, seen))) for ids, new, a in plan]
+        results = ex.run()
+        assert [r.request_id for r in results] == [h.request_id for h in handles]
+        for h, r, (ids, new, a) in zip(handles, results, plan):
+            deltas = list(h)
+            assert [t for d in deltas for t in d.token_ids] == r.token_ids
+            assert "".join(d.text for d in deltas) == r.text == tokenizer.decode(r.token_ids, skip_special_tokens=True)
+            assert r.token_ids == alone(peft_model, ids, new, None if a is None else names[a])
+    finally:
+        engine.detach()
+
+
+def test_async_iteration_does_not_block_the_event_loop(llama, tokenizer):
+    import asyncio
+
+    ours, peft_model, names, formats = llama
+    engine = attach(ours)
+    try:
+        ids = prompt_ids(7, 9)
+
+        async def main(ex):
+            ticks = 0
+            stop = asyncio.Event()
+
+            async def ticker():
+                nonlocal ticks
+                while not stop.is_set():
+                    ticks += 1
+                    await asyncio.sleep(0)
+
+            tick_task = asyncio.create_task(ticker())
+            h = ex.submit(lm.Request(ids, max_new_tokens=6, lora=lm.LoraConfig(1, *formats[1])))
+            got = [d async for d in h]
+            stop.set()
+            await tick_task
+            return got, h.result(), ticks
+
+        with lm.Executor(engine, tokenizer) as ex:
+            deltas, result, ticks = asyncio.run(main(ex))
+        assert [t for d in deltas for t in d.token_ids] == result.token_ids == alone(peft_model, ids, 6, names[1])
+        assert ticks > len(deltas)  # the loop kept running other tasks while it waited for tokens
+    finally:
+        engine.detach()
+
+
+def test_cancel_frees_the_kv_row_and_the_adapter_hold(llama, tokenizer):
+    ours, peft_model, names, formats = llama
+    engine = attach(ours)
+    try:
+        ids = talkative_prompt(peft_model, names[0], 40, first_seed=11)
+        full = alone(peft_model, ids, 40, names[0])
+        with lm.Executor(engine, tokenizer, max_batch_size=2) as ex:
+            h = ex.submit(lm.Request(ids, max_new_tokens=40, lora=lm.LoraConfig(0, *formats[0])))
+            it = iter(h)
+            next(it)
+            assert engine.cache.pinned_ids() == [0]
+            h.cancel()
+            r = h.result(timeout=60)
+            metrics = ex.metrics()
+            pinned = engine.cache.pinned_ids()
+        assert r.finish_reason == "cancelled" and r.error is None
+        assert 1 <= len(r.token_ids) < len(full) and r.token_ids == full[: len(r.token_ids)]
+        assert pinned == [] and metrics["running"] == 0 and metrics["kv_bytes_in_use"] == 0
+        assert metrics["requests_cancelled"] == 1
+    finally:
+        engine.detach()
+
+
+def test_a_request_that_could_never_fit_fails_alone_and_others_wait_for_rows(llama, tokenizer):
+    """A KV budget of 64 positions (rows x longest row): a request needing 70 fails alone with a typed
+    error; four requests needing 20 each run three at a time (the fourth waits) and match PEFT."""
+    ours, peft_model, names, formats = llama
+    engine = attach(ours)
+    with pytest.raises(ValueError, match="too small"):
+        lm.Executor(engine, tokenizer, max_batch_size=4, kv_cache_bytes=1, max_seq_len=32)
+    per_token = 2 * ours.config.num_hidden_layers * ours.config.num_key_value_heads * \
+        (ours.config.hidden_size // ours.config.num_attention_heads) * 4
+    try:
+        batches = []
+        hook = ours.model.layers[0].register_forward_pre_hook(lambda m, args: batches.append(args[0].shape[0]))
+        ex = lm.Executor(engine, tokenizer, max_batch_size=4, kv_cache_bytes=2 * 32 * per_token, max_seq_len=128)
+        assert ex.kv.max_seq_len == 64  # the budget, not the model, limits a row (CPU rows grow to it)
+        big = ex.submit(lm.Request(prompt_ids(1, 60), max_new_tokens=10))
+        small = [ex.submit(lm.Request(prompt_ids(2 + i, 12), max_new_tokens=8)) for i in range(4)]
+        results = ex.run()
+        assert isinstance(results[0].error, LoraRequestError) and "never fit" in str(results[0].error)
+        assert results[0].finish_reason == "error"
+        for i, r in enumerate(results[1:]):
+            assert r.ok and r.token_ids == alone(peft_model, prompt_ids(2 + i, 12), 8, None)
+        assert ex.kv.bytes_allocated <= 2 * 32 * per_token
+        assert max(batches) == 3  # decode steps of three rows: the fourth request waited for memory
+        assert big.done() and all(h.done() for h in small)
+    finally:
+        hook.remove()
+        engine.detach()
+
+
+def test_prompt_longer_than_the_model_fails_alone(llama, tokenizer):
+    ours, peft_model, names, formats = llama
+    engine = attach(ours)
+    try:
+        ex = lm.Executor(engine, tokenizer, max_seq_len=24)
+        ex.submit(lm.Request(prompt_ids(3, 20), max_new_tokens=5))
+        ex.submit(lm.Request(prompt_ids(4, 10), max_new_tokens=5))
+        too_long, fine = ex.run()
+        assert isinstance(too_long.error, LoraRequestError) and "24 positions" in str(too_long.error)
+        assert fine.ok and fine.token_ids == alone(peft_model, prompt_ids(4, 10), 5, None)
+    finally:
+        engine.detach()
+
+
+class _Faulty:
+    """A forward pre-hook on the first decoder layer that raises `error` on its `at`-th call."""
+
+    def __init__(self, model, at, error):
+        self.calls, self.at, self.error = 0, at, error
+        self.handle = model.model.layers[0].register_forward_pre_hook(self)
+
+    def __call__(self, module, args):
+        self.calls += 1
+        if self.calls == self.at:
+            raise self.error
+
+
+def test_an_exception_in_a_step_fails_only_that_steps_requests(llama, tokenizer):
+    """Step 1 prefills A and B (layer calls 1, 2) and decodes both (call 3, which fails): A and B fail
+    with LoraStepError (the cause chained); C, admitted after, runs as PEFT says; so does D later."""
+    ours, peft_model, names, formats = llama
+    engine = attach(ours)
+    fault = _Faulty(ours, 3, RuntimeError("CUDA error: an illegal memory access (injected)"))
+    try:
+        ex = lm.Executor(engine, tokenizer, max_batch_size=2)
+        ids = [prompt_ids(20 + i, 5 + i) for i in range(4)]
+        ex.submit(lm.Request(ids[0], max_new_tokens=4, lora=lm.LoraConfig(0, *formats[0])))
+        ex.submit(lm.Request(ids[1], max_new_tokens=4))
+        ex.submit(lm.Request(ids[2], max_new_tokens=4, lora=lm.LoraConfig(0)))
+        a, b, c = ex.run()
+        for r in (a, b):
+            assert isinstance(r.error, LoraStepError) and r.finish_reason == "error"
+            assert isinstance(r.error.__cause__, RuntimeError) and "injected" in str(r.error)
+        assert c.ok and c.token_ids == alone(peft_model, ids[2], 4, names[0])
+        assert engine.cache.pinned_ids() == []  # the failed requests' adapter hold is released
+        ex.submit(lm.Request(ids[3], max_new_tokens=4, lora=lm.LoraConfig(0)))
+        (d,) = ex.run()
+        assert d.ok and d.token_ids == alone(peft_model, ids[3], 4, names[0])
+        assert ex.metrics()["step_errors"] == 1
+    finally:
+        fault.handle.remove()
+        engine.detach()
+
+
+def test_an_exception_in_a_prefill_fails_that_request_alone(llama, tokenizer):
+    ours, peft_model, names, formats = llama
+    engine = attach(ours)
+    fault = _Faulty(ours, 2, torch.OutOfMemoryError("out of memory (injected)"))
+    try:
+        ex = lm.Executor(engine, tokenizer, max_batch_size=4)
+        ids = [prompt_ids(30 + i, 6) for i in range(3)]
+        for i in range(3):
+            ex.submit(lm.Request(ids[i], max_new_tokens=3))
+        first, second, third = ex.run()
+        assert isinstance(second.error, LoraStepError) and "out of memory" in str(second.error)
+        for r, i in ((first, 0), (third, 2)):
+            assert r.ok and r.token_ids == alone(peft_model, ids[i], 3, None)
+    finally:
+        fault.handle.remove()
+        engine.detach()
+
+
+def test_ctrl_c_in_run_stops_and_returns_what_finished(llama, tokenizer):
+    """A one-token request finishes at its prefill; the interrupt comes at the first decode."""
+    ours, peft_model, names, formats = llama
+    engine = attach(ours)
+    fault = _Faulty(ours, 3, KeyboardInterrupt())
+    try:
+        ex = lm.Executor(engine, tokenizer, max_batch_size=4)
+        ids = [prompt_ids(40, 5), talkative_prompt(peft_model, names[2], 30, first_seed=41)]
+        ex.submit(lm.Request(ids[0], max_new_tokens=1))
+        ex.submit(lm.Request(ids[1], max_new_tokens=30, lora=lm.LoraConfig(2, *formats[2])))
+        done, stopped = ex.run()
+        assert done.ok and done.finish_reason == "length" and done.token_ids == alone(peft_model, ids[0], 1, None)
+        assert stopped.finish_reason == "cancelled" and stopped.token_ids == alone(peft_model, ids[1], 1, names[2])
+        assert engine.cache.pinned_ids() == [] and ex.metrics()["running"] == 0
+        ex.submit(lm.Request(ids[1], max_new_tokens=3, lora=lm.LoraConfig(2)))  # the executor still serves
+        (again,) = ex.run()
+        assert again.ok and again.token_ids == alone(peft_model, ids[1], 3, names[2])
+    finally:
+        fault.handle.remove()
+        engine.detach()
+
+
+def test_metrics_report_queue_running_kv_and_cache(llama, tokenizer):
+    ours, peft_model, names, formats = llama
+    engine = attach(ours)
+    try:
+        ex = lm.Executor(engine, tokenizer, max_batch_size=2)
+        for i in range(5):
+            ex.submit(lm.Request(prompt_ids(50 + i, 6), max_new_tokens=3, lora=lm.LoraConfig(1, *formats[1])))
+        before = ex.metrics()
+        assert before["queue_depth"] == 5 and before["running"] == 0 and before["kv_bytes_in_use"] == 0
+        results = ex.run()
+        after = ex.metrics()
+        tokens = sum(len(r.token_ids) for r in results)
+        assert after["generated_tokens"] == tokens == ex.generated_tokens
+        assert after["requests_submitted"] == after["requests_finished"] == 5
+        assert after["prompt_tokens"] == sum(r.prompt_tokens for r in results) == 5 * 6
+        assert after["cache_misses"] == after["cache_loads"] == 1 and after["cache_hits"] >= 5
+        assert after["queue_depth"] == 0 and after["kv_bytes_allocated"] > 0
+        for key in ("tokens_per_s", "kv_bytes_budget", "cache_evictions", "steps", "cuda_graphs_captured"):
+            assert key in after
+    finally:
+        engine.detach()
+
+
+def test_leaving_the_with_block_on_an_exception_cancels_what_runs(llama, tokenizer):
+    ours, peft_model, names, formats = llama
+    engine = attach(ours)
+    try:
+        ids = talkative_prompt(peft_model, names[1], 40, first_seed=120)
+        release = threading.Event()
+        # the loop's second forward (its first decode) waits until the caller is about to fail
+        calls = []
+
+        def hold_second_forward(module, args):
+            calls.append(1)
+            if len(calls) == 2:
+                release.wait(60)
+
+        hook = ours.model.layers[0].register_forward_pre_hook(hold_second_forward)
+        try:
+            with pytest.raises(RuntimeError, match="caller failed"):
+                with lm.Executor(engine, tokenizer) as ex:
+                    h = ex.submit(lm.Request(ids, max_new_tokens=40, lora=lm.LoraConfig(1, *formats[1])))
+                    next(iter(h))
+                    release.set()
+                    raise RuntimeError("caller failed")
+        finally:
+            hook.remove()
+        r = h.result(timeout=60)
+        assert r.finish_reason == "cancelled" and 1 <= len(r.token_ids) < 40
+        assert r.token_ids == alone(peft_model, ids, 40, names[1])[: len(r.token_ids)]
+        assert engine.cache.pinned_ids() == [] and ex.metrics()["running"] == 0
+    finally:
+        engine.detach()
