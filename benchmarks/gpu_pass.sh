@@ -10,7 +10,7 @@ cd .gpuwork
 has() { [[ " $STEPS " == *" $1 "* ]]; }
 if has env; then
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.total --format=csv > $OUT/env.txt
-  python -c "import loramux,torch;from loramux import kernels,_core;print(loramux.__file__,torch.__version__,kernels.nvrtc_library(),_core.nvrtc_version(),kernels.available());print('arch',_core.load_kernels(0))" >> $OUT/env.txt 2>&1
+  python -c "import loramux,torch;from loramux.ops import kernels;from loramux import _core;print(loramux.__file__,_core.__file__,torch.__version__,kernels.nvrtc_library(),_core.nvrtc_version(),kernels.available());print('arch',_core.load_kernels(0))" >> $OUT/env.txt 2>&1
   cat $OUT/env.txt
 fi
 if has test; then

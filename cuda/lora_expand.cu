@@ -1,20 +1,20 @@
 // LoRA expand, in place: y[t, off_s + o] += sum_r u[s, t, r] * B_{slot(t)}[o, r], where
 // u = sum over the ksplit shrink partials; DoRA rows then scale: y = scale[o] * (y + delta).
-// Tokens are grouped by slot per 64-token tile (each block reads its B rows once for all the
-// adapter's tokens); no-adapter tokens and rank-0 entries are never touched.
+// A block takes one work item of the step's token segments (tokens of one adapter slot,
+// lora_common.cuh), so it reads its B rows once for all of them whatever the token order;
+// no-adapter tokens and rank-0 entries are never touched.
 // lora_common.cuh is prepended by the loader.
 
 #define EXPAND_MAX_RANK 128
 
-// Sums the ksplit partials of the group's tokens into su[i * pitch + r] (fp32), zero past R.
+// Sums the ksplit partials of the item's tokens into su[i * pitch + r] (fp32), zero past R.
 __device__ __forceinline__ void load_u(float* su, int pitch, int rcols, const ExpandArgs& p,
-                                       const TileGroups& g, int s, int R) {
-    const int nt = g.num_tokens;
+                                       const int* tokens, int nt, int s, int R) {
     for (int idx = threadIdx.x; idx < nt * rcols; idx += blockDim.x) {
         const int i = idx / rcols, r = idx % rcols;
         float v = 0.f;
         if (r < R) {
-            const long long t = g.tokens[i];
+            const long long t = tokens[i];
 #pragma unroll 16
             for (int c = 0; c < p.ksplit; ++c)
                 v += p.partial[(((long long)s * p.ksplit + c) * p.T + t) * p.table.max_rank + r];
@@ -37,104 +37,86 @@ __device__ __forceinline__ void unpack8(uint4 v, u16 out[8]) {
     out[4] = v.z & 0xffff; out[5] = v.z >> 16; out[6] = v.w & 0xffff; out[7] = v.w >> 16;
 }
 
-// Decode (T <= 64): OPT output columns per thread (o0 + tid + 256 j), CUDA cores. Before waiting
-// on the shrink (PDL) each thread already holds its B rows (the first 64/OPT ranks, 16-byte loads)
-// and the y values of the first two tokens, so the expand's own memory latency hides under the
-// shrink. OPT = 4 / 2 / 1 for max_rank <= 16 / 32 / more keeps that prefetch at 8 registers x 4.
-#define Y_PREFETCH 2
+// Decode (T <= 64): one work item (<= 8 tokens of one adapter) per blockIdx.y, OPT output columns
+// per thread (o0 + tid + 256 j), CUDA cores. Before waiting on the shrink (PDL) each thread already
+// holds its B rows (the first 64/OPT ranks, 16-byte loads) and the y values of every token of the
+// item, so the expand's own memory latency hides under the shrink.
+#define EXPAND_ITEM 8
 
 template <bool BF16, int OPT>
 __device__ void expand_decode(const ExpandArgs& p) {
     constexpr int QP = 8 / OPT;  // 8-rank chunks of B prefetched per column
-    __shared__ TileGroups g;
-    __shared__ float su[LMX_TILE_T * EXPAND_MAX_RANK];
+    __shared__ int tokens[EXPAND_ITEM];
+    __shared__ float su[EXPAND_ITEM * EXPAND_MAX_RANK];
     int module_id, off, ho;
     if (!slice_of(p, blockIdx.z, module_id, off, ho)) return;
     const int o0 = blockIdx.x * p.ochunk;
     if (o0 >= ho) return;
-    group_tile(g, p.slot_of_token, 0, p.T, p.table.num_slots);
-    bool waited = false;
+    const WorkItem w = work_item(p.segments, p.max_items, p.T, blockIdx.y);
+    if (w.count == 0) return;
+    const AdapterEntry e = read_entry(p.table, w.slot, module_id);
+    const int R = e.rank;
+    if (R == 0) return;  // uniform over the block
+    const int nt = min(EXPAND_ITEM, w.count);
+    if (threadIdx.x < nt) tokens[threadIdx.x] = w.tokens[threadIdx.x];
+    __syncthreads();
     const int o_end = min(ho, o0 + p.ochunk);
-    for (int d = blockIdx.y; d < g.num_distinct; d += p.group_stride) {
-        const int slot = g.distinct[d];
-        const AdapterEntry e = read_entry(p.table, slot, module_id);
-        const int R = e.rank;
-        if (R == 0) continue;  // uniform over the block
-        collect_tokens(g, slot, 0, p.T);
-        const int nt = g.num_tokens;
-        const bool vec = (R % 8 == 0) && ((reinterpret_cast<u64>(e.b) & 15) == 0);
-        uint4 bq[OPT][QP];
-        u16 yv[OPT][Y_PREFETCH];
+    const bool vec = (R % 8 == 0) && ((reinterpret_cast<u64>(e.b) & 15) == 0);
+    uint4 bq[OPT][QP];
+    u16 yv[OPT][EXPAND_ITEM];
 #pragma unroll
-        for (int j = 0; j < OPT; ++j) {
-            const int o = o0 + threadIdx.x + j * LMX_THREADS;
-            if (o < o_end) {
-                const u16* brow = e.b + (long long)o * R;
-#pragma unroll
-                for (int q = 0; q < QP; ++q)
-                    if (vec && q * 8 < R) bq[j][q] = *reinterpret_cast<const uint4*>(brow + q * 8);
-#pragma unroll
-                for (int t = 0; t < Y_PREFETCH; ++t)
-                    if (t < nt) yv[j][t] = p.y[(long long)g.tokens[t] * p.y_stride + off + o];
-            }
-        }
-        if (!waited) {
-            pdl_wait();
-            waited = true;
-        }
-        const int rcols = (R + 7) & ~7;
-        load_u(su, rcols, rcols, p, g, blockIdx.z, R);
-        __syncthreads();
-#pragma unroll
-        for (int j = 0; j < OPT; ++j) {
-            const int o = o0 + threadIdx.x + j * LMX_THREADS;
-            if (o >= o_end) continue;
+    for (int j = 0; j < OPT; ++j) {
+        const int o = o0 + threadIdx.x + j * LMX_THREADS;
+        if (o < o_end) {
             const u16* brow = e.b + (long long)o * R;
-            const float sc = e.scale ? to_f32<BF16>(e.scale[o]) : 1.f;
-            for (int i0 = 0; i0 < nt; i0 += 8) {
-                float acc[8];
 #pragma unroll
-                for (int t = 0; t < 8; ++t) acc[t] = 0.f;
+            for (int q = 0; q < QP; ++q)
+                if (vec && q * 8 < R) bq[j][q] = *reinterpret_cast<const uint4*>(brow + q * 8);
 #pragma unroll
-                for (int q = 0; q < EXPAND_MAX_RANK / 8; ++q) {
-                    if (q * 8 < R) {
-                        u16 bv[8];
-                        if (q < QP && vec) unpack8(bq[j][q < QP ? q : 0], bv);
-                        else load8(brow, q * 8, R, vec, bv);
-                        float bf[8];
+            for (int t = 0; t < EXPAND_ITEM; ++t)
+                if (t < nt) yv[j][t] = p.y[(long long)tokens[t] * p.y_stride + off + o];
+        }
+    }
+    pdl_wait();
+    const int rcols = (R + 7) & ~7;
+    load_u(su, rcols, rcols, p, tokens, nt, blockIdx.z, R);
+    __syncthreads();
 #pragma unroll
-                        for (int k = 0; k < 8; ++k) bf[k] = to_f32<BF16>(bv[k]);
+    for (int j = 0; j < OPT; ++j) {
+        const int o = o0 + threadIdx.x + j * LMX_THREADS;
+        if (o >= o_end) continue;
+        const u16* brow = e.b + (long long)o * R;
+        const float sc = e.scale ? to_f32<BF16>(e.scale[o]) : 1.f;
+        float acc[EXPAND_ITEM];
 #pragma unroll
-                        for (int t = 0; t < 8; ++t) {
-                            if (i0 + t < nt) {
-                                const float* ur = su + (i0 + t) * rcols + q * 8;
+        for (int t = 0; t < EXPAND_ITEM; ++t) acc[t] = 0.f;
 #pragma unroll
-                                for (int k = 0; k < 8; ++k) acc[t] += ur[k] * bf[k];
-                            }
-                        }
-                    }
-                }
-                // all loads of y first, then the stores: a store between loads would serialize them
-                u16 old[8];
+        for (int q = 0; q < EXPAND_MAX_RANK / 8; ++q) {
+            if (q * 8 < R) {
+                u16 bv[8];
+                if (q < QP && vec) unpack8(bq[j][q < QP ? q : 0], bv);
+                else load8(brow, q * 8, R, vec, bv);
+                float bf[8];
 #pragma unroll
-                for (int t = 0; t < 8; ++t) {
-                    if (i0 + t < nt) {
-                        old[t] = (i0 == 0 && t < Y_PREFETCH)
-                                     ? yv[j][t < Y_PREFETCH ? t : 0]
-                                     : p.y[(long long)g.tokens[i0 + t] * p.y_stride + off + o];
-                    }
-                }
+                for (int k = 0; k < 8; ++k) bf[k] = to_f32<BF16>(bv[k]);
 #pragma unroll
-                for (int t = 0; t < 8; ++t) {
-                    if (i0 + t < nt) {
-                        float v = to_f32<BF16>(old[t]) + acc[t];
-                        if (e.scale) v *= sc;
-                        p.y[(long long)g.tokens[i0 + t] * p.y_stride + off + o] = from_f32<BF16>(v);
+                for (int t = 0; t < EXPAND_ITEM; ++t) {
+                    if (t < nt) {
+                        const float* ur = su + t * rcols + q * 8;
+#pragma unroll
+                        for (int k = 0; k < 8; ++k) acc[t] += ur[k] * bf[k];
                     }
                 }
             }
         }
-        __syncthreads();
+#pragma unroll
+        for (int t = 0; t < EXPAND_ITEM; ++t) {
+            if (t < nt) {
+                float v = to_f32<BF16>(yv[j][t]) + acc[t];
+                if (e.scale) v *= sc;
+                p.y[(long long)tokens[t] * p.y_stride + off + o] = from_f32<BF16>(v);
+            }
+        }
     }
 }
 
@@ -249,7 +231,7 @@ __device__ void expand_flat(const ExpandArgs& p) {
 // Warp w owns token rows 16*(w&3).. and output columns 32*(w>>2)..+32 (four n8 tiles).
 template <bool BF16>
 __device__ void expand_tile(const ExpandArgs& p) {
-    __shared__ TileGroups g;
+    __shared__ int tokens[LMX_TILE_T];
     // us (u as the mma's A operand) and bs (B rows) during the mma; then ct, the fp32 output tile
     // the epilogue reads back row by row for 16-byte coalesced y updates.
     __shared__ __align__(16) u16 smem[(LMX_TILE_T + EXPAND_OTILE) * EXPAND_PITCH];
@@ -260,21 +242,17 @@ __device__ void expand_tile(const ExpandArgs& p) {
     if (!slice_of(p, blockIdx.z, module_id, off, ho)) return;
     const int o0 = blockIdx.x * EXPAND_OTILE;
     if (o0 >= ho) return;
-    const int tile = blockIdx.y / p.group_stride;
-    const int j = blockIdx.y % p.group_stride;
-    const int t0 = tile * LMX_TILE_T;
-    if (t0 >= p.T) return;
-    const int n = min(LMX_TILE_T, p.T - t0);
-    group_tile(g, p.slot_of_token, t0, n, p.table.num_slots);
+    const WorkItem w = work_item(p.segments, p.max_items, p.T, blockIdx.y);
+    if (w.count == 0) return;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int gq = lane >> 2, tq = lane & 3;
-    for (int d = j; d < g.num_distinct; d += p.group_stride) {
-        const int slot = g.distinct[d];
-        const AdapterEntry e = read_entry(p.table, slot, module_id);
+    {
+        const AdapterEntry e = read_entry(p.table, w.slot, module_id);
         const int R = e.rank;
-        if (R == 0) continue;
-        collect_tokens(g, slot, t0, n);
-        const int nt = g.num_tokens;
+        if (R == 0) return;  // uniform over the block
+        const int nt = min(LMX_TILE_T, w.count);
+        if (tid < nt) tokens[tid] = w.tokens[tid];
+        __syncthreads();
         const int rk = (R + 15) & ~15;  // K padded to the mma's 16 with zeros
         pdl_wait();
         // u (fp32 partial sums) -> 16-bit operand tile
@@ -282,7 +260,7 @@ __device__ void expand_tile(const ExpandArgs& p) {
             const int i = idx / rk, r = idx % rk;
             float v = 0.f;
             if (i < nt && r < R) {
-                const long long t = g.tokens[i];
+                const long long t = tokens[i];
 #pragma unroll 16
             for (int c = 0; c < p.ksplit; ++c)
                     v += p.partial[(((long long)blockIdx.z * p.ksplit + c) * p.T + t) * p.table.max_rank + r];
@@ -341,7 +319,7 @@ __device__ void expand_tile(const ExpandArgs& p) {
             const int i = idx / (EXPAND_OTILE / 8), c = (idx % (EXPAND_OTILE / 8)) * 8;
             const int o = o0 + c;
             if (o >= ho) continue;
-            u16* yp = p.y + (long long)g.tokens[i] * p.y_stride + off + o;
+            u16* yp = p.y + (long long)tokens[i] * p.y_stride + off + o;
             if (yvec && o + 8 <= ho) {
                 u16 yv[8], sv[8];
                 unpack8(*reinterpret_cast<const uint4*>(yp), yv);

@@ -12,7 +12,7 @@ use cudarc::nvrtc::{result as nvrtc, sys};
 
 use crate::error::{LoraError, Result};
 
-/// Prepended to every family: argument structs, 16-bit float conversion, token grouping.
+/// Prepended to every family: argument structs, 16-bit float conversion, token segments.
 const COMMON: &str = include_str!("../../../cuda/lora_common.cuh");
 
 /// One .cu file: its kernels are compiled and loaded together.
@@ -47,7 +47,13 @@ pub const EXPAND: KernelFamily = KernelFamily {
     ],
 };
 
-pub const FAMILIES: [&KernelFamily; 2] = [&SHRINK, &EXPAND];
+pub const SEGMENTS: KernelFamily = KernelFamily {
+    name: "lora_segments",
+    body: include_str!("../../../cuda/lora_segments.cu"),
+    functions: &["lora_segments"],
+};
+
+pub const FAMILIES: [&KernelFamily; 3] = [&SEGMENTS, &SHRINK, &EXPAND];
 
 impl KernelFamily {
     pub fn source(&self) -> String {

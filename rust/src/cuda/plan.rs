@@ -25,6 +25,34 @@ pub fn decode_expand_is_flat(tokens: usize, num_slices: usize) -> bool {
     }
 }
 
+/// Tokens of one work item of the step's token segments (cuda/lora_common.cuh): a block takes one
+/// item. Decode items are small so one adapter's tokens spread over several blocks (a single
+/// tenant's 64 tokens are 8 items, not one block); prefill items are the tensor-core tile.
+pub fn item_tokens(tokens: usize) -> usize {
+    if tokens <= TILE_T {
+        DECODE_ITEM
+    } else {
+        TILE_T
+    }
+}
+
+/// Decode work-item size: the decode kernels stage this many tokens (DECODE_TOKENS, EXPAND_ITEM).
+pub const DECODE_ITEM: usize = 8;
+
+/// Work items the segments of `tokens` tokens over `num_slots` slots can hold at most: every slot
+/// used adds at most one partial item, and no item is empty.
+pub fn max_items(tokens: usize, num_slots: usize) -> usize {
+    let chunk = item_tokens(tokens);
+    (tokens.div_ceil(chunk) + tokens.min(num_slots)).min(tokens).max(1)
+}
+
+/// int32 elements of the segments buffer: header, three item arrays, token list, slot scratch.
+pub fn segments_len(tokens: usize, num_slots: usize) -> usize {
+    SEG_HEADER + 3 * max_items(tokens, num_slots) + tokens + num_slots
+}
+
+pub const SEG_HEADER: usize = 4;
+
 /// How the shrink splits its reduction dim: `ksplit` partial sums of `kchunk` elements each.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ShrinkPlan {
@@ -37,7 +65,14 @@ pub fn plan_shrink(tokens: usize, hi: usize, num_slices: usize, num_slots: usize
     // decode: a block holds up to 4 x 256 elements of each A row in registers; prefill: the tensor
     // core kernel steps 64 at a time, and splits only to fill the SMs.
     let (granule, max_chunk) = if decode { (256, 1024) } else { (64, usize::MAX) };
-    let groups = if decode { tokens.min(num_slots).max(1) } else { tokens.div_ceil(TILE_T) };
+    // Blocks along the items: only known on the device (the segments), so the split is planned for
+    // a middle count: a few adapters' items (a single tenant's 64 tokens are 8 items, 64 adapters'
+    // are 64); more items only add blocks.
+    let groups = if decode {
+        tokens.div_ceil(DECODE_ITEM).max(tokens.min(num_slots) / 4).max(1)
+    } else {
+        tokens.div_ceil(TILE_T)
+    };
     let blocks_wo_split = (groups * num_slices).max(1);
     // the flat expand re-reads every token's partials in each block: fewer, fatter splits pay there
     let target = if decode_expand_is_flat(tokens, num_slices) { FLAT_TARGET_BLOCKS } else { TARGET_BLOCKS };
@@ -96,6 +131,20 @@ mod tests {
         assert!(!decode_expand_is_flat(32, 1) && !decode_expand_is_flat(16, 3) && !decode_expand_is_flat(65, 2));
         // the flat path's shrink splits coarser
         assert!(plan_shrink(32, 4096, 3, 32).ksplit < plan_shrink(32, 4096, 1, 32).ksplit);
+    }
+
+    #[test]
+    fn items_bound_covers_every_mapping() {
+        // worst case: every slot used, the counts as uneven as the chunk allows
+        for &(t, slots) in &[(1, 1), (7, 3), (64, 1), (64, 128), (65, 2), (2048, 8), (2048, 4096), (100, 3)] {
+            let chunk = item_tokens(t);
+            let used = slots.min(t);
+            // one slot takes the remainder, the others one token each
+            let worst = (t - (used - 1)).div_ceil(chunk) + (used - 1);
+            assert!(max_items(t, slots) >= worst, "{t} {slots}");
+            assert!(max_items(t, slots) <= t.max(1));
+            assert_eq!(segments_len(t, slots), SEG_HEADER + 3 * max_items(t, slots) + t + slots);
+        }
     }
 
     #[test]
