@@ -1,12 +1,14 @@
 #!/bin/bash
 # One GPU pass (see docs/kernel-notes.md): install the wheel, check, test, benchmark; logs to $OUT.
 # Run from the repository root of the GPU machine with .gpu (the wheel) and .gpuwork (tests,
-# benchmarks) carried. STEPS picks what runs: any of env test ab bench decode ncu memcheck.
+# benchmarks, cuda, COMMIT) carried. STEPS picks what runs: any of
+# env test issue bench decode ab ncu memcheck.
 export PYTHONUNBUFFERED=1
-STEPS=${STEPS:-"env test bench decode"}
+STEPS=${STEPS:-"env test issue bench decode"}
 pip install -q --no-index --no-deps --target /tmp/site .gpu/*.whl || exit 1
 export PYTHONPATH=/tmp/site
 cd .gpuwork
+COMMIT=$(cat COMMIT 2>/dev/null)
 has() { [[ " $STEPS " == *" $1 "* ]]; }
 if has env; then
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.total --format=csv > $OUT/env.txt
@@ -14,27 +16,35 @@ if has env; then
   cat $OUT/env.txt
 fi
 if has test; then
-  timeout ${TEST_S:-150} python -m pytest -q --maxfail=8 -m gpu tests/test_kernels.py > $OUT/pytest.log 2>&1
-  echo "pytest rc=$?"; tail -40 $OUT/pytest.log | grep -vE "^\s*$" | tail -25
+  timeout ${TEST_S:-150} python -m pytest -q --maxfail=8 -m gpu ${TEST_FILES:-tests/test_kernels.py tests/test_segments.py tests/test_ops.py tests/test_siblings.py} > $OUT/pytest.log 2>&1
+  echo "pytest rc=$?"; grep -E "passed|failed|Error|error" $OUT/pytest.log | tail -15
 fi
 if has ab; then
   timeout ${AB_S:-120} python benchmarks/decode_ab.py --out $OUT/ab.json > $OUT/ab.txt 2>&1
   echo "ab rc=$?"; cat $OUT/ab.txt | tail -20
 fi
+if has issue; then
+  timeout ${ISSUE_S:-90} python benchmarks/ops.py --grid issue --commit "$COMMIT" --out $OUT/issue.json > $OUT/issue.txt 2>&1
+  echo "issue rc=$?"; grep -vE '^\{"kind": "summary' $OUT/issue.txt | tail -14
+fi
 if has bench; then
-  timeout ${BENCH_S:-220} python benchmarks/ops.py --out $OUT/ops.json $BENCH_ARGS > $OUT/ops.txt 2>&1
-  echo "ops rc=$?"; head -1 $OUT/ops.txt; tail -2 $OUT/ops.txt
-  python benchmarks/plot.py $OUT/ops.json $OUT/roofline.png; echo "plot rc=$?"
+  timeout ${BENCH_S:-220} python benchmarks/ops.py --commit "$COMMIT" --out $OUT/ops.json $BENCH_ARGS > $OUT/ops.txt 2>&1
+  echo "ops rc=$?"; head -1 $OUT/ops.txt; grep '"kind": "summary"' $OUT/ops.txt | python -c "
+import json,sys
+for l in sys.stdin:
+    s=json.loads(l); print(s['regime'],s['order'],s['cases'],'roof geo/med %.1f/%.1f'%(s['geomean_pct_roofline'],s['median_pct_roofline']),'worst %.1fx'%s['worst_ratio_to_floor'],s['worst_case'],'peft geo/min %.2f/%.2f'%(s['geomean_speedup_vs_peft'],s['min_speedup_vs_peft']),'bmm min',s['min_speedup_vs_bmm'],'slower',s['slower_than_a_peer'])"
 fi
 if has decode; then
   timeout ${DECODE_S:-150} python benchmarks/decode_step.py --out $OUT/decode.json > $OUT/decode.txt 2>&1
-  echo "decode rc=$?"; tail -30 $OUT/decode.txt
+  echo "decode rc=$?"; python -c "
+import json; d=json.loads(open('$OUT/decode.json').read().splitlines()[-1])
+print({k: (round(v,3) if isinstance(v,float) else v) for k,v in d.items() if k in ('base_us','lora_us','overhead_us','lora_floor_us','overhead_over_floor','ops_only_7_per_layer_us','ops_only_4_fused_per_layer_us','overhead_unfused_us','graph_replay_rel_err','kernel_vs_torch_ref_rel','kernel_vs_peft_rel_of_lora_term','peft_us','lora_graphed','lora_capture_error','peft_error')})" 2>&1 | tail -5
 fi
 if has ncu; then
-  timeout ${NCU_S:-120} ncu --kernel-name regex:lora --launch-skip 2 --launch-count 5 --section SpeedOfLight --section Occupancy --section LaunchStats python benchmarks/profile_case.py > $OUT/ncu.txt 2>&1
-  echo "ncu rc=$?"; grep -E "lora_|Duration|Memory Throughput|DRAM Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per" $OUT/ncu.txt | head -40
+  timeout ${NCU_S:-120} ncu --clock-control none --kernel-name regex:lora --launch-skip 2 --launch-count 6 --section SpeedOfLight --section Occupancy --section LaunchStats python benchmarks/profile_case.py > $OUT/ncu.txt 2>&1
+  echo "ncu rc=$?"; grep -E "lora_|Duration|DRAM Throughput|Achieved Occupancy" $OUT/ncu.txt | head -40
 fi
 if has memcheck; then
-  timeout ${MEMCHECK_S:-150} compute-sanitizer --tool memcheck --error-exitcode 9 python -m pytest -q -m gpu tests/test_kernels.py -k "${MEMCHECK_K:-odd or dora or standalone}" >> $OUT/pytest.log 2>&1
-  echo "memcheck rc=$?"; tail -4 $OUT/pytest.log
+  timeout ${MEMCHECK_S:-150} compute-sanitizer --tool memcheck --error-exitcode 9 python -m pytest -q -m gpu tests/test_kernels.py tests/test_segments.py -k "${MEMCHECK_K:-odd or dora or standalone or every_adapter_token}" > $OUT/memcheck.log 2>&1
+  echo "memcheck rc=$?"; tail -4 $OUT/memcheck.log
 fi

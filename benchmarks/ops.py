@@ -38,6 +38,7 @@ ORDERS = ["contiguous", "random"]
 GRIDS = {  # name -> (shapes, ranks, adapters, tokens)
     "full": (SHAPES, RANKS, ADAPTERS, TOKENS),
     "quick": ([(4096, 4096), (4096, 14336), (14336, 4096)], [16, 64], [1, 8, 32, 128], TOKENS),
+    "small": ([(4096, 4096), (4096, 14336)], [16], [1, 8, 32, 128], TOKENS),
     # the single-projection rows of the peer comparison: (Hi, Ho, r, adapters, T)
     "issue": None,
 }
