@@ -27,6 +27,27 @@ if has issue; then
   timeout ${ISSUE_S:-90} python benchmarks/ops.py --grid issue --commit "$COMMIT" --out $OUT/issue.json > $OUT/issue.txt 2>&1
   echo "issue rc=$?"; grep -vE '^\{"kind": "summary' $OUT/issue.txt | tail -14
 fi
+if has variants; then  # A/B of launch choices (rust/src/cuda/plan.rs env overrides), one ops.py per variant
+  for v in ${VARIANTS:-"tiles:LORAMUX_SMALL_ITEMS_MAX_T=64" "small:LORAMUX_SMALL_ITEMS_MAX_T=512" "small_o4:LORAMUX_EXPAND_OPT=4"}; do
+    name=${v%%:*}; envs=${v#*:}
+    env $envs timeout ${VAR_S:-60} python benchmarks/ops.py --grid ab --orders random --commit "$COMMIT" --out $OUT/ab-$name.json > /dev/null 2>&1
+    echo "variant $name rc=$?"
+  done
+  python - $OUT/ab-*.json <<'PY'
+import json, sys
+runs = {p.split("ab-")[1][:-5]: [json.loads(l) for l in open(p)] for p in sys.argv[1:]}
+keys = None
+table = {}
+for name, lines in runs.items():
+    for w in lines:
+        if w.get("kind") == "op":
+            table.setdefault((w["hi"], w["ho"], w["adapters"], w["tokens"]), {})[name] = w["ours_us"]
+names = sorted(runs)
+print("case", *names)
+for k, v in sorted(table.items()):
+    print(k, *[f"{v.get(n, float('nan')):.1f}" for n in names])
+PY
+fi
 if has bench; then
   timeout ${BENCH_S:-220} python benchmarks/ops.py --commit "$COMMIT" --out $OUT/ops.json $BENCH_ARGS > $OUT/ops.txt 2>&1
   echo "ops rc=$?"; head -1 $OUT/ops.txt; grep '"kind": "summary"' $OUT/ops.txt | python -c "

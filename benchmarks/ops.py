@@ -39,6 +39,7 @@ GRIDS = {  # name -> (shapes, ranks, adapters, tokens)
     "full": (SHAPES, RANKS, ADAPTERS, TOKENS),
     "quick": ([(4096, 4096), (4096, 14336), (14336, 4096)], [16, 64], [1, 8, 32, 128], TOKENS),
     "small": ([(4096, 4096), (4096, 14336)], [16], [1, 8, 32, 128], TOKENS),
+    "ab": ([(4096, 4096), (4096, 14336)], [16], [1, 32, 128], [16, 64, 256, 512, 2048]),
     # the single-projection rows of the peer comparison: (Hi, Ho, r, adapters, T)
     "issue": None,
 }

@@ -139,7 +139,9 @@ __device__ __forceinline__ AdapterEntry read_entry(const LoraTable& t, int slot,
 // ---- token segments (built once per step by lora_segments) ------------------------------------
 // The tokens of each adapter slot, listed together (token_idx), cut into work items of at most
 // `chunk` tokens of one slot: a block takes one item, so it reads its adapter's weights once for
-// all the item's tokens whatever the order of the tokens in the batch. Layout (int32):
+// all the item's tokens whatever the order of the tokens in the batch. The grid holds fewer blocks
+// along y than the bound on items (most mappings have far fewer); a block takes items
+// blockIdx.y, blockIdx.y + gridDim.y, ... Layout (int32):
 //   [0] items, [1] tokens with an adapter, [2] distinct slots, [3] unused,
 //   item_slot[max_items], item_begin[max_items] (index into token_idx), item_count[max_items],
 //   token_idx[T], then num_slots ints of scratch (the builder's histogram and cursors).
@@ -150,6 +152,9 @@ struct WorkItem {
     int count;        // 0: no item for this block
     const int* tokens;
 };
+
+// Work items of the step (a block takes items blockIdx.y, + gridDim.y, ...).
+__device__ __forceinline__ int item_total(const int* seg, int max_items) { return min(seg[0], max_items); }
 
 __device__ __forceinline__ WorkItem work_item(const int* seg, int max_items, int T, int i) {
     WorkItem w;

@@ -37,8 +37,8 @@ __device__ __forceinline__ void unpack8(uint4 v, u16 out[8]) {
     out[4] = v.z & 0xffff; out[5] = v.z >> 16; out[6] = v.w & 0xffff; out[7] = v.w >> 16;
 }
 
-// Decode (T <= 64): one work item (<= 8 tokens of one adapter) per blockIdx.y, OPT output columns
-// per thread (o0 + tid + 256 j), CUDA cores. Before waiting on the shrink (PDL) each thread already
+// Small items (T <= 512, plan.rs): work items of <= 8 tokens of one adapter along blockIdx.y, OPT
+// output columns per thread (o0 + tid + 256 j), CUDA cores. Before waiting on the shrink (PDL) each thread already
 // holds its B rows (the first 64/OPT ranks, 16-byte loads) and the y values of every token of the
 // item, so the expand's own memory latency hides under the shrink.
 #define EXPAND_ITEM 8
@@ -52,71 +52,79 @@ __device__ void expand_decode(const ExpandArgs& p) {
     if (!slice_of(p, blockIdx.z, module_id, off, ho)) return;
     const int o0 = blockIdx.x * p.ochunk;
     if (o0 >= ho) return;
-    const WorkItem w = work_item(p.segments, p.max_items, p.T, blockIdx.y);
-    if (w.count == 0) return;
-    const AdapterEntry e = read_entry(p.table, w.slot, module_id);
-    const int R = e.rank;
-    if (R == 0) return;  // uniform over the block
-    const int nt = min(EXPAND_ITEM, w.count);
-    if (threadIdx.x < nt) tokens[threadIdx.x] = w.tokens[threadIdx.x];
-    __syncthreads();
     const int o_end = min(ho, o0 + p.ochunk);
-    const bool vec = (R % 8 == 0) && ((reinterpret_cast<u64>(e.b) & 15) == 0);
-    uint4 bq[OPT][QP];
-    u16 yv[OPT][EXPAND_ITEM];
+    const int n_items = item_total(p.segments, p.max_items);
+    bool waited = false;
+    for (int it = blockIdx.y; it < n_items; it += gridDim.y) {
+        const WorkItem w = work_item(p.segments, p.max_items, p.T, it);
+        if (w.count == 0) continue;
+        const AdapterEntry e = read_entry(p.table, w.slot, module_id);
+        const int R = e.rank;
+        if (R == 0) continue;  // uniform over the block
+        const int nt = min(EXPAND_ITEM, w.count);
+        if (threadIdx.x < nt) tokens[threadIdx.x] = w.tokens[threadIdx.x];
+        __syncthreads();
+        const bool vec = (R % 8 == 0) && ((reinterpret_cast<u64>(e.b) & 15) == 0);
+        uint4 bq[OPT][QP];
+        u16 yv[OPT][EXPAND_ITEM];
 #pragma unroll
-    for (int j = 0; j < OPT; ++j) {
-        const int o = o0 + threadIdx.x + j * LMX_THREADS;
-        if (o < o_end) {
-            const u16* brow = e.b + (long long)o * R;
+        for (int j = 0; j < OPT; ++j) {
+            const int o = o0 + threadIdx.x + j * LMX_THREADS;
+            if (o < o_end) {
+                const u16* brow = e.b + (long long)o * R;
 #pragma unroll
-            for (int q = 0; q < QP; ++q)
-                if (vec && q * 8 < R) bq[j][q] = *reinterpret_cast<const uint4*>(brow + q * 8);
+                for (int q = 0; q < QP; ++q)
+                    if (vec && q * 8 < R) bq[j][q] = *reinterpret_cast<const uint4*>(brow + q * 8);
 #pragma unroll
-            for (int t = 0; t < EXPAND_ITEM; ++t)
-                if (t < nt) yv[j][t] = p.y[(long long)tokens[t] * p.y_stride + off + o];
+                for (int t = 0; t < EXPAND_ITEM; ++t)
+                    if (t < nt) yv[j][t] = p.y[(long long)tokens[t] * p.y_stride + off + o];
+            }
         }
-    }
-    pdl_wait();
-    const int rcols = (R + 7) & ~7;
-    load_u(su, rcols, rcols, p, tokens, nt, blockIdx.z, R);
-    __syncthreads();
+        if (!waited) {
+            pdl_wait();
+            waited = true;
+        }
+        const int rcols = (R + 7) & ~7;
+        load_u(su, rcols, rcols, p, tokens, nt, blockIdx.z, R);
+        __syncthreads();
 #pragma unroll
-    for (int j = 0; j < OPT; ++j) {
-        const int o = o0 + threadIdx.x + j * LMX_THREADS;
-        if (o >= o_end) continue;
-        const u16* brow = e.b + (long long)o * R;
-        const float sc = e.scale ? to_f32<BF16>(e.scale[o]) : 1.f;
-        float acc[EXPAND_ITEM];
+        for (int j = 0; j < OPT; ++j) {
+            const int o = o0 + threadIdx.x + j * LMX_THREADS;
+            if (o >= o_end) continue;
+            const u16* brow = e.b + (long long)o * R;
+            const float sc = e.scale ? to_f32<BF16>(e.scale[o]) : 1.f;
+            float acc[EXPAND_ITEM];
 #pragma unroll
-        for (int t = 0; t < EXPAND_ITEM; ++t) acc[t] = 0.f;
+            for (int t = 0; t < EXPAND_ITEM; ++t) acc[t] = 0.f;
 #pragma unroll
-        for (int q = 0; q < EXPAND_MAX_RANK / 8; ++q) {
-            if (q * 8 < R) {
-                u16 bv[8];
-                if (q < QP && vec) unpack8(bq[j][q < QP ? q : 0], bv);
-                else load8(brow, q * 8, R, vec, bv);
-                float bf[8];
+            for (int q = 0; q < EXPAND_MAX_RANK / 8; ++q) {
+                if (q * 8 < R) {
+                    u16 bv[8];
+                    if (q < QP && vec) unpack8(bq[j][q < QP ? q : 0], bv);
+                    else load8(brow, q * 8, R, vec, bv);
+                    float bf[8];
 #pragma unroll
-                for (int k = 0; k < 8; ++k) bf[k] = to_f32<BF16>(bv[k]);
+                    for (int k = 0; k < 8; ++k) bf[k] = to_f32<BF16>(bv[k]);
 #pragma unroll
-                for (int t = 0; t < EXPAND_ITEM; ++t) {
-                    if (t < nt) {
-                        const float* ur = su + t * rcols + q * 8;
+                    for (int t = 0; t < EXPAND_ITEM; ++t) {
+                        if (t < nt) {
+                            const float* ur = su + t * rcols + q * 8;
 #pragma unroll
-                        for (int k = 0; k < 8; ++k) acc[t] += ur[k] * bf[k];
+                            for (int k = 0; k < 8; ++k) acc[t] += ur[k] * bf[k];
+                        }
                     }
                 }
             }
-        }
 #pragma unroll
-        for (int t = 0; t < EXPAND_ITEM; ++t) {
-            if (t < nt) {
-                float v = to_f32<BF16>(yv[j][t]) + acc[t];
-                if (e.scale) v *= sc;
-                p.y[(long long)tokens[t] * p.y_stride + off + o] = from_f32<BF16>(v);
+            for (int t = 0; t < EXPAND_ITEM; ++t) {
+                if (t < nt) {
+                    float v = to_f32<BF16>(yv[j][t]) + acc[t];
+                    if (e.scale) v *= sc;
+                    p.y[(long long)tokens[t] * p.y_stride + off + o] = from_f32<BF16>(v);
+                }
             }
         }
+        __syncthreads();  // tokens and su are rewritten by the next item
     }
 }
 
@@ -242,14 +250,15 @@ __device__ void expand_tile(const ExpandArgs& p) {
     if (!slice_of(p, blockIdx.z, module_id, off, ho)) return;
     const int o0 = blockIdx.x * EXPAND_OTILE;
     if (o0 >= ho) return;
-    const WorkItem w = work_item(p.segments, p.max_items, p.T, blockIdx.y);
-    if (w.count == 0) return;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int gq = lane >> 2, tq = lane & 3;
-    {
+    const int n_items = item_total(p.segments, p.max_items);
+    for (int it = blockIdx.y; it < n_items; it += gridDim.y) {
+        const WorkItem w = work_item(p.segments, p.max_items, p.T, it);
+        if (w.count == 0) continue;
         const AdapterEntry e = read_entry(p.table, w.slot, module_id);
         const int R = e.rank;
-        if (R == 0) return;  // uniform over the block
+        if (R == 0) continue;  // uniform over the block
         const int nt = min(LMX_TILE_T, w.count);
         if (tid < nt) tokens[tid] = w.tokens[tid];
         __syncthreads();
@@ -347,6 +356,8 @@ __device__ void expand_tile(const ExpandArgs& p) {
 
 extern "C" __global__ void __launch_bounds__(LMX_THREADS, 2) lora_expand_decode_bf16_o1(const ExpandArgs p) { expand_decode<true, 1>(p); }
 extern "C" __global__ void __launch_bounds__(LMX_THREADS, 2) lora_expand_decode_f16_o1(const ExpandArgs p) { expand_decode<false, 1>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 2) lora_expand_decode_bf16_o4(const ExpandArgs p) { expand_decode<true, 4>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 2) lora_expand_decode_f16_o4(const ExpandArgs p) { expand_decode<false, 4>(p); }
 extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_expand_flat_bf16(const ExpandArgs p) { expand_flat<true>(p); }
 extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_expand_flat_f16(const ExpandArgs p) { expand_flat<false>(p); }
 extern "C" __global__ void __launch_bounds__(LMX_THREADS) lora_expand_tile_bf16(const ExpandArgs p) { expand_tile<true>(p); }

@@ -52,53 +52,57 @@ __device__ void shrink_decode(const ShrinkArgs& p) {
     pdl_launch_dependents();
     if (s >= p.slices.count) return;
     const int module_id = p.slices.module_id[s];
-    const WorkItem w = work_item(p.segments, p.max_items, p.T, blockIdx.y);
-    if (w.count == 0) return;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int k_begin = c * p.kchunk;
     const int k_end = min(p.hi, k_begin + p.kchunk);
     const int passes = (k_end - k_begin + 255) >> 8;  // <= 4 (planner keeps kchunk <= 1024)
     const bool vec = (p.hi % 8 == 0) && (p.x_stride % 8 == 0) &&
                      ((reinterpret_cast<u64>(p.x) & 15) == 0);
-    const AdapterEntry e = read_entry(p.table, w.slot, module_id);
-    const int R = e.rank;
-    if (R == 0) return;  // uniform over the block
-    uint4 a[2][4];
-    load_a_rows(e.a, p.hi, warp, R, k_begin, k_end, passes, lane, vec, a);  // in flight now
-    const int cnt = min(DECODE_TOKENS, w.count);
-    if (threadIdx.x < cnt) tokens[threadIdx.x] = w.tokens[threadIdx.x];
-    __syncthreads();
-    float* out = p.partial + ((long long)(s * p.ksplit + c) * p.T) * p.table.max_rank;
-    const int per_row = passes * 32;  // 8-element chunks per staged row
-    for (int idx = threadIdx.x; idx < cnt * per_row; idx += blockDim.x) {
-        const int i = idx / per_row, k = (idx % per_row) * 8;
-        u16 v[8];
-        load8(p.x + (long long)tokens[i] * p.x_stride, k_begin + k, k_end, vec, v);
-        *reinterpret_cast<uint4*>(&xs[i][k]) =
-            make_uint4(pack2(v[0], v[1]), pack2(v[2], v[3]), pack2(v[4], v[5]), pack2(v[6], v[7]));
-    }
-    __syncthreads();
-    for (int r = warp; r < R; r += 16) {
-        if (r != warp) load_a_rows(e.a, p.hi, r, R, k_begin, k_end, passes, lane, vec, a);
-        for (int i = 0; i < cnt; ++i) {
-            float sum0 = 0.f, sum1 = 0.f;
-#pragma unroll
-            for (int q = 0; q < 4; ++q) {
-                if (q < passes) {
-                    const uint4 xv = *reinterpret_cast<const uint4*>(&xs[i][q * 256 + lane * 8]);
-                    sum0 += dot8<BF16>(a[0][q], xv);
-                    sum1 += dot8<BF16>(a[1][q], xv);
-                }
-            }
-#pragma unroll
-            for (int off = 16; off > 0; off >>= 1) {
-                sum0 += __shfl_xor_sync(0xffffffffu, sum0, off);
-                sum1 += __shfl_xor_sync(0xffffffffu, sum1, off);
-            }
-            const long long base = (long long)tokens[i] * p.table.max_rank;
-            if (lane == 0) out[base + r] = sum0;
-            if (lane == 1 && r + 8 < R) out[base + r + 8] = sum1;
+    const int n_items = item_total(p.segments, p.max_items);
+    for (int it = blockIdx.y; it < n_items; it += gridDim.y) {
+        const WorkItem w = work_item(p.segments, p.max_items, p.T, it);
+        if (w.count == 0) continue;
+        const AdapterEntry e = read_entry(p.table, w.slot, module_id);
+        const int R = e.rank;
+        if (R == 0) continue;  // uniform over the block
+        uint4 a[2][4];
+        load_a_rows(e.a, p.hi, warp, R, k_begin, k_end, passes, lane, vec, a);  // in flight now
+        const int cnt = min(DECODE_TOKENS, w.count);
+        if (threadIdx.x < cnt) tokens[threadIdx.x] = w.tokens[threadIdx.x];
+        __syncthreads();
+        float* out = p.partial + ((long long)(s * p.ksplit + c) * p.T) * p.table.max_rank;
+        const int per_row = passes * 32;  // 8-element chunks per staged row
+        for (int idx = threadIdx.x; idx < cnt * per_row; idx += blockDim.x) {
+            const int i = idx / per_row, k = (idx % per_row) * 8;
+            u16 v[8];
+            load8(p.x + (long long)tokens[i] * p.x_stride, k_begin + k, k_end, vec, v);
+            *reinterpret_cast<uint4*>(&xs[i][k]) =
+                make_uint4(pack2(v[0], v[1]), pack2(v[2], v[3]), pack2(v[4], v[5]), pack2(v[6], v[7]));
         }
+        __syncthreads();
+        for (int r = warp; r < R; r += 16) {
+            if (r != warp) load_a_rows(e.a, p.hi, r, R, k_begin, k_end, passes, lane, vec, a);
+            for (int i = 0; i < cnt; ++i) {
+                float sum0 = 0.f, sum1 = 0.f;
+#pragma unroll
+                for (int q = 0; q < 4; ++q) {
+                    if (q < passes) {
+                        const uint4 xv = *reinterpret_cast<const uint4*>(&xs[i][q * 256 + lane * 8]);
+                        sum0 += dot8<BF16>(a[0][q], xv);
+                        sum1 += dot8<BF16>(a[1][q], xv);
+                    }
+                }
+#pragma unroll
+                for (int off = 16; off > 0; off >>= 1) {
+                    sum0 += __shfl_xor_sync(0xffffffffu, sum0, off);
+                    sum1 += __shfl_xor_sync(0xffffffffu, sum1, off);
+                }
+                const long long base = (long long)tokens[i] * p.table.max_rank;
+                if (lane == 0) out[base + r] = sum0;
+                if (lane == 1 && r + 8 < R) out[base + r + 8] = sum1;
+            }
+        }
+        __syncthreads();  // tokens and xs are rewritten by the next item
     }
 }
 
@@ -121,17 +125,18 @@ __device__ void shrink_tile(const ShrinkArgs& p) {
     if (s >= p.slices.count) return;
     pdl_launch_dependents();
     const int module_id = p.slices.module_id[s];
-    const WorkItem w = work_item(p.segments, p.max_items, p.T, blockIdx.y);
-    if (w.count == 0) return;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int gq = lane >> 2, tq = lane & 3;
     const int k_begin = c * p.kchunk;
     const int k_end = min(p.hi, k_begin + p.kchunk);
     const bool vec = (p.hi % 8 == 0) && (p.x_stride % 8 == 0) &&
                      ((reinterpret_cast<u64>(p.x) & 15) == 0);
-    {
+    const int n_items = item_total(p.segments, p.max_items);
+    for (int it = blockIdx.y; it < n_items; it += gridDim.y) {
+        const WorkItem w = work_item(p.segments, p.max_items, p.T, it);
+        if (w.count == 0) continue;
         const AdapterEntry e = read_entry(p.table, w.slot, module_id);
-        if (e.rank == 0) return;  // uniform over the block
+        if (e.rank == 0) continue;  // uniform over the block
         const int nt = min(LMX_TILE_T, w.count);
         if (tid < nt) tokens[tid] = w.tokens[tid];
         __syncthreads();

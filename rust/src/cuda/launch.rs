@@ -7,7 +7,8 @@ use std::ffi::c_void;
 use cudarc::driver::{result as drv, sys};
 
 use super::plan::{
-    decode_expand_is_flat, flat_expand_columns, item_tokens, max_items, partial_len, segments_len, ShrinkPlan, TILE_T,
+    decode_expand_is_flat, expand_columns_per_thread, flat_expand_columns, grid_items, item_tokens, max_items,
+    partial_len, segments_len, small_items, ShrinkPlan,
 };
 use super::DeviceKernels;
 use crate::error::{LoraError, Result};
@@ -166,6 +167,10 @@ impl Batch {
         max_items(self.tokens, self.num_slots)
     }
 
+    fn grid_items(&self) -> usize {
+        grid_items(self.tokens, self.num_slots)
+    }
+
     fn table_args(&self) -> LoraTable {
         let slot_stride = (self.num_layers * MODULES as usize * 4) as i64;
         LoraTable {
@@ -176,8 +181,9 @@ impl Batch {
         }
     }
 
+    /// Small work items on CUDA cores (split-K shrink, expand summing the partials) vs tensor-core tiles.
     fn decode(&self) -> bool {
-        self.tokens <= TILE_T
+        small_items(self.tokens)
     }
 
 }
@@ -306,7 +312,7 @@ pub fn shrink(
     };
     let kind = if b.decode() { "decode" } else { "tile" };
     let name = format!("lora_shrink_{kind}_{}", b.dtype.suffix());
-    let grid = (plan.ksplit as u32, items as u32, module_ids.len() as u32);
+    let grid = (plan.ksplit as u32, b.grid_items() as u32, module_ids.len() as u32);
     unsafe { launch(k, &name, grid, b.stream, &args) }
 }
 
@@ -353,9 +359,8 @@ pub fn expand(
     }
     b.need_segments()?;
     let items = b.max_items();
-    // decode: output columns per thread. The kernel is templated on it; 2 and 4 measured slower on
-    // the H100 than 1 (docs/kernel-notes.md, pass 3), so only 1 is instantiated.
-    let per_thread = 1;
+    // small items: output columns per thread (the kernel is templated on it: 1 and 4 instantiated)
+    let per_thread = expand_columns_per_thread();
     let flat = decode_expand_is_flat(b.tokens, module_ids.len());
     let ochunk = if flat { flat_expand_columns(b.tokens) } else if b.decode() { THREADS as usize * per_thread } else { 64 };
     let args = ExpandArgs {
@@ -374,9 +379,9 @@ pub fn expand(
     let (name, gy) = if flat {
         (format!("lora_expand_flat_{}", b.dtype.suffix()), 1)
     } else if b.decode() {
-        (format!("lora_expand_decode_{}_o{per_thread}", b.dtype.suffix()), items)
+        (format!("lora_expand_decode_{}_o{per_thread}", b.dtype.suffix()), b.grid_items())
     } else {
-        (format!("lora_expand_tile_{}", b.dtype.suffix()), items)
+        (format!("lora_expand_tile_{}", b.dtype.suffix()), b.grid_items())
     };
     let grid = (max_out.div_ceil(ochunk) as u32, gy as u32, module_ids.len() as u32);
     // Chained right after our own shrink (which never writes y): start early, overlap the prologue.

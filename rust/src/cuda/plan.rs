@@ -1,8 +1,24 @@
 //! Launch planning: which kernel path a batch takes and how the shrink splits its reduction
 //! dimension so decode batches spread over every SM. Pure arithmetic, no CUDA.
 
-/// Tokens grouped by one block; batches up to this take the decode (split-K) kernels.
+/// Tokens of one tensor-core tile (a prefill work item); decode batches (up to this many tokens)
+/// may take the flat expand.
 pub const TILE_T: usize = 64;
+
+/// Batches up to this many tokens take the CUDA-core kernels over small work items (8 tokens of
+/// one adapter): with many adapters a mid-size batch gives each only a few tokens, which a 64-token
+/// tensor-core tile would mostly pad (measured on the H200: T=256 over 128 adapters 117 us on
+/// tiles). `LORAMUX_SMALL_ITEMS_MAX_T` overrides it for A/B runs.
+pub const SMALL_ITEMS_MAX_T: usize = 512;
+
+pub fn small_items_max_t() -> usize {
+    std::env::var("LORAMUX_SMALL_ITEMS_MAX_T").ok().and_then(|v| v.parse().ok()).unwrap_or(SMALL_ITEMS_MAX_T)
+}
+
+/// Whether a batch of `tokens` takes the small-item (CUDA-core, split-K) kernels.
+pub fn small_items(tokens: usize) -> bool {
+    tokens <= small_items_max_t().max(TILE_T)
+}
 /// Enough blocks to keep every SM of an H100 (132) busy several times over.
 const TARGET_BLOCKS: usize = 4 * 132;
 
@@ -29,7 +45,7 @@ pub fn decode_expand_is_flat(tokens: usize, num_slices: usize) -> bool {
 /// item. Decode items are small so one adapter's tokens spread over several blocks (a single
 /// tenant's 64 tokens are 8 items, not one block); prefill items are the tensor-core tile.
 pub fn item_tokens(tokens: usize) -> usize {
-    if tokens <= TILE_T {
+    if small_items(tokens) {
         DECODE_ITEM
     } else {
         TILE_T
@@ -44,6 +60,18 @@ pub const DECODE_ITEM: usize = 8;
 pub fn max_items(tokens: usize, num_slots: usize) -> usize {
     let chunk = item_tokens(tokens);
     (tokens.div_ceil(chunk) + tokens.min(num_slots)).min(tokens).max(1)
+}
+
+/// Blocks along the items of a launch: every item bound for decode batches (at most 64), else
+/// capped (blocks loop over items with stride gridDim.y) so a launch is not mostly blocks that find
+/// no item: the bound counts one extra item per slot of the table, most mappings use few.
+pub fn grid_items(tokens: usize, num_slots: usize) -> usize {
+    let m = max_items(tokens, num_slots);
+    if tokens <= TILE_T {
+        m
+    } else {
+        m.min(tokens.div_ceil(item_tokens(tokens)).max(64))
+    }
 }
 
 /// int32 elements of the segments buffer: header, three item arrays, token list, slot scratch.
@@ -61,7 +89,7 @@ pub struct ShrinkPlan {
 }
 
 pub fn plan_shrink(tokens: usize, hi: usize, num_slices: usize, num_slots: usize) -> ShrinkPlan {
-    let decode = tokens <= TILE_T;
+    let decode = small_items(tokens);
     // decode: a block holds up to 4 x 256 elements of each A row in registers; prefill: the tensor
     // core kernel steps 64 at a time, and splits only to fill the SMs.
     let (granule, max_chunk) = if decode { (256, 1024) } else { (64, usize::MAX) };
@@ -69,7 +97,7 @@ pub fn plan_shrink(tokens: usize, hi: usize, num_slices: usize, num_slots: usize
     // a middle count: a few adapters' items (a single tenant's 64 tokens are 8 items, 64 adapters'
     // are 64); more items only add blocks.
     let groups = if decode {
-        tokens.div_ceil(DECODE_ITEM).max(tokens.min(num_slots) / 4).max(1)
+        tokens.div_ceil(DECODE_ITEM).max(tokens.min(num_slots) / 4).min(grid_items(tokens, num_slots)).max(1)
     } else {
         tokens.div_ceil(TILE_T)
     };
@@ -89,7 +117,15 @@ pub fn plan_shrink(tokens: usize, hi: usize, num_slices: usize, num_slots: usize
 /// prefill (tile) path every 64-column expand block would otherwise re-read all ksplit partials
 /// of its tokens (measured: most of the expand's time at T = 2048, docs/kernel-notes.md).
 pub fn apply_reduces_first(tokens: usize, plan: &ShrinkPlan) -> bool {
-    tokens > TILE_T && plan.ksplit > 1
+    !small_items(tokens) && plan.ksplit > 1
+}
+
+/// Output columns per thread of the small-item expand (1 or 4; `LORAMUX_EXPAND_OPT` for A/B runs).
+pub fn expand_columns_per_thread() -> usize {
+    match std::env::var("LORAMUX_EXPAND_OPT").as_deref() {
+        Ok("4") => 4,
+        _ => 1,
+    }
 }
 
 /// Output columns per block of the flat decode expand: each thread takes one column of at most
@@ -114,7 +150,7 @@ mod tests {
             let p = plan_shrink(t, hi, s, slots);
             assert!(p.ksplit >= 1 && p.kchunk * p.ksplit >= hi, "{t} {hi}: {p:?}");
             assert!(p.kchunk * (p.ksplit - 1) < hi, "empty split {p:?}");
-            if t <= TILE_T {
+            if small_items(t) {
                 assert!(p.kchunk % 256 == 0 && p.kchunk <= 1024);
             } else {
                 assert!(p.kchunk % 64 == 0);
