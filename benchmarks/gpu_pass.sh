@@ -52,8 +52,9 @@ if has bench; then
   timeout ${BENCH_S:-220} python benchmarks/ops.py --commit "$COMMIT" --out $OUT/ops.json $BENCH_ARGS > $OUT/ops.txt 2>&1
   echo "ops rc=$?"; head -1 $OUT/ops.txt; grep '"kind": "summary"' $OUT/ops.txt | python -c "
 import json,sys
+f=lambda v,p='%.1f': '-' if v is None else p%v
 for l in sys.stdin:
-    s=json.loads(l); print(s['regime'],s['order'],s['cases'],'roof geo/med %.1f/%.1f'%(s['geomean_pct_roofline'],s['median_pct_roofline']),'worst %.1fx'%s['worst_ratio_to_floor'],s['worst_case'],'peft geo/min %.2f/%.2f'%(s['geomean_speedup_vs_peft'],s['min_speedup_vs_peft']),'bmm min',s['min_speedup_vs_bmm'],'slower',s['slower_than_a_peer'])"
+    s=json.loads(l); print(s['regime'],s['order'],s['cases'],'roof geo/med',f(s['geomean_pct_roofline']),f(s['median_pct_roofline']),'worst',f(s['worst_ratio_to_floor']),s['worst_case'],'peft geo/min',f(s['geomean_speedup_vs_peft'],'%.2f'),f(s['min_speedup_vs_peft'],'%.2f'),'bmm min',f(s['min_speedup_vs_bmm'],'%.2f'),'slower',s['slower_than_a_peer'])"
 fi
 if has decode; then
   timeout ${DECODE_S:-150} python benchmarks/decode_step.py --out $OUT/decode.json > $OUT/decode.txt 2>&1
@@ -62,8 +63,8 @@ import json; d=json.loads(open('$OUT/decode.json').read().splitlines()[-1])
 print({k: (round(v,3) if isinstance(v,float) else v) for k,v in d.items() if k in ('base_us','lora_us','overhead_us','lora_floor_us','overhead_over_floor','ops_only_7_per_layer_us','ops_only_4_fused_per_layer_us','overhead_unfused_us','graph_replay_rel_err','kernel_vs_torch_ref_rel','kernel_vs_peft_rel_of_lora_term','peft_us','lora_graphed','lora_capture_error','peft_error')})" 2>&1 | tail -5
 fi
 if has ncu; then
-  timeout ${NCU_S:-120} ncu --clock-control none --kernel-name regex:lora --launch-skip 2 --launch-count 6 --section SpeedOfLight --section Occupancy --section LaunchStats python benchmarks/profile_case.py > $OUT/ncu.txt 2>&1
-  echo "ncu rc=$?"; grep -E "lora_|Duration|DRAM Throughput|Achieved Occupancy" $OUT/ncu.txt | head -40
+  timeout ${NCU_S:-120} ncu --clock-control none --kernel-name regex:lora --launch-skip 0 --launch-count 24 --section SpeedOfLight --section Occupancy --section LaunchStats python benchmarks/profile_case.py > $OUT/ncu.txt 2>&1
+  echo "ncu rc=$?"; grep -E "^  lora_|Duration|DRAM Throughput|Achieved Occupancy" $OUT/ncu.txt | awk '/^  lora_/{if(k)print k,d,m,o; k=$1" "$2; d=m=o=""} /Duration/{d="dur "$NF$(NF-1)} /DRAM Throughput/{m="dram% "$NF} /Achieved Occupancy/{o="occ% "$NF} END{print k,d,m,o}' | head -30
 fi
 if has memcheck; then
   timeout ${MEMCHECK_S:-150} compute-sanitizer --tool memcheck --error-exitcode 9 python -m pytest -q -m gpu tests/test_kernels.py tests/test_segments.py -k "${MEMCHECK_K:-odd or dora or standalone or every_adapter_token}" > $OUT/memcheck.log 2>&1

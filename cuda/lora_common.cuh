@@ -153,22 +153,23 @@ struct WorkItem {
     const int* tokens;
 };
 
-// Work items of the step (a block takes items blockIdx.y, + gridDim.y, ...).
-__device__ __forceinline__ int item_total(const int* seg, int max_items) { return min(seg[0], max_items); }
-
+// Work item i (< max_items) of the step; count 0 past the last one. The header and the item's
+// fields are loaded together (no branch between them), one dependent memory trip, not two.
+// Blocks take items blockIdx.y, + gridDim.y, ... while work_item(..).count > 0 (items are dense).
 __device__ __forceinline__ WorkItem work_item(const int* seg, int max_items, int T, int i) {
     WorkItem w;
     w.slot = -1;
     w.count = 0;
     w.tokens = seg + LMX_SEG_HEADER + 3 * max_items;
-    const int n = min(seg[0], max_items);
-    if (i >= n) return w;
+    if (i >= max_items) return w;
     const int* item = seg + LMX_SEG_HEADER;
+    const int n = seg[0];
+    const int slot = item[i];
     const int begin = item[max_items + i];
     const int count = item[2 * max_items + i];
     // Clamped so a corrupt buffer cannot make a kernel read or write past T.
-    if (begin < 0 || count <= 0 || begin >= T) return w;
-    w.slot = item[i];
+    if (i >= n || begin < 0 || count <= 0 || begin >= T) return w;
+    w.slot = slot;
     w.count = min(count, T - begin);
     w.tokens += begin;
     return w;

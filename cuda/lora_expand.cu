@@ -43,9 +43,8 @@ __device__ __forceinline__ void unpack8(uint4 v, u16 out[8]) {
 // item, so the expand's own memory latency hides under the shrink.
 #define EXPAND_ITEM 8
 
-template <bool BF16, int OPT>
+template <bool BF16, int OPT, int QP>  // QP: 8-rank chunks of B prefetched per column
 __device__ void expand_decode(const ExpandArgs& p) {
-    constexpr int QP = 8 / OPT;  // 8-rank chunks of B prefetched per column
     __shared__ int tokens[EXPAND_ITEM];
     __shared__ float su[EXPAND_ITEM * EXPAND_MAX_RANK];
     int module_id, off, ho;
@@ -53,11 +52,10 @@ __device__ void expand_decode(const ExpandArgs& p) {
     const int o0 = blockIdx.x * p.ochunk;
     if (o0 >= ho) return;
     const int o_end = min(ho, o0 + p.ochunk);
-    const int n_items = item_total(p.segments, p.max_items);
     bool waited = false;
-    for (int it = blockIdx.y; it < n_items; it += gridDim.y) {
+    for (int it = blockIdx.y;; it += gridDim.y) {
         const WorkItem w = work_item(p.segments, p.max_items, p.T, it);
-        if (w.count == 0) continue;
+        if (w.count == 0) break;
         const AdapterEntry e = read_entry(p.table, w.slot, module_id);
         const int R = e.rank;
         if (R == 0) continue;  // uniform over the block
@@ -252,10 +250,9 @@ __device__ void expand_tile(const ExpandArgs& p) {
     if (o0 >= ho) return;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int gq = lane >> 2, tq = lane & 3;
-    const int n_items = item_total(p.segments, p.max_items);
-    for (int it = blockIdx.y; it < n_items; it += gridDim.y) {
+    for (int it = blockIdx.y;; it += gridDim.y) {
         const WorkItem w = work_item(p.segments, p.max_items, p.T, it);
-        if (w.count == 0) continue;
+        if (w.count == 0) break;
         const AdapterEntry e = read_entry(p.table, w.slot, module_id);
         const int R = e.rank;
         if (R == 0) continue;  // uniform over the block
@@ -354,10 +351,14 @@ __device__ void expand_tile(const ExpandArgs& p) {
     }
 }
 
-extern "C" __global__ void __launch_bounds__(LMX_THREADS, 2) lora_expand_decode_bf16_o1(const ExpandArgs p) { expand_decode<true, 1>(p); }
-extern "C" __global__ void __launch_bounds__(LMX_THREADS, 2) lora_expand_decode_f16_o1(const ExpandArgs p) { expand_decode<false, 1>(p); }
-extern "C" __global__ void __launch_bounds__(LMX_THREADS, 2) lora_expand_decode_bf16_o4(const ExpandArgs p) { expand_decode<true, 4>(p); }
-extern "C" __global__ void __launch_bounds__(LMX_THREADS, 2) lora_expand_decode_f16_o4(const ExpandArgs p) { expand_decode<false, 4>(p); }
+// o1: 16 ranks of B prefetched, 3 blocks an SM (the latency-bound decode expand wants more blocks
+// resident); o1w: 64 ranks prefetched, 2 blocks an SM (as landed before); o4: 4 columns a thread.
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_expand_decode_bf16_o1(const ExpandArgs p) { expand_decode<true, 1, 2>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_expand_decode_f16_o1(const ExpandArgs p) { expand_decode<false, 1, 2>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 2) lora_expand_decode_bf16_o1w(const ExpandArgs p) { expand_decode<true, 1, 8>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 2) lora_expand_decode_f16_o1w(const ExpandArgs p) { expand_decode<false, 1, 8>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 2) lora_expand_decode_bf16_o4(const ExpandArgs p) { expand_decode<true, 4, 2>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 2) lora_expand_decode_f16_o4(const ExpandArgs p) { expand_decode<false, 4, 2>(p); }
 extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_expand_flat_bf16(const ExpandArgs p) { expand_flat<true>(p); }
 extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_expand_flat_f16(const ExpandArgs p) { expand_flat<false>(p); }
 extern "C" __global__ void __launch_bounds__(LMX_THREADS) lora_expand_tile_bf16(const ExpandArgs p) { expand_tile<true>(p); }

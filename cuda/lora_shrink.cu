@@ -58,10 +58,9 @@ __device__ void shrink_decode(const ShrinkArgs& p) {
     const int passes = (k_end - k_begin + 255) >> 8;  // <= 4 (planner keeps kchunk <= 1024)
     const bool vec = (p.hi % 8 == 0) && (p.x_stride % 8 == 0) &&
                      ((reinterpret_cast<u64>(p.x) & 15) == 0);
-    const int n_items = item_total(p.segments, p.max_items);
-    for (int it = blockIdx.y; it < n_items; it += gridDim.y) {
+    for (int it = blockIdx.y;; it += gridDim.y) {
         const WorkItem w = work_item(p.segments, p.max_items, p.T, it);
-        if (w.count == 0) continue;
+        if (w.count == 0) break;
         const AdapterEntry e = read_entry(p.table, w.slot, module_id);
         const int R = e.rank;
         if (R == 0) continue;  // uniform over the block
@@ -131,10 +130,9 @@ __device__ void shrink_tile(const ShrinkArgs& p) {
     const int k_end = min(p.hi, k_begin + p.kchunk);
     const bool vec = (p.hi % 8 == 0) && (p.x_stride % 8 == 0) &&
                      ((reinterpret_cast<u64>(p.x) & 15) == 0);
-    const int n_items = item_total(p.segments, p.max_items);
-    for (int it = blockIdx.y; it < n_items; it += gridDim.y) {
+    for (int it = blockIdx.y;; it += gridDim.y) {
         const WorkItem w = work_item(p.segments, p.max_items, p.T, it);
-        if (w.count == 0) continue;
+        if (w.count == 0) break;
         const AdapterEntry e = read_entry(p.table, w.slot, module_id);
         if (e.rank == 0) continue;  // uniform over the block
         const int nt = min(LMX_TILE_T, w.count);

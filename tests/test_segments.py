@@ -44,7 +44,7 @@ def test_segments_list_every_adapter_token_once_by_slot(T, num_slots, frac_none)
     seg = kernels.segments(sot, num_slots)
     assert seg.numel() == _core.segments_len(T, num_slots)
     items, hdr = _decode(seg, T, num_slots)
-    chunk = 8 if T <= 64 else 64
+    chunk = 8 if T <= 256 else 64  # small items up to 256 tokens (rust/src/cuda/plan.rs)
     valid = {t: s for t, s in enumerate(slots) if 0 <= s < num_slots}
     seen = []
     for slot, toks in items:

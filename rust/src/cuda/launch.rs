@@ -7,7 +7,7 @@ use std::ffi::c_void;
 use cudarc::driver::{result as drv, sys};
 
 use super::plan::{
-    decode_expand_is_flat, expand_columns_per_thread, flat_expand_columns, grid_items, item_tokens, max_items,
+    decode_expand_is_flat, expand_columns_per_thread, expand_variant, flat_expand_columns, grid_items, item_tokens, max_items,
     partial_len, segments_len, small_items, ShrinkPlan,
 };
 use super::DeviceKernels;
@@ -379,7 +379,7 @@ pub fn expand(
     let (name, gy) = if flat {
         (format!("lora_expand_flat_{}", b.dtype.suffix()), 1)
     } else if b.decode() {
-        (format!("lora_expand_decode_{}_o{per_thread}", b.dtype.suffix()), b.grid_items())
+        (format!("lora_expand_decode_{}_o{}", b.dtype.suffix(), expand_variant()), b.grid_items())
     } else {
         (format!("lora_expand_tile_{}", b.dtype.suffix()), b.grid_items())
     };

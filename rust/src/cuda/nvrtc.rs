@@ -40,6 +40,8 @@ pub const EXPAND: KernelFamily = KernelFamily {
     functions: &[
         "lora_expand_decode_bf16_o1",
         "lora_expand_decode_f16_o1",
+        "lora_expand_decode_bf16_o1w",
+        "lora_expand_decode_f16_o1w",
         "lora_expand_decode_bf16_o4",
         "lora_expand_decode_f16_o4",
         "lora_expand_flat_bf16",

@@ -7,9 +7,11 @@ pub const TILE_T: usize = 64;
 
 /// Batches up to this many tokens take the CUDA-core kernels over small work items (8 tokens of
 /// one adapter): with many adapters a mid-size batch gives each only a few tokens, which a 64-token
-/// tensor-core tile would mostly pad (measured on the H200: T=256 over 128 adapters 117 us on
-/// tiles). `LORAMUX_SMALL_ITEMS_MAX_T` overrides it for A/B runs.
-pub const SMALL_ITEMS_MAX_T: usize = 512;
+/// tensor-core tile would mostly pad. Measured on the H200 (docs/kernel-notes.md, issue-12 pass 2):
+/// at T=256 small items win for 1, 32 and 128 adapters (4096->4096: 21/23/58 us vs 23/38/117 on
+/// tiles) except one adapter into 14336 columns (41 vs 29); at T=512 tiles win unless the batch
+/// spreads over ~128 adapters. `LORAMUX_SMALL_ITEMS_MAX_T` overrides it for A/B runs.
+pub const SMALL_ITEMS_MAX_T: usize = 256;
 
 pub fn small_items_max_t() -> usize {
     std::env::var("LORAMUX_SMALL_ITEMS_MAX_T").ok().and_then(|v| v.parse().ok()).unwrap_or(SMALL_ITEMS_MAX_T)
@@ -97,7 +99,7 @@ pub fn plan_shrink(tokens: usize, hi: usize, num_slices: usize, num_slots: usize
     // a middle count: a few adapters' items (a single tenant's 64 tokens are 8 items, 64 adapters'
     // are 64); more items only add blocks.
     let groups = if decode {
-        tokens.div_ceil(DECODE_ITEM).max(tokens.min(num_slots) / 4).min(grid_items(tokens, num_slots)).max(1)
+        tokens.div_ceil(DECODE_ITEM).max(tokens.min(num_slots) / 2).min(grid_items(tokens, num_slots)).max(1)
     } else {
         tokens.div_ceil(TILE_T)
     };
@@ -120,11 +122,23 @@ pub fn apply_reduces_first(tokens: usize, plan: &ShrinkPlan) -> bool {
     !small_items(tokens) && plan.ksplit > 1
 }
 
-/// Output columns per thread of the small-item expand (1 or 4; `LORAMUX_EXPAND_OPT` for A/B runs).
-pub fn expand_columns_per_thread() -> usize {
+/// Which small-item expand instantiation runs: "1" (a column a thread, 16 ranks of B prefetched,
+/// 3 blocks an SM), "1w" (64 ranks prefetched, 2 blocks an SM) or "4" (4 columns a thread: fewer,
+/// fatter blocks; measured slower below ~256 tokens). `LORAMUX_EXPAND_OPT` picks one for A/B runs.
+pub fn expand_variant() -> &'static str {
     match std::env::var("LORAMUX_EXPAND_OPT").as_deref() {
-        Ok("4") => 4,
-        _ => 1,
+        Ok("4") => "4",
+        Ok("1w") => "1w",
+        _ => "1",
+    }
+}
+
+/// Output columns a thread of that variant covers.
+pub fn expand_columns_per_thread() -> usize {
+    if expand_variant() == "4" {
+        4
+    } else {
+        1
     }
 }
 
