@@ -100,6 +100,9 @@ template <> __device__ __forceinline__ u16 from_f32<false>(float f) {
     return v;
 }
 __device__ __forceinline__ u32 pack2(u16 lo, u16 hi) { return ((u32)hi << 16) | (u32)lo; }
+__device__ __forceinline__ uint4 pack8(const u16 v[8]) {
+    return make_uint4(pack2(v[0], v[1]), pack2(v[2], v[3]), pack2(v[4], v[5]), pack2(v[6], v[7]));
+}
 
 // Loads 8 consecutive 16-bit values starting at element k of row (row has `len` elements),
 // zero past the end; one 16-byte load when the caller proved alignment (`vec`).

@@ -233,23 +233,28 @@ __device__ void expand_flat(const ExpandArgs& p) {
 #define EXPAND_OTILE 64
 #define EXPAND_PITCH (EXPAND_MAX_RANK + 8)  // halves: 272 bytes a row, conflict-free fragments
 
-// Prefill (T > 64): tensor cores, M = the group's tokens, N = 64 output columns, K = rank.
-// Warp w owns token rows 16*(w&3).. and output columns 32*(w>>2)..+32 (four n8 tiles).
-template <bool BF16>
+// Prefill (T > 256): tensor cores, M = the item's tokens, N = CT tiles of 64 output columns, K =
+// rank. Warp w owns token rows 16*(w&3).. and output columns 32*(w>>2)..+32 (four n8 tiles) of
+// each tile. The u fragments stay in registers across the CT tiles, and the next tile's B rows are
+// loaded while the current one is multiplied and written, so the item lookup, the u load and the
+// wait on the shrink are paid once per CT tiles.
+template <bool BF16, int CT>
 __device__ void expand_tile(const ExpandArgs& p) {
     __shared__ int tokens[LMX_TILE_T];
-    // us (u as the mma's A operand) and bs (B rows) during the mma; then ct, the fp32 output tile
-    // the epilogue reads back row by row for 16-byte coalesced y updates.
+    // us (u as the mma's A operand) until its fragments are in registers; then ct, the fp32 output
+    // tile the epilogue reads back row by row for 16-byte coalesced y updates; bs: B rows.
     __shared__ __align__(16) u16 smem[(LMX_TILE_T + EXPAND_OTILE) * EXPAND_PITCH];
     u16 (*us)[EXPAND_PITCH] = reinterpret_cast<u16 (*)[EXPAND_PITCH]>(smem);
     u16 (*bs)[EXPAND_PITCH] = reinterpret_cast<u16 (*)[EXPAND_PITCH]>(smem + LMX_TILE_T * EXPAND_PITCH);
     float (*ct)[EXPAND_OTILE + 4] = reinterpret_cast<float (*)[EXPAND_OTILE + 4]>(smem);
     int module_id, off, ho;
     if (!slice_of(p, blockIdx.z, module_id, off, ho)) return;
-    const int o0 = blockIdx.x * EXPAND_OTILE;
-    if (o0 >= ho) return;
+    const int ob = blockIdx.x * (EXPAND_OTILE * CT);
+    if (ob >= ho) return;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int gq = lane >> 2, tq = lane & 3;
+    const int mt = warp & 3, nh = warp >> 2;
+    const bool yvec_base = (p.y_stride % 8 == 0) && ((reinterpret_cast<u64>(p.y) & 15) == 0);
     for (int it = blockIdx.y;; it += gridDim.y) {
         const WorkItem w = work_item(p.segments, p.max_items, p.T, it);
         if (w.count == 0) break;
@@ -258,8 +263,22 @@ __device__ void expand_tile(const ExpandArgs& p) {
         if (R == 0) continue;  // uniform over the block
         const int nt = min(LMX_TILE_T, w.count);
         if (tid < nt) tokens[tid] = w.tokens[tid];
-        __syncthreads();
         const int rk = (R + 15) & ~15;  // K padded to the mma's 16 with zeros
+        const int bchunks = rk / 8;     // 16-byte chunks of a B row in bs
+        const bool vec = (R % 8 == 0) && ((reinterpret_cast<u64>(e.b) & 15) == 0);
+        uint4 bv[4];  // this thread's share of one B tile (64 rows x rk), staged in registers
+        auto fetch_b = [&](int o0) {
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                const int idx = tid + q * LMX_THREADS;
+                const int o = idx / bchunks, r = (idx % bchunks) * 8;
+                u16 v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+                if (idx < EXPAND_OTILE * bchunks && o0 + o < ho) load8(e.b + (long long)(o0 + o) * R, r, R, vec, v);
+                bv[q] = pack8(v);
+            }
+        };
+        fetch_b(ob);  // B does not depend on the shrink: in flight before the wait
+        __syncthreads();
         pdl_wait();
         // u (fp32 partial sums) -> 16-bit operand tile
         for (int idx = tid; idx < LMX_TILE_T * rk; idx += LMX_THREADS) {
@@ -268,86 +287,103 @@ __device__ void expand_tile(const ExpandArgs& p) {
             if (i < nt && r < R) {
                 const long long t = tokens[i];
 #pragma unroll 16
-            for (int c = 0; c < p.ksplit; ++c)
+                for (int c = 0; c < p.ksplit; ++c)
                     v += p.partial[(((long long)blockIdx.z * p.ksplit + c) * p.T + t) * p.table.max_rank + r];
             }
             us[i][r] = from_f32<BF16>(v);
         }
-        const bool vec = (R % 8 == 0) && ((reinterpret_cast<u64>(e.b) & 15) == 0);
-        for (int idx = tid; idx < EXPAND_OTILE * (rk / 8); idx += LMX_THREADS) {
-            const int o = idx / (rk / 8), r = (idx % (rk / 8)) * 8;
-            u16 v[8];
-            if (o0 + o < ho) {
-                load8(e.b + (long long)(o0 + o) * R, r, R, vec, v);
-            } else {
-#pragma unroll
-                for (int k = 0; k < 8; ++k) v[k] = 0;
-            }
-#pragma unroll
-            for (int k = 0; k < 8; ++k) bs[o][r + k] = v[k];
-        }
         __syncthreads();
-        const int mt = warp & 3, nh = warp >> 2;
-        float acc[4][4];
+        // HOLD (CT > 1): u's fragments move to registers once for all tiles, freeing us for ct.
+        // CT == 1 reads them from us in the mma (40 fewer registers, more blocks an SM).
+        constexpr bool HOLD = CT > 1;
+        auto load_af = [&](int kk, u32 a4[4]) {
+            const int r0 = mt * 16 + gq;
+            a4[0] = *reinterpret_cast<const u32*>(&us[r0][kk + tq * 2]);
+            a4[1] = *reinterpret_cast<const u32*>(&us[r0 + 8][kk + tq * 2]);
+            a4[2] = *reinterpret_cast<const u32*>(&us[r0][kk + tq * 2 + 8]);
+            a4[3] = *reinterpret_cast<const u32*>(&us[r0 + 8][kk + tq * 2 + 8]);
+        };
+        u32 af[HOLD ? EXPAND_MAX_RANK / 16 : 1][4];
+        if constexpr (HOLD) {
 #pragma unroll
-        for (int i = 0; i < 4; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
-        if (mt * 16 < nt) {
-            for (int kk = 0; kk < rk; kk += 16) {
-                u32 af[4];
-                const int r0 = mt * 16 + gq;
-                af[0] = *reinterpret_cast<const u32*>(&us[r0][kk + tq * 2]);
-                af[1] = *reinterpret_cast<const u32*>(&us[r0 + 8][kk + tq * 2]);
-                af[2] = *reinterpret_cast<const u32*>(&us[r0][kk + tq * 2 + 8]);
-                af[3] = *reinterpret_cast<const u32*>(&us[r0 + 8][kk + tq * 2 + 8]);
+            for (int k = 0; k < EXPAND_MAX_RANK / 16; ++k)
+                if (k * 16 < rk && mt * 16 < nt) load_af(k * 16, af[k]);
+            __syncthreads();  // us is in registers; ct overlays it from here
+        }
+        for (int c = 0; c < CT; ++c) {
+            const int o0 = ob + c * EXPAND_OTILE;
+            if (o0 >= ho) break;  // uniform over the block
 #pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const int ob = nh * 32 + i * 8 + gq;
-                    u32 bf[2];
-                    bf[0] = *reinterpret_cast<const u32*>(&bs[ob][kk + tq * 2]);
-                    bf[1] = *reinterpret_cast<const u32*>(&bs[ob][kk + tq * 2 + 8]);
-                    mma16816<BF16>(acc[i], af, bf);
+            for (int q = 0; q < 4; ++q) {
+                const int idx = tid + q * LMX_THREADS;
+                if (idx < EXPAND_OTILE * bchunks)
+                    *reinterpret_cast<uint4*>(&bs[idx / bchunks][(idx % bchunks) * 8]) = bv[q];
+            }
+            __syncthreads();
+            if (c + 1 < CT && o0 + EXPAND_OTILE < ho) fetch_b(o0 + EXPAND_OTILE);  // next tile, in flight
+            float acc[4][4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+            if (mt * 16 < nt) {
+#pragma unroll
+                for (int k = 0; k < EXPAND_MAX_RANK / 16; ++k) {
+                    if (k * 16 < rk) {
+                        const int kk = k * 16;
+                        u32 a4[4];
+                        if constexpr (HOLD) {
+                            a4[0] = af[k][0]; a4[1] = af[k][1]; a4[2] = af[k][2]; a4[3] = af[k][3];
+                        } else {
+                            load_af(kk, a4);
+                        }
+#pragma unroll
+                        for (int i = 0; i < 4; ++i) {
+                            const int obr = nh * 32 + i * 8 + gq;
+                            u32 bf[2];
+                            bf[0] = *reinterpret_cast<const u32*>(&bs[obr][kk + tq * 2]);
+                            bf[1] = *reinterpret_cast<const u32*>(&bs[obr][kk + tq * 2 + 8]);
+                            mma16816<BF16>(acc[i], a4, bf);
+                        }
+                    }
                 }
             }
-        }
-        __syncthreads();  // us and bs are read; ct overlays them
-        if (mt * 16 < nt) {
+            if constexpr (!HOLD) __syncthreads();  // us is read; ct overlays it
+            if (mt * 16 < nt) {
 #pragma unroll
-            for (int i = 0; i < 4; ++i)
+                for (int i = 0; i < 4; ++i)
 #pragma unroll
-                for (int h = 0; h < 4; ++h)
-                    ct[mt * 16 + gq + ((h & 2) ? 8 : 0)][nh * 32 + i * 8 + tq * 2 + (h & 1)] = acc[i][h];
-        }
-        __syncthreads();
-        // y += ct (DoRA: y = scale * (y + ct)), 8 threads a token row, 8 columns (16 bytes) each
-        const bool yvec = (p.y_stride % 8 == 0) && ((off + o0) % 8 == 0) &&
-                          ((reinterpret_cast<u64>(p.y) & 15) == 0);
-        for (int idx = tid; idx < nt * (EXPAND_OTILE / 8); idx += LMX_THREADS) {
-            const int i = idx / (EXPAND_OTILE / 8), c = (idx % (EXPAND_OTILE / 8)) * 8;
-            const int o = o0 + c;
-            if (o >= ho) continue;
-            u16* yp = p.y + (long long)tokens[i] * p.y_stride + off + o;
-            if (yvec && o + 8 <= ho) {
-                u16 yv[8], sv[8];
-                unpack8(*reinterpret_cast<const uint4*>(yp), yv);
-                if (e.scale) unpack8(*reinterpret_cast<const uint4*>(e.scale + o), sv);
-                u16 out[8];
+                    for (int h = 0; h < 4; ++h)
+                        ct[mt * 16 + gq + ((h & 2) ? 8 : 0)][nh * 32 + i * 8 + tq * 2 + (h & 1)] = acc[i][h];
+            }
+            __syncthreads();
+            // y += ct (DoRA: y = scale * (y + ct)), 8 threads a token row, 8 columns (16 bytes) each
+            const bool yvec = yvec_base && ((off + o0) % 8 == 0);
+            for (int idx = tid; idx < nt * (EXPAND_OTILE / 8); idx += LMX_THREADS) {
+                const int i = idx / (EXPAND_OTILE / 8), cc = (idx % (EXPAND_OTILE / 8)) * 8;
+                const int o = o0 + cc;
+                if (o >= ho) continue;
+                u16* yp = p.y + (long long)tokens[i] * p.y_stride + off + o;
+                if (yvec && o + 8 <= ho) {
+                    u16 yv[8], sv[8];
+                    unpack8(*reinterpret_cast<const uint4*>(yp), yv);
+                    if (e.scale) unpack8(*reinterpret_cast<const uint4*>(e.scale + o), sv);
+                    u16 out[8];
 #pragma unroll
-                for (int k = 0; k < 8; ++k) {
-                    float v = to_f32<BF16>(yv[k]) + ct[i][c + k];
-                    if (e.scale) v *= to_f32<BF16>(sv[k]);
-                    out[k] = from_f32<BF16>(v);
-                }
-                *reinterpret_cast<uint4*>(yp) = make_uint4(pack2(out[0], out[1]), pack2(out[2], out[3]),
-                                                           pack2(out[4], out[5]), pack2(out[6], out[7]));
-            } else {
-                for (int k = 0; k < 8 && o + k < ho; ++k) {
-                    float v = to_f32<BF16>(yp[k]) + ct[i][c + k];
-                    if (e.scale) v *= to_f32<BF16>(e.scale[o + k]);
-                    yp[k] = from_f32<BF16>(v);
+                    for (int k = 0; k < 8; ++k) {
+                        float v = to_f32<BF16>(yv[k]) + ct[i][cc + k];
+                        if (e.scale) v *= to_f32<BF16>(sv[k]);
+                        out[k] = from_f32<BF16>(v);
+                    }
+                    *reinterpret_cast<uint4*>(yp) = pack8(out);
+                } else {
+                    for (int k = 0; k < 8 && o + k < ho; ++k) {
+                        float v = to_f32<BF16>(yp[k]) + ct[i][cc + k];
+                        if (e.scale) v *= to_f32<BF16>(e.scale[o + k]);
+                        yp[k] = from_f32<BF16>(v);
+                    }
                 }
             }
+            __syncthreads();  // ct and bs are rewritten by the next tile / item
         }
-        __syncthreads();
     }
 }
 
@@ -361,5 +397,7 @@ extern "C" __global__ void __launch_bounds__(LMX_THREADS, 2) lora_expand_decode_
 extern "C" __global__ void __launch_bounds__(LMX_THREADS, 2) lora_expand_decode_f16_o4(const ExpandArgs p) { expand_decode<false, 4, 2>(p); }
 extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_expand_flat_bf16(const ExpandArgs p) { expand_flat<true>(p); }
 extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_expand_flat_f16(const ExpandArgs p) { expand_flat<false>(p); }
-extern "C" __global__ void __launch_bounds__(LMX_THREADS) lora_expand_tile_bf16(const ExpandArgs p) { expand_tile<true>(p); }
-extern "C" __global__ void __launch_bounds__(LMX_THREADS) lora_expand_tile_f16(const ExpandArgs p) { expand_tile<false>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS) lora_expand_tile_bf16_c1(const ExpandArgs p) { expand_tile<true, 1>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS) lora_expand_tile_f16_c1(const ExpandArgs p) { expand_tile<false, 1>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS) lora_expand_tile_bf16_c4(const ExpandArgs p) { expand_tile<true, 4>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS) lora_expand_tile_f16_c4(const ExpandArgs p) { expand_tile<false, 4>(p); }

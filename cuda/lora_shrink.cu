@@ -108,9 +108,6 @@ __device__ void shrink_decode(const ShrinkArgs& p) {
 #define SHRINK_KSTEP 64
 #define SHRINK_PITCH 72  // halves per smem row: 144 bytes, conflict-free fragment loads
 
-__device__ __forceinline__ uint4 pack8(const u16 v[8]) {
-    return make_uint4(pack2(v[0], v[1]), pack2(v[2], v[3]), pack2(v[4], v[5]), pack2(v[6], v[7]));
-}
 
 // Prefill (T > 64): tensor cores. Block = (split c, work item, slice s); 8 warps:
 // warp w owns token rows 16*(w&3).. and every other 8-wide rank tile starting at (w>>2).

@@ -7,7 +7,7 @@ use std::ffi::c_void;
 use cudarc::driver::{result as drv, sys};
 
 use super::plan::{
-    decode_expand_is_flat, expand_columns_per_thread, expand_variant, flat_expand_columns, grid_items, item_tokens, max_items,
+    decode_expand_is_flat, expand_columns_per_thread, expand_tiles_per_block, expand_variant, flat_expand_columns, grid_items, item_tokens, max_items,
     partial_len, segments_len, small_items, ShrinkPlan,
 };
 use super::DeviceKernels;
@@ -362,7 +362,14 @@ pub fn expand(
     // small items: output columns per thread (the kernel is templated on it: 1 and 4 instantiated)
     let per_thread = expand_columns_per_thread();
     let flat = decode_expand_is_flat(b.tokens, module_ids.len());
-    let ochunk = if flat { flat_expand_columns(b.tokens) } else if b.decode() { THREADS as usize * per_thread } else { 64 };
+    let tiles = expand_tiles_per_block();
+    let ochunk = if flat {
+        flat_expand_columns(b.tokens)
+    } else if b.decode() {
+        THREADS as usize * per_thread
+    } else {
+        64 * tiles
+    };
     let args = ExpandArgs {
         partial,
         y,
@@ -381,7 +388,7 @@ pub fn expand(
     } else if b.decode() {
         (format!("lora_expand_decode_{}_o{}", b.dtype.suffix(), expand_variant()), b.grid_items())
     } else {
-        (format!("lora_expand_tile_{}", b.dtype.suffix()), b.grid_items())
+        (format!("lora_expand_tile_{}_c{tiles}", b.dtype.suffix()), b.grid_items())
     };
     let grid = (max_out.div_ceil(ochunk) as u32, gy as u32, module_ids.len() as u32);
     // Chained right after our own shrink (which never writes y): start early, overlap the prologue.

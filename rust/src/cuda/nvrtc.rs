@@ -46,8 +46,10 @@ pub const EXPAND: KernelFamily = KernelFamily {
         "lora_expand_decode_f16_o4",
         "lora_expand_flat_bf16",
         "lora_expand_flat_f16",
-        "lora_expand_tile_bf16",
-        "lora_expand_tile_f16",
+        "lora_expand_tile_bf16_c1",
+        "lora_expand_tile_f16_c1",
+        "lora_expand_tile_bf16_c4",
+        "lora_expand_tile_f16_c4",
     ],
 };
 

@@ -133,6 +133,15 @@ pub fn expand_variant() -> &'static str {
     }
 }
 
+/// 64-column tiles one block of the tensor-core expand covers (1 or 4; `LORAMUX_EXPAND_TILE_COLS`
+/// for A/B runs): 4 pays the item lookup, the u load and the wait on the shrink once per 256 columns.
+pub fn expand_tiles_per_block() -> usize {
+    match std::env::var("LORAMUX_EXPAND_TILE_COLS").as_deref() {
+        Ok("4") => 4,
+        _ => 1,
+    }
+}
+
 /// Output columns a thread of that variant covers.
 pub fn expand_columns_per_thread() -> usize {
     if expand_variant() == "4" {
