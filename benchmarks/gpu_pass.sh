@@ -73,3 +73,5 @@ if has ncu; then
   timeout ${NCU_S:-120} ncu --clock-control none --kernel-name regex:lora --launch-skip 0 --launch-count 24 --section SpeedOfLight --section Occupancy --section LaunchStats python benchmarks/profile_case.py > $OUT/ncu.txt 2>&1
   echo "ncu rc=$?"; grep -E "^  lora_|Duration|DRAM Throughput|Achieved Occupancy" $OUT/ncu.txt | awk '/^  lora_/{if(k)print k,d,m,o; k=$1" "$2; d=m=o=""} /Duration/{d="dur "$NF$(NF-1)} /DRAM Throughput/{m="dram% "$NF} /Achieved Occupancy/{o="occ% "$NF} END{print k,d,m,o}' | head -30
 fi
+# At most 8 files come back from $OUT: the logs travel as one archive beside the JSON results.
+cd $OUT && ls *.txt *.log >/dev/null 2>&1 && tar czf logs.tgz *.txt *.log && rm -f *.txt *.log
