@@ -2,9 +2,9 @@
 # One GPU pass (see docs/kernel-notes.md): install the wheel, check, test, benchmark; logs to $OUT.
 # Run from the repository root of the GPU machine with .gpu (the wheel) and .gpuwork (tests,
 # benchmarks, cuda, COMMIT) carried. STEPS picks what runs: any of
-# env test issue decode bench memcheck variants ab ncu (run in that order).
+# env test peers decode bench memcheck variants ab ncu (run in that order).
 export PYTHONUNBUFFERED=1
-STEPS=${STEPS:-"env test issue bench decode"}
+STEPS=${STEPS:-"env test peers decode bench memcheck"}
 pip install -q --no-index --no-deps --target /tmp/site .gpu/*.whl || exit 1
 export PYTHONPATH=/tmp/site
 cd .gpuwork
@@ -19,9 +19,9 @@ if has test; then
   timeout ${TEST_S:-150} python -m pytest -q --maxfail=8 -m gpu ${TEST_FILES:-tests/test_kernels.py tests/test_segments.py tests/test_ops.py tests/test_siblings.py} > $OUT/pytest.log 2>&1
   echo "pytest rc=$?"; grep -E "passed|failed|Error|error" $OUT/pytest.log | tail -15
 fi
-if has issue; then
-  timeout ${ISSUE_S:-90} python benchmarks/ops.py --grid issue --commit "$COMMIT" --out $OUT/issue.json > $OUT/issue.txt 2>&1
-  echo "issue rc=$?"; grep -vE '^\{"kind": "summary' $OUT/issue.txt | tail -14
+if has peers; then  # the cases measured beside the best open-source peer
+  timeout ${PEERS_S:-90} python benchmarks/ops.py --grid peers --commit "$COMMIT" --out $OUT/peers.json > $OUT/peers.txt 2>&1
+  echo "peers rc=$?"; grep -vE '^\{"kind": "summary' $OUT/peers.txt | tail -14
 fi
 if has decode; then
   timeout ${DECODE_S:-150} python benchmarks/decode_step.py --out $OUT/decode.json > $OUT/decode.txt 2>&1

@@ -1,7 +1,7 @@
 """LoRA op benchmark on Llama-8B module shapes: loramux's kernels vs a PEFT-style masked loop and
 gather+bmm, all in one process, as % of the HBM/tensor-core roofline measured in the same run.
 
-    python benchmarks/ops.py --out ops.json [--grid full|quick|issue] [--commit SHA]
+    python benchmarks/ops.py --out ops.json [--grid full|quick|small|ab|peers] [--commit SHA]
 
 Every timed call reads a fresh set of adapters (rotation sets beyond L2, chosen through the slot
 mapping), x and y rotate too; each method is captured in a CUDA graph (peers too, in their favour)
@@ -26,7 +26,9 @@ import sys
 import torch
 
 sys.path.insert(0, __import__("os").path.join(__import__("os").path.dirname(__file__), "..", "tests"))
+sys.path.insert(0, __import__("os").path.dirname(__file__))
 from kernel_fixtures import BatchMeta  # noqa: E402
+from op_summary import ORDERS, summarize  # noqa: E402
 
 from loramux.ops import kernels  # noqa: E402
 
@@ -34,19 +36,16 @@ SHAPES = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]
 RANKS = [8, 16, 64]
 TOKENS = [1, 16, 64, 256, 512, 2048]
 ADAPTERS = [1, 8, 32, 128]
-ORDERS = ["contiguous", "random"]
 GRIDS = {  # name -> (shapes, ranks, adapters, tokens)
     "full": (SHAPES, RANKS, ADAPTERS, TOKENS),
     "quick": ([(4096, 4096), (4096, 14336), (14336, 4096)], [16, 64], [1, 8, 32, 128], TOKENS),
     "small": ([(4096, 4096), (4096, 14336)], [16], [1, 8, 32, 128], TOKENS),
     "ab": ([(4096, 4096), (4096, 14336)], [16], [1, 32, 128], [16, 64, 256, 512, 2048]),
     # the single-projection rows of the peer comparison: (Hi, Ho, r, adapters, T)
-    "issue": None,
+    "peers": None,
 }
-ISSUE_CASES = [(4096, 4096, 16, 32, 64), (4096, 4096, 16, 1, 64), (4096, 4096, 16, 32, 256),
+PEER_CASES = [(4096, 4096, 16, 32, 64), (4096, 4096, 16, 1, 64), (4096, 4096, 16, 32, 256),
                (4096, 4096, 16, 128, 256), (4096, 4096, 16, 8, 2048), (14336, 4096, 64, 32, 2048)]
-REGIMES = [("decode T<=64", lambda t: t <= 64), ("T=256..512", lambda t: 256 <= t <= 512),
-           ("T=2048", lambda t: t >= 2048)]
 DT = torch.bfloat16
 DEV = "cuda"
 
@@ -172,43 +171,6 @@ def run_case(hi, ho, r, n, tokens, bw, peak, l2, orders):
     return rows
 
 
-def geomean(xs):
-    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
-
-
-def summarize(rows):
-    """One summary per (regime, order): geomean and median % of roofline (decode: >= 8 adapters
-    used and weights beyond L2, as the targets are stated), the worst ratio to the floor, and the
-    worst ratios to the peers (>= 1: loramux is faster)."""
-    out = []
-    for name, in_regime in REGIMES:
-        for order in ORDERS:
-            sel = [w for w in rows if in_regime(w["tokens"]) and w["order"] == order]
-            if not sel:
-                continue
-            # decode roofline figures over the cases the target names: >= 8 adapters used, one
-            # set of them larger than L2 (the rotation keeps every other case out of L2 only in part)
-            roof = ([w for w in sel if w["weights_beyond_l2"] and w["adapters_used"] >= 8]
-                    if name.startswith("decode") else sel)
-            worst = max(sel, key=lambda w: w["ours_us"] / w["floor_us"])
-            bmm = [w for w in sel if w["speedup_vs_bmm"]]
-            out.append(dict(
-                kind="summary", regime=name, order=order, cases=len(sel),
-                geomean_pct_roofline=geomean([w["pct_roofline"] for w in roof]),
-                median_pct_roofline=statistics.median([w["pct_roofline"] for w in roof]) if roof else None,
-                roofline_cases=len(roof),
-                worst_ratio_to_floor=worst["ours_us"] / worst["floor_us"],
-                worst_case=f"{worst['hi']}->{worst['ho']} r{worst['r']} n{worst['adapters']} T{worst['tokens']}",
-                geomean_speedup_vs_peft=geomean([w["speedup_vs_peft"] for w in sel]),
-                min_speedup_vs_peft=min(w["speedup_vs_peft"] for w in sel),
-                geomean_speedup_vs_bmm=geomean([w["speedup_vs_bmm"] for w in bmm]),
-                min_speedup_vs_bmm=min((w["speedup_vs_bmm"] for w in bmm), default=None),
-                slower_than_a_peer=sum(1 for w in sel if w["speedup_vs_peft"] < 1 or
-                                       (w["speedup_vs_bmm"] or 2) < 1),
-            ))
-    return out
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="ops.json")
@@ -224,8 +186,8 @@ def main():
                 bf16_tflops=peak / 1e12, torch=torch.__version__, grid=args.grid, commit=args.commit,
                 date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
     print(json.dumps(head), flush=True)
-    if args.grid == "issue":
-        cases = [((hi, ho, r, n), [T]) for hi, ho, r, n, T in ISSUE_CASES]
+    if args.grid == "peers":
+        cases = [((hi, ho, r, n), [T]) for hi, ho, r, n, T in PEER_CASES]
     else:
         shapes, ranks, adapters, tokens = GRIDS[args.grid]
         cases = [((hi, ho, r, n), tokens) for hi, ho in shapes for r in ranks for n in adapters]

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+from op_summary import summarize  # noqa: E402
 
 
 def _fmt(v, spec=".1f", none="-"):
@@ -20,10 +24,11 @@ def read_lines(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def table(ops_lines, decode=None) -> str:
+def table(ops_lines, decode=None, cases=True) -> str:
     head = next(x for x in ops_lines if x.get("kind") == "ceilings")
     rows = [x for x in ops_lines if x.get("kind") == "op"]
-    sums = [x for x in ops_lines if x.get("kind") == "summary"]
+    # a run cut short has cases but no summary lines: summarize the cases it has
+    sums = [x for x in ops_lines if x.get("kind") == "summary"] or summarize(rows)
     out = [
         f"Measured on {head['gpu']} ({head['sms']} SMs), {head.get('date', 'date not recorded')}, "
         f"commit {head.get('commit') or 'not recorded'}, torch {head['torch']}; ceilings measured in the same "
@@ -41,7 +46,7 @@ def table(ops_lines, decode=None) -> str:
             f"{_fmt(s['geomean_speedup_vs_peft'], '.2f')}x / {_fmt(s['min_speedup_vs_peft'], '.2f')}x | "
             f"{_fmt(s['geomean_speedup_vs_bmm'], '.2f')}x / {_fmt(s['min_speedup_vs_bmm'], '.2f')}x | "
             f"{s['slower_than_a_peer']} |")
-    if rows:
+    if rows and cases:
         out += ["", "| Hi->Ho | r | adapters | T | order | loramux us | floor us | % roofline | PEFT loop us | gather+bmm us |",
                 "|---|---|---|---|---|---|---|---|---|---|"]
         for w in rows:
@@ -62,9 +67,10 @@ def main(argv=None):
     ap.add_argument("ops_json")
     ap.add_argument("--decode", help="decode_step.py's JSON")
     ap.add_argument("--out", help="markdown file to write (default: stdout)")
+    ap.add_argument("--no-cases", action="store_true", help="the summary table only, not every case")
     args = ap.parse_args(argv)
     decode = read_lines(args.decode)[-1] if args.decode else None
-    text = table(read_lines(args.ops_json), decode)
+    text = table(read_lines(args.ops_json), decode, cases=not args.no_cases)
     if args.out:
         with open(args.out, "w") as f:
             f.write(text)

@@ -7,7 +7,7 @@ pub const TILE_T: usize = 64;
 
 /// Batches up to this many tokens take the CUDA-core kernels over small work items (8 tokens of
 /// one adapter): with many adapters a mid-size batch gives each only a few tokens, which a 64-token
-/// tensor-core tile would mostly pad. Measured on the H200 (docs/kernel-notes.md, issue-12 pass 2):
+/// tensor-core tile would mostly pad. Measured on the H200 (docs/kernel-notes.md, passes 2-3):
 /// at T=256 small items win for 1, 32 and 128 adapters (4096->4096: 21/23/58 us vs 23/38/117 on
 /// tiles) except one adapter into 14336 columns (41 vs 29); at T=512 tiles win unless the batch
 /// spreads over ~128 adapters. `LORAMUX_SMALL_ITEMS_MAX_T` overrides it for A/B runs.
