@@ -87,14 +87,22 @@ def capture(step, before=None):
     return g, out
 
 
+def fresh_metas(engine):
+    """Drops the step's per-token metadata so the capture builds it (slot_of_token, token segments)
+    inside the graph, from the static slot tensor a replay reads."""
+    engine.step._metas = {}
+    engine._drop_sibling_outputs()
+
+
 def ops_only(ad, spec):
     """The step's LoRA work alone in a graph: 7 applies per layer (as attach's layers issue them)
     vs 4 (q,k,v in one 3-slice launch, gate,up in one 2-slice launch)."""
     from loramux.ops import kernels
     from kernel_fixtures import BatchMeta
 
-    meta = BatchMeta(table=ad.table, pool=ad.pool, dtype=DT, slot_of_token=torch.arange(BATCH, dtype=torch.int32, device=DEV),
-                     max_rank=RANK)
+    slots = torch.arange(BATCH, dtype=torch.int32, device=DEV)
+    meta = BatchMeta(table=ad.table, pool=ad.pool, dtype=DT, slot_of_token=slots, max_rank=RANK,
+                     segments=kernels.segments(slots, ad.table.shape[0]))  # once per step, as StepBatch
     x_h = torch.randn(BATCH, 4096, device=DEV, dtype=DT)
     x_f = torch.randn(BATCH, 14336, device=DEV, dtype=DT)
     y = {w: torch.zeros(BATCH, w, device=DEV, dtype=DT) for w in (1024, 4096, 14336, 6144, 28672)}
@@ -147,7 +155,7 @@ def unfused_step(engine, step, slots0, ad, fused_logits):
     out["fused_vs_unfused_rel"] = float((fused_logits - unfused).norm() / unfused.norm())
     try:
         engine.set_batch(slots0, ad.table, ad.pool)
-        g, _ = capture(step, lambda: setattr(engine, "_metas", {}))
+        g, _ = capture(step, lambda: fresh_metas(engine))
         out["lora_unfused_us"] = events(g.replay) * 1e6
         del g
     except Exception as e:  # noqa: BLE001
@@ -214,10 +222,7 @@ def main():
 
     engine.set_batch(slots0, ad.table, ad.pool)  # fresh metas: built inside the capture
     try:
-        def fresh_metas():
-            engine._metas = {}
-
-        g_lora, out_lora = capture(step, fresh_metas)
+        g_lora, out_lora = capture(step, lambda: fresh_metas(engine))
         t_lora = events(g_lora.replay)
         res["lora_graphed"] = True
     except Exception as e:  # noqa: BLE001
@@ -230,7 +235,7 @@ def main():
     res.update(ops_only(ad, spec))
 
     if g_lora is not None:  # replay with new mappings written into the engine's static slot tensor
-        static_slots = engine._slot_of_row
+        static_slots = engine.step.slot_of_row
         errs = []
         rng = torch.Generator().manual_seed(7)
         for distinct in (ADAPTERS, 4, 1, 17):

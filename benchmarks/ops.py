@@ -1,33 +1,51 @@
 """LoRA op benchmark on Llama-8B module shapes: loramux's kernels vs a PEFT-style masked loop and
 gather+bmm, all in one process, as % of the HBM/tensor-core roofline measured in the same run.
 
-    python benchmarks/ops.py --out ops.json [--quick]
+    python benchmarks/ops.py --out ops.json [--grid full|quick|small|ab|peers] [--commit SHA]
 
 Every timed call reads a fresh set of adapters (rotation sets beyond L2, chosen through the slot
 mapping), x and y rotate too; each method is captured in a CUDA graph (peers too, in their favour)
-and timed by events over replays. Tokens go to adapters in contiguous runs, as requests do.
-Output: JSON lines (one per case) and a table.
+and timed by events over replays. Token order: "contiguous" (each adapter's tokens in one run, as
+a prefill of whole requests) and "random" (the same assignment shuffled, as a decode batch whose
+requests arrive in any order). The token segments are built once per step in use (StepBatch), so
+here once per rotation set; their build is timed apart (segments_us).
+Output: JSON lines (one per case, then one summary per regime and order) and a table;
+benchmarks/readme_table.py turns the JSON into the README's table.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
+import random
 import statistics
 import sys
 
 import torch
 
 sys.path.insert(0, __import__("os").path.join(__import__("os").path.dirname(__file__), "..", "tests"))
+sys.path.insert(0, __import__("os").path.dirname(__file__))
 from kernel_fixtures import BatchMeta  # noqa: E402
+from op_summary import ORDERS, summarize  # noqa: E402
 
 from loramux.ops import kernels  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]
 RANKS = [8, 16, 64]
-TOKENS = [1, 16, 64, 256, 2048]
+TOKENS = [1, 16, 64, 256, 512, 2048]
 ADAPTERS = [1, 8, 32, 128]
+GRIDS = {  # name -> (shapes, ranks, adapters, tokens)
+    "full": (SHAPES, RANKS, ADAPTERS, TOKENS),
+    "quick": ([(4096, 4096), (4096, 14336), (14336, 4096)], [16, 64], [1, 8, 32, 128], TOKENS),
+    "small": ([(4096, 4096), (4096, 14336)], [16], [1, 8, 32, 128], TOKENS),
+    "ab": ([(4096, 4096), (4096, 14336)], [16], [1, 32, 128], [16, 64, 256, 512, 2048]),
+    # the single-projection rows of the peer comparison: (Hi, Ho, r, adapters, T)
+    "peers": None,
+}
+PEER_CASES = [(4096, 4096, 16, 32, 64), (4096, 4096, 16, 1, 64), (4096, 4096, 16, 32, 256),
+               (4096, 4096, 16, 128, 256), (4096, 4096, 16, 8, 2048), (14336, 4096, 64, 32, 2048)]
 DT = torch.bfloat16
 DEV = "cuda"
 
@@ -77,7 +95,7 @@ def graph_time(calls, per_graph: int) -> float:
     return timed(g.replay, reps=7) / (reps * len(calls))
 
 
-def run_case(hi, ho, r, n, tokens, bw, peak, l2, quick):
+def run_case(hi, ho, r, n, tokens, bw, peak, l2, orders):
     set_bytes = n * r * (hi + ho) * 2
     nset = max(1, min(16, math.ceil(3 * l2 / set_bytes)))
     slots = nset * n
@@ -89,15 +107,19 @@ def run_case(hi, ho, r, n, tokens, bw, peak, l2, quick):
     table[:, 0, 1, 3] = r
     table = table.to(DEV)
     rows = []
-    for T in tokens:
+    for T, order in [(T, o) for T in tokens for o in orders]:
         used = min(n, T)
         adapter_of = [(t * n // T) if T >= n else t for t in range(T)]
+        if order == "random":
+            random.Random(T * 1009 + n).shuffle(adapter_of)
         io_sets = nset if T * (hi + ho) * 2 * nset < (1 << 30) else 1
         xs = [torch.randn(T, hi, device=DEV, dtype=DT) for _ in range(io_sets)]
         ys = [0.1 * torch.randn(T, ho, device=DEV, dtype=DT) for _ in range(io_sets)]
         sots = [torch.tensor([k * n + a for a in adapter_of], dtype=torch.int32, device=DEV) for k in range(nset)]
-        metas = [BatchMeta(table=table, pool=a_all.view(torch.uint8).view(-1), dtype=DT, slot_of_token=s, max_rank=r)
-                 for s in sots]
+        # the token segments are built once per step and shared by all its applies (StepBatch): built
+        # here once per rotation set; their build is timed on its own (segments_us)
+        metas = [BatchMeta(table=table, pool=a_all.view(torch.uint8).view(-1), dtype=DT, slot_of_token=s, max_rank=r,
+                           segments=kernels.segments(s, slots)) for s in sots]
         groups = [[(k * n + a, torch.tensor([t for t in range(T) if adapter_of[t] == a], device=DEV))
                    for a in sorted(set(adapter_of))] for k in range(nset)]
 
@@ -132,11 +154,13 @@ def run_case(hi, ho, r, n, tokens, bw, peak, l2, quick):
         flops = 2 * T * r * (hi + ho)
         floor = max(bytes_ / bw, flops / peak)
         t_ours = graph_time([ours(k) for k in range(nset)], 64)
+        t_seg = graph_time([(lambda k=k: kernels.segments(sots[k], slots)) for k in range(nset)], 16)
         t_peft = graph_time([peft_loop(k) for k in range(nset)], 4 if used > 32 else 16)
         gathered = T * r * (hi + ho) * 2
         t_bmm = graph_time([gather_bmm(k) for k in range(nset)], 8) if gathered < (1 << 31) else None
-        row = dict(hi=hi, ho=ho, r=r, adapters=n, tokens=T, adapters_used=used, weights_beyond_l2=set_bytes > l2,
+        row = dict(hi=hi, ho=ho, r=r, adapters=n, tokens=T, order=order, adapters_used=used, weights_beyond_l2=set_bytes > l2,
                    rotation_sets=nset, bytes=bytes_, flops=flops, floor_us=floor * 1e6, ours_us=t_ours * 1e6,
+                   segments_us=t_seg * 1e6,
                    pct_roofline=100 * floor / t_ours, peft_loop_us=t_peft * 1e6, speedup_vs_peft=t_peft / t_ours,
                    gather_bmm_us=None if t_bmm is None else t_bmm * 1e6,
                    speedup_vs_bmm=None if t_bmm is None else t_bmm / t_ours, rel_err_vs_fp32=err)
@@ -150,47 +174,43 @@ def run_case(hi, ho, r, n, tokens, bw, peak, l2, quick):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="ops.json")
-    ap.add_argument("--quick", action="store_true", help="a subset: r 16, adapters 1 and 32")
+    ap.add_argument("--grid", choices=sorted(GRIDS), default="full")
+    ap.add_argument("--orders", default=",".join(ORDERS))
+    ap.add_argument("--commit", default="", help="the source commit, recorded for readme_table.py")
     args = ap.parse_args()
+    orders = args.orders.split(",")
     props = torch.cuda.get_device_properties(0)
     l2 = getattr(props, "L2_cache_size", 50 << 20)
     bw, peak = measure_ceilings()
     head = dict(gpu=props.name, sms=props.multi_processor_count, l2_bytes=l2, copy_bw_gbs=bw / 1e9,
-                bf16_tflops=peak / 1e12, torch=torch.__version__)
+                bf16_tflops=peak / 1e12, torch=torch.__version__, grid=args.grid, commit=args.commit,
+                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
     print(json.dumps(head), flush=True)
-    ranks = [16] if args.quick else RANKS
-    adapters = [1, 32] if args.quick else ADAPTERS
+    if args.grid == "peers":
+        cases = [((hi, ho, r, n), [T]) for hi, ho, r, n, T in PEER_CASES]
+    else:
+        shapes, ranks, adapters, tokens = GRIDS[args.grid]
+        cases = [((hi, ho, r, n), tokens) for hi, ho in shapes for r in ranks for n in adapters]
     out = open(args.out, "w")
     out.write(json.dumps(dict(kind="ceilings", **head)) + "\n")
     rows = []
-    for hi, ho in SHAPES:
-        for r in ranks:
-            for n in adapters:
-                for row in run_case(hi, ho, r, n, TOKENS, bw, peak, l2, args.quick):
-                    out.write(json.dumps(dict(kind="op", **row)) + "\n")
-                    out.flush()
-                    rows.append(row)
-    print(f"{'Hi':>5} {'Ho':>5} {'r':>3} {'n':>3} {'T':>4} {'ours us':>8} {'%roof':>6} {'xPEFT':>6} {'xbmm':>6} {'err':>7}")
+    for (hi, ho, r, n), tokens in cases:
+        for row in run_case(hi, ho, r, n, tokens, bw, peak, l2, orders):
+            out.write(json.dumps(dict(kind="op", **row)) + "\n")
+            out.flush()
+            rows.append(row)
+    print(f"{'Hi':>5} {'Ho':>5} {'r':>3} {'n':>3} {'T':>4} {'order':>6} {'ours us':>8} {'%roof':>6} {'xPEFT':>6} "
+          f"{'xbmm':>6} {'err':>7}")
     for w in rows:
-        bmm = f"{w['speedup_vs_bmm']:6.1f}" if w["speedup_vs_bmm"] else "     -"
-        err = f"{w['rel_err_vs_fp32']:7.1e}"
-        print(f"{w['hi']:5d} {w['ho']:5d} {w['r']:3d} {w['adapters']:3d} {w['tokens']:4d} {w['ours_us']:8.1f} "
-              f"{w['pct_roofline']:6.1f} {w['speedup_vs_peft']:6.1f} {bmm} {err}")
-    dec = [w for w in rows if w["tokens"] <= 64 and w["weights_beyond_l2"] and w["adapters_used"] >= 8]
-    pre = [w for w in rows if w["tokens"] == 2048]
-    summary = dict(
-        kind="summary",
-        decode_beyond_l2_median_pct=statistics.median([w["pct_roofline"] for w in dec]) if dec else None,
-        decode_beyond_l2_min_pct=min([w["pct_roofline"] for w in dec]) if dec else None,
-        prefill_worst_ratio_to_floor=max([w["ours_us"] / w["floor_us"] for w in pre]) if pre else None,
-        min_speedup_vs_peft=min(w["speedup_vs_peft"] for w in rows),
-        median_speedup_vs_peft=statistics.median(w["speedup_vs_peft"] for w in rows),
-        min_speedup_vs_bmm=min(w["speedup_vs_bmm"] for w in rows if w["speedup_vs_bmm"]),
-        median_speedup_vs_bmm=statistics.median(w["speedup_vs_bmm"] for w in rows if w["speedup_vs_bmm"]),
-        max_rel_err=max(w["rel_err_vs_fp32"] for w in rows),
-    )
-    out.write(json.dumps(summary) + "\n")
-    print(json.dumps(summary))
+        bmm = f"{w['speedup_vs_bmm']:6.2f}" if w["speedup_vs_bmm"] else "     -"
+        print(f"{w['hi']:5d} {w['ho']:5d} {w['r']:3d} {w['adapters']:3d} {w['tokens']:4d} {w['order'][:6]:>6} "
+              f"{w['ours_us']:8.1f} {w['pct_roofline']:6.1f} {w['speedup_vs_peft']:6.2f} {bmm} "
+              f"{w['rel_err_vs_fp32']:7.1e}")
+    summaries = summarize(rows)
+    for sm in summaries:
+        out.write(json.dumps(sm) + "\n")
+        print(json.dumps(sm))
+    out.write(json.dumps(dict(kind="total", max_rel_err=max(w["rel_err_vs_fp32"] for w in rows))) + "\n")
 
 
 if __name__ == "__main__":

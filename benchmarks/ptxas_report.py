@@ -13,7 +13,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / "cuda"
 def report(arch: int) -> None:
     lib = ctypes.CDLL(kernels.nvrtc_library())
     common = (ROOT / "lora_common.cuh").read_text()
-    for name in ("lora_shrink", "lora_expand"):
+    for name in ("lora_segments", "lora_shrink", "lora_expand"):
         src = (common + f'\n#line 1 "{name}.cu"\n' + (ROOT / f"{name}.cu").read_text()).encode()
         prog = ctypes.c_void_p()
         assert lib.nvrtcCreateProgram(ctypes.byref(prog), src, f"{name}.cu".encode(), 0, None, None) == 0

@@ -1,5 +1,6 @@
 // Shared by every loramux kernel: argument structs (mirrored in rust/src/cuda/launch.rs), 16-bit
-// float conversion by PTX (NVRTC 13 ships no cuda_bf16.h/cuda_fp16.h), and token grouping by slot.
+// float conversion by PTX (NVRTC 13 ships no cuda_bf16.h/cuda_fp16.h), and the token segments
+// (tokens grouped by adapter slot, built once per step by lora_segments.cu).
 // rust/src/cuda/nvrtc.rs prepends this file to each kernel family's source; no #include anywhere.
 
 #define LMX_MAX_SLICES 8
@@ -31,12 +32,13 @@ struct ShrinkArgs {
     const u16* x;                     // [T, Hi], row stride x_stride elements
     long long x_stride;
     const int* slot_of_token;         // [T], -1 = no adapter
+    const int* segments;              // the step's token segments (layout below)
     float* partial;                   // [S, ksplit, T, max_rank] fp32
     int T;
     int hi;
     int ksplit;
     int kchunk;                       // reduction elements per split (multiple of 32)
-    int group_stride;                 // blocks sharing a tile each take every group_stride-th adapter
+    int max_items;                    // work items the segments hold room for (= gridDim.y)
     LoraTable table;
     LoraSlices slices;
 };
@@ -46,12 +48,23 @@ struct ExpandArgs {
     u16* y;                           // [T, >= sum out_size], row stride y_stride elements
     long long y_stride;
     const int* slot_of_token;
+    const int* segments;
     int T;
     int ksplit;
     int ochunk;                       // output columns per block
-    int group_stride;
+    int max_items;
     LoraTable table;
     LoraSlices slices;
+};
+
+// Builds the segments of one step from slot_of_token (lora_segments.cu).
+struct SegmentArgs {
+    const int* slot_of_token;         // [T]
+    int* segments;                    // [LMX_SEG_HEADER + 3 * max_items + T + num_slots]
+    int T;
+    int num_slots;
+    int max_items;
+    int chunk;                        // tokens per work item at most
 };
 
 struct ReduceArgs {
@@ -87,6 +100,9 @@ template <> __device__ __forceinline__ u16 from_f32<false>(float f) {
     return v;
 }
 __device__ __forceinline__ u32 pack2(u16 lo, u16 hi) { return ((u32)hi << 16) | (u32)lo; }
+__device__ __forceinline__ uint4 pack8(const u16 v[8]) {
+    return make_uint4(pack2(v[0], v[1]), pack2(v[2], v[3]), pack2(v[4], v[5]), pack2(v[6], v[7]));
+}
 
 // Loads 8 consecutive 16-bit values starting at element k of row (row has `len` elements),
 // zero past the end; one 16-byte load when the caller proved alignment (`vec`).
@@ -123,69 +139,43 @@ __device__ __forceinline__ AdapterEntry read_entry(const LoraTable& t, int slot,
     return r;
 }
 
-// ---- grouping a tile of tokens by adapter slot (no sort, no host work) ----------------------
-// Every block of a tile computes the same grouping from slot_of_token with warp votes: threads
-// 0..63 own one token each. distinct[] lists the slots in first-appearance order; collect_tokens
-// lists the tokens of one slot.
+// ---- token segments (built once per step by lora_segments) ------------------------------------
+// The tokens of each adapter slot, listed together (token_idx), cut into work items of at most
+// `chunk` tokens of one slot: a block takes one item, so it reads its adapter's weights once for
+// all the item's tokens whatever the order of the tokens in the batch. The grid holds fewer blocks
+// along y than the bound on items (most mappings have far fewer); a block takes items
+// blockIdx.y, blockIdx.y + gridDim.y, ... Layout (int32):
+//   [0] items, [1] tokens with an adapter, [2] distinct slots, [3] unused,
+//   item_slot[max_items], item_begin[max_items] (index into token_idx), item_count[max_items],
+//   token_idx[T], then num_slots ints of scratch (the builder's histogram and cursors).
+#define LMX_SEG_HEADER 4
 
-struct TileGroups {
-    int slot[LMX_TILE_T];      // slot of each token of the tile, -1 if none / out of range
-    int distinct[LMX_TILE_T];  // distinct slots, first-appearance order
-    int tokens[LMX_TILE_T];    // tokens (absolute index) of the group being processed
-    int warp_count[2];
-    int num_distinct;
-    int num_tokens;
+struct WorkItem {
+    int slot;
+    int count;        // 0: no item for this block
+    const int* tokens;
 };
 
-__device__ __forceinline__ unsigned lanemask_lt() {
-    unsigned m;
-    asm("mov.u32 %0, %%lanemask_lt;" : "=r"(m));
-    return m;
-}
-
-__device__ __forceinline__ void group_tile(TileGroups& g, const int* slot_of_token, int t0, int n,
-                                           int num_slots) {
-    const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
-    int s = -1;
-    if (tid < LMX_TILE_T) {
-        if (tid < n) {
-            s = slot_of_token[t0 + tid];
-            if (s < 0 || s >= num_slots) s = -1;
-        }
-        g.slot[tid] = s;
-    }
-    __syncthreads();
-    unsigned firsts = 0;
-    if (tid < LMX_TILE_T) {
-        const unsigned peers = __match_any_sync(0xffffffffu, s);
-        bool first = s >= 0 && (__ffs(peers) - 1) == lane;
-        if (w == 1 && first) {
-#pragma unroll
-            for (int i = 0; i < 32; ++i) first &= (g.slot[i] != s);
-        }
-        firsts = __ballot_sync(0xffffffffu, first);
-        if (lane == 0) g.warp_count[w] = __popc(firsts);
-    }
-    __syncthreads();
-    if (tid < LMX_TILE_T && ((firsts >> lane) & 1u))
-        g.distinct[__popc(firsts & lanemask_lt()) + (w ? g.warp_count[0] : 0)] = s;
-    if (tid == 0) g.num_distinct = g.warp_count[0] + g.warp_count[1];
-    __syncthreads();
-}
-
-// Fills g.tokens with the tokens of `slot` in the tile (ascending), g.num_tokens with their count.
-__device__ __forceinline__ void collect_tokens(TileGroups& g, int slot, int t0, int n) {
-    const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
-    unsigned mine = 0;
-    if (tid < LMX_TILE_T) {
-        mine = __ballot_sync(0xffffffffu, g.slot[tid] == slot);
-        if (lane == 0) g.warp_count[w] = __popc(mine);
-    }
-    __syncthreads();
-    if (tid < LMX_TILE_T && ((mine >> lane) & 1u))
-        g.tokens[__popc(mine & lanemask_lt()) + (w ? g.warp_count[0] : 0)] = t0 + tid;
-    if (tid == 0) g.num_tokens = g.warp_count[0] + g.warp_count[1];
-    __syncthreads();
+// Work item i (< max_items) of the step; count 0 past the last one. The header and the item's
+// fields are loaded together (no branch between them), one dependent memory trip, not two.
+// Blocks take items blockIdx.y, + gridDim.y, ... while work_item(..).count > 0 (items are dense).
+__device__ __forceinline__ WorkItem work_item(const int* seg, int max_items, int T, int i) {
+    WorkItem w;
+    w.slot = -1;
+    w.count = 0;
+    w.tokens = seg + LMX_SEG_HEADER + 3 * max_items;
+    if (i >= max_items) return w;
+    const int* item = seg + LMX_SEG_HEADER;
+    const int n = seg[0];
+    const int slot = item[i];
+    const int begin = item[max_items + i];
+    const int count = item[2 * max_items + i];
+    // Clamped so a corrupt buffer cannot make a kernel read or write past T.
+    if (i >= n || begin < 0 || count <= 0 || begin >= T) return w;
+    w.slot = slot;
+    w.count = min(count, T - begin);
+    w.tokens += begin;
+    return w;
 }
 
 // Programmatic dependent launch (sm_90): the shrink lets the expand start early; the expand runs

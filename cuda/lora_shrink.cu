@@ -1,11 +1,12 @@
 // LoRA shrink: partial[s, c, t, r] = sum_{i in split c} x[t, i] * A_{slot(t)}[r, i]  (fp32).
-// Tokens are grouped by adapter slot inside each 64-token tile, so one block reads an adapter's
-// A chunk once for all its tokens; the reduction dim is split over blockIdx.x (ksplit) so decode
-// batches spread over every SM. The expand kernel sums the ksplit partials when it loads u.
+// A block takes one work item of the step's token segments (<= 64 tokens of one adapter slot,
+// lora_common.cuh), so it reads the adapter's A chunk once for all of them whatever the token
+// order; the reduction dim is split over blockIdx.x (ksplit) so decode batches spread over every
+// SM. The expand kernel sums the ksplit partials when it loads u.
 // lora_common.cuh is prepended by the loader.
 
-// Decode (T <= 64): CUDA cores. The group's x chunk is staged in shared memory 8 tokens at a
-// time; each warp takes rank rows two at a time (r, r + 8), holding their A chunks in registers
+// Decode (T <= 64): CUDA cores, items of <= DECODE_TOKENS tokens. The item's x chunk is staged in
+// shared memory; each warp takes rank rows two at a time (r, r + 8), holding their A chunks in registers
 // (16-byte loads, issued before the x staging so the two latencies overlap), and reduces one dot
 // product per token with shuffles.
 #define DECODE_TOKENS 8
@@ -44,79 +45,75 @@ __device__ __forceinline__ float dot8(uint4 a, uint4 b) {
 
 template <bool BF16>
 __device__ void shrink_decode(const ShrinkArgs& p) {
-    __shared__ TileGroups g;
+    __shared__ int tokens[DECODE_TOKENS];
     __shared__ __align__(16) u16 xs[DECODE_TOKENS][DECODE_MAX_CHUNK];
     const int s = blockIdx.z;
     const int c = blockIdx.x;
     pdl_launch_dependents();
     if (s >= p.slices.count) return;
     const int module_id = p.slices.module_id[s];
-    group_tile(g, p.slot_of_token, 0, p.T, p.table.num_slots);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int k_begin = c * p.kchunk;
     const int k_end = min(p.hi, k_begin + p.kchunk);
     const int passes = (k_end - k_begin + 255) >> 8;  // <= 4 (planner keeps kchunk <= 1024)
     const bool vec = (p.hi % 8 == 0) && (p.x_stride % 8 == 0) &&
                      ((reinterpret_cast<u64>(p.x) & 15) == 0);
-    for (int d = blockIdx.y; d < g.num_distinct; d += p.group_stride) {
-        const int slot = g.distinct[d];
-        const AdapterEntry e = read_entry(p.table, slot, module_id);
+    for (int it = blockIdx.y;; it += gridDim.y) {
+        const WorkItem w = work_item(p.segments, p.max_items, p.T, it);
+        if (w.count == 0) break;
+        const AdapterEntry e = read_entry(p.table, w.slot, module_id);
         const int R = e.rank;
         if (R == 0) continue;  // uniform over the block
         uint4 a[2][4];
         load_a_rows(e.a, p.hi, warp, R, k_begin, k_end, passes, lane, vec, a);  // in flight now
-        collect_tokens(g, slot, 0, p.T);
+        const int cnt = min(DECODE_TOKENS, w.count);
+        if (threadIdx.x < cnt) tokens[threadIdx.x] = w.tokens[threadIdx.x];
+        __syncthreads();
         float* out = p.partial + ((long long)(s * p.ksplit + c) * p.T) * p.table.max_rank;
-        for (int tc = 0; tc < g.num_tokens; tc += DECODE_TOKENS) {
-            const int cnt = min(DECODE_TOKENS, g.num_tokens - tc);
-            const int per_row = passes * 32;  // 8-element chunks per staged row
-            for (int idx = threadIdx.x; idx < cnt * per_row; idx += blockDim.x) {
-                const int i = idx / per_row, k = (idx % per_row) * 8;
-                u16 v[8];
-                load8(p.x + (long long)g.tokens[tc + i] * p.x_stride, k_begin + k, k_end, vec, v);
-                *reinterpret_cast<uint4*>(&xs[i][k]) =
-                    make_uint4(pack2(v[0], v[1]), pack2(v[2], v[3]), pack2(v[4], v[5]), pack2(v[6], v[7]));
-            }
-            __syncthreads();
-            for (int r = warp; r < R; r += 16) {
-                if (r != warp || tc != 0) load_a_rows(e.a, p.hi, r, R, k_begin, k_end, passes, lane, vec, a);
-                for (int i = 0; i < cnt; ++i) {
-                    float sum0 = 0.f, sum1 = 0.f;
-#pragma unroll
-                    for (int q = 0; q < 4; ++q) {
-                        if (q < passes) {
-                            const uint4 xv = *reinterpret_cast<const uint4*>(&xs[i][q * 256 + lane * 8]);
-                            sum0 += dot8<BF16>(a[0][q], xv);
-                            sum1 += dot8<BF16>(a[1][q], xv);
-                        }
-                    }
-#pragma unroll
-                    for (int off = 16; off > 0; off >>= 1) {
-                        sum0 += __shfl_xor_sync(0xffffffffu, sum0, off);
-                        sum1 += __shfl_xor_sync(0xffffffffu, sum1, off);
-                    }
-                    const long long base = (long long)g.tokens[tc + i] * p.table.max_rank;
-                    if (lane == 0) out[base + r] = sum0;
-                    if (lane == 1 && r + 8 < R) out[base + r + 8] = sum1;
-                }
-            }
-            __syncthreads();  // xs and g.tokens are rewritten next
+        const int per_row = passes * 32;  // 8-element chunks per staged row
+        for (int idx = threadIdx.x; idx < cnt * per_row; idx += blockDim.x) {
+            const int i = idx / per_row, k = (idx % per_row) * 8;
+            u16 v[8];
+            load8(p.x + (long long)tokens[i] * p.x_stride, k_begin + k, k_end, vec, v);
+            *reinterpret_cast<uint4*>(&xs[i][k]) =
+                make_uint4(pack2(v[0], v[1]), pack2(v[2], v[3]), pack2(v[4], v[5]), pack2(v[6], v[7]));
         }
+        __syncthreads();
+        for (int r = warp; r < R; r += 16) {
+            if (r != warp) load_a_rows(e.a, p.hi, r, R, k_begin, k_end, passes, lane, vec, a);
+            for (int i = 0; i < cnt; ++i) {
+                float sum0 = 0.f, sum1 = 0.f;
+#pragma unroll
+                for (int q = 0; q < 4; ++q) {
+                    if (q < passes) {
+                        const uint4 xv = *reinterpret_cast<const uint4*>(&xs[i][q * 256 + lane * 8]);
+                        sum0 += dot8<BF16>(a[0][q], xv);
+                        sum1 += dot8<BF16>(a[1][q], xv);
+                    }
+                }
+#pragma unroll
+                for (int off = 16; off > 0; off >>= 1) {
+                    sum0 += __shfl_xor_sync(0xffffffffu, sum0, off);
+                    sum1 += __shfl_xor_sync(0xffffffffu, sum1, off);
+                }
+                const long long base = (long long)tokens[i] * p.table.max_rank;
+                if (lane == 0) out[base + r] = sum0;
+                if (lane == 1 && r + 8 < R) out[base + r + 8] = sum1;
+            }
+        }
+        __syncthreads();  // tokens and xs are rewritten by the next item
     }
 }
 
 #define SHRINK_KSTEP 64
 #define SHRINK_PITCH 72  // halves per smem row: 144 bytes, conflict-free fragment loads
 
-__device__ __forceinline__ uint4 pack8(const u16 v[8]) {
-    return make_uint4(pack2(v[0], v[1]), pack2(v[2], v[3]), pack2(v[4], v[5]), pack2(v[6], v[7]));
-}
 
-// Prefill (T > 64): tensor cores. Block = (split c, tile*group_stride + j, slice s); 8 warps:
+// Prefill (T > 64): tensor cores. Block = (split c, work item, slice s); 8 warps:
 // warp w owns token rows 16*(w&3).. and every other 8-wide rank tile starting at (w>>2).
 template <bool BF16>
 __device__ void shrink_tile(const ShrinkArgs& p) {
-    __shared__ TileGroups g;
+    __shared__ int tokens[LMX_TILE_T];
     __shared__ __align__(16) u16 xs[LMX_TILE_T][SHRINK_PITCH];
     __shared__ __align__(16) u16 as[128][SHRINK_PITCH];
     const int s = blockIdx.z;
@@ -124,26 +121,23 @@ __device__ void shrink_tile(const ShrinkArgs& p) {
     if (s >= p.slices.count) return;
     pdl_launch_dependents();
     const int module_id = p.slices.module_id[s];
-    const int tile = blockIdx.y / p.group_stride;
-    const int j = blockIdx.y % p.group_stride;
-    const int t0 = tile * LMX_TILE_T;
-    if (t0 >= p.T) return;
-    const int n = min(LMX_TILE_T, p.T - t0);
-    group_tile(g, p.slot_of_token, t0, n, p.table.num_slots);
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int gq = lane >> 2, tq = lane & 3;
     const int k_begin = c * p.kchunk;
     const int k_end = min(p.hi, k_begin + p.kchunk);
     const bool vec = (p.hi % 8 == 0) && (p.x_stride % 8 == 0) &&
                      ((reinterpret_cast<u64>(p.x) & 15) == 0);
-    for (int d = j; d < g.num_distinct; d += p.group_stride) {
-        const int slot = g.distinct[d];
-        const AdapterEntry e = read_entry(p.table, slot, module_id);
-        collect_tokens(g, slot, t0, n);
+    for (int it = blockIdx.y;; it += gridDim.y) {
+        const WorkItem w = work_item(p.segments, p.max_items, p.T, it);
+        if (w.count == 0) break;
+        const AdapterEntry e = read_entry(p.table, w.slot, module_id);
+        if (e.rank == 0) continue;  // uniform over the block
+        const int nt = min(LMX_TILE_T, w.count);
+        if (tid < nt) tokens[tid] = w.tokens[tid];
+        __syncthreads();
         const int R = e.rank;
         const int ntile8 = (R + 7) >> 3;
         const int nrows_a = ntile8 * 8;
-        const int nt = g.num_tokens;
         const int mt = warp & 3, nbase = warp >> 2;
         float acc[8][4];
 #pragma unroll
@@ -157,7 +151,7 @@ __device__ void shrink_tile(const ShrinkArgs& p) {
                 const int idx = tid + q * LMX_THREADS;
                 const int xr = idx >> 3, xc = (idx & 7) * 8;
                 if (xr < nt) {
-                    load8(p.x + (long long)g.tokens[xr] * p.x_stride, k0 + xc, k_end, vec, tmp);
+                    load8(p.x + (long long)tokens[xr] * p.x_stride, k0 + xc, k_end, vec, tmp);
                     xv[q] = pack8(tmp);
                 } else {
                     xv[q] = make_uint4(0, 0, 0, 0);
@@ -223,7 +217,7 @@ __device__ void shrink_tile(const ShrinkArgs& p) {
                     const int row = mt * 16 + gq + ((h & 2) ? 8 : 0);
                     const int r = nb * 8 + tq * 2 + (h & 1);
                     if (row < nt && r < R)
-                        out[(long long)g.tokens[row] * p.table.max_rank + r] = acc[i][h];
+                        out[(long long)tokens[row] * p.table.max_rank + r] = acc[i][h];
                 }
             }
         }

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -20,6 +20,10 @@ class BatchMeta:
     dtype: torch.dtype  # dtype of the adapter values in the pool
     slot_of_token: torch.Tensor  # int32 [T], -1 = no adapter
     max_rank: int  # width of u
+    # The CUDA kernels' token segments of slot_of_token (tokens listed by slot, cut into work
+    # items; cuda/lora_common.cuh), built on the device once per step by StepBatch so every apply
+    # of the step reads them; None: each kernel call builds its own.
+    segments: Optional[torch.Tensor] = None
 
     # The CPU reference reads the token groups and the batch's table rows once per BatchMeta, not
     # once per layer (the slots of a batch stay pinned, so their entries do not change under it).

@@ -16,7 +16,7 @@ from loramux.layout import ENTRY_WORDS, KERNEL_DTYPES
 from loramux.modules import NUM_MODULES
 from loramux.ops.nvrtc_library import nvrtc_library
 
-__all__ = ["available", "supports", "lora_shrink", "lora_expand", "lora_apply"]
+__all__ = ["available", "supports", "segments", "lora_shrink", "lora_expand", "lora_apply"]
 
 MAX_RANK = _core.KERNEL_MAX_RANK
 MAX_SLICES = _core.KERNEL_MAX_SLICES
@@ -56,7 +56,48 @@ def _rows(name: str, t, device) -> None:
         raise LoraCudaError(f"{name} must be 2-D with contiguous rows, got shape {tuple(t.shape)} strides {t.stride()}")
 
 
+def _device_index(device) -> int:
+    import torch
+
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def segments(slot_of_token, num_slots: int):
+    """The token segments of slot_of_token over a table of num_slots slots (int32 tensor on its
+    device), built by one kernel on the current stream: no host sync, CUDA-graph capturable (a
+    captured build re-reads slot_of_token on every replay)."""
+    import torch
+
+    if slot_of_token.dtype != torch.int32 or slot_of_token.dim() != 1 or not slot_of_token.is_contiguous():
+        raise LoraCudaError(f"slot_of_token must be a contiguous 1-D int32 tensor, got {slot_of_token.dtype} "
+                            f"{tuple(slot_of_token.shape)}")
+    nvrtc_library()
+    device = slot_of_token.device
+    tokens = slot_of_token.shape[0]
+    n = _core.segments_len(tokens, num_slots)
+    buf = torch.empty(n, dtype=torch.int32, device=device)
+    _core.build_segments(_device_index(device), torch.cuda.current_stream(device).cuda_stream,
+                         slot_of_token.data_ptr(), tokens, num_slots, buf.data_ptr(), n)
+    return buf
+
+
+def _segments_of(meta, device, tokens: int):
+    """meta.segments when they fit this batch (StepBatch builds them once per step), else new ones."""
+    import torch
+
+    seg = meta.segments
+    num_slots = meta.table.shape[0]
+    if seg is not None:
+        need = _core.segments_len(tokens, num_slots)
+        if seg.device != device or seg.dtype != torch.int32 or seg.numel() != need or not seg.is_contiguous():
+            raise LoraCudaError(f"meta.segments must be a contiguous int32 tensor of {need} elements on {device} "
+                                f"(kernels.segments of its slot_of_token), got {seg.dtype} {tuple(seg.shape)} on {seg.device}")
+        return seg
+    return segments(meta.slot_of_token, num_slots)
+
+
 def _batch(meta, layer: int, device, tokens: int):
+    """(the Rust KernelBatch, the segments tensor it points into: kept alive by the caller)."""
     import torch
 
     nvrtc_library()
@@ -72,11 +113,13 @@ def _batch(meta, layer: int, device, tokens: int):
         raise LoraCudaError(f"meta.slot_of_token must be [{tokens}], got {tuple(slots.shape)}")
     if not 0 <= layer < table.shape[1]:
         raise LoraCudaError(f"layer {layer} is out of range for a slot table of {table.shape[1]} layers")
-    return _core.KernelBatch(
-        device=device.index if device.index is not None else torch.cuda.current_device(),
+    seg = _segments_of(meta, device, tokens)
+    return seg, _core.KernelBatch(
+        device=_device_index(device),
         stream=torch.cuda.current_stream(device).cuda_stream,
         dtype=_dtype_name(meta.dtype),
         slot_of_token=slots.data_ptr(),
+        segments=seg.data_ptr(),
         tokens=tokens,
         table=table.data_ptr(),
         num_slots=table.shape[0],
@@ -93,19 +136,19 @@ def _shrink_partials(x, meta, layer: int, module_ids: Sequence[int]):
     if x.dtype != meta.dtype:
         raise LoraCudaError(f"x is {x.dtype} but the adapters are {meta.dtype}: serve in one dtype")
     tokens, hi = x.shape
-    batch = _batch(meta, layer, x.device, tokens)
+    seg, batch = _batch(meta, layer, x.device, tokens)
     ids = [int(m) for m in module_ids]
     plan = _core.plan_shrink(tokens, hi, len(ids), meta.table.shape[0])
     partial = torch.empty(len(ids) * plan[0] * tokens * int(meta.max_rank), dtype=torch.float32, device=x.device)
     batch.shrink(x.data_ptr(), x.stride(0), hi, ids, partial.data_ptr(), partial.numel(), plan)
-    return batch, ids, plan, partial
+    return batch, ids, plan, partial, seg
 
 
 def lora_shrink(x, meta, layer: int, module_ids: Sequence[int]):
     """u [len(module_ids), T, max_rank] float32: u[s, t, r] = sum_i x[t, i] A[r, i] (0 past rank)."""
     import torch
 
-    batch, ids, plan, partial = _shrink_partials(x, meta, layer, module_ids)
+    batch, ids, plan, partial, _seg = _shrink_partials(x, meta, layer, module_ids)
     u = torch.empty((len(ids), x.shape[0], int(meta.max_rank)), dtype=torch.float32, device=x.device)
     batch.reduce(ids, partial.data_ptr(), plan, u.data_ptr())
     return u
@@ -131,12 +174,13 @@ def lora_expand(u, y, meta, layer: int, module_ids: Sequence[int], out_sizes: Se
     want = (len(ids), tokens, int(meta.max_rank))
     if tuple(u.shape) != want or u.dtype != torch.float32 or not u.is_contiguous() or u.device != y.device:
         raise LoraCudaError(f"u must be a contiguous float32 {list(want)} tensor on {y.device}, got {u.dtype} {list(u.shape)}")
-    batch = _batch(meta, layer, y.device, tokens)
+    _seg, batch = _batch(meta, layer, y.device, tokens)
     batch.expand(u.data_ptr(), 1, y.data_ptr(), y.stride(0), ids, sizes)
 
 
 def lora_apply(x, y, meta, layer: int, module_ids: Sequence[int], out_sizes: Sequence[int]) -> None:
-    """Shrink then expand. Decode (T <= 64): two launches, the expand a programmatic dependent of
+    """Shrink then expand over the batch's token segments (meta.segments, or built here first).
+    Decode (T <= 64): two launches, the expand a programmatic dependent of
     the shrink on sm_90 (starts early, waits in-kernel) that sums the split-K partials as it
     loads u. Prefill: shrink, a reduce of the partials into u, then the expand."""
     sizes = [int(o) for o in out_sizes]
@@ -145,7 +189,7 @@ def lora_apply(x, y, meta, layer: int, module_ids: Sequence[int], out_sizes: Seq
         raise LoraCudaError(f"y {tuple(y.shape)} {y.dtype} does not match x {tuple(x.shape)} {x.dtype}")
     import torch
 
-    batch, ids, plan, partial = _shrink_partials(x, meta, layer, module_ids)
+    batch, ids, plan, partial, _seg = _shrink_partials(x, meta, layer, module_ids)  # _seg: alive until launched
     if plan[2]:  # prefill: sum the split-K partials once instead of in every expand block
         u = torch.empty((len(ids), x.shape[0], int(meta.max_rank)), dtype=torch.float32, device=x.device)
         batch.reduce(ids, partial.data_ptr(), plan, u.data_ptr())

@@ -2,7 +2,8 @@
 the model (the Engine's wrappers and the tensor-parallel layers alike).
 
 Which slot each row uses is the same for every layer and projection of a step, so it is turned
-into per-token metadata once per token count, not once per layer; which (layer, module) pairs any
+into per-token metadata once per token count, not once per layer: on CUDA that includes the
+kernels' token segments (tokens listed by adapter slot), built on the device without a host sync; which (layer, module) pairs any
 row's adapter has is read once per batch, so layers no adapter touches launch nothing.
 """
 
@@ -16,6 +17,19 @@ from loramux.errors import LoraError
 from loramux.ops.batch_meta import BatchMeta
 
 __all__ = ["StepBatch"]
+
+
+def _segments(slot_of_token: torch.Tensor, table: torch.Tensor, dtype: torch.dtype,
+              max_rank: int) -> Optional[torch.Tensor]:
+    """The CUDA kernels' token segments, when the kernels will serve this batch; else None."""
+    if not slot_of_token.is_cuda:
+        return None
+    from loramux.ops import apply  # the kernels module is optional; apply knows whether it loaded
+
+    k = apply._kernels
+    if k is None or not k.available() or not k.supports(dtype, max_rank):
+        return None
+    return k.segments(slot_of_token, table.shape[0])
 
 
 class StepBatch:
@@ -95,6 +109,7 @@ class StepBatch:
             # graph keeps reading the tensor its caller rewrites
             slot_of_token = self.slot_of_row if tokens == self.rows else self.slot_of_row.repeat_interleave(tokens // self.rows)
             meta = BatchMeta(table=self.table, pool=self.pool, dtype=self.dtype, slot_of_token=slot_of_token,
-                             max_rank=self.max_rank)
+                             max_rank=self.max_rank, segments=_segments(slot_of_token, self.table, self.dtype,
+                                                                       self.max_rank))
             self._metas[tokens] = meta
         return meta

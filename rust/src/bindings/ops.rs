@@ -17,14 +17,15 @@ pub struct PyKernelBatch {
 #[pymethods]
 impl PyKernelBatch {
     #[new]
-    #[pyo3(signature = (*, device, stream, dtype, slot_of_token, tokens, table, num_slots, num_layers, layer, max_rank))]
+    #[pyo3(signature = (*, device, stream, dtype, slot_of_token, segments, tokens, table, num_slots, num_layers, layer, max_rank))]
     #[allow(clippy::too_many_arguments)]
     fn new(
-        device: i32, stream: u64, dtype: &str, slot_of_token: u64, tokens: usize, table: u64, num_slots: usize,
-        num_layers: usize, layer: usize, max_rank: usize,
+        device: i32, stream: u64, dtype: &str, slot_of_token: u64, segments: u64, tokens: usize, table: u64,
+        num_slots: usize, num_layers: usize, layer: usize, max_rank: usize,
     ) -> PyResult<Self> {
         let dtype = launch::Dtype::parse(dtype).py()?;
-        let batch = launch::Batch { stream, dtype, slot_of_token, tokens, table, num_slots, num_layers, layer, max_rank };
+        let batch =
+            launch::Batch { stream, dtype, slot_of_token, segments, tokens, table, num_slots, num_layers, layer, max_rank };
         Ok(PyKernelBatch { device, batch })
     }
 
@@ -66,6 +67,22 @@ impl PyKernelBatch {
 fn plan_shrink(tokens: usize, hi: usize, num_slices: usize, num_slots: usize) -> (usize, usize, bool) {
     let p = plan::plan_shrink(tokens, hi, num_slices, num_slots);
     (p.ksplit, p.kchunk, plan::apply_reduces_first(tokens, &p))
+}
+
+/// int32 elements of the token-segments buffer for `tokens` tokens over `num_slots` slots.
+#[pyfunction]
+fn segments_len(tokens: usize, num_slots: usize) -> usize {
+    plan::segments_len(tokens, num_slots)
+}
+
+/// Builds a batch's token segments on `stream` (one kernel, no host sync): see launch::build_segments.
+#[pyfunction]
+#[pyo3(signature = (device, stream, slot_of_token, tokens, num_slots, segments, capacity))]
+fn build_segments(
+    device: i32, stream: u64, slot_of_token: u64, tokens: usize, num_slots: usize, segments: u64, capacity: usize,
+) -> PyResult<()> {
+    let k = cuda::kernels(device).py()?;
+    launch::build_segments(&k, stream, slot_of_token, tokens, num_slots, segments, capacity).py()
 }
 
 /// Whether libnvrtc can be opened.
@@ -115,6 +132,8 @@ fn load_kernels(py: Python<'_>, device: i32) -> PyResult<u32> {
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyKernelBatch>()?;
     m.add_function(wrap_pyfunction!(plan_shrink, m)?)?;
+    m.add_function(wrap_pyfunction!(segments_len, m)?)?;
+    m.add_function(wrap_pyfunction!(build_segments, m)?)?;
     m.add_function(wrap_pyfunction!(nvrtc_available, m)?)?;
     m.add_function(wrap_pyfunction!(nvrtc_version, m)?)?;
     m.add_function(wrap_pyfunction!(nvrtc_compile_all, m)?)?;

@@ -6,7 +6,10 @@ use std::ffi::c_void;
 
 use cudarc::driver::{result as drv, sys};
 
-use super::plan::{decode_expand_is_flat, flat_expand_columns, partial_len, ShrinkPlan, TILE_T};
+use super::plan::{
+    decode_expand_is_flat, expand_columns_per_thread, expand_tiles_per_block, expand_variant, flat_expand_columns, grid_items, item_tokens, max_items,
+    partial_len, segments_len, small_items, ShrinkPlan,
+};
 use super::DeviceKernels;
 use crate::cache::slot_table::ENTRY_WORDS;
 use crate::error::{LoraError, Result};
@@ -19,6 +22,7 @@ pub const MAX_SLICES: usize = 8;
 /// The kernels keep a token tile's u in shared memory: ranks up to this fit.
 pub const MAX_RANK: usize = 128;
 const THREADS: u32 = 256;
+const SEG_THREADS: u32 = 1024;
 const MODULES: u32 = NUM_MODULES as u32;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -79,12 +83,13 @@ struct ShrinkArgs {
     x: u64,
     x_stride: i64,
     slot_of_token: u64,
+    segments: u64,
     partial: u64,
     t: i32,
     hi: i32,
     ksplit: i32,
     kchunk: i32,
-    group_stride: i32,
+    max_items: i32,
     table: LoraTable,
     slices: LoraSlices,
 }
@@ -96,12 +101,24 @@ struct ExpandArgs {
     y: u64,
     y_stride: i64,
     slot_of_token: u64,
+    segments: u64,
     t: i32,
     ksplit: i32,
     ochunk: i32,
-    group_stride: i32,
+    max_items: i32,
     table: LoraTable,
     slices: LoraSlices,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct SegmentArgs {
+    slot_of_token: u64,
+    segments: u64,
+    t: i32,
+    num_slots: i32,
+    max_items: i32,
+    chunk: i32,
 }
 
 #[repr(C)]
@@ -123,6 +140,9 @@ pub struct Batch {
     pub dtype: Dtype,
     /// int32 [T] device pointer
     pub slot_of_token: u64,
+    /// int32 [segments_len(T, num_slots)] device pointer: the step's token segments, built by
+    /// `build_segments` from the same slot_of_token (0: none; shrink and expand need them)
+    pub segments: u64,
     pub tokens: usize,
     /// int64 [max_slots, num_layers, 19, ENTRY_WORDS] device pointer
     pub table: u64,
@@ -147,7 +167,25 @@ impl Batch {
         if self.num_slots == 0 {
             return bad("the slot table has no slots".into());
         }
+        if self.num_slots > i32::MAX as usize / 4 {
+            return bad(format!("{} slots is more than the kernels index", self.num_slots));
+        }
         Ok(())
+    }
+
+    fn need_segments(&self) -> Result<()> {
+        if self.segments == 0 {
+            return Err(LoraError::Cuda("the token segments of the batch were not built (build_segments)".into()));
+        }
+        Ok(())
+    }
+
+    fn max_items(&self) -> usize {
+        max_items(self.tokens, self.num_slots)
+    }
+
+    fn grid_items(&self) -> usize {
+        grid_items(self.tokens, self.num_slots)
     }
 
     fn table_args(&self) -> LoraTable {
@@ -161,26 +199,11 @@ impl Batch {
         }
     }
 
+    /// Small work items on CUDA cores (split-K shrink, expand summing the partials) vs tensor-core tiles.
     fn decode(&self) -> bool {
-        self.tokens <= TILE_T
+        small_items(self.tokens)
     }
 
-    fn tiles(&self) -> usize {
-        self.tokens.div_ceil(TILE_T)
-    }
-
-    /// Blocks of a tile that split its distinct adapters between them. Decode: one block per
-    /// adapter. Prefill: few, since a block that finds no adapter of its own still pays for the
-    /// grouping (the expand grid is wide along Ho, so it takes fewer than the shrink).
-    fn group_stride(&self, expand: bool) -> usize {
-        if self.decode() {
-            self.tokens.min(self.num_slots).max(1)
-        } else if expand {
-            2.min(self.num_slots)
-        } else {
-            8.min(self.num_slots)
-        }
-    }
 }
 
 fn slices(module_ids: &[u32], out_sizes: Option<&[usize]>) -> Result<LoraSlices> {
@@ -241,6 +264,36 @@ unsafe fn launch_dependent<A>(k: &DeviceKernels, name: &str, grid: (u32, u32, u3
         .map_err(|e| LoraError::Cuda(format!("launch {name} (dependent): {e:?}")))
 }
 
+/// Builds the token segments of a batch (cuda/lora_segments.cu) into `segments`, which must hold
+/// `segments_len(tokens, num_slots)` int32s: once per step, before the step's shrinks and expands.
+pub fn build_segments(
+    k: &DeviceKernels, stream: u64, slot_of_token: u64, tokens: usize, num_slots: usize, segments: u64,
+    capacity: usize,
+) -> Result<()> {
+    if num_slots == 0 || num_slots > i32::MAX as usize / 4 || tokens > i32::MAX as usize / 2 {
+        return Err(LoraError::Cuda(format!("{tokens} tokens over {num_slots} slots is out of the kernels' range")));
+    }
+    let need = segments_len(tokens, num_slots);
+    if capacity < need {
+        return Err(LoraError::Cuda(format!("segments buffer holds {capacity} int32s, {need} needed")));
+    }
+    if segments == 0 || (tokens > 0 && slot_of_token == 0) {
+        return Err(LoraError::Cuda("null segments or slot_of_token pointer".into()));
+    }
+    let args = SegmentArgs {
+        slot_of_token,
+        segments,
+        t: tokens as i32,
+        num_slots: num_slots as i32,
+        max_items: max_items(tokens, num_slots) as i32,
+        chunk: item_tokens(tokens) as i32,
+    };
+    let f = k.function("lora_segments")?;
+    let mut params = [&args as *const SegmentArgs as *mut c_void];
+    unsafe { drv::launch_kernel(f, (1, 1, 1), (SEG_THREADS, 1, 1), 0, stream as sys::CUstream, &mut params) }
+        .map_err(|e| LoraError::Cuda(format!("launch lora_segments: {e:?}")))
+}
+
 /// Shrink into the partial buffer. `partial` must hold `partial_len(plan, ...)` floats.
 #[allow(clippy::too_many_arguments)]
 pub fn shrink(
@@ -259,23 +312,25 @@ pub fn shrink(
     if partial_capacity < need {
         return Err(LoraError::Cuda(format!("partial buffer holds {partial_capacity} floats, the plan needs {need}")));
     }
-    let gs = b.group_stride(false);
+    b.need_segments()?;
+    let items = b.max_items();
     let args = ShrinkArgs {
         x,
         x_stride: x_stride as i64,
         slot_of_token: b.slot_of_token,
+        segments: b.segments,
         partial,
         t: b.tokens as i32,
         hi: hi as i32,
         ksplit: plan.ksplit as i32,
         kchunk: plan.kchunk as i32,
-        group_stride: gs as i32,
+        max_items: items as i32,
         table: b.table_args(),
         slices: sl,
     };
-    let (kind, gy) = if b.decode() { ("decode", gs) } else { ("tile", b.tiles() * gs) };
+    let kind = if b.decode() { "decode" } else { "tile" };
     let name = format!("lora_shrink_{kind}_{}", b.dtype.suffix());
-    let grid = (plan.ksplit as u32, gy as u32, module_ids.len() as u32);
+    let grid = (plan.ksplit as u32, b.grid_items() as u32, module_ids.len() as u32);
     unsafe { launch(k, &name, grid, b.stream, &args) }
 }
 
@@ -320,30 +375,38 @@ pub fn expand(
     if b.tokens == 0 || max_out == 0 {
         return Ok(());
     }
-    let gs = b.group_stride(true);
-    // decode: output columns per thread. The kernel is templated on it; 2 and 4 measured slower on
-    // the H100 than 1 (docs/kernel-notes.md, "Optimization log"), so only 1 is instantiated.
-    let per_thread = 1;
+    b.need_segments()?;
+    let items = b.max_items();
+    // small items: output columns per thread (the kernel is templated on it: 1 and 4 instantiated)
+    let per_thread = expand_columns_per_thread();
     let flat = decode_expand_is_flat(b.tokens, module_ids.len());
-    let ochunk = if flat { flat_expand_columns(b.tokens) } else if b.decode() { THREADS as usize * per_thread } else { 64 };
+    let tiles = expand_tiles_per_block();
+    let ochunk = if flat {
+        flat_expand_columns(b.tokens)
+    } else if b.decode() {
+        THREADS as usize * per_thread
+    } else {
+        64 * tiles
+    };
     let args = ExpandArgs {
         partial,
         y,
         y_stride: y_stride as i64,
         slot_of_token: b.slot_of_token,
+        segments: b.segments,
         t: b.tokens as i32,
         ksplit: ksplit as i32,
         ochunk: ochunk as i32,
-        group_stride: gs as i32,
+        max_items: items as i32,
         table: b.table_args(),
         slices: sl,
     };
     let (name, gy) = if flat {
         (format!("lora_expand_flat_{}", b.dtype.suffix()), 1)
     } else if b.decode() {
-        (format!("lora_expand_decode_{}_o{per_thread}", b.dtype.suffix()), gs)
+        (format!("lora_expand_decode_{}_o{}", b.dtype.suffix(), expand_variant()), b.grid_items())
     } else {
-        (format!("lora_expand_tile_{}", b.dtype.suffix()), b.tiles() * gs)
+        (format!("lora_expand_tile_{}_c{tiles}", b.dtype.suffix()), b.grid_items())
     };
     let grid = (max_out.div_ceil(ochunk) as u32, gy as u32, module_ids.len() as u32);
     // Chained right after our own shrink (which never writes y): start early, overlap the prologue.
@@ -363,7 +426,9 @@ mod tests {
         // sizes as the CUDA compiler lays out lora_common.cuh (8-byte aligned members)
         assert_eq!(std::mem::size_of::<LoraSlices>(), 4 + 3 * 4 * MAX_SLICES);
         assert_eq!(std::mem::size_of::<LoraTable>(), 24);
-        assert_eq!(std::mem::size_of::<ShrinkArgs>(), 32 + 20 + 4 + 24 + 100 + 4);
+        assert_eq!(std::mem::size_of::<ShrinkArgs>(), 40 + 20 + 4 + 24 + 100 + 4);
+        assert_eq!(std::mem::size_of::<ExpandArgs>(), 40 + 16 + 24 + 100 + 4);
+        assert_eq!(std::mem::size_of::<SegmentArgs>(), 32);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use cudarc::nvrtc::{result as nvrtc, sys};
 
 use crate::error::{LoraError, Result};
 
-/// Prepended to every family: argument structs, 16-bit float conversion, token grouping.
+/// Prepended to every family: argument structs, 16-bit float conversion, token segments.
 const COMMON: &str = include_str!("../../../cuda/lora_common.cuh");
 
 /// One .cu file: its kernels are compiled and loaded together.
@@ -40,14 +40,26 @@ pub const EXPAND: KernelFamily = KernelFamily {
     functions: &[
         "lora_expand_decode_bf16_o1",
         "lora_expand_decode_f16_o1",
+        "lora_expand_decode_bf16_o1w",
+        "lora_expand_decode_f16_o1w",
+        "lora_expand_decode_bf16_o4",
+        "lora_expand_decode_f16_o4",
         "lora_expand_flat_bf16",
         "lora_expand_flat_f16",
-        "lora_expand_tile_bf16",
-        "lora_expand_tile_f16",
+        "lora_expand_tile_bf16_c1",
+        "lora_expand_tile_f16_c1",
+        "lora_expand_tile_bf16_c4",
+        "lora_expand_tile_f16_c4",
     ],
 };
 
-pub const FAMILIES: [&KernelFamily; 2] = [&SHRINK, &EXPAND];
+pub const SEGMENTS: KernelFamily = KernelFamily {
+    name: "lora_segments",
+    body: include_str!("../../../cuda/lora_segments.cu"),
+    functions: &["lora_segments"],
+};
+
+pub const FAMILIES: [&KernelFamily; 3] = [&SEGMENTS, &SHRINK, &EXPAND];
 
 impl KernelFamily {
     pub fn source(&self) -> String {

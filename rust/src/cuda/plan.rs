@@ -1,8 +1,26 @@
 //! Launch planning: which kernel path a batch takes and how the shrink splits its reduction
 //! dimension so decode batches spread over every SM. Pure arithmetic, no CUDA.
 
-/// Tokens grouped by one block; batches up to this take the decode (split-K) kernels.
+/// Tokens of one tensor-core tile (a prefill work item); decode batches (up to this many tokens)
+/// may take the flat expand.
 pub const TILE_T: usize = 64;
+
+/// Batches up to this many tokens take the CUDA-core kernels over small work items (8 tokens of
+/// one adapter): with many adapters a mid-size batch gives each only a few tokens, which a 64-token
+/// tensor-core tile would mostly pad. Measured on the H200 (docs/kernel-notes.md, passes 2-3):
+/// at T=256 small items win for 1, 32 and 128 adapters (4096->4096: 21/23/58 us vs 23/38/117 on
+/// tiles) except one adapter into 14336 columns (41 vs 29); at T=512 tiles win unless the batch
+/// spreads over ~128 adapters. `LORAMUX_SMALL_ITEMS_MAX_T` overrides it for A/B runs.
+pub const SMALL_ITEMS_MAX_T: usize = 256;
+
+pub fn small_items_max_t() -> usize {
+    std::env::var("LORAMUX_SMALL_ITEMS_MAX_T").ok().and_then(|v| v.parse().ok()).unwrap_or(SMALL_ITEMS_MAX_T)
+}
+
+/// Whether a batch of `tokens` takes the small-item (CUDA-core, split-K) kernels.
+pub fn small_items(tokens: usize) -> bool {
+    tokens <= small_items_max_t().max(TILE_T)
+}
 /// Enough blocks to keep every SM of an H100 (132) busy several times over.
 const TARGET_BLOCKS: usize = 4 * 132;
 
@@ -26,6 +44,46 @@ pub fn decode_expand_is_flat(tokens: usize, num_slices: usize) -> bool {
     }
 }
 
+/// Tokens of one work item of the step's token segments (cuda/lora_common.cuh): a block takes one
+/// item. Decode items are small so one adapter's tokens spread over several blocks (a single
+/// tenant's 64 tokens are 8 items, not one block); prefill items are the tensor-core tile.
+pub fn item_tokens(tokens: usize) -> usize {
+    if small_items(tokens) {
+        DECODE_ITEM
+    } else {
+        TILE_T
+    }
+}
+
+/// Decode work-item size: the decode kernels stage this many tokens (DECODE_TOKENS, EXPAND_ITEM).
+pub const DECODE_ITEM: usize = 8;
+
+/// Work items the segments of `tokens` tokens over `num_slots` slots can hold at most: every slot
+/// used adds at most one partial item, and no item is empty.
+pub fn max_items(tokens: usize, num_slots: usize) -> usize {
+    let chunk = item_tokens(tokens);
+    (tokens.div_ceil(chunk) + tokens.min(num_slots)).min(tokens).max(1)
+}
+
+/// Blocks along the items of a launch: every item bound for decode batches (at most 64), else
+/// capped (blocks loop over items with stride gridDim.y) so a launch is not mostly blocks that find
+/// no item: the bound counts one extra item per slot of the table, most mappings use few.
+pub fn grid_items(tokens: usize, num_slots: usize) -> usize {
+    let m = max_items(tokens, num_slots);
+    if tokens <= TILE_T {
+        m
+    } else {
+        m.min(tokens.div_ceil(item_tokens(tokens)).max(64))
+    }
+}
+
+/// int32 elements of the segments buffer: header, three item arrays, token list, slot scratch.
+pub fn segments_len(tokens: usize, num_slots: usize) -> usize {
+    SEG_HEADER + 3 * max_items(tokens, num_slots) + tokens + num_slots
+}
+
+pub const SEG_HEADER: usize = 4;
+
 /// How the shrink splits its reduction dim: `ksplit` partial sums of `kchunk` elements each.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ShrinkPlan {
@@ -34,11 +92,18 @@ pub struct ShrinkPlan {
 }
 
 pub fn plan_shrink(tokens: usize, hi: usize, num_slices: usize, num_slots: usize) -> ShrinkPlan {
-    let decode = tokens <= TILE_T;
+    let decode = small_items(tokens);
     // decode: a block holds up to 4 x 256 elements of each A row in registers; prefill: the tensor
     // core kernel steps 64 at a time, and splits only to fill the SMs.
     let (granule, max_chunk) = if decode { (256, 1024) } else { (64, usize::MAX) };
-    let groups = if decode { tokens.min(num_slots).max(1) } else { tokens.div_ceil(TILE_T) };
+    // Blocks along the items: only known on the device (the segments), so the split is planned for
+    // a middle count: a few adapters' items (a single tenant's 64 tokens are 8 items, 64 adapters'
+    // are 64); more items only add blocks.
+    let groups = if decode {
+        tokens.div_ceil(DECODE_ITEM).max(tokens.min(num_slots) / 2).min(grid_items(tokens, num_slots)).max(1)
+    } else {
+        tokens.div_ceil(TILE_T)
+    };
     let blocks_wo_split = (groups * num_slices).max(1);
     // the flat expand re-reads every token's partials in each block: fewer, fatter splits pay there
     let target = if decode_expand_is_flat(tokens, num_slices) { FLAT_TARGET_BLOCKS } else { TARGET_BLOCKS };
@@ -55,7 +120,36 @@ pub fn plan_shrink(tokens: usize, hi: usize, num_slices: usize, num_slots: usize
 /// prefill (tile) path every 64-column expand block would otherwise re-read all ksplit partials
 /// of its tokens (measured: most of the expand's time at T = 2048, docs/kernel-notes.md).
 pub fn apply_reduces_first(tokens: usize, plan: &ShrinkPlan) -> bool {
-    tokens > TILE_T && plan.ksplit > 1
+    !small_items(tokens) && plan.ksplit > 1
+}
+
+/// Which small-item expand instantiation runs: "1" (a column a thread, 16 ranks of B prefetched,
+/// 3 blocks an SM), "1w" (64 ranks prefetched, 2 blocks an SM) or "4" (4 columns a thread: fewer,
+/// fatter blocks; measured slower below ~256 tokens). `LORAMUX_EXPAND_OPT` picks one for A/B runs.
+pub fn expand_variant() -> &'static str {
+    match std::env::var("LORAMUX_EXPAND_OPT").as_deref() {
+        Ok("4") => "4",
+        Ok("1w") => "1w",
+        _ => "1",
+    }
+}
+
+/// 64-column tiles one block of the tensor-core expand covers (1 or 4; `LORAMUX_EXPAND_TILE_COLS`
+/// for A/B runs): 4 pays the item lookup, the u load and the wait on the shrink once per 256 columns.
+pub fn expand_tiles_per_block() -> usize {
+    match std::env::var("LORAMUX_EXPAND_TILE_COLS").as_deref() {
+        Ok("4") => 4,
+        _ => 1,
+    }
+}
+
+/// Output columns a thread of that variant covers.
+pub fn expand_columns_per_thread() -> usize {
+    if expand_variant() == "4" {
+        4
+    } else {
+        1
+    }
 }
 
 /// Output columns per block of the flat decode expand: each thread takes one column of at most
@@ -80,7 +174,7 @@ mod tests {
             let p = plan_shrink(t, hi, s, slots);
             assert!(p.ksplit >= 1 && p.kchunk * p.ksplit >= hi, "{t} {hi}: {p:?}");
             assert!(p.kchunk * (p.ksplit - 1) < hi, "empty split {p:?}");
-            if t <= TILE_T {
+            if small_items(t) {
                 assert!(p.kchunk % 256 == 0 && p.kchunk <= 1024);
             } else {
                 assert!(p.kchunk % 64 == 0);
@@ -97,6 +191,20 @@ mod tests {
         assert!(!decode_expand_is_flat(32, 1) && !decode_expand_is_flat(16, 3) && !decode_expand_is_flat(65, 2));
         // the flat path's shrink splits coarser
         assert!(plan_shrink(32, 4096, 3, 32).ksplit < plan_shrink(32, 4096, 1, 32).ksplit);
+    }
+
+    #[test]
+    fn items_bound_covers_every_mapping() {
+        // worst case: every slot used, the counts as uneven as the chunk allows
+        for &(t, slots) in &[(1, 1), (7, 3), (64, 1), (64, 128), (65, 2), (2048, 8), (2048, 4096), (100, 3)] {
+            let chunk = item_tokens(t);
+            let used = slots.min(t);
+            // one slot takes the remainder, the others one token each
+            let worst = (t - (used - 1)).div_ceil(chunk) + (used - 1);
+            assert!(max_items(t, slots) >= worst, "{t} {slots}");
+            assert!(max_items(t, slots) <= t.max(1));
+            assert_eq!(segments_len(t, slots), SEG_HEADER + 3 * max_items(t, slots) + t + slots);
+        }
     }
 
     #[test]

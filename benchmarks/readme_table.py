@@ -1,0 +1,82 @@
+"""Writes the README's kernel benchmark table (markdown) from benchmarks/ops.py's JSON lines, and
+the decode step's figures from benchmarks/decode_step.py's JSON when given: never typed by hand.
+
+    python benchmarks/readme_table.py ops.json [--decode decode.json] [--out docs/benchmarks.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+from op_summary import summarize  # noqa: E402
+
+
+def _fmt(v, spec=".1f", none="-"):
+    return none if v is None else format(v, spec)
+
+
+def read_lines(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def table(ops_lines, decode=None, cases=True) -> str:
+    head = next(x for x in ops_lines if x.get("kind") == "ceilings")
+    rows = [x for x in ops_lines if x.get("kind") == "op"]
+    # a run cut short has cases but no summary lines: summarize the cases it has
+    sums = [x for x in ops_lines if x.get("kind") == "summary"] or summarize(rows)
+    out = [
+        f"Measured on {head['gpu']} ({head['sms']} SMs), {head.get('date', 'date not recorded')}, "
+        f"commit {head.get('commit') or 'not recorded'}, torch {head['torch']}; ceilings measured in the same "
+        f"run: copy {head['copy_bw_gbs']:.0f} GB/s, bf16 matmul {head['bf16_tflops']:.0f} TFLOP/s. "
+        f"{len(rows)} cases (grid `{head.get('grid', 'full')}`), bf16, every method in a CUDA graph, "
+        f"adapters rotated beyond L2. Speedups > 1: loramux is faster.",
+        "",
+        "| regime | token order | cases | % of roofline (geomean / median) | worst vs floor | vs PEFT loop (geomean / min) | vs gather+bmm (geomean / min) | slower than a peer |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for s in sums:
+        out.append(
+            f"| {s['regime']} | {s['order']} | {s['cases']} | {_fmt(s['geomean_pct_roofline'])} / "
+            f"{_fmt(s['median_pct_roofline'])} % | {s['worst_ratio_to_floor']:.1f}x ({s['worst_case']}) | "
+            f"{_fmt(s['geomean_speedup_vs_peft'], '.2f')}x / {_fmt(s['min_speedup_vs_peft'], '.2f')}x | "
+            f"{_fmt(s['geomean_speedup_vs_bmm'], '.2f')}x / {_fmt(s['min_speedup_vs_bmm'], '.2f')}x | "
+            f"{s['slower_than_a_peer']} |")
+    if rows and cases:
+        out += ["", "| Hi->Ho | r | adapters | T | order | loramux us | floor us | % roofline | PEFT loop us | gather+bmm us |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
+        for w in rows:
+            out.append(f"| {w['hi']}->{w['ho']} | {w['r']} | {w['adapters']} | {w['tokens']} | {w['order']} | "
+                       f"{w['ours_us']:.1f} | {w['floor_us']:.1f} | {w['pct_roofline']:.0f}% | "
+                       f"{w['peft_loop_us']:.1f} | {_fmt(w['gather_bmm_us'])} |")
+    if decode:
+        d = decode
+        out += ["", f"Decode step ({d['layers']} Llama-8B layers, batch {d['batch']}, {d['adapters']} adapters "
+                f"r={d['rank']} on 7 projections, graphed): base {d['base_us']:.0f} us, with LoRA {d['lora_us']:.0f} us, "
+                f"overhead {d['overhead_us']:.0f} us = {d['overhead_over_floor']:.1f}x its {d['lora_floor_us']:.0f} us "
+                f"bytes floor" + (f"; PEFT {d['peft_us'] / 1e3:.0f} ms" if d.get("peft_us") else "") + "."]
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("ops_json")
+    ap.add_argument("--decode", help="decode_step.py's JSON")
+    ap.add_argument("--out", help="markdown file to write (default: stdout)")
+    ap.add_argument("--no-cases", action="store_true", help="the summary table only, not every case")
+    args = ap.parse_args(argv)
+    decode = read_lines(args.decode)[-1] if args.decode else None
+    text = table(read_lines(args.ops_json), decode, cases=not args.no_cases)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
+
+
+if __name__ == "__main__":
+    main()

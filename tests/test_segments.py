@@ -1,0 +1,130 @@
+"""The token segments the CUDA kernels share across a step (cuda/lora_segments.cu): built on the
+device from slot_of_token, they list every adapter token exactly once, slot by slot, in work items
+of one slot; the kernels give bit-identical rows whatever the token order; StepBatch builds them once
+per token count and every apply of the step reads them, graph replays included."""
+
+import random
+from dataclasses import replace
+
+import pytest
+import torch
+
+from kernel_fixtures import oracle_apply, rel_err
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+if torch.cuda.is_available():
+    from loramux import _core
+    from loramux.ops import kernels
+    from loramux.ops.step_batch import StepBatch
+
+from test_kernels import QKV, _case  # noqa: E402
+
+DEV = "cuda"
+
+
+def _decode(seg, T, num_slots):
+    """(items [(slot, [tokens])], header) read back from a segments buffer."""
+    seg = seg.cpu().tolist()
+    m = (len(seg) - 4 - T - num_slots) // 3
+    n = seg[0]
+    slot, begin, count = seg[4:4 + m], seg[4 + m:4 + 2 * m], seg[4 + 2 * m:4 + 3 * m]
+    token_idx = seg[4 + 3 * m:4 + 3 * m + T]
+    return [(slot[i], token_idx[begin[i]:begin[i] + count[i]]) for i in range(n)], seg[:4]
+
+
+@pytest.mark.parametrize("T,num_slots,frac_none", [(1, 1, 0.0), (7, 3, 0.3), (64, 1, 0.0), (64, 200, 0.1),
+                                                   (65, 2, 0.5), (2048, 8, 0.1), (3000, 1500, 0.0), (5, 4, 1.0)])
+def test_segments_list_every_adapter_token_once_by_slot(T, num_slots, frac_none):
+    rng = random.Random(T * 31 + num_slots)
+    slots = [(-1 if rng.random() < frac_none else rng.randrange(num_slots)) for _ in range(T)]
+    if T > 3:
+        slots[0], slots[1] = num_slots + 5, -7  # out of range and negative: no adapter
+    sot = torch.tensor(slots, dtype=torch.int32, device=DEV)
+    seg = kernels.segments(sot, num_slots)
+    assert seg.numel() == _core.segments_len(T, num_slots)
+    items, hdr = _decode(seg, T, num_slots)
+    chunk = 8 if T <= 256 else 64  # small items up to 256 tokens (rust/src/cuda/plan.rs)
+    valid = {t: s for t, s in enumerate(slots) if 0 <= s < num_slots}
+    seen = []
+    for slot, toks in items:
+        assert 1 <= len(toks) <= chunk
+        assert all(valid[t] == slot for t in toks)
+        seen += toks
+    assert sorted(seen) == sorted(valid)  # each adapter token exactly once
+    by_slot = {}
+    for slot, toks in items:
+        by_slot.setdefault(slot, 0)
+        by_slot[slot] += 1
+    # a slot's items are as few as the chunk allows, and the slots come in ascending order
+    for slot, n in by_slot.items():
+        assert n == -(-sum(1 for s in valid.values() if s == slot) // chunk)
+    assert [s for s, _ in items] == sorted(s for s, _ in items)
+    assert hdr[1] == len(valid) and hdr[2] == len(set(valid.values()))
+
+
+@pytest.mark.parametrize("T", [8, 64, 300])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_token_order_does_not_change_a_row(T, dtype):
+    """Interleaved tokens give the rows of the same tokens in contiguous runs, bit for bit."""
+    ad, slots, x, y0, sot = _case(900 + T, dtype, T, QKV, ranks=[8, 16, 64, 0, 32], contiguous=True)
+    mids, sizes = [1, 2, 3], [576, 192, 192]
+    y_sorted = y0.clone()
+    kernels.lora_apply(x, y_sorted, ad.meta(sot), 1, mids, sizes)
+    perm = torch.randperm(T, generator=torch.Generator().manual_seed(T)).to(DEV)
+    y_perm = y0[perm].clone()
+    kernels.lora_apply(x[perm].contiguous(), y_perm, ad.meta(sot[perm].contiguous()), 1, mids, sizes)
+    torch.cuda.synchronize()
+    assert torch.equal(y_perm, y_sorted[perm])
+    want = oracle_apply(ad, x, y0, slots, 1, mids, sizes)
+    assert rel_err(y_sorted, want, y0) < 2e-2
+
+
+def test_step_batch_builds_segments_once_and_every_layer_reads_them():
+    dtype, T = torch.bfloat16, 24
+    ad, slots, x, y0, sot = _case(31, dtype, T, QKV, ranks=[8, 16, 4])
+    step = StepBatch(dtype, ad.max_rank)
+    step.set(slots, ad.table, ad.pool)
+    meta = step.meta_for(x)
+    assert meta is step.meta_for(x) and meta.segments is not None
+    assert meta.segments.numel() == _core.segments_len(T, ad.table.shape[0])
+    mids, sizes = [1, 2, 3], [576, 192, 192]
+    y_step, y_own = y0.clone(), y0.clone()
+    kernels.lora_apply(x, y_step, meta, 1, mids, sizes)
+    kernels.lora_apply(x, y_own, ad.meta(sot), 1, mids, sizes)  # builds its own segments
+    assert torch.equal(y_step, y_own)
+    with pytest.raises(Exception, match="segments"):
+        kernels.lora_apply(x, y_step, replace(meta, segments=meta.segments[:-1]), 1, mids, sizes)
+
+
+def test_graph_with_step_segments_replays_new_mappings():
+    """The segments built inside the capture (once) are rebuilt from the static slots on every replay."""
+    dtype, T = torch.bfloat16, 48
+    widths = [(1, 1024, 1024), (2, 1024, 256), (3, 1024, 256)]
+    ad, _, x, y0, sot = _case(7, dtype, T, widths, ranks=[16, 8, 32, 4, 64, 16], num_slots=6)
+    mids, sizes = [1], [1024]
+    static_x, static_y, static_sot = x.clone(), y0.clone(), sot.clone()
+
+    def step():
+        meta = replace(ad.meta(static_sot), segments=kernels.segments(static_sot, ad.table.shape[0]))
+        for _ in range(2):  # two applies of the step read the one segments buffer
+            kernels.lora_apply(static_x, static_y, meta, 1, mids, sizes)
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        step()
+    rng = random.Random(3)
+    for distinct in (1, 6, 3):
+        new = [rng.randrange(distinct) if rng.random() > 0.2 else -1 for _ in range(T)]
+        static_sot.copy_(torch.tensor(new, dtype=torch.int32))
+        static_y.copy_(y0)
+        g.replay()
+        torch.cuda.synchronize()
+        once = oracle_apply(ad, static_x, y0, new, 1, [1], [1024])
+        twice = oracle_apply(ad, static_x, once.to(dtype).to(DEV), new, 1, [1], [1024])
+        assert rel_err(static_y[:, :1024], twice[:, :1024], y0[:, :1024]) < 3e-2, distinct
