@@ -3,7 +3,7 @@
 //! the header repeats as macros. tests/test_kernel_abi.py compiles static_asserts of these against
 //! the header with NVRTC, so the two sides cannot drift apart unnoticed.
 
-use super::{ExpandArgs, LoraSlices, LoraTable, ReduceArgs, ShrinkArgs, MAX_SLICES, MODULES, THREADS};
+use super::{ExpandArgs, LoraSlices, LoraTable, ReduceArgs, SegmentArgs, ShrinkArgs, MAX_SLICES, MODULES, THREADS};
 use crate::cache::slot_table::ENTRY_WORDS;
 use crate::cuda::plan::TILE_T;
 
@@ -41,8 +41,9 @@ pub fn struct_layouts() -> Vec<StructLayout> {
     vec![
         layout!(LoraSlices { count, module_id, out_offset, out_size }),
         layout!(LoraTable { layer_base, slot_stride, num_slots, max_rank }),
-        layout!(ShrinkArgs { x, x_stride, slot_of_token, partial, t as T, hi, ksplit, kchunk, group_stride, table, slices }),
-        layout!(ExpandArgs { partial, y, y_stride, slot_of_token, t as T, ksplit, ochunk, group_stride, table, slices }),
+        layout!(ShrinkArgs { x, x_stride, slot_of_token, segments, partial, t as T, hi, ksplit, kchunk, max_items, table, slices }),
+        layout!(ExpandArgs { partial, y, y_stride, slot_of_token, segments, t as T, ksplit, ochunk, max_items, table, slices }),
+        layout!(SegmentArgs { slot_of_token, segments, t as T, num_slots, max_items, chunk }),
         layout!(ReduceArgs { partial, u, slot_of_token, t as T, ksplit, table, slices }),
     ]
 }
