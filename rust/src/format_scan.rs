@@ -1,33 +1,28 @@
 //! Value scans over a weights row, by bit pattern so they vectorize: NaN / Inf (the format's own
 //! check) and values the serving dtype cannot hold (checked before a cache packs into it).
 
-use super::{le_bits, AdapterLayout, WeightsDtype, WeightsView};
+use super::{le_bits, WeightsDtype};
+#[cfg(test)]
 use crate::error::{LoraError, Result};
 
-pub(super) fn check_finite(dtype: WeightsDtype, bytes: &[u8], len: usize, row: usize) -> Result<()> {
+/// Index of the first of `len` values that is NaN or Inf.
+pub(super) fn first_nonfinite(dtype: WeightsDtype, bytes: &[u8], len: usize) -> Option<usize> {
     // Exponent-all-ones is NaN or Inf in every IEEE-like format; test bits, not floats, for speed.
     let all_ones = |mask: u32| move |bits: u32| bits & mask == mask;
-    let bad = match dtype {
+    match dtype {
         WeightsDtype::F32 => first_hit::<4>(bytes, len, all_ones(0x7f80_0000)),
         WeightsDtype::F16 => first_hit::<2>(bytes, len, all_ones(0x7c00)),
         WeightsDtype::BF16 => first_hit::<2>(bytes, len, all_ones(0x7f80)),
-    };
-    match bad {
-        Some(column) => Err(LoraError::NonFinite { row, column, value: dtype.read(bytes, column) }),
-        None => Ok(()),
     }
 }
 
-/// Checks that every used value stays finite once converted to `out_dtype` (the serving dtype a
-/// cache packs into): a float32 1e6 is a valid weight but would be served as inf in float16.
-pub fn check_representable(weights: &WeightsView, layout: &AdapterLayout, out_dtype: WeightsDtype) -> Result<()> {
-    for (row, r) in layout.rows.iter().enumerate() {
-        if let Some(column) = first_overflow(weights.dtype, weights.row_bytes(row), r.needed(), out_dtype) {
-            let value = weights.dtype.read(weights.row_bytes(row), column);
-            return Err(LoraError::NotRepresentable { row, column, value, dtype: out_dtype.name() });
-        }
+/// The NaN / Inf scan of one row, as the error that names it.
+#[cfg(test)]
+pub(super) fn check_finite(dtype: WeightsDtype, bytes: &[u8], len: usize, row: usize) -> Result<()> {
+    match first_nonfinite(dtype, bytes, len) {
+        Some(column) => Err(LoraError::NonFinite { row, column, value: dtype.read(bytes, column) }),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// Index of the first of `len` values whose magnitude rounds to inf in `dst` (None when `dst`

@@ -32,7 +32,7 @@ pub struct CacheStats {
     pub host_pinned_bytes: u64,
     pub host_pageable_adapters: u64,
     pub host_pageable_bytes: u64,
-    /// Evicted images kept for reuse by later puts (outside the host budget, at most 1/8 of it).
+    /// Evicted images kept for reuse by later puts (outside the host budget: at most 1/8 of it, or one image).
     pub host_spare_bytes: u64,
     pub device_adapters: u64,
     /// Bytes adapters' segments really use on the device tier.
