@@ -78,7 +78,7 @@ def main():
     rows = []
     spec = loramux.ModelSpec(num_layers=args.layers, hidden_size=4096, num_heads=32, num_kv_heads=8, ffn_size=14336, max_rank=max(64, args.rank))
     page = args.page_kib << 10
-    threads = getattr(_core.AdapterCache, "worker_threads", lambda: 1)()
+    threads = _core.AdapterCache.worker_threads()
     common = dict(device=args.device, threads=threads, cpus=os.cpu_count(), rank=args.rank, layers=args.layers)
     for in_dtype, cache_dtype in ((np.float16, torch.float16), (np.float32, torch.bfloat16)):
         weights, config = make_adapter(spec, args.rank, args.layers, in_dtype)

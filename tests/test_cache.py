@@ -98,6 +98,54 @@ def test_task_id_semantics():
     assert cache.stats()["replacements"] == 1
 
 
+def test_remove_unloads_from_both_tiers_and_refuses_unknown_or_held_ids():
+    cache = new_cache()
+    adapters = {1: make_adapter(1, SHAPES[1]), 2: make_adapter(2, SHAPES[2])}
+    for tid, (w, c) in adapters.items():
+        cache.put(tid, w, c)
+    with cache.acquire([1, 2]):
+        pass
+    before = cache.stats()
+    held = cache.acquire([1])
+    state = lambda: (cache.task_ids(), cache.resident_ids(), cache.pinned_ids(), cache.stats())  # noqa: E731
+    unchanged = state()
+    with pytest.raises(LoraNotCachedError, match="task_id 9 is not cached") as e:
+        cache.remove(9)
+    assert e.value.task_id == 9
+    with pytest.raises(LoraCacheError, match="task_id 1 is held by an in-flight batch; release it before removing it") as e:
+        cache.remove(1)
+    assert type(e.value) is LoraCacheError and e.value.task_id == 1
+    with pytest.raises(LoraCacheError, match="task_id must be"):
+        cache.remove(-1)
+    assert state() == unchanged
+    held.release()
+    assert cache.remove(1) is None
+    after = cache.stats()
+    freed = sum(segment_pages(SHAPES[1])) * PAGE
+    assert 1 not in cache and cache.slot_of(1) is None and cache.task_ids() == [2] and cache.resident_ids() == [2]
+    assert after["host_bytes"] == before["host_bytes"] - freed
+    assert after["device_bytes_held"] == before["device_bytes_held"] - freed and after["slots_used"] == 1
+    assert after["removals"] == 1 and after["host_evictions"] == before["host_evictions"]
+    with pytest.raises(LoraNotCachedError):
+        cache.acquire([1])
+    with pytest.raises(LoraNotCachedError):
+        cache.remove(1)
+    # Its pages and slot serve the next load; put again, it is a new adapter whose bytes are right.
+    w, c = adapters[1]
+    assert cache.put(1, w, c) == "inserted"
+    with cache.acquire([1]) as batch:
+        for m, layer, a, b, s in reference_parts(w, c, torch.float16):
+            a_addr, b_addr, _, _ = batch.table[batch.slots[0], layer, m].tolist()
+            np.testing.assert_array_equal(pool_view(cache, a_addr, a.size), a)
+            np.testing.assert_array_equal(pool_view(cache, b_addr, b.size), b)
+    cache.remove(1)
+    cache.remove(2)
+    s = cache.stats()
+    assert len(cache) == 0 and s["host_bytes"] == 0 and s["device_bytes_held"] == 0 and s["slots_used"] == 0
+    assert s["device_largest_free_run_bytes"] == s["device_capacity_bytes"]  # no page leaked
+    cache.check_invariants()
+
+
 def test_bad_input_is_typed_and_changes_nothing():
     cache = new_cache()
     w, c = make_adapter(1, SHAPES[0])
@@ -119,6 +167,10 @@ def test_bad_input_is_typed_and_changes_nothing():
         cache.acquire(["x"])
     assert -1 not in cache and "x" not in cache
     assert (cache.task_ids(), cache.stats()["host_bytes"]) == before
+    spare = cache.stats()["host_spare_bytes"]
+    with pytest.raises(LoraFormatError, match="row 1"):
+        cache.put(2, bad_w, c)
+    assert cache.stats()["host_spare_bytes"] == spare  # a rejected put leaves the spare images too
     cache.check_invariants()
 
 

@@ -5,6 +5,7 @@
 use parking_lot::RwLock;
 
 mod inspect;
+mod remove;
 
 use crate::cache::adapter_image::ImageLayout;
 use crate::cache::copier::{Copier, ReleaseTicket};
@@ -272,7 +273,7 @@ impl TwoLevelCache {
             return Err(LoraError::TaskConflict { task_id });
         }
         if st.pins.contains_key(&task_id) {
-            return Err(LoraError::TaskInUse { task_id });
+            return Err(LoraError::TaskInUse { task_id, action: "replacing its weights" });
         }
         Ok(None)
     }
