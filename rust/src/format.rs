@@ -338,6 +338,9 @@ pub(crate) fn copy_convert(src: &[u8], src_dtype: WeightsDtype, dst: &mut [u8], 
         dst[..n].copy_from_slice(&src[..n]);
         return;
     }
+    if convert_aligned(&src[..len * src_dtype.size()], src_dtype, &mut dst[..len * dst_dtype.size()], dst_dtype) {
+        return;
+    }
     let f16_in = |c: &[u8]| f16::from_bits(le_bits::<2>(c) as u16).to_f32();
     let bf16_in = |c: &[u8]| bf16::from_bits(le_bits::<2>(c) as u16).to_f32();
     let f32_in = |c: &[u8]| f32::from_bits(le_bits::<4>(c));
@@ -354,6 +357,37 @@ pub(crate) fn copy_convert(src: &[u8], src_dtype: WeightsDtype, dst: &mut [u8], 
         (F32, BF16) => convert_each::<4, 2>(src, dst, len, f32_in, bf16_out),
         _ => unreachable!("same dtype handled above"),
     }
+}
+
+/// The conversions a serving cache makes, on typed slices so they vectorize (float16 through the
+/// half crate's F16C path where the CPU has it). False when either side is not aligned to its
+/// element: the caller then converts byte-wise.
+fn convert_aligned(src: &[u8], src_dtype: WeightsDtype, dst: &mut [u8], dst_dtype: WeightsDtype) -> bool {
+    use half::slice::HalfFloatSliceExt;
+    use WeightsDtype::*;
+    if cfg!(target_endian = "big") {
+        return false;
+    }
+    // SAFETY: f32, u16, f16 and u32 accept every bit pattern; align_to only reinterprets the
+    // aligned middle, and a non-empty head or tail sends the caller to the byte-wise path.
+    unsafe {
+        match (src_dtype, dst_dtype) {
+            (F32, BF16) => match (src.align_to::<u32>(), dst.align_to_mut::<u16>()) {
+                (([], s, []), ([], d, [])) => d.iter_mut().zip(s).for_each(|(d, &s)| *d = f32_to_bf16_bits(f32::from_bits(s))),
+                _ => return false,
+            },
+            (F32, F16) => match (src.align_to::<f32>(), dst.align_to_mut::<f16>()) {
+                (([], s, []), ([], d, [])) => d.convert_from_f32_slice(s),
+                _ => return false,
+            },
+            (F16, F32) => match (src.align_to::<f16>(), dst.align_to_mut::<f32>()) {
+                (([], s, []), ([], d, [])) => s.convert_to_f32_slice(d),
+                _ => return false,
+            },
+            _ => return false,
+        }
+    }
+    true
 }
 
 /// f32 -> bf16 bits, round to nearest even (as half does), written branch-free so the packing loop

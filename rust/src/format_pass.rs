@@ -4,7 +4,7 @@
 
 use rayon::prelude::*;
 
-use super::scan::{first_nonfinite, first_overflow};
+use super::scan::{any_bad, first_nonfinite, first_overflow};
 use super::{copy_convert, AdapterLayout, PackedLayout, WeightsDtype, WeightsView};
 use crate::error::{LoraError, Result};
 
@@ -155,16 +155,12 @@ fn run_chunk(weights: &WeightsView, checks: &ValueChecks, out_dtype: Option<Weig
     let bytes = &weights.row_bytes(c.row)[c.column * size..(c.column + c.len) * size];
     let at = |kind, i: Option<usize>| i.map(|i| Fault::new(kind, c.row, c.column + i));
     let mut fault = None;
-    if checks.finite {
-        fault = at(NON_FINITE, first_nonfinite(dtype, bytes, c.len));
+    if any_bad(dtype, bytes, c.len, checks.finite, checks.representable_in) {
+        fault = first_fault(dtype, bytes, &c, checks);
     }
-    if fault.is_none() && c.is_scale && checks.dora_scales {
-        fault = at(DORA_SCALE, (0..c.len).position(|i| !(dtype.read(bytes, i).is_finite() && dtype.read(bytes, i) > 0.0)));
-    }
-    if fault.is_none() {
-        if let Some(serving) = checks.representable_in {
-            fault = at(NOT_REPRESENTABLE, first_overflow(dtype, bytes, c.len, serving));
-        }
+    if c.is_scale && checks.dora_scales {
+        let bad_scale = at(DORA_SCALE, (0..c.len).position(|i| !(dtype.read(bytes, i).is_finite() && dtype.read(bytes, i) > 0.0)));
+        fault = fault.into_iter().chain(bad_scale).min();
     }
     let mut h = Digest::new();
     h.bytes(bytes);
@@ -173,6 +169,14 @@ fn run_chunk(weights: &WeightsView, checks: &ValueChecks, out_dtype: Option<Weig
         copy_convert(bytes, dtype, &mut dst[c.gap..], out_dtype, c.len);
     }
     (h.finish(), fault)
+}
+
+/// The first value of a chunk that `any_bad` flagged, by the ranking of `Fault`.
+fn first_fault(dtype: WeightsDtype, bytes: &[u8], c: &Chunk<'_>, checks: &ValueChecks) -> Option<Fault> {
+    let at = |kind, i: Option<usize>| i.map(|i| Fault::new(kind, c.row, c.column + i));
+    let non_finite = if checks.finite { at(NON_FINITE, first_nonfinite(dtype, bytes, c.len)) } else { None };
+    let beyond = checks.representable_in.and_then(|serving| at(NOT_REPRESENTABLE, first_overflow(dtype, bytes, c.len, serving)));
+    non_finite.into_iter().chain(beyond).min()
 }
 
 /// Multiply-rotate mixing over 8-byte words: fast (several GB/s a core) and well spread; not meant

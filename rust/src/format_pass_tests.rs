@@ -159,7 +159,7 @@ fn inject_faults(rng: &mut StdRng, case: &mut Case, s: &ModelSpec) {
 fn parallel_packing_is_bit_identical_to_a_value_by_value_pack() {
     let s = spec();
     let mut rng = StdRng::seed_from_u64(11);
-    for case_no in 0..16 {
+    for case_no in 0..12 {
         let case = random_case(&mut rng, &s);
         let w = WeightsView::new(case.dtype, &[case.cfg.len(), case.width], &case.data).unwrap();
         let layout = validate(&w, &case.cfg, &s, ValidateOptions::default()).unwrap();
@@ -169,6 +169,13 @@ fn parallel_packing_is_bit_identical_to_a_value_by_value_pack() {
             pack_into(&w, &layout, &packed, out_dtype, &mut got);
             let want = reference_pack(&w, &layout, &packed, out_dtype);
             assert!(got == want, "case {case_no}: {:?} -> {out_dtype:?} differs at byte {:?}", case.dtype, got.iter().zip(&want).position(|(a, b)| a != b));
+            // The same weights one byte off alignment take the byte-wise conversions: same bytes.
+            let mut shifted = vec![0u8; case.data.len() + 1];
+            shifted[1..].copy_from_slice(&case.data);
+            let w1 = WeightsView::new(case.dtype, &[case.cfg.len(), case.width], &shifted[1..]).unwrap();
+            let mut got1 = vec![0x5Au8; got.len()];
+            pack_into(&w1, &layout, &packed, out_dtype, &mut got1);
+            assert!(got1 == want, "case {case_no} unaligned: {:?} -> {out_dtype:?}", case.dtype);
         }
     }
 }

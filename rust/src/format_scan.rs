@@ -25,19 +25,42 @@ pub(super) fn check_finite(dtype: WeightsDtype, bytes: &[u8], len: usize, row: u
     }
 }
 
+/// Whether any of `len` values fails either check (NaN / Inf when `finite`; beyond `serving`'s
+/// range): one read of the values for both, in the common case where none does.
+pub(super) fn any_bad(dtype: WeightsDtype, bytes: &[u8], len: usize, finite: bool, serving: Option<WeightsDtype>) -> bool {
+    use WeightsDtype::*;
+    let limit = serving.and_then(|dst| overflow_limit(dtype, dst)).unwrap_or(u32::MAX);
+    match dtype {
+        F32 => {
+            let nan_mask = if finite { 0x7f80_0000 } else { 0 };
+            first_hit::<4>(bytes, len, move |bits| (nan_mask != 0 && bits & nan_mask == nan_mask) | (bits & 0x7fff_ffff >= limit)).is_some()
+        }
+        F16 | BF16 => {
+            let exp = if dtype == F16 { 0x7c00 } else { 0x7f80 };
+            let nan_mask = if finite { exp } else { 0 };
+            first_hit::<2>(bytes, len, move |bits| (nan_mask != 0 && bits & nan_mask == nan_mask) | ((bits & 0x7fff) << 16 >= limit)).is_some()
+        }
+    }
+}
+
+/// Smallest |v| (as f32 bits) that converts to inf from `src` to `dst`, None when `dst` holds every
+/// `src` value. Halfway past the largest finite value rounds to even, which is inf (65520 for
+/// float16; 0x7f7f8000 for bfloat16).
+fn overflow_limit(src: WeightsDtype, dst: WeightsDtype) -> Option<u32> {
+    use WeightsDtype::*;
+    match (src, dst) {
+        (F32 | BF16, F16) => Some(65520.0f32.to_bits()),
+        (F32, BF16) => Some(0x7f7f_8000),
+        _ => None,
+    }
+}
+
 /// Index of the first of `len` values whose magnitude rounds to inf in `dst` (None when `dst`
 /// holds every value of `src`). Compares float32 bit patterns of |v|, which order like the values.
 pub(super) fn first_overflow(src: WeightsDtype, bytes: &[u8], len: usize, dst: WeightsDtype) -> Option<usize> {
-    use WeightsDtype::*;
-    // Smallest |v| (as f32 bits) that converts to inf: halfway past the largest finite value
-    // rounds to even, which is inf (65520 for float16; 0x7f7f8000 for bfloat16).
-    let limit = match (src, dst) {
-        (F32 | BF16, F16) => 65520.0f32.to_bits(),
-        (F32, BF16) => 0x7f7f_8000,
-        _ => return None,
-    };
+    let limit = overflow_limit(src, dst)?;
     match src {
-        F32 => first_hit::<4>(bytes, len, move |bits| bits & 0x7fff_ffff >= limit),
+        WeightsDtype::F32 => first_hit::<4>(bytes, len, move |bits| bits & 0x7fff_ffff >= limit),
         _ => first_hit::<2>(bytes, len, move |bits| (bits & 0x7fff) << 16 >= limit),
     }
 }
