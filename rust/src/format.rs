@@ -247,7 +247,7 @@ pub fn layout_from_config(config: &[ConfigRow], spec: &ModelSpec, opts: Validate
 /// naming the row and the field (the first one a row-by-row check meets).
 pub fn validate(weights: &WeightsView, config: &[ConfigRow], spec: &ModelSpec, opts: ValidateOptions) -> Result<AdapterLayout> {
     let layout = checked_layout(weights, config, spec, opts)?;
-    scan_digest_pack(weights, &layout, opts.value_checks(None), None)?;
+    scan_digest_pack(weights, &layout, opts.value_checks(None), None, false)?;
     Ok(layout)
 }
 
@@ -268,7 +268,7 @@ pub fn checked_layout(weights: &WeightsView, config: &[ConfigRow], spec: &ModelS
     let layout = layout_from_config(config, spec, opts)?;
     if let Some((row, r)) = layout.rows.iter().enumerate().find(|(_, r)| r.needed() > weights.width) {
         let before = AdapterLayout { rows: layout.rows[..row].to_vec() };
-        scan_digest_pack(weights, &before, opts.value_checks(None), None)?;
+        scan_digest_pack(weights, &before, opts.value_checks(None), None, false)?;
         return Err(LoraError::RowTooShort {
             row,
             module: r.module.name(),
@@ -416,14 +416,14 @@ fn convert_each<const S: usize, const D: usize>(
 /// Packs validated rows into `out` (`packed.total_elems` elements of `out_dtype`); gaps are zeroed.
 pub fn pack_into(weights: &WeightsView, layout: &AdapterLayout, packed: &PackedLayout, out_dtype: WeightsDtype, out: &mut [u8]) {
     let target = PackTarget { packed, dtype: out_dtype, out };
-    scan_digest_pack(weights, layout, ValueChecks::default(), Some(target)).expect("no checks, no fault");
+    scan_digest_pack(weights, layout, ValueChecks::default(), Some(target), false).expect("no checks, no fault");
 }
 
 /// The values of every row, checked against the serving dtype alone: a float32 1e6 is a valid
 /// weight but would be served as inf in float16.
 pub fn check_representable(weights: &WeightsView, layout: &AdapterLayout, out_dtype: WeightsDtype) -> Result<()> {
     let checks = ValueChecks { representable_in: Some(out_dtype), ..ValueChecks::default() };
-    scan_digest_pack(weights, layout, checks, None).map(|_| ())
+    scan_digest_pack(weights, layout, checks, None, false).map(|_| ())
 }
 
 #[path = "format_scan.rs"]

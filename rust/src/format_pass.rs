@@ -72,29 +72,32 @@ struct Chunk<'o> {
 }
 
 /// Runs the checks (the first fault by the order above is the error), packs into `target` if
-/// given, and returns a digest of the used values with each row's (module, layer, rank, DoRA).
-/// `layout` must come from the config checks, so every row holds its used values.
-pub fn scan_digest_pack(weights: &WeightsView, layout: &AdapterLayout, checks: ValueChecks, target: Option<PackTarget<'_>>) -> Result<u64> {
+/// given, and with `digest` returns a digest of the used values with each row's (module, layer,
+/// rank, DoRA), else 0. `layout` must come from the config checks (every row holds its values).
+pub fn scan_digest_pack(weights: &WeightsView, layout: &AdapterLayout, checks: ValueChecks, target: Option<PackTarget<'_>>, digest: bool) -> Result<u64> {
     let (chunks, out_dtype) = match target {
         Some(t) => (cut_chunks(layout, Some(t.packed), t.dtype, Some(t.out)), Some(t.dtype)),
         None => (cut_chunks(layout, None, weights.dtype, None), None),
     };
-    let results: Vec<(u64, Option<Fault>)> = chunks.into_par_iter().map(|c| run_chunk(weights, &checks, out_dtype, c)).collect();
+    let results: Vec<(u64, Option<Fault>)> = chunks.into_par_iter().map(|c| run_chunk(weights, &checks, out_dtype, digest, c)).collect();
     if let Some(fault) = results.iter().filter_map(|r| r.1).min() {
         return Err(fault.into_error(weights, &checks));
     }
+    if !digest {
+        return Ok(0);
+    }
     // Chunk hashes fold in row order; chunk bounds depend only on the layout, so equal adapters
     // always fold the same sequence.
-    let mut digest = Digest::new();
-    digest.word(weights.dtype as u64);
+    let mut all = Digest::new();
+    all.word(weights.dtype as u64);
     let mut hashes = results.iter().map(|r| r.0);
     for r in &layout.rows {
-        digest.word(r.module.id() as u64 | (r.layer as u64) << 8 | (r.rank as u64) << 32 | (r.is_dora as u64) << 63);
+        all.word(r.module.id() as u64 | (r.layer as u64) << 8 | (r.rank as u64) << 32 | (r.is_dora as u64) << 63);
         for _ in 0..chunks_in(r.a_len()) + chunks_in(r.b_len()) + chunks_in(r.scale_len()) {
-            digest.word(hashes.next().unwrap());
+            all.word(hashes.next().unwrap());
         }
     }
-    Ok(digest.finish())
+    Ok(all.finish())
 }
 
 fn chunks_in(len: usize) -> usize {
@@ -149,7 +152,7 @@ fn cut_chunks<'o>(
     chunks
 }
 
-fn run_chunk(weights: &WeightsView, checks: &ValueChecks, out_dtype: Option<WeightsDtype>, c: Chunk<'_>) -> (u64, Option<Fault>) {
+fn run_chunk(weights: &WeightsView, checks: &ValueChecks, out_dtype: Option<WeightsDtype>, digest: bool, c: Chunk<'_>) -> (u64, Option<Fault>) {
     let dtype = weights.dtype;
     let size = dtype.size();
     let bytes = &weights.row_bytes(c.row)[c.column * size..(c.column + c.len) * size];
@@ -162,13 +165,18 @@ fn run_chunk(weights: &WeightsView, checks: &ValueChecks, out_dtype: Option<Weig
         let bad_scale = at(DORA_SCALE, (0..c.len).position(|i| !(dtype.read(bytes, i).is_finite() && dtype.read(bytes, i) > 0.0)));
         fault = fault.into_iter().chain(bad_scale).min();
     }
-    let mut h = Digest::new();
-    h.bytes(bytes);
+    let hash = if digest {
+        let mut h = Digest::new();
+        h.bytes(bytes);
+        h.finish()
+    } else {
+        0
+    };
     if let (Some(dst), Some(out_dtype)) = (c.dst, out_dtype) {
         dst[..c.gap].fill(0);
         copy_convert(bytes, dtype, &mut dst[c.gap..], out_dtype, c.len);
     }
-    (h.finish(), fault)
+    (hash, fault)
 }
 
 /// The first value of a chunk that `any_bad` flagged, by the ranking of `Fault`.

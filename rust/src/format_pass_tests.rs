@@ -82,7 +82,7 @@ fn reference_check(w: &WeightsView, cfg: &[ConfigRow], s: &ModelSpec, serving: W
 fn pass_check(w: &WeightsView, cfg: &[ConfigRow], s: &ModelSpec, serving: WeightsDtype) -> Result<AdapterLayout> {
     let opts = ValidateOptions::default();
     let layout = checked_layout(w, cfg, s, opts)?;
-    scan_digest_pack(w, &layout, opts.value_checks(Some(serving)), None)?;
+    scan_digest_pack(w, &layout, opts.value_checks(Some(serving)), None, false)?;
     Ok(layout)
 }
 
@@ -215,13 +215,13 @@ fn digest_is_deterministic_and_sees_every_chunk() {
     case.data = (0..width).flat_map(|i| encode((i % 13) as f32 * 0.125, case.dtype)).collect();
     let w = WeightsView::new(case.dtype, &[1, width], &case.data).unwrap();
     let layout = validate(&w, &case.cfg, &s, ValidateOptions::default()).unwrap();
-    let d = scan_digest_pack(&w, &layout, ValueChecks::default(), None).unwrap();
-    assert_eq!(d, scan_digest_pack(&w, &layout, ValueChecks::default(), None).unwrap());
+    let d = scan_digest_pack(&w, &layout, ValueChecks::default(), None, true).unwrap();
+    assert_eq!(d, scan_digest_pack(&w, &layout, ValueChecks::default(), None, true).unwrap());
     let es = case.dtype.size();
     for column in [0, 40_000, width - 1] {
         let mut changed = case.data.clone();
         changed[column * es..(column + 1) * es].copy_from_slice(&encode(7.5, case.dtype));
         let w2 = WeightsView::new(case.dtype, &[1, width], &changed).unwrap();
-        assert_ne!(scan_digest_pack(&w2, &layout, ValueChecks::default(), None).unwrap(), d, "column {column}");
+        assert_ne!(scan_digest_pack(&w2, &layout, ValueChecks::default(), None, true).unwrap(), d, "column {column}");
     }
 }

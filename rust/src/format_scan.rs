@@ -70,21 +70,37 @@ pub(super) fn first_overflow(src: WeightsDtype, bytes: &[u8], len: usize, dst: W
 fn first_hit<const N: usize>(bytes: &[u8], len: usize, hit: impl Fn(u32) -> bool + Copy) -> Option<usize> {
     const BLOCK: usize = 512;
     let bytes = &bytes[..len * N];
-    if N == 4 && cfg!(target_endian = "little") {
-        // SAFETY: every bit pattern is a valid u32; align_to only reinterprets the aligned middle.
-        let (head, words, _) = unsafe { bytes.align_to::<u32>() };
-        if head.is_empty() {
-            for (b, block) in words.chunks(BLOCK).enumerate() {
-                if block.iter().fold(false, |any, &w| any | hit(w)) {
-                    return block.iter().position(|&w| hit(w)).map(|i| b * BLOCK + i);
-                }
+    if cfg!(target_endian = "little") {
+        // SAFETY: every bit pattern is a valid u16 / u32; align_to only reinterprets the aligned middle.
+        let aligned = if N == 4 {
+            match unsafe { bytes.align_to::<u32>() } {
+                ([], words, []) => Some(first_hit_in(words, BLOCK, |&w| hit(w))),
+                _ => None,
             }
-            return None;
+        } else {
+            match unsafe { bytes.align_to::<u16>() } {
+                ([], words, []) => Some(first_hit_in(words, BLOCK, |&w| hit(w as u32))),
+                _ => None,
+            }
+        };
+        if let Some(found) = aligned {
+            return found;
         }
     }
     for (b, block) in bytes.chunks(BLOCK * N).enumerate() {
         if block.chunks_exact(N).fold(false, |any, c| any | hit(le_bits::<N>(c))) {
             return block.chunks_exact(N).position(|c| hit(le_bits::<N>(c))).map(|i| b * BLOCK + i);
+        }
+    }
+    None
+}
+
+/// `first_hit` over typed words: blocks tested branch-free, the one that hits searched.
+#[inline(always)]
+fn first_hit_in<T>(words: &[T], block: usize, hit: impl Fn(&T) -> bool + Copy) -> Option<usize> {
+    for (b, chunk) in words.chunks(block).enumerate() {
+        if chunk.iter().fold(false, |any, w| any | hit(w)) {
+            return chunk.iter().position(hit).map(|i| b * block + i);
         }
     }
     None

@@ -97,14 +97,14 @@ impl ImageLayout {
     /// the weights on every core; `out` holds garbage when a check fails.
     pub fn check_and_pack(&self, weights: &WeightsView, layout: &AdapterLayout, checks: ValueChecks, out: &mut [u8]) -> Result<u64> {
         let packed = self.packed_layout();
-        format::scan_digest_pack(weights, layout, checks, Some(PackTarget { packed: &packed, dtype: self.dtype, out }))
+        format::scan_digest_pack(weights, layout, checks, Some(PackTarget { packed: &packed, dtype: self.dtype, out }), true)
     }
 }
 
 /// A 64-bit digest of an adapter's meaning (dtype, config rows, the values each row uses; padding
 /// ignored) so a second put of the same task can tell "same weights" from "different weights".
 pub fn digest(weights: &WeightsView, layout: &AdapterLayout) -> u64 {
-    format::scan_digest_pack(weights, layout, ValueChecks::default(), None).expect("no checks, no fault")
+    format::scan_digest_pack(weights, layout, ValueChecks::default(), None, true).expect("no checks, no fault")
 }
 
 #[cfg(test)]

@@ -167,12 +167,12 @@ impl TwoLevelCache {
         let image_layout = ImageLayout::new(&layout, self.cfg.dtype, self.cfg.page_bytes);
         if let Err(too_large) = self.fits_the_tiers(task_id, &image_layout) {
             // Bad values are named before size, as when every value check ran first.
-            format::scan_digest_pack(weights, &layout, checks, None)?;
+            format::scan_digest_pack(weights, &layout, checks, None, false)?;
             return Err(too_large);
         }
         if self.contains(task_id) {
             // Perhaps the same weights again: check and digest them before packing anything.
-            let digest = format::scan_digest_pack(weights, &layout, checks, None)?;
+            let digest = format::scan_digest_pack(weights, &layout, checks, None, true)?;
             if let Some(outcome) = self.existing_put(task_id, digest, replace)? {
                 return Ok(outcome);
             }
