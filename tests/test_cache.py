@@ -1,6 +1,9 @@
 """loramux.cache.LoraCache on a host-memory pool: the seed's task_id semantics, typed errors that
 change nothing, and pool bytes at the slot table's addresses equal to the adapter (numpy reference)."""
 
+import os
+import time
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -267,3 +270,30 @@ def test_host_pool_options_and_repr():
     cache = LoraCache(SPEC, host_cache_bytes=1 << 20, page_bytes=4096)
     assert cache.pool.numel() == 1 << 20 and cache.pool.device.type == "cpu"
     assert "LoraCache(" in repr(cache) and loramux.LoraCache is LoraCache
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_put_in_a_forked_child_after_the_parent_packed():
+    # The packing threads exist only in the process that started them: a forked child (a
+    # pre-forking server's worker) must pack on threads of its own, not wait on its parent's.
+    w, c = make_adapter(5, SHAPES[1])
+    new_cache().put(1, w, c)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            child = new_cache()
+            code = 0 if child.put(1, w, c) == "inserted" and child._core.host_image(1) is not None else 2
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 60
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("put in a forked child hung")
+        time.sleep(0.05)
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -430,7 +430,7 @@ pub fn check_representable(weights: &WeightsView, layout: &AdapterLayout, out_dt
 mod scan;
 #[path = "format_pass.rs"]
 mod pass;
-pub use pass::{scan_digest_pack, PackTarget, ValueChecks};
+pub use pass::{pass_threads, scan_digest_pack, PackTarget, ValueChecks};
 #[cfg(test)]
 use scan::check_finite;
 

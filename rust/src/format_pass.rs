@@ -2,6 +2,9 @@
 //! checks (NaN / Inf, DoRA scales, serving-dtype range), a digest of what the rows mean, and packing.
 //! Chunks are independent; faults are ranked so the one reported is the one a row-by-row scan finds.
 
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use rayon::prelude::*;
 
 use super::scan::{any_bad, first_nonfinite, first_overflow};
@@ -79,7 +82,8 @@ pub fn scan_digest_pack(weights: &WeightsView, layout: &AdapterLayout, checks: V
         Some(t) => (cut_chunks(layout, Some(t.packed), t.dtype, Some(t.out)), Some(t.dtype)),
         None => (cut_chunks(layout, None, weights.dtype, None), None),
     };
-    let results: Vec<(u64, Option<Fault>)> = chunks.into_par_iter().map(|c| run_chunk(weights, &checks, out_dtype, digest, c)).collect();
+    let results: Vec<(u64, Option<Fault>)> =
+        pool().install(|| chunks.into_par_iter().map(|c| run_chunk(weights, &checks, out_dtype, digest, c)).collect());
     if let Some(fault) = results.iter().filter_map(|r| r.1).min() {
         return Err(fault.into_error(weights, &checks));
     }
@@ -98,6 +102,34 @@ pub fn scan_digest_pack(weights: &WeightsView, layout: &AdapterLayout, checks: V
         }
     }
     Ok(all.finish())
+}
+
+/// Threads the pass spreads over (RAYON_NUM_THREADS, else one per logical CPU).
+pub fn pass_threads() -> usize {
+    pool().current_num_threads()
+}
+
+/// The pass's thread pool. Threads do not survive fork(): a forked child (a pre-forking server's
+/// worker) builds its own pool rather than wait on threads that only exist in its parent.
+fn pool() -> Arc<rayon::ThreadPool> {
+    static POOL: Mutex<Option<(u32, Arc<rayon::ThreadPool>)>> = Mutex::new(None);
+    let pid = std::process::id();
+    let mut guard = POOL.lock();
+    if let Some((owner, pool)) = &*guard {
+        if *owner == pid {
+            return pool.clone();
+        }
+    }
+    // A parent's pool: dropping it would signal threads this process does not have.
+    std::mem::forget(guard.take());
+    let pool = Arc::new(
+        rayon::ThreadPoolBuilder::new()
+            .thread_name(|i| format!("loramux-pass-{i}"))
+            .build()
+            .expect("could not start the adapter packing threads"),
+    );
+    *guard = Some((pid, pool.clone()));
+    pool
 }
 
 fn chunks_in(len: usize) -> usize {

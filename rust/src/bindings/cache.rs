@@ -168,7 +168,7 @@ impl PyAdapterCache {
     /// Threads a put spreads its checking and packing over.
     #[staticmethod]
     fn worker_threads() -> usize {
-        rayon::current_num_threads()
+        crate::format::pass_threads()
     }
 
     /// Whether a CUDA driver library can be loaded in this process.
