@@ -29,16 +29,20 @@ pub(super) fn check_finite(dtype: WeightsDtype, bytes: &[u8], len: usize, row: u
 /// range): one read of the values for both, in the common case where none does.
 pub(super) fn any_bad(dtype: WeightsDtype, bytes: &[u8], len: usize, finite: bool, serving: Option<WeightsDtype>) -> bool {
     use WeightsDtype::*;
-    let limit = serving.and_then(|dst| overflow_limit(dtype, dst)).unwrap_or(u32::MAX);
-    match dtype {
-        F32 => {
-            let nan_mask = if finite { 0x7f80_0000 } else { 0 };
-            first_hit::<4>(bytes, len, move |bits| (nan_mask != 0 && bits & nan_mask == nan_mask) | (bits & 0x7fff_ffff >= limit)).is_some()
+    let limit = serving.and_then(|dst| overflow_limit(dtype, dst));
+    // One monomorphic, branch-free test per case, so each scan vectorizes.
+    match (dtype, finite, limit) {
+        (_, false, None) => false,
+        (F32, true, None) => first_nonfinite(dtype, bytes, len).is_some(),
+        (F32, false, Some(limit)) => first_hit::<4>(bytes, len, move |bits| bits & 0x7fff_ffff >= limit).is_some(),
+        (F32, true, Some(limit)) => {
+            first_hit::<4>(bytes, len, move |bits| (bits & 0x7f80_0000 == 0x7f80_0000) | (bits & 0x7fff_ffff >= limit)).is_some()
         }
-        F16 | BF16 => {
+        (F16 | BF16, true, None) => first_nonfinite(dtype, bytes, len).is_some(),
+        (F16 | BF16, false, Some(limit)) => first_hit::<2>(bytes, len, move |bits| (bits & 0x7fff) << 16 >= limit).is_some(),
+        (F16 | BF16, true, Some(limit)) => {
             let exp = if dtype == F16 { 0x7c00 } else { 0x7f80 };
-            let nan_mask = if finite { exp } else { 0 };
-            first_hit::<2>(bytes, len, move |bits| (nan_mask != 0 && bits & nan_mask == nan_mask) | ((bits & 0x7fff) << 16 >= limit)).is_some()
+            first_hit::<2>(bytes, len, move |bits| (bits & exp == exp) | ((bits & 0x7fff) << 16 >= limit)).is_some()
         }
     }
 }
