@@ -2,6 +2,9 @@
 documentation, typed errors that change nothing, and pool bytes at the slot table's addresses equal
 to the adapter (numpy reference)."""
 
+import os
+import time
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -106,6 +109,54 @@ def test_task_id_semantics():
     assert cache.stats()["replacements"] == 1
 
 
+def test_remove_unloads_from_both_tiers_and_refuses_unknown_or_held_ids():
+    cache = new_cache()
+    adapters = {1: make_adapter(1, SHAPES[1]), 2: make_adapter(2, SHAPES[2])}
+    for tid, (w, c) in adapters.items():
+        cache.put(tid, w, c)
+    with cache.acquire([1, 2]):
+        pass
+    before = cache.stats()
+    held = cache.acquire([1])
+    state = lambda: (cache.task_ids(), cache.resident_ids(), cache.pinned_ids(), cache.stats())  # noqa: E731
+    unchanged = state()
+    with pytest.raises(LoraNotCachedError, match="task_id 9 is not cached") as e:
+        cache.remove(9)
+    assert e.value.task_id == 9
+    with pytest.raises(LoraCacheError, match="task_id 1 is held by an in-flight batch; release it before removing it") as e:
+        cache.remove(1)
+    assert type(e.value) is LoraCacheError and e.value.task_id == 1
+    with pytest.raises(LoraCacheError, match="task_id must be"):
+        cache.remove(-1)
+    assert state() == unchanged
+    held.release()
+    assert cache.remove(1) is None
+    after = cache.stats()
+    freed = sum(segment_pages(SHAPES[1])) * PAGE
+    assert 1 not in cache and cache.slot_of(1) is None and cache.task_ids() == [2] and cache.resident_ids() == [2]
+    assert after["host_bytes"] == before["host_bytes"] - freed
+    assert after["device_bytes_held"] == before["device_bytes_held"] - freed and after["slots_used"] == 1
+    assert after["removals"] == 1 and after["host_evictions"] == before["host_evictions"]
+    with pytest.raises(LoraNotCachedError):
+        cache.acquire([1])
+    with pytest.raises(LoraNotCachedError):
+        cache.remove(1)
+    # Its pages and slot serve the next load; put again, it is a new adapter whose bytes are right.
+    w, c = adapters[1]
+    assert cache.put(1, w, c) == "inserted"
+    with cache.acquire([1]) as batch:
+        for m, layer, a, b, s in reference_parts(w, c, torch.float16):
+            a_addr, b_addr, _, _ = batch.table[batch.slots[0], layer, m].tolist()
+            np.testing.assert_array_equal(pool_view(cache, a_addr, a.size), a)
+            np.testing.assert_array_equal(pool_view(cache, b_addr, b.size), b)
+    cache.remove(1)
+    cache.remove(2)
+    s = cache.stats()
+    assert len(cache) == 0 and s["host_bytes"] == 0 and s["device_bytes_held"] == 0 and s["slots_used"] == 0
+    assert s["device_largest_free_run_bytes"] == s["device_capacity_bytes"]  # no page leaked
+    cache.check_invariants()
+
+
 def test_bad_input_is_typed_and_changes_nothing():
     cache = new_cache()
     w, c = make_adapter(1, SHAPES[0])
@@ -129,6 +180,10 @@ def test_bad_input_is_typed_and_changes_nothing():
         cache.release("not a batch")
     assert -1 not in cache and "x" not in cache
     assert (cache.task_ids(), cache.stats()["host_bytes"]) == before
+    spare = cache.stats()["host_spare_bytes"]
+    with pytest.raises(LoraFormatError, match="row 1"):
+        cache.put(2, bad_w, c)
+    assert cache.stats()["host_spare_bytes"] == spare  # a rejected put leaves the spare images too
     cache.check_invariants()
 
 
@@ -240,3 +295,30 @@ def test_a_cuda_pool_torch_cannot_reach_is_a_cuda_error():
     with pytest.raises(LoraCudaError, match="CUDA") as err:
         LoraCache(SPEC, device=missing, device_cache_bytes=1 << 16, page_bytes=PAGE)
     assert missing in str(err.value)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_put_in_a_forked_child_after_the_parent_packed():
+    # The packing threads exist only in the process that started them: a forked child (a
+    # pre-forking server's worker) must pack on threads of its own, not wait on its parent's.
+    w, c = make_adapter(5, SHAPES[1])
+    new_cache().put(1, w, c)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            child = new_cache()
+            code = 0 if child.put(1, w, c) == "inserted" and child._core.host_image(1) is not None else 2
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 60
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("put in a forked child hung")
+        time.sleep(0.05)
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -1,6 +1,6 @@
 """The cache against a plain Python model of a two-level LRU (host byte budget; device pages placed
 first-fit, lowest free slot, LRU eviction of unpinned adapters): puts, acquires, releases,
-prefetches and bad inputs under eviction pressure, with mixed ranks, modules and DoRA."""
+prefetches, removes and bad inputs under eviction pressure, with mixed ranks, modules and DoRA."""
 
 import re
 from collections import OrderedDict
@@ -72,7 +72,7 @@ class Model:
         self.free_slots = set(range(MAX_SLOTS))
         self.pins = {}
         self.batches = {}
-        self.counts = dict(hits=0, misses=0, host_evictions=0, device_evictions=0)
+        self.counts = dict(hits=0, misses=0, host_evictions=0, device_evictions=0, removals=0)
 
     def host_used(self):
         return sum(sum(p) for _, p in self.host.values())
@@ -114,6 +114,18 @@ class Model:
         self.counts["host_evictions"] += len(victims)
         self.host[tid] = (key, pages)
         return "replaced" if replacing else "inserted"
+
+    def remove(self, tid):
+        """None, or the expected exception class (and nothing changes then)."""
+        if tid not in self.host:
+            return LoraNotCachedError
+        if tid in self.pins:
+            return LoraCacheError
+        del self.host[tid]
+        if tid in self.device:
+            self.drop_device(tid)
+        self.counts["removals"] += 1
+        return None
 
     def make_resident(self, ids):
         wanted = list(dict.fromkeys(ids))
@@ -213,6 +225,17 @@ class CacheMachine(RuleBasedStateMachine):
             weights = weights[:, :40]
         with pytest.raises(LoraFormatError):
             self.cache.put(tid, weights, config)
+
+    @rule(tid=st.one_of(IDS, st.just(UNKNOWN)))
+    def remove(self, tid):
+        want = self.model.remove(tid)
+        event(f"remove -> {want.__name__ if want else 'ok'}")
+        if want is None:
+            assert self.cache.remove(tid) is None
+        else:
+            with pytest.raises(want) as e:
+                self.cache.remove(tid)
+            assert type(e.value) is want and e.value.task_id == tid and f"task_id {tid}" in str(e.value)
 
     @rule(ids=st.lists(IDS, min_size=1, max_size=4))
     def acquire(self, ids):

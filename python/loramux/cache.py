@@ -206,9 +206,16 @@ class LoraCache:
     def put(self, task_id: int, weights, config, replace: bool = False) -> str:
         """Caches an adapter (validated and packed once into ``dtype``). Putting the same weights
         again is a no-op ("cached"); different weights raise LoraTaskConflictError unless
-        ``replace=True`` ("replaced"). Returns "inserted", "cached" or "replaced"."""
+        ``replace=True`` ("replaced"). Returns "inserted", "cached" or "replaced". The GIL is released
+        meanwhile; the checks, digest and packing run on every core (one pass over the weights)."""
         task_id = _task_id(task_id)
         return self._core.put(task_id, adapter_input(_as_numpy(weights), _as_numpy(config)), bool(replace))
+
+    def remove(self, task_id: int) -> None:
+        """Drops an adapter from both tiers (a server's unload): its host bytes, device pages and
+        slot are freed. Raises LoraNotCachedError for an id that is not cached and LoraCacheError
+        while an in-flight batch holds it; either way the cache is left as it was."""
+        self._core.remove(_task_id(task_id))
 
     def __contains__(self, task_id) -> bool:
         try:

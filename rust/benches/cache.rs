@@ -1,6 +1,6 @@
 //! Cache benchmarks on a host-memory pool: lookups (contains; acquire + release of resident
-//! adapters) on one and several threads, and put throughput beside a plain memcpy of the same bytes.
-//! Run: `cargo bench --bench cache` (criterion prints elements/s and bytes/s).
+//! adapters) on one and several threads, and put throughput of a Llama-8B rank-16 adapter by phase
+//! beside a plain memcpy of the same bytes. Run: `cargo bench --bench cache` (criterion prints bytes/s).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -110,38 +110,77 @@ fn lookups(c: &mut Criterion) {
     g.finish();
 }
 
+/// The Llama-8B adapter of issue-sized puts: rank 16 on q, k, v, o, gate, up, down of 32 layers
+/// (82 MiB as a 2-byte image), with small finite values in `dtype`.
+fn llama8b_adapter(dtype: WeightsDtype) -> (ModelSpec, Vec<u8>, usize, Vec<ConfigRow>) {
+    let spec = ModelSpec { num_layers: 32, ..spec() };
+    let rank = 16i64;
+    let cfg: Vec<ConfigRow> = (0..32).flat_map(|l| [1, 2, 3, 4, 5, 6, 7].map(|m| [m, l, rank, 0])).collect();
+    let width = 16 * (4096 + 14336);
+    let value = |i: usize| ((i % 97) as f32 - 48.0) / 512.0;
+    let n = cfg.len() * width;
+    let data: Vec<u8> = match dtype {
+        WeightsDtype::F32 => (0..n).flat_map(|i| value(i).to_le_bytes()).collect(),
+        _ => (0..n).flat_map(|i| half::f16::from_f32(value(i)).to_bits().to_le_bytes()).collect(),
+    };
+    (spec, data, width, cfg)
+}
+
+fn llama8b_cache(spec: &ModelSpec, dtype: WeightsDtype, adapters: u64) -> Bench {
+    let image_bytes = 82u64 << 20;
+    let pool = vec![0u128; (image_bytes / 16) as usize].into_boxed_slice();
+    let table = vec![0u128; SlotTable::table_bytes(4, spec.num_layers) / 16].into_boxed_slice();
+    let cfg = CacheConfig { spec: spec.clone(), dtype, host_budget_bytes: image_bytes * adapters, page_bytes: 64 << 10, max_slots: 4, validate: ValidateOptions::default() };
+    let region = PoolRegion { pool_addr: pool.as_ptr() as u64, pool_bytes: image_bytes, table_addr: table.as_ptr() as u64 };
+    // SAFETY: the boxes live beside the cache in `Bench`.
+    let cache = unsafe { TwoLevelCache::new(cfg, region, Box::new(HostMemcpy::default())).unwrap() };
+    Bench { cache, _pool: pool, _table: table }
+}
+
 fn puts(c: &mut Criterion) {
-    let (data, width, cfg) = adapter(16);
-    let w = WeightsView::new(WeightsDtype::F16, &[cfg.len(), width], &data).unwrap();
-    let mut g = c.benchmark_group("cache_put");
-    g.throughput(Throughput::Bytes(data.len() as u64));
-    g.measurement_time(Duration::from_secs(4));
-    // A fresh id every time: validate + digest + pack into a new host image, evicting the oldest.
-    let b = bench_cache(64 << 20, 64 << 20, 8);
-    let mut id = 0u64;
-    g.bench_function("put_new_adapter", |bench| {
-        bench.iter(|| {
-            id += 1;
-            b.cache.put(id, &w, &cfg, false).unwrap()
-        })
-    });
-    g.bench_function("put_same_weights_again", |bench| bench.iter(|| b.cache.put(id, &w, &cfg, false).unwrap()));
-    // Where a put's time goes.
-    let layout = loramux::format::validate(&w, &cfg, &spec(), ValidateOptions::default()).unwrap();
-    let image = ImageLayout::new(&layout, WeightsDtype::F16, 64 << 10);
-    g.bench_function("phase_validate", |bench| bench.iter(|| loramux::format::validate(&w, &cfg, &spec(), ValidateOptions::default()).unwrap()));
-    g.bench_function("phase_digest", |bench| bench.iter(|| adapter_image::digest(&w, &layout)));
-    let mut out = HostBuffer::pageable(image.held_bytes());
-    g.bench_function("phase_pack", |bench| bench.iter(|| image.pack(&w, &layout, out.as_mut_slice())));
-    g.bench_function("phase_host_alloc", |bench| bench.iter(|| HostBuffer::pageable(image.held_bytes())));
-    let mut dst = vec![0u8; data.len()];
-    g.bench_function("memcpy_same_bytes", |bench| {
-        bench.iter(|| {
-            dst.copy_from_slice(std::hint::black_box(&data));
-            std::hint::black_box(&dst);
-        })
-    });
-    g.finish();
+    for (in_dtype, out_dtype) in [(WeightsDtype::F16, WeightsDtype::F16), (WeightsDtype::F32, WeightsDtype::BF16)] {
+        let (spec, data, width, cfg) = llama8b_adapter(in_dtype);
+        let w = WeightsView::new(in_dtype, &[cfg.len(), width], &data).unwrap();
+        let layout = loramux::format::validate(&w, &cfg, &spec, ValidateOptions::default()).unwrap();
+        let image = ImageLayout::new(&layout, out_dtype, 64 << 10);
+        let mut g = c.benchmark_group(format!("cache_put/{}->{}", in_dtype.name(), out_dtype.name()));
+        // Bytes of the image the put produces (what the host tier holds and a load copies).
+        g.throughput(Throughput::Bytes(image.held_bytes() as u64));
+        g.sample_size(10);
+        g.measurement_time(Duration::from_secs(3));
+        // A fresh id every time into a full tier: each put evicts the oldest and reuses its memory.
+        let b = llama8b_cache(&spec, out_dtype, 3);
+        let mut id = 0u64;
+        g.bench_function("put_new_adapter", |bench| {
+            bench.iter(|| {
+                id += 1;
+                b.cache.put(id, &w, &cfg, false).unwrap()
+            })
+        });
+        g.bench_function("put_same_weights_again", |bench| bench.iter(|| b.cache.put(id, &w, &cfg, false).unwrap()));
+        // Where a put's time goes, one phase at a time.
+        g.bench_function("phase_validate", |bench| bench.iter(|| loramux::format::validate(&w, &cfg, &spec, ValidateOptions::default()).unwrap()));
+        g.bench_function("phase_check_representable", |bench| bench.iter(|| loramux::format::check_representable(&w, &layout, out_dtype).unwrap()));
+        g.bench_function("phase_digest", |bench| bench.iter(|| adapter_image::digest(&w, &layout)));
+        let mut out = HostBuffer::pageable(image.held_bytes());
+        g.bench_function("phase_pack_mapped", |bench| bench.iter(|| image.pack(&w, &layout, out.as_mut_slice())));
+        g.bench_function("phase_pack_fresh_memory", |bench| {
+            bench.iter(|| {
+                let mut fresh = HostBuffer::pageable(image.held_bytes());
+                image.pack(&w, &layout, fresh.as_mut_slice());
+                fresh
+            })
+        });
+        let mut dst = vec![0u8; image.held_bytes()];
+        let src = &data[..image.held_bytes()];
+        g.bench_function("memcpy_same_bytes", |bench| {
+            bench.iter(|| {
+                dst.copy_from_slice(std::hint::black_box(src));
+                std::hint::black_box(&dst);
+            })
+        });
+        g.finish();
+    }
 }
 
 criterion_group! {

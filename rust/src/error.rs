@@ -58,8 +58,8 @@ pub enum LoraError {
     BatchDoesNotFit { requested: usize, fits: usize },
     #[error("batch {batch_id} is not held: it was already released or never acquired")]
     UnknownBatch { batch_id: u64 },
-    #[error("task_id {task_id} is held by an in-flight batch; release it before replacing its weights")]
-    TaskInUse { task_id: u64 },
+    #[error("task_id {task_id} is held by an in-flight batch; release it before {action}")]
+    TaskInUse { task_id: u64, action: &'static str },
     #[error("bad cache configuration: {0}")]
     BadCacheConfig(String),
 
@@ -77,7 +77,7 @@ impl LoraError {
     pub fn task_id(&self) -> Option<u64> {
         use LoraError::*;
         match self {
-            NotCached { task_id } | TaskConflict { task_id } | AdapterTooLarge { task_id, .. } | TaskInUse { task_id } => Some(*task_id),
+            NotCached { task_id } | TaskConflict { task_id } | AdapterTooLarge { task_id, .. } | TaskInUse { task_id, .. } => Some(*task_id),
             _ => None,
         }
     }

@@ -247,44 +247,42 @@ pub fn layout_from_config(config: &[ConfigRow], spec: &ModelSpec, opts: Validate
 }
 
 /// Validates (weights, config) against the model: every bad-input class gets its own typed error
-/// naming the row and the field.
+/// naming the row and the field (the first one a row-by-row check meets).
 pub fn validate(weights: &WeightsView, config: &[ConfigRow], spec: &ModelSpec, opts: ValidateOptions) -> Result<AdapterLayout> {
+    let layout = checked_layout(weights, config, spec, opts)?;
+    scan_digest_pack(weights, &layout, opts.value_checks(None), None, false)?;
+    Ok(layout)
+}
+
+impl ValidateOptions {
+    /// The value checks `validate` makes, plus the serving-dtype range when a cache packs.
+    pub fn value_checks(&self, representable_in: Option<WeightsDtype>) -> ValueChecks {
+        ValueChecks { finite: self.check_finite, dora_scales: true, representable_in }
+    }
+}
+
+/// The config checks and each row's width, without the value scans (`scan_digest_pack` makes
+/// them). A row too short to hold its values is reported only after the rows before it are
+/// scanned, so the error is the one a row-by-row validation meets first.
+pub fn checked_layout(weights: &WeightsView, config: &[ConfigRow], spec: &ModelSpec, opts: ValidateOptions) -> Result<AdapterLayout> {
     if config.len() != weights.rows {
         return Err(LoraError::RowCountMismatch { config_rows: config.len(), weight_rows: weights.rows });
     }
     let layout = layout_from_config(config, spec, opts)?;
-    for (row, r) in layout.rows.iter().enumerate() {
-        if r.needed() > weights.width {
-            return Err(LoraError::RowTooShort {
-                row,
-                module: r.module.name(),
-                layer: r.layer,
-                rank: r.rank,
-                needed: r.needed(),
-                width: weights.width,
-                dora: if r.is_dora { " + Ho" } else { "" },
-            });
-        }
-        if opts.check_finite {
-            check_finite(weights.dtype, weights.row_bytes(row), r.needed(), row)?;
-        }
-        if r.is_dora {
-            check_dora_scales(weights.dtype, weights.row_bytes(row), r, row)?;
-        }
+    if let Some((row, r)) = layout.rows.iter().enumerate().find(|(_, r)| r.needed() > weights.width) {
+        let before = AdapterLayout { rows: layout.rows[..row].to_vec() };
+        scan_digest_pack(weights, &before, opts.value_checks(None), None, false)?;
+        return Err(LoraError::RowTooShort {
+            row,
+            module: r.module.name(),
+            layer: r.layer,
+            rank: r.rank,
+            needed: r.needed(),
+            width: weights.width,
+            dora: if r.is_dora { " + Ho" } else { "" },
+        });
     }
     Ok(layout)
-}
-
-/// A normalized DoRA scale m_o / ||W0[o,:] + B[o,:] A|| is finite and > 0; anything else (zeros of
-/// an unfilled row, a sign flip) was not produced by normalization and would corrupt the output.
-fn check_dora_scales(dtype: WeightsDtype, bytes: &[u8], r: &RowLayout, row: usize) -> Result<()> {
-    for column in r.scale_offset()..r.scale_offset() + r.scale_len() {
-        let value = dtype.read(bytes, column);
-        if !(value.is_finite() && value > 0.0) {
-            return Err(LoraError::DoraNotNormalized { row, column, value });
-        }
-    }
-    Ok(())
 }
 
 /// Little-endian element of width N (2 or 4 bytes) as u32.
@@ -336,11 +334,14 @@ pub fn packed_layout(layout: &AdapterLayout) -> PackedLayout {
 }
 
 /// Copies a segment of `len` values, converting dtype when it differs.
-fn copy_convert(src: &[u8], src_dtype: WeightsDtype, dst: &mut [u8], dst_dtype: WeightsDtype, len: usize) {
+pub(crate) fn copy_convert(src: &[u8], src_dtype: WeightsDtype, dst: &mut [u8], dst_dtype: WeightsDtype, len: usize) {
     use WeightsDtype::*;
     if src_dtype == dst_dtype {
         let n = len * src_dtype.size();
         dst[..n].copy_from_slice(&src[..n]);
+        return;
+    }
+    if convert_aligned(&src[..len * src_dtype.size()], src_dtype, &mut dst[..len * dst_dtype.size()], dst_dtype) {
         return;
     }
     let f16_in = |c: &[u8]| f16::from_bits(le_bits::<2>(c) as u16).to_f32();
@@ -359,6 +360,37 @@ fn copy_convert(src: &[u8], src_dtype: WeightsDtype, dst: &mut [u8], dst_dtype: 
         (F32, BF16) => convert_each::<4, 2>(src, dst, len, f32_in, bf16_out),
         _ => unreachable!("same dtype handled above"),
     }
+}
+
+/// The conversions a serving cache makes, on typed slices so they vectorize (float16 through the
+/// half crate's F16C path where the CPU has it). False when either side is not aligned to its
+/// element: the caller then converts byte-wise.
+fn convert_aligned(src: &[u8], src_dtype: WeightsDtype, dst: &mut [u8], dst_dtype: WeightsDtype) -> bool {
+    use half::slice::HalfFloatSliceExt;
+    use WeightsDtype::*;
+    if cfg!(target_endian = "big") {
+        return false;
+    }
+    // SAFETY: f32, u16, f16 and u32 accept every bit pattern; align_to only reinterprets the
+    // aligned middle, and a non-empty head or tail sends the caller to the byte-wise path.
+    unsafe {
+        match (src_dtype, dst_dtype) {
+            (F32, BF16) => match (src.align_to::<u32>(), dst.align_to_mut::<u16>()) {
+                (([], s, []), ([], d, [])) => d.iter_mut().zip(s).for_each(|(d, &s)| *d = f32_to_bf16_bits(f32::from_bits(s))),
+                _ => return false,
+            },
+            (F32, F16) => match (src.align_to::<f32>(), dst.align_to_mut::<f16>()) {
+                (([], s, []), ([], d, [])) => d.convert_from_f32_slice(s),
+                _ => return false,
+            },
+            (F16, F32) => match (src.align_to::<f16>(), dst.align_to_mut::<f32>()) {
+                (([], s, []), ([], d, [])) => s.convert_to_f32_slice(d),
+                _ => return false,
+            },
+            _ => return false,
+        }
+    }
+    true
 }
 
 /// f32 -> bf16 bits, round to nearest even (as half does), written branch-free so the packing loop
@@ -386,29 +418,23 @@ fn convert_each<const S: usize, const D: usize>(
 
 /// Packs validated rows into `out` (`packed.total_elems` elements of `out_dtype`); gaps are zeroed.
 pub fn pack_into(weights: &WeightsView, layout: &AdapterLayout, packed: &PackedLayout, out_dtype: WeightsDtype, out: &mut [u8]) {
-    let es = out_dtype.size();
-    assert!(out.len() >= packed.total_elems * es, "pack_into: output buffer too small");
-    let ins = weights.dtype.size();
-    // Segments ascend through `out`: zero only the alignment gaps between them, so each output
-    // byte is written once (a whole-buffer fill first would double the memory traffic).
-    let mut at = 0;
-    for (row, (r, p)) in layout.rows.iter().zip(&packed.rows).enumerate() {
-        let src = weights.row_bytes(row);
-        let segs = [(r.a_offset(), p.a, r.a_len()), (r.b_offset(), p.b, r.b_len()), (r.scale_offset(), p.scale, r.scale_len())];
-        for (src_off, dst_off, len) in segs {
-            if len > 0 {
-                out[at * es..dst_off * es].fill(0);
-                copy_convert(&src[src_off * ins..], weights.dtype, &mut out[dst_off * es..], out_dtype, len);
-                at = dst_off + len;
-            }
-        }
-    }
-    out[at * es..packed.total_elems * es].fill(0);
+    let target = PackTarget { packed, dtype: out_dtype, out };
+    scan_digest_pack(weights, layout, ValueChecks::default(), Some(target), false).expect("no checks, no fault");
+}
+
+/// The values of every row, checked against the serving dtype alone: a float32 1e6 is a valid
+/// weight but would be served as inf in float16.
+pub fn check_representable(weights: &WeightsView, layout: &AdapterLayout, out_dtype: WeightsDtype) -> Result<()> {
+    let checks = ValueChecks { representable_in: Some(out_dtype), ..ValueChecks::default() };
+    scan_digest_pack(weights, layout, checks, None, false).map(|_| ())
 }
 
 #[path = "format_scan.rs"]
 mod scan;
-pub use scan::check_representable;
+#[path = "format_pass.rs"]
+mod pass;
+pub use pass::{pass_threads, scan_digest_pack, PackTarget, ValueChecks};
+#[cfg(test)]
 use scan::check_finite;
 
 #[cfg(test)]

@@ -69,6 +69,11 @@ impl PyAdapterCache {
         })
     }
 
+    /// Drops an adapter from both tiers; LoraNotCachedError if not cached, LoraCacheError while held.
+    fn remove(&self, py: Python<'_>, task_id: u64) -> PyResult<()> {
+        py.detach(|| self.inner.remove(task_id)).py()
+    }
+
     fn contains(&self, task_id: u64) -> bool {
         self.inner.contains(task_id)
     }
@@ -149,6 +154,12 @@ impl PyAdapterCache {
     #[staticmethod]
     fn table_bytes(max_slots: usize, num_layers: usize) -> usize {
         SlotTable::table_bytes(max_slots, num_layers)
+    }
+
+    /// Threads a put spreads its checking and packing over.
+    #[staticmethod]
+    fn worker_threads() -> usize {
+        crate::format::pass_threads()
     }
 
     /// Whether a CUDA driver library can be loaded in this process.

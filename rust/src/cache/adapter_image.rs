@@ -2,7 +2,8 @@
 //! scales; each part 16-byte aligned) starts on a page boundary, so the host copy is a byte image of
 //! what the device pool holds and a load is one memcpy per run of adjacent pages.
 
-use crate::format::{self, AdapterLayout, PackedLayout, PackedRow, RowLayout, WeightsDtype, WeightsView, PACK_ALIGN_ELEMS};
+use crate::error::Result;
+use crate::format::{self, AdapterLayout, PackTarget, PackedLayout, PackedRow, RowLayout, ValueChecks, WeightsDtype, WeightsView, PACK_ALIGN_ELEMS};
 
 /// Where one module-layer sits in the image (byte offsets) and how many pages it takes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,8 +74,8 @@ impl ImageLayout {
         self.segments.iter().map(|s| s.pages).collect()
     }
 
-    /// Packs validated weights into `out` (`held_bytes()` long), converting to the serving dtype.
-    pub fn pack(&self, weights: &WeightsView, layout: &AdapterLayout, out: &mut [u8]) {
+    /// Where each row's A, B and scales start, in elements of the serving dtype from the image start.
+    pub fn packed_layout(&self) -> PackedLayout {
         let es = self.dtype.size();
         let rows = self
             .segments
@@ -84,61 +85,26 @@ impl ImageLayout {
                 PackedRow { a, b: a + s.b_offset / es, scale: a + s.scale_offset.unwrap_or(s.used_bytes) / es }
             })
             .collect();
-        let packed = PackedLayout { rows, total_elems: self.held_bytes() / es };
-        format::pack_into(weights, layout, &packed, self.dtype, out);
+        PackedLayout { rows, total_elems: self.held_bytes() / es }
+    }
+
+    /// Packs validated weights into `out` (`held_bytes()` long), converting to the serving dtype.
+    pub fn pack(&self, weights: &WeightsView, layout: &AdapterLayout, out: &mut [u8]) {
+        format::pack_into(weights, layout, &self.packed_layout(), self.dtype, out);
+    }
+
+    /// Checks the values, packs them into `out` and returns the adapter's digest, in one pass over
+    /// the weights on every core; `out` holds garbage when a check fails.
+    pub fn check_and_pack(&self, weights: &WeightsView, layout: &AdapterLayout, checks: ValueChecks, out: &mut [u8]) -> Result<u64> {
+        let packed = self.packed_layout();
+        format::scan_digest_pack(weights, layout, checks, Some(PackTarget { packed: &packed, dtype: self.dtype, out }), true)
     }
 }
 
 /// A 64-bit digest of an adapter's meaning (dtype, config rows, the values each row uses; padding
 /// ignored) so a second put of the same task can tell "same weights" from "different weights".
 pub fn digest(weights: &WeightsView, layout: &AdapterLayout) -> u64 {
-    let mut h = Digest::new();
-    h.word(weights.dtype as u64);
-    for (i, r) in layout.rows.iter().enumerate() {
-        h.word(r.module.id() as u64 | (r.layer as u64) << 8 | (r.rank as u64) << 32 | (r.is_dora as u64) << 63);
-        let bytes = weights.row_bytes(i);
-        h.bytes(&bytes[..r.needed() * weights.dtype.size()]);
-    }
-    h.finish()
-}
-
-/// Multiply-rotate mixing over 8-byte words: fast (several GB/s) and well spread; not meant to
-/// resist a caller crafting collisions against their own task id.
-struct Digest(u64);
-
-impl Digest {
-    const K: u64 = 0x9E37_79B9_7F4A_7C15;
-    fn new() -> Self {
-        Digest(0x243F_6A88_85A3_08D3)
-    }
-    #[inline]
-    fn word(&mut self, w: u64) {
-        self.0 = (self.0 ^ w).wrapping_mul(Self::K).rotate_left(31);
-    }
-    fn bytes(&mut self, b: &[u8]) {
-        // Four independent lanes over 32-byte blocks so the multiplies overlap, then folded in.
-        let mut lanes = [self.0, self.0 ^ 1, self.0 ^ 2, self.0 ^ 3];
-        let mut blocks = b.chunks_exact(32);
-        for block in &mut blocks {
-            for (lane, w) in lanes.iter_mut().zip(block.chunks_exact(8)) {
-                *lane = (*lane ^ u64::from_le_bytes(w.try_into().unwrap())).wrapping_mul(Self::K).rotate_left(31);
-            }
-        }
-        lanes.iter().for_each(|&l| self.word(l));
-        let mut words = blocks.remainder().chunks_exact(8);
-        for w in &mut words {
-            self.word(u64::from_le_bytes(w.try_into().unwrap()));
-        }
-        let mut tail = [0u8; 8];
-        tail[..words.remainder().len()].copy_from_slice(words.remainder());
-        self.word(u64::from_le_bytes(tail) ^ (b.len() as u64) << 56);
-    }
-    fn finish(self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 33;
-        x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
-        x ^ (x >> 33)
-    }
+    format::scan_digest_pack(weights, layout, ValueChecks::default(), None, true).expect("no checks, no fault")
 }
 
 #[cfg(test)]

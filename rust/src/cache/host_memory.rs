@@ -37,16 +37,17 @@ impl HostBuffer {
     }
 
     /// Page-locked memory in `ctx` (portable across contexts), or None if the driver refuses.
+    /// Its contents are unspecified: every caller packs a whole image into it (zeroing it first
+    /// would be one more pass over memory the driver has already faulted in).
     ///
     /// # Safety
     /// `ctx` is a live context that outlives the buffer (a retained primary context).
     pub unsafe fn pinned(len: usize, ctx: sys::CUcontext) -> Option<HostBuffer> {
-        // SAFETY: per the contract above; the returned memory is zeroed before use.
+        // SAFETY: per the contract above; any byte pattern is a valid u8.
         unsafe {
             result::ctx::set_current(ctx).ok()?;
             let raw = result::malloc_host(len.max(1), sys::CU_MEMHOSTALLOC_PORTABLE).ok()? as *mut u8;
             let ptr = NonNull::new(raw)?;
-            std::ptr::write_bytes(raw, 0, len);
             Some(HostBuffer { ptr, len, kind: HostKind::Pinned(ctx) })
         }
     }
@@ -102,6 +103,7 @@ unsafe impl Send for HostAllocator {}
 unsafe impl Sync for HostAllocator {}
 
 impl HostAllocator {
+    /// A buffer of `len` bytes whose contents are unspecified (the caller overwrites them all).
     pub fn alloc(&self, len: usize) -> HostBuffer {
         match *self {
             HostAllocator::Pageable => HostBuffer::pageable(len),
@@ -114,7 +116,8 @@ impl HostAllocator {
 
 /// Images of evicted adapters kept for the next put of the same size: fresh host memory costs
 /// page faults (and, pinned, page locking), far more than packing into memory already mapped.
-/// Bounded by `cap_bytes`, outside the host budget.
+/// Bounded by `cap_bytes`, outside the host budget, but one image is always kept: a full tier then
+/// evicts and refills without allocating, whatever the size of its adapters.
 pub struct SpareImages {
     cap_bytes: u64,
     spares: parking_lot::Mutex<(Vec<HostBuffer>, u64)>,
@@ -138,7 +141,7 @@ impl SpareImages {
     pub fn give(&self, buf: HostBuffer) {
         let mut guard = self.spares.lock();
         let (list, bytes) = &mut *guard;
-        if *bytes + buf.len() as u64 <= self.cap_bytes {
+        if *bytes + buf.len() as u64 <= self.cap_bytes || list.is_empty() {
             *bytes += buf.len() as u64;
             list.push(buf);
         }
@@ -171,6 +174,10 @@ mod tests {
         spares.give(HostBuffer::pageable(2048));
         spares.give(HostBuffer::pageable(4096)); // over the cap: freed
         assert_eq!(spares.bytes(), 6144);
+        let one = SpareImages::new(100);
+        one.give(HostBuffer::pageable(4096)); // over the cap, but the first spare is always kept
+        one.give(HostBuffer::pageable(4096));
+        assert_eq!(one.bytes(), 4096);
         assert!(spares.take(1024).is_none());
         assert_eq!(spares.take(2048).map(|b| b.len()), Some(2048));
         assert_eq!(spares.bytes(), 4096);

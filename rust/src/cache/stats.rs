@@ -10,6 +10,8 @@ pub struct Counters {
     pub put_hits: u64,
     /// put(replace=True) that swapped an adapter's weights.
     pub replacements: u64,
+    /// remove() calls that dropped an adapter from both tiers.
+    pub removals: u64,
     /// Adapters an acquire/prefetch found already on the device tier.
     pub hits: u64,
     /// Adapters an acquire/prefetch had to load into the device tier.
@@ -32,7 +34,7 @@ pub struct CacheStats {
     pub host_pinned_bytes: u64,
     pub host_pageable_adapters: u64,
     pub host_pageable_bytes: u64,
-    /// Evicted images kept for reuse by later puts (outside the host budget, at most 1/8 of it).
+    /// Evicted images kept for reuse by later puts (outside the host budget: at most 1/8 of it, or one image).
     pub host_spare_bytes: u64,
     pub device_adapters: u64,
     /// Bytes adapters' segments really use on the device tier.
@@ -83,6 +85,7 @@ impl CacheStats {
             ("puts", C(c.puts)),
             ("put_hits", C(c.put_hits)),
             ("replacements", C(c.replacements)),
+            ("removals", C(c.removals)),
             ("hits", C(c.hits)),
             ("misses", C(c.misses)),
             ("hit_rate", R(self.hit_rate())),

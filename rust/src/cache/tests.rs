@@ -106,7 +106,7 @@ fn first_request_carries_weights_later_ones_the_task_id() {
     let b = f.cache.acquire(&[1], 0).unwrap();
     let (bytes, width, cfg) = adapter(11, &[1], 2);
     let w = WeightsView::new(WeightsDtype::F32, &[cfg.len(), width], &bytes).unwrap();
-    assert_eq!(f.cache.put(1, &w, &cfg, true), Err(LoraError::TaskInUse { task_id: 1 }));
+    assert_eq!(f.cache.put(1, &w, &cfg, true), Err(LoraError::TaskInUse { task_id: 1, action: "replacing its weights" }));
     f.cache.release(b.batch_id, 0).unwrap();
     assert_eq!(f.cache.put(1, &w, &cfg, true).unwrap(), PutOutcome::Replaced);
     assert!(f.cache.resident_ids().is_empty(), "stale weights leave the device tier");

@@ -6,8 +6,9 @@
 use parking_lot::RwLock;
 
 mod inspect;
+mod remove;
 
-use crate::cache::adapter_image::{self, ImageLayout};
+use crate::cache::adapter_image::ImageLayout;
 use crate::cache::copier::{Copier, ReleaseTicket};
 use crate::cache::device_tier::DeviceTier;
 use crate::cache::host_memory::{HostAllocator, SpareImages};
@@ -162,26 +163,38 @@ impl TwoLevelCache {
     /// Caches `task_id`'s adapter: validated and packed once into the serving dtype. The same
     /// weights again are a no-op; different weights need `replace`.
     pub fn put(&self, task_id: u64, weights: &WeightsView, config: &[ConfigRow], replace: bool) -> Result<PutOutcome> {
-        let layout = format::validate(weights, config, &self.cfg.spec, self.cfg.validate)?;
-        format::check_representable(weights, &layout, self.cfg.dtype)?;
+        let layout = format::checked_layout(weights, config, &self.cfg.spec, self.cfg.validate)?;
+        let checks = self.cfg.validate.value_checks(Some(self.cfg.dtype));
         let image_layout = ImageLayout::new(&layout, self.cfg.dtype, self.cfg.page_bytes);
-        let held = image_layout.held_bytes() as u64;
-        if held > self.cfg.host_budget_bytes {
-            return Err(LoraError::AdapterTooLarge { task_id, needed: held, tier: "host", capacity: self.cfg.host_budget_bytes });
+        if let Err(too_large) = self.fits_the_tiers(task_id, &image_layout) {
+            // Bad values are named before size, as when every value check ran first.
+            format::scan_digest_pack(weights, &layout, checks, None, false)?;
+            return Err(too_large);
         }
-        let device_pages = self.state.read().device.pages().total_pages();
-        if image_layout.total_pages() > device_pages {
-            let capacity = (device_pages * self.cfg.page_bytes) as u64;
-            return Err(LoraError::AdapterTooLarge { task_id, needed: held, tier: "device", capacity });
+        if self.contains(task_id) {
+            // Perhaps the same weights again: check and digest them before packing anything.
+            let digest = format::scan_digest_pack(weights, &layout, checks, None, true)?;
+            if let Some(outcome) = self.existing_put(task_id, digest, replace)? {
+                return Ok(outcome);
+            }
         }
-        let digest = adapter_image::digest(weights, &layout);
-        if let Some(outcome) = self.existing_put(task_id, digest, replace)? {
-            return Ok(outcome);
-        }
-        // Pack without the lock: other threads keep serving while this one copies.
+        // Check, digest and pack in one pass on every core, without the lock: other threads keep
+        // serving meanwhile. An evicted image's memory is reused when one fits: fresh host memory
+        // costs page faults (and, pinned, page locking), far more than the pass itself.
         let len = image_layout.held_bytes();
-        let mut image = self.spares.take(len).unwrap_or_else(|| self.host_allocator.alloc(len));
-        image_layout.pack(weights, &layout, image.as_mut_slice());
+        let (mut image, recycled) = match self.spares.take(len) {
+            Some(buf) => (buf, true),
+            None => (self.host_allocator.alloc(len), false),
+        };
+        let digest = match image_layout.check_and_pack(weights, &layout, checks, image.as_mut_slice()) {
+            Ok(digest) => digest,
+            Err(e) => {
+                if recycled {
+                    self.spares.give(image); // a rejected put leaves even the spares as they were
+                }
+                return Err(e);
+            }
+        };
 
         let mut st = self.state.write();
         let settled = Self::existing_put_locked(&mut st, task_id, digest, replace);
@@ -190,7 +203,7 @@ impl TwoLevelCache {
             return settled.map(Option::unwrap);
         }
         let replacing = st.host.contains(task_id).then_some(task_id);
-        let victims = match st.host.plan_room(held, replacing, |id| st.pins.contains_key(&id)) {
+        let victims = match st.host.plan_room(len as u64, replacing, |id| st.pins.contains_key(&id)) {
             Ok(victims) => victims,
             Err(e) => {
                 self.spares.give(image);
@@ -227,6 +240,20 @@ impl TwoLevelCache {
         }
     }
 
+    /// AdapterTooLarge when the image is larger than the whole host tier or device pool.
+    fn fits_the_tiers(&self, task_id: u64, image_layout: &ImageLayout) -> Result<()> {
+        let held = image_layout.held_bytes() as u64;
+        if held > self.cfg.host_budget_bytes {
+            return Err(LoraError::AdapterTooLarge { task_id, needed: held, tier: "host", capacity: self.cfg.host_budget_bytes });
+        }
+        let device_pages = self.state.read().device.pages().total_pages();
+        if image_layout.total_pages() > device_pages {
+            let capacity = (device_pages * self.cfg.page_bytes) as u64;
+            return Err(LoraError::AdapterTooLarge { task_id, needed: held, tier: "device", capacity });
+        }
+        Ok(())
+    }
+
     fn existing_put(&self, task_id: u64, digest: u64, replace: bool) -> Result<Option<PutOutcome>> {
         let st = self.state.upgradable_read();
         match st.host.peek(task_id) {
@@ -247,7 +274,7 @@ impl TwoLevelCache {
             return Err(LoraError::TaskConflict { task_id });
         }
         if st.pins.contains_key(&task_id) {
-            return Err(LoraError::TaskInUse { task_id });
+            return Err(LoraError::TaskInUse { task_id, action: "replacing its weights" });
         }
         Ok(None)
     }
