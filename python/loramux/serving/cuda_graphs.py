@@ -108,10 +108,15 @@ class DecodeGraphs:
         """Warm-up on a side stream (as torch requires), then the capture. The warm-up runs the very
         step being served with its real inputs, so its KV writes are the ones the replay repeats."""
         engine, cache = self.step.engine, self.step.engine.cache
-        if lora:
-            engine.set_static_batch(statics.slots, cache.table, cache.pool)
-        else:
-            engine.clear_batch()
+
+        def fresh_batch() -> None:
+            # drops the BatchMetas (and their token segments) built so far
+            if lora:
+                engine.set_static_batch(statics.slots, cache.table, cache.pool)
+            else:
+                engine.clear_batch()
+
+        fresh_batch()
         try:
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
@@ -119,6 +124,9 @@ class DecodeGraphs:
                 for _ in range(2):
                     self._forward(statics, span)
             torch.cuda.current_stream(self.device).wait_stream(side)
+            # The step's token segments must be built inside the capture: a meta the warm-up built
+            # would be replayed with the warm-up's segments, in memory freed when the batch clears.
+            fresh_batch()
             graph = torch.cuda.CUDAGraph()
             with torch.no_grad(), torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 logits = self._forward(statics, span)
