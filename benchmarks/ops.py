@@ -21,16 +21,11 @@ import json
 import math
 import random
 import statistics
-import sys
 
 import torch
+from op_summary import ORDERS, summarize
 
-sys.path.insert(0, __import__("os").path.join(__import__("os").path.dirname(__file__), "..", "tests"))
-sys.path.insert(0, __import__("os").path.dirname(__file__))
-from kernel_fixtures import BatchMeta  # noqa: E402
-from op_summary import ORDERS, summarize  # noqa: E402
-
-from loramux.ops import kernels  # noqa: E402
+from loramux.ops import BatchMeta, kernels
 
 SHAPES = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]
 RANKS = [8, 16, 64]
