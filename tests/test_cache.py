@@ -126,7 +126,7 @@ def test_remove_unloads_from_both_tiers_and_refuses_unknown_or_held_ids():
     with pytest.raises(LoraCacheError, match="task_id 1 is held by an in-flight batch; release it before removing it") as e:
         cache.remove(1)
     assert type(e.value) is LoraCacheError and e.value.task_id == 1
-    with pytest.raises(LoraCacheError, match="task_id must be"):
+    with pytest.raises(ValueError, match="task_id must be"):
         cache.remove(-1)
     assert state() == unchanged
     held.release()
