@@ -53,7 +53,7 @@ class Block:
     def commands(self) -> List[List[str]]:
         """The `loramux` command lines of a bash block, as argv lists (comments dropped)."""
         out = []
-        for text in self.code.splitlines():
+        for text in self.code.replace("\\\n", " ").splitlines():  # a trailing backslash continues the line
             argv = shlex.split(text, comments=True)
             if argv and argv[0] == "loramux":
                 out.append(argv)
