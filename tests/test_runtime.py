@@ -10,8 +10,6 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 import loramux as lm
 from loramux.errors import LoraCacheFullError, LoraFormatError, LoraNotCachedError, LoraRequestError
@@ -19,21 +17,9 @@ from loramux.format import AdapterRow, from_rows
 from peft_models import DEVICES, VOCAB
 from peft_models import build as _build
 from peft_models import peft_rows as _peft_rows
+from serving_helpers import llama, tokenizer  # noqa: F401 (fixtures)
 
 NEW_TOKENS = 4
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    vocab = {"<pad>": 0, "<unk>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, VOCAB)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    return _build("llama", torch.float32, tmp_path_factory.mktemp("adapters"))
 
 
 def _prompt(seed, length=None):
