@@ -73,7 +73,7 @@ mod tests {
         assert_eq!(f.cache.remove(9), Err(LoraError::NotCached { task_id: 9 }));
         let err = f.cache.remove(2).unwrap_err();
         assert_eq!(err, LoraError::TaskInUse { task_id: 2, action: "removing it" });
-        assert_eq!((err.python_class(), err.task_id()), ("LoraCacheError", Some(2)));
+        assert_eq!(err.task_id(), Some(2));
         assert!(err.to_string().contains("task_id 2") && err.to_string().contains("removing it"));
         assert_eq!(state(), before);
         f.cache.release(held.batch_id, 0).unwrap();
