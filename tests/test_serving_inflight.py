@@ -323,3 +323,27 @@ def test_leaving_the_with_block_on_an_exception_cancels_what_runs(llama, tokeniz
         assert engine.cache.pinned_ids() == [] and ex.metrics()["running"] == 0
     finally:
         engine.detach()
+
+
+def test_alive_reports_a_step_loop_that_died(llama, tokenizer):
+    """alive() is what `loramux serve`'s /health answers: True without a loop (run() steps in the
+    caller's thread) and while the loop runs; False once something escaped a step and ended it."""
+    ours, peft_model, names, formats = llama
+    engine = attach(ours)
+    try:
+        ex = lm.Executor(engine, tokenizer, max_batch_size=2)
+        assert ex.alive()
+        ex.start()
+        assert ex.alive()
+
+        def escape():  # not an Exception: per-step handling does not catch it, the loop ends
+            raise SystemExit("the step loop ends")
+
+        ex._step_once = escape
+        h = ex.submit(lm.Request(prompt_ids(1, 5), max_new_tokens=2))
+        ex._thread.join(timeout=60)
+        assert not ex.alive()
+        assert h.result(timeout=10).finish_reason == "cancelled"  # its requests are not left hanging
+        ex.close()
+    finally:
+        engine.detach()

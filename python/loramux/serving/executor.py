@@ -162,6 +162,12 @@ class Executor:
         with self._lock:
             self._thread = None
 
+    def alive(self) -> bool:
+        """Whether submitted requests get served: no background loop was started (run() steps in
+        the caller's thread), or its thread is still running (False once it died)."""
+        thread = self._thread
+        return thread is None or thread.is_alive()
+
     def _has_work(self) -> bool:
         return bool(self._incoming or self._waiting or self._running)
 

@@ -70,8 +70,7 @@ async def unload_lora_adapter(state: ServerState, request: Request):
 
 
 async def health(state: ServerState, request: Request):
-    alive = getattr(state.executor, "alive", None)
-    ok = alive() if callable(alive) else True if alive is None else bool(alive)
+    ok = state.executor.alive()
     return JSONResponse({"status": "ok" if ok else "executor stopped"}, status_code=200 if ok else 503)
 
 
