@@ -9,6 +9,7 @@ from typing import List, Optional
 
 import torch
 
+from loramux.serving.attention import serving_attention
 from loramux.serving.kv_cache import RowKVCache
 
 
@@ -44,7 +45,8 @@ class ModelStep:
         kwargs = {self._cache_kw: view, "use_cache": True}
         if last_only:
             kwargs["logits_to_keep"] = 1
-        out = self.model(input_ids=input_ids, position_ids=positions, attention_mask=view.mask(), **kwargs)
+        with serving_attention(self.device):
+            out = self.model(input_ids=input_ids, position_ids=positions, attention_mask=view.mask(), **kwargs)
         return out.logits[:, -1]
 
     @torch.no_grad()

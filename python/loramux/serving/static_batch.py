@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from loramux.errors import LoraCacheFullError, LoraError, LoraNotCachedError, LoraRequestError
+from loramux.serving.attention import serving_attention
 from loramux.serving.request import Request, Result
 from loramux.serving.text import end_token_ids, pad_token_id, prompt_token_ids
 
@@ -222,7 +223,7 @@ class StaticExecutor:
         kwargs: Dict[str, Any] = dict(max_new_tokens=steps, do_sample=False, pad_token_id=pad_token_id(self.tokenizer))
         clock = _StepClock(progress)
         kwargs["stopping_criteria"] = [clock]
-        with torch.no_grad():
+        with torch.no_grad(), serving_attention(self.engine.device):
             out = model.generate(**inputs, **kwargs)
         new = out if model.config.is_encoder_decoder else out[:, inputs["input_ids"].shape[1]:]
         stops = end_token_ids(self.tokenizer, model)
