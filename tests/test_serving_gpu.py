@@ -67,8 +67,7 @@ def test_decode_graphs_replay_any_adapter_mix_like_the_eager_step(llama_cuda_fp1
         assert graphs is not None and not graphs.failed, graphs.error
         prompts = [prompt_ids(300 + r, 5 + 3 * r) for r in range(5)]
         row_slot = [s0, -1, s1, s2, s0]
-        for row, ids in enumerate(prompts):
-            step.prefill(row, 0, ids, row_slot[row])
+        step.prefill([(row, 0, ids, row_slot[row]) for row, ids in enumerate(prompts)])  # one packed forward
         positions = [len(p) for p in prompts]
         tokens = [p[-1] for p in prompts]
         for rows, slots in ((5, row_slot), (5, [-1] * 5), (5, [s2] * 5), (3, [s1, s0, -1]), (5, [s1, s2, s0, -1, s1])):

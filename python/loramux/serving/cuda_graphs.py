@@ -102,7 +102,7 @@ class DecodeGraphs:
 
     def _forward(self, statics: _Statics, span: int) -> torch.Tensor:
         view = self.step.kv.decode_view(statics.pos, span)
-        return self.step.forward(view, statics.ids, statics.pos[:, None], last_only=False)
+        return self.step.forward(view, statics.ids, statics.pos[:, None])
 
     def _capture(self, statics: _Statics, span: int, lora: bool):
         """Warm-up on a side stream (as torch requires), then the capture. The warm-up runs the very

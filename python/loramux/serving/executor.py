@@ -3,12 +3,12 @@ join and leave at every step, each row with its own adapter, streamed through ha
 
 Each step: submitted requests enter the queue; waiting ones are admitted in order (scheduler.py:
 the TensorRT-LLM task_id rules, KV rows, adapters loaded when scheduled); admitted prompts are
-prefilled in chunks within `max_tokens_per_step`; every running request decodes one token in one
-batched forward (a captured CUDA graph on GPU); finished, cancelled and failed requests leave and
-free their KV row and adapter hold at once. An exception inside a forward fails the requests of
-that forward only. The loop runs in a background thread (`with Executor(...) as ex:`) or in the
-caller's (`run()`, for scripts). Encoder-decoder models are served in static greedy batches
-(static_batch.py).
+prefilled in chunks within `max_tokens_per_step`, the chunks of several requests packed into one
+forward; every running request decodes one token in one batched forward (a captured CUDA graph on
+GPU); finished, cancelled and failed requests leave and free their KV row and adapter hold at once.
+An exception inside a forward fails the requests of that forward only. The loop runs in a
+background thread (`with Executor(...) as ex:`) or in the caller's (`run()`, for scripts).
+Encoder-decoder models are served in static greedy batches (static_batch.py).
 """
 
 from __future__ import annotations
@@ -248,27 +248,37 @@ class Executor:
             self._end(gone)
 
     def _prefill(self) -> int:
-        """Prompt chunks of admitted requests within the step's token budget; returns first tokens made."""
+        """Prompt chunks of admitted requests within the step's token budget, all in one forward;
+        returns the first tokens made (of the requests whose prompt this completed)."""
         decoding = sum(1 for s in self._running if s.decoding)
         budget = self.max_tokens_per_step - decoding if decoding else self.max_tokens_per_step
-        made = 0
-        for seq in list(self._running):
+        seqs, chunks = [], []
+        for seq in self._running:
             if budget <= 0:
                 break
             if seq.finished or seq.prefilled == len(seq.prompt_ids):
                 continue
             chunk = seq.prompt_ids[seq.prefilled: seq.prefilled + budget]
-            try:
-                logits = self._step.prefill(seq.row, seq.prefilled, chunk, seq.slot)
-            except Exception as err:  # noqa: BLE001 - this forward's request fails alone
-                self._fail([seq], err)
-                continue
-            self._metrics.add(prefill_chunks=1)
-            seq.prefilled += len(chunk)
+            seqs.append(seq)
+            chunks.append((seq.row, seq.prefilled, chunk, seq.slot))
             budget -= len(chunk)
+        if not seqs:
+            return 0
+        try:
+            logits = self._step.prefill(chunks)
+        except Exception as err:  # noqa: BLE001 - the requests of this forward fail, the loop goes on
+            self._fail(seqs, err)
+            return 0
+        self._metrics.add(prefill_chunks=len(seqs), prefill_forwards=1)
+        complete = []
+        for i, (seq, (_, _, chunk, _)) in enumerate(zip(seqs, chunks)):
+            seq.prefilled += len(chunk)
             if seq.prefilled == len(seq.prompt_ids):
-                made += self._take_tokens([seq], logits)
-        return made
+                complete.append(i)
+        if not complete:
+            return 0
+        picked = logits if len(complete) == len(seqs) else logits[complete]
+        return self._take_tokens([seqs[i] for i in complete], picked)
 
     def _decode(self) -> int:
         rows = self._running
