@@ -34,12 +34,31 @@ def _kernels_refuse(engine) -> Optional[str]:
 
 
 class _Statics:
-    """The static inputs of every graph of one batch-size bucket."""
+    """The static inputs of every graph of one batch-size bucket: token ids, positions and adapter
+    slots, written for each replay from one pinned host buffer by one asynchronous copy (no host
+    sync, no tensor built per step)."""
 
     def __init__(self, rows: int, device):
-        self.ids = torch.zeros(rows, 1, dtype=torch.long, device=device)
-        self.pos = torch.zeros(rows, dtype=torch.long, device=device)
-        self.slots = torch.full((rows,), -1, dtype=torch.int32, device=device)
+        self.rows = rows
+        self.inputs = torch.zeros(3, rows, dtype=torch.long, device=device)  # ids, positions, slots
+        self.ids = self.inputs[0].view(rows, 1)
+        self.pos = self.inputs[1]
+        self.slots = torch.full((rows,), -1, dtype=torch.int32, device=device)  # the kernels read int32
+        self.host = torch.zeros(3, rows, dtype=torch.long, pin_memory=True)
+        self.host_np = self.host.numpy()
+        self.copied = torch.cuda.Event()  # the last copy out of `host` (rewritten only after it ran)
+        self.copied.record(torch.cuda.current_stream(device))
+
+    def write(self, tokens: List[int], positions: List[int], slots: List[int], pad_id: int) -> None:
+        n = len(tokens)
+        self.copied.synchronize()  # done long ago: the previous step's logits were read since
+        h = self.host_np
+        h[0, :n], h[0, n:] = tokens, pad_id
+        h[1, :n], h[1, n:] = positions, 0
+        h[2, :n], h[2, n:] = slots, -1
+        self.inputs.copy_(self.host, non_blocking=True)
+        self.copied.record(torch.cuda.current_stream(self.inputs.device))
+        self.slots.copy_(self.inputs[2])
 
 
 class DecodeGraphs:
@@ -82,10 +101,7 @@ class DecodeGraphs:
         statics = self._statics.get(rows)
         if statics is None:
             statics = self._statics[rows] = _Statics(rows, self.device)
-        pad = rows - n
-        statics.ids.copy_(torch.tensor(tokens + [self.step.pad_id] * pad, dtype=torch.long)[:, None])
-        statics.pos.copy_(torch.tensor(positions + [0] * pad, dtype=torch.long))
-        statics.slots.copy_(torch.tensor(slots + [-1] * pad, dtype=torch.int32))
+        statics.write(tokens, positions, slots, self.step.pad_id)
         key = (rows, span_b, lora)
         entry = self._graphs.get(key)
         if entry is None:

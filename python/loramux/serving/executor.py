@@ -72,6 +72,7 @@ class Executor:
         self._cancel_on_stop = False
         self._metrics = Metrics()
         self._end_ids = end_token_ids(tokenizer, model)
+        self._end_key = None
         self._static: Optional[StaticExecutor] = None
         self._progress = None
         if model.config.is_encoder_decoder:
@@ -210,7 +211,7 @@ class Executor:
         if self._static is not None:
             self._static_step()
             return
-        self._end_ids = end_token_ids(self.tokenizer, self.engine.model)  # the model's generation_config may change
+        self._refresh_end_ids()
         made = 0
         try:
             self._sweep_cancelled()
@@ -235,6 +236,13 @@ class Executor:
             self._progress.update(made)
         if not made and not self._running:
             time.sleep(0.0005)  # only waiting for an adapter load (or nothing): do not spin hot
+
+    def _refresh_end_ids(self) -> None:
+        """The end tokens, recomputed only when the model's generation_config changed them."""
+        config = getattr(self.engine.model, "generation_config", None)
+        key = (id(config), repr(getattr(config, "eos_token_id", None)), getattr(self.tokenizer, "eos_token_id", None))
+        if key != self._end_key:
+            self._end_key, self._end_ids = key, end_token_ids(self.tokenizer, self.engine.model)
 
     def _sweep_cancelled(self) -> None:
         for seq in self._running:
