@@ -88,6 +88,42 @@ class DecodeGraphs:
     def captured(self) -> int:
         return len(self._graphs)
 
+    def _statics_for(self, rows: int) -> _Statics:
+        statics = self._statics.get(rows)
+        if statics is None:
+            statics = self._statics[rows] = _Statics(rows, self.device)
+        return statics
+
+    def _get(self, key: Tuple[int, int, bool], statics: _Statics):
+        """The graph of `key`, captured now if it is not yet (None when that capture fails)."""
+        entry = self._graphs.get(key)
+        if entry is None:
+            try:
+                entry = self._graphs[key] = self._capture(statics, key[1], key[2])
+            except Exception as err:  # noqa: BLE001 - any capture failure falls back to eager steps
+                self.failed[key[2]] = f"{type(err).__name__}: {err}"[:300]
+                torch.cuda.synchronize(self.device)
+                return None
+        return entry
+
+    def capture_ahead(self, max_span: int) -> int:
+        """Captures the graph of every batch-size bucket and attended-length bucket up to the one
+        of `max_span`, with adapters and without, before serving (as vLLM does at start-up), so
+        no step pays a capture. Only while no request holds a KV row: each capture's warm-up
+        writes a pad token at position 0 of its rows. Returns the graphs captured now."""
+        before = len(self._graphs)
+        last = next((s for s in self.span_buckets if s >= max_span), self.span_buckets[-1])
+        for rows in self.batch_buckets:
+            statics = self._statics_for(rows)
+            statics.write([], [], [], self.step.pad_id)
+            for span in self.span_buckets:
+                if span > last:
+                    break
+                for lora in (False, True):
+                    if lora not in self.failed:
+                        self._get((rows, span, lora), statics)
+        return len(self._graphs) - before
+
     def run(self, tokens: List[int], positions: List[int], slots: List[int], span: int) -> Optional[torch.Tensor]:
         """Logits [len(tokens), vocab] from a graph replay; None when graphs are off or too small."""
         lora = any(s >= 0 for s in slots)
@@ -98,19 +134,11 @@ class DecodeGraphs:
         span_b = next((s for s in self.span_buckets if s >= span), None)
         if rows is None or span_b is None:
             return None
-        statics = self._statics.get(rows)
-        if statics is None:
-            statics = self._statics[rows] = _Statics(rows, self.device)
+        statics = self._statics_for(rows)
         statics.write(tokens, positions, slots, self.step.pad_id)
-        key = (rows, span_b, lora)
-        entry = self._graphs.get(key)
+        entry = self._get((rows, span_b, lora), statics)
         if entry is None:
-            try:
-                entry = self._graphs[key] = self._capture(statics, span_b, lora)
-            except Exception as err:  # noqa: BLE001 - any capture failure falls back to eager steps
-                self.failed[lora] = f"{type(err).__name__}: {err}"[:300]
-                torch.cuda.synchronize(self.device)
-                return None
+            return None
         graph, logits = entry
         graph.replay()
         self.replays += 1

@@ -116,6 +116,20 @@ class Executor:
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * (kv_cache_fraction or _CUDA_KV_FRACTION))
 
+    def capture_graphs(self, max_len: Optional[int] = None) -> int:
+        """Captures the decode-step CUDA graphs ahead of serving (every batch-size bucket, with and
+        without adapters, for rows attending up to `max_len` positions: default the longest row),
+        so that no step pays a capture. Call it before the first request; returns how many were
+        captured (0 without CUDA graphs)."""
+        if self._step is None or self._step.graphs is None:
+            return 0
+        with self._lock:
+            busy = bool(self._running) or self._thread is not None
+        if busy:
+            raise RuntimeError("capture_graphs runs before serving: its warm-up writes into free KV rows")
+        return self._step.graphs.capture_ahead(self.kv.max_seq_len if max_len is None else
+                                               _positive_int("max_len", max_len))
+
     # --- submitting --------------------------------------------------------------------------------
     def submit(self, request: Request) -> RequestHandle:
         """Queues a request (thread-safe); returns its handle at once."""
