@@ -1,6 +1,6 @@
 """One forward of the attached HF decoder over the Executor's KV rows: prompt chunks of several
-requests packed into one sequence, or a decode step of one token per row; eager, or (CUDA) a captured graph replayed for the step's
-batch-size and length bucket (serving/cuda_graphs.py)."""
+requests packed into one sequence, or a decode step of one token per row; eager, or (CUDA) a
+captured graph replayed for the step's batch-size and length bucket (serving/cuda_graphs.py)."""
 
 from __future__ import annotations
 
