@@ -67,8 +67,7 @@ def test_decode_graphs_replay_any_adapter_mix_like_the_eager_step(llama_cuda_fp1
         assert graphs is not None and not graphs.failed, graphs.error
         prompts = [prompt_ids(300 + r, 5 + 3 * r) for r in range(5)]
         row_slot = [s0, -1, s1, s2, s0]
-        for row, ids in enumerate(prompts):
-            step.prefill(row, 0, ids, row_slot[row])
+        step.prefill([(row, 0, ids, row_slot[row]) for row, ids in enumerate(prompts)])  # one packed forward
         positions = [len(p) for p in prompts]
         tokens = [p[-1] for p in prompts]
         for rows, slots in ((5, row_slot), (5, [-1] * 5), (5, [s2] * 5), (3, [s1, s0, -1]), (5, [s1, s2, s0, -1, s1])):
@@ -90,5 +89,44 @@ def test_decode_graphs_replay_any_adapter_mix_like_the_eager_step(llama_cuda_fp1
                 assert (got.float() - base.float()).abs().max() > 1e-2
         assert graphs.captured >= 3 and graphs.replays == 5  # (8 rows: adapters, base), (4 rows: adapters)
         engine.cache.release(hold)
+    finally:
+        engine.detach()
+
+
+def test_graphs_captured_ahead_serve_steps_without_a_capture(llama_cuda_fp16, tokenizer):
+    """capture_graphs before serving captures every batch bucket (adapters and not) for rows up to
+    64 positions; decode steps of any size and adapter mix then replay them, none captured late,
+    with the eager step's logits; once serving, capture_graphs refuses (its warm-up writes KV rows)."""
+    ours, peft_model, names, formats = llama_cuda_fp16
+    engine = attach(ours)
+    try:
+        for task, (w, c) in enumerate(formats):
+            engine.cache.put(task, w, c)
+        hold = engine.cache.acquire([0, 1, 2])
+        s0, s1, s2 = hold.slots
+        ex = lm.Executor(engine, tokenizer, max_batch_size=8, cuda_graphs=True)
+        step, graphs = ex._step, ex._step.graphs
+        made = ex.capture_graphs(64)
+        assert not graphs.failed, graphs.error
+        assert made == graphs.captured == 2 * len(graphs.batch_buckets)  # one span bucket (64), both kinds
+        prompts = [prompt_ids(600 + r, 4 + 5 * r) for r in range(6)]
+        row_slot = [s2, s0, -1, s1, s0, s2]
+        step.prefill([(row, 0, ids, row_slot[row]) for row, ids in enumerate(prompts)])
+        positions = [len(p) for p in prompts]
+        tokens = [p[-1] for p in prompts]
+        for rows, slots in ((6, row_slot), (1, [s1]), (3, [-1, -1, -1]), (5, [s0, s1, s2, -1, s0])):
+            got = graphs.run(tokens[:rows], positions[:rows], slots, max(positions[:rows]) + 1)
+            saved, step.graphs = step.graphs, None
+            try:
+                want = step.decode(tokens[:rows], positions[:rows], slots)
+            finally:
+                step.graphs = saved
+            assert got is not None
+            torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+        assert graphs.captured == made and graphs.replays == 4
+        engine.cache.release(hold)
+        with ex:
+            with pytest.raises(RuntimeError, match="before serving"):
+                ex.capture_graphs(64)
     finally:
         engine.detach()

@@ -204,11 +204,12 @@ class _Faulty:
 
 
 def test_an_exception_in_a_step_fails_only_that_steps_requests(llama, tokenizer):
-    """Step 1 prefills A and B (layer calls 1, 2) and decodes both (call 3, which fails): A and B fail
-    with LoraStepError (the cause chained); C, admitted after, runs as PEFT says; so does D later."""
+    """Step 1 prefills A and B (one packed forward: layer call 1) and decodes both (call 2, which
+    fails): A and B fail with LoraStepError (the cause chained); C, admitted after, runs as PEFT
+    says; so does D later."""
     ours, peft_model, names, formats = llama
     engine = attach(ours)
-    fault = _Faulty(ours, 3, RuntimeError("CUDA error: an illegal memory access (injected)"))
+    fault = _Faulty(ours, 2, RuntimeError("CUDA error: an illegal memory access (injected)"))
     try:
         ex = lm.Executor(engine, tokenizer, max_batch_size=2)
         ids = [prompt_ids(20 + i, 5 + i) for i in range(4)]
@@ -230,29 +231,33 @@ def test_an_exception_in_a_step_fails_only_that_steps_requests(llama, tokenizer)
         engine.detach()
 
 
-def test_an_exception_in_a_prefill_fails_that_request_alone(llama, tokenizer):
+def test_an_exception_in_a_prefill_fails_the_requests_of_that_forward_alone(llama, tokenizer):
+    """A 12-token step budget: the first forward packs the prompts of A and B (6 tokens each) and
+    fails; A and B fail, C (prefilled by the next step's forward) runs as PEFT says."""
     ours, peft_model, names, formats = llama
     engine = attach(ours)
-    fault = _Faulty(ours, 2, torch.OutOfMemoryError("out of memory (injected)"))
+    fault = _Faulty(ours, 1, torch.OutOfMemoryError("out of memory (injected)"))
     try:
-        ex = lm.Executor(engine, tokenizer, max_batch_size=4)
+        ex = lm.Executor(engine, tokenizer, max_batch_size=4, max_tokens_per_step=12)
         ids = [prompt_ids(30 + i, 6) for i in range(3)]
         for i in range(3):
-            ex.submit(lm.Request(ids[i], max_new_tokens=3))
+            ex.submit(lm.Request(ids[i], max_new_tokens=3, lora=lm.LoraConfig(1, *formats[1]) if i == 2 else None))
         first, second, third = ex.run()
-        assert isinstance(second.error, LoraStepError) and "out of memory" in str(second.error)
-        for r, i in ((first, 0), (third, 2)):
-            assert r.ok and r.token_ids == alone(peft_model, ids[i], 3, None)
+        for r in (first, second):
+            assert isinstance(r.error, LoraStepError) and "out of memory" in str(r.error) and r.token_ids == []
+        assert third.ok and third.token_ids == alone(peft_model, ids[2], 3, names[1])
+        assert engine.cache.pinned_ids() == []
     finally:
         fault.handle.remove()
         engine.detach()
 
 
 def test_ctrl_c_in_run_stops_and_returns_what_finished(llama, tokenizer):
-    """A one-token request finishes at its prefill; the interrupt comes at the first decode."""
+    """A one-token request finishes at its prefill (both prompts in layer call 1); the interrupt
+    comes at the first decode (call 2)."""
     ours, peft_model, names, formats = llama
     engine = attach(ours)
-    fault = _Faulty(ours, 3, KeyboardInterrupt())
+    fault = _Faulty(ours, 2, KeyboardInterrupt())
     try:
         ex = lm.Executor(engine, tokenizer, max_batch_size=4)
         ids = [prompt_ids(40, 5), talkative_prompt(peft_model, names[2], 30, first_seed=41)]

@@ -34,12 +34,31 @@ def _kernels_refuse(engine) -> Optional[str]:
 
 
 class _Statics:
-    """The static inputs of every graph of one batch-size bucket."""
+    """The static inputs of every graph of one batch-size bucket: token ids, positions and adapter
+    slots, written for each replay from one pinned host buffer by one asynchronous copy (no host
+    sync, no tensor built per step)."""
 
     def __init__(self, rows: int, device):
-        self.ids = torch.zeros(rows, 1, dtype=torch.long, device=device)
-        self.pos = torch.zeros(rows, dtype=torch.long, device=device)
-        self.slots = torch.full((rows,), -1, dtype=torch.int32, device=device)
+        self.rows = rows
+        self.inputs = torch.zeros(3, rows, dtype=torch.long, device=device)  # ids, positions, slots
+        self.ids = self.inputs[0].view(rows, 1)
+        self.pos = self.inputs[1]
+        self.slots = torch.full((rows,), -1, dtype=torch.int32, device=device)  # the kernels read int32
+        self.host = torch.zeros(3, rows, dtype=torch.long, pin_memory=True)
+        self.host_np = self.host.numpy()
+        self.copied = torch.cuda.Event()  # the last copy out of `host` (rewritten only after it ran)
+        self.copied.record(torch.cuda.current_stream(device))
+
+    def write(self, tokens: List[int], positions: List[int], slots: List[int], pad_id: int) -> None:
+        n = len(tokens)
+        self.copied.synchronize()  # done long ago: the previous step's logits were read since
+        h = self.host_np
+        h[0, :n], h[0, n:] = tokens, pad_id
+        h[1, :n], h[1, n:] = positions, 0
+        h[2, :n], h[2, n:] = slots, -1
+        self.inputs.copy_(self.host, non_blocking=True)
+        self.copied.record(torch.cuda.current_stream(self.inputs.device))
+        self.slots.copy_(self.inputs[2])
 
 
 class DecodeGraphs:
@@ -69,6 +88,42 @@ class DecodeGraphs:
     def captured(self) -> int:
         return len(self._graphs)
 
+    def _statics_for(self, rows: int) -> _Statics:
+        statics = self._statics.get(rows)
+        if statics is None:
+            statics = self._statics[rows] = _Statics(rows, self.device)
+        return statics
+
+    def _get(self, key: Tuple[int, int, bool], statics: _Statics):
+        """The graph of `key`, captured now if it is not yet (None when that capture fails)."""
+        entry = self._graphs.get(key)
+        if entry is None:
+            try:
+                entry = self._graphs[key] = self._capture(statics, key[1], key[2])
+            except Exception as err:  # noqa: BLE001 - any capture failure falls back to eager steps
+                self.failed[key[2]] = f"{type(err).__name__}: {err}"[:300]
+                torch.cuda.synchronize(self.device)
+                return None
+        return entry
+
+    def capture_ahead(self, max_span: int) -> int:
+        """Captures the graph of every batch-size bucket and attended-length bucket up to the one
+        of `max_span`, with adapters and without, before serving (as vLLM does at start-up), so
+        no step pays a capture. Only while no request holds a KV row: each capture's warm-up
+        writes a pad token at position 0 of its rows. Returns the graphs captured now."""
+        before = len(self._graphs)
+        last = next((s for s in self.span_buckets if s >= max_span), self.span_buckets[-1])
+        for rows in self.batch_buckets:
+            statics = self._statics_for(rows)
+            statics.write([], [], [], self.step.pad_id)
+            for span in self.span_buckets:
+                if span > last:
+                    break
+                for lora in (False, True):
+                    if lora not in self.failed:
+                        self._get((rows, span, lora), statics)
+        return len(self._graphs) - before
+
     def run(self, tokens: List[int], positions: List[int], slots: List[int], span: int) -> Optional[torch.Tensor]:
         """Logits [len(tokens), vocab] from a graph replay; None when graphs are off or too small."""
         lora = any(s >= 0 for s in slots)
@@ -79,22 +134,11 @@ class DecodeGraphs:
         span_b = next((s for s in self.span_buckets if s >= span), None)
         if rows is None or span_b is None:
             return None
-        statics = self._statics.get(rows)
-        if statics is None:
-            statics = self._statics[rows] = _Statics(rows, self.device)
-        pad = rows - n
-        statics.ids.copy_(torch.tensor(tokens + [self.step.pad_id] * pad, dtype=torch.long)[:, None])
-        statics.pos.copy_(torch.tensor(positions + [0] * pad, dtype=torch.long))
-        statics.slots.copy_(torch.tensor(slots + [-1] * pad, dtype=torch.int32))
-        key = (rows, span_b, lora)
-        entry = self._graphs.get(key)
+        statics = self._statics_for(rows)
+        statics.write(tokens, positions, slots, self.step.pad_id)
+        entry = self._get((rows, span_b, lora), statics)
         if entry is None:
-            try:
-                entry = self._graphs[key] = self._capture(statics, span_b, lora)
-            except Exception as err:  # noqa: BLE001 - any capture failure falls back to eager steps
-                self.failed[lora] = f"{type(err).__name__}: {err}"[:300]
-                torch.cuda.synchronize(self.device)
-                return None
+            return None
         graph, logits = entry
         graph.replay()
         self.replays += 1
@@ -102,7 +146,7 @@ class DecodeGraphs:
 
     def _forward(self, statics: _Statics, span: int) -> torch.Tensor:
         view = self.step.kv.decode_view(statics.pos, span)
-        return self.step.forward(view, statics.ids, statics.pos[:, None], last_only=False)
+        return self.step.forward(view, statics.ids, statics.pos[:, None])
 
     def _capture(self, statics: _Statics, span: int, lora: bool):
         """Warm-up on a side stream (as torch requires), then the capture. The warm-up runs the very

@@ -3,12 +3,12 @@ join and leave at every step, each row with its own adapter, streamed through ha
 
 Each step: submitted requests enter the queue; waiting ones are admitted in order (scheduler.py:
 the TensorRT-LLM task_id rules, KV rows, adapters loaded when scheduled); admitted prompts are
-prefilled in chunks within `max_tokens_per_step`; every running request decodes one token in one
-batched forward (a captured CUDA graph on GPU); finished, cancelled and failed requests leave and
-free their KV row and adapter hold at once. An exception inside a forward fails the requests of
-that forward only. The loop runs in a background thread (`with Executor(...) as ex:`) or in the
-caller's (`run()`, for scripts). Encoder-decoder models are served in static greedy batches
-(static_batch.py).
+prefilled in chunks within `max_tokens_per_step`, the chunks of several requests packed into one
+forward; every running request decodes one token in one batched forward (a captured CUDA graph on
+GPU); finished, cancelled and failed requests leave and free their KV row and adapter hold at once.
+An exception inside a forward fails the requests of that forward only. The loop runs in a
+background thread (`with Executor(...) as ex:`) or in the caller's (`run()`, for scripts).
+Encoder-decoder models are served in static greedy batches (static_batch.py).
 """
 
 from __future__ import annotations
@@ -72,6 +72,7 @@ class Executor:
         self._cancel_on_stop = False
         self._metrics = Metrics()
         self._end_ids = end_token_ids(tokenizer, model)
+        self._end_key = None
         self._static: Optional[StaticExecutor] = None
         self._progress = None
         if model.config.is_encoder_decoder:
@@ -114,6 +115,20 @@ class Executor:
             return _CPU_KV_BYTES
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * (kv_cache_fraction or _CUDA_KV_FRACTION))
+
+    def capture_graphs(self, max_len: Optional[int] = None) -> int:
+        """Captures the decode-step CUDA graphs ahead of serving (every batch-size bucket, with and
+        without adapters, for rows attending up to `max_len` positions: default the longest row),
+        so that no step pays a capture. Call it before the first request; returns how many were
+        captured (0 without CUDA graphs)."""
+        if self._step is None or self._step.graphs is None:
+            return 0
+        with self._lock:
+            busy = bool(self._running) or self._thread is not None
+        if busy:
+            raise RuntimeError("capture_graphs runs before serving: its warm-up writes into free KV rows")
+        return self._step.graphs.capture_ahead(self.kv.max_seq_len if max_len is None else
+                                               _positive_int("max_len", max_len))
 
     # --- submitting --------------------------------------------------------------------------------
     def submit(self, request: Request) -> RequestHandle:
@@ -210,7 +225,7 @@ class Executor:
         if self._static is not None:
             self._static_step()
             return
-        self._end_ids = end_token_ids(self.tokenizer, self.engine.model)  # the model's generation_config may change
+        self._refresh_end_ids()
         made = 0
         try:
             self._sweep_cancelled()
@@ -236,6 +251,13 @@ class Executor:
         if not made and not self._running:
             time.sleep(0.0005)  # only waiting for an adapter load (or nothing): do not spin hot
 
+    def _refresh_end_ids(self) -> None:
+        """The end tokens, recomputed only when the model's generation_config changed them."""
+        config = getattr(self.engine.model, "generation_config", None)
+        key = (id(config), repr(getattr(config, "eos_token_id", None)), getattr(self.tokenizer, "eos_token_id", None))
+        if key != self._end_key:
+            self._end_key, self._end_ids = key, end_token_ids(self.tokenizer, self.engine.model)
+
     def _sweep_cancelled(self) -> None:
         for seq in self._running:
             if seq.handle.cancel_requested:
@@ -248,27 +270,37 @@ class Executor:
             self._end(gone)
 
     def _prefill(self) -> int:
-        """Prompt chunks of admitted requests within the step's token budget; returns first tokens made."""
+        """Prompt chunks of admitted requests within the step's token budget, all in one forward;
+        returns the first tokens made (of the requests whose prompt this completed)."""
         decoding = sum(1 for s in self._running if s.decoding)
         budget = self.max_tokens_per_step - decoding if decoding else self.max_tokens_per_step
-        made = 0
-        for seq in list(self._running):
+        seqs, chunks = [], []
+        for seq in self._running:
             if budget <= 0:
                 break
             if seq.finished or seq.prefilled == len(seq.prompt_ids):
                 continue
             chunk = seq.prompt_ids[seq.prefilled: seq.prefilled + budget]
-            try:
-                logits = self._step.prefill(seq.row, seq.prefilled, chunk, seq.slot)
-            except Exception as err:  # noqa: BLE001 - this forward's request fails alone
-                self._fail([seq], err)
-                continue
-            self._metrics.add(prefill_chunks=1)
-            seq.prefilled += len(chunk)
+            seqs.append(seq)
+            chunks.append((seq.row, seq.prefilled, chunk, seq.slot))
             budget -= len(chunk)
+        if not seqs:
+            return 0
+        try:
+            logits = self._step.prefill(chunks)
+        except Exception as err:  # noqa: BLE001 - the requests of this forward fail, the loop goes on
+            self._fail(seqs, err)
+            return 0
+        self._metrics.add(prefill_chunks=len(seqs), prefill_forwards=1)
+        complete = []
+        for i, (seq, (_, _, chunk, _)) in enumerate(zip(seqs, chunks)):
+            seq.prefilled += len(chunk)
             if seq.prefilled == len(seq.prompt_ids):
-                made += self._take_tokens([seq], logits)
-        return made
+                complete.append(i)
+        if not complete:
+            return 0
+        picked = logits if len(complete) == len(seqs) else logits[complete]
+        return self._take_tokens([seqs[i] for i in complete], picked)
 
     def _decode(self) -> int:
         rows = self._running

@@ -1,6 +1,7 @@
 """The Executor's KV cache: one row per running request in per-layer key/value buffers
 [rows, kv_heads, capacity, head_dim], under a byte budget, and the views an HF decoder's
-attention layers write into and read from during one forward (prefill chunk or decode step).
+attention layers write into and read from during one forward (prompt chunks of several requests
+packed into one sequence, or a decode step of one token per row).
 
 Each request keeps its own row with its positions 0..n-1 (no padding inside a row), so position ids
 stay natural; a decode step attends over the first L positions of rows 0..b-1 with a mask that
@@ -12,7 +13,7 @@ on the CPU they grow (rows and capacity, doubling) up to the budget as requests 
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -99,8 +100,9 @@ class RowKVCache:
             buf[dst, :, :length] = buf[src, :, :length]
 
     # --- the views one forward uses --------------------------------------------------------------------
-    def prefill_view(self, row: int, start: int, length: int) -> "PrefillView":
-        return PrefillView(self, row, start, length)
+    def prefill_view(self, chunks: Sequence[Tuple[int, int, int]]) -> "PrefillView":
+        """The view of one forward over prompt chunks [(row, start, length)]."""
+        return PrefillView(self, chunks)
 
     def decode_view(self, positions: torch.Tensor, span: int) -> "DecodeView":
         return DecodeView(self, positions, span)
@@ -115,26 +117,58 @@ def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 class PrefillView:
-    """One request's prompt chunk: positions start..start+length-1 of one row."""
+    """Prompt chunks of several requests packed into one forward: chunk c writes positions
+    start_c..start_c+len_c-1 of its row. The chunks' tokens lie end to end in one sequence
+    [1, T] (no padding, so no token the linears compute is wasted); attention reads each chunk's
+    row prefix 0..start_c+len_c-1, the prefixes end to end [1, heads, S, head_dim], under a mask
+    that lets a token see only its own chunk's prefix, causally. The index tensors are built once
+    per forward, not once per layer."""
 
-    def __init__(self, kv: RowKVCache, row: int, start: int, length: int):
-        self.kv, self.row, self.start, self.length = kv, row, start, length
+    def __init__(self, kv: RowKVCache, chunks: Sequence[Tuple[int, int, int]]):
+        self.kv = kv
+        self.chunks = [(int(r), int(s), int(n)) for r, s, n in chunks]
+        device = kv.device
+        rows = torch.tensor([r for r, _, _ in self.chunks], dtype=torch.long)
+        starts = torch.tensor([s for _, s, _ in self.chunks], dtype=torch.long)
+        lengths = torch.tensor([n for _, _, n in self.chunks], dtype=torch.long)
+        ends = starts + lengths
+        chunk_of_token = torch.repeat_interleave(torch.arange(len(self.chunks)), lengths)
+        first_token = torch.cumsum(lengths, 0) - lengths
+        token_pos = starts[chunk_of_token] + torch.arange(int(lengths.sum())) - first_token[chunk_of_token]
+        chunk_of_key = torch.repeat_interleave(torch.arange(len(self.chunks)), ends)
+        first_key = torch.cumsum(ends, 0) - ends
+        key_pos = torch.arange(int(ends.sum())) - first_key[chunk_of_key]
+        self.tokens = int(lengths.sum())
+        # the index vectors go to the device in one copy; the [T, S] mask is built there
+        packed = torch.cat([first_token + lengths - 1, rows[chunk_of_token], token_pos, chunk_of_token,
+                            rows[chunk_of_key], key_pos, chunk_of_key]).to(device, non_blocking=True)
+        n, t, keys = len(self.chunks), self.tokens, int(ends.sum())
+        self.last, self.token_row, self.token_pos, chunk_of_token, self.key_row, self.key_pos, chunk_of_key = \
+            packed.split([n, t, t, t, keys, keys, keys])
+        allowed = (chunk_of_token[:, None] == chunk_of_key[None, :]) & (self.key_pos[None, :] <= self.token_pos[:, None])
+        self._mask = additive_mask(allowed, kv.dtype)[None, None]
+        # one chunk: its row prefix is a slice of the buffers (a view, no gather)
+        self._single = self.chunks[0] if len(self.chunks) == 1 else None
 
     def mask(self) -> torch.Tensor:
-        end = self.start + self.length
-        q = torch.arange(self.start, end, device=self.kv.device)[:, None]
-        k = torch.arange(end, device=self.kv.device)[None, :]
-        return additive_mask(k <= q, self.kv.dtype)[None, None]
+        return self._mask
 
     def positions(self) -> torch.Tensor:
-        return torch.arange(self.start, self.start + self.length, device=self.kv.device)[None]
+        return self.token_pos[None]
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        end = self.start + self.length
         k, v = self.kv.keys[layer_idx], self.kv.values[layer_idx]
-        k[self.row, :, self.start:end] = key_states[0]
-        v[self.row, :, self.start:end] = value_states[0]
-        return k[self.row:self.row + 1, :, :end], v[self.row:self.row + 1, :, :end]
+        if self._single is not None:
+            row, start, length = self._single
+            end = start + length
+            k[row, :, start:end] = key_states[0]
+            v[row, :, start:end] = value_states[0]
+            return k[row:row + 1, :, :end], v[row:row + 1, :, :end]
+        # [1, heads, T, dim] -> [T, heads, dim], written at (row, :, position) of each token
+        k[self.token_row, :, self.token_pos] = key_states[0].transpose(0, 1)
+        v[self.token_row, :, self.token_pos] = value_states[0].transpose(0, 1)
+        return (k[self.key_row, :, self.key_pos].transpose(0, 1)[None],
+                v[self.key_row, :, self.key_pos].transpose(0, 1)[None])
 
 
 class DecodeView:

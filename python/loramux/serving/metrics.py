@@ -18,7 +18,8 @@ class Metrics:
         self._recent: Deque[Tuple[float, int]] = deque()  # (step end time, tokens it made)
         self.totals: Dict[str, int] = dict(requests_submitted=0, requests_finished=0, requests_failed=0,
                                            requests_cancelled=0, prompt_tokens=0, generated_tokens=0,
-                                           steps=0, prefill_chunks=0, step_errors=0)
+                                           steps=0, prefill_chunks=0, prefill_forwards=0,
+                                           step_errors=0)
 
     def add(self, **counts: int) -> None:
         with self._lock:

@@ -1,11 +1,11 @@
-"""One forward of the attached HF decoder over the Executor's KV rows: a prompt chunk of one request,
-or a decode step of one token per row; eager, or (CUDA) a captured graph replayed for the step's
-batch-size and length bucket (serving/cuda_graphs.py)."""
+"""One forward of the attached HF decoder over the Executor's KV rows: prompt chunks of several
+requests packed into one sequence, or a decode step of one token per row; eager, or (CUDA) a
+captured graph replayed for the step's batch-size and length bucket (serving/cuda_graphs.py)."""
 
 from __future__ import annotations
 
 import inspect
-from typing import List, Optional
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -40,24 +40,32 @@ class ModelStep:
         else:
             self.engine.clear_batch()
 
-    def forward(self, view, input_ids: torch.Tensor, positions: torch.Tensor, last_only: bool) -> torch.Tensor:
-        """Logits [rows, vocab] at each row's last position of this forward."""
+    def forward(self, view, input_ids: torch.Tensor, positions: torch.Tensor, keep=None) -> torch.Tensor:
+        """Logits [rows, vocab]: of every row's last token (decode: input_ids [rows, 1]), or of the
+        sequence positions `keep` (a packed prefill: input_ids [1, T])."""
         kwargs = {self._cache_kw: view, "use_cache": True}
-        if last_only:
-            kwargs["logits_to_keep"] = 1
+        if keep is not None:
+            kwargs["logits_to_keep"] = keep
         with serving_attention(self.device):
             out = self.model(input_ids=input_ids, position_ids=positions, attention_mask=view.mask(), **kwargs)
-        return out.logits[:, -1]
+        return out.logits[0] if keep is not None else out.logits[:, -1]
 
     @torch.no_grad()
-    def prefill(self, row: int, start: int, ids: List[int], slot: int) -> torch.Tensor:
-        """Writes one request's prompt chunk (positions start..) into its row; logits [1, vocab]
-        after its last token."""
-        self._set_adapters([slot])
+    def prefill(self, chunks: Sequence[Tuple[int, int, List[int], int]]) -> torch.Tensor:
+        """Writes prompt chunks [(row, start, ids, adapter slot)] of several requests into their
+        rows in one forward, each token with its request's adapter; logits [chunks, vocab] after
+        each chunk's last token."""
+        slots: List[int] = []
+        ids: List[int] = []
+        for _, _, chunk_ids, slot in chunks:
+            ids.extend(chunk_ids)
+            slots.extend([slot] * len(chunk_ids))
+        # the packed sequence is one batch row of T tokens: the adapter mapping is per token
+        self._set_adapters(slots)
         try:
-            view = self.kv.prefill_view(row, start, len(ids))
-            input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
-            return self.forward(view, input_ids, view.positions(), last_only=True)
+            view = self.kv.prefill_view([(row, start, len(chunk_ids)) for row, start, chunk_ids, _ in chunks])
+            input_ids = torch.tensor([ids], dtype=torch.long).to(self.device, non_blocking=True)
+            return self.forward(view, input_ids, view.positions(), keep=view.last)
         finally:
             self.engine.clear_batch()
 
@@ -74,7 +82,7 @@ class ModelStep:
             pos = torch.tensor(positions, dtype=torch.long, device=self.device)
             view = self.kv.decode_view(pos, span)
             input_ids = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
-            return self.forward(view, input_ids, pos[:, None], last_only=False)
+            return self.forward(view, input_ids, pos[:, None])
         finally:
             self.engine.clear_batch()
 

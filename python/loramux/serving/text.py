@@ -27,23 +27,60 @@ def prompt_token_ids(tokenizer, model, prompt) -> List[int]:
     return ids
 
 
+def _decoder(tokenizer):
+    """tokenizer.decode(ids, skip_special_tokens=True), through the Rust backend of a fast tokenizer
+    when that is exactly what decode would do (no cleanup pass, decode not overridden): the Python
+    wrapper costs more than decoding a few tokens, and the step loop decodes every row each step."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    mro = type(tokenizer).__mro__
+
+    def owner(name):
+        return next((i for i, k in enumerate(mro) if name in vars(k)), None)
+
+    fast = (backend is not None and getattr(tokenizer, "clean_up_tokenization_spaces", True) is False
+            and owner("_decode") is not None and owner("_decode") == owner("backend_tokenizer")
+            and (owner("decode") or 0) >= owner("_decode"))
+    if fast:
+        return lambda ids: backend.decode(ids, skip_special_tokens=True)
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+
+
 class IncrementalText:
-    """Decodes a growing list of token ids; `add` returns the text that is now safe to stream."""
+    """Decodes a growing list of token ids; `add` returns the text that is now safe to stream.
+
+    Each token decodes a short window, not the whole answer (as vLLM's incremental detokenizer
+    does): the text of ids[prefix:] minus that of ids[prefix:read] is what the new ids add, where
+    ids[prefix:read] are the last ids already turned into text, kept as context (a decoder may
+    treat a sequence's first token differently). Ids whose text ends in an incomplete character
+    wait for the ids that complete it."""
 
     def __init__(self, tokenizer, stop: Optional[Sequence[str]] = None):
-        self.tokenizer = tokenizer
+        self._decode = _decoder(tokenizer)
         self.stop = list(stop or [])
         self._hold = max((len(s) for s in self.stop), default=1) - 1  # a stop string's prefix may be pending
         self.ids: List[int] = []
         self.text = ""  # the whole answer's text so far (cut at a stop string once one is seen)
         self.sent = 0  # characters of self.text already streamed
         self.stopped = False
+        self._prefix = 0
+        self._read = 0
+
+    def _advance(self, final: bool) -> None:
+        """Appends to self.text what ids[read:] add (held back while it ends in an incomplete
+        character, unless the answer is over)."""
+        if self._read == len(self.ids):
+            return
+        before = self._decode(self.ids[self._prefix:self._read]) if self._read > self._prefix else ""
+        after = self._decode(self.ids[self._prefix:])
+        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
+            self.text += after[len(before):]
+            self._prefix, self._read = self._read, len(self.ids)
 
     def add(self, token_id: int) -> str:
         """Adds a token; returns the newly streamable text. Sets `stopped` when a stop string shows up
         (the text is cut before it)."""
         self.ids.append(token_id)
-        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        self._advance(final=False)
         if self.stop:
             start = max(0, self.sent - self._hold)
             hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
@@ -52,8 +89,6 @@ class IncrementalText:
                 self.stopped = True
                 return self.flush()
         safe = len(self.text) - self._hold
-        if self.text.endswith("\ufffd"):  # a multi-byte character still incomplete
-            safe = min(safe, len(self.text) - 1)
         if safe <= self.sent:
             return ""
         piece, self.sent = self.text[self.sent : safe], safe
@@ -61,6 +96,8 @@ class IncrementalText:
 
     def flush(self) -> str:
         """The rest of the text (the answer is over)."""
+        if not self.stopped:
+            self._advance(final=True)
         piece, self.sent = self.text[self.sent :], len(self.text)
         return piece
 
