@@ -14,6 +14,7 @@ import loramux._core as _core
 from loramux.errors import LoraCudaError
 from loramux.layout import ENTRY_WORDS, KERNEL_DTYPES
 from loramux.modules import NUM_MODULES
+from loramux.ops import tuning
 from loramux.ops.nvrtc_library import nvrtc_library
 
 __all__ = ["available", "supports", "segments", "lora_shrink", "lora_expand", "lora_apply"]
@@ -62,6 +63,19 @@ def _device_index(device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
+@functools.lru_cache(maxsize=None)
+def _arch(index: int) -> int:
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
+
+
+def _tuning(device, hi: int, out_sizes, max_rank: int, tokens: int) -> tuning.Choice:
+    """The launch table's choice for a lora_apply of this geometry (ops/tuning.py)."""
+    return tuning.choice(_arch(_device_index(device)), hi, out_sizes, max_rank, tokens)
+
+
 def segments(slot_of_token, num_slots: int):
     """The token segments of slot_of_token over a table of num_slots slots (int32 tensor on its
     device), built by one kernel on the current stream: no host sync, CUDA-graph capturable (a
@@ -96,7 +110,7 @@ def _segments_of(meta, device, tokens: int):
     return segments(meta.slot_of_token, num_slots)
 
 
-def _batch(meta, layer: int, device, tokens: int):
+def _batch(meta, layer: int, device, tokens: int, choice: tuning.Choice = tuning.Choice(None, None)):
     """(the Rust KernelBatch, the segments tensor it points into: kept alive by the caller)."""
     import torch
 
@@ -126,19 +140,21 @@ def _batch(meta, layer: int, device, tokens: int):
         num_layers=table.shape[1],
         layer=layer,
         max_rank=int(meta.max_rank),
+        shrink_target_blocks=choice.shrink_target_blocks,
+        expand_kernel=choice.expand_kernel,
     )
 
 
-def _shrink_partials(x, meta, layer: int, module_ids: Sequence[int]):
+def _shrink_partials(x, meta, layer: int, module_ids: Sequence[int], choice: tuning.Choice = tuning.Choice(None, None)):
     import torch
 
     _rows("x", x, x.device)
     if x.dtype != meta.dtype:
         raise LoraCudaError(f"x is {x.dtype} but the adapters are {meta.dtype}: serve in one dtype")
     tokens, hi = x.shape
-    seg, batch = _batch(meta, layer, x.device, tokens)
+    seg, batch = _batch(meta, layer, x.device, tokens, choice)
     ids = [int(m) for m in module_ids]
-    plan = _core.plan_shrink(tokens, hi, len(ids), meta.table.shape[0])
+    plan = _core.plan_shrink(tokens, hi, len(ids), meta.table.shape[0], choice.shrink_target_blocks, choice.expand_kernel)
     partial = torch.empty(len(ids) * plan[0] * tokens * int(meta.max_rank), dtype=torch.float32, device=x.device)
     batch.shrink(x.data_ptr(), x.stride(0), hi, ids, partial.data_ptr(), partial.numel(), plan)
     return batch, ids, plan, partial, seg
@@ -189,7 +205,8 @@ def lora_apply(x, y, meta, layer: int, module_ids: Sequence[int], out_sizes: Seq
         raise LoraCudaError(f"y {tuple(y.shape)} {y.dtype} does not match x {tuple(x.shape)} {x.dtype}")
     import torch
 
-    batch, ids, plan, partial, _seg = _shrink_partials(x, meta, layer, module_ids)  # _seg: alive until launched
+    choice = _tuning(x.device, x.shape[1], sizes, int(meta.max_rank), x.shape[0])
+    batch, ids, plan, partial, _seg = _shrink_partials(x, meta, layer, module_ids, choice)  # _seg: alive until launched
     if plan[2]:  # prefill: sum the split-K partials once instead of in every expand block
         u = torch.empty((len(ids), x.shape[0], int(meta.max_rank)), dtype=torch.float32, device=x.device)
         batch.reduce(ids, partial.data_ptr(), plan, u.data_ptr())
