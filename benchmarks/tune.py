@@ -168,20 +168,6 @@ def main():
     targets = [132, 528] if args.quick else TARGETS
     commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                            text=True).stdout.strip()
-    entries = []
-    with open(args.log, "w") as log:
-        for hi, sizes, mids in SHAPES:
-            for r in RANKS:
-                for tokens, n in TOKENS:
-                    case, entry = tune_case(hi, sizes, mids, r, tokens, n, l2, targets, args.margin)
-                    log.write(json.dumps(case) + "\n")
-                    best = min(case["variants"], key=lambda w: w["us"])
-                    print(f"{hi}->{sizes} r{r} T{tokens} n{n}: default {case['default_us']:.1f} us, best "
-                          f"{best['expand_kernel']}/{best['shrink_target_blocks']} {best['us']:.1f} us"
-                          f"{'  -> table' if entry else ''}", flush=True)
-                    if entry is not None:
-                        entry["arch"] = arch
-                        entries.append(entry)
     try:
         with open(args.out) as f:
             doc = json.load(f)
@@ -190,16 +176,35 @@ def main():
     kept = [e for e in doc.get("entries", []) if e["arch"] != arch]
     measured = [m for m in doc.get("measured", []) if m.get("arch") != arch]
     measured.append(dict(arch=arch, gpu=props.name, date=datetime.date.today().isoformat(), commit=commit,
-                         torch=torch.__version__, margin=args.margin))
-    out = {
-        "about": "lora_apply launch choices measured by benchmarks/tune.py; read by loramux.ops.tuning "
-                 "(geometries without an entry keep the built-in rules of rust/src/cuda/plan.rs)",
-        "measured": measured,
-        "entries": kept + entries,
-    }
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=1)
-        f.write("\n")
+                         torch=torch.__version__, margin=args.margin, targets=targets))
+    entries = []
+
+    def write():  # after every shape: a sweep cut short still leaves the shapes it finished
+        out = {
+            "about": "lora_apply launch choices measured by benchmarks/tune.py; read by loramux.ops.tuning "
+                     "(geometries without an entry keep the built-in rules of rust/src/cuda/plan.rs)",
+            "measured": measured,
+            "entries": kept + entries,
+        }
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=1)
+            f.write("\n")
+
+    with open(args.log, "w") as log:
+        for hi, sizes, mids in SHAPES:
+            for r in RANKS:
+                for tokens, n in TOKENS:
+                    case, entry = tune_case(hi, sizes, mids, r, tokens, n, l2, targets, args.margin)
+                    log.write(json.dumps(case) + "\n")
+                    log.flush()
+                    best = min(case["variants"], key=lambda w: w["us"])
+                    print(f"{hi}->{sizes} r{r} T{tokens} n{n}: default {case['default_us']:.1f} us, best "
+                          f"{best['expand_kernel']}/{best['shrink_target_blocks']} {best['us']:.1f} us"
+                          f"{'  -> table' if entry else ''}", flush=True)
+                    if entry is not None:
+                        entry["arch"] = arch
+                        entries.append(entry)
+            write()
     print(f"{len(entries)} entries for sm_{arch} -> {args.out}")
 
 

@@ -33,12 +33,15 @@ def test_beside_off_cuda_is_the_in_order_path(tmp_path):
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-def _graph(step):
+def _graph(step, engine):
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up off the capture stream, as torch asks
         step()
     torch.cuda.current_stream().wait_stream(side)
+    # the step's metadata (token segments) is built inside the capture, so a replay re-reads the slots
+    engine.step._metas = {}
+    engine._drop_sibling_outputs()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = step()
@@ -64,7 +67,7 @@ def test_beside_matches_in_order_eager_graphed_and_static(tmp_path, fuse):
             assert beside.dora_free(0, [1, 2, 3])  # plain adapters: the whole branch on the side stream
             step = lambda: ours(input_ids=ids, use_cache=False).logits  # noqa: E731
             eager = step().float()
-            graph, out = _graph(step)
+            graph, out = _graph(step, beside)
             graph.replay()
             torch.cuda.synchronize()
             graphed = out.float().clone()
@@ -72,7 +75,7 @@ def test_beside_matches_in_order_eager_graphed_and_static(tmp_path, fuse):
             static = torch.tensor(slots, dtype=torch.int32, device="cuda")
             beside.set_static_batch(static, beside.cache.table, beside.cache.pool)
             assert not beside.dora_free(0, [1, 2, 3])
-            s_graph, s_out = _graph(step)
+            s_graph, s_out = _graph(step, beside)
             s_graph.replay()
             torch.cuda.synchronize()
             static_graphed = s_out.float().clone()
