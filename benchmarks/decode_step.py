@@ -159,6 +159,17 @@ def beside_step(engine, step, slots0, ad, logits):
         del g
     except Exception as e:  # noqa: BLE001
         out["lora_beside_error"] = repr(e)[:300]
+    # as the serving graphs run it: a static batch (any adapter mix, DoRA unknown: shrinks aside only)
+    static = torch.tensor(slots0, dtype=torch.int32, device=DEV)
+    for beside, key in ((False, "lora_static_us"), (True, "lora_static_beside_us")):
+        engine.lora_beside_base = beside
+        try:
+            engine.set_static_batch(static, ad.cache.table, ad.cache.pool)
+            g, _ = capture(step, lambda: fresh_metas(engine))
+            out[key] = events(g.replay) * 1e6
+            del g
+        except Exception as e:  # noqa: BLE001
+            out[key.replace("_us", "_error")] = repr(e)[:300]
     engine.lora_beside_base = False
     engine.set_batch(slots0, ad.cache.table, ad.cache.pool)
     return out
@@ -271,6 +282,9 @@ def main():
     if "lora_beside_us" in res:
         res["overhead_beside_us"] = res["lora_beside_us"] - t_base * 1e6
         res["overhead_beside_over_floor"] = res["overhead_beside_us"] / res["lora_floor_us"]
+    for key in ("lora_static_us", "lora_static_beside_us"):
+        if key in res:
+            res[key.replace("lora_", "overhead_")] = res[key] - t_base * 1e6
     if "lora_unfused_us" in res:
         res["overhead_unfused_us"] = res["lora_unfused_us"] - t_base * 1e6
         res["overhead_unfused_over_floor"] = res["overhead_unfused_us"] / res["lora_floor_us"]

@@ -29,7 +29,7 @@ timeout ${DECODE_S:-140} python benchmarks/decode_step.py --out $OUT/decode.json
 echo "decode rc=$? at $(elapsed) s"
 python -c "
 import json; d=json.loads(open('$OUT/decode.json').read().splitlines()[-1])
-print({k: (round(v,3) if isinstance(v,float) else v) for k,v in d.items() if k in ('base_us','lora_us','overhead_us','lora_floor_us','overhead_over_floor','overhead_beside_us','overhead_beside_over_floor','beside_vs_in_order_rel','lora_beside_error','ops_only_7_per_layer_us','ops_only_4_fused_per_layer_us','overhead_unfused_us','graph_replay_rel_err','kernel_vs_torch_ref_rel','kernel_vs_peft_rel_of_lora_term','lora_capture_error','peft_error')})" 2>&1 | tail -3
+print({k: (round(v,3) if isinstance(v,float) else v) for k,v in d.items() if k in ('base_us','lora_us','overhead_us','lora_floor_us','overhead_over_floor','overhead_beside_us','overhead_beside_over_floor','overhead_static_us','overhead_static_beside_us','beside_vs_in_order_rel','lora_beside_error','ops_only_7_per_layer_us','ops_only_4_fused_per_layer_us','overhead_unfused_us','graph_replay_rel_err','kernel_vs_torch_ref_rel','kernel_vs_peft_rel_of_lora_term','lora_capture_error','peft_error')})" 2>&1 | tail -3
 if [ $(elapsed) -lt ${PEERS_IF_BEFORE:-330} ]; then
   timeout ${PEERS_S:-80} python benchmarks/ops.py --grid peers --commit "$COMMIT" --out $OUT/peers.json > $LOGS/peers.txt 2>&1
   echo "peers rc=$? at $(elapsed) s"; grep -vE '^\{' $LOGS/peers.txt | tail -10
