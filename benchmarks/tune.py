@@ -6,8 +6,12 @@ kernel the path allows times a few shrink split targets, each graphed over weigh
     python benchmarks/tune.py --out python/loramux/ops/launch_table.json [--quick]
 
 A choice enters the table only where it beats the built-in rule by more than --margin (noise
-stays out) and its output matches an fp32 reference; the rest keeps the built-in rule. Entries for
-one arch replace that arch's entries in an existing table and keep the others. ~1-2 minutes.
+stays out) and its output matches an fp32 reference; the rest keeps the built-in rule. Shrink split
+targets below the built-in one are not considered: the planner sizes the split for a middle number
+of work items, and fewer adapters than the sweep's give fewer items, so a coarser target starves them
+(measured on the H200: ops.py rows with 1 or 8 adapters up to 1.5x slower under targets chosen at
+16-32 adapters). Entries for one arch replace that arch's entries in an existing table and keep the
+others. ~1 minute. `--from-log tune.jsonl --arch 90` rebuilds the table from a sweep's log.
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ RANKS = [16, 64]
 # one token count per bucket of tuning.TOKEN_BUCKETS, adapters sharing the batch at that count
 TOKENS = [(1, 1), (16, 16), (64, 32), (256, 32), (512, 32), (2048, 8)]
 TARGETS = [132, 264, 528, 1056]
+#: the planner's own targets (rust/src/cuda/plan.rs): the flat decode expand's, everyone else's
+BUILT_IN_TARGET = {"flat": 132}
+DEFAULT_TARGET = 528
 KNOBS = ("LORAMUX_EXPAND_DECODE", "LORAMUX_EXPAND_OPT", "LORAMUX_EXPAND_TILE_COLS", "LORAMUX_SHRINK_TARGET_BLOCKS",
          "LORAMUX_TUNING")
 
@@ -44,7 +51,7 @@ def variants(tokens: int, targets):
         kinds = ["o1", "o1w", "o4"]
     else:
         kinds = ["c1", "c4"]
-    return [(k, t) for k in kinds for t in targets]
+    return [(k, t) for k in kinds for t in targets if t >= BUILT_IN_TARGET.get(k, DEFAULT_TARGET)]
 
 
 def forced_env(kind, target):
@@ -138,19 +145,62 @@ def tune_case(hi, sizes, mids, r, tokens, n, l2, targets, margin):
         t, err = measure(forced_env(kind, target))
         rows.append(dict(expand_kernel=kind, shrink_target_blocks=target, us=t * 1e6, rel_err=err))
     set_env({})
-    ok = [w for w in rows if w["rel_err"] < 2e-2]
-    best = min(ok, key=lambda w: w["us"]) if ok else None
     case = dict(hi=hi, out_sizes=list(sizes), rank=r, tokens=tokens, adapters=n, default_us=default_s * 1e6,
                 default_rel_err=default_err, variants=rows)
-    entry = None
-    if best is not None and best["us"] < default_s * 1e6 * (1 - margin):
-        entry = dict(arch=None, hi=hi, out_sizes=list(sizes), rank_bucket=tuning.rank_bucket(r),
-                     token_bucket=tuning.token_bucket(tokens), expand_kernel=best["expand_kernel"],
-                     shrink_target_blocks=best["shrink_target_blocks"], us=round(best["us"], 2),
-                     default_us=round(default_s * 1e6, 2))
+    entry = select(case, margin)
     del a_all, b_all
     torch.cuda.empty_cache()
     return case, entry
+
+
+def select(case, margin):
+    """The table entry a swept case earns (arch filled in by the caller), or None: the fastest variant
+    that matches the reference, an allowed target, and beats the built-in rule by more than margin."""
+    ok = [w for w in case["variants"] if w["rel_err"] < 2e-2
+          and w["shrink_target_blocks"] >= BUILT_IN_TARGET.get(w["expand_kernel"], DEFAULT_TARGET)]
+    best = min(ok, key=lambda w: w["us"]) if ok else None
+    if best is None or best["us"] >= case["default_us"] * (1 - margin):
+        return None
+    return dict(arch=None, hi=case["hi"], out_sizes=list(case["out_sizes"]), rank_bucket=tuning.rank_bucket(case["rank"]),
+                token_bucket=tuning.token_bucket(case["tokens"]), expand_kernel=best["expand_kernel"],
+                shrink_target_blocks=best["shrink_target_blocks"], us=round(best["us"], 2),
+                default_us=round(case["default_us"], 2))
+
+
+def write_table(path, arch, measured_note, entries):
+    """Replaces `arch`'s entries (and its measurement note) in the table at `path`, keeps the others."""
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except FileNotFoundError:
+        doc = {}
+    kept = [e for e in doc.get("entries", []) if e["arch"] != arch]
+    measured = [m for m in doc.get("measured", []) if m.get("arch") != arch] + [measured_note]
+    out = {
+        "about": "lora_apply launch choices measured by benchmarks/tune.py; read by loramux.ops.tuning "
+                 "(geometries without an entry keep the built-in rules of rust/src/cuda/plan.rs)",
+        "measured": measured,
+        "entries": kept + [dict(e, arch=arch) for e in entries],
+    }
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
+        f.write("\n")
+
+
+def rebuild(args):
+    """The table from a saved sweep log (no GPU): the selection rule applied to the measured cases."""
+    with open(args.from_log) as f:
+        cases = [json.loads(line) for line in f if line.strip()]
+    entries = [e for e in (select(c, args.margin) for c in cases) if e is not None]
+    try:
+        with open(args.out) as f:
+            old = next((m for m in json.load(f).get("measured", []) if m.get("arch") == args.arch), {})
+    except FileNotFoundError:
+        old = {}
+    note = dict(old, arch=args.arch, margin=args.margin, rebuilt_from=os.path.basename(args.from_log),
+                selection="targets >= the built-in one")
+    write_table(args.out, args.arch, note, entries)
+    print(f"{len(entries)} entries for sm_{args.arch} from {len(cases)} cases -> {args.out}")
 
 
 def main():
@@ -160,7 +210,11 @@ def main():
     ap.add_argument("--margin", type=float, default=0.03, help="fraction a choice must beat the built-in rule by")
     ap.add_argument("--quick", action="store_true", help="two shrink targets instead of four")
     ap.add_argument("--commit", default="")
+    ap.add_argument("--from-log", help="rebuild the table from this sweep log instead of measuring")
+    ap.add_argument("--arch", type=int, default=90, help="with --from-log: the arch the log was measured on")
     args = ap.parse_args()
+    if args.from_log:
+        return rebuild(args)
     torch.set_grad_enabled(False)
     props = torch.cuda.get_device_properties(0)
     arch = 10 * props.major + props.minor
@@ -168,27 +222,12 @@ def main():
     targets = [132, 528] if args.quick else TARGETS
     commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                            text=True).stdout.strip()
-    try:
-        with open(args.out) as f:
-            doc = json.load(f)
-    except FileNotFoundError:
-        doc = {}
-    kept = [e for e in doc.get("entries", []) if e["arch"] != arch]
-    measured = [m for m in doc.get("measured", []) if m.get("arch") != arch]
-    measured.append(dict(arch=arch, gpu=props.name, date=datetime.date.today().isoformat(), commit=commit,
-                         torch=torch.__version__, margin=args.margin, targets=targets))
+    note = dict(arch=arch, gpu=props.name, date=datetime.date.today().isoformat(), commit=commit,
+                torch=torch.__version__, margin=args.margin, targets=targets, selection="targets >= the built-in one")
     entries = []
 
     def write():  # after every shape: a sweep cut short still leaves the shapes it finished
-        out = {
-            "about": "lora_apply launch choices measured by benchmarks/tune.py; read by loramux.ops.tuning "
-                     "(geometries without an entry keep the built-in rules of rust/src/cuda/plan.rs)",
-            "measured": measured,
-            "entries": kept + entries,
-        }
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=1)
-            f.write("\n")
+        write_table(args.out, arch, note, entries)
 
     with open(args.log, "w") as log:
         for hi, sizes, mids in SHAPES:
@@ -202,7 +241,6 @@ def main():
                           f"{best['expand_kernel']}/{best['shrink_target_blocks']} {best['us']:.1f} us"
                           f"{'  -> table' if entry else ''}", flush=True)
                     if entry is not None:
-                        entry["arch"] = arch
                         entries.append(entry)
             write()
     print(f"{len(entries)} entries for sm_{arch} -> {args.out}")

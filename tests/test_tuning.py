@@ -67,3 +67,32 @@ def test_planner_takes_the_choices_and_rejects_unknown_kernels(monkeypatch):
     assert _core.plan_shrink(8, 4096, 1, 8) == _core.plan_shrink(8, 4096, 1, 8, None, None)
     with pytest.raises(Exception, match="unknown expand kernel"):
         _core.plan_shrink(8, 4096, 1, 8, None, "o2")
+
+
+def _tune_script():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "tune.py"
+    if not path.is_file():
+        pytest.skip("not run from a source checkout")
+    spec = importlib.util.spec_from_file_location("tune_script", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_sweep_selection_keeps_coarse_splits_noise_and_wrong_results_out():
+    tune = _tune_script()
+    case = dict(hi=4096, out_sizes=[4096], rank=16, tokens=40, default_us=100.0, variants=[
+        dict(expand_kernel="o1", shrink_target_blocks=132, us=50.0, rel_err=1e-3),  # coarser than built-in: out
+        dict(expand_kernel="o1w", shrink_target_blocks=1056, us=60.0, rel_err=0.5),  # wrong result: out
+        dict(expand_kernel="flat", shrink_target_blocks=132, us=80.0, rel_err=1e-3),  # flat's own target: in
+        dict(expand_kernel="o1", shrink_target_blocks=528, us=90.0, rel_err=1e-3),
+    ])
+    e = tune.select(case, margin=0.03)
+    assert (e["expand_kernel"], e["shrink_target_blocks"], e["token_bucket"], e["rank_bucket"]) == ("flat", 132, 64, 16)
+    case["variants"] = [dict(expand_kernel="o1", shrink_target_blocks=528, us=98.0, rel_err=1e-3)]
+    assert tune.select(case, margin=0.03) is None  # within the noise margin: the built-in rule stays
+    assert ("o1", 132) not in tune.variants(40, tune.TARGETS) and ("flat", 132) in tune.variants(40, tune.TARGETS)
+    assert {k for k, _ in tune.variants(300, tune.TARGETS)} == {"c1", "c4"}
