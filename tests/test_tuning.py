@@ -94,5 +94,12 @@ def test_sweep_selection_keeps_coarse_splits_noise_and_wrong_results_out():
     assert (e["expand_kernel"], e["shrink_target_blocks"], e["token_bucket"], e["rank_bucket"]) == ("flat", 132, 64, 16)
     case["variants"] = [dict(expand_kernel="o1", shrink_target_blocks=528, us=98.0, rel_err=1e-3)]
     assert tune.select(case, margin=0.03) is None  # within the noise margin: the built-in rule stays
+    # timed at one adapter and at many: a variant that wins at many but loses at one stays out
+    case = dict(hi=4096, out_sizes=[4096], rank=64, tokens=16, adapters=[1, 16], default_us=[10.0, 40.0], variants=[
+        dict(expand_kernel="o1w", shrink_target_blocks=1056, us=[12.0, 20.0], rel_err=1e-3),
+        dict(expand_kernel="o1", shrink_target_blocks=1056, us=[9.0, 36.0], rel_err=1e-3),
+    ])
+    e = tune.select(case, margin=0.03)
+    assert (e["expand_kernel"], e["us"], e["adapters"]) == ("o1", [9.0, 36.0], [1, 16])
     assert ("o1", 132) not in tune.variants(40, tune.TARGETS) and ("flat", 132) in tune.variants(40, tune.TARGETS)
     assert {k for k, _ in tune.variants(300, tune.TARGETS)} == {"c1", "c4"}
