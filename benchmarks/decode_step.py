@@ -1,8 +1,12 @@
 """Decode step of a Llama-8B-shaped model (4 layers, random weights, bf16) at batch 32 with 32
 distinct adapters of rank 16 on all 7 projections, through loramux.attach's layers and the CUDA
 kernels: base step, LoRA step, LoRA overhead vs its bytes floor, and PEFT on the same batch.
+The adapters are random (weights, config) pairs put into a real LoraCache (benchmarks/_common.py
+resident_adapters), so the kernels read the serving path's pool and slot table.
 The LoRA step runs attach's fused siblings (q|k|v and gate|up: 4 lora_apply per layer); the same
-step with one apply per projection (fuse_siblings off: 7 per layer) is timed beside it.
+step with one apply per projection (fuse_siblings off: 7 per layer) is timed beside it, and so is
+the step with each projection's LoRA branch on a side stream beside its base GEMM
+(Engine.lora_beside_base; forked and joined inside the captured graph).
 Also checks the LoRA logits against PEFT's and replays the captured graph with new adapter
 mappings (more and fewer distinct adapters, rows without one) against eager results.
 
@@ -14,17 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
-import os
 
 import torch
+from _common import llama_spec, random_adapter, resident_adapters
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from kernel_fixtures import build_adapters  # noqa: E402
-
-from loramux import ops  # noqa: E402
-from loramux.models.attach import attach_layers  # noqa: E402
-from loramux.models.targets import spec_from_config  # noqa: E402
+import loramux as lm
+from loramux import ops
+from loramux.models.attach import attach_layers
 
 DEV, DT = "cuda", torch.bfloat16
 BATCH, ADAPTERS, RANK, LAYERS = 32, 32, 16, 4
@@ -94,15 +94,15 @@ def fresh_metas(engine):
     engine._drop_sibling_outputs()
 
 
-def ops_only(ad, spec):
+def ops_only(ad):
     """The step's LoRA work alone in a graph: 7 applies per layer (as attach's layers issue them)
     vs 4 (q,k,v in one 3-slice launch, gate,up in one 2-slice launch)."""
-    from loramux.ops import kernels
-    from kernel_fixtures import BatchMeta
+    from loramux.ops import BatchMeta, kernels
 
-    slots = torch.arange(BATCH, dtype=torch.int32, device=DEV)
-    meta = BatchMeta(table=ad.table, pool=ad.pool, dtype=DT, slot_of_token=slots, max_rank=RANK,
-                     segments=kernels.segments(slots, ad.table.shape[0]))  # once per step, as StepBatch
+    slots = ad.slot_of_token(list(range(BATCH)))
+    table = ad.cache.table
+    meta = BatchMeta(table=table, pool=ad.cache.pool, dtype=DT, slot_of_token=slots, max_rank=RANK,
+                     segments=kernels.segments(slots, table.shape[0]))  # once per step, as StepBatch
     x_h = torch.randn(BATCH, 4096, device=DEV, dtype=DT)
     x_f = torch.randn(BATCH, 14336, device=DEV, dtype=DT)
     y = {w: torch.zeros(BATCH, w, device=DEV, dtype=DT) for w in (1024, 4096, 14336, 6144, 28672)}
@@ -144,24 +144,55 @@ def applies_per_step(step):
     return dict(applies=len(calls), slices=sum(calls))
 
 
+def beside_step(engine, step, slots0, ad, logits):
+    """The same LoRA step with each projection's LoRA branch beside its base GEMM: graphed time and
+    its logits against the in-order path's."""
+    out = {}
+    engine.lora_beside_base = True
+    try:
+        engine.set_batch(slots0, ad.cache.table, ad.cache.pool)
+        beside = step().float()
+        out["beside_vs_in_order_rel"] = float((logits - beside).norm() / logits.norm())
+        engine.set_batch(slots0, ad.cache.table, ad.cache.pool)
+        g, _ = capture(step, lambda: fresh_metas(engine))
+        out["lora_beside_us"] = events(g.replay) * 1e6
+        del g
+    except Exception as e:  # noqa: BLE001
+        out["lora_beside_error"] = repr(e)[:300]
+    # as the serving graphs run it: a static batch (any adapter mix, DoRA unknown: shrinks aside only)
+    static = torch.tensor(slots0, dtype=torch.int32, device=DEV)
+    for beside, key in ((False, "lora_static_us"), (True, "lora_static_beside_us")):
+        engine.lora_beside_base = beside
+        try:
+            engine.set_static_batch(static, ad.cache.table, ad.cache.pool)
+            g, _ = capture(step, lambda: fresh_metas(engine))
+            out[key] = events(g.replay) * 1e6
+            del g
+        except Exception as e:  # noqa: BLE001
+            out[key.replace("_us", "_error")] = repr(e)[:300]
+    engine.lora_beside_base = False
+    engine.set_batch(slots0, ad.cache.table, ad.cache.pool)
+    return out
+
+
 def unfused_step(engine, step, slots0, ad, fused_logits):
     """The same LoRA step with one lora_apply per projection (attach(..., fuse_siblings=False)):
     graphed time, applies per step, and its logits against the fused path's."""
     out = {"applies_per_step": applies_per_step(step)}
     engine.fuse_siblings = False
-    engine.set_batch(slots0, ad.table, ad.pool)
+    engine.set_batch(slots0, ad.cache.table, ad.cache.pool)
     out["applies_per_step_unfused"] = applies_per_step(step)
     unfused = step().float()
     out["fused_vs_unfused_rel"] = float((fused_logits - unfused).norm() / unfused.norm())
     try:
-        engine.set_batch(slots0, ad.table, ad.pool)
+        engine.set_batch(slots0, ad.cache.table, ad.cache.pool)
         g, _ = capture(step, lambda: fresh_metas(engine))
         out["lora_unfused_us"] = events(g.replay) * 1e6
         del g
     except Exception as e:  # noqa: BLE001
         out["lora_unfused_capture_error"] = repr(e)[:300]
     engine.fuse_siblings = True
-    engine.set_batch(slots0, ad.table, ad.pool)
+    engine.set_batch(slots0, ad.cache.table, ad.cache.pool)
     return out
 
 
@@ -188,23 +219,17 @@ def main():
     t_base = events(g_base.replay) if g_base is not None else events(lambda: model(input_ids=ids, position_ids=pos, use_cache=False))
     res["base_graphed"] = g_base is not None
 
-    spec = spec_from_config(model.config, max_rank=RANK)
+    spec = llama_spec(LAYERS, RANK)
     engine = attach_layers(model, spec, None, DT, torch.device(DEV))
-    gen = torch.Generator().manual_seed(1)
-    specs = {}
-    for slot in range(ADAPTERS):
-        for layer in range(LAYERS):
-            for mid, _ in PROJ:
-                hi, ho = spec.module_dims(mid)
-                specs[(slot, layer, mid)] = (RANK, hi, ho, False)
-    ad = build_adapters(specs, num_slots=ADAPTERS, num_layers=LAYERS, max_rank=RANK, dtype=DT, device=DEV, gen=gen,
-                        b_std=0.5)
-    lora_bytes = sum(RANK * (hi + ho) * 2 for (_, _, _), (_, hi, ho, _) in specs.items())
+    mids = [mid for mid, _ in PROJ]
+    adapters = [random_adapter(spec, mids, range(LAYERS), RANK, seed=1 + a, std=0.03) for a in range(ADAPTERS)]
+    ad = resident_adapters(spec, adapters, dtype=DT, device=DEV)
+    lora_bytes = ad.value_bytes
     res["lora_bytes"] = lora_bytes
     res["lora_floor_us"] = lora_bytes / bw * 1e6
 
-    slots0 = list(range(ADAPTERS))
-    engine.set_batch(slots0, ad.table, ad.pool)
+    slots0 = list(ad.slots)  # row i uses adapter i
+    engine.set_batch(slots0, ad.cache.table, ad.cache.pool)
     step = lambda: model(input_ids=ids, position_ids=pos, use_cache=False).logits  # noqa: E731
     with torch.no_grad():
         eager = step().float()
@@ -212,7 +237,7 @@ def main():
     saved = ops.apply._kernels
     ops.apply._kernels = None
     try:
-        engine.set_batch(slots0, ad.table, ad.pool)
+        engine.set_batch(slots0, ad.cache.table, ad.cache.pool)
         with torch.no_grad():
             ref = step().float()
     finally:
@@ -220,7 +245,7 @@ def main():
     base_logits = out_base.float() if g_base is not None else None
     res["kernel_vs_torch_ref_rel"] = float((eager - ref).norm() / (ref - base_logits).norm()) if base_logits is not None else None
 
-    engine.set_batch(slots0, ad.table, ad.pool)  # fresh metas: built inside the capture
+    engine.set_batch(slots0, ad.cache.table, ad.cache.pool)  # fresh metas: built inside the capture
     try:
         g_lora, out_lora = capture(step, lambda: fresh_metas(engine))
         t_lora = events(g_lora.replay)
@@ -232,20 +257,20 @@ def main():
     res.update(base_us=t_base * 1e6, lora_us=t_lora * 1e6, overhead_us=(t_lora - t_base) * 1e6)
     res["overhead_over_floor"] = (t_lora - t_base) / (lora_bytes / bw)
 
-    res.update(ops_only(ad, spec))
+    res.update(ops_only(ad))
 
     if g_lora is not None:  # replay with new mappings written into the engine's static slot tensor
         static_slots = engine.step.slot_of_row
         errs = []
         rng = torch.Generator().manual_seed(7)
         for distinct in (ADAPTERS, 4, 1, 17):
-            slots = torch.randint(0, distinct, (BATCH,), generator=rng).tolist()
+            slots = [ad.slots[a] for a in torch.randint(0, distinct, (BATCH,), generator=rng).tolist()]
             slots[3] = -1
             static_slots.copy_(torch.tensor(slots, dtype=torch.int32))
             g_lora.replay()
             torch.cuda.synchronize()
             got = out_lora.float().clone()
-            engine.set_batch(slots, ad.table, ad.pool)
+            engine.set_batch(slots, ad.cache.table, ad.cache.pool)
             want = step().float()
             errs.append(float((got - want).norm() / (want - base_logits).norm()) if base_logits is not None
                         else float((got - want).norm() / want.norm()))
@@ -253,6 +278,13 @@ def main():
 
     # after the replay check: it writes the slot tensor g_lora captured, which set_batch replaces
     res.update(unfused_step(engine, step, slots0, ad, eager))
+    res.update(beside_step(engine, step, slots0, ad, eager))
+    if "lora_beside_us" in res:
+        res["overhead_beside_us"] = res["lora_beside_us"] - t_base * 1e6
+        res["overhead_beside_over_floor"] = res["overhead_beside_us"] / res["lora_floor_us"]
+    for key in ("lora_static_us", "lora_static_beside_us"):
+        if key in res:
+            res[key.replace("lora_", "overhead_")] = res[key] - t_base * 1e6
     if "lora_unfused_us" in res:
         res["overhead_unfused_us"] = res["lora_unfused_us"] - t_base * 1e6
         res["overhead_unfused_over_floor"] = res["overhead_unfused_us"] / res["lora_floor_us"]
@@ -267,18 +299,25 @@ def main():
         pm = peft.get_peft_model(model, cfg, adapter_name="a0").eval()
         for slot in range(1, ADAPTERS):
             pm.add_adapter(f"a{slot}", cfg)
+        # each adapter's A and B per (layer, module), as its rows of the TensorRT-LLM format hold them
+        ab = {}
+        for a, (weights, config) in enumerate(adapters):
+            w = weights.float().numpy()
+            for i, row in enumerate(lm.format.validate(w, config, spec)):
+                mid, layer = int(config[i][0]), int(config[i][1])
+                ab[(a, layer, mid)] = (torch.from_numpy(w[i, row.a_slice].reshape(row.rank, row.hi).copy()),
+                                       torch.from_numpy(w[i, row.b_slice].reshape(row.ho, row.rank).copy()))
         with torch.no_grad():
             for name, mod in pm.named_modules():
                 if not hasattr(mod, "lora_A") or not isinstance(getattr(mod, "lora_A"), torch.nn.ModuleDict):
                     continue
                 layer = int(name.split("layers.")[1].split(".")[0])
                 mid = next(m for m, n in PROJ if name.endswith(n))
-                for slot in range(ADAPTERS):
-                    e = ad.entries[(slot, layer, mid)]
-                    mod.lora_A[f"a{slot}"].weight.copy_(e.a.to(DT))
-                    mod.lora_B[f"a{slot}"].weight.copy_(e.b.to(DT))
+                for a in range(ADAPTERS):
+                    mod.lora_A[f"a{a}"].weight.copy_(ab[(a, layer, mid)][0].to(DT))
+                    mod.lora_B[f"a{a}"].weight.copy_(ab[(a, layer, mid)][1].to(DT))
         pm.eval()
-        names = [f"a{s}" for s in slots0]
+        names = [f"a{a}" for a in range(ADAPTERS)]
         peft_step = lambda: pm(input_ids=ids, position_ids=pos, use_cache=False, adapter_names=names).logits  # noqa: E731
         peft_logits = peft_step().float()
         res["kernel_vs_peft_rel"] = float((eager - peft_logits).norm() / peft_logits.norm())

@@ -59,6 +59,13 @@ def table(ops_lines, decode=None, cases=True) -> str:
                 f"r={d['rank']} on 7 projections, graphed): base {d['base_us']:.0f} us, with LoRA {d['lora_us']:.0f} us, "
                 f"overhead {d['overhead_us']:.0f} us = {d['overhead_over_floor']:.1f}x its {d['lora_floor_us']:.0f} us "
                 f"bytes floor" + (f"; PEFT {d['peft_us'] / 1e3:.0f} ms" if d.get("peft_us") else "") + "."]
+        if d.get("overhead_beside_us") is not None:
+            out[-1] += (f" With each projection's LoRA branch on a side stream beside its base GEMM "
+                        f"(`Engine.lora_beside_base`): overhead {d['overhead_beside_us']:.0f} us = "
+                        f"{d['overhead_beside_over_floor']:.1f}x.")
+        if d.get("overhead_static_us") is not None and d.get("overhead_static_beside_us") is not None:
+            out[-1] += (f" A static batch (as the serving graphs capture it): {d['overhead_static_us']:.0f} us in order, "
+                        f"{d['overhead_static_beside_us']:.0f} us with only the shrinks beside.")
     return "\n".join(out) + "\n"
 
 

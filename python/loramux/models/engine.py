@@ -3,6 +3,7 @@ of the batch being run, which the LoRA layers read."""
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from typing import Iterator, List, Optional, Sequence
 
@@ -28,6 +29,9 @@ class Engine:
         # q|k|v and gate|up siblings computed by one multi-slice lora_apply (models/siblings.py);
         # False: one lora_apply per projection (same results, for A/B runs)
         self.fuse_siblings = True
+        # the LoRA branch of a projection on a side stream while its base GEMM runs (forked and
+        # joined inside a captured graph too); LORAMUX_LORA_BESIDE_BASE=1|0 sets it for A/B runs
+        self.lora_beside_base = os.environ.get("LORAMUX_LORA_BESIDE_BASE", "0") not in ("", "0", "off")
         self.sibling_groups: list = []
 
     @property
@@ -80,6 +84,10 @@ class Engine:
     def used_slices(self, layer: int, slices):
         """The module-id groups of `slices` that some adapter of the current batch has at `layer`."""
         return self.step.used_slices(layer, slices)
+
+    def dora_free(self, layer: int, module_ids) -> bool:
+        """Whether no adapter of the current batch has a DoRA scale on these modules at `layer`."""
+        return self.step.dora_free(layer, module_ids)
 
     def meta_for(self, x: torch.Tensor) -> Optional[BatchMeta]:
         """The BatchMeta for an activation of this batch; None when no row holds an adapter."""

@@ -4,7 +4,7 @@ everything else takes the torch reference (loramux.ops.reference)."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence, Tuple
 
 import torch
 
@@ -18,7 +18,9 @@ except ModuleNotFoundError as err:
         raise
     _kernels = None
 
-__all__ = ["lora_shrink", "lora_expand", "lora_apply"]
+__all__ = ["lora_shrink", "lora_expand", "lora_apply", "lora_apply_beside"]
+
+_side_streams = {}  # device index -> the side stream LoRA branches run on beside the base GEMM
 
 
 def _use_kernels(t: torch.Tensor, meta: BatchMeta, num_slices: int) -> bool:
@@ -77,3 +79,33 @@ def lora_apply(
         _kernels.lora_apply(x, y, meta, layer, module_ids, out_sizes)
         return
     lora_expand(lora_shrink(x, meta, layer, module_ids), y, meta, layer, module_ids, out_sizes)
+
+
+def _side_stream(device: torch.device) -> "torch.cuda.Stream":
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    stream = _side_streams.get(index)
+    if stream is None:
+        stream = _side_streams[index] = torch.cuda.Stream(device=index)
+    return stream
+
+
+def lora_apply_beside(
+    x: torch.Tensor,
+    base: Callable[[], torch.Tensor],
+    meta: BatchMeta,
+    layer: int,
+    applies: Sequence[Tuple[Sequence[int], Sequence[int]]],
+    dora_free: bool,
+) -> torch.Tensor:
+    """y = base() ([T, W], the projection's base output) plus each token's LoRA slices of `applies`
+    ([(module_ids, out_sizes)], each over y's W columns). Where the kernels serve the batch the LoRA
+    branch runs on a side stream while base() runs on the current one (a captured CUDA graph holds
+    both branches); `dora_free` (no DoRA scale on these modules in the batch) lets the whole branch
+    run there, else only its shrinks. Elsewhere: base() then lora_apply per entry, in order."""
+    if applies and _use_kernels(x, meta, max(len(ids) for ids, _ in applies)):
+        width = sum(int(o) for o in applies[0][1])
+        return _kernels.lora_apply_beside(x, base, meta, layer, applies, width, dora_free, _side_stream(x.device))
+    y = base()
+    for ids, sizes in applies:
+        lora_apply(x, y, meta, layer, ids, sizes)
+    return y

@@ -8,15 +8,17 @@ and launches (rust/src/cuda/). No host sync, no metadata copy: CUDA-graph captur
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 from typing import Sequence
 
 import loramux._core as _core
 from loramux.errors import LoraCudaError
 from loramux.layout import ENTRY_WORDS, KERNEL_DTYPES
 from loramux.modules import NUM_MODULES
+from loramux.ops import tuning
 from loramux.ops.nvrtc_library import nvrtc_library
 
-__all__ = ["available", "supports", "segments", "lora_shrink", "lora_expand", "lora_apply"]
+__all__ = ["available", "supports", "segments", "lora_shrink", "lora_expand", "lora_apply", "lora_apply_beside"]
 
 MAX_RANK = _core.KERNEL_MAX_RANK
 MAX_SLICES = _core.KERNEL_MAX_SLICES
@@ -62,6 +64,19 @@ def _device_index(device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
+@functools.lru_cache(maxsize=None)
+def _arch(index: int) -> int:
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
+
+
+def _tuning(device, hi: int, out_sizes, max_rank: int, tokens: int) -> tuning.Choice:
+    """The launch table's choice for a lora_apply of this geometry (ops/tuning.py)."""
+    return tuning.choice(_arch(_device_index(device)), hi, out_sizes, max_rank, tokens)
+
+
 def segments(slot_of_token, num_slots: int):
     """The token segments of slot_of_token over a table of num_slots slots (int32 tensor on its
     device), built by one kernel on the current stream: no host sync, CUDA-graph capturable (a
@@ -96,8 +111,9 @@ def _segments_of(meta, device, tokens: int):
     return segments(meta.slot_of_token, num_slots)
 
 
-def _batch(meta, layer: int, device, tokens: int):
-    """(the Rust KernelBatch, the segments tensor it points into: kept alive by the caller)."""
+def _batch(meta, layer: int, device, tokens: int, choice: tuning.Choice = tuning.Choice(None, None), stream=None):
+    """(the Rust KernelBatch, the segments tensor it points into: kept alive by the caller); its
+    launches go to `stream` (default: the current one)."""
     import torch
 
     nvrtc_library()
@@ -116,7 +132,7 @@ def _batch(meta, layer: int, device, tokens: int):
     seg = _segments_of(meta, device, tokens)
     return seg, _core.KernelBatch(
         device=_device_index(device),
-        stream=torch.cuda.current_stream(device).cuda_stream,
+        stream=(stream or torch.cuda.current_stream(device)).cuda_stream,
         dtype=_dtype_name(meta.dtype),
         slot_of_token=slots.data_ptr(),
         segments=seg.data_ptr(),
@@ -126,19 +142,23 @@ def _batch(meta, layer: int, device, tokens: int):
         num_layers=table.shape[1],
         layer=layer,
         max_rank=int(meta.max_rank),
+        shrink_target_blocks=choice.shrink_target_blocks,
+        expand_kernel=choice.expand_kernel,
     )
 
 
-def _shrink_partials(x, meta, layer: int, module_ids: Sequence[int]):
+def _shrink_partials(x, meta, layer: int, module_ids: Sequence[int], choice: tuning.Choice = tuning.Choice(None, None),
+                     stream=None):
+    """Allocates the partials on the current stream, launches the shrink on `stream` (default: current)."""
     import torch
 
     _rows("x", x, x.device)
     if x.dtype != meta.dtype:
         raise LoraCudaError(f"x is {x.dtype} but the adapters are {meta.dtype}: serve in one dtype")
     tokens, hi = x.shape
-    seg, batch = _batch(meta, layer, x.device, tokens)
+    seg, batch = _batch(meta, layer, x.device, tokens, choice, stream)
     ids = [int(m) for m in module_ids]
-    plan = _core.plan_shrink(tokens, hi, len(ids), meta.table.shape[0])
+    plan = _core.plan_shrink(tokens, hi, len(ids), meta.table.shape[0], choice.shrink_target_blocks, choice.expand_kernel)
     partial = torch.empty(len(ids) * plan[0] * tokens * int(meta.max_rank), dtype=torch.float32, device=x.device)
     batch.shrink(x.data_ptr(), x.stride(0), hi, ids, partial.data_ptr(), partial.numel(), plan)
     return batch, ids, plan, partial, seg
@@ -178,21 +198,78 @@ def lora_expand(u, y, meta, layer: int, module_ids: Sequence[int], out_sizes: Se
     batch.expand(u.data_ptr(), 1, y.data_ptr(), y.stride(0), ids, sizes)
 
 
-def lora_apply(x, y, meta, layer: int, module_ids: Sequence[int], out_sizes: Sequence[int]) -> None:
-    """Shrink then expand over the batch's token segments (meta.segments, or built here first).
-    Decode (T <= 64): two launches, the expand a programmatic dependent of
-    the shrink on sm_90 (starts early, waits in-kernel) that sums the split-K partials as it
-    loads u. Prefill: shrink, a reduce of the partials into u, then the expand."""
+def _apply_checks(x, y, meta, module_ids, out_sizes):
     sizes = [int(o) for o in out_sizes]
     _expand_checks(y, list(module_ids), sizes, x.device)
     if y.shape[0] != x.shape[0] or y.dtype != x.dtype:
         raise LoraCudaError(f"y {tuple(y.shape)} {y.dtype} does not match x {tuple(x.shape)} {x.dtype}")
+    return sizes
+
+
+def _finish(x, y, meta, layer, ids, sizes, choice, plan, partial, chained: bool) -> None:
+    """The expand of an apply whose shrink wrote `partial`, on the current stream (prefill: the
+    reduce of the split-K partials into u first)."""
     import torch
 
-    batch, ids, plan, partial, _seg = _shrink_partials(x, meta, layer, module_ids)  # _seg: alive until launched
+    seg, batch = _batch(meta, layer, x.device, x.shape[0], choice)  # seg: alive until launched
     if plan[2]:  # prefill: sum the split-K partials once instead of in every expand block
         u = torch.empty((len(ids), x.shape[0], int(meta.max_rank)), dtype=torch.float32, device=x.device)
         batch.reduce(ids, partial.data_ptr(), plan, u.data_ptr())
         batch.expand(u.data_ptr(), 1, y.data_ptr(), y.stride(0), ids, sizes)
     else:
+        batch.expand(partial.data_ptr(), plan[0], y.data_ptr(), y.stride(0), ids, sizes, chained=chained)
+
+
+def lora_apply(x, y, meta, layer: int, module_ids: Sequence[int], out_sizes: Sequence[int]) -> None:
+    """Shrink then expand over the batch's token segments (meta.segments, or built here first).
+    Decode (T <= 64): two launches, the expand a programmatic dependent of
+    the shrink on sm_90 (starts early, waits in-kernel) that sums the split-K partials as it
+    loads u. Prefill: shrink, a reduce of the partials into u, then the expand. Which expand kernel and
+    how finely the shrink splits: the measured launch table where it has the geometry (tuning.py)."""
+    sizes = _apply_checks(x, y, meta, module_ids, out_sizes)
+    choice = _tuning(x.device, x.shape[1], sizes, int(meta.max_rank), x.shape[0])
+    batch, ids, plan, partial, seg = _shrink_partials(x, meta, layer, module_ids, choice)
+    if plan[2]:
+        _finish(x, y, meta, layer, ids, sizes, choice, plan, partial, chained=False)
+    else:  # the same batch: the expand is chained to the shrink just launched
         batch.expand(partial.data_ptr(), plan[0], y.data_ptr(), y.stride(0), ids, sizes, chained=True)
+    del seg  # alive until here: the launches read it
+
+
+def lora_apply_beside(x, base, meta, layer: int, applies, width: int, dora_free: bool, side):
+    """y = base() (a [T, width] tensor computed on the current stream) plus each token's LoRA slices
+    of `applies` ([(module_ids, out_sizes)], each from column 0 of y), with the LoRA branch on
+    stream `side` while base() runs: forked and joined by stream waits, so a captured CUDA graph
+    holds both branches. `dora_free` (no adapter of the batch has a DoRA scale on these modules):
+    the whole apply runs on the side into a zeroed buffer that the current stream then adds to y.
+    Otherwise (DoRA scales y + delta): only the shrinks run on the side; the expands follow base()."""
+    import torch
+
+    main = torch.cuda.current_stream(x.device)
+    tokens = x.shape[0]
+    if meta.segments is None:  # built before the fork, so the side branch sees them
+        meta = replace(meta, segments=segments(meta.slot_of_token, meta.table.shape[0]))
+    launched = []
+    delta = torch.empty(tokens, width, dtype=x.dtype, device=x.device) if dora_free else None
+    side.wait_stream(main)
+    if dora_free:
+        with torch.cuda.stream(side):
+            delta.zero_()
+            for ids, sizes in applies:
+                lora_apply(x, delta, meta, layer, ids, sizes)
+    else:
+        # buffers allocated on the current stream (freed in its order), shrinks launched on the side
+        for ids, sizes in applies:
+            sizes = [int(o) for o in sizes]
+            choice = _tuning(x.device, x.shape[1], sizes, int(meta.max_rank), tokens)
+            batch, ids2, plan, partial, seg = _shrink_partials(x, meta, layer, ids, choice, side)
+            launched.append((ids2, sizes, choice, plan, partial, seg))
+    y = base()
+    main.wait_stream(side)
+    if dora_free:
+        y.add_(delta)
+        return y
+    for ids, sizes, choice, plan, partial, _seg in launched:
+        _apply_checks(x, y, meta, ids, sizes)
+        _finish(x, y, meta, layer, ids, sizes, choice, plan, partial, chained=False)
+    return y

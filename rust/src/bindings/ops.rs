@@ -17,15 +17,19 @@ pub struct PyKernelBatch {
 #[pymethods]
 impl PyKernelBatch {
     #[new]
-    #[pyo3(signature = (*, device, stream, dtype, slot_of_token, segments, tokens, table, num_slots, num_layers, layer, max_rank))]
+    #[pyo3(signature = (*, device, stream, dtype, slot_of_token, segments, tokens, table, num_slots, num_layers, layer, max_rank,
+                        shrink_target_blocks=None, expand_kernel=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         device: i32, stream: u64, dtype: &str, slot_of_token: u64, segments: u64, tokens: usize, table: u64,
-        num_slots: usize, num_layers: usize, layer: usize, max_rank: usize,
+        num_slots: usize, num_layers: usize, layer: usize, max_rank: usize, shrink_target_blocks: Option<usize>,
+        expand_kernel: Option<&str>,
     ) -> PyResult<Self> {
         let dtype = launch::Dtype::parse(dtype).py()?;
-        let batch =
-            launch::Batch { stream, dtype, slot_of_token, segments, tokens, table, num_slots, num_layers, layer, max_rank };
+        let tuning = tuning(shrink_target_blocks, expand_kernel)?;
+        let batch = launch::Batch {
+            stream, dtype, slot_of_token, segments, tokens, table, num_slots, num_layers, layer, max_rank, tuning,
+        };
         Ok(PyKernelBatch { device, batch })
     }
 
@@ -61,12 +65,29 @@ impl PyKernelBatch {
     }
 }
 
+/// A tuning table's launch choices (python/loramux/ops/tuning.py) as the planner takes them.
+fn tuning(shrink_target_blocks: Option<usize>, expand_kernel: Option<&str>) -> PyResult<plan::Tuning> {
+    let expand = match expand_kernel {
+        None => None,
+        Some(name) => Some(plan::ExpandKind::parse(name).ok_or_else(|| {
+            let known: Vec<&str> = plan::ExpandKind::ALL.iter().map(|k| k.name()).collect();
+            crate::error::LoraError::Cuda(format!("unknown expand kernel {name:?} (known: {})", known.join(", ")))
+        })
+        .py()?),
+    };
+    Ok(plan::Tuning { shrink_target_blocks: shrink_target_blocks.filter(|&b| b > 0), expand })
+}
+
 /// (ksplit, kchunk, reduce_first) of the shrink for this geometry; reduce_first: lora_apply
-/// sums the partials into u before the expand.
+/// sums the partials into u before the expand. The tuning arguments as for KernelBatch.
 #[pyfunction]
-fn plan_shrink(tokens: usize, hi: usize, num_slices: usize, num_slots: usize) -> (usize, usize, bool) {
-    let p = plan::plan_shrink(tokens, hi, num_slices, num_slots);
-    (p.ksplit, p.kchunk, plan::apply_reduces_first(tokens, &p))
+#[pyo3(signature = (tokens, hi, num_slices, num_slots, shrink_target_blocks=None, expand_kernel=None))]
+fn plan_shrink(
+    tokens: usize, hi: usize, num_slices: usize, num_slots: usize, shrink_target_blocks: Option<usize>,
+    expand_kernel: Option<&str>,
+) -> PyResult<(usize, usize, bool)> {
+    let p = plan::plan_shrink(tokens, hi, num_slices, num_slots, &tuning(shrink_target_blocks, expand_kernel)?);
+    Ok((p.ksplit, p.kchunk, plan::apply_reduces_first(tokens, &p)))
 }
 
 /// int32 elements of the token-segments buffer for `tokens` tokens over `num_slots` slots.

@@ -8,7 +8,7 @@ use cudarc::driver::{result as drv, sys};
 
 use super::plan::{
     decode_expand_is_flat, expand_columns_per_thread, expand_tiles_per_block, expand_variant, flat_expand_columns, grid_items, item_tokens, max_items,
-    partial_len, segments_len, small_items, ShrinkPlan,
+    partial_len, segments_len, small_items, ShrinkPlan, Tuning,
 };
 use super::DeviceKernels;
 use crate::cache::slot_table::ENTRY_WORDS;
@@ -150,6 +150,8 @@ pub struct Batch {
     pub num_layers: usize,
     pub layer: usize,
     pub max_rank: usize,
+    /// the tuning table's launch choices for this call's geometry (default: the built-in rules)
+    pub tuning: Tuning,
 }
 
 impl Batch {
@@ -378,9 +380,9 @@ pub fn expand(
     b.need_segments()?;
     let items = b.max_items();
     // small items: output columns per thread (the kernel is templated on it: 1 and 4 instantiated)
-    let per_thread = expand_columns_per_thread();
-    let flat = decode_expand_is_flat(b.tokens, module_ids.len());
-    let tiles = expand_tiles_per_block();
+    let per_thread = expand_columns_per_thread(&b.tuning);
+    let flat = decode_expand_is_flat(b.tokens, module_ids.len(), &b.tuning);
+    let tiles = expand_tiles_per_block(&b.tuning);
     let ochunk = if flat {
         flat_expand_columns(b.tokens)
     } else if b.decode() {
@@ -404,7 +406,7 @@ pub fn expand(
     let (name, gy) = if flat {
         (format!("lora_expand_flat_{}", b.dtype.suffix()), 1)
     } else if b.decode() {
-        (format!("lora_expand_decode_{}_o{}", b.dtype.suffix(), expand_variant()), b.grid_items())
+        (format!("lora_expand_decode_{}_o{}", b.dtype.suffix(), expand_variant(&b.tuning)), b.grid_items())
     } else {
         (format!("lora_expand_tile_{}_c{tiles}", b.dtype.suffix()), b.grid_items())
     };

@@ -24,6 +24,53 @@ pub fn small_items(tokens: usize) -> bool {
 /// Enough blocks to keep every SM of an H100 (132) busy several times over.
 const TARGET_BLOCKS: usize = 4 * 132;
 
+/// Launch choices a measured tuning table made for one launch geometry (python/loramux/ops/
+/// tuning.py reads benchmarks/tune.py's table and passes them in); `None` keeps the built-in rule.
+/// An environment override (`LORAMUX_*`, for A/B runs and the tuning sweep itself) wins over both.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Tuning {
+    /// Blocks the shrink's split-K aims for (ksplit = target / blocks without a split).
+    pub shrink_target_blocks: Option<usize>,
+    /// Which expand kernel runs, where the path allows it.
+    pub expand: Option<ExpandKind>,
+}
+
+/// The expand kernels a launch can choose between: the flat decode kernel, the small-item kernel
+/// in its three instantiations, the tensor-core tile kernel at 1 or 4 tiles a block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExpandKind {
+    Flat,
+    SmallO1,
+    SmallO1w,
+    SmallO4,
+    TileC1,
+    TileC4,
+}
+
+impl ExpandKind {
+    pub const ALL: [ExpandKind; 6] =
+        [ExpandKind::Flat, ExpandKind::SmallO1, ExpandKind::SmallO1w, ExpandKind::SmallO4, ExpandKind::TileC1, ExpandKind::TileC4];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ExpandKind::Flat => "flat",
+            ExpandKind::SmallO1 => "o1",
+            ExpandKind::SmallO1w => "o1w",
+            ExpandKind::SmallO4 => "o4",
+            ExpandKind::TileC1 => "c1",
+            ExpandKind::TileC4 => "c4",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<ExpandKind> {
+        ExpandKind::ALL.into_iter().find(|k| k.name() == name)
+    }
+}
+
+fn env_usize(name: &str) -> Option<usize> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).filter(|&v| v > 0)
+}
+
 /// Decode shrink target when the flat expand follows (measured best of 528 / 264 / 132;
 /// docs/kernel-notes.md, "Where the per-apply time goes").
 const FLAT_TARGET_BLOCKS: usize = 132;
@@ -33,14 +80,19 @@ const FLAT_TARGET_BLOCKS: usize = 132;
 /// (docs/kernel-notes.md, "Where the per-apply time goes"): flat wins for multi-slice launches (q|k|v, gate|up) at 32..64 tokens
 /// and loses for single slices and at 8 tokens, where it has too few blocks or re-reads too many
 /// partials. `LORAMUX_EXPAND_DECODE=flat|grouped` forces one (benchmarks/decode_ab.py).
-pub fn decode_expand_is_flat(tokens: usize, num_slices: usize) -> bool {
+/// A tuning table's `expand` choice decides when the environment does not.
+pub fn decode_expand_is_flat(tokens: usize, num_slices: usize, tuning: &Tuning) -> bool {
     if tokens > TILE_T {
         return false;
     }
     match std::env::var("LORAMUX_EXPAND_DECODE").as_deref() {
         Ok("flat") => true,
         Ok("grouped") => false,
-        _ => tokens >= 32 && num_slices > 1,
+        _ => match tuning.expand {
+            Some(ExpandKind::Flat) => true,
+            Some(ExpandKind::SmallO1 | ExpandKind::SmallO1w | ExpandKind::SmallO4) => false,
+            _ => tokens >= 32 && num_slices > 1,
+        },
     }
 }
 
@@ -91,7 +143,8 @@ pub struct ShrinkPlan {
     pub kchunk: usize,
 }
 
-pub fn plan_shrink(tokens: usize, hi: usize, num_slices: usize, num_slots: usize) -> ShrinkPlan {
+/// `LORAMUX_SHRINK_TARGET_BLOCKS`, else the tuning's target, else the built-in one.
+pub fn plan_shrink(tokens: usize, hi: usize, num_slices: usize, num_slots: usize, tuning: &Tuning) -> ShrinkPlan {
     let decode = small_items(tokens);
     // decode: a block holds up to 4 x 256 elements of each A row in registers; prefill: the tensor
     // core kernel steps 64 at a time, and splits only to fill the SMs.
@@ -106,7 +159,8 @@ pub fn plan_shrink(tokens: usize, hi: usize, num_slices: usize, num_slots: usize
     };
     let blocks_wo_split = (groups * num_slices).max(1);
     // the flat expand re-reads every token's partials in each block: fewer, fatter splits pay there
-    let target = if decode_expand_is_flat(tokens, num_slices) { FLAT_TARGET_BLOCKS } else { TARGET_BLOCKS };
+    let built_in = if decode_expand_is_flat(tokens, num_slices, tuning) { FLAT_TARGET_BLOCKS } else { TARGET_BLOCKS };
+    let target = env_usize("LORAMUX_SHRINK_TARGET_BLOCKS").or(tuning.shrink_target_blocks).unwrap_or(built_in).max(1);
     let want = target.div_ceil(blocks_wo_split).max(1);
     // prefill splits no finer than 256 (the partials it adds stay small next to x)
     let max_split = if decode { hi.div_ceil(granule) } else { hi.div_ceil(256) };
@@ -126,26 +180,36 @@ pub fn apply_reduces_first(tokens: usize, plan: &ShrinkPlan) -> bool {
 /// Which small-item expand instantiation runs: "1" (a column a thread, 16 ranks of B prefetched,
 /// 3 blocks an SM), "1w" (64 ranks prefetched, 2 blocks an SM) or "4" (4 columns a thread: fewer,
 /// fatter blocks; measured slower below ~256 tokens). `LORAMUX_EXPAND_OPT` picks one for A/B runs.
-pub fn expand_variant() -> &'static str {
+/// A tuning table's choice decides when the environment does not.
+pub fn expand_variant(tuning: &Tuning) -> &'static str {
     match std::env::var("LORAMUX_EXPAND_OPT").as_deref() {
         Ok("4") => "4",
         Ok("1w") => "1w",
-        _ => "1",
+        Ok("1") => "1",
+        _ => match tuning.expand {
+            Some(ExpandKind::SmallO4) => "4",
+            Some(ExpandKind::SmallO1w) => "1w",
+            _ => "1",
+        },
     }
 }
 
 /// 64-column tiles one block of the tensor-core expand covers (1 or 4; `LORAMUX_EXPAND_TILE_COLS`
 /// for A/B runs): 4 pays the item lookup, the u load and the wait on the shrink once per 256 columns.
-pub fn expand_tiles_per_block() -> usize {
+pub fn expand_tiles_per_block(tuning: &Tuning) -> usize {
     match std::env::var("LORAMUX_EXPAND_TILE_COLS").as_deref() {
         Ok("4") => 4,
-        _ => 1,
+        Ok("1") => 1,
+        _ => match tuning.expand {
+            Some(ExpandKind::TileC4) => 4,
+            _ => 1,
+        },
     }
 }
 
 /// Output columns a thread of that variant covers.
-pub fn expand_columns_per_thread() -> usize {
-    if expand_variant() == "4" {
+pub fn expand_columns_per_thread(tuning: &Tuning) -> usize {
+    if expand_variant(tuning) == "4" {
         4
     } else {
         1
@@ -171,7 +235,7 @@ mod tests {
     #[test]
     fn plan_covers_the_reduction_dim() {
         for &(t, hi, s, slots) in &[(1, 4096, 1, 8), (32, 14336, 3, 64), (64, 576, 2, 4), (2048, 4096, 3, 128), (8192, 1536, 1, 2), (1, 7, 1, 1)] {
-            let p = plan_shrink(t, hi, s, slots);
+            let p = plan_shrink(t, hi, s, slots, &Tuning::default());
             assert!(p.ksplit >= 1 && p.kchunk * p.ksplit >= hi, "{t} {hi}: {p:?}");
             assert!(p.kchunk * (p.ksplit - 1) < hi, "empty split {p:?}");
             if small_items(t) {
@@ -187,10 +251,35 @@ mod tests {
         if std::env::var("LORAMUX_EXPAND_DECODE").is_ok() {
             return; // forced by the environment: nothing to check
         }
-        assert!(decode_expand_is_flat(32, 3) && decode_expand_is_flat(64, 2));
-        assert!(!decode_expand_is_flat(32, 1) && !decode_expand_is_flat(16, 3) && !decode_expand_is_flat(65, 2));
+        let d = Tuning::default();
+        assert!(decode_expand_is_flat(32, 3, &d) && decode_expand_is_flat(64, 2, &d));
+        assert!(!decode_expand_is_flat(32, 1, &d) && !decode_expand_is_flat(16, 3, &d) && !decode_expand_is_flat(65, 2, &d));
         // the flat path's shrink splits coarser
-        assert!(plan_shrink(32, 4096, 3, 32).ksplit < plan_shrink(32, 4096, 1, 32).ksplit);
+        assert!(plan_shrink(32, 4096, 3, 32, &d).ksplit < plan_shrink(32, 4096, 1, 32, &d).ksplit);
+    }
+
+    #[test]
+    fn a_tuning_choice_decides_where_the_path_allows_it() {
+        if ["LORAMUX_EXPAND_DECODE", "LORAMUX_EXPAND_OPT", "LORAMUX_EXPAND_TILE_COLS", "LORAMUX_SHRINK_TARGET_BLOCKS"]
+            .iter()
+            .any(|v| std::env::var(v).is_ok())
+        {
+            return; // forced by the environment: nothing to check
+        }
+        let flat = Tuning { expand: Some(ExpandKind::Flat), ..Default::default() };
+        let o1w = Tuning { expand: Some(ExpandKind::SmallO1w), ..Default::default() };
+        assert!(decode_expand_is_flat(8, 1, &flat) && !decode_expand_is_flat(128, 1, &flat));
+        assert!(!decode_expand_is_flat(64, 3, &o1w));
+        assert_eq!(expand_variant(&o1w), "1w");
+        assert_eq!(expand_tiles_per_block(&Tuning { expand: Some(ExpandKind::TileC4), ..Default::default() }), 4);
+        // more target blocks split the reduction finer
+        let few = Tuning { shrink_target_blocks: Some(132), ..Default::default() };
+        let many = Tuning { shrink_target_blocks: Some(1056), ..Default::default() };
+        assert!(plan_shrink(64, 4096, 1, 64, &few).ksplit < plan_shrink(64, 4096, 1, 64, &many).ksplit);
+        for k in ExpandKind::ALL {
+            assert_eq!(ExpandKind::parse(k.name()), Some(k));
+        }
+        assert_eq!(ExpandKind::parse("o2"), None);
     }
 
     #[test]

@@ -1,0 +1,269 @@
+"""Measures the launch choices of lora_apply on this GPU and writes the launch table the package ships
+(python/loramux/ops/launch_table.json, read by loramux.ops.tuning): per (Hi -> output slices, rank
+bucket, token bucket) of the Llama-8B projections a decode or prefill step applies, every expand
+kernel the path allows times a few shrink split targets, each graphed over weights beyond L2.
+
+    python benchmarks/tune.py --out python/loramux/ops/launch_table.json [--quick]
+
+Each token count is timed with one adapter and with many sharing the batch. A choice enters the
+table only where its output matches an fp32 reference, its geomean over the adapter counts beats
+the built-in rule by more than --margin (noise stays out) and neither count is slower than it by
+more; the rest keeps the built-in rule. Shrink split targets below the built-in one are not
+considered: the planner sizes the split for a middle number of work items, and fewer adapters give
+fewer items, so a coarser target starves them (measured on the H200: ops.py rows with 1 or 8
+adapters up to 1.5x slower under targets chosen at 16-32 adapters). Entries for one arch replace that arch's entries in an existing table and keep the
+others. ~1-2 minutes. `--from-log tune.jsonl --arch 90` rebuilds the table from a sweep's log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import random
+import subprocess
+
+import torch
+
+from loramux.ops import BatchMeta, kernels, tuning
+
+DT, DEV = torch.bfloat16, "cuda"
+# (Hi, output slices, module ids): q|k|v, o, gate|up, down of Llama-8B
+SHAPES = [(4096, (4096, 1024, 1024), (1, 2, 3)), (4096, (4096,), (4,)), (4096, (14336, 14336), (7, 5)),
+          (14336, (4096,), (6,))]
+RANKS = [16, 64]
+# one token count per bucket of tuning.TOKEN_BUCKETS, each timed with one adapter and with many
+# sharing the batch: a choice must not lose at either (the planner cannot see the adapter count)
+TOKENS = [(1, (1,)), (16, (1, 16)), (64, (1, 32)), (256, (1, 32)), (512, (1, 32)), (2048, (1, 8))]
+TARGETS = [132, 264, 528, 1056]
+#: the planner's own targets (rust/src/cuda/plan.rs): the flat decode expand's, everyone else's
+BUILT_IN_TARGET = {"flat": 132}
+DEFAULT_TARGET = 528
+SELECTION = "geomean over the adapter counts swept, none slower; split targets >= the built-in one"
+KNOBS = ("LORAMUX_EXPAND_DECODE", "LORAMUX_EXPAND_OPT", "LORAMUX_EXPAND_TILE_COLS", "LORAMUX_SHRINK_TARGET_BLOCKS",
+         "LORAMUX_TUNING")
+
+
+def variants(tokens: int, targets):
+    """(expand kernel, shrink target) pairs the path of `tokens` allows (rust/src/cuda/plan.rs)."""
+    if tokens <= 64:
+        kinds = ["flat", "o1", "o1w"]
+    elif tokens <= 256:
+        kinds = ["o1", "o1w", "o4"]
+    else:
+        kinds = ["c1", "c4"]
+    return [(k, t) for k in kinds for t in targets if t >= BUILT_IN_TARGET.get(k, DEFAULT_TARGET)]
+
+
+def forced_env(kind, target):
+    """The environment overrides that force one variant (they win over the table in the planner)."""
+    env = {"LORAMUX_TUNING": "off", "LORAMUX_SHRINK_TARGET_BLOCKS": str(target)}
+    if kind == "flat":
+        env["LORAMUX_EXPAND_DECODE"] = "flat"
+    elif kind.startswith("o"):
+        env.update(LORAMUX_EXPAND_DECODE="grouped", LORAMUX_EXPAND_OPT=kind[1:])
+    else:
+        env["LORAMUX_EXPAND_TILE_COLS"] = kind[1:]
+    return env
+
+
+def set_env(env):
+    for k in KNOBS:
+        os.environ.pop(k, None)
+    os.environ.update(env)
+
+
+def graph_time(calls, per_graph=32, reps=5) -> float:
+    """Seconds per call, the calls (one per weight set) repeated in one CUDA graph, median of reps."""
+    n = max(1, math.ceil(per_graph / len(calls)))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for c in calls:
+            c()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(n):
+            for c in calls:
+                c()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3 / (n * len(calls)))
+    return sorted(times)[len(times) // 2]
+
+
+def measure_count(hi, sizes, mids, r, tokens, n, l2, envs):
+    """[(us, rel err vs fp32)] of lora_apply under each environment of `envs`, at `tokens` tokens
+    spread over `n` adapters in random order, graphed over weight sets beyond L2."""
+    ho = sum(sizes)
+    set_bytes = n * r * (hi + ho) * 2
+    nset = max(1, min(8, math.ceil(3 * l2 / set_bytes)))
+    slots = nset * n
+    a_all = torch.randn(slots, len(mids), r, hi, device=DEV, dtype=DT) / hi**0.5
+    b_all = torch.randn(slots, ho, r, device=DEV, dtype=DT) / r**0.5  # each slice's B rows stacked
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    table = torch.zeros(slots, 1, 19, 4, dtype=torch.int64)
+    for s, (m, start) in enumerate(zip(mids, starts)):
+        table[:, 0, m, 0] = a_all.data_ptr() + (torch.arange(slots) * len(mids) + s) * (r * hi * 2)
+        table[:, 0, m, 1] = b_all.data_ptr() + (torch.arange(slots) * ho + start) * (r * 2)
+        table[:, 0, m, 3] = r
+    table = table.to(DEV)
+    adapter_of = [(t * n // tokens) for t in range(tokens)]
+    random.Random(tokens * 1009 + n).shuffle(adapter_of)
+    x = torch.randn(tokens, hi, device=DEV, dtype=DT)
+    y0 = 0.1 * torch.randn(tokens, ho, device=DEV, dtype=DT)
+    sots = [torch.tensor([k * n + a for a in adapter_of], dtype=torch.int32, device=DEV) for k in range(nset)]
+    metas = [BatchMeta(table=table, pool=a_all.view(torch.uint8).view(-1), dtype=DT, slot_of_token=s, max_rank=r,
+                       segments=kernels.segments(s, slots)) for s in sots]
+    # fp32 reference on set 0
+    ref = y0.float().clone()
+    for a in sorted(set(adapter_of)):
+        idx = torch.tensor([t for t in range(tokens) if adapter_of[t] == a], device=DEV)
+        for s, start in enumerate(starts):
+            u = x[idx].float() @ a_all[a, s].float().T
+            ref[idx, start:start + sizes[s]] += u @ b_all[a, start:start + sizes[s]].float().T
+    ys = [y0.clone() for _ in range(nset)]
+    calls = [lambda k=k: kernels.lora_apply(x, ys[k], metas[k], 0, list(mids), list(sizes)) for k in range(nset)]
+    out = []
+    for env in envs:
+        set_env(env)
+        y = y0.clone()
+        kernels.lora_apply(x, y, metas[0], 0, list(mids), list(sizes))
+        err = float((y.float() - ref).norm() / (ref - y0.float()).norm())
+        out.append((graph_time(calls) * 1e6, err))
+    set_env({})
+    del a_all, b_all
+    torch.cuda.empty_cache()
+    return out
+
+
+def tune_case(hi, sizes, mids, r, tokens, counts, l2, targets, margin):
+    """One (shape, rank, tokens) case at each adapter count of `counts`: every variant's times; the
+    entry to write or None."""
+    kinds = variants(tokens, targets)
+    envs = [{"LORAMUX_TUNING": "off"}] + [forced_env(k, t) for k, t in kinds]
+    per_count = [measure_count(hi, sizes, mids, r, tokens, n, l2, envs) for n in counts]
+    rows = [dict(expand_kernel=k, shrink_target_blocks=t, us=[m[i + 1][0] for m in per_count],
+                 rel_err=max(m[i + 1][1] for m in per_count)) for i, (k, t) in enumerate(kinds)]
+    case = dict(hi=hi, out_sizes=list(sizes), rank=r, tokens=tokens, adapters=list(counts),
+                default_us=[m[0][0] for m in per_count], default_rel_err=max(m[0][1] for m in per_count), variants=rows)
+    return case, select(case, margin)
+
+
+def _as_list(v):
+    return list(v) if isinstance(v, (list, tuple)) else [v]
+
+
+def select(case, margin):
+    """The table entry a swept case earns (arch filled in when written), or None: among the variants
+    that match the reference and split no coarser than the built-in rule, the one with the lowest
+    geomean time ratio to the built-in rule over the adapter counts swept, if that geomean is below
+    1 - margin and no count is slower than 1 + margin (a log of one count per case also reads)."""
+    default = _as_list(case["default_us"])
+    best, best_g = None, None
+    for w in case["variants"]:
+        if w["rel_err"] >= 2e-2 or w["shrink_target_blocks"] < BUILT_IN_TARGET.get(w["expand_kernel"], DEFAULT_TARGET):
+            continue
+        ratios = [u / d for u, d in zip(_as_list(w["us"]), default)]
+        g = math.exp(sum(math.log(x) for x in ratios) / len(ratios))
+        if g < 1 - margin and max(ratios) <= 1 + margin and (best_g is None or g < best_g):
+            best, best_g = w, g
+    if best is None:
+        return None
+    return dict(arch=None, hi=case["hi"], out_sizes=list(case["out_sizes"]), rank_bucket=tuning.rank_bucket(case["rank"]),
+                token_bucket=tuning.token_bucket(case["tokens"]), expand_kernel=best["expand_kernel"],
+                shrink_target_blocks=best["shrink_target_blocks"], adapters=_as_list(case.get("adapters", [])),
+                us=[round(u, 2) for u in _as_list(best["us"])], default_us=[round(d, 2) for d in default])
+
+
+def write_table(path, arch, measured_note, entries):
+    """Replaces `arch`'s entries (and its measurement note) in the table at `path`, keeps the others."""
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except FileNotFoundError:
+        doc = {}
+    kept = [e for e in doc.get("entries", []) if e["arch"] != arch]
+    measured = [m for m in doc.get("measured", []) if m.get("arch") != arch] + [measured_note]
+    out = {
+        "about": "lora_apply launch choices measured by benchmarks/tune.py; read by loramux.ops.tuning "
+                 "(geometries without an entry keep the built-in rules of rust/src/cuda/plan.rs)",
+        "measured": measured,
+        "entries": kept + [dict(e, arch=arch) for e in entries],
+    }
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
+        f.write("\n")
+
+
+def rebuild(args):
+    """The table from a saved sweep log (no GPU): the selection rule applied to the measured cases."""
+    with open(args.from_log) as f:
+        cases = [json.loads(line) for line in f if line.strip()]
+    entries = [e for e in (select(c, args.margin) for c in cases) if e is not None]
+    try:
+        with open(args.out) as f:
+            old = next((m for m in json.load(f).get("measured", []) if m.get("arch") == args.arch), {})
+    except FileNotFoundError:
+        old = {}
+    note = dict(old, arch=args.arch, margin=args.margin, rebuilt_from=os.path.basename(args.from_log),
+                selection=SELECTION)
+    write_table(args.out, args.arch, note, entries)
+    print(f"{len(entries)} entries for sm_{args.arch} from {len(cases)} cases -> {args.out}")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=str(tuning.TABLE_PATH))
+    ap.add_argument("--log", default="tune.jsonl", help="every variant's time, one JSON line per case")
+    ap.add_argument("--margin", type=float, default=0.03, help="fraction a choice must beat the built-in rule by")
+    ap.add_argument("--quick", action="store_true", help="two shrink targets instead of four")
+    ap.add_argument("--commit", default="")
+    ap.add_argument("--from-log", help="rebuild the table from this sweep log instead of measuring")
+    ap.add_argument("--arch", type=int, default=90, help="with --from-log: the arch the log was measured on")
+    args = ap.parse_args()
+    if args.from_log:
+        return rebuild(args)
+    torch.set_grad_enabled(False)
+    props = torch.cuda.get_device_properties(0)
+    arch = 10 * props.major + props.minor
+    l2 = getattr(props, "L2_cache_size", 50 << 20)
+    targets = [132, 528] if args.quick else TARGETS
+    commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                           text=True).stdout.strip()
+    note = dict(arch=arch, gpu=props.name, date=datetime.date.today().isoformat(), commit=commit,
+                torch=torch.__version__, margin=args.margin, targets=targets, selection=SELECTION)
+    entries = []
+
+    def write():  # after every shape: a sweep cut short still leaves the shapes it finished
+        write_table(args.out, arch, note, entries)
+
+    with open(args.log, "w") as log:
+        for hi, sizes, mids in SHAPES:
+            for r in RANKS:
+                for tokens, counts in TOKENS:
+                    case, entry = tune_case(hi, sizes, mids, r, tokens, counts, l2, targets, args.margin)
+                    log.write(json.dumps(case) + "\n")
+                    log.flush()
+                    fmt = lambda us: "/".join(f"{u:.1f}" for u in us)  # noqa: E731
+                    print(f"{hi}->{sizes} r{r} T{tokens} adapters {fmt(counts)}: built-in {fmt(case['default_us'])} us"
+                          + (f", table {entry['expand_kernel']}/{entry['shrink_target_blocks']} {fmt(entry['us'])} us"
+                             if entry else ""), flush=True)
+                    if entry is not None:
+                        entries.append(entry)
+            write()
+    print(f"{len(entries)} entries for sm_{arch} -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

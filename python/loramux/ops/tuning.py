@@ -1,0 +1,69 @@
+"""The measured launch table: which expand kernel and how many shrink blocks a lora_apply launches
+for its (GPU arch, Hi -> output slices, rank bucket, token bucket), as benchmarks/tune.py measured
+them on the device (launch_table.json, shipped in the package). Geometries it holds no entry for,
+and other archs, keep the built-in rules of rust/src/cuda/plan.rs.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import pathlib
+from typing import Dict, NamedTuple, Optional, Sequence, Tuple
+
+__all__ = ["Choice", "TOKEN_BUCKETS", "RANK_BUCKETS", "token_bucket", "rank_bucket", "choice", "load_table", "TABLE_PATH"]
+
+TABLE_PATH = pathlib.Path(__file__).with_name("launch_table.json")
+#: a bucket holds the token counts above the previous bound up to its own; past the last: the last.
+#: The bounds follow the kernels' paths: <= 64 may take the flat decode expand, <= 256 the
+#: small-item kernels, above that the tensor-core tiles (rust/src/cuda/plan.rs).
+TOKEN_BUCKETS = (1, 16, 64, 256, 512, 2048)
+RANK_BUCKETS = (16, 32, 64, 128)
+#: LORAMUX_TUNING=off ignores the table (the built-in rules decide): for A/B runs
+_OFF = ("off", "0", "none")
+
+
+class Choice(NamedTuple):
+    shrink_target_blocks: Optional[int]
+    expand_kernel: Optional[str]  # flat | o1 | o1w | o4 | c1 | c4 (rust/src/cuda/plan.rs ExpandKind)
+
+
+_DEFAULT = Choice(None, None)
+
+
+def token_bucket(tokens: int) -> int:
+    return next((b for b in TOKEN_BUCKETS if tokens <= b), TOKEN_BUCKETS[-1])
+
+
+def rank_bucket(max_rank: int) -> int:
+    return next((b for b in RANK_BUCKETS if max_rank <= b), RANK_BUCKETS[-1])
+
+
+Key = Tuple[int, int, Tuple[int, ...], int, int]  # arch, hi, out sizes, rank bucket, token bucket
+
+
+def _key(arch: int, hi: int, out_sizes: Sequence[int], rank_b: int, token_b: int) -> Key:
+    return (int(arch), int(hi), tuple(int(o) for o in out_sizes), int(rank_b), int(token_b))
+
+
+@functools.lru_cache(maxsize=None)
+def load_table(path: str) -> Dict[Key, Choice]:
+    """{key: Choice} of a table file; an absent file is an empty table (built-in rules everywhere)."""
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except FileNotFoundError:
+        return {}
+    table = {}
+    for e in doc.get("entries", []):
+        key = _key(e["arch"], e["hi"], e["out_sizes"], e["rank_bucket"], e["token_bucket"])
+        table[key] = Choice(e.get("shrink_target_blocks"), e.get("expand_kernel"))
+    return table
+
+
+def choice(arch: int, hi: int, out_sizes: Sequence[int], max_rank: int, tokens: int) -> Choice:
+    """The table's launch choice for this lora_apply; Choice(None, None) where it has none."""
+    if os.environ.get("LORAMUX_TUNING", "").lower() in _OFF:
+        return _DEFAULT
+    return load_table(str(TABLE_PATH)).get(_key(arch, hi, out_sizes, rank_bucket(max_rank), token_bucket(tokens)), _DEFAULT)

@@ -1,0 +1,67 @@
+"""Every launch choice the tuning table (or an A/B environment override) can make gives the
+float64 oracle's result: each expand kernel on the paths that allow it, coarse and fine shrink
+splits, on mixed ranks, no-adapter rows and DoRA scales; and a table entry reaches the launcher."""
+
+import json
+
+import pytest
+import torch
+
+from test_kernels import QKV, _case, _check_apply
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+DORA = [(7, 1536, 576), (5, 1536, 576)]
+KNOBS = ("LORAMUX_EXPAND_DECODE", "LORAMUX_EXPAND_OPT", "LORAMUX_EXPAND_TILE_COLS", "LORAMUX_SHRINK_TARGET_BLOCKS",
+         "LORAMUX_TUNING")
+#: (expand kernel, the token counts whose path allows it)
+KINDS = [("flat", [8, 40]), ("o1", [8, 40, 200]), ("o1w", [8, 40, 200]), ("o4", [8, 200]), ("c1", [300]),
+         ("c4", [300, 1000])]
+
+
+def _force(monkeypatch, kind, target):
+    for k in KNOBS:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("LORAMUX_SHRINK_TARGET_BLOCKS", str(target))
+    if kind == "flat":
+        monkeypatch.setenv("LORAMUX_EXPAND_DECODE", "flat")
+    elif kind.startswith("o"):
+        monkeypatch.setenv("LORAMUX_EXPAND_DECODE", "grouped")
+        monkeypatch.setenv("LORAMUX_EXPAND_OPT", kind[1:])
+    else:
+        monkeypatch.setenv("LORAMUX_EXPAND_TILE_COLS", kind[1:])
+
+
+@pytest.mark.parametrize("kind,T", [(k, t) for k, ts in KINDS for t in ts])
+@pytest.mark.parametrize("target", [132, 1056])
+def test_each_expand_kernel_and_split(monkeypatch, kind, T, target):
+    _force(monkeypatch, kind, target)
+    ad, slots, x, y0, sot = _case(T + target, torch.bfloat16, T, QKV, ranks=[8, 16, 1, 0, 64, 7, 128, 33])
+    _check_apply(ad, slots, x, y0, sot, 1, QKV)
+    ad, slots, x, y0, sot = _case(3 * T + target, torch.float16, T, DORA, ranks=[16, 8, 4, 32], dora_every=2)
+    _check_apply(ad, slots, x, y0, sot, 1, DORA)
+
+
+def test_a_table_entry_reaches_the_launcher(monkeypatch, tmp_path):
+    from loramux.ops import kernels, tuning
+
+    for k in KNOBS:
+        monkeypatch.delenv(k, raising=False)
+    arch = kernels._arch(torch.cuda.current_device())
+    T = 40
+    entry = dict(arch=arch, hi=576, out_sizes=[w[2] for w in QKV], rank_bucket=128, token_bucket=tuning.token_bucket(T),
+                 expand_kernel="o1w", shrink_target_blocks=1056)
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps({"entries": [entry]}))
+    monkeypatch.setattr(tuning, "TABLE_PATH", path)
+    seen = []
+    real = kernels._shrink_partials
+
+    def spy(x, meta, layer, module_ids, choice=tuning.Choice(None, None), stream=None):
+        seen.append(choice)
+        return real(x, meta, layer, module_ids, choice, stream)
+
+    monkeypatch.setattr(kernels, "_shrink_partials", spy)
+    ad, slots, x, y0, sot = _case(5, torch.bfloat16, T, QKV, ranks=[8, 16, 1, 0, 64, 7, 128, 33])
+    _check_apply(ad, slots, x, y0, sot, 1, QKV)
+    assert seen == [tuning.Choice(1056, "o1w")]

@@ -1,0 +1,105 @@
+"""The shipped launch table (python/loramux/ops/launch_table.json, written by benchmarks/tune.py)
+is well formed, names only kernels the planner knows, and is what a lora_apply of a listed
+geometry passes to the launcher; other geometries, other archs and LORAMUX_TUNING=off keep the
+built-in rules."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from loramux import _core
+from loramux.ops import tuning
+
+KINDS = {"flat", "o1", "o1w", "o4", "c1", "c4"}
+
+
+def test_buckets_follow_the_kernel_paths():
+    assert [tuning.token_bucket(t) for t in (1, 2, 16, 17, 64, 65, 256, 257, 512, 513, 9000)] == \
+        [1, 16, 16, 64, 64, 256, 256, 512, 512, 2048, 2048]
+    assert [tuning.rank_bucket(r) for r in (1, 16, 17, 64, 100, 128)] == [16, 16, 32, 64, 128, 128]
+
+
+def test_shipped_table_is_well_formed():
+    doc = json.loads(tuning.TABLE_PATH.read_text())
+    seen = set()
+    for e in doc["entries"]:
+        key = (e["arch"], e["hi"], tuple(e["out_sizes"]), e["rank_bucket"], e["token_bucket"])
+        assert key not in seen, f"two entries for {key}"
+        seen.add(key)
+        assert e["rank_bucket"] in tuning.RANK_BUCKETS and e["token_bucket"] in tuning.TOKEN_BUCKETS
+        kind = e["expand_kernel"]
+        assert kind in KINDS
+        # each path's kernels only: flat to 64 tokens, small items to 256, tiles above
+        assert (kind == "flat") <= (e["token_bucket"] <= 64)
+        assert (kind in ("o1", "o1w", "o4")) <= (e["token_bucket"] <= 256)
+        assert (kind in ("c1", "c4")) <= (e["token_bucket"] > 256)
+        assert e["shrink_target_blocks"] > 0
+        # the planner takes the choice
+        _core.plan_shrink(e["token_bucket"], e["hi"], len(e["out_sizes"]), 32, e["shrink_target_blocks"], kind)
+    assert {m["arch"] for m in doc["measured"]} >= {e["arch"] for e in doc["entries"]}
+
+
+def test_lookup_hits_listed_geometries_only(tmp_path, monkeypatch):
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps({"entries": [dict(arch=90, hi=4096, out_sizes=[4096, 1024, 1024], rank_bucket=16,
+                                                 token_bucket=64, expand_kernel="o1w", shrink_target_blocks=264)]}))
+    monkeypatch.setattr(tuning, "TABLE_PATH", path)
+    monkeypatch.delenv("LORAMUX_TUNING", raising=False)
+    hit = tuning.choice(90, 4096, [4096, 1024, 1024], 16, 40)
+    assert hit == tuning.Choice(264, "o1w")
+    none = tuning.Choice(None, None)
+    assert tuning.choice(80, 4096, [4096, 1024, 1024], 16, 40) == none  # another arch
+    assert tuning.choice(90, 4096, [4096], 16, 40) == none  # another shape
+    assert tuning.choice(90, 4096, [4096, 1024, 1024], 64, 40) == none  # another rank bucket
+    assert tuning.choice(90, 4096, [4096, 1024, 1024], 16, 100) == none  # another token bucket
+    monkeypatch.setenv("LORAMUX_TUNING", "off")
+    assert tuning.choice(90, 4096, [4096, 1024, 1024], 16, 40) == none
+
+
+def test_planner_takes_the_choices_and_rejects_unknown_kernels(monkeypatch):
+    for v in ("LORAMUX_EXPAND_DECODE", "LORAMUX_SHRINK_TARGET_BLOCKS"):
+        monkeypatch.delenv(v, raising=False)
+    few = _core.plan_shrink(64, 4096, 1, 64, 132, None)
+    many = _core.plan_shrink(64, 4096, 1, 64, 1056, None)
+    assert few[0] < many[0]
+    assert _core.plan_shrink(8, 4096, 1, 8) == _core.plan_shrink(8, 4096, 1, 8, None, None)
+    with pytest.raises(Exception, match="unknown expand kernel"):
+        _core.plan_shrink(8, 4096, 1, 8, None, "o2")
+
+
+def _tune_script():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "tune.py"
+    if not path.is_file():
+        pytest.skip("not run from a source checkout")
+    spec = importlib.util.spec_from_file_location("tune_script", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_sweep_selection_keeps_coarse_splits_noise_and_wrong_results_out():
+    tune = _tune_script()
+    case = dict(hi=4096, out_sizes=[4096], rank=16, tokens=40, default_us=100.0, variants=[
+        dict(expand_kernel="o1", shrink_target_blocks=132, us=50.0, rel_err=1e-3),  # coarser than built-in: out
+        dict(expand_kernel="o1w", shrink_target_blocks=1056, us=60.0, rel_err=0.5),  # wrong result: out
+        dict(expand_kernel="flat", shrink_target_blocks=132, us=80.0, rel_err=1e-3),  # flat's own target: in
+        dict(expand_kernel="o1", shrink_target_blocks=528, us=90.0, rel_err=1e-3),
+    ])
+    e = tune.select(case, margin=0.03)
+    assert (e["expand_kernel"], e["shrink_target_blocks"], e["token_bucket"], e["rank_bucket"]) == ("flat", 132, 64, 16)
+    case["variants"] = [dict(expand_kernel="o1", shrink_target_blocks=528, us=98.0, rel_err=1e-3)]
+    assert tune.select(case, margin=0.03) is None  # within the noise margin: the built-in rule stays
+    # timed at one adapter and at many: a variant that wins at many but loses at one stays out
+    case = dict(hi=4096, out_sizes=[4096], rank=64, tokens=16, adapters=[1, 16], default_us=[10.0, 40.0], variants=[
+        dict(expand_kernel="o1w", shrink_target_blocks=1056, us=[12.0, 20.0], rel_err=1e-3),
+        dict(expand_kernel="o1", shrink_target_blocks=1056, us=[9.0, 36.0], rel_err=1e-3),
+    ])
+    e = tune.select(case, margin=0.03)
+    assert (e["expand_kernel"], e["us"], e["adapters"]) == ("o1", [9.0, 36.0], [1, 16])
+    assert ("o1", 132) not in tune.variants(40, tune.TARGETS) and ("flat", 132) in tune.variants(40, tune.TARGETS)
+    assert {k for k, _ in tune.variants(300, tune.TARGETS)} == {"c1", "c4"}
