@@ -6,6 +6,7 @@ pub mod copier;
 pub mod cuda_copier;
 pub mod device_tier;
 pub mod host_memory;
+pub mod host_pool;
 pub mod host_tier;
 pub mod id_hash;
 pub mod page_allocator;

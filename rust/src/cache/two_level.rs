@@ -11,7 +11,7 @@ mod remove;
 use crate::cache::adapter_image::ImageLayout;
 use crate::cache::copier::{Copier, ReleaseTicket};
 use crate::cache::device_tier::DeviceTier;
-use crate::cache::host_memory::{HostAllocator, SpareImages};
+use crate::cache::host_pool::HostPool;
 use crate::cache::host_tier::{HostEntry, HostTier};
 use crate::cache::id_hash::IdMap;
 use crate::cache::slot_table::SlotTable;
@@ -67,7 +67,7 @@ struct State {
     loads_after: Vec<ReleaseTicket>,
     next_batch: u64,
     counters: Counters,
-    // Last: dropped after the host buffers it may have pinned.
+    // Last: dropped after the host images, which may hold the last references to pinned chunks.
     copier: Box<dyn Copier>,
 }
 
@@ -95,10 +95,16 @@ impl Drop for State {
 
 pub struct TwoLevelCache {
     cfg: CacheConfig,
-    // Before `state`: spare pinned buffers are freed while the copier still holds the context.
-    spares: SpareImages,
+    // Before `state`: the pool's pinned chunks are freed while the copier still holds the context.
+    pool: HostPool,
     state: RwLock<State>,
-    host_allocator: HostAllocator,
+}
+
+/// Pool bytes beyond the host budget, allocated with it: room to pack a put beside the images it
+/// will evict (so that a put whose values are refused evicts nothing). An image larger than this
+/// on a full tier grows the pool once by its size.
+pub fn staging_bytes(host_budget_bytes: u64) -> u64 {
+    (host_budget_bytes / 4).min(1 << 30)
 }
 
 /// The ids in first-seen order without repeats (per-row id lists repeat ids a lot).
@@ -139,7 +145,10 @@ impl TwoLevelCache {
         if region.pool_bytes < cfg.page_bytes as u64 {
             return bad(format!("device pool of {} bytes holds no page of {} bytes", region.pool_bytes, cfg.page_bytes));
         }
-        let host_allocator = copier.host_allocator();
+        // Allocated now, all of it, as the TensorRT-LLM host cache is: the first puts then run as
+        // fast as later ones, and the cost (pinning takes seconds per tens of GB) is paid once,
+        // where the caller sees it, instead of on the puts a request waits for.
+        let pool = HostPool::new(copier.host_allocator(), cfg.page_bytes, cfg.host_budget_bytes, staging_bytes(cfg.host_budget_bytes));
         let state = State {
             host: HostTier::new(cfg.host_budget_bytes),
             device: DeviceTier::new(region.pool_addr, region.pool_bytes, cfg.page_bytes, cfg.max_slots),
@@ -152,8 +161,7 @@ impl TwoLevelCache {
             counters: Counters::default(),
             copier,
         };
-        let spares = SpareImages::new((cfg.host_budget_bytes / 8).min(1 << 30));
-        Ok(TwoLevelCache { cfg, spares, state: RwLock::new(state), host_allocator })
+        Ok(TwoLevelCache { cfg, pool, state: RwLock::new(state) })
     }
 
     pub fn config(&self) -> &CacheConfig {
@@ -178,38 +186,83 @@ impl TwoLevelCache {
                 return Ok(outcome);
             }
         }
-        // Check, digest and pack in one pass on every core, without the lock: other threads keep
-        // serving meanwhile. An evicted image's memory is reused when one fits: fresh host memory
-        // costs page faults (and, pinned, page locking), far more than the pass itself.
+        // The image lands in the pool's memory, mapped (and pinned) when the cache was built:
+        // fresh host memory costs page faults and page locking, far more than packing itself.
         let len = image_layout.held_bytes();
-        let (mut image, recycled) = match self.spares.take(len) {
-            Some(buf) => (buf, true),
-            None => (self.host_allocator.alloc(len), false),
+        let Some(mut image) = self.pool.try_stage(len) else {
+            return self.put_in_place(task_id, weights, &layout, &image_layout, replace);
         };
-        let digest = match image_layout.check_and_pack(weights, &layout, checks, image.as_mut_slice()) {
-            Ok(digest) => digest,
-            Err(e) => {
-                if recycled {
-                    self.spares.give(image); // a rejected put leaves even the spares as they were
-                }
-                return Err(e);
-            }
-        };
+        // Check, digest and pack in one pass on every core, without the lock: other threads keep
+        // serving meanwhile. A refused put gives its pages straight back (dropping `image`).
+        let digest = image_layout.check_and_pack(weights, &layout, checks, image.as_mut_slice())?;
 
         let mut st = self.state.write();
         let settled = Self::existing_put_locked(&mut st, task_id, digest, replace);
         if !matches!(settled, Ok(None)) {
-            self.spares.give(image); // another thread put it meanwhile
-            return settled.map(Option::unwrap);
+            return settled.map(Option::unwrap); // another thread put it meanwhile
         }
         let replacing = st.host.contains(task_id).then_some(task_id);
-        let victims = match st.host.plan_room(len as u64, replacing, |id| st.pins.contains_key(&id)) {
-            Ok(victims) => victims,
-            Err(e) => {
-                self.spares.give(image);
-                return Err(e);
+        let victims = st.host.plan_room(len as u64, replacing, |id| st.pins.contains_key(&id))?;
+        let dropped = Self::evict_for_put(&mut st, &victims, replacing)?;
+        image.unstage();
+        st.host.insert(task_id, HostEntry { image, layout: image_layout, digest, loaded: false });
+        let outcome = Self::count_put(&mut st, replacing);
+        drop(dropped); // their pages go back to the pool for the next puts
+        drop(st);
+        self.pool.trim();
+        Ok(outcome)
+    }
+
+    /// A put with no staging room (its image is larger than the reserve, or free pool space is
+    /// split into holes): check and digest first, then, under the lock, evict, close holes and
+    /// pack into the room made. Two passes over the weights instead of one, and other threads
+    /// wait for the packing, but no memory is allocated and a refused put still changes nothing.
+    fn put_in_place(&self, task_id: u64, weights: &WeightsView, layout: &format::AdapterLayout, image_layout: &ImageLayout, replace: bool) -> Result<PutOutcome> {
+        let checks = self.cfg.validate.value_checks(Some(self.cfg.dtype));
+        let digest = format::scan_digest_pack(weights, layout, checks, None, true)?;
+        let len = image_layout.held_bytes();
+        let mut st = self.state.write();
+        if let Some(outcome) = Self::existing_put_locked(&mut st, task_id, digest, replace)? {
+            return Ok(outcome);
+        }
+        let replacing = st.host.contains(task_id).then_some(task_id);
+        let victims = st.host.plan_room(len as u64, replacing, |id| st.pins.contains_key(&id))?;
+        // Images may move below: no copy may be reading any of them (before anything changes).
+        st.copier.wait_idle()?;
+        let dropped = Self::evict_for_put(&mut st, &victims, replacing)?;
+        drop(dropped);
+        let mut image = match self.pool.try_alloc(len) {
+            Some(image) => image,
+            None => {
+                // The evictions left room enough (the staging reserve bounds what other puts
+                // hold), split into holes: move the cached images together. Only images other
+                // puts are staging now can keep a hole open; then the pool grows.
+                st.counters.host_compactions += 1;
+                self.pool.compact(st.host.images_mut());
+                self.pool.try_alloc(len).unwrap_or_else(|| self.pool.alloc(len))
             }
         };
+        image_layout.pack(weights, layout, image.as_mut_slice());
+        st.host.insert(task_id, HostEntry { image, layout: image_layout.clone(), digest, loaded: false });
+        let outcome = Self::count_put(&mut st, replacing);
+        drop(st);
+        self.pool.trim();
+        Ok(outcome)
+    }
+
+    fn count_put(st: &mut State, replacing: Option<u64>) -> PutOutcome {
+        if replacing.is_some() {
+            st.counters.replacements += 1;
+            PutOutcome::Replaced
+        } else {
+            st.counters.puts += 1;
+            PutOutcome::Inserted
+        }
+    }
+
+    /// Takes a put's victims (and the entry it replaces) out of both tiers; their images are
+    /// returned for the caller to drop once copies from them are known to be done.
+    fn evict_for_put(st: &mut State, victims: &[u64], replacing: Option<u64>) -> Result<Vec<HostEntry>> {
         let mut wait = false;
         let mut dropped = Vec::with_capacity(victims.len() + 1);
         for &id in victims.iter().chain(replacing.iter()) {
@@ -222,22 +275,14 @@ impl TwoLevelCache {
         }
         st.counters.host_evictions += victims.len() as u64;
         if wait {
-            // Copies from the dropped images must finish before their memory is freed; if the
+            // Copies from the dropped images must finish before their memory is reused; if the
             // device cannot say, leak them rather than free memory a DMA may still read.
             if let Err(e) = st.copier.wait_idle() {
                 std::mem::forget(dropped);
                 return Err(e);
             }
         }
-        dropped.into_iter().for_each(|e| self.spares.give(e.image));
-        st.host.insert(task_id, HostEntry { image, layout: image_layout, digest, loaded: false });
-        if replacing.is_some() {
-            st.counters.replacements += 1;
-            Ok(PutOutcome::Replaced)
-        } else {
-            st.counters.puts += 1;
-            Ok(PutOutcome::Inserted)
-        }
+        Ok(dropped)
     }
 
     /// AdapterTooLarge when the image is larger than the whole host tier or device pool.
