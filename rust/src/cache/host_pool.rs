@@ -99,10 +99,10 @@ pub struct PoolStats {
 
 /// Host memory for adapter images, built once with the tier's budget plus a staging reserve: a put
 /// packs into free pool pages beside the images it will evict (`try_stage`), so that a put whose
-/// values are refused evicts nothing; staged bytes stay within the reserve, so that the images a
-/// put evicts always leave it room. Free space split into holes is closed by `compact`. Only
-/// when concurrent puts' staged images block that does `alloc` grow the pool by a chunk; grown
-/// chunks that empty are freed again, but for one kept for the next put.
+/// values are refused evicts nothing; staged bytes stay within the reserve and the unused budget,
+/// so that the images a put evicts leave it room. Free space split into holes is closed by
+/// `compact`. Only when concurrent puts' staged images block that does `alloc` grow the pool by
+/// a chunk; grown chunks that empty are freed again, but for one kept for the next put.
 pub struct HostPool {
     page_bytes: usize,
     staging_bytes: u64,
@@ -158,11 +158,12 @@ impl HostPool {
         })
     }
 
-    /// Room to pack an image before the tier makes room for it, if the staging reserve (less what
-    /// other puts are staging now) and a free run both hold it.
-    pub fn try_stage(&self, len: usize) -> Option<PoolImage> {
+    /// Room to pack an image before the tier makes room for it, if a free run holds it and the
+    /// staging reserve plus the tier's `unused_budget` (less what other puts are staging now)
+    /// does: then the images a put evicts always leave it room in the pool.
+    pub fn try_stage(&self, len: usize, unused_budget: u64) -> Option<PoolImage> {
         let bytes = (self.page_count(len) * self.page_bytes) as u64;
-        let reserve = self.staging_bytes;
+        let reserve = self.staging_bytes + unused_budget;
         self.staged.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| (s + bytes <= reserve).then_some(s + bytes)).ok()?;
         match self.try_alloc(len) {
             Some(mut image) => {
@@ -319,10 +320,11 @@ mod tests {
     #[test]
     fn staging_stays_within_the_reserve() {
         let pool = HostPool::new(HostAllocator::Pageable, PAGE, 8 * P, 3 * P);
-        assert!(pool.try_stage(4 * PAGE).is_none(), "larger than the reserve");
-        let mut one = pool.try_stage(2 * PAGE).unwrap();
-        assert!(pool.try_stage(2 * PAGE).is_none(), "2 + 2 pages staged > 3 reserved");
-        let two = pool.try_stage(PAGE).unwrap();
+        assert!(pool.try_stage(4 * PAGE, 0).is_none(), "larger than the reserve on a full tier");
+        drop(pool.try_stage(4 * PAGE, P).expect("the reserve and one unused page of budget"));
+        let mut one = pool.try_stage(2 * PAGE, 0).unwrap();
+        assert!(pool.try_stage(2 * PAGE, 0).is_none(), "2 + 2 pages staged > 3 reserved");
+        let two = pool.try_stage(PAGE, 0).unwrap();
         assert_eq!(pool.staged_bytes(), 3 * P);
         one.unstage(); // joined the tier
         assert_eq!(pool.staged_bytes(), P);

@@ -107,6 +107,12 @@ pub fn staging_bytes(host_budget_bytes: u64) -> u64 {
     (host_budget_bytes / 4).min(1 << 30)
 }
 
+/// Host bytes a cache allocates (pins, for a CUDA pool) when it is built: the budget and the
+/// staging reserve, in whole pages.
+pub fn built_pool_bytes(host_budget_bytes: u64, page_bytes: usize) -> u64 {
+    (host_budget_bytes + staging_bytes(host_budget_bytes)).div_ceil(page_bytes as u64) * page_bytes as u64
+}
+
 /// The ids in first-seen order without repeats (per-row id lists repeat ids a lot).
 fn distinct(ids: &[u64]) -> Vec<u64> {
     let mut out: Vec<u64> = Vec::with_capacity(ids.len());
@@ -149,6 +155,7 @@ impl TwoLevelCache {
         // fast as later ones, and the cost (pinning takes seconds per tens of GB) is paid once,
         // where the caller sees it, instead of on the puts a request waits for.
         let pool = HostPool::new(copier.host_allocator(), cfg.page_bytes, cfg.host_budget_bytes, staging_bytes(cfg.host_budget_bytes));
+        debug_assert_eq!(pool.stats().bytes, built_pool_bytes(cfg.host_budget_bytes, cfg.page_bytes));
         let state = State {
             host: HostTier::new(cfg.host_budget_bytes),
             device: DeviceTier::new(region.pool_addr, region.pool_bytes, cfg.page_bytes, cfg.max_slots),
@@ -189,7 +196,8 @@ impl TwoLevelCache {
         // The image lands in the pool's memory, mapped (and pinned) when the cache was built:
         // fresh host memory costs page faults and page locking, far more than packing itself.
         let len = image_layout.held_bytes();
-        let Some(mut image) = self.pool.try_stage(len) else {
+        let unused_budget = self.cfg.host_budget_bytes - self.state.read().host.used_bytes();
+        let Some(mut image) = self.pool.try_stage(len, unused_budget) else {
             return self.put_in_place(task_id, weights, &layout, &image_layout, replace);
         };
         // Check, digest and pack in one pass on every core, without the lock: other threads keep
