@@ -27,13 +27,12 @@ unsafe impl Send for HostBuffer {}
 unsafe impl Sync for HostBuffer {}
 
 impl HostBuffer {
-    /// Zeroed pageable memory aligned to a host page.
-    pub fn pageable(len: usize) -> HostBuffer {
-        let layout = Layout::from_size_align(len.max(1), HOST_PAGE).expect("host buffer layout");
+    /// Zeroed pageable memory aligned to a host page, or None when the allocator refuses.
+    pub fn pageable(len: usize) -> Option<HostBuffer> {
+        let layout = Layout::from_size_align(len.max(1), HOST_PAGE).ok()?;
         // SAFETY: layout has non-zero size.
-        let raw = unsafe { alloc_zeroed(layout) };
-        let ptr = NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
-        HostBuffer { ptr, len, kind: HostKind::Pageable(layout) }
+        let ptr = NonNull::new(unsafe { alloc_zeroed(layout) })?;
+        Some(HostBuffer { ptr, len, kind: HostKind::Pageable(layout) })
     }
 
     /// Page-locked memory in `ctx` (portable across contexts), or None if the driver refuses.
@@ -120,24 +119,21 @@ unsafe impl Send for HostAllocator {}
 unsafe impl Sync for HostAllocator {}
 
 impl HostAllocator {
-    /// A buffer of `len` bytes whose contents are unspecified (the caller overwrites them all).
-    pub fn alloc(&self, len: usize) -> HostBuffer {
-        match *self {
-            HostAllocator::Pageable => HostBuffer::pageable(len),
+    /// A buffer of `len` bytes whose contents are unspecified, with every page already mapped:
+    /// pinning faults the pages in, pageable memory is pre-faulted here. None when the host
+    /// cannot allocate that much at all.
+    pub fn alloc_resident(&self, len: usize) -> Option<HostBuffer> {
+        let buf = match *self {
+            HostAllocator::Pageable => None,
             // SAFETY: a Pinned allocator comes from a CudaCopier, whose retained context outlives
             // the cache's buffers (the cache drops them before the copier).
-            HostAllocator::Pinned(ctx) => unsafe { HostBuffer::pinned(len, ctx) }.unwrap_or_else(|| HostBuffer::pageable(len)),
-        }
-    }
-
-    /// As `alloc`, with every page already mapped: pinning faults pages in; pageable memory is
-    /// pre-faulted (zeroed).
-    pub fn alloc_resident(&self, len: usize) -> HostBuffer {
-        let mut buf = self.alloc(len);
-        if !buf.is_pinned() {
+            HostAllocator::Pinned(ctx) => unsafe { HostBuffer::pinned(len, ctx) },
+        };
+        buf.or_else(|| {
+            let mut buf = HostBuffer::pageable(len)?;
             buf.prefault();
-        }
-        buf
+            Some(buf)
+        })
     }
 }
 
@@ -147,12 +143,13 @@ mod tests {
 
     #[test]
     fn pageable_is_page_aligned_and_zeroed() {
-        let mut b = HostBuffer::pageable(10_000);
+        let mut b = HostBuffer::pageable(10_000).unwrap();
         assert_eq!(b.as_slice().as_ptr() as usize % HOST_PAGE, 0);
         assert!(b.as_slice().iter().all(|&x| x == 0));
         b.as_mut_slice()[9_999] = 3;
         assert_eq!(b.as_slice()[9_999], 3);
         assert!(!b.is_pinned());
-        assert_eq!(HostBuffer::pageable(0).len(), 0);
+        assert_eq!(HostBuffer::pageable(0).unwrap().len(), 0);
+        assert!(HostBuffer::pageable(usize::MAX - HOST_PAGE).is_none());
     }
 }

@@ -9,6 +9,7 @@ use parking_lot::Mutex;
 
 use crate::cache::host_memory::{HostAllocator, HostBuffer};
 use crate::cache::page_allocator::{PageAllocator, PageRun};
+use crate::error::{LoraError, Result};
 
 /// One allocation of host memory and which of its pages images hold.
 struct Chunk {
@@ -113,7 +114,9 @@ pub struct HostPool {
 }
 
 impl HostPool {
-    pub fn new(allocator: HostAllocator, page_bytes: usize, budget_bytes: u64, staging_bytes: u64) -> Self {
+    /// Allocates the pool now: a typed error, not an out-of-memory kill later, when the host
+    /// cannot hold it.
+    pub fn new(allocator: HostAllocator, page_bytes: usize, budget_bytes: u64, staging_bytes: u64) -> Result<Self> {
         assert!(page_bytes > 0 && page_bytes % 16 == 0, "pool pages keep images 16-byte aligned");
         let pool = HostPool {
             page_bytes,
@@ -123,25 +126,35 @@ impl HostPool {
             chunks: Mutex::new(Vec::new()),
             grows: Mutex::new((0, 0.0)),
         };
-        let pages = ((budget_bytes + staging_bytes) as usize).div_ceil(page_bytes);
+        let pages = (budget_bytes + staging_bytes).div_ceil(page_bytes as u64);
+        let bytes = pages * page_bytes as u64;
+        let too_large = |limit: u64| {
+            LoraError::BadCacheConfig(format!(
+                "the host tier allocates its memory when the cache is built: {bytes} bytes (host_cache_bytes {budget_bytes} + a staging \
+                 reserve of {staging_bytes}), more than the {limit} bytes of host memory available; give a smaller host_cache_bytes"
+            ))
+        };
+        if let Some(available) = available_host_bytes().filter(|&a| bytes > a) {
+            return Err(too_large(available));
+        }
         if pages > 0 {
-            let chunk = pool.new_chunk(pages, true);
+            let chunk = usize::try_from(pages).ok().and_then(|p| pool.new_chunk(p, true)).ok_or_else(|| too_large(0))?;
             pool.chunks.lock().push(chunk);
         }
-        pool
+        Ok(pool)
     }
 
     /// Memory for one chunk, every page resident before any put writes it (pinning faults the
     /// pages in; pageable memory is touched here) so that no put pays page faults.
-    fn new_chunk(&self, pages: usize, built: bool) -> Arc<Chunk> {
+    fn new_chunk(&self, pages: usize, built: bool) -> Option<Arc<Chunk>> {
         let start = Instant::now();
-        let buf = self.allocator.alloc_resident(pages * self.page_bytes);
+        let buf = self.allocator.alloc_resident(pages.checked_mul(self.page_bytes)?)?;
         let mut grows = self.grows.lock();
         grows.1 += start.elapsed().as_secs_f64();
         if !built {
             grows.0 += 1;
         }
-        Arc::new(Chunk { buf, page_bytes: self.page_bytes, pages: Mutex::new(PageAllocator::new(pages)), built })
+        Some(Arc::new(Chunk { buf, page_bytes: self.page_bytes, pages: Mutex::new(PageAllocator::new(pages)), built }))
     }
 
     fn page_count(&self, len: usize) -> usize {
@@ -179,15 +192,18 @@ impl HostPool {
 
     /// Room for an image of `len` bytes: a free run, or else a new chunk (allocated without any
     /// lock held, as pinning takes long).
-    pub fn alloc(&self, len: usize) -> PoolImage {
+    pub fn alloc(&self, len: usize) -> Result<PoolImage> {
         if let Some(image) = self.try_alloc(len) {
-            return image;
+            return Ok(image);
         }
         let pages = self.page_count(len);
-        let chunk = self.new_chunk(pages.max(self.page_count(self.staging_bytes as usize)), false);
+        let chunk_pages = pages.max(self.page_count(self.staging_bytes as usize));
+        let chunk = self.new_chunk(chunk_pages, false).ok_or_else(|| {
+            LoraError::BadCacheConfig(format!("the host pool could not grow by {} bytes for an image", chunk_pages * self.page_bytes))
+        })?;
         let run = chunk.pages.lock().alloc(pages).expect("a fresh chunk holds the image");
         self.chunks.lock().push(chunk.clone());
-        PoolImage { chunk, run, len, staged: None }
+        Ok(PoolImage { chunk, run, len, staged: None })
     }
 
     /// Closes holes: in address order, each image's run is freed and taken again first fit, which
@@ -260,7 +276,7 @@ impl HostPool {
 
     /// Every chunk's free map is consistent and holds at least the pages of the `held_pages`
     /// cached images (more while puts are staging; equal when none is).
-    pub fn check(&self, held_pages: usize) -> Result<(), String> {
+    pub fn check(&self, held_pages: usize) -> std::result::Result<(), String> {
         let chunks = self.chunks.lock();
         let mut used = 0;
         for c in chunks.iter() {
@@ -284,6 +300,14 @@ impl HostPool {
     }
 }
 
+/// MemAvailable from /proc/meminfo (Linux), None where it cannot be read.
+fn available_host_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -293,11 +317,11 @@ mod tests {
 
     #[test]
     fn images_are_carved_from_the_built_chunk_and_their_pages_come_back() {
-        let pool = HostPool::new(HostAllocator::Pageable, PAGE, 8 * P, 2 * P);
+        let pool = HostPool::new(HostAllocator::Pageable, PAGE, 8 * P, 2 * P).unwrap();
         let base = pool.stats();
         assert_eq!((base.bytes, base.chunks, base.free_bytes, base.grows), (10 * P, 1, 10 * P, 0));
-        let mut a = pool.alloc(3 * PAGE - 5);
-        let mut b = pool.alloc(PAGE);
+        let mut a = pool.alloc(3 * PAGE - 5).unwrap();
+        let mut b = pool.alloc(PAGE).unwrap();
         assert_eq!((a.len(), a.pages(), b.len()), (3 * PAGE - 5, 3, PAGE));
         assert_eq!(b.as_slice().as_ptr() as usize - a.as_slice().as_ptr() as usize, 3 * PAGE); // back to back
         assert_eq!(a.as_slice().as_ptr() as usize % PAGE, 0);
@@ -309,7 +333,7 @@ mod tests {
         assert!(pool.check(5).is_err());
         let a_at = a.as_slice().as_ptr();
         drop(a);
-        let c = pool.alloc(2 * PAGE);
+        let c = pool.alloc(2 * PAGE).unwrap();
         assert_eq!(c.as_slice().as_ptr(), a_at, "freed pages are reused first fit");
         drop((b, c));
         let s = pool.stats();
@@ -319,7 +343,7 @@ mod tests {
 
     #[test]
     fn staging_stays_within_the_reserve() {
-        let pool = HostPool::new(HostAllocator::Pageable, PAGE, 8 * P, 3 * P);
+        let pool = HostPool::new(HostAllocator::Pageable, PAGE, 8 * P, 3 * P).unwrap();
         assert!(pool.try_stage(4 * PAGE, 0).is_none(), "larger than the reserve on a full tier");
         drop(pool.try_stage(4 * PAGE, P).expect("the reserve and one unused page of budget"));
         let mut one = pool.try_stage(2 * PAGE, 0).unwrap();
@@ -336,8 +360,8 @@ mod tests {
 
     #[test]
     fn compaction_closes_holes_and_keeps_every_image_s_bytes() {
-        let pool = HostPool::new(HostAllocator::Pageable, PAGE, 6 * P, 0);
-        let mut held: Vec<Option<PoolImage>> = (0..6).map(|_| Some(pool.alloc(PAGE))).collect();
+        let pool = HostPool::new(HostAllocator::Pageable, PAGE, 6 * P, 0).unwrap();
+        let mut held: Vec<Option<PoolImage>> = (0..6).map(|_| Some(pool.alloc(PAGE).unwrap())).collect();
         for (i, img) in held.iter_mut().enumerate() {
             img.as_mut().unwrap().as_mut_slice().fill(i as u8 + 1);
         }
@@ -364,17 +388,17 @@ mod tests {
 
     #[test]
     fn a_full_pool_grows_and_emptied_grown_chunks_are_trimmed_to_one() {
-        let pool = HostPool::new(HostAllocator::Pageable, PAGE, 2 * P, 2 * P);
-        let full = pool.alloc(4 * PAGE);
-        let a = pool.alloc(PAGE); // grows a chunk of max(1, reserve 2) pages
-        let b = pool.alloc(3 * PAGE); // and one sized to the image
+        let pool = HostPool::new(HostAllocator::Pageable, PAGE, 2 * P, 2 * P).unwrap();
+        let full = pool.alloc(4 * PAGE).unwrap();
+        let a = pool.alloc(PAGE).unwrap(); // grows a chunk of max(1, reserve 2) pages
+        let b = pool.alloc(3 * PAGE).unwrap(); // and one sized to the image
         let s = pool.stats();
         assert_eq!((s.chunks, s.grows, s.bytes), (3, 2, 9 * P));
         drop((a, b));
         pool.trim();
         let s = pool.stats();
         assert_eq!((s.chunks, s.bytes), (2, 7 * P), "the larger empty grown chunk is kept");
-        let again = pool.alloc(3 * PAGE);
+        let again = pool.alloc(3 * PAGE).unwrap();
         assert_eq!(pool.stats().grows, 2, "the kept chunk serves the next image without allocating");
         drop((again, full));
         pool.trim();
@@ -384,17 +408,23 @@ mod tests {
 
     #[test]
     fn pageable_chunks_are_resident_and_zeroed() {
-        let pool = HostPool::new(HostAllocator::Pageable, PAGE, 4 * P, 0);
-        let img = pool.alloc(4 * PAGE);
+        let pool = HostPool::new(HostAllocator::Pageable, PAGE, 4 * P, 0).unwrap();
+        let img = pool.alloc(4 * PAGE).unwrap();
         assert!(img.as_slice().iter().all(|&x| x == 0) && !img.is_pinned());
         assert!(pool.stats().alloc_seconds > 0.0);
     }
 
     #[test]
+    fn a_pool_larger_than_host_memory_is_refused_at_construction() {
+        let err = HostPool::new(HostAllocator::Pageable, PAGE, 1 << 60, 0).err().expect("refused");
+        assert!(matches!(&err, LoraError::BadCacheConfig(m) if m.contains("host_cache_bytes 1152921504606846976")), "{err}");
+    }
+
+    #[test]
     fn a_zero_budget_builds_nothing_and_grows_on_demand() {
-        let pool = HostPool::new(HostAllocator::Pageable, PAGE, 0, 0);
+        let pool = HostPool::new(HostAllocator::Pageable, PAGE, 0, 0).unwrap();
         assert_eq!(pool.stats().chunks, 0);
-        let img = pool.alloc(10);
+        let img = pool.alloc(10).unwrap();
         assert_eq!((img.len(), pool.stats().chunks, pool.stats().grows), (10, 1, 1));
     }
 }

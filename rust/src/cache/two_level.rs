@@ -154,7 +154,7 @@ impl TwoLevelCache {
         // Allocated now, all of it, as the TensorRT-LLM host cache is: the first puts then run as
         // fast as later ones, and the cost (pinning takes seconds per tens of GB) is paid once,
         // where the caller sees it, instead of on the puts a request waits for.
-        let pool = HostPool::new(copier.host_allocator(), cfg.page_bytes, cfg.host_budget_bytes, staging_bytes(cfg.host_budget_bytes));
+        let pool = HostPool::new(copier.host_allocator(), cfg.page_bytes, cfg.host_budget_bytes, staging_bytes(cfg.host_budget_bytes))?;
         debug_assert_eq!(pool.stats().bytes, built_pool_bytes(cfg.host_budget_bytes, cfg.page_bytes));
         let state = State {
             host: HostTier::new(cfg.host_budget_bytes),
@@ -247,7 +247,10 @@ impl TwoLevelCache {
                 // puts are staging now can keep a hole open; then the pool grows.
                 st.counters.host_compactions += 1;
                 self.pool.compact(st.host.images_mut());
-                self.pool.try_alloc(len).unwrap_or_else(|| self.pool.alloc(len))
+                match self.pool.try_alloc(len) {
+                    Some(image) => image,
+                    None => self.pool.alloc(len)?, // the victims are gone; the tier stays consistent
+                }
             }
         };
         image_layout.pack(weights, layout, image.as_mut_slice());
