@@ -191,7 +191,7 @@ def test_host_pool_is_allocated_with_the_cache_and_puts_only_carve_it():
     # 40 pages of budget + a 10-page staging reserve, allocated (pinned on CUDA) by the constructor
     cache = new_cache(host_cache_bytes=40 * PAGE, device_cache_bytes=64 * PAGE)
     s = cache.stats()
-    assert s["host_pool_bytes"] == loramux._core.AdapterCache.host_pool_bytes(40 * PAGE, PAGE) == 50 * PAGE
+    assert s["host_pool_bytes"] == LoraCache.host_pool_bytes(40 * PAGE, PAGE) == 50 * PAGE
     assert (s["host_pool_chunks"], s["host_spare_bytes"], s["host_pool_grows"]) == (1, 50 * PAGE, 0)
     assert s["host_pool_alloc_seconds"] > 0
     adapters, rng = {}, np.random.default_rng(0)
@@ -220,6 +220,13 @@ def test_host_pool_is_allocated_with_the_cache_and_puts_only_carve_it():
             a, b = parts[(m, layer)]
             assert data[off : off + a.size] == a.tobytes() and data[off + b_off : off + b_off + b.size] == b.tobytes()
     cache.check_invariants()
+
+
+def test_a_host_tier_larger_than_host_memory_is_refused_when_built():
+    with pytest.raises(LoraCacheError, match=r"host_cache_bytes 1152921504606846976.*give a smaller host_cache_bytes"):
+        new_cache(host_cache_bytes=1 << 60)
+    assert LoraCache.host_pool_bytes(1 << 30) == (1 << 30) + (1 << 28)  # a quarter more for staging
+    assert LoraCache.host_pool_bytes(64 << 30) == (65 << 30)  # the reserve stops at 1 GiB
 
 
 def test_values_beyond_the_serving_dtype_are_refused_not_served_as_inf():
