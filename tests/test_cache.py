@@ -192,7 +192,7 @@ def test_host_pool_is_allocated_with_the_cache_and_puts_only_carve_it():
     cache = new_cache(host_cache_bytes=40 * PAGE, device_cache_bytes=64 * PAGE)
     s = cache.stats()
     assert s["host_pool_bytes"] == LoraCache.host_pool_bytes(40 * PAGE, PAGE) == 50 * PAGE
-    assert (s["host_pool_chunks"], s["host_spare_bytes"], s["host_pool_grows"]) == (1, 50 * PAGE, 0)
+    assert (s["host_pool_chunks"], s["host_spare_bytes"], s["host_pool_grows"], s["host_pool_pinned_bytes"]) == (1, 50 * PAGE, 0, 0)
     assert s["host_pool_alloc_seconds"] > 0
     adapters, rng = {}, np.random.default_rng(0)
     for tid in range(60):  # 2..18-page adapters through a 40-page tier: evictions, holes, puts in place

@@ -280,7 +280,7 @@ class LoraCache:
 
     def stats(self) -> Dict[str, Union[int, float]]:
         """hits, misses, evictions, bytes/counts per tier, pinned vs pageable, load GB/s, fragmentation;
-        the host pool: ``host_pool_bytes`` (allocated), ``host_spare_bytes`` (free), ``host_pool_grows``
+        the host pool: ``host_pool_bytes`` (allocated; ``host_pool_pinned_bytes`` of them pinned), ``host_spare_bytes`` (free), ``host_pool_grows``
         (chunks added after construction: only concurrent puts can cause one), ``host_compactions``,
         ``host_fragmentation`` (share of free bytes outside the largest free run), ``host_pool_alloc_seconds``."""
         return self._core.stats()

@@ -88,6 +88,8 @@ impl PoolImage {
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct PoolStats {
     pub bytes: u64,
+    /// Of `bytes`, those page-locked (all of them with a CUDA pool, unless the driver refused).
+    pub pinned_bytes: u64,
     pub chunks: u64,
     pub free_bytes: u64,
     pub free_runs: u64,
@@ -265,6 +267,9 @@ impl HostPool {
         for c in chunks.iter() {
             let pages = c.pages.lock();
             s.bytes += c.buf.len() as u64;
+            if c.buf.is_pinned() {
+                s.pinned_bytes += c.buf.len() as u64;
+            }
             s.chunks += 1;
             s.free_bytes += (pages.free_pages() * self.page_bytes) as u64;
             s.free_runs += pages.free_run_count() as u64;

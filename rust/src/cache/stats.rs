@@ -42,6 +42,7 @@ pub struct CacheStats {
     /// Host memory the pool holds (pinned for a CUDA pool): the budget plus a staging reserve,
     /// allocated when the cache was built, plus any chunks grown since.
     pub host_pool_bytes: u64,
+    pub host_pool_pinned_bytes: u64,
     pub host_pool_chunks: u64,
     /// Chunks allocated after construction: a put found no free run its image fits.
     pub host_pool_grows: u64,
@@ -119,6 +120,7 @@ impl CacheStats {
             ("host_pageable_bytes", C(self.host_pageable_bytes)),
             ("host_spare_bytes", C(self.host_spare_bytes)),
             ("host_pool_bytes", C(self.host_pool_bytes)),
+            ("host_pool_pinned_bytes", C(self.host_pool_pinned_bytes)),
             ("host_compactions", C(c.host_compactions)),
             ("host_pool_chunks", C(self.host_pool_chunks)),
             ("host_pool_grows", C(self.host_pool_grows)),

@@ -33,6 +33,7 @@ impl TwoLevelCache {
             host_pageable_bytes: pageable_bytes,
             host_spare_bytes: pool.free_bytes,
             host_pool_bytes: pool.bytes,
+            host_pool_pinned_bytes: pool.pinned_bytes,
             host_pool_chunks: pool.chunks,
             host_pool_grows: pool.grows,
             host_pool_free_runs: pool.free_runs,
