@@ -187,6 +187,48 @@ def test_bad_input_is_typed_and_changes_nothing():
     cache.check_invariants()
 
 
+def test_host_pool_is_allocated_with_the_cache_and_puts_only_carve_it():
+    # 40 pages of budget + a 10-page staging reserve, allocated (pinned on CUDA) by the constructor
+    cache = new_cache(host_cache_bytes=40 * PAGE, device_cache_bytes=64 * PAGE)
+    s = cache.stats()
+    assert s["host_pool_bytes"] == LoraCache.host_pool_bytes(40 * PAGE, PAGE) == 50 * PAGE
+    assert (s["host_pool_chunks"], s["host_spare_bytes"], s["host_pool_grows"], s["host_pool_pinned_bytes"]) == (1, 50 * PAGE, 0, 0)
+    assert s["host_pool_alloc_seconds"] > 0
+    adapters, rng = {}, np.random.default_rng(0)
+    for tid in range(60):  # 2..18-page adapters through a 40-page tier: evictions, holes, puts in place
+        adapters[tid] = make_adapter(tid, SHAPES[rng.integers(len(SHAPES))])
+        assert cache.put(tid, *adapters[tid]) == "inserted"
+        if tid % 2:
+            with cache.acquire([tid]):
+                pass
+    bad_w, bad_c = make_adapter(99, SHAPES[4])  # 18 pages: more than the reserve, packed in place
+    bad_w[1, 3] = np.nan
+    before = (cache.task_ids(), cache.stats())
+    with pytest.raises(LoraFormatError, match="row 1"):
+        cache.put(99, bad_w, bad_c)
+    assert (cache.task_ids(), cache.stats()) == before  # checked before anything was evicted
+    s = cache.stats()
+    assert s["host_evictions"] > 0 and s["host_compactions"] > 0
+    assert (s["host_pool_grows"], s["host_pool_chunks"], s["host_pool_bytes"]) == (0, 1, 50 * PAGE)
+    assert s["host_spare_bytes"] == s["host_pool_bytes"] - s["host_bytes"]
+    assert 0.0 <= s["host_fragmentation"] < 1.0
+    for tid in cache.task_ids():  # images moved together still hold their adapters
+        w, c = adapters[tid]
+        data, segs = cache._core.host_image(tid)
+        parts = {(m, layer): (a, b) for m, layer, a, b, _ in reference_parts(w, c, torch.float16)}
+        for m, layer, _, off, b_off, _ in segs:
+            a, b = parts[(m, layer)]
+            assert data[off : off + a.size] == a.tobytes() and data[off + b_off : off + b_off + b.size] == b.tobytes()
+    cache.check_invariants()
+
+
+def test_a_host_tier_larger_than_host_memory_is_refused_when_built():
+    with pytest.raises(LoraCacheError, match=r"host_cache_bytes 1152921504606846976.*give a smaller host_cache_bytes"):
+        new_cache(host_cache_bytes=1 << 60)
+    assert LoraCache.host_pool_bytes(1 << 30) == (1 << 30) + (1 << 28)  # a quarter more for staging
+    assert LoraCache.host_pool_bytes(64 << 30) == (65 << 30)  # the reserve stops at 1 GiB
+
+
 def test_values_beyond_the_serving_dtype_are_refused_not_served_as_inf():
     w, c = make_adapter(4, SHAPES[1])
     w[2, 5] = 1e6  # finite in float32; inf once packed into float16

@@ -38,6 +38,8 @@ def assert_resident_equals_image(cache, tid, slot):
 def test_device_bytes_equal_the_host_image(dtype):
     cache = LoraCache(SPEC, dtype=dtype, host_cache_bytes=1 << 22, device="cuda", device_cache_bytes=1 << 20, page_bytes=4096, max_slots=4)
     assert cache.pool.is_cuda and cache.table.is_cuda
+    s = cache.stats()  # the whole host pool was pinned by the constructor, before any put
+    assert s["host_pool_pinned_bytes"] == s["host_pool_bytes"] == LoraCache.host_pool_bytes(1 << 22, 4096) == 5 << 20
     for tid, shape in enumerate(SHAPES[:4]):
         cache.put(tid, *make_adapter(tid, shape))
     with cache.acquire([0, 1, 3, 1]) as batch:
@@ -46,6 +48,7 @@ def test_device_bytes_equal_the_host_image(dtype):
             assert_resident_equals_image(cache, tid, slot)
     s = cache.stats()
     assert s["host_pinned_adapters"] == 4 and s["host_pageable_adapters"] == 0  # cuMemHostAlloc worked
+    assert s["host_pool_grows"] == 0 and s["host_pool_pinned_bytes"] == 5 << 20  # puts carved the pool
     cache.synchronize()
     assert cache.stats()["load_gbps"] > 0
     cache.check_invariants()

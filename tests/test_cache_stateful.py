@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+import loramux._core as _core
 from loramux.cache import LoraCache
 from loramux.errors import LoraCacheError, LoraCacheFullError, LoraFormatError, LoraNotCachedError, LoraTaskConflictError
 
@@ -292,6 +293,11 @@ class CacheMachine(RuleBasedStateMachine):
         assert s["device_bytes_held"] == sum(n for _, runs in m.device.values() for _, n in runs) * PAGE
         assert s["device_free_runs"] == len(m.pages.free)
         assert {k: s[k] for k in m.counts} == m.counts
+        # Host images live in the pool built with the cache; one thread never makes it grow (a put
+        # larger than the staging reserve packs in place, moving images together when needed).
+        event(f"host compactions so far: {min(s['host_compactions'], 3)}+")
+        assert s["host_pool_bytes"] == _core.AdapterCache.host_pool_bytes(HOST_PAGES * PAGE, PAGE) and s["host_pool_grows"] == 0
+        assert s["host_spare_bytes"] == s["host_pool_bytes"] - s["host_bytes"]
         c.check_invariants()
 
 

@@ -100,6 +100,19 @@ class LoraCache:
     ``device_cache_bytes`` or ``device_cache_fraction`` (default 1.0) of ``host_cache_bytes``; a CUDA
     device allocates the pool there up front: ``device_cache_bytes``, or ``device_cache_fraction``
     (default 0.1) of the GPU memory free now (after the model is loaded).
+
+    The host tier's memory is allocated by the constructor too, all of it, as the TensorRT-LLM
+    host cache is: ``host_cache_bytes`` plus a staging reserve of a quarter of it (at most 1 GiB),
+    in whole pages (``LoraCache.host_pool_bytes(host_cache_bytes, page_bytes)`` bytes). With a
+    CUDA device it is page-locked (cuMemHostAlloc), otherwise pre-faulted, so the constructor
+    takes as long as the host needs to pin or map that much memory (``stats()["host_pool_alloc_seconds"]``)
+    and that memory is resident from then on; more than the host has available is refused with
+    LoraCacheError. In exchange no put allocates: each packs into the pool (into the reserve,
+    beside the images it will evict) at the speed of a pass over mapped memory, and evicted or
+    removed adapters give their pages back. Size ``host_cache_bytes`` to the packed adapters you
+    want ready on the host (``stats()["host_bytes"]`` after a few puts says what they take) and to
+    the memory you can lock. An adapter larger than the reserve, on a full tier, is checked before
+    anything is evicted and then packed in place (two passes over its weights instead of one).
     """
 
     def __init__(
@@ -201,6 +214,11 @@ class LoraCache:
             )
         return int(device_cache_bytes)
 
+    @staticmethod
+    def host_pool_bytes(host_cache_bytes: int, page_bytes: int = 64 << 10) -> int:
+        """Host bytes the constructor allocates (pins, with a CUDA device) for a ``host_cache_bytes`` tier."""
+        return _core.AdapterCache.host_pool_bytes(int(host_cache_bytes), int(page_bytes))
+
     # --- adapters -------------------------------------------------------------------------------
 
     def put(self, task_id: int, weights, config, replace: bool = False) -> str:
@@ -261,7 +279,10 @@ class LoraCache:
     # --- inspection -----------------------------------------------------------------------------
 
     def stats(self) -> Dict[str, Union[int, float]]:
-        """hits, misses, evictions, bytes/counts per tier, pinned vs pageable, load GB/s, fragmentation."""
+        """hits, misses, evictions, bytes/counts per tier, pinned vs pageable, load GB/s, fragmentation;
+        the host pool: ``host_pool_bytes`` (allocated; ``host_pool_pinned_bytes`` of them pinned), ``host_spare_bytes`` (free), ``host_pool_grows``
+        (chunks added after construction: only concurrent puts can cause one), ``host_compactions``,
+        ``host_fragmentation`` (share of free bytes outside the largest free run), ``host_pool_alloc_seconds``."""
         return self._core.stats()
 
     def slot_of(self, task_id: int) -> Optional[int]:

@@ -156,6 +156,15 @@ impl PyAdapterCache {
         SlotTable::table_bytes(max_slots, num_layers)
     }
 
+    /// Host bytes a cache of this budget allocates (pinned with a CUDA pool) when it is built.
+    #[staticmethod]
+    fn host_pool_bytes(host_cache_bytes: u64, page_bytes: usize) -> PyResult<u64> {
+        if page_bytes == 0 {
+            return Err(pyo3::exceptions::PyValueError::new_err("page_bytes must be positive"));
+        }
+        Ok(cache::built_pool_bytes(host_cache_bytes, page_bytes))
+    }
+
     /// Threads a put spreads its checking and packing over.
     #[staticmethod]
     fn worker_threads() -> usize {

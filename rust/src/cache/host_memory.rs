@@ -1,5 +1,5 @@
-//! Page-aligned host buffers for the host tier: page-locked (cuMemHostAlloc) when a CUDA pool is
-//! served so loads run at full DMA speed, plain pageable memory otherwise or when pinning fails.
+//! Page-aligned host buffers for the host tier's pool: page-locked (cuMemHostAlloc) when a CUDA pool
+//! is served so loads run at full DMA speed, plain pageable memory otherwise or when pinning fails.
 
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::ptr::NonNull;
@@ -27,13 +27,12 @@ unsafe impl Send for HostBuffer {}
 unsafe impl Sync for HostBuffer {}
 
 impl HostBuffer {
-    /// Zeroed pageable memory aligned to a host page.
-    pub fn pageable(len: usize) -> HostBuffer {
-        let layout = Layout::from_size_align(len.max(1), HOST_PAGE).expect("host buffer layout");
+    /// Zeroed pageable memory aligned to a host page, or None when the allocator refuses.
+    pub fn pageable(len: usize) -> Option<HostBuffer> {
+        let layout = Layout::from_size_align(len.max(1), HOST_PAGE).ok()?;
         // SAFETY: layout has non-zero size.
-        let raw = unsafe { alloc_zeroed(layout) };
-        let ptr = NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
-        HostBuffer { ptr, len, kind: HostKind::Pageable(layout) }
+        let ptr = NonNull::new(unsafe { alloc_zeroed(layout) })?;
+        Some(HostBuffer { ptr, len, kind: HostKind::Pageable(layout) })
     }
 
     /// Page-locked memory in `ctx` (portable across contexts), or None if the driver refuses.
@@ -64,6 +63,23 @@ impl HostBuffer {
         self.len == 0
     }
 
+    /// The first byte; the pool hands out disjoint runs behind it.
+    pub fn base_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// Writes one byte per host page so the kernel maps every page now, on every core, instead
+    /// of on the first write of each put (a fresh page costs a fault and zeroing).
+    pub fn prefault(&mut self) {
+        use rayon::prelude::*;
+        self.as_mut_slice().par_chunks_mut(1 << 21).for_each(|block| {
+            for i in (0..block.len()).step_by(HOST_PAGE) {
+                // SAFETY: in bounds; volatile so the store of a zero into zeroed memory stays.
+                unsafe { std::ptr::write_volatile(block.as_mut_ptr().add(i), 0) };
+            }
+        });
+    }
+
     pub fn as_slice(&self) -> &[u8] {
         // SAFETY: ptr is valid for len bytes for the life of self.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
@@ -89,7 +105,7 @@ impl Drop for HostBuffer {
     }
 }
 
-/// How the host tier allocates images; copied out of the copier so that allocating (slow for
+/// How the host tier allocates its pool; copied out of the copier so that allocating (slow for
 /// pinned memory) never happens under the cache's lock.
 #[derive(Clone, Copy, Debug)]
 pub enum HostAllocator {
@@ -103,52 +119,21 @@ unsafe impl Send for HostAllocator {}
 unsafe impl Sync for HostAllocator {}
 
 impl HostAllocator {
-    /// A buffer of `len` bytes whose contents are unspecified (the caller overwrites them all).
-    pub fn alloc(&self, len: usize) -> HostBuffer {
-        match *self {
-            HostAllocator::Pageable => HostBuffer::pageable(len),
+    /// A buffer of `len` bytes whose contents are unspecified, with every page already mapped:
+    /// pinning faults the pages in, pageable memory is pre-faulted here. None when the host
+    /// cannot allocate that much at all.
+    pub fn alloc_resident(&self, len: usize) -> Option<HostBuffer> {
+        let buf = match *self {
+            HostAllocator::Pageable => None,
             // SAFETY: a Pinned allocator comes from a CudaCopier, whose retained context outlives
             // the cache's buffers (the cache drops them before the copier).
-            HostAllocator::Pinned(ctx) => unsafe { HostBuffer::pinned(len, ctx) }.unwrap_or_else(|| HostBuffer::pageable(len)),
-        }
-    }
-}
-
-/// Images of evicted adapters kept for the next put of the same size: fresh host memory costs
-/// page faults (and, pinned, page locking), far more than packing into memory already mapped.
-/// Bounded by `cap_bytes`, outside the host budget, but one image is always kept: a full tier then
-/// evicts and refills without allocating, whatever the size of its adapters.
-pub struct SpareImages {
-    cap_bytes: u64,
-    spares: parking_lot::Mutex<(Vec<HostBuffer>, u64)>,
-}
-
-impl SpareImages {
-    pub fn new(cap_bytes: u64) -> Self {
-        SpareImages { cap_bytes, spares: parking_lot::Mutex::new((Vec::new(), 0)) }
-    }
-
-    /// A kept buffer of exactly `len` bytes (its old contents: the caller overwrites them all).
-    pub fn take(&self, len: usize) -> Option<HostBuffer> {
-        let mut guard = self.spares.lock();
-        let (list, bytes) = &mut *guard;
-        let i = list.iter().position(|b| b.len() == len)?;
-        *bytes -= len as u64;
-        Some(list.swap_remove(i))
-    }
-
-    /// Keeps a buffer no copy reads any more, or frees it when the spares are full.
-    pub fn give(&self, buf: HostBuffer) {
-        let mut guard = self.spares.lock();
-        let (list, bytes) = &mut *guard;
-        if *bytes + buf.len() as u64 <= self.cap_bytes || list.is_empty() {
-            *bytes += buf.len() as u64;
-            list.push(buf);
-        }
-    }
-
-    pub fn bytes(&self) -> u64 {
-        self.spares.lock().1
+            HostAllocator::Pinned(ctx) => unsafe { HostBuffer::pinned(len, ctx) },
+        };
+        buf.or_else(|| {
+            let mut buf = HostBuffer::pageable(len)?;
+            buf.prefault();
+            Some(buf)
+        })
     }
 }
 
@@ -158,28 +143,13 @@ mod tests {
 
     #[test]
     fn pageable_is_page_aligned_and_zeroed() {
-        let mut b = HostBuffer::pageable(10_000);
+        let mut b = HostBuffer::pageable(10_000).unwrap();
         assert_eq!(b.as_slice().as_ptr() as usize % HOST_PAGE, 0);
         assert!(b.as_slice().iter().all(|&x| x == 0));
         b.as_mut_slice()[9_999] = 3;
         assert_eq!(b.as_slice()[9_999], 3);
         assert!(!b.is_pinned());
-        assert_eq!(HostBuffer::pageable(0).len(), 0);
-    }
-
-    #[test]
-    fn spares_match_exact_sizes_within_their_cap() {
-        let spares = SpareImages::new(8192);
-        spares.give(HostBuffer::pageable(4096));
-        spares.give(HostBuffer::pageable(2048));
-        spares.give(HostBuffer::pageable(4096)); // over the cap: freed
-        assert_eq!(spares.bytes(), 6144);
-        let one = SpareImages::new(100);
-        one.give(HostBuffer::pageable(4096)); // over the cap, but the first spare is always kept
-        one.give(HostBuffer::pageable(4096));
-        assert_eq!(one.bytes(), 4096);
-        assert!(spares.take(1024).is_none());
-        assert_eq!(spares.take(2048).map(|b| b.len()), Some(2048));
-        assert_eq!(spares.bytes(), 4096);
+        assert_eq!(HostBuffer::pageable(0).unwrap().len(), 0);
+        assert!(HostBuffer::pageable(usize::MAX - HOST_PAGE).is_none());
     }
 }

@@ -4,11 +4,11 @@
 use lru::LruCache;
 
 use crate::cache::adapter_image::ImageLayout;
-use crate::cache::host_memory::HostBuffer;
+use crate::cache::host_pool::PoolImage;
 use crate::error::{LoraError, Result};
 
 pub struct HostEntry {
-    pub image: HostBuffer,
+    pub image: PoolImage,
     pub layout: ImageLayout,
     pub digest: u64,
     /// A copy from this image was issued: wait for copies before freeing it.
@@ -64,6 +64,11 @@ impl HostTier {
     /// Marks a use: the adapter becomes the most recently used.
     pub fn touch(&mut self, task_id: u64) {
         self.entries.promote(&task_id);
+    }
+
+    /// Every image, for the pool to move them together (the caller ensures no copy reads them).
+    pub fn images_mut(&mut self) -> impl Iterator<Item = &mut PoolImage> {
+        self.entries.iter_mut().map(|(_, e)| &mut e.image)
     }
 
     /// Most recently used first.

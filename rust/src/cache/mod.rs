@@ -6,6 +6,7 @@ pub mod copier;
 pub mod cuda_copier;
 pub mod device_tier;
 pub mod host_memory;
+pub mod host_pool;
 pub mod host_tier;
 pub mod id_hash;
 pub mod page_allocator;
@@ -17,7 +18,9 @@ pub use copier::{Copier, HostMemcpy, ReleaseTicket};
 pub use cuda_copier::{driver_present, CudaCopier};
 pub use slot_table::SlotTable;
 pub use stats::{CacheStats, StatValue};
-pub use two_level::{Acquired, CacheConfig, PoolRegion, PutOutcome, TwoLevelCache};
+pub use two_level::{built_pool_bytes, Acquired, CacheConfig, PoolRegion, PutOutcome, TwoLevelCache};
 
+#[cfg(test)]
+mod pool_tests;
 #[cfg(test)]
 mod tests;

@@ -18,6 +18,9 @@ pub struct Counters {
     pub misses: u64,
     pub host_evictions: u64,
     pub device_evictions: u64,
+    /// Puts that found the host pool's free space split into holes too small and moved the
+    /// cached images together.
+    pub host_compactions: u64,
     /// Load batches issued and the bytes they moved (issued, whether or not timed yet).
     pub loads: u64,
     pub load_bytes_issued: u64,
@@ -34,8 +37,19 @@ pub struct CacheStats {
     pub host_pinned_bytes: u64,
     pub host_pageable_adapters: u64,
     pub host_pageable_bytes: u64,
-    /// Evicted images kept for reuse by later puts (outside the host budget: at most 1/8 of it, or one image).
+    /// Host pool bytes no cached adapter holds: room for the next puts without allocating.
     pub host_spare_bytes: u64,
+    /// Host memory the pool holds (pinned for a CUDA pool): the budget plus a staging reserve,
+    /// allocated when the cache was built, plus any chunks grown since.
+    pub host_pool_bytes: u64,
+    pub host_pool_pinned_bytes: u64,
+    pub host_pool_chunks: u64,
+    /// Chunks allocated after construction: a put found no free run its image fits.
+    pub host_pool_grows: u64,
+    pub host_pool_free_runs: u64,
+    pub host_pool_largest_free_run_bytes: u64,
+    /// Seconds spent allocating (pinning, or pre-faulting) pool memory, construction included.
+    pub host_pool_alloc_seconds: f64,
     pub device_adapters: u64,
     /// Bytes adapters' segments really use on the device tier.
     pub device_bytes_used: u64,
@@ -72,6 +86,11 @@ impl CacheStats {
         if self.device_bytes_held == 0 { 0.0 } else { 1.0 - self.device_bytes_used as f64 / self.device_bytes_held as f64 }
     }
 
+    /// External fragmentation of the host pool: share of its free bytes outside the largest free run.
+    pub fn host_fragmentation(&self) -> f64 {
+        if self.host_spare_bytes == 0 { 0.0 } else { 1.0 - self.host_pool_largest_free_run_bytes as f64 / self.host_spare_bytes as f64 }
+    }
+
     pub fn hit_rate(&self) -> f64 {
         let total = self.counters.hits + self.counters.misses;
         if total == 0 { 0.0 } else { self.counters.hits as f64 / total as f64 }
@@ -100,6 +119,15 @@ impl CacheStats {
             ("host_pageable_adapters", C(self.host_pageable_adapters)),
             ("host_pageable_bytes", C(self.host_pageable_bytes)),
             ("host_spare_bytes", C(self.host_spare_bytes)),
+            ("host_pool_bytes", C(self.host_pool_bytes)),
+            ("host_pool_pinned_bytes", C(self.host_pool_pinned_bytes)),
+            ("host_compactions", C(c.host_compactions)),
+            ("host_pool_chunks", C(self.host_pool_chunks)),
+            ("host_pool_grows", C(self.host_pool_grows)),
+            ("host_pool_free_runs", C(self.host_pool_free_runs)),
+            ("host_pool_largest_free_run_bytes", C(self.host_pool_largest_free_run_bytes)),
+            ("host_fragmentation", R(self.host_fragmentation())),
+            ("host_pool_alloc_seconds", R(self.host_pool_alloc_seconds)),
             ("device_adapters", C(self.device_adapters)),
             ("device_bytes_used", C(self.device_bytes_used)),
             ("device_bytes_held", C(self.device_bytes_held)),

@@ -6,18 +6,19 @@
 use parking_lot::RwLock;
 
 mod inspect;
+mod put;
 mod remove;
 
 use crate::cache::adapter_image::ImageLayout;
 use crate::cache::copier::{Copier, ReleaseTicket};
 use crate::cache::device_tier::DeviceTier;
-use crate::cache::host_memory::{HostAllocator, SpareImages};
-use crate::cache::host_tier::{HostEntry, HostTier};
+use crate::cache::host_pool::HostPool;
+use crate::cache::host_tier::HostTier;
 use crate::cache::id_hash::IdMap;
 use crate::cache::slot_table::SlotTable;
 use crate::cache::stats::Counters;
 use crate::error::{LoraError, Result};
-use crate::format::{self, ConfigRow, ModelSpec, ValidateOptions, WeightsDtype, WeightsView};
+use crate::format::{ModelSpec, ValidateOptions, WeightsDtype};
 
 #[derive(Clone, Debug)]
 pub struct CacheConfig {
@@ -67,7 +68,7 @@ struct State {
     loads_after: Vec<ReleaseTicket>,
     next_batch: u64,
     counters: Counters,
-    // Last: dropped after the host buffers it may have pinned.
+    // Last: dropped after the host images, which may hold the last references to pinned chunks.
     copier: Box<dyn Copier>,
 }
 
@@ -95,10 +96,22 @@ impl Drop for State {
 
 pub struct TwoLevelCache {
     cfg: CacheConfig,
-    // Before `state`: spare pinned buffers are freed while the copier still holds the context.
-    spares: SpareImages,
+    // Before `state`: the pool's pinned chunks are freed while the copier still holds the context.
+    pool: HostPool,
     state: RwLock<State>,
-    host_allocator: HostAllocator,
+}
+
+/// Pool bytes beyond the host budget, allocated with it: room to pack a put beside the images it
+/// will evict (so that a put whose values are refused evicts nothing). An image larger than this
+/// on a full tier grows the pool once by its size.
+pub fn staging_bytes(host_budget_bytes: u64) -> u64 {
+    (host_budget_bytes / 4).min(1 << 30)
+}
+
+/// Host bytes a cache allocates (pins, for a CUDA pool) when it is built: the budget and the
+/// staging reserve, in whole pages.
+pub fn built_pool_bytes(host_budget_bytes: u64, page_bytes: usize) -> u64 {
+    (host_budget_bytes + staging_bytes(host_budget_bytes)).div_ceil(page_bytes as u64) * page_bytes as u64
 }
 
 /// The ids in first-seen order without repeats (per-row id lists repeat ids a lot).
@@ -139,7 +152,11 @@ impl TwoLevelCache {
         if region.pool_bytes < cfg.page_bytes as u64 {
             return bad(format!("device pool of {} bytes holds no page of {} bytes", region.pool_bytes, cfg.page_bytes));
         }
-        let host_allocator = copier.host_allocator();
+        // Allocated now, all of it, as the TensorRT-LLM host cache is: the first puts then run as
+        // fast as later ones, and the cost (pinning takes seconds per tens of GB) is paid once,
+        // where the caller sees it, instead of on the puts a request waits for.
+        let pool = HostPool::new(copier.host_allocator(), cfg.page_bytes, cfg.host_budget_bytes, staging_bytes(cfg.host_budget_bytes))?;
+        debug_assert_eq!(pool.stats().bytes, built_pool_bytes(cfg.host_budget_bytes, cfg.page_bytes));
         let state = State {
             host: HostTier::new(cfg.host_budget_bytes),
             device: DeviceTier::new(region.pool_addr, region.pool_bytes, cfg.page_bytes, cfg.max_slots),
@@ -152,131 +169,11 @@ impl TwoLevelCache {
             counters: Counters::default(),
             copier,
         };
-        let spares = SpareImages::new((cfg.host_budget_bytes / 8).min(1 << 30));
-        Ok(TwoLevelCache { cfg, spares, state: RwLock::new(state), host_allocator })
+        Ok(TwoLevelCache { cfg, pool, state: RwLock::new(state) })
     }
 
     pub fn config(&self) -> &CacheConfig {
         &self.cfg
-    }
-
-    /// Caches `task_id`'s adapter: validated and packed once into the serving dtype. The same
-    /// weights again are a no-op; different weights need `replace`.
-    pub fn put(&self, task_id: u64, weights: &WeightsView, config: &[ConfigRow], replace: bool) -> Result<PutOutcome> {
-        let layout = format::checked_layout(weights, config, &self.cfg.spec, self.cfg.validate)?;
-        let checks = self.cfg.validate.value_checks(Some(self.cfg.dtype));
-        let image_layout = ImageLayout::new(&layout, self.cfg.dtype, self.cfg.page_bytes);
-        if let Err(too_large) = self.fits_the_tiers(task_id, &image_layout) {
-            // Bad values are named before size, as when every value check ran first.
-            format::scan_digest_pack(weights, &layout, checks, None, false)?;
-            return Err(too_large);
-        }
-        if self.contains(task_id) {
-            // Perhaps the same weights again: check and digest them before packing anything.
-            let digest = format::scan_digest_pack(weights, &layout, checks, None, true)?;
-            if let Some(outcome) = self.existing_put(task_id, digest, replace)? {
-                return Ok(outcome);
-            }
-        }
-        // Check, digest and pack in one pass on every core, without the lock: other threads keep
-        // serving meanwhile. An evicted image's memory is reused when one fits: fresh host memory
-        // costs page faults (and, pinned, page locking), far more than the pass itself.
-        let len = image_layout.held_bytes();
-        let (mut image, recycled) = match self.spares.take(len) {
-            Some(buf) => (buf, true),
-            None => (self.host_allocator.alloc(len), false),
-        };
-        let digest = match image_layout.check_and_pack(weights, &layout, checks, image.as_mut_slice()) {
-            Ok(digest) => digest,
-            Err(e) => {
-                if recycled {
-                    self.spares.give(image); // a rejected put leaves even the spares as they were
-                }
-                return Err(e);
-            }
-        };
-
-        let mut st = self.state.write();
-        let settled = Self::existing_put_locked(&mut st, task_id, digest, replace);
-        if !matches!(settled, Ok(None)) {
-            self.spares.give(image); // another thread put it meanwhile
-            return settled.map(Option::unwrap);
-        }
-        let replacing = st.host.contains(task_id).then_some(task_id);
-        let victims = match st.host.plan_room(len as u64, replacing, |id| st.pins.contains_key(&id)) {
-            Ok(victims) => victims,
-            Err(e) => {
-                self.spares.give(image);
-                return Err(e);
-            }
-        };
-        let mut wait = false;
-        let mut dropped = Vec::with_capacity(victims.len() + 1);
-        for &id in victims.iter().chain(replacing.iter()) {
-            let entry = st.host.remove(id).unwrap();
-            wait |= entry.loaded;
-            if let Some(r) = st.device.evict(id) {
-                st.forget_resident(id, r.slot);
-            }
-            dropped.push(entry);
-        }
-        st.counters.host_evictions += victims.len() as u64;
-        if wait {
-            // Copies from the dropped images must finish before their memory is freed; if the
-            // device cannot say, leak them rather than free memory a DMA may still read.
-            if let Err(e) = st.copier.wait_idle() {
-                std::mem::forget(dropped);
-                return Err(e);
-            }
-        }
-        dropped.into_iter().for_each(|e| self.spares.give(e.image));
-        st.host.insert(task_id, HostEntry { image, layout: image_layout, digest, loaded: false });
-        if replacing.is_some() {
-            st.counters.replacements += 1;
-            Ok(PutOutcome::Replaced)
-        } else {
-            st.counters.puts += 1;
-            Ok(PutOutcome::Inserted)
-        }
-    }
-
-    /// AdapterTooLarge when the image is larger than the whole host tier or device pool.
-    fn fits_the_tiers(&self, task_id: u64, image_layout: &ImageLayout) -> Result<()> {
-        let held = image_layout.held_bytes() as u64;
-        if held > self.cfg.host_budget_bytes {
-            return Err(LoraError::AdapterTooLarge { task_id, needed: held, tier: "host", capacity: self.cfg.host_budget_bytes });
-        }
-        let device_pages = self.state.read().device.pages().total_pages();
-        if image_layout.total_pages() > device_pages {
-            let capacity = (device_pages * self.cfg.page_bytes) as u64;
-            return Err(LoraError::AdapterTooLarge { task_id, needed: held, tier: "device", capacity });
-        }
-        Ok(())
-    }
-
-    fn existing_put(&self, task_id: u64, digest: u64, replace: bool) -> Result<Option<PutOutcome>> {
-        let st = self.state.upgradable_read();
-        match st.host.peek(task_id) {
-            None => Ok(None),
-            Some(_) => Self::existing_put_locked(&mut parking_lot::RwLockUpgradableReadGuard::upgrade(st), task_id, digest, replace),
-        }
-    }
-
-    /// Some(outcome) when the put is settled by what is cached already.
-    fn existing_put_locked(st: &mut State, task_id: u64, digest: u64, replace: bool) -> Result<Option<PutOutcome>> {
-        let Some(entry) = st.host.peek(task_id) else { return Ok(None) };
-        if entry.digest == digest {
-            st.host.touch(task_id);
-            st.counters.put_hits += 1;
-            return Ok(Some(PutOutcome::AlreadyCached));
-        }
-        if !replace {
-            return Err(LoraError::TaskConflict { task_id });
-        }
-        if st.pins.contains_key(&task_id) {
-            return Err(LoraError::TaskInUse { task_id, action: "replacing its weights" });
-        }
-        Ok(None)
     }
 
     pub fn contains(&self, task_id: u64) -> bool {

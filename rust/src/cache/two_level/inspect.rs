@@ -21,6 +21,7 @@ impl TwoLevelCache {
             }
         }
         let pages = st.device.pages();
+        let pool = self.pool.stats();
         CacheStats {
             counters: st.counters.clone(),
             host_adapters: st.host.len() as u64,
@@ -30,7 +31,14 @@ impl TwoLevelCache {
             host_pinned_bytes: pinned_bytes,
             host_pageable_adapters: pageable,
             host_pageable_bytes: pageable_bytes,
-            host_spare_bytes: self.spares.bytes(),
+            host_spare_bytes: pool.free_bytes,
+            host_pool_bytes: pool.bytes,
+            host_pool_pinned_bytes: pool.pinned_bytes,
+            host_pool_chunks: pool.chunks,
+            host_pool_grows: pool.grows,
+            host_pool_free_runs: pool.free_runs,
+            host_pool_largest_free_run_bytes: pool.largest_free_run_bytes,
+            host_pool_alloc_seconds: pool.alloc_seconds,
             device_adapters: st.device.len() as u64,
             device_bytes_used: st.device.used_bytes(),
             device_bytes_held: st.device.held_bytes(),
@@ -80,6 +88,7 @@ impl TwoLevelCache {
         if host_sum != st.host.used_bytes() || host_sum > st.host.budget_bytes() {
             return Err(format!("host bytes {host_sum} (recorded {}) vs budget {}", st.host.used_bytes(), st.host.budget_bytes()));
         }
+        self.pool.check(st.host.iter().map(|(_, e)| e.image.pages()).sum())?;
         st.device.check(self.cfg.max_slots)?;
         if let Some((id, _)) = st.device.iter().find(|(id, _)| !st.host.contains(*id)) {
             return Err(format!("task {id} is on the device tier but not the host tier"));

@@ -6,9 +6,9 @@ use crate::error::{LoraError, Result};
 
 impl TwoLevelCache {
     /// Drops `task_id`'s adapter from the host and device tiers. NotCached when it is not cached;
-    /// TaskInUse while an in-flight batch holds it. Its image memory is kept as a spare for the
-    /// next put (within the spares' bound) and its pages and slot are free for the next load, which
-    /// waits for the compute work that last read them.
+    /// TaskInUse while an in-flight batch holds it. Its image's pages go back to the host pool for
+    /// the next put, and its device pages and slot are free for the next load, which waits for the
+    /// compute work that last read them.
     pub fn remove(&self, task_id: u64) -> Result<()> {
         let mut st = self.state.write();
         let Some(entry) = st.host.peek(task_id) else { return Err(LoraError::NotCached { task_id }) };
@@ -26,7 +26,8 @@ impl TwoLevelCache {
         }
         st.counters.removals += 1;
         drop(st);
-        self.spares.give(entry.image);
+        drop(entry); // its pages go back to the pool
+        self.pool.trim();
         Ok(())
     }
 }
