@@ -10,12 +10,17 @@ pip install -q --no-index --no-deps --target /tmp/site .gpu/*.whl 2>/dev/null ||
 export PYTHONPATH=/tmp/site
 LOGS=/tmp/logs; mkdir -p $LOGS
 python -c "import loramux, torch; print(loramux.__file__, torch.__version__, torch.cuda.get_device_name())" | tee $LOGS/env.txt
-if has tests; then
-  for f in ${FILES:-test_cache_gpu test_kernels test_ops test_segments test_siblings test_models test_runtime test_dora test_tp test_serving_gpu}; do
-    timeout ${TEST_S:-100} python -m pytest -q -m gpu -p no:cacheprovider --tb=short tests/$f.py > $LOGS/$f.log 2>&1
-    echo "$f rc=$? $(grep -E ' passed| failed| error' $LOGS/$f.log | tail -1)"
-    grep -E "^(FAILED|ERROR)" $LOGS/$f.log | head -6
+run_test_file() {
+  timeout ${TEST_S:-100} python -m pytest -q -m gpu -p no:cacheprovider --tb=short tests/$1.py > $LOGS/$1.log 2>&1
+  echo "$1 rc=$? $(grep -E ' passed| failed| error' $LOGS/$1.log | tail -1)"
+  grep -E "^(FAILED|ERROR)" $LOGS/$1.log | head -6
+}
+if has tests; then  # JOBS files at once (one GPU holds several test processes)
+  for f in ${FILES:-test_cache_gpu test_kernels test_ops test_segments test_siblings test_models test_runtime test_dora test_tp test_serving_gpu test_beside test_launch_choices}; do
+    while [ "$(jobs -rp | wc -l)" -ge "${JOBS:-1}" ]; do sleep 1; done
+    run_test_file $f &
   done
+  wait
 fi
 if has put; then
   timeout ${PUT_S:-60} python benchmarks/cache_put.py > $LOGS/cache_put.log 2>&1
