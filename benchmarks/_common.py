@@ -85,6 +85,19 @@ def capture(step: Callable[[], object], before: Optional[Callable[[], object]] =
     return graph, out
 
 
+def graph_time(calls: Sequence[Callable[[], object]], per_graph: int = 32, reps: int = 7) -> float:
+    """Seconds per call: `calls` (e.g. one per weight set, so a set is not read back from L2)
+    repeated to about `per_graph` calls in one CUDA graph; median over `reps` replays."""
+    n = max(1, -(-per_graph // len(calls)))
+
+    def all_calls():
+        for c in calls:
+            c()
+
+    graph, _ = capture(lambda: [all_calls() for _ in range(n)])
+    return median_seconds(graph.replay, reps=reps) / (n * len(calls))
+
+
 # --- ceilings -----------------------------------------------------------------------------------
 
 def copy_bandwidth(nbytes: int = 1 << 30, reps: int = 10) -> float:

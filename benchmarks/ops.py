@@ -23,6 +23,7 @@ import random
 import statistics
 
 import torch
+from _common import graph_time
 from op_summary import ORDERS, summarize
 
 from loramux.ops import BatchMeta, kernels
@@ -71,23 +72,6 @@ def measure_ceilings():
     t = timed(lambda: m @ m)
     peak = 2 * 8192**3 / t
     return bw, peak
-
-
-def graph_time(calls, per_graph: int) -> float:
-    """Seconds per call: `calls` (one per rotation set) repeated to per_graph calls in one graph."""
-    reps = max(1, math.ceil(per_graph / len(calls)))
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for c in calls:
-            c()
-    torch.cuda.current_stream().wait_stream(stream)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            for c in calls:
-                c()
-    return timed(g.replay, reps=7) / (reps * len(calls))
 
 
 def run_case(hi, ho, r, n, tokens, bw, peak, l2, orders):

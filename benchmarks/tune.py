@@ -27,6 +27,8 @@ import subprocess
 
 import torch
 
+from _common import graph_time
+
 from loramux.ops import BatchMeta, kernels, tuning
 
 DT, DEV = torch.bfloat16, "cuda"
@@ -73,33 +75,6 @@ def set_env(env):
     for k in KNOBS:
         os.environ.pop(k, None)
     os.environ.update(env)
-
-
-def graph_time(calls, per_graph=32, reps=5) -> float:
-    """Seconds per call, the calls (one per weight set) repeated in one CUDA graph, median of reps."""
-    n = max(1, math.ceil(per_graph / len(calls)))
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for c in calls:
-            c()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(n):
-            for c in calls:
-                c()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3 / (n * len(calls)))
-    return sorted(times)[len(times) // 2]
 
 
 def measure_count(hi, sizes, mids, r, tokens, n, l2, envs):
