@@ -91,3 +91,50 @@ def test_executor_packs_chunked_prompts_of_mixed_adapters_and_answers_as_peft_al
     finally:
         forwards.handle.remove()
         engine.detach()
+
+
+def test_a_step_beyond_max_tokens_per_forward_prefills_in_several_forwards_and_answers_as_peft(llama, tokenizer):
+    """Six requests of 4..30 prompt tokens under a 40-token step budget and a 12-token pack: a step's
+    chunks go through several forwards, none over 12 tokens unless one chunk alone is longer (the
+    pack never splits a chunk), short chunks still share one, and every greedy answer equals PEFT's
+    for that request alone."""
+    ours, peft_model, names, formats = llama
+    engine = attach(ours)
+    plan = [(prompt_ids(500 + i, n), new, a) for i, (n, new, a) in
+            enumerate([(5, 6, 0), (6, 4, None), (30, 8, 2), (4, 5, 1), (9, 7, 0), (19, 3, 1)])]
+    packs = []  # the chunk lengths of each prefill forward
+    try:
+        ex = lm.Executor(engine, tokenizer, max_batch_size=8, max_tokens_per_step=40, max_tokens_per_forward=12)
+        prefill = ex._step.prefill
+        ex._step.prefill = lambda chunks: (packs.append([len(c[2]) for c in chunks]), prefill(chunks))[1]
+        seen = set()
+        for ids, new, a in plan:
+            lora = None if a is None else (lm.LoraConfig(a) if a in seen else lm.LoraConfig(a, *formats[a]))
+            seen.add(a)
+            ex.submit(lm.Request(ids, max_new_tokens=new, lora=lora))
+        results = ex.run()
+        for r, (ids, new, a) in zip(results, plan):
+            assert r.ok, r.error
+            assert r.token_ids == alone(peft_model, ids, new, None if a is None else names[a])
+        metrics = ex.metrics()
+        assert len(packs) == metrics["prefill_forwards"] and sum(map(len, packs)) == metrics["prefill_chunks"]
+        assert all(sum(p) <= 12 or len(p) == 1 for p in packs), packs
+        assert any(len(p) > 1 for p in packs), packs  # short chunks still share a forward
+        assert sum(sum(p) for p in packs) == sum(len(ids) for ids, _, _ in plan)
+    finally:
+        engine.detach()
+
+
+def test_max_tokens_per_forward_is_checked(llama, tokenizer):
+    ours, _, _, _ = llama
+    engine = attach(ours)
+    try:
+        for bad, kind in ((0, ValueError), (2.5, TypeError), (True, TypeError)):
+            try:
+                lm.Executor(engine, tokenizer, max_tokens_per_forward=bad)
+            except kind as err:
+                assert "max_tokens_per_forward" in str(err)
+            else:
+                raise AssertionError(f"max_tokens_per_forward={bad!r} was taken")
+    finally:
+        engine.detach()
