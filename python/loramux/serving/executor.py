@@ -34,7 +34,6 @@ from loramux.serving.text import end_token_ids, pad_token_id
 
 _CPU_KV_BYTES = 2 << 30  # default KV budget of a CPU model (the buffers grow to it as needed)
 _CUDA_KV_FRACTION = 0.3  # default share of the GPU memory free at construction
-_CPU_PACK_TOKENS = 512  # prompt tokens per packed prefill forward on the CPU (see Executor)
 
 
 def _positive_int(name: str, value) -> int:
@@ -53,21 +52,13 @@ class Executor:
     `kv_cache_bytes`, or `kv_cache_fraction` of the GPU memory free now (default 0.3 on CUDA, 2 GiB
     on the CPU); `max_seq_len` caps one request's prompt + max_new_tokens (default: the model's).
     cuda_graphs: replay captured decode graphs (default: on for CUDA models).
-    max_tokens_per_forward: prompt tokens packed into one prefill forward (a step's chunks beyond it
-    go through further forwards). Default: all of a step's on CUDA, where a forward's launches cost
-    more than the attention across the pack; 512 on the CPU, where that attention over the whole pack
-    is paid in full (SmolLM2, 16 prompts of 150 tokens: 7.2 s in one forward, 5.0 s in forwards of 600).
     """
 
     def __init__(self, engine, tokenizer, max_batch_size: int = 64, max_tokens_per_step: int = 2048,
                  kv_cache_bytes: Optional[int] = None, kv_cache_fraction: Optional[float] = None,
-                 max_seq_len: Optional[int] = None, cuda_graphs: Optional[bool] = None,
-                 max_tokens_per_forward: Optional[int] = None):
+                 max_seq_len: Optional[int] = None, cuda_graphs: Optional[bool] = None):
         self.max_batch_size = check_batch_size(max_batch_size)
         self.max_tokens_per_step = _positive_int("max_tokens_per_step", max_tokens_per_step)
-        if max_tokens_per_forward is None:
-            max_tokens_per_forward = self.max_tokens_per_step if engine.device.type == "cuda" else _CPU_PACK_TOKENS
-        self.max_tokens_per_forward = _positive_int("max_tokens_per_forward", max_tokens_per_forward)
         self.engine, self.tokenizer = engine, tokenizer
         model = engine.model
         self._lock = threading.Lock()
@@ -279,9 +270,8 @@ class Executor:
             self._end(gone)
 
     def _prefill(self) -> int:
-        """Prompt chunks of admitted requests within the step's token budget, packed into forwards of
-        up to max_tokens_per_forward tokens; returns the first tokens made (of the requests whose
-        prompt this completed)."""
+        """Prompt chunks of admitted requests within the step's token budget, all in one forward;
+        returns the first tokens made (of the requests whose prompt this completed)."""
         decoding = sum(1 for s in self._running if s.decoding)
         budget = self.max_tokens_per_step - decoding if decoding else self.max_tokens_per_step
         seqs, chunks = [], []
@@ -294,20 +284,8 @@ class Executor:
             seqs.append(seq)
             chunks.append((seq.row, seq.prefilled, chunk, seq.slot))
             budget -= len(chunk)
-        made, group, tokens = 0, [], 0
-        for seq, chunk in zip(seqs, chunks):
-            if group and tokens + len(chunk[2]) > self.max_tokens_per_forward:
-                made += self._prefill_forward(group)
-                group, tokens = [], 0
-            group.append((seq, chunk))
-            tokens += len(chunk[2])
-        if group:
-            made += self._prefill_forward(group)
-        return made
-
-    def _prefill_forward(self, group) -> int:
-        """One packed forward of [(sequence, chunk)]; returns the first tokens made."""
-        seqs, chunks = [g[0] for g in group], [g[1] for g in group]
+        if not seqs:
+            return 0
         try:
             logits = self._step.prefill(chunks)
         except Exception as err:  # noqa: BLE001 - the requests of this forward fail, the loop goes on
