@@ -27,8 +27,6 @@ import subprocess
 
 import torch
 
-from _common import graph_time
-
 from loramux.ops import BatchMeta, kernels, tuning
 
 DT, DEV = torch.bfloat16, "cuda"
@@ -80,6 +78,7 @@ def set_env(env):
 def measure_count(hi, sizes, mids, r, tokens, n, l2, envs):
     """[(us, rel err vs fp32)] of lora_apply under each environment of `envs`, at `tokens` tokens
     spread over `n` adapters in random order, graphed over weight sets beyond L2."""
+    from _common import graph_time  # here, not at the top: tests import this file for select() alone
     ho = sum(sizes)
     set_bytes = n * r * (hi + ho) * 2
     nset = max(1, min(8, math.ceil(3 * l2 / set_bytes)))
