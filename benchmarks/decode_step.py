@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
-from _common import llama_spec, random_adapter, resident_adapters
+from _common import capture, copy_bandwidth, llama_spec, median_seconds, random_adapter, resident_adapters
 
 import loramux as lm
 from loramux import ops
@@ -31,26 +30,6 @@ BATCH, ADAPTERS, RANK, LAYERS = 32, 32, 16, 4
 # (module id, HF name)
 PROJ = [(1, "self_attn.q_proj"), (2, "self_attn.k_proj"), (3, "self_attn.v_proj"), (4, "self_attn.o_proj"),
         (7, "mlp.gate_proj"), (5, "mlp.up_proj"), (6, "mlp.down_proj")]
-
-
-def events(fn, reps=20):
-    fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) / 1e3)
-    return statistics.median(ts)
-
-
-def copy_bw():
-    src = torch.randn(1 << 29, device=DEV, dtype=DT)
-    dst = torch.empty_like(src)
-    return 2 * src.numel() * 2 / events(lambda: dst.copy_(src), 10)
 
 
 def build_model(attn):
@@ -70,28 +49,17 @@ def build_model(attn):
     return model
 
 
-def capture(step, before=None):
-    """A CUDA graph of step() (warm-up on a side stream first, as torch requires); `before` runs
-    between warm-up and capture (the engine rebuilds its per-batch metadata inside the graph)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(s)
-    if before is not None:
-        before()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = step()
-    return g, out
-
-
 def fresh_metas(engine):
     """Drops the step's per-token metadata so the capture builds it (slot_of_token, token segments)
     inside the graph, from the static slot tensor a replay reads."""
     engine.step._metas = {}
     engine._drop_sibling_outputs()
+
+
+def graphed_step_us(engine, step):
+    """Microseconds of one replay of step() captured with its metadata built inside the graph."""
+    g, _ = capture(step, lambda: fresh_metas(engine))
+    return median_seconds(g.replay) * 1e6
 
 
 def ops_only(ad):
@@ -123,7 +91,7 @@ def ops_only(ad):
     out = {}
     for name, fn in (("ops_only_7_per_layer_us", run_per_proj), ("ops_only_4_fused_per_layer_us", run_fused)):
         g, _ = capture(lambda: (fn(), None)[1])
-        out[name] = events(g.replay) * 1e6
+        out[name] = median_seconds(g.replay) * 1e6
     return out
 
 
@@ -154,9 +122,7 @@ def beside_step(engine, step, slots0, ad, logits):
         beside = step().float()
         out["beside_vs_in_order_rel"] = float((logits - beside).norm() / logits.norm())
         engine.set_batch(slots0, ad.cache.table, ad.cache.pool)
-        g, _ = capture(step, lambda: fresh_metas(engine))
-        out["lora_beside_us"] = events(g.replay) * 1e6
-        del g
+        out["lora_beside_us"] = graphed_step_us(engine, step)
     except Exception as e:  # noqa: BLE001
         out["lora_beside_error"] = repr(e)[:300]
     # as the serving graphs run it: a static batch (any adapter mix, DoRA unknown: shrinks aside only)
@@ -165,9 +131,7 @@ def beside_step(engine, step, slots0, ad, logits):
         engine.lora_beside_base = beside
         try:
             engine.set_static_batch(static, ad.cache.table, ad.cache.pool)
-            g, _ = capture(step, lambda: fresh_metas(engine))
-            out[key] = events(g.replay) * 1e6
-            del g
+            out[key] = graphed_step_us(engine, step)
         except Exception as e:  # noqa: BLE001
             out[key.replace("_us", "_error")] = repr(e)[:300]
     engine.lora_beside_base = False
@@ -186,9 +150,7 @@ def unfused_step(engine, step, slots0, ad, fused_logits):
     out["fused_vs_unfused_rel"] = float((fused_logits - unfused).norm() / unfused.norm())
     try:
         engine.set_batch(slots0, ad.cache.table, ad.cache.pool)
-        g, _ = capture(step, lambda: fresh_metas(engine))
-        out["lora_unfused_us"] = events(g.replay) * 1e6
-        del g
+        out["lora_unfused_us"] = graphed_step_us(engine, step)
     except Exception as e:  # noqa: BLE001
         out["lora_unfused_capture_error"] = repr(e)[:300]
     engine.fuse_siblings = True
@@ -202,7 +164,7 @@ def main():
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     res = dict(gpu=torch.cuda.get_device_name(), batch=BATCH, adapters=ADAPTERS, rank=RANK, layers=LAYERS)
-    bw = copy_bw()
+    bw = copy_bandwidth()
     res["copy_bw_gbs"] = bw / 1e9
     model, attn = None, None
     ids = torch.randint(0, 128256, (BATCH, 1), device=DEV)
@@ -216,7 +178,7 @@ def main():
             res[f"capture_error_{attn}"] = repr(e)[:300]
             g_base = None
     res["attention"] = attn
-    t_base = events(g_base.replay) if g_base is not None else events(lambda: model(input_ids=ids, position_ids=pos, use_cache=False))
+    t_base = median_seconds(g_base.replay) if g_base is not None else median_seconds(lambda: model(input_ids=ids, position_ids=pos, use_cache=False))
     res["base_graphed"] = g_base is not None
 
     spec = llama_spec(LAYERS, RANK)
@@ -248,11 +210,11 @@ def main():
     engine.set_batch(slots0, ad.cache.table, ad.cache.pool)  # fresh metas: built inside the capture
     try:
         g_lora, out_lora = capture(step, lambda: fresh_metas(engine))
-        t_lora = events(g_lora.replay)
+        t_lora = median_seconds(g_lora.replay)
         res["lora_graphed"] = True
     except Exception as e:  # noqa: BLE001
         res["lora_capture_error"] = repr(e)[:300]
-        g_lora, t_lora = None, events(step)
+        g_lora, t_lora = None, median_seconds(step)
         res["lora_graphed"] = False
     res.update(base_us=t_base * 1e6, lora_us=t_lora * 1e6, overhead_us=(t_lora - t_base) * 1e6)
     res["overhead_over_floor"] = (t_lora - t_base) / (lora_bytes / bw)
@@ -323,7 +285,7 @@ def main():
         res["kernel_vs_peft_rel"] = float((eager - peft_logits).norm() / peft_logits.norm())
         if base_logits is not None:
             res["kernel_vs_peft_rel_of_lora_term"] = float((eager - peft_logits).norm() / (peft_logits - base_logits).norm())
-        res["peft_us"] = events(peft_step, 5) * 1e6
+        res["peft_us"] = median_seconds(peft_step, 5) * 1e6
         res["speedup_vs_peft"] = res["peft_us"] / res["lora_us"]
     except Exception as e:  # noqa: BLE001
         res["peft_error"] = repr(e)[:300]
