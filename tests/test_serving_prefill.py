@@ -91,3 +91,40 @@ def test_executor_packs_chunked_prompts_of_mixed_adapters_and_answers_as_peft_al
     finally:
         forwards.handle.remove()
         engine.detach()
+
+
+def test_cpu_packed_prefill_attends_chunk_by_chunk(llama, tokenizer, monkeypatch):
+    """On the CPU each chunk of a packed forward attends to its own row prefix (one SDPA call per
+    chunk and layer, the queries and keys of that chunk only), not the whole pack under one mask;
+    its logits equal PEFT's for each prompt alone, the second chunk of a prompt included."""
+    import transformers.integrations.sdpa_attention as sdpa
+
+    ours, peft_model, names, formats = llama
+    engine = attach(ours)
+    calls = []
+    real = sdpa.sdpa_attention_forward
+
+    def spy(module, query, key, value, mask, **kwargs):
+        calls.append((query.shape[2], key.shape[2]))
+        return real(module, query, key, value, mask, **kwargs)
+
+    monkeypatch.setattr(sdpa, "sdpa_attention_forward", spy)
+    try:
+        engine.cache.put(0, *formats[0])
+        hold = engine.cache.acquire([0])
+        ex = lm.Executor(engine, tokenizer, max_batch_size=4)
+        ex.kv.reserve(3, 32)
+        prompts = [prompt_ids(700 + r, n) for r, n in enumerate((9, 14, 6))]
+        step = ex._step
+        step.prefill([(1, 0, prompts[1][:5], -1)])
+        got = step.prefill([(0, 0, prompts[0], hold.slots[0]), (1, 5, prompts[1][5:], -1), (2, 0, prompts[2], -1)])
+        layers = ours.config.num_hidden_layers
+        # (the one-chunk forward before it takes HF's registered SDPA, which the spy does not see)
+        assert calls == [(9, 9), (9, 14), (6, 6)] * layers
+        for row, logits in enumerate(got):
+            ref = peft_logits(peft_model, prompts[row], names[0] if row == 0 else None)
+            torch.testing.assert_close(logits.float(), ref, atol=1e-4, rtol=1e-4)
+        assert ours.config._attn_implementation == "sdpa"
+        engine.cache.release(hold)
+    finally:
+        engine.detach()

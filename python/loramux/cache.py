@@ -278,6 +278,12 @@ class LoraCache:
 
     # --- inspection -----------------------------------------------------------------------------
 
+    @property
+    def pool_version(self) -> int:
+        """Changes whenever adapter data is written into the device pool (it counts the loads), so
+        what a caller derived from the pool stays valid while it is unchanged."""
+        return self._core.stats()["loads"]
+
     def stats(self) -> Dict[str, Union[int, float]]:
         """hits, misses, evictions, bytes/counts per tier, pinned vs pageable, load GB/s, fragmentation;
         the host pool: ``host_pool_bytes`` (allocated; ``host_pool_pinned_bytes`` of them pinned), ``host_spare_bytes`` (free), ``host_pool_grows``

@@ -39,10 +39,12 @@ class Engine:
         return self.spec.max_rank
 
     # --- the batch the layers see ---------------------------------------------------------------
-    def set_batch(self, slot_of_row: Sequence[int], table: torch.Tensor, pool: torch.Tensor) -> None:
-        """Rows of the coming forwards use these slots of `table` (-1: no adapter)."""
+    def set_batch(self, slot_of_row: Sequence[int], table: torch.Tensor, pool: torch.Tensor,
+                  pool_version: Optional[int] = None) -> None:
+        """Rows of the coming forwards use these slots of `table` (-1: no adapter); `pool_version`
+        (LoraCache.pool_version) lets steps over the same adapters reuse what was derived from them."""
         self._drop_sibling_outputs()
-        self.step.set(list(slot_of_row), table, pool)
+        self.step.set(list(slot_of_row), table, pool, pool_version)
 
     def set_static_batch(self, slot_of_row: torch.Tensor, table: torch.Tensor, pool: torch.Tensor) -> None:
         """set_batch for CUDA-graph capture: the layers read `slot_of_row` in place (rewritten
@@ -73,7 +75,7 @@ class Engine:
             slots = [next(slot_iter) if t is not None else -1 for t in task_ids]
             table = acquired.table if acquired is not None else self.cache.table
             pool = acquired.pool if acquired is not None else self.cache.pool
-            self.set_batch(slots, table, pool)
+            self.set_batch(slots, table, pool, self.cache.pool_version)
             yield slots
         finally:
             self._in_batch = False

@@ -1,6 +1,7 @@
 """The LoRA batch ops: lora_shrink (x -> u), lora_expand (u -> y, in place) and lora_apply (both),
 one adapter per token. CUDA tensors take the kernels (loramux.ops.kernels) when they take the case;
-everything else takes the torch reference (loramux.ops.reference)."""
+everything else takes torch: lora_apply on a decode-size batch stacks its adapters
+(loramux.ops.stacked), the rest is the grouped reference (loramux.ops.reference)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Callable, Sequence, Tuple
 
 import torch
 
-from loramux.ops import reference
+from loramux.ops import reference, stacked
 from loramux.ops.batch_meta import BatchMeta
 
 try:  # the CUDA kernels are optional: absent on builds without them, the reference serves CUDA too
@@ -40,6 +41,11 @@ def _check(x: torch.Tensor, meta: BatchMeta, layer: int) -> None:
         raise ValueError(f"layer {layer} is out of range for a slot table of {meta.table.shape[1]} layers")
 
 
+def _check_out_sizes(y: torch.Tensor, module_ids: Sequence[int], out_sizes: Sequence[int]) -> None:
+    if len(out_sizes) != len(module_ids) or sum(out_sizes) != y.shape[1]:
+        raise ValueError(f"out_sizes {list(out_sizes)} must give one width per module id and sum to y's {y.shape[1]} columns")
+
+
 def lora_shrink(x: torch.Tensor, meta: BatchMeta, layer: int, module_ids: Sequence[int]) -> torch.Tensor:
     """u[s, t, :rank] = x[t] @ A^T for slice s and token t's adapter; float32 [S, T, max_rank]."""
     _check(x, meta, layer)
@@ -58,8 +64,7 @@ def lora_expand(
 ) -> None:
     """y[:, slice s] += u[s] @ B^T per token's adapter, in place; DoRA rows: y = scale * (y + u B^T)."""
     _check(y, meta, layer)
-    if len(out_sizes) != len(module_ids) or sum(out_sizes) != y.shape[1]:
-        raise ValueError(f"out_sizes {list(out_sizes)} must give one width per module id and sum to y's {y.shape[1]} columns")
+    _check_out_sizes(y, module_ids, out_sizes)
     if _use_kernels(y, meta, len(module_ids)):
         _kernels.lora_expand(u, y, meta, layer, module_ids, out_sizes)
         return
@@ -77,6 +82,12 @@ def lora_apply(
     """Shrink then expand: y gains each token's LoRA term for the given module slices."""
     if _use_kernels(x, meta, len(module_ids)):
         _kernels.lora_apply(x, y, meta, layer, module_ids, out_sizes)
+        return
+    if stacked.serves(meta, x.shape[0]):
+        _check(x, meta, layer)
+        _check(y, meta, layer)
+        _check_out_sizes(y, module_ids, out_sizes)
+        stacked.apply(x, y, meta, layer, module_ids, out_sizes)
         return
     lora_expand(lora_shrink(x, meta, layer, module_ids), y, meta, layer, module_ids, out_sizes)
 

@@ -3,7 +3,7 @@ built once per forward and shared by all layers."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Dict, List, Optional, Tuple
 
@@ -24,6 +24,10 @@ class BatchMeta:
     # items; cuda/lora_common.cuh), built on the device once per step by StepBatch so every apply
     # of the step reads them; None: each kernel call builds its own.
     segments: Optional[torch.Tensor] = None
+    # What CPU paths derive from the pool for this batch's adapters (e.g. stacked weights), shared
+    # by the steps of one batch while the pool's content and the batch's slots stay the same (the
+    # StepBatch decides); None: derived per BatchMeta.
+    derived: Optional[dict] = field(default=None, compare=False, repr=False)
 
     # The CPU reference reads the token groups and the batch's table rows once per BatchMeta, not
     # once per layer (the slots of a batch stay pinned, so their entries do not change under it).
@@ -39,6 +43,17 @@ class BatchMeta:
             return {}
         rows = self.table[slots].to("cpu").tolist()
         return dict(zip(slots, rows))
+
+    @cached_property
+    def adapter_of_token(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Each token's index into token_groups (len(token_groups) for no adapter), int64 [T], and
+        its one-hot, float32 [T, len(token_groups) + 1]: the stacked CPU path masks with it."""
+        groups = self.token_groups
+        index = torch.full((self.slot_of_token.numel(),), len(groups), dtype=torch.int64)
+        for i, (_, tokens) in enumerate(groups):
+            index[tokens] = i
+        index = index.to(self.slot_of_token.device)
+        return index, torch.nn.functional.one_hot(index, len(groups) + 1).float()
 
 
 def token_groups(slot_of_token: torch.Tensor) -> List[Tuple[int, object]]:

@@ -11,10 +11,10 @@ import torch
 from loramux.layout import A_ADDR, B_ADDR, RANK, SCALE_ADDR
 from loramux.ops.batch_meta import BatchMeta
 
-__all__ = ["shrink", "expand"]
+__all__ = ["shrink", "expand", "pool_matrix"]
 
 
-def _pool_matrix(meta: BatchMeta, addr: int, rows: int, cols: int) -> torch.Tensor:
+def pool_matrix(meta: BatchMeta, addr: int, rows: int, cols: int) -> torch.Tensor:
     """A [rows, cols] view of the pool at an absolute address, in the adapter dtype."""
     esize = torch.empty((), dtype=meta.dtype).element_size()
     offset = addr - meta.pool.data_ptr()
@@ -42,7 +42,7 @@ def shrink(x: torch.Tensor, meta: BatchMeta, layer: int, module_ids: Sequence[in
             a_addr, rank = entry[A_ADDR], entry[RANK]
             if rank == 0:
                 continue
-            a = _pool_matrix(meta, a_addr, rank, hi).float()
+            a = pool_matrix(meta, a_addr, rank, hi).float()
             u[s, tokens, :rank] = xs @ a.T
     return u
 
@@ -66,9 +66,9 @@ def expand(
             if rank == 0:
                 continue
             ho, c0 = out_sizes[s], starts[s]
-            b = _pool_matrix(meta, b_addr, ho, rank).float()
+            b = pool_matrix(meta, b_addr, ho, rank).float()
             delta = u[s, tokens, :rank] @ b.T
             cur = y[tokens, c0 : c0 + ho].float() + delta
             if scale_addr:
-                cur = cur * _pool_matrix(meta, scale_addr, 1, ho).float()
+                cur = cur * pool_matrix(meta, scale_addr, 1, ho).float()
             y[tokens, c0 : c0 + ho] = cur.to(y.dtype)

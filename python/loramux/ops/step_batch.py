@@ -32,6 +32,11 @@ def _segments(slot_of_token: torch.Tensor, table: torch.Tensor, dtype: torch.dty
     return k.segments(slot_of_token, table.shape[0])
 
 
+def _same_key(a: tuple, b: tuple) -> bool:
+    """(pool, version, slots) keys: the pool compared by identity (a tensor's == is elementwise)."""
+    return a[0] is b[0] and a[1:] == b[1:]
+
+
 class StepBatch:
     """Each row's adapter slot for the forwards of one batch, and what the LoRA layers derive from it."""
 
@@ -45,10 +50,15 @@ class StepBatch:
         self._used: Optional[List[List[bool]]] = None  # [layer][module_id]: some row's adapter has it
         self._dora: Optional[List[List[bool]]] = None  # [layer][module_id]: some row's adapter has a DoRA scale there; None: unknown
         self._metas: Dict[int, BatchMeta] = {}  # token count -> BatchMeta
+        # BatchMeta.derived kept across set() calls while (pool, pool version, adapter slots) repeat
+        self._derived_key: Optional[tuple] = None
+        self._derived: Optional[dict] = None
 
     def set(self, slot_of_row: Union[Sequence[int], torch.Tensor], table: Optional[torch.Tensor],
-            pool: Optional[torch.Tensor]) -> None:
-        """Rows of the coming forwards use these slots of `table` (-1: no adapter)."""
+            pool: Optional[torch.Tensor], pool_version: Optional[int] = None) -> None:
+        """Rows of the coming forwards use these slots of `table` (-1: no adapter). `pool_version`
+        (LoraCache.pool_version: changes whenever adapter data is written into the pool) lets what
+        was derived from the pool for the same slots at an earlier set() be reused; None: rebuilt."""
         slots = torch.as_tensor(slot_of_row, dtype=torch.int32).flatten()
         if slots.numel() == 0:
             raise LoraError("a batch needs at least one row")
@@ -61,6 +71,9 @@ class StepBatch:
             raise LoraError("a batch with adapter slots needs the cache's slot table and pool")
         self.slot_of_row = slots.to(table.device)
         self.table, self.pool = table, pool
+        key = (pool, pool_version, tuple(present))
+        if pool_version is None or self._derived_key is None or not _same_key(self._derived_key, key):
+            self._derived_key, self._derived = key, {}
         rows = table[present]
         used = rows[..., 3] > 0
         # entry word 2 is the DoRA scale vector's address (loramux.layout.ENTRY_FIELDS), 0 without one
@@ -120,6 +133,7 @@ class StepBatch:
             slot_of_token = self.slot_of_row if tokens == self.rows else self.slot_of_row.repeat_interleave(tokens // self.rows)
             meta = BatchMeta(table=self.table, pool=self.pool, dtype=self.dtype, slot_of_token=slot_of_token,
                              max_rank=self.max_rank, segments=_segments(slot_of_token, self.table, self.dtype,
-                                                                       self.max_rank))
+                                                                       self.max_rank),
+                             derived=self._derived)
             self._metas[tokens] = meta
         return meta

@@ -139,6 +139,9 @@ class PrefillView:
         first_key = torch.cumsum(ends, 0) - ends
         key_pos = torch.arange(int(ends.sum())) - first_key[chunk_of_key]
         self.tokens = int(lengths.sum())
+        # (query start, query end, key start, key end) of each chunk in the packed sequences
+        self.blocks = list(zip(first_token.tolist(), (first_token + lengths).tolist(), first_key.tolist(),
+                               (first_key + ends).tolist()))
         # the index vectors go to the device in one copy; the [T, S] mask is built there
         packed = torch.cat([first_token + lengths - 1, rows[chunk_of_token], token_pos, chunk_of_token,
                             rows[chunk_of_key], key_pos, chunk_of_key]).to(device, non_blocking=True)

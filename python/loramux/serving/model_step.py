@@ -4,6 +4,7 @@ captured graph replayed for the step's batch-size and length bucket (serving/cud
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from typing import List, Optional, Sequence, Tuple
 
@@ -11,6 +12,7 @@ import torch
 
 from loramux.serving.attention import serving_attention
 from loramux.serving.kv_cache import RowKVCache
+from loramux.serving.packed_attention import packed_attention
 
 
 def cache_argument(model) -> str:
@@ -36,7 +38,7 @@ class ModelStep:
     def _set_adapters(self, slots: List[int]) -> None:
         cache = self.engine.cache
         if any(s >= 0 for s in slots):
-            self.engine.set_batch(slots, cache.table, cache.pool)
+            self.engine.set_batch(slots, cache.table, cache.pool, cache.pool_version)
         else:
             self.engine.clear_batch()
 
@@ -46,7 +48,9 @@ class ModelStep:
         kwargs = {self._cache_kw: view, "use_cache": True}
         if keep is not None:
             kwargs["logits_to_keep"] = keep
-        with serving_attention(self.device):
+        per_chunk = packed_attention(self.model, view.blocks) if keep is not None and self.device.type == "cpu" \
+            else contextlib.nullcontext()
+        with serving_attention(self.device), per_chunk:
             out = self.model(input_ids=input_ids, position_ids=positions, attention_mask=view.mask(), **kwargs)
         return out.logits[0] if keep is not None else out.logits[:, -1]
 

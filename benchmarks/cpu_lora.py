@@ -1,0 +1,83 @@
+"""The CPU LoRA paths side by side: the grouped reference (a few torch ops per adapter and slice)
+against stacking the batch's adapters (one masked GEMM pair per slice), per token count, over
+SmolLM2-135M's projection shapes and the serving benchmark's adapters (ranks 8 and 16), tokens in
+random order; stacks built (cold) and reused (warm, a later step of the batch). Decides loramux.ops.stacked.MAX_TOKEN_RANKS. JSON lines on stdout.
+
+    python benchmarks/cpu_lora.py [--adapters 8] [--tokens 1,8,32,64,128,256,512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import time
+
+import torch
+
+from _common import random_adapter, resident_adapters
+
+import loramux
+from loramux.ops import reference, stacked
+
+# SmolLM2-135M: hidden 576, 9 heads of 64, 3 KV heads, FFN 1536
+SMOLLM2 = dict(hidden_size=576, num_heads=9, num_kv_heads=3, head_dim=64, ffn_size=1536)
+SLICES = {"q|k|v": ([1, 2, 3], None), "gate|up": ([5, 6], None), "down": ([7], None)}
+
+
+def seconds(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--adapters", type=int, default=8)
+    p.add_argument("--tokens", default="1,8,32,64,128,256,512")
+    p.add_argument("--reps", type=int, default=15)
+    args = p.parse_args()
+    spec = loramux.ModelSpec(num_layers=1, max_rank=16, **SMOLLM2)
+    adapters = [random_adapter(spec, range(1, 8), [0], 8 if k % 2 else 16, dtype=torch.float32, seed=k)
+                for k in range(args.adapters)]
+    resident = resident_adapters(spec, adapters, dtype=torch.float32, device="cpu")
+    gen = torch.Generator().manual_seed(0)
+    for tokens in [int(t) for t in args.tokens.split(",")]:
+        # every ninth token without an adapter, as in benchmarks/serving.py's workload
+        which = torch.randint(0, args.adapters, (tokens,), generator=gen).tolist()
+        which = [None if i % 9 == 8 else a for i, a in enumerate(which)]
+        for name, (ids, _) in SLICES.items():
+            dims = [spec.module_dims(m) for m in ids]
+            hi, sizes = dims[0][0], [ho for _, ho in dims]
+            x = torch.randn(tokens, hi, generator=gen)
+            y = torch.zeros(tokens, sum(sizes))
+
+            def grouped():
+                meta = resident.meta(which)  # a fresh BatchMeta per call: a step builds one
+                reference.expand(reference.shrink(x, meta, 0, ids), y, meta, 0, ids, sizes)
+
+            def stacked_cold():  # the batch's first step: stacks built
+                meta = resident.meta(which)
+                stacked.apply(x, y, meta, 0, ids, sizes)
+
+            derived = {}
+
+            def stacked_warm():  # later steps over the same adapters: stacks reused
+                meta = dataclasses.replace(resident.meta(which), derived=derived)
+                stacked.apply(x, y, meta, 0, ids, sizes)
+
+            row = {"kind": "cpu_lora", "tokens": tokens, "adapters": args.adapters, "slices": name,
+                   "grouped_us": seconds(grouped, args.reps) * 1e6, "stacked_cold_us": seconds(stacked_cold, args.reps) * 1e6, "stacked_us": seconds(stacked_warm, args.reps) * 1e6,
+                   "token_ranks": tokens * len({a for a in which if a is not None}) * spec.max_rank,
+                   "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine()}
+            row["grouped_over_stacked"] = row["grouped_us"] / row["stacked_us"]
+            print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
