@@ -76,12 +76,19 @@ def test_stacks_shared_across_token_assignments_of_the_same_adapters():
     assert len(derived) == 2  # one stack per set of adapters: built at the first step, read by the next two
 
 
-def test_serves_decode_sizes_and_leaves_large_batches_to_the_grouped_reference():
+def test_serves_decode_sizes_and_leaves_large_or_lopsided_batches_to_the_grouped_reference():
     gen = torch.Generator().manual_seed(6)
     pool, table = pack_pool([make_adapter(gen, {(1, 0): (8, HI, 16)}) for _ in range(8)], 1, torch.float32)
-    meta = lambda t: BatchMeta(table, pool, torch.float32, torch.arange(t, dtype=torch.int32) % 8, 16)
-    assert stacked.serves(meta(64), 64)
-    assert not stacked.serves(meta(2048), 2048)
+
+    def serves(slots):
+        slots = torch.tensor(slots, dtype=torch.int32)
+        return stacked.serves(BatchMeta(table, pool, torch.float32, slots, 16), slots.numel())
+
+    assert serves([t % 8 for t in range(64)])  # a decode batch over 8 adapters
+    assert serves([0] * 5 + [-1] * 3)
+    assert not serves([t % 8 for t in range(2048)])  # a long prefill: grouped ops amortize their cost
+    assert not serves([0] * 300 + list(range(1, 8)))  # one long prompt beside 7 one-token rows: padding
+    assert not serves([-1] * 8)  # no adapter: nothing to stack
 
 
 def test_step_batch_keeps_stacks_while_pool_version_and_slots_repeat():

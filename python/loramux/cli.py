@@ -295,6 +295,8 @@ def add_serve(sub) -> None:
     p.add_argument("--max-pending", type=int, default=256, help="requests admitted at once; more are answered 429")
     p.add_argument("--unload-timeout", type=float, default=30.0, help="seconds an unload waits for the adapter's "
                    "requests before it is refused")
+    p.add_argument("--no-graph-capture", action="store_true", help="do not capture the decode-step CUDA graphs "
+                   "at start-up (each batch size then pays its capture at its first step)")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
 
@@ -318,7 +320,7 @@ def cmd_serve(args) -> int:
         host_cache_bytes=args.host_cache_bytes, device_cache_bytes=args.device_cache_bytes, max_slots=args.max_slots,
         kv_cache_bytes=args.kv_cache_bytes, max_body_bytes=args.max_body_bytes,
         max_tokens_limit=args.max_tokens_limit, max_pending=args.max_pending,
-        unload_timeout_s=args.unload_timeout, log_level=args.log_level)
+        unload_timeout_s=args.unload_timeout, capture_graphs=not args.no_graph_capture, log_level=args.log_level)
     return serve(options)
 
 

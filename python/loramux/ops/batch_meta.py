@@ -45,15 +45,24 @@ class BatchMeta:
         return dict(zip(slots, rows))
 
     @cached_property
-    def adapter_of_token(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Each token's index into token_groups (len(token_groups) for no adapter), int64 [T], and
-        its one-hot, float32 [T, len(token_groups) + 1]: the stacked CPU path masks with it."""
+    def adapter_rows(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The stacked CPU path's token layout: each token's index into token_groups (len(groups)
+        for no adapter) int64 [T]; `gather` int64 [groups, m + 1], row g the tokens of group g then
+        padding (index T: a zero row appended to x), m the largest group; `place` int64 [T], each
+        token's position in gather flattened (a padding position for a token with no adapter)."""
         groups = self.token_groups
-        index = torch.full((self.slot_of_token.numel(),), len(groups), dtype=torch.int64)
-        for i, (_, tokens) in enumerate(groups):
-            index[tokens] = i
-        index = index.to(self.slot_of_token.device)
-        return index, torch.nn.functional.one_hot(index, len(groups) + 1).float()
+        tokens = self.slot_of_token.numel()
+        index = torch.full((tokens,), len(groups), dtype=torch.int64)
+        members = [torch.arange(tokens)[sel if isinstance(sel, slice) else sel.cpu()] for _, sel in groups]
+        width = max((len(m) for m in members), default=0) + 1
+        gather = torch.full((len(groups), width), tokens, dtype=torch.int64)
+        place = torch.full((tokens,), width - 1, dtype=torch.int64)
+        for g, m in enumerate(members):
+            index[m] = g
+            gather[g, : len(m)] = m
+            place[m] = g * width + torch.arange(len(m))
+        device = self.slot_of_token.device
+        return index.to(device), gather.to(device), place.to(device)
 
 
 def token_groups(slot_of_token: torch.Tensor) -> List[Tuple[int, object]]:

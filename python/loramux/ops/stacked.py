@@ -1,7 +1,8 @@
-"""lora_apply off the kernels for decode-size batches: the batch's adapters stacked into one A per
-apply and one B per slice, so an apply costs one masked shrink GEMM and one expand GEMM per slice
-over all tokens instead of a handful of small ops per adapter and slice (at a few tokens per
-adapter the grouped reference's cost is those ops' fixed overhead, not their arithmetic). The
+"""lora_apply off the kernels for decode-size batches: the batch's adapters stacked (padded to one
+rank) and its tokens grouped by adapter (padded to the largest group), so an apply costs one
+batched shrink GEMM and one batched expand GEMM per slice instead of a handful of small ops per
+adapter and slice (at a few tokens per adapter the grouped reference's cost is those ops' fixed
+overhead, not their arithmetic). The
 stacks are built once per batch of adapters and reused by later steps while the pool's content is
 unchanged (BatchMeta.derived). Results equal the reference's up to float32 summation order."""
 
@@ -17,49 +18,58 @@ from loramux.ops.reference import pool_matrix
 
 __all__ = ["serves", "apply"]
 
-# Stacking computes every token against every adapter of the batch, so its arithmetic grows with
-# tokens x adapters x rank; past this the grouped reference, whose fixed cost is then amortized, is
-# the cheaper one (measured on a 2-core CPU over SmolLM2-135M's shapes: benchmarks/cpu_lora.py).
-MAX_TOKEN_RANKS = 1 << 15
+# Grouping pads every adapter's tokens to the largest group, and the stacks hold a float32 copy of
+# the batch's adapters (one per layer and apply, kept while the batch's adapters repeat). Measured on
+# a 2-core CPU over SmolLM2-135M's shapes with 8 adapters (benchmarks/cpu_lora.py): stacked beats the
+# grouped reference 3-6x at 1..256 tokens and 1.3-2x at 1024; it loses where padding dominates.
+MAX_TOKENS = 1024
+MAX_ADAPTERS = 64
+MAX_PADDING = 2.0  # padded rows (adapters x largest group) over tokens with an adapter
 
 
 def serves(meta: BatchMeta, tokens: int) -> bool:
     """Whether stacking is the cheaper way to apply this batch's adapters to `tokens` tokens."""
-    return tokens * len(meta.token_groups) * meta.max_rank <= MAX_TOKEN_RANKS
+    groups = meta.token_groups
+    if tokens > MAX_TOKENS or not 0 < len(groups) <= MAX_ADAPTERS:
+        return False
+    sizes = [(sel.stop - sel.start) if isinstance(sel, slice) else sel.numel() for _, sel in groups]
+    return len(groups) * (max(sizes) + 1) <= MAX_PADDING * (sum(sizes) + len(groups))
 
 
 class _Stack:
-    """One apply's adapters at one layer: A of every slice and adapter stacked [R, hi] (R: the sum of
-    their ranks), each stacked rank's adapter (an index into token_groups), and per slice its columns
-    of R, its B [ho, ranks] and DoRA scales [groups + 1, ho] (row `groups`: tokens with no adapter)."""
+    """One apply's adapters at one layer, zero-padded to the batch's max rank: A of every slice side
+    by side [groups, hi, slices * r], and per slice its columns of that, its B [groups, r, ho] and
+    DoRA scales [groups + 1, ho] (row `groups`: tokens with no adapter; None when none has one). A
+    rank-0 slice of an adapter (it lacks that module) stays zero, so its tokens gain nothing there."""
 
     def __init__(self, meta: BatchMeta, layer: int, module_ids: Sequence[int], hi: int, out_sizes: Sequence[int]):
-        a_parts: List[torch.Tensor] = []
-        owners: List[int] = []
-        self.slices: List[Tuple[int, int, int, torch.Tensor, Optional[torch.Tensor]]] = []
         groups = meta.token_groups
+        r = meta.max_rank
+        device = meta.pool.device
+        self.a = torch.zeros(len(groups), hi, len(module_ids) * r, dtype=torch.float32, device=device)
+        self.slices: List[Tuple[int, int, int, torch.Tensor, Optional[torch.Tensor]]] = []
+        self.empty = True
         c0 = 0
-        for mid, ho in zip(module_ids, out_sizes):
-            r0 = len(owners)
-            b_parts: List[torch.Tensor] = []
+        for s, (mid, ho) in enumerate(zip(module_ids, out_sizes)):
+            b = torch.zeros(len(groups), r, ho, dtype=torch.float32, device=device)
             scales: Optional[torch.Tensor] = None
-            for i, (slot, _) in enumerate(groups):
+            used = False
+            for g, (slot, _) in enumerate(groups):
                 entry = meta.slot_entries[slot][layer][mid]
                 rank = entry[RANK]
                 if rank == 0:
                     continue
-                a_parts.append(pool_matrix(meta, entry[A_ADDR], rank, hi))
-                b_parts.append(pool_matrix(meta, entry[B_ADDR], ho, rank))
-                owners.extend([i] * rank)
+                used = True
+                self.a[g, :, s * r : s * r + rank] = pool_matrix(meta, entry[A_ADDR], rank, hi).T
+                b[g, :rank] = pool_matrix(meta, entry[B_ADDR], ho, rank).T
                 if entry[SCALE_ADDR]:
                     if scales is None:
-                        scales = torch.ones(len(groups) + 1, ho, dtype=torch.float32, device=meta.pool.device)
-                    scales[i] = pool_matrix(meta, entry[SCALE_ADDR], 1, ho)[0].float()
-            if b_parts:
-                self.slices.append((c0, ho, r0, torch.cat(b_parts, dim=1).float().T.contiguous(), scales))
+                        scales = torch.ones(len(groups) + 1, ho, dtype=torch.float32, device=device)
+                    scales[g] = pool_matrix(meta, entry[SCALE_ADDR], 1, ho)[0]
+            if used:
+                self.slices.append((c0, ho, s * r, b, scales))
+                self.empty = False
             c0 += ho
-        self.a_t = torch.cat(a_parts).float().T.contiguous() if a_parts else None  # [hi, R]
-        self.owners = torch.tensor(owners, dtype=torch.int64, device=meta.pool.device)
 
 
 def _stack(meta: BatchMeta, layer: int, module_ids: Sequence[int], hi: int, out_sizes: Sequence[int]) -> _Stack:
@@ -76,18 +86,20 @@ def apply(x: torch.Tensor, y: torch.Tensor, meta: BatchMeta, layer: int, module_
           out_sizes: Sequence[int]) -> None:
     """y[:, slice s] += x @ A^T @ B^T per token's adapter, in place; DoRA rows: y = scale * (y + ...)."""
     stack = _stack(meta, layer, module_ids, x.shape[1], out_sizes)
-    if stack.a_t is None:
+    if stack.empty:
         return
-    index, onehot = meta.adapter_of_token
-    # each token keeps only its own adapter's ranks: the others' products are zeroed
-    u = torch.mm(x.float(), stack.a_t).mul_(onehot[:, stack.owners])
-    for c0, ho, r0, b_t, scales in stack.slices:
+    index, gather, place = meta.adapter_rows
+    r = meta.max_rank
+    # tokens grouped by adapter (padded with a zero row): one batched GEMM per side
+    xs = torch.cat([x.float(), x.new_zeros(1, x.shape[1], dtype=torch.float32)])[gather]
+    u = torch.bmm(xs, stack.a)
+    for c0, ho, r0, b, scales in stack.slices:
+        delta = torch.bmm(u[:, :, r0 : r0 + r], b).view(-1, ho)[place]  # back in token order
         ys = y[:, c0 : c0 + ho]
-        rank_cols = u[:, r0 : r0 + b_t.shape[0]]
         if ys.dtype == torch.float32 and scales is None:
-            ys.addmm_(rank_cols, b_t)
+            ys.add_(delta)
             continue
-        cur = torch.addmm(ys.float(), rank_cols, b_t)
+        cur = delta.add_(ys.float())
         if scales is not None:
             cur.mul_(scales[index])
         ys.copy_(cur)
