@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(kernels.nvrtc_library() is None, reason="no libn
 @pytest.mark.parametrize("arch", [80, 90])
 def test_every_kernel_compiles(arch):
     compiled = dict(_core.nvrtc_compile_all(arch))
-    assert set(compiled) == {"lora_segments", "lora_shrink", "lora_expand"}
+    assert set(compiled) == {"lora_segments", "lora_shrink", "lora_expand", "lora_fused"}
     assert all(size > 1000 for size in compiled.values()), compiled
 
 
