@@ -4,7 +4,7 @@
 # compute-sanitizer memcheck of the kernel and segment tests; then, alone on the GPU, the launch
 # sweep (benchmarks/tune.py, its table installed for what follows), the decode step and, when time
 # is left, the peer rows of ops.py; `ops` (not in the default STEPS) runs ops.py's grid $OPS_GRID;
-# `decode_ab` times the decode step again with the two-kernel decode path (LORAMUX_DECODE_FUSED=0).
+# `decode_ab` times the decode step again with every decode apply on two kernels, then fused.
 # Run from a tree holding tests/, benchmarks/, pyproject.toml:
 #   WHEEL=path/to/loramux.whl COMMIT=sha bash benchmarks/gpu_tune_pass.sh      (results in $OUT)
 export PYTHONUNBUFFERED=1
@@ -39,11 +39,13 @@ if has decode; then
 import json; d=json.loads(open('$OUT/decode.json').read().splitlines()[-1])
 print({k: (round(v,3) if isinstance(v,float) else v) for k,v in d.items() if k in ('base_us','lora_us','overhead_us','lora_floor_us','overhead_over_floor','overhead_beside_us','overhead_beside_over_floor','overhead_static_us','overhead_static_beside_us','beside_vs_in_order_rel','lora_beside_error','ops_only_7_per_layer_us','ops_only_4_fused_per_layer_us','overhead_unfused_us','graph_replay_rel_err','kernel_vs_torch_ref_rel','kernel_vs_peft_rel_of_lora_term','lora_capture_error','peft_error')})" 2>&1 | tail -3
 fi
-if has decode_ab; then
-  LORAMUX_DECODE_FUSED=0 timeout ${DECODE_S:-140} python benchmarks/decode_step.py --out $OUT/decode_twokernel.json > $LOGS/decode_ab.txt 2>&1
-  echo "decode two-kernel rc=$? at $(elapsed) s"; python -c "
-import json; d=json.loads(open('$OUT/decode_twokernel.json').read().splitlines()[-1])
+if has decode_ab; then  # LORAMUX_DECODE_FUSED=0: every decode apply on two kernels; =1: every one fused
+  for v in 0:twokernel 1:fusedall; do
+    LORAMUX_DECODE_FUSED=${v%%:*} timeout ${DECODE_S:-140} python benchmarks/decode_step.py --out $OUT/decode_${v#*:}.json > $LOGS/decode_${v#*:}.txt 2>&1
+    echo "decode ${v#*:} rc=$? at $(elapsed) s"; python -c "
+import json; d=json.loads(open('$OUT/decode_${v#*:}.json').read().splitlines()[-1])
 print({k: (round(v,3) if isinstance(v,float) else v) for k,v in d.items() if k in ('base_us','overhead_us','lora_floor_us','overhead_over_floor','overhead_beside_us','ops_only_7_per_layer_us','ops_only_4_fused_per_layer_us')})" 2>&1 | tail -3
+  done
 fi
 if has peers && [ $(elapsed) -lt ${PEERS_IF_BEFORE:-330} ]; then
   timeout ${PEERS_S:-80} python benchmarks/ops.py --grid peers --commit "$COMMIT" --out $OUT/peers.json > $LOGS/peers.txt 2>&1

@@ -58,9 +58,9 @@ struct ExpandArgs {
 };
 
 // The fused decode apply (lora_fused.cu): shrink and expand of a batch of <= 64 tokens in one
-// launch. Its blocks take roles by ticket (the workspace in the segments, below): the first
-// S * grid_items * ksplit tickets run split-K shrink blocks, the rest expand blocks of col_steps
-// x 256 output columns of one item, each waiting on its item's completion counter.
+// launch: a group of ksplit + col_groups(slice) blocks per (slice, item), roles by ticket in the
+// group (the workspace in the segments, below): split-K shrink blocks, then expand blocks of
+// col_steps x 256 output columns, each waiting on the group's completion count.
 struct FusedArgs {
     const u16* x;                     // [T, Hi], row stride x_stride elements
     long long x_stride;
@@ -74,7 +74,7 @@ struct FusedArgs {
     int kchunk;                       // reduction elements per split (multiple of 256, <= 1024)
     int max_items;                    // work items the segments hold room for (= grid_items)
     int col_steps;                    // 256-column steps of one expand block
-    int col_groups;                   // expand blocks per (slice, item)
+    int col_groups;                   // expand blocks per item of the widest slice (the kernel derives each slice's)
     int smem_bytes;                   // dynamic shared memory of the launch
     LoraTable table;
     LoraSlices slices;
@@ -176,12 +176,12 @@ __device__ __forceinline__ AdapterEntry read_entry(const LoraTable& t, int slot,
 //   [0] items, [1] tokens with an adapter, [2] distinct slots, [3] unused,
 //   item_slot[max_items], item_begin[max_items] (index into token_idx), item_count[max_items],
 //   token_idx[T], then num_slots ints of scratch (the builder's histogram and cursors), then the
-//   fused decode kernel's workspace: [0] next ticket, [1] blocks finished, then a completion
-//   counter per (slice, item): LMX_FUSED_WS_FIXED + LMX_MAX_SLICES * max_items ints. The builder
-//   zeroes it and every fused launch leaves it zeroed (its last block resets it), so launches and
-//   graph replays need no memset. Launches sharing one segments buffer must be stream-ordered.
+//   fused decode kernel's workspace: per (slice, item), LMX_FUSED_WS_WORDS ints (the block group's
+//   next ticket, its completion count), LMX_MAX_SLICES * max_items groups. The builder zeroes it
+//   and every fused launch leaves it zeroed, so launches and graph replays need no memset.
+//   Launches sharing one segments buffer must be stream-ordered.
 #define LMX_SEG_HEADER 4
-#define LMX_FUSED_WS_FIXED 2
+#define LMX_FUSED_WS_WORDS 2
 
 __device__ __forceinline__ int* fused_workspace(int* seg, int max_items, int T, int num_slots) {
     return seg + LMX_SEG_HEADER + 3 * max_items + T + num_slots;

@@ -1,16 +1,18 @@
 // The fused decode apply (T <= 64): shrink and expand of one lora_apply in a single launch, so an
-// apply is one kernel with no whole-grid dependency between its halves. Blocks take roles by
-// ticket (an atomic counter in the segments' fused workspace, lora_common.cuh), dense over the
-// step's items: tickets [0, S * n * ksplit) are split-K shrink blocks (one item, one split: the
-// two-kernel path's shrink_decode_item, so the partials are bit for bit the same), the next
-// S * n * col_groups are expand blocks (one item, col_steps x 256 output columns), the rest exit.
-// An expand block copies its first B tiles (cp.async) and y values, then waits on its item's
-// completion counter, which the item's ksplit shrink blocks bump after their partials are
-// written; it only ever waits on smaller tickets, blocks that already run, so no order of block
-// dispatch can deadlock it (the single-pass scheme of Merrill & Garland, "Single-pass Parallel
-// Prefix Scan with Decoupled Look-back", 2016). Then it streams its column steps with the next
-// step's B in flight. The last block to finish zeroes the workspace: no memset node, and a
-// captured graph replays as is. lora_common.cuh and lora_shrink_decode.cuh are prepended.
+// apply is one kernel with no whole-grid dependency between its halves. The grid is a group of
+// ksplit + col_groups blocks per (slice, item) of the step's segments (groups of items the step
+// does not have leave at once). Inside a group, roles come by ticket (an atomic counter of the
+// group in the segments' fused workspace, lora_common.cuh): the first ksplit blocks to arrive run
+// the split-K shrink of the item (the two-kernel path's shrink_decode_item, so the partials are
+// bit for bit the same), the rest expand col_steps x 256 output columns each. An expand block
+// copies its first B tiles (cp.async) and y values, then waits on the group's completion count,
+// which the shrink blocks bump once their partials are written: it only ever waits on blocks of
+// its own group that took smaller tickets, blocks that already run, so no order of block dispatch
+// can deadlock it (tickets in arrival order, as in Merrill & Garland, "Single-pass Parallel Prefix
+// Scan with Decoupled Look-back", 2016). Then it streams its column steps with the next step's B
+// in flight. Both counters wrap to zero once the group is done (atomicInc): no memset node, no
+// reset pass, and a captured graph replays as is. lora_common.cuh and lora_shrink_decode.cuh are
+// prepended by the loader.
 
 #define FUSED_COLS LMX_THREADS  // output columns of one step: one a thread
 #define FUSED_SMEM_HEAD 64      // bytes of dynamic shared memory before the role's buffers
@@ -41,35 +43,40 @@ __device__ __forceinline__ float ld_cg(const float* p) {
 __device__ __forceinline__ int fused_row_chunks(int rc) { return (rc / 8) | 1; }
 
 template <bool BF16>
-__device__ __forceinline__ void fused_shrink(const FusedArgs& p, int* counter, int s, int item, int c,
-                                             unsigned char* sm) {
-    const WorkItem w = work_item(p.segments, p.max_items, p.T, item);
-    if (w.count == 0) return;  // uniform over the block
-    const AdapterEntry e = read_entry(p.table, w.slot, p.slices.module_id[s]);
-    if (e.rank > 0) {
+__device__ __forceinline__ void fused_shrink(const FusedArgs& p, const WorkItem& w, const AdapterEntry& e,
+                                             unsigned* done, unsigned wrap, int s, int c, unsigned char* sm) {
+    if (e.rank > 0) {  // uniform over the block
         const int k_begin = c * p.kchunk;
         const int k_end = min(p.hi, k_begin + p.kchunk);
         float* out = p.partial + ((long long)(s * p.ksplit + c) * p.T) * p.table.max_rank;
         shrink_decode_item<BF16>(p.x, p.x_stride, p.hi, p.table.max_rank, w, e, k_begin, k_end, out,
                                  reinterpret_cast<int*>(sm), reinterpret_cast<u16*>(sm + FUSED_SMEM_HEAD));
     }
-    // publish: every thread's partial stores are ordered before the counter bump (fence, barrier)
+    // publish: every thread's partial stores are ordered before the count (fence, barrier)
     __threadfence();
     __syncthreads();
-    if (threadIdx.x == 0) atomicAdd(counter, 1);
+    if (threadIdx.x == 0) atomicInc(done, wrap);
+}
+
+// Waits until the item's ksplit shrink blocks have counted in, then counts this block in too.
+__device__ __forceinline__ void fused_wait(unsigned* done, unsigned wrap, int ksplit) {
+    if (threadIdx.x == 0) {
+        while (ld_acquire(reinterpret_cast<const int*>(done)) < ksplit) __nanosleep(64);
+        atomicInc(done, wrap);  // past its last reader the count wraps to 0
+    }
+    __syncthreads();
 }
 
 template <bool BF16>
-__device__ __forceinline__ void fused_expand(const FusedArgs& p, const int* counter, int s, int item, int g,
-                                             unsigned char* sm) {
-    const int module_id = p.slices.module_id[s], off = p.slices.out_offset[s], ho = p.slices.out_size[s];
-    const int o0 = g * p.col_steps * FUSED_COLS;
-    if (o0 >= ho) return;
-    const WorkItem w = work_item(p.segments, p.max_items, p.T, item);
-    if (w.count == 0) return;
-    const AdapterEntry e = read_entry(p.table, w.slot, module_id);
+__device__ __forceinline__ void fused_expand(const FusedArgs& p, const WorkItem& w, const AdapterEntry& e,
+                                             unsigned* done, unsigned wrap, int s, int g, unsigned char* sm) {
+    const int off = p.slices.out_offset[s], ho = p.slices.out_size[s];
+    const int o0 = g * p.col_steps * FUSED_COLS;  // < ho: a slice has only the groups it needs
     const int R = e.rank;
-    if (R == 0) return;  // uniform over the block
+    if (R == 0) {  // nothing to add; the count still needs this block
+        fused_wait(done, wrap, p.ksplit);
+        return;
+    }
     const int nt = min(DECODE_TOKENS, w.count);
     const int rc = (R + 7) & ~7, nq = rc / 8;
     const int pitch = fused_row_chunks(rc) * 8;  // halves
@@ -115,10 +122,7 @@ __device__ __forceinline__ void fused_expand(const FusedArgs& p, const int* coun
         so = (live && e.scale) ? e.scale[o] : (u16)0;
     };
     load_y(0, yv, sv);  // y does not depend on the shrink: in flight during the wait
-    if (threadIdx.x == 0) {
-        while (ld_acquire(counter) < p.ksplit) __nanosleep(100);
-    }
-    __syncthreads();
+    fused_wait(done, wrap, p.ksplit);
     // u = the item's partials summed over the splits (same order as the two-kernel expand)
     const float* part = p.partial + (long long)s * p.ksplit * p.T * p.table.max_rank;
     for (int idx = threadIdx.x; idx < nt * rc; idx += LMX_THREADS) {
@@ -175,40 +179,40 @@ __device__ __forceinline__ void fused_expand(const FusedArgs& p, const int* coun
     asm volatile("cp.async.wait_all;" ::: "memory");
 }
 
+// Expand blocks of slice s for one item: its column span in col_steps x 256-column groups.
+__device__ __forceinline__ int fused_col_groups(const FusedArgs& p, int s) {
+    return ((p.slices.out_size[s] + FUSED_COLS - 1) / FUSED_COLS + p.col_steps - 1) / p.col_steps;
+}
+
 template <bool BF16>
 __device__ void fused_decode(const FusedArgs& p) {
     extern __shared__ __align__(16) unsigned char fsm[];
-    __shared__ int ticket, items, last;
-    int* ws = fused_workspace(const_cast<int*>(p.segments), p.max_items, p.T, p.table.num_slots);
-    if (threadIdx.x == 0) ticket = atomicAdd(&ws[0], 1);
-    if (threadIdx.x == 32) items = min(p.segments[0], p.max_items);  // same trip as the ticket
-    __syncthreads();
-    const int t = ticket, n = items;
-    const int S = p.slices.count;
-    const int n_shrink = S * n * p.ksplit;
-    int* counters = ws + LMX_FUSED_WS_FIXED;
-    if (t < n_shrink) {
-        const int per_s = n * p.ksplit;
-        const int s = t / per_s, rem = t - s * per_s, item = rem / p.ksplit;
-        fused_shrink<BF16>(p, counters + s * p.max_items + item, s, item, rem - item * p.ksplit, fsm);
-    } else if (n > 0) {
-        const int e = t - n_shrink, per_s = n * p.col_groups;
-        const int s = e / per_s, rem = e - s * per_s, item = rem / p.col_groups;
-        if (s < S) fused_expand<BF16>(p, counters + s * p.max_items + item, s, item, rem - item * p.col_groups, fsm);
+    __shared__ int role;
+    // block -> (slice, item): blockIdx runs slice by slice, item by item, over groups of
+    // ksplit + col_groups(s) blocks; the role inside the group comes from its ticket
+    int b = blockIdx.x, s = 0, group = p.ksplit + fused_col_groups(p, 0);
+    while (b >= p.max_items * group) {
+        b -= p.max_items * group;
+        if (++s >= p.slices.count) return;  // past the last slice: cannot happen for the launcher's grid
+        group = p.ksplit + fused_col_groups(p, s);
     }
-    // the last block to finish leaves the workspace zeroed for the next launch
+    const int item = b / group;
+    const WorkItem w = work_item(p.segments, p.max_items, p.T, item);
+    if (w.count == 0) return;  // no such item in this step: the whole group leaves, touching nothing
+    int* ws = fused_workspace(p.segments, p.max_items, p.T, p.table.num_slots) +
+              LMX_FUSED_WS_WORDS * (s * p.max_items + item);
+    // ws[0]: the group's next ticket, ws[1]: its completion count. Both wrap to 0 at the group's
+    // size (atomicInc), so the group leaves them zeroed with no reset pass: every block of it bumps
+    // each once (the expand blocks only once they have seen the shrink's count complete).
+    const unsigned wrap = (unsigned)group - 1;
+    if (threadIdx.x == 0) role = (int)atomicInc(reinterpret_cast<unsigned*>(&ws[0]), wrap);
+    const AdapterEntry e = read_entry(p.table, w.slot, p.slices.module_id[s]);  // same trip
     __syncthreads();
-    if (threadIdx.x == 0) {
-        __threadfence();
-        last = atomicAdd(&ws[1], 1) == (int)gridDim.x - 1;
-    }
-    __syncthreads();
-    if (last) {
-        for (int i = threadIdx.x; i < LMX_MAX_SLICES * p.max_items; i += blockDim.x) counters[i] = 0;
-        if (threadIdx.x == 0) {
-            ws[0] = 0;
-            ws[1] = 0;
-        }
+    unsigned* done = reinterpret_cast<unsigned*>(&ws[1]);
+    if (role < p.ksplit) {
+        fused_shrink<BF16>(p, w, e, done, wrap, s, role, fsm);
+    } else {
+        fused_expand<BF16>(p, w, e, done, wrap, s, role - p.ksplit, fsm);
     }
 }
 

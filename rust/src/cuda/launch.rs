@@ -7,7 +7,7 @@ use std::ffi::c_void;
 use cudarc::driver::{result as drv, sys};
 
 use super::plan::{
-    decode_expand_is_flat, expand_columns_per_thread, expand_tiles_per_block, expand_variant, flat_expand_columns, fused_smem_bytes, grid_items,
+    decode_expand_is_flat, expand_columns_per_thread, expand_tiles_per_block, expand_variant, flat_expand_columns, fused_col_groups, fused_smem_bytes, grid_items,
     item_tokens, max_items, partial_len, segments_len, small_items, FusedPlan, ShrinkPlan, Tuning, FUSED_COLS, FUSED_MAX_RANK, TILE_T,
 };
 use super::DeviceKernels;
@@ -502,8 +502,8 @@ pub fn fused(
         table: b.table_args(),
         slices: sl,
     };
-    // every block takes a ticket; the kernel maps them densely onto the items the segments hold
-    let blocks = module_ids.len() * items * (sp.ksplit + plan.col_groups);
+    // a group of ksplit + col_groups blocks per (slice, item); groups past the step's items leave at once
+    let blocks: usize = out_sizes.iter().map(|&o| items * (sp.ksplit + fused_col_groups(o, plan.col_steps))).sum();
     if blocks > i32::MAX as usize {
         return Err(LoraError::Cuda(format!("{blocks} blocks is more than one launch takes")));
     }

@@ -142,15 +142,15 @@ pub fn grid_items(tokens: usize, num_slots: usize) -> usize {
 }
 
 /// int32 elements of the segments buffer: header, three item arrays, token list, slot scratch,
-/// the fused decode kernel's workspace (ticket, finished blocks, a counter per slice and item).
+/// the fused decode kernel's workspace (a ticket and a completion count per slice and item).
 pub fn segments_len(tokens: usize, num_slots: usize) -> usize {
     let m = max_items(tokens, num_slots);
-    SEG_HEADER + 3 * m + tokens + num_slots + FUSED_WS_FIXED + MAX_SLICES * m
+    SEG_HEADER + 3 * m + tokens + num_slots + FUSED_WS_WORDS * MAX_SLICES * m
 }
 
 pub const SEG_HEADER: usize = 4;
-/// int32s of the fused workspace before its per-(slice, item) counters.
-pub const FUSED_WS_FIXED: usize = 2;
+/// int32s of the fused workspace per (slice, item): the block group's ticket and completion count.
+pub const FUSED_WS_WORDS: usize = 2;
 
 /// How the shrink splits its reduction dim: `ksplit` partial sums of `kchunk` elements each.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -202,10 +202,16 @@ const FUSED_SHRINK_TARGET: usize = 264;
 /// fewer blocks stream longer column spans with the next tile in flight.
 const FUSED_EXPAND_TARGET: usize = 3 * 132;
 
+/// Decode batches above this many tokens take the fused kernel when no table entry decides. Measured
+/// on the H200 (docs/kernel-notes.md, fused pass): at 1..16 tokens the fused kernel's ticket and
+/// count trips cost more than the two-kernel path's launch boundary (T = 1: ~1 us an apply); at 64
+/// tokens over 32 adapters it wins where B is large (gate|up r16 36.9 vs 47.4 us).
+pub const FUSED_MIN_TOKENS: usize = 16;
+
 /// Whether a lora_apply of `tokens` tokens takes the fused decode kernel (one launch: shrink and
 /// expand, cuda/lora_fused.cu) rather than shrink + expand. `LORAMUX_DECODE_FUSED=1|0` forces it
 /// either way for A/B runs (where the batch allows it); else a tuning table's choice of expand
-/// kernel decides; else every decode batch of rank <= FUSED_MAX_RANK takes it.
+/// kernel decides; else decode batches of more than FUSED_MIN_TOKENS tokens take it.
 pub fn decode_is_fused(tokens: usize, max_rank: usize, tuning: &Tuning) -> bool {
     if tokens == 0 || tokens > TILE_T || max_rank > FUSED_MAX_RANK {
         return false;
@@ -214,8 +220,9 @@ pub fn decode_is_fused(tokens: usize, max_rank: usize, tuning: &Tuning) -> bool 
         Ok("1") => true,
         Ok("0") => false,
         _ => match tuning.expand {
-            Some(ExpandKind::Fused) | None => true,
+            Some(ExpandKind::Fused) => true,
             Some(_) => false,
+            None => tokens > FUSED_MIN_TOKENS,
         },
     }
 }
@@ -226,7 +233,7 @@ pub struct FusedPlan {
     pub shrink: ShrinkPlan,
     /// 256-column steps one expand block streams
     pub col_steps: usize,
-    /// expand blocks per (slice, item)
+    /// expand blocks per item of the widest slice (each slice has its own: `fused_col_groups`)
     pub col_groups: usize,
 }
 
@@ -245,6 +252,11 @@ pub fn plan_fused(tokens: usize, hi: usize, max_out: usize, num_slices: usize, n
     let pairs = planned_items(tokens, num_slots) * num_slices.max(1);
     let col_steps = (units * pairs).div_ceil(expand_target).clamp(1, units);
     FusedPlan { shrink, col_steps, col_groups: units.div_ceil(col_steps) }
+}
+
+/// Expand blocks per item of a slice `out_size` wide (cuda/lora_fused.cu fused_col_groups).
+pub fn fused_col_groups(out_size: usize, col_steps: usize) -> usize {
+    out_size.div_ceil(FUSED_COLS).div_ceil(col_steps.max(1))
 }
 
 /// Dynamic shared memory of a fused launch with ranks up to `max_rank`: the larger of the shrink
@@ -380,7 +392,7 @@ mod tests {
             let worst = (t - (used - 1)).div_ceil(chunk) + (used - 1);
             assert!(max_items(t, slots) >= worst, "{t} {slots}");
             assert!(max_items(t, slots) <= t.max(1));
-            assert_eq!(segments_len(t, slots), SEG_HEADER + 3 * max_items(t, slots) + t + slots + FUSED_WS_FIXED + MAX_SLICES * max_items(t, slots));
+            assert_eq!(segments_len(t, slots), SEG_HEADER + 3 * max_items(t, slots) + t + slots + FUSED_WS_WORDS * MAX_SLICES * max_items(t, slots));
         }
     }
 
@@ -401,7 +413,9 @@ mod tests {
         assert_eq!(plan_fused(1, 4096, 4096, 1, 8, &d).col_steps, 1);
         // under the 99 KB a block may take on sm_86/89 (rank 64), and 48 KB up to rank 32
         assert!(fused_smem_bytes(FUSED_MAX_RANK) <= 99 * 1024 && fused_smem_bytes(32) <= 48 * 1024);
-        assert!(decode_is_fused(64, 64, &d) && !decode_is_fused(65, 16, &d) && !decode_is_fused(8, 128, &d));
+        let fused = Tuning { expand: Some(ExpandKind::Fused), ..Default::default() };
+        assert!(decode_is_fused(64, 64, &d) && !decode_is_fused(65, 16, &d) && !decode_is_fused(8, 128, &fused));
+        assert!(!decode_is_fused(8, 16, &d) && decode_is_fused(8, 16, &fused));
         assert!(!decode_is_fused(8, 16, &Tuning { expand: Some(ExpandKind::SmallO1), ..Default::default() }));
     }
 

@@ -5,7 +5,7 @@
 
 use super::{ExpandArgs, FusedArgs, LoraSlices, LoraTable, ReduceArgs, SegmentArgs, ShrinkArgs, MAX_SLICES, MODULES, THREADS};
 use crate::cache::slot_table::ENTRY_WORDS;
-use crate::cuda::plan::{FUSED_WS_FIXED, SEG_HEADER, TILE_T};
+use crate::cuda::plan::{FUSED_WS_WORDS, SEG_HEADER, TILE_T};
 
 /// One `#[repr(C)]` struct: its C name, `sizeof`, `alignof`, and `(C field name, offsetof)` in
 /// declaration order.
@@ -61,7 +61,7 @@ pub fn constants() -> Vec<(&'static str, usize)> {
         ("LMX_ENTRY_I64", ENTRY_WORDS),
         ("LMX_MODULES", MODULES as usize),
         ("LMX_SEG_HEADER", SEG_HEADER),
-        ("LMX_FUSED_WS_FIXED", FUSED_WS_FIXED),
+        ("LMX_FUSED_WS_WORDS", FUSED_WS_WORDS),
     ]
 }
 
