@@ -20,11 +20,12 @@ has tests && for f in ${FILES:-test_kernels test_fused test_launch_choices test_
   ( timeout ${TEST_S:-130} python -m pytest -q -m gpu -p no:cacheprovider --tb=short tests/$f.py > $LOGS/$f.log 2>&1
     echo "$f rc=$? $(grep -E ' passed| failed| error|no tests ran' $LOGS/$f.log | tail -1)"; grep -E "^(FAILED|ERROR)" $LOGS/$f.log | head -5 ) &
 done
-has memcheck && ( timeout ${TEST_S:-130} compute-sanitizer --tool memcheck --error-exitcode 9 python -m pytest -q -m gpu -p no:cacheprovider tests/test_segments.py > $LOGS/memcheck_segments.log 2>&1
+MEMCHECKS=${MEMCHECKS:-"segments fused kernels"}
+has memcheck && [[ " $MEMCHECKS " == *" segments "* ]] && ( timeout ${TEST_S:-130} compute-sanitizer --tool memcheck --error-exitcode 9 python -m pytest -q -m gpu -p no:cacheprovider tests/test_segments.py > $LOGS/memcheck_segments.log 2>&1
   echo "memcheck segments rc=$? $(tail -1 $LOGS/memcheck_segments.log)" ) &
-has memcheck && ( timeout ${TEST_S:-130} compute-sanitizer --tool memcheck --error-exitcode 9 python -m pytest -q -m gpu -p no:cacheprovider tests/test_fused.py > $LOGS/memcheck_fused.log 2>&1
+has memcheck && [[ " $MEMCHECKS " == *" fused "* ]] && ( timeout ${TEST_S:-130} compute-sanitizer --tool memcheck --error-exitcode 9 python -m pytest -q -m gpu -p no:cacheprovider tests/test_fused.py > $LOGS/memcheck_fused.log 2>&1
   echo "memcheck fused rc=$? $(tail -1 $LOGS/memcheck_fused.log)" ) &
-has memcheck && ( timeout ${TEST_S:-130} compute-sanitizer --tool memcheck --error-exitcode 9 python -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py -k "${MEMCHECK_K:-odd or dora or standalone or every_adapter_token}" > $LOGS/memcheck_kernels.log 2>&1
+has memcheck && [[ " $MEMCHECKS " == *" kernels "* ]] && ( timeout ${TEST_S:-130} compute-sanitizer --tool memcheck --error-exitcode 9 python -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py -k "${MEMCHECK_K:-odd or dora or standalone or every_adapter_token}" > $LOGS/memcheck_kernels.log 2>&1
   echo "memcheck kernels rc=$? $(tail -1 $LOGS/memcheck_kernels.log)" ) &
 wait
 echo "tests done at $(elapsed) s"

@@ -173,7 +173,9 @@ def write_table(path, arch, measured_note, entries, token_buckets=None):
         doc = {}
     kept = [e for e in doc.get("entries", [])
             if e["arch"] != arch or (token_buckets is not None and e["token_bucket"] not in token_buckets)]
-    measured = [m for m in doc.get("measured", []) if m.get("arch") != arch or token_buckets is not None] + [measured_note]
+    # a partial sweep keeps the arch's earlier notes (its other buckets' entries come from them)
+    measured = [m for m in doc.get("measured", [])
+                if (m.get("arch") != arch or token_buckets is not None) and m != measured_note] + [measured_note]
     out = {
         "about": "lora_apply launch choices measured by benchmarks/tune.py; read by loramux.ops.tuning "
                  "(geometries without an entry keep the built-in rules of rust/src/cuda/plan.rs)",
