@@ -1,7 +1,7 @@
 """The measured launch table: which expand kernel (or the fused decode kernel) and how many shrink
-blocks a lora_apply launches for its (GPU arch, Hi -> output slices, rank bucket, token bucket), as benchmarks/tune.py measured
-them on the device (launch_table.json, shipped in the package). Geometries it holds no entry for,
-and other archs, keep the built-in rules of rust/src/cuda/plan.rs.
+blocks a lora_apply launches for its (GPU arch, Hi -> output slices, rank bucket, token bucket), as
+benchmarks/tune.py measured them on the device (launch_table.json, shipped in the package).
+Geometries it holds no entry for, and other archs, keep the built-in rules of rust/src/cuda/plan.rs.
 """
 
 from __future__ import annotations
