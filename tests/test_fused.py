@@ -16,7 +16,6 @@ from kernel_fixtures import oracle_apply, rel_err
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 if torch.cuda.is_available():
-    from loramux import _core
     from loramux.ops import kernels
 
 from test_kernels import QKV, TOL, _case  # noqa: E402
@@ -50,18 +49,6 @@ def _check(ad, slots, x, y0, y, widths):
     if untouched:
         assert torch.equal(y[untouched], y0[untouched]), "no-adapter rows changed"
     assert rel_err(y, want, y0) < TOL[x.dtype]
-
-
-def test_which_decode_batches_take_the_fused_kernel(monkeypatch):
-    _env(monkeypatch, LORAMUX_TUNING="off")
-    assert _core.plan_fused(32, 4096, 14336, 2, 33, 16) is not None
-    assert _core.plan_fused(65, 4096, 4096, 1, 8, 16) is None  # prefill path
-    assert _core.plan_fused(8, 4096, 4096, 1, 8, 128) is None  # past the fused kernel's ranks
-    assert _core.plan_fused(8, 4096, 4096, 1, 8, 16, None, "o1") is None  # the table chose two kernels
-    assert _core.plan_fused(8, 4096, 4096, 1, 8, 16) is None  # few tokens: two kernels unless the table says
-    assert _core.plan_fused(8, 4096, 4096, 1, 8, 16, None, "fused") is not None
-    monkeypatch.setenv("LORAMUX_DECODE_FUSED", "0")
-    assert _core.plan_fused(32, 4096, 14336, 2, 33, 16) is None
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
