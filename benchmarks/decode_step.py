@@ -285,7 +285,7 @@ def main():
         res["kernel_vs_peft_rel"] = float((eager - peft_logits).norm() / peft_logits.norm())
         if base_logits is not None:
             res["kernel_vs_peft_rel_of_lora_term"] = float((eager - peft_logits).norm() / (peft_logits - base_logits).norm())
-        res["peft_us"] = median_seconds(peft_step, 5) * 1e6
+        res["peft_us"] = median_seconds(peft_step, reps=5) * 1e6
         res["speedup_vs_peft"] = res["peft_us"] / res["lora_us"]
     except Exception as e:  # noqa: BLE001
         res["peft_error"] = repr(e)[:300]

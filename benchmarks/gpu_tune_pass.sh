@@ -3,7 +3,8 @@
 # gpu-marked test file in its own process (in parallel: a CUDA fault ends only its file) beside
 # compute-sanitizer memcheck of the kernel and segment tests; then, alone on the GPU, the launch
 # sweep (benchmarks/tune.py, its table installed for what follows), the decode step and, when time
-# is left, the peer rows of ops.py; `ops` (not in the default STEPS) runs ops.py's grid $OPS_GRID.
+# is left, the peer rows of ops.py; `ops` (not in the default STEPS) runs ops.py's grid $OPS_GRID;
+# `decode_ab` times the decode step again with every decode apply on two kernels, then fused.
 # Run from a tree holding tests/, benchmarks/, pyproject.toml:
 #   WHEEL=path/to/loramux.whl COMMIT=sha bash benchmarks/gpu_tune_pass.sh      (results in $OUT)
 export PYTHONUNBUFFERED=1
@@ -15,19 +16,22 @@ export PYTHONPATH=/tmp/site
 LOGS=/tmp/klogs; mkdir -p $LOGS
 python -c "import loramux, torch; from loramux import _core; print(loramux.__file__, torch.__version__, torch.cuda.get_device_name(), 'sm', _core.load_kernels(0))" 2>&1 | tee $LOGS/env.txt
 echo "compiled at $(elapsed) s"
-has tests && for f in ${FILES:-test_kernels test_ops test_segments test_models test_dora test_siblings test_beside test_serving_gpu test_cache_gpu test_runtime test_tp}; do
+has tests && for f in ${FILES:-test_kernels test_fused test_launch_choices test_ops test_segments test_models test_dora test_siblings test_beside test_serving_gpu test_cache_gpu test_runtime test_tp}; do
   ( timeout ${TEST_S:-130} python -m pytest -q -m gpu -p no:cacheprovider --tb=short tests/$f.py > $LOGS/$f.log 2>&1
     echo "$f rc=$? $(grep -E ' passed| failed| error|no tests ran' $LOGS/$f.log | tail -1)"; grep -E "^(FAILED|ERROR)" $LOGS/$f.log | head -5 ) &
 done
-has memcheck && ( timeout ${TEST_S:-130} compute-sanitizer --tool memcheck --error-exitcode 9 python -m pytest -q -m gpu -p no:cacheprovider tests/test_segments.py > $LOGS/memcheck_segments.log 2>&1
+MEMCHECKS=${MEMCHECKS:-"segments fused kernels"}
+has memcheck && [[ " $MEMCHECKS " == *" segments "* ]] && ( timeout ${TEST_S:-130} compute-sanitizer --tool memcheck --error-exitcode 9 python -m pytest -q -m gpu -p no:cacheprovider tests/test_segments.py > $LOGS/memcheck_segments.log 2>&1
   echo "memcheck segments rc=$? $(tail -1 $LOGS/memcheck_segments.log)" ) &
-has memcheck && ( timeout ${TEST_S:-130} compute-sanitizer --tool memcheck --error-exitcode 9 python -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py -k "${MEMCHECK_K:-odd or dora or standalone or every_adapter_token}" > $LOGS/memcheck_kernels.log 2>&1
+has memcheck && [[ " $MEMCHECKS " == *" fused "* ]] && ( timeout ${TEST_S:-130} compute-sanitizer --tool memcheck --error-exitcode 9 python -m pytest -q -m gpu -p no:cacheprovider tests/test_fused.py > $LOGS/memcheck_fused.log 2>&1
+  echo "memcheck fused rc=$? $(tail -1 $LOGS/memcheck_fused.log)" ) &
+has memcheck && [[ " $MEMCHECKS " == *" kernels "* ]] && ( timeout ${TEST_S:-130} compute-sanitizer --tool memcheck --error-exitcode 9 python -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py -k "${MEMCHECK_K:-odd or dora or standalone or every_adapter_token}" > $LOGS/memcheck_kernels.log 2>&1
   echo "memcheck kernels rc=$? $(tail -1 $LOGS/memcheck_kernels.log)" ) &
 wait
 echo "tests done at $(elapsed) s"
 TABLE=/tmp/site/loramux/ops/launch_table.json
 if has tune; then
-  timeout ${TUNE_S:-110} python benchmarks/tune.py --out $TABLE --log $OUT/tune.jsonl --commit "$COMMIT" > $LOGS/tune.txt 2>&1
+  timeout ${TUNE_S:-110} python benchmarks/tune.py --out $TABLE --log $OUT/tune.jsonl --commit "$COMMIT" $TUNE_ARGS > $LOGS/tune.txt 2>&1
   echo "tune rc=$? at $(elapsed) s"; tail -3 $LOGS/tune.txt; cp $TABLE $OUT/launch_table.json
 fi
 if has decode; then
@@ -35,6 +39,14 @@ if has decode; then
   echo "decode rc=$? at $(elapsed) s"; python -c "
 import json; d=json.loads(open('$OUT/decode.json').read().splitlines()[-1])
 print({k: (round(v,3) if isinstance(v,float) else v) for k,v in d.items() if k in ('base_us','lora_us','overhead_us','lora_floor_us','overhead_over_floor','overhead_beside_us','overhead_beside_over_floor','overhead_static_us','overhead_static_beside_us','beside_vs_in_order_rel','lora_beside_error','ops_only_7_per_layer_us','ops_only_4_fused_per_layer_us','overhead_unfused_us','graph_replay_rel_err','kernel_vs_torch_ref_rel','kernel_vs_peft_rel_of_lora_term','lora_capture_error','peft_error')})" 2>&1 | tail -3
+fi
+if has decode_ab; then  # LORAMUX_DECODE_FUSED=0: every decode apply on two kernels; =1: every one fused
+  for v in 0:twokernel 1:fusedall; do
+    LORAMUX_DECODE_FUSED=${v%%:*} timeout ${DECODE_S:-140} python benchmarks/decode_step.py --out $OUT/decode_${v#*:}.json > $LOGS/decode_${v#*:}.txt 2>&1
+    echo "decode ${v#*:} rc=$? at $(elapsed) s"; python -c "
+import json; d=json.loads(open('$OUT/decode_${v#*:}.json').read().splitlines()[-1])
+print({k: (round(v,3) if isinstance(v,float) else v) for k,v in d.items() if k in ('base_us','overhead_us','lora_floor_us','overhead_over_floor','overhead_beside_us','ops_only_7_per_layer_us','ops_only_4_fused_per_layer_us')})" 2>&1 | tail -3
+  done
 fi
 if has peers && [ $(elapsed) -lt ${PEERS_IF_BEFORE:-330} ]; then
   timeout ${PEERS_S:-80} python benchmarks/ops.py --grid peers --commit "$COMMIT" --out $OUT/peers.json > $LOGS/peers.txt 2>&1

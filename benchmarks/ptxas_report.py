@@ -13,8 +13,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / "cuda"
 def report(arch: int) -> None:
     lib = ctypes.CDLL(kernels.nvrtc_library())
     common = (ROOT / "lora_common.cuh").read_text()
-    for name in ("lora_segments", "lora_shrink", "lora_expand"):
-        src = (common + f'\n#line 1 "{name}.cu"\n' + (ROOT / f"{name}.cu").read_text()).encode()
+    shared = "\n#line 1 \"lora_shrink_decode.cuh\"\n" + (ROOT / "lora_shrink_decode.cuh").read_text()
+    # the shared parts each family gets prepended (rust/src/cuda/nvrtc.rs FAMILIES)
+    parts = {"lora_segments": "", "lora_shrink": shared, "lora_expand": "", "lora_fused": shared}
+    for name, part in parts.items():
+        src = (common + part + f'\n#line 1 "{name}.cu"\n' + (ROOT / f"{name}.cu").read_text()).encode()
         prog = ctypes.c_void_p()
         assert lib.nvrtcCreateProgram(ctypes.byref(prog), src, f"{name}.cu".encode(), 0, None, None) == 0
         opts = [f"--gpu-architecture=sm_{arch}".encode(), b"-std=c++17", b"--ptxas-options=-v"]

@@ -38,18 +38,19 @@ RANKS = [16, 64]
 # sharing the batch: a choice must not lose at either (the planner cannot see the adapter count)
 TOKENS = [(1, (1,)), (16, (1, 16)), (64, (1, 32)), (256, (1, 32)), (512, (1, 32)), (2048, (1, 8))]
 TARGETS = [132, 264, 528, 1056]
-#: the planner's own targets (rust/src/cuda/plan.rs): the flat decode expand's, everyone else's
-BUILT_IN_TARGET = {"flat": 132}
+#: the planner's own targets (rust/src/cuda/plan.rs): the flat decode expand's, the fused decode
+#: kernel's, everyone else's
+BUILT_IN_TARGET = {"flat": 132, "fused": 264}
 DEFAULT_TARGET = 528
 SELECTION = "geomean over the adapter counts swept, none slower; split targets >= the built-in one"
 KNOBS = ("LORAMUX_EXPAND_DECODE", "LORAMUX_EXPAND_OPT", "LORAMUX_EXPAND_TILE_COLS", "LORAMUX_SHRINK_TARGET_BLOCKS",
-         "LORAMUX_TUNING")
+         "LORAMUX_TUNING", "LORAMUX_DECODE_FUSED", "LORAMUX_FUSED_EXPAND_BLOCKS")
 
 
-def variants(tokens: int, targets):
+def variants(tokens: int, targets, rank: int = 16):
     """(expand kernel, shrink target) pairs the path of `tokens` allows (rust/src/cuda/plan.rs)."""
     if tokens <= 64:
-        kinds = ["flat", "o1", "o1w"]
+        kinds = (["fused"] if rank <= 64 else []) + ["flat", "o1", "o1w"]
     elif tokens <= 256:
         kinds = ["o1", "o1w", "o4"]
     else:
@@ -59,8 +60,10 @@ def variants(tokens: int, targets):
 
 def forced_env(kind, target):
     """The environment overrides that force one variant (they win over the table in the planner)."""
-    env = {"LORAMUX_TUNING": "off", "LORAMUX_SHRINK_TARGET_BLOCKS": str(target)}
-    if kind == "flat":
+    env = {"LORAMUX_TUNING": "off", "LORAMUX_SHRINK_TARGET_BLOCKS": str(target), "LORAMUX_DECODE_FUSED": "0"}
+    if kind == "fused":
+        env["LORAMUX_DECODE_FUSED"] = "1"
+    elif kind == "flat":
         env["LORAMUX_EXPAND_DECODE"] = "flat"
     elif kind.startswith("o"):
         env.update(LORAMUX_EXPAND_DECODE="grouped", LORAMUX_EXPAND_OPT=kind[1:])
@@ -124,7 +127,7 @@ def measure_count(hi, sizes, mids, r, tokens, n, l2, envs):
 def tune_case(hi, sizes, mids, r, tokens, counts, l2, targets, margin):
     """One (shape, rank, tokens) case at each adapter count of `counts`: every variant's times; the
     entry to write or None."""
-    kinds = variants(tokens, targets)
+    kinds = variants(tokens, targets, r)
     envs = [{"LORAMUX_TUNING": "off"}] + [forced_env(k, t) for k, t in kinds]
     per_count = [measure_count(hi, sizes, mids, r, tokens, n, l2, envs) for n in counts]
     rows = [dict(expand_kernel=k, shrink_target_blocks=t, us=[m[i + 1][0] for m in per_count],
@@ -160,15 +163,19 @@ def select(case, margin):
                 us=[round(u, 2) for u in _as_list(best["us"])], default_us=[round(d, 2) for d in default])
 
 
-def write_table(path, arch, measured_note, entries):
-    """Replaces `arch`'s entries (and its measurement note) in the table at `path`, keeps the others."""
+def write_table(path, arch, measured_note, entries, token_buckets=None):
+    """Replaces `arch`'s entries (and its measurement note) in the table at `path`, keeps the others;
+    with `token_buckets`, only that arch's entries of those buckets (a partial sweep)."""
     try:
         with open(path) as f:
             doc = json.load(f)
     except FileNotFoundError:
         doc = {}
-    kept = [e for e in doc.get("entries", []) if e["arch"] != arch]
-    measured = [m for m in doc.get("measured", []) if m.get("arch") != arch] + [measured_note]
+    kept = [e for e in doc.get("entries", [])
+            if e["arch"] != arch or (token_buckets is not None and e["token_bucket"] not in token_buckets)]
+    # a partial sweep keeps the arch's earlier notes (its other buckets' entries come from them)
+    measured = [m for m in doc.get("measured", [])
+                if (m.get("arch") != arch or token_buckets is not None) and m != measured_note] + [measured_note]
     out = {
         "about": "lora_apply launch choices measured by benchmarks/tune.py; read by loramux.ops.tuning "
                  "(geometries without an entry keep the built-in rules of rust/src/cuda/plan.rs)",
@@ -205,6 +212,8 @@ def main():
     ap.add_argument("--commit", default="")
     ap.add_argument("--from-log", help="rebuild the table from this sweep log instead of measuring")
     ap.add_argument("--arch", type=int, default=90, help="with --from-log: the arch the log was measured on")
+    ap.add_argument("--tokens", help="sweep only these token counts (comma-separated, of the sweep's list); the "
+                                     "table keeps its entries for the other token buckets")
     args = ap.parse_args()
     if args.from_log:
         return rebuild(args)
@@ -218,14 +227,21 @@ def main():
     note = dict(arch=arch, gpu=props.name, date=datetime.date.today().isoformat(), commit=commit,
                 torch=torch.__version__, margin=args.margin, targets=targets, selection=SELECTION)
     entries = []
+    sweep = TOKENS
+    buckets = None
+    if args.tokens:
+        wanted = {int(t) for t in args.tokens.split(",")}
+        sweep = [(t, c) for t, c in TOKENS if t in wanted]
+        buckets = {tuning.token_bucket(t) for t, _ in sweep}
+        note["tokens"] = sorted(wanted)
 
     def write():  # after every shape: a sweep cut short still leaves the shapes it finished
-        write_table(args.out, arch, note, entries)
+        write_table(args.out, arch, note, entries, buckets)
 
     with open(args.log, "w") as log:
         for hi, sizes, mids in SHAPES:
             for r in RANKS:
-                for tokens, counts in TOKENS:
+                for tokens, counts in sweep:
                     case, entry = tune_case(hi, sizes, mids, r, tokens, counts, l2, targets, args.margin)
                     log.write(json.dumps(case) + "\n")
                     log.flush()

@@ -57,10 +57,33 @@ struct ExpandArgs {
     LoraSlices slices;
 };
 
+// The fused decode apply (lora_fused.cu): shrink and expand of a batch of <= 64 tokens in one
+// launch: a group of ksplit + col_groups(slice) blocks per (slice, item), roles by ticket in the
+// group (the workspace in the segments, below): split-K shrink blocks, then expand blocks of
+// col_steps x 256 output columns, each waiting on the group's completion count.
+struct FusedArgs {
+    const u16* x;                     // [T, Hi], row stride x_stride elements
+    long long x_stride;
+    u16* y;                           // [T, >= sum out_size], row stride y_stride elements
+    long long y_stride;
+    int* segments;                    // the step's token segments, fused workspace included
+    float* partial;                   // [S, ksplit, T, max_rank] fp32
+    int T;
+    int hi;
+    int ksplit;
+    int kchunk;                       // reduction elements per split (multiple of 256, <= 1024)
+    int max_items;                    // work items the segments hold room for (= grid_items)
+    int col_steps;                    // 256-column steps of one expand block
+    int col_groups;                   // expand blocks per item of the widest slice (the kernel derives each slice's)
+    int smem_bytes;                   // dynamic shared memory of the launch
+    LoraTable table;
+    LoraSlices slices;
+};
+
 // Builds the segments of one step from slot_of_token (lora_segments.cu).
 struct SegmentArgs {
     const int* slot_of_token;         // [T]
-    int* segments;                    // [LMX_SEG_HEADER + 3 * max_items + T + num_slots]
+    int* segments;                    // [LMX_SEG_HEADER + 3 * max_items + T + num_slots + fused workspace]
     int T;
     int num_slots;
     int max_items;
@@ -117,6 +140,11 @@ __device__ __forceinline__ void load8(const u16* row, int k, int len, bool vec, 
     }
 }
 
+__device__ __forceinline__ void unpack8(uint4 v, u16 out[8]) {
+    out[0] = v.x & 0xffff; out[1] = v.x >> 16; out[2] = v.y & 0xffff; out[3] = v.y >> 16;
+    out[4] = v.z & 0xffff; out[5] = v.z >> 16; out[6] = v.w & 0xffff; out[7] = v.w >> 16;
+}
+
 // ---- slot table --------------------------------------------------------------------------------
 
 struct AdapterEntry {
@@ -147,8 +175,17 @@ __device__ __forceinline__ AdapterEntry read_entry(const LoraTable& t, int slot,
 // blockIdx.y, blockIdx.y + gridDim.y, ... Layout (int32):
 //   [0] items, [1] tokens with an adapter, [2] distinct slots, [3] unused,
 //   item_slot[max_items], item_begin[max_items] (index into token_idx), item_count[max_items],
-//   token_idx[T], then num_slots ints of scratch (the builder's histogram and cursors).
+//   token_idx[T], then num_slots ints of scratch (the builder's histogram and cursors), then the
+//   fused decode kernel's workspace: per (slice, item), LMX_FUSED_WS_WORDS ints (the block group's
+//   next ticket, its completion count), LMX_MAX_SLICES * max_items groups. The builder zeroes it
+//   and every fused launch leaves it zeroed, so launches and graph replays need no memset.
+//   Launches sharing one segments buffer must be stream-ordered.
 #define LMX_SEG_HEADER 4
+#define LMX_FUSED_WS_WORDS 2
+
+__device__ __forceinline__ int* fused_workspace(int* seg, int max_items, int T, int num_slots) {
+    return seg + LMX_SEG_HEADER + 3 * max_items + T + num_slots;
+}
 
 struct WorkItem {
     int slot;

@@ -32,10 +32,6 @@ __device__ __forceinline__ bool slice_of(const ExpandArgs& p, int s, int& module
 }
 
 
-__device__ __forceinline__ void unpack8(uint4 v, u16 out[8]) {
-    out[0] = v.x & 0xffff; out[1] = v.x >> 16; out[2] = v.y & 0xffff; out[3] = v.y >> 16;
-    out[4] = v.z & 0xffff; out[5] = v.z >> 16; out[6] = v.w & 0xffff; out[7] = v.w >> 16;
-}
 
 // Small items (T <= 512, plan.rs): work items of <= 8 tokens of one adapter along blockIdx.y, OPT
 // output columns per thread (o0 + tid + 256 j), CUDA cores. Before waiting on the shrink (PDL) each thread already

@@ -60,6 +60,9 @@ extern "C" __global__ void __launch_bounds__(SEG_THREADS) lora_segments(const Se
     int* cursor = token_idx + p.T;  // per slot: token count, then the next free index
     const int tid = threadIdx.x;
     for (int i = tid; i < p.num_slots; i += blockDim.x) cursor[i] = 0;
+    // the fused decode kernel's workspace starts zeroed (each fused launch leaves it so)
+    int* ws = cursor + p.num_slots;
+    for (int i = tid; i < LMX_FUSED_WS_WORDS * LMX_MAX_SLICES * M; i += blockDim.x) ws[i] = 0;
     __syncthreads();
     for (int t = tid; t < p.T; t += blockDim.x) {
         const int s = p.slot_of_token[t];

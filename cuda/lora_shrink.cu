@@ -3,105 +3,28 @@
 // lora_common.cuh), so it reads the adapter's A chunk once for all of them whatever the token
 // order; the reduction dim is split over blockIdx.x (ksplit) so decode batches spread over every
 // SM. The expand kernel sums the ksplit partials when it loads u.
-// lora_common.cuh is prepended by the loader.
+// lora_common.cuh and lora_shrink_decode.cuh are prepended by the loader.
 
-// Decode (T <= 64): CUDA cores, items of <= DECODE_TOKENS tokens. The item's x chunk is staged in
-// shared memory; each warp takes rank rows two at a time (r, r + 8), holding their A chunks in registers
-// (16-byte loads, issued before the x staging so the two latencies overlap), and reduces one dot
-// product per token with shuffles.
-#define DECODE_TOKENS 8
-#define DECODE_MAX_CHUNK 1024
-
-__device__ __forceinline__ void load_a_rows(const u16* a, int hi, int r, int R, int k_begin, int k_end,
-                                            int passes, int lane, bool vec, uint4 out[2][4]) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        const int row = r + 8 * h;
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-            u16 v[8];
-            if (row < R && q < passes) {
-                load8(a + (long long)row * hi, k_begin + q * 256 + lane * 8, k_end, vec, v);
-                out[h][q] = make_uint4(pack2(v[0], v[1]), pack2(v[2], v[3]), pack2(v[4], v[5]), pack2(v[6], v[7]));
-            } else {
-                out[h][q] = make_uint4(0, 0, 0, 0);
-            }
-        }
-    }
-}
-
-template <bool BF16>
-__device__ __forceinline__ float dot8(uint4 a, uint4 b) {
-    const u32 aw[4] = {a.x, a.y, a.z, a.w};
-    const u32 bw[4] = {b.x, b.y, b.z, b.w};
-    float s = 0.f;
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-        s += to_f32<BF16>((u16)(aw[k] & 0xffff)) * to_f32<BF16>((u16)(bw[k] & 0xffff));
-        s += to_f32<BF16>((u16)(aw[k] >> 16)) * to_f32<BF16>((u16)(bw[k] >> 16));
-    }
-    return s;
-}
-
+// Decode (T <= 64): one item and one split a block at a time (shrink_decode_item,
+// lora_shrink_decode.cuh, prepended by the loader).
 template <bool BF16>
 __device__ void shrink_decode(const ShrinkArgs& p) {
     __shared__ int tokens[DECODE_TOKENS];
-    __shared__ __align__(16) u16 xs[DECODE_TOKENS][DECODE_MAX_CHUNK];
+    __shared__ __align__(16) u16 xs[DECODE_TOKENS * DECODE_MAX_CHUNK];
     const int s = blockIdx.z;
     const int c = blockIdx.x;
     pdl_launch_dependents();
     if (s >= p.slices.count) return;
     const int module_id = p.slices.module_id[s];
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int k_begin = c * p.kchunk;
     const int k_end = min(p.hi, k_begin + p.kchunk);
-    const int passes = (k_end - k_begin + 255) >> 8;  // <= 4 (planner keeps kchunk <= 1024)
-    const bool vec = (p.hi % 8 == 0) && (p.x_stride % 8 == 0) &&
-                     ((reinterpret_cast<u64>(p.x) & 15) == 0);
+    float* out = p.partial + ((long long)(s * p.ksplit + c) * p.T) * p.table.max_rank;
     for (int it = blockIdx.y;; it += gridDim.y) {
         const WorkItem w = work_item(p.segments, p.max_items, p.T, it);
         if (w.count == 0) break;
         const AdapterEntry e = read_entry(p.table, w.slot, module_id);
-        const int R = e.rank;
-        if (R == 0) continue;  // uniform over the block
-        uint4 a[2][4];
-        load_a_rows(e.a, p.hi, warp, R, k_begin, k_end, passes, lane, vec, a);  // in flight now
-        const int cnt = min(DECODE_TOKENS, w.count);
-        if (threadIdx.x < cnt) tokens[threadIdx.x] = w.tokens[threadIdx.x];
-        __syncthreads();
-        float* out = p.partial + ((long long)(s * p.ksplit + c) * p.T) * p.table.max_rank;
-        const int per_row = passes * 32;  // 8-element chunks per staged row
-        for (int idx = threadIdx.x; idx < cnt * per_row; idx += blockDim.x) {
-            const int i = idx / per_row, k = (idx % per_row) * 8;
-            u16 v[8];
-            load8(p.x + (long long)tokens[i] * p.x_stride, k_begin + k, k_end, vec, v);
-            *reinterpret_cast<uint4*>(&xs[i][k]) =
-                make_uint4(pack2(v[0], v[1]), pack2(v[2], v[3]), pack2(v[4], v[5]), pack2(v[6], v[7]));
-        }
-        __syncthreads();
-        for (int r = warp; r < R; r += 16) {
-            if (r != warp) load_a_rows(e.a, p.hi, r, R, k_begin, k_end, passes, lane, vec, a);
-            for (int i = 0; i < cnt; ++i) {
-                float sum0 = 0.f, sum1 = 0.f;
-#pragma unroll
-                for (int q = 0; q < 4; ++q) {
-                    if (q < passes) {
-                        const uint4 xv = *reinterpret_cast<const uint4*>(&xs[i][q * 256 + lane * 8]);
-                        sum0 += dot8<BF16>(a[0][q], xv);
-                        sum1 += dot8<BF16>(a[1][q], xv);
-                    }
-                }
-#pragma unroll
-                for (int off = 16; off > 0; off >>= 1) {
-                    sum0 += __shfl_xor_sync(0xffffffffu, sum0, off);
-                    sum1 += __shfl_xor_sync(0xffffffffu, sum1, off);
-                }
-                const long long base = (long long)tokens[i] * p.table.max_rank;
-                if (lane == 0) out[base + r] = sum0;
-                if (lane == 1 && r + 8 < R) out[base + r + 8] = sum1;
-            }
-        }
-        __syncthreads();  // tokens and xs are rewritten by the next item
+        if (e.rank == 0) continue;  // uniform over the block
+        shrink_decode_item<BF16>(p.x, p.x_stride, p.hi, p.table.max_rank, w, e, k_begin, k_end, out, tokens, xs);
     }
 }
 

@@ -13,9 +13,9 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 DORA = [(7, 1536, 576), (5, 1536, 576)]
 KNOBS = ("LORAMUX_EXPAND_DECODE", "LORAMUX_EXPAND_OPT", "LORAMUX_EXPAND_TILE_COLS", "LORAMUX_SHRINK_TARGET_BLOCKS",
-         "LORAMUX_TUNING")
+         "LORAMUX_TUNING", "LORAMUX_DECODE_FUSED", "LORAMUX_FUSED_EXPAND_BLOCKS")
 #: (expand kernel, the token counts whose path allows it)
-KINDS = [("flat", [8, 40]), ("o1", [8, 40, 200]), ("o1w", [8, 40, 200]), ("o4", [8, 200]), ("c1", [300]),
+KINDS = [("fused", [1, 8, 40]), ("flat", [8, 40]), ("o1", [8, 40, 200]), ("o1w", [8, 40, 200]), ("o4", [8, 200]), ("c1", [300]),
          ("c4", [300, 1000])]
 
 
@@ -23,7 +23,10 @@ def _force(monkeypatch, kind, target):
     for k in KNOBS:
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("LORAMUX_SHRINK_TARGET_BLOCKS", str(target))
-    if kind == "flat":
+    monkeypatch.setenv("LORAMUX_DECODE_FUSED", "1" if kind == "fused" else "0")
+    if kind == "fused":
+        pass
+    elif kind == "flat":
         monkeypatch.setenv("LORAMUX_EXPAND_DECODE", "flat")
     elif kind.startswith("o"):
         monkeypatch.setenv("LORAMUX_EXPAND_DECODE", "grouped")
@@ -36,9 +39,12 @@ def _force(monkeypatch, kind, target):
 @pytest.mark.parametrize("target", [132, 1056])
 def test_each_expand_kernel_and_split(monkeypatch, kind, T, target):
     _force(monkeypatch, kind, target)
-    ad, slots, x, y0, sot = _case(T + target, torch.bfloat16, T, QKV, ranks=[8, 16, 1, 0, 64, 7, 128, 33])
+    # the fused kernel takes ranks up to 64 (a wider max_rank keeps the two-kernel path)
+    ranks, max_rank = ([8, 16, 1, 0, 64, 7, 24, 33], 64) if kind == "fused" else ([8, 16, 1, 0, 64, 7, 128, 33], 128)
+    ad, slots, x, y0, sot = _case(T + target, torch.bfloat16, T, QKV, ranks=ranks, max_rank=max_rank)
     _check_apply(ad, slots, x, y0, sot, 1, QKV)
-    ad, slots, x, y0, sot = _case(3 * T + target, torch.float16, T, DORA, ranks=[16, 8, 4, 32], dora_every=2)
+    ad, slots, x, y0, sot = _case(3 * T + target, torch.float16, T, DORA, ranks=[16, 8, 4, 32], dora_every=2,
+                                  max_rank=64 if kind == "fused" else 128)
     _check_apply(ad, slots, x, y0, sot, 1, DORA)
 
 

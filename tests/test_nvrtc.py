@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(kernels.nvrtc_library() is None, reason="no libn
 @pytest.mark.parametrize("arch", [80, 90])
 def test_every_kernel_compiles(arch):
     compiled = dict(_core.nvrtc_compile_all(arch))
-    assert set(compiled) == {"lora_segments", "lora_shrink", "lora_expand"}
+    assert set(compiled) == {"lora_segments", "lora_shrink", "lora_expand", "lora_fused"}
     assert all(size > 1000 for size in compiled.values()), compiled
 
 
@@ -34,3 +34,21 @@ def test_plan_splits_decode_over_the_sms():
     ksplit, kchunk, reduce_first = _core.plan_shrink(2048, 4096, 3, 8)
     assert 1 <= ksplit <= 16 and kchunk % 64 == 0 and ksplit * kchunk >= 4096
     assert reduce_first == (ksplit > 1)
+
+
+def test_which_decode_batches_take_the_fused_kernel(monkeypatch):
+    """The fused decode kernel's plan: decode batches above 16 tokens of rank <= 64 unless the
+    launch table or LORAMUX_DECODE_FUSED says otherwise; its expand groups cover every column."""
+    for k in ("LORAMUX_DECODE_FUSED", "LORAMUX_FUSED_EXPAND_BLOCKS", "LORAMUX_SHRINK_TARGET_BLOCKS"):
+        monkeypatch.delenv(k, raising=False)
+    ksplit, kchunk, col_steps, col_groups = _core.plan_fused(32, 4096, 14336, 2, 33, 16)
+    assert ksplit * kchunk >= 4096 and kchunk % 256 == 0 and col_groups * col_steps * 256 >= 14336
+    assert _core.plan_fused(65, 4096, 4096, 1, 8, 16) is None  # prefill path
+    assert _core.plan_fused(32, 4096, 4096, 1, 8, 128) is None  # past the fused kernel's ranks
+    assert _core.plan_fused(32, 4096, 4096, 1, 8, 16, None, "o1") is None  # the table chose two kernels
+    assert _core.plan_fused(8, 4096, 4096, 1, 8, 16) is None  # few tokens: two kernels unless the table says
+    assert _core.plan_fused(8, 4096, 4096, 1, 8, 16, None, "fused") is not None
+    monkeypatch.setenv("LORAMUX_DECODE_FUSED", "0")
+    assert _core.plan_fused(32, 4096, 14336, 2, 33, 16) is None
+    monkeypatch.setenv("LORAMUX_DECODE_FUSED", "1")
+    assert _core.plan_fused(8, 4096, 4096, 1, 8, 16, None, "o1") is not None

@@ -26,7 +26,7 @@ DEV = "cuda"
 def _decode(seg, T, num_slots):
     """(items [(slot, [tokens])], header) read back from a segments buffer."""
     seg = seg.cpu().tolist()
-    m = (len(seg) - 4 - T - num_slots) // 3
+    m = (len(seg) - 4 - T - num_slots) // 19  # 3 item arrays, then 8 x 2 fused counters an item
     n = seg[0]
     slot, begin, count = seg[4:4 + m], seg[4 + m:4 + 2 * m], seg[4 + 2 * m:4 + 3 * m]
     token_idx = seg[4 + 3 * m:4 + 3 * m + T]

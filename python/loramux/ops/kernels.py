@@ -220,14 +220,36 @@ def _finish(x, y, meta, layer, ids, sizes, choice, plan, partial, chained: bool)
         batch.expand(partial.data_ptr(), plan[0], y.data_ptr(), y.stride(0), ids, sizes, chained=chained)
 
 
+def _apply_fused(x, y, meta, layer: int, ids, sizes, choice, plan) -> None:
+    """The fused decode kernel: shrink and expand in one launch (plan from _core.plan_fused)."""
+    import torch
+
+    _rows("x", x, x.device)
+    if x.dtype != meta.dtype:
+        raise LoraCudaError(f"x is {x.dtype} but the adapters are {meta.dtype}: serve in one dtype")
+    tokens, hi = x.shape
+    seg, batch = _batch(meta, layer, x.device, tokens, choice)
+    partial = torch.empty(len(ids) * plan[0] * tokens * int(meta.max_rank), dtype=torch.float32, device=x.device)
+    batch.fused(x.data_ptr(), x.stride(0), hi, y.data_ptr(), y.stride(0), ids, sizes, partial.data_ptr(),
+                partial.numel(), plan)
+    del seg  # alive until here: the launch reads it
+
+
 def lora_apply(x, y, meta, layer: int, module_ids: Sequence[int], out_sizes: Sequence[int]) -> None:
     """Shrink then expand over the batch's token segments (meta.segments, or built here first).
-    Decode (T <= 64): two launches, the expand a programmatic dependent of
-    the shrink on sm_90 (starts early, waits in-kernel) that sums the split-K partials as it
-    loads u. Prefill: shrink, a reduce of the partials into u, then the expand. Which expand kernel and
-    how finely the shrink splits: the measured launch table where it has the geometry (tuning.py)."""
+    Decode (T <= 64, rank <= 64): one fused launch (cuda/lora_fused.cu), or, where the launch table
+    or LORAMUX_DECODE_FUSED=0 says so, two launches, the expand a programmatic dependent of the
+    shrink on sm_90 (starts early, waits in-kernel) that sums the split-K partials as it loads u.
+    Prefill: shrink, a reduce of the partials into u, then the expand. Which kernels and how finely
+    the shrink splits: the measured launch table where it has the geometry (tuning.py)."""
     sizes = _apply_checks(x, y, meta, module_ids, out_sizes)
     choice = _tuning(x.device, x.shape[1], sizes, int(meta.max_rank), x.shape[0])
+    ids = [int(m) for m in module_ids]
+    fused = _core.plan_fused(x.shape[0], x.shape[1], max(sizes, default=0), len(ids), meta.table.shape[0],
+                             int(meta.max_rank), choice.shrink_target_blocks, choice.expand_kernel)
+    if fused is not None:
+        _apply_fused(x, y, meta, layer, ids, sizes, choice, fused)
+        return
     batch, ids, plan, partial, seg = _shrink_partials(x, meta, layer, module_ids, choice)
     if plan[2]:
         _finish(x, y, meta, layer, ids, sizes, choice, plan, partial, chained=False)

@@ -1,7 +1,7 @@
-"""The measured launch table: which expand kernel and how many shrink blocks a lora_apply launches
-for its (GPU arch, Hi -> output slices, rank bucket, token bucket), as benchmarks/tune.py measured
-them on the device (launch_table.json, shipped in the package). Geometries it holds no entry for,
-and other archs, keep the built-in rules of rust/src/cuda/plan.rs.
+"""The measured launch table: which expand kernel (or the fused decode kernel) and how many shrink
+blocks a lora_apply launches for its (GPU arch, Hi -> output slices, rank bucket, token bucket), as
+benchmarks/tune.py measured them on the device (launch_table.json, shipped in the package).
+Geometries it holds no entry for, and other archs, keep the built-in rules of rust/src/cuda/plan.rs.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ _OFF = ("off", "0", "none")
 
 class Choice(NamedTuple):
     shrink_target_blocks: Optional[int]
-    expand_kernel: Optional[str]  # flat | o1 | o1w | o4 | c1 | c4 (rust/src/cuda/plan.rs ExpandKind)
+    expand_kernel: Optional[str]  # fused | flat | o1 | o1w | o4 | c1 | c4 (rust/src/cuda/plan.rs ExpandKind)
 
 
 _DEFAULT = Choice(None, None)

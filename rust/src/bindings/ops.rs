@@ -63,6 +63,42 @@ impl PyKernelBatch {
         let k = cuda::kernels(self.device).py()?;
         launch::expand(&k, &self.batch, partial, ksplit, y, y_stride, &module_ids, &out_sizes, chained).py()
     }
+
+    /// The fused decode apply: y[:, slices] += LoRA(x) in one launch; `plan` from `plan_fused`.
+    #[pyo3(signature = (x, x_stride, hi, y, y_stride, module_ids, out_sizes, partial, partial_capacity, plan))]
+    #[allow(clippy::too_many_arguments)]
+    fn fused(
+        &self, x: u64, x_stride: usize, hi: usize, y: u64, y_stride: usize, module_ids: Vec<u32>, out_sizes: Vec<usize>,
+        partial: u64, partial_capacity: usize, plan: FusedTuple,
+    ) -> PyResult<()> {
+        let k = cuda::kernels(self.device).py()?;
+        let plan = fused_plan(plan);
+        launch::fused(&k, &self.batch, x, x_stride, hi, y, y_stride, &module_ids, &out_sizes, partial, partial_capacity, &plan).py()
+    }
+}
+
+/// (ksplit, kchunk, col_steps, col_groups) of the fused decode kernel for this apply, or None when
+/// the apply takes shrink + expand (plan::decode_is_fused). The tuning arguments as for KernelBatch.
+#[pyfunction]
+#[pyo3(signature = (tokens, hi, max_out, num_slices, num_slots, max_rank, shrink_target_blocks=None, expand_kernel=None))]
+#[allow(clippy::too_many_arguments)]
+fn plan_fused(
+    tokens: usize, hi: usize, max_out: usize, num_slices: usize, num_slots: usize, max_rank: usize,
+    shrink_target_blocks: Option<usize>, expand_kernel: Option<&str>,
+) -> PyResult<Option<FusedTuple>> {
+    let t = tuning(shrink_target_blocks, expand_kernel)?;
+    if !plan::decode_is_fused(tokens, max_rank, &t) {
+        return Ok(None);
+    }
+    let p = plan::plan_fused(tokens, hi, max_out, num_slices, num_slots, &t);
+    Ok(Some((p.shrink.ksplit, p.shrink.kchunk, p.col_steps, p.col_groups)))
+}
+
+/// The fused decode plan as Python holds it: (ksplit, kchunk, col_steps, col_groups).
+type FusedTuple = (usize, usize, usize, usize);
+
+fn fused_plan(p: FusedTuple) -> plan::FusedPlan {
+    plan::FusedPlan { shrink: plan::ShrinkPlan { ksplit: p.0, kchunk: p.1 }, col_steps: p.2, col_groups: p.3 }
 }
 
 /// A tuning table's launch choices (python/loramux/ops/tuning.py) as the planner takes them.
@@ -153,6 +189,7 @@ fn load_kernels(py: Python<'_>, device: i32) -> PyResult<u32> {
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyKernelBatch>()?;
     m.add_function(wrap_pyfunction!(plan_shrink, m)?)?;
+    m.add_function(wrap_pyfunction!(plan_fused, m)?)?;
     m.add_function(wrap_pyfunction!(segments_len, m)?)?;
     m.add_function(wrap_pyfunction!(build_segments, m)?)?;
     m.add_function(wrap_pyfunction!(nvrtc_available, m)?)?;

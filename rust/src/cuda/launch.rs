@@ -7,8 +7,8 @@ use std::ffi::c_void;
 use cudarc::driver::{result as drv, sys};
 
 use super::plan::{
-    decode_expand_is_flat, expand_columns_per_thread, expand_tiles_per_block, expand_variant, flat_expand_columns, grid_items, item_tokens, max_items,
-    partial_len, segments_len, small_items, ShrinkPlan, Tuning,
+    decode_expand_is_flat, expand_columns_per_thread, expand_tiles_per_block, expand_variant, flat_expand_columns, fused_col_groups, fused_smem_bytes, grid_items,
+    item_tokens, max_items, partial_len, segments_len, small_items, FusedPlan, ShrinkPlan, Tuning, FUSED_COLS, FUSED_MAX_RANK, TILE_T,
 };
 use super::DeviceKernels;
 use crate::cache::slot_table::ENTRY_WORDS;
@@ -106,6 +106,27 @@ struct ExpandArgs {
     ksplit: i32,
     ochunk: i32,
     max_items: i32,
+    table: LoraTable,
+    slices: LoraSlices,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct FusedArgs {
+    x: u64,
+    x_stride: i64,
+    y: u64,
+    y_stride: i64,
+    segments: u64,
+    partial: u64,
+    t: i32,
+    hi: i32,
+    ksplit: i32,
+    kchunk: i32,
+    max_items: i32,
+    col_steps: i32,
+    col_groups: i32,
+    smem_bytes: i32,
     table: LoraTable,
     slices: LoraSlices,
 }
@@ -419,6 +440,87 @@ pub fn expand(
     }
 }
 
+/// The fused decode apply (cuda/lora_fused.cu): shrink and expand of a batch of <= 64 tokens in
+/// one launch, y updated in place. `partial` must hold `partial_len(&plan.shrink, ...)` floats; the
+/// segments buffer carries the kernel's workspace (zeroed by build_segments, left zeroed by every
+/// launch), so launches sharing one segments buffer must be ordered on one stream.
+#[allow(clippy::too_many_arguments)]
+pub fn fused(
+    k: &DeviceKernels, b: &Batch, x: u64, x_stride: usize, hi: usize, y: u64, y_stride: usize, module_ids: &[u32],
+    out_sizes: &[usize], partial: u64, partial_capacity: usize, plan: &FusedPlan,
+) -> Result<()> {
+    b.check()?;
+    if out_sizes.len() != module_ids.len() {
+        return Err(LoraError::Cuda(format!("{} out_sizes for {} module ids", out_sizes.len(), module_ids.len())));
+    }
+    let sl = slices(module_ids, Some(out_sizes))?;
+    if b.tokens > TILE_T || b.max_rank > FUSED_MAX_RANK {
+        return Err(LoraError::Cuda(format!(
+            "the fused decode kernel takes up to {TILE_T} tokens and rank {FUSED_MAX_RANK}, got {} and {}",
+            b.tokens, b.max_rank
+        )));
+    }
+    let width: usize = out_sizes.iter().sum();
+    if y_stride < width {
+        return Err(LoraError::Cuda(format!("y row stride {y_stride} is narrower than sum(out_sizes) = {width}")));
+    }
+    if x_stride < hi {
+        return Err(LoraError::Cuda(format!("x row stride {x_stride} is shorter than Hi {hi}")));
+    }
+    let max_out = out_sizes.iter().copied().max().unwrap_or(0);
+    if b.tokens == 0 || hi == 0 || max_out == 0 {
+        return Ok(());
+    }
+    let sp = &plan.shrink;
+    if sp.kchunk % 256 != 0 || sp.kchunk > 1024 || sp.ksplit * sp.kchunk < hi || plan.col_steps == 0
+        || plan.col_groups * plan.col_steps * FUSED_COLS < max_out
+    {
+        return Err(LoraError::Cuda(format!("fused plan {plan:?} does not cover Hi {hi} and {max_out} columns")));
+    }
+    let need = partial_len(sp, module_ids.len(), b.tokens, b.max_rank);
+    if partial_capacity < need {
+        return Err(LoraError::Cuda(format!("partial buffer holds {partial_capacity} floats, the plan needs {need}")));
+    }
+    b.need_segments()?;
+    let items = b.max_items();
+    let smem = fused_smem_bytes(b.max_rank);
+    let args = FusedArgs {
+        x,
+        x_stride: x_stride as i64,
+        y,
+        y_stride: y_stride as i64,
+        segments: b.segments,
+        partial,
+        t: b.tokens as i32,
+        hi: hi as i32,
+        ksplit: sp.ksplit as i32,
+        kchunk: sp.kchunk as i32,
+        max_items: items as i32,
+        col_steps: plan.col_steps as i32,
+        col_groups: plan.col_groups as i32,
+        smem_bytes: smem as i32,
+        table: b.table_args(),
+        slices: sl,
+    };
+    // a group of ksplit + col_groups blocks per (slice, item); groups past the step's items leave at once
+    let blocks: usize = out_sizes.iter().map(|&o| items * (sp.ksplit + fused_col_groups(o, plan.col_steps))).sum();
+    if blocks > i32::MAX as usize {
+        return Err(LoraError::Cuda(format!("{blocks} blocks is more than one launch takes")));
+    }
+    let name = format!("lora_fused_decode_{}", b.dtype.suffix());
+    let f = k.function(&name)?;
+    unsafe {
+        if smem > 48 * 1024 {
+            sys::cuFuncSetAttribute(f, sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+                .result()
+                .map_err(|e| LoraError::Cuda(format!("{name}: {smem} bytes of shared memory: {e:?}")))?;
+        }
+        let mut params = [&args as *const FusedArgs as *mut c_void];
+        drv::launch_kernel(f, (blocks as u32, 1, 1), (THREADS, 1, 1), smem as u32, b.stream as sys::CUstream, &mut params)
+            .map_err(|e| LoraError::Cuda(format!("launch {name}: {e:?}")))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -431,6 +533,7 @@ mod tests {
         assert_eq!(std::mem::size_of::<ShrinkArgs>(), 40 + 20 + 4 + 24 + 100 + 4);
         assert_eq!(std::mem::size_of::<ExpandArgs>(), 40 + 16 + 24 + 100 + 4);
         assert_eq!(std::mem::size_of::<SegmentArgs>(), 32);
+        assert_eq!(std::mem::size_of::<FusedArgs>(), 48 + 32 + 24 + 100 + 4);
     }
 
     #[test]

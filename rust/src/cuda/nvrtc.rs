@@ -15,15 +15,22 @@ use crate::error::{LoraError, Result};
 /// Prepended to every family: argument structs, 16-bit float conversion, token segments.
 const COMMON: &str = include_str!("../../../cuda/lora_common.cuh");
 
+/// The decode shrink of one item (cuda/lora_shrink_decode.cuh): shared by the two-kernel path and
+/// the fused decode kernel, prepended to both families.
+const SHRINK_DECODE: (&str, &str) = ("lora_shrink_decode.cuh", include_str!("../../../cuda/lora_shrink_decode.cuh"));
+
 /// One .cu file: its kernels are compiled and loaded together.
 pub struct KernelFamily {
     pub name: &'static str,
+    /// (file name, source) of the shared parts prepended after the common header
+    pub parts: &'static [(&'static str, &'static str)],
     pub body: &'static str,
     pub functions: &'static [&'static str],
 }
 
 pub const SHRINK: KernelFamily = KernelFamily {
     name: "lora_shrink",
+    parts: &[SHRINK_DECODE],
     body: include_str!("../../../cuda/lora_shrink.cu"),
     functions: &[
         "lora_shrink_decode_bf16",
@@ -36,6 +43,7 @@ pub const SHRINK: KernelFamily = KernelFamily {
 
 pub const EXPAND: KernelFamily = KernelFamily {
     name: "lora_expand",
+    parts: &[],
     body: include_str!("../../../cuda/lora_expand.cu"),
     functions: &[
         "lora_expand_decode_bf16_o1",
@@ -55,15 +63,28 @@ pub const EXPAND: KernelFamily = KernelFamily {
 
 pub const SEGMENTS: KernelFamily = KernelFamily {
     name: "lora_segments",
+    parts: &[],
     body: include_str!("../../../cuda/lora_segments.cu"),
     functions: &["lora_segments"],
 };
 
-pub const FAMILIES: [&KernelFamily; 3] = [&SEGMENTS, &SHRINK, &EXPAND];
+pub const FUSED: KernelFamily = KernelFamily {
+    name: "lora_fused",
+    parts: &[SHRINK_DECODE],
+    body: include_str!("../../../cuda/lora_fused.cu"),
+    functions: &["lora_fused_decode_bf16", "lora_fused_decode_f16"],
+};
+
+pub const FAMILIES: [&KernelFamily; 4] = [&SEGMENTS, &SHRINK, &EXPAND, &FUSED];
 
 impl KernelFamily {
     pub fn source(&self) -> String {
-        format!("{COMMON}\n#line 1 \"{}.cu\"\n{}", self.name, self.body)
+        let mut src = String::from(COMMON);
+        for (name, part) in self.parts {
+            src.push_str(&format!("\n#line 1 \"{name}\"\n{part}"));
+        }
+        src.push_str(&format!("\n#line 1 \"{}.cu\"\n{}", self.name, self.body));
+        src
     }
 }
 

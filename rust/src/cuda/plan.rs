@@ -1,6 +1,8 @@
 //! Launch planning: which kernel path a batch takes and how the shrink splits its reduction
 //! dimension so decode batches spread over every SM. Pure arithmetic, no CUDA.
 
+use super::launch::MAX_SLICES;
+
 /// Tokens of one tensor-core tile (a prefill work item); decode batches (up to this many tokens)
 /// may take the flat expand.
 pub const TILE_T: usize = 64;
@@ -39,6 +41,8 @@ pub struct Tuning {
 /// in its three instantiations, the tensor-core tile kernel at 1 or 4 tiles a block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ExpandKind {
+    /// shrink and expand in one launch (cuda/lora_fused.cu), decode batches only
+    Fused,
     Flat,
     SmallO1,
     SmallO1w,
@@ -48,11 +52,19 @@ pub enum ExpandKind {
 }
 
 impl ExpandKind {
-    pub const ALL: [ExpandKind; 6] =
-        [ExpandKind::Flat, ExpandKind::SmallO1, ExpandKind::SmallO1w, ExpandKind::SmallO4, ExpandKind::TileC1, ExpandKind::TileC4];
+    pub const ALL: [ExpandKind; 7] = [
+        ExpandKind::Fused,
+        ExpandKind::Flat,
+        ExpandKind::SmallO1,
+        ExpandKind::SmallO1w,
+        ExpandKind::SmallO4,
+        ExpandKind::TileC1,
+        ExpandKind::TileC4,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
+            ExpandKind::Fused => "fused",
             ExpandKind::Flat => "flat",
             ExpandKind::SmallO1 => "o1",
             ExpandKind::SmallO1w => "o1w",
@@ -129,12 +141,16 @@ pub fn grid_items(tokens: usize, num_slots: usize) -> usize {
     }
 }
 
-/// int32 elements of the segments buffer: header, three item arrays, token list, slot scratch.
+/// int32 elements of the segments buffer: header, three item arrays, token list, slot scratch,
+/// the fused decode kernel's workspace (a ticket and a completion count per slice and item).
 pub fn segments_len(tokens: usize, num_slots: usize) -> usize {
-    SEG_HEADER + 3 * max_items(tokens, num_slots) + tokens + num_slots
+    let m = max_items(tokens, num_slots);
+    SEG_HEADER + 3 * m + tokens + num_slots + FUSED_WS_WORDS * MAX_SLICES * m
 }
 
 pub const SEG_HEADER: usize = 4;
+/// int32s of the fused workspace per (slice, item): the block group's ticket and completion count.
+pub const FUSED_WS_WORDS: usize = 2;
 
 /// How the shrink splits its reduction dim: `ksplit` partial sums of `kchunk` elements each.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -145,22 +161,27 @@ pub struct ShrinkPlan {
 
 /// `LORAMUX_SHRINK_TARGET_BLOCKS`, else the tuning's target, else the built-in one.
 pub fn plan_shrink(tokens: usize, hi: usize, num_slices: usize, num_slots: usize, tuning: &Tuning) -> ShrinkPlan {
+    // the flat expand re-reads every token's partials in each block: fewer, fatter splits pay there
+    let built_in = if decode_expand_is_flat(tokens, num_slices, tuning) { FLAT_TARGET_BLOCKS } else { TARGET_BLOCKS };
+    let target = env_usize("LORAMUX_SHRINK_TARGET_BLOCKS").or(tuning.shrink_target_blocks).unwrap_or(built_in).max(1);
+    split_for(tokens, hi, num_slices, num_slots, target)
+}
+
+/// Blocks along the items a decode launch is planned for: only known on the device (the
+/// segments), so a middle count: a few adapters' items (a single tenant's 64 tokens are 8 items,
+/// 64 adapters' are 64); more items only add blocks.
+fn planned_items(tokens: usize, num_slots: usize) -> usize {
+    tokens.div_ceil(DECODE_ITEM).max(tokens.min(num_slots) / 2).min(grid_items(tokens, num_slots)).max(1)
+}
+
+/// The split of the reduction dim that gives about `target` shrink blocks.
+fn split_for(tokens: usize, hi: usize, num_slices: usize, num_slots: usize, target: usize) -> ShrinkPlan {
     let decode = small_items(tokens);
     // decode: a block holds up to 4 x 256 elements of each A row in registers; prefill: the tensor
     // core kernel steps 64 at a time, and splits only to fill the SMs.
     let (granule, max_chunk) = if decode { (256, 1024) } else { (64, usize::MAX) };
-    // Blocks along the items: only known on the device (the segments), so the split is planned for
-    // a middle count: a few adapters' items (a single tenant's 64 tokens are 8 items, 64 adapters'
-    // are 64); more items only add blocks.
-    let groups = if decode {
-        tokens.div_ceil(DECODE_ITEM).max(tokens.min(num_slots) / 2).min(grid_items(tokens, num_slots)).max(1)
-    } else {
-        tokens.div_ceil(TILE_T)
-    };
+    let groups = if decode { planned_items(tokens, num_slots) } else { tokens.div_ceil(TILE_T) };
     let blocks_wo_split = (groups * num_slices).max(1);
-    // the flat expand re-reads every token's partials in each block: fewer, fatter splits pay there
-    let built_in = if decode_expand_is_flat(tokens, num_slices, tuning) { FLAT_TARGET_BLOCKS } else { TARGET_BLOCKS };
-    let target = env_usize("LORAMUX_SHRINK_TARGET_BLOCKS").or(tuning.shrink_target_blocks).unwrap_or(built_in).max(1);
     let want = target.div_ceil(blocks_wo_split).max(1);
     // prefill splits no finer than 256 (the partials it adds stay small next to x)
     let max_split = if decode { hi.div_ceil(granule) } else { hi.div_ceil(256) };
@@ -168,6 +189,85 @@ pub fn plan_shrink(tokens: usize, hi: usize, num_slices: usize, num_slots: usize
     let kchunk = hi.div_ceil(ksplit).div_ceil(granule).max(1) * granule;
     let kchunk = kchunk.min(max_chunk);
     ShrinkPlan { ksplit: hi.div_ceil(kchunk).max(1), kchunk }
+}
+
+/// Ranks up to this take the fused decode kernel: its expand stages two 256-column tiles of B in
+/// shared memory (75 KB at rank 64; rank 128 would need 140 KB, past what sm_86/89 offer a block).
+pub const FUSED_MAX_RANK: usize = 64;
+
+/// Shrink blocks the fused decode kernel aims for. Its expand blocks each re-read their tokens'
+/// ksplit partials, so it splits coarser than the two-kernel path (TARGET_BLOCKS).
+const FUSED_SHRINK_TARGET: usize = 264;
+/// Expand blocks the fused decode kernel aims for: about three resident blocks on each of 132 SMs;
+/// fewer blocks stream longer column spans with the next tile in flight.
+const FUSED_EXPAND_TARGET: usize = 3 * 132;
+
+/// Decode batches above this many tokens take the fused kernel when no table entry decides. Measured
+/// on the H200 (docs/kernel-notes.md, fused pass): at 1..16 tokens the fused kernel's ticket and
+/// count trips cost more than the two-kernel path's launch boundary (T = 1: ~1 us an apply); at 64
+/// tokens over 32 adapters it wins where B is large (gate|up r16 36.9 vs 47.4 us).
+pub const FUSED_MIN_TOKENS: usize = 16;
+
+/// Whether a lora_apply of `tokens` tokens takes the fused decode kernel (one launch: shrink and
+/// expand, cuda/lora_fused.cu) rather than shrink + expand. `LORAMUX_DECODE_FUSED=1|0` forces it
+/// either way for A/B runs (where the batch allows it); else a tuning table's choice of expand
+/// kernel decides; else decode batches of more than FUSED_MIN_TOKENS tokens take it.
+pub fn decode_is_fused(tokens: usize, max_rank: usize, tuning: &Tuning) -> bool {
+    if tokens == 0 || tokens > TILE_T || max_rank > FUSED_MAX_RANK {
+        return false;
+    }
+    match std::env::var("LORAMUX_DECODE_FUSED").as_deref() {
+        Ok("1") => true,
+        Ok("0") => false,
+        _ => match tuning.expand {
+            Some(ExpandKind::Fused) => true,
+            Some(_) => false,
+            None => tokens > FUSED_MIN_TOKENS,
+        },
+    }
+}
+
+/// Launch geometry of the fused decode kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FusedPlan {
+    pub shrink: ShrinkPlan,
+    /// 256-column steps one expand block streams
+    pub col_steps: usize,
+    /// expand blocks per item of the widest slice (each slice has its own: `fused_col_groups`)
+    pub col_groups: usize,
+}
+
+/// Output columns of one expand step of the fused kernel (a column a thread).
+pub const FUSED_COLS: usize = 256;
+
+/// The fused kernel's plan for `tokens` tokens, Hi = `hi`, widest slice `max_out`. Shrink split:
+/// `LORAMUX_SHRINK_TARGET_BLOCKS`, else the tuning's target, else FUSED_SHRINK_TARGET; expand:
+/// `LORAMUX_FUSED_EXPAND_BLOCKS`, else FUSED_EXPAND_TARGET, spread over the planned items.
+pub fn plan_fused(tokens: usize, hi: usize, max_out: usize, num_slices: usize, num_slots: usize, tuning: &Tuning) -> FusedPlan {
+    let target =
+        env_usize("LORAMUX_SHRINK_TARGET_BLOCKS").or(tuning.shrink_target_blocks).unwrap_or(FUSED_SHRINK_TARGET).max(1);
+    let shrink = split_for(tokens, hi, num_slices, num_slots, target);
+    let expand_target = env_usize("LORAMUX_FUSED_EXPAND_BLOCKS").unwrap_or(FUSED_EXPAND_TARGET).max(1);
+    let units = max_out.div_ceil(FUSED_COLS).max(1);
+    let pairs = planned_items(tokens, num_slots) * num_slices.max(1);
+    let col_steps = (units * pairs).div_ceil(expand_target).clamp(1, units);
+    FusedPlan { shrink, col_steps, col_groups: units.div_ceil(col_steps) }
+}
+
+/// Expand blocks per item of a slice `out_size` wide (cuda/lora_fused.cu fused_col_groups).
+pub fn fused_col_groups(out_size: usize, col_steps: usize) -> usize {
+    out_size.div_ceil(FUSED_COLS).div_ceil(col_steps.max(1))
+}
+
+/// Dynamic shared memory of a fused launch with ranks up to `max_rank`: the larger of the shrink
+/// role's (tokens, x chunk) and the expand role's (tokens, u, two B tiles of odd-chunk rows).
+pub fn fused_smem_bytes(max_rank: usize) -> usize {
+    const HEAD: usize = 64;
+    let rc = max_rank.div_ceil(8) * 8;
+    let pitch = ((rc / 8) | 1) * 8;
+    let shrink = HEAD + DECODE_ITEM * 1024 * 2;
+    let expand = HEAD + DECODE_ITEM * rc * 4 + 2 * FUSED_COLS * pitch * 2;
+    shrink.max(expand)
 }
 
 /// Whether lora_apply sums the partials into u (the reduce kernel) before the expand: in the
@@ -292,8 +392,31 @@ mod tests {
             let worst = (t - (used - 1)).div_ceil(chunk) + (used - 1);
             assert!(max_items(t, slots) >= worst, "{t} {slots}");
             assert!(max_items(t, slots) <= t.max(1));
-            assert_eq!(segments_len(t, slots), SEG_HEADER + 3 * max_items(t, slots) + t + slots);
+            assert_eq!(segments_len(t, slots), SEG_HEADER + 3 * max_items(t, slots) + t + slots + FUSED_WS_WORDS * MAX_SLICES * max_items(t, slots));
         }
+    }
+
+    #[test]
+    fn fused_plan_covers_every_column_and_fits_shared_memory() {
+        if ["LORAMUX_DECODE_FUSED", "LORAMUX_FUSED_EXPAND_BLOCKS", "LORAMUX_SHRINK_TARGET_BLOCKS"].iter().any(|v| std::env::var(v).is_ok()) {
+            return; // forced by the environment: nothing to check
+        }
+        let d = Tuning::default();
+        for &(t, hi, ho, s, slots) in &[(1, 4096, 4096, 1, 8), (32, 4096, 14336, 2, 64), (64, 14336, 4096, 1, 200), (5, 100, 37, 3, 3)] {
+            let p = plan_fused(t, hi, ho, s, slots, &d);
+            assert!(p.col_steps >= 1 && p.col_groups * p.col_steps * FUSED_COLS >= ho, "{p:?}");
+            assert!((p.col_groups - 1) * p.col_steps * FUSED_COLS < ho, "an expand block past the slice: {p:?}");
+            assert!(p.shrink.kchunk % 256 == 0 && p.shrink.kchunk <= 1024 && p.shrink.ksplit * p.shrink.kchunk >= hi);
+        }
+        // longer spans where there are many items, one step a block for a single token
+        assert!(plan_fused(32, 4096, 14336, 2, 64, &d).col_steps > plan_fused(1, 4096, 14336, 2, 64, &d).col_steps);
+        assert_eq!(plan_fused(1, 4096, 4096, 1, 8, &d).col_steps, 1);
+        // under the 99 KB a block may take on sm_86/89 (rank 64), and 48 KB up to rank 32
+        assert!(fused_smem_bytes(FUSED_MAX_RANK) <= 99 * 1024 && fused_smem_bytes(32) <= 48 * 1024);
+        let fused = Tuning { expand: Some(ExpandKind::Fused), ..Default::default() };
+        assert!(decode_is_fused(64, 64, &d) && !decode_is_fused(65, 16, &d) && !decode_is_fused(8, 128, &fused));
+        assert!(!decode_is_fused(8, 16, &d) && decode_is_fused(8, 16, &fused));
+        assert!(!decode_is_fused(8, 16, &Tuning { expand: Some(ExpandKind::SmallO1), ..Default::default() }));
     }
 
     #[test]

@@ -3,9 +3,9 @@
 //! the header repeats as macros. tests/test_kernel_abi.py compiles static_asserts of these against
 //! the header with NVRTC, so the two sides cannot drift apart unnoticed.
 
-use super::{ExpandArgs, LoraSlices, LoraTable, ReduceArgs, SegmentArgs, ShrinkArgs, MAX_SLICES, MODULES, THREADS};
+use super::{ExpandArgs, FusedArgs, LoraSlices, LoraTable, ReduceArgs, SegmentArgs, ShrinkArgs, MAX_SLICES, MODULES, THREADS};
 use crate::cache::slot_table::ENTRY_WORDS;
-use crate::cuda::plan::TILE_T;
+use crate::cuda::plan::{FUSED_WS_WORDS, SEG_HEADER, TILE_T};
 
 /// One `#[repr(C)]` struct: its C name, `sizeof`, `alignof`, and `(C field name, offsetof)` in
 /// declaration order.
@@ -45,6 +45,10 @@ pub fn struct_layouts() -> Vec<StructLayout> {
         layout!(ExpandArgs { partial, y, y_stride, slot_of_token, segments, t as T, ksplit, ochunk, max_items, table, slices }),
         layout!(SegmentArgs { slot_of_token, segments, t as T, num_slots, max_items, chunk }),
         layout!(ReduceArgs { partial, u, slot_of_token, t as T, ksplit, table, slices }),
+        layout!(FusedArgs {
+            x, x_stride, y, y_stride, segments, partial, t as T, hi, ksplit, kchunk, max_items, col_steps, col_groups, smem_bytes,
+            table, slices
+        }),
     ]
 }
 
@@ -56,6 +60,8 @@ pub fn constants() -> Vec<(&'static str, usize)> {
         ("LMX_THREADS", THREADS as usize),
         ("LMX_ENTRY_I64", ENTRY_WORDS),
         ("LMX_MODULES", MODULES as usize),
+        ("LMX_SEG_HEADER", SEG_HEADER),
+        ("LMX_FUSED_WS_WORDS", FUSED_WS_WORDS),
     ]
 }
 

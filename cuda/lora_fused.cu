@@ -1,0 +1,242 @@
+// The fused decode apply (T <= 64): shrink and expand of one lora_apply in a single launch, so an
+// apply is one kernel with no whole-grid dependency between its halves. The grid is a group of
+// ksplit + col_groups blocks per (slice, item) of the step's segments (groups of items the step
+// does not have leave at once; every group's would-be shrink blocks come first in the grid).
+// Inside a group, roles come by ticket (an atomic counter of the
+// group in the segments' fused workspace, lora_common.cuh): the first ksplit blocks to arrive run
+// the split-K shrink of the item (the two-kernel path's shrink_decode_item, so the partials are
+// bit for bit the same), the rest expand col_steps x 256 output columns each. An expand block
+// copies its first B tiles (cp.async) and y values, then waits on the group's completion count,
+// which the shrink blocks bump once their partials are written: it only ever waits on blocks of
+// its own group that took smaller tickets, blocks that already run, so no order of block dispatch
+// can deadlock it (tickets in arrival order, as in Merrill & Garland, "Single-pass Parallel Prefix
+// Scan with Decoupled Look-back", 2016). Then it streams its column steps with the next step's B
+// in flight. Both counters wrap to zero once the group is done (atomicInc): no memset node, no
+// reset pass, and a captured graph replays as is. lora_common.cuh and lora_shrink_decode.cuh are
+// prepended by the loader.
+
+#define FUSED_COLS LMX_THREADS  // output columns of one step: one a thread
+#define FUSED_SMEM_HEAD 64      // bytes of dynamic shared memory before the role's buffers
+
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+    u32 a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(dst)), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait1() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
+__device__ __forceinline__ int ld_acquire(const int* p) {
+    int v;
+    asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+// *p = (*p >= wrap) ? 0 : *p + 1 at L2, no value back; `release` orders the block's earlier writes
+// (made visible to thread 0 by a barrier) before it.
+__device__ __forceinline__ void red_inc(unsigned* p, unsigned wrap, bool release) {
+    if (release)
+        asm volatile("red.release.gpu.global.inc.u32 [%0], %1;" ::"l"(p), "r"(wrap) : "memory");
+    else
+        asm volatile("red.relaxed.gpu.global.inc.u32 [%0], %1;" ::"l"(p), "r"(wrap) : "memory");
+}
+// Partials written by other blocks of this launch: read at L2, never from a stale L1 line.
+__device__ __forceinline__ float ld_cg(const float* p) {
+    float v;
+    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
+    return v;
+}
+
+// 16-byte chunks of a staged B row: odd, so 8 threads reading their rows hit distinct banks.
+__device__ __forceinline__ int fused_row_chunks(int rc) { return (rc / 8) | 1; }
+
+template <bool BF16>
+__device__ __forceinline__ void fused_shrink(const FusedArgs& p, const WorkItem& w, const AdapterEntry& e,
+                                             unsigned* done, unsigned wrap, int s, int c, unsigned char* sm) {
+    if (e.rank > 0) {  // uniform over the block
+        const int k_begin = c * p.kchunk;
+        const int k_end = min(p.hi, k_begin + p.kchunk);
+        float* out = p.partial + ((long long)(s * p.ksplit + c) * p.T) * p.table.max_rank;
+        shrink_decode_item<BF16>(p.x, p.x_stride, p.hi, p.table.max_rank, w, e, k_begin, k_end, out,
+                                 reinterpret_cast<int*>(sm), reinterpret_cast<u16*>(sm + FUSED_SMEM_HEAD));
+    }
+    // publish: the barrier orders every thread's partial stores before thread 0's release, which
+    // carries them to the waiting expand blocks (cumulativity); fire and forget, nothing waits here
+    __syncthreads();
+    if (threadIdx.x == 0) red_inc(done, wrap, true);
+}
+
+// Waits until the item's ksplit shrink blocks have counted in, then counts this block in too.
+__device__ __forceinline__ void fused_wait(unsigned* done, unsigned wrap, int ksplit) {
+    if (threadIdx.x == 0) {
+        while (ld_acquire(reinterpret_cast<const int*>(done)) < ksplit) __nanosleep(32);
+        red_inc(done, wrap, false);  // past its last reader the count wraps to 0
+    }
+    __syncthreads();
+}
+
+template <bool BF16>
+__device__ __forceinline__ void fused_expand(const FusedArgs& p, const WorkItem& w, const AdapterEntry& e,
+                                             unsigned* done, unsigned wrap, int s, int g, unsigned char* sm) {
+    const int off = p.slices.out_offset[s], ho = p.slices.out_size[s];
+    const int o0 = g * p.col_steps * FUSED_COLS;  // < ho: a slice has only the groups it needs
+    const int R = e.rank;
+    if (R == 0) {  // nothing to add; the count still needs this block
+        fused_wait(done, wrap, p.ksplit);
+        return;
+    }
+    const int nt = min(DECODE_TOKENS, w.count);
+    const int rc = (R + 7) & ~7, nq = rc / 8;
+    const int pitch = fused_row_chunks(rc) * 8;  // halves
+    const int rc_max = (p.table.max_rank + 7) & ~7;
+    int* tokens = reinterpret_cast<int*>(sm);
+    float* su = reinterpret_cast<float*>(sm + FUSED_SMEM_HEAD);
+    u16* bs = reinterpret_cast<u16*>(sm + FUSED_SMEM_HEAD + DECODE_TOKENS * rc_max * 4);
+    const int o_end = min(ho, o0 + p.col_steps * FUSED_COLS);
+    const int nsteps = (o_end - o0 + FUSED_COLS - 1) / FUSED_COLS;
+    const bool vec = (R % 8 == 0) && ((reinterpret_cast<u64>(e.b) & 15) == 0);
+    if (threadIdx.x < nt) tokens[threadIdx.x] = w.tokens[threadIdx.x];
+    // B rows of step j into stage j & 1: one contiguous run of ncols * R halves of B
+    auto stage = [&](int j) {
+        if (j < nsteps) {
+            const int c0 = o0 + j * FUSED_COLS;
+            const int ncols = min(FUSED_COLS, o_end - c0);
+            u16* dst = bs + (j & 1) * FUSED_COLS * pitch;
+            const u16* src = e.b + (long long)c0 * R;
+            for (int idx = threadIdx.x; idx < ncols * nq; idx += LMX_THREADS) {
+                const int col = idx / nq, q = idx - col * nq;
+                if (vec) {
+                    cp_async16(dst + col * pitch + q * 8, src + (long long)idx * 8);
+                } else {
+                    u16 v[8];
+                    load8(src + (long long)col * R, q * 8, R, false, v);
+                    *reinterpret_cast<uint4*>(dst + col * pitch + q * 8) = pack8(v);
+                }
+            }
+        }
+        cp_async_commit();  // one group a step, empty or not: the wait below counts them
+    };
+    stage(0);
+    stage(1);
+    __syncthreads();  // tokens
+    u16 yv[DECODE_TOKENS], yn[DECODE_TOKENS];
+    u16 sv = 0, sn = 0;
+    auto load_y = [&](int j, u16* yo, u16& so) {
+        const int o = o0 + j * FUSED_COLS + threadIdx.x;
+        const bool live = j < nsteps && o < o_end;
+#pragma unroll
+        for (int t = 0; t < DECODE_TOKENS; ++t)
+            yo[t] = (live && t < nt) ? p.y[(long long)tokens[t] * p.y_stride + off + o] : (u16)0;
+        so = (live && e.scale) ? e.scale[o] : (u16)0;
+    };
+    load_y(0, yv, sv);  // y does not depend on the shrink: in flight during the wait
+    fused_wait(done, wrap, p.ksplit);
+    // u = the item's partials summed over the splits (same order as the two-kernel expand)
+    const float* part = p.partial + (long long)s * p.ksplit * p.T * p.table.max_rank;
+    for (int idx = threadIdx.x; idx < nt * rc; idx += LMX_THREADS) {
+        const int i = idx / rc, r = idx - i * rc;
+        float v = 0.f;
+        if (r < R) {
+            const long long t = tokens[i];
+#pragma unroll 16
+            for (int c = 0; c < p.ksplit; ++c) v += ld_cg(part + ((long long)c * p.T + t) * p.table.max_rank + r);
+        }
+        su[i * rc + r] = v;
+    }
+    for (int j = 0; j < nsteps; ++j) {
+        cp_async_wait1();  // every group but the newest is in: step j's tile
+        __syncthreads();   // ... for every thread's copies (and su, the first time)
+        load_y(j + 1, yn, sn);
+        const int o = o0 + j * FUSED_COLS + threadIdx.x;
+        if (o < o_end) {
+            const u16* brow = bs + (j & 1) * FUSED_COLS * pitch + threadIdx.x * pitch;
+            float acc[DECODE_TOKENS];
+#pragma unroll
+            for (int t = 0; t < DECODE_TOKENS; ++t) acc[t] = 0.f;
+            for (int q = 0; q < nq; ++q) {
+                u16 bv[8];
+                unpack8(*reinterpret_cast<const uint4*>(brow + q * 8), bv);
+                float bf[8];
+#pragma unroll
+                for (int k = 0; k < 8; ++k) bf[k] = to_f32<BF16>(bv[k]);
+#pragma unroll
+                for (int t = 0; t < DECODE_TOKENS; ++t) {
+                    if (t < nt) {
+                        const float* ur = su + t * rc + q * 8;
+#pragma unroll
+                        for (int k = 0; k < 8; ++k) acc[t] += ur[k] * bf[k];
+                    }
+                }
+            }
+            const float sc = to_f32<BF16>(sv);
+#pragma unroll
+            for (int t = 0; t < DECODE_TOKENS; ++t) {
+                if (t < nt) {
+                    float v = to_f32<BF16>(yv[t]) + acc[t];
+                    if (e.scale) v *= sc;
+                    p.y[(long long)tokens[t] * p.y_stride + off + o] = from_f32<BF16>(v);
+                }
+            }
+        }
+        __syncthreads();  // stage j & 1 is read: step j + 2 may land in it
+        stage(j + 2);
+#pragma unroll
+        for (int t = 0; t < DECODE_TOKENS; ++t) yv[t] = yn[t];
+        sv = sn;
+    }
+    asm volatile("cp.async.wait_all;" ::: "memory");
+}
+
+// Expand blocks of slice s for one item: its column span in col_steps x 256-column groups.
+__device__ __forceinline__ int fused_col_groups(const FusedArgs& p, int s) {
+    return ((p.slices.out_size[s] + FUSED_COLS - 1) / FUSED_COLS + p.col_steps - 1) / p.col_steps;
+}
+
+template <bool BF16>
+__device__ void fused_decode(const FusedArgs& p) {
+    extern __shared__ __align__(16) unsigned char fsm[];
+    __shared__ int role;
+    // block -> (slice, item). The first S * max_items * ksplit blocks are ksplit per (slice, item),
+    // the rest col_groups(s) per (slice, item), slice by slice: blocks dispatch roughly in index
+    // order, so every item's shrink runs first on the whole GPU and the expand blocks, which wait,
+    // come after (measured: interleaving each item's expand blocks with its shrink blocks held SM
+    // slots with waiting blocks and was up to 1.3x slower at 32 adapters). The role itself comes
+    // from the group's ticket, whatever the dispatch order.
+    int b = blockIdx.x, s = 0, item;
+    const int n_shrink = p.slices.count * p.max_items * p.ksplit;
+    if (b < n_shrink) {
+        s = b / (p.max_items * p.ksplit);
+        item = (b - s * p.max_items * p.ksplit) / p.ksplit;
+    } else {
+        b -= n_shrink;
+        int per = p.max_items * fused_col_groups(p, 0);
+        while (b >= per) {
+            b -= per;
+            if (++s >= p.slices.count) return;  // past the last slice: cannot happen for the launcher's grid
+            per = p.max_items * fused_col_groups(p, s);
+        }
+        item = b / fused_col_groups(p, s);
+    }
+    const int group = p.ksplit + fused_col_groups(p, s);
+    const WorkItem w = work_item(p.segments, p.max_items, p.T, item);
+    if (w.count == 0) return;  // no such item in this step: the whole group leaves, touching nothing
+    int* ws = fused_workspace(p.segments, p.max_items, p.T, p.table.num_slots) +
+              LMX_FUSED_WS_WORDS * (s * p.max_items + item);
+    // ws[0]: the group's next ticket, ws[1]: its completion count. Both wrap to 0 at the group's
+    // size (atomicInc), so the group leaves them zeroed with no reset pass: every block of it bumps
+    // each once (the expand blocks only once they have seen the shrink's count complete).
+    const unsigned wrap = (unsigned)group - 1;
+    if (threadIdx.x == 0) role = (int)atomicInc(reinterpret_cast<unsigned*>(&ws[0]), wrap);
+    const AdapterEntry e = read_entry(p.table, w.slot, p.slices.module_id[s]);  // same trip
+    __syncthreads();
+    unsigned* done = reinterpret_cast<unsigned*>(&ws[1]);
+    if (role < p.ksplit) {
+        fused_shrink<BF16>(p, w, e, done, wrap, s, role, fsm);
+    } else {
+        fused_expand<BF16>(p, w, e, done, wrap, s, role - p.ksplit, fsm);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_fused_decode_bf16(const FusedArgs p) { fused_decode<true>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_fused_decode_f16(const FusedArgs p) { fused_decode<false>(p); }

@@ -1,0 +1,138 @@
+"""The fused decode kernel (cuda/lora_fused.cu: shrink and expand of a lora_apply in one launch,
+blocks taking roles by ticket, expand blocks waiting on per-item completion counters) against the
+float64 oracle and against the two-kernel path it replaces: mixed and odd ranks, rank-0 entries,
+no-adapter rows, DoRA scales, several slices, odd widths, fp16 and bf16; rows bit for bit the same
+as the two-kernel path at the same split and whatever the token order; its workspace left zeroed
+after every launch, so graph replays need no memset."""
+
+import random
+from dataclasses import replace
+
+import pytest
+import torch
+
+from kernel_fixtures import oracle_apply, rel_err
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+if torch.cuda.is_available():
+    from loramux.ops import kernels
+
+from test_kernels import QKV, TOL, _case  # noqa: E402
+
+DEV = "cuda"
+KNOBS = ("LORAMUX_EXPAND_DECODE", "LORAMUX_EXPAND_OPT", "LORAMUX_EXPAND_TILE_COLS", "LORAMUX_SHRINK_TARGET_BLOCKS",
+         "LORAMUX_TUNING", "LORAMUX_DECODE_FUSED", "LORAMUX_FUSED_EXPAND_BLOCKS")
+RANKS = [8, 16, 1, 0, 64, 7, 24, 33]  # <= 64: the fused kernel's ranks
+ODD = [(1, 100, 37), (2, 100, 300)]  # widths the 16-byte paths cannot take
+DORA = [(7, 1536, 576), (5, 1536, 576)]
+
+
+def _env(monkeypatch, **env):
+    for k in KNOBS:
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, str(v))
+
+
+def _apply(ad, x, y0, sot, widths, meta=None):
+    y = y0.clone()
+    kernels.lora_apply(x, y, meta or ad.meta(sot), 1, [w[0] for w in widths], [w[2] for w in widths])
+    torch.cuda.synchronize()
+    return y
+
+
+def _check(ad, slots, x, y0, y, widths):
+    want = oracle_apply(ad, x, y0, slots, 1, [w[0] for w in widths], [w[2] for w in widths])
+    assert torch.isfinite(y).all()
+    untouched = [t for t, s in enumerate(slots) if s < 0]
+    if untouched:
+        assert torch.equal(y[untouched], y0[untouched]), "no-adapter rows changed"
+    assert rel_err(y, want, y0) < TOL[x.dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T", [1, 5, 8, 9, 33, 64])
+@pytest.mark.parametrize("widths", [QKV, ODD], ids=["qkv", "odd"])
+def test_fused_matches_the_oracle_and_the_two_kernel_path_bit_for_bit(monkeypatch, dtype, T, widths):
+    """Same split (shrink target) on both paths: same partials, same summation order per token."""
+    ad, slots, x, y0, sot = _case(T * 7 + len(widths), dtype, T, widths, ranks=RANKS, max_rank=64)
+    _env(monkeypatch, LORAMUX_TUNING="off", LORAMUX_SHRINK_TARGET_BLOCKS=528, LORAMUX_DECODE_FUSED=1)
+    fused = _apply(ad, x, y0, sot, widths)
+    _check(ad, slots, x, y0, fused, widths)
+    _env(monkeypatch, LORAMUX_TUNING="off", LORAMUX_SHRINK_TARGET_BLOCKS=528, LORAMUX_DECODE_FUSED=0,
+         LORAMUX_EXPAND_DECODE="grouped", LORAMUX_EXPAND_OPT="1")
+    assert torch.equal(fused, _apply(ad, x, y0, sot, widths))
+
+
+@pytest.mark.parametrize("T", [3, 40])
+@pytest.mark.parametrize("expand_blocks", [1, 396, 100000])
+def test_dora_rows_and_every_column_span(monkeypatch, T, expand_blocks):
+    """One expand block streaming every column step, the default, and one step a block."""
+    _env(monkeypatch, LORAMUX_TUNING="off", LORAMUX_DECODE_FUSED=1, LORAMUX_FUSED_EXPAND_BLOCKS=expand_blocks)
+    ad, slots, x, y0, sot = _case(11 + T, torch.bfloat16, T, DORA, ranks=[16, 8, 4, 32], dora_every=2, max_rank=32)
+    _check(ad, slots, x, y0, _apply(ad, x, y0, sot, DORA), DORA)
+
+
+@pytest.mark.parametrize("T", [1, 17, 64])
+def test_token_order_does_not_change_a_fused_row(monkeypatch, T):
+    _env(monkeypatch, LORAMUX_TUNING="off", LORAMUX_DECODE_FUSED=1)
+    ad, slots, x, y0, sot = _case(900 + T, torch.bfloat16, T, QKV, ranks=[8, 16, 64, 0, 32], contiguous=True,
+                                  max_rank=64)
+    y_sorted = _apply(ad, x, y0, sot, QKV)
+    perm = torch.randperm(T, generator=torch.Generator().manual_seed(T)).to(DEV)
+    y_perm = _apply(ad, x[perm].contiguous(), y0[perm].contiguous(), sot[perm].contiguous(), QKV)
+    assert torch.equal(y_perm, y_sorted[perm])
+    _check(ad, slots, x, y0, y_sorted, QKV)
+
+
+def test_workspace_is_left_zeroed_and_reused_by_every_apply_of_a_step(monkeypatch):
+    _env(monkeypatch, LORAMUX_TUNING="off", LORAMUX_DECODE_FUSED=1)
+    T = 48
+    ad, slots, x, y0, sot = _case(5, torch.bfloat16, T, QKV, ranks=RANKS, max_rank=64)
+    num_slots = ad.table.shape[0]
+    meta = replace(ad.meta(sot), segments=kernels.segments(sot, num_slots))
+    m = (meta.segments.numel() - 4 - T - num_slots) // 19
+    ws = 4 + 3 * m + T + num_slots
+    assert ws + 2 * 8 * m == meta.segments.numel()
+    y = y0.clone()
+    for _ in range(3):  # each apply reads the counters the previous one left
+        kernels.lora_apply(x, y, meta, 1, [1, 2, 3], [576, 192, 192])
+        torch.cuda.synchronize()
+        assert not meta.segments[ws:].any(), "the fused kernel left its workspace dirty"
+    want = y0
+    for _ in range(3):
+        want = oracle_apply(ad, x, want, slots, 1, [1, 2, 3], [576, 192, 192]).to(x.dtype).to(DEV)
+    assert rel_err(y, want.double().cpu(), y0) < 3e-2
+
+
+def test_graph_replays_with_new_mappings_need_no_memset(monkeypatch):
+    _env(monkeypatch, LORAMUX_TUNING="off", LORAMUX_DECODE_FUSED=1)
+    T, widths = 32, [(1, 1024, 1024), (2, 1024, 256)]
+    ad, _, x, y0, sot = _case(17, torch.bfloat16, T, widths, ranks=[16, 8, 32, 4, 64, 16], num_slots=6, max_rank=64)
+    static_sot, static_y = sot.clone(), y0.clone()
+    mids, sizes = [1, 2], [1024, 256]
+
+    def step():
+        meta = replace(ad.meta(static_sot), segments=kernels.segments(static_sot, ad.table.shape[0]))
+        kernels.lora_apply(x, static_y, meta, 1, mids, sizes)
+        kernels.lora_apply(x, static_y, meta, 1, mids[:1], sizes[:1])
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        step()
+    rng = random.Random(4)
+    for distinct in (1, 6, 3, 6):
+        new = [rng.randrange(distinct) if rng.random() > 0.2 else -1 for _ in range(T)]
+        static_sot.copy_(torch.tensor(new, dtype=torch.int32))
+        static_y.copy_(y0)
+        g.replay()
+        torch.cuda.synchronize()
+        once = oracle_apply(ad, x, y0, new, 1, mids, sizes)
+        twice = oracle_apply(ad, x, once.to(x.dtype).to(DEV), new, 1, mids[:1], sizes[:1])
+        assert rel_err(static_y, twice, y0) < 3e-2, distinct
