@@ -335,3 +335,24 @@ def test_health_is_open_and_metrics_report_requests_tokens_latency_queue_and_cac
                  "loramux_cache_device_bytes_used"):
         assert name in m, name
     assert m["loramux_cache_host_bytes"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_the_decode_graphs_are_captured_at_start_up(files):
+    """`loramux serve` on a GPU captures every decode-step graph before it answers (and says so);
+    with --no-graph-capture it captures them as steps need them; both answer alike, streamed."""
+    root = files["root"]
+    answers, logs = [], []
+    for extra in ([], ["--no-graph-capture"]):
+        proc = ServerProcess([files["model"], "--device", "cuda", "--adapter", f"a1={root / 'a1'}", *extra], api_key=KEY)
+        try:
+            client = openai.OpenAI(base_url=proc.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+            answers.append([_complete(client, m, stream, max_tokens=12, temperature=0.0)[:2]
+                            for m in ("a1", BASE) for stream in (False, True)])
+            logs.append(proc.output())
+        finally:
+            proc.stop()
+    assert "decode-step CUDA graphs captured" in logs[0] and "captured" not in logs[1]
+    assert answers[0] == answers[1]
+    assert all(finish == "length" and text for text, finish in answers[0])
