@@ -1,7 +1,9 @@
 """The CPU LoRA paths side by side: the grouped reference (a few torch ops per adapter and slice)
-against stacking the batch's adapters (one masked GEMM pair per slice), per token count, over
-SmolLM2-135M's projection shapes and the serving benchmark's adapters (ranks 8 and 16), tokens in
-random order, one BatchMeta (as a step shares it across layers); stacks built (cold) and reused (warm, a later step of the batch). Decides loramux.ops.stacked.MAX_TOKEN_RANKS. JSON lines on stdout.
+against loramux.ops.stacked (adapters stacked, tokens grouped by adapter: one bmm per side), per
+token count, over SmolLM2-135M's projection shapes and the serving benchmark's adapters (ranks 8
+and 16), tokens in random order, one BatchMeta (as a step shares it across layers); stacks built
+(cold) and reused (warm, a later step over the same adapters). Decides loramux.ops.stacked's
+MAX_TOKENS. JSON lines on stdout.
 
     python benchmarks/cpu_lora.py [--adapters 8] [--tokens 1,8,32,64,128,256,512]
 """
@@ -12,28 +14,17 @@ import argparse
 import dataclasses
 import json
 import platform
-import time
 
 import torch
 
-from _common import random_adapter, resident_adapters
+from _common import median_seconds, random_adapter, resident_adapters
 
 import loramux
 from loramux.ops import reference, stacked
 
 # SmolLM2-135M: hidden 576, 9 heads of 64, 3 KV heads, FFN 1536
 SMOLLM2 = dict(hidden_size=576, num_heads=9, num_kv_heads=3, head_dim=64, ffn_size=1536)
-SLICES = {"q|k|v": ([1, 2, 3], None), "gate|up": ([5, 6], None), "down": ([7], None)}
-
-
-def seconds(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+SLICES = {"q|k|v": [1, 2, 3], "gate|up": [5, 6], "down": [7]}
 
 
 def main() -> None:
@@ -51,7 +42,7 @@ def main() -> None:
         # every ninth token without an adapter, as in benchmarks/serving.py's workload
         which = torch.randint(0, args.adapters, (tokens,), generator=gen).tolist()
         which = [None if i % 9 == 8 else a for i, a in enumerate(which)]
-        for name, (ids, _) in SLICES.items():
+        for name, ids in SLICES.items():
             dims = [spec.module_dims(m) for m in ids]
             hi, sizes = dims[0][0], [ho for _, ho in dims]
             x = torch.randn(tokens, hi, generator=gen)
@@ -72,9 +63,10 @@ def main() -> None:
             def stacked_warm():  # later steps over the same adapters: stacks reused
                 stacked.apply(x, y, warm, 0, ids, sizes)
 
-            row = {"kind": "cpu_lora", "tokens": tokens, "adapters": args.adapters, "slices": name,
-                   "grouped_us": seconds(grouped, args.reps) * 1e6, "stacked_cold_us": seconds(stacked_cold, args.reps) * 1e6, "stacked_us": seconds(stacked_warm, args.reps) * 1e6,
-                   "token_ranks": tokens * len({a for a in which if a is not None}) * spec.max_rank,
+            timed = {key: median_seconds(fn, reps=args.reps, device="cpu") * 1e6 for key, fn in
+                     (("grouped_us", grouped), ("stacked_cold_us", stacked_cold), ("stacked_us", stacked_warm))}
+            row = {"kind": "cpu_lora", "tokens": tokens, "adapters": args.adapters, "slices": name, **timed,
+                   "stacked_serves": stacked.serves(meta, tokens),
                    "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine()}
             row["grouped_over_stacked"] = row["grouped_us"] / row["stacked_us"]
             print(json.dumps(row), flush=True)

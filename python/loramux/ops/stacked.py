@@ -21,7 +21,7 @@ __all__ = ["serves", "apply"]
 # Grouping pads every adapter's tokens to the largest group, and the stacks hold a float32 copy of
 # the batch's adapters (one per layer and apply, kept while the batch's adapters repeat). Measured on
 # a 2-core CPU over SmolLM2-135M's shapes with 8 adapters (benchmarks/cpu_lora.py): stacked beats the
-# grouped reference 3-6x at 1..256 tokens and 1.3-2x at 1024; it loses where padding dominates.
+# grouped reference 1.3-6.6x at 1..256 tokens and 1.3-2x at 1024; it loses where padding dominates.
 MAX_TOKENS = 1024
 MAX_ADAPTERS = 64
 MAX_PADDING = 2.0  # padded rows (adapters x largest group) over tokens with an adapter
@@ -47,8 +47,7 @@ class _Stack:
         r = meta.max_rank
         device = meta.pool.device
         self.a = torch.zeros(len(groups), hi, len(module_ids) * r, dtype=torch.float32, device=device)
-        self.slices: List[Tuple[int, int, int, torch.Tensor, Optional[torch.Tensor]]] = []
-        self.empty = True
+        self.slices: List[Tuple[int, int, int, torch.Tensor, Optional[torch.Tensor]]] = []  # empty: nothing to add
         c0 = 0
         for s, (mid, ho) in enumerate(zip(module_ids, out_sizes)):
             b = torch.zeros(len(groups), r, ho, dtype=torch.float32, device=device)
@@ -68,7 +67,6 @@ class _Stack:
                     scales[g] = pool_matrix(meta, entry[SCALE_ADDR], 1, ho)[0]
             if used:
                 self.slices.append((c0, ho, s * r, b, scales))
-                self.empty = False
             c0 += ho
 
 
@@ -86,7 +84,7 @@ def apply(x: torch.Tensor, y: torch.Tensor, meta: BatchMeta, layer: int, module_
           out_sizes: Sequence[int]) -> None:
     """y[:, slice s] += x @ A^T @ B^T per token's adapter, in place; DoRA rows: y = scale * (y + ...)."""
     stack = _stack(meta, layer, module_ids, x.shape[1], out_sizes)
-    if stack.empty:
+    if not stack.slices:
         return
     index, gather, place = meta.adapter_rows
     r = meta.max_rank
