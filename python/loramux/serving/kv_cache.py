@@ -13,8 +13,10 @@ on the CPU they grow (rows and capacity, doubling) up to the budget as requests 
 
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 
@@ -76,11 +78,11 @@ class RowKVCache:
         if rows <= self.rows_alloc and length <= self.capacity:
             return
         want_rows, want_len = max(rows, self.rows_alloc), max(length, self.capacity)
-        # doubling keeps regrowth rare; fall back to the exact size when doubling would pass the budget
-        grown_rows = min(self.max_rows, max(want_rows, 2 * self.rows_alloc if rows > self.rows_alloc else want_rows))
-        grown_len = min(self.max_seq_len, max(want_len, 2 * self.capacity if length > self.capacity else want_len))
-        if grown_rows * grown_len * self.bytes_per_token > self.budget_bytes:
-            grown_rows, grown_len = want_rows, want_len
+        # A reservation costs only the pages later written (_zeroed), while each regrowth copies every
+        # row: reserve generously within the budget (every row where it allows, twice the length).
+        per_token = self.bytes_per_token
+        grown_rows = self.max_rows if self.max_rows * want_len * per_token <= self.budget_bytes else want_rows
+        grown_len = min(self.max_seq_len, max(want_len, 2 * self.capacity), self.budget_bytes // (grown_rows * per_token))
         old_k, old_v, old_rows, old_cap = self.keys, self.values, self.rows_alloc, self.capacity
         self._allocate(grown_rows, grown_len)
         for new, old in zip(self.keys + self.values, old_k + old_v):
@@ -90,9 +92,18 @@ class RowKVCache:
         # zeros, not empty: a masked position still enters attention as (weight 0) x value, and
         # uninitialized memory may hold NaN
         shape = (rows, self.heads, capacity, self.head_dim)
-        self.keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.layers)]
-        self.values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.layers)]
+        self.keys = [self._zeroed(shape) for _ in range(self.layers)]
+        self.values = [self._zeroed(shape) for _ in range(self.layers)]
         self.rows_alloc, self.capacity = rows, capacity
+
+    def _zeroed(self, shape: Tuple[int, ...]) -> torch.Tensor:
+        if self.device.type != "cpu" or 0 in shape:
+            return torch.zeros(shape, dtype=self.dtype, device=self.device)
+        # calloc (numpy's zeros) takes large blocks fresh from the OS, already zero: no page is
+        # touched until written, where torch.zeros writes every byte of a reservation up front
+        # (8 s of a 60 s CPU serving run, measured with py-spy)
+        nbytes = math.prod(shape) * torch.tensor([], dtype=self.dtype).element_size()
+        return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(self.dtype).view(shape)
 
     def move_row(self, src: int, dst: int, length: int) -> None:
         """Copies the first `length` positions of row `src` into row `dst` (compaction)."""
