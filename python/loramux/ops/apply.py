@@ -1,7 +1,8 @@
 """The LoRA batch ops: lora_shrink (x -> u), lora_expand (u -> y, in place) and lora_apply (both),
 one adapter per token. CUDA tensors take the kernels (loramux.ops.kernels) when they take the case;
 everything else takes torch: lora_apply on a decode-size batch stacks its adapters
-(loramux.ops.stacked), the rest is the grouped reference (loramux.ops.reference)."""
+(loramux.ops.stacked), on a longer one runs a GEMM per adapter (loramux.ops.per_adapter);
+lora_shrink and lora_expand alone are the grouped reference (loramux.ops.reference)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Callable, Sequence, Tuple
 
 import torch
 
-from loramux.ops import reference, stacked
+from loramux.ops import per_adapter, reference, stacked
 from loramux.ops.batch_meta import BatchMeta
 
 try:  # the CUDA kernels are optional: absent on builds without them, the reference serves CUDA too
@@ -83,13 +84,13 @@ def lora_apply(
     if _use_kernels(x, meta, len(module_ids)):
         _kernels.lora_apply(x, y, meta, layer, module_ids, out_sizes)
         return
+    _check(x, meta, layer)
+    _check(y, meta, layer)
+    _check_out_sizes(y, module_ids, out_sizes)
     if stacked.serves(meta, x.shape[0]):
-        _check(x, meta, layer)
-        _check(y, meta, layer)
-        _check_out_sizes(y, module_ids, out_sizes)
         stacked.apply(x, y, meta, layer, module_ids, out_sizes)
-        return
-    lora_expand(lora_shrink(x, meta, layer, module_ids), y, meta, layer, module_ids, out_sizes)
+    else:
+        per_adapter.apply(x, y, meta, layer, module_ids, out_sizes)
 
 
 def _side_stream(device: torch.device) -> "torch.cuda.Stream":

@@ -36,6 +36,19 @@ class BatchMeta:
         return token_groups(self.slot_of_token)
 
     @cached_property
+    def token_runs(self) -> List[List[Tuple[int, int]]]:
+        """Per token group, its tokens as runs of consecutive indices [(start, stop)]."""
+        runs = []
+        for _, sel in self.token_groups:
+            if isinstance(sel, slice):
+                runs.append([(sel.start, sel.stop)])
+                continue
+            idx = sel.tolist()
+            cuts = [i for i in range(1, len(idx)) if idx[i] != idx[i - 1] + 1]
+            runs.append([(idx[a], idx[b - 1] + 1) for a, b in zip([0] + cuts, cuts + [len(idx)])])
+        return runs
+
+    @cached_property
     def slot_entries(self) -> Dict[int, list]:
         """slot -> table[slot] as nested lists [layer][module_id] = entry (loramux.layout.ENTRY_FIELDS)."""
         slots = [slot for slot, _ in self.token_groups]

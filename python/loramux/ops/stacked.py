@@ -27,12 +27,19 @@ MAX_ADAPTERS = 64
 MAX_PADDING = 2.0  # padded rows (adapters x largest group) over tokens with an adapter
 
 
+# Tokens in runs this long on average (packed prompts) take loramux.ops.per_adapter, which adds
+# each run in place: 2-10x faster there (benchmarks/cpu_lora.py --order prompts).
+MIN_MEAN_RUN = 8
+
+
 def serves(meta: BatchMeta, tokens: int) -> bool:
     """Whether stacking is the cheaper way to apply this batch's adapters to `tokens` tokens."""
     groups = meta.token_groups
     if tokens > MAX_TOKENS or not 0 < len(groups) <= MAX_ADAPTERS:
         return False
     sizes = [(sel.stop - sel.start) if isinstance(sel, slice) else sel.numel() for _, sel in groups]
+    if sum(sizes) >= MIN_MEAN_RUN * sum(len(runs) for runs in meta.token_runs):
+        return False
     return len(groups) * (max(sizes) + 1) <= MAX_PADDING * (sum(sizes) + len(groups))
 
 
