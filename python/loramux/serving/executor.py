@@ -25,6 +25,7 @@ from loramux.serving.handle import RequestHandle
 from loramux.serving.kv_cache import RowKVCache, model_positions
 from loramux.serving.metrics import Metrics
 from loramux.serving.model_step import ModelStep
+from loramux.serving.openmp_workers import release_this_threads_workers
 from loramux.serving.request import Delta, Request, Result
 from loramux.serving.sampling import choose, new_generator
 from loramux.serving.scheduler import AdapterGate, Scheduler
@@ -141,6 +142,9 @@ class Executor:
             self._incoming.append(Sequence(request, handle, self.tokenizer))
             self._unreturned.append(handle)
             self._wake.notify_all()
+            background = self._thread is not None and self._thread is not threading.current_thread()
+        if background:
+            release_this_threads_workers()  # torch work here since start() would slow the loop thread
         self._metrics.add(requests_submitted=1)
         return handle
 
@@ -163,6 +167,9 @@ class Executor:
                 raise RuntimeError("this executor's loop is already running")
             self._stopping = self._cancel_on_stop = False
             self._thread = threading.Thread(target=self._loop, name="loramux-executor", daemon=True)
+        # this thread's idle OpenMP workers (it loaded the model) would make every parallel CPU op of
+        # the loop thread sleep and wake its own (serving/openmp_workers.py)
+        release_this_threads_workers()
         self._thread.start()
 
     def close(self, cancel: bool = False) -> None:
