@@ -227,6 +227,23 @@ pub fn decode_is_fused(tokens: usize, max_rank: usize, tuning: &Tuning) -> bool 
     }
 }
 
+/// Whether the fused decode kernel is launched as a programmatic dependent of the kernel before it
+/// (sm_90): its launch and block dispatch overlap that kernel's tail, and it waits in-kernel
+/// (griddepcontrol.wait) before reading anything. `LORAMUX_FUSED_PDL=0` launches it plainly.
+pub fn fused_is_dependent() -> bool {
+    std::env::var("LORAMUX_FUSED_PDL").as_deref() != Ok("0")
+}
+
+/// Ranks up to this may take the fused kernel's 4-blocks-an-SM instantiation (its shared memory,
+/// 41 KB at rank 32, lets 4 blocks reside; 74 KB at rank 64 does not).
+pub const FUSED_M4_MAX_RANK: usize = 32;
+
+/// Whether the fused launch takes the 4-blocks-an-SM instantiation (`_m4`: 64 registers, a few
+/// spilled) rather than the 3-blocks one (80 registers): `LORAMUX_FUSED_BLOCKS_PER_SM=4|3`.
+pub fn fused_takes_m4(max_rank: usize) -> bool {
+    max_rank <= FUSED_M4_MAX_RANK && std::env::var("LORAMUX_FUSED_BLOCKS_PER_SM").as_deref() == Ok("4")
+}
+
 /// Launch geometry of the fused decode kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FusedPlan {
