@@ -26,7 +26,7 @@ done
 MEMCHECKS=${MEMCHECKS:-"segments fused kernels"}
 has memcheck && [[ " $MEMCHECKS " == *" segments "* ]] && ( timeout ${TEST_S:-130} compute-sanitizer --tool memcheck --error-exitcode 9 python -m pytest -q -m gpu -p no:cacheprovider tests/test_segments.py > $LOGS/memcheck_segments.log 2>&1
   echo "memcheck segments rc=$? $(tail -1 $LOGS/memcheck_segments.log)" ) &
-has memcheck && [[ " $MEMCHECKS " == *" fused "* ]] && ( timeout ${TEST_S:-130} compute-sanitizer --tool memcheck --error-exitcode 9 python -m pytest -q -m gpu -p no:cacheprovider tests/test_fused.py > $LOGS/memcheck_fused.log 2>&1
+has memcheck && [[ " $MEMCHECKS " == *" fused "* ]] && ( timeout ${TEST_S:-130} compute-sanitizer --tool memcheck --error-exitcode 9 python -m pytest -q -m gpu -p no:cacheprovider tests/test_fused.py ${MEMCHECK_FUSED_K:+-k "$MEMCHECK_FUSED_K"} > $LOGS/memcheck_fused.log 2>&1
   echo "memcheck fused rc=$? $(tail -1 $LOGS/memcheck_fused.log)" ) &
 has memcheck && [[ " $MEMCHECKS " == *" kernels "* ]] && ( timeout ${TEST_S:-130} compute-sanitizer --tool memcheck --error-exitcode 9 python -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py -k "${MEMCHECK_K:-odd or dora or standalone or every_adapter_token}" > $LOGS/memcheck_kernels.log 2>&1
   echo "memcheck kernels rc=$? $(tail -1 $LOGS/memcheck_kernels.log)" ) &
@@ -55,7 +55,7 @@ if has ab; then
   timeout ${AB_S:-150} python benchmarks/decode_ab.py --variants ${AB_VARIANTS:-fused,plain,m4} --batches ${AB_BATCHES:-32,64,1,16} --out $OUT/ab.json > $LOGS/ab.txt 2>&1
   echo "ab rc=$? at $(elapsed) s"; grep -E '^T=' $LOGS/ab.txt | sed -E 's/.rel_diff_vs_first.: ([0-9.e-]+),/d=\1/'
 fi
-if has ncu; then
+if has ncu && [ $(elapsed) -lt ${NCU_IF_BEFORE:-420} ]; then
   timeout ${NCU_S:-90} ncu --clock-control none --kernel-name regex:lora_fused --launch-count ${NCU_COUNT:-10} --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis python benchmarks/profile_case.py --decode-step > $OUT/ncu.txt 2>&1
   echo "ncu rc=$?"; grep -E "^  lora_|Duration|DRAM Throughput|Achieved Occupancy|Grid Size|Warp Cycles Per Issued" $OUT/ncu.txt | head -60
 fi
