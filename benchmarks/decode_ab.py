@@ -5,7 +5,7 @@ per layer and 4 (q|k|v and gate|up fused), at batch 1, 8, 32 and 64, for each va
 a set of environment variables the launchers read at launch: LORAMUX_EXPAND_DECODE=grouped|flat
 forces the decode expand kernel (and the shrink split that goes with it, rust/src/cuda/plan.rs),
 anything else lets the geometry choose ("auto"); the fused decode kernel's variants force it and
-change one launch knob each (plain launch, 4 blocks an SM, expand blocks, shrink split target);
+change one launch knob each (plain launch, 3/4/5 blocks an SM, expand blocks, shrink split target);
 graphs are captured under each. Also checks every variant's y against the first one's.
 
     python benchmarks/decode_ab.py --out ab.json [--variants fused,plain,m4 --batches 32,64]
@@ -37,7 +37,9 @@ VARIANTS = {
     "twokernel": {"LORAMUX_DECODE_FUSED": "0"},
     "fused": {"LORAMUX_DECODE_FUSED": "1"},
     "plain": {"LORAMUX_DECODE_FUSED": "1", "LORAMUX_FUSED_PDL": "0"},
+    "m3": {"LORAMUX_DECODE_FUSED": "1", "LORAMUX_FUSED_BLOCKS_PER_SM": "3"},
     "m4": {"LORAMUX_DECODE_FUSED": "1", "LORAMUX_FUSED_BLOCKS_PER_SM": "4"},
+    "m5": {"LORAMUX_DECODE_FUSED": "1", "LORAMUX_FUSED_BLOCKS_PER_SM": "5"},
     "xb264": {"LORAMUX_DECODE_FUSED": "1", "LORAMUX_FUSED_EXPAND_BLOCKS": "264"},
     "xb792": {"LORAMUX_DECODE_FUSED": "1", "LORAMUX_FUSED_EXPAND_BLOCKS": "792"},
     "st132": {"LORAMUX_DECODE_FUSED": "1", "LORAMUX_SHRINK_TARGET_BLOCKS": "132"},

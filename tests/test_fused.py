@@ -11,7 +11,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from kernel_fixtures import oracle_apply, rel_err
+from kernel_fixtures import captured, oracle_apply, rel_err
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -25,8 +25,10 @@ KNOBS = ("LORAMUX_EXPAND_DECODE", "LORAMUX_EXPAND_OPT", "LORAMUX_EXPAND_TILE_COL
          "LORAMUX_TUNING", "LORAMUX_DECODE_FUSED", "LORAMUX_FUSED_EXPAND_BLOCKS", "LORAMUX_FUSED_PDL",
          "LORAMUX_FUSED_BLOCKS_PER_SM")
 #: launch forms of the fused kernel that must give the same rows: the default (a programmatic
-#: dependent, 3 blocks an SM), a plain launch, the 4-blocks-an-SM instantiation (ranks <= 32)
-FORMS = {"default": {}, "plain": {"LORAMUX_FUSED_PDL": 0}, "m4": {"LORAMUX_FUSED_BLOCKS_PER_SM": 4}}
+#: dependent; 4 blocks an SM up to rank 32, 3 above), a plain launch, the 3- and 5-blocks-an-SM
+#: instantiations (the launcher keeps 3 where shared memory would not let more reside)
+FORMS = {"default": {}, "plain": {"LORAMUX_FUSED_PDL": 0}, "m3": {"LORAMUX_FUSED_BLOCKS_PER_SM": 3},
+         "m5": {"LORAMUX_FUSED_BLOCKS_PER_SM": 5}}
 RANKS = [8, 16, 1, 0, 64, 7, 24, 33]  # <= 64: the fused kernel's ranks
 ODD = [(1, 100, 37), (2, 100, 300)]  # widths the 16-byte paths cannot take
 DORA = [(7, 1536, 576), (5, 1536, 576)]
@@ -117,8 +119,8 @@ def test_workspace_is_left_zeroed_and_reused_by_every_apply_of_a_step(monkeypatc
 @pytest.mark.parametrize("T", [1, 8, 33, 64])
 @pytest.mark.parametrize("max_rank", [32, 64])
 def test_launch_forms_give_the_same_rows(monkeypatch, T, max_rank):
-    """Plain or programmatic-dependent launch, 3 or 4 blocks an SM (the latter only up to rank 32;
-    at 64 the launcher keeps 3): bit for bit the same rows, every one checked against the oracle."""
+    """Plain or programmatic-dependent launch, 3, 4 or 5 blocks an SM (more than 3 only up to rank
+    32): bit for bit the same rows, checked against the oracle."""
     ranks = [r for r in RANKS if r <= max_rank]
     ad, slots, x, y0, sot = _case(300 + T + max_rank, torch.bfloat16, T, QKV, ranks=ranks, max_rank=max_rank)
     rows = {}
@@ -136,7 +138,7 @@ def test_graph_replays_with_new_mappings_need_no_memset(monkeypatch, form):
     dependent of the builder by default), the second apply right after the first."""
     _env(monkeypatch, LORAMUX_TUNING="off", LORAMUX_DECODE_FUSED=1, **FORMS[form])
     T, widths = 32, [(1, 1024, 1024), (2, 1024, 256)]
-    max_rank = 32 if form == "m4" else 64
+    max_rank = 64 if form == "m3" else 32
     ranks = [16, 8, 32, 4, max_rank, 16]
     ad, _, x, y0, sot = _case(17, torch.bfloat16, T, widths, ranks=ranks, num_slots=6, max_rank=max_rank)
     static_sot, static_y = sot.clone(), y0.clone()
@@ -147,14 +149,7 @@ def test_graph_replays_with_new_mappings_need_no_memset(monkeypatch, form):
         kernels.lora_apply(x, static_y, meta, 1, mids, sizes)
         kernels.lora_apply(x, static_y, meta, 1, mids[:1], sizes[:1])
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        step()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        step()
+    g = captured(step)
     rng = random.Random(4)
     for distinct in (1, 6, 3, 6):
         new = [rng.randrange(distinct) if rng.random() > 0.2 else -1 for _ in range(T)]
