@@ -58,7 +58,7 @@ __device__ __forceinline__ void fused_shrink(const FusedArgs& p, const WorkItem&
         const int k_begin = c * p.kchunk;
         const int k_end = min(p.hi, k_begin + p.kchunk);
         float* out = p.partial + ((long long)(s * p.ksplit + c) * p.T) * p.table.max_rank;
-        shrink_decode_item<BF16, true>(p.x, p.x_stride, p.hi, p.table.max_rank, w, e, k_begin, k_end, out,
+        shrink_decode_item<BF16>(p.x, p.x_stride, p.hi, p.table.max_rank, w, e, k_begin, k_end, out,
                                  reinterpret_cast<const int*>(sm), reinterpret_cast<u16*>(sm + FUSED_SMEM_HEAD));
     }
     // publish: the barrier orders every thread's partial stores before thread 0's release, which

@@ -26,7 +26,7 @@ __device__ void shrink_decode(const ShrinkArgs& p) {
         const AdapterEntry e = read_entry(p.table, w.slot, module_id);
         __syncthreads();
         if (e.rank == 0) continue;  // uniform over the block
-        shrink_decode_item<BF16, false>(p.x, p.x_stride, p.hi, p.table.max_rank, w, e, k_begin, k_end, out, tokens, xs);
+        shrink_decode_item<BF16>(p.x, p.x_stride, p.hi, p.table.max_rank, w, e, k_begin, k_end, out, tokens, xs);
     }
 }
 
@@ -174,8 +174,8 @@ __device__ void shrink_reduce(const ReduceArgs& p) {
     }
 }
 
-extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_shrink_decode_bf16(const ShrinkArgs p) { shrink_decode<true>(p); }
-extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_shrink_decode_f16(const ShrinkArgs p) { shrink_decode<false>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 2) lora_shrink_decode_bf16(const ShrinkArgs p) { shrink_decode<true>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 2) lora_shrink_decode_f16(const ShrinkArgs p) { shrink_decode<false>(p); }
 extern "C" __global__ void __launch_bounds__(LMX_THREADS, 2) lora_shrink_tile_bf16(const ShrinkArgs p) { shrink_tile<true>(p); }
 extern "C" __global__ void __launch_bounds__(LMX_THREADS, 2) lora_shrink_tile_f16(const ShrinkArgs p) { shrink_tile<false>(p); }
 extern "C" __global__ void __launch_bounds__(LMX_THREADS) lora_shrink_reduce(const ReduceArgs p) { shrink_reduce(p); }

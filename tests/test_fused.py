@@ -63,9 +63,9 @@ def _check(ad, slots, x, y0, y, widths):
 @pytest.mark.parametrize("widths,target", [(QKV, 528), (ODD, 528), (QKV, 1), (WIDE, 1)],
                          ids=["qkv", "odd", "qkv-3pass", "wide-4and2pass"])
 def test_fused_matches_the_oracle_and_the_two_kernel_path_bit_for_bit(monkeypatch, dtype, T, widths, target):
-    """Same split (shrink target) on both paths: same partials, same summation order per token. The
-    fused shrink takes 8 / P rank rows a round (P passes of 256 over its chunk: 1, 2 or 4), the
-    two-kernel one 2; a split target of 1 gives chunks of 768 (576 wide) and 1024 + 512 (1536)."""
+    """Same split (shrink target) on both paths: same partials, same summation order per token. A
+    split target of 1 gives chunks of 768 (576 wide: 3 passes of 256) and 1024 + 512 (1536: 4 and 2
+    passes); 528 gives 256-element chunks."""
     ad, slots, x, y0, sot = _case(T * 7 + len(widths), dtype, T, widths, ranks=RANKS, max_rank=64)
     _env(monkeypatch, LORAMUX_TUNING="off", LORAMUX_SHRINK_TARGET_BLOCKS=target, LORAMUX_DECODE_FUSED=1)
     fused = _apply(ad, x, y0, sot, widths)
