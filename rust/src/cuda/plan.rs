@@ -238,8 +238,9 @@ pub fn fused_is_dependent() -> bool {
 /// block at rank 32, lets 4 or 5 reside; 74 KB at rank 64 only 3).
 pub const FUSED_M4_MAX_RANK: usize = 32;
 
-/// Shared memory an SM of the archs the kernels target can give its blocks (sm_80/90: 228 KB, 1 KB
-/// of it reserved per block).
+/// Shared memory an sm_90 SM gives its blocks (228 KB, 1 KB of it reserved per block). On GPUs with
+/// less (sm_80: 164 KB, sm_86/89: 100 KB) more blocks an SM than fit only cost the `_m4`/`_m5`
+/// instantiations their spills: the launch runs at the occupancy the SM allows.
 const SM_SHARED_BYTES: usize = 228 * 1024;
 
 /// Blocks an SM the fused launch is compiled for (cuda/lora_fused.cu: 3, `_m4`, `_m5`): fewer
