@@ -4,10 +4,11 @@ projections, weights beyond L2, put into a LoraCache on the GPU) captured in CUD
 per layer and 4 (q|k|v and gate|up fused), at batch 1, 8, 32 and 64, for each variant. A variant is
 a set of environment variables the launchers read at launch: LORAMUX_EXPAND_DECODE=grouped|flat
 forces the decode expand kernel (and the shrink split that goes with it, rust/src/cuda/plan.rs),
-anything else lets the geometry choose ("auto"); graphs are captured under each. Also checks every
-variant's y against the first one's.
+anything else lets the geometry choose ("auto"); the fused decode kernel's variants force it and
+change one launch knob each (plain launch, 3/4/5 blocks an SM, expand blocks, shrink split target);
+graphs are captured under each. Also checks every variant's y against the first one's.
 
-    python benchmarks/decode_ab.py --out ab.json
+    python benchmarks/decode_ab.py --out ab.json [--variants fused,plain,m4 --batches 32,64]
 """
 
 from __future__ import annotations
@@ -32,13 +33,27 @@ VARIANTS = {
     "grouped": {"LORAMUX_EXPAND_DECODE": "grouped"},
     "flat": {"LORAMUX_EXPAND_DECODE": "flat"},
     "auto": {"LORAMUX_EXPAND_DECODE": "auto"},
+    # the fused decode kernel's launch forms and geometry (rust/src/cuda/plan.rs)
+    "twokernel": {"LORAMUX_DECODE_FUSED": "0"},
+    "fused": {"LORAMUX_DECODE_FUSED": "1"},
+    "plain": {"LORAMUX_DECODE_FUSED": "1", "LORAMUX_FUSED_PDL": "0"},
+    "m3": {"LORAMUX_DECODE_FUSED": "1", "LORAMUX_FUSED_BLOCKS_PER_SM": "3"},
+    "m4": {"LORAMUX_DECODE_FUSED": "1", "LORAMUX_FUSED_BLOCKS_PER_SM": "4"},
+    "m5": {"LORAMUX_DECODE_FUSED": "1", "LORAMUX_FUSED_BLOCKS_PER_SM": "5"},
+    "xb264": {"LORAMUX_DECODE_FUSED": "1", "LORAMUX_FUSED_EXPAND_BLOCKS": "264"},
+    "xb792": {"LORAMUX_DECODE_FUSED": "1", "LORAMUX_FUSED_EXPAND_BLOCKS": "792"},
+    "st132": {"LORAMUX_DECODE_FUSED": "1", "LORAMUX_SHRINK_TARGET_BLOCKS": "132"},
+    "st528": {"LORAMUX_DECODE_FUSED": "1", "LORAMUX_SHRINK_TARGET_BLOCKS": "528"},
 }
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="ab.json")
+    ap.add_argument("--variants", default="grouped,flat,auto", help=f"comma-separated, of {', '.join(VARIANTS)}")
+    ap.add_argument("--batches", default="32,1,8,64")
     args = ap.parse_args()
+    chosen = {name: VARIANTS[name] for name in args.variants.split(",")}
     torch.set_grad_enabled(False)
     spec = llama_spec(LAYERS, RANK)
     assert all(spec.module_dims(m) == dims for m, dims in DIMS.items())
@@ -46,12 +61,12 @@ def main():
                                         for i in range(ADAPTERS)], dtype=DT, device=DEV)
     bw = copy_bandwidth()
     res = dict(gpu=torch.cuda.get_device_name(), copy_bw_gbs=bw / 1e9, lora_floor_us=adapters.value_bytes / bw * 1e6, cases={})
-    for batch in (32, 1, 8, 64):
+    for batch in (int(b) for b in args.batches.split(",")):
         meta = adapters.meta([t % ADAPTERS for t in range(batch)])
         x = {4096: torch.randn(batch, 4096, device=DEV, dtype=DT), 14336: torch.randn(batch, 14336, device=DEV, dtype=DT)}
         y0 = {w: 0.1 * torch.randn(batch, w, device=DEV, dtype=DT) for w in (1024, 4096, 6144, 14336, 28672)}
         ref = None
-        for vname, env in VARIANTS.items():
+        for vname, env in chosen.items():
             old = {k: os.environ.get(k) for k in env}
             os.environ.update(env)
             try:

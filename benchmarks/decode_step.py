@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import torch
 from _common import capture, copy_bandwidth, llama_spec, median_seconds, random_adapter, resident_adapters
@@ -158,9 +159,36 @@ def unfused_step(engine, step, slots0, ad, fused_logits):
     return out
 
 
+def variant_overheads(engine, step, slots0, ad, base_us, names):
+    """{variant: [LoRA overhead us]}: the in-order step captured under each launch variant's
+    environment (benchmarks/decode_ab.py VARIANTS), the default first and last (its spread)."""
+    from decode_ab import VARIANTS
+
+    rows = {}
+    for name in ["default", *names, "default"]:
+        env = {} if name == "default" else VARIANTS[name]
+        old = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            engine.set_batch(slots0, ad.cache.table, ad.cache.pool)
+            g, _ = capture(step, lambda: fresh_metas(engine))
+            rows.setdefault(name, []).append(median_seconds(g.replay) * 1e6 - base_us)
+            del g
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    print("overhead by variant (us):", {k: [round(u, 1) for u in v] for k, v in rows.items()}, flush=True)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="decode.json")
+    ap.add_argument("--variants", default="", help="comma-separated launch variants of benchmarks/decode_ab.py "
+                    "(e.g. plain,m4): the in-order LoRA step captured again under each, the default before and after")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     res = dict(gpu=torch.cuda.get_device_name(), batch=BATCH, adapters=ADAPTERS, rank=RANK, layers=LAYERS)
@@ -239,6 +267,8 @@ def main():
         res["graph_replay_rel_err"] = errs
 
     # after the replay check: it writes the slot tensor g_lora captured, which set_batch replaces
+    if args.variants and g_lora is not None:
+        res["overhead_variants_us"] = variant_overheads(engine, step, slots0, ad, t_base * 1e6, args.variants.split(","))
     res.update(unfused_step(engine, step, slots0, ad, eager))
     res.update(beside_step(engine, step, slots0, ad, eager))
     if "lora_beside_us" in res:

@@ -4,7 +4,10 @@
 # compute-sanitizer memcheck of the kernel and segment tests; then, alone on the GPU, the launch
 # sweep (benchmarks/tune.py, its table installed for what follows), the decode step and, when time
 # is left, the peer rows of ops.py; `ops` (not in the default STEPS) runs ops.py's grid $OPS_GRID;
-# `decode_ab` times the decode step again with every decode apply on two kernels, then fused.
+# `decode_ab` times the decode step again with every decode apply on two kernels, then fused;
+# `ab` times the step's LoRA work alone under benchmarks/decode_ab.py's variants $AB_VARIANTS;
+# `ncu` profiles the fused kernel on the decode step's applies (profile_case.py --decode-step).
+# DECODE_ARGS go to decode_step.py (e.g. "--variants plain,m4": the step under launch variants).
 # Run from a tree holding tests/, benchmarks/, pyproject.toml:
 #   WHEEL=path/to/loramux.whl COMMIT=sha bash benchmarks/gpu_tune_pass.sh      (results in $OUT)
 export PYTHONUNBUFFERED=1
@@ -23,7 +26,7 @@ done
 MEMCHECKS=${MEMCHECKS:-"segments fused kernels"}
 has memcheck && [[ " $MEMCHECKS " == *" segments "* ]] && ( timeout ${TEST_S:-130} compute-sanitizer --tool memcheck --error-exitcode 9 python -m pytest -q -m gpu -p no:cacheprovider tests/test_segments.py > $LOGS/memcheck_segments.log 2>&1
   echo "memcheck segments rc=$? $(tail -1 $LOGS/memcheck_segments.log)" ) &
-has memcheck && [[ " $MEMCHECKS " == *" fused "* ]] && ( timeout ${TEST_S:-130} compute-sanitizer --tool memcheck --error-exitcode 9 python -m pytest -q -m gpu -p no:cacheprovider tests/test_fused.py > $LOGS/memcheck_fused.log 2>&1
+has memcheck && [[ " $MEMCHECKS " == *" fused "* ]] && ( timeout ${TEST_S:-130} compute-sanitizer --tool memcheck --error-exitcode 9 python -m pytest -q -m gpu -p no:cacheprovider tests/test_fused.py ${MEMCHECK_FUSED_K:+-k "$MEMCHECK_FUSED_K"} > $LOGS/memcheck_fused.log 2>&1
   echo "memcheck fused rc=$? $(tail -1 $LOGS/memcheck_fused.log)" ) &
 has memcheck && [[ " $MEMCHECKS " == *" kernels "* ]] && ( timeout ${TEST_S:-130} compute-sanitizer --tool memcheck --error-exitcode 9 python -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py -k "${MEMCHECK_K:-odd or dora or standalone or every_adapter_token}" > $LOGS/memcheck_kernels.log 2>&1
   echo "memcheck kernels rc=$? $(tail -1 $LOGS/memcheck_kernels.log)" ) &
@@ -35,8 +38,8 @@ if has tune; then
   echo "tune rc=$? at $(elapsed) s"; tail -3 $LOGS/tune.txt; cp $TABLE $OUT/launch_table.json
 fi
 if has decode; then
-  timeout ${DECODE_S:-140} python benchmarks/decode_step.py --out $OUT/decode.json > $LOGS/decode.txt 2>&1
-  echo "decode rc=$? at $(elapsed) s"; python -c "
+  timeout ${DECODE_S:-140} python benchmarks/decode_step.py --out $OUT/decode.json $DECODE_ARGS > $LOGS/decode.txt 2>&1
+  echo "decode rc=$? at $(elapsed) s"; grep "overhead by variant" $LOGS/decode.txt; python -c "
 import json; d=json.loads(open('$OUT/decode.json').read().splitlines()[-1])
 print({k: (round(v,3) if isinstance(v,float) else v) for k,v in d.items() if k in ('base_us','lora_us','overhead_us','lora_floor_us','overhead_over_floor','overhead_beside_us','overhead_beside_over_floor','overhead_static_us','overhead_static_beside_us','beside_vs_in_order_rel','lora_beside_error','ops_only_7_per_layer_us','ops_only_4_fused_per_layer_us','overhead_unfused_us','graph_replay_rel_err','kernel_vs_torch_ref_rel','kernel_vs_peft_rel_of_lora_term','lora_capture_error','peft_error')})" 2>&1 | tail -3
 fi
@@ -47,6 +50,14 @@ if has decode_ab; then  # LORAMUX_DECODE_FUSED=0: every decode apply on two kern
 import json; d=json.loads(open('$OUT/decode_${v#*:}.json').read().splitlines()[-1])
 print({k: (round(v,3) if isinstance(v,float) else v) for k,v in d.items() if k in ('base_us','overhead_us','lora_floor_us','overhead_over_floor','overhead_beside_us','ops_only_7_per_layer_us','ops_only_4_fused_per_layer_us')})" 2>&1 | tail -3
   done
+fi
+if has ab; then
+  timeout ${AB_S:-150} python benchmarks/decode_ab.py --variants ${AB_VARIANTS:-fused,plain,m4} --batches ${AB_BATCHES:-32,64,1,16} --out $OUT/ab.json > $LOGS/ab.txt 2>&1
+  echo "ab rc=$? at $(elapsed) s"; grep -E '^T=' $LOGS/ab.txt | sed -E 's/.rel_diff_vs_first.: ([0-9.e-]+),/d=\1/'
+fi
+if has ncu && [ $(elapsed) -lt ${NCU_IF_BEFORE:-420} ]; then
+  timeout ${NCU_S:-90} ncu --clock-control none --kernel-name regex:lora_fused --launch-count ${NCU_COUNT:-10} --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis python benchmarks/profile_case.py --decode-step > $OUT/ncu.txt 2>&1
+  echo "ncu rc=$?"; grep -E "^  lora_|Duration|DRAM Throughput|Achieved Occupancy|Grid Size|Warp Cycles Per Issued" $OUT/ncu.txt | head -60
 fi
 if has peers && [ $(elapsed) -lt ${PEERS_IF_BEFORE:-330} ]; then
   timeout ${PEERS_S:-80} python benchmarks/ops.py --grid peers --commit "$COMMIT" --out $OUT/peers.json > $LOGS/peers.txt 2>&1

@@ -1,11 +1,14 @@
 """lora_apply on a few cases for Nsight Compute (ncu) to read, tokens in random order, the step's
-token segments built first: decode (T=32, 32 adapters, 4096 -> 14336), mid (T=256, 128 adapters,
-4096 -> 4096) and prefill (T=2048, 8 adapters, 4096 -> 4096), r=16, bf16, adapters read out of a
-LoraCache; each case twice.
+token segments built first, r=16, bf16, adapters read out of a LoraCache; each case twice.
+Default: decode (T=32, 32 adapters, 4096 -> 14336), mid (T=256, 128 adapters, 4096 -> 4096) and
+prefill (T=2048, 8 adapters, 4096 -> 4096). `--decode-step`: the decode step's four fused applies
+at batch 32, one token per adapter (q|k|v 4096 -> 4096+1024+1024, o, gate|up 4096 -> 2 x 14336,
+down 14336 -> 4096), then q|k|v at 64 tokens of one adapter.
 
-    ncu --kernel-name regex:lora python benchmarks/profile_case.py
+    ncu --kernel-name regex:lora python benchmarks/profile_case.py [--decode-step]
 """
 
+import sys
 from dataclasses import replace
 
 import torch
@@ -15,15 +18,28 @@ from loramux.ops import kernels
 
 RANK = 16
 spec = llama_spec(1, RANK)
-# (tokens, adapters, module): mlp_h_to_4h is 4096 -> 14336 at Llama-8B shapes, attn_q 4096 -> 4096
-for T, n, module in ((32, 32, 5), (256, 128, 1), (2048, 8, 1)):
-    hi, ho = spec.module_dims(module)
-    adapters = resident_adapters(spec, [random_adapter(spec, [module], [0], RANK, seed=i) for i in range(n)])
-    order = torch.randperm(T, generator=torch.Generator().manual_seed(T)).tolist()
+
+
+def run(T, n, modules, order_seed):
+    hi = spec.module_dims(modules[0])[0]
+    sizes = [spec.module_dims(m)[1] for m in modules]
+    adapters = resident_adapters(spec, [random_adapter(spec, modules, [0], RANK, seed=i) for i in range(n)])
+    order = torch.randperm(T, generator=torch.Generator().manual_seed(order_seed)).tolist()
     meta = adapters.meta([order[t] * n // T for t in range(T)])
     meta = replace(meta, segments=kernels.segments(meta.slot_of_token, meta.table.shape[0]))
     x = torch.randn(T, hi, device="cuda", dtype=torch.bfloat16)
-    y = torch.randn(T, ho, device="cuda", dtype=torch.bfloat16)
+    y = torch.randn(T, sum(sizes), device="cuda", dtype=torch.bfloat16)
     for _ in range(2):
-        kernels.lora_apply(x, y, meta, 0, [module], [ho])
+        kernels.lora_apply(x, y, meta, 0, list(modules), sizes)
     torch.cuda.synchronize()
+
+
+if "--decode-step" in sys.argv:
+    # module ids: 1 q, 2 k, 3 v, 4 o, 7 gate, 5 up, 6 down (Llama-8B shapes)
+    for modules in ([1, 2, 3], [4], [7, 5], [6]):
+        run(32, 32, modules, 32)
+    run(64, 1, [1, 2, 3], 64)
+else:
+    # (tokens, adapters, module): mlp_h_to_4h is 4096 -> 14336 at Llama-8B shapes, attn_q 4096 -> 4096
+    for T, n, module in ((32, 32, 5), (256, 128, 1), (2048, 8, 1)):
+        run(T, n, [module], T)

@@ -9,9 +9,10 @@ Each token count is timed with one adapter and with many sharing the batch. A ch
 table only where its output matches an fp32 reference, its geomean over the adapter counts beats
 the built-in rule by more than --margin (noise stays out) and neither count is slower than it by
 more; the rest keeps the built-in rule. Shrink split targets below the built-in one are not
-considered: the planner sizes the split for a middle number of work items, and fewer adapters give
-fewer items, so a coarser target starves them (measured on the H200: ops.py rows with 1 or 8
-adapters up to 1.5x slower under targets chosen at 16-32 adapters). Entries for one arch replace that arch's entries in an existing table and keep the
+considered (the fused kernel's, 264, excepted: it is swept from 132, with both counts timed): the
+planner sizes the split for a middle number of work items, and fewer adapters give fewer items, so
+a coarser target starves them (measured on the H200: ops.py rows with 1 or 8 adapters up to 1.5x
+slower under targets chosen at 16-32 adapters by a sweep that timed one count). Entries for one arch replace that arch's entries in an existing table and keep the
 others. ~1-2 minutes. `--from-log tune.jsonl --arch 90` rebuilds the table from a sweep's log.
 """
 
@@ -42,9 +43,14 @@ TARGETS = [132, 264, 528, 1056]
 #: kernel's, everyone else's
 BUILT_IN_TARGET = {"flat": 132, "fused": 264}
 DEFAULT_TARGET = 528
-SELECTION = "geomean over the adapter counts swept, none slower; split targets >= the built-in one"
+#: the coarsest target swept per kernel: the built-in one, except for the fused kernel, which is
+#: swept down to 132 (its few-adapter count, timed beside the many-adapter one, guards against the
+#: starved splits that kept coarser targets out)
+MIN_TARGET = dict(BUILT_IN_TARGET, fused=132)
+SELECTION = "geomean over the adapter counts swept, none slower; split targets >= the built-in one (fused: >= 132)"
 KNOBS = ("LORAMUX_EXPAND_DECODE", "LORAMUX_EXPAND_OPT", "LORAMUX_EXPAND_TILE_COLS", "LORAMUX_SHRINK_TARGET_BLOCKS",
-         "LORAMUX_TUNING", "LORAMUX_DECODE_FUSED", "LORAMUX_FUSED_EXPAND_BLOCKS")
+         "LORAMUX_TUNING", "LORAMUX_DECODE_FUSED", "LORAMUX_FUSED_EXPAND_BLOCKS", "LORAMUX_FUSED_PDL",
+         "LORAMUX_FUSED_BLOCKS_PER_SM")
 
 
 def variants(tokens: int, targets, rank: int = 16):
@@ -55,7 +61,7 @@ def variants(tokens: int, targets, rank: int = 16):
         kinds = ["o1", "o1w", "o4"]
     else:
         kinds = ["c1", "c4"]
-    return [(k, t) for k in kinds for t in targets if t >= BUILT_IN_TARGET.get(k, DEFAULT_TARGET)]
+    return [(k, t) for k in kinds for t in targets if t >= MIN_TARGET.get(k, DEFAULT_TARGET)]
 
 
 def forced_env(kind, target):
@@ -149,7 +155,7 @@ def select(case, margin):
     default = _as_list(case["default_us"])
     best, best_g = None, None
     for w in case["variants"]:
-        if w["rel_err"] >= 2e-2 or w["shrink_target_blocks"] < BUILT_IN_TARGET.get(w["expand_kernel"], DEFAULT_TARGET):
+        if w["rel_err"] >= 2e-2 or w["shrink_target_blocks"] < MIN_TARGET.get(w["expand_kernel"], DEFAULT_TARGET):
             continue
         ratios = [u / d for u, d in zip(_as_list(w["us"]), default)]
         g = math.exp(sum(math.log(x) for x in ratios) / len(ratios))

@@ -59,7 +59,7 @@ __device__ __forceinline__ void fused_shrink(const FusedArgs& p, const WorkItem&
         const int k_end = min(p.hi, k_begin + p.kchunk);
         float* out = p.partial + ((long long)(s * p.ksplit + c) * p.T) * p.table.max_rank;
         shrink_decode_item<BF16>(p.x, p.x_stride, p.hi, p.table.max_rank, w, e, k_begin, k_end, out,
-                                 reinterpret_cast<int*>(sm), reinterpret_cast<u16*>(sm + FUSED_SMEM_HEAD));
+                                 reinterpret_cast<const int*>(sm), reinterpret_cast<u16*>(sm + FUSED_SMEM_HEAD));
     }
     // publish: the barrier orders every thread's partial stores before thread 0's release, which
     // carries them to the waiting expand blocks (cumulativity); fire and forget, nothing waits here
@@ -96,7 +96,6 @@ __device__ __forceinline__ void fused_expand(const FusedArgs& p, const WorkItem&
     const int o_end = min(ho, o0 + p.col_steps * FUSED_COLS);
     const int nsteps = (o_end - o0 + FUSED_COLS - 1) / FUSED_COLS;
     const bool vec = (R % 8 == 0) && ((reinterpret_cast<u64>(e.b) & 15) == 0);
-    if (threadIdx.x < nt) tokens[threadIdx.x] = w.tokens[threadIdx.x];
     // B rows of step j into stage j & 1: one contiguous run of ncols * R halves of B
     auto stage = [&](int j) {
         if (j < nsteps) {
@@ -118,8 +117,7 @@ __device__ __forceinline__ void fused_expand(const FusedArgs& p, const WorkItem&
         cp_async_commit();  // one group a step, empty or not: the wait below counts them
     };
     stage(0);
-    stage(1);
-    __syncthreads();  // tokens
+    stage(1);  // tokens: staged and published by fused_decode's prologue
     u16 yv[DECODE_TOKENS], yn[DECODE_TOKENS];
     u16 sv = 0, sn = 0;
     auto load_y = [&](int j, u16* yo, u16& so) {
@@ -218,6 +216,11 @@ __device__ void fused_decode(const FusedArgs& p) {
         }
         item = b / fused_col_groups(p, s);
     }
+    // Launched as a programmatic dependent (sm_90, LORAMUX_FUSED_PDL): the launch and dispatch
+    // overlap the kernel before it; nothing is read before it has finished (the segments may be
+    // its output, the workspace its counters). Without the attribute both are no-ops.
+    pdl_wait();
+    pdl_launch_dependents();  // a dependent launched after this one waits on it the same way
     const int group = p.ksplit + fused_col_groups(p, s);
     const WorkItem w = work_item(p.segments, p.max_items, p.T, item);
     if (w.count == 0) return;  // no such item in this step: the whole group leaves, touching nothing
@@ -228,6 +231,7 @@ __device__ void fused_decode(const FusedArgs& p) {
     // each once (the expand blocks only once they have seen the shrink's count complete).
     const unsigned wrap = (unsigned)group - 1;
     if (threadIdx.x == 0) role = (int)atomicInc(reinterpret_cast<unsigned*>(&ws[0]), wrap);
+    stage_item_tokens(w, reinterpret_cast<int*>(fsm));  // both roles' token list, same trip
     const AdapterEntry e = read_entry(p.table, w.slot, p.slices.module_id[s]);  // same trip
     __syncthreads();
     unsigned* done = reinterpret_cast<unsigned*>(&ws[1]);
@@ -240,3 +244,10 @@ __device__ void fused_decode(const FusedArgs& p) {
 
 extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_fused_decode_bf16(const FusedArgs p) { fused_decode<true>(p); }
 extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_fused_decode_f16(const FusedArgs p) { fused_decode<false>(p); }
+// More blocks an SM for ranks up to 32, whose shared memory lets them reside (rust/src/cuda/plan.rs
+// fused_blocks_per_sm): 4 (64 registers, a few loop invariants spilled; the default there,
+// measured 12 % faster on the decode step than 3) and 5 (48 registers, more spilled; A/B).
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 4) lora_fused_decode_bf16_m4(const FusedArgs p) { fused_decode<true>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 4) lora_fused_decode_f16_m4(const FusedArgs p) { fused_decode<false>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 5) lora_fused_decode_bf16_m5(const FusedArgs p) { fused_decode<true>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 5) lora_fused_decode_f16_m5(const FusedArgs p) { fused_decode<false>(p); }

@@ -22,7 +22,9 @@ __device__ void shrink_decode(const ShrinkArgs& p) {
     for (int it = blockIdx.y;; it += gridDim.y) {
         const WorkItem w = work_item(p.segments, p.max_items, p.T, it);
         if (w.count == 0) break;
+        stage_item_tokens(w, tokens);  // same trip as the entry (the last item's barrier freed them)
         const AdapterEntry e = read_entry(p.table, w.slot, module_id);
+        __syncthreads();
         if (e.rank == 0) continue;  // uniform over the block
         shrink_decode_item<BF16>(p.x, p.x_stride, p.hi, p.table.max_rank, w, e, k_begin, k_end, out, tokens, xs);
     }

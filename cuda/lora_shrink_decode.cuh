@@ -40,14 +40,22 @@ __device__ __forceinline__ float dot8(uint4 a, uint4 b) {
     return s;
 }
 
+// Stages the item's first DECODE_TOKENS tokens for shrink_decode_item, in the same memory trip as
+// the caller's read of the adapter entry (the x loads then wait on no further trip); the caller's
+// next barrier publishes them.
+__device__ __forceinline__ void stage_item_tokens(const WorkItem& w, int* tokens) {
+    if (threadIdx.x < min(DECODE_TOKENS, w.count)) tokens[threadIdx.x] = w.tokens[threadIdx.x];
+}
+
 // out[t * max_rank + r] = sum over [k_begin, k_end) of x[t, k] * A[r, k] for the item's tokens t
-// and r < e.rank (> 0). tokens: DECODE_TOKENS ints of shared memory; xs: DECODE_TOKENS rows of
-// DECODE_MAX_CHUNK halves of shared memory (16-byte aligned). Every thread of the block calls it;
-// it ends with a barrier, so the caller may reuse tokens and xs at once.
+// and r < e.rank (> 0). tokens: DECODE_TOKENS ints of shared memory holding the item's tokens
+// (stage_item_tokens, then a barrier); xs: DECODE_TOKENS rows of DECODE_MAX_CHUNK halves of shared
+// memory (16-byte aligned). Every thread of the block calls it; it ends with a barrier, so the
+// caller may reuse tokens and xs at once.
 template <bool BF16>
 __device__ __forceinline__ void shrink_decode_item(const u16* x, long long x_stride, int hi, int max_rank,
                                                    const WorkItem& w, const AdapterEntry& e, int k_begin,
-                                                   int k_end, float* out, int* tokens, u16* xs) {
+                                                   int k_end, float* out, const int* tokens, u16* xs) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int passes = (k_end - k_begin + 255) >> 8;  // <= 4 (planner keeps kchunk <= 1024)
     const bool vec = (hi % 8 == 0) && (x_stride % 8 == 0) && ((reinterpret_cast<u64>(x) & 15) == 0);
@@ -55,8 +63,6 @@ __device__ __forceinline__ void shrink_decode_item(const u16* x, long long x_str
     uint4 a[2][4];
     load_a_rows(e.a, hi, warp, R, k_begin, k_end, passes, lane, vec, a);  // in flight now
     const int cnt = min(DECODE_TOKENS, w.count);
-    if (threadIdx.x < cnt) tokens[threadIdx.x] = w.tokens[threadIdx.x];
-    __syncthreads();
     const int per_row = passes * 32;  // 8-element chunks per staged row
     for (int idx = threadIdx.x; idx < cnt * per_row; idx += blockDim.x) {
         const int i = idx / per_row, k = (idx % per_row) * 8;

@@ -5,7 +5,7 @@ out (docs/internals.md), plus a float64 per-token oracle computed from the origi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -103,3 +103,17 @@ def rel_err(got: torch.Tensor, want: torch.Tensor, base: torch.Tensor) -> float:
     """||got - want|| / ||want - base||: the error relative to the LoRA term itself."""
     g, w, b = got.double().cpu(), want.double().cpu(), base.double().cpu()
     return float((g - w).norm() / (w - b).norm().clamp_min(1e-30))
+
+
+def captured(step: Callable[[], object]) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of step(): run once on a side stream first (kernel compile and load, allocator
+    warm-up, off the capture stream as torch asks), then captured."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph

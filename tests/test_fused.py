@@ -11,7 +11,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from kernel_fixtures import oracle_apply, rel_err
+from kernel_fixtures import captured, oracle_apply, rel_err
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -22,10 +22,17 @@ from test_kernels import QKV, TOL, _case  # noqa: E402
 
 DEV = "cuda"
 KNOBS = ("LORAMUX_EXPAND_DECODE", "LORAMUX_EXPAND_OPT", "LORAMUX_EXPAND_TILE_COLS", "LORAMUX_SHRINK_TARGET_BLOCKS",
-         "LORAMUX_TUNING", "LORAMUX_DECODE_FUSED", "LORAMUX_FUSED_EXPAND_BLOCKS")
+         "LORAMUX_TUNING", "LORAMUX_DECODE_FUSED", "LORAMUX_FUSED_EXPAND_BLOCKS", "LORAMUX_FUSED_PDL",
+         "LORAMUX_FUSED_BLOCKS_PER_SM")
+#: launch forms of the fused kernel that must give the same rows: the default (a programmatic
+#: dependent; 4 blocks an SM up to rank 32, 3 above), a plain launch, the 3- and 5-blocks-an-SM
+#: instantiations (the launcher keeps 3 where shared memory would not let more reside)
+FORMS = {"default": {}, "plain": {"LORAMUX_FUSED_PDL": 0}, "m3": {"LORAMUX_FUSED_BLOCKS_PER_SM": 3},
+         "m5": {"LORAMUX_FUSED_BLOCKS_PER_SM": 5}}
 RANKS = [8, 16, 1, 0, 64, 7, 24, 33]  # <= 64: the fused kernel's ranks
 ODD = [(1, 100, 37), (2, 100, 300)]  # widths the 16-byte paths cannot take
 DORA = [(7, 1536, 576), (5, 1536, 576)]
+WIDE = [(1, 1536, 512), (2, 1536, 256)]  # Hi past one 1024-element chunk
 
 
 def _env(monkeypatch, **env):
@@ -53,14 +60,17 @@ def _check(ad, slots, x, y0, y, widths):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("T", [1, 5, 8, 9, 33, 64])
-@pytest.mark.parametrize("widths", [QKV, ODD], ids=["qkv", "odd"])
-def test_fused_matches_the_oracle_and_the_two_kernel_path_bit_for_bit(monkeypatch, dtype, T, widths):
-    """Same split (shrink target) on both paths: same partials, same summation order per token."""
+@pytest.mark.parametrize("widths,target", [(QKV, 528), (ODD, 528), (QKV, 1), (WIDE, 1)],
+                         ids=["qkv", "odd", "qkv-3pass", "wide-4and2pass"])
+def test_fused_matches_the_oracle_and_the_two_kernel_path_bit_for_bit(monkeypatch, dtype, T, widths, target):
+    """Same split (shrink target) on both paths: same partials, same summation order per token. A
+    split target of 1 gives chunks of 768 (576 wide: 3 passes of 256) and 1024 + 512 (1536: 4 and 2
+    passes); 528 gives 256-element chunks."""
     ad, slots, x, y0, sot = _case(T * 7 + len(widths), dtype, T, widths, ranks=RANKS, max_rank=64)
-    _env(monkeypatch, LORAMUX_TUNING="off", LORAMUX_SHRINK_TARGET_BLOCKS=528, LORAMUX_DECODE_FUSED=1)
+    _env(monkeypatch, LORAMUX_TUNING="off", LORAMUX_SHRINK_TARGET_BLOCKS=target, LORAMUX_DECODE_FUSED=1)
     fused = _apply(ad, x, y0, sot, widths)
     _check(ad, slots, x, y0, fused, widths)
-    _env(monkeypatch, LORAMUX_TUNING="off", LORAMUX_SHRINK_TARGET_BLOCKS=528, LORAMUX_DECODE_FUSED=0,
+    _env(monkeypatch, LORAMUX_TUNING="off", LORAMUX_SHRINK_TARGET_BLOCKS=target, LORAMUX_DECODE_FUSED=0,
          LORAMUX_EXPAND_DECODE="grouped", LORAMUX_EXPAND_OPT="1")
     assert torch.equal(fused, _apply(ad, x, y0, sot, widths))
 
@@ -106,10 +116,31 @@ def test_workspace_is_left_zeroed_and_reused_by_every_apply_of_a_step(monkeypatc
     assert rel_err(y, want.double().cpu(), y0) < 3e-2
 
 
-def test_graph_replays_with_new_mappings_need_no_memset(monkeypatch):
-    _env(monkeypatch, LORAMUX_TUNING="off", LORAMUX_DECODE_FUSED=1)
+@pytest.mark.parametrize("T", [1, 8, 33, 64])
+@pytest.mark.parametrize("max_rank", [32, 64])
+def test_launch_forms_give_the_same_rows(monkeypatch, T, max_rank):
+    """Plain or programmatic-dependent launch, 3, 4 or 5 blocks an SM (more than 3 only up to rank
+    32): bit for bit the same rows, checked against the oracle."""
+    ranks = [r for r in RANKS if r <= max_rank]
+    ad, slots, x, y0, sot = _case(300 + T + max_rank, torch.bfloat16, T, QKV, ranks=ranks, max_rank=max_rank)
+    rows = {}
+    for name, env in FORMS.items():
+        _env(monkeypatch, LORAMUX_TUNING="off", LORAMUX_DECODE_FUSED=1, **env)
+        rows[name] = _apply(ad, x, y0, sot, QKV)
+    _check(ad, slots, x, y0, rows["default"], QKV)
+    for name, y in rows.items():
+        assert torch.equal(y, rows["default"]), name
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_graph_replays_with_new_mappings_need_no_memset(monkeypatch, form):
+    """The segments built inside the capture right before the first apply (a programmatic
+    dependent of the builder by default), the second apply right after the first."""
+    _env(monkeypatch, LORAMUX_TUNING="off", LORAMUX_DECODE_FUSED=1, **FORMS[form])
     T, widths = 32, [(1, 1024, 1024), (2, 1024, 256)]
-    ad, _, x, y0, sot = _case(17, torch.bfloat16, T, widths, ranks=[16, 8, 32, 4, 64, 16], num_slots=6, max_rank=64)
+    max_rank = 64 if form == "m3" else 32
+    ranks = [16, 8, 32, 4, max_rank, 16]
+    ad, _, x, y0, sot = _case(17, torch.bfloat16, T, widths, ranks=ranks, num_slots=6, max_rank=max_rank)
     static_sot, static_y = sot.clone(), y0.clone()
     mids, sizes = [1, 2], [1024, 256]
 
@@ -118,14 +149,7 @@ def test_graph_replays_with_new_mappings_need_no_memset(monkeypatch):
         kernels.lora_apply(x, static_y, meta, 1, mids, sizes)
         kernels.lora_apply(x, static_y, meta, 1, mids[:1], sizes[:1])
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        step()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        step()
+    g = captured(step)
     rng = random.Random(4)
     for distinct in (1, 6, 3, 6):
         new = [rng.randrange(distinct) if rng.random() > 0.2 else -1 for _ in range(T)]

@@ -9,7 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kernel_fixtures import build_adapters, oracle_apply, oracle_u, rel_err
+from kernel_fixtures import build_adapters, captured, oracle_apply, oracle_u, rel_err
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -148,14 +148,7 @@ def test_cuda_graph_replays_with_new_slot_mappings():
     mids, sizes = [1, 2, 3], [1024, 256, 256]
     static_x, static_y, static_sot = x.clone(), y0.clone(), sot.clone()
     meta = ad.meta(static_sot)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        kernels.lora_apply(static_x, static_y, meta, 1, mids, sizes)  # warm-up: compile + load
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        kernels.lora_apply(static_x, static_y, meta, 1, mids, sizes)
+    g = captured(lambda: kernels.lora_apply(static_x, static_y, meta, 1, mids, sizes))
     rng = random.Random(5)
     for distinct in (1, 3, 8, 2):
         slots = [rng.randrange(distinct) if rng.random() > 0.1 else -1 for _ in range(T)]

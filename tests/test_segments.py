@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from kernel_fixtures import oracle_apply, rel_err
+from kernel_fixtures import captured, oracle_apply, rel_err
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -110,14 +110,7 @@ def test_graph_with_step_segments_replays_new_mappings():
         for _ in range(2):  # two applies of the step read the one segments buffer
             kernels.lora_apply(static_x, static_y, meta, 1, mids, sizes)
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        step()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        step()
+    g = captured(step)
     rng = random.Random(3)
     for distinct in (1, 6, 3):
         new = [rng.randrange(distinct) if rng.random() > 0.2 else -1 for _ in range(T)]

@@ -103,4 +103,7 @@ def test_sweep_selection_keeps_coarse_splits_noise_and_wrong_results_out():
     e = tune.select(case, margin=0.03)
     assert (e["expand_kernel"], e["us"], e["adapters"]) == ("o1", [9.0, 36.0], [1, 16])
     assert ("o1", 132) not in tune.variants(40, tune.TARGETS) and ("flat", 132) in tune.variants(40, tune.TARGETS)
+    assert ("fused", 132) in tune.variants(40, tune.TARGETS)  # swept from 132, both adapter counts timed
+    case["variants"] = [dict(expand_kernel="fused", shrink_target_blocks=132, us=[9.0, 30.0], rel_err=1e-3)]
+    assert tune.select(case, margin=0.03)["shrink_target_blocks"] == 132
     assert {k for k, _ in tune.variants(300, tune.TARGETS)} == {"c1", "c4"}

@@ -7,7 +7,7 @@ use std::ffi::c_void;
 use cudarc::driver::{result as drv, sys};
 
 use super::plan::{
-    decode_expand_is_flat, expand_columns_per_thread, expand_tiles_per_block, expand_variant, flat_expand_columns, fused_col_groups, fused_smem_bytes, grid_items,
+    decode_expand_is_flat, expand_columns_per_thread, expand_tiles_per_block, expand_variant, flat_expand_columns, fused_col_groups, fused_is_dependent, fused_smem_bytes, fused_blocks_per_sm, grid_items,
     item_tokens, max_items, partial_len, segments_len, small_items, FusedPlan, ShrinkPlan, Tuning, FUSED_COLS, FUSED_MAX_RANK, TILE_T,
 };
 use super::DeviceKernels;
@@ -266,6 +266,12 @@ unsafe fn launch_dependent<A>(k: &DeviceKernels, name: &str, grid: (u32, u32, u3
         return launch(k, name, grid, stream, args);
     }
     let f = k.function(name)?;
+    launch_dependent_fn(f, name, grid, 0, stream, args)
+}
+
+unsafe fn launch_dependent_fn<A>(
+    f: sys::CUfunction, name: &str, grid: (u32, u32, u32), smem: u32, stream: u64, args: &A,
+) -> Result<()> {
     let mut params = [args as *const A as *mut c_void];
     let mut attr: sys::CUlaunchAttribute = std::mem::zeroed();
     attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
@@ -277,7 +283,7 @@ unsafe fn launch_dependent<A>(k: &DeviceKernels, name: &str, grid: (u32, u32, u3
         blockDimX: THREADS,
         blockDimY: 1,
         blockDimZ: 1,
-        sharedMemBytes: 0,
+        sharedMemBytes: smem,
         hStream: stream as sys::CUstream,
         attrs: &mut attr,
         numAttrs: 1,
@@ -507,13 +513,21 @@ pub fn fused(
     if blocks > i32::MAX as usize {
         return Err(LoraError::Cuda(format!("{blocks} blocks is more than one launch takes")));
     }
-    let name = format!("lora_fused_decode_{}", b.dtype.suffix());
+    let per_sm = match fused_blocks_per_sm(b.max_rank) {
+        4 => "_m4",
+        5 => "_m5",
+        _ => "",
+    };
+    let name = format!("lora_fused_decode_{}{per_sm}", b.dtype.suffix());
     let f = k.function(&name)?;
     unsafe {
         if smem > 48 * 1024 {
             sys::cuFuncSetAttribute(f, sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
                 .result()
                 .map_err(|e| LoraError::Cuda(format!("{name}: {smem} bytes of shared memory: {e:?}")))?;
+        }
+        if k.arch >= 90 && fused_is_dependent() {
+            return launch_dependent_fn(f, &name, (blocks as u32, 1, 1), smem as u32, b.stream, &args);
         }
         let mut params = [&args as *const FusedArgs as *mut c_void];
         drv::launch_kernel(f, (blocks as u32, 1, 1), (THREADS, 1, 1), smem as u32, b.stream as sys::CUstream, &mut params)

@@ -72,7 +72,14 @@ pub const FUSED: KernelFamily = KernelFamily {
     name: "lora_fused",
     parts: &[SHRINK_DECODE],
     body: include_str!("../../../cuda/lora_fused.cu"),
-    functions: &["lora_fused_decode_bf16", "lora_fused_decode_f16"],
+    functions: &[
+        "lora_fused_decode_bf16",
+        "lora_fused_decode_f16",
+        "lora_fused_decode_bf16_m4",
+        "lora_fused_decode_f16_m4",
+        "lora_fused_decode_bf16_m5",
+        "lora_fused_decode_f16_m5",
+    ],
 };
 
 pub const FAMILIES: [&KernelFamily; 4] = [&SEGMENTS, &SHRINK, &EXPAND, &FUSED];

@@ -227,6 +227,38 @@ pub fn decode_is_fused(tokens: usize, max_rank: usize, tuning: &Tuning) -> bool 
     }
 }
 
+/// Whether the fused decode kernel is launched as a programmatic dependent of the kernel before it
+/// (sm_90): its launch and block dispatch overlap that kernel's tail, and it waits in-kernel
+/// (griddepcontrol.wait) before reading anything. `LORAMUX_FUSED_PDL=0` launches it plainly.
+pub fn fused_is_dependent() -> bool {
+    std::env::var("LORAMUX_FUSED_PDL").as_deref() != Ok("0")
+}
+
+/// Ranks up to this take the fused kernel at 4 blocks an SM by default (its shared memory, 41 KB a
+/// block at rank 32, lets 4 or 5 reside; 74 KB at rank 64 only 3).
+pub const FUSED_M4_MAX_RANK: usize = 32;
+
+/// Shared memory an sm_90 SM gives its blocks (228 KB, 1 KB of it reserved per block). On GPUs with
+/// less (sm_80: 164 KB, sm_86/89: 100 KB) more blocks an SM than fit only cost the `_m4`/`_m5`
+/// instantiations their spills: the launch runs at the occupancy the SM allows.
+const SM_SHARED_BYTES: usize = 228 * 1024;
+
+/// Blocks an SM the fused launch is compiled for (cuda/lora_fused.cu: 3, `_m4`, `_m5`): fewer
+/// registers a thread, more latency-bound blocks resident. `LORAMUX_FUSED_BLOCKS_PER_SM=3|4|5` picks
+/// one for A/B runs; else 4 up to rank 32 (measured on the H200: the decode step's LoRA overhead 410
+/// -> 360 us against 3), 3 above. Never more than the launch's shared memory lets reside.
+pub fn fused_blocks_per_sm(max_rank: usize) -> usize {
+    let wanted = match std::env::var("LORAMUX_FUSED_BLOCKS_PER_SM").as_deref() {
+        Ok("3") => 3,
+        Ok("4") => 4,
+        Ok("5") => 5,
+        _ if max_rank <= FUSED_M4_MAX_RANK => 4,
+        _ => 3,
+    };
+    let fit = SM_SHARED_BYTES / (fused_smem_bytes(max_rank) + 1024);
+    wanted.min(fit.max(3))
+}
+
 /// Launch geometry of the fused decode kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FusedPlan {
@@ -417,6 +449,21 @@ mod tests {
         assert!(decode_is_fused(64, 64, &d) && !decode_is_fused(65, 16, &d) && !decode_is_fused(8, 128, &fused));
         assert!(!decode_is_fused(8, 16, &d) && decode_is_fused(8, 16, &fused));
         assert!(!decode_is_fused(8, 16, &Tuning { expand: Some(ExpandKind::SmallO1), ..Default::default() }));
+    }
+
+    #[test]
+    fn fused_blocks_an_sm_fit_shared_memory() {
+        if std::env::var("LORAMUX_FUSED_BLOCKS_PER_SM").is_ok() {
+            return;
+        }
+        assert_eq!(fused_blocks_per_sm(16), 4);
+        assert_eq!(fused_blocks_per_sm(32), 4);
+        assert_eq!(fused_blocks_per_sm(64), 3);
+        for r in [1, 8, 16, 24, 32, 33, 48, 64] {
+            let m = fused_blocks_per_sm(r);
+            assert!(m == 3 || m * (fused_smem_bytes(r) + 1024) <= SM_SHARED_BYTES, "rank {r}: {m}");
+        }
+        assert!(5 * (fused_smem_bytes(32) + 1024) <= SM_SHARED_BYTES);
     }
 
     #[test]
