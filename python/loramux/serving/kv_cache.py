@@ -8,7 +8,8 @@ stay natural; a decode step attends over the first L positions of rows 0..b-1 wi
 hides every position past a row's own length. Running requests always occupy rows 0..n-1 (a row
 freed in the middle takes the last row's contents), so a step's keys are a view, never a gather.
 On CUDA the buffers are allocated once at full size (captured CUDA graphs keep their addresses);
-on the CPU they grow (rows and capacity, doubling) up to the budget as requests need them.
+on the CPU they grow within the budget as requests need them (every row at once where the budget
+allows, the length doubling), from memory that costs nothing until a position is written.
 """
 
 from __future__ import annotations
