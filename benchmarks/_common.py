@@ -9,6 +9,8 @@ first on sys.path)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -39,6 +41,22 @@ __all__ = [
 
 
 # --- timing -------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def env_set(env: Dict[str, str]):
+    """The environment variables in `env` set for the block, then put back as they were (a launch
+    variant of the kernels reads them at each launch)."""
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
 
 def median_seconds(fn: Callable[[], object], *, reps: int = 20, warmup: int = 1, device="cuda",
                    before: Optional[Callable[[], object]] = None) -> float:

@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 import torch
-from _common import capture, copy_bandwidth, llama_spec, median_seconds, random_adapter, resident_adapters
+from _common import capture, copy_bandwidth, env_set, llama_spec, median_seconds, random_adapter, resident_adapters
 
 from loramux.ops import kernels
 
@@ -67,9 +66,7 @@ def main():
         y0 = {w: 0.1 * torch.randn(batch, w, device=DEV, dtype=DT) for w in (1024, 4096, 6144, 14336, 28672)}
         ref = None
         for vname, env in chosen.items():
-            old = {k: os.environ.get(k) for k in env}
-            os.environ.update(env)
-            try:
+            with env_set(env):
                 y = {w: t.clone() for w, t in y0.items()}
 
                 def run(groups):
@@ -93,12 +90,6 @@ def main():
                     del g
                 res["cases"][f"T{batch}/{vname}"] = row
                 print(f"T={batch:3d} {vname:12s} {row}", flush=True)
-            finally:
-                for k, v in old.items():
-                    if v is None:
-                        os.environ.pop(k, None)
-                    else:
-                        os.environ[k] = v
     with open(args.out, "w") as f:
         f.write(json.dumps(res, indent=1) + "\n")
 

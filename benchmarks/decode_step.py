@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 import torch
-from _common import capture, copy_bandwidth, llama_spec, median_seconds, random_adapter, resident_adapters
+from _common import capture, copy_bandwidth, env_set, llama_spec, median_seconds, random_adapter, resident_adapters
 
 import loramux as lm
 from loramux import ops
@@ -166,20 +165,11 @@ def variant_overheads(engine, step, slots0, ad, base_us, names):
 
     rows = {}
     for name in ["default", *names, "default"]:
-        env = {} if name == "default" else VARIANTS[name]
-        old = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
+        with env_set({} if name == "default" else VARIANTS[name]):
             engine.set_batch(slots0, ad.cache.table, ad.cache.pool)
             g, _ = capture(step, lambda: fresh_metas(engine))
             rows.setdefault(name, []).append(median_seconds(g.replay) * 1e6 - base_us)
             del g
-        finally:
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
     print("overhead by variant (us):", {k: [round(u, 1) for u in v] for k, v in rows.items()}, flush=True)
     return rows
 
