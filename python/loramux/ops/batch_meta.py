@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -34,6 +34,17 @@ class BatchMeta:
     @cached_property
     def token_groups(self) -> List[Tuple[int, object]]:
         return token_groups(self.slot_of_token)
+
+    def derived_value(self, key: tuple, build: Callable[[], Any]) -> Any:
+        """What a CPU path derives from the pool for this batch's adapters under `key`: build() once,
+        then kept in `derived` (or, without one, in this meta). The batch's slots join the key, so a
+        dict shared by metas over other adapters is still right."""
+        derived = self.derived if self.derived is not None else self.__dict__.setdefault("_derived", {})
+        key = (tuple(slot for slot, _ in self.token_groups), *key)
+        value = derived.get(key)
+        if value is None:
+            value = derived[key] = build()
+        return value
 
     @cached_property
     def token_runs(self) -> List[List[Tuple[int, int]]]:

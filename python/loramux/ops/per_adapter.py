@@ -48,13 +48,9 @@ class _AdapterWeights:
 
 def _weights(meta: BatchMeta, layer: int, module_ids: Sequence[int], hi: int,
              out_sizes: Sequence[int]) -> List[_AdapterWeights]:
-    derived = meta.derived if meta.derived is not None else meta.__dict__.setdefault("_derived", {})
-    key = ("per_adapter", tuple(slot for slot, _ in meta.token_groups), layer, tuple(module_ids), hi, tuple(out_sizes))
-    weights = derived.get(key)
-    if weights is None:
-        weights = derived[key] = [_AdapterWeights(meta, slot, layer, module_ids, hi, out_sizes)
-                                  for slot, _ in meta.token_groups]
-    return weights
+    return meta.derived_value(("per_adapter", layer, tuple(module_ids), hi, tuple(out_sizes)),
+                              lambda: [_AdapterWeights(meta, slot, layer, module_ids, hi, out_sizes)
+                                       for slot, _ in meta.token_groups])
 
 
 def apply(x: torch.Tensor, y: torch.Tensor, meta: BatchMeta, layer: int, module_ids: Sequence[int],

@@ -78,13 +78,8 @@ class _Stack:
 
 
 def _stack(meta: BatchMeta, layer: int, module_ids: Sequence[int], hi: int, out_sizes: Sequence[int]) -> _Stack:
-    derived = meta.derived if meta.derived is not None else meta.__dict__.setdefault("_derived", {})
-    # the slots are in the key, so a dict shared by metas over other adapters is still right
-    key = ("stacked", tuple(slot for slot, _ in meta.token_groups), layer, tuple(module_ids), hi, tuple(out_sizes))
-    stack = derived.get(key)
-    if stack is None:
-        stack = derived[key] = _Stack(meta, layer, module_ids, hi, out_sizes)
-    return stack
+    return meta.derived_value(("stacked", layer, tuple(module_ids), hi, tuple(out_sizes)),
+                              lambda: _Stack(meta, layer, module_ids, hi, out_sizes))
 
 
 def apply(x: torch.Tensor, y: torch.Tensor, meta: BatchMeta, layer: int, module_ids: Sequence[int],

@@ -103,7 +103,7 @@ class RowKVCache:
         # calloc (numpy's zeros) takes large blocks fresh from the OS, already zero: no page is
         # touched until written, where torch.zeros writes every byte of a reservation up front
         # (8 s of a 60 s CPU serving run, measured with py-spy)
-        nbytes = math.prod(shape) * torch.tensor([], dtype=self.dtype).element_size()
+        nbytes = math.prod(shape) * self.dtype.itemsize
         return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(self.dtype).view(shape)
 
     def move_row(self, src: int, dst: int, length: int) -> None:

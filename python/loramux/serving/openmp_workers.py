@@ -14,6 +14,7 @@ there builds a new one) brings the loop thread back to 230 ms.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 from typing import Callable, Optional
 
@@ -22,26 +23,21 @@ import torch
 __all__ = ["release_this_threads_workers"]
 
 _OMP_PAUSE_SOFT = 1  # omp_pause_resource_t: omp_pause_soft
-_pause: Optional[Callable[[int], int]] = None
-_looked_up = False
 
 
+@functools.lru_cache(maxsize=None)
 def _pause_function() -> Optional[Callable[[int], int]]:
     """omp_pause_resource_all of the libgomp torch runs on, or None where torch brings none."""
-    global _pause, _looked_up
-    if not _looked_up:
-        _looked_up = True
-        # the copy torch links against (loading it by path finds the already-loaded library)
-        path = os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp.so.1")
-        if os.path.exists(path) and "OpenMP" in torch.__config__.parallel_info():
-            try:
-                function = ctypes.CDLL(path).omp_pause_resource_all
-            except (OSError, AttributeError):
-                function = None
-            if function is not None:
-                function.argtypes, function.restype = [ctypes.c_int], ctypes.c_int
-                _pause = function
-    return _pause
+    # the copy torch links against (loading it by path finds the already-loaded library)
+    path = os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp.so.1")
+    if not os.path.exists(path) or "OpenMP" not in torch.__config__.parallel_info():
+        return None
+    try:
+        function = ctypes.CDLL(path).omp_pause_resource_all
+    except (OSError, AttributeError):
+        return None
+    function.argtypes, function.restype = [ctypes.c_int], ctypes.c_int
+    return function
 
 
 def release_this_threads_workers() -> bool:
