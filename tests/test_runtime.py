@@ -264,17 +264,19 @@ def _tokens_of(peft_model, tokenizer, p, adapter):
     return _TOKENS[key]
 
 
-def test_next_batch_never_evicts_the_running_batch(llama, tokenizer):
-    """A host tier that holds one adapter: each batch's adapter is cached and served in turn (the
-    next batch's adapter is loaded only after the running one is pinned, or at its own turn)."""
-    ours, peft_model, names, formats = llama
+def _host_bytes_of_one_adapter(ours, formats):
     probe = _attach(ours)
     probe.cache.put(0, *formats[1])
     one = probe.cache.stats()["host_bytes"]
     probe.detach()
-    engine = _attach(ours, host_cache_bytes=one)
+    return one
+
+
+def _three_adapters_served_in_turn(engine, tokenizer, peft_model, names, formats, max_batch_size):
+    """Three requests, each carrying its own copy of one adapter under ids 0, 1, 2: all answer as
+    PEFT does; the engine is detached after."""
     try:
-        ex = lm.Executor(engine, tokenizer, max_batch_size=1)
+        ex = lm.Executor(engine, tokenizer, max_batch_size=max_batch_size)
         for t in (0, 1, 2):
             ex.submit(lm.Request(_prompt(70 + t), max_new_tokens=2, lora=lm.LoraConfig(t, *formats[1])))
         results = ex.run()
@@ -282,26 +284,24 @@ def test_next_batch_never_evicts_the_running_batch(llama, tokenizer):
         assert all(r.token_ids == _tokens_of(peft_model, tokenizer, 10 + t, names[1]) for t, r in enumerate(results))
     finally:
         engine.detach()
+
+
+def test_next_batch_never_evicts_the_running_batch(llama, tokenizer):
+    """A host tier that holds one adapter: each batch's adapter is cached and served in turn (the
+    next batch's adapter is loaded only after the running one is pinned, or at its own turn)."""
+    ours, peft_model, names, formats = llama
+    one = _host_bytes_of_one_adapter(ours, formats)
+    engine = _attach(ours, host_cache_bytes=one)
+    _three_adapters_served_in_turn(engine, tokenizer, peft_model, names, formats, max_batch_size=1)
 
 
 def test_split_batch_keeps_its_second_half_cached_while_admitting_the_next(llama, tokenizer):
     """A batch split by the device tier (one slot) with a host tier of two adapters: the next batch's
     adapter is admitted only while the last part runs, so it never evicts the part still waiting."""
     ours, peft_model, names, formats = llama
-    probe = _attach(ours)
-    probe.cache.put(0, *formats[1])
-    one = probe.cache.stats()["host_bytes"]
-    probe.detach()
+    one = _host_bytes_of_one_adapter(ours, formats)
     engine = _attach(ours, host_cache_bytes=2 * one, max_slots=1)
-    try:
-        ex = lm.Executor(engine, tokenizer, max_batch_size=2)
-        for t in (0, 1, 2):
-            ex.submit(lm.Request(_prompt(70 + t), max_new_tokens=2, lora=lm.LoraConfig(t, *formats[1])))
-        results = ex.run()
-        assert all(r.ok for r in results), [r.error for r in results]
-        assert all(r.token_ids == _tokens_of(peft_model, tokenizer, 10 + t, names[1]) for t, r in enumerate(results))
-    finally:
-        engine.detach()
+    _three_adapters_served_in_turn(engine, tokenizer, peft_model, names, formats, max_batch_size=2)
 
 
 def test_host_tier_of_one_adapter_serves_carried_adapters_in_turn_and_an_evicted_id_fails_typed(llama, tokenizer):
@@ -310,10 +310,7 @@ def test_host_tier_of_one_adapter_serves_carried_adapters_in_turn_and_an_evicted
     only the id of an adapter a later put evicted cannot be reloaded: LoraCacheFullError naming the
     host tier (not "not cached")."""
     ours, peft_model, names, formats = llama
-    probe = _attach(ours)
-    probe.cache.put(0, *formats[1])
-    one = probe.cache.stats()["host_bytes"]
-    probe.detach()
+    one = _host_bytes_of_one_adapter(ours, formats)
     engine = _attach(ours, host_cache_bytes=one)
     try:
         ex = lm.Executor(engine, tokenizer, max_batch_size=2)

@@ -88,17 +88,6 @@ __all__ = [
     "Delta",
     "RequestHandle",
     "StaticExecutor",
-    # errors
-    "LoraError",
-    "LoraFormatError",
-    "LoraConvertError",
-    "LoraDoraError",
-    "LoraParallelError",
-    "LoraCacheError",
-    "LoraNotCachedError",
-    "LoraTaskConflictError",
-    "LoraCacheFullError",
-    "LoraCudaError",
-    "LoraRequestError",
-    "LoraStepError",
+    # errors: every name of loramux.errors
+    *errors.__all__,
 ]
