@@ -23,12 +23,13 @@ from test_kernels import QKV, TOL, _case  # noqa: E402
 DEV = "cuda"
 KNOBS = ("LORAMUX_EXPAND_DECODE", "LORAMUX_EXPAND_OPT", "LORAMUX_EXPAND_TILE_COLS", "LORAMUX_SHRINK_TARGET_BLOCKS",
          "LORAMUX_TUNING", "LORAMUX_DECODE_FUSED", "LORAMUX_FUSED_EXPAND_BLOCKS", "LORAMUX_FUSED_PDL",
-         "LORAMUX_FUSED_BLOCKS_PER_SM")
+         "LORAMUX_FUSED_BLOCKS_PER_SM", "LORAMUX_FUSED_STAGE_A")
 #: launch forms of the fused kernel that must give the same rows: the default (a programmatic
-#: dependent; 4 blocks an SM up to rank 32, 3 above), a plain launch, the 3- and 5-blocks-an-SM
-#: instantiations (the launcher keeps 3 where shared memory would not let more reside)
+#: dependent; A staged in shared memory, 5 blocks an SM where shared memory lets them reside), a
+#: plain launch, the 3- and 6-blocks-an-SM instantiations (the launcher keeps fewer where shared
+#: memory would not let more reside), A in registers (4 blocks an SM up to rank 32, 3 above)
 FORMS = {"default": {}, "plain": {"LORAMUX_FUSED_PDL": 0}, "m3": {"LORAMUX_FUSED_BLOCKS_PER_SM": 3},
-         "m5": {"LORAMUX_FUSED_BLOCKS_PER_SM": 5}}
+         "m6": {"LORAMUX_FUSED_BLOCKS_PER_SM": 6}, "regs": {"LORAMUX_FUSED_STAGE_A": 0}}
 RANKS = [8, 16, 1, 0, 64, 7, 24, 33]  # <= 64: the fused kernel's ranks
 ODD = [(1, 100, 37), (2, 100, 300)]  # widths the 16-byte paths cannot take
 DORA = [(7, 1536, 576), (5, 1536, 576)]
@@ -119,8 +120,8 @@ def test_workspace_is_left_zeroed_and_reused_by_every_apply_of_a_step(monkeypatc
 @pytest.mark.parametrize("T", [1, 8, 33, 64])
 @pytest.mark.parametrize("max_rank", [32, 64])
 def test_launch_forms_give_the_same_rows(monkeypatch, T, max_rank):
-    """Plain or programmatic-dependent launch, 3, 4 or 5 blocks an SM (more than 3 only up to rank
-    32): bit for bit the same rows, checked against the oracle."""
+    """Plain or programmatic-dependent launch, 3 to 6 blocks an SM, A staged or in registers: bit for
+    bit the same rows, checked against the oracle."""
     ranks = [r for r in RANKS if r <= max_rank]
     ad, slots, x, y0, sot = _case(300 + T + max_rank, torch.bfloat16, T, QKV, ranks=ranks, max_rank=max_rank)
     rows = {}

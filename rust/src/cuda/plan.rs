@@ -234,8 +234,8 @@ pub fn fused_is_dependent() -> bool {
     std::env::var("LORAMUX_FUSED_PDL").as_deref() != Ok("0")
 }
 
-/// Ranks up to this take the fused kernel at 4 blocks an SM by default (its shared memory, 41 KB a
-/// block at rank 32, lets 4 or 5 reside; 74 KB at rank 64 only 3).
+/// Ranks up to this take the register-A fused kernel at 4 blocks an SM by default (its shared
+/// memory, 41 KB a block at rank 32, lets 4 or 5 reside; 74 KB at rank 64 only 3).
 pub const FUSED_M4_MAX_RANK: usize = 32;
 
 /// Shared memory an sm_90 SM gives its blocks (228 KB, 1 KB of it reserved per block). On GPUs with
@@ -243,20 +243,82 @@ pub const FUSED_M4_MAX_RANK: usize = 32;
 /// instantiations their spills: the launch runs at the occupancy the SM allows.
 const SM_SHARED_BYTES: usize = 228 * 1024;
 
-/// Blocks an SM the fused launch is compiled for (cuda/lora_fused.cu: 3, `_m4`, `_m5`): fewer
-/// registers a thread, more latency-bound blocks resident. `LORAMUX_FUSED_BLOCKS_PER_SM=3|4|5` picks
-/// one for A/B runs; else 4 up to rank 32 (measured on the H200: the decode step's LoRA overhead 410
-/// -> 360 us against 3), 3 above. Never more than the launch's shared memory lets reside.
-pub fn fused_blocks_per_sm(max_rank: usize) -> usize {
-    let wanted = match std::env::var("LORAMUX_FUSED_BLOCKS_PER_SM").as_deref() {
-        Ok("3") => 3,
-        Ok("4") => 4,
-        Ok("5") => 5,
-        _ if max_rank <= FUSED_M4_MAX_RANK => 4,
-        _ => 3,
+/// Blocks an SM the staged-A fused kernel aims for by default (cuda/lora_fused.cu `_sa5`: 48
+/// registers, no spills), fewer where its shared memory does not let them reside.
+pub const FUSED_STAGED_BLOCKS_PER_SM: usize = 5;
+
+/// Whether the fused kernel's shrink stages its A rows in shared memory by cp.async (the `_sa`
+/// instantiations: no registers hold loads in flight) rather than in registers.
+/// `LORAMUX_FUSED_STAGE_A=0` keeps them in registers (A/B).
+pub fn fused_stages_a() -> bool {
+    std::env::var("LORAMUX_FUSED_STAGE_A").as_deref() != Ok("0")
+}
+
+/// How one fused launch runs: which instantiation (blocks an SM, A staged or not) and its dynamic
+/// shared memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FusedForm {
+    pub blocks_per_sm: usize,
+    pub staged_a: bool,
+    /// rounds of 16 A rows the staged shrink has room for, up to 4 (the kernel derives the same
+    /// from smem_bytes and takes at most the item's rank's rounds)
+    pub a_stages: usize,
+    pub smem_bytes: usize,
+}
+
+impl FusedForm {
+    /// The kernel's name for a dtype suffix ("bf16", "f16").
+    pub fn kernel_name(&self, dtype: &str) -> String {
+        match (self.staged_a, self.blocks_per_sm) {
+            (true, m) => format!("lora_fused_decode_{dtype}_sa{m}"),
+            (false, 4) => format!("lora_fused_decode_{dtype}_m4"),
+            (false, 5) => format!("lora_fused_decode_{dtype}_m5"),
+            (false, _) => format!("lora_fused_decode_{dtype}"),
+        }
+    }
+}
+
+fn blocks_that_fit(smem_bytes: usize) -> usize {
+    SM_SHARED_BYTES / (smem_bytes + 1024)
+}
+
+/// The fused launch's form for ranks up to `max_rank` and reduction chunks of `kchunk` elements.
+/// `LORAMUX_FUSED_BLOCKS_PER_SM=3|4|5` (and 6 with A staged) picks the blocks an SM for A/B runs;
+/// else A staged: FUSED_STAGED_BLOCKS_PER_SM; A in registers: 4 up to rank 32 (measured on the
+/// H200: the decode step's LoRA overhead 410 -> 360 us against 3), 3 above. Never more than the
+/// launch's shared memory lets reside (nor fewer than 3: the instantiations' floor). The staged
+/// shrink gets a second round of A in flight (ranks above 16) where that keeps the blocks an SM.
+pub fn fused_form(max_rank: usize, kchunk: usize) -> FusedForm {
+    let forced = match std::env::var("LORAMUX_FUSED_BLOCKS_PER_SM").as_deref() {
+        Ok("3") => Some(3),
+        Ok("4") => Some(4),
+        Ok("5") => Some(5),
+        Ok("6") => Some(6),
+        _ => None,
     };
-    let fit = SM_SHARED_BYTES / (fused_smem_bytes(max_rank) + 1024);
-    wanted.min(fit.max(3))
+    fused_form_for(max_rank, kchunk, fused_stages_a(), forced)
+}
+
+/// `fused_form` with the environment's choices passed in.
+pub fn fused_form_for(max_rank: usize, kchunk: usize, staged_a: bool, blocks_per_sm: Option<usize>) -> FusedForm {
+    let wanted = match (blocks_per_sm, staged_a) {
+        (Some(m), true) => m.clamp(3, 6),
+        (Some(m), false) => m.clamp(3, 5),
+        (None, true) => FUSED_STAGED_BLOCKS_PER_SM,
+        (None, false) if max_rank <= FUSED_M4_MAX_RANK => 4,
+        (None, false) => 3,
+    };
+    let expand = fused_expand_smem_bytes(max_rank);
+    let (a_stages, smem_bytes) = if staged_a {
+        let rounds = max_rank.div_ceil(16).max(1);
+        let one = expand.max(fused_staged_shrink_smem_bytes(kchunk, 1));
+        let two = expand.max(fused_staged_shrink_smem_bytes(kchunk, 2));
+        let smem = if rounds > 1 && blocks_that_fit(two) >= wanted.min(blocks_that_fit(one)) { two } else { one };
+        (((smem - FUSED_SMEM_HEAD - DECODE_ITEM * kchunk * 2) / (32 * kchunk)).min(4), smem)
+    } else {
+        (0, expand.max(FUSED_SMEM_HEAD + DECODE_ITEM * 1024 * 2))
+    };
+    FusedForm { blocks_per_sm: wanted.min(blocks_that_fit(smem_bytes).max(3)), staged_a, a_stages, smem_bytes }
 }
 
 /// Launch geometry of the fused decode kernel.
@@ -291,15 +353,27 @@ pub fn fused_col_groups(out_size: usize, col_steps: usize) -> usize {
     out_size.div_ceil(FUSED_COLS).div_ceil(col_steps.max(1))
 }
 
-/// Dynamic shared memory of a fused launch with ranks up to `max_rank`: the larger of the shrink
-/// role's (tokens, x chunk) and the expand role's (tokens, u, two B tiles of odd-chunk rows).
-pub fn fused_smem_bytes(max_rank: usize) -> usize {
-    const HEAD: usize = 64;
+/// Bytes of dynamic shared memory before the roles' buffers (cuda/lora_fused.cu FUSED_SMEM_HEAD).
+const FUSED_SMEM_HEAD: usize = 64;
+
+/// The fused expand role's shared memory with ranks up to `max_rank`: tokens, u, two B tiles of
+/// odd-chunk rows.
+pub fn fused_expand_smem_bytes(max_rank: usize) -> usize {
     let rc = max_rank.div_ceil(8) * 8;
     let pitch = ((rc / 8) | 1) * 8;
-    let shrink = HEAD + DECODE_ITEM * 1024 * 2;
-    let expand = HEAD + DECODE_ITEM * rc * 4 + 2 * FUSED_COLS * pitch * 2;
-    shrink.max(expand)
+    FUSED_SMEM_HEAD + DECODE_ITEM * rc * 4 + 2 * FUSED_COLS * pitch * 2
+}
+
+/// The staged shrink role's shared memory (cuda/lora_fused.cu shrink_decode_item_staged): tokens,
+/// the item's x rows at a pitch of kchunk, `a_stages` rounds of 16 A rows of kchunk elements.
+pub fn fused_staged_shrink_smem_bytes(kchunk: usize, a_stages: usize) -> usize {
+    FUSED_SMEM_HEAD + DECODE_ITEM * kchunk * 2 + a_stages * 16 * kchunk * 2
+}
+
+/// Dynamic shared memory of a register-A fused launch with ranks up to `max_rank`: the larger of
+/// the shrink role's (tokens, x chunk) and the expand role's.
+pub fn fused_smem_bytes(max_rank: usize) -> usize {
+    fused_expand_smem_bytes(max_rank).max(FUSED_SMEM_HEAD + DECODE_ITEM * 1024 * 2)
 }
 
 /// Whether lora_apply sums the partials into u (the reduce kernel) before the expand: in the
@@ -452,18 +526,39 @@ mod tests {
     }
 
     #[test]
-    fn fused_blocks_an_sm_fit_shared_memory() {
-        if std::env::var("LORAMUX_FUSED_BLOCKS_PER_SM").is_ok() {
-            return;
-        }
-        assert_eq!(fused_blocks_per_sm(16), 4);
-        assert_eq!(fused_blocks_per_sm(32), 4);
-        assert_eq!(fused_blocks_per_sm(64), 3);
+    fn fused_forms_fit_shared_memory() {
+        // A staged: 5 blocks an SM where 768-element chunks (36 KB) or the expand's rank-32 tiles
+        // (42 KB) leave room, 4 at 1024-element chunks (48 KB), 3 at rank 64 (74 KB)
+        assert_eq!(fused_form_for(16, 768, true, None).blocks_per_sm, 5);
+        assert_eq!(fused_form_for(16, 1024, true, None).blocks_per_sm, 4);
+        assert_eq!(fused_form_for(32, 512, true, None).blocks_per_sm, 5);
+        assert_eq!(fused_form_for(64, 1024, true, None).blocks_per_sm, 3);
+        assert_eq!(fused_form_for(16, 1024, true, None).kernel_name("bf16"), "lora_fused_decode_bf16_sa4");
         for r in [1, 8, 16, 24, 32, 33, 48, 64] {
-            let m = fused_blocks_per_sm(r);
-            assert!(m == 3 || m * (fused_smem_bytes(r) + 1024) <= SM_SHARED_BYTES, "rank {r}: {m}");
+            for kchunk in [256, 512, 768, 1024] {
+                let f = fused_form_for(r, kchunk, true, None);
+                assert!(f.staged_a && f.a_stages >= 1, "rank {r} chunk {kchunk}: {f:?}");
+                assert!(f.smem_bytes >= fused_staged_shrink_smem_bytes(kchunk, f.a_stages));
+                assert!(f.smem_bytes >= fused_expand_smem_bytes(r) && f.smem_bytes <= 99 * 1024, "{f:?}");
+                assert!(f.blocks_per_sm == 3 || f.blocks_per_sm * (f.smem_bytes + 1024) <= SM_SHARED_BYTES, "{f:?}");
+                // a second round of A never costs a block an SM
+                let one = fused_expand_smem_bytes(r).max(fused_staged_shrink_smem_bytes(kchunk, 1));
+                assert!(f.blocks_per_sm >= FUSED_STAGED_BLOCKS_PER_SM.min(blocks_that_fit(one)).max(3), "{f:?}");
+            }
         }
-        assert!(5 * (fused_smem_bytes(32) + 1024) <= SM_SHARED_BYTES);
+        // rank 32 at 512-element chunks: both rounds of A in flight, 5 blocks an SM
+        assert!(fused_form_for(32, 512, true, None).a_stages >= 2);
+    }
+
+    #[test]
+    fn register_fused_forms_as_measured() {
+        let form = |r| fused_form_for(r, 1024, false, None);
+        let (r16, r32, r64) = (form(16), form(32), form(64));
+        assert_eq!(fused_form_for(16, 1024, false, Some(6)).blocks_per_sm, 5);
+        assert_eq!((r16.blocks_per_sm, r32.blocks_per_sm, r64.blocks_per_sm), (4, 4, 3));
+        assert_eq!(r16.kernel_name("f16"), "lora_fused_decode_f16_m4");
+        assert_eq!(r64.kernel_name("f16"), "lora_fused_decode_f16");
+        assert_eq!(r64.smem_bytes, fused_smem_bytes(64));
     }
 
     #[test]
