@@ -134,24 +134,39 @@ __device__ __forceinline__ void shrink_decode_item_staged(const FusedArgs& p, co
         if (j == 0) __syncthreads();  // every thread's x copies (A is lane-private)
         const int r = 16 * j + warp;
         if (r < R) {
-            for (int i = 0; i < cnt; ++i) {
-                float sum0 = 0.f, sum1 = 0.f;
+            // tokens in pairs, passes outer: a lane reads each A piece once a group (not once
+            // a token), and each token's sums still take the passes in order, as in shrink_decode_item
+            for (int i0 = 0; i0 < cnt; i0 += 2) {
+                float sum0[2], sum1[2];
 #pragma unroll
-                for (int q = 0; q < 4; ++q) {
-                    if (q < passes) {
-                        const uint4 xv = *reinterpret_cast<const uint4*>(&xs[i * kchunk + q * 256 + lane * 8]);
-                        sum0 += dot8<BF16>(*piece(j % stages, 0, q), xv);
-                        sum1 += dot8<BF16>(*piece(j % stages, 1, q), xv);
+                for (int i = 0; i < 2; ++i) sum0[i] = sum1[i] = 0.f;
+#pragma unroll 1
+                for (int q = 0; q < passes; ++q) {
+                    {
+                        const uint4 a0 = *piece(j % stages, 0, q), a1 = *piece(j % stages, 1, q);
+#pragma unroll
+                        for (int i = 0; i < 2; ++i) {
+                            if (i0 + i < cnt) {
+                                const uint4 xv = *reinterpret_cast<const uint4*>(&xs[(i0 + i) * kchunk + q * 256 + lane * 8]);
+                                sum0[i] += dot8<BF16>(a0, xv);
+                                sum1[i] += dot8<BF16>(a1, xv);
+                            }
+                        }
                     }
                 }
 #pragma unroll
-                for (int off = 16; off > 0; off >>= 1) {
-                    sum0 += __shfl_xor_sync(0xffffffffu, sum0, off);
-                    sum1 += __shfl_xor_sync(0xffffffffu, sum1, off);
+                for (int i = 0; i < 2; ++i) {
+                    if (i0 + i < cnt) {
+#pragma unroll
+                        for (int off = 16; off > 0; off >>= 1) {
+                            sum0[i] += __shfl_xor_sync(0xffffffffu, sum0[i], off);
+                            sum1[i] += __shfl_xor_sync(0xffffffffu, sum1[i], off);
+                        }
+                        const long long base = (long long)tokens[i0 + i] * p.table.max_rank;
+                        if (lane == 0) out[base + r] = sum0[i];
+                        if (lane == 1 && r + 8 < R) out[base + r + 8] = sum1[i];
+                    }
                 }
-                const long long base = (long long)tokens[i] * p.table.max_rank;
-                if (lane == 0) out[base + r] = sum0;
-                if (lane == 1 && r + 8 < R) out[base + r + 8] = sum1;
             }
         }
         // this lane read its pieces of stage j % stages: round j + stages may land there (the
@@ -357,7 +372,7 @@ __device__ void fused_decode(const FusedArgs& p) {
 }
 
 // Instantiations: A in registers (the shrink_decode_item form) at 3, 4 (`_m4`: 64 registers) and 5
-// (`_m5`) blocks an SM; A staged in shared memory (`_sa<m>`) at 3..6 blocks an SM. rust/src/cuda/
+// (`_m5`) blocks an SM; A staged in shared memory (`_sa<m>`) at 3, 4 and 5 blocks an SM. rust/src/cuda/
 // plan.rs fused_blocks_per_sm and fused_stages_a pick one; never more blocks than shared memory lets reside.
 extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_fused_decode_bf16(const FusedArgs p) { fused_decode<true, false>(p); }
 extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_fused_decode_f16(const FusedArgs p) { fused_decode<false, false>(p); }
@@ -371,5 +386,3 @@ extern "C" __global__ void __launch_bounds__(LMX_THREADS, 4) lora_fused_decode_b
 extern "C" __global__ void __launch_bounds__(LMX_THREADS, 4) lora_fused_decode_f16_sa4(const FusedArgs p) { fused_decode<false, true>(p); }
 extern "C" __global__ void __launch_bounds__(LMX_THREADS, 5) lora_fused_decode_bf16_sa5(const FusedArgs p) { fused_decode<true, true>(p); }
 extern "C" __global__ void __launch_bounds__(LMX_THREADS, 5) lora_fused_decode_f16_sa5(const FusedArgs p) { fused_decode<false, true>(p); }
-extern "C" __global__ void __launch_bounds__(LMX_THREADS, 6) lora_fused_decode_bf16_sa6(const FusedArgs p) { fused_decode<true, true>(p); }
-extern "C" __global__ void __launch_bounds__(LMX_THREADS, 6) lora_fused_decode_f16_sa6(const FusedArgs p) { fused_decode<false, true>(p); }

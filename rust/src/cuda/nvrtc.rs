@@ -85,8 +85,6 @@ pub const FUSED: KernelFamily = KernelFamily {
         "lora_fused_decode_f16_sa4",
         "lora_fused_decode_bf16_sa5",
         "lora_fused_decode_f16_sa5",
-        "lora_fused_decode_bf16_sa6",
-        "lora_fused_decode_f16_sa6",
     ],
 };
 

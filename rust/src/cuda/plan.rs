@@ -41,8 +41,10 @@ pub struct Tuning {
 /// in its three instantiations, the tensor-core tile kernel at 1 or 4 tiles a block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ExpandKind {
-    /// shrink and expand in one launch (cuda/lora_fused.cu), decode batches only
+    /// shrink and expand in one launch (cuda/lora_fused.cu), decode batches only; the shrink's A in registers
     Fused,
+    /// the same with the shrink's A staged in shared memory by cp.async (the `_sa` instantiations)
+    FusedStaged,
     Flat,
     SmallO1,
     SmallO1w,
@@ -52,8 +54,9 @@ pub enum ExpandKind {
 }
 
 impl ExpandKind {
-    pub const ALL: [ExpandKind; 7] = [
+    pub const ALL: [ExpandKind; 8] = [
         ExpandKind::Fused,
+        ExpandKind::FusedStaged,
         ExpandKind::Flat,
         ExpandKind::SmallO1,
         ExpandKind::SmallO1w,
@@ -65,6 +68,7 @@ impl ExpandKind {
     pub fn name(self) -> &'static str {
         match self {
             ExpandKind::Fused => "fused",
+            ExpandKind::FusedStaged => "fuseds",
             ExpandKind::Flat => "flat",
             ExpandKind::SmallO1 => "o1",
             ExpandKind::SmallO1w => "o1w",
@@ -220,7 +224,7 @@ pub fn decode_is_fused(tokens: usize, max_rank: usize, tuning: &Tuning) -> bool 
         Ok("1") => true,
         Ok("0") => false,
         _ => match tuning.expand {
-            Some(ExpandKind::Fused) => true,
+            Some(ExpandKind::Fused | ExpandKind::FusedStaged) => true,
             Some(_) => false,
             None => tokens > FUSED_MIN_TOKENS,
         },
@@ -244,14 +248,20 @@ pub const FUSED_M4_MAX_RANK: usize = 32;
 const SM_SHARED_BYTES: usize = 228 * 1024;
 
 /// Blocks an SM the staged-A fused kernel aims for by default (cuda/lora_fused.cu `_sa5`: 48
-/// registers, no spills), fewer where its shared memory does not let them reside.
+/// registers, a few bytes spilled), fewer where its shared memory does not let them reside.
 pub const FUSED_STAGED_BLOCKS_PER_SM: usize = 5;
 
 /// Whether the fused kernel's shrink stages its A rows in shared memory by cp.async (the `_sa`
 /// instantiations: no registers hold loads in flight) rather than in registers.
-/// `LORAMUX_FUSED_STAGE_A=0` keeps them in registers (A/B).
-pub fn fused_stages_a() -> bool {
-    std::env::var("LORAMUX_FUSED_STAGE_A").as_deref() != Ok("0")
+/// `LORAMUX_FUSED_STAGE_A=1|0` forces either (A/B, the sweep); else the tuning table's kind
+/// ("fuseds"); else registers: measured on the H200 (docs/kernel-notes.md, decode5), the in-order
+/// decode step took 368 us with A in registers against 378 staged (5 blocks an SM), 373 (4).
+pub fn fused_stages_a(tuning: &Tuning) -> bool {
+    match std::env::var("LORAMUX_FUSED_STAGE_A").as_deref() {
+        Ok("1") => true,
+        Ok("0") => false,
+        _ => tuning.expand == Some(ExpandKind::FusedStaged),
+    }
 }
 
 /// How one fused launch runs: which instantiation (blocks an SM, A staged or not) and its dynamic
@@ -282,28 +292,27 @@ fn blocks_that_fit(smem_bytes: usize) -> usize {
     SM_SHARED_BYTES / (smem_bytes + 1024)
 }
 
-/// The fused launch's form for ranks up to `max_rank` and reduction chunks of `kchunk` elements.
-/// `LORAMUX_FUSED_BLOCKS_PER_SM=3|4|5` (and 6 with A staged) picks the blocks an SM for A/B runs;
+/// The fused launch's form for ranks up to `max_rank`, reduction chunks of `kchunk` elements, the
+/// shrink's A staged in shared memory or not (`FusedPlan::staged_a`).
+/// `LORAMUX_FUSED_BLOCKS_PER_SM=3|4|5` picks the blocks an SM for A/B runs;
 /// else A staged: FUSED_STAGED_BLOCKS_PER_SM; A in registers: 4 up to rank 32 (measured on the
 /// H200: the decode step's LoRA overhead 410 -> 360 us against 3), 3 above. Never more than the
 /// launch's shared memory lets reside (nor fewer than 3: the instantiations' floor). The staged
 /// shrink gets a second round of A in flight (ranks above 16) where that keeps the blocks an SM.
-pub fn fused_form(max_rank: usize, kchunk: usize) -> FusedForm {
+pub fn fused_form(max_rank: usize, kchunk: usize, staged_a: bool) -> FusedForm {
     let forced = match std::env::var("LORAMUX_FUSED_BLOCKS_PER_SM").as_deref() {
         Ok("3") => Some(3),
         Ok("4") => Some(4),
         Ok("5") => Some(5),
-        Ok("6") => Some(6),
         _ => None,
     };
-    fused_form_for(max_rank, kchunk, fused_stages_a(), forced)
+    fused_form_for(max_rank, kchunk, staged_a, forced)
 }
 
 /// `fused_form` with the environment's choices passed in.
 pub fn fused_form_for(max_rank: usize, kchunk: usize, staged_a: bool, blocks_per_sm: Option<usize>) -> FusedForm {
     let wanted = match (blocks_per_sm, staged_a) {
-        (Some(m), true) => m.clamp(3, 6),
-        (Some(m), false) => m.clamp(3, 5),
+        (Some(m), _) => m.clamp(3, 5),
         (None, true) => FUSED_STAGED_BLOCKS_PER_SM,
         (None, false) if max_rank <= FUSED_M4_MAX_RANK => 4,
         (None, false) => 3,
@@ -329,6 +338,8 @@ pub struct FusedPlan {
     pub col_steps: usize,
     /// expand blocks per item of the widest slice (each slice has its own: `fused_col_groups`)
     pub col_groups: usize,
+    /// the shrink's A rows staged in shared memory (`fused_stages_a`)
+    pub staged_a: bool,
 }
 
 /// Output columns of one expand step of the fused kernel (a column a thread).
@@ -345,7 +356,7 @@ pub fn plan_fused(tokens: usize, hi: usize, max_out: usize, num_slices: usize, n
     let units = max_out.div_ceil(FUSED_COLS).max(1);
     let pairs = planned_items(tokens, num_slots) * num_slices.max(1);
     let col_steps = (units * pairs).div_ceil(expand_target).clamp(1, units);
-    FusedPlan { shrink, col_steps, col_groups: units.div_ceil(col_steps) }
+    FusedPlan { shrink, col_steps, col_groups: units.div_ceil(col_steps), staged_a: fused_stages_a(tuning) }
 }
 
 /// Expand blocks per item of a slice `out_size` wide (cuda/lora_fused.cu fused_col_groups).
@@ -554,7 +565,7 @@ mod tests {
     fn register_fused_forms_as_measured() {
         let form = |r| fused_form_for(r, 1024, false, None);
         let (r16, r32, r64) = (form(16), form(32), form(64));
-        assert_eq!(fused_form_for(16, 1024, false, Some(6)).blocks_per_sm, 5);
+        assert_eq!(fused_form_for(16, 768, true, Some(6)).blocks_per_sm, 5);
         assert_eq!((r16.blocks_per_sm, r32.blocks_per_sm, r64.blocks_per_sm), (4, 4, 3));
         assert_eq!(r16.kernel_name("f16"), "lora_fused_decode_f16_m4");
         assert_eq!(r64.kernel_name("f16"), "lora_fused_decode_f16");
