@@ -489,7 +489,7 @@ pub fn fused(
     }
     b.need_segments()?;
     let items = b.max_items();
-    let form = fused_form(b.max_rank, sp.kchunk, plan.staged_a);
+    let form = fused_form(b.max_rank, sp.kchunk, plan.staged_a, plan.blocks_per_sm);
     let smem = form.smem_bytes;
     let args = FusedArgs {
         x,

@@ -43,8 +43,13 @@ pub struct Tuning {
 pub enum ExpandKind {
     /// shrink and expand in one launch (cuda/lora_fused.cu), decode batches only; the shrink's A in registers
     Fused,
-    /// the same with the shrink's A staged in shared memory by cp.async (the `_sa` instantiations)
+    /// the same at 3 blocks an SM (fewer, fatter: long column spans contend less)
+    Fused3,
+    /// the shrink's A staged in shared memory by cp.async (the `_sa` instantiations), 5 blocks an SM
+    /// where shared memory lets them reside
     FusedStaged,
+    /// the same at 4 blocks an SM
+    FusedStaged4,
     Flat,
     SmallO1,
     SmallO1w,
@@ -54,9 +59,11 @@ pub enum ExpandKind {
 }
 
 impl ExpandKind {
-    pub const ALL: [ExpandKind; 8] = [
+    pub const ALL: [ExpandKind; 10] = [
         ExpandKind::Fused,
+        ExpandKind::Fused3,
         ExpandKind::FusedStaged,
+        ExpandKind::FusedStaged4,
         ExpandKind::Flat,
         ExpandKind::SmallO1,
         ExpandKind::SmallO1w,
@@ -68,7 +75,9 @@ impl ExpandKind {
     pub fn name(self) -> &'static str {
         match self {
             ExpandKind::Fused => "fused",
+            ExpandKind::Fused3 => "fused3",
             ExpandKind::FusedStaged => "fuseds",
+            ExpandKind::FusedStaged4 => "fuseds4",
             ExpandKind::Flat => "flat",
             ExpandKind::SmallO1 => "o1",
             ExpandKind::SmallO1w => "o1w",
@@ -76,6 +85,11 @@ impl ExpandKind {
             ExpandKind::TileC1 => "c1",
             ExpandKind::TileC4 => "c4",
         }
+    }
+
+    /// The fused decode kernel in one of its forms.
+    pub fn is_fused(self) -> bool {
+        matches!(self, ExpandKind::Fused | ExpandKind::Fused3 | ExpandKind::FusedStaged | ExpandKind::FusedStaged4)
     }
 
     pub fn parse(name: &str) -> Option<ExpandKind> {
@@ -224,8 +238,7 @@ pub fn decode_is_fused(tokens: usize, max_rank: usize, tuning: &Tuning) -> bool 
         Ok("1") => true,
         Ok("0") => false,
         _ => match tuning.expand {
-            Some(ExpandKind::Fused | ExpandKind::FusedStaged) => true,
-            Some(_) => false,
+            Some(k) => k.is_fused(),
             None => tokens > FUSED_MIN_TOKENS,
         },
     }
@@ -254,13 +267,23 @@ pub const FUSED_STAGED_BLOCKS_PER_SM: usize = 5;
 /// Whether the fused kernel's shrink stages its A rows in shared memory by cp.async (the `_sa`
 /// instantiations: no registers hold loads in flight) rather than in registers.
 /// `LORAMUX_FUSED_STAGE_A=1|0` forces either (A/B, the sweep); else the tuning table's kind
-/// ("fuseds"); else registers: measured on the H200 (docs/kernel-notes.md, decode5), the in-order
+/// ("fuseds", "fuseds4"); else registers: measured on the H200 (docs/kernel-notes.md, decode5), the in-order
 /// decode step took 368 us with A in registers against 378 staged (5 blocks an SM), 373 (4).
 pub fn fused_stages_a(tuning: &Tuning) -> bool {
     match std::env::var("LORAMUX_FUSED_STAGE_A").as_deref() {
         Ok("1") => true,
         Ok("0") => false,
-        _ => tuning.expand == Some(ExpandKind::FusedStaged),
+        _ => matches!(tuning.expand, Some(ExpandKind::FusedStaged | ExpandKind::FusedStaged4)),
+    }
+}
+
+/// Blocks an SM the tuning table's fused kind asks for ("fused3", "fuseds4"); None: the form's
+/// built-in number (`fused_form_for`).
+pub fn fused_kind_blocks_per_sm(tuning: &Tuning) -> Option<usize> {
+    match tuning.expand {
+        Some(ExpandKind::Fused3) => Some(3),
+        Some(ExpandKind::FusedStaged4) => Some(4),
+        _ => None,
     }
 }
 
@@ -294,17 +317,18 @@ fn blocks_that_fit(smem_bytes: usize) -> usize {
 
 /// The fused launch's form for ranks up to `max_rank`, reduction chunks of `kchunk` elements, the
 /// shrink's A staged in shared memory or not (`FusedPlan::staged_a`).
-/// `LORAMUX_FUSED_BLOCKS_PER_SM=3|4|5` picks the blocks an SM for A/B runs;
+/// `LORAMUX_FUSED_BLOCKS_PER_SM=3|4|5` picks the blocks an SM for A/B runs, else the plan's (the
+/// table's kind);
 /// else A staged: FUSED_STAGED_BLOCKS_PER_SM; A in registers: 4 up to rank 32 (measured on the
 /// H200: the decode step's LoRA overhead 410 -> 360 us against 3), 3 above. Never more than the
 /// launch's shared memory lets reside (nor fewer than 3: the instantiations' floor). The staged
 /// shrink gets a second round of A in flight (ranks above 16) where that keeps the blocks an SM.
-pub fn fused_form(max_rank: usize, kchunk: usize, staged_a: bool) -> FusedForm {
+pub fn fused_form(max_rank: usize, kchunk: usize, staged_a: bool, planned_blocks_per_sm: Option<usize>) -> FusedForm {
     let forced = match std::env::var("LORAMUX_FUSED_BLOCKS_PER_SM").as_deref() {
         Ok("3") => Some(3),
         Ok("4") => Some(4),
         Ok("5") => Some(5),
-        _ => None,
+        _ => planned_blocks_per_sm,
     };
     fused_form_for(max_rank, kchunk, staged_a, forced)
 }
@@ -340,6 +364,8 @@ pub struct FusedPlan {
     pub col_groups: usize,
     /// the shrink's A rows staged in shared memory (`fused_stages_a`)
     pub staged_a: bool,
+    /// blocks an SM the table's kind asks for (`fused_kind_blocks_per_sm`), else None
+    pub blocks_per_sm: Option<usize>,
 }
 
 /// Output columns of one expand step of the fused kernel (a column a thread).
@@ -356,7 +382,13 @@ pub fn plan_fused(tokens: usize, hi: usize, max_out: usize, num_slices: usize, n
     let units = max_out.div_ceil(FUSED_COLS).max(1);
     let pairs = planned_items(tokens, num_slots) * num_slices.max(1);
     let col_steps = (units * pairs).div_ceil(expand_target).clamp(1, units);
-    FusedPlan { shrink, col_steps, col_groups: units.div_ceil(col_steps), staged_a: fused_stages_a(tuning) }
+    FusedPlan {
+        shrink,
+        col_steps,
+        col_groups: units.div_ceil(col_steps),
+        staged_a: fused_stages_a(tuning),
+        blocks_per_sm: fused_kind_blocks_per_sm(tuning),
+    }
 }
 
 /// Expand blocks per item of a slice `out_size` wide (cuda/lora_fused.cu fused_col_groups).
@@ -531,6 +563,13 @@ mod tests {
         // under the 99 KB a block may take on sm_86/89 (rank 64), and 48 KB up to rank 32
         assert!(fused_smem_bytes(FUSED_MAX_RANK) <= 99 * 1024 && fused_smem_bytes(32) <= 48 * 1024);
         let fused = Tuning { expand: Some(ExpandKind::Fused), ..Default::default() };
+        for k in [ExpandKind::Fused3, ExpandKind::FusedStaged, ExpandKind::FusedStaged4] {
+            let t = Tuning { expand: Some(k), ..Default::default() };
+            assert!(decode_is_fused(8, 16, &t));
+            let p = plan_fused(32, 4096, 4096, 1, 32, &t);
+            assert_eq!(p.staged_a, k != ExpandKind::Fused3);
+            assert_eq!(p.blocks_per_sm, [None, Some(3), None, Some(4)][[ExpandKind::Fused, ExpandKind::Fused3, ExpandKind::FusedStaged, ExpandKind::FusedStaged4].iter().position(|&x| x == k).unwrap()]);
+        }
         assert!(decode_is_fused(64, 64, &d) && !decode_is_fused(65, 16, &d) && !decode_is_fused(8, 128, &fused));
         assert!(!decode_is_fused(8, 16, &d) && decode_is_fused(8, 16, &fused));
         assert!(!decode_is_fused(8, 16, &Tuning { expand: Some(ExpandKind::SmallO1), ..Default::default() }));
