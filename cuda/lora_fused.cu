@@ -4,8 +4,8 @@
 // does not have leave at once; every group's would-be shrink blocks come first in the grid).
 // Inside a group, roles come by ticket (an atomic counter of the
 // group in the segments' fused workspace, lora_common.cuh): the first ksplit blocks to arrive run
-// the split-K shrink of the item (the two-kernel path's shrink_decode_item, so the partials are
-// bit for bit the same), the rest expand col_steps x 256 output columns each. An expand block
+// the split-K shrink of the item (the two-kernel path's shrink_decode_item, or its twin below with
+// A staged in shared memory, same sums in the same order: the partials are bit for bit the same), the rest expand col_steps x 256 output columns each. An expand block
 // copies its first B tiles (cp.async) and y values, then waits on the group's completion count,
 // which the shrink blocks bump once their partials are written: it only ever waits on blocks of
 // its own group that took smaller tickets, blocks that already run, so no order of block dispatch
@@ -134,8 +134,10 @@ __device__ __forceinline__ void shrink_decode_item_staged(const FusedArgs& p, co
         if (j == 0) __syncthreads();  // every thread's x copies (A is lane-private)
         const int r = 16 * j + warp;
         if (r < R) {
-            // tokens in pairs, passes outer: a lane reads each A piece once a group (not once
-            // a token), and each token's sums still take the passes in order, as in shrink_decode_item
+            // tokens in pairs, passes outer: a lane reads each A piece once a pair (not once a
+            // token), and each token's sums still take the passes in order, as in shrink_decode_item.
+            // The pass loop stays rolled (48 registers at 5 blocks an SM); measured on the H200 it
+            // serializes the shared-memory reads of 1-2-token items (docs/kernel-notes.md, decode5)
             for (int i0 = 0; i0 < cnt; i0 += 2) {
                 float sum0[2], sum1[2];
 #pragma unroll
