@@ -5,7 +5,8 @@ per layer and 4 (q|k|v and gate|up fused), at batch 1, 8, 32 and 64, for each va
 a set of environment variables the launchers read at launch: LORAMUX_EXPAND_DECODE=grouped|flat
 forces the decode expand kernel (and the shrink split that goes with it, rust/src/cuda/plan.rs),
 anything else lets the geometry choose ("auto"); the fused decode kernel's variants force it and
-change one launch knob each (plain launch, 3/4/5 blocks an SM, expand blocks, shrink split target);
+change one launch knob each (plain launch, 3/4/5 blocks an SM, the shrink's A staged or in
+registers, expand blocks, shrink split target);
 graphs are captured under each. Also checks every variant's y against the first one's.
 
     python benchmarks/decode_ab.py --out ab.json [--variants fused,plain,m4 --batches 32,64]
@@ -39,6 +40,11 @@ VARIANTS = {
     "m3": {"LORAMUX_DECODE_FUSED": "1", "LORAMUX_FUSED_BLOCKS_PER_SM": "3"},
     "m4": {"LORAMUX_DECODE_FUSED": "1", "LORAMUX_FUSED_BLOCKS_PER_SM": "4"},
     "m5": {"LORAMUX_DECODE_FUSED": "1", "LORAMUX_FUSED_BLOCKS_PER_SM": "5"},
+    # the fused shrink's A in registers (the built-in form: 4 blocks an SM up to rank 32, 3 above), or
+    # staged in shared memory by cp.async (5 blocks an SM where shared memory lets them reside; 4)
+    "regs": {"LORAMUX_DECODE_FUSED": "1", "LORAMUX_FUSED_STAGE_A": "0"},
+    "staged": {"LORAMUX_DECODE_FUSED": "1", "LORAMUX_FUSED_STAGE_A": "1"},
+    "staged4": {"LORAMUX_DECODE_FUSED": "1", "LORAMUX_FUSED_STAGE_A": "1", "LORAMUX_FUSED_BLOCKS_PER_SM": "4"},
     "xb264": {"LORAMUX_DECODE_FUSED": "1", "LORAMUX_FUSED_EXPAND_BLOCKS": "264"},
     "xb792": {"LORAMUX_DECODE_FUSED": "1", "LORAMUX_FUSED_EXPAND_BLOCKS": "792"},
     "st132": {"LORAMUX_DECODE_FUSED": "1", "LORAMUX_SHRINK_TARGET_BLOCKS": "132"},

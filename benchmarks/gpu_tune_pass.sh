@@ -8,6 +8,7 @@
 # `ab` times the step's LoRA work alone under benchmarks/decode_ab.py's variants $AB_VARIANTS;
 # `ncu` profiles the fused kernel on the decode step's applies (profile_case.py --decode-step).
 # DECODE_ARGS go to decode_step.py (e.g. "--variants plain,m4": the step under launch variants).
+# TEST_K selects tests by pytest -k in every file of FILES (a pass over what changed).
 # Run from a tree holding tests/, benchmarks/, pyproject.toml:
 #   WHEEL=path/to/loramux.whl COMMIT=sha bash benchmarks/gpu_tune_pass.sh      (results in $OUT)
 export PYTHONUNBUFFERED=1
@@ -20,7 +21,7 @@ LOGS=/tmp/klogs; mkdir -p $LOGS
 python -c "import loramux, torch; from loramux import _core; print(loramux.__file__, torch.__version__, torch.cuda.get_device_name(), 'sm', _core.load_kernels(0))" 2>&1 | tee $LOGS/env.txt
 echo "compiled at $(elapsed) s"
 has tests && for f in ${FILES:-test_kernels test_fused test_launch_choices test_ops test_segments test_models test_dora test_siblings test_beside test_serving_gpu test_cache_gpu test_runtime test_tp}; do
-  ( timeout ${TEST_S:-130} python -m pytest -q -m gpu -p no:cacheprovider --tb=short tests/$f.py > $LOGS/$f.log 2>&1
+  ( timeout ${TEST_S:-130} python -m pytest -q -m gpu -p no:cacheprovider --tb=short tests/$f.py ${TEST_K:+-k "$TEST_K"} > $LOGS/$f.log 2>&1
     echo "$f rc=$? $(grep -E ' passed| failed| error|no tests ran' $LOGS/$f.log | tail -1)"; grep -E "^(FAILED|ERROR)" $LOGS/$f.log | head -5 ) &
 done
 MEMCHECKS=${MEMCHECKS:-"segments fused kernels"}

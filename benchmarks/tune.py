@@ -41,22 +41,23 @@ TOKENS = [(1, (1,)), (16, (1, 16)), (64, (1, 32)), (256, (1, 32)), (512, (1, 32)
 TARGETS = [132, 264, 528, 1056]
 #: the planner's own targets (rust/src/cuda/plan.rs): the flat decode expand's, the fused decode
 #: kernel's, everyone else's
-BUILT_IN_TARGET = {"flat": 132, "fused": 264}
+FUSED_KINDS = ("fused", "fused3", "fuseds", "fuseds4")  # A in registers or staged, built-in or named blocks an SM
+BUILT_IN_TARGET = {"flat": 132, **{k: 264 for k in FUSED_KINDS}}
 DEFAULT_TARGET = 528
 #: the coarsest target swept per kernel: the built-in one, except for the fused kernel, which is
 #: swept down to 132 (its few-adapter count, timed beside the many-adapter one, guards against the
 #: starved splits that kept coarser targets out)
-MIN_TARGET = dict(BUILT_IN_TARGET, fused=132)
-SELECTION = "geomean over the adapter counts swept, none slower; split targets >= the built-in one (fused: >= 132)"
+MIN_TARGET = dict(BUILT_IN_TARGET, **{k: 132 for k in FUSED_KINDS})
+SELECTION = "geomean over the adapter counts swept, none slower; split targets >= the built-in one (fused kinds: >= 132)"
 KNOBS = ("LORAMUX_EXPAND_DECODE", "LORAMUX_EXPAND_OPT", "LORAMUX_EXPAND_TILE_COLS", "LORAMUX_SHRINK_TARGET_BLOCKS",
          "LORAMUX_TUNING", "LORAMUX_DECODE_FUSED", "LORAMUX_FUSED_EXPAND_BLOCKS", "LORAMUX_FUSED_PDL",
-         "LORAMUX_FUSED_BLOCKS_PER_SM")
+         "LORAMUX_FUSED_BLOCKS_PER_SM", "LORAMUX_FUSED_STAGE_A")
 
 
 def variants(tokens: int, targets, rank: int = 16):
     """(expand kernel, shrink target) pairs the path of `tokens` allows (rust/src/cuda/plan.rs)."""
     if tokens <= 64:
-        kinds = (["fused"] if rank <= 64 else []) + ["flat", "o1", "o1w"]
+        kinds = (list(FUSED_KINDS) if rank <= 64 else []) + ["flat", "o1", "o1w"]
     elif tokens <= 256:
         kinds = ["o1", "o1w", "o4"]
     else:
@@ -67,8 +68,10 @@ def variants(tokens: int, targets, rank: int = 16):
 def forced_env(kind, target):
     """The environment overrides that force one variant (they win over the table in the planner)."""
     env = {"LORAMUX_TUNING": "off", "LORAMUX_SHRINK_TARGET_BLOCKS": str(target), "LORAMUX_DECODE_FUSED": "0"}
-    if kind == "fused":
-        env["LORAMUX_DECODE_FUSED"] = "1"
+    if kind in FUSED_KINDS:  # the shrink's A in registers or staged in shared memory; blocks an SM
+        env.update(LORAMUX_DECODE_FUSED="1", LORAMUX_FUSED_STAGE_A="1" if kind.startswith("fuseds") else "0")
+        if kind[-1].isdigit():
+            env["LORAMUX_FUSED_BLOCKS_PER_SM"] = kind[-1]
     elif kind == "flat":
         env["LORAMUX_EXPAND_DECODE"] = "flat"
     elif kind.startswith("o"):

@@ -4,8 +4,8 @@
 // does not have leave at once; every group's would-be shrink blocks come first in the grid).
 // Inside a group, roles come by ticket (an atomic counter of the
 // group in the segments' fused workspace, lora_common.cuh): the first ksplit blocks to arrive run
-// the split-K shrink of the item (the two-kernel path's shrink_decode_item, so the partials are
-// bit for bit the same), the rest expand col_steps x 256 output columns each. An expand block
+// the split-K shrink of the item (the two-kernel path's shrink_decode_item, or its twin below with
+// A staged in shared memory, same sums in the same order: the partials are bit for bit the same), the rest expand col_steps x 256 output columns each. An expand block
 // copies its first B tiles (cp.async) and y values, then waits on the group's completion count,
 // which the shrink blocks bump once their partials are written: it only ever waits on blocks of
 // its own group that took smaller tickets, blocks that already run, so no order of block dispatch
@@ -51,15 +51,146 @@ __device__ __forceinline__ float ld_cg(const float* p) {
 // 16-byte chunks of a staged B row: odd, so 8 threads reading their rows hit distinct banks.
 __device__ __forceinline__ int fused_row_chunks(int rc) { return (rc / 8) | 1; }
 
+// The fused kernel's shrink with the A rows staged in shared memory (STAGED_A): each lane copies by
+// cp.async exactly the 16-byte pieces of A it reads later (lane-private, so no barrier guards A),
+// so the loads in flight hold no registers and the block needs far fewer than the register form
+// (shrink_decode_item: 8 x 16 bytes of A a lane). Rank rows go in rounds of 16 (a warp's rows r and
+// r + 8, as there), up to 4 rounds in flight (as many as the launch's shared memory holds): the
+// next rounds land while this one is summed.
+// Sums, their order and the stores are shrink_decode_item's: the partials are bit for bit the same.
+// Shared memory: tokens (head), x rows at a pitch of kchunk, then stages x 16 x kchunk halves of A.
+__device__ __forceinline__ void store_zero16(void* dst) { *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0); }
+
+// Bytes of the staged shrink's shared memory with `stages` rounds of A (rust/src/cuda/plan.rs
+// fused_smem_bytes mirrors it); the kernel takes as many stages as the launch's shared memory holds.
+__device__ __forceinline__ int staged_a_stages(int smem_bytes, int kchunk) {
+    return (smem_bytes - FUSED_SMEM_HEAD - DECODE_TOKENS * kchunk * 2) / (32 * kchunk);
+}
+
 template <bool BF16>
+__device__ __forceinline__ void shrink_decode_item_staged(const FusedArgs& p, const WorkItem& w, const AdapterEntry& e,
+                                                          int k_begin, int k_end, float* out, const int* tokens,
+                                                          unsigned char* sm) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int kchunk = p.kchunk, P = kchunk >> 8;  // pitch of x rows (halves), passes a round holds room for
+    const int passes = (k_end - k_begin + 255) >> 8;
+    const int R = e.rank, rounds = (R + 15) >> 4;
+    const int stages = min(rounds, min(4, max(1, staged_a_stages(p.smem_bytes, kchunk))));
+    u16* xs = reinterpret_cast<u16*>(sm + FUSED_SMEM_HEAD);
+    uint4* as = reinterpret_cast<uint4*>(sm + FUSED_SMEM_HEAD + DECODE_TOKENS * kchunk * 2);
+    const bool vx = (p.hi % 8 == 0) && (p.x_stride % 8 == 0) && ((reinterpret_cast<u64>(p.x) & 15) == 0);
+    const bool va = (p.hi % 8 == 0) && ((reinterpret_cast<u64>(e.a) & 15) == 0);
+    // this lane's pieces of round j: rows 16 j + warp + 8 h, passes q, in stage j % stages
+    auto piece = [&](int stage, int h, int q) { return as + (((stage * 8 + warp) * 2 + h) * P + q) * 32 + lane; };
+    auto stage_round = [&](int j) {
+        if (j < rounds) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int row = 16 * j + warp + 8 * h;
+#pragma unroll 4
+                for (int q = 0; q < passes; ++q) {
+                    uint4* dst = piece(j % stages, h, q);
+                    const int k = k_begin + q * 256 + lane * 8;
+                    if (row >= R || k >= k_end) {
+                        store_zero16(dst);
+                    } else if (va && k + 8 <= k_end) {
+                        cp_async16(dst, e.a + (long long)row * p.hi + k);
+                    } else {
+                        u16 v[8];
+                        load8(e.a + (long long)row * p.hi, k, k_end, false, v);
+                        *dst = pack8(v);
+                    }
+                }
+            }
+        }
+        cp_async_commit();  // one group a round, empty or not: the waits below count them
+    };
+    stage_round(0);  // A first: its loads need no token
+    const int cnt = min(DECODE_TOKENS, w.count);
+    const int per_row = passes * 32;  // 8-element pieces per staged x row
+    for (int idx = threadIdx.x; idx < cnt * per_row; idx += LMX_THREADS) {
+        const int i = idx / per_row, k = (idx - i * per_row) * 8;
+        u16* dst = xs + i * kchunk + k;
+        const u16* row = p.x + (long long)tokens[i] * p.x_stride;
+        if (vx && k_begin + k + 8 <= k_end) {
+            cp_async16(dst, row + k_begin + k);
+        } else {
+            u16 v[8];
+            load8(row, k_begin + k, k_end, false, v);
+            *reinterpret_cast<uint4*>(dst) = pack8(v);
+        }
+    }
+    cp_async_commit();
+    for (int j = 1; j < stages; ++j) stage_round(j);
+    for (int j = 0; j < rounds; ++j) {
+        // groups committed: A0, x, then one a round from round 1: round j's is in when all but the
+        // newest stages - 1 are
+        switch (stages) {
+            case 1: asm volatile("cp.async.wait_group 0;" ::: "memory"); break;
+            case 2: asm volatile("cp.async.wait_group 1;" ::: "memory"); break;
+            case 3: asm volatile("cp.async.wait_group 2;" ::: "memory"); break;
+            default: asm volatile("cp.async.wait_group 3;" ::: "memory"); break;
+        }
+        if (j == 0) __syncthreads();  // every thread's x copies (A is lane-private)
+        const int r = 16 * j + warp;
+        if (r < R) {
+            // tokens in pairs, passes outer: a lane reads each A piece once a pair (not once a
+            // token), and each token's sums still take the passes in order, as in shrink_decode_item.
+            // The pass loop stays rolled (48 registers at 5 blocks an SM); measured on the H200 it
+            // serializes the shared-memory reads of 1-2-token items (docs/kernel-notes.md, decode5)
+            for (int i0 = 0; i0 < cnt; i0 += 2) {
+                float sum0[2], sum1[2];
+#pragma unroll
+                for (int i = 0; i < 2; ++i) sum0[i] = sum1[i] = 0.f;
+#pragma unroll 1
+                for (int q = 0; q < passes; ++q) {
+                    {
+                        const uint4 a0 = *piece(j % stages, 0, q), a1 = *piece(j % stages, 1, q);
+#pragma unroll
+                        for (int i = 0; i < 2; ++i) {
+                            if (i0 + i < cnt) {
+                                const uint4 xv = *reinterpret_cast<const uint4*>(&xs[(i0 + i) * kchunk + q * 256 + lane * 8]);
+                                sum0[i] += dot8<BF16>(a0, xv);
+                                sum1[i] += dot8<BF16>(a1, xv);
+                            }
+                        }
+                    }
+                }
+#pragma unroll
+                for (int i = 0; i < 2; ++i) {
+                    if (i0 + i < cnt) {
+#pragma unroll
+                        for (int off = 16; off > 0; off >>= 1) {
+                            sum0[i] += __shfl_xor_sync(0xffffffffu, sum0[i], off);
+                            sum1[i] += __shfl_xor_sync(0xffffffffu, sum1[i], off);
+                        }
+                        const long long base = (long long)tokens[i0 + i] * p.table.max_rank;
+                        if (lane == 0) out[base + r] = sum0[i];
+                        if (lane == 1 && r + 8 < R) out[base + r + 8] = sum1[i];
+                    }
+                }
+            }
+        }
+        // this lane read its pieces of stage j % stages: round j + stages may land there (the
+        // shuffles above kept the warp together; the pieces are the lane's own)
+        stage_round(j + stages);
+    }
+    asm volatile("cp.async.wait_all;" ::: "memory");
+}
+
+template <bool BF16, bool STAGED_A>
 __device__ __forceinline__ void fused_shrink(const FusedArgs& p, const WorkItem& w, const AdapterEntry& e,
                                              unsigned* done, unsigned wrap, int s, int c, unsigned char* sm) {
     if (e.rank > 0) {  // uniform over the block
         const int k_begin = c * p.kchunk;
         const int k_end = min(p.hi, k_begin + p.kchunk);
         float* out = p.partial + ((long long)(s * p.ksplit + c) * p.T) * p.table.max_rank;
-        shrink_decode_item<BF16>(p.x, p.x_stride, p.hi, p.table.max_rank, w, e, k_begin, k_end, out,
-                                 reinterpret_cast<const int*>(sm), reinterpret_cast<u16*>(sm + FUSED_SMEM_HEAD));
+        if (STAGED_A) {
+            shrink_decode_item_staged<BF16>(p, w, e, k_begin, k_end, out, reinterpret_cast<const int*>(sm), sm);
+        } else {
+            shrink_decode_item<BF16>(p.x, p.x_stride, p.hi, p.table.max_rank, w, e, k_begin, k_end, out,
+                                     reinterpret_cast<const int*>(sm), reinterpret_cast<u16*>(sm + FUSED_SMEM_HEAD));
+        }
     }
     // publish: the barrier orders every thread's partial stores before thread 0's release, which
     // carries them to the waiting expand blocks (cumulativity); fire and forget, nothing waits here
@@ -191,7 +322,7 @@ __device__ __forceinline__ int fused_col_groups(const FusedArgs& p, int s) {
     return ((p.slices.out_size[s] + FUSED_COLS - 1) / FUSED_COLS + p.col_steps - 1) / p.col_steps;
 }
 
-template <bool BF16>
+template <bool BF16, bool STAGED_A>
 __device__ void fused_decode(const FusedArgs& p) {
     extern __shared__ __align__(16) unsigned char fsm[];
     __shared__ int role;
@@ -236,18 +367,24 @@ __device__ void fused_decode(const FusedArgs& p) {
     __syncthreads();
     unsigned* done = reinterpret_cast<unsigned*>(&ws[1]);
     if (role < p.ksplit) {
-        fused_shrink<BF16>(p, w, e, done, wrap, s, role, fsm);
+        fused_shrink<BF16, STAGED_A>(p, w, e, done, wrap, s, role, fsm);
     } else {
         fused_expand<BF16>(p, w, e, done, wrap, s, role - p.ksplit, fsm);
     }
 }
 
-extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_fused_decode_bf16(const FusedArgs p) { fused_decode<true>(p); }
-extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_fused_decode_f16(const FusedArgs p) { fused_decode<false>(p); }
-// More blocks an SM for ranks up to 32, whose shared memory lets them reside (rust/src/cuda/plan.rs
-// fused_blocks_per_sm): 4 (64 registers, a few loop invariants spilled; the default there,
-// measured 12 % faster on the decode step than 3) and 5 (48 registers, more spilled; A/B).
-extern "C" __global__ void __launch_bounds__(LMX_THREADS, 4) lora_fused_decode_bf16_m4(const FusedArgs p) { fused_decode<true>(p); }
-extern "C" __global__ void __launch_bounds__(LMX_THREADS, 4) lora_fused_decode_f16_m4(const FusedArgs p) { fused_decode<false>(p); }
-extern "C" __global__ void __launch_bounds__(LMX_THREADS, 5) lora_fused_decode_bf16_m5(const FusedArgs p) { fused_decode<true>(p); }
-extern "C" __global__ void __launch_bounds__(LMX_THREADS, 5) lora_fused_decode_f16_m5(const FusedArgs p) { fused_decode<false>(p); }
+// Instantiations: A in registers (the shrink_decode_item form) at 3, 4 (`_m4`: 64 registers) and 5
+// (`_m5`) blocks an SM; A staged in shared memory (`_sa<m>`) at 3, 4 and 5 blocks an SM. rust/src/cuda/
+// plan.rs fused_blocks_per_sm and fused_stages_a pick one; never more blocks than shared memory lets reside.
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_fused_decode_bf16(const FusedArgs p) { fused_decode<true, false>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_fused_decode_f16(const FusedArgs p) { fused_decode<false, false>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 4) lora_fused_decode_bf16_m4(const FusedArgs p) { fused_decode<true, false>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 4) lora_fused_decode_f16_m4(const FusedArgs p) { fused_decode<false, false>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 5) lora_fused_decode_bf16_m5(const FusedArgs p) { fused_decode<true, false>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 5) lora_fused_decode_f16_m5(const FusedArgs p) { fused_decode<false, false>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_fused_decode_bf16_sa3(const FusedArgs p) { fused_decode<true, true>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_fused_decode_f16_sa3(const FusedArgs p) { fused_decode<false, true>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 4) lora_fused_decode_bf16_sa4(const FusedArgs p) { fused_decode<true, true>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 4) lora_fused_decode_f16_sa4(const FusedArgs p) { fused_decode<false, true>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 5) lora_fused_decode_bf16_sa5(const FusedArgs p) { fused_decode<true, true>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 5) lora_fused_decode_f16_sa5(const FusedArgs p) { fused_decode<false, true>(p); }

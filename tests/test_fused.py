@@ -23,12 +23,14 @@ from test_kernels import QKV, TOL, _case  # noqa: E402
 DEV = "cuda"
 KNOBS = ("LORAMUX_EXPAND_DECODE", "LORAMUX_EXPAND_OPT", "LORAMUX_EXPAND_TILE_COLS", "LORAMUX_SHRINK_TARGET_BLOCKS",
          "LORAMUX_TUNING", "LORAMUX_DECODE_FUSED", "LORAMUX_FUSED_EXPAND_BLOCKS", "LORAMUX_FUSED_PDL",
-         "LORAMUX_FUSED_BLOCKS_PER_SM")
+         "LORAMUX_FUSED_BLOCKS_PER_SM", "LORAMUX_FUSED_STAGE_A")
 #: launch forms of the fused kernel that must give the same rows: the default (a programmatic
-#: dependent; 4 blocks an SM up to rank 32, 3 above), a plain launch, the 3- and 5-blocks-an-SM
-#: instantiations (the launcher keeps 3 where shared memory would not let more reside)
+#: dependent; the shrink's A in registers, 4 blocks an SM up to rank 32, 3 above), a plain launch,
+#: 3 and 5 blocks an SM, the shrink's A staged in shared memory (5 blocks an SM where shared memory
+#: lets them reside, fewer where not) and staged at 3 blocks an SM
 FORMS = {"default": {}, "plain": {"LORAMUX_FUSED_PDL": 0}, "m3": {"LORAMUX_FUSED_BLOCKS_PER_SM": 3},
-         "m5": {"LORAMUX_FUSED_BLOCKS_PER_SM": 5}}
+         "m5": {"LORAMUX_FUSED_BLOCKS_PER_SM": 5}, "staged": {"LORAMUX_FUSED_STAGE_A": 1},
+         "staged-m3": {"LORAMUX_FUSED_STAGE_A": 1, "LORAMUX_FUSED_BLOCKS_PER_SM": 3}}
 RANKS = [8, 16, 1, 0, 64, 7, 24, 33]  # <= 64: the fused kernel's ranks
 ODD = [(1, 100, 37), (2, 100, 300)]  # widths the 16-byte paths cannot take
 DORA = [(7, 1536, 576), (5, 1536, 576)]
@@ -75,11 +77,30 @@ def test_fused_matches_the_oracle_and_the_two_kernel_path_bit_for_bit(monkeypatc
     assert torch.equal(fused, _apply(ad, x, y0, sot, widths))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T", [1, 9, 33, 64])
+@pytest.mark.parametrize("widths,target", [(QKV, 528), (ODD, 528), (QKV, 1), (WIDE, 1)],
+                         ids=["qkv", "odd", "qkv-3pass", "wide-4and2pass"])
+def test_staged_a_matches_the_two_kernel_path_bit_for_bit(monkeypatch, dtype, T, widths, target):
+    """The shrink's A staged in shared memory (cp.async, up to 4 rounds of rank rows in flight):
+    the same partials as the register form, so the same rows as the two-kernel path."""
+    ad, slots, x, y0, sot = _case(T * 5 + len(widths), dtype, T, widths, ranks=RANKS, max_rank=64)
+    _env(monkeypatch, LORAMUX_TUNING="off", LORAMUX_SHRINK_TARGET_BLOCKS=target, LORAMUX_DECODE_FUSED=1,
+         LORAMUX_FUSED_STAGE_A=1)
+    staged = _apply(ad, x, y0, sot, widths)
+    _check(ad, slots, x, y0, staged, widths)
+    _env(monkeypatch, LORAMUX_TUNING="off", LORAMUX_SHRINK_TARGET_BLOCKS=target, LORAMUX_DECODE_FUSED=0,
+         LORAMUX_EXPAND_DECODE="grouped", LORAMUX_EXPAND_OPT="1")
+    assert torch.equal(staged, _apply(ad, x, y0, sot, widths))
+
+
+@pytest.mark.parametrize("stage_a", [0, 1], ids=["regs", "staged"])
 @pytest.mark.parametrize("T", [3, 40])
 @pytest.mark.parametrize("expand_blocks", [1, 396, 100000])
-def test_dora_rows_and_every_column_span(monkeypatch, T, expand_blocks):
+def test_dora_rows_and_every_column_span(monkeypatch, T, expand_blocks, stage_a):
     """One expand block streaming every column step, the default, and one step a block."""
-    _env(monkeypatch, LORAMUX_TUNING="off", LORAMUX_DECODE_FUSED=1, LORAMUX_FUSED_EXPAND_BLOCKS=expand_blocks)
+    _env(monkeypatch, LORAMUX_TUNING="off", LORAMUX_DECODE_FUSED=1, LORAMUX_FUSED_EXPAND_BLOCKS=expand_blocks,
+         LORAMUX_FUSED_STAGE_A=stage_a)
     ad, slots, x, y0, sot = _case(11 + T, torch.bfloat16, T, DORA, ranks=[16, 8, 4, 32], dora_every=2, max_rank=32)
     _check(ad, slots, x, y0, _apply(ad, x, y0, sot, DORA), DORA)
 
@@ -119,8 +140,8 @@ def test_workspace_is_left_zeroed_and_reused_by_every_apply_of_a_step(monkeypatc
 @pytest.mark.parametrize("T", [1, 8, 33, 64])
 @pytest.mark.parametrize("max_rank", [32, 64])
 def test_launch_forms_give_the_same_rows(monkeypatch, T, max_rank):
-    """Plain or programmatic-dependent launch, 3, 4 or 5 blocks an SM (more than 3 only up to rank
-    32): bit for bit the same rows, checked against the oracle."""
+    """Plain or programmatic-dependent launch, 3 to 6 blocks an SM, A staged or in registers: bit for
+    bit the same rows, checked against the oracle."""
     ranks = [r for r in RANKS if r <= max_rank]
     ad, slots, x, y0, sot = _case(300 + T + max_rank, torch.bfloat16, T, QKV, ranks=ranks, max_rank=max_rank)
     rows = {}

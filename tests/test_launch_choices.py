@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 DORA = [(7, 1536, 576), (5, 1536, 576)]
 KNOBS = ("LORAMUX_EXPAND_DECODE", "LORAMUX_EXPAND_OPT", "LORAMUX_EXPAND_TILE_COLS", "LORAMUX_SHRINK_TARGET_BLOCKS",
          "LORAMUX_TUNING", "LORAMUX_DECODE_FUSED", "LORAMUX_FUSED_EXPAND_BLOCKS", "LORAMUX_FUSED_PDL",
-         "LORAMUX_FUSED_BLOCKS_PER_SM")
+         "LORAMUX_FUSED_BLOCKS_PER_SM", "LORAMUX_FUSED_STAGE_A")
 #: (expand kernel, the token counts whose path allows it)
 KINDS = [("fused", [1, 8, 40]), ("flat", [8, 40]), ("o1", [8, 40, 200]), ("o1w", [8, 40, 200]), ("o4", [8, 200]), ("c1", [300]),
          ("c4", [300, 1000])]

@@ -39,10 +39,14 @@ def test_plan_splits_decode_over_the_sms():
 def test_which_decode_batches_take_the_fused_kernel(monkeypatch):
     """The fused decode kernel's plan: decode batches above 16 tokens of rank <= 64 unless the
     launch table or LORAMUX_DECODE_FUSED says otherwise; its expand groups cover every column."""
-    for k in ("LORAMUX_DECODE_FUSED", "LORAMUX_FUSED_EXPAND_BLOCKS", "LORAMUX_SHRINK_TARGET_BLOCKS"):
+    for k in ("LORAMUX_DECODE_FUSED", "LORAMUX_FUSED_EXPAND_BLOCKS", "LORAMUX_SHRINK_TARGET_BLOCKS", "LORAMUX_FUSED_STAGE_A"):
         monkeypatch.delenv(k, raising=False)
-    ksplit, kchunk, col_steps, col_groups = _core.plan_fused(32, 4096, 14336, 2, 33, 16)
+    ksplit, kchunk, col_steps, col_groups, staged_a, blocks_per_sm = _core.plan_fused(32, 4096, 14336, 2, 33, 16)
     assert ksplit * kchunk >= 4096 and kchunk % 256 == 0 and col_groups * col_steps * 256 >= 14336
+    # the shrink's A in registers unless the table (or LORAMUX_FUSED_STAGE_A) stages it
+    assert not staged_a and blocks_per_sm is None and _core.plan_fused(32, 4096, 14336, 2, 33, 16, None, "fuseds")[4]
+    assert _core.plan_fused(32, 4096, 14336, 2, 33, 16, None, "fused3")[4:] == (False, 3)
+    assert _core.plan_fused(32, 4096, 14336, 2, 33, 16, None, "fuseds4")[4:] == (True, 4)
     assert _core.plan_fused(65, 4096, 4096, 1, 8, 16) is None  # prefill path
     assert _core.plan_fused(32, 4096, 4096, 1, 8, 128) is None  # past the fused kernel's ranks
     assert _core.plan_fused(32, 4096, 4096, 1, 8, 16, None, "o1") is None  # the table chose two kernels

@@ -77,7 +77,7 @@ impl PyKernelBatch {
     }
 }
 
-/// (ksplit, kchunk, col_steps, col_groups) of the fused decode kernel for this apply, or None when
+/// (ksplit, kchunk, col_steps, col_groups, staged_a, blocks_per_sm) of the fused decode kernel for this apply, or None when
 /// the apply takes shrink + expand (plan::decode_is_fused). The tuning arguments as for KernelBatch.
 #[pyfunction]
 #[pyo3(signature = (tokens, hi, max_out, num_slices, num_slots, max_rank, shrink_target_blocks=None, expand_kernel=None))]
@@ -91,14 +91,15 @@ fn plan_fused(
         return Ok(None);
     }
     let p = plan::plan_fused(tokens, hi, max_out, num_slices, num_slots, &t);
-    Ok(Some((p.shrink.ksplit, p.shrink.kchunk, p.col_steps, p.col_groups)))
+    Ok(Some((p.shrink.ksplit, p.shrink.kchunk, p.col_steps, p.col_groups, p.staged_a, p.blocks_per_sm)))
 }
 
-/// The fused decode plan as Python holds it: (ksplit, kchunk, col_steps, col_groups).
-type FusedTuple = (usize, usize, usize, usize);
+/// The fused decode plan as Python holds it: (ksplit, kchunk, col_steps, col_groups, staged_a,
+/// blocks_per_sm or None).
+type FusedTuple = (usize, usize, usize, usize, bool, Option<usize>);
 
 fn fused_plan(p: FusedTuple) -> plan::FusedPlan {
-    plan::FusedPlan { shrink: plan::ShrinkPlan { ksplit: p.0, kchunk: p.1 }, col_steps: p.2, col_groups: p.3 }
+    plan::FusedPlan { shrink: plan::ShrinkPlan { ksplit: p.0, kchunk: p.1 }, col_steps: p.2, col_groups: p.3, staged_a: p.4, blocks_per_sm: p.5 }
 }
 
 /// A tuning table's launch choices (python/loramux/ops/tuning.py) as the planner takes them.

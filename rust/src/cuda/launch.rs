@@ -7,7 +7,7 @@ use std::ffi::c_void;
 use cudarc::driver::{result as drv, sys};
 
 use super::plan::{
-    decode_expand_is_flat, expand_columns_per_thread, expand_tiles_per_block, expand_variant, flat_expand_columns, fused_col_groups, fused_is_dependent, fused_smem_bytes, fused_blocks_per_sm, grid_items,
+    decode_expand_is_flat, expand_columns_per_thread, expand_tiles_per_block, expand_variant, flat_expand_columns, fused_col_groups, fused_form, fused_is_dependent, grid_items,
     item_tokens, max_items, partial_len, segments_len, small_items, FusedPlan, ShrinkPlan, Tuning, FUSED_COLS, FUSED_MAX_RANK, TILE_T,
 };
 use super::DeviceKernels;
@@ -489,7 +489,8 @@ pub fn fused(
     }
     b.need_segments()?;
     let items = b.max_items();
-    let smem = fused_smem_bytes(b.max_rank);
+    let form = fused_form(b.max_rank, sp.kchunk, plan.staged_a, plan.blocks_per_sm);
+    let smem = form.smem_bytes;
     let args = FusedArgs {
         x,
         x_stride: x_stride as i64,
@@ -513,12 +514,7 @@ pub fn fused(
     if blocks > i32::MAX as usize {
         return Err(LoraError::Cuda(format!("{blocks} blocks is more than one launch takes")));
     }
-    let per_sm = match fused_blocks_per_sm(b.max_rank) {
-        4 => "_m4",
-        5 => "_m5",
-        _ => "",
-    };
-    let name = format!("lora_fused_decode_{}{per_sm}", b.dtype.suffix());
+    let name = form.kernel_name(b.dtype.suffix());
     let f = k.function(&name)?;
     unsafe {
         if smem > 48 * 1024 {

@@ -79,6 +79,12 @@ pub const FUSED: KernelFamily = KernelFamily {
         "lora_fused_decode_f16_m4",
         "lora_fused_decode_bf16_m5",
         "lora_fused_decode_f16_m5",
+        "lora_fused_decode_bf16_sa3",
+        "lora_fused_decode_f16_sa3",
+        "lora_fused_decode_bf16_sa4",
+        "lora_fused_decode_f16_sa4",
+        "lora_fused_decode_bf16_sa5",
+        "lora_fused_decode_f16_sa5",
     ],
 };
 

@@ -41,8 +41,15 @@ pub struct Tuning {
 /// in its three instantiations, the tensor-core tile kernel at 1 or 4 tiles a block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ExpandKind {
-    /// shrink and expand in one launch (cuda/lora_fused.cu), decode batches only
+    /// shrink and expand in one launch (cuda/lora_fused.cu), decode batches only; the shrink's A in registers
     Fused,
+    /// the same at 3 blocks an SM (fewer, fatter: long column spans contend less)
+    Fused3,
+    /// the shrink's A staged in shared memory by cp.async (the `_sa` instantiations), 5 blocks an SM
+    /// where shared memory lets them reside
+    FusedStaged,
+    /// the same at 4 blocks an SM
+    FusedStaged4,
     Flat,
     SmallO1,
     SmallO1w,
@@ -52,8 +59,11 @@ pub enum ExpandKind {
 }
 
 impl ExpandKind {
-    pub const ALL: [ExpandKind; 7] = [
+    pub const ALL: [ExpandKind; 10] = [
         ExpandKind::Fused,
+        ExpandKind::Fused3,
+        ExpandKind::FusedStaged,
+        ExpandKind::FusedStaged4,
         ExpandKind::Flat,
         ExpandKind::SmallO1,
         ExpandKind::SmallO1w,
@@ -65,6 +75,9 @@ impl ExpandKind {
     pub fn name(self) -> &'static str {
         match self {
             ExpandKind::Fused => "fused",
+            ExpandKind::Fused3 => "fused3",
+            ExpandKind::FusedStaged => "fuseds",
+            ExpandKind::FusedStaged4 => "fuseds4",
             ExpandKind::Flat => "flat",
             ExpandKind::SmallO1 => "o1",
             ExpandKind::SmallO1w => "o1w",
@@ -72,6 +85,11 @@ impl ExpandKind {
             ExpandKind::TileC1 => "c1",
             ExpandKind::TileC4 => "c4",
         }
+    }
+
+    /// The fused decode kernel in one of its forms.
+    pub fn is_fused(self) -> bool {
+        matches!(self, ExpandKind::Fused | ExpandKind::Fused3 | ExpandKind::FusedStaged | ExpandKind::FusedStaged4)
     }
 
     pub fn parse(name: &str) -> Option<ExpandKind> {
@@ -220,8 +238,7 @@ pub fn decode_is_fused(tokens: usize, max_rank: usize, tuning: &Tuning) -> bool 
         Ok("1") => true,
         Ok("0") => false,
         _ => match tuning.expand {
-            Some(ExpandKind::Fused) => true,
-            Some(_) => false,
+            Some(k) => k.is_fused(),
             None => tokens > FUSED_MIN_TOKENS,
         },
     }
@@ -234,8 +251,8 @@ pub fn fused_is_dependent() -> bool {
     std::env::var("LORAMUX_FUSED_PDL").as_deref() != Ok("0")
 }
 
-/// Ranks up to this take the fused kernel at 4 blocks an SM by default (its shared memory, 41 KB a
-/// block at rank 32, lets 4 or 5 reside; 74 KB at rank 64 only 3).
+/// Ranks up to this take the register-A fused kernel at 4 blocks an SM by default (its shared
+/// memory, 41 KB a block at rank 32, lets 4 or 5 reside; 74 KB at rank 64 only 3).
 pub const FUSED_M4_MAX_RANK: usize = 32;
 
 /// Shared memory an sm_90 SM gives its blocks (228 KB, 1 KB of it reserved per block). On GPUs with
@@ -243,20 +260,98 @@ pub const FUSED_M4_MAX_RANK: usize = 32;
 /// instantiations their spills: the launch runs at the occupancy the SM allows.
 const SM_SHARED_BYTES: usize = 228 * 1024;
 
-/// Blocks an SM the fused launch is compiled for (cuda/lora_fused.cu: 3, `_m4`, `_m5`): fewer
-/// registers a thread, more latency-bound blocks resident. `LORAMUX_FUSED_BLOCKS_PER_SM=3|4|5` picks
-/// one for A/B runs; else 4 up to rank 32 (measured on the H200: the decode step's LoRA overhead 410
-/// -> 360 us against 3), 3 above. Never more than the launch's shared memory lets reside.
-pub fn fused_blocks_per_sm(max_rank: usize) -> usize {
-    let wanted = match std::env::var("LORAMUX_FUSED_BLOCKS_PER_SM").as_deref() {
-        Ok("3") => 3,
-        Ok("4") => 4,
-        Ok("5") => 5,
-        _ if max_rank <= FUSED_M4_MAX_RANK => 4,
-        _ => 3,
+/// Blocks an SM the staged-A fused kernel aims for by default (cuda/lora_fused.cu `_sa5`: 48
+/// registers, a few bytes spilled), fewer where its shared memory does not let them reside.
+pub const FUSED_STAGED_BLOCKS_PER_SM: usize = 5;
+
+/// Whether the fused kernel's shrink stages its A rows in shared memory by cp.async (the `_sa`
+/// instantiations: no registers hold loads in flight) rather than in registers.
+/// `LORAMUX_FUSED_STAGE_A=1|0` forces either (A/B, the sweep); else the tuning table's kind
+/// ("fuseds", "fuseds4"); else registers: measured on the H200 (docs/kernel-notes.md, decode5), the in-order
+/// decode step took 368 us with A in registers against 378 staged (5 blocks an SM), 373 (4).
+pub fn fused_stages_a(tuning: &Tuning) -> bool {
+    match std::env::var("LORAMUX_FUSED_STAGE_A").as_deref() {
+        Ok("1") => true,
+        Ok("0") => false,
+        _ => matches!(tuning.expand, Some(ExpandKind::FusedStaged | ExpandKind::FusedStaged4)),
+    }
+}
+
+/// Blocks an SM the tuning table's fused kind asks for ("fused3", "fuseds4"); None: the form's
+/// built-in number (`fused_form_for`).
+pub fn fused_kind_blocks_per_sm(tuning: &Tuning) -> Option<usize> {
+    match tuning.expand {
+        Some(ExpandKind::Fused3) => Some(3),
+        Some(ExpandKind::FusedStaged4) => Some(4),
+        _ => None,
+    }
+}
+
+/// How one fused launch runs: which instantiation (blocks an SM, A staged or not) and its dynamic
+/// shared memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FusedForm {
+    pub blocks_per_sm: usize,
+    pub staged_a: bool,
+    /// rounds of 16 A rows the staged shrink has room for, up to 4 (the kernel derives the same
+    /// from smem_bytes and takes at most the item's rank's rounds)
+    pub a_stages: usize,
+    pub smem_bytes: usize,
+}
+
+impl FusedForm {
+    /// The kernel's name for a dtype suffix ("bf16", "f16").
+    pub fn kernel_name(&self, dtype: &str) -> String {
+        match (self.staged_a, self.blocks_per_sm) {
+            (true, m) => format!("lora_fused_decode_{dtype}_sa{m}"),
+            (false, 4) => format!("lora_fused_decode_{dtype}_m4"),
+            (false, 5) => format!("lora_fused_decode_{dtype}_m5"),
+            (false, _) => format!("lora_fused_decode_{dtype}"),
+        }
+    }
+}
+
+fn blocks_that_fit(smem_bytes: usize) -> usize {
+    SM_SHARED_BYTES / (smem_bytes + 1024)
+}
+
+/// The fused launch's form for ranks up to `max_rank`, reduction chunks of `kchunk` elements, the
+/// shrink's A staged in shared memory or not (`FusedPlan::staged_a`).
+/// `LORAMUX_FUSED_BLOCKS_PER_SM=3|4|5` picks the blocks an SM for A/B runs, else the plan's (the
+/// table's kind);
+/// else A staged: FUSED_STAGED_BLOCKS_PER_SM; A in registers: 4 up to rank 32 (measured on the
+/// H200: the decode step's LoRA overhead 410 -> 360 us against 3), 3 above. Never more than the
+/// launch's shared memory lets reside (nor fewer than 3: the instantiations' floor). The staged
+/// shrink gets a second round of A in flight (ranks above 16) where that keeps the blocks an SM.
+pub fn fused_form(max_rank: usize, kchunk: usize, staged_a: bool, planned_blocks_per_sm: Option<usize>) -> FusedForm {
+    let forced = match std::env::var("LORAMUX_FUSED_BLOCKS_PER_SM").as_deref() {
+        Ok("3") => Some(3),
+        Ok("4") => Some(4),
+        Ok("5") => Some(5),
+        _ => planned_blocks_per_sm,
     };
-    let fit = SM_SHARED_BYTES / (fused_smem_bytes(max_rank) + 1024);
-    wanted.min(fit.max(3))
+    fused_form_for(max_rank, kchunk, staged_a, forced)
+}
+
+/// `fused_form` with the environment's choices passed in.
+pub fn fused_form_for(max_rank: usize, kchunk: usize, staged_a: bool, blocks_per_sm: Option<usize>) -> FusedForm {
+    let wanted = match (blocks_per_sm, staged_a) {
+        (Some(m), _) => m.clamp(3, 5),
+        (None, true) => FUSED_STAGED_BLOCKS_PER_SM,
+        (None, false) if max_rank <= FUSED_M4_MAX_RANK => 4,
+        (None, false) => 3,
+    };
+    let expand = fused_expand_smem_bytes(max_rank);
+    let (a_stages, smem_bytes) = if staged_a {
+        let rounds = max_rank.div_ceil(16).max(1);
+        let one = expand.max(fused_staged_shrink_smem_bytes(kchunk, 1));
+        let two = expand.max(fused_staged_shrink_smem_bytes(kchunk, 2));
+        let smem = if rounds > 1 && blocks_that_fit(two) >= wanted.min(blocks_that_fit(one)) { two } else { one };
+        (((smem - FUSED_SMEM_HEAD - DECODE_ITEM * kchunk * 2) / (32 * kchunk)).min(4), smem)
+    } else {
+        (0, expand.max(FUSED_SMEM_HEAD + DECODE_ITEM * 1024 * 2))
+    };
+    FusedForm { blocks_per_sm: wanted.min(blocks_that_fit(smem_bytes).max(3)), staged_a, a_stages, smem_bytes }
 }
 
 /// Launch geometry of the fused decode kernel.
@@ -267,6 +362,10 @@ pub struct FusedPlan {
     pub col_steps: usize,
     /// expand blocks per item of the widest slice (each slice has its own: `fused_col_groups`)
     pub col_groups: usize,
+    /// the shrink's A rows staged in shared memory (`fused_stages_a`)
+    pub staged_a: bool,
+    /// blocks an SM the table's kind asks for (`fused_kind_blocks_per_sm`), else None
+    pub blocks_per_sm: Option<usize>,
 }
 
 /// Output columns of one expand step of the fused kernel (a column a thread).
@@ -283,7 +382,13 @@ pub fn plan_fused(tokens: usize, hi: usize, max_out: usize, num_slices: usize, n
     let units = max_out.div_ceil(FUSED_COLS).max(1);
     let pairs = planned_items(tokens, num_slots) * num_slices.max(1);
     let col_steps = (units * pairs).div_ceil(expand_target).clamp(1, units);
-    FusedPlan { shrink, col_steps, col_groups: units.div_ceil(col_steps) }
+    FusedPlan {
+        shrink,
+        col_steps,
+        col_groups: units.div_ceil(col_steps),
+        staged_a: fused_stages_a(tuning),
+        blocks_per_sm: fused_kind_blocks_per_sm(tuning),
+    }
 }
 
 /// Expand blocks per item of a slice `out_size` wide (cuda/lora_fused.cu fused_col_groups).
@@ -291,15 +396,27 @@ pub fn fused_col_groups(out_size: usize, col_steps: usize) -> usize {
     out_size.div_ceil(FUSED_COLS).div_ceil(col_steps.max(1))
 }
 
-/// Dynamic shared memory of a fused launch with ranks up to `max_rank`: the larger of the shrink
-/// role's (tokens, x chunk) and the expand role's (tokens, u, two B tiles of odd-chunk rows).
-pub fn fused_smem_bytes(max_rank: usize) -> usize {
-    const HEAD: usize = 64;
+/// Bytes of dynamic shared memory before the roles' buffers (cuda/lora_fused.cu FUSED_SMEM_HEAD).
+const FUSED_SMEM_HEAD: usize = 64;
+
+/// The fused expand role's shared memory with ranks up to `max_rank`: tokens, u, two B tiles of
+/// odd-chunk rows.
+pub fn fused_expand_smem_bytes(max_rank: usize) -> usize {
     let rc = max_rank.div_ceil(8) * 8;
     let pitch = ((rc / 8) | 1) * 8;
-    let shrink = HEAD + DECODE_ITEM * 1024 * 2;
-    let expand = HEAD + DECODE_ITEM * rc * 4 + 2 * FUSED_COLS * pitch * 2;
-    shrink.max(expand)
+    FUSED_SMEM_HEAD + DECODE_ITEM * rc * 4 + 2 * FUSED_COLS * pitch * 2
+}
+
+/// The staged shrink role's shared memory (cuda/lora_fused.cu shrink_decode_item_staged): tokens,
+/// the item's x rows at a pitch of kchunk, `a_stages` rounds of 16 A rows of kchunk elements.
+pub fn fused_staged_shrink_smem_bytes(kchunk: usize, a_stages: usize) -> usize {
+    FUSED_SMEM_HEAD + DECODE_ITEM * kchunk * 2 + a_stages * 16 * kchunk * 2
+}
+
+/// Dynamic shared memory of a register-A fused launch with ranks up to `max_rank`: the larger of
+/// the shrink role's (tokens, x chunk) and the expand role's.
+pub fn fused_smem_bytes(max_rank: usize) -> usize {
+    fused_expand_smem_bytes(max_rank).max(FUSED_SMEM_HEAD + DECODE_ITEM * 1024 * 2)
 }
 
 /// Whether lora_apply sums the partials into u (the reduce kernel) before the expand: in the
@@ -446,24 +563,52 @@ mod tests {
         // under the 99 KB a block may take on sm_86/89 (rank 64), and 48 KB up to rank 32
         assert!(fused_smem_bytes(FUSED_MAX_RANK) <= 99 * 1024 && fused_smem_bytes(32) <= 48 * 1024);
         let fused = Tuning { expand: Some(ExpandKind::Fused), ..Default::default() };
+        for k in [ExpandKind::Fused3, ExpandKind::FusedStaged, ExpandKind::FusedStaged4] {
+            let t = Tuning { expand: Some(k), ..Default::default() };
+            assert!(decode_is_fused(8, 16, &t));
+            let p = plan_fused(32, 4096, 4096, 1, 32, &t);
+            assert_eq!(p.staged_a, k != ExpandKind::Fused3);
+            assert_eq!(p.blocks_per_sm, [None, Some(3), None, Some(4)][[ExpandKind::Fused, ExpandKind::Fused3, ExpandKind::FusedStaged, ExpandKind::FusedStaged4].iter().position(|&x| x == k).unwrap()]);
+        }
         assert!(decode_is_fused(64, 64, &d) && !decode_is_fused(65, 16, &d) && !decode_is_fused(8, 128, &fused));
         assert!(!decode_is_fused(8, 16, &d) && decode_is_fused(8, 16, &fused));
         assert!(!decode_is_fused(8, 16, &Tuning { expand: Some(ExpandKind::SmallO1), ..Default::default() }));
     }
 
     #[test]
-    fn fused_blocks_an_sm_fit_shared_memory() {
-        if std::env::var("LORAMUX_FUSED_BLOCKS_PER_SM").is_ok() {
-            return;
-        }
-        assert_eq!(fused_blocks_per_sm(16), 4);
-        assert_eq!(fused_blocks_per_sm(32), 4);
-        assert_eq!(fused_blocks_per_sm(64), 3);
+    fn fused_forms_fit_shared_memory() {
+        // A staged: 5 blocks an SM where 768-element chunks (36 KB) or the expand's rank-32 tiles
+        // (42 KB) leave room, 4 at 1024-element chunks (48 KB), 3 at rank 64 (74 KB)
+        assert_eq!(fused_form_for(16, 768, true, None).blocks_per_sm, 5);
+        assert_eq!(fused_form_for(16, 1024, true, None).blocks_per_sm, 4);
+        assert_eq!(fused_form_for(32, 512, true, None).blocks_per_sm, 5);
+        assert_eq!(fused_form_for(64, 1024, true, None).blocks_per_sm, 3);
+        assert_eq!(fused_form_for(16, 1024, true, None).kernel_name("bf16"), "lora_fused_decode_bf16_sa4");
         for r in [1, 8, 16, 24, 32, 33, 48, 64] {
-            let m = fused_blocks_per_sm(r);
-            assert!(m == 3 || m * (fused_smem_bytes(r) + 1024) <= SM_SHARED_BYTES, "rank {r}: {m}");
+            for kchunk in [256, 512, 768, 1024] {
+                let f = fused_form_for(r, kchunk, true, None);
+                assert!(f.staged_a && f.a_stages >= 1, "rank {r} chunk {kchunk}: {f:?}");
+                assert!(f.smem_bytes >= fused_staged_shrink_smem_bytes(kchunk, f.a_stages));
+                assert!(f.smem_bytes >= fused_expand_smem_bytes(r) && f.smem_bytes <= 99 * 1024, "{f:?}");
+                assert!(f.blocks_per_sm == 3 || f.blocks_per_sm * (f.smem_bytes + 1024) <= SM_SHARED_BYTES, "{f:?}");
+                // a second round of A never costs a block an SM
+                let one = fused_expand_smem_bytes(r).max(fused_staged_shrink_smem_bytes(kchunk, 1));
+                assert!(f.blocks_per_sm >= FUSED_STAGED_BLOCKS_PER_SM.min(blocks_that_fit(one)).max(3), "{f:?}");
+            }
         }
-        assert!(5 * (fused_smem_bytes(32) + 1024) <= SM_SHARED_BYTES);
+        // rank 32 at 512-element chunks: both rounds of A in flight, 5 blocks an SM
+        assert!(fused_form_for(32, 512, true, None).a_stages >= 2);
+    }
+
+    #[test]
+    fn register_fused_forms_as_measured() {
+        let form = |r| fused_form_for(r, 1024, false, None);
+        let (r16, r32, r64) = (form(16), form(32), form(64));
+        assert_eq!(fused_form_for(16, 768, true, Some(6)).blocks_per_sm, 5);
+        assert_eq!((r16.blocks_per_sm, r32.blocks_per_sm, r64.blocks_per_sm), (4, 4, 3));
+        assert_eq!(r16.kernel_name("f16"), "lora_fused_decode_f16_m4");
+        assert_eq!(r64.kernel_name("f16"), "lora_fused_decode_f16");
+        assert_eq!(r64.smem_bytes, fused_smem_bytes(64));
     }
 
     #[test]
