@@ -122,8 +122,9 @@ fn plan_shrink(
     tokens: usize, hi: usize, num_slices: usize, num_slots: usize, shrink_target_blocks: Option<usize>,
     expand_kernel: Option<&str>,
 ) -> PyResult<(usize, usize, bool)> {
-    let p = plan::plan_shrink(tokens, hi, num_slices, num_slots, &tuning(shrink_target_blocks, expand_kernel)?);
-    Ok((p.ksplit, p.kchunk, plan::apply_reduces_first(tokens, &p)))
+    let t = tuning(shrink_target_blocks, expand_kernel)?;
+    let p = plan::plan_shrink(tokens, hi, num_slices, num_slots, &t);
+    Ok((p.ksplit, p.kchunk, plan::apply_reduces_first(tokens, &p, &t)))
 }
 
 /// int32 elements of the token-segments buffer for `tokens` tokens over `num_slots` slots.

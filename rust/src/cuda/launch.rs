@@ -8,7 +8,8 @@ use cudarc::driver::{result as drv, sys};
 
 use super::plan::{
     decode_expand_is_flat, expand_columns_per_thread, expand_tiles_per_block, expand_variant, flat_expand_columns, fused_col_groups, fused_is_dependent, fused_smem_bytes, fused_blocks_per_sm, grid_items,
-    item_tokens, max_items, partial_len, segments_len, small_items, FusedPlan, ShrinkPlan, Tuning, FUSED_COLS, FUSED_MAX_RANK, TILE_T,
+    item_tokens, max_items, partial_len, pipe_expand_smem, pipe_expand_tiles, pipe_shrink_smem, prefill_is_pipelined, segments_len,
+    small_items, FusedPlan, ShrinkPlan, Tuning, FUSED_COLS, FUSED_MAX_RANK, TILE_T,
 };
 use super::DeviceKernels;
 use crate::cache::slot_table::ENTRY_WORDS;
@@ -293,6 +294,25 @@ unsafe fn launch_dependent_fn<A>(
         .map_err(|e| LoraError::Cuda(format!("launch {name} (dependent): {e:?}")))
 }
 
+/// Launches with `smem` bytes of dynamic shared memory (the attribute raised past the 48 KB default),
+/// as a programmatic dependent of the kernel before it where `dependent` and the arch allow.
+unsafe fn launch_smem<A>(
+    k: &DeviceKernels, name: &str, grid: (u32, u32, u32), smem: usize, stream: u64, args: &A, dependent: bool,
+) -> Result<()> {
+    let f = k.function(name)?;
+    if smem > 48 * 1024 {
+        sys::cuFuncSetAttribute(f, sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+            .result()
+            .map_err(|e| LoraError::Cuda(format!("{name}: {smem} bytes of shared memory: {e:?}")))?;
+    }
+    if dependent && k.arch >= 90 {
+        return launch_dependent_fn(f, name, grid, smem as u32, stream, args);
+    }
+    let mut params = [args as *const A as *mut c_void];
+    drv::launch_kernel(f, grid, (THREADS, 1, 1), smem as u32, stream as sys::CUstream, &mut params)
+        .map_err(|e| LoraError::Cuda(format!("launch {name}: {e:?}")))
+}
+
 /// Builds the token segments of a batch (cuda/lora_segments.cu) into `segments`, which must hold
 /// `segments_len(tokens, num_slots)` int32s: once per step, before the step's shrinks and expands.
 pub fn build_segments(
@@ -357,9 +377,14 @@ pub fn shrink(
         table: b.table_args(),
         slices: sl,
     };
+    let grid = (plan.ksplit as u32, b.grid_items() as u32, module_ids.len() as u32);
+    // the pipelined prefill shrink copies x in 16-byte pieces (the register-staged one takes the rest)
+    if !b.decode() && prefill_is_pipelined(&b.tuning) && hi % 8 == 0 && x_stride % 8 == 0 && x % 16 == 0 {
+        let name = format!("lora_prefill_shrink_{}", b.dtype.suffix());
+        return unsafe { launch_smem(k, &name, grid, pipe_shrink_smem(b.max_rank), b.stream, &args, false) };
+    }
     let kind = if b.decode() { "decode" } else { "tile" };
     let name = format!("lora_shrink_{kind}_{}", b.dtype.suffix());
-    let grid = (plan.ksplit as u32, b.grid_items() as u32, module_ids.len() as u32);
     unsafe { launch(k, &name, grid, b.stream, &args) }
 }
 
@@ -410,8 +435,17 @@ pub fn expand(
     let per_thread = expand_columns_per_thread(&b.tuning);
     let flat = decode_expand_is_flat(b.tokens, module_ids.len(), &b.tuning);
     let tiles = expand_tiles_per_block(&b.tuning);
+    // the pipelined prefill expand copies y in 16-byte pieces (the register-staged one takes the rest)
+    let pipe = !flat
+        && !b.decode()
+        && prefill_is_pipelined(&b.tuning)
+        && y % 16 == 0
+        && y_stride % 8 == 0
+        && out_sizes.iter().all(|&o| o % 8 == 0);
     let ochunk = if flat {
         flat_expand_columns(b.tokens)
+    } else if pipe {
+        64 * pipe_expand_tiles(b.tokens, max_out, module_ids.len(), &b.tuning)
     } else if b.decode() {
         THREADS as usize * per_thread
     } else {
@@ -438,6 +472,10 @@ pub fn expand(
         (format!("lora_expand_tile_{}_c{tiles}", b.dtype.suffix()), b.grid_items())
     };
     let grid = (max_out.div_ceil(ochunk) as u32, gy as u32, module_ids.len() as u32);
+    if pipe {
+        let name = format!("lora_prefill_expand_{}", b.dtype.suffix());
+        return unsafe { launch_smem(k, &name, grid, pipe_expand_smem(b.max_rank), b.stream, &args, chained) };
+    }
     // Chained right after our own shrink (which never writes y): start early, overlap the prologue.
     if chained {
         unsafe { launch_dependent(k, &name, grid, b.stream, &args) }

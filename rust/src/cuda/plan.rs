@@ -49,10 +49,15 @@ pub enum ExpandKind {
     SmallO4,
     TileC1,
     TileC4,
+    /// the pipelined prefill kernels (cuda/lora_prefill.cu), the expand's column span planned
+    Pipe,
+    /// the pipelined prefill kernels, 4 or 16 64-column tiles an expand block
+    Pipe4,
+    Pipe16,
 }
 
 impl ExpandKind {
-    pub const ALL: [ExpandKind; 7] = [
+    pub const ALL: [ExpandKind; 10] = [
         ExpandKind::Fused,
         ExpandKind::Flat,
         ExpandKind::SmallO1,
@@ -60,6 +65,9 @@ impl ExpandKind {
         ExpandKind::SmallO4,
         ExpandKind::TileC1,
         ExpandKind::TileC4,
+        ExpandKind::Pipe,
+        ExpandKind::Pipe4,
+        ExpandKind::Pipe16,
     ];
 
     pub fn name(self) -> &'static str {
@@ -71,6 +79,9 @@ impl ExpandKind {
             ExpandKind::SmallO4 => "o4",
             ExpandKind::TileC1 => "c1",
             ExpandKind::TileC4 => "c4",
+            ExpandKind::Pipe => "p",
+            ExpandKind::Pipe4 => "p4",
+            ExpandKind::Pipe16 => "p16",
         }
     }
 
@@ -305,8 +316,65 @@ pub fn fused_smem_bytes(max_rank: usize) -> usize {
 /// Whether lora_apply sums the partials into u (the reduce kernel) before the expand: in the
 /// prefill (tile) path every 64-column expand block would otherwise re-read all ksplit partials
 /// of its tokens (measured: most of the expand's time at T = 2048, docs/kernel-notes.md).
-pub fn apply_reduces_first(tokens: usize, plan: &ShrinkPlan) -> bool {
-    !small_items(tokens) && plan.ksplit > 1
+/// The pipelined prefill expand sums them itself, once per span of columns (measured faster than a
+/// reduce launch first: docs/kernel-notes.md, prefill-5).
+pub fn apply_reduces_first(tokens: usize, plan: &ShrinkPlan, tuning: &Tuning) -> bool {
+    !small_items(tokens) && plan.ksplit > 1 && !prefill_is_pipelined(tuning)
+}
+
+/// Whether a prefill batch (past the small items) takes the pipelined tensor-core kernels
+/// (cuda/lora_prefill.cu: cp.async rings over x/A and y/B) rather than the register-staged
+/// shrink_tile / reduce / expand_tile. `LORAMUX_PREFILL=legacy|pipe` forces one for A/B runs; a
+/// forced or tabled tile expand (c1, c4) keeps the register-staged path it was measured with.
+/// The launcher still takes the register-staged kernels where 16-byte copies are not allowed
+/// (x or y unaligned, Hi or an output width not a multiple of 8).
+pub fn prefill_is_pipelined(tuning: &Tuning) -> bool {
+    match std::env::var("LORAMUX_PREFILL").as_deref() {
+        Ok("legacy") => false,
+        Ok("pipe") => true,
+        _ if std::env::var("LORAMUX_EXPAND_TILE_COLS").is_ok() => false,
+        _ => !matches!(tuning.expand, Some(ExpandKind::TileC1 | ExpandKind::TileC4)),
+    }
+}
+
+/// Expand blocks the pipelined prefill expand aims for when nothing else decides its span: two a SM
+/// of an H200, each streaming a span of 64-column tiles of one work item.
+const PIPE_EXPAND_TARGET_BLOCKS: usize = 2 * 132;
+/// Longest span (in 64-column tiles) of one pipelined expand block.
+pub const PIPE_MAX_SPAN_TILES: usize = 64;
+
+/// 64-column tiles one pipelined expand block streams: `LORAMUX_EXPAND_SPAN_TILES`, else the
+/// tuning's p4 / p16, else about PIPE_EXPAND_TARGET_BLOCKS blocks over the planned items.
+pub fn pipe_expand_tiles(tokens: usize, max_out: usize, num_slices: usize, tuning: &Tuning) -> usize {
+    let col_tiles = max_out.div_ceil(64).max(1);
+    let wanted = env_usize("LORAMUX_EXPAND_SPAN_TILES").or(match tuning.expand {
+        Some(ExpandKind::Pipe4) => Some(4),
+        Some(ExpandKind::Pipe16) => Some(16),
+        _ => None,
+    });
+    let auto = || (col_tiles * tokens.div_ceil(TILE_T) * num_slices.max(1)).div_ceil(PIPE_EXPAND_TARGET_BLOCKS);
+    wanted.unwrap_or_else(auto).clamp(1, col_tiles.min(PIPE_MAX_SPAN_TILES))
+}
+
+/// Rank rows a pipelined tile holds: the launch's max rank padded to the mma's 16.
+fn pipe_rank_rows(max_rank: usize) -> usize {
+    max_rank.div_ceil(16).max(1) * 16
+}
+/// Halves a row of an x / A / y tile of the pipelined kernels (PF_PITCH).
+const PIPE_PITCH: usize = 72;
+/// Ring depths of cuda/lora_prefill.cu (PF_SHRINK_STAGES, PF_EXPAND_STAGES).
+const PIPE_SHRINK_STAGES: usize = 4;
+const PIPE_EXPAND_STAGES: usize = 3;
+
+/// Dynamic shared memory of a pipelined shrink: its ring of x and A k-steps.
+pub fn pipe_shrink_smem(max_rank: usize) -> usize {
+    PIPE_SHRINK_STAGES * (TILE_T + pipe_rank_rows(max_rank)) * PIPE_PITCH * 2
+}
+
+/// Dynamic shared memory of a pipelined expand: u, then its ring of B and y tiles.
+pub fn pipe_expand_smem(max_rank: usize) -> usize {
+    let bpitch = pipe_rank_rows(max_rank) + 8;
+    (TILE_T * bpitch + PIPE_EXPAND_STAGES * (64 * bpitch + TILE_T * PIPE_PITCH)) * 2
 }
 
 /// Which small-item expand instantiation runs: "1" (a column a thread, 16 ranks of B prefetched,
@@ -464,6 +532,30 @@ mod tests {
             assert!(m == 3 || m * (fused_smem_bytes(r) + 1024) <= SM_SHARED_BYTES, "rank {r}: {m}");
         }
         assert!(5 * (fused_smem_bytes(32) + 1024) <= SM_SHARED_BYTES);
+    }
+
+    #[test]
+    fn pipelined_prefill_spans_and_shared_memory() {
+        if ["LORAMUX_PREFILL", "LORAMUX_EXPAND_TILE_COLS", "LORAMUX_EXPAND_SPAN_TILES"].iter().any(|v| std::env::var(v).is_ok()) {
+            return;
+        }
+        let d = Tuning::default();
+        let c4 = Tuning { expand: Some(ExpandKind::TileC4), ..Default::default() };
+        let p16 = Tuning { expand: Some(ExpandKind::Pipe16), ..Default::default() };
+        assert!(prefill_is_pipelined(&d) && prefill_is_pipelined(&p16) && !prefill_is_pipelined(&c4));
+        let plan = plan_shrink(2048, 4096, 1, 8, &d);
+        assert!(plan.ksplit > 1 && !apply_reduces_first(2048, &plan, &d) && apply_reduces_first(2048, &plan, &c4));
+        assert_eq!(pipe_expand_tiles(2048, 4096, 1, &p16), 16);
+        assert_eq!(pipe_expand_tiles(2048, 100, 1, &p16), 2); // never past the slice
+        for &(t, ho, s) in &[(300, 4096, 1), (2048, 4096, 1), (2048, 14336, 2), (8192, 1024, 3)] {
+            let n = pipe_expand_tiles(t, ho, s, &d);
+            assert!(n >= 1 && n <= ho.div_ceil(64) && n <= PIPE_MAX_SPAN_TILES, "{t} {ho} {s}: {n}");
+        }
+        // two blocks an SM fit at every rank the kernels take (227 KB a block on sm_90, 163 on sm_80)
+        for r in [1, 16, 64, 128] {
+            assert!(2 * (pipe_shrink_smem(r) + 1024) <= SM_SHARED_BYTES && pipe_shrink_smem(r) <= 163 * 1024, "{r}");
+            assert!(2 * (pipe_expand_smem(r) + 1024) <= SM_SHARED_BYTES && pipe_expand_smem(r) <= 163 * 1024, "{r}");
+        }
     }
 
     #[test]
