@@ -306,7 +306,7 @@ __device__ void expand_pipe(const ExpandArgs& p) {
     }
 }
 
-extern "C" __global__ void __launch_bounds__(LMX_THREADS, 2) lora_prefill_shrink_bf16(const ShrinkArgs p) { shrink_pipe<true>(p); }
-extern "C" __global__ void __launch_bounds__(LMX_THREADS, 2) lora_prefill_shrink_f16(const ShrinkArgs p) { shrink_pipe<false>(p); }
-extern "C" __global__ void __launch_bounds__(LMX_THREADS, 2) lora_prefill_expand_bf16(const ExpandArgs p) { expand_pipe<true>(p); }
-extern "C" __global__ void __launch_bounds__(LMX_THREADS, 2) lora_prefill_expand_f16(const ExpandArgs p) { expand_pipe<false>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_shrink_bf16(const ShrinkArgs p) { shrink_pipe<true>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_shrink_f16(const ShrinkArgs p) { shrink_pipe<false>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_expand_bf16(const ExpandArgs p) { expand_pipe<true>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_expand_f16(const ExpandArgs p) { expand_pipe<false>(p); }

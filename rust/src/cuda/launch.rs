@@ -8,7 +8,7 @@ use cudarc::driver::{result as drv, sys};
 
 use super::plan::{
     decode_expand_is_flat, expand_columns_per_thread, expand_tiles_per_block, expand_variant, flat_expand_columns, fused_col_groups, fused_is_dependent, fused_smem_bytes, fused_blocks_per_sm, grid_items,
-    item_tokens, max_items, partial_len, pipe_expand_smem, pipe_expand_tiles, pipe_shrink_smem, prefill_is_pipelined, segments_len,
+    block_smem_optin, item_tokens, max_items, partial_len, pipe_expand_smem, pipe_expand_tiles, pipe_shrink_smem, prefill_is_pipelined, segments_len,
     small_items, FusedPlan, ShrinkPlan, Tuning, FUSED_COLS, FUSED_MAX_RANK, TILE_T,
 };
 use super::DeviceKernels;
@@ -379,9 +379,16 @@ pub fn shrink(
     };
     let grid = (plan.ksplit as u32, b.grid_items() as u32, module_ids.len() as u32);
     // the pipelined prefill shrink copies x in 16-byte pieces (the register-staged one takes the rest)
-    if !b.decode() && prefill_is_pipelined(&b.tuning) && hi % 8 == 0 && x_stride % 8 == 0 && x % 16 == 0 {
+    let smem = pipe_shrink_smem(b.max_rank);
+    if !b.decode()
+        && prefill_is_pipelined(&b.tuning)
+        && hi % 8 == 0
+        && x_stride % 8 == 0
+        && x % 16 == 0
+        && smem <= block_smem_optin(k.arch)
+    {
         let name = format!("lora_prefill_shrink_{}", b.dtype.suffix());
-        return unsafe { launch_smem(k, &name, grid, pipe_shrink_smem(b.max_rank), b.stream, &args, false) };
+        return unsafe { launch_smem(k, &name, grid, smem, b.stream, &args, false) };
     }
     let kind = if b.decode() { "decode" } else { "tile" };
     let name = format!("lora_shrink_{kind}_{}", b.dtype.suffix());
@@ -441,7 +448,8 @@ pub fn expand(
         && prefill_is_pipelined(&b.tuning)
         && y % 16 == 0
         && y_stride % 8 == 0
-        && out_sizes.iter().all(|&o| o % 8 == 0);
+        && out_sizes.iter().all(|&o| o % 8 == 0)
+        && pipe_expand_smem(b.max_rank) <= block_smem_optin(k.arch);
     let ochunk = if flat {
         flat_expand_columns(b.tokens)
     } else if pipe {

@@ -366,6 +366,16 @@ const PIPE_PITCH: usize = 72;
 const PIPE_SHRINK_STAGES: usize = 4;
 const PIPE_EXPAND_STAGES: usize = 3;
 
+/// Shared memory one block may opt into on a GPU of this arch (sm_80/87: 163 KB, sm_86/89: 99 KB,
+/// sm_90+: 227 KB): a pipelined launch past it takes the register-staged kernels.
+pub fn block_smem_optin(arch: u32) -> usize {
+    match arch {
+        80 | 87 => 163 * 1024,
+        a if a >= 90 => 227 * 1024,
+        _ => 99 * 1024,
+    }
+}
+
 /// Dynamic shared memory of a pipelined shrink: its ring of x and A k-steps.
 pub fn pipe_shrink_smem(max_rank: usize) -> usize {
     PIPE_SHRINK_STAGES * (TILE_T + pipe_rank_rows(max_rank)) * PIPE_PITCH * 2
