@@ -169,6 +169,7 @@ def main():
     ap.add_argument("--grid", choices=sorted(GRIDS), default="full")
     ap.add_argument("--orders", default=",".join(ORDERS))
     ap.add_argument("--commit", default="", help="the source commit, recorded for readme_table.py")
+    ap.add_argument("--tokens", default="", help="comma-separated token counts replacing the grid's")
     ap.add_argument("--ab", default="", help="NAME=VALUE,...: also time each case past the small items under this "
                     "environment (e.g. LORAMUX_PREFILL=legacy), recorded as ab_us")
     args = ap.parse_args()
@@ -184,6 +185,7 @@ def main():
         cases = [((hi, ho, r, n), [T]) for hi, ho, r, n, T in PEER_CASES]
     else:
         shapes, ranks, adapters, tokens = GRIDS[args.grid]
+        tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else tokens
         cases = [((hi, ho, r, n), tokens) for hi, ho in shapes for r in ranks for n in adapters]
     ab_env = dict(kv.split("=", 1) for kv in args.ab.split(",") if kv) or None
     out = open(args.out, "w")

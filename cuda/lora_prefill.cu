@@ -33,17 +33,25 @@ __device__ __forceinline__ void pf_wait() {
 // Rows of the A tile a stage holds: the launch's max rank, padded to the mma's n16.
 __device__ __forceinline__ int pf_rank_rows(int max_rank) { return (max_rank + 15) & ~15; }
 
-// partial[s, c, t, r] as shrink_tile writes it. Block = (split c, work item, slice s), 8 warps:
-// warp w owns token rows 16*(w&3).. and every other 8-wide rank tile from (w>>2). Dynamic shared
-// memory: PF_SHRINK_STAGES x (64 + rank rows) x PF_PITCH halves.
+// partial[s, c, t, r] as shrink_tile writes it, and u once: the last of an item's ksplit blocks
+// to finish (a count in the segments' workspace, left zeroed) sums the item's partials in split
+// order into u[s, t, r] (r < rank), right after the partials in the same buffer (the launcher
+// sizes it), so the expand reads one u row a token instead of re-summing ksplit partials in every
+// column span. Block = (split c, work item, slice s), 8 warps: warp w owns token rows 16*(w&3)..
+// and every other 8-wide rank tile from (w>>2). Dynamic shared memory: PF_SHRINK_STAGES x
+// (64 + rank rows) x PF_PITCH halves.
 template <bool BF16>
 __device__ void shrink_pipe(const ShrinkArgs& p) {
     extern __shared__ __align__(16) unsigned char pf_dyn[];
     __shared__ int tokens[LMX_TILE_T];
+    __shared__ int is_last;
     const int s = blockIdx.z;
     const int c = blockIdx.x;
     if (s >= p.slices.count) return;
     pdl_launch_dependents();
+    const int mr = p.table.max_rank;
+    float* u = p.partial + (long long)p.slices.count * p.ksplit * p.T * mr;
+    int* done = fused_workspace(const_cast<int*>(p.segments), p.max_items, p.T, p.table.num_slots);
     const int module_id = p.slices.module_id[s];
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int gq = lane >> 2, tq = lane & 3;
@@ -142,7 +150,30 @@ __device__ void shrink_pipe(const ShrinkArgs& p) {
                 }
             }
         }
-        __syncthreads();  // tokens and the ring are rewritten by the next item
+        // the item's last split to finish sums the partials (every split's, in split order: the
+        // same u whichever block is last)
+        __threadfence();
+        __syncthreads();
+        if (tid == 0) {
+            int* count = done + LMX_FUSED_WS_WORDS * (s * p.max_items + it);
+            const int before = atomicAdd(count, 1);
+            is_last = before == p.ksplit - 1;
+            if (is_last) *count = 0;  // every split has counted: zeroed for the next launch
+        }
+        __syncthreads();
+        if (is_last) {
+            __threadfence();
+            for (int idx = tid; idx < nt * R; idx += LMX_THREADS) {
+                const int i = idx / R, r = idx % R;
+                const long long t = tokens[i];
+                float v = 0.f;
+#pragma unroll 16
+                for (int cc = 0; cc < p.ksplit; ++cc)
+                    v += __ldcg(p.partial + (((long long)s * p.ksplit + cc) * p.T + t) * mr + r);
+                u[((long long)s * p.T + t) * mr + r] = v;
+            }
+        }
+        __syncthreads();  // tokens, is_last and the ring are rewritten by the next item
     }
 }
 

@@ -127,7 +127,7 @@ class KernelBatch:
     def shrink(
         self, x: int, x_stride: int, hi: int, module_ids: List[int], partial: int, partial_capacity: int,
         plan: Tuple[int, int, bool],
-    ) -> None: ...
+    ) -> Optional[int]: ...  # u's offset (floats) in `partial` where the pipelined prefill shrink wrote u
     def reduce(self, module_ids: List[int], partial: int, plan: Tuple[int, int, bool], u: int) -> None: ...
     def expand(
         self, partial: int, ksplit: int, y: int, y_stride: int, module_ids: List[int], out_sizes: List[int],

@@ -33,13 +33,15 @@ impl PyKernelBatch {
         Ok(PyKernelBatch { device, batch })
     }
 
-    /// Shrink x [T, Hi] into the fp32 partial buffer; `plan` from `plan_shrink`.
+    /// Shrink x [T, Hi] into the fp32 partial buffer; `plan` from `plan_shrink`. Returns u's offset
+    /// (floats) in the buffer where the pipelined prefill shrink also summed the partials into u
+    /// (the buffer has `u_len` floats past the partials), else None.
     #[pyo3(signature = (x, x_stride, hi, module_ids, partial, partial_capacity, plan))]
     #[allow(clippy::too_many_arguments)]
     fn shrink(
         &self, x: u64, x_stride: usize, hi: usize, module_ids: Vec<u32>, partial: u64, partial_capacity: usize,
         plan: (usize, usize, bool),
-    ) -> PyResult<()> {
+    ) -> PyResult<Option<usize>> {
         let k = cuda::kernels(self.device).py()?;
         let plan = plan::ShrinkPlan { ksplit: plan.0, kchunk: plan.1 };
         launch::shrink(&k, &self.batch, x, x_stride, hi, &module_ids, partial, partial_capacity, &plan).py()

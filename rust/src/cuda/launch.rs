@@ -8,7 +8,7 @@ use cudarc::driver::{result as drv, sys};
 
 use super::plan::{
     decode_expand_is_flat, expand_columns_per_thread, expand_tiles_per_block, expand_variant, flat_expand_columns, fused_col_groups, fused_is_dependent, fused_smem_bytes, fused_blocks_per_sm, grid_items,
-    block_smem_optin, item_tokens, max_items, partial_len, pipe_expand_smem, pipe_expand_tiles, pipe_shrink_smem, prefill_is_pipelined, segments_len,
+    block_smem_optin, item_tokens, max_items, partial_len, pipe_expand_smem, pipe_expand_tiles, pipe_shrink_smem, prefill_is_pipelined, segments_len, u_len,
     small_items, FusedPlan, ShrinkPlan, Tuning, FUSED_COLS, FUSED_MAX_RANK, TILE_T,
 };
 use super::DeviceKernels;
@@ -343,16 +343,19 @@ pub fn build_segments(
         .map_err(|e| LoraError::Cuda(format!("launch lora_segments: {e:?}")))
 }
 
-/// Shrink into the partial buffer. `partial` must hold `partial_len(plan, ...)` floats.
+/// Shrink into the partial buffer. `partial` must hold `partial_len(plan, ...)` floats. Where the
+/// pipelined prefill shrink runs and the buffer has room for u after the partials (`u_len`), it
+/// also sums them into u there: returns u's offset in floats then (the expand reads it with
+/// ksplit 1), else None.
 #[allow(clippy::too_many_arguments)]
 pub fn shrink(
     k: &DeviceKernels, b: &Batch, x: u64, x_stride: usize, hi: usize, module_ids: &[u32],
     partial: u64, partial_capacity: usize, plan: &ShrinkPlan,
-) -> Result<()> {
+) -> Result<Option<usize>> {
     b.check()?;
     let sl = slices(module_ids, None)?;
     if b.tokens == 0 || hi == 0 {
-        return Ok(());
+        return Ok(None);
     }
     if x_stride < hi {
         return Err(LoraError::Cuda(format!("x row stride {x_stride} is shorter than Hi {hi}")));
@@ -386,13 +389,16 @@ pub fn shrink(
         && x_stride % 8 == 0
         && x % 16 == 0
         && smem <= block_smem_optin(k.arch)
+        && partial_capacity >= need + u_len(module_ids.len(), b.tokens, b.max_rank)
     {
         let name = format!("lora_prefill_shrink_{}", b.dtype.suffix());
-        return unsafe { launch_smem(k, &name, grid, smem, b.stream, &args, false) };
+        unsafe { launch_smem(k, &name, grid, smem, b.stream, &args, false)? };
+        return Ok(Some(need));
     }
     let kind = if b.decode() { "decode" } else { "tile" };
     let name = format!("lora_shrink_{kind}_{}", b.dtype.suffix());
-    unsafe { launch(k, &name, grid, b.stream, &args) }
+    unsafe { launch(k, &name, grid, b.stream, &args)? };
+    Ok(None)
 }
 
 /// Sums the partials into u [S, T, max_rank] (zero past each token's rank): the standalone shrink.

@@ -175,7 +175,23 @@ pub fn plan_shrink(tokens: usize, hi: usize, num_slices: usize, num_slots: usize
     // the flat expand re-reads every token's partials in each block: fewer, fatter splits pay there
     let built_in = if decode_expand_is_flat(tokens, num_slices, tuning) { FLAT_TARGET_BLOCKS } else { TARGET_BLOCKS };
     let target = env_usize("LORAMUX_SHRINK_TARGET_BLOCKS").or(tuning.shrink_target_blocks).unwrap_or(built_in).max(1);
-    split_for(tokens, hi, num_slices, num_slots, target)
+    let plan = split_for(tokens, hi, num_slices, num_slots, target);
+    let max_split = pipe_max_split();
+    if small_items(tokens) || !prefill_is_pipelined(tuning) || plan.ksplit <= max_split {
+        return plan;
+    }
+    // the pipelined shrink streams long chunks; the last split of an item sums all the partials
+    let kchunk = hi.div_ceil(max_split).div_ceil(64) * 64;
+    ShrinkPlan { ksplit: hi.div_ceil(kchunk), kchunk }
+}
+
+/// Splits of the reduction dim the pipelined prefill shrink takes at most (`LORAMUX_PIPE_MAX_SPLIT`
+/// for A/B runs): the item's last split sums ksplit partials a u element, on the way to the expand.
+/// 16 is what the T = 2048 plans of the H200 run 1 used (docs/kernel-notes.md, prefill-5), where
+/// the pipelined path won everywhere; at T = 512 the planner's 56 splits of Hi = 14336 lost.
+const PIPE_MAX_SPLIT_DEFAULT: usize = 16;
+fn pipe_max_split() -> usize {
+    env_usize("LORAMUX_PIPE_MAX_SPLIT").unwrap_or(PIPE_MAX_SPLIT_DEFAULT)
 }
 
 /// Blocks along the items a decode launch is planned for: only known on the device (the
@@ -438,6 +454,12 @@ pub fn partial_len(plan: &ShrinkPlan, num_slices: usize, tokens: usize, max_rank
     num_slices * plan.ksplit * tokens * max_rank
 }
 
+/// Elements of u [S, T, max_rank] (fp32), which the pipelined prefill shrink writes after the
+/// partials when the buffer has room for it.
+pub fn u_len(num_slices: usize, tokens: usize, max_rank: usize) -> usize {
+    num_slices * tokens * max_rank
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -556,6 +578,10 @@ mod tests {
         let plan = plan_shrink(2048, 4096, 1, 8, &d);
         assert!(plan.ksplit > 1 && !apply_reduces_first(2048, &plan, &d) && apply_reduces_first(2048, &plan, &c4));
         assert_eq!(pipe_expand_tiles(2048, 4096, 1, &p16), 16);
+        // at most 16 splits on the pipelined path (the register-staged one splits to 56 here)
+        let pipe = plan_shrink(512, 14336, 1, 8, &d);
+        assert!(pipe.ksplit <= 16 && pipe.ksplit * pipe.kchunk >= 14336 && pipe.kchunk % 64 == 0, "{pipe:?}");
+        assert!(plan_shrink(512, 14336, 1, 8, &c4).ksplit > 16);
         assert_eq!(pipe_expand_tiles(2048, 100, 1, &p16), 2); // never past the slice
         for &(t, ho, s) in &[(300, 4096, 1), (2048, 4096, 1), (2048, 14336, 2), (8192, 1024, 3)] {
             let n = pipe_expand_tiles(t, ho, s, &d);
