@@ -78,7 +78,7 @@ def measure_ceilings():
     return bw, peak
 
 
-def run_case(hi, ho, r, n, tokens, bw, peak, l2, orders, ab_env=None):
+def run_case(hi, ho, r, n, tokens, bw, peak, l2, orders, ab_env=None, ab_small_env=None):
     set_bytes = n * r * (hi + ho) * 2
     nset = max(1, min(16, math.ceil(3 * l2 / set_bytes)))
     slots = nset * n
@@ -138,8 +138,9 @@ def run_case(hi, ho, r, n, tokens, bw, peak, l2, orders, ab_env=None):
         floor = max(bytes_ / bw, flops / peak)
         t_ours = graph_time([ours(k) for k in range(nset)], 64)
         t_ab = None
-        if ab_env and T > AB_MIN_TOKENS:  # the same calls under another launch choice (graphed anew)
-            with env_set(ab_env):
+        alt = ab_env if T > AB_MIN_TOKENS else (ab_small_env if T > 64 else None)
+        if alt:  # the same calls under another launch choice (graphed anew)
+            with env_set(alt):
                 y_ab = y0.clone()
                 kernels.lora_apply(x0, y_ab, metas[0], 0, [1], [ho])
                 ab_err = float((y_ab.float() - ref).norm() / (ref - y0.float()).norm())
@@ -155,7 +156,7 @@ def run_case(hi, ho, r, n, tokens, bw, peak, l2, orders, ab_env=None):
                    gather_bmm_us=None if t_bmm is None else t_bmm * 1e6,
                    speedup_vs_bmm=None if t_bmm is None else t_bmm / t_ours, rel_err_vs_fp32=err)
         if t_ab is not None:
-            row.update(ab_env=ab_env, ab_us=t_ab * 1e6, ab_rel_err_vs_fp32=ab_err)
+            row.update(ab_env=alt, ab_us=t_ab * 1e6, ab_rel_err_vs_fp32=ab_err)
         rows.append(row)
         del xs, ys
     del a_all, b_all
@@ -172,6 +173,8 @@ def main():
     ap.add_argument("--tokens", default="", help="comma-separated token counts replacing the grid's")
     ap.add_argument("--ab", default="", help="NAME=VALUE,...: also time each case past the small items under this "
                     "environment (e.g. LORAMUX_PREFILL=legacy), recorded as ab_us")
+    ap.add_argument("--ab-small", default="", help="NAME=VALUE,...: the same for the cases of 65..256 tokens "
+                    "(e.g. LORAMUX_PIPE_SMALL=1)")
     args = ap.parse_args()
     orders = args.orders.split(",")
     props = torch.cuda.get_device_properties(0)
@@ -188,11 +191,12 @@ def main():
         tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else tokens
         cases = [((hi, ho, r, n), tokens) for hi, ho in shapes for r in ranks for n in adapters]
     ab_env = dict(kv.split("=", 1) for kv in args.ab.split(",") if kv) or None
+    ab_small_env = dict(kv.split("=", 1) for kv in args.ab_small.split(",") if kv) or None
     out = open(args.out, "w")
     out.write(json.dumps(dict(kind="ceilings", **head)) + "\n")
     rows = []
     for (hi, ho, r, n), tokens in cases:
-        for row in run_case(hi, ho, r, n, tokens, bw, peak, l2, orders, ab_env):
+        for row in run_case(hi, ho, r, n, tokens, bw, peak, l2, orders, ab_env, ab_small_env):
             out.write(json.dumps(dict(kind="op", **row)) + "\n")
             out.flush()
             rows.append(row)

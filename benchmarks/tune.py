@@ -50,15 +50,16 @@ MIN_TARGET = dict(BUILT_IN_TARGET, fused=132, p=264, p4=264, p16=264)
 SELECTION = "geomean over the adapter counts swept, none slower; split targets >= the built-in one (fused: >= 132)"
 KNOBS = ("LORAMUX_EXPAND_DECODE", "LORAMUX_EXPAND_OPT", "LORAMUX_EXPAND_TILE_COLS", "LORAMUX_SHRINK_TARGET_BLOCKS",
          "LORAMUX_TUNING", "LORAMUX_DECODE_FUSED", "LORAMUX_FUSED_EXPAND_BLOCKS", "LORAMUX_FUSED_PDL",
-         "LORAMUX_FUSED_BLOCKS_PER_SM", "LORAMUX_PREFILL", "LORAMUX_EXPAND_SPAN_TILES")
+         "LORAMUX_FUSED_BLOCKS_PER_SM", "LORAMUX_PREFILL", "LORAMUX_EXPAND_SPAN_TILES",
+         "LORAMUX_PIPE_SMALL", "LORAMUX_PIPE_MAX_SPLIT")
 
 
 def variants(tokens: int, targets, rank: int = 16):
     """(expand kernel, shrink target) pairs the path of `tokens` allows (rust/src/cuda/plan.rs)."""
     if tokens <= 64:
         kinds = (["fused"] if rank <= 64 else []) + ["flat", "o1", "o1w"]
-    elif tokens <= 256:
-        kinds = ["o1", "o1w", "o4"]
+    elif tokens <= 256:  # CUDA-core small items, or the pipelined tensor-core kernels over them
+        kinds = ["o1", "o1w", "o4", "p"]
     else:  # register-staged tiles, and the pipelined kernels at a planned / 4 / 16-tile expand span
         kinds = ["c1", "c4", "p", "p4", "p16"]
     return [(k, t) for k in kinds for t in targets if t >= MIN_TARGET.get(k, DEFAULT_TARGET)]
@@ -74,7 +75,7 @@ def forced_env(kind, target):
     elif kind.startswith("o"):
         env.update(LORAMUX_EXPAND_DECODE="grouped", LORAMUX_EXPAND_OPT=kind[1:])
     elif kind.startswith("p"):
-        env["LORAMUX_PREFILL"] = "pipe"
+        env.update(LORAMUX_PREFILL="pipe", LORAMUX_PIPE_SMALL="1")
         if kind[1:]:
             env["LORAMUX_EXPAND_SPAN_TILES"] = kind[1:]
     else:

@@ -8,7 +8,7 @@ use cudarc::driver::{result as drv, sys};
 
 use super::plan::{
     decode_expand_is_flat, expand_columns_per_thread, expand_tiles_per_block, expand_variant, flat_expand_columns, fused_col_groups, fused_is_dependent, fused_smem_bytes, fused_blocks_per_sm, grid_items,
-    block_smem_optin, item_tokens, max_items, partial_len, pipe_expand_smem, pipe_expand_tiles, pipe_shrink_smem, prefill_is_pipelined, segments_len, u_len,
+    block_smem_optin, item_tokens, max_items, partial_len, pipe_expand_smem, pipe_expand_tiles, pipe_shrink_smem, segments_len, takes_pipelined, u_len,
     small_items, FusedPlan, ShrinkPlan, Tuning, FUSED_COLS, FUSED_MAX_RANK, TILE_T,
 };
 use super::DeviceKernels;
@@ -383,8 +383,7 @@ pub fn shrink(
     let grid = (plan.ksplit as u32, b.grid_items() as u32, module_ids.len() as u32);
     // the pipelined prefill shrink copies x in 16-byte pieces (the register-staged one takes the rest)
     let smem = pipe_shrink_smem(b.max_rank);
-    if !b.decode()
-        && prefill_is_pipelined(&b.tuning)
+    if takes_pipelined(b.tokens, &b.tuning)
         && hi % 8 == 0
         && x_stride % 8 == 0
         && x % 16 == 0
@@ -450,8 +449,7 @@ pub fn expand(
     let tiles = expand_tiles_per_block(&b.tuning);
     // the pipelined prefill expand copies y in 16-byte pieces (the register-staged one takes the rest)
     let pipe = !flat
-        && !b.decode()
-        && prefill_is_pipelined(&b.tuning)
+        && takes_pipelined(b.tokens, &b.tuning)
         && y % 16 == 0
         && y_stride % 8 == 0
         && out_sizes.iter().all(|&o| o % 8 == 0)

@@ -177,7 +177,7 @@ pub fn plan_shrink(tokens: usize, hi: usize, num_slices: usize, num_slots: usize
     let target = env_usize("LORAMUX_SHRINK_TARGET_BLOCKS").or(tuning.shrink_target_blocks).unwrap_or(built_in).max(1);
     let plan = split_for(tokens, hi, num_slices, num_slots, target);
     let max_split = pipe_max_split();
-    if small_items(tokens) || !prefill_is_pipelined(tuning) || plan.ksplit <= max_split {
+    if !takes_pipelined(tokens, tuning) || plan.ksplit <= max_split {
         return plan;
     }
     // the pipelined shrink streams long chunks; the last split of an item sums all the partials
@@ -353,6 +353,33 @@ pub fn prefill_is_pipelined(tuning: &Tuning) -> bool {
     }
 }
 
+/// Whether a batch of the small-item path (65..=SMALL_ITEMS_MAX_T tokens) runs the pipelined
+/// tensor-core kernels over its items of 8 tokens instead of the CUDA-core ones: where one adapter
+/// holds many tokens at rank 64 the CUDA cores' shuffle reductions lose to the tensor cores.
+/// `LORAMUX_PIPE_SMALL=1|0` forces it for A/B runs; else a tuning table's p / p4 / p16 choice; the
+/// built-in rule keeps the CUDA-core kernels (the adapter count, which decides it, is only known
+/// on the device).
+pub fn pipe_on_small_items(tokens: usize, tuning: &Tuning) -> bool {
+    if tokens <= TILE_T || !small_items(tokens) {
+        return false;
+    }
+    match std::env::var("LORAMUX_PIPE_SMALL").as_deref() {
+        Ok("1") => true,
+        Ok("0") => false,
+        _ => matches!(tuning.expand, Some(ExpandKind::Pipe | ExpandKind::Pipe4 | ExpandKind::Pipe16)),
+    }
+}
+
+/// Whether this batch's shrink and expand are the pipelined tensor-core kernels (where the launcher
+/// finds 16-byte copies allowed): past the small items by default, on them where chosen.
+pub fn takes_pipelined(tokens: usize, tuning: &Tuning) -> bool {
+    if small_items(tokens) {
+        pipe_on_small_items(tokens, tuning)
+    } else {
+        prefill_is_pipelined(tuning)
+    }
+}
+
 /// Expand blocks the pipelined prefill expand aims for when nothing else decides its span: two a SM
 /// of an H200, each streaming a span of 64-column tiles of one work item.
 const PIPE_EXPAND_TARGET_BLOCKS: usize = 2 * 132;
@@ -368,7 +395,7 @@ pub fn pipe_expand_tiles(tokens: usize, max_out: usize, num_slices: usize, tunin
         Some(ExpandKind::Pipe16) => Some(16),
         _ => None,
     });
-    let auto = || (col_tiles * tokens.div_ceil(TILE_T) * num_slices.max(1)).div_ceil(PIPE_EXPAND_TARGET_BLOCKS);
+    let auto = || (col_tiles * tokens.div_ceil(item_tokens(tokens)) * num_slices.max(1)).div_ceil(PIPE_EXPAND_TARGET_BLOCKS);
     wanted.unwrap_or_else(auto).clamp(1, col_tiles.min(PIPE_MAX_SPAN_TILES))
 }
 
@@ -582,6 +609,11 @@ mod tests {
         let pipe = plan_shrink(512, 14336, 1, 8, &d);
         assert!(pipe.ksplit <= 16 && pipe.ksplit * pipe.kchunk >= 14336 && pipe.kchunk % 64 == 0, "{pipe:?}");
         assert!(plan_shrink(512, 14336, 1, 8, &c4).ksplit > 16);
+        // small items keep the CUDA-core kernels unless chosen; decode batches always do
+        if std::env::var("LORAMUX_PIPE_SMALL").is_err() {
+            assert!(!takes_pipelined(200, &d) && takes_pipelined(200, &p16) && !takes_pipelined(64, &p16));
+            assert!(takes_pipelined(300, &d) && !takes_pipelined(300, &c4));
+        }
         assert_eq!(pipe_expand_tiles(2048, 100, 1, &p16), 2); // never past the slice
         for &(t, ho, s) in &[(300, 4096, 1), (2048, 4096, 1), (2048, 14336, 2), (8192, 1024, 3)] {
             let n = pipe_expand_tiles(t, ho, s, &d);
