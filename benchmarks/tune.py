@@ -73,7 +73,7 @@ def forced_env(kind, target):
     elif kind == "flat":
         env["LORAMUX_EXPAND_DECODE"] = "flat"
     elif kind.startswith("o"):
-        env.update(LORAMUX_EXPAND_DECODE="grouped", LORAMUX_EXPAND_OPT=kind[1:])
+        env.update(LORAMUX_EXPAND_DECODE="grouped", LORAMUX_EXPAND_OPT=kind[1:], LORAMUX_PIPE_SMALL="0")
     elif kind.startswith("p"):
         env.update(LORAMUX_PREFILL="pipe", LORAMUX_PIPE_SMALL="1")
         if kind[1:]:

@@ -33,6 +33,7 @@ def _force(monkeypatch, kind, target):
     elif kind.startswith("o"):
         monkeypatch.setenv("LORAMUX_EXPAND_DECODE", "grouped")
         monkeypatch.setenv("LORAMUX_EXPAND_OPT", kind[1:])
+        monkeypatch.setenv("LORAMUX_PIPE_SMALL", "0")  # the CUDA-core kernels at every rank
     elif kind.startswith("p"):  # the pipelined prefill kernels, the expand's span planned or forced
         monkeypatch.setenv("LORAMUX_PREFILL", "pipe")
         monkeypatch.setenv("LORAMUX_PIPE_SMALL", "1")  # at 200 tokens: over the small items

@@ -158,7 +158,8 @@ def _shrink_partials(x, meta, layer: int, module_ids: Sequence[int], choice: tun
     tokens, hi = x.shape
     seg, batch = _batch(meta, layer, x.device, tokens, choice, stream)
     ids = [int(m) for m in module_ids]
-    plan = _core.plan_shrink(tokens, hi, len(ids), meta.table.shape[0], choice.shrink_target_blocks, choice.expand_kernel)
+    plan = _core.plan_shrink(tokens, hi, len(ids), meta.table.shape[0], choice.shrink_target_blocks, choice.expand_kernel,
+                             int(meta.max_rank))
     # the partials, then room for u [S, T, max_rank], which the pipelined prefill shrink fills
     u_len = len(ids) * tokens * int(meta.max_rank)
     partial = torch.empty(plan[0] * u_len + u_len, dtype=torch.float32, device=x.device)

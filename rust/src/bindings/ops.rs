@@ -117,15 +117,17 @@ fn tuning(shrink_target_blocks: Option<usize>, expand_kernel: Option<&str>) -> P
 }
 
 /// (ksplit, kchunk, reduce_first) of the shrink for this geometry; reduce_first: lora_apply
-/// sums the partials into u before the expand. The tuning arguments as for KernelBatch.
+/// sums the partials into u before the expand. The tuning arguments as for KernelBatch; `max_rank`
+/// (the batch's, default 16) decides whether small items take the pipelined kernels.
 #[pyfunction]
-#[pyo3(signature = (tokens, hi, num_slices, num_slots, shrink_target_blocks=None, expand_kernel=None))]
+#[pyo3(signature = (tokens, hi, num_slices, num_slots, shrink_target_blocks=None, expand_kernel=None, max_rank=16))]
+#[allow(clippy::too_many_arguments)]
 fn plan_shrink(
     tokens: usize, hi: usize, num_slices: usize, num_slots: usize, shrink_target_blocks: Option<usize>,
-    expand_kernel: Option<&str>,
+    expand_kernel: Option<&str>, max_rank: usize,
 ) -> PyResult<(usize, usize, bool)> {
     let t = tuning(shrink_target_blocks, expand_kernel)?;
-    let p = plan::plan_shrink(tokens, hi, num_slices, num_slots, &t);
+    let p = plan::plan_shrink(tokens, hi, num_slices, num_slots, max_rank, &t);
     Ok((p.ksplit, p.kchunk, plan::apply_reduces_first(tokens, &p, &t)))
 }
 

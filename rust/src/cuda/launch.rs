@@ -383,7 +383,7 @@ pub fn shrink(
     let grid = (plan.ksplit as u32, b.grid_items() as u32, module_ids.len() as u32);
     // the pipelined prefill shrink copies x in 16-byte pieces (the register-staged one takes the rest)
     let smem = pipe_shrink_smem(b.max_rank);
-    if takes_pipelined(b.tokens, &b.tuning)
+    if takes_pipelined(b.tokens, b.max_rank, &b.tuning)
         && hi % 8 == 0
         && x_stride % 8 == 0
         && x % 16 == 0
@@ -449,7 +449,7 @@ pub fn expand(
     let tiles = expand_tiles_per_block(&b.tuning);
     // the pipelined prefill expand copies y in 16-byte pieces (the register-staged one takes the rest)
     let pipe = !flat
-        && takes_pipelined(b.tokens, &b.tuning)
+        && takes_pipelined(b.tokens, b.max_rank, &b.tuning)
         && y % 16 == 0
         && y_stride % 8 == 0
         && out_sizes.iter().all(|&o| o % 8 == 0)

@@ -170,14 +170,18 @@ pub struct ShrinkPlan {
     pub kchunk: usize,
 }
 
-/// `LORAMUX_SHRINK_TARGET_BLOCKS`, else the tuning's target, else the built-in one.
-pub fn plan_shrink(tokens: usize, hi: usize, num_slices: usize, num_slots: usize, tuning: &Tuning) -> ShrinkPlan {
+/// `LORAMUX_SHRINK_TARGET_BLOCKS`, else the tuning's target, else the built-in one; at most
+/// PIPE_MAX_SPLIT_DEFAULT splits where the pipelined kernels run (`max_rank` decides that on small
+/// items).
+pub fn plan_shrink(
+    tokens: usize, hi: usize, num_slices: usize, num_slots: usize, max_rank: usize, tuning: &Tuning,
+) -> ShrinkPlan {
     // the flat expand re-reads every token's partials in each block: fewer, fatter splits pay there
     let built_in = if decode_expand_is_flat(tokens, num_slices, tuning) { FLAT_TARGET_BLOCKS } else { TARGET_BLOCKS };
     let target = env_usize("LORAMUX_SHRINK_TARGET_BLOCKS").or(tuning.shrink_target_blocks).unwrap_or(built_in).max(1);
     let plan = split_for(tokens, hi, num_slices, num_slots, target);
     let max_split = pipe_max_split();
-    if !takes_pipelined(tokens, tuning) || plan.ksplit <= max_split {
+    if !takes_pipelined(tokens, max_rank, tuning) || plan.ksplit <= max_split {
         return plan;
     }
     // the pipelined shrink streams long chunks; the last split of an item sums all the partials
@@ -354,27 +358,36 @@ pub fn prefill_is_pipelined(tuning: &Tuning) -> bool {
 }
 
 /// Whether a batch of the small-item path (65..=SMALL_ITEMS_MAX_T tokens) runs the pipelined
-/// tensor-core kernels over its items of 8 tokens instead of the CUDA-core ones: where one adapter
-/// holds many tokens at rank 64 the CUDA cores' shuffle reductions lose to the tensor cores.
-/// `LORAMUX_PIPE_SMALL=1|0` forces it for A/B runs; else a tuning table's p / p4 / p16 choice; the
-/// built-in rule keeps the CUDA-core kernels (the adapter count, which decides it, is only known
-/// on the device).
-pub fn pipe_on_small_items(tokens: usize, tuning: &Tuning) -> bool {
+/// tensor-core kernels over its items of 8 tokens instead of the CUDA-core ones.
+/// `LORAMUX_PIPE_SMALL=1|0` forces it for A/B runs; else a tuning table's choice (p / p4 / p16:
+/// pipelined, o1 / o1w / o4: CUDA cores); else ranks PIPE_SMALL_RANKS take it. Measured on the H200
+/// at T = 256 (docs/kernel-notes.md, prefill-5, run 3): at rank 64 the pipelined kernels were 1.28x
+/// faster (geomean of 12 cases, 0.87-1.67x: faster at 1-32 adapters in all three shapes, slower at
+/// 128 adapters in two), at rank 16 0.72x (the CUDA cores' shuffle reductions are cheap there).
+pub fn pipe_on_small_items(tokens: usize, max_rank: usize, tuning: &Tuning) -> bool {
     if tokens <= TILE_T || !small_items(tokens) {
         return false;
     }
     match std::env::var("LORAMUX_PIPE_SMALL").as_deref() {
         Ok("1") => true,
         Ok("0") => false,
-        _ => matches!(tuning.expand, Some(ExpandKind::Pipe | ExpandKind::Pipe4 | ExpandKind::Pipe16)),
+        _ => match tuning.expand {
+            Some(ExpandKind::Pipe | ExpandKind::Pipe4 | ExpandKind::Pipe16) => true,
+            Some(ExpandKind::SmallO1 | ExpandKind::SmallO1w | ExpandKind::SmallO4) => false,
+            _ => PIPE_SMALL_RANKS.contains(&max_rank),
+        },
     }
 }
 
+/// Max ranks whose small-item batches take the pipelined kernels by default (rank bucket 64, the
+/// one measured; 128 was not).
+pub const PIPE_SMALL_RANKS: std::ops::RangeInclusive<usize> = 33..=64;
+
 /// Whether this batch's shrink and expand are the pipelined tensor-core kernels (where the launcher
 /// finds 16-byte copies allowed): past the small items by default, on them where chosen.
-pub fn takes_pipelined(tokens: usize, tuning: &Tuning) -> bool {
+pub fn takes_pipelined(tokens: usize, max_rank: usize, tuning: &Tuning) -> bool {
     if small_items(tokens) {
-        pipe_on_small_items(tokens, tuning)
+        pipe_on_small_items(tokens, max_rank, tuning)
     } else {
         prefill_is_pipelined(tuning)
     }
@@ -494,7 +507,7 @@ mod tests {
     #[test]
     fn plan_covers_the_reduction_dim() {
         for &(t, hi, s, slots) in &[(1, 4096, 1, 8), (32, 14336, 3, 64), (64, 576, 2, 4), (2048, 4096, 3, 128), (8192, 1536, 1, 2), (1, 7, 1, 1)] {
-            let p = plan_shrink(t, hi, s, slots, &Tuning::default());
+            let p = plan_shrink(t, hi, s, slots, 16, &Tuning::default());
             assert!(p.ksplit >= 1 && p.kchunk * p.ksplit >= hi, "{t} {hi}: {p:?}");
             assert!(p.kchunk * (p.ksplit - 1) < hi, "empty split {p:?}");
             if small_items(t) {
@@ -514,7 +527,7 @@ mod tests {
         assert!(decode_expand_is_flat(32, 3, &d) && decode_expand_is_flat(64, 2, &d));
         assert!(!decode_expand_is_flat(32, 1, &d) && !decode_expand_is_flat(16, 3, &d) && !decode_expand_is_flat(65, 2, &d));
         // the flat path's shrink splits coarser
-        assert!(plan_shrink(32, 4096, 3, 32, &d).ksplit < plan_shrink(32, 4096, 1, 32, &d).ksplit);
+        assert!(plan_shrink(32, 4096, 3, 32, 16, &d).ksplit < plan_shrink(32, 4096, 1, 32, 16, &d).ksplit);
     }
 
     #[test]
@@ -534,7 +547,7 @@ mod tests {
         // more target blocks split the reduction finer
         let few = Tuning { shrink_target_blocks: Some(132), ..Default::default() };
         let many = Tuning { shrink_target_blocks: Some(1056), ..Default::default() };
-        assert!(plan_shrink(64, 4096, 1, 64, &few).ksplit < plan_shrink(64, 4096, 1, 64, &many).ksplit);
+        assert!(plan_shrink(64, 4096, 1, 64, 16, &few).ksplit < plan_shrink(64, 4096, 1, 64, 16, &many).ksplit);
         for k in ExpandKind::ALL {
             assert_eq!(ExpandKind::parse(k.name()), Some(k));
         }
@@ -602,17 +615,20 @@ mod tests {
         let c4 = Tuning { expand: Some(ExpandKind::TileC4), ..Default::default() };
         let p16 = Tuning { expand: Some(ExpandKind::Pipe16), ..Default::default() };
         assert!(prefill_is_pipelined(&d) && prefill_is_pipelined(&p16) && !prefill_is_pipelined(&c4));
-        let plan = plan_shrink(2048, 4096, 1, 8, &d);
+        let plan = plan_shrink(2048, 4096, 1, 8, 16, &d);
         assert!(plan.ksplit > 1 && !apply_reduces_first(2048, &plan, &d) && apply_reduces_first(2048, &plan, &c4));
         assert_eq!(pipe_expand_tiles(2048, 4096, 1, &p16), 16);
         // at most 16 splits on the pipelined path (the register-staged one splits to 56 here)
-        let pipe = plan_shrink(512, 14336, 1, 8, &d);
+        let pipe = plan_shrink(512, 14336, 1, 8, 64, &d);
         assert!(pipe.ksplit <= 16 && pipe.ksplit * pipe.kchunk >= 14336 && pipe.kchunk % 64 == 0, "{pipe:?}");
-        assert!(plan_shrink(512, 14336, 1, 8, &c4).ksplit > 16);
+        assert!(plan_shrink(512, 14336, 1, 8, 64, &c4).ksplit > 16);
         // small items keep the CUDA-core kernels unless chosen; decode batches always do
         if std::env::var("LORAMUX_PIPE_SMALL").is_err() {
-            assert!(!takes_pipelined(200, &d) && takes_pipelined(200, &p16) && !takes_pipelined(64, &p16));
-            assert!(takes_pipelined(300, &d) && !takes_pipelined(300, &c4));
+            assert!(!takes_pipelined(200, 16, &d) && takes_pipelined(200, 16, &p16) && !takes_pipelined(64, 64, &p16));
+            assert!(takes_pipelined(200, 64, &d) && !takes_pipelined(200, 128, &d));
+            let o1 = Tuning { expand: Some(ExpandKind::SmallO1), ..Default::default() };
+            assert!(!takes_pipelined(200, 64, &o1));
+            assert!(takes_pipelined(300, 16, &d) && !takes_pipelined(300, 16, &c4));
         }
         assert_eq!(pipe_expand_tiles(2048, 100, 1, &p16), 2); // never past the slice
         for &(t, ho, s) in &[(300, 4096, 1), (2048, 4096, 1), (2048, 14336, 2), (8192, 1024, 3)] {
