@@ -336,8 +336,8 @@ pub fn fused_smem_bytes(max_rank: usize) -> usize {
 /// Whether lora_apply sums the partials into u (the reduce kernel) before the expand: in the
 /// prefill (tile) path every 64-column expand block would otherwise re-read all ksplit partials
 /// of its tokens (measured: most of the expand's time at T = 2048, docs/kernel-notes.md).
-/// The pipelined prefill expand sums them itself, once per span of columns (measured faster than a
-/// reduce launch first: docs/kernel-notes.md, prefill-5).
+/// The pipelined prefill shrink sums them into u itself (its last split an item), or, where it did
+/// not run, the expand sums them once per span of columns: no reduce launch on that path.
 pub fn apply_reduces_first(tokens: usize, plan: &ShrinkPlan, tuning: &Tuning) -> bool {
     !small_items(tokens) && plan.ksplit > 1 && !prefill_is_pipelined(tuning)
 }
