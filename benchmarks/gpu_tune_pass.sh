@@ -7,7 +7,9 @@
 # `decode_ab` times the decode step again with every decode apply on two kernels, then fused;
 # `ab` times the step's LoRA work alone under benchmarks/decode_ab.py's variants $AB_VARIANTS;
 # `ncu` profiles the fused kernel on the decode step's applies (profile_case.py --decode-step).
-# DECODE_ARGS go to decode_step.py (e.g. "--variants plain,m4": the step under launch variants).
+# OPS_AB=LORAMUX_PREFILL=legacy times each prefill case of the grid again under that environment.
+# MEMCHECKS may name "launch" (test_launch_choices -k $MEMCHECK_LAUNCH_K). DECODE_ARGS go to
+# decode_step.py (e.g. "--variants plain,m4": the step under launch variants).
 # TEST_K selects tests by pytest -k in every file of FILES (a pass over what changed).
 # Run from a tree holding tests/, benchmarks/, pyproject.toml:
 #   WHEEL=path/to/loramux.whl COMMIT=sha bash benchmarks/gpu_tune_pass.sh      (results in $OUT)
@@ -31,6 +33,8 @@ has memcheck && [[ " $MEMCHECKS " == *" fused "* ]] && ( timeout ${TEST_S:-130} 
   echo "memcheck fused rc=$? $(tail -1 $LOGS/memcheck_fused.log)" ) &
 has memcheck && [[ " $MEMCHECKS " == *" kernels "* ]] && ( timeout ${TEST_S:-130} compute-sanitizer --tool memcheck --error-exitcode 9 python -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py -k "${MEMCHECK_K:-odd or dora or standalone or every_adapter_token}" > $LOGS/memcheck_kernels.log 2>&1
   echo "memcheck kernels rc=$? $(tail -1 $LOGS/memcheck_kernels.log)" ) &
+has memcheck && [[ " $MEMCHECKS " == *" launch "* ]] && ( timeout ${TEST_S:-130} compute-sanitizer --tool memcheck --error-exitcode 9 python -m pytest -q -m gpu -p no:cacheprovider tests/test_launch_choices.py -k "${MEMCHECK_LAUNCH_K:-p-300 or p1-300 or p4-1000 or p-1000}" > $LOGS/memcheck_launch.log 2>&1
+  echo "memcheck launch rc=$? $(tail -1 $LOGS/memcheck_launch.log)" ) &
 wait
 echo "tests done at $(elapsed) s"
 TABLE=/tmp/site/loramux/ops/launch_table.json
@@ -65,7 +69,7 @@ if has peers && [ $(elapsed) -lt ${PEERS_IF_BEFORE:-330} ]; then
   echo "peers rc=$? at $(elapsed) s"; grep -vE '^\{' $LOGS/peers.txt | tail -10
 fi
 if has ops; then  # rows are written as they come: a run cut short keeps the cases it finished
-  timeout ${OPS_S:-200} python benchmarks/ops.py --grid ${OPS_GRID:-quick} --orders ${OPS_ORDERS:-random,contiguous} --commit "$COMMIT" --out $OUT/ops.json > $LOGS/ops.txt 2>&1
+  timeout ${OPS_S:-200} python benchmarks/ops.py --grid ${OPS_GRID:-quick} --orders ${OPS_ORDERS:-random,contiguous} --commit "$COMMIT" ${OPS_AB:+--ab $OPS_AB} ${OPS_AB_SMALL:+--ab-small $OPS_AB_SMALL} ${OPS_TOKENS:+--tokens $OPS_TOKENS} --out $OUT/ops.json > $LOGS/ops.txt 2>&1
   echo "ops rc=$? at $(elapsed) s rows $(grep -c '"kind": "op"' $OUT/ops.json)"
 fi
 tar czf $OUT/logs.tgz -C /tmp klogs

@@ -23,7 +23,7 @@ import random
 import statistics
 
 import torch
-from _common import graph_time
+from _common import env_set, graph_time
 from op_summary import ORDERS, summarize
 
 from loramux.ops import BatchMeta, kernels
@@ -37,6 +37,8 @@ GRIDS = {  # name -> (shapes, ranks, adapters, tokens)
     "quick": ([(4096, 4096), (4096, 14336), (14336, 4096)], [16, 64], [1, 8, 32, 128], TOKENS),
     "small": ([(4096, 4096), (4096, 14336)], [16], [1, 8, 32, 128], TOKENS),
     "ab": ([(4096, 4096), (4096, 14336)], [16], [1, 32, 128], [16, 64, 256, 512, 2048]),
+    # the quick grid's shapes, ranks and adapter counts at the prefill token counts
+    "prefill": ([(4096, 4096), (4096, 14336), (14336, 4096)], [16, 64], [1, 8, 32, 128], [256, 512, 2048]),
     # the single-projection rows of the peer comparison: (Hi, Ho, r, adapters, T)
     "peers": None,
 }
@@ -44,6 +46,8 @@ PEER_CASES = [(4096, 4096, 16, 32, 64), (4096, 4096, 16, 1, 64), (4096, 4096, 16
                (4096, 4096, 16, 128, 256), (4096, 4096, 16, 8, 2048), (14336, 4096, 64, 32, 2048)]
 DT = torch.bfloat16
 DEV = "cuda"
+#: --ab times the cases past the small items (rust/src/cuda/plan.rs SMALL_ITEMS_MAX_T)
+AB_MIN_TOKENS = 256
 
 
 def timed(fn, reps=10) -> float:
@@ -74,7 +78,7 @@ def measure_ceilings():
     return bw, peak
 
 
-def run_case(hi, ho, r, n, tokens, bw, peak, l2, orders):
+def run_case(hi, ho, r, n, tokens, bw, peak, l2, orders, ab_env=None, ab_small_env=None):
     set_bytes = n * r * (hi + ho) * 2
     nset = max(1, min(16, math.ceil(3 * l2 / set_bytes)))
     slots = nset * n
@@ -133,6 +137,14 @@ def run_case(hi, ho, r, n, tokens, bw, peak, l2, orders):
         flops = 2 * T * r * (hi + ho)
         floor = max(bytes_ / bw, flops / peak)
         t_ours = graph_time([ours(k) for k in range(nset)], 64)
+        t_ab = None
+        alt = ab_env if T > AB_MIN_TOKENS else (ab_small_env if T > 64 else None)
+        if alt:  # the same calls under another launch choice (graphed anew)
+            with env_set(alt):
+                y_ab = y0.clone()
+                kernels.lora_apply(x0, y_ab, metas[0], 0, [1], [ho])
+                ab_err = float((y_ab.float() - ref).norm() / (ref - y0.float()).norm())
+                t_ab = graph_time([ours(k) for k in range(nset)], 64)
         t_seg = graph_time([(lambda k=k: kernels.segments(sots[k], slots)) for k in range(nset)], 16)
         t_peft = graph_time([peft_loop(k) for k in range(nset)], 4 if used > 32 else 16)
         gathered = T * r * (hi + ho) * 2
@@ -143,6 +155,8 @@ def run_case(hi, ho, r, n, tokens, bw, peak, l2, orders):
                    pct_roofline=100 * floor / t_ours, peft_loop_us=t_peft * 1e6, speedup_vs_peft=t_peft / t_ours,
                    gather_bmm_us=None if t_bmm is None else t_bmm * 1e6,
                    speedup_vs_bmm=None if t_bmm is None else t_bmm / t_ours, rel_err_vs_fp32=err)
+        if t_ab is not None:
+            row.update(ab_env=alt, ab_us=t_ab * 1e6, ab_rel_err_vs_fp32=ab_err)
         rows.append(row)
         del xs, ys
     del a_all, b_all
@@ -156,6 +170,11 @@ def main():
     ap.add_argument("--grid", choices=sorted(GRIDS), default="full")
     ap.add_argument("--orders", default=",".join(ORDERS))
     ap.add_argument("--commit", default="", help="the source commit, recorded for readme_table.py")
+    ap.add_argument("--tokens", default="", help="comma-separated token counts replacing the grid's")
+    ap.add_argument("--ab", default="", help="NAME=VALUE,...: also time each case past the small items under this "
+                    "environment (e.g. LORAMUX_PREFILL=legacy), recorded as ab_us")
+    ap.add_argument("--ab-small", default="", help="NAME=VALUE,...: the same for the cases of 65..256 tokens "
+                    "(e.g. LORAMUX_PIPE_SMALL=1)")
     args = ap.parse_args()
     orders = args.orders.split(",")
     props = torch.cuda.get_device_properties(0)
@@ -169,22 +188,25 @@ def main():
         cases = [((hi, ho, r, n), [T]) for hi, ho, r, n, T in PEER_CASES]
     else:
         shapes, ranks, adapters, tokens = GRIDS[args.grid]
+        tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else tokens
         cases = [((hi, ho, r, n), tokens) for hi, ho in shapes for r in ranks for n in adapters]
+    ab_env = dict(kv.split("=", 1) for kv in args.ab.split(",") if kv) or None
+    ab_small_env = dict(kv.split("=", 1) for kv in args.ab_small.split(",") if kv) or None
     out = open(args.out, "w")
     out.write(json.dumps(dict(kind="ceilings", **head)) + "\n")
     rows = []
     for (hi, ho, r, n), tokens in cases:
-        for row in run_case(hi, ho, r, n, tokens, bw, peak, l2, orders):
+        for row in run_case(hi, ho, r, n, tokens, bw, peak, l2, orders, ab_env, ab_small_env):
             out.write(json.dumps(dict(kind="op", **row)) + "\n")
             out.flush()
             rows.append(row)
     print(f"{'Hi':>5} {'Ho':>5} {'r':>3} {'n':>3} {'T':>4} {'order':>6} {'ours us':>8} {'%roof':>6} {'xPEFT':>6} "
-          f"{'xbmm':>6} {'err':>7}")
+          f"{'xbmm':>6} {'err':>7} {'ab us':>8}")
     for w in rows:
         bmm = f"{w['speedup_vs_bmm']:6.2f}" if w["speedup_vs_bmm"] else "     -"
         print(f"{w['hi']:5d} {w['ho']:5d} {w['r']:3d} {w['adapters']:3d} {w['tokens']:4d} {w['order'][:6]:>6} "
               f"{w['ours_us']:8.1f} {w['pct_roofline']:6.1f} {w['speedup_vs_peft']:6.2f} {bmm} "
-              f"{w['rel_err_vs_fp32']:7.1e}")
+              f"{w['rel_err_vs_fp32']:7.1e} {w.get('ab_us') or 0:8.1f}")
     summaries = summarize(rows)
     for sm in summaries:
         out.write(json.dumps(sm) + "\n")

@@ -15,7 +15,7 @@ def report(arch: int) -> None:
     common = (ROOT / "lora_common.cuh").read_text()
     shared = "\n#line 1 \"lora_shrink_decode.cuh\"\n" + (ROOT / "lora_shrink_decode.cuh").read_text()
     # the shared parts each family gets prepended (rust/src/cuda/nvrtc.rs FAMILIES)
-    parts = {"lora_segments": "", "lora_shrink": shared, "lora_expand": "", "lora_fused": shared}
+    parts = {"lora_segments": "", "lora_shrink": shared, "lora_expand": "", "lora_fused": shared, "lora_prefill": ""}
     for name, part in parts.items():
         src = (common + part + f'\n#line 1 "{name}.cu"\n' + (ROOT / f"{name}.cu").read_text()).encode()
         prog = ctypes.c_void_p()

@@ -47,21 +47,22 @@ DEFAULT_TARGET = 528
 #: the coarsest target swept per kernel: the built-in one, except for the fused kernel, which is
 #: swept down to 132 (its few-adapter count, timed beside the many-adapter one, guards against the
 #: starved splits that kept coarser targets out)
-MIN_TARGET = dict(BUILT_IN_TARGET, **{k: 132 for k in FUSED_KINDS})
+MIN_TARGET = dict(BUILT_IN_TARGET, **{k: 132 for k in FUSED_KINDS}, p=264, p4=264, p16=264)
 SELECTION = "geomean over the adapter counts swept, none slower; split targets >= the built-in one (fused kinds: >= 132)"
 KNOBS = ("LORAMUX_EXPAND_DECODE", "LORAMUX_EXPAND_OPT", "LORAMUX_EXPAND_TILE_COLS", "LORAMUX_SHRINK_TARGET_BLOCKS",
          "LORAMUX_TUNING", "LORAMUX_DECODE_FUSED", "LORAMUX_FUSED_EXPAND_BLOCKS", "LORAMUX_FUSED_PDL",
-         "LORAMUX_FUSED_BLOCKS_PER_SM", "LORAMUX_FUSED_STAGE_A")
+         "LORAMUX_FUSED_BLOCKS_PER_SM", "LORAMUX_FUSED_STAGE_A", "LORAMUX_PREFILL", "LORAMUX_EXPAND_SPAN_TILES",
+         "LORAMUX_PIPE_SMALL", "LORAMUX_PIPE_MAX_SPLIT")
 
 
 def variants(tokens: int, targets, rank: int = 16):
     """(expand kernel, shrink target) pairs the path of `tokens` allows (rust/src/cuda/plan.rs)."""
     if tokens <= 64:
         kinds = (list(FUSED_KINDS) if rank <= 64 else []) + ["flat", "o1", "o1w"]
-    elif tokens <= 256:
-        kinds = ["o1", "o1w", "o4"]
-    else:
-        kinds = ["c1", "c4"]
+    elif tokens <= 256:  # CUDA-core small items, or the pipelined tensor-core kernels over them
+        kinds = ["o1", "o1w", "o4", "p"]
+    else:  # register-staged tiles, and the pipelined kernels at a planned / 4 / 16-tile expand span
+        kinds = ["c1", "c4", "p", "p4", "p16"]
     return [(k, t) for k in kinds for t in targets if t >= MIN_TARGET.get(k, DEFAULT_TARGET)]
 
 
@@ -75,7 +76,11 @@ def forced_env(kind, target):
     elif kind == "flat":
         env["LORAMUX_EXPAND_DECODE"] = "flat"
     elif kind.startswith("o"):
-        env.update(LORAMUX_EXPAND_DECODE="grouped", LORAMUX_EXPAND_OPT=kind[1:])
+        env.update(LORAMUX_EXPAND_DECODE="grouped", LORAMUX_EXPAND_OPT=kind[1:], LORAMUX_PIPE_SMALL="0")
+    elif kind.startswith("p"):
+        env.update(LORAMUX_PREFILL="pipe", LORAMUX_PIPE_SMALL="1")
+        if kind[1:]:
+            env["LORAMUX_EXPAND_SPAN_TILES"] = kind[1:]
     else:
         env["LORAMUX_EXPAND_TILE_COLS"] = kind[1:]
     return env

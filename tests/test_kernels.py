@@ -78,7 +78,7 @@ def test_dora_scales_in_the_epilogue(T):
     _check_apply(ad, slots, x, y0, sot, 1, widths)
 
 
-@pytest.mark.parametrize("T", [2, 130])
+@pytest.mark.parametrize("T", [2, 130, 300])
 def test_odd_widths_take_the_scalar_path(T):
     widths = [(4, 100, 37), (6, 100, 5)]  # Hi, Ho not multiples of 8
     ad, slots, x, y0, sot = _case(5 + T, torch.float16, T, widths, ranks=[3, 5, 12])

@@ -14,10 +14,11 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 DORA = [(7, 1536, 576), (5, 1536, 576)]
 KNOBS = ("LORAMUX_EXPAND_DECODE", "LORAMUX_EXPAND_OPT", "LORAMUX_EXPAND_TILE_COLS", "LORAMUX_SHRINK_TARGET_BLOCKS",
          "LORAMUX_TUNING", "LORAMUX_DECODE_FUSED", "LORAMUX_FUSED_EXPAND_BLOCKS", "LORAMUX_FUSED_PDL",
-         "LORAMUX_FUSED_BLOCKS_PER_SM", "LORAMUX_FUSED_STAGE_A")
+         "LORAMUX_FUSED_BLOCKS_PER_SM", "LORAMUX_FUSED_STAGE_A", "LORAMUX_PREFILL", "LORAMUX_EXPAND_SPAN_TILES",
+         "LORAMUX_PIPE_SMALL", "LORAMUX_PIPE_MAX_SPLIT")
 #: (expand kernel, the token counts whose path allows it)
 KINDS = [("fused", [1, 8, 40]), ("flat", [8, 40]), ("o1", [8, 40, 200]), ("o1w", [8, 40, 200]), ("o4", [8, 200]), ("c1", [300]),
-         ("c4", [300, 1000])]
+         ("c4", [300, 1000]), ("p", [200, 300, 1000]), ("p1", [300]), ("p4", [1000])]
 
 
 def _force(monkeypatch, kind, target):
@@ -32,6 +33,12 @@ def _force(monkeypatch, kind, target):
     elif kind.startswith("o"):
         monkeypatch.setenv("LORAMUX_EXPAND_DECODE", "grouped")
         monkeypatch.setenv("LORAMUX_EXPAND_OPT", kind[1:])
+        monkeypatch.setenv("LORAMUX_PIPE_SMALL", "0")  # the CUDA-core kernels at every rank
+    elif kind.startswith("p"):  # the pipelined prefill kernels, the expand's span planned or forced
+        monkeypatch.setenv("LORAMUX_PREFILL", "pipe")
+        monkeypatch.setenv("LORAMUX_PIPE_SMALL", "1")  # at 200 tokens: over the small items
+        if kind[1:]:
+            monkeypatch.setenv("LORAMUX_EXPAND_SPAN_TILES", kind[1:])
     else:
         monkeypatch.setenv("LORAMUX_EXPAND_TILE_COLS", kind[1:])
 

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(kernels.nvrtc_library() is None, reason="no libn
 @pytest.mark.parametrize("arch", [80, 90])
 def test_every_kernel_compiles(arch):
     compiled = dict(_core.nvrtc_compile_all(arch))
-    assert set(compiled) == {"lora_segments", "lora_shrink", "lora_expand", "lora_fused"}
+    assert set(compiled) == {"lora_segments", "lora_shrink", "lora_expand", "lora_fused", "lora_prefill"}
     assert all(size > 1000 for size in compiled.values()), compiled
 
 
@@ -33,6 +33,9 @@ def test_plan_splits_decode_over_the_sms():
     assert ksplit * kchunk >= 4096 and ksplit >= 4 and not reduce_first
     ksplit, kchunk, reduce_first = _core.plan_shrink(2048, 4096, 3, 8)
     assert 1 <= ksplit <= 16 and kchunk % 64 == 0 and ksplit * kchunk >= 4096
+    assert not reduce_first  # the pipelined prefill expand sums the partials itself
+    # the register-staged tile expand (c1, c4) has them reduced into u first
+    ksplit, kchunk, reduce_first = _core.plan_shrink(2048, 4096, 3, 8, None, "c4")
     assert reduce_first == (ksplit > 1)
 
 

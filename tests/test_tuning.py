@@ -12,7 +12,7 @@ import pytest
 from loramux import _core
 from loramux.ops import tuning
 
-KINDS = {"fused", "fused3", "fuseds", "fuseds4", "flat", "o1", "o1w", "o4", "c1", "c4"}
+KINDS = {"fused", "fused3", "fuseds", "fuseds4", "flat", "o1", "o1w", "o4", "c1", "c4", "p", "p4", "p16"}
 
 
 def test_buckets_follow_the_kernel_paths():
@@ -106,4 +106,4 @@ def test_sweep_selection_keeps_coarse_splits_noise_and_wrong_results_out():
     assert ("fused", 132) in tune.variants(40, tune.TARGETS)  # swept from 132, both adapter counts timed
     case["variants"] = [dict(expand_kernel="fused", shrink_target_blocks=132, us=[9.0, 30.0], rel_err=1e-3)]
     assert tune.select(case, margin=0.03)["shrink_target_blocks"] == 132
-    assert {k for k, _ in tune.variants(300, tune.TARGETS)} == {"c1", "c4"}
+    assert {k for k, _ in tune.variants(300, tune.TARGETS)} == {"c1", "c4", "p", "p4", "p16"}

@@ -158,17 +158,20 @@ def _shrink_partials(x, meta, layer: int, module_ids: Sequence[int], choice: tun
     tokens, hi = x.shape
     seg, batch = _batch(meta, layer, x.device, tokens, choice, stream)
     ids = [int(m) for m in module_ids]
-    plan = _core.plan_shrink(tokens, hi, len(ids), meta.table.shape[0], choice.shrink_target_blocks, choice.expand_kernel)
-    partial = torch.empty(len(ids) * plan[0] * tokens * int(meta.max_rank), dtype=torch.float32, device=x.device)
-    batch.shrink(x.data_ptr(), x.stride(0), hi, ids, partial.data_ptr(), partial.numel(), plan)
-    return batch, ids, plan, partial, seg
+    plan = _core.plan_shrink(tokens, hi, len(ids), meta.table.shape[0], choice.shrink_target_blocks, choice.expand_kernel,
+                             int(meta.max_rank))
+    # the partials, then room for u [S, T, max_rank], which the pipelined prefill shrink fills
+    u_len = len(ids) * tokens * int(meta.max_rank)
+    partial = torch.empty(plan[0] * u_len + u_len, dtype=torch.float32, device=x.device)
+    u_offset = batch.shrink(x.data_ptr(), x.stride(0), hi, ids, partial.data_ptr(), partial.numel(), plan)
+    return batch, ids, plan, partial, seg, u_offset
 
 
 def lora_shrink(x, meta, layer: int, module_ids: Sequence[int]):
     """u [len(module_ids), T, max_rank] float32: u[s, t, r] = sum_i x[t, i] A[r, i] (0 past rank)."""
     import torch
 
-    batch, ids, plan, partial, _seg = _shrink_partials(x, meta, layer, module_ids)
+    batch, ids, plan, partial, _seg, _u_offset = _shrink_partials(x, meta, layer, module_ids)
     u = torch.empty((len(ids), x.shape[0], int(meta.max_rank)), dtype=torch.float32, device=x.device)
     batch.reduce(ids, partial.data_ptr(), plan, u.data_ptr())
     return u
@@ -206,13 +209,16 @@ def _apply_checks(x, y, meta, module_ids, out_sizes):
     return sizes
 
 
-def _finish(x, y, meta, layer, ids, sizes, choice, plan, partial, chained: bool) -> None:
-    """The expand of an apply whose shrink wrote `partial`, on the current stream (prefill: the
-    reduce of the split-K partials into u first)."""
+def _finish(x, y, meta, layer, ids, sizes, choice, plan, partial, chained: bool, u_offset=None) -> None:
+    """The expand of an apply whose shrink wrote `partial`, on the current stream: from u where the
+    shrink summed the partials into it (u_offset, floats into `partial`), else (register-staged
+    prefill) the reduce of the split-K partials into u first, else from the partials."""
     import torch
 
     seg, batch = _batch(meta, layer, x.device, x.shape[0], choice)  # seg: alive until launched
-    if plan[2]:  # prefill: sum the split-K partials once instead of in every expand block
+    if u_offset is not None:
+        batch.expand(partial.data_ptr() + 4 * u_offset, 1, y.data_ptr(), y.stride(0), ids, sizes, chained=chained)
+    elif plan[2]:  # prefill: sum the split-K partials once instead of in every expand block
         u = torch.empty((len(ids), x.shape[0], int(meta.max_rank)), dtype=torch.float32, device=x.device)
         batch.reduce(ids, partial.data_ptr(), plan, u.data_ptr())
         batch.expand(u.data_ptr(), 1, y.data_ptr(), y.stride(0), ids, sizes)
@@ -250,8 +256,10 @@ def lora_apply(x, y, meta, layer: int, module_ids: Sequence[int], out_sizes: Seq
     if fused is not None:
         _apply_fused(x, y, meta, layer, ids, sizes, choice, fused)
         return
-    batch, ids, plan, partial, seg = _shrink_partials(x, meta, layer, module_ids, choice)
-    if plan[2]:
+    batch, ids, plan, partial, seg, u_offset = _shrink_partials(x, meta, layer, module_ids, choice)
+    if u_offset is not None:  # the pipelined prefill shrink summed the partials into u
+        batch.expand(partial.data_ptr() + 4 * u_offset, 1, y.data_ptr(), y.stride(0), ids, sizes, chained=True)
+    elif plan[2]:
         _finish(x, y, meta, layer, ids, sizes, choice, plan, partial, chained=False)
     else:  # the same batch: the expand is chained to the shrink just launched
         batch.expand(partial.data_ptr(), plan[0], y.data_ptr(), y.stride(0), ids, sizes, chained=True)
@@ -284,14 +292,14 @@ def lora_apply_beside(x, base, meta, layer: int, applies, width: int, dora_free:
         for ids, sizes in applies:
             sizes = [int(o) for o in sizes]
             choice = _tuning(x.device, x.shape[1], sizes, int(meta.max_rank), tokens)
-            batch, ids2, plan, partial, seg = _shrink_partials(x, meta, layer, ids, choice, side)
-            launched.append((ids2, sizes, choice, plan, partial, seg))
+            batch, ids2, plan, partial, seg, u_offset = _shrink_partials(x, meta, layer, ids, choice, side)
+            launched.append((ids2, sizes, choice, plan, partial, seg, u_offset))
     y = base()
     main.wait_stream(side)
     if dora_free:
         y.add_(delta)
         return y
-    for ids, sizes, choice, plan, partial, _seg in launched:
+    for ids, sizes, choice, plan, partial, _seg, u_offset in launched:
         _apply_checks(x, y, meta, ids, sizes)
-        _finish(x, y, meta, layer, ids, sizes, choice, plan, partial, chained=False)
+        _finish(x, y, meta, layer, ids, sizes, choice, plan, partial, chained=False, u_offset=u_offset)
     return y

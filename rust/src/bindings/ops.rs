@@ -33,13 +33,15 @@ impl PyKernelBatch {
         Ok(PyKernelBatch { device, batch })
     }
 
-    /// Shrink x [T, Hi] into the fp32 partial buffer; `plan` from `plan_shrink`.
+    /// Shrink x [T, Hi] into the fp32 partial buffer; `plan` from `plan_shrink`. Returns u's offset
+    /// (floats) in the buffer where the pipelined prefill shrink also summed the partials into u
+    /// (the buffer has `u_len` floats past the partials), else None.
     #[pyo3(signature = (x, x_stride, hi, module_ids, partial, partial_capacity, plan))]
     #[allow(clippy::too_many_arguments)]
     fn shrink(
         &self, x: u64, x_stride: usize, hi: usize, module_ids: Vec<u32>, partial: u64, partial_capacity: usize,
         plan: (usize, usize, bool),
-    ) -> PyResult<()> {
+    ) -> PyResult<Option<usize>> {
         let k = cuda::kernels(self.device).py()?;
         let plan = plan::ShrinkPlan { ksplit: plan.0, kchunk: plan.1 };
         launch::shrink(&k, &self.batch, x, x_stride, hi, &module_ids, partial, partial_capacity, &plan).py()
@@ -116,15 +118,18 @@ fn tuning(shrink_target_blocks: Option<usize>, expand_kernel: Option<&str>) -> P
 }
 
 /// (ksplit, kchunk, reduce_first) of the shrink for this geometry; reduce_first: lora_apply
-/// sums the partials into u before the expand. The tuning arguments as for KernelBatch.
+/// sums the partials into u before the expand. The tuning arguments as for KernelBatch; `max_rank`
+/// (the batch's, default 16) decides whether small items take the pipelined kernels.
 #[pyfunction]
-#[pyo3(signature = (tokens, hi, num_slices, num_slots, shrink_target_blocks=None, expand_kernel=None))]
+#[pyo3(signature = (tokens, hi, num_slices, num_slots, shrink_target_blocks=None, expand_kernel=None, max_rank=16))]
+#[allow(clippy::too_many_arguments)]
 fn plan_shrink(
     tokens: usize, hi: usize, num_slices: usize, num_slots: usize, shrink_target_blocks: Option<usize>,
-    expand_kernel: Option<&str>,
+    expand_kernel: Option<&str>, max_rank: usize,
 ) -> PyResult<(usize, usize, bool)> {
-    let p = plan::plan_shrink(tokens, hi, num_slices, num_slots, &tuning(shrink_target_blocks, expand_kernel)?);
-    Ok((p.ksplit, p.kchunk, plan::apply_reduces_first(tokens, &p)))
+    let t = tuning(shrink_target_blocks, expand_kernel)?;
+    let p = plan::plan_shrink(tokens, hi, num_slices, num_slots, max_rank, &t);
+    Ok((p.ksplit, p.kchunk, plan::apply_reduces_first(tokens, &p, &t)))
 }
 
 /// int32 elements of the token-segments buffer for `tokens` tokens over `num_slots` slots.

@@ -7,8 +7,9 @@ use std::ffi::c_void;
 use cudarc::driver::{result as drv, sys};
 
 use super::plan::{
-    decode_expand_is_flat, expand_columns_per_thread, expand_tiles_per_block, expand_variant, flat_expand_columns, fused_col_groups, fused_form, fused_is_dependent, grid_items,
-    item_tokens, max_items, partial_len, segments_len, small_items, FusedPlan, ShrinkPlan, Tuning, FUSED_COLS, FUSED_MAX_RANK, TILE_T,
+    block_smem_optin, decode_expand_is_flat, expand_columns_per_thread, expand_tiles_per_block, expand_variant, flat_expand_columns, fused_col_groups,
+    fused_form, fused_is_dependent, grid_items, item_tokens, max_items, partial_len, pipe_expand_smem, pipe_expand_tiles, pipe_shrink_smem,
+    segments_len, small_items, takes_pipelined, u_len, FusedPlan, ShrinkPlan, Tuning, FUSED_COLS, FUSED_MAX_RANK, TILE_T,
 };
 use super::DeviceKernels;
 use crate::cache::slot_table::ENTRY_WORDS;
@@ -293,6 +294,25 @@ unsafe fn launch_dependent_fn<A>(
         .map_err(|e| LoraError::Cuda(format!("launch {name} (dependent): {e:?}")))
 }
 
+/// Launches with `smem` bytes of dynamic shared memory (the attribute raised past the 48 KB default),
+/// as a programmatic dependent of the kernel before it where `dependent` and the arch allow.
+unsafe fn launch_smem<A>(
+    k: &DeviceKernels, name: &str, grid: (u32, u32, u32), smem: usize, stream: u64, args: &A, dependent: bool,
+) -> Result<()> {
+    let f = k.function(name)?;
+    if smem > 48 * 1024 {
+        sys::cuFuncSetAttribute(f, sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+            .result()
+            .map_err(|e| LoraError::Cuda(format!("{name}: {smem} bytes of shared memory: {e:?}")))?;
+    }
+    if dependent && k.arch >= 90 {
+        return launch_dependent_fn(f, name, grid, smem as u32, stream, args);
+    }
+    let mut params = [args as *const A as *mut c_void];
+    drv::launch_kernel(f, grid, (THREADS, 1, 1), smem as u32, stream as sys::CUstream, &mut params)
+        .map_err(|e| LoraError::Cuda(format!("launch {name}: {e:?}")))
+}
+
 /// Builds the token segments of a batch (cuda/lora_segments.cu) into `segments`, which must hold
 /// `segments_len(tokens, num_slots)` int32s: once per step, before the step's shrinks and expands.
 pub fn build_segments(
@@ -323,16 +343,19 @@ pub fn build_segments(
         .map_err(|e| LoraError::Cuda(format!("launch lora_segments: {e:?}")))
 }
 
-/// Shrink into the partial buffer. `partial` must hold `partial_len(plan, ...)` floats.
+/// Shrink into the partial buffer. `partial` must hold `partial_len(plan, ...)` floats. Where the
+/// pipelined prefill shrink runs and the buffer has room for u after the partials (`u_len`), it
+/// also sums them into u there: returns u's offset in floats then (the expand reads it with
+/// ksplit 1), else None.
 #[allow(clippy::too_many_arguments)]
 pub fn shrink(
     k: &DeviceKernels, b: &Batch, x: u64, x_stride: usize, hi: usize, module_ids: &[u32],
     partial: u64, partial_capacity: usize, plan: &ShrinkPlan,
-) -> Result<()> {
+) -> Result<Option<usize>> {
     b.check()?;
     let sl = slices(module_ids, None)?;
     if b.tokens == 0 || hi == 0 {
-        return Ok(());
+        return Ok(None);
     }
     if x_stride < hi {
         return Err(LoraError::Cuda(format!("x row stride {x_stride} is shorter than Hi {hi}")));
@@ -357,10 +380,24 @@ pub fn shrink(
         table: b.table_args(),
         slices: sl,
     };
+    let grid = (plan.ksplit as u32, b.grid_items() as u32, module_ids.len() as u32);
+    // the pipelined prefill shrink copies x in 16-byte pieces (the register-staged one takes the rest)
+    let smem = pipe_shrink_smem(b.max_rank);
+    if takes_pipelined(b.tokens, b.max_rank, &b.tuning)
+        && hi % 8 == 0
+        && x_stride % 8 == 0
+        && x % 16 == 0
+        && smem <= block_smem_optin(k.arch)
+        && partial_capacity >= need + u_len(module_ids.len(), b.tokens, b.max_rank)
+    {
+        let name = format!("lora_prefill_shrink_{}", b.dtype.suffix());
+        unsafe { launch_smem(k, &name, grid, smem, b.stream, &args, false)? };
+        return Ok(Some(need));
+    }
     let kind = if b.decode() { "decode" } else { "tile" };
     let name = format!("lora_shrink_{kind}_{}", b.dtype.suffix());
-    let grid = (plan.ksplit as u32, b.grid_items() as u32, module_ids.len() as u32);
-    unsafe { launch(k, &name, grid, b.stream, &args) }
+    unsafe { launch(k, &name, grid, b.stream, &args)? };
+    Ok(None)
 }
 
 /// Sums the partials into u [S, T, max_rank] (zero past each token's rank): the standalone shrink.
@@ -410,8 +447,17 @@ pub fn expand(
     let per_thread = expand_columns_per_thread(&b.tuning);
     let flat = decode_expand_is_flat(b.tokens, module_ids.len(), &b.tuning);
     let tiles = expand_tiles_per_block(&b.tuning);
+    // the pipelined prefill expand copies y in 16-byte pieces (the register-staged one takes the rest)
+    let pipe = !flat
+        && takes_pipelined(b.tokens, b.max_rank, &b.tuning)
+        && y % 16 == 0
+        && y_stride % 8 == 0
+        && out_sizes.iter().all(|&o| o % 8 == 0)
+        && pipe_expand_smem(b.max_rank) <= block_smem_optin(k.arch);
     let ochunk = if flat {
         flat_expand_columns(b.tokens)
+    } else if pipe {
+        64 * pipe_expand_tiles(b.tokens, max_out, module_ids.len(), &b.tuning)
     } else if b.decode() {
         THREADS as usize * per_thread
     } else {
@@ -438,6 +484,10 @@ pub fn expand(
         (format!("lora_expand_tile_{}_c{tiles}", b.dtype.suffix()), b.grid_items())
     };
     let grid = (max_out.div_ceil(ochunk) as u32, gy as u32, module_ids.len() as u32);
+    if pipe {
+        let name = format!("lora_prefill_expand_{}", b.dtype.suffix());
+        return unsafe { launch_smem(k, &name, grid, pipe_expand_smem(b.max_rank), b.stream, &args, chained) };
+    }
     // Chained right after our own shrink (which never writes y): start early, overlap the prologue.
     if chained {
         unsafe { launch_dependent(k, &name, grid, b.stream, &args) }

@@ -61,6 +61,13 @@ pub const EXPAND: KernelFamily = KernelFamily {
     ],
 };
 
+pub const PREFILL: KernelFamily = KernelFamily {
+    name: "lora_prefill",
+    parts: &[],
+    body: include_str!("../../../cuda/lora_prefill.cu"),
+    functions: &["lora_prefill_shrink_bf16", "lora_prefill_shrink_f16", "lora_prefill_expand_bf16", "lora_prefill_expand_f16"],
+};
+
 pub const SEGMENTS: KernelFamily = KernelFamily {
     name: "lora_segments",
     parts: &[],
@@ -88,7 +95,7 @@ pub const FUSED: KernelFamily = KernelFamily {
     ],
 };
 
-pub const FAMILIES: [&KernelFamily; 4] = [&SEGMENTS, &SHRINK, &EXPAND, &FUSED];
+pub const FAMILIES: [&KernelFamily; 5] = [&SEGMENTS, &SHRINK, &EXPAND, &FUSED, &PREFILL];
 
 impl KernelFamily {
     pub fn source(&self) -> String {

@@ -56,6 +56,11 @@ pub enum ExpandKind {
     SmallO4,
     TileC1,
     TileC4,
+    /// the pipelined prefill kernels (cuda/lora_prefill.cu), the expand's column span planned
+    Pipe,
+    /// the pipelined prefill kernels, 4 or 16 64-column tiles an expand block
+    Pipe4,
+    Pipe16,
 }
 
 impl ExpandKind {
@@ -70,6 +75,9 @@ impl ExpandKind {
         ExpandKind::SmallO4,
         ExpandKind::TileC1,
         ExpandKind::TileC4,
+        ExpandKind::Pipe,
+        ExpandKind::Pipe4,
+        ExpandKind::Pipe16,
     ];
 
     pub fn name(self) -> &'static str {
@@ -84,6 +92,9 @@ impl ExpandKind {
             ExpandKind::SmallO4 => "o4",
             ExpandKind::TileC1 => "c1",
             ExpandKind::TileC4 => "c4",
+            ExpandKind::Pipe => "p",
+            ExpandKind::Pipe4 => "p4",
+            ExpandKind::Pipe16 => "p16",
         }
     }
 
@@ -177,12 +188,32 @@ pub struct ShrinkPlan {
     pub kchunk: usize,
 }
 
-/// `LORAMUX_SHRINK_TARGET_BLOCKS`, else the tuning's target, else the built-in one.
-pub fn plan_shrink(tokens: usize, hi: usize, num_slices: usize, num_slots: usize, tuning: &Tuning) -> ShrinkPlan {
+/// `LORAMUX_SHRINK_TARGET_BLOCKS`, else the tuning's target, else the built-in one; at most
+/// PIPE_MAX_SPLIT_DEFAULT splits where the pipelined kernels run (`max_rank` decides that on small
+/// items).
+pub fn plan_shrink(
+    tokens: usize, hi: usize, num_slices: usize, num_slots: usize, max_rank: usize, tuning: &Tuning,
+) -> ShrinkPlan {
     // the flat expand re-reads every token's partials in each block: fewer, fatter splits pay there
     let built_in = if decode_expand_is_flat(tokens, num_slices, tuning) { FLAT_TARGET_BLOCKS } else { TARGET_BLOCKS };
     let target = env_usize("LORAMUX_SHRINK_TARGET_BLOCKS").or(tuning.shrink_target_blocks).unwrap_or(built_in).max(1);
-    split_for(tokens, hi, num_slices, num_slots, target)
+    let plan = split_for(tokens, hi, num_slices, num_slots, target);
+    let max_split = pipe_max_split();
+    if !takes_pipelined(tokens, max_rank, tuning) || plan.ksplit <= max_split {
+        return plan;
+    }
+    // the pipelined shrink streams long chunks; the last split of an item sums all the partials
+    let kchunk = hi.div_ceil(max_split).div_ceil(64) * 64;
+    ShrinkPlan { ksplit: hi.div_ceil(kchunk), kchunk }
+}
+
+/// Splits of the reduction dim the pipelined prefill shrink takes at most (`LORAMUX_PIPE_MAX_SPLIT`
+/// for A/B runs): the item's last split sums ksplit partials a u element, on the way to the expand.
+/// 16 is what the T = 2048 plans of the H200 run 1 used (docs/kernel-notes.md, prefill-5), where
+/// the pipelined path won everywhere; at T = 512 the planner's 56 splits of Hi = 14336 lost.
+const PIPE_MAX_SPLIT_DEFAULT: usize = 16;
+fn pipe_max_split() -> usize {
+    env_usize("LORAMUX_PIPE_MAX_SPLIT").unwrap_or(PIPE_MAX_SPLIT_DEFAULT)
 }
 
 /// Blocks along the items a decode launch is planned for: only known on the device (the
@@ -422,8 +453,111 @@ pub fn fused_smem_bytes(max_rank: usize) -> usize {
 /// Whether lora_apply sums the partials into u (the reduce kernel) before the expand: in the
 /// prefill (tile) path every 64-column expand block would otherwise re-read all ksplit partials
 /// of its tokens (measured: most of the expand's time at T = 2048, docs/kernel-notes.md).
-pub fn apply_reduces_first(tokens: usize, plan: &ShrinkPlan) -> bool {
-    !small_items(tokens) && plan.ksplit > 1
+/// The pipelined prefill shrink sums them into u itself (its last split an item), or, where it did
+/// not run, the expand sums them once per span of columns: no reduce launch on that path.
+pub fn apply_reduces_first(tokens: usize, plan: &ShrinkPlan, tuning: &Tuning) -> bool {
+    !small_items(tokens) && plan.ksplit > 1 && !prefill_is_pipelined(tuning)
+}
+
+/// Whether a prefill batch (past the small items) takes the pipelined tensor-core kernels
+/// (cuda/lora_prefill.cu: cp.async rings over x/A and y/B) rather than the register-staged
+/// shrink_tile / reduce / expand_tile. `LORAMUX_PREFILL=legacy|pipe` forces one for A/B runs; a
+/// forced or tabled tile expand (c1, c4) keeps the register-staged path it was measured with.
+/// The launcher still takes the register-staged kernels where 16-byte copies are not allowed
+/// (x or y unaligned, Hi or an output width not a multiple of 8).
+pub fn prefill_is_pipelined(tuning: &Tuning) -> bool {
+    match std::env::var("LORAMUX_PREFILL").as_deref() {
+        Ok("legacy") => false,
+        Ok("pipe") => true,
+        _ if std::env::var("LORAMUX_EXPAND_TILE_COLS").is_ok() => false,
+        _ => !matches!(tuning.expand, Some(ExpandKind::TileC1 | ExpandKind::TileC4)),
+    }
+}
+
+/// Whether a batch of the small-item path (65..=SMALL_ITEMS_MAX_T tokens) runs the pipelined
+/// tensor-core kernels over its items of 8 tokens instead of the CUDA-core ones.
+/// `LORAMUX_PIPE_SMALL=1|0` forces it for A/B runs; else a tuning table's choice (p / p4 / p16:
+/// pipelined, o1 / o1w / o4: CUDA cores); else ranks PIPE_SMALL_RANKS take it. Measured on the H200
+/// at T = 256 (docs/kernel-notes.md, prefill-5, run 3): at rank 64 the pipelined kernels were 1.28x
+/// faster (geomean of 12 cases, 0.87-1.67x: faster at 1-32 adapters in all three shapes, slower at
+/// 128 adapters in two), at rank 16 0.72x (the CUDA cores' shuffle reductions are cheap there).
+pub fn pipe_on_small_items(tokens: usize, max_rank: usize, tuning: &Tuning) -> bool {
+    if tokens <= TILE_T || !small_items(tokens) {
+        return false;
+    }
+    match std::env::var("LORAMUX_PIPE_SMALL").as_deref() {
+        Ok("1") => true,
+        Ok("0") => false,
+        _ => match tuning.expand {
+            Some(ExpandKind::Pipe | ExpandKind::Pipe4 | ExpandKind::Pipe16) => true,
+            Some(ExpandKind::SmallO1 | ExpandKind::SmallO1w | ExpandKind::SmallO4) => false,
+            _ => PIPE_SMALL_RANKS.contains(&max_rank),
+        },
+    }
+}
+
+/// Max ranks whose small-item batches take the pipelined kernels by default (rank bucket 64, the
+/// one measured; 128 was not).
+pub const PIPE_SMALL_RANKS: std::ops::RangeInclusive<usize> = 33..=64;
+
+/// Whether this batch's shrink and expand are the pipelined tensor-core kernels (where the launcher
+/// finds 16-byte copies allowed): past the small items by default, on them where chosen.
+pub fn takes_pipelined(tokens: usize, max_rank: usize, tuning: &Tuning) -> bool {
+    if small_items(tokens) {
+        pipe_on_small_items(tokens, max_rank, tuning)
+    } else {
+        prefill_is_pipelined(tuning)
+    }
+}
+
+/// Expand blocks the pipelined prefill expand aims for when nothing else decides its span: two a SM
+/// of an H200, each streaming a span of 64-column tiles of one work item.
+const PIPE_EXPAND_TARGET_BLOCKS: usize = 2 * 132;
+/// Longest span (in 64-column tiles) of one pipelined expand block.
+pub const PIPE_MAX_SPAN_TILES: usize = 64;
+
+/// 64-column tiles one pipelined expand block streams: `LORAMUX_EXPAND_SPAN_TILES`, else the
+/// tuning's p4 / p16, else about PIPE_EXPAND_TARGET_BLOCKS blocks over the planned items.
+pub fn pipe_expand_tiles(tokens: usize, max_out: usize, num_slices: usize, tuning: &Tuning) -> usize {
+    let col_tiles = max_out.div_ceil(64).max(1);
+    let wanted = env_usize("LORAMUX_EXPAND_SPAN_TILES").or(match tuning.expand {
+        Some(ExpandKind::Pipe4) => Some(4),
+        Some(ExpandKind::Pipe16) => Some(16),
+        _ => None,
+    });
+    let auto = || (col_tiles * tokens.div_ceil(item_tokens(tokens)) * num_slices.max(1)).div_ceil(PIPE_EXPAND_TARGET_BLOCKS);
+    wanted.unwrap_or_else(auto).clamp(1, col_tiles.min(PIPE_MAX_SPAN_TILES))
+}
+
+/// Rank rows a pipelined tile holds: the launch's max rank padded to the mma's 16.
+fn pipe_rank_rows(max_rank: usize) -> usize {
+    max_rank.div_ceil(16).max(1) * 16
+}
+/// Halves a row of an x / A / y tile of the pipelined kernels (PF_PITCH).
+const PIPE_PITCH: usize = 72;
+/// Ring depths of cuda/lora_prefill.cu (PF_SHRINK_STAGES, PF_EXPAND_STAGES).
+const PIPE_SHRINK_STAGES: usize = 4;
+const PIPE_EXPAND_STAGES: usize = 3;
+
+/// Shared memory one block may opt into on a GPU of this arch (sm_80/87: 163 KB, sm_86/89: 99 KB,
+/// sm_90+: 227 KB): a pipelined launch past it takes the register-staged kernels.
+pub fn block_smem_optin(arch: u32) -> usize {
+    match arch {
+        80 | 87 => 163 * 1024,
+        a if a >= 90 => 227 * 1024,
+        _ => 99 * 1024,
+    }
+}
+
+/// Dynamic shared memory of a pipelined shrink: its ring of x and A k-steps.
+pub fn pipe_shrink_smem(max_rank: usize) -> usize {
+    PIPE_SHRINK_STAGES * (TILE_T + pipe_rank_rows(max_rank)) * PIPE_PITCH * 2
+}
+
+/// Dynamic shared memory of a pipelined expand: u, then its ring of B and y tiles.
+pub fn pipe_expand_smem(max_rank: usize) -> usize {
+    let bpitch = pipe_rank_rows(max_rank) + 8;
+    (TILE_T * bpitch + PIPE_EXPAND_STAGES * (64 * bpitch + TILE_T * PIPE_PITCH)) * 2
 }
 
 /// Which small-item expand instantiation runs: "1" (a column a thread, 16 ranks of B prefetched,
@@ -477,6 +611,12 @@ pub fn partial_len(plan: &ShrinkPlan, num_slices: usize, tokens: usize, max_rank
     num_slices * plan.ksplit * tokens * max_rank
 }
 
+/// Elements of u [S, T, max_rank] (fp32), which the pipelined prefill shrink writes after the
+/// partials when the buffer has room for it.
+pub fn u_len(num_slices: usize, tokens: usize, max_rank: usize) -> usize {
+    num_slices * tokens * max_rank
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -484,7 +624,7 @@ mod tests {
     #[test]
     fn plan_covers_the_reduction_dim() {
         for &(t, hi, s, slots) in &[(1, 4096, 1, 8), (32, 14336, 3, 64), (64, 576, 2, 4), (2048, 4096, 3, 128), (8192, 1536, 1, 2), (1, 7, 1, 1)] {
-            let p = plan_shrink(t, hi, s, slots, &Tuning::default());
+            let p = plan_shrink(t, hi, s, slots, 16, &Tuning::default());
             assert!(p.ksplit >= 1 && p.kchunk * p.ksplit >= hi, "{t} {hi}: {p:?}");
             assert!(p.kchunk * (p.ksplit - 1) < hi, "empty split {p:?}");
             if small_items(t) {
@@ -504,7 +644,7 @@ mod tests {
         assert!(decode_expand_is_flat(32, 3, &d) && decode_expand_is_flat(64, 2, &d));
         assert!(!decode_expand_is_flat(32, 1, &d) && !decode_expand_is_flat(16, 3, &d) && !decode_expand_is_flat(65, 2, &d));
         // the flat path's shrink splits coarser
-        assert!(plan_shrink(32, 4096, 3, 32, &d).ksplit < plan_shrink(32, 4096, 1, 32, &d).ksplit);
+        assert!(plan_shrink(32, 4096, 3, 32, 16, &d).ksplit < plan_shrink(32, 4096, 1, 32, 16, &d).ksplit);
     }
 
     #[test]
@@ -524,7 +664,7 @@ mod tests {
         // more target blocks split the reduction finer
         let few = Tuning { shrink_target_blocks: Some(132), ..Default::default() };
         let many = Tuning { shrink_target_blocks: Some(1056), ..Default::default() };
-        assert!(plan_shrink(64, 4096, 1, 64, &few).ksplit < plan_shrink(64, 4096, 1, 64, &many).ksplit);
+        assert!(plan_shrink(64, 4096, 1, 64, 16, &few).ksplit < plan_shrink(64, 4096, 1, 64, 16, &many).ksplit);
         for k in ExpandKind::ALL {
             assert_eq!(ExpandKind::parse(k.name()), Some(k));
         }
@@ -609,6 +749,42 @@ mod tests {
         assert_eq!(r16.kernel_name("f16"), "lora_fused_decode_f16_m4");
         assert_eq!(r64.kernel_name("f16"), "lora_fused_decode_f16");
         assert_eq!(r64.smem_bytes, fused_smem_bytes(64));
+    }
+
+    #[test]
+    fn pipelined_prefill_spans_and_shared_memory() {
+        if ["LORAMUX_PREFILL", "LORAMUX_EXPAND_TILE_COLS", "LORAMUX_EXPAND_SPAN_TILES"].iter().any(|v| std::env::var(v).is_ok()) {
+            return;
+        }
+        let d = Tuning::default();
+        let c4 = Tuning { expand: Some(ExpandKind::TileC4), ..Default::default() };
+        let p16 = Tuning { expand: Some(ExpandKind::Pipe16), ..Default::default() };
+        assert!(prefill_is_pipelined(&d) && prefill_is_pipelined(&p16) && !prefill_is_pipelined(&c4));
+        let plan = plan_shrink(2048, 4096, 1, 8, 16, &d);
+        assert!(plan.ksplit > 1 && !apply_reduces_first(2048, &plan, &d) && apply_reduces_first(2048, &plan, &c4));
+        assert_eq!(pipe_expand_tiles(2048, 4096, 1, &p16), 16);
+        // at most 16 splits on the pipelined path (the register-staged one splits to 56 here)
+        let pipe = plan_shrink(512, 14336, 1, 8, 64, &d);
+        assert!(pipe.ksplit <= 16 && pipe.ksplit * pipe.kchunk >= 14336 && pipe.kchunk % 64 == 0, "{pipe:?}");
+        assert!(plan_shrink(512, 14336, 1, 8, 64, &c4).ksplit > 16);
+        // small items keep the CUDA-core kernels unless chosen; decode batches always do
+        if std::env::var("LORAMUX_PIPE_SMALL").is_err() {
+            assert!(!takes_pipelined(200, 16, &d) && takes_pipelined(200, 16, &p16) && !takes_pipelined(64, 64, &p16));
+            assert!(takes_pipelined(200, 64, &d) && !takes_pipelined(200, 128, &d));
+            let o1 = Tuning { expand: Some(ExpandKind::SmallO1), ..Default::default() };
+            assert!(!takes_pipelined(200, 64, &o1));
+            assert!(takes_pipelined(300, 16, &d) && !takes_pipelined(300, 16, &c4));
+        }
+        assert_eq!(pipe_expand_tiles(2048, 100, 1, &p16), 2); // never past the slice
+        for &(t, ho, s) in &[(300, 4096, 1), (2048, 4096, 1), (2048, 14336, 2), (8192, 1024, 3)] {
+            let n = pipe_expand_tiles(t, ho, s, &d);
+            assert!(n >= 1 && n <= ho.div_ceil(64) && n <= PIPE_MAX_SPAN_TILES, "{t} {ho} {s}: {n}");
+        }
+        // two blocks an SM fit at every rank the kernels take (227 KB a block on sm_90, 163 on sm_80)
+        for r in [1, 16, 64, 128] {
+            assert!(2 * (pipe_shrink_smem(r) + 1024) <= SM_SHARED_BYTES && pipe_shrink_smem(r) <= 163 * 1024, "{r}");
+            assert!(2 * (pipe_expand_smem(r) + 1024) <= SM_SHARED_BYTES && pipe_expand_smem(r) <= 163 * 1024, "{r}");
+        }
     }
 
     #[test]
