@@ -64,7 +64,7 @@ pub enum ExpandKind {
 }
 
 impl ExpandKind {
-    pub const ALL: [ExpandKind; 10] = [
+    pub const ALL: [ExpandKind; 13] = [
         ExpandKind::Fused,
         ExpandKind::Fused3,
         ExpandKind::FusedStaged,
