@@ -11,7 +11,7 @@ export PYTHONPATH=/tmp/site
 LOGS=/tmp/logs; mkdir -p $LOGS
 python -c "import loramux, torch; print(loramux.__file__, torch.__version__, torch.cuda.get_device_name())" | tee $LOGS/env.txt
 run_test_file() {
-  timeout ${TEST_S:-100} python -m pytest -q -m gpu -p no:cacheprovider --tb=short tests/$1.py > $LOGS/$1.log 2>&1
+  timeout -s INT -k 20 ${TEST_S:-100} python -m pytest -q -m gpu -p no:cacheprovider --tb=short --durations=8 tests/$1.py > $LOGS/$1.log 2>&1
   echo "$1 rc=$? $(grep -E ' passed| failed| error' $LOGS/$1.log | tail -1)"
   grep -E "^(FAILED|ERROR)" $LOGS/$1.log | head -6
 }

@@ -23,7 +23,7 @@ LOGS=/tmp/klogs; mkdir -p $LOGS
 python -c "import loramux, torch; from loramux import _core; print(loramux.__file__, torch.__version__, torch.cuda.get_device_name(), 'sm', _core.load_kernels(0))" 2>&1 | tee $LOGS/env.txt
 echo "compiled at $(elapsed) s"
 has tests && for f in ${FILES:-test_kernels test_fused test_launch_choices test_ops test_segments test_models test_dora test_siblings test_beside test_serving_gpu test_cache_gpu test_runtime test_tp}; do
-  ( timeout ${TEST_S:-130} python -m pytest -q -m gpu -p no:cacheprovider --tb=short tests/$f.py ${TEST_K:+-k "$TEST_K"} > $LOGS/$f.log 2>&1
+  ( timeout -s INT -k 20 ${TEST_S:-130} python -m pytest -q -m gpu -p no:cacheprovider --tb=short --durations=8 tests/$f.py ${TEST_K:+-k "$TEST_K"} > $LOGS/$f.log 2>&1
     echo "$f rc=$? $(grep -E ' passed| failed| error|no tests ran' $LOGS/$f.log | tail -1)"; grep -E "^(FAILED|ERROR)" $LOGS/$f.log | head -5 ) &
 done
 MEMCHECKS=${MEMCHECKS:-"segments fused kernels"}
