@@ -177,8 +177,10 @@ __device__ __forceinline__ AdapterEntry read_entry(const LoraTable& t, int slot,
 //   item_slot[max_items], item_begin[max_items] (index into token_idx), item_count[max_items],
 //   token_idx[T], then num_slots ints of scratch (the builder's histogram and cursors), then the
 //   fused decode kernel's workspace: per (slice, item), LMX_FUSED_WS_WORDS ints (the block group's
-//   next ticket, its completion count), LMX_MAX_SLICES * max_items groups. The builder zeroes it
-//   and every fused launch leaves it zeroed, so launches and graph replays need no memset.
+//   next ticket, its completion count), LMX_MAX_SLICES * max_items groups; the pipelined prefill
+//   shrink (lora_prefill.cu, never in the same step as a fused launch: T > 64) counts an item's
+//   finished splits in the first word. The builder zeroes it and every fused launch and pipelined
+//   shrink leaves it zeroed, so launches and graph replays need no memset.
 //   Launches sharing one segments buffer must be stream-ordered.
 #define LMX_SEG_HEADER 4
 #define LMX_FUSED_WS_WORDS 2

@@ -26,7 +26,7 @@ _OFF = ("off", "0", "none")
 
 class Choice(NamedTuple):
     shrink_target_blocks: Optional[int]
-    expand_kernel: Optional[str]  # fused | fused3 | fuseds | fuseds4 | flat | o1 | o1w | o4 | c1 | c4 (rust/src/cuda/plan.rs ExpandKind)
+    expand_kernel: Optional[str]  # fused | fused3 | fuseds | fuseds4 | flat | o1 | o1w | o4 | c1 | c4 | p | p4 | p16 (rust/src/cuda/plan.rs ExpandKind)
 
 
 _DEFAULT = Choice(None, None)

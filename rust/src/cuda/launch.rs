@@ -7,9 +7,9 @@ use std::ffi::c_void;
 use cudarc::driver::{result as drv, sys};
 
 use super::plan::{
-    block_smem_optin, decode_expand_is_flat, expand_columns_per_thread, expand_tiles_per_block, expand_variant, flat_expand_columns, fused_col_groups,
+    decode_expand_is_flat, expand_columns_per_thread, expand_tiles_per_block, expand_variant, flat_expand_columns, fused_col_groups,
     fused_form, fused_is_dependent, grid_items, item_tokens, max_items, partial_len, pipe_expand_smem, pipe_expand_tiles, pipe_shrink_smem,
-    segments_len, small_items, takes_pipelined, u_len, FusedPlan, ShrinkPlan, Tuning, FUSED_COLS, FUSED_MAX_RANK, TILE_T,
+    pipe_smem_fits, segments_len, small_items, takes_pipelined, u_len, FusedPlan, ShrinkPlan, Tuning, FUSED_COLS, FUSED_MAX_RANK, TILE_T,
 };
 use super::DeviceKernels;
 use crate::cache::slot_table::ENTRY_WORDS;
@@ -387,7 +387,7 @@ pub fn shrink(
         && hi % 8 == 0
         && x_stride % 8 == 0
         && x % 16 == 0
-        && smem <= block_smem_optin(k.arch)
+        && pipe_smem_fits(smem, k.arch)
         && partial_capacity >= need + u_len(module_ids.len(), b.tokens, b.max_rank)
     {
         let name = format!("lora_prefill_shrink_{}", b.dtype.suffix());
@@ -453,7 +453,7 @@ pub fn expand(
         && y % 16 == 0
         && y_stride % 8 == 0
         && out_sizes.iter().all(|&o| o % 8 == 0)
-        && pipe_expand_smem(b.max_rank) <= block_smem_optin(k.arch);
+        && pipe_smem_fits(pipe_expand_smem(b.max_rank), k.arch);
     let ochunk = if flat {
         flat_expand_columns(b.tokens)
     } else if pipe {

@@ -202,8 +202,13 @@ pub fn plan_shrink(
     if !takes_pipelined(tokens, max_rank, tuning) || plan.ksplit <= max_split {
         return plan;
     }
-    // the pipelined shrink streams long chunks; the last split of an item sums all the partials
-    let kchunk = hi.div_ceil(max_split).div_ceil(64) * 64;
+    // the pipelined shrink streams long chunks; the last split of an item sums all the partials.
+    // On small items the decode shrink runs this plan where 16-byte copies are not allowed, and it
+    // holds at most DECODE_MAX_CHUNK elements a split: past Hi = 16384 the split count grows instead.
+    let mut kchunk = hi.div_ceil(max_split).div_ceil(64) * 64;
+    if small_items(tokens) {
+        kchunk = kchunk.min(DECODE_MAX_CHUNK);
+    }
     ShrinkPlan { ksplit: hi.div_ceil(kchunk), kchunk }
 }
 
@@ -223,12 +228,15 @@ fn planned_items(tokens: usize, num_slots: usize) -> usize {
     tokens.div_ceil(DECODE_ITEM).max(tokens.min(num_slots) / 2).min(grid_items(tokens, num_slots)).max(1)
 }
 
+/// Reduction elements one split of the decode shrink holds (DECODE_MAX_CHUNK, lora_shrink_decode.cuh).
+const DECODE_MAX_CHUNK: usize = 1024;
+
 /// The split of the reduction dim that gives about `target` shrink blocks.
 fn split_for(tokens: usize, hi: usize, num_slices: usize, num_slots: usize, target: usize) -> ShrinkPlan {
     let decode = small_items(tokens);
     // decode: a block holds up to 4 x 256 elements of each A row in registers; prefill: the tensor
     // core kernel steps 64 at a time, and splits only to fill the SMs.
-    let (granule, max_chunk) = if decode { (256, 1024) } else { (64, usize::MAX) };
+    let (granule, max_chunk) = if decode { (256, DECODE_MAX_CHUNK) } else { (64, usize::MAX) };
     let groups = if decode { planned_items(tokens, num_slots) } else { tokens.div_ceil(TILE_T) };
     let blocks_wo_split = (groups * num_slices).max(1);
     let want = target.div_ceil(blocks_wo_split).max(1);
@@ -539,14 +547,24 @@ const PIPE_PITCH: usize = 72;
 const PIPE_SHRINK_STAGES: usize = 4;
 const PIPE_EXPAND_STAGES: usize = 3;
 
-/// Shared memory one block may opt into on a GPU of this arch (sm_80/87: 163 KB, sm_86/89: 99 KB,
-/// sm_90+: 227 KB): a pipelined launch past it takes the register-staged kernels.
+/// Shared memory one block may opt into on a GPU of this arch (sm_80/87: 163 KB, sm_90/100/103:
+/// 227 KB; sm_86/89, the sm_12x parts and any arch not listed: 99 KB, the smallest of them).
 pub fn block_smem_optin(arch: u32) -> usize {
     match arch {
         80 | 87 => 163 * 1024,
-        a if a >= 90 => 227 * 1024,
+        90 | 100 | 103 => 227 * 1024,
         _ => 99 * 1024,
     }
+}
+
+/// Static shared memory of the pipelined kernels (a work item's 64 token indices and a flag),
+/// rounded up: the driver counts it with the dynamic bytes against the block's limit.
+const PIPE_STATIC_SMEM: usize = 1024;
+
+/// Whether a pipelined launch of `dynamic` bytes of shared memory fits a block on this arch; one
+/// that does not takes the register-staged kernels.
+pub fn pipe_smem_fits(dynamic: usize, arch: u32) -> bool {
+    dynamic + PIPE_STATIC_SMEM <= block_smem_optin(arch)
 }
 
 /// Dynamic shared memory of a pipelined shrink: its ring of x and A k-steps.
@@ -623,16 +641,34 @@ mod tests {
 
     #[test]
     fn plan_covers_the_reduction_dim() {
-        for &(t, hi, s, slots) in &[(1, 4096, 1, 8), (32, 14336, 3, 64), (64, 576, 2, 4), (2048, 4096, 3, 128), (8192, 1536, 1, 2), (1, 7, 1, 1)] {
-            let p = plan_shrink(t, hi, s, slots, 16, &Tuning::default());
-            assert!(p.ksplit >= 1 && p.kchunk * p.ksplit >= hi, "{t} {hi}: {p:?}");
-            assert!(p.kchunk * (p.ksplit - 1) < hi, "empty split {p:?}");
-            if small_items(t) {
-                assert!(p.kchunk % 256 == 0 && p.kchunk <= 1024);
-            } else {
-                assert!(p.kchunk % 64 == 0);
+        let cases = [(1, 4096, 1, 8), (32, 14336, 3, 64), (64, 576, 2, 4), (2048, 4096, 3, 128), (8192, 1536, 1, 2), (1, 7, 1, 1),
+                     (128, 14336, 1, 32), (200, 28672, 2, 32), (65, 65536, 1, 8), (512, 28672, 1, 8)];
+        for &(t, hi, s, slots) in &cases {
+            // rank 64 takes the pipelined kernels on small items, rank 16 the CUDA-core ones
+            for max_rank in [16, 64] {
+                let p = plan_shrink(t, hi, s, slots, max_rank, &Tuning::default());
+                assert!(p.ksplit >= 1 && p.kchunk * p.ksplit >= hi, "{t} {hi}: {p:?}");
+                assert!(p.kchunk * (p.ksplit - 1) < hi, "empty split {p:?}");
+                if small_items(t) {
+                    // the decode shrink may run any small-item plan (the pipelined one's fallback)
+                    assert!(p.kchunk <= DECODE_MAX_CHUNK, "{t} {hi} r{max_rank}: {p:?}");
+                }
+                let granule = if small_items(t) && !takes_pipelined(t, max_rank, &Tuning::default()) { 256 } else { 64 };
+                assert!(p.kchunk % granule == 0, "{t} {hi} r{max_rank}: {p:?}");
             }
         }
+    }
+
+    #[test]
+    fn pipelined_launches_leave_room_for_static_shared_memory() {
+        for max_rank in 1..=128 {
+            // the H200 takes both pipelined kernels at every rank, 99 KB parts up to rank 96
+            assert!(pipe_smem_fits(pipe_shrink_smem(max_rank), 90) && pipe_smem_fits(pipe_expand_smem(max_rank), 90));
+            assert_eq!(pipe_smem_fits(pipe_shrink_smem(max_rank), 86), max_rank <= 96, "rank {max_rank}");
+        }
+        // 99 KB parts: ranks 97..112 fill the shrink's ring to the byte, the static bytes tip it over
+        assert_eq!(pipe_shrink_smem(112), 99 * 1024);
+        assert!(!pipe_smem_fits(pipe_shrink_smem(112), 86) && !pipe_smem_fits(pipe_shrink_smem(112), 120));
     }
 
     #[test]
