@@ -565,20 +565,7 @@ pub fn fused(
         return Err(LoraError::Cuda(format!("{blocks} blocks is more than one launch takes")));
     }
     let name = form.kernel_name(b.dtype.suffix());
-    let f = k.function(&name)?;
-    unsafe {
-        if smem > 48 * 1024 {
-            sys::cuFuncSetAttribute(f, sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
-                .result()
-                .map_err(|e| LoraError::Cuda(format!("{name}: {smem} bytes of shared memory: {e:?}")))?;
-        }
-        if k.arch >= 90 && fused_is_dependent() {
-            return launch_dependent_fn(f, &name, (blocks as u32, 1, 1), smem as u32, b.stream, &args);
-        }
-        let mut params = [&args as *const FusedArgs as *mut c_void];
-        drv::launch_kernel(f, (blocks as u32, 1, 1), (THREADS, 1, 1), smem as u32, b.stream as sys::CUstream, &mut params)
-            .map_err(|e| LoraError::Cuda(format!("launch {name}: {e:?}")))
-    }
+    unsafe { launch_smem(k, &name, (blocks as u32, 1, 1), smem, b.stream, &args, fused_is_dependent()) }
 }
 
 #[cfg(test)]

@@ -388,7 +388,7 @@ pub fn fused_form_for(max_rank: usize, kchunk: usize, staged_a: bool, blocks_per
         let smem = if rounds > 1 && blocks_that_fit(two) >= wanted.min(blocks_that_fit(one)) { two } else { one };
         (((smem - FUSED_SMEM_HEAD - DECODE_ITEM * kchunk * 2) / (32 * kchunk)).min(4), smem)
     } else {
-        (0, expand.max(FUSED_SMEM_HEAD + DECODE_ITEM * 1024 * 2))
+        (0, fused_smem_bytes(max_rank))
     };
     FusedForm { blocks_per_sm: wanted.min(blocks_that_fit(smem_bytes).max(3)), staged_a, a_stages, smem_bytes }
 }
@@ -455,7 +455,7 @@ pub fn fused_staged_shrink_smem_bytes(kchunk: usize, a_stages: usize) -> usize {
 /// Dynamic shared memory of a register-A fused launch with ranks up to `max_rank`: the larger of
 /// the shrink role's (tokens, x chunk) and the expand role's.
 pub fn fused_smem_bytes(max_rank: usize) -> usize {
-    fused_expand_smem_bytes(max_rank).max(FUSED_SMEM_HEAD + DECODE_ITEM * 1024 * 2)
+    fused_expand_smem_bytes(max_rank).max(FUSED_SMEM_HEAD + DECODE_ITEM * DECODE_MAX_CHUNK * 2)
 }
 
 /// Whether lora_apply sums the partials into u (the reduce kernel) before the expand: in the
