@@ -216,12 +216,19 @@ def _finish(x, y, meta, layer, ids, sizes, choice, plan, partial, chained: bool,
     import torch
 
     seg, batch = _batch(meta, layer, x.device, x.shape[0], choice)  # seg: alive until launched
-    if u_offset is not None:
-        batch.expand(partial.data_ptr() + 4 * u_offset, 1, y.data_ptr(), y.stride(0), ids, sizes, chained=chained)
-    elif plan[2]:  # prefill: sum the split-K partials once instead of in every expand block
+    if u_offset is None and plan[2]:  # prefill: sum the split-K partials once instead of in every expand block
         u = torch.empty((len(ids), x.shape[0], int(meta.max_rank)), dtype=torch.float32, device=x.device)
         batch.reduce(ids, partial.data_ptr(), plan, u.data_ptr())
         batch.expand(u.data_ptr(), 1, y.data_ptr(), y.stride(0), ids, sizes)
+    else:
+        _expand_summed(batch, y, ids, sizes, plan, partial, u_offset, chained)
+
+
+def _expand_summed(batch, y, ids, sizes, plan, partial, u_offset, chained: bool) -> None:
+    """The expand from u where the shrink summed its partials into it (u_offset floats into
+    `partial`), else from the split-K partials themselves (summed as the expand loads them)."""
+    if u_offset is not None:
+        batch.expand(partial.data_ptr() + 4 * u_offset, 1, y.data_ptr(), y.stride(0), ids, sizes, chained=chained)
     else:
         batch.expand(partial.data_ptr(), plan[0], y.data_ptr(), y.stride(0), ids, sizes, chained=chained)
 
@@ -257,12 +264,10 @@ def lora_apply(x, y, meta, layer: int, module_ids: Sequence[int], out_sizes: Seq
         _apply_fused(x, y, meta, layer, ids, sizes, choice, fused)
         return
     batch, ids, plan, partial, seg, u_offset = _shrink_partials(x, meta, layer, module_ids, choice)
-    if u_offset is not None:  # the pipelined prefill shrink summed the partials into u
-        batch.expand(partial.data_ptr() + 4 * u_offset, 1, y.data_ptr(), y.stride(0), ids, sizes, chained=True)
-    elif plan[2]:
+    if u_offset is None and plan[2]:
         _finish(x, y, meta, layer, ids, sizes, choice, plan, partial, chained=False)
     else:  # the same batch: the expand is chained to the shrink just launched
-        batch.expand(partial.data_ptr(), plan[0], y.data_ptr(), y.stride(0), ids, sizes, chained=True)
+        _expand_summed(batch, y, ids, sizes, plan, partial, u_offset, chained=True)
     del seg  # alive until here: the launches read it
 
 
