@@ -458,13 +458,14 @@ pub fn fused_smem_bytes(max_rank: usize) -> usize {
     fused_expand_smem_bytes(max_rank).max(FUSED_SMEM_HEAD + DECODE_ITEM * DECODE_MAX_CHUNK * 2)
 }
 
-/// Whether lora_apply sums the partials into u (the reduce kernel) before the expand: in the
-/// prefill (tile) path every 64-column expand block would otherwise re-read all ksplit partials
-/// of its tokens (measured: most of the expand's time at T = 2048, docs/kernel-notes.md).
-/// The pipelined prefill shrink sums them into u itself (its last split an item), or, where it did
-/// not run, the expand sums them once per span of columns: no reduce launch on that path.
-pub fn apply_reduces_first(tokens: usize, plan: &ShrinkPlan, tuning: &Tuning) -> bool {
-    !small_items(tokens) && plan.ksplit > 1 && !prefill_is_pipelined(tuning)
+/// Whether lora_apply sums the partials into u (the reduce kernel) before the expand where the shrink
+/// did not (prefill, ksplit > 1): in the register-staged tile path every 64-column expand block
+/// would otherwise re-read all ksplit partials of its tokens (measured: most of the expand's time
+/// at T = 2048, docs/kernel-notes.md). The pipelined prefill shrink sums them into u itself (its
+/// last split an item; `launch::shrink` returns u's offset then), so what ran decides, not whether
+/// the pipelined path was chosen: where it fell back (16-byte copies not allowed), the reduce runs.
+pub fn apply_reduces_first(tokens: usize, plan: &ShrinkPlan, _tuning: &Tuning) -> bool {
+    !small_items(tokens) && plan.ksplit > 1
 }
 
 /// Whether a prefill batch (past the small items) takes the pipelined tensor-core kernels
@@ -543,7 +544,8 @@ fn pipe_rank_rows(max_rank: usize) -> usize {
 }
 /// Halves a row of an x / A / y tile of the pipelined kernels (PF_PITCH).
 const PIPE_PITCH: usize = 72;
-/// Ring depths of cuda/lora_prefill.cu (PF_SHRINK_STAGES, PF_EXPAND_STAGES).
+/// Ring depths of cuda/lora_prefill.cu (PF_SHRINK_STAGES; the expand's shallowest, where the arch's
+/// SM holds less than 3 deeper blocks).
 const PIPE_SHRINK_STAGES: usize = 4;
 const PIPE_EXPAND_STAGES: usize = 3;
 
@@ -572,10 +574,51 @@ pub fn pipe_shrink_smem(max_rank: usize) -> usize {
     PIPE_SHRINK_STAGES * (TILE_T + pipe_rank_rows(max_rank)) * PIPE_PITCH * 2
 }
 
-/// Dynamic shared memory of a pipelined expand: u, then its ring of B and y tiles.
-pub fn pipe_expand_smem(max_rank: usize) -> usize {
+/// Dynamic shared memory of a pipelined expand with a ring of `stages` tiles: u, then the ring of
+/// B and y tiles.
+pub fn pipe_expand_smem(max_rank: usize, stages: usize) -> usize {
     let bpitch = pipe_rank_rows(max_rank) + 8;
-    (TILE_T * bpitch + PIPE_EXPAND_STAGES * (64 * bpitch + TILE_T * PIPE_PITCH)) * 2
+    (TILE_T * bpitch + stages * (64 * bpitch + TILE_T * PIPE_PITCH)) * 2
+}
+
+/// Ring depths the pipelined expand is instantiated at (cuda/lora_prefill.cu `_s4`, `_s5`).
+pub const PIPE_EXPAND_STAGES_ALL: [usize; 3] = [3, 4, 5];
+
+/// Column tiles in the pipelined expand's ring: `LORAMUX_PIPE_EXPAND_STAGES=3|4|5` for A/B runs,
+/// else the deepest ring that still lets 3 blocks reside on an SM of this arch (228 KB: 5 up to
+/// rank 16, 4 up to 48, 3 above), 3 where the arch's SM holds less. Measured before (prefill-5
+/// ncu, T = 2048 r16): 320 expand blocks with two tiles in flight each kept ~40 KB in flight an SM,
+/// which at ~2 us a trip sustains ~1.4 TB/s of y; the deeper ring doubles that at the same
+/// blocks an SM.
+pub fn pipe_expand_stages(max_rank: usize, arch: u32) -> usize {
+    if let Some(s) = env_usize("LORAMUX_PIPE_EXPAND_STAGES").filter(|s| PIPE_EXPAND_STAGES_ALL.contains(s)) {
+        return s;
+    }
+    if block_smem_optin(arch) < 227 * 1024 {
+        return PIPE_EXPAND_STAGES;
+    }
+    PIPE_EXPAND_STAGES_ALL
+        .into_iter()
+        .rev()
+        .find(|&s| 3 * (pipe_expand_smem(max_rank, s) + PIPE_STATIC_SMEM + 1024) <= SM_SHARED_BYTES)
+        .unwrap_or(PIPE_EXPAND_STAGES)
+}
+
+/// The pipelined expand's kernel for a dtype suffix ("bf16", "f16") and ring depth.
+pub fn pipe_expand_kernel(dtype: &str, stages: usize) -> String {
+    match stages {
+        3 => format!("lora_prefill_expand_{dtype}"),
+        s => format!("lora_prefill_expand_{dtype}_s{s}"),
+    }
+}
+
+/// The pipelined shrink's kernel for a dtype suffix: u summed 4 ranks a float4 with every split's
+/// partial in flight, or element by element (`LORAMUX_PIPE_USUM=serial`: prefill-5's form, for A/B).
+pub fn pipe_shrink_kernel(dtype: &str) -> String {
+    match std::env::var("LORAMUX_PIPE_USUM").as_deref() {
+        Ok("serial") => format!("lora_prefill_shrink_{dtype}_serial"),
+        _ => format!("lora_prefill_shrink_{dtype}"),
+    }
 }
 
 /// Which small-item expand instantiation runs: "1" (a column a thread, 16 ranks of B prefetched,
@@ -663,7 +706,8 @@ mod tests {
     fn pipelined_launches_leave_room_for_static_shared_memory() {
         for max_rank in 1..=128 {
             // the H200 takes both pipelined kernels at every rank, 99 KB parts up to rank 96
-            assert!(pipe_smem_fits(pipe_shrink_smem(max_rank), 90) && pipe_smem_fits(pipe_expand_smem(max_rank), 90));
+            let stages = pipe_expand_stages(max_rank, 90);
+            assert!(pipe_smem_fits(pipe_shrink_smem(max_rank), 90) && pipe_smem_fits(pipe_expand_smem(max_rank, stages), 90));
             assert_eq!(pipe_smem_fits(pipe_shrink_smem(max_rank), 86), max_rank <= 96, "rank {max_rank}");
         }
         // 99 KB parts: ranks 97..112 fill the shrink's ring to the byte, the static bytes tip it over
@@ -797,7 +841,10 @@ mod tests {
         let p16 = Tuning { expand: Some(ExpandKind::Pipe16), ..Default::default() };
         assert!(prefill_is_pipelined(&d) && prefill_is_pipelined(&p16) && !prefill_is_pipelined(&c4));
         let plan = plan_shrink(2048, 4096, 1, 8, 16, &d);
-        assert!(plan.ksplit > 1 && !apply_reduces_first(2048, &plan, &d) && apply_reduces_first(2048, &plan, &c4));
+        // the reduce runs wherever the shrink did not sum u itself: lora_apply asks only when
+        // launch::shrink returned no u (the register-staged path, or the pipelined one's fallback)
+        assert!(plan.ksplit > 1 && apply_reduces_first(2048, &plan, &d) && apply_reduces_first(2048, &plan, &c4));
+        assert!(!apply_reduces_first(2048, &ShrinkPlan { ksplit: 1, kchunk: 4096 }, &d) && !apply_reduces_first(200, &plan, &d));
         assert_eq!(pipe_expand_tiles(2048, 4096, 1, &p16), 16);
         // at most 16 splits on the pipelined path (the register-staged one splits to 56 here)
         let pipe = plan_shrink(512, 14336, 1, 8, 64, &d);
@@ -819,8 +866,28 @@ mod tests {
         // two blocks an SM fit at every rank the kernels take (227 KB a block on sm_90, 163 on sm_80)
         for r in [1, 16, 64, 128] {
             assert!(2 * (pipe_shrink_smem(r) + 1024) <= SM_SHARED_BYTES && pipe_shrink_smem(r) <= 163 * 1024, "{r}");
-            assert!(2 * (pipe_expand_smem(r) + 1024) <= SM_SHARED_BYTES && pipe_expand_smem(r) <= 163 * 1024, "{r}");
+            assert!(2 * (pipe_expand_smem(r, 3) + 1024) <= SM_SHARED_BYTES && pipe_expand_smem(r, 3) <= 163 * 1024, "{r}");
         }
+    }
+
+    #[test]
+    fn pipelined_expand_ring_is_as_deep_as_three_blocks_an_sm_allow() {
+        if std::env::var("LORAMUX_PIPE_EXPAND_STAGES").is_ok() {
+            return;
+        }
+        assert_eq!([8, 16, 24, 32, 48, 64, 128].map(|r| pipe_expand_stages(r, 90)), [5, 5, 4, 4, 4, 3, 3]);
+        for r in 1..=128 {
+            let s = pipe_expand_stages(r, 90);
+            assert!(PIPE_EXPAND_STAGES_ALL.contains(&s) && pipe_smem_fits(pipe_expand_smem(r, s), 90));
+            // deeper only where 3 blocks still reside; the next depth would not let them
+            assert!(s == 3 || 3 * (pipe_expand_smem(r, s) + 2048) <= SM_SHARED_BYTES, "{r}");
+            assert!(s == 5 || 3 * (pipe_expand_smem(r, s + 1) + 2048) > SM_SHARED_BYTES, "{r}");
+            // archs whose SM holds less keep the ring measured there
+            assert_eq!(pipe_expand_stages(r, 80), 3);
+            assert_eq!(pipe_expand_stages(r, 86), 3);
+        }
+        assert_eq!(pipe_expand_kernel("bf16", 3), "lora_prefill_expand_bf16");
+        assert_eq!(pipe_expand_kernel("f16", 5), "lora_prefill_expand_f16_s5");
     }
 
     #[test]
