@@ -8,8 +8,9 @@
 
 #define PF_KSTEP 64
 #define PF_SHRINK_STAGES 4   // k-steps of x and A in the ring (3 in flight while one is multiplied)
-// column tiles of y and B in the expand's ring: a template parameter (3, 4, 5), the deepest whose
-// shared memory still lets 3 blocks reside (plan.rs pipe_expand_stages)
+// column tiles of y and B in the expand's ring (its template parameter: 4 and 5 were measured on
+// the H200 at ranks <= 16 / 48, still 3 blocks an SM, and were no faster: docs/kernel-notes.md)
+#define PF_EXPAND_STAGES 3
 #define PF_PITCH 72          // halves a row of an x / A / y tile: 144 bytes, conflict-free fragments
 #define PF_OTILE 64
 #define EXPAND_PIPE_KSTEPS 8    // k16 steps of the largest rank (128) an expand holds u for
@@ -292,7 +293,7 @@ __device__ void expand_pipe(const ExpandArgs& p) {
             }
             pf_commit();
         };
-#pragma unroll 1  // unrolled, the 5-deep ring's prologue spills
+#pragma unroll 1  // unrolled, a 5-deep ring's prologue spilled
         for (int j = 0; j < STAGES - 1; ++j) issue(j, j);  // B and y do not depend on the shrink
         if (!waited) {
             pdl_wait();
@@ -388,9 +389,5 @@ extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_shrink
 extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_shrink_f16(const ShrinkArgs p) { shrink_pipe<false, false>(p); }
 extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_shrink_bf16_serial(const ShrinkArgs p) { shrink_pipe<true, true>(p); }
 extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_shrink_f16_serial(const ShrinkArgs p) { shrink_pipe<false, true>(p); }
-extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_expand_bf16(const ExpandArgs p) { expand_pipe<true, 3>(p); }
-extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_expand_f16(const ExpandArgs p) { expand_pipe<false, 3>(p); }
-extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_expand_bf16_s4(const ExpandArgs p) { expand_pipe<true, 4>(p); }
-extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_expand_f16_s4(const ExpandArgs p) { expand_pipe<false, 4>(p); }
-extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_expand_bf16_s5(const ExpandArgs p) { expand_pipe<true, 5>(p); }
-extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_expand_f16_s5(const ExpandArgs p) { expand_pipe<false, 5>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_expand_bf16(const ExpandArgs p) { expand_pipe<true, PF_EXPAND_STAGES>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_expand_f16(const ExpandArgs p) { expand_pipe<false, PF_EXPAND_STAGES>(p); }

@@ -8,8 +8,7 @@ use cudarc::driver::{result as drv, sys};
 
 use super::plan::{
     decode_expand_is_flat, expand_columns_per_thread, expand_tiles_per_block, expand_variant, flat_expand_columns, fused_col_groups,
-    fused_form, fused_is_dependent, grid_items, item_tokens, max_items, partial_len, pipe_expand_kernel, pipe_expand_smem, pipe_expand_stages, pipe_expand_tiles,
-    pipe_shrink_kernel, pipe_shrink_smem,
+    fused_form, fused_is_dependent, grid_items, item_tokens, max_items, partial_len, pipe_expand_smem, pipe_expand_tiles, pipe_shrink_kernel, pipe_shrink_smem,
     pipe_smem_fits, segments_len, small_items, takes_pipelined, u_len, FusedPlan, ShrinkPlan, Tuning, FUSED_COLS, FUSED_MAX_RANK, TILE_T,
 };
 use super::DeviceKernels;
@@ -449,14 +448,12 @@ pub fn expand(
     let flat = decode_expand_is_flat(b.tokens, module_ids.len(), &b.tuning);
     let tiles = expand_tiles_per_block(&b.tuning);
     // the pipelined prefill expand copies y in 16-byte pieces (the register-staged one takes the rest)
-    let stages = pipe_expand_stages(b.max_rank, k.arch);
-    let pipe_smem = pipe_expand_smem(b.max_rank, stages);
     let pipe = !flat
         && takes_pipelined(b.tokens, b.max_rank, &b.tuning)
         && y % 16 == 0
         && y_stride % 8 == 0
         && out_sizes.iter().all(|&o| o % 8 == 0)
-        && pipe_smem_fits(pipe_smem, k.arch);
+        && pipe_smem_fits(pipe_expand_smem(b.max_rank), k.arch);
     let ochunk = if flat {
         flat_expand_columns(b.tokens)
     } else if pipe {
@@ -488,8 +485,8 @@ pub fn expand(
     };
     let grid = (max_out.div_ceil(ochunk) as u32, gy as u32, module_ids.len() as u32);
     if pipe {
-        let name = pipe_expand_kernel(b.dtype.suffix(), stages);
-        return unsafe { launch_smem(k, &name, grid, pipe_smem, b.stream, &args, chained) };
+        let name = format!("lora_prefill_expand_{}", b.dtype.suffix());
+        return unsafe { launch_smem(k, &name, grid, pipe_expand_smem(b.max_rank), b.stream, &args, chained) };
     }
     // Chained right after our own shrink (which never writes y): start early, overlap the prologue.
     if chained {

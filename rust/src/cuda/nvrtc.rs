@@ -72,10 +72,6 @@ pub const PREFILL: KernelFamily = KernelFamily {
         "lora_prefill_shrink_f16_serial",
         "lora_prefill_expand_bf16",
         "lora_prefill_expand_f16",
-        "lora_prefill_expand_bf16_s4",
-        "lora_prefill_expand_f16_s4",
-        "lora_prefill_expand_bf16_s5",
-        "lora_prefill_expand_f16_s5",
     ],
 };
 

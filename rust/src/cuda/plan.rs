@@ -544,8 +544,9 @@ fn pipe_rank_rows(max_rank: usize) -> usize {
 }
 /// Halves a row of an x / A / y tile of the pipelined kernels (PF_PITCH).
 const PIPE_PITCH: usize = 72;
-/// Ring depths of cuda/lora_prefill.cu (PF_SHRINK_STAGES; the expand's shallowest, where the arch's
-/// SM holds less than 3 deeper blocks).
+/// Ring depths of cuda/lora_prefill.cu (PF_SHRINK_STAGES, PF_EXPAND_STAGES). A deeper expand ring
+/// (5 tiles up to rank 16, 4 up to 48: still 3 blocks an SM) was measured on the H200 and taken
+/// back: no faster at T = 2048 (1.00x), 3 % slower at T = 512 (docs/kernel-notes.md, prefill-6).
 const PIPE_SHRINK_STAGES: usize = 4;
 const PIPE_EXPAND_STAGES: usize = 3;
 
@@ -574,42 +575,10 @@ pub fn pipe_shrink_smem(max_rank: usize) -> usize {
     PIPE_SHRINK_STAGES * (TILE_T + pipe_rank_rows(max_rank)) * PIPE_PITCH * 2
 }
 
-/// Dynamic shared memory of a pipelined expand with a ring of `stages` tiles: u, then the ring of
-/// B and y tiles.
-pub fn pipe_expand_smem(max_rank: usize, stages: usize) -> usize {
+/// Dynamic shared memory of a pipelined expand: u, then its ring of B and y tiles.
+pub fn pipe_expand_smem(max_rank: usize) -> usize {
     let bpitch = pipe_rank_rows(max_rank) + 8;
-    (TILE_T * bpitch + stages * (64 * bpitch + TILE_T * PIPE_PITCH)) * 2
-}
-
-/// Ring depths the pipelined expand is instantiated at (cuda/lora_prefill.cu `_s4`, `_s5`).
-pub const PIPE_EXPAND_STAGES_ALL: [usize; 3] = [3, 4, 5];
-
-/// Column tiles in the pipelined expand's ring: `LORAMUX_PIPE_EXPAND_STAGES=3|4|5` for A/B runs,
-/// else the deepest ring that still lets 3 blocks reside on an SM of this arch (228 KB: 5 up to
-/// rank 16, 4 up to 48, 3 above), 3 where the arch's SM holds less. Measured before (prefill-5
-/// ncu, T = 2048 r16): 320 expand blocks with two tiles in flight each kept ~40 KB in flight an SM,
-/// which at ~2 us a trip sustains ~1.4 TB/s of y; the deeper ring doubles that at the same
-/// blocks an SM.
-pub fn pipe_expand_stages(max_rank: usize, arch: u32) -> usize {
-    if let Some(s) = env_usize("LORAMUX_PIPE_EXPAND_STAGES").filter(|s| PIPE_EXPAND_STAGES_ALL.contains(s)) {
-        return s;
-    }
-    if block_smem_optin(arch) < 227 * 1024 {
-        return PIPE_EXPAND_STAGES;
-    }
-    PIPE_EXPAND_STAGES_ALL
-        .into_iter()
-        .rev()
-        .find(|&s| 3 * (pipe_expand_smem(max_rank, s) + PIPE_STATIC_SMEM + 1024) <= SM_SHARED_BYTES)
-        .unwrap_or(PIPE_EXPAND_STAGES)
-}
-
-/// The pipelined expand's kernel for a dtype suffix ("bf16", "f16") and ring depth.
-pub fn pipe_expand_kernel(dtype: &str, stages: usize) -> String {
-    match stages {
-        3 => format!("lora_prefill_expand_{dtype}"),
-        s => format!("lora_prefill_expand_{dtype}_s{s}"),
-    }
+    (TILE_T * bpitch + PIPE_EXPAND_STAGES * (64 * bpitch + TILE_T * PIPE_PITCH)) * 2
 }
 
 /// The pipelined shrink's kernel for a dtype suffix: u summed 4 ranks a float4 with every split's
@@ -706,8 +675,7 @@ mod tests {
     fn pipelined_launches_leave_room_for_static_shared_memory() {
         for max_rank in 1..=128 {
             // the H200 takes both pipelined kernels at every rank, 99 KB parts up to rank 96
-            let stages = pipe_expand_stages(max_rank, 90);
-            assert!(pipe_smem_fits(pipe_shrink_smem(max_rank), 90) && pipe_smem_fits(pipe_expand_smem(max_rank, stages), 90));
+            assert!(pipe_smem_fits(pipe_shrink_smem(max_rank), 90) && pipe_smem_fits(pipe_expand_smem(max_rank), 90));
             assert_eq!(pipe_smem_fits(pipe_shrink_smem(max_rank), 86), max_rank <= 96, "rank {max_rank}");
         }
         // 99 KB parts: ranks 97..112 fill the shrink's ring to the byte, the static bytes tip it over
@@ -866,28 +834,8 @@ mod tests {
         // two blocks an SM fit at every rank the kernels take (227 KB a block on sm_90, 163 on sm_80)
         for r in [1, 16, 64, 128] {
             assert!(2 * (pipe_shrink_smem(r) + 1024) <= SM_SHARED_BYTES && pipe_shrink_smem(r) <= 163 * 1024, "{r}");
-            assert!(2 * (pipe_expand_smem(r, 3) + 1024) <= SM_SHARED_BYTES && pipe_expand_smem(r, 3) <= 163 * 1024, "{r}");
+            assert!(2 * (pipe_expand_smem(r) + 1024) <= SM_SHARED_BYTES && pipe_expand_smem(r) <= 163 * 1024, "{r}");
         }
-    }
-
-    #[test]
-    fn pipelined_expand_ring_is_as_deep_as_three_blocks_an_sm_allow() {
-        if std::env::var("LORAMUX_PIPE_EXPAND_STAGES").is_ok() {
-            return;
-        }
-        assert_eq!([8, 16, 24, 32, 48, 64, 128].map(|r| pipe_expand_stages(r, 90)), [5, 5, 4, 4, 4, 3, 3]);
-        for r in 1..=128 {
-            let s = pipe_expand_stages(r, 90);
-            assert!(PIPE_EXPAND_STAGES_ALL.contains(&s) && pipe_smem_fits(pipe_expand_smem(r, s), 90));
-            // deeper only where 3 blocks still reside; the next depth would not let them
-            assert!(s == 3 || 3 * (pipe_expand_smem(r, s) + 2048) <= SM_SHARED_BYTES, "{r}");
-            assert!(s == 5 || 3 * (pipe_expand_smem(r, s + 1) + 2048) > SM_SHARED_BYTES, "{r}");
-            // archs whose SM holds less keep the ring measured there
-            assert_eq!(pipe_expand_stages(r, 80), 3);
-            assert_eq!(pipe_expand_stages(r, 86), 3);
-        }
-        assert_eq!(pipe_expand_kernel("bf16", 3), "lora_prefill_expand_bf16");
-        assert_eq!(pipe_expand_kernel("f16", 5), "lora_prefill_expand_f16_s5");
     }
 
     #[test]
