@@ -7,10 +7,12 @@
 # `decode_ab` times the decode step again with every decode apply on two kernels, then fused;
 # `ab` times the step's LoRA work alone under benchmarks/decode_ab.py's variants $AB_VARIANTS;
 # `ncu` profiles the fused kernel on the decode step's applies (profile_case.py --decode-step).
-# OPS_AB=LORAMUX_PREFILL=legacy times each prefill case of the grid again under that environment.
+# OPS_AB=LORAMUX_PREFILL=legacy times each prefill case of the grid again under that environment
+# (OPS_AB2: again under a second one).
 # MEMCHECKS may name "launch" (test_launch_choices -k $MEMCHECK_LAUNCH_K). DECODE_ARGS go to
 # decode_step.py (e.g. "--variants plain,m4": the step under launch variants).
-# TEST_K selects tests by pytest -k in every file of FILES (a pass over what changed).
+# TEST_K selects tests by pytest -k in every file of FILES (a pass over what changed); TEST_SPLITS
+# runs "file|-k expr" parts, one process each, instead of FILES.
 # Run from a tree holding tests/, benchmarks/, pyproject.toml:
 #   WHEEL=path/to/loramux.whl COMMIT=sha bash benchmarks/gpu_tune_pass.sh      (results in $OUT)
 export PYTHONUNBUFFERED=1
@@ -22,10 +24,19 @@ export PYTHONPATH=/tmp/site
 LOGS=/tmp/klogs; mkdir -p $LOGS
 python -c "import loramux, torch; from loramux import _core; print(loramux.__file__, torch.__version__, torch.cuda.get_device_name(), 'sm', _core.load_kernels(0))" 2>&1 | tee $LOGS/env.txt
 echo "compiled at $(elapsed) s"
-has tests && for f in ${FILES:-test_kernels test_fused test_launch_choices test_ops test_segments test_models test_dora test_siblings test_beside test_serving_gpu test_cache_gpu test_runtime test_tp}; do
+has tests && [ -z "$TEST_SPLITS" ] && for f in ${FILES:-test_kernels test_fused test_launch_choices test_ops test_segments test_models test_dora test_siblings test_beside test_serving_gpu test_cache_gpu test_runtime test_tp}; do
   ( timeout -s INT -k 20 ${TEST_S:-130} python -m pytest -q -m gpu -p no:cacheprovider --tb=short --durations=8 tests/$f.py ${TEST_K:+-k "$TEST_K"} > $LOGS/$f.log 2>&1
     echo "$f rc=$? $(grep -E ' passed| failed| error|no tests ran' $LOGS/$f.log | tail -1)"; grep -E "^(FAILED|ERROR)" $LOGS/$f.log | head -5 ) &
 done
+# TEST_SPLITS="file|-k expr;file|expr;...": one process per part (a long file split over several)
+if has tests && [ -n "$TEST_SPLITS" ]; then
+  i=0; IFS=';' read -ra parts <<< "$TEST_SPLITS"
+  for part in "${parts[@]}"; do
+    f=${part%%|*}; k=${part#*|}; i=$((i + 1))
+    ( timeout -s INT -k 20 ${TEST_S:-130} python -m pytest -q -m gpu -p no:cacheprovider --tb=short --durations=4 tests/$f.py ${k:+-k "$k"} > $LOGS/$f-$i.log 2>&1
+      echo "$f [$k] rc=$? $(grep -E ' passed| failed| error|no tests ran' $LOGS/$f-$i.log | tail -1)"; grep -E "^(FAILED|ERROR)" $LOGS/$f-$i.log | head -5 ) &
+  done
+fi
 MEMCHECKS=${MEMCHECKS:-"segments fused kernels"}
 has memcheck && [[ " $MEMCHECKS " == *" segments "* ]] && ( timeout ${TEST_S:-130} compute-sanitizer --tool memcheck --error-exitcode 9 python -m pytest -q -m gpu -p no:cacheprovider tests/test_segments.py > $LOGS/memcheck_segments.log 2>&1
   echo "memcheck segments rc=$? $(tail -1 $LOGS/memcheck_segments.log)" ) &
@@ -69,7 +80,7 @@ if has peers && [ $(elapsed) -lt ${PEERS_IF_BEFORE:-330} ]; then
   echo "peers rc=$? at $(elapsed) s"; grep -vE '^\{' $LOGS/peers.txt | tail -10
 fi
 if has ops; then  # rows are written as they come: a run cut short keeps the cases it finished
-  timeout ${OPS_S:-200} python benchmarks/ops.py --grid ${OPS_GRID:-quick} --orders ${OPS_ORDERS:-random,contiguous} --commit "$COMMIT" ${OPS_AB:+--ab $OPS_AB} ${OPS_AB_SMALL:+--ab-small $OPS_AB_SMALL} ${OPS_TOKENS:+--tokens $OPS_TOKENS} --out $OUT/ops.json > $LOGS/ops.txt 2>&1
+  timeout ${OPS_S:-200} python benchmarks/ops.py --grid ${OPS_GRID:-quick} --orders ${OPS_ORDERS:-random,contiguous} --commit "$COMMIT" ${OPS_AB:+--ab $OPS_AB} ${OPS_AB2:+--ab $OPS_AB2} ${OPS_AB_SMALL:+--ab-small $OPS_AB_SMALL} ${OPS_TOKENS:+--tokens $OPS_TOKENS} --out $OUT/ops.json > $LOGS/ops.txt 2>&1
   echo "ops rc=$? at $(elapsed) s rows $(grep -c '"kind": "op"' $OUT/ops.json)"
 fi
 tar czf $OUT/logs.tgz -C /tmp klogs

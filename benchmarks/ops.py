@@ -137,14 +137,14 @@ def run_case(hi, ho, r, n, tokens, bw, peak, l2, orders, ab_env=None, ab_small_e
         flops = 2 * T * r * (hi + ho)
         floor = max(bytes_ / bw, flops / peak)
         t_ours = graph_time([ours(k) for k in range(nset)], 64)
-        t_ab = None
-        alt = ab_env if T > AB_MIN_TOKENS else (ab_small_env if T > 64 else None)
-        if alt:  # the same calls under another launch choice (graphed anew)
+        abs_ = []  # (env, us, rel err) under each other launch choice, the calls graphed anew
+        alts = (ab_env or []) if T > AB_MIN_TOKENS else ((ab_small_env or []) if T > 64 else [])
+        for alt in alts:
             with env_set(alt):
                 y_ab = y0.clone()
                 kernels.lora_apply(x0, y_ab, metas[0], 0, [1], [ho])
                 ab_err = float((y_ab.float() - ref).norm() / (ref - y0.float()).norm())
-                t_ab = graph_time([ours(k) for k in range(nset)], 64)
+                abs_.append((alt, graph_time([ours(k) for k in range(nset)], 64), ab_err))
         t_seg = graph_time([(lambda k=k: kernels.segments(sots[k], slots)) for k in range(nset)], 16)
         t_peft = graph_time([peft_loop(k) for k in range(nset)], 4 if used > 32 else 16)
         gathered = T * r * (hi + ho) * 2
@@ -155,8 +155,11 @@ def run_case(hi, ho, r, n, tokens, bw, peak, l2, orders, ab_env=None, ab_small_e
                    pct_roofline=100 * floor / t_ours, peft_loop_us=t_peft * 1e6, speedup_vs_peft=t_peft / t_ours,
                    gather_bmm_us=None if t_bmm is None else t_bmm * 1e6,
                    speedup_vs_bmm=None if t_bmm is None else t_bmm / t_ours, rel_err_vs_fp32=err)
-        if t_ab is not None:
+        if abs_:  # the first --ab as ab_us, any further ones in ab_more
+            (alt, t_ab, ab_err), more = abs_[0], abs_[1:]
             row.update(ab_env=alt, ab_us=t_ab * 1e6, ab_rel_err_vs_fp32=ab_err)
+            if more:
+                row["ab_more"] = [dict(env=e, us=t * 1e6, rel_err_vs_fp32=r) for e, t, r in more]
         rows.append(row)
         del xs, ys
     del a_all, b_all
@@ -171,8 +174,9 @@ def main():
     ap.add_argument("--orders", default=",".join(ORDERS))
     ap.add_argument("--commit", default="", help="the source commit, recorded for readme_table.py")
     ap.add_argument("--tokens", default="", help="comma-separated token counts replacing the grid's")
-    ap.add_argument("--ab", default="", help="NAME=VALUE,...: also time each case past the small items under this "
-                    "environment (e.g. LORAMUX_PREFILL=legacy), recorded as ab_us")
+    ap.add_argument("--ab", action="append", default=[], help="NAME=VALUE,...: also time each case past the small items "
+                    "under this environment (e.g. LORAMUX_PREFILL=legacy), recorded as ab_us; given again, each "
+                    "further one in ab_more")
     ap.add_argument("--ab-small", default="", help="NAME=VALUE,...: the same for the cases of 65..256 tokens "
                     "(e.g. LORAMUX_PIPE_SMALL=1)")
     args = ap.parse_args()
@@ -190,8 +194,8 @@ def main():
         shapes, ranks, adapters, tokens = GRIDS[args.grid]
         tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else tokens
         cases = [((hi, ho, r, n), tokens) for hi, ho in shapes for r in ranks for n in adapters]
-    ab_env = dict(kv.split("=", 1) for kv in args.ab.split(",") if kv) or None
-    ab_small_env = dict(kv.split("=", 1) for kv in args.ab_small.split(",") if kv) or None
+    ab_env = [dict(kv.split("=", 1) for kv in ab.split(",") if kv) for ab in args.ab if ab] or None
+    ab_small_env = [dict(kv.split("=", 1) for kv in args.ab_small.split(",") if kv)] if args.ab_small else None
     out = open(args.out, "w")
     out.write(json.dumps(dict(kind="ceilings", **head)) + "\n")
     rows = []

@@ -52,18 +52,20 @@ SELECTION = "geomean over the adapter counts swept, none slower; split targets >
 KNOBS = ("LORAMUX_EXPAND_DECODE", "LORAMUX_EXPAND_OPT", "LORAMUX_EXPAND_TILE_COLS", "LORAMUX_SHRINK_TARGET_BLOCKS",
          "LORAMUX_TUNING", "LORAMUX_DECODE_FUSED", "LORAMUX_FUSED_EXPAND_BLOCKS", "LORAMUX_FUSED_PDL",
          "LORAMUX_FUSED_BLOCKS_PER_SM", "LORAMUX_FUSED_STAGE_A", "LORAMUX_PREFILL", "LORAMUX_EXPAND_SPAN_TILES",
-         "LORAMUX_PIPE_SMALL", "LORAMUX_PIPE_MAX_SPLIT")
+         "LORAMUX_PIPE_SMALL", "LORAMUX_PIPE_MAX_SPLIT", "LORAMUX_PIPE_USUM")
 
 
-def variants(tokens: int, targets, rank: int = 16):
-    """(expand kernel, shrink target) pairs the path of `tokens` allows (rust/src/cuda/plan.rs)."""
+def variants(tokens: int, targets, rank: int = 16, kinds_only=None):
+    """(expand kernel, shrink target) pairs the path of `tokens` allows (rust/src/cuda/plan.rs),
+    of the kinds in `kinds_only` where given."""
     if tokens <= 64:
         kinds = (list(FUSED_KINDS) if rank <= 64 else []) + ["flat", "o1", "o1w"]
     elif tokens <= 256:  # CUDA-core small items, or the pipelined tensor-core kernels over them
         kinds = ["o1", "o1w", "o4", "p"]
     else:  # register-staged tiles, and the pipelined kernels at a planned / 4 / 16-tile expand span
         kinds = ["c1", "c4", "p", "p4", "p16"]
-    return [(k, t) for k in kinds for t in targets if t >= MIN_TARGET.get(k, DEFAULT_TARGET)]
+    return [(k, t) for k in kinds for t in targets
+            if t >= MIN_TARGET.get(k, DEFAULT_TARGET) and (kinds_only is None or k in kinds_only)]
 
 
 def forced_env(kind, target):
@@ -138,10 +140,10 @@ def measure_count(hi, sizes, mids, r, tokens, n, l2, envs):
     return out
 
 
-def tune_case(hi, sizes, mids, r, tokens, counts, l2, targets, margin):
+def tune_case(hi, sizes, mids, r, tokens, counts, l2, targets, margin, kinds_only=None):
     """One (shape, rank, tokens) case at each adapter count of `counts`: every variant's times; the
     entry to write or None."""
-    kinds = variants(tokens, targets, r)
+    kinds = variants(tokens, targets, r, kinds_only)
     envs = [{"LORAMUX_TUNING": "off"}] + [forced_env(k, t) for k, t in kinds]
     per_count = [measure_count(hi, sizes, mids, r, tokens, n, l2, envs) for n in counts]
     rows = [dict(expand_kernel=k, shrink_target_blocks=t, us=[m[i + 1][0] for m in per_count],
@@ -228,6 +230,8 @@ def main():
     ap.add_argument("--arch", type=int, default=90, help="with --from-log: the arch the log was measured on")
     ap.add_argument("--tokens", help="sweep only these token counts (comma-separated, of the sweep's list); the "
                                      "table keeps its entries for the other token buckets")
+    ap.add_argument("--targets", help="shrink split targets to sweep (comma-separated) instead of the default four")
+    ap.add_argument("--kinds", help="sweep only these expand kinds (comma-separated, e.g. o1,p,p4,p16)")
     args = ap.parse_args()
     if args.from_log:
         return rebuild(args)
@@ -235,11 +239,14 @@ def main():
     props = torch.cuda.get_device_properties(0)
     arch = 10 * props.major + props.minor
     l2 = getattr(props, "L2_cache_size", 50 << 20)
-    targets = [132, 528] if args.quick else TARGETS
+    targets = [int(t) for t in args.targets.split(",")] if args.targets else [132, 528] if args.quick else TARGETS
+    kinds_only = set(args.kinds.split(",")) if args.kinds else None
     commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                            text=True).stdout.strip()
     note = dict(arch=arch, gpu=props.name, date=datetime.date.today().isoformat(), commit=commit,
                 torch=torch.__version__, margin=args.margin, targets=targets, selection=SELECTION)
+    if kinds_only:
+        note["kinds"] = sorted(kinds_only)
     entries = []
     sweep = TOKENS
     buckets = None
@@ -256,7 +263,7 @@ def main():
         for hi, sizes, mids in SHAPES:
             for r in RANKS:
                 for tokens, counts in sweep:
-                    case, entry = tune_case(hi, sizes, mids, r, tokens, counts, l2, targets, args.margin)
+                    case, entry = tune_case(hi, sizes, mids, r, tokens, counts, l2, targets, args.margin, kinds_only)
                     log.write(json.dumps(case) + "\n")
                     log.flush()
                     fmt = lambda us: "/".join(f"{u:.1f}" for u in us)  # noqa: E731

@@ -8,7 +8,9 @@
 
 #define PF_KSTEP 64
 #define PF_SHRINK_STAGES 4   // k-steps of x and A in the ring (3 in flight while one is multiplied)
-#define PF_EXPAND_STAGES 3   // column tiles of y and B in the ring
+// column tiles of y and B in the expand's ring (its template parameter: 4 and 5 were measured on
+// the H200 at ranks <= 16 / 48, still 3 blocks an SM, and were no faster: docs/kernel-notes.md)
+#define PF_EXPAND_STAGES 3
 #define PF_PITCH 72          // halves a row of an x / A / y tile: 144 bytes, conflict-free fragments
 #define PF_OTILE 64
 #define EXPAND_PIPE_KSTEPS 8    // k16 steps of the largest rank (128) an expand holds u for
@@ -33,14 +35,54 @@ __device__ __forceinline__ void pf_wait() {
 // Rows of the A tile a stage holds: the launch's max rank, padded to the mma's n16.
 __device__ __forceinline__ int pf_rank_rows(int max_rank) { return (max_rank + 15) & ~15; }
 
+// u[t, r..r+3] = sum over the ksplit partials in split order (the serial sum's order, bit for bit),
+// 4 ranks a float4, PF_USUM_GROUPS of them a thread at once and the split loop unrolled, so the
+// item's last block keeps many partials in flight instead of one u element's chain after another
+// (the serial sum was a tail of up to 16 dependent rounds an item at rank 64: prefill-5, run 3).
+#define PF_USUM_GROUPS 2
+__device__ __forceinline__ void usum_groups(const float* part, float* u, const int* tokens, int nt, int R, int mr,
+                                            int ksplit, long long split_stride) {
+    const int rq = R >> 2;
+    const int groups = nt * rq;
+    for (int g0 = threadIdx.x; g0 < groups; g0 += PF_USUM_GROUPS * LMX_THREADS) {
+        long long off[PF_USUM_GROUPS];
+        bool in[PF_USUM_GROUPS];
+        float4 v[PF_USUM_GROUPS];
+#pragma unroll
+        for (int q = 0; q < PF_USUM_GROUPS; ++q) {
+            const int g = g0 + q * LMX_THREADS;
+            in[q] = g < groups;
+            off[q] = in[q] ? (long long)tokens[g / rq] * mr + (g % rq) * 4 : 0;
+            v[q] = make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+#pragma unroll 8
+        for (int c = 0; c < ksplit; ++c) {
+#pragma unroll
+            for (int q = 0; q < PF_USUM_GROUPS; ++q) {
+                if (in[q]) {
+                    const float4 a = __ldcg(reinterpret_cast<const float4*>(part + c * split_stride + off[q]));
+                    v[q].x += a.x;
+                    v[q].y += a.y;
+                    v[q].z += a.z;
+                    v[q].w += a.w;
+                }
+            }
+        }
+#pragma unroll
+        for (int q = 0; q < PF_USUM_GROUPS; ++q)
+            if (in[q]) *reinterpret_cast<float4*>(u + off[q]) = v[q];
+    }
+}
+
 // partial[s, c, t, r] as shrink_tile writes it, and u once: the last of an item's ksplit blocks
 // to finish (a count in the segments' workspace, left zeroed) sums the item's partials in split
 // order into u[s, t, r] (r < rank), right after the partials in the same buffer (the launcher
 // sizes it), so the expand reads one u row a token instead of re-summing ksplit partials in every
 // column span. Block = (split c, work item, slice s), 8 warps: warp w owns token rows 16*(w&3)..
 // and every other 8-wide rank tile from (w>>2). Dynamic shared memory: PF_SHRINK_STAGES x
-// (64 + rank rows) x PF_PITCH halves.
-template <bool BF16>
+// (64 + rank rows) x PF_PITCH halves. SERIAL_SUM: u element by element (the prefill-5 form, kept
+// for A/B runs: `_serial`), else usum_groups where ranks come in fours.
+template <bool BF16, bool SERIAL_SUM>
 __device__ void shrink_pipe(const ShrinkArgs& p) {
     extern __shared__ __align__(16) unsigned char pf_dyn[];
     __shared__ int tokens[LMX_TILE_T];
@@ -163,14 +205,19 @@ __device__ void shrink_pipe(const ShrinkArgs& p) {
         __syncthreads();
         if (is_last) {
             __threadfence();
-            for (int idx = tid; idx < nt * R; idx += LMX_THREADS) {
-                const int i = idx / R, r = idx % R;
-                const long long t = tokens[i];
-                float v = 0.f;
+            const float* part = p.partial + (long long)s * p.ksplit * p.T * mr;
+            float* us = u + (long long)s * p.T * mr;
+            if (!SERIAL_SUM && (R & 3) == 0 && (mr & 3) == 0 && (reinterpret_cast<u64>(p.partial) & 15) == 0) {
+                usum_groups(part, us, tokens, nt, R, mr, p.ksplit, (long long)p.T * mr);
+            } else {
+                for (int idx = tid; idx < nt * R; idx += LMX_THREADS) {
+                    const int i = idx / R, r = idx % R;
+                    const long long t = tokens[i];
+                    float v = 0.f;
 #pragma unroll 16
-                for (int cc = 0; cc < p.ksplit; ++cc)
-                    v += __ldcg(p.partial + (((long long)s * p.ksplit + cc) * p.T + t) * mr + r);
-                u[((long long)s * p.T + t) * mr + r] = v;
+                    for (int cc = 0; cc < p.ksplit; ++cc) v += __ldcg(part + cc * (long long)p.T * mr + t * mr + r);
+                    us[t * mr + r] = v;
+                }
             }
         }
         __syncthreads();  // tokens, is_last and the ring are rewritten by the next item
@@ -184,8 +231,8 @@ __device__ void shrink_pipe(const ShrinkArgs& p) {
 // stream through a ring (the first ones in flight before the wait on the shrink). Warp w owns
 // token rows 16*(w&3).. and columns 32*(w>>2)..+32 of each tile; the sum goes back into the y
 // tile in shared memory, then out in 16-byte stores. Dynamic shared memory: u (64 x rank pitch)
-// then PF_EXPAND_STAGES x (B tile 64 x rank pitch, y tile 64 x PF_PITCH) halves.
-template <bool BF16>
+// then STAGES x (B tile 64 x rank pitch, y tile 64 x PF_PITCH) halves.
+template <bool BF16, int STAGES>
 __device__ void expand_pipe(const ExpandArgs& p) {
     extern __shared__ __align__(16) unsigned char pf_dyn[];
     __shared__ int tokens[LMX_TILE_T];
@@ -217,9 +264,10 @@ __device__ void expand_pipe(const ExpandArgs& p) {
         const int rk = (R + 15) & ~15;  // K padded to the mma's 16 with zeros
         const int bchunks = rk / 8;
         const bool bvec = (R % 8 == 0) && ((reinterpret_cast<u64>(e.b) & 15) == 0);
-        auto issue = [&](int j) {
+        // tile j into ring stage `stage` (= j % STAGES, kept by the caller: no division in the loop)
+        auto issue = [&](int j, int stage) {
             if (j < ntiles) {
-                u16* bs = ring + (j % PF_EXPAND_STAGES) * stage_halves;
+                u16* bs = ring + stage * stage_halves;
                 u16* ys = bs + PF_OTILE * bpitch;
                 const int o0 = ob + j * PF_OTILE;
                 for (int idx = tid; idx < PF_OTILE * bchunks; idx += LMX_THREADS) {
@@ -245,8 +293,8 @@ __device__ void expand_pipe(const ExpandArgs& p) {
             }
             pf_commit();
         };
-#pragma unroll
-        for (int j = 0; j < PF_EXPAND_STAGES - 1; ++j) issue(j);  // B and y do not depend on the shrink
+#pragma unroll 1  // unrolled, a 5-deep ring's prologue spilled
+        for (int j = 0; j < STAGES - 1; ++j) issue(j, j);  // B and y do not depend on the shrink
         if (!waited) {
             pdl_wait();
             waited = true;
@@ -276,11 +324,11 @@ __device__ void expand_pipe(const ExpandArgs& p) {
                 }
             }
         }
-        for (int j = 0; j < ntiles; ++j) {
-            pf_wait<PF_EXPAND_STAGES - 2>();
+        for (int j = 0, stage = 0; j < ntiles; ++j, stage = stage + 1 == STAGES ? 0 : stage + 1) {
+            pf_wait<STAGES - 2>();
             __syncthreads();  // tile j is in; tile j-1's stage (read by its stores) is free
-            issue(j + PF_EXPAND_STAGES - 1);
-            u16* bs = ring + (j % PF_EXPAND_STAGES) * stage_halves;
+            issue(j + STAGES - 1, stage == 0 ? STAGES - 1 : stage - 1);
+            u16* bs = ring + stage * stage_halves;
             u16* ys = bs + PF_OTILE * bpitch;
             const int o0 = ob + j * PF_OTILE;
             if (mt * 16 < nt) {
@@ -337,7 +385,9 @@ __device__ void expand_pipe(const ExpandArgs& p) {
     }
 }
 
-extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_shrink_bf16(const ShrinkArgs p) { shrink_pipe<true>(p); }
-extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_shrink_f16(const ShrinkArgs p) { shrink_pipe<false>(p); }
-extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_expand_bf16(const ExpandArgs p) { expand_pipe<true>(p); }
-extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_expand_f16(const ExpandArgs p) { expand_pipe<false>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_shrink_bf16(const ShrinkArgs p) { shrink_pipe<true, false>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_shrink_f16(const ShrinkArgs p) { shrink_pipe<false, false>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_shrink_bf16_serial(const ShrinkArgs p) { shrink_pipe<true, true>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_shrink_f16_serial(const ShrinkArgs p) { shrink_pipe<false, true>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_expand_bf16(const ExpandArgs p) { expand_pipe<true, PF_EXPAND_STAGES>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_expand_f16(const ExpandArgs p) { expand_pipe<false, PF_EXPAND_STAGES>(p); }

@@ -15,10 +15,10 @@ DORA = [(7, 1536, 576), (5, 1536, 576)]
 KNOBS = ("LORAMUX_EXPAND_DECODE", "LORAMUX_EXPAND_OPT", "LORAMUX_EXPAND_TILE_COLS", "LORAMUX_SHRINK_TARGET_BLOCKS",
          "LORAMUX_TUNING", "LORAMUX_DECODE_FUSED", "LORAMUX_FUSED_EXPAND_BLOCKS", "LORAMUX_FUSED_PDL",
          "LORAMUX_FUSED_BLOCKS_PER_SM", "LORAMUX_FUSED_STAGE_A", "LORAMUX_PREFILL", "LORAMUX_EXPAND_SPAN_TILES",
-         "LORAMUX_PIPE_SMALL", "LORAMUX_PIPE_MAX_SPLIT")
+         "LORAMUX_PIPE_SMALL", "LORAMUX_PIPE_MAX_SPLIT", "LORAMUX_PIPE_USUM")
 #: (expand kernel, the token counts whose path allows it)
 KINDS = [("fused", [1, 8, 40]), ("flat", [8, 40]), ("o1", [8, 40, 200]), ("o1w", [8, 40, 200]), ("o4", [8, 200]), ("c1", [300]),
-         ("c4", [300, 1000]), ("p", [200, 300, 1000]), ("p1", [300]), ("p4", [1000])]
+         ("c4", [300, 1000]), ("p", [200, 300, 1000]), ("p1", [300]), ("p4", [1000]), ("p16", [1000])]
 
 
 def _force(monkeypatch, kind, target):
@@ -79,3 +79,60 @@ def test_a_table_entry_reaches_the_launcher(monkeypatch, tmp_path):
     ad, slots, x, y0, sot = _case(5, torch.bfloat16, T, QKV, ranks=[8, 16, 1, 0, 64, 7, 128, 33])
     _check_apply(ad, slots, x, y0, sot, 1, QKV)
     assert seen == [tuning.Choice(1056, "o1w")]
+
+
+@pytest.mark.parametrize("max_rank", [16, 32])
+def test_pipelined_kernels_at_small_max_ranks(monkeypatch, max_rank):
+    """The pipelined kernels with the launch's max rank at 16 and 32 (smaller tiles of A, B and u
+    than the other tests' 128): mixed, odd and zero ranks, no-adapter rows, DoRA, both dtypes,
+    spans of the planned length and of 16 tiles."""
+    _force(monkeypatch, "p", 528)
+    ad, slots, x, y0, sot = _case(7 + max_rank, torch.bfloat16, 300, QKV, ranks=[8, 16, 1, 0, max_rank, 7, 12, 4],
+                                  max_rank=max_rank)
+    _check_apply(ad, slots, x, y0, sot, 1, QKV)
+    monkeypatch.setenv("LORAMUX_EXPAND_SPAN_TILES", "16")
+    ad, slots, x, y0, sot = _case(11 + max_rank, torch.float16, 1000, DORA, ranks=[16, 8, 4, max_rank], dora_every=2,
+                                  max_rank=max_rank)
+    _check_apply(ad, slots, x, y0, sot, 1, DORA)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T", [300, 2048])
+def test_u_sums_match_the_serial_sum_bit_for_bit(monkeypatch, dtype, T):
+    """The pipelined shrink's last split sums u 4 ranks at a time with the partials in flight
+    (ranks in fours) or element by element (odd ranks; LORAMUX_PIPE_USUM=serial everywhere): the
+    same additions in the same order, so y is equal bit for bit, and matches the oracle."""
+    _force(monkeypatch, "p", 1056)
+    ad, slots, x, y0, sot = _case(T + 3, dtype, T, QKV, ranks=[8, 16, 1, 0, 64, 7, 128, 33, 4, 32])
+    y = _check_apply(ad, slots, x, y0, sot, 1, QKV)
+    monkeypatch.setenv("LORAMUX_PIPE_USUM", "serial")
+    assert torch.equal(_check_apply(ad, slots, x, y0, sot, 1, QKV), y)
+
+
+def test_an_unaligned_x_takes_the_reduce_before_the_pipelined_expand(monkeypatch):
+    """x 2 bytes off 16-byte alignment: the pipelined shrink falls back to the register-staged one,
+    which leaves the split-K partials unsummed, so lora_apply reduces them into u once and the
+    pipelined expand (y aligned) reads u (before: every expand span re-summed the partials)."""
+    from loramux.ops import kernels
+
+    for k in KNOBS:
+        monkeypatch.delenv(k, raising=False)
+    T = 600
+    ad, slots, x, y0, sot = _case(5, torch.bfloat16, T, QKV, ranks=[8, 16, 1, 0, 64, 7, 128, 33])
+    wide = torch.zeros(T, x.shape[1] + 8, dtype=x.dtype, device=x.device)
+    wide[:, 1:1 + x.shape[1]] = x
+    xu = wide[:, 1:1 + x.shape[1]]
+    assert xu.data_ptr() % 16 != 0 and xu.stride(0) % 8 == 0
+    reduces = []
+    real = kernels._finish
+
+    def spy(*args, **kw):
+        reduces.append(kw.get("u_offset"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(kernels, "_finish", spy)
+    _check_apply(ad, slots, xu, y0, sot, 1, QKV)
+    assert reduces == [None], "the reduce did not run after the shrink's fallback"
+    reduces.clear()
+    _check_apply(ad, slots, x, y0, sot, 1, QKV)
+    assert reduces == []  # aligned: the pipelined shrink summed u itself

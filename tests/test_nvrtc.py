@@ -33,10 +33,12 @@ def test_plan_splits_decode_over_the_sms():
     assert ksplit * kchunk >= 4096 and ksplit >= 4 and not reduce_first
     ksplit, kchunk, reduce_first = _core.plan_shrink(2048, 4096, 3, 8)
     assert 1 <= ksplit <= 16 and kchunk % 64 == 0 and ksplit * kchunk >= 4096
-    assert not reduce_first  # the pipelined prefill expand sums the partials itself
-    # the register-staged tile expand (c1, c4) has them reduced into u first
+    # reduced into u first wherever the shrink does not sum them itself: lora_apply asks only when
+    # the shrink returned no u (register-staged, c1 / c4, or the pipelined shrink's fallback)
+    assert reduce_first == (ksplit > 1)
     ksplit, kchunk, reduce_first = _core.plan_shrink(2048, 4096, 3, 8, None, "c4")
     assert reduce_first == (ksplit > 1)
+    assert not _core.plan_shrink(200, 4096, 3, 8)[2]  # small items: the expand sums the partials
 
 
 def test_which_decode_batches_take_the_fused_kernel(monkeypatch):

@@ -107,3 +107,5 @@ def test_sweep_selection_keeps_coarse_splits_noise_and_wrong_results_out():
     case["variants"] = [dict(expand_kernel="fused", shrink_target_blocks=132, us=[9.0, 30.0], rel_err=1e-3)]
     assert tune.select(case, margin=0.03)["shrink_target_blocks"] == 132
     assert {k for k, _ in tune.variants(300, tune.TARGETS)} == {"c1", "c4", "p", "p4", "p16"}
+    # a sweep limited to some kinds (tune.py --kinds): only those, at the targets their path allows
+    assert tune.variants(300, [264, 528], 16, {"p", "p4", "c1"}) == [("c1", 528), ("p", 264), ("p", 528), ("p4", 264), ("p4", 528)]

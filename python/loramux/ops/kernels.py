@@ -211,8 +211,9 @@ def _apply_checks(x, y, meta, module_ids, out_sizes):
 
 def _finish(x, y, meta, layer, ids, sizes, choice, plan, partial, chained: bool, u_offset=None) -> None:
     """The expand of an apply whose shrink wrote `partial`, on the current stream: from u where the
-    shrink summed the partials into it (u_offset, floats into `partial`), else (register-staged
-    prefill) the reduce of the split-K partials into u first, else from the partials."""
+    shrink summed the partials into it (u_offset, floats into `partial`), else (prefill whose shrink
+    did not: the register-staged one, or the pipelined one's fallback) the reduce of the split-K
+    partials into u first, else (small items) from the partials."""
     import torch
 
     seg, batch = _batch(meta, layer, x.device, x.shape[0], choice)  # seg: alive until launched
@@ -264,7 +265,7 @@ def lora_apply(x, y, meta, layer: int, module_ids: Sequence[int], out_sizes: Seq
         _apply_fused(x, y, meta, layer, ids, sizes, choice, fused)
         return
     batch, ids, plan, partial, seg, u_offset = _shrink_partials(x, meta, layer, module_ids, choice)
-    if u_offset is None and plan[2]:
+    if u_offset is None and plan[2]:  # a prefill shrink that left u unsummed: reduce once, not in every expand block
         _finish(x, y, meta, layer, ids, sizes, choice, plan, partial, chained=False)
     else:  # the same batch: the expand is chained to the shrink just launched
         _expand_summed(batch, y, ids, sizes, plan, partial, u_offset, chained=True)

@@ -118,7 +118,7 @@ fn tuning(shrink_target_blocks: Option<usize>, expand_kernel: Option<&str>) -> P
 }
 
 /// (ksplit, kchunk, reduce_first) of the shrink for this geometry; reduce_first: lora_apply
-/// sums the partials into u before the expand. The tuning arguments as for KernelBatch; `max_rank`
+/// sums the partials into u before the expand where the shrink did not (it returned no u). The tuning arguments as for KernelBatch; `max_rank`
 /// (the batch's, default 16) decides whether small items take the pipelined kernels.
 #[pyfunction]
 #[pyo3(signature = (tokens, hi, num_slices, num_slots, shrink_target_blocks=None, expand_kernel=None, max_rank=16))]

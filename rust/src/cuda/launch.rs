@@ -8,7 +8,7 @@ use cudarc::driver::{result as drv, sys};
 
 use super::plan::{
     decode_expand_is_flat, expand_columns_per_thread, expand_tiles_per_block, expand_variant, flat_expand_columns, fused_col_groups,
-    fused_form, fused_is_dependent, grid_items, item_tokens, max_items, partial_len, pipe_expand_smem, pipe_expand_tiles, pipe_shrink_smem,
+    fused_form, fused_is_dependent, grid_items, item_tokens, max_items, partial_len, pipe_expand_smem, pipe_expand_tiles, pipe_shrink_kernel, pipe_shrink_smem,
     pipe_smem_fits, segments_len, small_items, takes_pipelined, u_len, FusedPlan, ShrinkPlan, Tuning, FUSED_COLS, FUSED_MAX_RANK, TILE_T,
 };
 use super::DeviceKernels;
@@ -390,7 +390,7 @@ pub fn shrink(
         && pipe_smem_fits(smem, k.arch)
         && partial_capacity >= need + u_len(module_ids.len(), b.tokens, b.max_rank)
     {
-        let name = format!("lora_prefill_shrink_{}", b.dtype.suffix());
+        let name = pipe_shrink_kernel(b.dtype.suffix());
         unsafe { launch_smem(k, &name, grid, smem, b.stream, &args, false)? };
         return Ok(Some(need));
     }

@@ -65,7 +65,14 @@ pub const PREFILL: KernelFamily = KernelFamily {
     name: "lora_prefill",
     parts: &[],
     body: include_str!("../../../cuda/lora_prefill.cu"),
-    functions: &["lora_prefill_shrink_bf16", "lora_prefill_shrink_f16", "lora_prefill_expand_bf16", "lora_prefill_expand_f16"],
+    functions: &[
+        "lora_prefill_shrink_bf16",
+        "lora_prefill_shrink_f16",
+        "lora_prefill_shrink_bf16_serial",
+        "lora_prefill_shrink_f16_serial",
+        "lora_prefill_expand_bf16",
+        "lora_prefill_expand_f16",
+    ],
 };
 
 pub const SEGMENTS: KernelFamily = KernelFamily {

@@ -458,13 +458,14 @@ pub fn fused_smem_bytes(max_rank: usize) -> usize {
     fused_expand_smem_bytes(max_rank).max(FUSED_SMEM_HEAD + DECODE_ITEM * DECODE_MAX_CHUNK * 2)
 }
 
-/// Whether lora_apply sums the partials into u (the reduce kernel) before the expand: in the
-/// prefill (tile) path every 64-column expand block would otherwise re-read all ksplit partials
-/// of its tokens (measured: most of the expand's time at T = 2048, docs/kernel-notes.md).
-/// The pipelined prefill shrink sums them into u itself (its last split an item), or, where it did
-/// not run, the expand sums them once per span of columns: no reduce launch on that path.
-pub fn apply_reduces_first(tokens: usize, plan: &ShrinkPlan, tuning: &Tuning) -> bool {
-    !small_items(tokens) && plan.ksplit > 1 && !prefill_is_pipelined(tuning)
+/// Whether lora_apply sums the partials into u (the reduce kernel) before the expand where the shrink
+/// did not (prefill, ksplit > 1): in the register-staged tile path every 64-column expand block
+/// would otherwise re-read all ksplit partials of its tokens (measured: most of the expand's time
+/// at T = 2048, docs/kernel-notes.md). The pipelined prefill shrink sums them into u itself (its
+/// last split an item; `launch::shrink` returns u's offset then), so what ran decides, not whether
+/// the pipelined path was chosen: where it fell back (16-byte copies not allowed), the reduce runs.
+pub fn apply_reduces_first(tokens: usize, plan: &ShrinkPlan, _tuning: &Tuning) -> bool {
+    !small_items(tokens) && plan.ksplit > 1
 }
 
 /// Whether a prefill batch (past the small items) takes the pipelined tensor-core kernels
@@ -543,7 +544,9 @@ fn pipe_rank_rows(max_rank: usize) -> usize {
 }
 /// Halves a row of an x / A / y tile of the pipelined kernels (PF_PITCH).
 const PIPE_PITCH: usize = 72;
-/// Ring depths of cuda/lora_prefill.cu (PF_SHRINK_STAGES, PF_EXPAND_STAGES).
+/// Ring depths of cuda/lora_prefill.cu (PF_SHRINK_STAGES, PF_EXPAND_STAGES). A deeper expand ring
+/// (5 tiles up to rank 16, 4 up to 48: still 3 blocks an SM) was measured on the H200 and taken
+/// back: no faster at T = 2048 (1.00x), 3 % slower at T = 512 (docs/kernel-notes.md, prefill-6).
 const PIPE_SHRINK_STAGES: usize = 4;
 const PIPE_EXPAND_STAGES: usize = 3;
 
@@ -576,6 +579,15 @@ pub fn pipe_shrink_smem(max_rank: usize) -> usize {
 pub fn pipe_expand_smem(max_rank: usize) -> usize {
     let bpitch = pipe_rank_rows(max_rank) + 8;
     (TILE_T * bpitch + PIPE_EXPAND_STAGES * (64 * bpitch + TILE_T * PIPE_PITCH)) * 2
+}
+
+/// The pipelined shrink's kernel for a dtype suffix: u summed 4 ranks a float4 with every split's
+/// partial in flight, or element by element (`LORAMUX_PIPE_USUM=serial`: prefill-5's form, for A/B).
+pub fn pipe_shrink_kernel(dtype: &str) -> String {
+    match std::env::var("LORAMUX_PIPE_USUM").as_deref() {
+        Ok("serial") => format!("lora_prefill_shrink_{dtype}_serial"),
+        _ => format!("lora_prefill_shrink_{dtype}"),
+    }
 }
 
 /// Which small-item expand instantiation runs: "1" (a column a thread, 16 ranks of B prefetched,
@@ -797,7 +809,10 @@ mod tests {
         let p16 = Tuning { expand: Some(ExpandKind::Pipe16), ..Default::default() };
         assert!(prefill_is_pipelined(&d) && prefill_is_pipelined(&p16) && !prefill_is_pipelined(&c4));
         let plan = plan_shrink(2048, 4096, 1, 8, 16, &d);
-        assert!(plan.ksplit > 1 && !apply_reduces_first(2048, &plan, &d) && apply_reduces_first(2048, &plan, &c4));
+        // the reduce runs wherever the shrink did not sum u itself: lora_apply asks only when
+        // launch::shrink returned no u (the register-staged path, or the pipelined one's fallback)
+        assert!(plan.ksplit > 1 && apply_reduces_first(2048, &plan, &d) && apply_reduces_first(2048, &plan, &c4));
+        assert!(!apply_reduces_first(2048, &ShrinkPlan { ksplit: 1, kchunk: 4096 }, &d) && !apply_reduces_first(200, &plan, &d));
         assert_eq!(pipe_expand_tiles(2048, 4096, 1, &p16), 16);
         // at most 16 splits on the pipelined path (the register-staged one splits to 56 here)
         let pipe = plan_shrink(512, 14336, 1, 8, 64, &d);
