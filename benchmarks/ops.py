@@ -78,7 +78,7 @@ def measure_ceilings():
     return bw, peak
 
 
-def run_case(hi, ho, r, n, tokens, bw, peak, l2, orders, ab_env=None, ab_small_env=None):
+def run_case(hi, ho, r, n, tokens, bw, peak, l2, orders, ab_env=None, ab_small_env=None, ab_decode_env=None):
     set_bytes = n * r * (hi + ho) * 2
     nset = max(1, min(16, math.ceil(3 * l2 / set_bytes)))
     slots = nset * n
@@ -138,7 +138,7 @@ def run_case(hi, ho, r, n, tokens, bw, peak, l2, orders, ab_env=None, ab_small_e
         floor = max(bytes_ / bw, flops / peak)
         t_ours = graph_time([ours(k) for k in range(nset)], 64)
         t_ab = None
-        alt = ab_env if T > AB_MIN_TOKENS else (ab_small_env if T > 64 else None)
+        alt = ab_env if T > AB_MIN_TOKENS else (ab_small_env if T > 64 else (ab_decode_env if T > 1 else None))
         if alt:  # the same calls under another launch choice (graphed anew)
             with env_set(alt):
                 y_ab = y0.clone()
@@ -175,6 +175,8 @@ def main():
                     "environment (e.g. LORAMUX_PREFILL=legacy), recorded as ab_us")
     ap.add_argument("--ab-small", default="", help="NAME=VALUE,...: the same for the cases of 65..256 tokens "
                     "(e.g. LORAMUX_PIPE_SMALL=1)")
+    ap.add_argument("--ab-decode", default="", help="NAME=VALUE,...: the same for the decode cases (2..64 tokens; "
+                    "e.g. LORAMUX_DECODE_DEVICE_SPLIT=0)")
     args = ap.parse_args()
     orders = args.orders.split(",")
     props = torch.cuda.get_device_properties(0)
@@ -192,11 +194,12 @@ def main():
         cases = [((hi, ho, r, n), tokens) for hi, ho in shapes for r in ranks for n in adapters]
     ab_env = dict(kv.split("=", 1) for kv in args.ab.split(",") if kv) or None
     ab_small_env = dict(kv.split("=", 1) for kv in args.ab_small.split(",") if kv) or None
+    ab_decode_env = dict(kv.split("=", 1) for kv in args.ab_decode.split(",") if kv) or None
     out = open(args.out, "w")
     out.write(json.dumps(dict(kind="ceilings", **head)) + "\n")
     rows = []
     for (hi, ho, r, n), tokens in cases:
-        for row in run_case(hi, ho, r, n, tokens, bw, peak, l2, orders, ab_env, ab_small_env):
+        for row in run_case(hi, ho, r, n, tokens, bw, peak, l2, orders, ab_env, ab_small_env, ab_decode_env):
             out.write(json.dumps(dict(kind="op", **row)) + "\n")
             out.flush()
             rows.append(row)
