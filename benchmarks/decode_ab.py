@@ -52,6 +52,7 @@ VARIANTS = {
     # the decode split and the fused column steps planned on the host (planned_items), not sized
     # from the step's item count on the device (decode6)
     "hostsplit": {"LORAMUX_DECODE_DEVICE_SPLIT": "0"},
+    "devicesplit": {"LORAMUX_DECODE_DEVICE_SPLIT": "1"},
 }
 
 

@@ -118,20 +118,22 @@ def test_split_sized_from_the_step_item_count(monkeypatch, dtype, T, adapters, n
     """The split and the column steps from the step's real item count (seg[0]): few items over a
     large slot table (the launch laid out for many more: blocks placed again), exactly the most
     items (the decode step: placed right away). Fused, two-kernel grouped and flat expands: bit for
-    bit the same rows at the built-in targets' common one (528), and the oracle's."""
+    bit the same rows at the built-in targets' common one (528), and the oracle's. Forced on at 16
+    tokens too (the planner's default takes it above 16)."""
     ranks = [16 if i % 3 else 64 for i in range(adapters)] + [0] * (num_slots - adapters)
     ad, slots, x, y0, sot = _case(40 + T + adapters, dtype, T, QKV, ranks=ranks, num_slots=num_slots, none_frac=0.1,
                                   max_rank=64)
     _env(monkeypatch, LORAMUX_TUNING="off", LORAMUX_SHRINK_TARGET_BLOCKS=528, LORAMUX_DECODE_FUSED=1,
-         LORAMUX_FUSED_STAGE_A=stage_a)
+         LORAMUX_FUSED_STAGE_A=stage_a, LORAMUX_DECODE_DEVICE_SPLIT=1)
     fused = _apply(ad, x, y0, sot, QKV)
     _check(ad, slots, x, y0, fused, QKV)
     for expand in ("grouped", "flat"):
         _env(monkeypatch, LORAMUX_TUNING="off", LORAMUX_SHRINK_TARGET_BLOCKS=528, LORAMUX_DECODE_FUSED=0,
-             LORAMUX_EXPAND_DECODE=expand, LORAMUX_EXPAND_OPT="1")
+             LORAMUX_EXPAND_DECODE=expand, LORAMUX_EXPAND_OPT="1", LORAMUX_DECODE_DEVICE_SPLIT=1)
         assert torch.equal(fused, _apply(ad, x, y0, sot, QKV)), expand
     # the fused kernel's built-in targets (264 shrink blocks, 396 expand blocks): the oracle's rows
-    _env(monkeypatch, LORAMUX_TUNING="off", LORAMUX_DECODE_FUSED=1, LORAMUX_FUSED_STAGE_A=stage_a)
+    _env(monkeypatch, LORAMUX_TUNING="off", LORAMUX_DECODE_FUSED=1, LORAMUX_FUSED_STAGE_A=stage_a,
+         LORAMUX_DECODE_DEVICE_SPLIT=1)
     _check(ad, slots, x, y0, _apply(ad, x, y0, sot, QKV), QKV)
 
 

@@ -198,7 +198,7 @@ pub struct ShrinkPlan {
 pub fn plan_shrink(
     tokens: usize, hi: usize, num_slices: usize, num_slots: usize, max_rank: usize, tuning: &Tuning,
 ) -> ShrinkPlan {
-    plan_shrink_with(tokens, hi, num_slices, num_slots, max_rank, tuning, decode_split_from_device())
+    plan_shrink_with(tokens, hi, num_slices, num_slots, max_rank, tuning, decode_split_from_device(tokens))
 }
 
 /// `plan_shrink` with the split planned on the host whatever the batch (the standalone shrink: its
@@ -269,14 +269,27 @@ fn split_for(tokens: usize, hi: usize, num_slices: usize, num_slots: usize, targ
     ShrinkPlan { ksplit: hi.div_ceil(kchunk).max(1), kchunk, split_target: 0 }
 }
 
-/// Whether decode batches (T <= 64) take their split, and the fused kernel its column steps, from
-/// the step's real item count on the device (the segments' seg[0]) rather than from
-/// `planned_items`: the decode step's 32 one-token items were split as for 16, and 8 adapters of 8
-/// tokens over a large slot table as for 32 (128 blocks on 132 SMs). `LORAMUX_DECODE_DEVICE_SPLIT=0`
-/// plans on the host as before (A/B runs).
-pub fn decode_split_from_device() -> bool {
-    std::env::var("LORAMUX_DECODE_DEVICE_SPLIT").as_deref() != Ok("0")
+/// Whether a decode batch of `tokens` tokens (T <= 64) takes its split, and the fused kernel its
+/// column steps, from the step's real item count on the device (the segments' seg[0]) rather than
+/// from `planned_items`: the decode step's 32 one-token items were split as for 16, and 8 adapters
+/// of 8 tokens over a large slot table as for 32 (128 blocks on 132 SMs).
+/// `LORAMUX_DECODE_DEVICE_SPLIT=1|0` forces either (A/B runs); else above DEVICE_SPLIT_MIN_TOKENS.
+pub fn decode_split_from_device(tokens: usize) -> bool {
+    match std::env::var("LORAMUX_DECODE_DEVICE_SPLIT").as_deref() {
+        Ok("1") => true,
+        Ok("0") => false,
+        _ => tokens > DEVICE_SPLIT_MIN_TOKENS,
+    }
 }
+
+/// Decode batches above this many tokens size their split on the device by default. Measured on the
+/// H200 (docs/kernel-notes.md, decode-6; same run, ops.py decode rows): at 16 tokens the host's
+/// guess is at most ~2x off and the device sizing lost (geomean 0.93x over 24 cases: the table's
+/// split targets were tuned for the host's count, and an item count other than the most the
+/// segments hold costs every block one more trip); at 64 tokens it was 1.07x faster (8 adapters
+/// over a large slot table 1.35-1.68x; 4-8 % slower at 32 and 128) and the decode step's LoRA
+/// overhead (batch 32) 353-360 us against 368.
+pub const DEVICE_SPLIT_MIN_TOKENS: usize = 16;
 
 /// The decode split for `items` items (cuda/lora_common.cuh decode_split, which the kernels run
 /// with the step's count): about `target` shrink blocks, 256-element granules, at most 1024.
@@ -469,7 +482,7 @@ pub const FUSED_COLS: usize = 256;
 pub fn plan_fused(tokens: usize, hi: usize, max_out: usize, num_slices: usize, num_slots: usize, tuning: &Tuning) -> FusedPlan {
     let target =
         env_usize("LORAMUX_SHRINK_TARGET_BLOCKS").or(tuning.shrink_target_blocks).unwrap_or(FUSED_SHRINK_TARGET).max(1);
-    let shrink = split_for(tokens, hi, num_slices, num_slots, target, decode_split_from_device());
+    let shrink = split_for(tokens, hi, num_slices, num_slots, target, decode_split_from_device(tokens));
     let expand_target = env_usize("LORAMUX_FUSED_EXPAND_BLOCKS").unwrap_or(FUSED_EXPAND_TARGET).max(1);
     let units = max_out.div_ceil(FUSED_COLS).max(1);
     // sized on the device: the host's steps are the most items' (a check on the plan, not used)
@@ -749,7 +762,10 @@ mod tests {
             return;
         }
         let d = Tuning::default();
-        for &(t, hi, s, slots) in &[(1, 4096, 1, 8), (32, 4096, 3, 64), (32, 14336, 1, 33), (64, 576, 2, 4), (64, 4096, 2, 200), (9, 100, 3, 3), (64, 65536, 1, 8)] {
+        // up to 16 tokens the host plans the split (measured), above it the device
+        assert_eq!(plan_shrink(16, 4096, 1, 64, 16, &d).split_target, 0);
+        assert_eq!(plan_fused(8, 4096, 4096, 1, 64, &d).expand_target, 0);
+        for &(t, hi, s, slots) in &[(17, 4096, 1, 8), (32, 4096, 3, 64), (32, 14336, 1, 33), (64, 576, 2, 4), (64, 4096, 2, 200), (20, 100, 3, 3), (64, 65536, 1, 8)] {
             for max_rank in [16, 64] {
                 let p = plan_shrink(t, hi, s, slots, max_rank, &d);
                 assert!(p.split_target > 0 && p.kchunk % 256 == 0 && p.kchunk <= DECODE_MAX_CHUNK, "{p:?}");
@@ -802,7 +818,7 @@ mod tests {
         assert!(!decode_expand_is_flat(32, 1, &d) && !decode_expand_is_flat(16, 3, &d) && !decode_expand_is_flat(65, 2, &d));
         // the flat path's shrink splits coarser (on the device: for the same count, a smaller target)
         assert!(plan_shrink_on_host(32, 4096, 3, 32, 16, &d).ksplit < plan_shrink_on_host(32, 4096, 1, 32, 16, &d).ksplit);
-        if decode_split_from_device() {
+        if decode_split_from_device(32) {
             assert_eq!((plan_shrink(32, 4096, 3, 32, 16, &d).split_target, plan_shrink(32, 4096, 1, 32, 16, &d).split_target), (132, 528));
         }
     }
@@ -825,7 +841,7 @@ mod tests {
         let few = Tuning { shrink_target_blocks: Some(132), ..Default::default() };
         let many = Tuning { shrink_target_blocks: Some(1056), ..Default::default() };
         assert!(plan_shrink_on_host(64, 4096, 1, 64, 16, &few).ksplit < plan_shrink_on_host(64, 4096, 1, 64, 16, &many).ksplit);
-        if decode_split_from_device() {
+        if decode_split_from_device(64) {
             assert_eq!(plan_shrink(64, 4096, 1, 64, 16, &few).split_target, 132);
         }
         for k in ExpandKind::ALL {
