@@ -49,6 +49,10 @@ VARIANTS = {
     "xb792": {"LORAMUX_DECODE_FUSED": "1", "LORAMUX_FUSED_EXPAND_BLOCKS": "792"},
     "st132": {"LORAMUX_DECODE_FUSED": "1", "LORAMUX_SHRINK_TARGET_BLOCKS": "132"},
     "st528": {"LORAMUX_DECODE_FUSED": "1", "LORAMUX_SHRINK_TARGET_BLOCKS": "528"},
+    # the decode split and the fused column steps planned on the host (planned_items), not sized
+    # from the step's item count on the device (decode6)
+    "hostsplit": {"LORAMUX_DECODE_DEVICE_SPLIT": "0"},
+    "devicesplit": {"LORAMUX_DECODE_DEVICE_SPLIT": "1"},
 }
 
 

@@ -80,7 +80,7 @@ if has peers && [ $(elapsed) -lt ${PEERS_IF_BEFORE:-330} ]; then
   echo "peers rc=$? at $(elapsed) s"; grep -vE '^\{' $LOGS/peers.txt | tail -10
 fi
 if has ops; then  # rows are written as they come: a run cut short keeps the cases it finished
-  timeout ${OPS_S:-200} python benchmarks/ops.py --grid ${OPS_GRID:-quick} --orders ${OPS_ORDERS:-random,contiguous} --commit "$COMMIT" ${OPS_AB:+--ab $OPS_AB} ${OPS_AB2:+--ab $OPS_AB2} ${OPS_AB_SMALL:+--ab-small $OPS_AB_SMALL} ${OPS_TOKENS:+--tokens $OPS_TOKENS} --out $OUT/ops.json > $LOGS/ops.txt 2>&1
+  timeout ${OPS_S:-200} python benchmarks/ops.py --grid ${OPS_GRID:-quick} --orders ${OPS_ORDERS:-random,contiguous} --commit "$COMMIT" ${OPS_AB:+--ab $OPS_AB} ${OPS_AB2:+--ab $OPS_AB2} ${OPS_AB_SMALL:+--ab-small $OPS_AB_SMALL} ${OPS_AB_DECODE:+--ab-decode $OPS_AB_DECODE} ${OPS_TOKENS:+--tokens $OPS_TOKENS} --out $OUT/ops.json > $LOGS/ops.txt 2>&1
   echo "ops rc=$? at $(elapsed) s rows $(grep -c '"kind": "op"' $OUT/ops.json)"
 fi
 tar czf $OUT/logs.tgz -C /tmp klogs

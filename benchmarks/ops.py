@@ -78,7 +78,7 @@ def measure_ceilings():
     return bw, peak
 
 
-def run_case(hi, ho, r, n, tokens, bw, peak, l2, orders, ab_env=None, ab_small_env=None):
+def run_case(hi, ho, r, n, tokens, bw, peak, l2, orders, ab_env=None, ab_small_env=None, ab_decode_env=None):
     set_bytes = n * r * (hi + ho) * 2
     nset = max(1, min(16, math.ceil(3 * l2 / set_bytes)))
     slots = nset * n
@@ -138,7 +138,7 @@ def run_case(hi, ho, r, n, tokens, bw, peak, l2, orders, ab_env=None, ab_small_e
         floor = max(bytes_ / bw, flops / peak)
         t_ours = graph_time([ours(k) for k in range(nset)], 64)
         abs_ = []  # (env, us, rel err) under each other launch choice, the calls graphed anew
-        alts = (ab_env or []) if T > AB_MIN_TOKENS else ((ab_small_env or []) if T > 64 else [])
+        alts = (ab_env or []) if T > AB_MIN_TOKENS else ((ab_small_env or []) if T > 64 else ((ab_decode_env or []) if T > 1 else []))
         for alt in alts:
             with env_set(alt):
                 y_ab = y0.clone()
@@ -179,6 +179,8 @@ def main():
                     "further one in ab_more")
     ap.add_argument("--ab-small", default="", help="NAME=VALUE,...: the same for the cases of 65..256 tokens "
                     "(e.g. LORAMUX_PIPE_SMALL=1)")
+    ap.add_argument("--ab-decode", default="", help="NAME=VALUE,...: the same for the decode cases (2..64 tokens; "
+                    "e.g. LORAMUX_DECODE_DEVICE_SPLIT=0)")
     args = ap.parse_args()
     orders = args.orders.split(",")
     props = torch.cuda.get_device_properties(0)
@@ -196,11 +198,12 @@ def main():
         cases = [((hi, ho, r, n), tokens) for hi, ho in shapes for r in ranks for n in adapters]
     ab_env = [dict(kv.split("=", 1) for kv in ab.split(",") if kv) for ab in args.ab if ab] or None
     ab_small_env = [dict(kv.split("=", 1) for kv in args.ab_small.split(",") if kv)] if args.ab_small else None
+    ab_decode_env = [dict(kv.split("=", 1) for kv in args.ab_decode.split(",") if kv)] if args.ab_decode else None
     out = open(args.out, "w")
     out.write(json.dumps(dict(kind="ceilings", **head)) + "\n")
     rows = []
     for (hi, ho, r, n), tokens in cases:
-        for row in run_case(hi, ho, r, n, tokens, bw, peak, l2, orders, ab_env, ab_small_env):
+        for row in run_case(hi, ho, r, n, tokens, bw, peak, l2, orders, ab_env, ab_small_env, ab_decode_env):
             out.write(json.dumps(dict(kind="op", **row)) + "\n")
             out.flush()
             rows.append(row)

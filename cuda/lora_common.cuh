@@ -39,6 +39,7 @@ struct ShrinkArgs {
     int ksplit;
     int kchunk;                       // reduction elements per split (multiple of 32)
     int max_items;                    // work items the segments hold room for (= gridDim.y)
+    int split_target;                 // > 0: the split comes from the step's item count (decode_split)
     LoraTable table;
     LoraSlices slices;
 };
@@ -53,6 +54,8 @@ struct ExpandArgs {
     int ksplit;
     int ochunk;                       // output columns per block
     int max_items;
+    int hi;                           // the shrink's reduction dim (decode_split)
+    int split_target;                 // > 0: sum the decode_split of the step's item count (<= ksplit)
     LoraTable table;
     LoraSlices slices;
 };
@@ -76,6 +79,8 @@ struct FusedArgs {
     int col_steps;                    // 256-column steps of one expand block
     int col_groups;                   // expand blocks per item of the widest slice (the kernel derives each slice's)
     int smem_bytes;                   // dynamic shared memory of the launch
+    int split_target;                 // > 0: split and column steps from the step's item count
+    int expand_target;                // expand blocks the device-sized column steps aim for
     LoraTable table;
     LoraSlices slices;
 };
@@ -192,6 +197,7 @@ __device__ __forceinline__ int* fused_workspace(int* seg, int max_items, int T, 
 struct WorkItem {
     int slot;
     int count;        // 0: no item for this block
+    int items;        // the step's item count (seg[0]); 0 where i >= max_items
     const int* tokens;
 };
 
@@ -202,10 +208,12 @@ __device__ __forceinline__ WorkItem work_item(const int* seg, int max_items, int
     WorkItem w;
     w.slot = -1;
     w.count = 0;
+    w.items = 0;
     w.tokens = seg + LMX_SEG_HEADER + 3 * max_items;
     if (i >= max_items) return w;
     const int* item = seg + LMX_SEG_HEADER;
     const int n = seg[0];
+    w.items = min(max(n, 0), max_items);
     const int slot = item[i];
     const int begin = item[max_items + i];
     const int count = item[2 * max_items + i];
@@ -215,6 +223,27 @@ __device__ __forceinline__ WorkItem work_item(const int* seg, int max_items, int
     w.count = min(count, T - begin);
     w.tokens += begin;
     return w;
+}
+
+// The decode split from the step's real item count (rust/src/cuda/plan.rs decode_split mirrors it):
+// the launch is sized on the host for any count (grid and partials for the most splits), the
+// device knows the count (seg[0]) and takes about `target` shrink blocks over n items x S slices:
+// splits of 256-element granules, at most 1024 elements (DECODE_MAX_CHUNK). The two-kernel shrink,
+// its expand and the fused kernel all derive the same split from the same count, so a token's
+// partials (and rows) are bit for bit the same on every path.
+struct DecodeSplit {
+    int ksplit;
+    int kchunk;
+};
+__device__ __forceinline__ DecodeSplit decode_split(int n_items, int num_slices, int hi, int target) {
+    const int groups = max(1, n_items * num_slices);
+    const int want = max(1, (target + groups - 1) / groups);
+    const int ks = min(want, max(1, (hi + 255) / 256));
+    const int kchunk = min(1024, ((hi + ks - 1) / ks + 255) / 256 * 256);
+    DecodeSplit d;
+    d.kchunk = kchunk;
+    d.ksplit = max(1, (hi + kchunk - 1) / kchunk);
+    return d;
 }
 
 // Programmatic dependent launch (sm_90): the shrink lets the expand start early; the expand runs

@@ -7,16 +7,24 @@
 
 #define EXPAND_MAX_RANK 128
 
+// Partials a decode expand sums: the shrink's device split of the step's `items` (decode_split),
+// or all ksplit of them. The partials keep their stride of ksplit splits either way.
+__device__ __forceinline__ int summed_splits(const ExpandArgs& p, int items) {
+    if (p.split_target <= 0) return p.ksplit;
+    const int ks = decode_split(items, p.slices.count, p.hi, p.split_target).ksplit;
+    return ks <= p.ksplit ? ks : p.ksplit;  // as the shrink: its planned split where the count's would not fit
+}
+
 // Sums the ksplit partials of the item's tokens into su[i * pitch + r] (fp32), zero past R.
 __device__ __forceinline__ void load_u(float* su, int pitch, int rcols, const ExpandArgs& p,
-                                       const int* tokens, int nt, int s, int R) {
+                                       const int* tokens, int nt, int s, int R, int splits) {
     for (int idx = threadIdx.x; idx < nt * rcols; idx += blockDim.x) {
         const int i = idx / rcols, r = idx % rcols;
         float v = 0.f;
         if (r < R) {
             const long long t = tokens[i];
 #pragma unroll 16
-            for (int c = 0; c < p.ksplit; ++c)
+            for (int c = 0; c < splits; ++c)
                 v += p.partial[(((long long)s * p.ksplit + c) * p.T + t) * p.table.max_rank + r];
         }
         su[i * pitch + r] = v;
@@ -79,7 +87,7 @@ __device__ void expand_decode(const ExpandArgs& p) {
             waited = true;
         }
         const int rcols = (R + 7) & ~7;
-        load_u(su, rcols, rcols, p, tokens, nt, blockIdx.z, R);
+        load_u(su, rcols, rcols, p, tokens, nt, blockIdx.z, R, summed_splits(p, w.items));
         __syncthreads();
 #pragma unroll
         for (int j = 0; j < OPT; ++j) {
@@ -178,6 +186,8 @@ __device__ void expand_flat(const ExpandArgs& p) {
             yv[i] = p.y[(long long)t * p.y_stride + off + o];
         }
     }
+    // the step's item count (the segments were built before the shrink this waits on)
+    const int splits = p.split_target > 0 ? summed_splits(p, min(max(p.segments[0], 0), p.max_items)) : p.ksplit;
     pdl_wait();
     const int mr = p.table.max_rank;
     for (int idx = tid; idx < p.T * mr; idx += LMX_THREADS) {
@@ -185,7 +195,7 @@ __device__ void expand_flat(const ExpandArgs& p) {
         float v = 0.f;
         if (r < srank[t]) {
 #pragma unroll 16
-            for (int c = 0; c < p.ksplit; ++c)
+            for (int c = 0; c < splits; ++c)
                 v += p.partial[(((long long)blockIdx.z * p.ksplit + c) * p.T + t) * mr + r];
         }
         su[idx] = v;

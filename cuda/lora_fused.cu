@@ -180,10 +180,10 @@ __device__ __forceinline__ void shrink_decode_item_staged(const FusedArgs& p, co
 
 template <bool BF16, bool STAGED_A>
 __device__ __forceinline__ void fused_shrink(const FusedArgs& p, const WorkItem& w, const AdapterEntry& e,
-                                             unsigned* done, unsigned wrap, int s, int c, unsigned char* sm) {
+                                             unsigned* done, unsigned wrap, int s, int c, int kchunk, unsigned char* sm) {
     if (e.rank > 0) {  // uniform over the block
-        const int k_begin = c * p.kchunk;
-        const int k_end = min(p.hi, k_begin + p.kchunk);
+        const int k_begin = c * kchunk;
+        const int k_end = min(p.hi, k_begin + kchunk);
         float* out = p.partial + ((long long)(s * p.ksplit + c) * p.T) * p.table.max_rank;
         if (STAGED_A) {
             shrink_decode_item_staged<BF16>(p, w, e, k_begin, k_end, out, reinterpret_cast<const int*>(sm), sm);
@@ -209,12 +209,13 @@ __device__ __forceinline__ void fused_wait(unsigned* done, unsigned wrap, int ks
 
 template <bool BF16>
 __device__ __forceinline__ void fused_expand(const FusedArgs& p, const WorkItem& w, const AdapterEntry& e,
-                                             unsigned* done, unsigned wrap, int s, int g, unsigned char* sm) {
+                                             unsigned* done, unsigned wrap, int s, int g, int ksplit, int col_steps,
+                                             unsigned char* sm) {
     const int off = p.slices.out_offset[s], ho = p.slices.out_size[s];
-    const int o0 = g * p.col_steps * FUSED_COLS;  // < ho: a slice has only the groups it needs
+    const int o0 = g * col_steps * FUSED_COLS;  // < ho: a slice has only the groups it needs
     const int R = e.rank;
     if (R == 0) {  // nothing to add; the count still needs this block
-        fused_wait(done, wrap, p.ksplit);
+        fused_wait(done, wrap, ksplit);
         return;
     }
     const int nt = min(DECODE_TOKENS, w.count);
@@ -224,7 +225,7 @@ __device__ __forceinline__ void fused_expand(const FusedArgs& p, const WorkItem&
     int* tokens = reinterpret_cast<int*>(sm);
     float* su = reinterpret_cast<float*>(sm + FUSED_SMEM_HEAD);
     u16* bs = reinterpret_cast<u16*>(sm + FUSED_SMEM_HEAD + DECODE_TOKENS * rc_max * 4);
-    const int o_end = min(ho, o0 + p.col_steps * FUSED_COLS);
+    const int o_end = min(ho, o0 + col_steps * FUSED_COLS);
     const int nsteps = (o_end - o0 + FUSED_COLS - 1) / FUSED_COLS;
     const bool vec = (R % 8 == 0) && ((reinterpret_cast<u64>(e.b) & 15) == 0);
     // B rows of step j into stage j & 1: one contiguous run of ncols * R halves of B
@@ -260,7 +261,7 @@ __device__ __forceinline__ void fused_expand(const FusedArgs& p, const WorkItem&
         so = (live && e.scale) ? e.scale[o] : (u16)0;
     };
     load_y(0, yv, sv);  // y does not depend on the shrink: in flight during the wait
-    fused_wait(done, wrap, p.ksplit);
+    fused_wait(done, wrap, ksplit);
     // u = the item's partials summed over the splits (same order as the two-kernel expand)
     const float* part = p.partial + (long long)s * p.ksplit * p.T * p.table.max_rank;
     for (int idx = threadIdx.x; idx < nt * rc; idx += LMX_THREADS) {
@@ -269,7 +270,7 @@ __device__ __forceinline__ void fused_expand(const FusedArgs& p, const WorkItem&
         if (r < R) {
             const long long t = tokens[i];
 #pragma unroll 16
-            for (int c = 0; c < p.ksplit; ++c) v += ld_cg(part + ((long long)c * p.T + t) * p.table.max_rank + r);
+            for (int c = 0; c < ksplit; ++c) v += ld_cg(part + ((long long)c * p.T + t) * p.table.max_rank + r);
         }
         su[i * rc + r] = v;
     }
@@ -318,43 +319,97 @@ __device__ __forceinline__ void fused_expand(const FusedArgs& p, const WorkItem&
 }
 
 // Expand blocks of slice s for one item: its column span in col_steps x 256-column groups.
-__device__ __forceinline__ int fused_col_groups(const FusedArgs& p, int s) {
-    return ((p.slices.out_size[s] + FUSED_COLS - 1) / FUSED_COLS + p.col_steps - 1) / p.col_steps;
+__device__ __forceinline__ int fused_col_groups(const FusedArgs& p, int s, int col_steps) {
+    return ((p.slices.out_size[s] + FUSED_COLS - 1) / FUSED_COLS + col_steps - 1) / col_steps;
+}
+
+// How the launch's blocks are shared out for `items` items of the step: ksplit shrink blocks and
+// fused_col_groups expand blocks per (slice, item). Host-planned (split_target 0), or sized from
+// the item count (the split by decode_split, the column steps so about expand_target expand
+// blocks run; rust/src/cuda/plan.rs fused_device_shape mirrors it).
+struct FusedShape {
+    int items;
+    int ksplit;
+    int kchunk;
+    int col_steps;
+};
+__device__ __forceinline__ FusedShape fused_shape(const FusedArgs& p, int items) {
+    FusedShape f;
+    f.items = items;
+    f.ksplit = p.ksplit;
+    f.kchunk = p.kchunk;
+    f.col_steps = p.col_steps;
+    if (p.split_target <= 0) return f;
+    const DecodeSplit d = decode_split(items, p.slices.count, p.hi, p.split_target);
+    // the host sized the partials (ksplit) and the staged x rows (kchunk) for every count; a
+    // launch that did not keeps its planned split rather than overrun them
+    if (d.ksplit <= p.ksplit && d.kchunk <= p.kchunk) {
+        f.ksplit = d.ksplit;
+        f.kchunk = d.kchunk;
+    }
+    int widest = 0;
+    for (int s = 0; s < p.slices.count; ++s) widest = max(widest, p.slices.out_size[s]);
+    const int units = max(1, (widest + FUSED_COLS - 1) / FUSED_COLS);
+    const int pairs = max(1, items * p.slices.count);
+    f.col_steps = min(units, max(1, (units * pairs + p.expand_target - 1) / max(1, p.expand_target)));
+    return f;
+}
+
+// Block b -> (slice, item) for the shape: the first S * items * ksplit blocks are ksplit per
+// (slice, item), the rest col_groups(s) per (slice, item), slice by slice: blocks dispatch roughly
+// in index order, so every item's shrink runs first on the whole GPU and the expand blocks, which
+// wait, come after (measured: interleaving each item's expand blocks with its shrink blocks held SM
+// slots with waiting blocks and was up to 1.3x slower at 32 adapters). False past the shape's blocks.
+__device__ __forceinline__ bool fused_block_item(const FusedArgs& p, const FusedShape& f, int b, int& s, int& item) {
+    s = 0;
+    const int n_shrink = p.slices.count * f.items * f.ksplit;
+    if (b < n_shrink) {
+        s = b / (f.items * f.ksplit);
+        item = (b - s * f.items * f.ksplit) / f.ksplit;
+        return true;
+    }
+    b -= n_shrink;
+    int per = f.items * fused_col_groups(p, 0, f.col_steps);
+    while (b >= per) {
+        b -= per;
+        if (++s >= p.slices.count) return false;
+        per = f.items * fused_col_groups(p, s, f.col_steps);
+    }
+    item = b / fused_col_groups(p, s, f.col_steps);
+    return true;
 }
 
 template <bool BF16, bool STAGED_A>
 __device__ void fused_decode(const FusedArgs& p) {
     extern __shared__ __align__(16) unsigned char fsm[];
     __shared__ int role;
-    // block -> (slice, item). The first S * max_items * ksplit blocks are ksplit per (slice, item),
-    // the rest col_groups(s) per (slice, item), slice by slice: blocks dispatch roughly in index
-    // order, so every item's shrink runs first on the whole GPU and the expand blocks, which wait,
-    // come after (measured: interleaving each item's expand blocks with its shrink blocks held SM
-    // slots with waiting blocks and was up to 1.3x slower at 32 adapters). The role itself comes
-    // from the group's ticket, whatever the dispatch order.
-    int b = blockIdx.x, s = 0, item;
-    const int n_shrink = p.slices.count * p.max_items * p.ksplit;
-    if (b < n_shrink) {
-        s = b / (p.max_items * p.ksplit);
-        item = (b - s * p.max_items * p.ksplit) / p.ksplit;
-    } else {
-        b -= n_shrink;
-        int per = p.max_items * fused_col_groups(p, 0);
-        while (b >= per) {
-            b -= per;
-            if (++s >= p.slices.count) return;  // past the last slice: cannot happen for the launcher's grid
-            per = p.max_items * fused_col_groups(p, s);
-        }
-        item = b / fused_col_groups(p, s);
+    // The grid is laid out for max_items items (the host's plan, or, sized on the device, the most
+    // items the step can have); the role itself comes from the group's ticket, whatever the
+    // dispatch order.
+    int s, item;
+    FusedShape f = fused_shape(p, p.max_items);
+    if (!fused_block_item(p, f, blockIdx.x, s, item)) {
+        if (p.split_target <= 0) return;  // past the last slice: cannot happen for the launcher's grid
+        item = p.max_items;               // read the count below, then place the block
     }
     // Launched as a programmatic dependent (sm_90, LORAMUX_FUSED_PDL): the launch and dispatch
     // overlap the kernel before it; nothing is read before it has finished (the segments may be
     // its output, the workspace its counters). Without the attribute both are no-ops.
     pdl_wait();
     pdl_launch_dependents();  // a dependent launched after this one waits on it the same way
-    const int group = p.ksplit + fused_col_groups(p, s);
-    const WorkItem w = work_item(p.segments, p.max_items, p.T, item);
+    WorkItem w = work_item(p.segments, p.max_items, p.T, item);
+    if (p.split_target > 0) {
+        // the step's item count came with the item (same trip): where it is not the count the
+        // block was placed for, place it again (one more trip); blocks past the shape leave
+        const int n = min(max(p.segments[0], 0), p.max_items);
+        if (n != f.items) {
+            f = fused_shape(p, n);
+            if (n == 0 || !fused_block_item(p, f, blockIdx.x, s, item)) return;
+            w = work_item(p.segments, p.max_items, p.T, item);
+        }
+    }
     if (w.count == 0) return;  // no such item in this step: the whole group leaves, touching nothing
+    const int group = f.ksplit + fused_col_groups(p, s, f.col_steps);
     int* ws = fused_workspace(p.segments, p.max_items, p.T, p.table.num_slots) +
               LMX_FUSED_WS_WORDS * (s * p.max_items + item);
     // ws[0]: the group's next ticket, ws[1]: its completion count. Both wrap to 0 at the group's
@@ -366,10 +421,10 @@ __device__ void fused_decode(const FusedArgs& p) {
     const AdapterEntry e = read_entry(p.table, w.slot, p.slices.module_id[s]);  // same trip
     __syncthreads();
     unsigned* done = reinterpret_cast<unsigned*>(&ws[1]);
-    if (role < p.ksplit) {
-        fused_shrink<BF16, STAGED_A>(p, w, e, done, wrap, s, role, fsm);
+    if (role < f.ksplit) {
+        fused_shrink<BF16, STAGED_A>(p, w, e, done, wrap, s, role, f.kchunk, fsm);
     } else {
-        fused_expand<BF16>(p, w, e, done, wrap, s, role - p.ksplit, fsm);
+        fused_expand<BF16>(p, w, e, done, wrap, s, role - f.ksplit, f.ksplit, f.col_steps, fsm);
     }
 }
 

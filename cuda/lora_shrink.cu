@@ -11,17 +11,33 @@ template <bool BF16>
 __device__ void shrink_decode(const ShrinkArgs& p) {
     __shared__ int tokens[DECODE_TOKENS];
     __shared__ __align__(16) u16 xs[DECODE_TOKENS * DECODE_MAX_CHUNK];
-    const int s = blockIdx.z;
-    const int c = blockIdx.x;
+    int s = blockIdx.z, c = blockIdx.x, it0 = blockIdx.y;
+    if (p.split_target > 0) {
+        // split from the step's item count: the grid is laid out split-major (blocks dispatch in
+        // index order), so the splits the count takes come first and the spare ones, last, leave
+        const int lin = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+        const int per_split = gridDim.y * gridDim.z;
+        c = lin / per_split;
+        s = (lin - c * per_split) / gridDim.y;
+        it0 = lin - c * per_split - s * gridDim.y;
+    }
     pdl_launch_dependents();
     if (s >= p.slices.count) return;
     const int module_id = p.slices.module_id[s];
-    const int k_begin = c * p.kchunk;
-    const int k_end = min(p.hi, k_begin + p.kchunk);
+    int kchunk = p.kchunk;
     float* out = p.partial + ((long long)(s * p.ksplit + c) * p.T) * p.table.max_rank;
-    for (int it = blockIdx.y;; it += gridDim.y) {
+    for (int it = it0;; it += gridDim.y) {
         const WorkItem w = work_item(p.segments, p.max_items, p.T, it);
         if (w.count == 0) break;
+        if (p.split_target > 0) {  // same trip as the item: no extra wait
+            const DecodeSplit d = decode_split(w.items, p.slices.count, p.hi, p.split_target);
+            if (d.ksplit <= p.ksplit) {  // the host sized the grid and partials for every count
+                if (c >= d.ksplit) break;
+                kchunk = d.kchunk;
+            }
+        }
+        const int k_begin = c * kchunk;
+        const int k_end = min(p.hi, k_begin + kchunk);
         stage_item_tokens(w, tokens);  // same trip as the entry (the last item's barrier freed them)
         const AdapterEntry e = read_entry(p.table, w.slot, module_id);
         __syncthreads();

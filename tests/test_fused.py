@@ -23,7 +23,7 @@ from test_kernels import QKV, TOL, _case  # noqa: E402
 DEV = "cuda"
 KNOBS = ("LORAMUX_EXPAND_DECODE", "LORAMUX_EXPAND_OPT", "LORAMUX_EXPAND_TILE_COLS", "LORAMUX_SHRINK_TARGET_BLOCKS",
          "LORAMUX_TUNING", "LORAMUX_DECODE_FUSED", "LORAMUX_FUSED_EXPAND_BLOCKS", "LORAMUX_FUSED_PDL",
-         "LORAMUX_FUSED_BLOCKS_PER_SM", "LORAMUX_FUSED_STAGE_A")
+         "LORAMUX_FUSED_BLOCKS_PER_SM", "LORAMUX_FUSED_STAGE_A", "LORAMUX_DECODE_DEVICE_SPLIT")
 #: launch forms of the fused kernel that must give the same rows: the default (a programmatic
 #: dependent; the shrink's A in registers, 4 blocks an SM up to rank 32, 3 above), a plain launch,
 #: 3 and 5 blocks an SM, the shrink's A staged in shared memory (5 blocks an SM where shared memory
@@ -31,6 +31,8 @@ KNOBS = ("LORAMUX_EXPAND_DECODE", "LORAMUX_EXPAND_OPT", "LORAMUX_EXPAND_TILE_COL
 FORMS = {"default": {}, "plain": {"LORAMUX_FUSED_PDL": 0}, "m3": {"LORAMUX_FUSED_BLOCKS_PER_SM": 3},
          "m5": {"LORAMUX_FUSED_BLOCKS_PER_SM": 5}, "staged": {"LORAMUX_FUSED_STAGE_A": 1},
          "staged-m3": {"LORAMUX_FUSED_STAGE_A": 1, "LORAMUX_FUSED_BLOCKS_PER_SM": 3}}
+#: ... and, for the graph replays (another split: not the same bits), the split planned on the host
+GRAPH_FORMS = {**FORMS, "host-split": {"LORAMUX_DECODE_DEVICE_SPLIT": 0}}
 RANKS = [8, 16, 1, 0, 64, 7, 24, 33]  # <= 64: the fused kernel's ranks
 ODD = [(1, 100, 37), (2, 100, 300)]  # widths the 16-byte paths cannot take
 DORA = [(7, 1536, 576), (5, 1536, 576)]
@@ -94,6 +96,47 @@ def test_staged_a_matches_the_two_kernel_path_bit_for_bit(monkeypatch, dtype, T,
     assert torch.equal(staged, _apply(ad, x, y0, sot, widths))
 
 
+@pytest.mark.parametrize("T", [1, 9, 33, 64])
+@pytest.mark.parametrize("widths,target", [(QKV, 528), (WIDE, 1)], ids=["qkv", "wide-4and2pass"])
+def test_host_planned_split_matches_the_two_kernel_path_bit_for_bit(monkeypatch, T, widths, target):
+    """LORAMUX_DECODE_DEVICE_SPLIT=0 on both paths: the split planned on the host, as before."""
+    ad, slots, x, y0, sot = _case(T * 3 + len(widths), torch.bfloat16, T, widths, ranks=RANKS, max_rank=64)
+    _env(monkeypatch, LORAMUX_TUNING="off", LORAMUX_SHRINK_TARGET_BLOCKS=target, LORAMUX_DECODE_FUSED=1,
+         LORAMUX_DECODE_DEVICE_SPLIT=0)
+    fused = _apply(ad, x, y0, sot, widths)
+    _check(ad, slots, x, y0, fused, widths)
+    _env(monkeypatch, LORAMUX_TUNING="off", LORAMUX_SHRINK_TARGET_BLOCKS=target, LORAMUX_DECODE_FUSED=0,
+         LORAMUX_EXPAND_DECODE="grouped", LORAMUX_EXPAND_OPT="1", LORAMUX_DECODE_DEVICE_SPLIT=0)
+    assert torch.equal(fused, _apply(ad, x, y0, sot, widths))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T,adapters,num_slots", [(64, 3, 96), (64, 1, 64), (32, 32, 32), (40, 8, 200), (16, 16, 16)],
+                         ids=["few-of-many-slots", "one-tenant", "one-token-each", "8-of-200", "16-each"])
+@pytest.mark.parametrize("stage_a", [0, 1], ids=["regs", "staged"])
+def test_split_sized_from_the_step_item_count(monkeypatch, dtype, T, adapters, num_slots, stage_a):
+    """The split and the column steps from the step's real item count (seg[0]): few items over a
+    large slot table (the launch laid out for many more: blocks placed again), exactly the most
+    items (the decode step: placed right away). Fused, two-kernel grouped and flat expands: bit for
+    bit the same rows at the built-in targets' common one (528), and the oracle's. Forced on at 16
+    tokens too (the planner's default takes it above 16)."""
+    ranks = [16 if i % 3 else 64 for i in range(adapters)] + [0] * (num_slots - adapters)
+    ad, slots, x, y0, sot = _case(40 + T + adapters, dtype, T, QKV, ranks=ranks, num_slots=num_slots, none_frac=0.1,
+                                  max_rank=64)
+    _env(monkeypatch, LORAMUX_TUNING="off", LORAMUX_SHRINK_TARGET_BLOCKS=528, LORAMUX_DECODE_FUSED=1,
+         LORAMUX_FUSED_STAGE_A=stage_a, LORAMUX_DECODE_DEVICE_SPLIT=1)
+    fused = _apply(ad, x, y0, sot, QKV)
+    _check(ad, slots, x, y0, fused, QKV)
+    for expand in ("grouped", "flat"):
+        _env(monkeypatch, LORAMUX_TUNING="off", LORAMUX_SHRINK_TARGET_BLOCKS=528, LORAMUX_DECODE_FUSED=0,
+             LORAMUX_EXPAND_DECODE=expand, LORAMUX_EXPAND_OPT="1", LORAMUX_DECODE_DEVICE_SPLIT=1)
+        assert torch.equal(fused, _apply(ad, x, y0, sot, QKV)), expand
+    # the fused kernel's built-in targets (264 shrink blocks, 396 expand blocks): the oracle's rows
+    _env(monkeypatch, LORAMUX_TUNING="off", LORAMUX_DECODE_FUSED=1, LORAMUX_FUSED_STAGE_A=stage_a,
+         LORAMUX_DECODE_DEVICE_SPLIT=1)
+    _check(ad, slots, x, y0, _apply(ad, x, y0, sot, QKV), QKV)
+
+
 @pytest.mark.parametrize("stage_a", [0, 1], ids=["regs", "staged"])
 @pytest.mark.parametrize("T", [3, 40])
 @pytest.mark.parametrize("expand_blocks", [1, 396, 100000])
@@ -153,11 +196,12 @@ def test_launch_forms_give_the_same_rows(monkeypatch, T, max_rank):
         assert torch.equal(y, rows["default"]), name
 
 
-@pytest.mark.parametrize("form", list(FORMS))
+@pytest.mark.parametrize("form", list(GRAPH_FORMS))
 def test_graph_replays_with_new_mappings_need_no_memset(monkeypatch, form):
     """The segments built inside the capture right before the first apply (a programmatic
-    dependent of the builder by default), the second apply right after the first."""
-    _env(monkeypatch, LORAMUX_TUNING="off", LORAMUX_DECODE_FUSED=1, **FORMS[form])
+    dependent of the builder by default), the second apply right after the first; the replays'
+    item counts differ (1 to 6 adapters), so the device-sized split differs replay to replay."""
+    _env(monkeypatch, LORAMUX_TUNING="off", LORAMUX_DECODE_FUSED=1, **GRAPH_FORMS[form])
     T, widths = 32, [(1, 1024, 1024), (2, 1024, 256)]
     max_rank = 64 if form == "m3" else 32
     ranks = [16, 8, 32, 4, max_rank, 16]

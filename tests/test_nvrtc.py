@@ -29,14 +29,17 @@ def test_an_unknown_arch_is_a_typed_error():
 
 
 def test_plan_splits_decode_over_the_sms():
-    ksplit, kchunk, reduce_first = _core.plan_shrink(1, 4096, 1, 8)
+    ksplit, kchunk, reduce_first, _target = _core.plan_shrink(1, 4096, 1, 8)
     assert ksplit * kchunk >= 4096 and ksplit >= 4 and not reduce_first
-    ksplit, kchunk, reduce_first = _core.plan_shrink(2048, 4096, 3, 8)
+    # decode: the split sized on the device from the step's item count, unless asked on the host
+    assert _core.plan_shrink(32, 4096, 1, 64)[3] > 0 and _core.plan_shrink(32, 4096, 1, 64, device_split=False)[3] == 0
+    ksplit, kchunk, reduce_first, target = _core.plan_shrink(2048, 4096, 3, 8)
+    assert target == 0  # prefill plans its split on the host
     assert 1 <= ksplit <= 16 and kchunk % 64 == 0 and ksplit * kchunk >= 4096
     # reduced into u first wherever the shrink does not sum them itself: lora_apply asks only when
     # the shrink returned no u (register-staged, c1 / c4, or the pipelined shrink's fallback)
     assert reduce_first == (ksplit > 1)
-    ksplit, kchunk, reduce_first = _core.plan_shrink(2048, 4096, 3, 8, None, "c4")
+    ksplit, kchunk, reduce_first, _target = _core.plan_shrink(2048, 4096, 3, 8, None, "c4")
     assert reduce_first == (ksplit > 1)
     assert not _core.plan_shrink(200, 4096, 3, 8)[2]  # small items: the expand sums the partials
 
@@ -44,14 +47,20 @@ def test_plan_splits_decode_over_the_sms():
 def test_which_decode_batches_take_the_fused_kernel(monkeypatch):
     """The fused decode kernel's plan: decode batches above 16 tokens of rank <= 64 unless the
     launch table or LORAMUX_DECODE_FUSED says otherwise; its expand groups cover every column."""
-    for k in ("LORAMUX_DECODE_FUSED", "LORAMUX_FUSED_EXPAND_BLOCKS", "LORAMUX_SHRINK_TARGET_BLOCKS", "LORAMUX_FUSED_STAGE_A"):
+    for k in ("LORAMUX_DECODE_FUSED", "LORAMUX_FUSED_EXPAND_BLOCKS", "LORAMUX_SHRINK_TARGET_BLOCKS", "LORAMUX_FUSED_STAGE_A",
+              "LORAMUX_DECODE_DEVICE_SPLIT"):
         monkeypatch.delenv(k, raising=False)
-    ksplit, kchunk, col_steps, col_groups, staged_a, blocks_per_sm = _core.plan_fused(32, 4096, 14336, 2, 33, 16)
+    plan = _core.plan_fused(32, 4096, 14336, 2, 33, 16)
+    ksplit, kchunk, col_steps, col_groups, staged_a, blocks_per_sm, split_target, expand_target = plan
     assert ksplit * kchunk >= 4096 and kchunk % 256 == 0 and col_groups * col_steps * 256 >= 14336
+    assert split_target == 264 and expand_target == 396  # sized on the device from the step's item count
+    monkeypatch.setenv("LORAMUX_DECODE_DEVICE_SPLIT", "0")
+    assert _core.plan_fused(32, 4096, 14336, 2, 33, 16)[6:] == (0, 0)
+    monkeypatch.delenv("LORAMUX_DECODE_DEVICE_SPLIT")
     # the shrink's A in registers unless the table (or LORAMUX_FUSED_STAGE_A) stages it
     assert not staged_a and blocks_per_sm is None and _core.plan_fused(32, 4096, 14336, 2, 33, 16, None, "fuseds")[4]
-    assert _core.plan_fused(32, 4096, 14336, 2, 33, 16, None, "fused3")[4:] == (False, 3)
-    assert _core.plan_fused(32, 4096, 14336, 2, 33, 16, None, "fuseds4")[4:] == (True, 4)
+    assert _core.plan_fused(32, 4096, 14336, 2, 33, 16, None, "fused3")[4:6] == (False, 3)
+    assert _core.plan_fused(32, 4096, 14336, 2, 33, 16, None, "fuseds4")[4:6] == (True, 4)
     assert _core.plan_fused(65, 4096, 4096, 1, 8, 16) is None  # prefill path
     assert _core.plan_fused(32, 4096, 4096, 1, 8, 128) is None  # past the fused kernel's ranks
     assert _core.plan_fused(32, 4096, 4096, 1, 8, 16, None, "o1") is None  # the table chose two kernels

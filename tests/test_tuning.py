@@ -62,9 +62,11 @@ def test_lookup_hits_listed_geometries_only(tmp_path, monkeypatch):
 def test_planner_takes_the_choices_and_rejects_unknown_kernels(monkeypatch):
     for v in ("LORAMUX_EXPAND_DECODE", "LORAMUX_SHRINK_TARGET_BLOCKS"):
         monkeypatch.delenv(v, raising=False)
-    few = _core.plan_shrink(64, 4096, 1, 64, 132, None)
-    many = _core.plan_shrink(64, 4096, 1, 64, 1056, None)
+    few = _core.plan_shrink(64, 4096, 1, 64, 132, None, device_split=False)
+    many = _core.plan_shrink(64, 4096, 1, 64, 1056, None, device_split=False)
     assert few[0] < many[0]
+    # sized on the device: the target travels to the kernels
+    assert _core.plan_shrink(64, 4096, 1, 64, 132, None)[3] == 132
     assert _core.plan_shrink(8, 4096, 1, 8) == _core.plan_shrink(8, 4096, 1, 8, None, None)
     with pytest.raises(Exception, match="unknown expand kernel"):
         _core.plan_shrink(8, 4096, 1, 8, None, "o2")

@@ -148,8 +148,10 @@ def _batch(meta, layer: int, device, tokens: int, choice: tuning.Choice = tuning
 
 
 def _shrink_partials(x, meta, layer: int, module_ids: Sequence[int], choice: tuning.Choice = tuning.Choice(None, None),
-                     stream=None):
-    """Allocates the partials on the current stream, launches the shrink on `stream` (default: current)."""
+                     stream=None, device_split: bool = True):
+    """Allocates the partials on the current stream, launches the shrink on `stream` (default: current).
+    `device_split`: decode batches may size the split from the step's item count (the plan's
+    split_target, which the expand must be given); False for a shrink whose reduce sums every split."""
     import torch
 
     _rows("x", x, x.device)
@@ -159,7 +161,7 @@ def _shrink_partials(x, meta, layer: int, module_ids: Sequence[int], choice: tun
     seg, batch = _batch(meta, layer, x.device, tokens, choice, stream)
     ids = [int(m) for m in module_ids]
     plan = _core.plan_shrink(tokens, hi, len(ids), meta.table.shape[0], choice.shrink_target_blocks, choice.expand_kernel,
-                             int(meta.max_rank))
+                             int(meta.max_rank), device_split)
     # the partials, then room for u [S, T, max_rank], which the pipelined prefill shrink fills
     u_len = len(ids) * tokens * int(meta.max_rank)
     partial = torch.empty(plan[0] * u_len + u_len, dtype=torch.float32, device=x.device)
@@ -171,7 +173,7 @@ def lora_shrink(x, meta, layer: int, module_ids: Sequence[int]):
     """u [len(module_ids), T, max_rank] float32: u[s, t, r] = sum_i x[t, i] A[r, i] (0 past rank)."""
     import torch
 
-    batch, ids, plan, partial, _seg, _u_offset = _shrink_partials(x, meta, layer, module_ids)
+    batch, ids, plan, partial, _seg, _u_offset = _shrink_partials(x, meta, layer, module_ids, device_split=False)
     u = torch.empty((len(ids), x.shape[0], int(meta.max_rank)), dtype=torch.float32, device=x.device)
     batch.reduce(ids, partial.data_ptr(), plan, u.data_ptr())
     return u
@@ -222,16 +224,18 @@ def _finish(x, y, meta, layer, ids, sizes, choice, plan, partial, chained: bool,
         batch.reduce(ids, partial.data_ptr(), plan, u.data_ptr())
         batch.expand(u.data_ptr(), 1, y.data_ptr(), y.stride(0), ids, sizes)
     else:
-        _expand_summed(batch, y, ids, sizes, plan, partial, u_offset, chained)
+        _expand_summed(batch, y, ids, sizes, plan, partial, u_offset, chained, x.shape[1])
 
 
-def _expand_summed(batch, y, ids, sizes, plan, partial, u_offset, chained: bool) -> None:
+def _expand_summed(batch, y, ids, sizes, plan, partial, u_offset, chained: bool, hi: int) -> None:
     """The expand from u where the shrink summed its partials into it (u_offset floats into
-    `partial`), else from the split-K partials themselves (summed as the expand loads them)."""
+    `partial`), else from the split-K partials themselves (summed as the expand loads them; where
+    the shrink sized its split on the device, plan[3], the expand sums the same splits)."""
     if u_offset is not None:
         batch.expand(partial.data_ptr() + 4 * u_offset, 1, y.data_ptr(), y.stride(0), ids, sizes, chained=chained)
     else:
-        batch.expand(partial.data_ptr(), plan[0], y.data_ptr(), y.stride(0), ids, sizes, chained=chained)
+        batch.expand(partial.data_ptr(), plan[0], y.data_ptr(), y.stride(0), ids, sizes, chained=chained, hi=hi,
+                     split_target=plan[3])
 
 
 def _apply_fused(x, y, meta, layer: int, ids, sizes, choice, plan) -> None:
@@ -268,7 +272,7 @@ def lora_apply(x, y, meta, layer: int, module_ids: Sequence[int], out_sizes: Seq
     if u_offset is None and plan[2]:  # a prefill shrink that left u unsummed: reduce once, not in every expand block
         _finish(x, y, meta, layer, ids, sizes, choice, plan, partial, chained=False)
     else:  # the same batch: the expand is chained to the shrink just launched
-        _expand_summed(batch, y, ids, sizes, plan, partial, u_offset, chained=True)
+        _expand_summed(batch, y, ids, sizes, plan, partial, u_offset, True, x.shape[1])
     del seg  # alive until here: the launches read it
 
 

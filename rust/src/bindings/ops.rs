@@ -40,30 +40,36 @@ impl PyKernelBatch {
     #[allow(clippy::too_many_arguments)]
     fn shrink(
         &self, x: u64, x_stride: usize, hi: usize, module_ids: Vec<u32>, partial: u64, partial_capacity: usize,
-        plan: (usize, usize, bool),
+        plan: ShrinkTuple,
     ) -> PyResult<Option<usize>> {
         let k = cuda::kernels(self.device).py()?;
-        let plan = plan::ShrinkPlan { ksplit: plan.0, kchunk: plan.1 };
+        let plan = shrink_plan(plan);
         launch::shrink(&k, &self.batch, x, x_stride, hi, &module_ids, partial, partial_capacity, &plan).py()
     }
 
     /// u [S, T, max_rank] = the summed partials (zero past each token's rank).
-    fn reduce(&self, module_ids: Vec<u32>, partial: u64, plan: (usize, usize, bool), u: u64) -> PyResult<()> {
+    fn reduce(&self, module_ids: Vec<u32>, partial: u64, plan: ShrinkTuple, u: u64) -> PyResult<()> {
         let k = cuda::kernels(self.device).py()?;
-        let plan = plan::ShrinkPlan { ksplit: plan.0, kchunk: plan.1 };
+        let plan = shrink_plan(plan);
+        if plan.split_target > 0 {
+            // the reduce sums every planned split: a device-sized split leaves some unwritten
+            return Err(crate::error::LoraError::Cuda("reduce takes a host-planned split (plan_shrink(..., device_split=False))".into())).py();
+        }
         launch::reduce(&k, &self.batch, &module_ids, partial, &plan, u).py()
     }
 
     /// y[:, slice columns] += partials summed over ksplit @ B^T (DoRA scaled), in place.
-    /// `chained`: launched right after the shrink that wrote `partial` (may overlap it).
-    #[pyo3(signature = (partial, ksplit, y, y_stride, module_ids, out_sizes, chained=false))]
+    /// `chained`: launched right after the shrink that wrote `partial` (may overlap it). `hi` and
+    /// `split_target`: the shrink's, where its plan sized the split on the device (plan[3] > 0).
+    #[pyo3(signature = (partial, ksplit, y, y_stride, module_ids, out_sizes, chained=false, hi=0, split_target=0))]
     #[allow(clippy::too_many_arguments)]
     fn expand(
         &self, partial: u64, ksplit: usize, y: u64, y_stride: usize, module_ids: Vec<u32>, out_sizes: Vec<usize>,
-        chained: bool,
+        chained: bool, hi: usize, split_target: usize,
     ) -> PyResult<()> {
         let k = cuda::kernels(self.device).py()?;
-        launch::expand(&k, &self.batch, partial, ksplit, y, y_stride, &module_ids, &out_sizes, chained).py()
+        let split = (split_target > 0).then_some((hi, split_target));
+        launch::expand(&k, &self.batch, partial, ksplit, y, y_stride, &module_ids, &out_sizes, chained, split).py()
     }
 
     /// The fused decode apply: y[:, slices] += LoRA(x) in one launch; `plan` from `plan_fused`.
@@ -79,7 +85,8 @@ impl PyKernelBatch {
     }
 }
 
-/// (ksplit, kchunk, col_steps, col_groups, staged_a, blocks_per_sm) of the fused decode kernel for this apply, or None when
+/// (ksplit, kchunk, col_steps, col_groups, staged_a, blocks_per_sm, split_target, expand_target) of the fused
+/// decode kernel for this apply (split_target > 0: split and column steps sized on the device), or None when
 /// the apply takes shrink + expand (plan::decode_is_fused). The tuning arguments as for KernelBatch.
 #[pyfunction]
 #[pyo3(signature = (tokens, hi, max_out, num_slices, num_slots, max_rank, shrink_target_blocks=None, expand_kernel=None))]
@@ -93,15 +100,29 @@ fn plan_fused(
         return Ok(None);
     }
     let p = plan::plan_fused(tokens, hi, max_out, num_slices, num_slots, &t);
-    Ok(Some((p.shrink.ksplit, p.shrink.kchunk, p.col_steps, p.col_groups, p.staged_a, p.blocks_per_sm)))
+    Ok(Some((p.shrink.ksplit, p.shrink.kchunk, p.col_steps, p.col_groups, p.staged_a, p.blocks_per_sm, p.shrink.split_target, p.expand_target)))
 }
 
 /// The fused decode plan as Python holds it: (ksplit, kchunk, col_steps, col_groups, staged_a,
-/// blocks_per_sm or None).
-type FusedTuple = (usize, usize, usize, usize, bool, Option<usize>);
+/// blocks_per_sm or None, split_target, expand_target).
+type FusedTuple = (usize, usize, usize, usize, bool, Option<usize>, usize, usize);
 
 fn fused_plan(p: FusedTuple) -> plan::FusedPlan {
-    plan::FusedPlan { shrink: plan::ShrinkPlan { ksplit: p.0, kchunk: p.1 }, col_steps: p.2, col_groups: p.3, staged_a: p.4, blocks_per_sm: p.5 }
+    plan::FusedPlan {
+        shrink: plan::ShrinkPlan { ksplit: p.0, kchunk: p.1, split_target: p.6 },
+        col_steps: p.2,
+        col_groups: p.3,
+        staged_a: p.4,
+        blocks_per_sm: p.5,
+        expand_target: p.7,
+    }
+}
+
+/// The shrink plan as Python holds it: (ksplit, kchunk, reduce_first, split_target).
+type ShrinkTuple = (usize, usize, bool, usize);
+
+fn shrink_plan(p: ShrinkTuple) -> plan::ShrinkPlan {
+    plan::ShrinkPlan { ksplit: p.0, kchunk: p.1, split_target: p.3 }
 }
 
 /// A tuning table's launch choices (python/loramux/ops/tuning.py) as the planner takes them.
@@ -117,19 +138,26 @@ fn tuning(shrink_target_blocks: Option<usize>, expand_kernel: Option<&str>) -> P
     Ok(plan::Tuning { shrink_target_blocks: shrink_target_blocks.filter(|&b| b > 0), expand })
 }
 
-/// (ksplit, kchunk, reduce_first) of the shrink for this geometry; reduce_first: lora_apply
-/// sums the partials into u before the expand where the shrink did not (it returned no u). The tuning arguments as for KernelBatch; `max_rank`
-/// (the batch's, default 16) decides whether small items take the pipelined kernels.
+/// (ksplit, kchunk, reduce_first, split_target) of the shrink for this geometry; reduce_first:
+/// lora_apply sums the partials into u before the expand where the shrink did not (it returned no
+/// u); split_target > 0: the decode kernels size the split from the step's item count (pass hi and
+/// it to the expand). The tuning arguments as for KernelBatch; `max_rank` (the batch's, default 16)
+/// decides whether small items take the pipelined kernels; `device_split=False` plans the split on
+/// the host (the standalone shrink, whose reduce sums every planned split).
 #[pyfunction]
-#[pyo3(signature = (tokens, hi, num_slices, num_slots, shrink_target_blocks=None, expand_kernel=None, max_rank=16))]
+#[pyo3(signature = (tokens, hi, num_slices, num_slots, shrink_target_blocks=None, expand_kernel=None, max_rank=16, device_split=true))]
 #[allow(clippy::too_many_arguments)]
 fn plan_shrink(
     tokens: usize, hi: usize, num_slices: usize, num_slots: usize, shrink_target_blocks: Option<usize>,
-    expand_kernel: Option<&str>, max_rank: usize,
-) -> PyResult<(usize, usize, bool)> {
+    expand_kernel: Option<&str>, max_rank: usize, device_split: bool,
+) -> PyResult<ShrinkTuple> {
     let t = tuning(shrink_target_blocks, expand_kernel)?;
-    let p = plan::plan_shrink(tokens, hi, num_slices, num_slots, max_rank, &t);
-    Ok((p.ksplit, p.kchunk, plan::apply_reduces_first(tokens, &p, &t)))
+    let p = if device_split {
+        plan::plan_shrink(tokens, hi, num_slices, num_slots, max_rank, &t)
+    } else {
+        plan::plan_shrink_on_host(tokens, hi, num_slices, num_slots, max_rank, &t)
+    };
+    Ok((p.ksplit, p.kchunk, plan::apply_reduces_first(tokens, &p, &t), p.split_target))
 }
 
 /// int32 elements of the token-segments buffer for `tokens` tokens over `num_slots` slots.

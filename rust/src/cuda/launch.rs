@@ -7,8 +7,9 @@ use std::ffi::c_void;
 use cudarc::driver::{result as drv, sys};
 
 use super::plan::{
-    decode_expand_is_flat, expand_columns_per_thread, expand_tiles_per_block, expand_variant, flat_expand_columns, fused_col_groups,
-    fused_form, fused_is_dependent, grid_items, item_tokens, max_items, partial_len, pipe_expand_smem, pipe_expand_tiles, pipe_shrink_kernel, pipe_shrink_smem,
+    decode_expand_is_flat, expand_columns_per_thread, expand_tiles_per_block, expand_variant, flat_expand_columns, fused_form,
+    fused_grid_blocks, fused_is_dependent, grid_items, item_tokens, max_items, partial_len, pipe_expand_smem, pipe_expand_tiles,
+    pipe_shrink_kernel, pipe_shrink_smem,
     pipe_smem_fits, segments_len, small_items, takes_pipelined, u_len, FusedPlan, ShrinkPlan, Tuning, FUSED_COLS, FUSED_MAX_RANK, TILE_T,
 };
 use super::DeviceKernels;
@@ -91,6 +92,7 @@ struct ShrinkArgs {
     ksplit: i32,
     kchunk: i32,
     max_items: i32,
+    split_target: i32,
     table: LoraTable,
     slices: LoraSlices,
 }
@@ -107,6 +109,8 @@ struct ExpandArgs {
     ksplit: i32,
     ochunk: i32,
     max_items: i32,
+    hi: i32,
+    split_target: i32,
     table: LoraTable,
     slices: LoraSlices,
 }
@@ -128,6 +132,8 @@ struct FusedArgs {
     col_steps: i32,
     col_groups: i32,
     smem_bytes: i32,
+    split_target: i32,
+    expand_target: i32,
     table: LoraTable,
     slices: LoraSlices,
 }
@@ -377,6 +383,8 @@ pub fn shrink(
         ksplit: plan.ksplit as i32,
         kchunk: plan.kchunk as i32,
         max_items: items as i32,
+        // the decode shrink only (T <= 64): the other kernels keep the planned split
+        split_target: if b.decode() && b.tokens <= TILE_T { plan.split_target as i32 } else { 0 },
         table: b.table_args(),
         slices: sl,
     };
@@ -422,11 +430,13 @@ pub fn reduce(k: &DeviceKernels, b: &Batch, module_ids: &[u32], partial: u64, pl
 }
 
 /// Expand from `ksplit` partials (ksplit = 1 for a caller's u) into y, in place. `chained`: the
-/// kernel before it on the stream is the shrink that wrote `partial` (lora_apply).
+/// kernel before it on the stream is the shrink that wrote `partial` (lora_apply). `split`: the
+/// shrink's (Hi, split_target) where it sized its split on the device (ShrinkPlan::split_target):
+/// the expand sums the same splits of the `ksplit` the partials are strided by.
 #[allow(clippy::too_many_arguments)]
 pub fn expand(
     k: &DeviceKernels, b: &Batch, partial: u64, ksplit: usize, y: u64, y_stride: usize, module_ids: &[u32],
-    out_sizes: &[usize], chained: bool,
+    out_sizes: &[usize], chained: bool, split: Option<(usize, usize)>,
 ) -> Result<()> {
     b.check()?;
     if out_sizes.len() != module_ids.len() {
@@ -473,6 +483,11 @@ pub fn expand(
         ksplit: ksplit as i32,
         ochunk: ochunk as i32,
         max_items: items as i32,
+        hi: split.map_or(0, |s| s.0) as i32,
+        split_target: match split {
+            Some((hi, target)) if hi > 0 && ksplit > 1 && b.decode() && b.tokens <= TILE_T => target as i32,
+            _ => 0,
+        },
         table: b.table_args(),
         slices: sl,
     };
@@ -529,6 +544,7 @@ pub fn fused(
     }
     let sp = &plan.shrink;
     if sp.kchunk % 256 != 0 || sp.kchunk > 1024 || sp.ksplit * sp.kchunk < hi || plan.col_steps == 0
+        || (sp.split_target > 0 && plan.expand_target == 0)
         || plan.col_groups * plan.col_steps * FUSED_COLS < max_out
     {
         return Err(LoraError::Cuda(format!("fused plan {plan:?} does not cover Hi {hi} and {max_out} columns")));
@@ -556,11 +572,13 @@ pub fn fused(
         col_steps: plan.col_steps as i32,
         col_groups: plan.col_groups as i32,
         smem_bytes: smem as i32,
+        split_target: sp.split_target as i32,
+        expand_target: plan.expand_target as i32,
         table: b.table_args(),
         slices: sl,
     };
     // a group of ksplit + col_groups blocks per (slice, item); groups past the step's items leave at once
-    let blocks: usize = out_sizes.iter().map(|&o| items * (sp.ksplit + fused_col_groups(o, plan.col_steps))).sum();
+    let blocks = fused_grid_blocks(plan, hi, out_sizes, items);
     if blocks > i32::MAX as usize {
         return Err(LoraError::Cuda(format!("{blocks} blocks is more than one launch takes")));
     }
@@ -578,9 +596,9 @@ mod tests {
         assert_eq!(std::mem::size_of::<LoraSlices>(), 4 + 3 * 4 * MAX_SLICES);
         assert_eq!(std::mem::size_of::<LoraTable>(), 24);
         assert_eq!(std::mem::size_of::<ShrinkArgs>(), 40 + 20 + 4 + 24 + 100 + 4);
-        assert_eq!(std::mem::size_of::<ExpandArgs>(), 40 + 16 + 24 + 100 + 4);
+        assert_eq!(std::mem::size_of::<ExpandArgs>(), 40 + 24 + 24 + 100 + 4);
         assert_eq!(std::mem::size_of::<SegmentArgs>(), 32);
-        assert_eq!(std::mem::size_of::<FusedArgs>(), 48 + 32 + 24 + 100 + 4);
+        assert_eq!(std::mem::size_of::<FusedArgs>(), 48 + 40 + 24 + 100 + 4);
     }
 
     #[test]

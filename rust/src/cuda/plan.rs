@@ -182,10 +182,14 @@ pub const SEG_HEADER: usize = 4;
 pub const FUSED_WS_WORDS: usize = 2;
 
 /// How the shrink splits its reduction dim: `ksplit` partial sums of `kchunk` elements each.
+/// `split_target > 0` (decode batches, `decode_split_from_device`): the kernels take the split
+/// `decode_split` gives the step's real item count for that target, and ksplit / kchunk are the
+/// most either can be over every count (the grid, the partials' stride, the staged x rows).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ShrinkPlan {
     pub ksplit: usize,
     pub kchunk: usize,
+    pub split_target: usize,
 }
 
 /// `LORAMUX_SHRINK_TARGET_BLOCKS`, else the tuning's target, else the built-in one; at most
@@ -194,10 +198,24 @@ pub struct ShrinkPlan {
 pub fn plan_shrink(
     tokens: usize, hi: usize, num_slices: usize, num_slots: usize, max_rank: usize, tuning: &Tuning,
 ) -> ShrinkPlan {
+    plan_shrink_with(tokens, hi, num_slices, num_slots, max_rank, tuning, decode_split_from_device(tokens))
+}
+
+/// `plan_shrink` with the split planned on the host whatever the batch (the standalone shrink: its
+/// reduce sums every planned split).
+pub fn plan_shrink_on_host(
+    tokens: usize, hi: usize, num_slices: usize, num_slots: usize, max_rank: usize, tuning: &Tuning,
+) -> ShrinkPlan {
+    plan_shrink_with(tokens, hi, num_slices, num_slots, max_rank, tuning, false)
+}
+
+fn plan_shrink_with(
+    tokens: usize, hi: usize, num_slices: usize, num_slots: usize, max_rank: usize, tuning: &Tuning, device_split: bool,
+) -> ShrinkPlan {
     // the flat expand re-reads every token's partials in each block: fewer, fatter splits pay there
     let built_in = if decode_expand_is_flat(tokens, num_slices, tuning) { FLAT_TARGET_BLOCKS } else { TARGET_BLOCKS };
     let target = env_usize("LORAMUX_SHRINK_TARGET_BLOCKS").or(tuning.shrink_target_blocks).unwrap_or(built_in).max(1);
-    let plan = split_for(tokens, hi, num_slices, num_slots, target);
+    let plan = split_for(tokens, hi, num_slices, num_slots, target, device_split);
     let max_split = pipe_max_split();
     if !takes_pipelined(tokens, max_rank, tuning) || plan.ksplit <= max_split {
         return plan;
@@ -209,7 +227,7 @@ pub fn plan_shrink(
     if small_items(tokens) {
         kchunk = kchunk.min(DECODE_MAX_CHUNK);
     }
-    ShrinkPlan { ksplit: hi.div_ceil(kchunk), kchunk }
+    ShrinkPlan { ksplit: hi.div_ceil(kchunk), kchunk, split_target: 0 }
 }
 
 /// Splits of the reduction dim the pipelined prefill shrink takes at most (`LORAMUX_PIPE_MAX_SPLIT`
@@ -232,8 +250,11 @@ fn planned_items(tokens: usize, num_slots: usize) -> usize {
 const DECODE_MAX_CHUNK: usize = 1024;
 
 /// The split of the reduction dim that gives about `target` shrink blocks.
-fn split_for(tokens: usize, hi: usize, num_slices: usize, num_slots: usize, target: usize) -> ShrinkPlan {
+fn split_for(tokens: usize, hi: usize, num_slices: usize, num_slots: usize, target: usize, device_split: bool) -> ShrinkPlan {
     let decode = small_items(tokens);
+    if decode && tokens <= TILE_T && device_split {
+        return device_sized_split(tokens, hi, num_slices, num_slots, target);
+    }
     // decode: a block holds up to 4 x 256 elements of each A row in registers; prefill: the tensor
     // core kernel steps 64 at a time, and splits only to fill the SMs.
     let (granule, max_chunk) = if decode { (256, DECODE_MAX_CHUNK) } else { (64, usize::MAX) };
@@ -245,7 +266,50 @@ fn split_for(tokens: usize, hi: usize, num_slices: usize, num_slots: usize, targ
     let ksplit = want.min(max_split).max(1);
     let kchunk = hi.div_ceil(ksplit).div_ceil(granule).max(1) * granule;
     let kchunk = kchunk.min(max_chunk);
-    ShrinkPlan { ksplit: hi.div_ceil(kchunk).max(1), kchunk }
+    ShrinkPlan { ksplit: hi.div_ceil(kchunk).max(1), kchunk, split_target: 0 }
+}
+
+/// Whether a decode batch of `tokens` tokens (T <= 64) takes its split, and the fused kernel its
+/// column steps, from the step's real item count on the device (the segments' seg[0]) rather than
+/// from `planned_items`: the decode step's 32 one-token items were split as for 16, and 8 adapters
+/// of 8 tokens over a large slot table as for 32 (128 blocks on 132 SMs).
+/// `LORAMUX_DECODE_DEVICE_SPLIT=1|0` forces either (A/B runs); else above DEVICE_SPLIT_MIN_TOKENS.
+pub fn decode_split_from_device(tokens: usize) -> bool {
+    match std::env::var("LORAMUX_DECODE_DEVICE_SPLIT").as_deref() {
+        Ok("1") => true,
+        Ok("0") => false,
+        _ => tokens > DEVICE_SPLIT_MIN_TOKENS,
+    }
+}
+
+/// Decode batches above this many tokens size their split on the device by default. Measured on the
+/// H200 (docs/kernel-notes.md, decode-6; same run, ops.py decode rows): at 16 tokens the host's
+/// guess is at most ~2x off and the device sizing lost (geomean 0.93x over 24 cases: the table's
+/// split targets were tuned for the host's count, and an item count other than the most the
+/// segments hold costs every block one more trip); at 64 tokens it was 1.07x faster (8 adapters
+/// over a large slot table 1.35-1.68x; 4-8 % slower at 32 and 128) and the decode step's LoRA
+/// overhead (batch 32) 353-360 us against 368.
+pub const DEVICE_SPLIT_MIN_TOKENS: usize = 16;
+
+/// The decode split for `items` items (cuda/lora_common.cuh decode_split, which the kernels run
+/// with the step's count): about `target` shrink blocks, 256-element granules, at most 1024.
+pub fn decode_split(items: usize, num_slices: usize, hi: usize, target: usize) -> ShrinkPlan {
+    let groups = (items * num_slices).max(1);
+    let want = target.div_ceil(groups).max(1);
+    let ksplit = want.min(hi.div_ceil(256).max(1));
+    let kchunk = (hi.div_ceil(ksplit).div_ceil(256) * 256).min(DECODE_MAX_CHUNK);
+    ShrinkPlan { ksplit: hi.div_ceil(kchunk).max(1), kchunk, split_target: 0 }
+}
+
+/// A decode split the device sizes: room for every item count the segments can hold. The split
+/// count only grows as the items get fewer (one item: the most), the chunk as they get more.
+fn device_sized_split(tokens: usize, hi: usize, num_slices: usize, num_slots: usize, target: usize) -> ShrinkPlan {
+    let most = max_items(tokens, num_slots);
+    ShrinkPlan {
+        ksplit: decode_split(1, num_slices, hi, target).ksplit,
+        kchunk: decode_split(most, num_slices, hi, target).kchunk,
+        split_target: target,
+    }
 }
 
 /// Ranks up to this take the fused decode kernel: its expand stages two 256-column tiles of B in
@@ -405,6 +469,8 @@ pub struct FusedPlan {
     pub staged_a: bool,
     /// blocks an SM the table's kind asks for (`fused_kind_blocks_per_sm`), else None
     pub blocks_per_sm: Option<usize>,
+    /// > 0 (the split sized on the device): expand blocks the device's column steps aim for
+    pub expand_target: usize,
 }
 
 /// Output columns of one expand step of the fused kernel (a column a thread).
@@ -416,18 +482,49 @@ pub const FUSED_COLS: usize = 256;
 pub fn plan_fused(tokens: usize, hi: usize, max_out: usize, num_slices: usize, num_slots: usize, tuning: &Tuning) -> FusedPlan {
     let target =
         env_usize("LORAMUX_SHRINK_TARGET_BLOCKS").or(tuning.shrink_target_blocks).unwrap_or(FUSED_SHRINK_TARGET).max(1);
-    let shrink = split_for(tokens, hi, num_slices, num_slots, target);
+    let shrink = split_for(tokens, hi, num_slices, num_slots, target, decode_split_from_device(tokens));
     let expand_target = env_usize("LORAMUX_FUSED_EXPAND_BLOCKS").unwrap_or(FUSED_EXPAND_TARGET).max(1);
     let units = max_out.div_ceil(FUSED_COLS).max(1);
-    let pairs = planned_items(tokens, num_slots) * num_slices.max(1);
-    let col_steps = (units * pairs).div_ceil(expand_target).clamp(1, units);
+    // sized on the device: the host's steps are the most items' (a check on the plan, not used)
+    let items = if shrink.split_target > 0 { max_items(tokens, num_slots) } else { planned_items(tokens, num_slots) };
+    let col_steps = fused_col_steps(units, items * num_slices.max(1), expand_target);
     FusedPlan {
         shrink,
         col_steps,
         col_groups: units.div_ceil(col_steps),
         staged_a: fused_stages_a(tuning),
         blocks_per_sm: fused_kind_blocks_per_sm(tuning),
+        expand_target: if shrink.split_target > 0 { expand_target } else { 0 },
     }
+}
+
+/// 256-column steps of a fused expand block: about `expand_target` expand blocks over `pairs`
+/// (slice, item) pairs of `units` steps each (cuda/lora_fused.cu fused_shape does the same on the
+/// device with the step's item count).
+fn fused_col_steps(units: usize, pairs: usize, expand_target: usize) -> usize {
+    (units * pairs.max(1)).div_ceil(expand_target.max(1)).clamp(1, units.max(1))
+}
+
+/// Blocks of a fused launch: a group of ksplit + col_groups(slice) blocks per (slice, item). With
+/// the shape sized on the device, the most any item count up to the segments' bound can take
+/// (cuda/lora_fused.cu fused_shape / fused_block_item); blocks past the step's count leave.
+pub fn fused_grid_blocks(plan: &FusedPlan, hi: usize, out_sizes: &[usize], max_items: usize) -> usize {
+    let groups = |items: usize, ksplit: usize, col_steps: usize| -> usize {
+        out_sizes.iter().map(|&o| items * (ksplit + fused_col_groups(o, col_steps))).sum()
+    };
+    if plan.shrink.split_target == 0 {
+        return groups(max_items, plan.shrink.ksplit, plan.col_steps);
+    }
+    let s = out_sizes.len();
+    let units = out_sizes.iter().copied().max().unwrap_or(0).div_ceil(FUSED_COLS).max(1);
+    (1..=max_items.max(1))
+        .map(|n| {
+            let d = decode_split(n, s, hi, plan.shrink.split_target);
+            let ksplit = if d.ksplit <= plan.shrink.ksplit && d.kchunk <= plan.shrink.kchunk { d.ksplit } else { plan.shrink.ksplit };
+            groups(n, ksplit, fused_col_steps(units, n * s, plan.expand_target))
+        })
+        .max()
+        .unwrap_or(0)
 }
 
 /// Expand blocks per item of a slice `out_size` wide (cuda/lora_fused.cu fused_col_groups).
@@ -658,7 +755,7 @@ mod tests {
         for &(t, hi, s, slots) in &cases {
             // rank 64 takes the pipelined kernels on small items, rank 16 the CUDA-core ones
             for max_rank in [16, 64] {
-                let p = plan_shrink(t, hi, s, slots, max_rank, &Tuning::default());
+                let p = plan_shrink_on_host(t, hi, s, slots, max_rank, &Tuning::default());
                 assert!(p.ksplit >= 1 && p.kchunk * p.ksplit >= hi, "{t} {hi}: {p:?}");
                 assert!(p.kchunk * (p.ksplit - 1) < hi, "empty split {p:?}");
                 if small_items(t) {
@@ -669,6 +766,46 @@ mod tests {
                 assert!(p.kchunk % granule == 0, "{t} {hi} r{max_rank}: {p:?}");
             }
         }
+    }
+
+    #[test]
+    fn a_device_sized_split_has_room_for_every_item_count() {
+        if ["LORAMUX_DECODE_DEVICE_SPLIT", "LORAMUX_SHRINK_TARGET_BLOCKS", "LORAMUX_FUSED_EXPAND_BLOCKS"].iter().any(|v| std::env::var(v).is_ok()) {
+            return;
+        }
+        let d = Tuning::default();
+        // up to 16 tokens the host plans the split (measured), above it the device
+        assert_eq!(plan_shrink(16, 4096, 1, 64, 16, &d).split_target, 0);
+        assert_eq!(plan_fused(8, 4096, 4096, 1, 64, &d).expand_target, 0);
+        for &(t, hi, s, slots) in &[(17, 4096, 1, 8), (32, 4096, 3, 64), (32, 14336, 1, 33), (64, 576, 2, 4), (64, 4096, 2, 200), (20, 100, 3, 3), (64, 65536, 1, 8)] {
+            for max_rank in [16, 64] {
+                let p = plan_shrink(t, hi, s, slots, max_rank, &d);
+                assert!(p.split_target > 0 && p.kchunk % 256 == 0 && p.kchunk <= DECODE_MAX_CHUNK, "{p:?}");
+                for n in 1..=max_items(t, slots) {
+                    let q = decode_split(n, s, hi, p.split_target);
+                    // the device's split covers Hi with no empty split, within the grid and partials
+                    assert!(q.ksplit * q.kchunk >= hi && q.kchunk * (q.ksplit - 1) < hi, "{n}: {q:?}");
+                    assert!(q.ksplit <= p.ksplit && q.kchunk <= p.kchunk, "{t} {hi} {s} {slots} n={n}: {q:?} vs {p:?}");
+                }
+            }
+            let outs = vec![hi.max(300); s];
+            let f = plan_fused(t, hi, hi.max(300), s, slots, &d);
+            assert!(f.expand_target > 0 && f.shrink.split_target > 0);
+            // the grid holds every count's blocks; the count the host planned for before is one of them
+            let grid = fused_grid_blocks(&f, hi, &outs, max_items(t, slots));
+            for n in 1..=max_items(t, slots) {
+                let q = decode_split(n, s, hi, f.shrink.split_target);
+                let cs = fused_col_steps(hi.max(300).div_ceil(FUSED_COLS), n * s, f.expand_target);
+                assert!(n * s * (q.ksplit + fused_col_groups(hi.max(300), cs)) <= grid);
+            }
+        }
+        // the decode step: 32 one-token items of q|k|v are split as for 32 items, not 16
+        let q = decode_split(32, 3, 4096, FUSED_SHRINK_TARGET);
+        assert_eq!((q.ksplit, q.kchunk), (4, 1024));
+        assert_eq!(split_for(32, 4096, 3, 32, FUSED_SHRINK_TARGET, false).ksplit, 6);
+        // 8 adapters of 8 tokens over a large table: 16 splits, not 8
+        assert_eq!(decode_split(8, 1, 4096, FUSED_SHRINK_TARGET).ksplit, 16);
+        assert_eq!(split_for(64, 4096, 1, 128, FUSED_SHRINK_TARGET, false).ksplit, 8);
     }
 
     #[test]
@@ -691,8 +828,11 @@ mod tests {
         let d = Tuning::default();
         assert!(decode_expand_is_flat(32, 3, &d) && decode_expand_is_flat(64, 2, &d));
         assert!(!decode_expand_is_flat(32, 1, &d) && !decode_expand_is_flat(16, 3, &d) && !decode_expand_is_flat(65, 2, &d));
-        // the flat path's shrink splits coarser
-        assert!(plan_shrink(32, 4096, 3, 32, 16, &d).ksplit < plan_shrink(32, 4096, 1, 32, 16, &d).ksplit);
+        // the flat path's shrink splits coarser (on the device: for the same count, a smaller target)
+        assert!(plan_shrink_on_host(32, 4096, 3, 32, 16, &d).ksplit < plan_shrink_on_host(32, 4096, 1, 32, 16, &d).ksplit);
+        if decode_split_from_device(32) {
+            assert_eq!((plan_shrink(32, 4096, 3, 32, 16, &d).split_target, plan_shrink(32, 4096, 1, 32, 16, &d).split_target), (132, 528));
+        }
     }
 
     #[test]
@@ -712,7 +852,10 @@ mod tests {
         // more target blocks split the reduction finer
         let few = Tuning { shrink_target_blocks: Some(132), ..Default::default() };
         let many = Tuning { shrink_target_blocks: Some(1056), ..Default::default() };
-        assert!(plan_shrink(64, 4096, 1, 64, 16, &few).ksplit < plan_shrink(64, 4096, 1, 64, 16, &many).ksplit);
+        assert!(plan_shrink_on_host(64, 4096, 1, 64, 16, &few).ksplit < plan_shrink_on_host(64, 4096, 1, 64, 16, &many).ksplit);
+        if decode_split_from_device(64) {
+            assert_eq!(plan_shrink(64, 4096, 1, 64, 16, &few).split_target, 132);
+        }
         for k in ExpandKind::ALL {
             assert_eq!(ExpandKind::parse(k.name()), Some(k));
         }
@@ -812,7 +955,7 @@ mod tests {
         // the reduce runs wherever the shrink did not sum u itself: lora_apply asks only when
         // launch::shrink returned no u (the register-staged path, or the pipelined one's fallback)
         assert!(plan.ksplit > 1 && apply_reduces_first(2048, &plan, &d) && apply_reduces_first(2048, &plan, &c4));
-        assert!(!apply_reduces_first(2048, &ShrinkPlan { ksplit: 1, kchunk: 4096 }, &d) && !apply_reduces_first(200, &plan, &d));
+        assert!(!apply_reduces_first(2048, &ShrinkPlan { ksplit: 1, kchunk: 4096, split_target: 0 }, &d) && !apply_reduces_first(200, &plan, &d));
         assert_eq!(pipe_expand_tiles(2048, 4096, 1, &p16), 16);
         // at most 16 splits on the pipelined path (the register-staged one splits to 56 here)
         let pipe = plan_shrink(512, 14336, 1, 8, 64, &d);

@@ -41,13 +41,13 @@ pub fn struct_layouts() -> Vec<StructLayout> {
     vec![
         layout!(LoraSlices { count, module_id, out_offset, out_size }),
         layout!(LoraTable { layer_base, slot_stride, num_slots, max_rank }),
-        layout!(ShrinkArgs { x, x_stride, slot_of_token, segments, partial, t as T, hi, ksplit, kchunk, max_items, table, slices }),
-        layout!(ExpandArgs { partial, y, y_stride, slot_of_token, segments, t as T, ksplit, ochunk, max_items, table, slices }),
+        layout!(ShrinkArgs { x, x_stride, slot_of_token, segments, partial, t as T, hi, ksplit, kchunk, max_items, split_target, table, slices }),
+        layout!(ExpandArgs { partial, y, y_stride, slot_of_token, segments, t as T, ksplit, ochunk, max_items, hi, split_target, table, slices }),
         layout!(SegmentArgs { slot_of_token, segments, t as T, num_slots, max_items, chunk }),
         layout!(ReduceArgs { partial, u, slot_of_token, t as T, ksplit, table, slices }),
         layout!(FusedArgs {
             x, x_stride, y, y_stride, segments, partial, t as T, hi, ksplit, kchunk, max_items, col_steps, col_groups, smem_bytes,
-            table, slices
+            split_target, expand_target, table, slices
         }),
     ]
 }
