@@ -12,7 +12,8 @@
 # MEMCHECKS may name "launch" (test_launch_choices -k $MEMCHECK_LAUNCH_K). DECODE_ARGS go to
 # decode_step.py (e.g. "--variants plain,m4": the step under launch variants).
 # TEST_K selects tests by pytest -k in every file of FILES (a pass over what changed); TEST_SPLITS
-# runs "file|-k expr" parts, one process each, instead of FILES.
+# runs "file|expr" parts (expr goes to pytest -k; empty or no "|": the whole file), one process
+# each, instead of FILES.
 # Run from a tree holding tests/, benchmarks/, pyproject.toml:
 #   WHEEL=path/to/loramux.whl COMMIT=sha bash benchmarks/gpu_tune_pass.sh      (results in $OUT)
 export PYTHONUNBUFFERED=1
@@ -28,11 +29,11 @@ has tests && [ -z "$TEST_SPLITS" ] && for f in ${FILES:-test_kernels test_fused 
   ( timeout -s INT -k 20 ${TEST_S:-130} python -m pytest -q -m gpu -p no:cacheprovider --tb=short --durations=8 tests/$f.py ${TEST_K:+-k "$TEST_K"} > $LOGS/$f.log 2>&1
     echo "$f rc=$? $(grep -E ' passed| failed| error|no tests ran' $LOGS/$f.log | tail -1)"; grep -E "^(FAILED|ERROR)" $LOGS/$f.log | head -5 ) &
 done
-# TEST_SPLITS="file|-k expr;file|expr;...": one process per part (a long file split over several)
+# TEST_SPLITS="file|expr;file|;file;...": one process per part (a long file split over several)
 if has tests && [ -n "$TEST_SPLITS" ]; then
   i=0; IFS=';' read -ra parts <<< "$TEST_SPLITS"
   for part in "${parts[@]}"; do
-    f=${part%%|*}; k=${part#*|}; i=$((i + 1))
+    f=${part%%|*}; k=""; [[ "$part" == *"|"* ]] && k=${part#*|}; i=$((i + 1))
     ( timeout -s INT -k 20 ${TEST_S:-130} python -m pytest -q -m gpu -p no:cacheprovider --tb=short --durations=4 tests/$f.py ${k:+-k "$k"} > $LOGS/$f-$i.log 2>&1
       echo "$f [$k] rc=$? $(grep -E ' passed| failed| error|no tests ran' $LOGS/$f-$i.log | tail -1)"; grep -E "^(FAILED|ERROR)" $LOGS/$f-$i.log | head -5 ) &
   done

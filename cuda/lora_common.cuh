@@ -229,8 +229,9 @@ __device__ __forceinline__ WorkItem work_item(const int* seg, int max_items, int
 // the launch is sized on the host for any count (grid and partials for the most splits), the
 // device knows the count (seg[0]) and takes about `target` shrink blocks over n items x S slices:
 // splits of 256-element granules, at most 1024 elements (DECODE_MAX_CHUNK). The two-kernel shrink,
-// its expand and the fused kernel all derive the same split from the same count, so a token's
-// partials (and rows) are bit for bit the same on every path.
+// its expand and the fused kernel all derive the same split from the same count and target, so a
+// token's partials (and rows) are bit for bit the same on every path given the same target (the
+// built-in targets differ per path: fused 264, grouped 528, flat 132; the tests force one).
 struct DecodeSplit {
     int ksplit;
     int kchunk;

@@ -326,7 +326,7 @@ __device__ __forceinline__ int fused_col_groups(const FusedArgs& p, int s, int c
 // How the launch's blocks are shared out for `items` items of the step: ksplit shrink blocks and
 // fused_col_groups expand blocks per (slice, item). Host-planned (split_target 0), or sized from
 // the item count (the split by decode_split, the column steps so about expand_target expand
-// blocks run; rust/src/cuda/plan.rs fused_device_shape mirrors it).
+// blocks run; rust/src/cuda/plan.rs fused_grid_blocks and fused_col_steps mirror it).
 struct FusedShape {
     int items;
     int ksplit;

@@ -103,7 +103,8 @@ def test_u_sums_match_the_serial_sum_bit_for_bit(monkeypatch, dtype, T):
     (ranks in fours) or element by element (odd ranks; LORAMUX_PIPE_USUM=serial everywhere): the
     same additions in the same order, so y is equal bit for bit, and matches the oracle."""
     _force(monkeypatch, "p", 1056)
-    ad, slots, x, y0, sot = _case(T + 3, dtype, T, QKV, ranks=[8, 16, 1, 0, 64, 7, 128, 33, 4, 32])
+    ad, slots, x, y0, sot = _case(T + 3, dtype, T, QKV, ranks=[8, 16, 1, 0, 64, 7, 128, 33, 4, 32],
+                                  num_slots=11)
     y = _check_apply(ad, slots, x, y0, sot, 1, QKV)
     monkeypatch.setenv("LORAMUX_PIPE_USUM", "serial")
     assert torch.equal(_check_apply(ad, slots, x, y0, sot, 1, QKV), y)

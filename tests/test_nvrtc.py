@@ -28,11 +28,15 @@ def test_an_unknown_arch_is_a_typed_error():
         _core.nvrtc_compile_all(12)
 
 
-def test_plan_splits_decode_over_the_sms():
+def test_plan_splits_decode_over_the_sms(monkeypatch):
+    for k in ("LORAMUX_DECODE_DEVICE_SPLIT", "LORAMUX_SHRINK_TARGET_BLOCKS"):  # the built-in plan, whatever the caller set
+        monkeypatch.delenv(k, raising=False)
     ksplit, kchunk, reduce_first, _target = _core.plan_shrink(1, 4096, 1, 8)
     assert ksplit * kchunk >= 4096 and ksplit >= 4 and not reduce_first
     # decode: the split sized on the device from the step's item count, unless asked on the host
     assert _core.plan_shrink(32, 4096, 1, 64)[3] > 0 and _core.plan_shrink(32, 4096, 1, 64, device_split=False)[3] == 0
+    # an empty input width plans (one chunk) instead of dividing by zero
+    assert _core.plan_shrink(32, 0, 1, 8)[:2] == (1, 256) and _core.plan_fused(32, 0, 4096, 1, 8, 16)[:2] == (1, 256)
     ksplit, kchunk, reduce_first, target = _core.plan_shrink(2048, 4096, 3, 8)
     assert target == 0  # prefill plans its split on the host
     assert 1 <= ksplit <= 16 and kchunk % 64 == 0 and ksplit * kchunk >= 4096

@@ -258,7 +258,8 @@ def lora_apply(x, y, meta, layer: int, module_ids: Sequence[int], out_sizes: Seq
     Decode (T <= 64, rank <= 64): one fused launch (cuda/lora_fused.cu), or, where the launch table
     or LORAMUX_DECODE_FUSED=0 says so, two launches, the expand a programmatic dependent of the
     shrink on sm_90 (starts early, waits in-kernel) that sums the split-K partials as it loads u.
-    Prefill: shrink, a reduce of the partials into u, then the expand. Which kernels and how finely
+    Prefill: shrink, then the expand; the pipelined shrink sums its partials into u itself, elsewhere
+    a reduce of the partials into u runs between them. Which kernels and how finely
     the shrink splits: the measured launch table where it has the geometry (tuning.py)."""
     sizes = _apply_checks(x, y, meta, module_ids, out_sizes)
     choice = _tuning(x.device, x.shape[1], sizes, int(meta.max_rank), x.shape[0])

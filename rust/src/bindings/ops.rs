@@ -67,6 +67,10 @@ impl PyKernelBatch {
         &self, partial: u64, ksplit: usize, y: u64, y_stride: usize, module_ids: Vec<u32>, out_sizes: Vec<usize>,
         chained: bool, hi: usize, split_target: usize,
     ) -> PyResult<()> {
+        if split_target > 0 && hi == 0 {
+            // without hi the expand cannot size the split the shrink used: it would sum unwritten partials
+            return Err(crate::error::LoraError::Cuda("expand: a device-sized split (split_target > 0) needs the shrink's hi".into())).py();
+        }
         let k = cuda::kernels(self.device).py()?;
         let split = (split_target > 0).then_some((hi, split_target));
         launch::expand(&k, &self.batch, partial, ksplit, y, y_stride, &module_ids, &out_sizes, chained, split).py()

@@ -294,6 +294,7 @@ pub const DEVICE_SPLIT_MIN_TOKENS: usize = 16;
 /// The decode split for `items` items (cuda/lora_common.cuh decode_split, which the kernels run
 /// with the step's count): about `target` shrink blocks, 256-element granules, at most 1024.
 pub fn decode_split(items: usize, num_slices: usize, hi: usize, target: usize) -> ShrinkPlan {
+    let hi = hi.max(1); // an empty input width plans one 256-element chunk (the launchers return before any launch)
     let groups = (items * num_slices).max(1);
     let want = target.div_ceil(groups).max(1);
     let ksplit = want.min(hi.div_ceil(256).max(1));
@@ -478,7 +479,9 @@ pub const FUSED_COLS: usize = 256;
 
 /// The fused kernel's plan for `tokens` tokens, Hi = `hi`, widest slice `max_out`. Shrink split:
 /// `LORAMUX_SHRINK_TARGET_BLOCKS`, else the tuning's target, else FUSED_SHRINK_TARGET; expand:
-/// `LORAMUX_FUSED_EXPAND_BLOCKS`, else FUSED_EXPAND_TARGET, spread over the planned items.
+/// `LORAMUX_FUSED_EXPAND_BLOCKS`, else FUSED_EXPAND_TARGET, spread over the planned items (where the
+/// split is device-sized, the kernel takes its column steps from the step's real item count; the
+/// host's figure sizes the grid).
 pub fn plan_fused(tokens: usize, hi: usize, max_out: usize, num_slices: usize, num_slots: usize, tuning: &Tuning) -> FusedPlan {
     let target =
         env_usize("LORAMUX_SHRINK_TARGET_BLOCKS").or(tuning.shrink_target_blocks).unwrap_or(FUSED_SHRINK_TARGET).max(1);
@@ -806,6 +809,11 @@ mod tests {
         // 8 adapters of 8 tokens over a large table: 16 splits, not 8
         assert_eq!(decode_split(8, 1, 4096, FUSED_SHRINK_TARGET).ksplit, 16);
         assert_eq!(split_for(64, 4096, 1, 128, FUSED_SHRINK_TARGET, false).ksplit, 8);
+        // an empty input width plans, it does not divide by zero (the launchers then launch nothing)
+        for tokens in [1, 32, 64] {
+            let p = split_for(tokens, 0, 1, 8, FUSED_SHRINK_TARGET, true);
+            assert_eq!((p.ksplit, p.kchunk), (1, 256));
+        }
     }
 
     #[test]
