@@ -161,7 +161,7 @@ fn plan_shrink(
     } else {
         plan::plan_shrink_on_host(tokens, hi, num_slices, num_slots, max_rank, &t)
     };
-    Ok((p.ksplit, p.kchunk, plan::apply_reduces_first(tokens, &p, &t), p.split_target))
+    Ok((p.ksplit, p.kchunk, plan::apply_reduces_first(tokens, &p), p.split_target))
 }
 
 /// int32 elements of the token-segments buffer for `tokens` tokens over `num_slots` slots.

@@ -251,21 +251,20 @@ const DECODE_MAX_CHUNK: usize = 1024;
 
 /// The split of the reduction dim that gives about `target` shrink blocks.
 fn split_for(tokens: usize, hi: usize, num_slices: usize, num_slots: usize, target: usize, device_split: bool) -> ShrinkPlan {
-    let decode = small_items(tokens);
-    if decode && tokens <= TILE_T && device_split {
-        return device_sized_split(tokens, hi, num_slices, num_slots, target);
+    if small_items(tokens) {
+        // decode: the kernels' split (decode_split), for the step's item count on the device or for
+        // the planned number of items on the host
+        if tokens <= TILE_T && device_split {
+            return device_sized_split(tokens, hi, num_slices, num_slots, target);
+        }
+        return decode_split(planned_items(tokens, num_slots), num_slices, hi, target);
     }
-    // decode: a block holds up to 4 x 256 elements of each A row in registers; prefill: the tensor
-    // core kernel steps 64 at a time, and splits only to fill the SMs.
-    let (granule, max_chunk) = if decode { (256, DECODE_MAX_CHUNK) } else { (64, usize::MAX) };
-    let groups = if decode { planned_items(tokens, num_slots) } else { tokens.div_ceil(TILE_T) };
-    let blocks_wo_split = (groups * num_slices).max(1);
+    // prefill: the tensor core kernel steps 64 at a time, splits only to fill the SMs, and no finer
+    // than 256 (the partials it adds stay small next to x)
+    let blocks_wo_split = (tokens.div_ceil(TILE_T) * num_slices).max(1);
     let want = target.div_ceil(blocks_wo_split).max(1);
-    // prefill splits no finer than 256 (the partials it adds stay small next to x)
-    let max_split = if decode { hi.div_ceil(granule) } else { hi.div_ceil(256) };
-    let ksplit = want.min(max_split).max(1);
-    let kchunk = hi.div_ceil(ksplit).div_ceil(granule).max(1) * granule;
-    let kchunk = kchunk.min(max_chunk);
+    let ksplit = want.min(hi.div_ceil(256)).max(1);
+    let kchunk = hi.div_ceil(ksplit).div_ceil(64).max(1) * 64;
     ShrinkPlan { ksplit: hi.div_ceil(kchunk).max(1), kchunk, split_target: 0 }
 }
 
@@ -564,7 +563,7 @@ pub fn fused_smem_bytes(max_rank: usize) -> usize {
 /// at T = 2048, docs/kernel-notes.md). The pipelined prefill shrink sums them into u itself (its
 /// last split an item; `launch::shrink` returns u's offset then), so what ran decides, not whether
 /// the pipelined path was chosen: where it fell back (16-byte copies not allowed), the reduce runs.
-pub fn apply_reduces_first(tokens: usize, plan: &ShrinkPlan, _tuning: &Tuning) -> bool {
+pub fn apply_reduces_first(tokens: usize, plan: &ShrinkPlan) -> bool {
     !small_items(tokens) && plan.ksplit > 1
 }
 
@@ -962,8 +961,8 @@ mod tests {
         let plan = plan_shrink(2048, 4096, 1, 8, 16, &d);
         // the reduce runs wherever the shrink did not sum u itself: lora_apply asks only when
         // launch::shrink returned no u (the register-staged path, or the pipelined one's fallback)
-        assert!(plan.ksplit > 1 && apply_reduces_first(2048, &plan, &d) && apply_reduces_first(2048, &plan, &c4));
-        assert!(!apply_reduces_first(2048, &ShrinkPlan { ksplit: 1, kchunk: 4096, split_target: 0 }, &d) && !apply_reduces_first(200, &plan, &d));
+        assert!(plan.ksplit > 1 && apply_reduces_first(2048, &plan));
+        assert!(!apply_reduces_first(2048, &ShrinkPlan { ksplit: 1, kchunk: 4096, split_target: 0 }) && !apply_reduces_first(200, &plan));
         assert_eq!(pipe_expand_tiles(2048, 4096, 1, &p16), 16);
         // at most 16 splits on the pipelined path (the register-staged one splits to 56 here)
         let pipe = plan_shrink(512, 14336, 1, 8, 64, &d);
