@@ -125,15 +125,15 @@ def test_an_unaligned_x_takes_the_reduce_before_the_pipelined_expand(monkeypatch
     xu = wide[:, 1:1 + x.shape[1]]
     assert xu.data_ptr() % 16 != 0 and xu.stride(0) % 8 == 0
     reduces = []
-    real = kernels._finish
+    real = kernels._expand_after
 
-    def spy(*args, **kw):
-        reduces.append(kw.get("u_offset"))
-        return real(*args, **kw)
+    def spy(batch, y, ids, sizes, plan, partial, u_offset, *rest):
+        reduces.append(u_offset is None and bool(plan[2]))  # _expand_after's reduce condition
+        return real(batch, y, ids, sizes, plan, partial, u_offset, *rest)
 
-    monkeypatch.setattr(kernels, "_finish", spy)
+    monkeypatch.setattr(kernels, "_expand_after", spy)
     _check_apply(ad, slots, xu, y0, sot, 1, QKV)
-    assert reduces == [None], "the reduce did not run after the shrink's fallback"
+    assert reduces == [True], "the reduce did not run after the shrink's fallback"
     reduces.clear()
     _check_apply(ad, slots, x, y0, sot, 1, QKV)
-    assert reduces == []  # aligned: the pipelined shrink summed u itself
+    assert reduces == [False]  # aligned: the pipelined shrink summed u itself

@@ -211,20 +211,26 @@ def _apply_checks(x, y, meta, module_ids, out_sizes):
     return sizes
 
 
-def _finish(x, y, meta, layer, ids, sizes, choice, plan, partial, chained: bool, u_offset=None) -> None:
-    """The expand of an apply whose shrink wrote `partial`, on the current stream: from u where the
-    shrink summed the partials into it (u_offset, floats into `partial`), else (prefill whose shrink
-    did not: the register-staged one, or the pipelined one's fallback) the reduce of the split-K
-    partials into u first, else (small items) from the partials."""
+def _finish(x, y, meta, layer, ids, sizes, choice, plan, partial, u_offset=None) -> None:
+    """The expand of an apply whose shrink wrote `partial` on another stream (lora_apply_beside),
+    on the current stream: a new batch for it (meta.segments were built before the fork)."""
+    seg, batch = _batch(meta, layer, x.device, x.shape[0], choice)  # seg: alive until launched
+    _expand_after(batch, y, ids, sizes, plan, partial, u_offset, False, x.shape[1], int(meta.max_rank))
+
+
+def _expand_after(batch, y, ids, sizes, plan, partial, u_offset, chained: bool, hi: int, max_rank: int) -> None:
+    """The expand after the shrink that wrote `partial`: a prefill shrink that left u unsummed (the
+    register-staged one, or the pipelined one's fallback: u_offset None, plan[2] set) gets the reduce
+    of its split-K partials into u first, once instead of in every expand block; otherwise the expand
+    reads what the shrink left (_expand_summed)."""
     import torch
 
-    seg, batch = _batch(meta, layer, x.device, x.shape[0], choice)  # seg: alive until launched
-    if u_offset is None and plan[2]:  # prefill: sum the split-K partials once instead of in every expand block
-        u = torch.empty((len(ids), x.shape[0], int(meta.max_rank)), dtype=torch.float32, device=x.device)
+    if u_offset is None and plan[2]:
+        u = torch.empty((len(ids), y.shape[0], max_rank), dtype=torch.float32, device=y.device)
         batch.reduce(ids, partial.data_ptr(), plan, u.data_ptr())
         batch.expand(u.data_ptr(), 1, y.data_ptr(), y.stride(0), ids, sizes)
     else:
-        _expand_summed(batch, y, ids, sizes, plan, partial, u_offset, chained, x.shape[1])
+        _expand_summed(batch, y, ids, sizes, plan, partial, u_offset, chained, hi)
 
 
 def _expand_summed(batch, y, ids, sizes, plan, partial, u_offset, chained: bool, hi: int) -> None:
@@ -270,10 +276,8 @@ def lora_apply(x, y, meta, layer: int, module_ids: Sequence[int], out_sizes: Seq
         _apply_fused(x, y, meta, layer, ids, sizes, choice, fused)
         return
     batch, ids, plan, partial, seg, u_offset = _shrink_partials(x, meta, layer, module_ids, choice)
-    if u_offset is None and plan[2]:  # a prefill shrink that left u unsummed: reduce once, not in every expand block
-        _finish(x, y, meta, layer, ids, sizes, choice, plan, partial, chained=False)
-    else:  # the same batch: the expand is chained to the shrink just launched
-        _expand_summed(batch, y, ids, sizes, plan, partial, u_offset, True, x.shape[1])
+    # the same batch (and segments): the expand is chained to the shrink just launched
+    _expand_after(batch, y, ids, sizes, plan, partial, u_offset, True, x.shape[1], int(meta.max_rank))
     del seg  # alive until here: the launches read it
 
 
@@ -312,5 +316,5 @@ def lora_apply_beside(x, base, meta, layer: int, applies, width: int, dora_free:
         return y
     for ids, sizes, choice, plan, partial, _seg, u_offset in launched:
         _apply_checks(x, y, meta, ids, sizes)
-        _finish(x, y, meta, layer, ids, sizes, choice, plan, partial, chained=False, u_offset=u_offset)
+        _finish(x, y, meta, layer, ids, sizes, choice, plan, partial, u_offset=u_offset)
     return y
