@@ -129,6 +129,18 @@ def test_wrapped_layers_read_through_to_the_original():
     assert model.transformer.h[0].attn.c_attn is conv
 
 
+def test_an_attached_engine_as_a_context_detaches_on_the_way_out():
+    model = ARCHS["gpt2"][0]().eval()
+    conv = model.transformer.h[0].attn.c_attn
+    with lm.attach(model, max_rank=16, device_cache_bytes=1 << 20) as engine:
+        assert model.transformer.h[0].attn.c_attn is not conv and engine.model is model
+    assert model.transformer.h[0].attn.c_attn is conv
+    with pytest.raises(RuntimeError, match="inside"):
+        with lm.attach(model, max_rank=16, device_cache_bytes=1 << 20):
+            raise RuntimeError("inside")
+    assert not any("Lora" in type(m).__name__ for m in model.modules())
+
+
 def test_gpt2_cross_attention_matches_peft(tmp_path):
     """GPT-2 with cross attention: q_attn (cross_attn_q) and the fused k|v c_attn (cross_attn_k,
     cross_attn_v side by side) read the encoder states; Conv1D layers throughout."""

@@ -56,8 +56,7 @@ def test_mixed_workload_on_cuda_matches_peft_alone(llama_cuda, tokenizer):
 
 def test_decode_graphs_replay_any_adapter_mix_like_the_eager_step(llama_cuda_fp16, tokenizer):
     ours, peft_model, names, formats = llama_cuda_fp16
-    engine = attach(ours)
-    try:
+    with attach(ours) as engine:
         for task, (w, c) in enumerate(formats):
             engine.cache.put(task, w, c)
         hold = engine.cache.acquire([0, 1, 2])
@@ -89,8 +88,6 @@ def test_decode_graphs_replay_any_adapter_mix_like_the_eager_step(llama_cuda_fp1
                 assert (got.float() - base.float()).abs().max() > 1e-2
         assert graphs.captured >= 3 and graphs.replays == 5  # (8 rows: adapters, base), (4 rows: adapters)
         engine.cache.release(hold)
-    finally:
-        engine.detach()
 
 
 def test_graphs_captured_ahead_serve_steps_without_a_capture(llama_cuda_fp16, tokenizer):
@@ -98,8 +95,7 @@ def test_graphs_captured_ahead_serve_steps_without_a_capture(llama_cuda_fp16, to
     64 positions; decode steps of any size and adapter mix then replay them, none captured late,
     with the eager step's logits; once serving, capture_graphs refuses (its warm-up writes KV rows)."""
     ours, peft_model, names, formats = llama_cuda_fp16
-    engine = attach(ours)
-    try:
+    with attach(ours) as engine:
         for task, (w, c) in enumerate(formats):
             engine.cache.put(task, w, c)
         hold = engine.cache.acquire([0, 1, 2])
@@ -128,5 +124,3 @@ def test_graphs_captured_ahead_serve_steps_without_a_capture(llama_cuda_fp16, to
         with ex:
             with pytest.raises(RuntimeError, match="before serving"):
                 ex.capture_graphs(64)
-    finally:
-        engine.detach()

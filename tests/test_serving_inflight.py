@@ -74,8 +74,7 @@ def test_mixed_workload_submitted_while_running_matches_peft_alone(llama, tokeni
 
 def test_run_without_a_thread_and_streams_match_results(llama, tokenizer):
     ours, peft_model, names, formats = llama
-    engine = attach(ours)
-    try:
+    with attach(ours) as engine:
         ex = lm.Executor(engine, tokenizer, max_batch_size=3)
         plan = _mixed_plan(5, seed=1)
         seen = set()
@@ -87,16 +86,13 @@ def test_run_without_a_thread_and_streams_match_results(llama, tokenizer):
             assert [t for d in deltas for t in d.token_ids] == r.token_ids
             assert "".join(d.text for d in deltas) == r.text == tokenizer.decode(r.token_ids, skip_special_tokens=True)
             assert r.token_ids == alone(peft_model, ids, new, None if a is None else names[a])
-    finally:
-        engine.detach()
 
 
 def test_async_iteration_does_not_block_the_event_loop(llama, tokenizer):
     import asyncio
 
     ours, peft_model, names, formats = llama
-    engine = attach(ours)
-    try:
+    with attach(ours) as engine:
         ids = prompt_ids(7, 9)
 
         async def main(ex):
@@ -120,14 +116,11 @@ def test_async_iteration_does_not_block_the_event_loop(llama, tokenizer):
             deltas, result, ticks = asyncio.run(main(ex))
         assert [t for d in deltas for t in d.token_ids] == result.token_ids == alone(peft_model, ids, 6, names[1])
         assert ticks > len(deltas)  # the loop kept running other tasks while it waited for tokens
-    finally:
-        engine.detach()
 
 
 def test_cancel_frees_the_kv_row_and_the_adapter_hold(llama, tokenizer):
     ours, peft_model, names, formats = llama
-    engine = attach(ours)
-    try:
+    with attach(ours) as engine:
         ids = talkative_prompt(peft_model, names[0], 40, first_seed=11)
         full = alone(peft_model, ids, 40, names[0])
         with lm.Executor(engine, tokenizer, max_batch_size=2) as ex:
@@ -143,8 +136,6 @@ def test_cancel_frees_the_kv_row_and_the_adapter_hold(llama, tokenizer):
         assert 1 <= len(r.token_ids) < len(full) and r.token_ids == full[: len(r.token_ids)]
         assert pinned == [] and metrics["running"] == 0 and metrics["kv_bytes_in_use"] == 0
         assert metrics["requests_cancelled"] == 1
-    finally:
-        engine.detach()
 
 
 def test_a_request_that_could_never_fit_fails_alone_and_others_wait_for_rows(llama, tokenizer):
@@ -178,16 +169,13 @@ def test_a_request_that_could_never_fit_fails_alone_and_others_wait_for_rows(lla
 
 def test_prompt_longer_than_the_model_fails_alone(llama, tokenizer):
     ours, peft_model, names, formats = llama
-    engine = attach(ours)
-    try:
+    with attach(ours) as engine:
         ex = lm.Executor(engine, tokenizer, max_seq_len=24)
         ex.submit(lm.Request(prompt_ids(3, 20), max_new_tokens=5))
         ex.submit(lm.Request(prompt_ids(4, 10), max_new_tokens=5))
         too_long, fine = ex.run()
         assert isinstance(too_long.error, LoraRequestError) and "24 positions" in str(too_long.error)
         assert fine.ok and fine.token_ids == alone(peft_model, prompt_ids(4, 10), 5, None)
-    finally:
-        engine.detach()
 
 
 class _Faulty:
@@ -277,8 +265,7 @@ def test_ctrl_c_in_run_stops_and_returns_what_finished(llama, tokenizer):
 
 def test_metrics_report_queue_running_kv_and_cache(llama, tokenizer):
     ours, peft_model, names, formats = llama
-    engine = attach(ours)
-    try:
+    with attach(ours) as engine:
         ex = lm.Executor(engine, tokenizer, max_batch_size=2)
         for i in range(5):
             ex.submit(lm.Request(prompt_ids(50 + i, 6), max_new_tokens=3, lora=lm.LoraConfig(1, *formats[1])))
@@ -294,14 +281,11 @@ def test_metrics_report_queue_running_kv_and_cache(llama, tokenizer):
         assert after["queue_depth"] == 0 and after["kv_bytes_allocated"] > 0
         for key in ("tokens_per_s", "kv_bytes_budget", "cache_evictions", "steps", "cuda_graphs_captured"):
             assert key in after
-    finally:
-        engine.detach()
 
 
 def test_leaving_the_with_block_on_an_exception_cancels_what_runs(llama, tokenizer):
     ours, peft_model, names, formats = llama
-    engine = attach(ours)
-    try:
+    with attach(ours) as engine:
         ids = talkative_prompt(peft_model, names[1], 40, first_seed=120)
         release = threading.Event()
         # the loop's second forward (its first decode) waits until the caller is about to fail
@@ -326,16 +310,13 @@ def test_leaving_the_with_block_on_an_exception_cancels_what_runs(llama, tokeniz
         assert r.finish_reason == "cancelled" and 1 <= len(r.token_ids) < 40
         assert r.token_ids == alone(peft_model, ids, 40, names[1])[: len(r.token_ids)]
         assert engine.cache.pinned_ids() == [] and ex.metrics()["running"] == 0
-    finally:
-        engine.detach()
 
 
 def test_alive_reports_a_step_loop_that_died(llama, tokenizer):
     """alive() is what `loramux serve`'s /health answers: True without a loop (run() steps in the
     caller's thread) and while the loop runs; False once something escaped a step and ended it."""
     ours, peft_model, names, formats = llama
-    engine = attach(ours)
-    try:
+    with attach(ours) as engine:
         ex = lm.Executor(engine, tokenizer, max_batch_size=2)
         assert ex.alive()
         ex.start()
@@ -350,5 +331,3 @@ def test_alive_reports_a_step_loop_that_died(llama, tokenizer):
         assert not ex.alive()
         assert h.result(timeout=10).finish_reason == "cancelled"  # its requests are not left hanging
         ex.close()
-    finally:
-        engine.detach()

@@ -45,8 +45,7 @@ def _recomputed_sample(peft_model, ids, adapter, new_tokens, temperature, top_k,
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.8, 5, 1.0), (1.3, 0, 0.9), (0.7, 8, 0.8)])
 def test_seeded_sampling_matches_a_recomputation_and_repeats(llama, tokenizer, temperature, top_k, top_p):
     ours, peft_model, names, formats = llama
-    engine = attach(ours)
-    try:
+    with attach(ours) as engine:
         ids = prompt_ids(3, 6)
         ex = lm.Executor(engine, tokenizer, max_batch_size=4)
         request = dict(max_new_tokens=6, temperature=temperature, top_k=top_k, top_p=top_p, seed=1234)
@@ -60,28 +59,22 @@ def test_seeded_sampling_matches_a_recomputation_and_repeats(llama, tokenizer, t
         want = _recomputed_sample(peft_model, ids, names[1], 6, temperature, top_k, top_p, 1234)
         assert first.token_ids == want
         assert second.token_ids == want
-    finally:
-        engine.detach()
 
 
 def test_different_seeds_give_different_answers(llama, tokenizer):
     ours, peft_model, names, formats = llama
-    engine = attach(ours)
-    try:
+    with attach(ours) as engine:
         ex = lm.Executor(engine, tokenizer, max_batch_size=8)
         ids = talkative_prompt(peft_model, None, 8, first_seed=60)
         for seed in range(6):
             ex.submit(lm.Request(ids, max_new_tokens=8, temperature=2.0, seed=seed))
         answers = {tuple(r.token_ids) for r in ex.run()}
         assert len(answers) > 1
-    finally:
-        engine.detach()
 
 
 def test_logprobs_are_the_models_log_softmax_at_the_chosen_tokens(llama, tokenizer):
     ours, peft_model, names, formats = llama
-    engine = attach(ours)
-    try:
+    with attach(ours) as engine:
         ids = talkative_prompt(peft_model, names[0], 5, first_seed=70)
         ex = lm.Executor(engine, tokenizer)
         h = ex.submit(lm.Request(ids, max_new_tokens=5, logprobs=True, lora=lm.LoraConfig(0, *formats[0])))
@@ -91,14 +84,11 @@ def test_logprobs_are_the_models_log_softmax_at_the_chosen_tokens(llama, tokeniz
                 for k, t in enumerate(r.token_ids)]
         assert r.logprobs == pytest.approx(want, abs=1e-4)
         assert [lp for d in h for lp in d.logprobs] == r.logprobs
-    finally:
-        engine.detach()
 
 
 def test_stop_strings_cut_the_text_and_are_never_streamed(llama, tokenizer):
     ours, peft_model, names, formats = llama
-    engine = attach(ours)
-    try:
+    with attach(ours) as engine:
         ids = talkative_prompt(peft_model, None, 8, first_seed=80)
         full = alone(peft_model, ids, 8, None)
         words = tokenizer.decode(full).split()
@@ -110,19 +100,14 @@ def test_stop_strings_cut_the_text_and_are_never_streamed(llama, tokenizer):
         assert r.finish_reason == "stop" and r.text == tokenizer.decode(full)[:cut]
         assert r.token_ids == full[: len(r.token_ids)] and len(r.token_ids) < 8
         assert "".join(d.text for d in h) == r.text
-    finally:
-        engine.detach()
 
 
 def test_stop_token_ids_end_the_answer_without_the_token(llama, tokenizer):
     ours, peft_model, names, formats = llama
-    engine = attach(ours)
-    try:
+    with attach(ours) as engine:
         ids = talkative_prompt(peft_model, names[2], 8, first_seed=90)
         full = alone(peft_model, ids, 8, names[2])
         ex = lm.Executor(engine, tokenizer)
         ex.submit(lm.Request(ids, max_new_tokens=8, stop_token_ids=[full[3]], lora=lm.LoraConfig(2, *formats[2])))
         (r,) = ex.run()
         assert r.finish_reason == "stop" and r.token_ids == full[: full.index(full[3])]
-    finally:
-        engine.detach()

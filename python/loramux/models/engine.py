@@ -96,6 +96,14 @@ class Engine:
         return self.step.meta_for(x)
 
     # --- attach / detach -------------------------------------------------------------------------
+    # `with loramux.attach(model, ...) as engine:` puts the original layers back on the way out,
+    # an exception or not (as a PEFT user restores a model with unload()).
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
     def detach(self):
         """Puts the original layers back; returns the model."""
         for parent, attr, original in self._restore:
