@@ -52,8 +52,7 @@ def llama_on(request, tmp_path_factory, llama):
 
 def test_task_id_rules_mixed_batch_and_order(llama_on, tokenizer):
     ours, peft_model, names, formats = llama_on
-    engine = _attach(ours)
-    try:
+    with _attach(ours) as engine:
         ex = lm.Executor(engine, tokenizer, max_batch_size=3)
         plan = [(7, formats[0]), (None, None), (9, formats[1]), (7, None), (11, formats[2]), (9, None), (7, None)]
         adapter_of = {7: names[0], 9: names[1], 11: names[2], None: None}
@@ -71,14 +70,11 @@ def test_task_id_rules_mixed_batch_and_order(llama_on, tokenizer):
         ex.submit(lm.Request(prompts[0], max_new_tokens=NEW_TOKENS, lora=lm.LoraConfig(11)))
         (again,) = ex.run()
         assert again.ok and again.token_ids == _peft_tokens(peft_model, tokenizer, prompts[0], names[2])
-    finally:
-        engine.detach()
 
 
 def test_unknown_id_and_bad_adapter_fail_alone(llama, tokenizer):
     ours, peft_model, names, formats = llama
-    engine = _attach(ours)
-    try:
+    with _attach(ours) as engine:
         ex = lm.Executor(engine, tokenizer, max_batch_size=4)
         bad_w, bad_c = formats[0][0].copy(), formats[0][1].copy()
         bad_c[0, 0] = 42  # not a module id
@@ -92,8 +88,6 @@ def test_unknown_id_and_bad_adapter_fail_alone(llama, tokenizer):
         assert isinstance(bad.error, LoraFormatError) and "module_id 42" in str(bad.error)
         assert isinstance(after_bad.error, LoraNotCachedError)  # the bad adapter was never cached
         assert 4 not in engine.cache and 3 in engine.cache
-    finally:
-        engine.detach()
 
 
 def test_requests_wait_when_device_tier_holds_fewer_adapters(llama, tokenizer):
@@ -118,8 +112,7 @@ def test_requests_wait_when_device_tier_holds_fewer_adapters(llama, tokenizer):
 
 def test_adapter_larger_than_device_tier_fails_alone(llama, tokenizer):
     ours, peft_model, names, formats = llama
-    engine = _attach(ours, device_cache_bytes=64 << 10, page_bytes=4 << 10)
-    try:
+    with _attach(ours, device_cache_bytes=64 << 10, page_bytes=4 << 10) as engine:
         spec = engine.spec
         gen = np.random.default_rng(0)
         rows = [AdapterRow(mid, layer, gen.standard_normal((16, spec.module_dims(mid)[0])).astype(np.float32),
@@ -134,8 +127,6 @@ def test_adapter_larger_than_device_tier_fails_alone(llama, tokenizer):
         assert isinstance(too_big.error, LoraCacheFullError), too_big.error
         assert plain.ok and plain.token_ids == _peft_tokens(peft_model, tokenizer, _prompt(21), None)
         assert small.ok and small.token_ids == _peft_tokens(peft_model, tokenizer, _prompt(22), names[0])
-    finally:
-        engine.detach()
 
 
 def test_config_errors_are_typed():
@@ -151,8 +142,7 @@ def test_config_errors_are_typed():
 
 def test_encoder_decoder_requests_match_peft(tokenizer, tmp_path):
     ours, peft_model, names, formats = _build("bart", torch.float32, tmp_path)
-    engine = _attach(ours)
-    try:
+    with _attach(ours) as engine:
         ex = lm.Executor(engine, tokenizer, max_batch_size=4)
         plan = [(0, formats[0]), (None, None), (1, formats[1]), (0, None)]
         for i, (task, fmt) in enumerate(plan):
@@ -167,14 +157,11 @@ def test_encoder_decoder_requests_match_peft(tokenizer, tmp_path):
             want = out[0, 1:].tolist()  # after the decoder start token
             want = want[: want.index(2)] if 2 in want else want
             assert r.ok and r.token_ids == want, (r, want)
-    finally:
-        engine.detach()
 
 
 def test_next_batch_adapters_load_while_the_current_batch_runs(llama, tokenizer):
     ours, peft_model, names, formats = llama
-    engine = _attach(ours)
-    try:
+    with _attach(ours) as engine:
         ex = lm.Executor(engine, tokenizer, max_batch_size=1)
         for t in range(3):
             ex.submit(lm.Request(_prompt(40 + t), max_new_tokens=2, lora=lm.LoraConfig(t, *formats[t])))
@@ -183,8 +170,6 @@ def test_next_batch_adapters_load_while_the_current_batch_runs(llama, tokenizer)
         # each adapter is loaded once (a miss, by the prefetch when its request is scheduled) and
         # admitted once the load has landed, so every acquire is a hit: none waits on a copy
         assert (stats["misses"], stats["hits"]) == (3, 3), stats
-    finally:
-        engine.detach()
 
 
 def test_token_id_prompts_and_chat_messages(llama, tokenizer):
@@ -226,8 +211,7 @@ def test_any_request_sequence_follows_the_task_id_rules(llama, tokenizer, plan, 
     """Model of the TensorRT-LLM rules: requests are scheduled in submission order; one carrying an
     adapter caches it; one naming an id no earlier request carried fails alone."""
     ours, peft_model, names, formats = llama
-    engine = _attach(ours)
-    try:
+    with _attach(ours) as engine:
         ex = lm.Executor(engine, tokenizer, max_batch_size=batch)
         cached, expect_ok = set(), []
         for t, carries, _ in plan:
@@ -246,8 +230,6 @@ def test_any_request_sequence_follows_the_task_id_rules(llama, tokenizer, plan, 
                 assert r.token_ids == _tokens_of(peft_model, tokenizer, p, None if task is None else names[task])
             else:
                 assert isinstance(r.error, LoraNotCachedError) and r.error.task_id == task
-    finally:
-        engine.detach()
 
 
 _TOKENS = {}
@@ -311,8 +293,7 @@ def test_host_tier_of_one_adapter_serves_carried_adapters_in_turn_and_an_evicted
     host tier (not "not cached")."""
     ours, peft_model, names, formats = llama
     one = _host_bytes_of_one_adapter(ours, formats)
-    engine = _attach(ours, host_cache_bytes=one)
-    try:
+    with _attach(ours, host_cache_bytes=one) as engine:
         ex = lm.Executor(engine, tokenizer, max_batch_size=2)
         for t in (0, 1):
             ex.submit(lm.Request(_prompt(70 + t), max_new_tokens=2, lora=lm.LoraConfig(t, *formats[1])))
@@ -326,16 +307,13 @@ def test_host_tier_of_one_adapter_serves_carried_adapters_in_turn_and_an_evicted
         assert isinstance(evicted.error, LoraCacheFullError) and "host tier" in str(evicted.error), evicted.error
         assert evicted.error.task_id == 1 and evicted.finish_reason == "error"
         assert kept.ok and kept.token_ids == _tokens_of(peft_model, tokenizer, 11, names[1])
-    finally:
-        engine.detach()
 
 
 def test_a_bad_prompt_fails_its_request_alone_and_caches_nothing(llama, tokenizer):
     """Token ids outside the vocabulary, or chat messages for a tokenizer without a chat template,
     fail their own request with LoraRequestError; its adapter is not cached; the others run."""
     ours, peft_model, names, formats = llama
-    engine = _attach(ours)
-    try:
+    with _attach(ours) as engine:
         ex = lm.Executor(engine, tokenizer, max_batch_size=4)
         ex.submit(lm.Request(_prompt(80), max_new_tokens=2))
         ex.submit(lm.Request([3, VOCAB], max_new_tokens=2, lora=lm.LoraConfig(1, *formats[0])))
@@ -347,8 +325,6 @@ def test_a_bad_prompt_fails_its_request_alone_and_caches_nothing(llama, tokenize
         assert 1 not in engine.cache and 2 not in engine.cache
         assert plain.ok and plain.token_ids == _tokens_of(peft_model, tokenizer, 20, None)
         assert good.ok and good.token_ids == _tokens_of(peft_model, tokenizer, 21, names[2])
-    finally:
-        engine.detach()
 
 
 def test_request_fields_are_typed():
