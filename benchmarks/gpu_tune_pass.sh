@@ -8,7 +8,7 @@
 # `ab` times the step's LoRA work alone under benchmarks/decode_ab.py's variants $AB_VARIANTS;
 # `ncu` profiles the fused kernel on the decode step's applies (profile_case.py --decode-step).
 # OPS_AB=LORAMUX_PREFILL=legacy times each prefill case of the grid again under that environment
-# (OPS_AB2: again under a second one).
+# (OPS_AB2: again under a second one; OPS_AB_DECODE / OPS_AB_DECODE2 the same for the decode cases).
 # MEMCHECKS may name "launch" (test_launch_choices -k $MEMCHECK_LAUNCH_K). DECODE_ARGS go to
 # decode_step.py (e.g. "--variants plain,m4": the step under launch variants).
 # TEST_K selects tests by pytest -k in every file of FILES (a pass over what changed); TEST_SPLITS
@@ -81,7 +81,7 @@ if has peers && [ $(elapsed) -lt ${PEERS_IF_BEFORE:-330} ]; then
   echo "peers rc=$? at $(elapsed) s"; grep -vE '^\{' $LOGS/peers.txt | tail -10
 fi
 if has ops; then  # rows are written as they come: a run cut short keeps the cases it finished
-  timeout ${OPS_S:-200} python benchmarks/ops.py --grid ${OPS_GRID:-quick} --orders ${OPS_ORDERS:-random,contiguous} --commit "$COMMIT" ${OPS_AB:+--ab $OPS_AB} ${OPS_AB2:+--ab $OPS_AB2} ${OPS_AB_SMALL:+--ab-small $OPS_AB_SMALL} ${OPS_AB_DECODE:+--ab-decode $OPS_AB_DECODE} ${OPS_TOKENS:+--tokens $OPS_TOKENS} --out $OUT/ops.json > $LOGS/ops.txt 2>&1
+  timeout ${OPS_S:-200} python benchmarks/ops.py --grid ${OPS_GRID:-quick} --orders ${OPS_ORDERS:-random,contiguous} --commit "$COMMIT" ${OPS_AB:+--ab $OPS_AB} ${OPS_AB2:+--ab $OPS_AB2} ${OPS_AB_SMALL:+--ab-small $OPS_AB_SMALL} ${OPS_AB_DECODE:+--ab-decode $OPS_AB_DECODE} ${OPS_AB_DECODE2:+--ab-decode $OPS_AB_DECODE2} ${OPS_TOKENS:+--tokens $OPS_TOKENS} --out $OUT/ops.json > $LOGS/ops.txt 2>&1
   echo "ops rc=$? at $(elapsed) s rows $(grep -c '"kind": "op"' $OUT/ops.json)"
 fi
 tar czf $OUT/logs.tgz -C /tmp klogs

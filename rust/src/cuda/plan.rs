@@ -35,6 +35,9 @@ pub struct Tuning {
     pub shrink_target_blocks: Option<usize>,
     /// Which expand kernel runs, where the path allows it.
     pub expand: Option<ExpandKind>,
+    /// Whether a decode batch sizes its split on the device (`decode_split_from_device`): the sweep
+    /// timed each choice with the split sized both ways, so the entry says which it measured.
+    pub device_split: Option<bool>,
 }
 
 /// The expand kernels a launch can choose between: the flat decode kernel, the small-item kernel
@@ -198,7 +201,7 @@ pub struct ShrinkPlan {
 pub fn plan_shrink(
     tokens: usize, hi: usize, num_slices: usize, num_slots: usize, max_rank: usize, tuning: &Tuning,
 ) -> ShrinkPlan {
-    plan_shrink_with(tokens, hi, num_slices, num_slots, max_rank, tuning, decode_split_from_device(tokens))
+    plan_shrink_with(tokens, hi, num_slices, num_slots, max_rank, tuning, decode_split_from_device(tokens, tuning))
 }
 
 /// `plan_shrink` with the split planned on the host whatever the batch (the standalone shrink: its
@@ -272,12 +275,13 @@ fn split_for(tokens: usize, hi: usize, num_slices: usize, num_slots: usize, targ
 /// column steps, from the step's real item count on the device (the segments' seg[0]) rather than
 /// from `planned_items`: the decode step's 32 one-token items were split as for 16, and 8 adapters
 /// of 8 tokens over a large slot table as for 32 (128 blocks on 132 SMs).
-/// `LORAMUX_DECODE_DEVICE_SPLIT=1|0` forces either (A/B runs); else above DEVICE_SPLIT_MIN_TOKENS.
-pub fn decode_split_from_device(tokens: usize) -> bool {
+/// `LORAMUX_DECODE_DEVICE_SPLIT=1|0` forces either (A/B runs, the sweep); else the tuning table's
+/// entry, which was timed with the split it names; else above DEVICE_SPLIT_MIN_TOKENS.
+pub fn decode_split_from_device(tokens: usize, tuning: &Tuning) -> bool {
     match std::env::var("LORAMUX_DECODE_DEVICE_SPLIT").as_deref() {
         Ok("1") => true,
         Ok("0") => false,
-        _ => tokens > DEVICE_SPLIT_MIN_TOKENS,
+        _ => tuning.device_split.unwrap_or(tokens > DEVICE_SPLIT_MIN_TOKENS),
     }
 }
 
@@ -484,7 +488,7 @@ pub const FUSED_COLS: usize = 256;
 pub fn plan_fused(tokens: usize, hi: usize, max_out: usize, num_slices: usize, num_slots: usize, tuning: &Tuning) -> FusedPlan {
     let target =
         env_usize("LORAMUX_SHRINK_TARGET_BLOCKS").or(tuning.shrink_target_blocks).unwrap_or(FUSED_SHRINK_TARGET).max(1);
-    let shrink = split_for(tokens, hi, num_slices, num_slots, target, decode_split_from_device(tokens));
+    let shrink = split_for(tokens, hi, num_slices, num_slots, target, decode_split_from_device(tokens, tuning));
     let expand_target = env_usize("LORAMUX_FUSED_EXPAND_BLOCKS").unwrap_or(FUSED_EXPAND_TARGET).max(1);
     let units = max_out.div_ceil(FUSED_COLS).max(1);
     // sized on the device: the host's steps are the most items' (a check on the plan, not used)
@@ -507,26 +511,51 @@ fn fused_col_steps(units: usize, pairs: usize, expand_target: usize) -> usize {
     (units * pairs.max(1)).div_ceil(expand_target.max(1)).clamp(1, units.max(1))
 }
 
+/// The fused kernel's (ksplit, kchunk, col_steps) for `items` items of the step (cuda/lora_fused.cu
+/// fused_shape): the plan's where the host planned it, else sized from the count, the split only
+/// where the plan's partials and x rows hold it.
+pub fn fused_shape(plan: &FusedPlan, hi: usize, out_sizes: &[usize], items: usize) -> (usize, usize, usize) {
+    let sp = &plan.shrink;
+    if sp.split_target == 0 {
+        return (sp.ksplit, sp.kchunk, plan.col_steps);
+    }
+    let s = out_sizes.len();
+    let d = decode_split(items, s, hi, sp.split_target);
+    let (ksplit, kchunk) = if d.ksplit <= sp.ksplit && d.kchunk <= sp.kchunk { (d.ksplit, d.kchunk) } else { (sp.ksplit, sp.kchunk) };
+    let units = out_sizes.iter().copied().max().unwrap_or(0).div_ceil(FUSED_COLS).max(1);
+    (ksplit, kchunk, fused_col_steps(units, items * s, plan.expand_target))
+}
+
+/// Whether a device-sized fused launch places its blocks by item index alone (cuda/lora_fused.cu
+/// fused_static_place: the most items' layout, then each item's extra slots), so no block reads its
+/// item twice: item i gets the blocks its shape at i + 1 items takes, which holds every count above
+/// i only if no count's shape needs more (the split and the column groups never grow with the
+/// count: true of every plan `plan_fused` makes; checked here for any other). Else, and under
+/// `LORAMUX_FUSED_STATIC=0` (A/B), the grid is laid out for the most items only and a block placed
+/// again once it has read a smaller count (one more dependent trip, decode-6).
+pub fn fused_static_layout(plan: &FusedPlan, hi: usize, out_sizes: &[usize], max_items: usize) -> bool {
+    if plan.shrink.split_target == 0 || std::env::var("LORAMUX_FUSED_STATIC").as_deref() == Ok("0") {
+        return false;
+    }
+    let shapes: Vec<_> = (1..=max_items.max(1)).map(|n| fused_shape(plan, hi, out_sizes, n)).collect();
+    shapes.windows(2).all(|w| w[1].0 <= w[0].0 && w[1].2 >= w[0].2)
+}
+
 /// Blocks of a fused launch: a group of ksplit + col_groups(slice) blocks per (slice, item). With
-/// the shape sized on the device, the most any item count up to the segments' bound can take
-/// (cuda/lora_fused.cu fused_shape / fused_block_item); blocks past the step's count leave.
-pub fn fused_grid_blocks(plan: &FusedPlan, hi: usize, out_sizes: &[usize], max_items: usize) -> usize {
-    let groups = |items: usize, ksplit: usize, col_steps: usize| -> usize {
+/// the shape sized on the device: laid out by item index, the sum over items i of the shape at
+/// i + 1 items (cuda/lora_fused.cu fused_static_place); else the most any item count up to the
+/// segments' bound can take (fused_shape / fused_block_item); blocks past the step's count leave.
+pub fn fused_grid_blocks(plan: &FusedPlan, hi: usize, out_sizes: &[usize], max_items: usize, static_layout: bool) -> usize {
+    let groups = |items: usize, (ksplit, _, col_steps): (usize, usize, usize)| -> usize {
         out_sizes.iter().map(|&o| items * (ksplit + fused_col_groups(o, col_steps))).sum()
     };
     if plan.shrink.split_target == 0 {
-        return groups(max_items, plan.shrink.ksplit, plan.col_steps);
+        return groups(max_items, fused_shape(plan, hi, out_sizes, max_items));
     }
-    let s = out_sizes.len();
-    let units = out_sizes.iter().copied().max().unwrap_or(0).div_ceil(FUSED_COLS).max(1);
-    (1..=max_items.max(1))
-        .map(|n| {
-            let d = decode_split(n, s, hi, plan.shrink.split_target);
-            let ksplit = if d.ksplit <= plan.shrink.ksplit && d.kchunk <= plan.shrink.kchunk { d.ksplit } else { plan.shrink.ksplit };
-            groups(n, ksplit, fused_col_steps(units, n * s, plan.expand_target))
-        })
-        .max()
-        .unwrap_or(0)
+    if static_layout {
+        return (1..=max_items.max(1)).map(|n| groups(1, fused_shape(plan, hi, out_sizes, n))).sum();
+    }
+    (1..=max_items.max(1)).map(|n| groups(n, fused_shape(plan, hi, out_sizes, n))).max().unwrap_or(0)
 }
 
 /// Expand blocks per item of a slice `out_size` wide (cuda/lora_fused.cu fused_col_groups).
@@ -794,12 +823,26 @@ mod tests {
             let f = plan_fused(t, hi, hi.max(300), s, slots, &d);
             assert!(f.expand_target > 0 && f.shrink.split_target > 0);
             // the grid holds every count's blocks; the count the host planned for before is one of them
-            let grid = fused_grid_blocks(&f, hi, &outs, max_items(t, slots));
-            for n in 1..=max_items(t, slots) {
+            let m = max_items(t, slots);
+            let grid = fused_grid_blocks(&f, hi, &outs, m, false);
+            // planner-made plans hold the static layout: item i's blocks at i + 1 items cover every larger count
+            assert!(fused_static_layout(&f, hi, &outs, m) || std::env::var("LORAMUX_FUSED_STATIC").is_ok());
+            let stat = fused_static_layout(&f, hi, &outs, m);
+            let static_grid = fused_grid_blocks(&f, hi, &outs, m, true);
+            for n in 1..=m {
                 let q = decode_split(n, s, hi, f.shrink.split_target);
                 let cs = fused_col_steps(hi.max(300).div_ceil(FUSED_COLS), n * s, f.expand_target);
                 assert!(n * s * (q.ksplit + fused_col_groups(hi.max(300), cs)) <= grid);
+                assert_eq!(fused_shape(&f, hi, &outs, n), (q.ksplit, q.kchunk, cs));
+                if stat {
+                    for i in 0..n {
+                        let (ks, _, c) = fused_shape(&f, hi, &outs, i + 1);
+                        assert!(q.ksplit <= ks && fused_col_groups(hi.max(300), cs) <= fused_col_groups(hi.max(300), c));
+                    }
+                }
             }
+            // the static grid holds the count that needs most of them
+            assert!(static_grid >= grid);
         }
         // the decode step: 32 one-token items of q|k|v are split as for 32 items, not 16
         let q = decode_split(32, 3, 4096, FUSED_SHRINK_TARGET);
@@ -837,7 +880,7 @@ mod tests {
         assert!(!decode_expand_is_flat(32, 1, &d) && !decode_expand_is_flat(16, 3, &d) && !decode_expand_is_flat(65, 2, &d));
         // the flat path's shrink splits coarser (on the device: for the same count, a smaller target)
         assert!(plan_shrink_on_host(32, 4096, 3, 32, 16, &d).ksplit < plan_shrink_on_host(32, 4096, 1, 32, 16, &d).ksplit);
-        if decode_split_from_device(32) {
+        if decode_split_from_device(32, &d) {
             assert_eq!((plan_shrink(32, 4096, 3, 32, 16, &d).split_target, plan_shrink(32, 4096, 1, 32, 16, &d).split_target), (132, 528));
         }
     }
@@ -860,8 +903,15 @@ mod tests {
         let few = Tuning { shrink_target_blocks: Some(132), ..Default::default() };
         let many = Tuning { shrink_target_blocks: Some(1056), ..Default::default() };
         assert!(plan_shrink_on_host(64, 4096, 1, 64, 16, &few).ksplit < plan_shrink_on_host(64, 4096, 1, 64, 16, &many).ksplit);
-        if decode_split_from_device(64) {
+        if decode_split_from_device(64, &few) {
             assert_eq!(plan_shrink(64, 4096, 1, 64, 16, &few).split_target, 132);
+        }
+        // a table entry names the split it was timed with (unless the environment forces one)
+        if std::env::var("LORAMUX_DECODE_DEVICE_SPLIT").is_err() {
+            let on = Tuning { device_split: Some(true), ..few };
+            let off = Tuning { device_split: Some(false), ..few };
+            assert_eq!((plan_shrink(16, 4096, 1, 64, 16, &on).split_target, plan_shrink(64, 4096, 1, 64, 16, &off).split_target), (132, 0));
+            assert_eq!(plan_fused(16, 4096, 4096, 1, 64, &on).shrink.split_target, 132);
         }
         for k in ExpandKind::ALL {
             assert_eq!(ExpandKind::parse(k.name()), Some(k));
