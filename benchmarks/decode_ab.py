@@ -54,9 +54,6 @@ VARIANTS = {
     # from the step's item count on the device (decode6)
     "hostsplit": {"LORAMUX_DECODE_DEVICE_SPLIT": "0"},
     "devicesplit": {"LORAMUX_DECODE_DEVICE_SPLIT": "1"},
-    # the device-sized fused launch laid out for the most items, blocks placed again after reading a
-    # smaller count (decode-6), not by item index (decode7)
-    "replaced": {"LORAMUX_FUSED_STATIC": "0"},
     # another launch table: the file LORAMUX_AB_TABLE names (e.g. the one before a sweep)
     "abtable": {"LORAMUX_TUNING_TABLE": os.environ.get("LORAMUX_AB_TABLE", "")},
 }

@@ -20,10 +20,12 @@ export PYTHONUNBUFFERED=1
 STEPS=${STEPS:-"tests memcheck tune decode peers"}
 has() { [[ " $STEPS " == *" $1 "* ]]; }
 T0=$(date +%s); elapsed() { echo $(( $(date +%s) - T0 )); }
-pip install -q --no-index --no-deps --target /tmp/site ${WHEEL:?} || exit 1
+# --upgrade: on a warm machine /tmp/site may hold an earlier run's wheel, which pip would otherwise keep
+pip install -q --no-index --no-deps --upgrade --target /tmp/site ${WHEEL:?} || exit 1
 export PYTHONPATH=/tmp/site
-LOGS=/tmp/klogs; mkdir -p $LOGS
+LOGS=/tmp/klogs; rm -rf $LOGS; mkdir -p $LOGS  # an earlier run's logs stay on a warm machine
 python -c "import loramux, torch; from loramux import _core; print(loramux.__file__, torch.__version__, torch.cuda.get_device_name(), 'sm', _core.load_kernels(0))" 2>&1 | tee $LOGS/env.txt
+python -c "import zipfile, sys; z = zipfile.ZipFile(sys.argv[1]); n = next(f for f in z.namelist() if f.endswith('.so')); sys.exit(z.read(n) != open('/tmp/site/' + n, 'rb').read())" $WHEEL && echo "installed: $(basename $WHEEL)" || echo "WARNING: /tmp/site does not hold $WHEEL"
 echo "compiled at $(elapsed) s"
 has tests && [ -z "$TEST_SPLITS" ] && for f in ${FILES:-test_kernels test_fused test_launch_choices test_ops test_segments test_models test_dora test_siblings test_beside test_serving_gpu test_cache_gpu test_runtime test_tp}; do
   ( timeout -s INT -k 20 ${TEST_S:-130} python -m pytest -q -m gpu -p no:cacheprovider --tb=short --durations=8 tests/$f.py ${TEST_K:+-k "$TEST_K"} > $LOGS/$f.log 2>&1

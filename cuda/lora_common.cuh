@@ -81,7 +81,6 @@ struct FusedArgs {
     int smem_bytes;                   // dynamic shared memory of the launch
     int split_target;                 // > 0: split and column steps from the step's item count
     int expand_target;                // expand blocks the device-sized column steps aim for
-    int static_layout;                // != 0 (device-sized only): blocks placed by item index, not by the count
     LoraTable table;
     LoraSlices slices;
 };

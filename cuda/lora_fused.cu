@@ -1,9 +1,7 @@
 // The fused decode apply (T <= 64): shrink and expand of one lora_apply in a single launch, so an
 // apply is one kernel with no whole-grid dependency between its halves. The grid is a group of
 // ksplit + col_groups blocks per (slice, item) of the step's segments (groups of items the step
-// does not have leave at once; every group's would-be shrink blocks come first in the grid; with
-// the split sized on the device, item i holds the blocks of its shape at i + 1 items and the
-// slots the step's count does not take leave in the trip that reads it: fused_static_place).
+// does not have leave at once; every group's would-be shrink blocks come first in the grid).
 // Inside a group, roles come by ticket (an atomic counter of the
 // group in the segments' fused workspace, lora_common.cuh): the first ksplit blocks to arrive run
 // the split-K shrink of the item (the two-kernel path's shrink_decode_item, or its twin below with
@@ -381,119 +379,18 @@ __device__ __forceinline__ bool fused_block_item(const FusedArgs& p, const Fused
     return true;
 }
 
-// The static layout (FusedArgs.static_layout, the split sized on the device): blocks placed by item
-// index alone, so no block needs the step's count to find its item, and none reads its item twice.
-// Item i owns the blocks its shape at i + 1 items takes, the most any count above i takes (split and
-// column groups never grow with the count; rust/src/cuda/plan.rs fused_static_layout checks it for
-// the launch). First the grid laid out for the most items (fused_block_item at max_items: the decode
-// step's count, its blocks placed as before), then each item's extra slots, item by item: its
-// S x (ksplit(i + 1) - ksplit(max)) shrink slots first for every item, then its expand slots. After
-// the one trip that reads the item and the count, the extra slots the count's shape does not take
-// leave (rust/src/cuda/plan.rs fused_grid_blocks mirrors the grid). Each warp places its block on its
-// own (no barrier, nothing read from memory, so it runs before the programmatic wait): lanes take
-// items lane and lane + 32 (T <= 64), a warp scan sums their extra slots.
-struct FusedPlace {
-    int s;
-    int item;
-    int slot;     // -1: a slot of the most items' layout (every count takes it); else the extra slot's index
-    bool shrink;  // an extra shrink slot (else column group)
-};
-__device__ __forceinline__ int warp_inclusive_sum(int v) {
-    const int lane = threadIdx.x & 31;
-#pragma unroll
-    for (int off = 1; off < 32; off <<= 1) {
-        const int t = __shfl_up_sync(0xffffffffu, v, off);
-        if (lane >= off) v += t;
-    }
-    return v;
-}
-// Expand slots of item-shape `cs` over the most items' shape `cs_max`, summed over the slices.
-__device__ __forceinline__ int fused_extra_groups(const FusedArgs& p, int cs, int cs_max) {
-    int e = 0;
-    for (int s = 0; s < p.slices.count; ++s) e += fused_col_groups(p, s, cs) - fused_col_groups(p, s, cs_max);
-    return e;
-}
-__device__ __forceinline__ bool fused_static_place(const FusedArgs& p, int b, FusedPlace& out) {
-    const FusedShape most = fused_shape(p, p.max_items);
-    out.slot = -1;
-    out.shrink = false;
-    if (fused_block_item(p, most, b, out.s, out.item)) return true;
-    const int S = p.slices.count;
-    int n_base = S * p.max_items * most.ksplit;
-    for (int s = 0; s < S; ++s) n_base += p.max_items * fused_col_groups(p, s, most.col_steps);
-    const int lane = threadIdx.x & 31;
-    int ks0 = most.ksplit, ks1 = most.ksplit, cs0 = most.col_steps, cs1 = most.col_steps;
-    if (lane < p.max_items) {
-        const FusedShape f = fused_shape(p, lane + 1);
-        ks0 = f.ksplit;
-        cs0 = f.col_steps;
-    }
-    if (lane + 32 < p.max_items) {
-        const FusedShape f = fused_shape(p, lane + 33);
-        ks1 = f.ksplit;
-        cs1 = f.col_steps;
-    }
-    const int nk0 = S * (ks0 - most.ksplit), nk1 = S * (ks1 - most.ksplit);
-    const int ne0 = fused_extra_groups(p, cs0, most.col_steps), ne1 = fused_extra_groups(p, cs1, most.col_steps);
-    const int k0 = warp_inclusive_sum(nk0);
-    const int k1 = warp_inclusive_sum(nk1) + __shfl_sync(0xffffffffu, k0, 31);
-    const int n_shrink = __shfl_sync(0xffffffffu, k1, 31);
-    const int e0 = warp_inclusive_sum(ne0);
-    const int e1 = warp_inclusive_sum(ne1) + __shfl_sync(0xffffffffu, e0, 31);
-    const int r0 = b - n_base;
-    const bool shrink = r0 < n_shrink;
-    const int r = shrink ? r0 : r0 - n_shrink;
-    const int i0 = shrink ? k0 : e0, i1 = shrink ? k1 : e1;  // extra slots of the items up to this lane's, inclusive
-    const unsigned m0 = __ballot_sync(0xffffffffu, i0 > r), m1 = __ballot_sync(0xffffffffu, i1 > r);
-    if (m0 == 0 && m1 == 0) return false;  // past the grid: cannot happen for the launcher's grid
-    const bool upper = m0 == 0;
-    const int src = __ffs(upper ? m1 : m0) - 1;
-    const int incl = __shfl_sync(0xffffffffu, upper ? i1 : i0, src);
-    const int own = __shfl_sync(0xffffffffu, upper ? (shrink ? nk1 : ne1) : (shrink ? nk0 : ne0), src);
-    const int ks = __shfl_sync(0xffffffffu, upper ? ks1 : ks0, src);
-    const int cs = __shfl_sync(0xffffffffu, upper ? cs1 : cs0, src);
-    int rem = r - (incl - own);
-    out.item = src + (upper ? 32 : 0);
-    out.shrink = shrink;
-    if (shrink) {
-        const int extra = ks - most.ksplit;
-        out.s = rem / extra;
-        out.slot = most.ksplit + rem - out.s * extra;
-        return true;
-    }
-    for (int s = 0; s < S; ++s) {
-        const int base = fused_col_groups(p, s, most.col_steps), g = fused_col_groups(p, s, cs) - base;
-        if (rem < g) {
-            out.s = s;
-            out.slot = base + rem;
-            return true;
-        }
-        rem -= g;
-    }
-    return false;
-}
-
 template <bool BF16, bool STAGED_A>
 __device__ void fused_decode(const FusedArgs& p) {
     extern __shared__ __align__(16) unsigned char fsm[];
     __shared__ int role;
-    // The grid is laid out by item index (static_layout), or for max_items items (the host's plan,
-    // or, sized on the device, the most items the step can have); the role itself comes from the
-    // group's ticket, whatever the dispatch order.
+    // The grid is laid out for max_items items (the host's plan, or, sized on the device, the most
+    // items the step can have); the role itself comes from the group's ticket, whatever the
+    // dispatch order.
     int s, item;
-    FusedShape f;
-    FusedPlace place;
-    const bool by_index = p.static_layout != 0 && p.split_target > 0;
-    if (by_index) {
-        if (!fused_static_place(p, blockIdx.x, place)) return;
-        s = place.s;
-        item = place.item;
-    } else {
-        f = fused_shape(p, p.max_items);
-        if (!fused_block_item(p, f, blockIdx.x, s, item)) {
-            if (p.split_target <= 0) return;  // past the last slice: cannot happen for the launcher's grid
-            item = p.max_items;               // read the count below, then place the block
-        }
+    FusedShape f = fused_shape(p, p.max_items);
+    if (!fused_block_item(p, f, blockIdx.x, s, item)) {
+        if (p.split_target <= 0) return;  // past the last slice: cannot happen for the launcher's grid
+        item = p.max_items;               // read the count below, then place the block
     }
     // Launched as a programmatic dependent (sm_90, LORAMUX_FUSED_PDL): the launch and dispatch
     // overlap the kernel before it; nothing is read before it has finished (the segments may be
@@ -501,13 +398,7 @@ __device__ void fused_decode(const FusedArgs& p) {
     pdl_wait();
     pdl_launch_dependents();  // a dependent launched after this one waits on it the same way
     WorkItem w = work_item(p.segments, p.max_items, p.T, item);
-    if (by_index) {
-        // the step's count came with the item (same trip): items past it leave (count 0), and so
-        // do the item's extra slots its shape at that count does not take (it takes at most the item's)
-        if (w.count == 0) return;
-        f = fused_shape(p, w.items);
-        if (place.slot >= (place.shrink ? f.ksplit : fused_col_groups(p, s, f.col_steps))) return;  // -1: taken
-    } else if (p.split_target > 0) {
+    if (p.split_target > 0) {
         // the step's item count came with the item (same trip): where it is not the count the
         // block was placed for, place it again (one more trip); blocks past the shape leave
         const int n = min(max(p.segments[0], 0), p.max_items);

@@ -23,7 +23,7 @@ from test_kernels import QKV, TOL, _case  # noqa: E402
 DEV = "cuda"
 KNOBS = ("LORAMUX_EXPAND_DECODE", "LORAMUX_EXPAND_OPT", "LORAMUX_EXPAND_TILE_COLS", "LORAMUX_SHRINK_TARGET_BLOCKS",
          "LORAMUX_TUNING", "LORAMUX_DECODE_FUSED", "LORAMUX_FUSED_EXPAND_BLOCKS", "LORAMUX_FUSED_PDL",
-         "LORAMUX_FUSED_BLOCKS_PER_SM", "LORAMUX_FUSED_STAGE_A", "LORAMUX_DECODE_DEVICE_SPLIT", "LORAMUX_FUSED_STATIC")
+         "LORAMUX_FUSED_BLOCKS_PER_SM", "LORAMUX_FUSED_STAGE_A", "LORAMUX_DECODE_DEVICE_SPLIT")
 #: launch forms of the fused kernel that must give the same rows: the default (a programmatic
 #: dependent; the shrink's A in registers, 4 blocks an SM up to rank 32, 3 above), a plain launch,
 #: 3 and 5 blocks an SM, the shrink's A staged in shared memory (5 blocks an SM where shared memory
@@ -32,8 +32,7 @@ FORMS = {"default": {}, "plain": {"LORAMUX_FUSED_PDL": 0}, "m3": {"LORAMUX_FUSED
          "m5": {"LORAMUX_FUSED_BLOCKS_PER_SM": 5}, "staged": {"LORAMUX_FUSED_STAGE_A": 1},
          "staged-m3": {"LORAMUX_FUSED_STAGE_A": 1, "LORAMUX_FUSED_BLOCKS_PER_SM": 3}}
 #: ... and, for the graph replays (another split: not the same bits), the split planned on the host
-#: and the device-sized launch laid out for the most items, a block placed again after reading the count
-GRAPH_FORMS = {**FORMS, "host-split": {"LORAMUX_DECODE_DEVICE_SPLIT": 0}, "replaced": {"LORAMUX_FUSED_STATIC": 0}}
+GRAPH_FORMS = {**FORMS, "host-split": {"LORAMUX_DECODE_DEVICE_SPLIT": 0}}
 RANKS = [8, 16, 1, 0, 64, 7, 24, 33]  # <= 64: the fused kernel's ranks
 ODD = [(1, 100, 37), (2, 100, 300)]  # widths the 16-byte paths cannot take
 DORA = [(7, 1536, 576), (5, 1536, 576)]
@@ -132,43 +131,10 @@ def test_split_sized_from_the_step_item_count(monkeypatch, dtype, T, adapters, n
         _env(monkeypatch, LORAMUX_TUNING="off", LORAMUX_SHRINK_TARGET_BLOCKS=528, LORAMUX_DECODE_FUSED=0,
              LORAMUX_EXPAND_DECODE=expand, LORAMUX_EXPAND_OPT="1", LORAMUX_DECODE_DEVICE_SPLIT=1)
         assert torch.equal(fused, _apply(ad, x, y0, sot, QKV)), expand
-    # the launch laid out for the most items, blocks placed again after the count (decode-6's layout)
-    _env(monkeypatch, LORAMUX_TUNING="off", LORAMUX_SHRINK_TARGET_BLOCKS=528, LORAMUX_DECODE_FUSED=1,
-         LORAMUX_FUSED_STAGE_A=stage_a, LORAMUX_DECODE_DEVICE_SPLIT=1, LORAMUX_FUSED_STATIC=0)
-    assert torch.equal(fused, _apply(ad, x, y0, sot, QKV)), "re-placed"
     # the fused kernel's built-in targets (264 shrink blocks, 396 expand blocks): the oracle's rows
     _env(monkeypatch, LORAMUX_TUNING="off", LORAMUX_DECODE_FUSED=1, LORAMUX_FUSED_STAGE_A=stage_a,
          LORAMUX_DECODE_DEVICE_SPLIT=1)
     _check(ad, slots, x, y0, _apply(ad, x, y0, sot, QKV), QKV)
-
-
-@pytest.mark.parametrize("target", [1, 264, 528])
-@pytest.mark.parametrize("adapters", [1, 2, 5, 8, 13, 31, 64])
-def test_static_layout_at_every_item_count(monkeypatch, adapters, target):
-    """Blocks placed by item index (the default with the split sized on the device): one to 64 items
-    of a launch laid out for 64 (every slot a split or column group the count does not take leaves),
-    the rows bit for bit those of the re-placed layout and of the two-kernel path, the workspace left
-    zeroed by each apply (the tickets and counts wrapped at the count's group size) and reused."""
-    T, widths, num_slots = 64, [(1, 1536, 1024), (2, 1536, 300), (3, 1536, 8)], 64
-    ranks = [(4, 16, 64, 7, 0, 33)[i % 6] for i in range(adapters)] + [0] * (num_slots - adapters)
-    ad, slots, x, y0, sot = _case(700 + adapters * 3 + target, torch.bfloat16, T, widths, ranks=ranks,
-                                  num_slots=num_slots, none_frac=0.05, max_rank=64)
-    mids, sizes = [w[0] for w in widths], [w[2] for w in widths]
-    meta = replace(ad.meta(sot), segments=kernels.segments(sot, num_slots))
-    ws = meta.segments.numel() - 2 * 8 * 64
-    rows = []
-    for static in (1, 0):
-        _env(monkeypatch, LORAMUX_TUNING="off", LORAMUX_SHRINK_TARGET_BLOCKS=target, LORAMUX_DECODE_FUSED=1,
-             LORAMUX_DECODE_DEVICE_SPLIT=1, LORAMUX_FUSED_STATIC=static)
-        for _ in range(2):
-            rows.append(_apply(ad, x, y0, sot, widths, meta))
-            assert not meta.segments[ws:].any(), "the fused kernel left its workspace dirty"
-    _check(ad, slots, x, y0, rows[0], widths)
-    _env(monkeypatch, LORAMUX_TUNING="off", LORAMUX_SHRINK_TARGET_BLOCKS=target, LORAMUX_DECODE_FUSED=0,
-         LORAMUX_EXPAND_DECODE="grouped", LORAMUX_EXPAND_OPT="1", LORAMUX_DECODE_DEVICE_SPLIT=1)
-    rows.append(_apply(ad, x, y0, sot, widths, meta))
-    for y in rows[1:]:
-        assert torch.equal(y, rows[0])
 
 
 @pytest.mark.parametrize("stage_a", [0, 1], ids=["regs", "staged"])

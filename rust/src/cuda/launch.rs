@@ -8,7 +8,7 @@ use cudarc::driver::{result as drv, sys};
 
 use super::plan::{
     decode_expand_is_flat, expand_columns_per_thread, expand_tiles_per_block, expand_variant, flat_expand_columns, fused_form,
-    fused_grid_blocks, fused_is_dependent, fused_static_layout, grid_items, item_tokens, max_items, partial_len, pipe_expand_smem, pipe_expand_tiles,
+    fused_grid_blocks, fused_is_dependent, grid_items, item_tokens, max_items, partial_len, pipe_expand_smem, pipe_expand_tiles,
     pipe_shrink_kernel, pipe_shrink_smem,
     pipe_smem_fits, segments_len, small_items, takes_pipelined, u_len, FusedPlan, ShrinkPlan, Tuning, FUSED_COLS, FUSED_MAX_RANK, TILE_T,
 };
@@ -134,7 +134,6 @@ struct FusedArgs {
     smem_bytes: i32,
     split_target: i32,
     expand_target: i32,
-    static_layout: i32,
     table: LoraTable,
     slices: LoraSlices,
 }
@@ -558,7 +557,6 @@ pub fn fused(
     let items = b.max_items();
     let form = fused_form(b.max_rank, sp.kchunk, plan.staged_a, plan.blocks_per_sm);
     let smem = form.smem_bytes;
-    let static_layout = fused_static_layout(plan, hi, out_sizes, items);
     let args = FusedArgs {
         x,
         x_stride: x_stride as i64,
@@ -576,12 +574,11 @@ pub fn fused(
         smem_bytes: smem as i32,
         split_target: sp.split_target as i32,
         expand_target: plan.expand_target as i32,
-        static_layout: static_layout as i32,
         table: b.table_args(),
         slices: sl,
     };
     // a group of ksplit + col_groups blocks per (slice, item); groups past the step's items leave at once
-    let blocks = fused_grid_blocks(plan, hi, out_sizes, items, static_layout);
+    let blocks = fused_grid_blocks(plan, hi, out_sizes, items);
     if blocks > i32::MAX as usize {
         return Err(LoraError::Cuda(format!("{blocks} blocks is more than one launch takes")));
     }
@@ -601,7 +598,7 @@ mod tests {
         assert_eq!(std::mem::size_of::<ShrinkArgs>(), 40 + 20 + 4 + 24 + 100 + 4);
         assert_eq!(std::mem::size_of::<ExpandArgs>(), 40 + 24 + 24 + 100 + 4);
         assert_eq!(std::mem::size_of::<SegmentArgs>(), 32);
-        assert_eq!(std::mem::size_of::<FusedArgs>(), 48 + 48 + 24 + 100 + 4);
+        assert_eq!(std::mem::size_of::<FusedArgs>(), 48 + 40 + 24 + 100 + 4);
     }
 
     #[test]

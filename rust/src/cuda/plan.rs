@@ -36,7 +36,7 @@ pub struct Tuning {
     /// Which expand kernel runs, where the path allows it.
     pub expand: Option<ExpandKind>,
     /// Whether a decode batch sizes its split on the device (`decode_split_from_device`): the sweep
-    /// timed each choice with the split sized both ways, so the entry says which it measured.
+    /// times each choice with the split sized both ways, so the entry says which it measured.
     pub device_split: Option<bool>,
 }
 
@@ -511,51 +511,26 @@ fn fused_col_steps(units: usize, pairs: usize, expand_target: usize) -> usize {
     (units * pairs.max(1)).div_ceil(expand_target.max(1)).clamp(1, units.max(1))
 }
 
-/// The fused kernel's (ksplit, kchunk, col_steps) for `items` items of the step (cuda/lora_fused.cu
-/// fused_shape): the plan's where the host planned it, else sized from the count, the split only
-/// where the plan's partials and x rows hold it.
-pub fn fused_shape(plan: &FusedPlan, hi: usize, out_sizes: &[usize], items: usize) -> (usize, usize, usize) {
-    let sp = &plan.shrink;
-    if sp.split_target == 0 {
-        return (sp.ksplit, sp.kchunk, plan.col_steps);
-    }
-    let s = out_sizes.len();
-    let d = decode_split(items, s, hi, sp.split_target);
-    let (ksplit, kchunk) = if d.ksplit <= sp.ksplit && d.kchunk <= sp.kchunk { (d.ksplit, d.kchunk) } else { (sp.ksplit, sp.kchunk) };
-    let units = out_sizes.iter().copied().max().unwrap_or(0).div_ceil(FUSED_COLS).max(1);
-    (ksplit, kchunk, fused_col_steps(units, items * s, plan.expand_target))
-}
-
-/// Whether a device-sized fused launch places its blocks by item index alone (cuda/lora_fused.cu
-/// fused_static_place: the most items' layout, then each item's extra slots), so no block reads its
-/// item twice: item i gets the blocks its shape at i + 1 items takes, which holds every count above
-/// i only if no count's shape needs more (the split and the column groups never grow with the
-/// count: true of every plan `plan_fused` makes; checked here for any other). Else, and under
-/// `LORAMUX_FUSED_STATIC=0` (A/B), the grid is laid out for the most items only and a block placed
-/// again once it has read a smaller count (one more dependent trip, decode-6).
-pub fn fused_static_layout(plan: &FusedPlan, hi: usize, out_sizes: &[usize], max_items: usize) -> bool {
-    if plan.shrink.split_target == 0 || std::env::var("LORAMUX_FUSED_STATIC").as_deref() == Ok("0") {
-        return false;
-    }
-    let shapes: Vec<_> = (1..=max_items.max(1)).map(|n| fused_shape(plan, hi, out_sizes, n)).collect();
-    shapes.windows(2).all(|w| w[1].0 <= w[0].0 && w[1].2 >= w[0].2)
-}
-
 /// Blocks of a fused launch: a group of ksplit + col_groups(slice) blocks per (slice, item). With
-/// the shape sized on the device: laid out by item index, the sum over items i of the shape at
-/// i + 1 items (cuda/lora_fused.cu fused_static_place); else the most any item count up to the
-/// segments' bound can take (fused_shape / fused_block_item); blocks past the step's count leave.
-pub fn fused_grid_blocks(plan: &FusedPlan, hi: usize, out_sizes: &[usize], max_items: usize, static_layout: bool) -> usize {
-    let groups = |items: usize, (ksplit, _, col_steps): (usize, usize, usize)| -> usize {
+/// the shape sized on the device, the most any item count up to the segments' bound can take
+/// (cuda/lora_fused.cu fused_shape / fused_block_item); blocks past the step's count leave.
+pub fn fused_grid_blocks(plan: &FusedPlan, hi: usize, out_sizes: &[usize], max_items: usize) -> usize {
+    let groups = |items: usize, ksplit: usize, col_steps: usize| -> usize {
         out_sizes.iter().map(|&o| items * (ksplit + fused_col_groups(o, col_steps))).sum()
     };
     if plan.shrink.split_target == 0 {
-        return groups(max_items, fused_shape(plan, hi, out_sizes, max_items));
+        return groups(max_items, plan.shrink.ksplit, plan.col_steps);
     }
-    if static_layout {
-        return (1..=max_items.max(1)).map(|n| groups(1, fused_shape(plan, hi, out_sizes, n))).sum();
-    }
-    (1..=max_items.max(1)).map(|n| groups(n, fused_shape(plan, hi, out_sizes, n))).max().unwrap_or(0)
+    let s = out_sizes.len();
+    let units = out_sizes.iter().copied().max().unwrap_or(0).div_ceil(FUSED_COLS).max(1);
+    (1..=max_items.max(1))
+        .map(|n| {
+            let d = decode_split(n, s, hi, plan.shrink.split_target);
+            let ksplit = if d.ksplit <= plan.shrink.ksplit && d.kchunk <= plan.shrink.kchunk { d.ksplit } else { plan.shrink.ksplit };
+            groups(n, ksplit, fused_col_steps(units, n * s, plan.expand_target))
+        })
+        .max()
+        .unwrap_or(0)
 }
 
 /// Expand blocks per item of a slice `out_size` wide (cuda/lora_fused.cu fused_col_groups).
@@ -823,26 +798,12 @@ mod tests {
             let f = plan_fused(t, hi, hi.max(300), s, slots, &d);
             assert!(f.expand_target > 0 && f.shrink.split_target > 0);
             // the grid holds every count's blocks; the count the host planned for before is one of them
-            let m = max_items(t, slots);
-            let grid = fused_grid_blocks(&f, hi, &outs, m, false);
-            // planner-made plans hold the static layout: item i's blocks at i + 1 items cover every larger count
-            assert!(fused_static_layout(&f, hi, &outs, m) || std::env::var("LORAMUX_FUSED_STATIC").is_ok());
-            let stat = fused_static_layout(&f, hi, &outs, m);
-            let static_grid = fused_grid_blocks(&f, hi, &outs, m, true);
-            for n in 1..=m {
+            let grid = fused_grid_blocks(&f, hi, &outs, max_items(t, slots));
+            for n in 1..=max_items(t, slots) {
                 let q = decode_split(n, s, hi, f.shrink.split_target);
                 let cs = fused_col_steps(hi.max(300).div_ceil(FUSED_COLS), n * s, f.expand_target);
                 assert!(n * s * (q.ksplit + fused_col_groups(hi.max(300), cs)) <= grid);
-                assert_eq!(fused_shape(&f, hi, &outs, n), (q.ksplit, q.kchunk, cs));
-                if stat {
-                    for i in 0..n {
-                        let (ks, _, c) = fused_shape(&f, hi, &outs, i + 1);
-                        assert!(q.ksplit <= ks && fused_col_groups(hi.max(300), cs) <= fused_col_groups(hi.max(300), c));
-                    }
-                }
             }
-            // the static grid holds the count that needs most of them
-            assert!(static_grid >= grid);
         }
         // the decode step: 32 one-token items of q|k|v are split as for 32 items, not 16
         let q = decode_split(32, 3, 4096, FUSED_SHRINK_TARGET);
