@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import torch
 from _common import capture, copy_bandwidth, env_set, llama_spec, median_seconds, random_adapter, resident_adapters
@@ -53,6 +54,8 @@ VARIANTS = {
     # from the step's item count on the device (decode6)
     "hostsplit": {"LORAMUX_DECODE_DEVICE_SPLIT": "0"},
     "devicesplit": {"LORAMUX_DECODE_DEVICE_SPLIT": "1"},
+    # another launch table: the file LORAMUX_AB_TABLE names (e.g. the one before a sweep)
+    "abtable": {"LORAMUX_TUNING_TABLE": os.environ.get("LORAMUX_AB_TABLE", "")},
 }
 
 

@@ -8,7 +8,7 @@
 # `ab` times the step's LoRA work alone under benchmarks/decode_ab.py's variants $AB_VARIANTS;
 # `ncu` profiles the fused kernel on the decode step's applies (profile_case.py --decode-step).
 # OPS_AB=LORAMUX_PREFILL=legacy times each prefill case of the grid again under that environment
-# (OPS_AB2: again under a second one).
+# (OPS_AB2: again under a second one; OPS_AB_DECODE / OPS_AB_DECODE2 the same for the decode cases).
 # MEMCHECKS may name "launch" (test_launch_choices -k $MEMCHECK_LAUNCH_K). DECODE_ARGS go to
 # decode_step.py (e.g. "--variants plain,m4": the step under launch variants).
 # TEST_K selects tests by pytest -k in every file of FILES (a pass over what changed); TEST_SPLITS
@@ -20,10 +20,12 @@ export PYTHONUNBUFFERED=1
 STEPS=${STEPS:-"tests memcheck tune decode peers"}
 has() { [[ " $STEPS " == *" $1 "* ]]; }
 T0=$(date +%s); elapsed() { echo $(( $(date +%s) - T0 )); }
-pip install -q --no-index --no-deps --target /tmp/site ${WHEEL:?} || exit 1
+# --upgrade: on a warm machine /tmp/site may hold an earlier run's wheel, which pip would otherwise keep
+pip install -q --no-index --no-deps --upgrade --target /tmp/site ${WHEEL:?} || exit 1
 export PYTHONPATH=/tmp/site
-LOGS=/tmp/klogs; mkdir -p $LOGS
+LOGS=/tmp/klogs; rm -rf $LOGS; mkdir -p $LOGS  # an earlier run's logs stay on a warm machine
 python -c "import loramux, torch; from loramux import _core; print(loramux.__file__, torch.__version__, torch.cuda.get_device_name(), 'sm', _core.load_kernels(0))" 2>&1 | tee $LOGS/env.txt
+python -c "import zipfile, sys; z = zipfile.ZipFile(sys.argv[1]); n = next(f for f in z.namelist() if f.endswith('.so')); sys.exit(z.read(n) != open('/tmp/site/' + n, 'rb').read())" $WHEEL && echo "installed: $(basename $WHEEL)" || echo "WARNING: /tmp/site does not hold $WHEEL"
 echo "compiled at $(elapsed) s"
 has tests && [ -z "$TEST_SPLITS" ] && for f in ${FILES:-test_kernels test_fused test_launch_choices test_ops test_segments test_models test_dora test_siblings test_beside test_serving_gpu test_cache_gpu test_runtime test_tp}; do
   ( timeout -s INT -k 20 ${TEST_S:-130} python -m pytest -q -m gpu -p no:cacheprovider --tb=short --durations=8 tests/$f.py ${TEST_K:+-k "$TEST_K"} > $LOGS/$f.log 2>&1
@@ -81,7 +83,7 @@ if has peers && [ $(elapsed) -lt ${PEERS_IF_BEFORE:-330} ]; then
   echo "peers rc=$? at $(elapsed) s"; grep -vE '^\{' $LOGS/peers.txt | tail -10
 fi
 if has ops; then  # rows are written as they come: a run cut short keeps the cases it finished
-  timeout ${OPS_S:-200} python benchmarks/ops.py --grid ${OPS_GRID:-quick} --orders ${OPS_ORDERS:-random,contiguous} --commit "$COMMIT" ${OPS_AB:+--ab $OPS_AB} ${OPS_AB2:+--ab $OPS_AB2} ${OPS_AB_SMALL:+--ab-small $OPS_AB_SMALL} ${OPS_AB_DECODE:+--ab-decode $OPS_AB_DECODE} ${OPS_TOKENS:+--tokens $OPS_TOKENS} --out $OUT/ops.json > $LOGS/ops.txt 2>&1
+  timeout ${OPS_S:-200} python benchmarks/ops.py --grid ${OPS_GRID:-quick} --orders ${OPS_ORDERS:-random,contiguous} --commit "$COMMIT" ${OPS_AB:+--ab $OPS_AB} ${OPS_AB2:+--ab $OPS_AB2} ${OPS_AB_SMALL:+--ab-small $OPS_AB_SMALL} ${OPS_AB_DECODE:+--ab-decode $OPS_AB_DECODE} ${OPS_AB_DECODE2:+--ab-decode $OPS_AB_DECODE2} ${OPS_TOKENS:+--tokens $OPS_TOKENS} --out $OUT/ops.json > $LOGS/ops.txt 2>&1
   echo "ops rc=$? at $(elapsed) s rows $(grep -c '"kind": "op"' $OUT/ops.json)"
 fi
 tar czf $OUT/logs.tgz -C /tmp klogs

@@ -49,28 +49,36 @@ DEFAULT_TARGET = 528
 #: starved splits that kept coarser targets out)
 MIN_TARGET = dict(BUILT_IN_TARGET, **{k: 132 for k in FUSED_KINDS}, p=264, p4=264, p16=264)
 SELECTION = "geomean over the adapter counts swept, none slower; split targets >= the built-in one (fused kinds: >= 132)"
-KNOBS = ("LORAMUX_EXPAND_DECODE", "LORAMUX_EXPAND_OPT", "LORAMUX_EXPAND_TILE_COLS", "LORAMUX_SHRINK_TARGET_BLOCKS",
+KNOBS = ("LORAMUX_DECODE_DEVICE_SPLIT", "LORAMUX_EXPAND_DECODE", "LORAMUX_EXPAND_OPT", "LORAMUX_EXPAND_TILE_COLS", "LORAMUX_SHRINK_TARGET_BLOCKS",
          "LORAMUX_TUNING", "LORAMUX_DECODE_FUSED", "LORAMUX_FUSED_EXPAND_BLOCKS", "LORAMUX_FUSED_PDL",
          "LORAMUX_FUSED_BLOCKS_PER_SM", "LORAMUX_FUSED_STAGE_A", "LORAMUX_PREFILL", "LORAMUX_EXPAND_SPAN_TILES",
          "LORAMUX_PIPE_SMALL", "LORAMUX_PIPE_MAX_SPLIT", "LORAMUX_PIPE_USUM")
 
 
+#: decode token counts (2..64) time every choice with the split sized on the host (False) and from the
+#: step's item count on the device (True): the entry names the one it won with (the planner takes it)
+DEVICE_SPLITS = (False, True)
+
+
 def variants(tokens: int, targets, rank: int = 16, kinds_only=None):
     """(expand kernel, shrink target) pairs the path of `tokens` allows (rust/src/cuda/plan.rs),
-    of the kinds in `kinds_only` where given."""
+    of the kinds in `kinds_only` where given; decode token counts: (kind, target, device split)."""
     if tokens <= 64:
         kinds = (list(FUSED_KINDS) if rank <= 64 else []) + ["flat", "o1", "o1w"]
     elif tokens <= 256:  # CUDA-core small items, or the pipelined tensor-core kernels over them
         kinds = ["o1", "o1w", "o4", "p"]
     else:  # register-staged tiles, and the pipelined kernels at a planned / 4 / 16-tile expand span
         kinds = ["c1", "c4", "p", "p4", "p16"]
-    return [(k, t) for k in kinds for t in targets
-            if t >= MIN_TARGET.get(k, DEFAULT_TARGET) and (kinds_only is None or k in kinds_only)]
+    pairs = [(k, t) for k in kinds for t in targets
+             if t >= MIN_TARGET.get(k, DEFAULT_TARGET) and (kinds_only is None or k in kinds_only)]
+    return [(k, t, d) for k, t in pairs for d in DEVICE_SPLITS] if 1 < tokens <= 64 else pairs
 
 
-def forced_env(kind, target):
+def forced_env(kind, target, device_split=None):
     """The environment overrides that force one variant (they win over the table in the planner)."""
     env = {"LORAMUX_TUNING": "off", "LORAMUX_SHRINK_TARGET_BLOCKS": str(target), "LORAMUX_DECODE_FUSED": "0"}
+    if device_split is not None:
+        env["LORAMUX_DECODE_DEVICE_SPLIT"] = "1" if device_split else "0"
     if kind in FUSED_KINDS:  # the shrink's A in registers or staged in shared memory; blocks an SM
         env.update(LORAMUX_DECODE_FUSED="1", LORAMUX_FUSED_STAGE_A="1" if kind.startswith("fuseds") else "0")
         if kind[-1].isdigit():
@@ -144,10 +152,11 @@ def tune_case(hi, sizes, mids, r, tokens, counts, l2, targets, margin, kinds_onl
     """One (shape, rank, tokens) case at each adapter count of `counts`: every variant's times; the
     entry to write or None."""
     kinds = variants(tokens, targets, r, kinds_only)
-    envs = [{"LORAMUX_TUNING": "off"}] + [forced_env(k, t) for k, t in kinds]
+    envs = [{"LORAMUX_TUNING": "off"}] + [forced_env(*v) for v in kinds]
     per_count = [measure_count(hi, sizes, mids, r, tokens, n, l2, envs) for n in counts]
-    rows = [dict(expand_kernel=k, shrink_target_blocks=t, us=[m[i + 1][0] for m in per_count],
-                 rel_err=max(m[i + 1][1] for m in per_count)) for i, (k, t) in enumerate(kinds)]
+    rows = [dict(expand_kernel=v[0], shrink_target_blocks=v[1], us=[m[i + 1][0] for m in per_count],
+                 rel_err=max(m[i + 1][1] for m in per_count), **({"decode_device_split": v[2]} if len(v) > 2 else {}))
+            for i, v in enumerate(kinds)]
     case = dict(hi=hi, out_sizes=list(sizes), rank=r, tokens=tokens, adapters=list(counts),
                 default_us=[m[0][0] for m in per_count], default_rel_err=max(m[0][1] for m in per_count), variants=rows)
     return case, select(case, margin)
@@ -176,7 +185,8 @@ def select(case, margin):
     return dict(arch=None, hi=case["hi"], out_sizes=list(case["out_sizes"]), rank_bucket=tuning.rank_bucket(case["rank"]),
                 token_bucket=tuning.token_bucket(case["tokens"]), expand_kernel=best["expand_kernel"],
                 shrink_target_blocks=best["shrink_target_blocks"], adapters=_as_list(case.get("adapters", [])),
-                us=[round(u, 2) for u in _as_list(best["us"])], default_us=[round(d, 2) for d in default])
+                us=[round(u, 2) for u in _as_list(best["us"])], default_us=[round(d, 2) for d in default],
+                **({"decode_device_split": best["decode_device_split"]} if "decode_device_split" in best else {}))
 
 
 def write_table(path, arch, measured_note, entries, token_buckets=None):
@@ -268,7 +278,8 @@ def main():
                     log.flush()
                     fmt = lambda us: "/".join(f"{u:.1f}" for u in us)  # noqa: E731
                     print(f"{hi}->{sizes} r{r} T{tokens} adapters {fmt(counts)}: built-in {fmt(case['default_us'])} us"
-                          + (f", table {entry['expand_kernel']}/{entry['shrink_target_blocks']} {fmt(entry['us'])} us"
+                          + (f", table {entry['expand_kernel']}/{entry['shrink_target_blocks']}"
+                             f"{'/dev' if entry.get('decode_device_split') else ''} {fmt(entry['us'])} us"
                              if entry else ""), flush=True)
                     if entry is not None:
                         entries.append(entry)

@@ -6,6 +6,7 @@ built-in rules."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -37,20 +38,29 @@ def test_shipped_table_is_well_formed():
         assert (kind in ("o1", "o1w", "o4")) <= (e["token_bucket"] <= 256)
         assert (kind in ("c1", "c4")) <= (e["token_bucket"] > 256)
         assert e["shrink_target_blocks"] > 0
+        # a decode entry names the split it was timed with; other buckets have none
+        split = e.get("decode_device_split")
+        assert split is None or (isinstance(split, bool) and 1 < e["token_bucket"] <= 64)
         # the planner takes the choice
-        _core.plan_shrink(e["token_bucket"], e["hi"], len(e["out_sizes"]), 32, e["shrink_target_blocks"], kind)
+        plan = _core.plan_shrink(e["token_bucket"], e["hi"], len(e["out_sizes"]), 32, e["shrink_target_blocks"], kind,
+                                 decode_device_split=split)
+        if split is not None and "LORAMUX_DECODE_DEVICE_SPLIT" not in os.environ:
+            assert (plan[3] > 0) == split
     assert {m["arch"] for m in doc["measured"]} >= {e["arch"] for e in doc["entries"]}
 
 
 def test_lookup_hits_listed_geometries_only(tmp_path, monkeypatch):
     path = tmp_path / "table.json"
     path.write_text(json.dumps({"entries": [dict(arch=90, hi=4096, out_sizes=[4096, 1024, 1024], rank_bucket=16,
-                                                 token_bucket=64, expand_kernel="o1w", shrink_target_blocks=264)]}))
+                                                 token_bucket=64, expand_kernel="o1w", shrink_target_blocks=264),
+                                            dict(arch=90, hi=4096, out_sizes=[4096], rank_bucket=16, token_bucket=16,
+                                                 expand_kernel="fused", shrink_target_blocks=132, decode_device_split=True)]}))
     monkeypatch.setattr(tuning, "TABLE_PATH", path)
     monkeypatch.delenv("LORAMUX_TUNING", raising=False)
     hit = tuning.choice(90, 4096, [4096, 1024, 1024], 16, 40)
-    assert hit == tuning.Choice(264, "o1w")
-    none = tuning.Choice(None, None)
+    assert hit == tuning.Choice(264, "o1w") == tuning.Choice(264, "o1w", None)
+    assert tuning.choice(90, 4096, [4096], 16, 9) == tuning.Choice(132, "fused", True)
+    none = tuning.Choice(None, None, None)
     assert tuning.choice(80, 4096, [4096, 1024, 1024], 16, 40) == none  # another arch
     assert tuning.choice(90, 4096, [4096], 16, 40) == none  # another shape
     assert tuning.choice(90, 4096, [4096, 1024, 1024], 64, 40) == none  # another rank bucket
@@ -70,6 +80,12 @@ def test_planner_takes_the_choices_and_rejects_unknown_kernels(monkeypatch):
     assert _core.plan_shrink(8, 4096, 1, 8) == _core.plan_shrink(8, 4096, 1, 8, None, None)
     with pytest.raises(Exception, match="unknown expand kernel"):
         _core.plan_shrink(8, 4096, 1, 8, None, "o2")
+    # a table entry's device split decides where the environment does not
+    monkeypatch.delenv("LORAMUX_DECODE_DEVICE_SPLIT", raising=False)
+    assert _core.plan_shrink(16, 4096, 1, 64, 132, None, decode_device_split=True)[3] == 132
+    assert _core.plan_shrink(64, 4096, 1, 64, 132, None, decode_device_split=False)[3] == 0
+    assert _core.plan_fused(16, 4096, 4096, 1, 64, 16, 132, "fused", decode_device_split=True)[6] == 132
+    assert _core.plan_fused(64, 4096, 4096, 1, 64, 16, 132, "fused", decode_device_split=False)[6] == 0
 
 
 def _tune_script():
@@ -104,8 +120,15 @@ def test_sweep_selection_keeps_coarse_splits_noise_and_wrong_results_out():
     ])
     e = tune.select(case, margin=0.03)
     assert (e["expand_kernel"], e["us"], e["adapters"]) == ("o1", [9.0, 36.0], [1, 16])
-    assert ("o1", 132) not in tune.variants(40, tune.TARGETS) and ("flat", 132) in tune.variants(40, tune.TARGETS)
-    assert ("fused", 132) in tune.variants(40, tune.TARGETS)  # swept from 132, both adapter counts timed
+    assert ("o1", 132, True) not in tune.variants(40, tune.TARGETS) and ("flat", 132, True) in tune.variants(40, tune.TARGETS)
+    assert ("fused", 132, False) in tune.variants(40, tune.TARGETS)  # swept from 132, both adapter counts timed
+    # decode counts: each choice with the split sized on the host and on the device; the entry names it
+    assert {v[2] for v in tune.variants(16, tune.TARGETS)} == {False, True} and ("fused", 264) in tune.variants(1, tune.TARGETS)
+    assert tune.forced_env("fused", 264, True)["LORAMUX_DECODE_DEVICE_SPLIT"] == "1"
+    dcase = dict(hi=4096, out_sizes=[4096], rank=16, tokens=16, adapters=[1, 16], default_us=[10.0, 20.0], variants=[
+        dict(expand_kernel="fused", shrink_target_blocks=132, decode_device_split=False, us=[9.5, 19.8], rel_err=1e-3),
+        dict(expand_kernel="fused", shrink_target_blocks=132, decode_device_split=True, us=[9.0, 17.0], rel_err=1e-3)])
+    assert tune.select(dcase, margin=0.03)["decode_device_split"] is True
     case["variants"] = [dict(expand_kernel="fused", shrink_target_blocks=132, us=[9.0, 30.0], rel_err=1e-3)]
     assert tune.select(case, margin=0.03)["shrink_target_blocks"] == 132
     assert {k for k, _ in tune.variants(300, tune.TARGETS)} == {"c1", "c4", "p", "p4", "p16"}

@@ -144,6 +144,7 @@ def _batch(meta, layer: int, device, tokens: int, choice: tuning.Choice = tuning
         max_rank=int(meta.max_rank),
         shrink_target_blocks=choice.shrink_target_blocks,
         expand_kernel=choice.expand_kernel,
+        decode_device_split=choice.decode_device_split,
     )
 
 
@@ -161,7 +162,7 @@ def _shrink_partials(x, meta, layer: int, module_ids: Sequence[int], choice: tun
     seg, batch = _batch(meta, layer, x.device, tokens, choice, stream)
     ids = [int(m) for m in module_ids]
     plan = _core.plan_shrink(tokens, hi, len(ids), meta.table.shape[0], choice.shrink_target_blocks, choice.expand_kernel,
-                             int(meta.max_rank), device_split)
+                             int(meta.max_rank), device_split, choice.decode_device_split)
     # the partials, then room for u [S, T, max_rank], which the pipelined prefill shrink fills
     u_len = len(ids) * tokens * int(meta.max_rank)
     partial = torch.empty(plan[0] * u_len + u_len, dtype=torch.float32, device=x.device)
@@ -271,7 +272,8 @@ def lora_apply(x, y, meta, layer: int, module_ids: Sequence[int], out_sizes: Seq
     choice = _tuning(x.device, x.shape[1], sizes, int(meta.max_rank), x.shape[0])
     ids = [int(m) for m in module_ids]
     fused = _core.plan_fused(x.shape[0], x.shape[1], max(sizes, default=0), len(ids), meta.table.shape[0],
-                             int(meta.max_rank), choice.shrink_target_blocks, choice.expand_kernel)
+                             int(meta.max_rank), choice.shrink_target_blocks, choice.expand_kernel,
+                             choice.decode_device_split)
     if fused is not None:
         _apply_fused(x, y, meta, layer, ids, sizes, choice, fused)
         return

@@ -20,16 +20,20 @@ TABLE_PATH = pathlib.Path(__file__).with_name("launch_table.json")
 #: small-item kernels, above that the tensor-core tiles (rust/src/cuda/plan.rs).
 TOKEN_BUCKETS = (1, 16, 64, 256, 512, 2048)
 RANK_BUCKETS = (16, 32, 64, 128)
-#: LORAMUX_TUNING=off ignores the table (the built-in rules decide): for A/B runs
+#: LORAMUX_TUNING=off ignores the table (the built-in rules decide): for A/B runs;
+#: LORAMUX_TUNING_TABLE=path reads another table file instead of the shipped one (A/B of two sweeps)
 _OFF = ("off", "0", "none")
 
 
 class Choice(NamedTuple):
     shrink_target_blocks: Optional[int]
     expand_kernel: Optional[str]  # fused | fused3 | fuseds | fuseds4 | flat | o1 | o1w | o4 | c1 | c4 | p | p4 | p16 (rust/src/cuda/plan.rs ExpandKind)
+    #: decode buckets: whether the split was sized from the step's item count on the device when
+    #: the entry was timed (rust/src/cuda/plan.rs decode_split_from_device); None: the built-in rule
+    decode_device_split: Optional[bool] = None
 
 
-_DEFAULT = Choice(None, None)
+_DEFAULT = Choice(None, None, None)
 
 
 def token_bucket(tokens: int) -> int:
@@ -58,12 +62,13 @@ def load_table(path: str) -> Dict[Key, Choice]:
     table = {}
     for e in doc.get("entries", []):
         key = _key(e["arch"], e["hi"], e["out_sizes"], e["rank_bucket"], e["token_bucket"])
-        table[key] = Choice(e.get("shrink_target_blocks"), e.get("expand_kernel"))
+        split = e.get("decode_device_split")
+        table[key] = Choice(e.get("shrink_target_blocks"), e.get("expand_kernel"), None if split is None else bool(split))
     return table
 
 
 def choice(arch: int, hi: int, out_sizes: Sequence[int], max_rank: int, tokens: int) -> Choice:
-    """The table's launch choice for this lora_apply; Choice(None, None) where it has none."""
+    """The table's launch choice for this lora_apply; Choice(None, None, None) where it has none."""
     if os.environ.get("LORAMUX_TUNING", "").lower() in _OFF:
         return _DEFAULT
-    return load_table(str(TABLE_PATH)).get(_key(arch, hi, out_sizes, rank_bucket(max_rank), token_bucket(tokens)), _DEFAULT)
+    return load_table(os.environ.get("LORAMUX_TUNING_TABLE") or str(TABLE_PATH)).get(_key(arch, hi, out_sizes, rank_bucket(max_rank), token_bucket(tokens)), _DEFAULT)

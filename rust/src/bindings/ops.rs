@@ -18,15 +18,15 @@ pub struct PyKernelBatch {
 impl PyKernelBatch {
     #[new]
     #[pyo3(signature = (*, device, stream, dtype, slot_of_token, segments, tokens, table, num_slots, num_layers, layer, max_rank,
-                        shrink_target_blocks=None, expand_kernel=None))]
+                        shrink_target_blocks=None, expand_kernel=None, decode_device_split=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         device: i32, stream: u64, dtype: &str, slot_of_token: u64, segments: u64, tokens: usize, table: u64,
         num_slots: usize, num_layers: usize, layer: usize, max_rank: usize, shrink_target_blocks: Option<usize>,
-        expand_kernel: Option<&str>,
+        expand_kernel: Option<&str>, decode_device_split: Option<bool>,
     ) -> PyResult<Self> {
         let dtype = launch::Dtype::parse(dtype).py()?;
-        let tuning = tuning(shrink_target_blocks, expand_kernel)?;
+        let tuning = tuning(shrink_target_blocks, expand_kernel, decode_device_split)?;
         let batch = launch::Batch {
             stream, dtype, slot_of_token, segments, tokens, table, num_slots, num_layers, layer, max_rank, tuning,
         };
@@ -93,13 +93,14 @@ impl PyKernelBatch {
 /// decode kernel for this apply (split_target > 0: split and column steps sized on the device), or None when
 /// the apply takes shrink + expand (plan::decode_is_fused). The tuning arguments as for KernelBatch.
 #[pyfunction]
-#[pyo3(signature = (tokens, hi, max_out, num_slices, num_slots, max_rank, shrink_target_blocks=None, expand_kernel=None))]
+#[pyo3(signature = (tokens, hi, max_out, num_slices, num_slots, max_rank, shrink_target_blocks=None, expand_kernel=None,
+                    decode_device_split=None))]
 #[allow(clippy::too_many_arguments)]
 fn plan_fused(
     tokens: usize, hi: usize, max_out: usize, num_slices: usize, num_slots: usize, max_rank: usize,
-    shrink_target_blocks: Option<usize>, expand_kernel: Option<&str>,
+    shrink_target_blocks: Option<usize>, expand_kernel: Option<&str>, decode_device_split: Option<bool>,
 ) -> PyResult<Option<FusedTuple>> {
-    let t = tuning(shrink_target_blocks, expand_kernel)?;
+    let t = tuning(shrink_target_blocks, expand_kernel, decode_device_split)?;
     if !plan::decode_is_fused(tokens, max_rank, &t) {
         return Ok(None);
     }
@@ -130,7 +131,9 @@ fn shrink_plan(p: ShrinkTuple) -> plan::ShrinkPlan {
 }
 
 /// A tuning table's launch choices (python/loramux/ops/tuning.py) as the planner takes them.
-fn tuning(shrink_target_blocks: Option<usize>, expand_kernel: Option<&str>) -> PyResult<plan::Tuning> {
+fn tuning(
+    shrink_target_blocks: Option<usize>, expand_kernel: Option<&str>, device_split: Option<bool>,
+) -> PyResult<plan::Tuning> {
     let expand = match expand_kernel {
         None => None,
         Some(name) => Some(plan::ExpandKind::parse(name).ok_or_else(|| {
@@ -139,7 +142,7 @@ fn tuning(shrink_target_blocks: Option<usize>, expand_kernel: Option<&str>) -> P
         })
         .py()?),
     };
-    Ok(plan::Tuning { shrink_target_blocks: shrink_target_blocks.filter(|&b| b > 0), expand })
+    Ok(plan::Tuning { shrink_target_blocks: shrink_target_blocks.filter(|&b| b > 0), expand, device_split })
 }
 
 /// (ksplit, kchunk, reduce_first, split_target) of the shrink for this geometry; reduce_first:
@@ -149,13 +152,14 @@ fn tuning(shrink_target_blocks: Option<usize>, expand_kernel: Option<&str>) -> P
 /// decides whether small items take the pipelined kernels; `device_split=False` plans the split on
 /// the host (the standalone shrink, whose reduce sums every planned split).
 #[pyfunction]
-#[pyo3(signature = (tokens, hi, num_slices, num_slots, shrink_target_blocks=None, expand_kernel=None, max_rank=16, device_split=true))]
+#[pyo3(signature = (tokens, hi, num_slices, num_slots, shrink_target_blocks=None, expand_kernel=None, max_rank=16, device_split=true,
+                    decode_device_split=None))]
 #[allow(clippy::too_many_arguments)]
 fn plan_shrink(
     tokens: usize, hi: usize, num_slices: usize, num_slots: usize, shrink_target_blocks: Option<usize>,
-    expand_kernel: Option<&str>, max_rank: usize, device_split: bool,
+    expand_kernel: Option<&str>, max_rank: usize, device_split: bool, decode_device_split: Option<bool>,
 ) -> PyResult<ShrinkTuple> {
-    let t = tuning(shrink_target_blocks, expand_kernel)?;
+    let t = tuning(shrink_target_blocks, expand_kernel, decode_device_split)?;
     let p = if device_split {
         plan::plan_shrink(tokens, hi, num_slices, num_slots, max_rank, &t)
     } else {

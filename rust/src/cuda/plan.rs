@@ -35,6 +35,9 @@ pub struct Tuning {
     pub shrink_target_blocks: Option<usize>,
     /// Which expand kernel runs, where the path allows it.
     pub expand: Option<ExpandKind>,
+    /// Whether a decode batch sizes its split on the device (`decode_split_from_device`): the sweep
+    /// times each choice with the split sized both ways, so the entry says which it measured.
+    pub device_split: Option<bool>,
 }
 
 /// The expand kernels a launch can choose between: the flat decode kernel, the small-item kernel
@@ -198,7 +201,7 @@ pub struct ShrinkPlan {
 pub fn plan_shrink(
     tokens: usize, hi: usize, num_slices: usize, num_slots: usize, max_rank: usize, tuning: &Tuning,
 ) -> ShrinkPlan {
-    plan_shrink_with(tokens, hi, num_slices, num_slots, max_rank, tuning, decode_split_from_device(tokens))
+    plan_shrink_with(tokens, hi, num_slices, num_slots, max_rank, tuning, decode_split_from_device(tokens, tuning))
 }
 
 /// `plan_shrink` with the split planned on the host whatever the batch (the standalone shrink: its
@@ -272,12 +275,13 @@ fn split_for(tokens: usize, hi: usize, num_slices: usize, num_slots: usize, targ
 /// column steps, from the step's real item count on the device (the segments' seg[0]) rather than
 /// from `planned_items`: the decode step's 32 one-token items were split as for 16, and 8 adapters
 /// of 8 tokens over a large slot table as for 32 (128 blocks on 132 SMs).
-/// `LORAMUX_DECODE_DEVICE_SPLIT=1|0` forces either (A/B runs); else above DEVICE_SPLIT_MIN_TOKENS.
-pub fn decode_split_from_device(tokens: usize) -> bool {
+/// `LORAMUX_DECODE_DEVICE_SPLIT=1|0` forces either (A/B runs, the sweep); else the tuning table's
+/// entry, which was timed with the split it names; else above DEVICE_SPLIT_MIN_TOKENS.
+pub fn decode_split_from_device(tokens: usize, tuning: &Tuning) -> bool {
     match std::env::var("LORAMUX_DECODE_DEVICE_SPLIT").as_deref() {
         Ok("1") => true,
         Ok("0") => false,
-        _ => tokens > DEVICE_SPLIT_MIN_TOKENS,
+        _ => tuning.device_split.unwrap_or(tokens > DEVICE_SPLIT_MIN_TOKENS),
     }
 }
 
@@ -484,7 +488,7 @@ pub const FUSED_COLS: usize = 256;
 pub fn plan_fused(tokens: usize, hi: usize, max_out: usize, num_slices: usize, num_slots: usize, tuning: &Tuning) -> FusedPlan {
     let target =
         env_usize("LORAMUX_SHRINK_TARGET_BLOCKS").or(tuning.shrink_target_blocks).unwrap_or(FUSED_SHRINK_TARGET).max(1);
-    let shrink = split_for(tokens, hi, num_slices, num_slots, target, decode_split_from_device(tokens));
+    let shrink = split_for(tokens, hi, num_slices, num_slots, target, decode_split_from_device(tokens, tuning));
     let expand_target = env_usize("LORAMUX_FUSED_EXPAND_BLOCKS").unwrap_or(FUSED_EXPAND_TARGET).max(1);
     let units = max_out.div_ceil(FUSED_COLS).max(1);
     // sized on the device: the host's steps are the most items' (a check on the plan, not used)
@@ -837,7 +841,7 @@ mod tests {
         assert!(!decode_expand_is_flat(32, 1, &d) && !decode_expand_is_flat(16, 3, &d) && !decode_expand_is_flat(65, 2, &d));
         // the flat path's shrink splits coarser (on the device: for the same count, a smaller target)
         assert!(plan_shrink_on_host(32, 4096, 3, 32, 16, &d).ksplit < plan_shrink_on_host(32, 4096, 1, 32, 16, &d).ksplit);
-        if decode_split_from_device(32) {
+        if decode_split_from_device(32, &d) {
             assert_eq!((plan_shrink(32, 4096, 3, 32, 16, &d).split_target, plan_shrink(32, 4096, 1, 32, 16, &d).split_target), (132, 528));
         }
     }
@@ -860,8 +864,15 @@ mod tests {
         let few = Tuning { shrink_target_blocks: Some(132), ..Default::default() };
         let many = Tuning { shrink_target_blocks: Some(1056), ..Default::default() };
         assert!(plan_shrink_on_host(64, 4096, 1, 64, 16, &few).ksplit < plan_shrink_on_host(64, 4096, 1, 64, 16, &many).ksplit);
-        if decode_split_from_device(64) {
+        if decode_split_from_device(64, &few) {
             assert_eq!(plan_shrink(64, 4096, 1, 64, 16, &few).split_target, 132);
+        }
+        // a table entry names the split it was timed with (unless the environment forces one)
+        if std::env::var("LORAMUX_DECODE_DEVICE_SPLIT").is_err() {
+            let on = Tuning { device_split: Some(true), ..few };
+            let off = Tuning { device_split: Some(false), ..few };
+            assert_eq!((plan_shrink(16, 4096, 1, 64, 16, &on).split_target, plan_shrink(64, 4096, 1, 64, 16, &off).split_target), (132, 0));
+            assert_eq!(plan_fused(16, 4096, 4096, 1, 64, &on).shrink.split_target, 132);
         }
         for k in ExpandKind::ALL {
             assert_eq!(ExpandKind::parse(k.name()), Some(k));
