@@ -387,7 +387,7 @@ pub fn shrink(
         max_items: items as i32,
         // the decode shrink only (T <= 64): the other kernels keep the planned split
         split_target: if b.decode() && b.tokens <= TILE_T { plan.split_target as i32 } else { 0 },
-        merge_items: pipe_merge_items(b.tokens) as i32,
+        merge_items: pipe_merge_items(b.tokens, true) as i32,
         table: b.table_args(),
         slices: sl,
     };
@@ -491,7 +491,7 @@ pub fn expand(
             Some((hi, target)) if hi > 0 && ksplit > 1 && b.decode() && b.tokens <= TILE_T => target as i32,
             _ => 0,
         },
-        merge_items: pipe_merge_items(b.tokens) as i32,
+        merge_items: pipe_merge_items(b.tokens, false) as i32,
         table: b.table_args(),
         slices: sl,
     };
