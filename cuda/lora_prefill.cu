@@ -14,7 +14,6 @@
 #define PF_PITCH 72          // halves a row of an x / A / y tile: 144 bytes, conflict-free fragments
 #define PF_OTILE 64
 #define EXPAND_PIPE_KSTEPS 8    // k16 steps of the largest rank (128) an expand holds u for
-#define PF_U_BATCH 4            // u values a thread of the expand loads before storing any
 
 __device__ __forceinline__ u32 pf_smem_addr(const void* p) {
     u32 a;
@@ -267,7 +266,7 @@ __device__ void shrink_pipe(const ShrinkArgs& p) {
 // token rows 16*(w&3).. and columns 32*(w>>2)..+32 of each tile; the sum goes back into the y
 // tile in shared memory, then out in 16-byte stores. Dynamic shared memory: u (64 x rank pitch)
 // then STAGES x (B tile 64 x rank pitch, y tile 64 x PF_PITCH) halves.
-template <bool BF16, int STAGES, int U_BATCH>
+template <bool BF16, int STAGES>
 __device__ void expand_pipe(const ExpandArgs& p) {
     extern __shared__ __align__(16) unsigned char pf_dyn[];
     __shared__ int tokens[LMX_TILE_T];
@@ -335,41 +334,16 @@ __device__ void expand_pipe(const ExpandArgs& p) {
             pdl_wait();
             waited = true;
         }
-        // u (64 rows x rk) into shared memory, rounded to 16 bits. U_BATCH values a thread are
-        // loaded before any is stored: a store to shared memory between two global loads kept
-        // the compiler from issuing the next load early (its pointers may alias), so the
-        // element-at-a-time loop (U_BATCH 1, `_useq`) was 16 dependent trips a block at rank 64.
-        for (int base = tid; base < LMX_TILE_T * rk; base += U_BATCH * LMX_THREADS) {
-            float v[U_BATCH];
-            int at[U_BATCH];  // the element's offset in a split's partials (T x max rank < 2^31), -1: zero
-#pragma unroll
-            for (int q = 0; q < U_BATCH; ++q) {
-                const int idx = base + q * LMX_THREADS;
-                const int i = idx / rk, r = idx % rk;
-                at[q] = idx < LMX_TILE_T * rk && i < nt && r < R ? tokens[i] * p.table.max_rank + r : -1;
-                v[q] = 0.f;
-            }
-            const float* part = p.partial + (long long)s * p.ksplit * p.T * p.table.max_rank;
-            if (p.ksplit == 1) {  // u: straight-line loads, all in flight before the first add
-                float x[U_BATCH];
-#pragma unroll
-                for (int q = 0; q < U_BATCH; ++q) x[q] = at[q] >= 0 ? part[at[q]] : 0.f;
-#pragma unroll
-                for (int q = 0; q < U_BATCH; ++q) v[q] += x[q];
-            } else {
-#pragma unroll
-                for (int q = 0; q < U_BATCH; ++q) {
-                    if (at[q] >= 0) {
+        for (int idx = tid; idx < LMX_TILE_T * rk; idx += LMX_THREADS) {
+            const int i = idx / rk, r = idx % rk;
+            float v = 0.f;
+            if (i < nt && r < R) {
+                const long long t = tokens[i];
 #pragma unroll 16
-                        for (int c = 0; c < p.ksplit; ++c) v[q] += part[c * (long long)p.T * p.table.max_rank + at[q]];
-                    }
-                }
+                for (int c = 0; c < p.ksplit; ++c)
+                    v += p.partial[(((long long)s * p.ksplit + c) * p.T + t) * p.table.max_rank + r];
             }
-#pragma unroll
-            for (int q = 0; q < U_BATCH; ++q) {
-                const int idx = base + q * LMX_THREADS;
-                if (idx < LMX_TILE_T * rk) us[(idx / rk) * bpitch + idx % rk] = from_f32<BF16>(v[q]);
-            }
+            us[i * bpitch + r] = from_f32<BF16>(v);
         }
         __syncthreads();
         u32 af[EXPAND_PIPE_KSTEPS][4];
@@ -452,7 +426,5 @@ extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_shrink
 extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_shrink_f16_serial(const ShrinkArgs p) { shrink_pipe<false, PF_USUM_SERIAL>(p); }
 extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_shrink_bf16_f4(const ShrinkArgs p) { shrink_pipe<true, PF_USUM_FLOAT4>(p); }
 extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_shrink_f16_f4(const ShrinkArgs p) { shrink_pipe<false, PF_USUM_FLOAT4>(p); }
-extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_expand_bf16(const ExpandArgs p) { expand_pipe<true, PF_EXPAND_STAGES, PF_U_BATCH>(p); }
-extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_expand_f16(const ExpandArgs p) { expand_pipe<false, PF_EXPAND_STAGES, PF_U_BATCH>(p); }
-extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_expand_bf16_useq(const ExpandArgs p) { expand_pipe<true, PF_EXPAND_STAGES, 1>(p); }
-extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_expand_f16_useq(const ExpandArgs p) { expand_pipe<false, PF_EXPAND_STAGES, 1>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_expand_bf16(const ExpandArgs p) { expand_pipe<true, PF_EXPAND_STAGES>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_expand_f16(const ExpandArgs p) { expand_pipe<false, PF_EXPAND_STAGES>(p); }

@@ -16,7 +16,7 @@ KNOBS = ("LORAMUX_EXPAND_DECODE", "LORAMUX_EXPAND_OPT", "LORAMUX_EXPAND_TILE_COL
          "LORAMUX_TUNING", "LORAMUX_DECODE_FUSED", "LORAMUX_FUSED_EXPAND_BLOCKS", "LORAMUX_FUSED_PDL",
          "LORAMUX_FUSED_BLOCKS_PER_SM", "LORAMUX_FUSED_STAGE_A", "LORAMUX_PREFILL", "LORAMUX_EXPAND_SPAN_TILES",
          "LORAMUX_PIPE_SMALL", "LORAMUX_PIPE_MAX_SPLIT", "LORAMUX_PIPE_USUM", "LORAMUX_DECODE_DEVICE_SPLIT",
-         "LORAMUX_PIPE_SPAN_RULE", "LORAMUX_PIPE_MERGE", "LORAMUX_PIPE_ULOAD")
+         "LORAMUX_PIPE_SPAN_RULE", "LORAMUX_PIPE_MERGE")
 #: (expand kernel, the token counts whose path allows it)
 KINDS = [("fused", [1, 8, 40]), ("flat", [8, 40]), ("o1", [8, 40, 200]), ("o1w", [8, 40, 200]), ("o4", [8, 200]), ("c1", [300]),
          ("c4", [300, 1000]), ("p", [200, 300, 1000]), ("p1", [300]), ("p4", [1000]), ("p16", [1000])]
@@ -113,9 +113,6 @@ def test_u_sums_match_the_serial_sum_bit_for_bit(monkeypatch, dtype, T):
     for form in ("serial", "float4"):
         monkeypatch.setenv("LORAMUX_PIPE_USUM", form)
         assert torch.equal(_check_apply(ad, slots, x, y0, sot, 1, QKV), y), form
-    # the expand's u loaded one value at a time (prefill-6's loop) rounds the same u: equal too
-    monkeypatch.setenv("LORAMUX_PIPE_ULOAD", "seq")
-    assert torch.equal(_check_apply(ad, slots, x, y0, sot, 1, QKV), y)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

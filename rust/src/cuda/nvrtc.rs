@@ -74,8 +74,6 @@ pub const PREFILL: KernelFamily = KernelFamily {
         "lora_prefill_shrink_f16_f4",
         "lora_prefill_expand_bf16",
         "lora_prefill_expand_f16",
-        "lora_prefill_expand_bf16_useq",
-        "lora_prefill_expand_f16_useq",
     ],
 };
 

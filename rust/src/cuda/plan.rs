@@ -755,15 +755,6 @@ pub fn pipe_shrink_kernel(dtype: &str) -> String {
     }
 }
 
-/// The pipelined expand's kernel for a dtype suffix: u loaded PF_U_BATCH values a thread before any
-/// is stored, or one at a time (`LORAMUX_PIPE_ULOAD=seq`: the prefill-5/6 form, for A/B runs).
-pub fn pipe_expand_kernel(dtype: &str) -> String {
-    match std::env::var("LORAMUX_PIPE_ULOAD").as_deref() {
-        Ok("seq") => format!("lora_prefill_expand_{dtype}_useq"),
-        _ => format!("lora_prefill_expand_{dtype}"),
-    }
-}
-
 /// Which small-item expand instantiation runs: "1" (a column a thread, 16 ranks of B prefetched,
 /// 3 blocks an SM), "1w" (64 ranks prefetched, 2 blocks an SM) or "4" (4 columns a thread: fewer,
 /// fatter blocks; measured slower below ~256 tokens). `LORAMUX_EXPAND_OPT` picks one for A/B runs.
