@@ -1,5 +1,5 @@
 """Small items merged into the pipelined kernels' 64-token tile (65..256 tokens, rank bucket 64): the
-shrink only (the default), both kernels, neither, timed in one process on Llama-8B's projections,
+shrink only, both kernels, neither (the default), timed in one process on Llama-8B's projections,
 tokens in random order, weights rotated beyond L2, graphed (tune.measure_count).
 
     python benchmarks/merge_ab.py --out merge_ab.jsonl [--tokens 256] [--adapters 1,8,32,128]
@@ -13,7 +13,7 @@ import json
 import torch
 from tune import SHAPES, measure_count
 
-VARIANTS = [("shrink", {}), ("both", {"LORAMUX_PIPE_MERGE": "both"}), ("none", {"LORAMUX_PIPE_MERGE": "0"})]
+VARIANTS = [("shrink", {"LORAMUX_PIPE_MERGE": "shrink"}), ("both", {"LORAMUX_PIPE_MERGE": "both"}), ("none", {})]
 
 
 def main():

@@ -120,15 +120,15 @@ def test_u_sums_match_the_serial_sum_bit_for_bit(monkeypatch, dtype, T):
                                                 (129, [64, 8, 16], True), (256, [7, 64, 32, 0, 16], True)])
 def test_merged_small_items_equal_one_block_an_item_bit_for_bit(monkeypatch, dtype, T, ranks, contiguous):
     """The pipelined kernels over small items (65..256 tokens): a slot's consecutive 8-token items
-    merged into one block's 64-token tile (the shrink's by default, both kernels' under
-    LORAMUX_PIPE_MERGE=both) give y bit for bit as one block an item (=0), rows being computed on their own in the same order; one adapter with
+    merged into one block's 64-token tile (the shrink's under LORAMUX_PIPE_MERGE=shrink, both
+    kernels' under =both) give y bit for bit as one block an item (the default), rows being computed on their own in the same order; one adapter with
     every token (groups of 8 items and a short last one), several sharing the batch, odd and zero
     ranks, no-adapter rows, both token orders; and match the oracle."""
     _force(monkeypatch, "p", 528)
     ad, slots, x, y0, sot = _case(T + len(ranks), dtype, T, QKV, ranks=ranks, num_slots=len(ranks) + 1,
                                   contiguous=contiguous)
     y = _check_apply(ad, slots, x, y0, sot, 1, QKV)
-    for merge in ("0", "both"):  # default: the shrink merges, the expand does not
+    for merge in ("shrink", "both"):  # default: neither merges
         monkeypatch.setenv("LORAMUX_PIPE_MERGE", merge)
         assert torch.equal(_check_apply(ad, slots, x, y0, sot, 1, QKV), y), merge
 

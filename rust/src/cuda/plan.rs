@@ -677,21 +677,21 @@ pub fn pipe_span_rule(out_sizes: &[usize], items: usize) -> usize {
 
 /// Small items of one slot a pipelined block merges into its 64-token tile (cuda/lora_prefill.cu
 /// pf_item): TILE_T / DECODE_ITEM on the small items where chosen, else 1 (past the small items the
-/// items are the tile already; the other kernels ignore it). The shrink merges by default: one
-/// adapter's 256 tokens are 4 blocks reading its A once each, not 32. The expand does not: merged,
-/// its blocks were 8x fewer and it ran 10-20 % slower where the output is 4096 or 14336 wide at
-/// 1-8 adapters (H200, prefill-7 run 1: the expand is issue-bound a block, so fewer blocks take
-/// longer), while both merged were 8-20 % faster at 14336 -> 4096 (the shrink's A re-read).
-/// `LORAMUX_PIPE_MERGE=0|shrink|both` picks for A/B runs. u is per token, so the two kernels need
+/// items are the tile already; the other kernels ignore it). Off by default: measured on the H200
+/// (docs/kernel-notes.md, prefill7) it was not faster. Both kernels merged (run 1): 14336 -> 4096
+/// rank 64 at T = 256 1.08-1.20x faster at 1-8 adapters (A read once, not 32 times), 4096 -> 4096
+/// and 4096 -> 14336 0.80-0.90x (8x fewer expand blocks); shrink only, both or neither (run 2,
+/// tune.measure_count): equal within 0.5 % on every Llama-8B projection at 1-128 adapters.
+/// `LORAMUX_PIPE_MERGE=shrink|both` merges for A/B runs. u is per token, so the two kernels need
 /// not merge alike: rows are computed on their own either way (bit for bit equal).
 pub fn pipe_merge_items(tokens: usize, shrink: bool) -> usize {
     if !(small_items(tokens) && tokens > TILE_T) {
         return 1;
     }
     let merge = match std::env::var("LORAMUX_PIPE_MERGE").as_deref() {
-        Ok("0") => false,
         Ok("both") => true,
-        _ => shrink,
+        Ok("shrink") => shrink,
+        _ => false,
     };
     if merge {
         TILE_T / DECODE_ITEM
@@ -1076,10 +1076,9 @@ mod tests {
                 assert!(n >= 1 && n <= PIPE_RULE_MAX_SPAN && n <= outs.iter().max().unwrap().div_ceil(64), "{outs:?} {t}: {n}");
             }
         }
-        // small items of one slot merge into a tile on the small-item path only
+        // small items of one slot merge into a tile only where chosen (A/B runs)
         if std::env::var("LORAMUX_PIPE_MERGE").is_err() {
-            assert_eq!((pipe_merge_items(64, true), pipe_merge_items(65, true), pipe_merge_items(256, true), pipe_merge_items(257, true)), (1, 8, 8, 1));
-            assert_eq!(pipe_merge_items(256, false), 1);
+            assert_eq!((pipe_merge_items(65, true), pipe_merge_items(256, false)), (1, 1)); // off unless chosen
         }
     }
 
