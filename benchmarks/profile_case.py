@@ -3,9 +3,10 @@ token segments built first, r=16, bf16, adapters read out of a LoraCache; each c
 Default: decode (T=32, 32 adapters, 4096 -> 14336), mid (T=256, 128 adapters, 4096 -> 4096) and
 prefill (T=2048, 8 adapters, 4096 -> 4096). `--decode-step`: the decode step's four fused applies
 at batch 32, one token per adapter (q|k|v 4096 -> 4096+1024+1024, o, gate|up 4096 -> 2 x 14336,
-down 14336 -> 4096), then q|k|v at 64 tokens of one adapter.
+down 14336 -> 4096), then q|k|v at 64 tokens of one adapter. `--cases T:n:module,...` (e.g.
+2048:1:4,256:1:6 with `--rank 64`): those cases instead (module ids as below).
 
-    ncu --kernel-name regex:lora python benchmarks/profile_case.py [--decode-step]
+    ncu --kernel-name regex:lora python benchmarks/profile_case.py [--decode-step | --cases ... --rank R]
 """
 
 import sys
@@ -16,7 +17,11 @@ from _common import llama_spec, random_adapter, resident_adapters
 
 from loramux.ops import kernels
 
-RANK = 16
+def _arg(name, default):
+    return sys.argv[sys.argv.index(name) + 1] if name in sys.argv else default
+
+
+RANK = int(_arg("--rank", 16))
 spec = llama_spec(1, RANK)
 
 
@@ -39,6 +44,10 @@ if "--decode-step" in sys.argv:
     for modules in ([1, 2, 3], [4], [7, 5], [6]):
         run(32, 32, modules, 32)
     run(64, 1, [1, 2, 3], 64)
+elif "--cases" in sys.argv:
+    for case in _arg("--cases", "").split(","):
+        T, n, module = (int(v) for v in case.split(":"))
+        run(T, n, [module], T)
 else:
     # (tokens, adapters, module): mlp_h_to_4h is 4096 -> 14336 at Llama-8B shapes, attn_q 4096 -> 4096
     for T, n, module in ((32, 32, 5), (256, 128, 1), (2048, 8, 1)):

@@ -40,6 +40,7 @@ struct ShrinkArgs {
     int kchunk;                       // reduction elements per split (multiple of 32)
     int max_items;                    // work items the segments hold room for (= gridDim.y)
     int split_target;                 // > 0: the split comes from the step's item count (decode_split)
+    int merge_items;                  // pipelined kernels: small items of one slot a block merges (pf_item)
     LoraTable table;
     LoraSlices slices;
 };
@@ -56,6 +57,7 @@ struct ExpandArgs {
     int max_items;
     int hi;                           // the shrink's reduction dim (decode_split)
     int split_target;                 // > 0: sum the decode_split of the step's item count (<= ksplit)
+    int merge_items;                  // pipelined kernels: small items of one slot a block merges (pf_item)
     LoraTable table;
     LoraSlices slices;
 };

@@ -35,11 +35,38 @@ __device__ __forceinline__ void pf_wait() {
 // Rows of the A tile a stage holds: the launch's max rank, padded to the mma's n16.
 __device__ __forceinline__ int pf_rank_rows(int max_rank) { return (max_rank + 15) & ~15; }
 
+// Work item i as a pipelined block takes it. merge > 1 (small items, 8 tokens each): a slot's
+// consecutive small items are merged into the 64-token tile the block holds anyway, so one
+// adapter's 256 tokens are 4 blocks reading A and B once each, not 32 (a slot's items are
+// consecutive and its tokens contiguous in the list, every item but its last full). Item i leads
+// when i % merge == 0 or item i-1 is another slot's, and takes its slot's items up to the next
+// multiple of merge; a follower gets count -1 (nothing to do). merge 1: work_item as it is.
+__device__ __forceinline__ WorkItem pf_item(const int* seg, int max_items, int T, int i, int merge) {
+    WorkItem w = work_item(seg, max_items, T, i);
+    if (merge <= 1 || w.count <= 0) return w;
+    const int* item_slot = seg + LMX_SEG_HEADER;
+    const int* item_count = item_slot + 2 * max_items;
+    if (i % merge != 0 && item_slot[i - 1] == w.slot) {
+        w.count = -1;
+        return w;
+    }
+    const int end = min(w.items, (i / merge + 1) * merge);
+    int count = w.count;
+    for (int j = i + 1; j < end && item_slot[j] == w.slot; ++j) count += max(item_count[j], 0);
+    const int begin = (int)(w.tokens - (seg + LMX_SEG_HEADER + 3 * max_items));
+    w.count = min(min(count, LMX_TILE_T), T - begin);  // clamped as work_item does
+    return w;
+}
+
 // u[t, r..r+3] = sum over the ksplit partials in split order (the serial sum's order, bit for bit),
 // 4 ranks a float4, PF_USUM_GROUPS of them a thread at once and the split loop unrolled, so the
 // item's last block keeps many partials in flight instead of one u element's chain after another
 // (the serial sum was a tail of up to 16 dependent rounds an item at rank 64: prefill-5, run 3).
 #define PF_USUM_GROUPS 2
+// Items with at most this many u elements (tokens x rank) sum them element by element: one round
+// of ksplit loads a thread already keeps them in flight, and the float4 form leaves 3 of 4 threads
+// idle (measured on the H200: 2-4 % slower at T = 512 over 32-128 adapters, rank 16; prefill-6).
+#define PF_USUM_SERIAL_MAX 512
 __device__ __forceinline__ void usum_groups(const float* part, float* u, const int* tokens, int nt, int R, int mr,
                                             int ksplit, long long split_stride) {
     const int rq = R >> 2;
@@ -80,9 +107,14 @@ __device__ __forceinline__ void usum_groups(const float* part, float* u, const i
 // sizes it), so the expand reads one u row a token instead of re-summing ksplit partials in every
 // column span. Block = (split c, work item, slice s), 8 warps: warp w owns token rows 16*(w&3)..
 // and every other 8-wide rank tile from (w>>2). Dynamic shared memory: PF_SHRINK_STAGES x
-// (64 + rank rows) x PF_PITCH halves. SERIAL_SUM: u element by element (the prefill-5 form, kept
-// for A/B runs: `_serial`), else usum_groups where ranks come in fours.
-template <bool BF16, bool SERIAL_SUM>
+// (64 + rank rows) x PF_PITCH halves. USUM 1: u element by element (the prefill-5 form, kept
+// for A/B runs: `_serial`), else usum_groups where ranks come in fours and the item holds more than
+// PF_USUM_SERIAL_MAX u elements (USUM 0) or wherever ranks come in fours (USUM 2: prefill-6's rule,
+// `_f4`, for A/B runs). Every form adds the same partials in the same order: bit for bit equal.
+#define PF_USUM_RULE 0
+#define PF_USUM_SERIAL 1
+#define PF_USUM_FLOAT4 2
+template <bool BF16, int USUM>
 __device__ void shrink_pipe(const ShrinkArgs& p) {
     extern __shared__ __align__(16) unsigned char pf_dyn[];
     __shared__ int tokens[LMX_TILE_T];
@@ -104,8 +136,9 @@ __device__ void shrink_pipe(const ShrinkArgs& p) {
     u16* ring = reinterpret_cast<u16*>(pf_dyn);
     const int stage_halves = (LMX_TILE_T + pf_rank_rows(p.table.max_rank)) * PF_PITCH;
     for (int it = blockIdx.y;; it += gridDim.y) {
-        const WorkItem w = work_item(p.segments, p.max_items, p.T, it);
+        const WorkItem w = pf_item(p.segments, p.max_items, p.T, it, p.merge_items);
         if (w.count == 0) break;
+        if (w.count < 0) continue;  // merged into an earlier item's block
         const AdapterEntry e = read_entry(p.table, w.slot, module_id);
         if (e.rank == 0) continue;  // uniform over the block
         const int nt = min(LMX_TILE_T, w.count);
@@ -207,7 +240,8 @@ __device__ void shrink_pipe(const ShrinkArgs& p) {
             __threadfence();
             const float* part = p.partial + (long long)s * p.ksplit * p.T * mr;
             float* us = u + (long long)s * p.T * mr;
-            if (!SERIAL_SUM && (R & 3) == 0 && (mr & 3) == 0 && (reinterpret_cast<u64>(p.partial) & 15) == 0) {
+            const bool f4 = USUM == PF_USUM_FLOAT4 || (USUM == PF_USUM_RULE && nt * R > PF_USUM_SERIAL_MAX);
+            if (USUM != PF_USUM_SERIAL && f4 && (R & 3) == 0 && (mr & 3) == 0 && (reinterpret_cast<u64>(p.partial) & 15) == 0) {
                 usum_groups(part, us, tokens, nt, R, mr, p.ksplit, (long long)p.T * mr);
             } else {
                 for (int idx = tid; idx < nt * R; idx += LMX_THREADS) {
@@ -253,8 +287,9 @@ __device__ void expand_pipe(const ExpandArgs& p) {
     const int stage_halves = PF_OTILE * bpitch + LMX_TILE_T * PF_PITCH;
     bool waited = false;
     for (int it = blockIdx.y;; it += gridDim.y) {
-        const WorkItem w = work_item(p.segments, p.max_items, p.T, it);
+        const WorkItem w = pf_item(p.segments, p.max_items, p.T, it, p.merge_items);
         if (w.count == 0) break;
+        if (w.count < 0) continue;  // merged into an earlier item's block
         const AdapterEntry e = read_entry(p.table, w.slot, module_id);
         const int R = e.rank;
         if (R == 0) continue;  // uniform over the block
@@ -385,9 +420,11 @@ __device__ void expand_pipe(const ExpandArgs& p) {
     }
 }
 
-extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_shrink_bf16(const ShrinkArgs p) { shrink_pipe<true, false>(p); }
-extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_shrink_f16(const ShrinkArgs p) { shrink_pipe<false, false>(p); }
-extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_shrink_bf16_serial(const ShrinkArgs p) { shrink_pipe<true, true>(p); }
-extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_shrink_f16_serial(const ShrinkArgs p) { shrink_pipe<false, true>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_shrink_bf16(const ShrinkArgs p) { shrink_pipe<true, PF_USUM_RULE>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_shrink_f16(const ShrinkArgs p) { shrink_pipe<false, PF_USUM_RULE>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_shrink_bf16_serial(const ShrinkArgs p) { shrink_pipe<true, PF_USUM_SERIAL>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_shrink_f16_serial(const ShrinkArgs p) { shrink_pipe<false, PF_USUM_SERIAL>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_shrink_bf16_f4(const ShrinkArgs p) { shrink_pipe<true, PF_USUM_FLOAT4>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_shrink_f16_f4(const ShrinkArgs p) { shrink_pipe<false, PF_USUM_FLOAT4>(p); }
 extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_expand_bf16(const ExpandArgs p) { expand_pipe<true, PF_EXPAND_STAGES>(p); }
 extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_expand_f16(const ExpandArgs p) { expand_pipe<false, PF_EXPAND_STAGES>(p); }

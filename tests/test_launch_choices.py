@@ -15,7 +15,8 @@ DORA = [(7, 1536, 576), (5, 1536, 576)]
 KNOBS = ("LORAMUX_EXPAND_DECODE", "LORAMUX_EXPAND_OPT", "LORAMUX_EXPAND_TILE_COLS", "LORAMUX_SHRINK_TARGET_BLOCKS",
          "LORAMUX_TUNING", "LORAMUX_DECODE_FUSED", "LORAMUX_FUSED_EXPAND_BLOCKS", "LORAMUX_FUSED_PDL",
          "LORAMUX_FUSED_BLOCKS_PER_SM", "LORAMUX_FUSED_STAGE_A", "LORAMUX_PREFILL", "LORAMUX_EXPAND_SPAN_TILES",
-         "LORAMUX_PIPE_SMALL", "LORAMUX_PIPE_MAX_SPLIT", "LORAMUX_PIPE_USUM", "LORAMUX_DECODE_DEVICE_SPLIT")
+         "LORAMUX_PIPE_SMALL", "LORAMUX_PIPE_MAX_SPLIT", "LORAMUX_PIPE_USUM", "LORAMUX_DECODE_DEVICE_SPLIT",
+         "LORAMUX_PIPE_SPAN_RULE", "LORAMUX_PIPE_MERGE")
 #: (expand kernel, the token counts whose path allows it)
 KINDS = [("fused", [1, 8, 40]), ("flat", [8, 40]), ("o1", [8, 40, 200]), ("o1w", [8, 40, 200]), ("o4", [8, 200]), ("c1", [300]),
          ("c4", [300, 1000]), ("p", [200, 300, 1000]), ("p1", [300]), ("p4", [1000]), ("p16", [1000])]
@@ -100,14 +101,36 @@ def test_pipelined_kernels_at_small_max_ranks(monkeypatch, max_rank):
 @pytest.mark.parametrize("T", [300, 2048])
 def test_u_sums_match_the_serial_sum_bit_for_bit(monkeypatch, dtype, T):
     """The pipelined shrink's last split sums u 4 ranks at a time with the partials in flight
-    (ranks in fours) or element by element (odd ranks; LORAMUX_PIPE_USUM=serial everywhere): the
-    same additions in the same order, so y is equal bit for bit, and matches the oracle."""
+    (ranks in fours, items of more than 512 u elements), element by element (odd ranks, small
+    items; LORAMUX_PIPE_USUM=serial everywhere), or 4 at a time wherever ranks allow
+    (LORAMUX_PIPE_USUM=float4): the same additions in the same order, so y is equal bit for bit
+    in all three, and matches the oracle. Items here hold 4..64 tokens at ranks 1..128: both sides
+    of the 512-element rule."""
     _force(monkeypatch, "p", 1056)
     ad, slots, x, y0, sot = _case(T + 3, dtype, T, QKV, ranks=[8, 16, 1, 0, 64, 7, 128, 33, 4, 32],
                                   num_slots=11)
     y = _check_apply(ad, slots, x, y0, sot, 1, QKV)
-    monkeypatch.setenv("LORAMUX_PIPE_USUM", "serial")
-    assert torch.equal(_check_apply(ad, slots, x, y0, sot, 1, QKV), y)
+    for form in ("serial", "float4"):
+        monkeypatch.setenv("LORAMUX_PIPE_USUM", form)
+        assert torch.equal(_check_apply(ad, slots, x, y0, sot, 1, QKV), y), form
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T,ranks,contiguous", [(200, [64, 16, 0, 8, 33, 1], False), (256, [64, 0], False),
+                                                (129, [64, 8, 16], True), (256, [7, 64, 32, 0, 16], True)])
+def test_merged_small_items_equal_one_block_an_item_bit_for_bit(monkeypatch, dtype, T, ranks, contiguous):
+    """The pipelined kernels over small items (65..256 tokens): a slot's consecutive 8-token items
+    merged into one block's 64-token tile (the shrink's under LORAMUX_PIPE_MERGE=shrink, both
+    kernels' under =both) give y bit for bit as one block an item (the default), rows being computed on their own in the same order; one adapter with
+    every token (groups of 8 items and a short last one), several sharing the batch, odd and zero
+    ranks, no-adapter rows, both token orders; and match the oracle."""
+    _force(monkeypatch, "p", 528)
+    ad, slots, x, y0, sot = _case(T + len(ranks), dtype, T, QKV, ranks=ranks, num_slots=len(ranks) + 1,
+                                  contiguous=contiguous)
+    y = _check_apply(ad, slots, x, y0, sot, 1, QKV)
+    for merge in ("shrink", "both"):  # default: neither merges
+        monkeypatch.setenv("LORAMUX_PIPE_MERGE", merge)
+        assert torch.equal(_check_apply(ad, slots, x, y0, sot, 1, QKV), y), merge
 
 
 def test_an_unaligned_x_takes_the_reduce_before_the_pipelined_expand(monkeypatch):

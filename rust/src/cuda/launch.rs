@@ -9,7 +9,7 @@ use cudarc::driver::{result as drv, sys};
 use super::plan::{
     decode_expand_is_flat, expand_columns_per_thread, expand_tiles_per_block, expand_variant, flat_expand_columns, fused_form,
     fused_grid_blocks, fused_is_dependent, grid_items, item_tokens, max_items, partial_len, pipe_expand_smem, pipe_expand_tiles,
-    pipe_shrink_kernel, pipe_shrink_smem,
+    pipe_merge_items, pipe_shrink_kernel, pipe_shrink_smem,
     pipe_smem_fits, segments_len, small_items, takes_pipelined, u_len, FusedPlan, ShrinkPlan, Tuning, FUSED_COLS, FUSED_MAX_RANK, TILE_T,
 };
 use super::DeviceKernels;
@@ -93,6 +93,7 @@ struct ShrinkArgs {
     kchunk: i32,
     max_items: i32,
     split_target: i32,
+    merge_items: i32,
     table: LoraTable,
     slices: LoraSlices,
 }
@@ -111,6 +112,7 @@ struct ExpandArgs {
     max_items: i32,
     hi: i32,
     split_target: i32,
+    merge_items: i32,
     table: LoraTable,
     slices: LoraSlices,
 }
@@ -385,6 +387,7 @@ pub fn shrink(
         max_items: items as i32,
         // the decode shrink only (T <= 64): the other kernels keep the planned split
         split_target: if b.decode() && b.tokens <= TILE_T { plan.split_target as i32 } else { 0 },
+        merge_items: pipe_merge_items(b.tokens, true) as i32,
         table: b.table_args(),
         slices: sl,
     };
@@ -467,7 +470,7 @@ pub fn expand(
     let ochunk = if flat {
         flat_expand_columns(b.tokens)
     } else if pipe {
-        64 * pipe_expand_tiles(b.tokens, max_out, module_ids.len(), &b.tuning)
+        64 * pipe_expand_tiles(b.tokens, out_sizes, &b.tuning)
     } else if b.decode() {
         THREADS as usize * per_thread
     } else {
@@ -488,6 +491,7 @@ pub fn expand(
             Some((hi, target)) if hi > 0 && ksplit > 1 && b.decode() && b.tokens <= TILE_T => target as i32,
             _ => 0,
         },
+        merge_items: pipe_merge_items(b.tokens, false) as i32,
         table: b.table_args(),
         slices: sl,
     };
@@ -595,8 +599,8 @@ mod tests {
         // sizes as the CUDA compiler lays out lora_common.cuh (8-byte aligned members)
         assert_eq!(std::mem::size_of::<LoraSlices>(), 4 + 3 * 4 * MAX_SLICES);
         assert_eq!(std::mem::size_of::<LoraTable>(), 24);
-        assert_eq!(std::mem::size_of::<ShrinkArgs>(), 40 + 20 + 4 + 24 + 100 + 4);
-        assert_eq!(std::mem::size_of::<ExpandArgs>(), 40 + 24 + 24 + 100 + 4);
+        assert_eq!(std::mem::size_of::<ShrinkArgs>(), 40 + 28 + 4 + 24 + 100 + 4);
+        assert_eq!(std::mem::size_of::<ExpandArgs>(), 40 + 28 + 4 + 24 + 100 + 4);
         assert_eq!(std::mem::size_of::<SegmentArgs>(), 32);
         assert_eq!(std::mem::size_of::<FusedArgs>(), 48 + 40 + 24 + 100 + 4);
     }

@@ -627,18 +627,81 @@ pub fn takes_pipelined(tokens: usize, max_rank: usize, tuning: &Tuning) -> bool 
 const PIPE_EXPAND_TARGET_BLOCKS: usize = 2 * 132;
 /// Longest span (in 64-column tiles) of one pipelined expand block.
 pub const PIPE_MAX_SPAN_TILES: usize = 64;
+/// Longest span the built-in rule takes past the small items: gate|up at T = 2048 (224 tiles a
+/// slice) ran 119 us at 16 tiles against 144 at the 55 the block count alone asked for (prefill-6).
+const PIPE_RULE_MAX_SPAN: usize = 16;
+/// A block's fixed cost in tiles' worth of time in the span rule (item, u, the wait on the shrink).
+const PIPE_BLOCK_COST_TILES: usize = 1;
 
 /// 64-column tiles one pipelined expand block streams: `LORAMUX_EXPAND_SPAN_TILES`, else the
-/// tuning's p4 / p16, else about PIPE_EXPAND_TARGET_BLOCKS blocks over the planned items.
-pub fn pipe_expand_tiles(tokens: usize, max_out: usize, num_slices: usize, tuning: &Tuning) -> usize {
-    let col_tiles = max_out.div_ceil(64).max(1);
+/// tuning's p4 / p16, else the built-in rule (`pipe_span_rule`; on small items, and everywhere under
+/// `LORAMUX_PIPE_SPAN_RULE=old`, prefill-6's: about PIPE_EXPAND_TARGET_BLOCKS blocks counting the
+/// widest slice's tiles once a slice).
+pub fn pipe_expand_tiles(tokens: usize, out_sizes: &[usize], tuning: &Tuning) -> usize {
+    let col_tiles = out_sizes.iter().copied().max().unwrap_or(0).div_ceil(64).max(1);
     let wanted = env_usize("LORAMUX_EXPAND_SPAN_TILES").or(match tuning.expand {
         Some(ExpandKind::Pipe4) => Some(4),
         Some(ExpandKind::Pipe16) => Some(16),
         _ => None,
     });
-    let auto = || (col_tiles * tokens.div_ceil(item_tokens(tokens)) * num_slices.max(1)).div_ceil(PIPE_EXPAND_TARGET_BLOCKS);
+    let items = tokens.div_ceil(item_tokens(tokens));
+    let old_rule = small_items(tokens) || std::env::var("LORAMUX_PIPE_SPAN_RULE").as_deref() == Ok("old");
+    let auto = || {
+        if old_rule {
+            (col_tiles * items * out_sizes.len().max(1)).div_ceil(PIPE_EXPAND_TARGET_BLOCKS)
+        } else {
+            pipe_span_rule(out_sizes, items)
+        }
+    };
     wanted.unwrap_or_else(auto).clamp(1, col_tiles.min(PIPE_MAX_SPAN_TILES))
+}
+
+/// The span (tiles) of least modelled time for `items` work items over slices `out_sizes` wide:
+/// blocks run in waves of PIPE_EXPAND_TARGET_BLOCKS, a wave as long as its longest block (span +
+/// PIPE_BLOCK_COST_TILES), at most PIPE_RULE_MAX_SPAN; ties go to the shorter span. Every slice
+/// counts its own tiles: the old rule's widest-slice x slices made q|k|v at T = 2048 stream
+/// 24-tile spans (q in 3 blocks, k and v in one each). It reproduces the launch table's sweep
+/// (prefill-6, H200) on Llama-8B's shapes: q|k|v 4 at T = 512 and 2048 (the table's p4), o and
+/// down 2 / 8 (the old rule's, which won there), gate|up 14 at T = 512 (the old rule's) and 14 at
+/// 2048 (the table's p16 beat 4 and 55; 14 divides 224 as 16 does).
+pub fn pipe_span_rule(out_sizes: &[usize], items: usize) -> usize {
+    let tiles: Vec<usize> = out_sizes.iter().map(|&o| o.div_ceil(64).max(1)).collect();
+    let widest = tiles.iter().copied().max().unwrap_or(1);
+    let items = items.max(1);
+    let mut best = (usize::MAX, 1);
+    for span in 1..=widest.min(PIPE_RULE_MAX_SPAN) {
+        let blocks: usize = items * tiles.iter().map(|t| t.div_ceil(span)).sum::<usize>();
+        let cost = blocks.div_ceil(PIPE_EXPAND_TARGET_BLOCKS) * (span + PIPE_BLOCK_COST_TILES);
+        if cost < best.0 {
+            best = (cost, span);
+        }
+    }
+    best.1
+}
+
+/// Small items of one slot a pipelined block merges into its 64-token tile (cuda/lora_prefill.cu
+/// pf_item): TILE_T / DECODE_ITEM on the small items where chosen, else 1 (past the small items the
+/// items are the tile already; the other kernels ignore it). Off by default: measured on the H200
+/// (docs/kernel-notes.md, prefill7) it was not faster. Both kernels merged (run 1): 14336 -> 4096
+/// rank 64 at T = 256 1.08-1.20x faster at 1-8 adapters (A read once, not 32 times), 4096 -> 4096
+/// and 4096 -> 14336 0.80-0.90x (8x fewer expand blocks); shrink only, both or neither (run 2,
+/// tune.measure_count): equal within 0.5 % on every Llama-8B projection at 1-128 adapters.
+/// `LORAMUX_PIPE_MERGE=shrink|both` merges for A/B runs. u is per token, so the two kernels need
+/// not merge alike: rows are computed on their own either way (bit for bit equal).
+pub fn pipe_merge_items(tokens: usize, shrink: bool) -> usize {
+    if !(small_items(tokens) && tokens > TILE_T) {
+        return 1;
+    }
+    let merge = match std::env::var("LORAMUX_PIPE_MERGE").as_deref() {
+        Ok("both") => true,
+        Ok("shrink") => shrink,
+        _ => false,
+    };
+    if merge {
+        TILE_T / DECODE_ITEM
+    } else {
+        1
+    }
 }
 
 /// Rank rows a pipelined tile holds: the launch's max rank padded to the mma's 16.
@@ -685,10 +748,13 @@ pub fn pipe_expand_smem(max_rank: usize) -> usize {
 }
 
 /// The pipelined shrink's kernel for a dtype suffix: u summed 4 ranks a float4 with every split's
-/// partial in flight, or element by element (`LORAMUX_PIPE_USUM=serial`: prefill-5's form, for A/B).
+/// partial in flight where an item holds more than PF_USUM_SERIAL_MAX (512) u elements, element by
+/// element below (cuda/lora_prefill.cu); `LORAMUX_PIPE_USUM=serial` element by element everywhere
+/// (prefill-5's form), `=float4` a float4 wherever ranks allow (prefill-6's), for A/B runs.
 pub fn pipe_shrink_kernel(dtype: &str) -> String {
     match std::env::var("LORAMUX_PIPE_USUM").as_deref() {
         Ok("serial") => format!("lora_prefill_shrink_{dtype}_serial"),
+        Ok("float4") => format!("lora_prefill_shrink_{dtype}_f4"),
         _ => format!("lora_prefill_shrink_{dtype}"),
     }
 }
@@ -974,7 +1040,7 @@ mod tests {
         // launch::shrink returned no u (the register-staged path, or the pipelined one's fallback)
         assert!(plan.ksplit > 1 && apply_reduces_first(2048, &plan));
         assert!(!apply_reduces_first(2048, &ShrinkPlan { ksplit: 1, kchunk: 4096, split_target: 0 }) && !apply_reduces_first(200, &plan));
-        assert_eq!(pipe_expand_tiles(2048, 4096, 1, &p16), 16);
+        assert_eq!(pipe_expand_tiles(2048, &[4096], &p16), 16);
         // at most 16 splits on the pipelined path (the register-staged one splits to 56 here)
         let pipe = plan_shrink(512, 14336, 1, 8, 64, &d);
         assert!(pipe.ksplit <= 16 && pipe.ksplit * pipe.kchunk >= 14336 && pipe.kchunk % 64 == 0, "{pipe:?}");
@@ -987,15 +1053,43 @@ mod tests {
             assert!(!takes_pipelined(200, 64, &o1));
             assert!(takes_pipelined(300, 16, &d) && !takes_pipelined(300, 16, &c4));
         }
-        assert_eq!(pipe_expand_tiles(2048, 100, 1, &p16), 2); // never past the slice
+        assert_eq!(pipe_expand_tiles(2048, &[100], &p16), 2); // never past the slice
         for &(t, ho, s) in &[(300, 4096, 1), (2048, 4096, 1), (2048, 14336, 2), (8192, 1024, 3)] {
-            let n = pipe_expand_tiles(t, ho, s, &d);
+            let n = pipe_expand_tiles(t, &vec![ho; s], &d);
             assert!(n >= 1 && n <= ho.div_ceil(64) && n <= PIPE_MAX_SPAN_TILES, "{t} {ho} {s}: {n}");
         }
         // two blocks an SM fit at every rank the kernels take (227 KB a block on sm_90, 163 on sm_80)
         for r in [1, 16, 64, 128] {
             assert!(2 * (pipe_shrink_smem(r) + 1024) <= SM_SHARED_BYTES && pipe_shrink_smem(r) <= 163 * 1024, "{r}");
             assert!(2 * (pipe_expand_smem(r) + 1024) <= SM_SHARED_BYTES && pipe_expand_smem(r) <= 163 * 1024, "{r}");
+        }
+    }
+
+    #[test]
+    fn span_rule_reproduces_the_launch_sweep_on_llama_shapes() {
+        if ["LORAMUX_EXPAND_SPAN_TILES", "LORAMUX_PIPE_SPAN_RULE", "LORAMUX_SMALL_ITEMS_MAX_T"].iter().any(|v| std::env::var(v).is_ok()) {
+            return;
+        }
+        let d = Tuning::default();
+        let (qkv, o, gu) = (&[4096, 1024, 1024][..], &[4096][..], &[14336, 14336][..]);
+        // (out sizes, tokens, span): the table's p4 for q|k|v, the old rule's 2 / 8 for one slice
+        // and 14 for gate|up at T = 512 (each won its sweep), 14 for the table's p16 at T = 2048
+        for &(outs, t, span) in &[(qkv, 512, 4), (qkv, 2048, 4), (o, 512, 2), (o, 2048, 8), (gu, 512, 14), (gu, 2048, 14)] {
+            assert_eq!(pipe_expand_tiles(t, outs, &d), span, "{outs:?} T{t}");
+        }
+        // every slice's tiles count: the widest slice x slices gave q|k|v 24 tiles at T = 2048
+        assert_eq!((64usize * 32 * 3).div_ceil(PIPE_EXPAND_TARGET_BLOCKS), 24);
+        // small items keep prefill-6's rule (its spans were measured there)
+        assert_eq!(pipe_expand_tiles(256, gu, &d), (224usize * 32 * 2).div_ceil(PIPE_EXPAND_TARGET_BLOCKS));
+        for outs in [&[3584, 512, 512][..], &[18944, 18944], &[5120, 1024, 1024], &[13824, 13824], &[100], &[8, 8, 8]] {
+            for t in [257, 300, 512, 1000, 2048, 4096, 8192] {
+                let n = pipe_expand_tiles(t, outs, &d);
+                assert!(n >= 1 && n <= PIPE_RULE_MAX_SPAN && n <= outs.iter().max().unwrap().div_ceil(64), "{outs:?} {t}: {n}");
+            }
+        }
+        // small items of one slot merge into a tile only where chosen (A/B runs)
+        if std::env::var("LORAMUX_PIPE_MERGE").is_err() {
+            assert_eq!((pipe_merge_items(65, true), pipe_merge_items(256, false)), (1, 1)); // off unless chosen
         }
     }
 
