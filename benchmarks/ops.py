@@ -16,6 +16,7 @@ benchmarks/readme_table.py turns the JSON into the README's table.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -101,12 +102,13 @@ def run_case(hi, ho, r, n, tokens, bw, peak, l2, orders, ab_env=None, ab_small_e
         sots = [torch.tensor([k * n + a for a in adapter_of], dtype=torch.int32, device=DEV) for k in range(nset)]
         # the token segments are built once per step and shared by all its applies (StepBatch): built
         # here once per rotation set; their build is timed on its own (segments_us)
+        # with the adapter count a StepBatch knows (it may cut mid-size batches into tiles)
         metas = [BatchMeta(table=table, pool=a_all.view(torch.uint8).view(-1), dtype=DT, slot_of_token=s, max_rank=r,
-                           segments=kernels.segments(s, slots)) for s in sots]
+                           segments=kernels.segments(s, slots, used), adapters=used) for s in sots]
         groups = [[(k * n + a, torch.tensor([t for t in range(T) if adapter_of[t] == a], device=DEV))
                    for a in sorted(set(adapter_of))] for k in range(nset)]
 
-        def ours(k):
+        def ours(k, metas=metas):
             return lambda: kernels.lora_apply(xs[k % io_sets], ys[k % io_sets], metas[k], 0, [1], [ho])
 
         def peft_loop(k):
@@ -140,12 +142,13 @@ def run_case(hi, ho, r, n, tokens, bw, peak, l2, orders, ab_env=None, ab_small_e
         abs_ = []  # (env, us, rel err) under each other launch choice, the calls graphed anew
         alts = (ab_env or []) if T > AB_MIN_TOKENS else ((ab_small_env or []) if T > 64 else ((ab_decode_env or []) if T > 1 else []))
         for alt in alts:
-            with env_set(alt):
+            with env_set(alt):  # segments built anew: an item-size knob changes their layout
+                alt_metas = [dataclasses.replace(m, segments=kernels.segments(s, slots, used)) for m, s in zip(metas, sots)]
                 y_ab = y0.clone()
-                kernels.lora_apply(x0, y_ab, metas[0], 0, [1], [ho])
+                kernels.lora_apply(x0, y_ab, alt_metas[0], 0, [1], [ho])
                 ab_err = float((y_ab.float() - ref).norm() / (ref - y0.float()).norm())
-                abs_.append((alt, graph_time([ours(k) for k in range(nset)], 64), ab_err))
-        t_seg = graph_time([(lambda k=k: kernels.segments(sots[k], slots)) for k in range(nset)], 16)
+                abs_.append((alt, graph_time([ours(k, alt_metas) for k in range(nset)], 64), ab_err))
+        t_seg = graph_time([(lambda k=k: kernels.segments(sots[k], slots, used)) for k in range(nset)], 16)
         t_peft = graph_time([peft_loop(k) for k in range(nset)], 4 if used > 32 else 16)
         gathered = T * r * (hi + ho) * 2
         t_bmm = graph_time([gather_bmm(k) for k in range(nset)], 8) if gathered < (1 << 31) else None

@@ -124,3 +124,57 @@ def test_graph_with_step_segments_replays_new_mappings(T):
         once = oracle_apply(ad, static_x, y0, new, 1, [1], [1024])
         twice = oracle_apply(ad, static_x, once.to(dtype).to(DEV), new, 1, [1], [1024])
         assert rel_err(static_y[:, :1024], twice[:, :1024], y0[:, :1024]) < 3e-2, distinct
+
+
+ODD = [(1, 203, 333), (2, 203, 77)]  # widths no 16-byte copy fits: the register-staged tile kernels
+
+
+@pytest.mark.parametrize("T,ranks,widths", [(128, [64], QKV), (200, [16, 0, 32], QKV), (256, [16] * 8, QKV),
+                                            (256, [64] * 9, QKV), (128, [16] * 5, QKV), (96, [8, 64], ODD), (250, [16, 4, 64], ODD)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mid_size_batch_cut_by_its_adapter_count(T, ranks, widths, dtype):
+    """A batch of 65..256 tokens whose adapters the host counted (BatchMeta.adapters, as StepBatch
+    sets it) is cut into 64-token tiles where they average 32 tokens or more, else into small items;
+    either way every adapter token is listed once and the apply matches the float64 oracle, with the
+    segments built by the caller or by lora_apply itself."""
+    ad, slots, x, y0, sot = _case(4000 + T + len(ranks), dtype, T, widths, ranks, num_slots=max(8, len(ranks)))
+    adapters = len({s for s in slots if s >= 0})
+    small = _core.small_items(T, adapters)
+    assert small == (T < 32 * adapters)
+    seg = kernels.segments(sot, ad.table.shape[0], adapters)
+    assert seg.numel() == _core.segments_len(T, ad.table.shape[0], adapters)
+    assert (seg.numel() == _core.segments_len(T, ad.table.shape[0])) == small
+    items, _ = _decode(seg, T, ad.table.shape[0])
+    assert max(len(toks) for _, toks in items) <= (8 if small else 64)
+    assert sorted(t for _, toks in items for t in toks) == [t for t, s in enumerate(slots) if s >= 0]
+    mids, sizes = [w[0] for w in widths], [w[2] for w in widths]
+    want = oracle_apply(ad, x, y0, slots, 1, mids, sizes)
+    for meta in (replace(ad.meta(sot), adapters=adapters, segments=seg), replace(ad.meta(sot), adapters=adapters)):
+        y = y0.clone()
+        kernels.lora_apply(x, y, meta, 1, mids, sizes)
+        torch.cuda.synchronize()
+        assert rel_err(y, want, y0) < 2e-2
+    if small:
+        return
+    # segments cut for an unknown count do not pass for a batch whose count cuts it into tiles
+    with pytest.raises(Exception, match="adapters="):
+        kernels.lora_apply(x, y0.clone(), replace(ad.meta(sot), adapters=adapters,
+                                                  segments=kernels.segments(sot, ad.table.shape[0])), 1, mids, sizes)
+
+
+def test_step_batch_counts_its_adapters_and_a_static_batch_does_not():
+    dtype, rows, seq = torch.bfloat16, 2, 100  # prefill: 200 tokens of two adapters, 100 each
+    ad, _, _, _, _ = _case(77, dtype, 8, QKV, ranks=[16, 64])
+    x = torch.randn(rows * seq, 576, dtype=dtype, device=DEV)
+    step = StepBatch(dtype, ad.max_rank)
+    step.set([0, 1], ad.table, ad.pool)
+    meta = step.meta_for(x)
+    assert meta.adapters == 2 and not _core.small_items(rows * seq, 2)
+    assert meta.segments.numel() == _core.segments_len(rows * seq, ad.table.shape[0], 2)
+    y0 = 0.1 * torch.randn(rows * seq, 960, dtype=dtype, device=DEV)
+    y = y0.clone()
+    kernels.lora_apply(x, y, meta, 1, [1, 2, 3], [576, 192, 192])
+    slots = [0] * seq + [1] * seq
+    assert rel_err(y, oracle_apply(ad, x, y0, slots, 1, [1, 2, 3], [576, 192, 192]), y0) < 2e-2
+    step.set_static(torch.tensor([0, 1], dtype=torch.int32, device=DEV), ad.table, ad.pool)
+    assert step.meta_for(x).adapters is None

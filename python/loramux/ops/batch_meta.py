@@ -24,6 +24,11 @@ class BatchMeta:
     # items; cuda/lora_common.cuh), built on the device once per step by StepBatch so every apply
     # of the step reads them; None: each kernel call builds its own.
     segments: Optional[torch.Tensor] = None
+    # Distinct adapter slots among the tokens, where the host knows them (StepBatch counts them; a
+    # captured graph, which serves any mix, does not): with enough tokens an adapter, a mid-size
+    # batch is cut into tensor-core tiles rather than small items (loramux._core.small_items). The
+    # segments must be built with the same count (kernels.segments(..., adapters=)).
+    adapters: Optional[int] = None
     # What CPU paths derive from the pool for this batch's adapters (e.g. stacked weights), shared
     # by the steps of one batch while the pool's content and the batch's slots stay the same (the
     # StepBatch decides); None: derived per BatchMeta.

@@ -77,10 +77,11 @@ def _tuning(device, hi: int, out_sizes, max_rank: int, tokens: int) -> tuning.Ch
     return tuning.choice(_arch(_device_index(device)), hi, out_sizes, max_rank, tokens)
 
 
-def segments(slot_of_token, num_slots: int):
+def segments(slot_of_token, num_slots: int, adapters=None):
     """The token segments of slot_of_token over a table of num_slots slots (int32 tensor on its
     device), built by one kernel on the current stream: no host sync, CUDA-graph capturable (a
-    captured build re-reads slot_of_token on every replay)."""
+    captured build re-reads slot_of_token on every replay). `adapters`: the distinct slots among
+    the tokens where the caller knows them (BatchMeta.adapters, which the applies must carry too)."""
     import torch
 
     if slot_of_token.dtype != torch.int32 or slot_of_token.dim() != 1 or not slot_of_token.is_contiguous():
@@ -89,10 +90,10 @@ def segments(slot_of_token, num_slots: int):
     nvrtc_library()
     device = slot_of_token.device
     tokens = slot_of_token.shape[0]
-    n = _core.segments_len(tokens, num_slots)
+    n = _core.segments_len(tokens, num_slots, adapters)
     buf = torch.empty(n, dtype=torch.int32, device=device)
     _core.build_segments(_device_index(device), torch.cuda.current_stream(device).cuda_stream,
-                         slot_of_token.data_ptr(), tokens, num_slots, buf.data_ptr(), n)
+                         slot_of_token.data_ptr(), tokens, num_slots, buf.data_ptr(), n, adapters)
     return buf
 
 
@@ -103,12 +104,13 @@ def _segments_of(meta, device, tokens: int):
     seg = meta.segments
     num_slots = meta.table.shape[0]
     if seg is not None:
-        need = _core.segments_len(tokens, num_slots)
+        need = _core.segments_len(tokens, num_slots, meta.adapters)
         if seg.device != device or seg.dtype != torch.int32 or seg.numel() != need or not seg.is_contiguous():
             raise LoraCudaError(f"meta.segments must be a contiguous int32 tensor of {need} elements on {device} "
-                                f"(kernels.segments of its slot_of_token), got {seg.dtype} {tuple(seg.shape)} on {seg.device}")
+                                f"(kernels.segments of its slot_of_token with adapters={meta.adapters}), "
+                                f"got {seg.dtype} {tuple(seg.shape)} on {seg.device}")
         return seg
-    return segments(meta.slot_of_token, num_slots)
+    return segments(meta.slot_of_token, num_slots, meta.adapters)
 
 
 def _batch(meta, layer: int, device, tokens: int, choice: tuning.Choice = tuning.Choice(None, None), stream=None):
@@ -145,6 +147,7 @@ def _batch(meta, layer: int, device, tokens: int, choice: tuning.Choice = tuning
         shrink_target_blocks=choice.shrink_target_blocks,
         expand_kernel=choice.expand_kernel,
         decode_device_split=choice.decode_device_split,
+        adapters=meta.adapters,
     )
 
 
@@ -162,7 +165,7 @@ def _shrink_partials(x, meta, layer: int, module_ids: Sequence[int], choice: tun
     seg, batch = _batch(meta, layer, x.device, tokens, choice, stream)
     ids = [int(m) for m in module_ids]
     plan = _core.plan_shrink(tokens, hi, len(ids), meta.table.shape[0], choice.shrink_target_blocks, choice.expand_kernel,
-                             int(meta.max_rank), device_split, choice.decode_device_split)
+                             int(meta.max_rank), device_split, choice.decode_device_split, meta.adapters)
     # the partials, then room for u [S, T, max_rank], which the pipelined prefill shrink fills
     u_len = len(ids) * tokens * int(meta.max_rank)
     partial = torch.empty(plan[0] * u_len + u_len, dtype=torch.float32, device=x.device)
@@ -295,7 +298,7 @@ def lora_apply_beside(x, base, meta, layer: int, applies, width: int, dora_free:
     main = torch.cuda.current_stream(x.device)
     tokens = x.shape[0]
     if meta.segments is None:  # built before the fork, so the side branch sees them
-        meta = replace(meta, segments=segments(meta.slot_of_token, meta.table.shape[0]))
+        meta = replace(meta, segments=segments(meta.slot_of_token, meta.table.shape[0], meta.adapters))
     launched = []
     delta = torch.empty(tokens, width, dtype=x.dtype, device=x.device) if dora_free else None
     side.wait_stream(main)

@@ -20,7 +20,7 @@ __all__ = ["StepBatch"]
 
 
 def _segments(slot_of_token: torch.Tensor, table: torch.Tensor, dtype: torch.dtype,
-              max_rank: int) -> Optional[torch.Tensor]:
+              max_rank: int, adapters: Optional[int]) -> Optional[torch.Tensor]:
     """The CUDA kernels' token segments, when the kernels will serve this batch; else None."""
     if not slot_of_token.is_cuda:
         return None
@@ -29,7 +29,7 @@ def _segments(slot_of_token: torch.Tensor, table: torch.Tensor, dtype: torch.dty
     k = apply._kernels
     if k is None or not k.available() or not k.supports(dtype, max_rank):
         return None
-    return k.segments(slot_of_token, table.shape[0])
+    return k.segments(slot_of_token, table.shape[0], adapters)
 
 
 def _same_key(a: tuple, b: tuple) -> bool:
@@ -49,6 +49,7 @@ class StepBatch:
         self.pool: Optional[torch.Tensor] = None
         self._used: Optional[List[List[bool]]] = None  # [layer][module_id]: some row's adapter has it
         self._dora: Optional[List[List[bool]]] = None  # [layer][module_id]: some row's adapter has a DoRA scale there; None: unknown
+        self._adapters: Optional[int] = None  # distinct slots among the rows; None: unknown (a static batch)
         self._metas: Dict[int, BatchMeta] = {}  # token count -> BatchMeta
         # BatchMeta.derived kept across set() calls while (pool, pool version, adapter slots) repeat
         self._derived_key: Optional[tuple] = None
@@ -71,6 +72,7 @@ class StepBatch:
             raise LoraError("a batch with adapter slots needs the cache's slot table and pool")
         self.slot_of_row = slots.to(table.device)
         self.table, self.pool = table, pool
+        self._adapters = len(present)
         key = (pool, pool_version, tuple(present))
         if pool_version is None or self._derived_key is None or not _same_key(self._derived_key, key):
             self._derived_key, self._derived = key, {}
@@ -96,6 +98,7 @@ class StepBatch:
         self.slot_of_row = self.table = self.pool = None
         self._used = None
         self._dora = None
+        self._adapters = None
         self._metas = {}
 
     @property
@@ -133,7 +136,7 @@ class StepBatch:
             slot_of_token = self.slot_of_row if tokens == self.rows else self.slot_of_row.repeat_interleave(tokens // self.rows)
             meta = BatchMeta(table=self.table, pool=self.pool, dtype=self.dtype, slot_of_token=slot_of_token,
                              max_rank=self.max_rank, segments=_segments(slot_of_token, self.table, self.dtype,
-                                                                       self.max_rank),
-                             derived=self._derived)
+                                                                       self.max_rank, self._adapters),
+                             adapters=self._adapters, derived=self._derived)
             self._metas[tokens] = meta
         return meta

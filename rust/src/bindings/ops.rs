@@ -18,17 +18,17 @@ pub struct PyKernelBatch {
 impl PyKernelBatch {
     #[new]
     #[pyo3(signature = (*, device, stream, dtype, slot_of_token, segments, tokens, table, num_slots, num_layers, layer, max_rank,
-                        shrink_target_blocks=None, expand_kernel=None, decode_device_split=None))]
+                        shrink_target_blocks=None, expand_kernel=None, decode_device_split=None, adapters=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         device: i32, stream: u64, dtype: &str, slot_of_token: u64, segments: u64, tokens: usize, table: u64,
         num_slots: usize, num_layers: usize, layer: usize, max_rank: usize, shrink_target_blocks: Option<usize>,
-        expand_kernel: Option<&str>, decode_device_split: Option<bool>,
+        expand_kernel: Option<&str>, decode_device_split: Option<bool>, adapters: Option<usize>,
     ) -> PyResult<Self> {
         let dtype = launch::Dtype::parse(dtype).py()?;
         let tuning = tuning(shrink_target_blocks, expand_kernel, decode_device_split)?;
         let batch = launch::Batch {
-            stream, dtype, slot_of_token, segments, tokens, table, num_slots, num_layers, layer, max_rank, tuning,
+            stream, dtype, slot_of_token, segments, tokens, table, num_slots, num_layers, layer, max_rank, tuning, adapters,
         };
         Ok(PyKernelBatch { device, batch })
     }
@@ -150,38 +150,53 @@ fn tuning(
 /// u); split_target > 0: the decode kernels size the split from the step's item count (pass hi and
 /// it to the expand). The tuning arguments as for KernelBatch; `max_rank` (the batch's, default 16)
 /// decides whether small items take the pipelined kernels; `device_split=False` plans the split on
-/// the host (the standalone shrink, whose reduce sums every planned split).
+/// the host (the standalone shrink, whose reduce sums every planned split). `adapters`: as for
+/// KernelBatch (the segments' item layout).
 #[pyfunction]
 #[pyo3(signature = (tokens, hi, num_slices, num_slots, shrink_target_blocks=None, expand_kernel=None, max_rank=16, device_split=true,
-                    decode_device_split=None))]
+                    decode_device_split=None, adapters=None))]
 #[allow(clippy::too_many_arguments)]
 fn plan_shrink(
     tokens: usize, hi: usize, num_slices: usize, num_slots: usize, shrink_target_blocks: Option<usize>,
     expand_kernel: Option<&str>, max_rank: usize, device_split: bool, decode_device_split: Option<bool>,
+    adapters: Option<usize>,
 ) -> PyResult<ShrinkTuple> {
     let t = tuning(shrink_target_blocks, expand_kernel, decode_device_split)?;
+    let small = plan::small_items(tokens, adapters);
     let p = if device_split {
-        plan::plan_shrink(tokens, hi, num_slices, num_slots, max_rank, &t)
+        plan::plan_shrink(tokens, small, hi, num_slices, num_slots, max_rank, &t)
     } else {
-        plan::plan_shrink_on_host(tokens, hi, num_slices, num_slots, max_rank, &t)
+        plan::plan_shrink_on_host(tokens, small, hi, num_slices, num_slots, max_rank, &t)
     };
-    Ok((p.ksplit, p.kchunk, plan::apply_reduces_first(tokens, &p), p.split_target))
+    Ok((p.ksplit, p.kchunk, plan::apply_reduces_first(small, &p), p.split_target))
 }
 
-/// int32 elements of the token-segments buffer for `tokens` tokens over `num_slots` slots.
+/// int32 elements of the token-segments buffer for `tokens` tokens over `num_slots` slots
+/// (`adapters`: the distinct slots among them where known, which may cut them into larger items).
 #[pyfunction]
-fn segments_len(tokens: usize, num_slots: usize) -> usize {
-    plan::segments_len(tokens, num_slots)
+#[pyo3(signature = (tokens, num_slots, adapters=None))]
+fn segments_len(tokens: usize, num_slots: usize, adapters: Option<usize>) -> usize {
+    plan::segments_len(tokens, num_slots, plan::small_items(tokens, adapters))
+}
+
+/// Whether the segments of `tokens` tokens over `adapters` distinct slots (None: unknown) cut them
+/// into small items (8 tokens of one adapter) rather than 64-token tensor-core tiles.
+#[pyfunction]
+#[pyo3(signature = (tokens, adapters=None))]
+fn small_items(tokens: usize, adapters: Option<usize>) -> bool {
+    plan::small_items(tokens, adapters)
 }
 
 /// Builds a batch's token segments on `stream` (one kernel, no host sync): see launch::build_segments.
 #[pyfunction]
-#[pyo3(signature = (device, stream, slot_of_token, tokens, num_slots, segments, capacity))]
+#[pyo3(signature = (device, stream, slot_of_token, tokens, num_slots, segments, capacity, adapters=None))]
+#[allow(clippy::too_many_arguments)]
 fn build_segments(
     device: i32, stream: u64, slot_of_token: u64, tokens: usize, num_slots: usize, segments: u64, capacity: usize,
+    adapters: Option<usize>,
 ) -> PyResult<()> {
     let k = cuda::kernels(device).py()?;
-    launch::build_segments(&k, stream, slot_of_token, tokens, num_slots, segments, capacity).py()
+    launch::build_segments(&k, stream, slot_of_token, tokens, num_slots, adapters, segments, capacity).py()
 }
 
 /// Whether libnvrtc can be opened.
@@ -233,6 +248,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(plan_shrink, m)?)?;
     m.add_function(wrap_pyfunction!(plan_fused, m)?)?;
     m.add_function(wrap_pyfunction!(segments_len, m)?)?;
+    m.add_function(wrap_pyfunction!(small_items, m)?)?;
     m.add_function(wrap_pyfunction!(build_segments, m)?)?;
     m.add_function(wrap_pyfunction!(nvrtc_available, m)?)?;
     m.add_function(wrap_pyfunction!(nvrtc_version, m)?)?;

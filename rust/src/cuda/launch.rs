@@ -182,6 +182,9 @@ pub struct Batch {
     pub max_rank: usize,
     /// the tuning table's launch choices for this call's geometry (default: the built-in rules)
     pub tuning: Tuning,
+    /// distinct adapter slots among the tokens where the host knows them: with the token count it
+    /// decides how the segments cut the tokens (`small_items`), so it must be what they were built with
+    pub adapters: Option<usize>,
 }
 
 impl Batch {
@@ -213,11 +216,11 @@ impl Batch {
     }
 
     fn max_items(&self) -> usize {
-        max_items(self.tokens, self.num_slots)
+        max_items(self.tokens, self.num_slots, self.decode())
     }
 
     fn grid_items(&self) -> usize {
-        grid_items(self.tokens, self.num_slots)
+        grid_items(self.tokens, self.num_slots, self.decode())
     }
 
     fn table_args(&self) -> LoraTable {
@@ -233,7 +236,7 @@ impl Batch {
 
     /// Small work items on CUDA cores (split-K shrink, expand summing the partials) vs tensor-core tiles.
     fn decode(&self) -> bool {
-        small_items(self.tokens)
+        small_items(self.tokens, self.adapters)
     }
 
 }
@@ -322,15 +325,18 @@ unsafe fn launch_smem<A>(
 }
 
 /// Builds the token segments of a batch (cuda/lora_segments.cu) into `segments`, which must hold
-/// `segments_len(tokens, num_slots)` int32s: once per step, before the step's shrinks and expands.
+/// `segments_len(tokens, num_slots, small_items(tokens, adapters))` int32s: once per step, before
+/// the step's shrinks and expands (whose Batch carries the same `adapters`).
+#[allow(clippy::too_many_arguments)]
 pub fn build_segments(
-    k: &DeviceKernels, stream: u64, slot_of_token: u64, tokens: usize, num_slots: usize, segments: u64,
-    capacity: usize,
+    k: &DeviceKernels, stream: u64, slot_of_token: u64, tokens: usize, num_slots: usize, adapters: Option<usize>,
+    segments: u64, capacity: usize,
 ) -> Result<()> {
     if num_slots == 0 || num_slots > i32::MAX as usize / 4 || tokens > i32::MAX as usize / 2 {
         return Err(LoraError::Cuda(format!("{tokens} tokens over {num_slots} slots is out of the kernels' range")));
     }
-    let need = segments_len(tokens, num_slots);
+    let small = small_items(tokens, adapters);
+    let need = segments_len(tokens, num_slots, small);
     if capacity < need {
         return Err(LoraError::Cuda(format!("segments buffer holds {capacity} int32s, {need} needed")));
     }
@@ -342,8 +348,8 @@ pub fn build_segments(
         segments,
         t: tokens as i32,
         num_slots: num_slots as i32,
-        max_items: max_items(tokens, num_slots) as i32,
-        chunk: item_tokens(tokens) as i32,
+        max_items: max_items(tokens, num_slots, small) as i32,
+        chunk: item_tokens(small) as i32,
     };
     let f = k.function("lora_segments")?;
     let mut params = [&args as *const SegmentArgs as *mut c_void];
@@ -387,14 +393,14 @@ pub fn shrink(
         max_items: items as i32,
         // the decode shrink only (T <= 64): the other kernels keep the planned split
         split_target: if b.decode() && b.tokens <= TILE_T { plan.split_target as i32 } else { 0 },
-        merge_items: pipe_merge_items(b.tokens, true) as i32,
+        merge_items: pipe_merge_items(b.tokens, b.decode(), true) as i32,
         table: b.table_args(),
         slices: sl,
     };
     let grid = (plan.ksplit as u32, b.grid_items() as u32, module_ids.len() as u32);
     // the pipelined prefill shrink copies x in 16-byte pieces (the register-staged one takes the rest)
     let smem = pipe_shrink_smem(b.max_rank);
-    if takes_pipelined(b.tokens, b.max_rank, &b.tuning)
+    if takes_pipelined(b.tokens, b.decode(), b.max_rank, &b.tuning)
         && hi % 8 == 0
         && x_stride % 8 == 0
         && x % 16 == 0
@@ -462,7 +468,7 @@ pub fn expand(
     let tiles = expand_tiles_per_block(&b.tuning);
     // the pipelined prefill expand copies y in 16-byte pieces (the register-staged one takes the rest)
     let pipe = !flat
-        && takes_pipelined(b.tokens, b.max_rank, &b.tuning)
+        && takes_pipelined(b.tokens, b.decode(), b.max_rank, &b.tuning)
         && y % 16 == 0
         && y_stride % 8 == 0
         && out_sizes.iter().all(|&o| o % 8 == 0)
@@ -470,7 +476,7 @@ pub fn expand(
     let ochunk = if flat {
         flat_expand_columns(b.tokens)
     } else if pipe {
-        64 * pipe_expand_tiles(b.tokens, out_sizes, &b.tuning)
+        64 * pipe_expand_tiles(b.tokens, b.decode(), out_sizes, &b.tuning)
     } else if b.decode() {
         THREADS as usize * per_thread
     } else {
@@ -491,7 +497,7 @@ pub fn expand(
             Some((hi, target)) if hi > 0 && ksplit > 1 && b.decode() && b.tokens <= TILE_T => target as i32,
             _ => 0,
         },
-        merge_items: pipe_merge_items(b.tokens, false) as i32,
+        merge_items: pipe_merge_items(b.tokens, b.decode(), false) as i32,
         table: b.table_args(),
         slices: sl,
     };

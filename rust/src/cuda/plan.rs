@@ -19,9 +19,35 @@ pub fn small_items_max_t() -> usize {
     std::env::var("LORAMUX_SMALL_ITEMS_MAX_T").ok().and_then(|v| v.parse().ok()).unwrap_or(SMALL_ITEMS_MAX_T)
 }
 
-/// Whether a batch of `tokens` takes the small-item (CUDA-core, split-K) kernels.
-pub fn small_items(tokens: usize) -> bool {
-    tokens <= small_items_max_t().max(TILE_T)
+/// Whether a batch of `tokens` tokens is cut into small items (CUDA-core, split-K kernels; the
+/// pipelined ones where chosen) rather than tensor-core tiles: decided once per step, when its
+/// segments are built, and every launch of the step plans with the same answer. `adapters`: the
+/// distinct adapter slots among the tokens where the host knows them (StepBatch does), None where
+/// it does not (a captured graph serves any mix): a mid-size batch whose adapters average
+/// TILE_TOKENS_PER_ADAPTER tokens or more is cut into tiles then.
+pub fn small_items(tokens: usize, adapters: Option<usize>) -> bool {
+    if tokens <= TILE_T {
+        return true;
+    }
+    if tokens > small_items_max_t() {
+        return false;
+    }
+    match adapters {
+        Some(n) if items_follow_adapters() => tokens < TILE_TOKENS_PER_ADAPTER * n.max(1),
+        _ => true,
+    }
+}
+
+/// Tokens an adapter must average for a batch of 65..=SMALL_ITEMS_MAX_T tokens to be cut into
+/// tensor-core tiles. Measured on the H200 (docs/kernel-notes.md, "T = 256 items by adapter count";
+/// ops.py, same run, both orders, T = 256): tiles were 1.39-2.34x faster with one adapter and
+/// 1.06-1.88x with 8 (32 tokens each) on 4096->4096, 4096->14336 and 14336->4096 at ranks 16 and 64;
+/// with 32 adapters (8 tokens each) 0.58-0.94x and with 128 0.39-0.90x: small items stay there.
+pub const TILE_TOKENS_PER_ADAPTER: usize = 32;
+
+/// `LORAMUX_ITEMS_BY_ADAPTERS=0` ignores the host's adapter count (A/B runs): T alone decides.
+fn items_follow_adapters() -> bool {
+    std::env::var("LORAMUX_ITEMS_BY_ADAPTERS").as_deref() != Ok("0")
 }
 /// Enough blocks to keep every SM of an H100 (132) busy several times over.
 const TARGET_BLOCKS: usize = 4 * 132;
@@ -143,8 +169,8 @@ pub fn decode_expand_is_flat(tokens: usize, num_slices: usize, tuning: &Tuning) 
 /// Tokens of one work item of the step's token segments (cuda/lora_common.cuh): a block takes one
 /// item. Decode items are small so one adapter's tokens spread over several blocks (a single
 /// tenant's 64 tokens are 8 items, not one block); prefill items are the tensor-core tile.
-pub fn item_tokens(tokens: usize) -> usize {
-    if small_items(tokens) {
+pub fn item_tokens(small: bool) -> usize {
+    if small {
         DECODE_ITEM
     } else {
         TILE_T
@@ -156,28 +182,32 @@ pub const DECODE_ITEM: usize = 8;
 
 /// Work items the segments of `tokens` tokens over `num_slots` slots can hold at most: every slot
 /// used adds at most one partial item, and no item is empty.
-pub fn max_items(tokens: usize, num_slots: usize) -> usize {
-    let chunk = item_tokens(tokens);
+pub fn max_items(tokens: usize, num_slots: usize, small: bool) -> usize {
+    let chunk = item_tokens(small);
     (tokens.div_ceil(chunk) + tokens.min(num_slots)).min(tokens).max(1)
 }
 
 /// Blocks along the items of a launch: every item bound for decode batches (at most 64), else
 /// capped (blocks loop over items with stride gridDim.y) so a launch is not mostly blocks that find
 /// no item: the bound counts one extra item per slot of the table, most mappings use few.
-pub fn grid_items(tokens: usize, num_slots: usize) -> usize {
-    let m = max_items(tokens, num_slots);
+pub fn grid_items(tokens: usize, num_slots: usize, small: bool) -> usize {
+    let m = max_items(tokens, num_slots, small);
     if tokens <= TILE_T {
         m
     } else {
-        m.min(tokens.div_ceil(item_tokens(tokens)).max(64))
+        m.min(tokens.div_ceil(item_tokens(small)).max(64))
     }
 }
 
 /// int32 elements of the segments buffer: header, three item arrays, token list, slot scratch,
-/// the fused decode kernel's workspace (a ticket and a completion count per slice and item).
-pub fn segments_len(tokens: usize, num_slots: usize) -> usize {
-    let m = max_items(tokens, num_slots);
-    SEG_HEADER + 3 * m + tokens + num_slots + FUSED_WS_WORDS * MAX_SLICES * m
+/// the fused decode kernel's workspace (a ticket and a completion count per slice and item). A
+/// mid-size batch cut into tiles (`small_items`) gets one unused word more: where slots outnumber
+/// tokens both layouts would otherwise have one length, and the length is what tells a launch that
+/// its segments were cut the way it plans (kernels.py checks it).
+pub fn segments_len(tokens: usize, num_slots: usize, small: bool) -> usize {
+    let m = max_items(tokens, num_slots, small);
+    let tiles_word = usize::from(!small && tokens <= small_items_max_t());
+    SEG_HEADER + 3 * m + tokens + num_slots + FUSED_WS_WORDS * MAX_SLICES * m + tiles_word
 }
 
 pub const SEG_HEADER: usize = 4;
@@ -197,37 +227,39 @@ pub struct ShrinkPlan {
 
 /// `LORAMUX_SHRINK_TARGET_BLOCKS`, else the tuning's target, else the built-in one; at most
 /// PIPE_MAX_SPLIT_DEFAULT splits where the pipelined kernels run (`max_rank` decides that on small
-/// items).
+/// items). `small`: how the step's segments cut the tokens (`small_items`).
 pub fn plan_shrink(
-    tokens: usize, hi: usize, num_slices: usize, num_slots: usize, max_rank: usize, tuning: &Tuning,
+    tokens: usize, small: bool, hi: usize, num_slices: usize, num_slots: usize, max_rank: usize, tuning: &Tuning,
 ) -> ShrinkPlan {
-    plan_shrink_with(tokens, hi, num_slices, num_slots, max_rank, tuning, decode_split_from_device(tokens, tuning))
+    plan_shrink_with(tokens, small, hi, num_slices, num_slots, max_rank, tuning, decode_split_from_device(tokens, tuning))
 }
 
 /// `plan_shrink` with the split planned on the host whatever the batch (the standalone shrink: its
 /// reduce sums every planned split).
 pub fn plan_shrink_on_host(
-    tokens: usize, hi: usize, num_slices: usize, num_slots: usize, max_rank: usize, tuning: &Tuning,
+    tokens: usize, small: bool, hi: usize, num_slices: usize, num_slots: usize, max_rank: usize, tuning: &Tuning,
 ) -> ShrinkPlan {
-    plan_shrink_with(tokens, hi, num_slices, num_slots, max_rank, tuning, false)
+    plan_shrink_with(tokens, small, hi, num_slices, num_slots, max_rank, tuning, false)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn plan_shrink_with(
-    tokens: usize, hi: usize, num_slices: usize, num_slots: usize, max_rank: usize, tuning: &Tuning, device_split: bool,
+    tokens: usize, small: bool, hi: usize, num_slices: usize, num_slots: usize, max_rank: usize, tuning: &Tuning,
+    device_split: bool,
 ) -> ShrinkPlan {
     // the flat expand re-reads every token's partials in each block: fewer, fatter splits pay there
     let built_in = if decode_expand_is_flat(tokens, num_slices, tuning) { FLAT_TARGET_BLOCKS } else { TARGET_BLOCKS };
     let target = env_usize("LORAMUX_SHRINK_TARGET_BLOCKS").or(tuning.shrink_target_blocks).unwrap_or(built_in).max(1);
-    let plan = split_for(tokens, hi, num_slices, num_slots, target, device_split);
+    let plan = split_for(tokens, small, hi, num_slices, num_slots, target, device_split);
     let max_split = pipe_max_split();
-    if !takes_pipelined(tokens, max_rank, tuning) || plan.ksplit <= max_split {
+    if !takes_pipelined(tokens, small, max_rank, tuning) || plan.ksplit <= max_split {
         return plan;
     }
     // the pipelined shrink streams long chunks; the last split of an item sums all the partials.
     // On small items the decode shrink runs this plan where 16-byte copies are not allowed, and it
     // holds at most DECODE_MAX_CHUNK elements a split: past Hi = 16384 the split count grows instead.
     let mut kchunk = hi.div_ceil(max_split).div_ceil(64) * 64;
-    if small_items(tokens) {
+    if small {
         kchunk = kchunk.min(DECODE_MAX_CHUNK);
     }
     ShrinkPlan { ksplit: hi.div_ceil(kchunk), kchunk, split_target: 0 }
@@ -246,15 +278,17 @@ fn pipe_max_split() -> usize {
 /// segments), so a middle count: a few adapters' items (a single tenant's 64 tokens are 8 items,
 /// 64 adapters' are 64); more items only add blocks.
 fn planned_items(tokens: usize, num_slots: usize) -> usize {
-    tokens.div_ceil(DECODE_ITEM).max(tokens.min(num_slots) / 2).min(grid_items(tokens, num_slots)).max(1)
+    tokens.div_ceil(DECODE_ITEM).max(tokens.min(num_slots) / 2).min(grid_items(tokens, num_slots, true)).max(1)
 }
 
 /// Reduction elements one split of the decode shrink holds (DECODE_MAX_CHUNK, lora_shrink_decode.cuh).
 const DECODE_MAX_CHUNK: usize = 1024;
 
 /// The split of the reduction dim that gives about `target` shrink blocks.
-fn split_for(tokens: usize, hi: usize, num_slices: usize, num_slots: usize, target: usize, device_split: bool) -> ShrinkPlan {
-    if small_items(tokens) {
+fn split_for(
+    tokens: usize, small: bool, hi: usize, num_slices: usize, num_slots: usize, target: usize, device_split: bool,
+) -> ShrinkPlan {
+    if small {
         // decode: the kernels' split (decode_split), for the step's item count on the device or for
         // the planned number of items on the host
         if tokens <= TILE_T && device_split {
@@ -308,7 +342,7 @@ pub fn decode_split(items: usize, num_slices: usize, hi: usize, target: usize) -
 /// A decode split the device sizes: room for every item count the segments can hold. The split
 /// count only grows as the items get fewer (one item: the most), the chunk as they get more.
 fn device_sized_split(tokens: usize, hi: usize, num_slices: usize, num_slots: usize, target: usize) -> ShrinkPlan {
-    let most = max_items(tokens, num_slots);
+    let most = max_items(tokens, num_slots, true);
     ShrinkPlan {
         ksplit: decode_split(1, num_slices, hi, target).ksplit,
         kchunk: decode_split(most, num_slices, hi, target).kchunk,
@@ -488,11 +522,11 @@ pub const FUSED_COLS: usize = 256;
 pub fn plan_fused(tokens: usize, hi: usize, max_out: usize, num_slices: usize, num_slots: usize, tuning: &Tuning) -> FusedPlan {
     let target =
         env_usize("LORAMUX_SHRINK_TARGET_BLOCKS").or(tuning.shrink_target_blocks).unwrap_or(FUSED_SHRINK_TARGET).max(1);
-    let shrink = split_for(tokens, hi, num_slices, num_slots, target, decode_split_from_device(tokens, tuning));
+    let shrink = split_for(tokens, true, hi, num_slices, num_slots, target, decode_split_from_device(tokens, tuning));
     let expand_target = env_usize("LORAMUX_FUSED_EXPAND_BLOCKS").unwrap_or(FUSED_EXPAND_TARGET).max(1);
     let units = max_out.div_ceil(FUSED_COLS).max(1);
     // sized on the device: the host's steps are the most items' (a check on the plan, not used)
-    let items = if shrink.split_target > 0 { max_items(tokens, num_slots) } else { planned_items(tokens, num_slots) };
+    let items = if shrink.split_target > 0 { max_items(tokens, num_slots, true) } else { planned_items(tokens, num_slots) };
     let col_steps = fused_col_steps(units, items * num_slices.max(1), expand_target);
     FusedPlan {
         shrink,
@@ -567,8 +601,8 @@ pub fn fused_smem_bytes(max_rank: usize) -> usize {
 /// at T = 2048, docs/kernel-notes.md). The pipelined prefill shrink sums them into u itself (its
 /// last split an item; `launch::shrink` returns u's offset then), so what ran decides, not whether
 /// the pipelined path was chosen: where it fell back (16-byte copies not allowed), the reduce runs.
-pub fn apply_reduces_first(tokens: usize, plan: &ShrinkPlan) -> bool {
-    !small_items(tokens) && plan.ksplit > 1
+pub fn apply_reduces_first(small: bool, plan: &ShrinkPlan) -> bool {
+    !small && plan.ksplit > 1
 }
 
 /// Whether a prefill batch (past the small items) takes the pipelined tensor-core kernels
@@ -593,8 +627,8 @@ pub fn prefill_is_pipelined(tuning: &Tuning) -> bool {
 /// at T = 256 (docs/kernel-notes.md, prefill-5, run 3): at rank 64 the pipelined kernels were 1.28x
 /// faster (geomean of 12 cases, 0.87-1.67x: faster at 1-32 adapters in all three shapes, slower at
 /// 128 adapters in two), at rank 16 0.72x (the CUDA cores' shuffle reductions are cheap there).
-pub fn pipe_on_small_items(tokens: usize, max_rank: usize, tuning: &Tuning) -> bool {
-    if tokens <= TILE_T || !small_items(tokens) {
+pub fn pipe_on_small_items(tokens: usize, small: bool, max_rank: usize, tuning: &Tuning) -> bool {
+    if tokens <= TILE_T || !small {
         return false;
     }
     match std::env::var("LORAMUX_PIPE_SMALL").as_deref() {
@@ -614,9 +648,9 @@ pub const PIPE_SMALL_RANKS: std::ops::RangeInclusive<usize> = 33..=64;
 
 /// Whether this batch's shrink and expand are the pipelined tensor-core kernels (where the launcher
 /// finds 16-byte copies allowed): past the small items by default, on them where chosen.
-pub fn takes_pipelined(tokens: usize, max_rank: usize, tuning: &Tuning) -> bool {
-    if small_items(tokens) {
-        pipe_on_small_items(tokens, max_rank, tuning)
+pub fn takes_pipelined(tokens: usize, small: bool, max_rank: usize, tuning: &Tuning) -> bool {
+    if small {
+        pipe_on_small_items(tokens, small, max_rank, tuning)
     } else {
         prefill_is_pipelined(tuning)
     }
@@ -637,15 +671,15 @@ const PIPE_BLOCK_COST_TILES: usize = 1;
 /// tuning's p4 / p16, else the built-in rule (`pipe_span_rule`; on small items, and everywhere under
 /// `LORAMUX_PIPE_SPAN_RULE=old`, prefill-6's: about PIPE_EXPAND_TARGET_BLOCKS blocks counting the
 /// widest slice's tiles once a slice).
-pub fn pipe_expand_tiles(tokens: usize, out_sizes: &[usize], tuning: &Tuning) -> usize {
+pub fn pipe_expand_tiles(tokens: usize, small: bool, out_sizes: &[usize], tuning: &Tuning) -> usize {
     let col_tiles = out_sizes.iter().copied().max().unwrap_or(0).div_ceil(64).max(1);
     let wanted = env_usize("LORAMUX_EXPAND_SPAN_TILES").or(match tuning.expand {
         Some(ExpandKind::Pipe4) => Some(4),
         Some(ExpandKind::Pipe16) => Some(16),
         _ => None,
     });
-    let items = tokens.div_ceil(item_tokens(tokens));
-    let old_rule = small_items(tokens) || std::env::var("LORAMUX_PIPE_SPAN_RULE").as_deref() == Ok("old");
+    let items = tokens.div_ceil(item_tokens(small));
+    let old_rule = small || std::env::var("LORAMUX_PIPE_SPAN_RULE").as_deref() == Ok("old");
     let auto = || {
         if old_rule {
             (col_tiles * items * out_sizes.len().max(1)).div_ceil(PIPE_EXPAND_TARGET_BLOCKS)
@@ -688,8 +722,8 @@ pub fn pipe_span_rule(out_sizes: &[usize], items: usize) -> usize {
 /// tune.measure_count): equal within 0.5 % on every Llama-8B projection at 1-128 adapters.
 /// `LORAMUX_PIPE_MERGE=shrink|both` merges for A/B runs. u is per token, so the two kernels need
 /// not merge alike: rows are computed on their own either way (bit for bit equal).
-pub fn pipe_merge_items(tokens: usize, shrink: bool) -> usize {
-    if !(small_items(tokens) && tokens > TILE_T) {
+pub fn pipe_merge_items(tokens: usize, small: bool, shrink: bool) -> usize {
+    if !(small && tokens > TILE_T) {
         return 1;
     }
     let merge = match std::env::var("LORAMUX_PIPE_MERGE").as_deref() {
@@ -827,17 +861,38 @@ mod tests {
         for &(t, hi, s, slots) in &cases {
             // rank 64 takes the pipelined kernels on small items, rank 16 the CUDA-core ones
             for max_rank in [16, 64] {
-                let p = plan_shrink_on_host(t, hi, s, slots, max_rank, &Tuning::default());
+                let p = plan_shrink_on_host(t, small_items(t, None), hi, s, slots, max_rank, &Tuning::default());
                 assert!(p.ksplit >= 1 && p.kchunk * p.ksplit >= hi, "{t} {hi}: {p:?}");
                 assert!(p.kchunk * (p.ksplit - 1) < hi, "empty split {p:?}");
-                if small_items(t) {
+                if small_items(t, None) {
                     // the decode shrink may run any small-item plan (the pipelined one's fallback)
                     assert!(p.kchunk <= DECODE_MAX_CHUNK, "{t} {hi} r{max_rank}: {p:?}");
                 }
-                let granule = if small_items(t) && !takes_pipelined(t, max_rank, &Tuning::default()) { 256 } else { 64 };
+                let granule = if small_items(t, None) && !takes_pipelined(t, small_items(t, None), max_rank, &Tuning::default()) { 256 } else { 64 };
                 assert!(p.kchunk % granule == 0, "{t} {hi} r{max_rank}: {p:?}");
             }
         }
+    }
+
+    #[test]
+    fn mid_size_batches_are_cut_into_tiles_where_adapters_average_32_tokens() {
+        if ["LORAMUX_SMALL_ITEMS_MAX_T", "LORAMUX_ITEMS_BY_ADAPTERS"].iter().any(|v| std::env::var(v).is_ok()) {
+            return;
+        }
+        // unknown adapter count (a captured graph): T alone decides, as before
+        assert!(small_items(64, None) && small_items(256, None) && !small_items(257, None));
+        // decode batches stay on small items, past SMALL_ITEMS_MAX_T tiles whatever the count
+        assert!(small_items(64, Some(1)) && !small_items(300, Some(128)));
+        assert!(!small_items(256, Some(1)) && !small_items(256, Some(8)) && small_items(256, Some(9)));
+        assert!(!small_items(128, Some(4)) && small_items(128, Some(5)) && small_items(65, Some(3)));
+        assert!(!small_items(65, Some(0)), "no adapter counts as one");
+        // the two layouts of one batch never have one length (a mismatch is caught by it)
+        for t in 65..=SMALL_ITEMS_MAX_T {
+            for slots in (1..600).step_by(7) {
+                assert_ne!(segments_len(t, slots, false), segments_len(t, slots, true), "T{t} slots {slots}");
+            }
+        }
+        assert_eq!(item_tokens(small_items(256, Some(2))), TILE_T);
     }
 
     #[test]
@@ -847,13 +902,13 @@ mod tests {
         }
         let d = Tuning::default();
         // up to 16 tokens the host plans the split (measured), above it the device
-        assert_eq!(plan_shrink(16, 4096, 1, 64, 16, &d).split_target, 0);
+        assert_eq!(plan_shrink(16, small_items(16, None), 4096, 1, 64, 16, &d).split_target, 0);
         assert_eq!(plan_fused(8, 4096, 4096, 1, 64, &d).expand_target, 0);
         for &(t, hi, s, slots) in &[(17, 4096, 1, 8), (32, 4096, 3, 64), (32, 14336, 1, 33), (64, 576, 2, 4), (64, 4096, 2, 200), (20, 100, 3, 3), (64, 65536, 1, 8)] {
             for max_rank in [16, 64] {
-                let p = plan_shrink(t, hi, s, slots, max_rank, &d);
+                let p = plan_shrink(t, small_items(t, None), hi, s, slots, max_rank, &d);
                 assert!(p.split_target > 0 && p.kchunk % 256 == 0 && p.kchunk <= DECODE_MAX_CHUNK, "{p:?}");
-                for n in 1..=max_items(t, slots) {
+                for n in 1..=max_items(t, slots, small_items(t, None)) {
                     let q = decode_split(n, s, hi, p.split_target);
                     // the device's split covers Hi with no empty split, within the grid and partials
                     assert!(q.ksplit * q.kchunk >= hi && q.kchunk * (q.ksplit - 1) < hi, "{n}: {q:?}");
@@ -864,8 +919,8 @@ mod tests {
             let f = plan_fused(t, hi, hi.max(300), s, slots, &d);
             assert!(f.expand_target > 0 && f.shrink.split_target > 0);
             // the grid holds every count's blocks; the count the host planned for before is one of them
-            let grid = fused_grid_blocks(&f, hi, &outs, max_items(t, slots));
-            for n in 1..=max_items(t, slots) {
+            let grid = fused_grid_blocks(&f, hi, &outs, max_items(t, slots, small_items(t, None)));
+            for n in 1..=max_items(t, slots, small_items(t, None)) {
                 let q = decode_split(n, s, hi, f.shrink.split_target);
                 let cs = fused_col_steps(hi.max(300).div_ceil(FUSED_COLS), n * s, f.expand_target);
                 assert!(n * s * (q.ksplit + fused_col_groups(hi.max(300), cs)) <= grid);
@@ -874,13 +929,13 @@ mod tests {
         // the decode step: 32 one-token items of q|k|v are split as for 32 items, not 16
         let q = decode_split(32, 3, 4096, FUSED_SHRINK_TARGET);
         assert_eq!((q.ksplit, q.kchunk), (4, 1024));
-        assert_eq!(split_for(32, 4096, 3, 32, FUSED_SHRINK_TARGET, false).ksplit, 6);
+        assert_eq!(split_for(32, true, 4096, 3, 32, FUSED_SHRINK_TARGET, false).ksplit, 6);
         // 8 adapters of 8 tokens over a large table: 16 splits, not 8
         assert_eq!(decode_split(8, 1, 4096, FUSED_SHRINK_TARGET).ksplit, 16);
-        assert_eq!(split_for(64, 4096, 1, 128, FUSED_SHRINK_TARGET, false).ksplit, 8);
+        assert_eq!(split_for(64, true, 4096, 1, 128, FUSED_SHRINK_TARGET, false).ksplit, 8);
         // an empty input width plans, it does not divide by zero (the launchers then launch nothing)
         for tokens in [1, 32, 64] {
-            let p = split_for(tokens, 0, 1, 8, FUSED_SHRINK_TARGET, true);
+            let p = split_for(tokens, true, 0, 1, 8, FUSED_SHRINK_TARGET, true);
             assert_eq!((p.ksplit, p.kchunk), (1, 256));
         }
     }
@@ -906,9 +961,9 @@ mod tests {
         assert!(decode_expand_is_flat(32, 3, &d) && decode_expand_is_flat(64, 2, &d));
         assert!(!decode_expand_is_flat(32, 1, &d) && !decode_expand_is_flat(16, 3, &d) && !decode_expand_is_flat(65, 2, &d));
         // the flat path's shrink splits coarser (on the device: for the same count, a smaller target)
-        assert!(plan_shrink_on_host(32, 4096, 3, 32, 16, &d).ksplit < plan_shrink_on_host(32, 4096, 1, 32, 16, &d).ksplit);
+        assert!(plan_shrink_on_host(32, small_items(32, None), 4096, 3, 32, 16, &d).ksplit < plan_shrink_on_host(32, small_items(32, None), 4096, 1, 32, 16, &d).ksplit);
         if decode_split_from_device(32, &d) {
-            assert_eq!((plan_shrink(32, 4096, 3, 32, 16, &d).split_target, plan_shrink(32, 4096, 1, 32, 16, &d).split_target), (132, 528));
+            assert_eq!((plan_shrink(32, small_items(32, None), 4096, 3, 32, 16, &d).split_target, plan_shrink(32, small_items(32, None), 4096, 1, 32, 16, &d).split_target), (132, 528));
         }
     }
 
@@ -929,15 +984,15 @@ mod tests {
         // more target blocks split the reduction finer
         let few = Tuning { shrink_target_blocks: Some(132), ..Default::default() };
         let many = Tuning { shrink_target_blocks: Some(1056), ..Default::default() };
-        assert!(plan_shrink_on_host(64, 4096, 1, 64, 16, &few).ksplit < plan_shrink_on_host(64, 4096, 1, 64, 16, &many).ksplit);
+        assert!(plan_shrink_on_host(64, small_items(64, None), 4096, 1, 64, 16, &few).ksplit < plan_shrink_on_host(64, small_items(64, None), 4096, 1, 64, 16, &many).ksplit);
         if decode_split_from_device(64, &few) {
-            assert_eq!(plan_shrink(64, 4096, 1, 64, 16, &few).split_target, 132);
+            assert_eq!(plan_shrink(64, small_items(64, None), 4096, 1, 64, 16, &few).split_target, 132);
         }
         // a table entry names the split it was timed with (unless the environment forces one)
         if std::env::var("LORAMUX_DECODE_DEVICE_SPLIT").is_err() {
             let on = Tuning { device_split: Some(true), ..few };
             let off = Tuning { device_split: Some(false), ..few };
-            assert_eq!((plan_shrink(16, 4096, 1, 64, 16, &on).split_target, plan_shrink(64, 4096, 1, 64, 16, &off).split_target), (132, 0));
+            assert_eq!((plan_shrink(16, small_items(16, None), 4096, 1, 64, 16, &on).split_target, plan_shrink(64, small_items(64, None), 4096, 1, 64, 16, &off).split_target), (132, 0));
             assert_eq!(plan_fused(16, 4096, 4096, 1, 64, &on).shrink.split_target, 132);
         }
         for k in ExpandKind::ALL {
@@ -950,13 +1005,13 @@ mod tests {
     fn items_bound_covers_every_mapping() {
         // worst case: every slot used, the counts as uneven as the chunk allows
         for &(t, slots) in &[(1, 1), (7, 3), (64, 1), (64, 128), (65, 2), (2048, 8), (2048, 4096), (100, 3)] {
-            let chunk = item_tokens(t);
+            let chunk = item_tokens(small_items(t, None));
             let used = slots.min(t);
             // one slot takes the remainder, the others one token each
             let worst = (t - (used - 1)).div_ceil(chunk) + (used - 1);
-            assert!(max_items(t, slots) >= worst, "{t} {slots}");
-            assert!(max_items(t, slots) <= t.max(1));
-            assert_eq!(segments_len(t, slots), SEG_HEADER + 3 * max_items(t, slots) + t + slots + FUSED_WS_WORDS * MAX_SLICES * max_items(t, slots));
+            assert!(max_items(t, slots, small_items(t, None)) >= worst, "{t} {slots}");
+            assert!(max_items(t, slots, small_items(t, None)) <= t.max(1));
+            assert_eq!(segments_len(t, slots, small_items(t, None)), SEG_HEADER + 3 * max_items(t, slots, small_items(t, None)) + t + slots + FUSED_WS_WORDS * MAX_SLICES * max_items(t, slots, small_items(t, None)));
         }
     }
 
@@ -1035,27 +1090,27 @@ mod tests {
         let c4 = Tuning { expand: Some(ExpandKind::TileC4), ..Default::default() };
         let p16 = Tuning { expand: Some(ExpandKind::Pipe16), ..Default::default() };
         assert!(prefill_is_pipelined(&d) && prefill_is_pipelined(&p16) && !prefill_is_pipelined(&c4));
-        let plan = plan_shrink(2048, 4096, 1, 8, 16, &d);
+        let plan = plan_shrink(2048, small_items(2048, None), 4096, 1, 8, 16, &d);
         // the reduce runs wherever the shrink did not sum u itself: lora_apply asks only when
         // launch::shrink returned no u (the register-staged path, or the pipelined one's fallback)
-        assert!(plan.ksplit > 1 && apply_reduces_first(2048, &plan));
-        assert!(!apply_reduces_first(2048, &ShrinkPlan { ksplit: 1, kchunk: 4096, split_target: 0 }) && !apply_reduces_first(200, &plan));
-        assert_eq!(pipe_expand_tiles(2048, &[4096], &p16), 16);
+        assert!(plan.ksplit > 1 && apply_reduces_first(small_items(2048, None), &plan));
+        assert!(!apply_reduces_first(small_items(2048, None), &ShrinkPlan { ksplit: 1, kchunk: 4096, split_target: 0 }) && !apply_reduces_first(small_items(200, None), &plan));
+        assert_eq!(pipe_expand_tiles(2048, small_items(2048, None), &[4096], &p16), 16);
         // at most 16 splits on the pipelined path (the register-staged one splits to 56 here)
-        let pipe = plan_shrink(512, 14336, 1, 8, 64, &d);
+        let pipe = plan_shrink(512, small_items(512, None), 14336, 1, 8, 64, &d);
         assert!(pipe.ksplit <= 16 && pipe.ksplit * pipe.kchunk >= 14336 && pipe.kchunk % 64 == 0, "{pipe:?}");
-        assert!(plan_shrink(512, 14336, 1, 8, 64, &c4).ksplit > 16);
+        assert!(plan_shrink(512, small_items(512, None), 14336, 1, 8, 64, &c4).ksplit > 16);
         // small items keep the CUDA-core kernels unless chosen; decode batches always do
         if std::env::var("LORAMUX_PIPE_SMALL").is_err() {
-            assert!(!takes_pipelined(200, 16, &d) && takes_pipelined(200, 16, &p16) && !takes_pipelined(64, 64, &p16));
-            assert!(takes_pipelined(200, 64, &d) && !takes_pipelined(200, 128, &d));
+            assert!(!takes_pipelined(200, small_items(200, None), 16, &d) && takes_pipelined(200, small_items(200, None), 16, &p16) && !takes_pipelined(64, small_items(64, None), 64, &p16));
+            assert!(takes_pipelined(200, small_items(200, None), 64, &d) && !takes_pipelined(200, small_items(200, None), 128, &d));
             let o1 = Tuning { expand: Some(ExpandKind::SmallO1), ..Default::default() };
-            assert!(!takes_pipelined(200, 64, &o1));
-            assert!(takes_pipelined(300, 16, &d) && !takes_pipelined(300, 16, &c4));
+            assert!(!takes_pipelined(200, small_items(200, None), 64, &o1));
+            assert!(takes_pipelined(300, small_items(300, None), 16, &d) && !takes_pipelined(300, small_items(300, None), 16, &c4));
         }
-        assert_eq!(pipe_expand_tiles(2048, &[100], &p16), 2); // never past the slice
+        assert_eq!(pipe_expand_tiles(2048, small_items(2048, None), &[100], &p16), 2); // never past the slice
         for &(t, ho, s) in &[(300, 4096, 1), (2048, 4096, 1), (2048, 14336, 2), (8192, 1024, 3)] {
-            let n = pipe_expand_tiles(t, &vec![ho; s], &d);
+            let n = pipe_expand_tiles(t, small_items(t, None), &vec![ho; s], &d);
             assert!(n >= 1 && n <= ho.div_ceil(64) && n <= PIPE_MAX_SPAN_TILES, "{t} {ho} {s}: {n}");
         }
         // two blocks an SM fit at every rank the kernels take (227 KB a block on sm_90, 163 on sm_80)
@@ -1075,21 +1130,21 @@ mod tests {
         // (out sizes, tokens, span): the table's p4 for q|k|v, the old rule's 2 / 8 for one slice
         // and 14 for gate|up at T = 512 (each won its sweep), 14 for the table's p16 at T = 2048
         for &(outs, t, span) in &[(qkv, 512, 4), (qkv, 2048, 4), (o, 512, 2), (o, 2048, 8), (gu, 512, 14), (gu, 2048, 14)] {
-            assert_eq!(pipe_expand_tiles(t, outs, &d), span, "{outs:?} T{t}");
+            assert_eq!(pipe_expand_tiles(t, small_items(t, None), outs, &d), span, "{outs:?} T{t}");
         }
         // every slice's tiles count: the widest slice x slices gave q|k|v 24 tiles at T = 2048
         assert_eq!((64usize * 32 * 3).div_ceil(PIPE_EXPAND_TARGET_BLOCKS), 24);
         // small items keep prefill-6's rule (its spans were measured there)
-        assert_eq!(pipe_expand_tiles(256, gu, &d), (224usize * 32 * 2).div_ceil(PIPE_EXPAND_TARGET_BLOCKS));
+        assert_eq!(pipe_expand_tiles(256, small_items(256, None), gu, &d), (224usize * 32 * 2).div_ceil(PIPE_EXPAND_TARGET_BLOCKS));
         for outs in [&[3584, 512, 512][..], &[18944, 18944], &[5120, 1024, 1024], &[13824, 13824], &[100], &[8, 8, 8]] {
             for t in [257, 300, 512, 1000, 2048, 4096, 8192] {
-                let n = pipe_expand_tiles(t, outs, &d);
+                let n = pipe_expand_tiles(t, small_items(t, None), outs, &d);
                 assert!(n >= 1 && n <= PIPE_RULE_MAX_SPAN && n <= outs.iter().max().unwrap().div_ceil(64), "{outs:?} {t}: {n}");
             }
         }
         // small items of one slot merge into a tile only where chosen (A/B runs)
         if std::env::var("LORAMUX_PIPE_MERGE").is_err() {
-            assert_eq!((pipe_merge_items(65, true), pipe_merge_items(256, false)), (1, 1)); // off unless chosen
+            assert_eq!((pipe_merge_items(65, small_items(65, None), true), pipe_merge_items(256, small_items(256, None), false)), (1, 1)); // off unless chosen
         }
     }
 

@@ -1,0 +1,60 @@
+"""How a step's tokens are cut into work items (rust/src/cuda/plan.rs small_items): decode batches
+in small items, past 256 tokens in 64-token tiles, and in between by the adapter count the host
+knows (StepBatch counts it into BatchMeta.adapters): tiles where the adapters average 32 tokens.
+CPU only: the planner and the segments' length, which tells a launch how its segments were cut."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loramux import _core
+from loramux.ops.step_batch import StepBatch
+
+
+@pytest.fixture(autouse=True)
+def _built_in_rule(monkeypatch):
+    for v in ("LORAMUX_SMALL_ITEMS_MAX_T", "LORAMUX_ITEMS_BY_ADAPTERS", "LORAMUX_SHRINK_TARGET_BLOCKS"):
+        monkeypatch.delenv(v, raising=False)
+
+
+def test_the_adapter_count_decides_between_64_and_256_tokens_only():
+    for t in (1, 16, 64):
+        assert _core.small_items(t, None) and _core.small_items(t, 1)
+    for t in (257, 512, 2048):
+        assert not _core.small_items(t, None) and not _core.small_items(t, 10_000)
+    for t in range(65, 257):
+        assert _core.small_items(t, None)
+        for n in (1, 2, 3, 8, 9, 32, 128):
+            assert _core.small_items(t, n) == (t < 32 * n), (t, n)
+
+
+def test_the_two_layouts_never_share_a_length():
+    for t in range(65, 257, 3):
+        for slots in (1, 7, 64, 255, 256, 300, 4096):
+            tiles = [n for n in (1, 2) if not _core.small_items(t, n)]
+            for n in tiles:
+                assert _core.segments_len(t, slots, n) != _core.segments_len(t, slots), (t, slots, n)
+            # a count that keeps small items keeps the unknown count's layout
+            assert _core.segments_len(t, slots, 128) == _core.segments_len(t, slots)
+
+
+def test_a_tiled_mid_size_batch_plans_as_prefill(monkeypatch):
+    # rank 16 at 256 tokens: CUDA-core small items (their split in 256-element granules) without a
+    # count; one adapter: the tile path, whose split steps 64 at a time and whose partials are summed
+    # before the expand where it splits
+    small = _core.plan_shrink(256, 14336, 1, 8, max_rank=16)
+    tiled = _core.plan_shrink(256, 14336, 1, 8, max_rank=16, adapters=1)
+    assert small != tiled and small[1] % 256 == 0 and tiled[1] % 64 == 0
+    assert not small[2] and tiled[2] == (tiled[0] > 1)
+    monkeypatch.setenv("LORAMUX_ITEMS_BY_ADAPTERS", "0")  # the A/B switch: T alone decides
+    assert _core.small_items(256, 1) and _core.plan_shrink(256, 14336, 1, 8, max_rank=16, adapters=1) == small
+
+
+def test_step_batch_counts_the_adapters_of_its_rows():
+    table = torch.zeros(4, 1, 19, 4, dtype=torch.int64)
+    step = StepBatch(torch.float32, 16)
+    step.set([2, -1, 2, 0], table, torch.zeros(8, dtype=torch.uint8))
+    assert step.meta_for(torch.zeros(4 * 50, 8)).adapters == 2
+    step.set_static(torch.tensor([0, 1], dtype=torch.int32), table, torch.zeros(8, dtype=torch.uint8))
+    assert step.meta_for(torch.zeros(2, 8)).adapters is None  # a captured graph serves any mix
