@@ -1,7 +1,8 @@
 """How a step's tokens are cut into work items (rust/src/cuda/plan.rs small_items): decode batches
-in small items, past 256 tokens in 64-token tiles, and in between by the adapter count the host
-knows (StepBatch counts it into BatchMeta.adapters): tiles where the adapters average 32 tokens.
-CPU only: the planner and the segments' length, which tells a launch how its segments were cut."""
+in small items, past 512 tokens in 64-token tiles, and in between by the adapter count where the
+host knows it (StepBatch counts it into BatchMeta.adapters): tiles where the adapters average 16
+tokens or more; without a count small items up to 256 tokens. CPU only: the planner and the
+segments' length, which tells a launch how its segments were cut."""
 
 from __future__ import annotations
 
@@ -18,25 +19,23 @@ def _built_in_rule(monkeypatch):
         monkeypatch.delenv(v, raising=False)
 
 
-def test_the_adapter_count_decides_between_64_and_256_tokens_only():
+def test_the_adapter_count_decides_between_64_and_512_tokens_only():
     for t in (1, 16, 64):
         assert _core.small_items(t, None) and _core.small_items(t, 1)
-    for t in (257, 512, 2048):
+    for t in (513, 1024, 2048):
         assert not _core.small_items(t, None) and not _core.small_items(t, 10_000)
-    for t in range(65, 257):
-        assert _core.small_items(t, None)
-        for n in (1, 2, 3, 8, 9, 32, 128):
-            assert _core.small_items(t, n) == (t < 32 * n), (t, n)
+    for t in range(65, 513):
+        assert _core.small_items(t, None) == (t <= 256)
+        for n in (1, 2, 3, 8, 9, 16, 17, 32, 33, 128):
+            assert _core.small_items(t, n) == (t < 16 * n), (t, n)
 
 
 def test_the_two_layouts_never_share_a_length():
-    for t in range(65, 257, 3):
-        for slots in (1, 7, 64, 255, 256, 300, 4096):
-            tiles = [n for n in (1, 2) if not _core.small_items(t, n)]
-            for n in tiles:
-                assert _core.segments_len(t, slots, n) != _core.segments_len(t, slots), (t, slots, n)
-            # a count that keeps small items keeps the unknown count's layout
-            assert _core.segments_len(t, slots, 128) == _core.segments_len(t, slots)
+    for t in range(65, 513, 3):
+        for slots in (1, 7, 64, 255, 256, 300, 512, 4096):
+            for n in (1, 2, 8, 64, 128):
+                same = _core.small_items(t, n) == _core.small_items(t, None)
+                assert (_core.segments_len(t, slots, n) == _core.segments_len(t, slots)) == same, (t, slots, n)
 
 
 def test_a_tiled_mid_size_batch_plans_as_prefill(monkeypatch):
@@ -47,8 +46,12 @@ def test_a_tiled_mid_size_batch_plans_as_prefill(monkeypatch):
     tiled = _core.plan_shrink(256, 14336, 1, 8, max_rank=16, adapters=1)
     assert small != tiled and small[1] % 256 == 0 and tiled[1] % 64 == 0
     assert not small[2] and tiled[2] == (tiled[0] > 1)
+    # 512 tokens of 128 adapters: small items, where T alone gives tiles
+    assert _core.plan_shrink(512, 14336, 1, 256, max_rank=16, adapters=128)[1] % 256 == 0
+    assert not _core.plan_shrink(512, 14336, 1, 256, max_rank=16, adapters=128)[2]
     monkeypatch.setenv("LORAMUX_ITEMS_BY_ADAPTERS", "0")  # the A/B switch: T alone decides
     assert _core.small_items(256, 1) and _core.plan_shrink(256, 14336, 1, 8, max_rank=16, adapters=1) == small
+    assert not _core.small_items(512, 128)
 
 
 def test_step_batch_counts_the_adapters_of_its_rows():

@@ -23,27 +23,31 @@ pub fn small_items_max_t() -> usize {
 /// pipelined ones where chosen) rather than tensor-core tiles: decided once per step, when its
 /// segments are built, and every launch of the step plans with the same answer. `adapters`: the
 /// distinct adapter slots among the tokens where the host knows them (StepBatch does), None where
-/// it does not (a captured graph serves any mix): a mid-size batch whose adapters average
-/// TILE_TOKENS_PER_ADAPTER tokens or more is cut into tiles then.
+/// it does not (a captured graph serves any mix: T alone decides, small items up to
+/// SMALL_ITEMS_MAX_T). With the count, a batch of 65..=ITEMS_BY_ADAPTERS_MAX_T tokens is cut into
+/// tiles where its adapters average TILE_TOKENS_PER_ADAPTER tokens or more, else into small items.
 pub fn small_items(tokens: usize, adapters: Option<usize>) -> bool {
     if tokens <= TILE_T {
         return true;
     }
-    if tokens > small_items_max_t() {
-        return false;
-    }
     match adapters {
-        Some(n) if items_follow_adapters() => tokens < TILE_TOKENS_PER_ADAPTER * n.max(1),
-        _ => true,
+        Some(n) if tokens <= ITEMS_BY_ADAPTERS_MAX_T && items_follow_adapters() => tokens < TILE_TOKENS_PER_ADAPTER * n.max(1),
+        _ => tokens <= small_items_max_t(),
     }
 }
 
-/// Tokens an adapter must average for a batch of 65..=SMALL_ITEMS_MAX_T tokens to be cut into
-/// tensor-core tiles. Measured on the H200 (docs/kernel-notes.md, "T = 256 items by adapter count";
-/// ops.py, same run, both orders, T = 256): tiles were 1.39-2.34x faster with one adapter and
-/// 1.06-1.88x with 8 (32 tokens each) on 4096->4096, 4096->14336 and 14336->4096 at ranks 16 and 64;
-/// with 32 adapters (8 tokens each) 0.58-0.94x and with 128 0.39-0.90x: small items stay there.
-pub const TILE_TOKENS_PER_ADAPTER: usize = 32;
+/// Tokens an adapter must average for a batch whose adapter count is known to be cut into
+/// tensor-core tiles. Measured on the H200 (docs/kernel-notes.md, items8; ops.py, same runs, both
+/// orders, 4096->4096, 4096->14336, 14336->4096 at ranks 16 and 64), tiles against small items:
+/// T = 256: 1.39-2.34x faster at 1 adapter, 1.06-1.88x at 8 (32 tokens each), 0.58-0.94x at 32 (8
+/// each), 0.39-0.90x at 128; T = 512: 1.9-3.4x at 1 and 8, 1.1-1.8x at 32 (16 each), 0.55-1.06x at
+/// 128 (4 each); T = 128, one adapter: 0.84-1.69x (geomean 1.14x). Between 8 and 16 tokens an adapter
+/// was not measured.
+pub const TILE_TOKENS_PER_ADAPTER: usize = 16;
+
+/// Largest batch the adapter count may keep on small items: at T = 2048 tiles won at every count
+/// measured (small items 0.24-0.72x, 128 adapters of 16 tokens included).
+pub const ITEMS_BY_ADAPTERS_MAX_T: usize = 512;
 
 /// `LORAMUX_ITEMS_BY_ADAPTERS=0` ignores the host's adapter count (A/B runs): T alone decides.
 fn items_follow_adapters() -> bool {
@@ -201,13 +205,13 @@ pub fn grid_items(tokens: usize, num_slots: usize, small: bool) -> usize {
 
 /// int32 elements of the segments buffer: header, three item arrays, token list, slot scratch,
 /// the fused decode kernel's workspace (a ticket and a completion count per slice and item). A
-/// mid-size batch cut into tiles (`small_items`) gets one unused word more: where slots outnumber
-/// tokens both layouts would otherwise have one length, and the length is what tells a launch that
-/// its segments were cut the way it plans (kernels.py checks it).
+/// batch cut otherwise than T alone would cut it (`small_items` with the adapter count) gets one
+/// unused word more: where slots outnumber tokens both layouts would otherwise have one length, and
+/// the length is what tells a launch that its segments were cut the way it plans (kernels.py checks it).
 pub fn segments_len(tokens: usize, num_slots: usize, small: bool) -> usize {
     let m = max_items(tokens, num_slots, small);
-    let tiles_word = usize::from(!small && tokens <= small_items_max_t());
-    SEG_HEADER + 3 * m + tokens + num_slots + FUSED_WS_WORDS * MAX_SLICES * m + tiles_word
+    let by_count_word = usize::from(small != small_items(tokens, None));
+    SEG_HEADER + 3 * m + tokens + num_slots + FUSED_WS_WORDS * MAX_SLICES * m + by_count_word
 }
 
 pub const SEG_HEADER: usize = 4;
@@ -875,20 +879,21 @@ mod tests {
     }
 
     #[test]
-    fn mid_size_batches_are_cut_into_tiles_where_adapters_average_32_tokens() {
+    fn mid_size_batches_are_cut_by_their_adapter_count() {
         if ["LORAMUX_SMALL_ITEMS_MAX_T", "LORAMUX_ITEMS_BY_ADAPTERS"].iter().any(|v| std::env::var(v).is_ok()) {
             return;
         }
         // unknown adapter count (a captured graph): T alone decides, as before
         assert!(small_items(64, None) && small_items(256, None) && !small_items(257, None));
-        // decode batches stay on small items, past SMALL_ITEMS_MAX_T tiles whatever the count
-        assert!(small_items(64, Some(1)) && !small_items(300, Some(128)));
-        assert!(!small_items(256, Some(1)) && !small_items(256, Some(8)) && small_items(256, Some(9)));
-        assert!(!small_items(128, Some(4)) && small_items(128, Some(5)) && small_items(65, Some(3)));
+        // decode batches stay on small items, past ITEMS_BY_ADAPTERS_MAX_T tiles whatever the count
+        assert!(small_items(64, Some(1)) && !small_items(513, Some(100_000)) && !small_items(2048, Some(512)));
+        assert!(!small_items(256, Some(1)) && !small_items(256, Some(16)) && small_items(256, Some(17)));
+        assert!(!small_items(512, Some(32)) && small_items(512, Some(33)) && small_items(300, Some(128)));
+        assert!(!small_items(128, Some(8)) && small_items(128, Some(9)) && small_items(65, Some(5)));
         assert!(!small_items(65, Some(0)), "no adapter counts as one");
         // the two layouts of one batch never have one length (a mismatch is caught by it)
-        for t in 65..=SMALL_ITEMS_MAX_T {
-            for slots in (1..600).step_by(7) {
+        for t in 65..=ITEMS_BY_ADAPTERS_MAX_T {
+            for slots in (1..900).step_by(7) {
                 assert_ne!(segments_len(t, slots, false), segments_len(t, slots, true), "T{t} slots {slots}");
             }
         }
