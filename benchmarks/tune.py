@@ -124,8 +124,10 @@ def measure_count(hi, sizes, mids, r, tokens, n, l2, envs):
     x = torch.randn(tokens, hi, device=DEV, dtype=DT)
     y0 = 0.1 * torch.randn(tokens, ho, device=DEV, dtype=DT)
     sots = [torch.tensor([k * n + a for a in adapter_of], dtype=torch.int32, device=DEV) for k in range(nset)]
+    # the adapter count a StepBatch passes (it decides the item layout of 65..512-token batches)
+    used = len(set(adapter_of))
     metas = [BatchMeta(table=table, pool=a_all.view(torch.uint8).view(-1), dtype=DT, slot_of_token=s, max_rank=r,
-                       segments=kernels.segments(s, slots)) for s in sots]
+                       segments=kernels.segments(s, slots, used), adapters=used) for s in sots]
     # fp32 reference on set 0
     ref = y0.float().clone()
     for a in sorted(set(adapter_of)):
