@@ -177,6 +177,7 @@ def main():
     ap.add_argument("--orders", default=",".join(ORDERS))
     ap.add_argument("--commit", default="", help="the source commit, recorded for readme_table.py")
     ap.add_argument("--tokens", default="", help="comma-separated token counts replacing the grid's")
+    ap.add_argument("--adapters", default="", help="comma-separated adapter counts replacing the grid's")
     ap.add_argument("--ab", action="append", default=[], help="NAME=VALUE,...: also time each case past the small items "
                     "under this environment (e.g. LORAMUX_PREFILL=legacy), recorded as ab_us; given again, each "
                     "further one in ab_more")
@@ -198,6 +199,7 @@ def main():
     else:
         shapes, ranks, adapters, tokens = GRIDS[args.grid]
         tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else tokens
+        adapters = [int(n) for n in args.adapters.split(",")] if args.adapters else adapters
         cases = [((hi, ho, r, n), tokens) for hi, ho in shapes for r in ranks for n in adapters]
     ab_env = [dict(kv.split("=", 1) for kv in ab.split(",") if kv) for ab in args.ab if ab] or None
     ab_small_env = [dict(kv.split("=", 1) for kv in args.ab_small.split(",") if kv)] if args.ab_small else None

@@ -1,7 +1,7 @@
 """How a step's tokens are cut into work items (rust/src/cuda/plan.rs small_items): decode batches
 in small items, past 512 tokens in 64-token tiles, and in between by the adapter count where the
-host knows it (StepBatch counts it into BatchMeta.adapters): tiles where the adapters average 16
-tokens or more; without a count small items up to 256 tokens. CPU only: the planner and the
+host knows it (StepBatch counts it into BatchMeta.adapters): small items where the adapters average
+8 tokens or fewer, else tiles; without a count small items up to 256 tokens. CPU only: the planner and the
 segments' length, which tells a launch how its segments were cut."""
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ def test_the_adapter_count_decides_between_64_and_512_tokens_only():
         assert not _core.small_items(t, None) and not _core.small_items(t, 10_000)
     for t in range(65, 513):
         assert _core.small_items(t, None) == (t <= 256)
-        for n in (1, 2, 3, 8, 9, 16, 17, 32, 33, 128):
-            assert _core.small_items(t, n) == (t < 16 * n), (t, n)
+        for n in (1, 2, 3, 8, 9, 15, 16, 17, 31, 32, 33, 64, 128):
+            assert _core.small_items(t, n) == (t <= 8 * n), (t, n)
 
 
 def test_the_two_layouts_never_share_a_length():

@@ -24,26 +24,26 @@ pub fn small_items_max_t() -> usize {
 /// segments are built, and every launch of the step plans with the same answer. `adapters`: the
 /// distinct adapter slots among the tokens where the host knows them (StepBatch does), None where
 /// it does not (a captured graph serves any mix: T alone decides, small items up to
-/// SMALL_ITEMS_MAX_T). With the count, a batch of 65..=ITEMS_BY_ADAPTERS_MAX_T tokens is cut into
-/// tiles where its adapters average TILE_TOKENS_PER_ADAPTER tokens or more, else into small items.
+/// SMALL_ITEMS_MAX_T). With the count, a batch of 65..=ITEMS_BY_ADAPTERS_MAX_T tokens stays on small
+/// items where its adapters average SMALL_ITEM_TOKENS_PER_ADAPTER tokens or fewer, else tiles.
 pub fn small_items(tokens: usize, adapters: Option<usize>) -> bool {
     if tokens <= TILE_T {
         return true;
     }
     match adapters {
-        Some(n) if tokens <= ITEMS_BY_ADAPTERS_MAX_T && items_follow_adapters() => tokens < TILE_TOKENS_PER_ADAPTER * n.max(1),
+        Some(n) if tokens <= ITEMS_BY_ADAPTERS_MAX_T && items_follow_adapters() => tokens <= SMALL_ITEM_TOKENS_PER_ADAPTER * n.max(1),
         _ => tokens <= small_items_max_t(),
     }
 }
 
-/// Tokens an adapter must average for a batch whose adapter count is known to be cut into
-/// tensor-core tiles. Measured on the H200 (docs/kernel-notes.md, items8; ops.py, same runs, both
-/// orders, 4096->4096, 4096->14336, 14336->4096 at ranks 16 and 64), tiles against small items:
-/// T = 256: 1.39-2.34x faster at 1 adapter, 1.06-1.88x at 8 (32 tokens each), 0.58-0.94x at 32 (8
-/// each), 0.39-0.90x at 128; T = 512: 1.9-3.4x at 1 and 8, 1.1-1.8x at 32 (16 each), 0.55-1.06x at
-/// 128 (4 each); T = 128, one adapter: 0.84-1.69x (geomean 1.14x). Between 8 and 16 tokens an adapter
-/// was not measured.
-pub const TILE_TOKENS_PER_ADAPTER: usize = 16;
+/// Most tokens an adapter may average for a batch whose adapter count is known to stay on small
+/// items. Measured on the H200 (docs/kernel-notes.md, items8; ops.py, same runs, 4096->4096,
+/// 4096->14336, 14336->4096 at ranks 16 and 64), tiles against small items by tokens an adapter:
+/// T = 256: 256 (1 adapter) 1.39-2.34x faster, 32 1.06-1.88x, 21 and 16 1.26x / 1.15x geomean, 8
+/// 0.58-0.94x, 2 0.39-0.90x; T = 512: 512 and 64 1.9-3.4x, 16 1.1-1.8x, 12.8 and 10.7 1.45x / 1.47x
+/// geomean (small items' r64 rows up to 2.4x slower there), 8 0.84x, 4 0.75x; T = 128, one adapter:
+/// 0.84-1.69x (geomean 1.14x). Every measured case takes the faster layout under `<= 8`.
+pub const SMALL_ITEM_TOKENS_PER_ADAPTER: usize = 8;
 
 /// Largest batch the adapter count may keep on small items: at T = 2048 tiles won at every count
 /// measured (small items 0.24-0.72x, 128 adapters of 16 tokens included).
@@ -887,9 +887,9 @@ mod tests {
         assert!(small_items(64, None) && small_items(256, None) && !small_items(257, None));
         // decode batches stay on small items, past ITEMS_BY_ADAPTERS_MAX_T tiles whatever the count
         assert!(small_items(64, Some(1)) && !small_items(513, Some(100_000)) && !small_items(2048, Some(512)));
-        assert!(!small_items(256, Some(1)) && !small_items(256, Some(16)) && small_items(256, Some(17)));
-        assert!(!small_items(512, Some(32)) && small_items(512, Some(33)) && small_items(300, Some(128)));
-        assert!(!small_items(128, Some(8)) && small_items(128, Some(9)) && small_items(65, Some(5)));
+        assert!(!small_items(256, Some(1)) && !small_items(256, Some(31)) && small_items(256, Some(32)));
+        assert!(!small_items(512, Some(48)) && small_items(512, Some(64)) && small_items(300, Some(128)));
+        assert!(!small_items(128, Some(15)) && small_items(128, Some(16)) && small_items(65, Some(9)));
         assert!(!small_items(65, Some(0)), "no adapter counts as one");
         // the two layouts of one batch never have one length (a mismatch is caught by it)
         for t in 65..=ITEMS_BY_ADAPTERS_MAX_T {
