@@ -17,7 +17,9 @@ __all__ = ["Choice", "TOKEN_BUCKETS", "RANK_BUCKETS", "token_bucket", "rank_buck
 TABLE_PATH = pathlib.Path(__file__).with_name("launch_table.json")
 #: a bucket holds the token counts above the previous bound up to its own; past the last: the last.
 #: The bounds follow the kernels' paths: <= 64 may take the flat decode expand, <= 256 the
-#: small-item kernels, above that the tensor-core tiles (rust/src/cuda/plan.rs).
+#: small-item kernels, above that the tensor-core tiles (rust/src/cuda/plan.rs); where a batch's
+#: adapter count moves a 65..512-token batch to the other layout (small_items), it keeps its token
+#: bucket's entry (what the same-run A/B of that rule measured).
 TOKEN_BUCKETS = (1, 16, 64, 256, 512, 2048)
 RANK_BUCKETS = (16, 32, 64, 128)
 #: LORAMUX_TUNING=off ignores the table (the built-in rules decide): for A/B runs;

@@ -172,7 +172,7 @@ fn plan_shrink(
 }
 
 /// int32 elements of the token-segments buffer for `tokens` tokens over `num_slots` slots
-/// (`adapters`: the distinct slots among them where known, which may cut them into larger items).
+/// (`adapters`: the distinct slots among them where known, which may change how they are cut into items).
 #[pyfunction]
 #[pyo3(signature = (tokens, num_slots, adapters=None))]
 fn segments_len(tokens: usize, num_slots: usize, adapters: Option<usize>) -> usize {

@@ -8,7 +8,8 @@ use super::launch::MAX_SLICES;
 pub const TILE_T: usize = 64;
 
 /// Batches up to this many tokens take the CUDA-core kernels over small work items (8 tokens of
-/// one adapter): with many adapters a mid-size batch gives each only a few tokens, which a 64-token
+/// one adapter) where the host gave no adapter count (`small_items`; with one, the count decides up
+/// to ITEMS_BY_ADAPTERS_MAX_T): with many adapters a mid-size batch gives each only a few tokens, which a 64-token
 /// tensor-core tile would mostly pad. Measured on the H200 (docs/kernel-notes.md, passes 2-3):
 /// at T=256 small items win for 1, 32 and 128 adapters (4096->4096: 21/23/58 us vs 23/38/117 on
 /// tiles) except one adapter into 14336 columns (41 vs 29); at T=512 tiles win unless the batch
@@ -624,7 +625,7 @@ pub fn prefill_is_pipelined(tuning: &Tuning) -> bool {
     }
 }
 
-/// Whether a batch of the small-item path (65..=SMALL_ITEMS_MAX_T tokens) runs the pipelined
+/// Whether a batch of the small-item path (65..=ITEMS_BY_ADAPTERS_MAX_T tokens, `small_items`) runs the pipelined
 /// tensor-core kernels over its items of 8 tokens instead of the CUDA-core ones.
 /// `LORAMUX_PIPE_SMALL=1|0` forces it for A/B runs; else a tuning table's choice (p / p4 / p16:
 /// pipelined, o1 / o1w / o4: CUDA cores); else ranks PIPE_SMALL_RANKS take it. Measured on the H200
