@@ -26,6 +26,18 @@ __device__ __forceinline__ void pf_cp16(void* dst, const void* src, bool valid) 
                  "r"(valid ? 16 : 0)
                  : "memory");
 }
+// the same copy to a shared address already converted (pf_smem_addr once an item, not once a copy)
+__device__ __forceinline__ void pf_cp16_sa(u32 dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0) : "memory");
+}
+// Four 8x8 matrices of 16-bit values out of shared memory in one instruction: lane l names row
+// l % 8 of matrix l / 8 (16 bytes), and gets in out[m] its pair of matrix m in the mma fragment
+// layout (row l / 4, columns 2 (l % 4) and + 1): what four 32-bit loads a matrix fetched before.
+__device__ __forceinline__ void pf_ldsm4(u32 out[4], u32 row_addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(out[0]), "=r"(out[1]), "=r"(out[2]), "=r"(out[3])
+                 : "r"(row_addr));
+}
 __device__ __forceinline__ void pf_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int N>
 __device__ __forceinline__ void pf_wait() {
@@ -114,7 +126,7 @@ __device__ __forceinline__ void usum_groups(const float* part, float* u, const i
 #define PF_USUM_RULE 0
 #define PF_USUM_SERIAL 1
 #define PF_USUM_FLOAT4 2
-template <bool BF16, int USUM>
+template <bool BF16, int USUM, bool LEAN>
 __device__ void shrink_pipe(const ShrinkArgs& p) {
     extern __shared__ __align__(16) unsigned char pf_dyn[];
     __shared__ int tokens[LMX_TILE_T];
@@ -150,7 +162,61 @@ __device__ void shrink_pipe(const ShrinkArgs& p) {
         const bool avec = (reinterpret_cast<u64>(e.a) & 15) == 0;
         // k-step j of x (the item's tokens) and A (its rank rows) into ring stage j % STAGES; one
         // commit group a call, empty past the last step, so the waits below count uniformly.
+        // LDSM: this thread's copies are the same rows every k-step (x rows r0 and r0 + 32 of the
+        // tile, A rows r0 + 32q, columns cc..cc+7), so their sources and shared offsets are set
+        // once an item and a k-step only adds k0: the per-copy index arithmetic was a third of the
+        // loop's instructions (ncu, T = 2048 rank 64).
+        const int cc0 = (tid & 7) * 8, r0 = tid >> 3;
+        const u16* x_row[2];
+#pragma unroll
+        for (int q = 0; q < 2; ++q)
+            x_row[q] = r0 + 32 * q < nt ? p.x + (long long)tokens[r0 + 32 * q] * p.x_stride + k_begin + cc0 : nullptr;
+        const u16* a_row = e.a + (long long)r0 * p.hi + k_begin + cc0;
+        const long long a_rows32 = 32LL * p.hi;
+        const u32 ring_sa = pf_smem_addr(ring);
+        // this warp's rank tiles nbase, nbase + 2, ... (< ntile8) by pairs, an ldmatrix a pair:
+        // lanes 16..31 name the pair's second tile (the first again where it has none); byte
+        // offsets in an A tile, set once an item
+        const int b_tiles = ntile8 > nbase ? (ntile8 - nbase + 1) / 2 : 0;
+        const int b_pairs = (b_tiles + 1) / 2;
+        const u32 b_lane = (u32)(((nbase * 8 + (lane & 7)) * PF_PITCH + ((lane >> 3) & 1) * 8) * 2);
+        const u32 b_second = (lane & 16) ? 16 * PF_PITCH * 2 : 0;  // two tiles on
+        const u32 b_second_last = (b_tiles & 1) ? 0 : b_second;
+        auto issue_lean = [&](int j) {
+            if (j < nsteps) {
+                const u32 xs = ring_sa + (u32)((j % PF_SHRINK_STAGES) * stage_halves * 2);
+                const u32 as = xs + LMX_TILE_T * PF_PITCH * 2;
+                const int kj = j * PF_KSTEP;
+                const bool kin = k_begin + kj + cc0 < k_end;
+#pragma unroll
+                for (int q = 0; q < 2; ++q) {
+                    const bool ok = kin && x_row[q] != nullptr;
+                    pf_cp16_sa(xs + ((r0 + 32 * q) * PF_PITCH + cc0) * 2, ok ? x_row[q] + kj : p.x, ok);
+                }
+#pragma unroll
+                for (int q = 0; q < 4; ++q) {
+                    const int r = r0 + 32 * q;
+                    if (r < nrows_a) {
+                        const bool ok = kin && r < R;
+                        const u16* src = a_row + q * a_rows32 + kj;
+                        if (avec) {
+                            pf_cp16_sa(as + (r * PF_PITCH + cc0) * 2, ok ? src : e.a, ok);
+                        } else {  // an unaligned adapter row: plain loads, visible after the step's barrier
+                            u16 v[8];
+#pragma unroll
+                            for (int i = 0; i < 8; ++i) v[i] = (ok && k_begin + kj + cc0 + i < k_end) ? src[i] : (u16)0;
+                            *reinterpret_cast<uint4*>(ring + (j % PF_SHRINK_STAGES) * stage_halves + (LMX_TILE_T + r) * PF_PITCH + cc0) = pack8(v);
+                        }
+                    }
+                }
+            }
+            pf_commit();
+        };
         auto issue = [&](int j) {
+            if (LEAN) {
+                issue_lean(j);
+                return;
+            }
             if (j < nsteps) {
                 u16* xs = ring + (j % PF_SHRINK_STAGES) * stage_halves;
                 u16* as = xs + LMX_TILE_T * PF_PITCH;
@@ -189,7 +255,27 @@ __device__ void shrink_pipe(const ShrinkArgs& p) {
             issue(j + PF_SHRINK_STAGES - 1);
             const u16* xs = ring + (j % PF_SHRINK_STAGES) * stage_halves;
             const u16* as = xs + LMX_TILE_T * PF_PITCH;
-            if (mt * 16 < nt) {
+            if (LEAN && mt * 16 < nt) {
+                // x rows mt*16 + (lane & 15), columns kk + 8 (lane >> 4): the A fragment in one
+                // ldmatrix; A rows of tiles nb and nb + 2 (lanes 16..31), columns kk + 8 ((lane >> 3) & 1)
+                const u32 xs_sa = ring_sa + (u32)((j % PF_SHRINK_STAGES) * stage_halves * 2);
+                const u32 as_sa = xs_sa + LMX_TILE_T * PF_PITCH * 2;
+                const u32 x_lane = xs_sa + ((mt * 16 + (lane & 15)) * PF_PITCH + (lane >> 4) * 8) * 2;
+#pragma unroll
+                for (int kk = 0; kk < PF_KSTEP; kk += 16) {
+                    u32 af[4];
+                    pf_ldsm4(af, x_lane + kk * 2);
+#pragma unroll
+                    for (int q = 0; q < 4; ++q) {
+                        if (q < b_pairs) {
+                            u32 bf[4];
+                            pf_ldsm4(bf, as_sa + b_lane + q * 32 * PF_PITCH * 2 + (q + 1 < b_pairs ? b_second : b_second_last) + kk * 2);
+                            mma16816<BF16>(acc[2 * q], af, bf);
+                            if (2 * q + 1 < b_tiles) mma16816<BF16>(acc[2 * q + 1], af, bf + 2);
+                        }
+                    }
+                }
+            } else if (mt * 16 < nt) {
 #pragma unroll
                 for (int kk = 0; kk < PF_KSTEP; kk += 16) {
                     u32 af[4];
@@ -266,7 +352,7 @@ __device__ void shrink_pipe(const ShrinkArgs& p) {
 // token rows 16*(w&3).. and columns 32*(w>>2)..+32 of each tile; the sum goes back into the y
 // tile in shared memory, then out in 16-byte stores. Dynamic shared memory: u (64 x rank pitch)
 // then STAGES x (B tile 64 x rank pitch, y tile 64 x PF_PITCH) halves.
-template <bool BF16, int STAGES>
+template <bool BF16, int STAGES, bool LEAN>
 __device__ void expand_pipe(const ExpandArgs& p) {
     extern __shared__ __align__(16) unsigned char pf_dyn[];
     __shared__ int tokens[LMX_TILE_T];
@@ -299,8 +385,58 @@ __device__ void expand_pipe(const ExpandArgs& p) {
         const int rk = (R + 15) & ~15;  // K padded to the mma's 16 with zeros
         const int bchunks = rk / 8;
         const bool bvec = (R % 8 == 0) && ((reinterpret_cast<u64>(e.b) & 15) == 0);
+        // LDSM: this thread's copies are the same rows and columns of every tile, set once an
+        // item: y rows r0 and r0 + 32 at column cc0 (its stores too), B chunks tid + 256q as
+        // (row, rank) packed in an int (-1: none), so a tile adds o0 and divides nothing.
+        const int cc0 = (tid & 7) * 8, r0 = tid >> 3;
+        u16* y_row[2];
+#pragma unroll
+        for (int q = 0; q < 2; ++q)
+            y_row[q] = r0 + 32 * q < nt ? p.y + (long long)tokens[r0 + 32 * q] * p.y_stride + off + cc0 : nullptr;
+        u64 b_chunks = 0;  // 16 bits a chunk: row (6 bits), rank / 8 (4 bits); 0xffff none
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            const int idx = tid + q * LMX_THREADS;
+            b_chunks |= (u64)(idx < PF_OTILE * bchunks ? (idx / bchunks) | (idx % bchunks) << 6 : 0xffff) << (16 * q);
+        }
+        const u32 ring_sa = pf_smem_addr(ring);
+        auto issue_lean = [&](int j, int stage) {
+            if (j < ntiles) {
+                const u32 bs = ring_sa + (u32)(stage * stage_halves * 2);
+                const u32 ys = bs + PF_OTILE * bpitch * 2;
+                const int o0 = ob + j * PF_OTILE;
+#pragma unroll
+                for (int q = 0; q < 4; ++q) {
+                    const u32 chunk = (u32)(b_chunks >> (16 * q)) & 0xffffu;
+                    if (chunk != 0xffffu) {
+                        const int o = chunk & 63, r = (chunk >> 6) * 8;
+                        const u16* src = e.b + (long long)(o0 + o) * R + r;
+                        if (bvec) {
+                            const bool ok = o0 + o < ho && r < R;
+                            pf_cp16_sa(bs + (o * bpitch + r) * 2, ok ? src : e.b, ok);
+                        } else {  // odd rank or unaligned B: plain loads, visible after the tile's barrier
+                            u16 v[8];
+#pragma unroll
+                            for (int i = 0; i < 8; ++i) v[i] = (o0 + o < ho && r + i < R) ? src[i] : (u16)0;
+                            *reinterpret_cast<uint4*>(ring + stage * stage_halves + o * bpitch + r) = pack8(v);
+                        }
+                    }
+                }
+                const bool cin = o0 + cc0 < ho;
+#pragma unroll
+                for (int q = 0; q < 2; ++q) {
+                    const bool ok = cin && y_row[q] != nullptr;
+                    pf_cp16_sa(ys + ((r0 + 32 * q) * PF_PITCH + cc0) * 2, ok ? y_row[q] + o0 : p.y, ok);
+                }
+            }
+            pf_commit();
+        };
         // tile j into ring stage `stage` (= j % STAGES, kept by the caller: no division in the loop)
         auto issue = [&](int j, int stage) {
+            if (LEAN) {
+                issue_lean(j, stage);
+                return;
+            }
             if (j < ntiles) {
                 u16* bs = ring + stage * stage_halves;
                 u16* ys = bs + PF_OTILE * bpitch;
@@ -334,6 +470,35 @@ __device__ void expand_pipe(const ExpandArgs& p) {
             pdl_wait();
             waited = true;
         }
+        const int mr = p.table.max_rank;
+        if (LEAN && p.ksplit == 1 && (mr & 3) == 0 && (reinterpret_cast<u64>(p.partial) & 15) == 0) {
+            // u written once (ksplit 1): a float4 of ranks a load, a thread's loads all in flight
+            // before its stores (the element loop was up to 32 dependent trips a thread, a third
+            // of the expand's stall samples at T = 2048 rank 64). 0 + v as the loop below adds.
+            const float* u = p.partial + (long long)s * p.T * mr;
+            const int rq = rk >> 2;
+            const int groups = LMX_TILE_T * rq;
+            for (int g0 = tid; g0 < groups; g0 += 4 * LMX_THREADS) {
+                float4 v[4];
+#pragma unroll
+                for (int q = 0; q < 4; ++q) {
+                    const int g = g0 + q * LMX_THREADS, i = g / rq, r = (g % rq) * 4;
+                    v[q] = g < groups && i < nt && r < R ? __ldcg(reinterpret_cast<const float4*>(u + (long long)tokens[i] * mr + r))
+                                                         : make_float4(0.f, 0.f, 0.f, 0.f);
+                }
+#pragma unroll
+                for (int q = 0; q < 4; ++q) {
+                    const int g = g0 + q * LMX_THREADS, i = g / rq, r = (g % rq) * 4;
+                    if (g < groups) {
+                        const float w[4] = {v[q].x, v[q].y, v[q].z, v[q].w};
+                        u16 h[4];
+#pragma unroll
+                        for (int c = 0; c < 4; ++c) h[c] = from_f32<BF16>(r + c < R ? 0.f + w[c] : 0.f);
+                        *reinterpret_cast<uint2*>(us + i * bpitch + r) = make_uint2(pack2(h[0], h[1]), pack2(h[2], h[3]));
+                    }
+                }
+            }
+        } else
         for (int idx = tid; idx < LMX_TILE_T * rk; idx += LMX_THREADS) {
             const int i = idx / rk, r = idx % rk;
             float v = 0.f;
@@ -347,7 +512,12 @@ __device__ void expand_pipe(const ExpandArgs& p) {
         }
         __syncthreads();
         u32 af[EXPAND_PIPE_KSTEPS][4];
-        {
+        if (LEAN) {  // u rows mt*16 + (lane & 15), columns k*16 + 8 (lane >> 4): a fragment an ldmatrix
+            const u32 u_lane = pf_smem_addr(us) + ((mt * 16 + (lane & 15)) * bpitch + (lane >> 4) * 8) * 2;
+#pragma unroll
+            for (int k = 0; k < EXPAND_PIPE_KSTEPS; ++k)
+                if (k * 16 < rk) pf_ldsm4(af[k], u_lane + k * 32);
+        } else {
             const int r0 = mt * 16 + gq;
 #pragma unroll
             for (int k = 0; k < EXPAND_PIPE_KSTEPS; ++k) {
@@ -370,6 +540,24 @@ __device__ void expand_pipe(const ExpandArgs& p) {
                 float acc[4][4];
 #pragma unroll
                 for (int i = 0; i < 4; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+                if (LEAN) {
+                    // B rows nh*32 + 8i + (lane & 7) (tiles i, i + 1: lanes 16..31), columns
+                    // k*16 + 8 ((lane >> 3) & 1): two tiles' fragments an ldmatrix
+                    const u32 b_lane = ring_sa + (u32)(stage * stage_halves * 2) +
+                                       ((nh * 32 + ((lane >> 4) & 1) * 8 + (lane & 7)) * bpitch + ((lane >> 3) & 1) * 8) * 2;
+#pragma unroll
+                    for (int k = 0; k < EXPAND_PIPE_KSTEPS; ++k) {
+                        if (k * 16 < rk) {
+#pragma unroll
+                            for (int i = 0; i < 4; i += 2) {
+                                u32 bf[4];
+                                pf_ldsm4(bf, b_lane + (i * 8 * bpitch + k * 16) * 2);
+                                mma16816<BF16>(acc[i], af[k], bf);
+                                mma16816<BF16>(acc[i + 1], af[k], bf + 2);
+                            }
+                        }
+                    }
+                } else
 #pragma unroll
                 for (int k = 0; k < EXPAND_PIPE_KSTEPS; ++k) {
                     if (k * 16 < rk) {
@@ -406,6 +594,12 @@ __device__ void expand_pipe(const ExpandArgs& p) {
                 }
             }
             __syncthreads();
+            if (LEAN) {
+#pragma unroll
+                for (int q = 0; q < 2; ++q)
+                    if (y_row[q] != nullptr && o0 + cc0 < ho)
+                        *reinterpret_cast<uint4*>(y_row[q] + o0) = *reinterpret_cast<const uint4*>(ys + (r0 + 32 * q) * PF_PITCH + cc0);
+            } else
 #pragma unroll
             for (int q = 0; q < (LMX_TILE_T * 8) / LMX_THREADS; ++q) {
                 const int idx = tid + q * LMX_THREADS;
@@ -420,11 +614,19 @@ __device__ void expand_pipe(const ExpandArgs& p) {
     }
 }
 
-extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_shrink_bf16(const ShrinkArgs p) { shrink_pipe<true, PF_USUM_RULE>(p); }
-extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_shrink_f16(const ShrinkArgs p) { shrink_pipe<false, PF_USUM_RULE>(p); }
-extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_shrink_bf16_serial(const ShrinkArgs p) { shrink_pipe<true, PF_USUM_SERIAL>(p); }
-extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_shrink_f16_serial(const ShrinkArgs p) { shrink_pipe<false, PF_USUM_SERIAL>(p); }
-extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_shrink_bf16_f4(const ShrinkArgs p) { shrink_pipe<true, PF_USUM_FLOAT4>(p); }
-extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_shrink_f16_f4(const ShrinkArgs p) { shrink_pipe<false, PF_USUM_FLOAT4>(p); }
-extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_expand_bf16(const ExpandArgs p) { expand_pipe<true, PF_EXPAND_STAGES>(p); }
-extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_expand_f16(const ExpandArgs p) { expand_pipe<false, PF_EXPAND_STAGES>(p); }
+// The default kernels take their mma fragments by ldmatrix and their copies from addresses set once
+// an item (LEAN); `_lds32` the 32-bit shared loads and per-copy index arithmetic of prefill-5..7,
+// kept for A/B runs (`LORAMUX_PIPE_FRAGMENTS=lds32`). Both multiply the same fragments in the same
+// order: bit for bit equal.
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_shrink_bf16(const ShrinkArgs p) { shrink_pipe<true, PF_USUM_RULE, true>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_shrink_f16(const ShrinkArgs p) { shrink_pipe<false, PF_USUM_RULE, true>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_shrink_bf16_serial(const ShrinkArgs p) { shrink_pipe<true, PF_USUM_SERIAL, true>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_shrink_f16_serial(const ShrinkArgs p) { shrink_pipe<false, PF_USUM_SERIAL, true>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_shrink_bf16_f4(const ShrinkArgs p) { shrink_pipe<true, PF_USUM_FLOAT4, true>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_shrink_f16_f4(const ShrinkArgs p) { shrink_pipe<false, PF_USUM_FLOAT4, true>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_shrink_bf16_lds32(const ShrinkArgs p) { shrink_pipe<true, PF_USUM_RULE, false>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_shrink_f16_lds32(const ShrinkArgs p) { shrink_pipe<false, PF_USUM_RULE, false>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_expand_bf16(const ExpandArgs p) { expand_pipe<true, PF_EXPAND_STAGES, true>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_expand_f16(const ExpandArgs p) { expand_pipe<false, PF_EXPAND_STAGES, true>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_expand_bf16_lds32(const ExpandArgs p) { expand_pipe<true, PF_EXPAND_STAGES, false>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_expand_f16_lds32(const ExpandArgs p) { expand_pipe<false, PF_EXPAND_STAGES, false>(p); }

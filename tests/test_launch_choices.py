@@ -16,7 +16,7 @@ KNOBS = ("LORAMUX_EXPAND_DECODE", "LORAMUX_EXPAND_OPT", "LORAMUX_EXPAND_TILE_COL
          "LORAMUX_TUNING", "LORAMUX_DECODE_FUSED", "LORAMUX_FUSED_EXPAND_BLOCKS", "LORAMUX_FUSED_PDL",
          "LORAMUX_FUSED_BLOCKS_PER_SM", "LORAMUX_FUSED_STAGE_A", "LORAMUX_PREFILL", "LORAMUX_EXPAND_SPAN_TILES",
          "LORAMUX_PIPE_SMALL", "LORAMUX_PIPE_MAX_SPLIT", "LORAMUX_PIPE_USUM", "LORAMUX_DECODE_DEVICE_SPLIT",
-         "LORAMUX_PIPE_SPAN_RULE", "LORAMUX_PIPE_MERGE")
+         "LORAMUX_PIPE_SPAN_RULE", "LORAMUX_PIPE_MERGE", "LORAMUX_PIPE_FRAGMENTS")
 #: (expand kernel, the token counts whose path allows it)
 KINDS = [("fused", [1, 8, 40]), ("flat", [8, 40]), ("o1", [8, 40, 200]), ("o1w", [8, 40, 200]), ("o4", [8, 200]), ("c1", [300]),
          ("c4", [300, 1000]), ("p", [200, 300, 1000]), ("p1", [300]), ("p4", [1000]), ("p16", [1000])]
@@ -113,6 +113,26 @@ def test_u_sums_match_the_serial_sum_bit_for_bit(monkeypatch, dtype, T):
     for form in ("serial", "float4"):
         monkeypatch.setenv("LORAMUX_PIPE_USUM", form)
         assert torch.equal(_check_apply(ad, slots, x, y0, sot, 1, QKV), y), form
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T", [200, 300, 2048])
+def test_ldmatrix_fragments_equal_the_lds32_form_bit_for_bit(monkeypatch, dtype, T):
+    """The pipelined kernels take their mma fragments by ldmatrix, their copies from addresses set
+    once an item and u a float4 at a time (the default), or by 32-bit shared loads with the copy
+    indices recomputed a copy (LORAMUX_PIPE_FRAGMENTS=lds32, prefill-5..7): the same fragments
+    multiplied in the same order, so y is equal bit for bit, and matches the oracle. Ranks 1..128
+    (odd ranks: B copied by plain loads; 128: every rank tile of a warp), no-adapter rows, DoRA
+    scales; small items at 200 tokens, 64-token tiles at 300 and 2048."""
+    _force(monkeypatch, "p", 1056)
+    cases = [(QKV, dict(ranks=[8, 16, 1, 0, 64, 7, 128, 33, 4, 32], num_slots=11)),
+             (DORA, dict(ranks=[16, 8, 4, 32, 0, 24], dora_every=2, max_rank=128))]
+    for i, (modules, kw) in enumerate(cases):
+        ad, slots, x, y0, sot = _case(T + 7 * i, dtype, T, modules, **kw)
+        monkeypatch.delenv("LORAMUX_PIPE_FRAGMENTS", raising=False)
+        y = _check_apply(ad, slots, x, y0, sot, 1, modules)
+        monkeypatch.setenv("LORAMUX_PIPE_FRAGMENTS", "lds32")
+        assert torch.equal(_check_apply(ad, slots, x, y0, sot, 1, modules), y), modules
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

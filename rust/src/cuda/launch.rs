@@ -9,7 +9,7 @@ use cudarc::driver::{result as drv, sys};
 use super::plan::{
     decode_expand_is_flat, expand_columns_per_thread, expand_tiles_per_block, expand_variant, flat_expand_columns, fused_form,
     fused_grid_blocks, fused_is_dependent, grid_items, item_tokens, max_items, partial_len, pipe_expand_smem, pipe_expand_tiles,
-    pipe_merge_items, pipe_shrink_kernel, pipe_shrink_smem,
+    pipe_expand_kernel, pipe_merge_items, pipe_shrink_kernel, pipe_shrink_smem,
     pipe_smem_fits, segments_len, small_items, takes_pipelined, u_len, FusedPlan, ShrinkPlan, Tuning, FUSED_COLS, FUSED_MAX_RANK, TILE_T,
 };
 use super::DeviceKernels;
@@ -510,7 +510,7 @@ pub fn expand(
     };
     let grid = (max_out.div_ceil(ochunk) as u32, gy as u32, module_ids.len() as u32);
     if pipe {
-        let name = format!("lora_prefill_expand_{}", b.dtype.suffix());
+        let name = pipe_expand_kernel(b.dtype.suffix());
         return unsafe { launch_smem(k, &name, grid, pipe_expand_smem(b.max_rank), b.stream, &args, chained) };
     }
     // Chained right after our own shrink (which never writes y): start early, overlap the prologue.

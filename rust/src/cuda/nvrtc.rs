@@ -72,8 +72,12 @@ pub const PREFILL: KernelFamily = KernelFamily {
         "lora_prefill_shrink_f16_serial",
         "lora_prefill_shrink_bf16_f4",
         "lora_prefill_shrink_f16_f4",
+        "lora_prefill_shrink_bf16_lds32",
+        "lora_prefill_shrink_f16_lds32",
         "lora_prefill_expand_bf16",
         "lora_prefill_expand_f16",
+        "lora_prefill_expand_bf16_lds32",
+        "lora_prefill_expand_f16_lds32",
     ],
 };
 

@@ -790,11 +790,26 @@ pub fn pipe_expand_smem(max_rank: usize) -> usize {
 /// partial in flight where an item holds more than PF_USUM_SERIAL_MAX (512) u elements, element by
 /// element below (cuda/lora_prefill.cu); `LORAMUX_PIPE_USUM=serial` element by element everywhere
 /// (prefill-5's form), `=float4` a float4 wherever ranks allow (prefill-6's), for A/B runs.
+/// `LORAMUX_PIPE_FRAGMENTS=lds32`: the form of prefill-5..7 (32-bit shared loads a fragment, copy
+/// indices recomputed a copy), for A/B runs against the ldmatrix form; bit for bit the same sums.
 pub fn pipe_shrink_kernel(dtype: &str) -> String {
     match std::env::var("LORAMUX_PIPE_USUM").as_deref() {
         Ok("serial") => format!("lora_prefill_shrink_{dtype}_serial"),
         Ok("float4") => format!("lora_prefill_shrink_{dtype}_f4"),
-        _ => format!("lora_prefill_shrink_{dtype}"),
+        _ => format!("lora_prefill_shrink_{dtype}{}", pipe_fragments_suffix()),
+    }
+}
+
+/// The pipelined expand's kernel for a dtype suffix (`LORAMUX_PIPE_FRAGMENTS` as the shrink).
+pub fn pipe_expand_kernel(dtype: &str) -> String {
+    format!("lora_prefill_expand_{dtype}{}", pipe_fragments_suffix())
+}
+
+fn pipe_fragments_suffix() -> &'static str {
+    if std::env::var("LORAMUX_PIPE_FRAGMENTS").as_deref() == Ok("lds32") {
+        "_lds32"
+    } else {
+        ""
     }
 }
 
