@@ -572,7 +572,23 @@ __device__ void expand_pipe(const ExpandArgs& p) {
                     }
                 }
                 // y + delta (DoRA: scaled) back into the y tile; Ho is a multiple of 8 here, so a
-                // column pair is in the slice or out of it together
+                // column pair is in the slice or out of it together. LEAN: every row and column of
+                // the tile (the stores skip the rows past nt and columns past ho, whose sums are of
+                // zero-filled copies), the scaled form apart (a uniform branch an item, not a
+                // predicated scale load issued for every pair)
+                if (LEAN && e.scale == nullptr) {
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) {
+#pragma unroll
+                        for (int hh = 0; hh < 2; ++hh) {
+                            u32* yp = reinterpret_cast<u32*>(ys + (mt * 16 + gq + hh * 8) * PF_PITCH + nh * 32 + i * 8 + tq * 2);
+                            const u32 yv = *yp;
+                            const float v0 = to_f32<BF16>((u16)(yv & 0xffff)) + acc[i][2 * hh];
+                            const float v1 = to_f32<BF16>((u16)(yv >> 16)) + acc[i][2 * hh + 1];
+                            *yp = pack2(from_f32<BF16>(v0), from_f32<BF16>(v1));
+                        }
+                    }
+                } else
 #pragma unroll
                 for (int i = 0; i < 4; ++i) {
 #pragma unroll
