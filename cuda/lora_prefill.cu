@@ -612,14 +612,27 @@ __device__ void expand_pipe(const ExpandArgs& p) {
                         }
                     }
                 }
-            }
-            __syncthreads();
-            if (LEAN) {
+                if (LEAN) {
+                    // the warp stores the 16 x 32 region it summed, 16 bytes a lane (rows mt*16 +
+                    // k and k + 8, k = 0, 4, 1, 5, ... by lane quad: a quarter-warp's two rows 4 apart
+                    // fall in different banks), so no block barrier stands between a warp's sums
+                    // and its stores (the next tile's barrier still frees the stage)
+                    __syncwarp();
+                    const int quad = lane >> 2;
+                    const int col = nh * 32 + (lane & 3) * 8;
+                    if (o0 + col < ho) {
 #pragma unroll
-                for (int q = 0; q < 2; ++q)
-                    if (y_row[q] != nullptr && o0 + cc0 < ho)
-                        *reinterpret_cast<uint4*>(y_row[q] + o0) = *reinterpret_cast<const uint4*>(ys + (r0 + 32 * q) * PF_PITCH + cc0);
-            } else
+                        for (int q = 0; q < 2; ++q) {
+                            const int row = mt * 16 + (quad & 1) * 4 + (quad >> 1) + 8 * q;
+                            if (row < nt)
+                                *reinterpret_cast<uint4*>(p.y + (long long)tokens[row] * p.y_stride + off + o0 + col) =
+                                    *reinterpret_cast<const uint4*>(ys + row * PF_PITCH + col);
+                        }
+                    }
+                }
+            }
+            if (LEAN) continue;  // its warps stored their own regions above
+            __syncthreads();
 #pragma unroll
             for (int q = 0; q < (LMX_TILE_T * 8) / LMX_THREADS; ++q) {
                 const int idx = tid + q * LMX_THREADS;
