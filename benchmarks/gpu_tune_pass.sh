@@ -22,6 +22,8 @@ has() { [[ " $STEPS " == *" $1 "* ]]; }
 T0=$(date +%s); elapsed() { echo $(( $(date +%s) - T0 )); }
 # --upgrade: on a warm machine /tmp/site may hold an earlier run's wheel, which pip would otherwise keep
 pip install -q --no-index --no-deps --upgrade --target /tmp/site ${WHEEL:?} || exit 1
+# the serving tests' packages (openai, uvicorn, ...; the device reaches no registry): wheels in $DEPS
+DEPS=${DEPS:-.gpu/deps}; ls $DEPS/*.whl > /dev/null 2>&1 && pip install -q --no-index --no-deps --upgrade --target /tmp/site $DEPS/*.whl
 export PYTHONPATH=/tmp/site
 LOGS=/tmp/klogs; rm -rf $LOGS; mkdir -p $LOGS  # an earlier run's logs stay on a warm machine
 python -c "import loramux, torch; from loramux import _core; print(loramux.__file__, torch.__version__, torch.cuda.get_device_name(), 'sm', _core.load_kernels(0))" 2>&1 | tee $LOGS/env.txt
