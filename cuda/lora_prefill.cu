@@ -390,7 +390,7 @@ __device__ void expand_pipe(const ExpandArgs& p) {
         const int bchunks = rk / 8;
         const bool bvec = (R % 8 == 0) && ((reinterpret_cast<u64>(e.b) & 15) == 0);
         // LDSM: this thread's copies are the same rows and columns of every tile, set once an
-        // item: y rows r0 and r0 + 32 at column cc0 (its stores too), B chunks tid + 256q as
+        // item: y rows r0 and r0 + 32 at column cc0 (the stores are per warp, below), B chunks tid + 256q as
         // (row, rank) packed in an int (-1: none), so a tile adds o0 and divides nothing.
         const int cc0 = (tid & 7) * 8, r0 = tid >> 3;
         u16* y_row[2];
