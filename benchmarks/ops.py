@@ -181,8 +181,8 @@ def main():
     ap.add_argument("--ab", action="append", default=[], help="NAME=VALUE,...: also time each case past the small items "
                     "under this environment (e.g. LORAMUX_PREFILL=legacy), recorded as ab_us; given again, each "
                     "further one in ab_more")
-    ap.add_argument("--ab-small", default="", help="NAME=VALUE,...: the same for the cases of 65..256 tokens "
-                    "(e.g. LORAMUX_PIPE_SMALL=1)")
+    ap.add_argument("--ab-small", action="append", default=[], help="NAME=VALUE,...: the same for the cases of 65..256 "
+                    "tokens (e.g. LORAMUX_PIPE_SMALL=1); given again, each further one in ab_more")
     ap.add_argument("--ab-decode", action="append", default=[], help="NAME=VALUE,...: the same for the decode cases (2..64 tokens; "
                     "e.g. LORAMUX_DECODE_DEVICE_SPLIT=0); given again, each further one in ab_more")
     args = ap.parse_args()
@@ -202,7 +202,7 @@ def main():
         adapters = [int(n) for n in args.adapters.split(",")] if args.adapters else adapters
         cases = [((hi, ho, r, n), tokens) for hi, ho in shapes for r in ranks for n in adapters]
     ab_env = [dict(kv.split("=", 1) for kv in ab.split(",") if kv) for ab in args.ab if ab] or None
-    ab_small_env = [dict(kv.split("=", 1) for kv in args.ab_small.split(",") if kv)] if args.ab_small else None
+    ab_small_env = [dict(kv.split("=", 1) for kv in ab.split(",") if kv) for ab in args.ab_small if ab] or None
     ab_decode_env = [dict(kv.split("=", 1) for kv in ab.split(",") if kv) for ab in args.ab_decode if ab] or None
     out = open(args.out, "w")
     out.write(json.dumps(dict(kind="ceilings", **head)) + "\n")
