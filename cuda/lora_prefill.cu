@@ -126,7 +126,13 @@ __device__ __forceinline__ void usum_groups(const float* part, float* u, const i
 #define PF_USUM_RULE 0
 #define PF_USUM_SERIAL 1
 #define PF_USUM_FLOAT4 2
-template <bool BF16, int USUM, bool LEAN>
+// WT > 0 (LEAN only): the launch's max rank padded to 16 is 16 WT (the launcher picks the kernel),
+// and every item runs WT 8-wide rank tiles a warp, its rows past its own rank zero-filled: the
+// tile loops unroll with no per-item count, the ring's offsets are constants (the per-item form
+// spent ~280 of its ~350 instructions a k-step a warp on branches and address arithmetic around
+// 16 mma at rank 64; ncu at T = 512, 1 block an SM, each issue waiting ~7.6 cycles). Rows past an
+// item's rank are summed into tiles that are never stored: the stored sums are the same, bit for bit.
+template <bool BF16, int USUM, bool LEAN, int WT = 0>
 __device__ void shrink_pipe(const ShrinkArgs& p) {
     extern __shared__ __align__(16) unsigned char pf_dyn[];
     __shared__ int tokens[LMX_TILE_T];
@@ -146,7 +152,7 @@ __device__ void shrink_pipe(const ShrinkArgs& p) {
     const int k_end = min(p.hi, k_begin + p.kchunk);
     const int nsteps = k_begin < k_end ? (k_end - k_begin + PF_KSTEP - 1) / PF_KSTEP : 0;
     u16* ring = reinterpret_cast<u16*>(pf_dyn);
-    const int stage_halves = (LMX_TILE_T + pf_rank_rows(p.table.max_rank)) * PF_PITCH;
+    const int stage_halves = (LMX_TILE_T + (WT > 0 ? 16 * WT : pf_rank_rows(p.table.max_rank))) * PF_PITCH;
     for (int it = blockIdx.y;; it += gridDim.y) {
         const WorkItem w = pf_item(p.segments, p.max_items, p.T, it, p.merge_items);
         if (w.count == 0) break;
@@ -157,7 +163,7 @@ __device__ void shrink_pipe(const ShrinkArgs& p) {
         if (tid < nt) tokens[tid] = w.tokens[tid];
         __syncthreads();
         const int R = e.rank;
-        const int ntile8 = (R + 7) >> 3;
+        const int ntile8 = WT > 0 ? 2 * WT : (R + 7) >> 3;
         const int nrows_a = ntile8 * 8;
         const bool avec = (reinterpret_cast<u64>(e.a) & 15) == 0;
         // k-step j of x (the item's tokens) and A (its rank rows) into ring stage j % STAGES; one
@@ -177,7 +183,7 @@ __device__ void shrink_pipe(const ShrinkArgs& p) {
         // this warp's rank tiles nbase, nbase + 2, ... (< ntile8) by pairs, an ldmatrix a pair:
         // lanes 16..31 name the pair's second tile (the first again where it has none); byte
         // offsets in an A tile, set once an item
-        const int b_tiles = ntile8 > nbase ? (ntile8 - nbase + 1) / 2 : 0;
+        const int b_tiles = WT > 0 ? WT : ntile8 > nbase ? (ntile8 - nbase + 1) / 2 : 0;
         const int b_pairs = (b_tiles + 1) / 2;
         const u32 b_lane = (u32)(((nbase * 8 + (lane & 7)) * PF_PITCH + ((lane >> 3) & 1) * 8) * 2);
         const u32 b_second = (lane & 16) ? 16 * PF_PITCH * 2 : 0;  // two tiles on
@@ -194,7 +200,7 @@ __device__ void shrink_pipe(const ShrinkArgs& p) {
                     pf_cp16_sa(xs + ((r0 + 32 * q) * PF_PITCH + cc0) * 2, ok ? x_row[q] + kj : p.x, ok);
                 }
 #pragma unroll
-                for (int q = 0; q < 4; ++q) {
+                for (int q = 0; q < (WT > 0 ? (16 * WT + 31) / 32 : 4); ++q) {
                     const int r = r0 + 32 * q;
                     if (r < nrows_a) {
                         const bool ok = kin && r < R;
@@ -246,9 +252,10 @@ __device__ void shrink_pipe(const ShrinkArgs& p) {
         };
 #pragma unroll
         for (int j = 0; j < PF_SHRINK_STAGES - 1; ++j) issue(j);
-        float acc[8][4];
+        constexpr int NACC = WT > 0 ? 2 * ((WT + 1) / 2) : 8;  // rank tiles a warp holds sums for
+        float acc[NACC][4];
 #pragma unroll
-        for (int i = 0; i < 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+        for (int i = 0; i < NACC; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
         for (int j = 0; j < nsteps; ++j) {
             pf_wait<PF_SHRINK_STAGES - 2>();  // step j is in (this thread's copies)
             __syncthreads();                   // everyone's copies; step j-1's stage is free
@@ -266,7 +273,7 @@ __device__ void shrink_pipe(const ShrinkArgs& p) {
                     u32 af[4];
                     pf_ldsm4(af, x_lane + kk * 2);
 #pragma unroll
-                    for (int q = 0; q < 4; ++q) {
+                    for (int q = 0; q < NACC / 2; ++q) {
                         if (q < b_pairs) {
                             u32 bf[4];
                             pf_ldsm4(bf, as_sa + b_lane + q * 32 * PF_PITCH * 2 + (q + 1 < b_pairs ? b_second : b_second_last) + kk * 2);
@@ -300,7 +307,7 @@ __device__ void shrink_pipe(const ShrinkArgs& p) {
         pf_wait<0>();  // only empty groups are left; the ring is reused by the next item
         float* out = p.partial + ((long long)(s * p.ksplit + c) * p.T) * p.table.max_rank;
 #pragma unroll
-        for (int i = 0; i < 8; ++i) {
+        for (int i = 0; i < NACC; ++i) {
             const int nb = nbase + 2 * i;
             if (nb < ntile8) {
 #pragma unroll
@@ -356,7 +363,9 @@ __device__ void shrink_pipe(const ShrinkArgs& p) {
 // token rows 16*(w&3).. and columns 32*(w>>2)..+32 of each tile; the sum goes back into the y
 // tile in shared memory, then out in 16-byte stores. Dynamic shared memory: u (64 x rank pitch)
 // then STAGES x (B tile 64 x rank pitch, y tile 64 x PF_PITCH) halves.
-template <bool BF16, int STAGES, bool LEAN>
+// WT > 0 (LEAN only): as shrink_pipe's, u and B padded to 16 WT ranks for every item (WT k16 steps
+// a tile, zero-filled past the item's rank: exact zeros added, the same sums).
+template <bool BF16, int STAGES, bool LEAN, int WT = 0>
 __device__ void expand_pipe(const ExpandArgs& p) {
     extern __shared__ __align__(16) unsigned char pf_dyn[];
     __shared__ int tokens[LMX_TILE_T];
@@ -371,7 +380,9 @@ __device__ void expand_pipe(const ExpandArgs& p) {
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int gq = lane >> 2, tq = lane & 3;
     const int mt = warp & 3, nh = warp >> 2;
-    const int bpitch = pf_rank_rows(p.table.max_rank) + 8;  // halves: conflict-free for every rank
+    const int bpitch = (WT > 0 ? 16 * WT : pf_rank_rows(p.table.max_rank)) + 8;  // halves: conflict-free for every rank
+    constexpr int KS = WT > 0 ? WT : EXPAND_PIPE_KSTEPS;                        // k16 steps u holds at most
+    constexpr int BQ = WT > 0 ? (PF_OTILE * 2 * WT + LMX_THREADS - 1) / LMX_THREADS : 4;  // B chunks a thread a tile
     u16* us = reinterpret_cast<u16*>(pf_dyn);
     u16* ring = us + LMX_TILE_T * bpitch;
     const int stage_halves = PF_OTILE * bpitch + LMX_TILE_T * PF_PITCH;
@@ -386,7 +397,7 @@ __device__ void expand_pipe(const ExpandArgs& p) {
         const int nt = min(LMX_TILE_T, w.count);
         if (tid < nt) tokens[tid] = w.tokens[tid];
         __syncthreads();
-        const int rk = (R + 15) & ~15;  // K padded to the mma's 16 with zeros
+        const int rk = WT > 0 ? 16 * WT : (R + 15) & ~15;  // K padded to the mma's 16 with zeros
         const int bchunks = rk / 8;
         const bool bvec = (R % 8 == 0) && ((reinterpret_cast<u64>(e.b) & 15) == 0);
         // LDSM: this thread's copies are the same rows and columns of every tile, set once an
@@ -399,7 +410,7 @@ __device__ void expand_pipe(const ExpandArgs& p) {
             y_row[q] = r0 + 32 * q < nt ? p.y + (long long)tokens[r0 + 32 * q] * p.y_stride + off + cc0 : nullptr;
         u64 b_chunks = 0;  // 16 bits a chunk: row (6 bits), rank / 8 (4 bits); 0xffff none
 #pragma unroll
-        for (int q = 0; q < 4; ++q) {
+        for (int q = 0; q < BQ; ++q) {
             const int idx = tid + q * LMX_THREADS;
             b_chunks |= (u64)(idx < PF_OTILE * bchunks ? (idx / bchunks) | (idx % bchunks) << 6 : 0xffff) << (16 * q);
         }
@@ -410,7 +421,7 @@ __device__ void expand_pipe(const ExpandArgs& p) {
                 const u32 ys = bs + PF_OTILE * bpitch * 2;
                 const int o0 = ob + j * PF_OTILE;
 #pragma unroll
-                for (int q = 0; q < 4; ++q) {
+                for (int q = 0; q < BQ; ++q) {
                     const u32 chunk = (u32)(b_chunks >> (16 * q)) & 0xffffu;
                     if (chunk != 0xffffu) {
                         const int o = chunk & 63, r = (chunk >> 6) * 8;
@@ -515,11 +526,11 @@ __device__ void expand_pipe(const ExpandArgs& p) {
             us[i * bpitch + r] = from_f32<BF16>(v);
         }
         __syncthreads();
-        u32 af[EXPAND_PIPE_KSTEPS][4];
+        u32 af[KS][4];
         if (LEAN) {  // u rows mt*16 + (lane & 15), columns k*16 + 8 (lane >> 4): a fragment an ldmatrix
             const u32 u_lane = pf_smem_addr(us) + ((mt * 16 + (lane & 15)) * bpitch + (lane >> 4) * 8) * 2;
 #pragma unroll
-            for (int k = 0; k < EXPAND_PIPE_KSTEPS; ++k)
+            for (int k = 0; k < KS; ++k)
                 if (k * 16 < rk) pf_ldsm4(af[k], u_lane + k * 32);
         } else {
             const int r0 = mt * 16 + gq;
@@ -550,7 +561,7 @@ __device__ void expand_pipe(const ExpandArgs& p) {
                     const u32 b_lane = ring_sa + (u32)(stage * stage_halves * 2) +
                                        ((nh * 32 + ((lane >> 4) & 1) * 8 + (lane & 7)) * bpitch + ((lane >> 3) & 1) * 8) * 2;
 #pragma unroll
-                    for (int k = 0; k < EXPAND_PIPE_KSTEPS; ++k) {
+                    for (int k = 0; k < KS; ++k) {
                         if (k * 16 < rk) {
 #pragma unroll
                             for (int i = 0; i < 4; i += 2) {
@@ -657,9 +668,27 @@ extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_shrink
 extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_shrink_f16_serial(const ShrinkArgs p) { shrink_pipe<false, PF_USUM_SERIAL, true>(p); }
 extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_shrink_bf16_f4(const ShrinkArgs p) { shrink_pipe<true, PF_USUM_FLOAT4, true>(p); }
 extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_shrink_f16_f4(const ShrinkArgs p) { shrink_pipe<false, PF_USUM_FLOAT4, true>(p); }
+// `_w1`..`_w4`: the same sums with the rank tiles fixed at compile time (WT above), for launches
+// whose max rank pads to 16, 32, 48, 64 (rust/src/cuda/plan.rs pipe_shrink_kernel).
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_shrink_bf16_w1(const ShrinkArgs p) { shrink_pipe<true, PF_USUM_RULE, true, 1>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_shrink_f16_w1(const ShrinkArgs p) { shrink_pipe<false, PF_USUM_RULE, true, 1>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_shrink_bf16_w2(const ShrinkArgs p) { shrink_pipe<true, PF_USUM_RULE, true, 2>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_shrink_f16_w2(const ShrinkArgs p) { shrink_pipe<false, PF_USUM_RULE, true, 2>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_shrink_bf16_w3(const ShrinkArgs p) { shrink_pipe<true, PF_USUM_RULE, true, 3>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_shrink_f16_w3(const ShrinkArgs p) { shrink_pipe<false, PF_USUM_RULE, true, 3>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_shrink_bf16_w4(const ShrinkArgs p) { shrink_pipe<true, PF_USUM_RULE, true, 4>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_shrink_f16_w4(const ShrinkArgs p) { shrink_pipe<false, PF_USUM_RULE, true, 4>(p); }
 extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_shrink_bf16_lds32(const ShrinkArgs p) { shrink_pipe<true, PF_USUM_RULE, false>(p); }
 extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_shrink_f16_lds32(const ShrinkArgs p) { shrink_pipe<false, PF_USUM_RULE, false>(p); }
 extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_expand_bf16(const ExpandArgs p) { expand_pipe<true, PF_EXPAND_STAGES, true>(p); }
 extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_expand_f16(const ExpandArgs p) { expand_pipe<false, PF_EXPAND_STAGES, true>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_expand_bf16_w1(const ExpandArgs p) { expand_pipe<true, PF_EXPAND_STAGES, true, 1>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_expand_f16_w1(const ExpandArgs p) { expand_pipe<false, PF_EXPAND_STAGES, true, 1>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_expand_bf16_w2(const ExpandArgs p) { expand_pipe<true, PF_EXPAND_STAGES, true, 2>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_expand_f16_w2(const ExpandArgs p) { expand_pipe<false, PF_EXPAND_STAGES, true, 2>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_expand_bf16_w3(const ExpandArgs p) { expand_pipe<true, PF_EXPAND_STAGES, true, 3>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_expand_f16_w3(const ExpandArgs p) { expand_pipe<false, PF_EXPAND_STAGES, true, 3>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_expand_bf16_w4(const ExpandArgs p) { expand_pipe<true, PF_EXPAND_STAGES, true, 4>(p); }
+extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_expand_f16_w4(const ExpandArgs p) { expand_pipe<false, PF_EXPAND_STAGES, true, 4>(p); }
 extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_expand_bf16_lds32(const ExpandArgs p) { expand_pipe<true, PF_EXPAND_STAGES, false>(p); }
 extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_expand_f16_lds32(const ExpandArgs p) { expand_pipe<false, PF_EXPAND_STAGES, false>(p); }

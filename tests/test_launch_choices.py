@@ -16,7 +16,7 @@ KNOBS = ("LORAMUX_EXPAND_DECODE", "LORAMUX_EXPAND_OPT", "LORAMUX_EXPAND_TILE_COL
          "LORAMUX_TUNING", "LORAMUX_DECODE_FUSED", "LORAMUX_FUSED_EXPAND_BLOCKS", "LORAMUX_FUSED_PDL",
          "LORAMUX_FUSED_BLOCKS_PER_SM", "LORAMUX_FUSED_STAGE_A", "LORAMUX_PREFILL", "LORAMUX_EXPAND_SPAN_TILES",
          "LORAMUX_PIPE_SMALL", "LORAMUX_PIPE_MAX_SPLIT", "LORAMUX_PIPE_USUM", "LORAMUX_DECODE_DEVICE_SPLIT",
-         "LORAMUX_PIPE_SPAN_RULE", "LORAMUX_PIPE_MERGE", "LORAMUX_PIPE_FRAGMENTS")
+         "LORAMUX_PIPE_SPAN_RULE", "LORAMUX_PIPE_MERGE", "LORAMUX_PIPE_FRAGMENTS", "LORAMUX_PIPE_RANK_TILES")
 #: (expand kernel, the token counts whose path allows it)
 KINDS = [("fused", [1, 8, 40]), ("flat", [8, 40]), ("o1", [8, 40, 200]), ("o1w", [8, 40, 200]), ("o4", [8, 200]), ("c1", [300]),
          ("c4", [300, 1000]), ("p", [200, 300, 1000]), ("p1", [300]), ("p4", [1000]), ("p16", [1000])]
@@ -132,6 +132,28 @@ def test_ldmatrix_fragments_equal_the_lds32_form_bit_for_bit(monkeypatch, dtype,
         monkeypatch.delenv("LORAMUX_PIPE_FRAGMENTS", raising=False)
         y = _check_apply(ad, slots, x, y0, sot, 1, modules)
         monkeypatch.setenv("LORAMUX_PIPE_FRAGMENTS", "lds32")
+        assert torch.equal(_check_apply(ad, slots, x, y0, sot, 1, modules), y), modules
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T", [200, 300, 2048])
+@pytest.mark.parametrize("max_rank,ranks", [(16, [16, 1, 0, 8, 7]), (32, [32, 8, 17, 0]), (48, [48, 16, 33, 5]),
+                                            (64, [64, 16, 0, 8, 33, 1, 40])])
+def test_fixed_rank_tiles_equal_the_per_item_form_bit_for_bit(monkeypatch, dtype, T, max_rank, ranks):
+    """Launches whose max rank pads to 16..64 take the pipelined kernels with their rank tiles
+    fixed at compile time (`_w1`..`_w4`): every item runs the launch's tiles, rows past its own rank
+    zero-filled, where the per-item form (LORAMUX_PIPE_RANK_TILES=item) runs only its own. The
+    stored sums are the same products in the same order plus exact zeros: y equal bit for bit, and
+    the oracle's. Mixed, odd (B by plain loads) and zero ranks, no-adapter rows, DoRA scales; small
+    items at 200 tokens, 64-token tiles at 300 and 2048."""
+    _force(monkeypatch, "p", 1056)
+    cases = [(QKV, dict(ranks=ranks, num_slots=len(ranks) + 1, max_rank=max_rank)),
+             (DORA, dict(ranks=ranks[::-1], dora_every=2, max_rank=max_rank))]
+    for i, (modules, kw) in enumerate(cases):
+        ad, slots, x, y0, sot = _case(T + max_rank + 7 * i, dtype, T, modules, **kw)
+        monkeypatch.delenv("LORAMUX_PIPE_RANK_TILES", raising=False)
+        y = _check_apply(ad, slots, x, y0, sot, 1, modules)
+        monkeypatch.setenv("LORAMUX_PIPE_RANK_TILES", "item")
         assert torch.equal(_check_apply(ad, slots, x, y0, sot, 1, modules), y), modules
 
 

@@ -407,7 +407,7 @@ pub fn shrink(
         && pipe_smem_fits(smem, k.arch)
         && partial_capacity >= need + u_len(module_ids.len(), b.tokens, b.max_rank)
     {
-        let name = pipe_shrink_kernel(b.dtype.suffix());
+        let name = pipe_shrink_kernel(b.dtype.suffix(), b.max_rank);
         unsafe { launch_smem(k, &name, grid, smem, b.stream, &args, false)? };
         return Ok(Some(need));
     }
@@ -510,7 +510,7 @@ pub fn expand(
     };
     let grid = (max_out.div_ceil(ochunk) as u32, gy as u32, module_ids.len() as u32);
     if pipe {
-        let name = pipe_expand_kernel(b.dtype.suffix());
+        let name = pipe_expand_kernel(b.dtype.suffix(), b.max_rank);
         return unsafe { launch_smem(k, &name, grid, pipe_expand_smem(b.max_rank), b.stream, &args, chained) };
     }
     // Chained right after our own shrink (which never writes y): start early, overlap the prologue.

@@ -792,26 +792,37 @@ pub fn pipe_expand_smem(max_rank: usize) -> usize {
 /// (prefill-5's form), `=float4` a float4 wherever ranks allow (prefill-6's), for A/B runs.
 /// `LORAMUX_PIPE_FRAGMENTS=lds32`: the form of prefill-5..7 (32-bit shared loads a fragment, copy
 /// indices recomputed a copy), for A/B runs against the ldmatrix form; bit for bit the same sums.
-pub fn pipe_shrink_kernel(dtype: &str) -> String {
+pub fn pipe_shrink_kernel(dtype: &str, max_rank: usize) -> String {
     match std::env::var("LORAMUX_PIPE_USUM").as_deref() {
         Ok("serial") => format!("lora_prefill_shrink_{dtype}_serial"),
         Ok("float4") => format!("lora_prefill_shrink_{dtype}_f4"),
-        _ => format!("lora_prefill_shrink_{dtype}{}", pipe_fragments_suffix()),
+        _ => format!("lora_prefill_shrink_{dtype}{}", pipe_kernel_suffix(max_rank)),
     }
 }
 
-/// The pipelined expand's kernel for a dtype suffix (`LORAMUX_PIPE_FRAGMENTS` as the shrink).
-pub fn pipe_expand_kernel(dtype: &str) -> String {
-    format!("lora_prefill_expand_{dtype}{}", pipe_fragments_suffix())
+/// The pipelined expand's kernel for a dtype suffix and the launch's max rank (as the shrink's).
+pub fn pipe_expand_kernel(dtype: &str, max_rank: usize) -> String {
+    format!("lora_prefill_expand_{dtype}{}", pipe_kernel_suffix(max_rank))
 }
 
-fn pipe_fragments_suffix() -> &'static str {
+/// Launches whose max rank pads to at most this many rows take the kernels with their rank tiles
+/// fixed at compile time (`_w1`..`_w4`: 16 rows each), the rest the per-item form.
+pub const PIPE_FIXED_RANK_ROWS: usize = 64;
+
+/// `_lds32` under `LORAMUX_PIPE_FRAGMENTS=lds32`; else `_w{rows / 16}` where the max rank pads to
+/// PIPE_FIXED_RANK_ROWS rows or fewer, unless `LORAMUX_PIPE_RANK_TILES=item` asks for the per-item
+/// form (A/B runs); else none (the per-item form).
+fn pipe_kernel_suffix(max_rank: usize) -> String {
+    let rows = pipe_rank_rows(max_rank);
     if std::env::var("LORAMUX_PIPE_FRAGMENTS").as_deref() == Ok("lds32") {
-        "_lds32"
+        "_lds32".into()
+    } else if rows <= PIPE_FIXED_RANK_ROWS && std::env::var("LORAMUX_PIPE_RANK_TILES").as_deref() != Ok("item") {
+        format!("_w{}", rows / 16)
     } else {
-        ""
+        String::new()
     }
 }
+
 
 /// Which small-item expand instantiation runs: "1" (a column a thread, 16 ranks of B prefetched,
 /// 3 blocks an SM), "1w" (64 ranks prefetched, 2 blocks an SM) or "4" (4 columns a thread: fewer,
@@ -958,6 +969,18 @@ mod tests {
         for tokens in [1, 32, 64] {
             let p = split_for(tokens, true, 0, 1, 8, FUSED_SHRINK_TARGET, true);
             assert_eq!((p.ksplit, p.kchunk), (1, 256));
+        }
+    }
+
+    #[test]
+    fn pipelined_kernels_fix_their_rank_tiles_up_to_rank_64() {
+        // the kernel's rows (16 a tile pair) are exactly what pipe_shrink_smem / pipe_expand_smem size
+        for (max_rank, kernel) in [(1, "_w1"), (16, "_w1"), (17, "_w2"), (32, "_w2"), (48, "_w3"), (49, "_w4"), (64, "_w4"), (65, ""), (128, "")] {
+            assert_eq!(pipe_shrink_kernel("bf16", max_rank), format!("lora_prefill_shrink_bf16{kernel}"));
+            assert_eq!(pipe_expand_kernel("f16", max_rank), format!("lora_prefill_expand_f16{kernel}"));
+            if !kernel.is_empty() {
+                assert_eq!(format!("_w{}", pipe_rank_rows(max_rank) / 16), kernel);
+            }
         }
     }
 
