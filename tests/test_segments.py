@@ -166,6 +166,33 @@ def test_mid_size_batch_cut_by_its_adapter_count(T, ranks, widths, dtype):
                                                   segments=kernels.segments(sot, ad.table.shape[0])), 1, mids, sizes)
 
 
+@pytest.mark.parametrize("T,ranks", [(16, [64]), (64, [64]), (40, [16, 64]), (64, [16, 8, 33]), (20, [8, 16]), (64, [16] * 8)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decode_batch_of_few_adapters_cut_into_tiles(monkeypatch, T, ranks, dtype):
+    """Under LORAMUX_DECODE_TILES=1 a decode batch (16..64 tokens) whose counted adapters average more
+    than 8 tokens is cut into 64-token tiles and takes the pipelined tensor-core kernels (never the
+    fused decode kernel, whose segments are small items): every adapter token listed once, the
+    apply equal to the float64 oracle; a batch with no count stays on small items."""
+    monkeypatch.setenv("LORAMUX_DECODE_TILES", "1")
+    ad, slots, x, y0, sot = _case(5000 + T + len(ranks), dtype, T, QKV, ranks, num_slots=max(8, len(ranks)))
+    adapters = len({s for s in slots if s >= 0})
+    small = _core.small_items(T, adapters)
+    assert small == (T <= 8 * adapters) and _core.small_items(T, None)
+    assert _core.plan_fused(T, 576, 576, 3, ad.table.shape[0], 64, adapters=adapters) is None or small
+    seg = kernels.segments(sot, ad.table.shape[0], adapters)
+    items, _ = _decode(seg, T, ad.table.shape[0])
+    assert max(len(toks) for _, toks in items) <= (8 if small else 64)
+    assert sorted(t for _, toks in items for t in toks) == [t for t, s in enumerate(slots) if s >= 0]
+    mids, sizes = [w[0] for w in QKV], [w[2] for w in QKV]
+    want = oracle_apply(ad, x, y0, slots, 1, mids, sizes)
+    for meta in (replace(ad.meta(sot), adapters=adapters, segments=seg), replace(ad.meta(sot), adapters=adapters),
+                 ad.meta(sot)):
+        y = y0.clone()
+        kernels.lora_apply(x, y, meta, 1, mids, sizes)
+        torch.cuda.synchronize()
+        assert rel_err(y, want, y0) < 2e-2
+
+
 def test_step_batch_counts_its_adapters_and_a_static_batch_does_not():
     dtype, rows, seq = torch.bfloat16, 2, 100  # prefill: 200 tokens of two adapters, 100 each
     ad, _, _, _, _ = _case(77, dtype, 8, QKV, ranks=[16, 64])

@@ -276,7 +276,7 @@ def lora_apply(x, y, meta, layer: int, module_ids: Sequence[int], out_sizes: Seq
     ids = [int(m) for m in module_ids]
     fused = _core.plan_fused(x.shape[0], x.shape[1], max(sizes, default=0), len(ids), meta.table.shape[0],
                              int(meta.max_rank), choice.shrink_target_blocks, choice.expand_kernel,
-                             choice.decode_device_split)
+                             choice.decode_device_split, meta.adapters)
     if fused is not None:
         _apply_fused(x, y, meta, layer, ids, sizes, choice, fused)
         return

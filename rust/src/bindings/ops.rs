@@ -91,17 +91,19 @@ impl PyKernelBatch {
 
 /// (ksplit, kchunk, col_steps, col_groups, staged_a, blocks_per_sm, split_target, expand_target) of the fused
 /// decode kernel for this apply (split_target > 0: split and column steps sized on the device), or None when
-/// the apply takes shrink + expand (plan::decode_is_fused). The tuning arguments as for KernelBatch.
+/// the apply takes shrink + expand (plan::decode_is_fused), or its segments cut tiles (`adapters`, the
+/// host's count, as for plan::small_items). The tuning arguments as for KernelBatch.
 #[pyfunction]
 #[pyo3(signature = (tokens, hi, max_out, num_slices, num_slots, max_rank, shrink_target_blocks=None, expand_kernel=None,
-                    decode_device_split=None))]
+                    decode_device_split=None, adapters=None))]
 #[allow(clippy::too_many_arguments)]
 fn plan_fused(
     tokens: usize, hi: usize, max_out: usize, num_slices: usize, num_slots: usize, max_rank: usize,
     shrink_target_blocks: Option<usize>, expand_kernel: Option<&str>, decode_device_split: Option<bool>,
+    adapters: Option<usize>,
 ) -> PyResult<Option<FusedTuple>> {
     let t = tuning(shrink_target_blocks, expand_kernel, decode_device_split)?;
-    if !plan::decode_is_fused(tokens, max_rank, &t) {
+    if !plan::small_items(tokens, adapters) || !plan::decode_is_fused(tokens, max_rank, &t) {
         return Ok(None);
     }
     let p = plan::plan_fused(tokens, hi, max_out, num_slices, num_slots, &t);

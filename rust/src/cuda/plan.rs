@@ -29,7 +29,8 @@ pub fn small_items_max_t() -> usize {
 /// items where its adapters average SMALL_ITEM_TOKENS_PER_ADAPTER tokens or fewer, else tiles.
 pub fn small_items(tokens: usize, adapters: Option<usize>) -> bool {
     if tokens <= TILE_T {
-        return true;
+        return !matches!(adapters, Some(n) if decode_tiles_by_adapters() && tokens >= DECODE_TILES_MIN_T
+            && tokens > SMALL_ITEM_TOKENS_PER_ADAPTER * n.max(1));
     }
     match adapters {
         Some(n) if tokens <= ITEMS_BY_ADAPTERS_MAX_T && items_follow_adapters() => tokens <= SMALL_ITEM_TOKENS_PER_ADAPTER * n.max(1),
@@ -45,6 +46,18 @@ pub fn small_items(tokens: usize, adapters: Option<usize>) -> bool {
 /// geomean (small items' r64 rows up to 2.4x slower there), 8 0.84x, 4 0.75x; T = 128, one adapter:
 /// 0.84-1.69x (geomean 1.14x). Every measured case takes the faster layout under `<= 8`.
 pub const SMALL_ITEM_TOKENS_PER_ADAPTER: usize = 8;
+
+/// Smallest decode batch (T <= TILE_T) that the adapter count may cut into 64-token tiles (the
+/// pipelined tensor-core kernels) where its adapters average more than SMALL_ITEM_TOKENS_PER_ADAPTER
+/// tokens: one adapter's 16..64 tokens were 2..8 small items each re-reading its weights (r64 at
+/// T = 64: 22.8-37.3 us against the PEFT loop's 14.3-22.1, ops.py, H200, session 10).
+pub const DECODE_TILES_MIN_T: usize = 16;
+
+/// `LORAMUX_DECODE_TILES=1|0`: whether the adapter count cuts decode batches too (above); off by
+/// default until measured.
+fn decode_tiles_by_adapters() -> bool {
+    std::env::var("LORAMUX_DECODE_TILES").as_deref() == Ok("1")
+}
 
 /// Largest batch the adapter count may keep on small items: at T = 2048 tiles won at every count
 /// measured (small items 0.24-0.72x, 128 adapters of 16 tokens included).
@@ -253,7 +266,7 @@ fn plan_shrink_with(
     device_split: bool,
 ) -> ShrinkPlan {
     // the flat expand re-reads every token's partials in each block: fewer, fatter splits pay there
-    let built_in = if decode_expand_is_flat(tokens, num_slices, tuning) { FLAT_TARGET_BLOCKS } else { TARGET_BLOCKS };
+    let built_in = if small && decode_expand_is_flat(tokens, num_slices, tuning) { FLAT_TARGET_BLOCKS } else { TARGET_BLOCKS };
     let target = env_usize("LORAMUX_SHRINK_TARGET_BLOCKS").or(tuning.shrink_target_blocks).unwrap_or(built_in).max(1);
     let plan = split_for(tokens, small, hi, num_slices, num_slots, target, device_split);
     let max_split = pipe_max_split();
