@@ -6,6 +6,7 @@ lora_shrink and lora_expand alone are the grouped reference (loramux.ops.referen
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Sequence, Tuple
 
 import torch
@@ -22,7 +23,7 @@ except ModuleNotFoundError as err:
 
 __all__ = ["lora_shrink", "lora_expand", "lora_apply", "lora_apply_beside"]
 
-_side_streams = {}  # device index -> the side stream LoRA branches run on beside the base GEMM
+_side_streams = {}  # (device index, priority) -> the side stream LoRA branches run on beside the base GEMM
 
 
 def _use_kernels(t: torch.Tensor, meta: BatchMeta, num_slices: int) -> bool:
@@ -94,10 +95,14 @@ def lora_apply(
 
 
 def _side_stream(device: torch.device) -> "torch.cuda.Stream":
+    """The device's side stream for LoRA branches beside the base GEMM. LORAMUX_SIDE_STREAM_PRIORITY=high
+    makes it a high-priority stream (captured graphs keep the priority on its kernel nodes), so the
+    branch's blocks are dispatched ahead of the GEMM's waiting ones: an A/B switch, off by default."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    stream = _side_streams.get(index)
+    priority = -5 if os.environ.get("LORAMUX_SIDE_STREAM_PRIORITY") == "high" else 0  # clamped to the device's range
+    stream = _side_streams.get((index, priority))
     if stream is None:
-        stream = _side_streams[index] = torch.cuda.Stream(device=index)
+        stream = _side_streams[(index, priority)] = torch.cuda.Stream(device=index, priority=priority)
     return stream
 
 
