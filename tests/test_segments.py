@@ -169,11 +169,11 @@ def test_mid_size_batch_cut_by_its_adapter_count(T, ranks, widths, dtype):
 @pytest.mark.parametrize("T,ranks", [(16, [64]), (64, [64]), (40, [16, 64]), (64, [16, 8, 33]), (20, [8, 16]), (64, [16] * 8)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_decode_batch_of_few_adapters_cut_into_tiles(monkeypatch, T, ranks, dtype):
-    """Under LORAMUX_DECODE_TILES=1 a decode batch (16..64 tokens) whose counted adapters average more
-    than 8 tokens is cut into 64-token tiles and takes the pipelined tensor-core kernels (never the
-    fused decode kernel, whose segments are small items): every adapter token listed once, the
-    apply equal to the float64 oracle; a batch with no count stays on small items."""
-    monkeypatch.setenv("LORAMUX_DECODE_TILES", "1")
+    """A decode batch (16..64 tokens) whose counted adapters average more than 8 tokens is cut into
+    64-token tiles and takes the pipelined tensor-core kernels (never the fused decode kernel, whose
+    segments are small items; LORAMUX_DECODE_TILES=0 keeps it on small items): every adapter token
+    listed once, the apply equal to the float64 oracle; a batch with no count stays on small items."""
+    monkeypatch.delenv("LORAMUX_DECODE_TILES", raising=False)
     ad, slots, x, y0, sot = _case(5000 + T + len(ranks), dtype, T, QKV, ranks, num_slots=max(8, len(ranks)))
     adapters = len({s for s in slots if s >= 0})
     small = _core.small_items(T, adapters)

@@ -25,8 +25,9 @@ pub fn small_items_max_t() -> usize {
 /// segments are built, and every launch of the step plans with the same answer. `adapters`: the
 /// distinct adapter slots among the tokens where the host knows them (StepBatch does), None where
 /// it does not (a captured graph serves any mix: T alone decides, small items up to
-/// SMALL_ITEMS_MAX_T). With the count, a batch of 65..=ITEMS_BY_ADAPTERS_MAX_T tokens stays on small
-/// items where its adapters average SMALL_ITEM_TOKENS_PER_ADAPTER tokens or fewer, else tiles.
+/// SMALL_ITEMS_MAX_T). With the count, a batch of DECODE_TILES_MIN_T..=ITEMS_BY_ADAPTERS_MAX_T tokens
+/// stays on small items where its adapters average SMALL_ITEM_TOKENS_PER_ADAPTER tokens or fewer,
+/// else tiles (below 16 tokens, small items whatever the count).
 pub fn small_items(tokens: usize, adapters: Option<usize>) -> bool {
     if tokens <= TILE_T {
         return !matches!(adapters, Some(n) if decode_tiles_by_adapters() && tokens >= DECODE_TILES_MIN_T
@@ -47,16 +48,18 @@ pub fn small_items(tokens: usize, adapters: Option<usize>) -> bool {
 /// 0.84-1.69x (geomean 1.14x). Every measured case takes the faster layout under `<= 8`.
 pub const SMALL_ITEM_TOKENS_PER_ADAPTER: usize = 8;
 
-/// Smallest decode batch (T <= TILE_T) that the adapter count may cut into 64-token tiles (the
+/// Smallest decode batch (T <= TILE_T) that the adapter count cuts into 64-token tiles (the
 /// pipelined tensor-core kernels) where its adapters average more than SMALL_ITEM_TOKENS_PER_ADAPTER
-/// tokens: one adapter's 16..64 tokens were 2..8 small items each re-reading its weights (r64 at
-/// T = 64: 22.8-37.3 us against the PEFT loop's 14.3-22.1, ops.py, H200, session 10).
+/// tokens: one adapter's 16..64 tokens were 2..8 small items, each re-reading its weights through the
+/// fused decode kernel. Measured on the H200 (docs/kernel-notes.md, s11; ops.py, same run, one
+/// adapter at T = 16 and 64, 3 shapes x r16/64, both orders): tiles 1.08-2.6x faster in all 24 rows
+/// (r64 at T = 64: 23.0 / 32.5 / 37.2 -> 12.1 / 13.8 / 17.6 us, the PEFT loop 14.2 / 22.1 / 17.7);
+/// 8 adapters at T = 16 and 64 average <= 8 tokens and stay on small items.
 pub const DECODE_TILES_MIN_T: usize = 16;
 
-/// `LORAMUX_DECODE_TILES=1|0`: whether the adapter count cuts decode batches too (above); off by
-/// default until measured.
+/// `LORAMUX_DECODE_TILES=0` keeps every decode batch on small items whatever its adapter count (A/B).
 fn decode_tiles_by_adapters() -> bool {
-    std::env::var("LORAMUX_DECODE_TILES").as_deref() == Ok("1")
+    std::env::var("LORAMUX_DECODE_TILES").as_deref() != Ok("0")
 }
 
 /// Largest batch the adapter count may keep on small items: at T = 2048 tiles won at every count
@@ -644,7 +647,8 @@ pub fn prefill_is_pipelined(tuning: &Tuning) -> bool {
 /// pipelined, o1 / o1w / o4: CUDA cores); else ranks PIPE_SMALL_RANKS take it. Measured on the H200
 /// at T = 256 (docs/kernel-notes.md, prefill-5, run 3): at rank 64 the pipelined kernels were 1.28x
 /// faster (geomean of 12 cases, 0.87-1.67x: faster at 1-32 adapters in all three shapes, slower at
-/// 128 adapters in two), at rank 16 0.72x (the CUDA cores' shuffle reductions are cheap there).
+/// 128 adapters in two), at rank 16 0.72x (the CUDA cores' shuffle reductions are cheap there); with
+/// the rank tiles fixed at compile time (s11) rank 16 turned too (PIPE_SMALL_RANKS).
 pub fn pipe_on_small_items(tokens: usize, small: bool, max_rank: usize, tuning: &Tuning) -> bool {
     if tokens <= TILE_T || !small {
         return false;
@@ -660,9 +664,12 @@ pub fn pipe_on_small_items(tokens: usize, small: bool, max_rank: usize, tuning: 
     }
 }
 
-/// Max ranks whose small-item batches take the pipelined kernels by default (rank bucket 64, the
-/// one measured; 128 was not).
-pub const PIPE_SMALL_RANKS: std::ops::RangeInclusive<usize> = 33..=64;
+/// Max ranks whose small-item batches take the pipelined kernels by default. Rank 64 since prefill-5
+/// (above); ranks up to 32 since the kernels fixed their rank tiles at compile time (s11, H200,
+/// ops.py T = 256, both orders, 3 shapes): at rank 16 over 32 adapters 0.75-0.84x the CUDA-core
+/// kernels' time, over 128 adapters 0.84-1.07x (4096 -> 4096 the two slower rows), geomean 0.87x.
+/// 128 was not measured.
+pub const PIPE_SMALL_RANKS: std::ops::RangeInclusive<usize> = 1..=64;
 
 /// Whether this batch's shrink and expand are the pipelined tensor-core kernels (where the launcher
 /// finds 16-byte copies allowed): past the small items by default, on them where chosen.
@@ -925,14 +932,18 @@ mod tests {
         }
         // unknown adapter count (a captured graph): T alone decides, as before
         assert!(small_items(64, None) && small_items(256, None) && !small_items(257, None));
-        // decode batches stay on small items, past ITEMS_BY_ADAPTERS_MAX_T tiles whatever the count
-        assert!(small_items(64, Some(1)) && !small_items(513, Some(100_000)) && !small_items(2048, Some(512)));
+        // past ITEMS_BY_ADAPTERS_MAX_T tiles whatever the count; decode batches of 16..64 tokens by it
+        assert!(!small_items(513, Some(100_000)) && !small_items(2048, Some(512)));
+        if std::env::var("LORAMUX_DECODE_TILES").is_err() {
+            assert!(!small_items(64, Some(1)) && !small_items(16, Some(1)) && !small_items(64, Some(7)) && small_items(64, Some(8)));
+            assert!(small_items(15, Some(1)) && small_items(1, Some(1)) && small_items(32, Some(4)) && !small_items(33, Some(4)));
+        }
         assert!(!small_items(256, Some(1)) && !small_items(256, Some(31)) && small_items(256, Some(32)));
         assert!(!small_items(512, Some(48)) && small_items(512, Some(64)) && small_items(300, Some(128)));
         assert!(!small_items(128, Some(15)) && small_items(128, Some(16)) && small_items(65, Some(9)));
         assert!(!small_items(65, Some(0)), "no adapter counts as one");
         // the two layouts of one batch never have one length (a mismatch is caught by it)
-        for t in 65..=ITEMS_BY_ADAPTERS_MAX_T {
+        for t in DECODE_TILES_MIN_T..=ITEMS_BY_ADAPTERS_MAX_T {
             for slots in (1..900).step_by(7) {
                 assert_ne!(segments_len(t, slots, false), segments_len(t, slots, true), "T{t} slots {slots}");
             }
@@ -1157,9 +1168,9 @@ mod tests {
         let pipe = plan_shrink(512, small_items(512, None), 14336, 1, 8, 64, &d);
         assert!(pipe.ksplit <= 16 && pipe.ksplit * pipe.kchunk >= 14336 && pipe.kchunk % 64 == 0, "{pipe:?}");
         assert!(plan_shrink(512, small_items(512, None), 14336, 1, 8, 64, &c4).ksplit > 16);
-        // small items keep the CUDA-core kernels unless chosen; decode batches always do
+        // small items take the pipelined kernels up to rank 64 unless the table says otherwise; decode batches never
         if std::env::var("LORAMUX_PIPE_SMALL").is_err() {
-            assert!(!takes_pipelined(200, small_items(200, None), 16, &d) && takes_pipelined(200, small_items(200, None), 16, &p16) && !takes_pipelined(64, small_items(64, None), 64, &p16));
+            assert!(takes_pipelined(200, small_items(200, None), 16, &d) && takes_pipelined(200, small_items(200, None), 16, &p16) && !takes_pipelined(64, small_items(64, None), 64, &p16));
             assert!(takes_pipelined(200, small_items(200, None), 64, &d) && !takes_pipelined(200, small_items(200, None), 128, &d));
             let o1 = Tuning { expand: Some(ExpandKind::SmallO1), ..Default::default() };
             assert!(!takes_pipelined(200, small_items(200, None), 64, &o1));
