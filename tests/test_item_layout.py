@@ -1,7 +1,7 @@
-"""How a step's tokens are cut into work items (rust/src/cuda/plan.rs small_items): decode batches
-in small items, past 512 tokens in 64-token tiles, and in between by the adapter count where the
-host knows it (StepBatch counts it into BatchMeta.adapters): small items where the adapters average
-8 tokens or fewer, else tiles; without a count small items up to 256 tokens. CPU only: the planner and the
+"""How a step's tokens are cut into work items (rust/src/cuda/plan.rs small_items): batches below 16
+tokens in small items, past 512 tokens in 64-token tiles, and in between by the adapter count where
+the host knows it (StepBatch counts it into BatchMeta.adapters): small items where the adapters
+average 8 tokens or fewer, else tiles; without a count small items up to 256 tokens. CPU only: the planner and the
 segments' length, which tells a launch how its segments were cut."""
 
 from __future__ import annotations
@@ -15,23 +15,25 @@ from loramux.ops.step_batch import StepBatch
 
 @pytest.fixture(autouse=True)
 def _built_in_rule(monkeypatch):
-    for v in ("LORAMUX_SMALL_ITEMS_MAX_T", "LORAMUX_ITEMS_BY_ADAPTERS", "LORAMUX_SHRINK_TARGET_BLOCKS"):
+    for v in ("LORAMUX_SMALL_ITEMS_MAX_T", "LORAMUX_ITEMS_BY_ADAPTERS", "LORAMUX_SHRINK_TARGET_BLOCKS", "LORAMUX_DECODE_TILES"):
         monkeypatch.delenv(v, raising=False)
 
 
-def test_the_adapter_count_decides_between_64_and_512_tokens_only():
-    for t in (1, 16, 64):
+def test_the_adapter_count_decides_between_16_and_512_tokens_only(monkeypatch):
+    for t in (1, 8, 15):
         assert _core.small_items(t, None) and _core.small_items(t, 1)
     for t in (513, 1024, 2048):
         assert not _core.small_items(t, None) and not _core.small_items(t, 10_000)
-    for t in range(65, 513):
+    for t in range(16, 513):
         assert _core.small_items(t, None) == (t <= 256)
         for n in (1, 2, 3, 8, 9, 15, 16, 17, 31, 32, 33, 64, 128):
             assert _core.small_items(t, n) == (t <= 8 * n), (t, n)
+    monkeypatch.setenv("LORAMUX_DECODE_TILES", "0")  # the A/B switch: decode batches on small items
+    assert all(_core.small_items(t, 1) for t in range(1, 65)) and not _core.small_items(65, 1)
 
 
 def test_the_two_layouts_never_share_a_length():
-    for t in range(65, 513, 3):
+    for t in range(16, 513, 3):
         for slots in (1, 7, 64, 255, 256, 300, 512, 4096):
             for n in (1, 2, 8, 64, 128):
                 same = _core.small_items(t, n) == _core.small_items(t, None)
@@ -39,7 +41,7 @@ def test_the_two_layouts_never_share_a_length():
 
 
 def test_a_tiled_mid_size_batch_plans_as_prefill(monkeypatch):
-    # rank 16 at 256 tokens: CUDA-core small items (their split in 256-element granules) without a
+    # rank 16 at 256 tokens: small items (their split in 256-element granules) without a
     # count; one adapter: the tile path, whose split steps 64 at a time and whose partials are summed
     # before the expand where it splits
     small = _core.plan_shrink(256, 14336, 1, 8, max_rank=16)
