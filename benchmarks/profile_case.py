@@ -1,5 +1,6 @@
 """lora_apply on a few cases for Nsight Compute (ncu) to read, tokens in random order, the step's
-token segments built first, r=16, bf16, adapters read out of a LoraCache; each case twice.
+token segments built first with its adapter count (as ops.py times them), r=16, bf16, adapters
+read out of a LoraCache; each case twice.
 Default: decode (T=32, 32 adapters, 4096 -> 14336), mid (T=256, 128 adapters, 4096 -> 4096) and
 prefill (T=2048, 8 adapters, 4096 -> 4096). `--decode-step`: the decode step's four fused applies
 at batch 32, one token per adapter (q|k|v 4096 -> 4096+1024+1024, o, gate|up 4096 -> 2 x 14336,
@@ -30,8 +31,11 @@ def run(T, n, modules, order_seed):
     sizes = [spec.module_dims(m)[1] for m in modules]
     adapters = resident_adapters(spec, [random_adapter(spec, modules, [0], RANK, seed=i) for i in range(n)])
     order = torch.randperm(T, generator=torch.Generator().manual_seed(order_seed)).tolist()
-    meta = adapters.meta([order[t] * n // T for t in range(T)])
-    meta = replace(meta, segments=kernels.segments(meta.slot_of_token, meta.table.shape[0]))
+    slots = [order[t] * n // T for t in range(T)]
+    meta = adapters.meta(slots)
+    # the step's adapter count, as StepBatch and ops.py give it: it decides items or tiles for 16..512 tokens
+    used = len(set(slots))
+    meta = replace(meta, adapters=used, segments=kernels.segments(meta.slot_of_token, meta.table.shape[0], used))
     x = torch.randn(T, hi, device="cuda", dtype=torch.bfloat16)
     y = torch.randn(T, sum(sizes), device="cuda", dtype=torch.bfloat16)
     for _ in range(2):
