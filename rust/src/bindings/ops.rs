@@ -103,7 +103,7 @@ fn plan_fused(
     adapters: Option<usize>,
 ) -> PyResult<Option<FusedTuple>> {
     let t = tuning(shrink_target_blocks, expand_kernel, decode_device_split)?;
-    if !plan::small_items(tokens, adapters) || !plan::decode_is_fused(tokens, max_rank, &t) {
+    if !plan::decode_is_fused(tokens, plan::small_items(tokens, adapters), max_rank, &t) {
         return Ok(None);
     }
     let p = plan::plan_fused(tokens, hi, max_out, num_slices, num_slots, &t);

@@ -29,13 +29,14 @@ pub fn small_items_max_t() -> usize {
 /// stays on small items where its adapters average SMALL_ITEM_TOKENS_PER_ADAPTER tokens or fewer,
 /// else tiles (below 16 tokens, small items whatever the count).
 pub fn small_items(tokens: usize, adapters: Option<usize>) -> bool {
-    if tokens <= TILE_T {
-        return !matches!(adapters, Some(n) if decode_tiles_by_adapters() && tokens >= DECODE_TILES_MIN_T
-            && tokens > SMALL_ITEM_TOKENS_PER_ADAPTER * n.max(1));
-    }
+    let by_count = if tokens <= TILE_T {
+        tokens >= DECODE_TILES_MIN_T && decode_tiles_by_adapters()
+    } else {
+        tokens <= ITEMS_BY_ADAPTERS_MAX_T && items_follow_adapters()
+    };
     match adapters {
-        Some(n) if tokens <= ITEMS_BY_ADAPTERS_MAX_T && items_follow_adapters() => tokens <= SMALL_ITEM_TOKENS_PER_ADAPTER * n.max(1),
-        _ => tokens <= small_items_max_t(),
+        Some(n) if by_count => tokens <= SMALL_ITEM_TOKENS_PER_ADAPTER * n.max(1),
+        _ => tokens <= TILE_T || tokens <= small_items_max_t(),
     }
 }
 
@@ -171,9 +172,10 @@ const FLAT_TARGET_BLOCKS: usize = 132;
 /// (docs/kernel-notes.md, "Where the per-apply time goes"): flat wins for multi-slice launches (q|k|v, gate|up) at 32..64 tokens
 /// and loses for single slices and at 8 tokens, where it has too few blocks or re-reads too many
 /// partials. `LORAMUX_EXPAND_DECODE=flat|grouped` forces one (benchmarks/decode_ab.py).
-/// A tuning table's `expand` choice decides when the environment does not.
-pub fn decode_expand_is_flat(tokens: usize, num_slices: usize, tuning: &Tuning) -> bool {
-    if tokens > TILE_T {
+/// A tuning table's `expand` choice decides when the environment does not. `small`: the step's
+/// segments are small items (`small_items`); tiles never take it.
+pub fn decode_expand_is_flat(tokens: usize, small: bool, num_slices: usize, tuning: &Tuning) -> bool {
+    if !small || tokens > TILE_T {
         return false;
     }
     match std::env::var("LORAMUX_EXPAND_DECODE").as_deref() {
@@ -269,7 +271,7 @@ fn plan_shrink_with(
     device_split: bool,
 ) -> ShrinkPlan {
     // the flat expand re-reads every token's partials in each block: fewer, fatter splits pay there
-    let built_in = if small && decode_expand_is_flat(tokens, num_slices, tuning) { FLAT_TARGET_BLOCKS } else { TARGET_BLOCKS };
+    let built_in = if decode_expand_is_flat(tokens, small, num_slices, tuning) { FLAT_TARGET_BLOCKS } else { TARGET_BLOCKS };
     let target = env_usize("LORAMUX_SHRINK_TARGET_BLOCKS").or(tuning.shrink_target_blocks).unwrap_or(built_in).max(1);
     let plan = split_for(tokens, small, hi, num_slices, num_slots, target, device_split);
     let max_split = pipe_max_split();
@@ -391,9 +393,10 @@ pub const FUSED_MIN_TOKENS: usize = 16;
 /// Whether a lora_apply of `tokens` tokens takes the fused decode kernel (one launch: shrink and
 /// expand, cuda/lora_fused.cu) rather than shrink + expand. `LORAMUX_DECODE_FUSED=1|0` forces it
 /// either way for A/B runs (where the batch allows it); else a tuning table's choice of expand
-/// kernel decides; else decode batches of more than FUSED_MIN_TOKENS tokens take it.
-pub fn decode_is_fused(tokens: usize, max_rank: usize, tuning: &Tuning) -> bool {
-    if tokens == 0 || tokens > TILE_T || max_rank > FUSED_MAX_RANK {
+/// kernel decides; else decode batches of more than FUSED_MIN_TOKENS tokens take it. `small`: the
+/// step's segments are small items (`small_items`), the only layout the fused kernel reads.
+pub fn decode_is_fused(tokens: usize, small: bool, max_rank: usize, tuning: &Tuning) -> bool {
+    if !small || tokens == 0 || tokens > TILE_T || max_rank > FUSED_MAX_RANK {
         return false;
     }
     match std::env::var("LORAMUX_DECODE_FUSED").as_deref() {
@@ -843,7 +846,6 @@ fn pipe_kernel_suffix(max_rank: usize) -> String {
     }
 }
 
-
 /// Which small-item expand instantiation runs: "1" (a column a thread, 16 ranks of B prefetched,
 /// 3 blocks an SM), "1w" (64 ranks prefetched, 2 blocks an SM) or "4" (4 columns a thread: fewer,
 /// fatter blocks; measured slower below ~256 tokens). `LORAMUX_EXPAND_OPT` picks one for A/B runs.
@@ -1026,8 +1028,8 @@ mod tests {
             return; // forced by the environment: nothing to check
         }
         let d = Tuning::default();
-        assert!(decode_expand_is_flat(32, 3, &d) && decode_expand_is_flat(64, 2, &d));
-        assert!(!decode_expand_is_flat(32, 1, &d) && !decode_expand_is_flat(16, 3, &d) && !decode_expand_is_flat(65, 2, &d));
+        assert!(decode_expand_is_flat(32, true, 3, &d) && decode_expand_is_flat(64, true, 2, &d));
+        assert!(!decode_expand_is_flat(32, true, 1, &d) && !decode_expand_is_flat(16, true, 3, &d) && !decode_expand_is_flat(65, true, 2, &d));
         // the flat path's shrink splits coarser (on the device: for the same count, a smaller target)
         assert!(plan_shrink_on_host(32, small_items(32, None), 4096, 3, 32, 16, &d).ksplit < plan_shrink_on_host(32, small_items(32, None), 4096, 1, 32, 16, &d).ksplit);
         if decode_split_from_device(32, &d) {
@@ -1045,8 +1047,8 @@ mod tests {
         }
         let flat = Tuning { expand: Some(ExpandKind::Flat), ..Default::default() };
         let o1w = Tuning { expand: Some(ExpandKind::SmallO1w), ..Default::default() };
-        assert!(decode_expand_is_flat(8, 1, &flat) && !decode_expand_is_flat(128, 1, &flat));
-        assert!(!decode_expand_is_flat(64, 3, &o1w));
+        assert!(decode_expand_is_flat(8, true, 1, &flat) && !decode_expand_is_flat(128, true, 1, &flat));
+        assert!(!decode_expand_is_flat(64, true, 3, &o1w));
         assert_eq!(expand_variant(&o1w), "1w");
         assert_eq!(expand_tiles_per_block(&Tuning { expand: Some(ExpandKind::TileC4), ..Default::default() }), 4);
         // more target blocks split the reduction finer
@@ -1103,14 +1105,16 @@ mod tests {
         let fused = Tuning { expand: Some(ExpandKind::Fused), ..Default::default() };
         for k in [ExpandKind::Fused3, ExpandKind::FusedStaged, ExpandKind::FusedStaged4] {
             let t = Tuning { expand: Some(k), ..Default::default() };
-            assert!(decode_is_fused(8, 16, &t));
+            assert!(decode_is_fused(8, true, 16, &t));
             let p = plan_fused(32, 4096, 4096, 1, 32, &t);
             assert_eq!(p.staged_a, k != ExpandKind::Fused3);
             assert_eq!(p.blocks_per_sm, [None, Some(3), None, Some(4)][[ExpandKind::Fused, ExpandKind::Fused3, ExpandKind::FusedStaged, ExpandKind::FusedStaged4].iter().position(|&x| x == k).unwrap()]);
         }
-        assert!(decode_is_fused(64, 64, &d) && !decode_is_fused(65, 16, &d) && !decode_is_fused(8, 128, &fused));
-        assert!(!decode_is_fused(8, 16, &d) && decode_is_fused(8, 16, &fused));
-        assert!(!decode_is_fused(8, 16, &Tuning { expand: Some(ExpandKind::SmallO1), ..Default::default() }));
+        assert!(decode_is_fused(64, true, 64, &d) && !decode_is_fused(65, true, 16, &d) && !decode_is_fused(8, true, 128, &fused));
+        assert!(!decode_is_fused(8, true, 16, &d) && decode_is_fused(8, true, 16, &fused));
+        // a decode batch cut into tiles (small_items with the count) takes neither decode kernel
+        assert!(!decode_is_fused(64, false, 16, &fused) && !decode_expand_is_flat(32, false, 3, &d));
+        assert!(!decode_is_fused(8, true, 16, &Tuning { expand: Some(ExpandKind::SmallO1), ..Default::default() }));
     }
 
     #[test]
