@@ -244,9 +244,12 @@ def test_a_client_that_goes_away_cancels_its_request(server, client):
         httpx.post(server.url + "/v1/completions", headers=server.headers(), timeout=0.02,
                    json={"model": "a2", "prompt": PROMPT, "max_tokens": MAX_TOKENS_LIMIT})
     deadline = time.monotonic() + 30
-    while server.metrics()["loramux_requests_cancelled_total"] == before and time.monotonic() < deadline:
-        time.sleep(0.05)
     m = server.metrics()
+    # the cancelled counter moves before the pending gauge drops: wait for both
+    while (m["loramux_requests_cancelled_total"] == before or m["loramux_server_pending_requests"] != 0) \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
+        m = server.metrics()
     assert m["loramux_requests_cancelled_total"] == before + 1 and m["loramux_server_pending_requests"] == 0
     _good(client)
 
