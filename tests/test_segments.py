@@ -193,6 +193,43 @@ def test_decode_batch_of_few_adapters_cut_into_tiles(monkeypatch, T, ranks, dtyp
         assert rel_err(y, want, y0) < 2e-2
 
 
+@pytest.mark.parametrize("T,ranks,dora", [(17, [16] * 8, 0), (32, [16, 64, 8, 33] * 4, 0), (64, [64] * 32, 0),
+                                          (48, [16, 0, 33, 64] * 6, 3), (64, [8, 16] * 20, 2)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decode_batch_of_many_adapters_on_pipelined_small_items(monkeypatch, T, ranks, dora, dtype):
+    """LORAMUX_PIPE_SMALL_DECODE=1 (A/B): a decode batch of 17..64 tokens over many adapters (small
+    items) takes the pipelined tensor-core kernels instead of the fused decode kernel, with a split
+    planned on the host (the pipelined shrink's grid is its ksplit), equal to the float64 oracle
+    over q|k|v, mixed and odd ranks, DoRA; in a graph too, replayed with another mix."""
+    monkeypatch.setenv("LORAMUX_PIPE_SMALL_DECODE", "1")
+    ad, slots, x, y0, sot = _case(7000 + T + len(ranks), dtype, T, QKV, ranks, num_slots=len(ranks),
+                                  dora_every=dora, max_rank=64)
+    adapters = len({s for s in slots if s >= 0})
+    assert _core.small_items(T, adapters) and _core.small_items(T, None)
+    num_slots = ad.table.shape[0]
+    assert _core.plan_fused(T, 576, 576, 3, num_slots, 64, adapters=adapters) is None
+    assert _core.plan_shrink(T, 576, 3, num_slots, max_rank=64, adapters=adapters)[3] == 0  # no device split
+    mids, sizes = [w[0] for w in QKV], [w[2] for w in QKV]
+    want = oracle_apply(ad, x, y0, slots, 1, mids, sizes)
+    y = y0.clone()
+    kernels.lora_apply(x, y, replace(ad.meta(sot), adapters=adapters), 1, mids, sizes)
+    torch.cuda.synchronize()
+    assert rel_err(y, want, y0) < 2e-2
+    # a captured graph (no count: T decides, small items) replayed with the slots shuffled
+    sot_static = sot.clone()
+    y_static = y0.clone()
+    meta = ad.meta(sot_static)
+    graph = captured(lambda: kernels.lora_apply(x, y_static, meta, 1, mids, sizes))
+    order = list(range(T))
+    random.Random(T).shuffle(order)
+    slots2 = [slots[i] for i in order]
+    sot_static.copy_(torch.tensor(slots2, dtype=sot.dtype, device=DEV))
+    y_static.copy_(y0)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_err(y_static, oracle_apply(ad, x, y0, slots2, 1, mids, sizes), y0) < 2e-2
+
+
 def test_step_batch_counts_its_adapters_and_a_static_batch_does_not():
     dtype, rows, seq = torch.bfloat16, 2, 100  # prefill: 200 tokens of two adapters, 100 each
     ad, _, _, _, _ = _case(77, dtype, 8, QKV, ranks=[16, 64])

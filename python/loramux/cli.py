@@ -325,7 +325,32 @@ def cmd_serve(args) -> int:
 
 
 #: Each adds one subcommand.
-SUBCOMMANDS: List[Callable] = [add_convert, add_to_peft, add_info, add_dora_normalize, add_demo, add_example_adapter, add_serve]
+def add_compile_kernels(sub) -> None:
+    p = sub.add_parser("compile-kernels", help="compile every CUDA kernel with NVRTC into the kernel cache "
+                       "(no GPU needed), so a machine's first launch finds them there")
+    p.add_argument("--arch", type=int, action="append", required=True,
+                   help="compute capability without the dot (90 for H100/H200, 80 for A100); may be repeated")
+    p.set_defaults(func=cmd_compile_kernels)
+
+
+def cmd_compile_kernels(args) -> int:
+    from loramux import _core
+
+    try:
+        _core.nvrtc_version()
+    except LoraError:
+        # libnvrtc comes with torch's CUDA wheels; importing torch puts them where the loader looks
+        import torch  # noqa: F401
+    major, minor = _core.nvrtc_version()
+    print(f"NVRTC {major}.{minor}, cache {_core.nvrtc_cache_dir()}")
+    for arch in args.arch:
+        for family, size in _core.nvrtc_compile_all(arch, cache=True):
+            print(f"sm_{arch} {family}: {size} bytes")
+    return 0
+
+
+SUBCOMMANDS: List[Callable] = [add_convert, add_to_peft, add_info, add_dora_normalize, add_demo, add_example_adapter, add_serve,
+                               add_compile_kernels]
 
 
 def build_parser() -> argparse.ArgumentParser:

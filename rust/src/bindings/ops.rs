@@ -212,17 +212,28 @@ fn nvrtc_version() -> PyResult<(i32, i32)> {
     nvrtc::version().py()
 }
 
-/// Compiles every kernel family for sm_{arch} (no GPU needed, no disk cache):
-/// [(family, cubin bytes)]. A compile error raises LoraCudaError with NVRTC's log.
+/// Compiles every kernel family for sm_{arch} (no GPU needed): [(family, cubin bytes)]; with
+/// `cache`, through the disk cache (read if there, written if not), as a first launch would.
+/// A compile error raises LoraCudaError with NVRTC's log.
 #[pyfunction]
-fn nvrtc_compile_all(py: Python<'_>, arch: u32) -> PyResult<Vec<(String, usize)>> {
+#[pyo3(signature = (arch, cache = false))]
+fn nvrtc_compile_all(py: Python<'_>, arch: u32, cache: bool) -> PyResult<Vec<(String, usize)>> {
     py.detach(|| {
         nvrtc::FAMILIES
             .iter()
-            .map(|f| nvrtc::compile(f, &f.source(), arch).map(|b| (f.name.to_string(), b.len())))
+            .map(|f| {
+                let cubin = if cache { nvrtc::cubin(f, arch) } else { nvrtc::compile(f, &f.source(), arch) };
+                cubin.map(|b| (f.name.to_string(), b.len()))
+            })
             .collect::<Result<Vec<_>, _>>()
     })
     .py()
+}
+
+/// The folder compiled kernels are cached in (None: no cache folder can be named).
+#[pyfunction]
+fn nvrtc_cache_dir() -> Option<String> {
+    nvrtc::cache_dir().map(|d| d.to_string_lossy().into_owned())
 }
 
 /// `[(struct name, sizeof, alignof, [(field name, offsetof), ...]), ...]` of the kernels'
@@ -255,6 +266,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(nvrtc_available, m)?)?;
     m.add_function(wrap_pyfunction!(nvrtc_version, m)?)?;
     m.add_function(wrap_pyfunction!(nvrtc_compile_all, m)?)?;
+    m.add_function(wrap_pyfunction!(nvrtc_cache_dir, m)?)?;
     m.add_function(wrap_pyfunction!(load_kernels, m)?)?;
     m.add_function(wrap_pyfunction!(kernel_struct_layouts, m)?)?;
     m.add_function(wrap_pyfunction!(kernel_constants, m)?)?;

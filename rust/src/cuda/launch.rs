@@ -464,7 +464,7 @@ pub fn expand(
     let items = b.max_items();
     // small items: output columns per thread (the kernel is templated on it: 1 and 4 instantiated)
     let per_thread = expand_columns_per_thread(&b.tuning);
-    let flat = decode_expand_is_flat(b.tokens, b.decode(), module_ids.len(), &b.tuning);
+    let flat = decode_expand_is_flat(b.tokens, b.decode(), module_ids.len(), b.max_rank, &b.tuning);
     let tiles = expand_tiles_per_block(&b.tuning);
     // the pipelined prefill expand copies y in 16-byte pieces (the register-staged one takes the rest)
     let pipe = !flat

@@ -186,7 +186,8 @@ fn fnv1a64(parts: &[&[u8]]) -> u64 {
     h
 }
 
-fn cache_dir() -> Option<PathBuf> {
+/// Where compiled kernels are kept: LORAMUX_KERNEL_CACHE, else the user's cache folder.
+pub fn cache_dir() -> Option<PathBuf> {
     if let Some(dir) = std::env::var_os("LORAMUX_KERNEL_CACHE") {
         return Some(PathBuf::from(dir));
     }

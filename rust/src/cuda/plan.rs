@@ -174,8 +174,8 @@ const FLAT_TARGET_BLOCKS: usize = 132;
 /// partials. `LORAMUX_EXPAND_DECODE=flat|grouped` forces one (benchmarks/decode_ab.py).
 /// A tuning table's `expand` choice decides when the environment does not. `small`: the step's
 /// segments are small items (`small_items`); tiles never take it.
-pub fn decode_expand_is_flat(tokens: usize, small: bool, num_slices: usize, tuning: &Tuning) -> bool {
-    if !small || tokens > TILE_T {
+pub fn decode_expand_is_flat(tokens: usize, small: bool, num_slices: usize, max_rank: usize, tuning: &Tuning) -> bool {
+    if !small || tokens > TILE_T || pipe_on_small_items(tokens, small, max_rank, tuning) {
         return false;
     }
     match std::env::var("LORAMUX_EXPAND_DECODE").as_deref() {
@@ -254,7 +254,9 @@ pub struct ShrinkPlan {
 pub fn plan_shrink(
     tokens: usize, small: bool, hi: usize, num_slices: usize, num_slots: usize, max_rank: usize, tuning: &Tuning,
 ) -> ShrinkPlan {
-    plan_shrink_with(tokens, small, hi, num_slices, num_slots, max_rank, tuning, decode_split_from_device(tokens, tuning))
+    // the pipelined shrink's grid and its last-split count are the planned ksplit: no device sizing
+    let device_split = decode_split_from_device(tokens, tuning) && !takes_pipelined(tokens, small, max_rank, tuning);
+    plan_shrink_with(tokens, small, hi, num_slices, num_slots, max_rank, tuning, device_split)
 }
 
 /// `plan_shrink` with the split planned on the host whatever the batch (the standalone shrink: its
@@ -271,7 +273,7 @@ fn plan_shrink_with(
     device_split: bool,
 ) -> ShrinkPlan {
     // the flat expand re-reads every token's partials in each block: fewer, fatter splits pay there
-    let built_in = if decode_expand_is_flat(tokens, small, num_slices, tuning) { FLAT_TARGET_BLOCKS } else { TARGET_BLOCKS };
+    let built_in = if decode_expand_is_flat(tokens, small, num_slices, max_rank, tuning) { FLAT_TARGET_BLOCKS } else { TARGET_BLOCKS };
     let target = env_usize("LORAMUX_SHRINK_TARGET_BLOCKS").or(tuning.shrink_target_blocks).unwrap_or(built_in).max(1);
     let plan = split_for(tokens, small, hi, num_slices, num_slots, target, device_split);
     let max_split = pipe_max_split();
@@ -396,7 +398,7 @@ pub const FUSED_MIN_TOKENS: usize = 16;
 /// kernel decides; else decode batches of more than FUSED_MIN_TOKENS tokens take it. `small`: the
 /// step's segments are small items (`small_items`), the only layout the fused kernel reads.
 pub fn decode_is_fused(tokens: usize, small: bool, max_rank: usize, tuning: &Tuning) -> bool {
-    if !small || tokens == 0 || tokens > TILE_T || max_rank > FUSED_MAX_RANK {
+    if !small || tokens == 0 || tokens > TILE_T || max_rank > FUSED_MAX_RANK || pipe_on_small_items(tokens, small, max_rank, tuning) {
         return false;
     }
     match std::env::var("LORAMUX_DECODE_FUSED").as_deref() {
@@ -653,8 +655,11 @@ pub fn prefill_is_pipelined(tuning: &Tuning) -> bool {
 /// 128 adapters in two), at rank 16 0.72x (the CUDA cores' shuffle reductions are cheap there); with
 /// the rank tiles fixed at compile time (s11) rank 16 turned too (PIPE_SMALL_RANKS).
 pub fn pipe_on_small_items(tokens: usize, small: bool, max_rank: usize, tuning: &Tuning) -> bool {
-    if tokens <= TILE_T || !small {
+    if !small {
         return false;
+    }
+    if tokens <= TILE_T {
+        return tokens > FUSED_MIN_TOKENS && pipe_small_decode() && PIPE_SMALL_RANKS.contains(&max_rank);
     }
     match std::env::var("LORAMUX_PIPE_SMALL").as_deref() {
         Ok("1") => true,
@@ -665,6 +670,14 @@ pub fn pipe_on_small_items(tokens: usize, small: bool, max_rank: usize, tuning: 
             _ => PIPE_SMALL_RANKS.contains(&max_rank),
         },
     }
+}
+
+/// `LORAMUX_PIPE_SMALL_DECODE=1`: decode batches of FUSED_MIN_TOKENS+1..=TILE_T tokens on small items
+/// take the pipelined kernels (ranks PIPE_SMALL_RANKS) instead of the fused decode kernel (A/B runs:
+/// at rank 64 the pipelined small items of T = 256 spent ~1.0 us an adapter where the fused kernel
+/// at T = 64 spent ~1.6, ops.py on the H200, s12).
+fn pipe_small_decode() -> bool {
+    std::env::var("LORAMUX_PIPE_SMALL_DECODE").as_deref() == Ok("1")
 }
 
 /// Max ranks whose small-item batches take the pipelined kernels by default. Rank 64 since prefill-5
@@ -1028,8 +1041,8 @@ mod tests {
             return; // forced by the environment: nothing to check
         }
         let d = Tuning::default();
-        assert!(decode_expand_is_flat(32, true, 3, &d) && decode_expand_is_flat(64, true, 2, &d));
-        assert!(!decode_expand_is_flat(32, true, 1, &d) && !decode_expand_is_flat(16, true, 3, &d) && !decode_expand_is_flat(65, true, 2, &d));
+        assert!(decode_expand_is_flat(32, true, 3, 16, &d) && decode_expand_is_flat(64, true, 2, 16, &d));
+        assert!(!decode_expand_is_flat(32, true, 1, 16, &d) && !decode_expand_is_flat(16, true, 3, 16, &d) && !decode_expand_is_flat(65, true, 2, 16, &d));
         // the flat path's shrink splits coarser (on the device: for the same count, a smaller target)
         assert!(plan_shrink_on_host(32, small_items(32, None), 4096, 3, 32, 16, &d).ksplit < plan_shrink_on_host(32, small_items(32, None), 4096, 1, 32, 16, &d).ksplit);
         if decode_split_from_device(32, &d) {
@@ -1047,8 +1060,8 @@ mod tests {
         }
         let flat = Tuning { expand: Some(ExpandKind::Flat), ..Default::default() };
         let o1w = Tuning { expand: Some(ExpandKind::SmallO1w), ..Default::default() };
-        assert!(decode_expand_is_flat(8, true, 1, &flat) && !decode_expand_is_flat(128, true, 1, &flat));
-        assert!(!decode_expand_is_flat(64, true, 3, &o1w));
+        assert!(decode_expand_is_flat(8, true, 1, 16, &flat) && !decode_expand_is_flat(128, true, 1, 16, &flat));
+        assert!(!decode_expand_is_flat(64, true, 3, 16, &o1w));
         assert_eq!(expand_variant(&o1w), "1w");
         assert_eq!(expand_tiles_per_block(&Tuning { expand: Some(ExpandKind::TileC4), ..Default::default() }), 4);
         // more target blocks split the reduction finer
@@ -1113,7 +1126,7 @@ mod tests {
         assert!(decode_is_fused(64, true, 64, &d) && !decode_is_fused(65, true, 16, &d) && !decode_is_fused(8, true, 128, &fused));
         assert!(!decode_is_fused(8, true, 16, &d) && decode_is_fused(8, true, 16, &fused));
         // a decode batch cut into tiles (small_items with the count) takes neither decode kernel
-        assert!(!decode_is_fused(64, false, 16, &fused) && !decode_expand_is_flat(32, false, 3, &d));
+        assert!(!decode_is_fused(64, false, 16, &fused) && !decode_expand_is_flat(32, false, 3, 16, &d));
         assert!(!decode_is_fused(8, true, 16, &Tuning { expand: Some(ExpandKind::SmallO1), ..Default::default() }));
     }
 
