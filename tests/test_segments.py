@@ -166,18 +166,23 @@ def test_mid_size_batch_cut_by_its_adapter_count(T, ranks, widths, dtype):
                                                   segments=kernels.segments(sot, ad.table.shape[0])), 1, mids, sizes)
 
 
-@pytest.mark.parametrize("T,ranks", [(16, [64]), (64, [64]), (40, [16, 64]), (64, [16, 8, 33]), (20, [8, 16]), (64, [16] * 8)])
+@pytest.mark.parametrize("T,ranks,tile_tokens", [(16, [64], 8), (64, [64], 8), (40, [16, 64], 8), (64, [16, 8, 33], 8),
+                                                 (20, [8, 16], 8), (64, [16] * 8, 8), (32, [16, 64, 0, 33] * 2, 3),
+                                                 (64, [64, 8] * 6, 3)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_decode_batch_of_few_adapters_cut_into_tiles(monkeypatch, T, ranks, dtype):
-    """A decode batch (16..64 tokens) whose counted adapters average more than 8 tokens is cut into
-    64-token tiles and takes the pipelined tensor-core kernels (never the fused decode kernel, whose
-    segments are small items; LORAMUX_DECODE_TILES=0 keeps it on small items): every adapter token
-    listed once, the apply equal to the float64 oracle; a batch with no count stays on small items."""
+def test_decode_batch_of_few_adapters_cut_into_tiles(monkeypatch, T, ranks, tile_tokens, dtype):
+    """A decode batch (16..64 tokens) whose counted adapters average more than 8 tokens (or than
+    LORAMUX_DECODE_TILE_TOKENS) is cut into 64-token tiles and takes the pipelined tensor-core
+    kernels (never the fused decode kernel, whose segments are small items; LORAMUX_DECODE_TILES=0
+    keeps it on small items): every adapter token listed once, the apply equal to the float64
+    oracle; a batch with no count stays on small items."""
     monkeypatch.delenv("LORAMUX_DECODE_TILES", raising=False)
+    if tile_tokens != 8:
+        monkeypatch.setenv("LORAMUX_DECODE_TILE_TOKENS", str(tile_tokens))
     ad, slots, x, y0, sot = _case(5000 + T + len(ranks), dtype, T, QKV, ranks, num_slots=max(8, len(ranks)))
     adapters = len({s for s in slots if s >= 0})
     small = _core.small_items(T, adapters)
-    assert small == (T <= 8 * adapters) and _core.small_items(T, None)
+    assert small == (T <= tile_tokens * adapters) and _core.small_items(T, None)
     assert _core.plan_fused(T, 576, 576, 3, ad.table.shape[0], 64, adapters=adapters) is None or small
     seg = kernels.segments(sot, ad.table.shape[0], adapters)
     items, _ = _decode(seg, T, ad.table.shape[0])

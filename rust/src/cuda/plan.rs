@@ -34,8 +34,9 @@ pub fn small_items(tokens: usize, adapters: Option<usize>) -> bool {
     } else {
         tokens <= ITEMS_BY_ADAPTERS_MAX_T && items_follow_adapters()
     };
+    let per_adapter = if tokens <= TILE_T { decode_tile_tokens() } else { SMALL_ITEM_TOKENS_PER_ADAPTER };
     match adapters {
-        Some(n) if by_count => tokens <= SMALL_ITEM_TOKENS_PER_ADAPTER * n.max(1),
+        Some(n) if by_count => tokens <= per_adapter * n.max(1),
         _ => tokens <= TILE_T || tokens <= small_items_max_t(),
     }
 }
@@ -57,6 +58,12 @@ pub const SMALL_ITEM_TOKENS_PER_ADAPTER: usize = 8;
 /// (r64 at T = 64: 23.0 / 32.5 / 37.2 -> 12.1 / 13.8 / 17.6 us, the PEFT loop 14.2 / 22.1 / 17.7);
 /// 8 adapters at T = 16 and 64 average <= 8 tokens and stay on small items.
 pub const DECODE_TILES_MIN_T: usize = 16;
+
+/// Most tokens the adapters of a decode batch (DECODE_TILES_MIN_T..=TILE_T tokens) may average for it
+/// to stay on small items: SMALL_ITEM_TOKENS_PER_ADAPTER; `LORAMUX_DECODE_TILE_TOKENS` for A/B runs.
+fn decode_tile_tokens() -> usize {
+    env_usize("LORAMUX_DECODE_TILE_TOKENS").unwrap_or(SMALL_ITEM_TOKENS_PER_ADAPTER).max(1)
+}
 
 /// `LORAMUX_DECODE_TILES=0` keeps every decode batch on small items whatever its adapter count (A/B).
 fn decode_tiles_by_adapters() -> bool {
