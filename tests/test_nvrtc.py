@@ -70,6 +70,17 @@ def test_which_decode_batches_take_the_fused_kernel(monkeypatch):
     assert _core.plan_fused(32, 4096, 4096, 1, 8, 16, None, "o1") is None  # the table chose two kernels
     assert _core.plan_fused(8, 4096, 4096, 1, 8, 16) is None  # few tokens: two kernels unless the table says
     assert _core.plan_fused(8, 4096, 4096, 1, 8, 16, None, "fused") is not None
+    # counted adapters averaging 4+ tokens take the pipelined kernels over small items instead
+    for k in ("LORAMUX_PIPE_SMALL_DECODE", "LORAMUX_DECODE_TILES", "LORAMUX_DECODE_TILE_TOKENS"):
+        monkeypatch.delenv(k, raising=False)
+    assert _core.plan_fused(64, 4096, 4096, 1, 64, 16, adapters=16) is None and _core.small_items(64, 16)
+    assert _core.plan_shrink(64, 4096, 1, 64, max_rank=16, adapters=16)[3] == 0  # the split planned on the host
+    assert _core.plan_fused(64, 4096, 4096, 1, 64, 16, adapters=17) is not None
+    assert _core.plan_fused(64, 4096, 4096, 1, 64, 16) is not None  # no count (a captured graph)
+    assert _core.plan_fused(64, 4096, 4096, 1, 64, 128, adapters=16) is None  # past both kernels' ranks
+    monkeypatch.setenv("LORAMUX_PIPE_SMALL_DECODE", "0")
+    assert _core.plan_fused(64, 4096, 4096, 1, 64, 16, adapters=16) is not None
+    monkeypatch.delenv("LORAMUX_PIPE_SMALL_DECODE")
     monkeypatch.setenv("LORAMUX_DECODE_FUSED", "0")
     assert _core.plan_fused(32, 4096, 14336, 2, 33, 16) is None
     monkeypatch.setenv("LORAMUX_DECODE_FUSED", "1")

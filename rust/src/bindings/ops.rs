@@ -103,7 +103,7 @@ fn plan_fused(
     adapters: Option<usize>,
 ) -> PyResult<Option<FusedTuple>> {
     let t = tuning(shrink_target_blocks, expand_kernel, decode_device_split)?;
-    if !plan::decode_is_fused(tokens, plan::small_items(tokens, adapters), max_rank, &t) {
+    if !plan::decode_is_fused(tokens, plan::small_items(tokens, adapters), adapters, max_rank, &t) {
         return Ok(None);
     }
     let p = plan::plan_fused(tokens, hi, max_out, num_slices, num_slots, &t);
@@ -166,9 +166,9 @@ fn plan_shrink(
     let t = tuning(shrink_target_blocks, expand_kernel, decode_device_split)?;
     let small = plan::small_items(tokens, adapters);
     let p = if device_split {
-        plan::plan_shrink(tokens, small, hi, num_slices, num_slots, max_rank, &t)
+        plan::plan_shrink(tokens, small, adapters, hi, num_slices, num_slots, max_rank, &t)
     } else {
-        plan::plan_shrink_on_host(tokens, small, hi, num_slices, num_slots, max_rank, &t)
+        plan::plan_shrink_on_host(tokens, small, adapters, hi, num_slices, num_slots, max_rank, &t)
     };
     Ok((p.ksplit, p.kchunk, plan::apply_reduces_first(small, &p), p.split_target))
 }

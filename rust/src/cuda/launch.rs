@@ -400,7 +400,7 @@ pub fn shrink(
     let grid = (plan.ksplit as u32, b.grid_items() as u32, module_ids.len() as u32);
     // the pipelined prefill shrink copies x in 16-byte pieces (the register-staged one takes the rest)
     let smem = pipe_shrink_smem(b.max_rank);
-    if takes_pipelined(b.tokens, b.decode(), b.max_rank, &b.tuning)
+    if takes_pipelined(b.tokens, b.decode(), b.adapters, b.max_rank, &b.tuning)
         && hi % 8 == 0
         && x_stride % 8 == 0
         && x % 16 == 0
@@ -464,11 +464,11 @@ pub fn expand(
     let items = b.max_items();
     // small items: output columns per thread (the kernel is templated on it: 1 and 4 instantiated)
     let per_thread = expand_columns_per_thread(&b.tuning);
-    let flat = decode_expand_is_flat(b.tokens, b.decode(), module_ids.len(), b.max_rank, &b.tuning);
+    let flat = decode_expand_is_flat(b.tokens, b.decode(), b.adapters, module_ids.len(), b.max_rank, &b.tuning);
     let tiles = expand_tiles_per_block(&b.tuning);
     // the pipelined prefill expand copies y in 16-byte pieces (the register-staged one takes the rest)
     let pipe = !flat
-        && takes_pipelined(b.tokens, b.decode(), b.max_rank, &b.tuning)
+        && takes_pipelined(b.tokens, b.decode(), b.adapters, b.max_rank, &b.tuning)
         && y % 16 == 0
         && y_stride % 8 == 0
         && out_sizes.iter().all(|&o| o % 8 == 0)

@@ -181,8 +181,8 @@ const FLAT_TARGET_BLOCKS: usize = 132;
 /// partials. `LORAMUX_EXPAND_DECODE=flat|grouped` forces one (benchmarks/decode_ab.py).
 /// A tuning table's `expand` choice decides when the environment does not. `small`: the step's
 /// segments are small items (`small_items`); tiles never take it.
-pub fn decode_expand_is_flat(tokens: usize, small: bool, num_slices: usize, max_rank: usize, tuning: &Tuning) -> bool {
-    if !small || tokens > TILE_T || pipe_on_small_items(tokens, small, max_rank, tuning) {
+pub fn decode_expand_is_flat(tokens: usize, small: bool, adapters: Option<usize>, num_slices: usize, max_rank: usize, tuning: &Tuning) -> bool {
+    if !small || tokens > TILE_T || pipe_on_small_items(tokens, small, adapters, max_rank, tuning) {
         return false;
     }
     match std::env::var("LORAMUX_EXPAND_DECODE").as_deref() {
@@ -259,32 +259,32 @@ pub struct ShrinkPlan {
 /// PIPE_MAX_SPLIT_DEFAULT splits where the pipelined kernels run (`max_rank` decides that on small
 /// items). `small`: how the step's segments cut the tokens (`small_items`).
 pub fn plan_shrink(
-    tokens: usize, small: bool, hi: usize, num_slices: usize, num_slots: usize, max_rank: usize, tuning: &Tuning,
+    tokens: usize, small: bool, adapters: Option<usize>, hi: usize, num_slices: usize, num_slots: usize, max_rank: usize, tuning: &Tuning,
 ) -> ShrinkPlan {
     // the pipelined shrink's grid and its last-split count are the planned ksplit: no device sizing
-    let device_split = decode_split_from_device(tokens, tuning) && !takes_pipelined(tokens, small, max_rank, tuning);
-    plan_shrink_with(tokens, small, hi, num_slices, num_slots, max_rank, tuning, device_split)
+    let device_split = decode_split_from_device(tokens, tuning) && !takes_pipelined(tokens, small, adapters, max_rank, tuning);
+    plan_shrink_with(tokens, small, adapters, hi, num_slices, num_slots, max_rank, tuning, device_split)
 }
 
 /// `plan_shrink` with the split planned on the host whatever the batch (the standalone shrink: its
 /// reduce sums every planned split).
 pub fn plan_shrink_on_host(
-    tokens: usize, small: bool, hi: usize, num_slices: usize, num_slots: usize, max_rank: usize, tuning: &Tuning,
+    tokens: usize, small: bool, adapters: Option<usize>, hi: usize, num_slices: usize, num_slots: usize, max_rank: usize, tuning: &Tuning,
 ) -> ShrinkPlan {
-    plan_shrink_with(tokens, small, hi, num_slices, num_slots, max_rank, tuning, false)
+    plan_shrink_with(tokens, small, adapters, hi, num_slices, num_slots, max_rank, tuning, false)
 }
 
 #[allow(clippy::too_many_arguments)]
 fn plan_shrink_with(
-    tokens: usize, small: bool, hi: usize, num_slices: usize, num_slots: usize, max_rank: usize, tuning: &Tuning,
+    tokens: usize, small: bool, adapters: Option<usize>, hi: usize, num_slices: usize, num_slots: usize, max_rank: usize, tuning: &Tuning,
     device_split: bool,
 ) -> ShrinkPlan {
     // the flat expand re-reads every token's partials in each block: fewer, fatter splits pay there
-    let built_in = if decode_expand_is_flat(tokens, small, num_slices, max_rank, tuning) { FLAT_TARGET_BLOCKS } else { TARGET_BLOCKS };
+    let built_in = if decode_expand_is_flat(tokens, small, adapters, num_slices, max_rank, tuning) { FLAT_TARGET_BLOCKS } else { TARGET_BLOCKS };
     let target = env_usize("LORAMUX_SHRINK_TARGET_BLOCKS").or(tuning.shrink_target_blocks).unwrap_or(built_in).max(1);
     let plan = split_for(tokens, small, hi, num_slices, num_slots, target, device_split);
     let max_split = pipe_max_split();
-    if !takes_pipelined(tokens, small, max_rank, tuning) || plan.ksplit <= max_split {
+    if !takes_pipelined(tokens, small, adapters, max_rank, tuning) || plan.ksplit <= max_split {
         return plan;
     }
     // the pipelined shrink streams long chunks; the last split of an item sums all the partials.
@@ -404,8 +404,8 @@ pub const FUSED_MIN_TOKENS: usize = 16;
 /// either way for A/B runs (where the batch allows it); else a tuning table's choice of expand
 /// kernel decides; else decode batches of more than FUSED_MIN_TOKENS tokens take it. `small`: the
 /// step's segments are small items (`small_items`), the only layout the fused kernel reads.
-pub fn decode_is_fused(tokens: usize, small: bool, max_rank: usize, tuning: &Tuning) -> bool {
-    if !small || tokens == 0 || tokens > TILE_T || max_rank > FUSED_MAX_RANK || pipe_on_small_items(tokens, small, max_rank, tuning) {
+pub fn decode_is_fused(tokens: usize, small: bool, adapters: Option<usize>, max_rank: usize, tuning: &Tuning) -> bool {
+    if !small || tokens == 0 || tokens > TILE_T || max_rank > FUSED_MAX_RANK || pipe_on_small_items(tokens, small, adapters, max_rank, tuning) {
         return false;
     }
     match std::env::var("LORAMUX_DECODE_FUSED").as_deref() {
@@ -661,12 +661,17 @@ pub fn prefill_is_pipelined(tuning: &Tuning) -> bool {
 /// faster (geomean of 12 cases, 0.87-1.67x: faster at 1-32 adapters in all three shapes, slower at
 /// 128 adapters in two), at rank 16 0.72x (the CUDA cores' shuffle reductions are cheap there); with
 /// the rank tiles fixed at compile time (s11) rank 16 turned too (PIPE_SMALL_RANKS).
-pub fn pipe_on_small_items(tokens: usize, small: bool, max_rank: usize, tuning: &Tuning) -> bool {
+pub fn pipe_on_small_items(tokens: usize, small: bool, adapters: Option<usize>, max_rank: usize, tuning: &Tuning) -> bool {
     if !small {
         return false;
     }
     if tokens <= TILE_T {
-        return tokens > FUSED_MIN_TOKENS && pipe_small_decode() && PIPE_SMALL_RANKS.contains(&max_rank);
+        let by_count = match std::env::var("LORAMUX_PIPE_SMALL_DECODE").as_deref() {
+            Ok("1") => true,
+            Ok("0") => false,
+            _ => adapters.is_some_and(|n| tokens >= PIPE_DECODE_TOKENS_PER_ADAPTER * n.max(1)),
+        };
+        return tokens > FUSED_MIN_TOKENS && by_count && PIPE_SMALL_RANKS.contains(&max_rank);
     }
     match std::env::var("LORAMUX_PIPE_SMALL").as_deref() {
         Ok("1") => true,
@@ -679,13 +684,14 @@ pub fn pipe_on_small_items(tokens: usize, small: bool, max_rank: usize, tuning: 
     }
 }
 
-/// `LORAMUX_PIPE_SMALL_DECODE=1`: decode batches of FUSED_MIN_TOKENS+1..=TILE_T tokens on small items
-/// take the pipelined kernels (ranks PIPE_SMALL_RANKS) instead of the fused decode kernel (A/B runs:
-/// at rank 64 the pipelined small items of T = 256 spent ~1.0 us an adapter where the fused kernel
-/// at T = 64 spent ~1.6, ops.py on the H200, s12).
-fn pipe_small_decode() -> bool {
-    std::env::var("LORAMUX_PIPE_SMALL_DECODE").as_deref() == Ok("1")
-}
+/// Fewest tokens the counted adapters of a decode batch (FUSED_MIN_TOKENS+1..=TILE_T tokens, small
+/// items) must average for it to take the pipelined kernels rather than the fused decode kernel
+/// (`LORAMUX_PIPE_SMALL_DECODE=1|0` forces either way for A/B runs; no count, a captured graph:
+/// the fused kernel). Measured on the H200 (docs/kernel-notes.md, s12; ops.py, same run, 3 shapes x
+/// r16/64, both orders, pipelined / fused time): 4 adapters at T = 32 0.61x geomean (0.46-0.86),
+/// 8 at 32 0.83x (0.69-1.05), 8 at 64 0.65x (0.48-0.88), 16 at 64 0.82x (0.65-1.06); at 2 tokens an
+/// adapter the fused kernel wins at rank 16 (32 adapters at T = 32: 1.28x geomean, up to 1.72x).
+pub const PIPE_DECODE_TOKENS_PER_ADAPTER: usize = 4;
 
 /// Max ranks whose small-item batches take the pipelined kernels by default. Rank 64 since prefill-5
 /// (above); ranks up to 32 since the kernels fixed their rank tiles at compile time (s11, H200,
@@ -696,9 +702,9 @@ pub const PIPE_SMALL_RANKS: std::ops::RangeInclusive<usize> = 1..=64;
 
 /// Whether this batch's shrink and expand are the pipelined tensor-core kernels (where the launcher
 /// finds 16-byte copies allowed): past the small items by default, on them where chosen.
-pub fn takes_pipelined(tokens: usize, small: bool, max_rank: usize, tuning: &Tuning) -> bool {
+pub fn takes_pipelined(tokens: usize, small: bool, adapters: Option<usize>, max_rank: usize, tuning: &Tuning) -> bool {
     if small {
-        pipe_on_small_items(tokens, small, max_rank, tuning)
+        pipe_on_small_items(tokens, small, adapters, max_rank, tuning)
     } else {
         prefill_is_pipelined(tuning)
     }
@@ -934,14 +940,14 @@ mod tests {
         for &(t, hi, s, slots) in &cases {
             // rank 64 takes the pipelined kernels on small items, rank 16 the CUDA-core ones
             for max_rank in [16, 64] {
-                let p = plan_shrink_on_host(t, small_items(t, None), hi, s, slots, max_rank, &Tuning::default());
+                let p = plan_shrink_on_host(t, small_items(t, None), None, hi, s, slots, max_rank, &Tuning::default());
                 assert!(p.ksplit >= 1 && p.kchunk * p.ksplit >= hi, "{t} {hi}: {p:?}");
                 assert!(p.kchunk * (p.ksplit - 1) < hi, "empty split {p:?}");
                 if small_items(t, None) {
                     // the decode shrink may run any small-item plan (the pipelined one's fallback)
                     assert!(p.kchunk <= DECODE_MAX_CHUNK, "{t} {hi} r{max_rank}: {p:?}");
                 }
-                let granule = if small_items(t, None) && !takes_pipelined(t, small_items(t, None), max_rank, &Tuning::default()) { 256 } else { 64 };
+                let granule = if small_items(t, None) && !takes_pipelined(t, small_items(t, None), None, max_rank, &Tuning::default()) { 256 } else { 64 };
                 assert!(p.kchunk % granule == 0, "{t} {hi} r{max_rank}: {p:?}");
             }
         }
@@ -980,11 +986,11 @@ mod tests {
         }
         let d = Tuning::default();
         // up to 16 tokens the host plans the split (measured), above it the device
-        assert_eq!(plan_shrink(16, small_items(16, None), 4096, 1, 64, 16, &d).split_target, 0);
+        assert_eq!(plan_shrink(16, small_items(16, None), None, 4096, 1, 64, 16, &d).split_target, 0);
         assert_eq!(plan_fused(8, 4096, 4096, 1, 64, &d).expand_target, 0);
         for &(t, hi, s, slots) in &[(17, 4096, 1, 8), (32, 4096, 3, 64), (32, 14336, 1, 33), (64, 576, 2, 4), (64, 4096, 2, 200), (20, 100, 3, 3), (64, 65536, 1, 8)] {
             for max_rank in [16, 64] {
-                let p = plan_shrink(t, small_items(t, None), hi, s, slots, max_rank, &d);
+                let p = plan_shrink(t, small_items(t, None), None, hi, s, slots, max_rank, &d);
                 assert!(p.split_target > 0 && p.kchunk % 256 == 0 && p.kchunk <= DECODE_MAX_CHUNK, "{p:?}");
                 for n in 1..=max_items(t, slots, small_items(t, None)) {
                     let q = decode_split(n, s, hi, p.split_target);
@@ -1048,12 +1054,12 @@ mod tests {
             return; // forced by the environment: nothing to check
         }
         let d = Tuning::default();
-        assert!(decode_expand_is_flat(32, true, 3, 16, &d) && decode_expand_is_flat(64, true, 2, 16, &d));
-        assert!(!decode_expand_is_flat(32, true, 1, 16, &d) && !decode_expand_is_flat(16, true, 3, 16, &d) && !decode_expand_is_flat(65, true, 2, 16, &d));
+        assert!(decode_expand_is_flat(32, true, None, 3, 16, &d) && decode_expand_is_flat(64, true, None, 2, 16, &d));
+        assert!(!decode_expand_is_flat(32, true, None, 1, 16, &d) && !decode_expand_is_flat(16, true, None, 3, 16, &d) && !decode_expand_is_flat(65, true, None, 2, 16, &d));
         // the flat path's shrink splits coarser (on the device: for the same count, a smaller target)
-        assert!(plan_shrink_on_host(32, small_items(32, None), 4096, 3, 32, 16, &d).ksplit < plan_shrink_on_host(32, small_items(32, None), 4096, 1, 32, 16, &d).ksplit);
+        assert!(plan_shrink_on_host(32, small_items(32, None), None, 4096, 3, 32, 16, &d).ksplit < plan_shrink_on_host(32, small_items(32, None), None, 4096, 1, 32, 16, &d).ksplit);
         if decode_split_from_device(32, &d) {
-            assert_eq!((plan_shrink(32, small_items(32, None), 4096, 3, 32, 16, &d).split_target, plan_shrink(32, small_items(32, None), 4096, 1, 32, 16, &d).split_target), (132, 528));
+            assert_eq!((plan_shrink(32, small_items(32, None), None, 4096, 3, 32, 16, &d).split_target, plan_shrink(32, small_items(32, None), None, 4096, 1, 32, 16, &d).split_target), (132, 528));
         }
     }
 
@@ -1067,22 +1073,22 @@ mod tests {
         }
         let flat = Tuning { expand: Some(ExpandKind::Flat), ..Default::default() };
         let o1w = Tuning { expand: Some(ExpandKind::SmallO1w), ..Default::default() };
-        assert!(decode_expand_is_flat(8, true, 1, 16, &flat) && !decode_expand_is_flat(128, true, 1, 16, &flat));
-        assert!(!decode_expand_is_flat(64, true, 3, 16, &o1w));
+        assert!(decode_expand_is_flat(8, true, None, 1, 16, &flat) && !decode_expand_is_flat(128, true, None, 1, 16, &flat));
+        assert!(!decode_expand_is_flat(64, true, None, 3, 16, &o1w));
         assert_eq!(expand_variant(&o1w), "1w");
         assert_eq!(expand_tiles_per_block(&Tuning { expand: Some(ExpandKind::TileC4), ..Default::default() }), 4);
         // more target blocks split the reduction finer
         let few = Tuning { shrink_target_blocks: Some(132), ..Default::default() };
         let many = Tuning { shrink_target_blocks: Some(1056), ..Default::default() };
-        assert!(plan_shrink_on_host(64, small_items(64, None), 4096, 1, 64, 16, &few).ksplit < plan_shrink_on_host(64, small_items(64, None), 4096, 1, 64, 16, &many).ksplit);
+        assert!(plan_shrink_on_host(64, small_items(64, None), None, 4096, 1, 64, 16, &few).ksplit < plan_shrink_on_host(64, small_items(64, None), None, 4096, 1, 64, 16, &many).ksplit);
         if decode_split_from_device(64, &few) {
-            assert_eq!(plan_shrink(64, small_items(64, None), 4096, 1, 64, 16, &few).split_target, 132);
+            assert_eq!(plan_shrink(64, small_items(64, None), None, 4096, 1, 64, 16, &few).split_target, 132);
         }
         // a table entry names the split it was timed with (unless the environment forces one)
         if std::env::var("LORAMUX_DECODE_DEVICE_SPLIT").is_err() {
             let on = Tuning { device_split: Some(true), ..few };
             let off = Tuning { device_split: Some(false), ..few };
-            assert_eq!((plan_shrink(16, small_items(16, None), 4096, 1, 64, 16, &on).split_target, plan_shrink(64, small_items(64, None), 4096, 1, 64, 16, &off).split_target), (132, 0));
+            assert_eq!((plan_shrink(16, small_items(16, None), None, 4096, 1, 64, 16, &on).split_target, plan_shrink(64, small_items(64, None), None, 4096, 1, 64, 16, &off).split_target), (132, 0));
             assert_eq!(plan_fused(16, 4096, 4096, 1, 64, &on).shrink.split_target, 132);
         }
         for k in ExpandKind::ALL {
@@ -1125,16 +1131,25 @@ mod tests {
         let fused = Tuning { expand: Some(ExpandKind::Fused), ..Default::default() };
         for k in [ExpandKind::Fused3, ExpandKind::FusedStaged, ExpandKind::FusedStaged4] {
             let t = Tuning { expand: Some(k), ..Default::default() };
-            assert!(decode_is_fused(8, true, 16, &t));
+            assert!(decode_is_fused(8, true, None, 16, &t));
             let p = plan_fused(32, 4096, 4096, 1, 32, &t);
             assert_eq!(p.staged_a, k != ExpandKind::Fused3);
             assert_eq!(p.blocks_per_sm, [None, Some(3), None, Some(4)][[ExpandKind::Fused, ExpandKind::Fused3, ExpandKind::FusedStaged, ExpandKind::FusedStaged4].iter().position(|&x| x == k).unwrap()]);
         }
-        assert!(decode_is_fused(64, true, 64, &d) && !decode_is_fused(65, true, 16, &d) && !decode_is_fused(8, true, 128, &fused));
-        assert!(!decode_is_fused(8, true, 16, &d) && decode_is_fused(8, true, 16, &fused));
+        assert!(decode_is_fused(64, true, None, 64, &d) && !decode_is_fused(65, true, None, 16, &d) && !decode_is_fused(8, true, None, 128, &fused));
+        assert!(!decode_is_fused(8, true, None, 16, &d) && decode_is_fused(8, true, None, 16, &fused));
         // a decode batch cut into tiles (small_items with the count) takes neither decode kernel
-        assert!(!decode_is_fused(64, false, 16, &fused) && !decode_expand_is_flat(32, false, 3, 16, &d));
-        assert!(!decode_is_fused(8, true, 16, &Tuning { expand: Some(ExpandKind::SmallO1), ..Default::default() }));
+        assert!(!decode_is_fused(64, false, None, 16, &fused) && !decode_expand_is_flat(32, false, None, 3, 16, &d));
+        assert!(!decode_is_fused(8, true, None, 16, &Tuning { expand: Some(ExpandKind::SmallO1), ..Default::default() }));
+        // counted adapters averaging 4+ tokens: the pipelined kernels, a host-planned split, not flat
+        if std::env::var("LORAMUX_PIPE_SMALL_DECODE").is_err() {
+            assert!(pipe_on_small_items(32, true, Some(8), 64, &d) && takes_pipelined(64, true, Some(16), 16, &fused));
+            assert!(!pipe_on_small_items(32, true, Some(9), 64, &d) && !pipe_on_small_items(32, true, None, 64, &d));
+            assert!(!pipe_on_small_items(16, true, Some(1), 64, &d) && !pipe_on_small_items(64, true, Some(4), 128, &d));
+            assert!(!decode_is_fused(64, true, Some(16), 16, &fused) && decode_is_fused(64, true, Some(17), 16, &d));
+            assert!(!decode_expand_is_flat(64, true, Some(16), 3, 16, &d) && decode_expand_is_flat(64, true, Some(17), 3, 16, &d));
+            assert_eq!(plan_shrink(64, true, Some(16), 4096, 3, 64, 16, &d).split_target, 0);
+        }
     }
 
     #[test]
@@ -1182,23 +1197,23 @@ mod tests {
         let c4 = Tuning { expand: Some(ExpandKind::TileC4), ..Default::default() };
         let p16 = Tuning { expand: Some(ExpandKind::Pipe16), ..Default::default() };
         assert!(prefill_is_pipelined(&d) && prefill_is_pipelined(&p16) && !prefill_is_pipelined(&c4));
-        let plan = plan_shrink(2048, small_items(2048, None), 4096, 1, 8, 16, &d);
+        let plan = plan_shrink(2048, small_items(2048, None), None, 4096, 1, 8, 16, &d);
         // the reduce runs wherever the shrink did not sum u itself: lora_apply asks only when
         // launch::shrink returned no u (the register-staged path, or the pipelined one's fallback)
         assert!(plan.ksplit > 1 && apply_reduces_first(small_items(2048, None), &plan));
         assert!(!apply_reduces_first(small_items(2048, None), &ShrinkPlan { ksplit: 1, kchunk: 4096, split_target: 0 }) && !apply_reduces_first(small_items(200, None), &plan));
         assert_eq!(pipe_expand_tiles(2048, small_items(2048, None), &[4096], &p16), 16);
         // at most 16 splits on the pipelined path (the register-staged one splits to 56 here)
-        let pipe = plan_shrink(512, small_items(512, None), 14336, 1, 8, 64, &d);
+        let pipe = plan_shrink(512, small_items(512, None), None, 14336, 1, 8, 64, &d);
         assert!(pipe.ksplit <= 16 && pipe.ksplit * pipe.kchunk >= 14336 && pipe.kchunk % 64 == 0, "{pipe:?}");
-        assert!(plan_shrink(512, small_items(512, None), 14336, 1, 8, 64, &c4).ksplit > 16);
+        assert!(plan_shrink(512, small_items(512, None), None, 14336, 1, 8, 64, &c4).ksplit > 16);
         // small items take the pipelined kernels up to rank 64 unless the table says otherwise; decode batches never
         if std::env::var("LORAMUX_PIPE_SMALL").is_err() {
-            assert!(takes_pipelined(200, small_items(200, None), 16, &d) && takes_pipelined(200, small_items(200, None), 16, &p16) && !takes_pipelined(64, small_items(64, None), 64, &p16));
-            assert!(takes_pipelined(200, small_items(200, None), 64, &d) && !takes_pipelined(200, small_items(200, None), 128, &d));
+            assert!(takes_pipelined(200, small_items(200, None), None, 16, &d) && takes_pipelined(200, small_items(200, None), None, 16, &p16) && !takes_pipelined(64, small_items(64, None), None, 64, &p16));
+            assert!(takes_pipelined(200, small_items(200, None), None, 64, &d) && !takes_pipelined(200, small_items(200, None), None, 128, &d));
             let o1 = Tuning { expand: Some(ExpandKind::SmallO1), ..Default::default() };
-            assert!(!takes_pipelined(200, small_items(200, None), 64, &o1));
-            assert!(takes_pipelined(300, small_items(300, None), 16, &d) && !takes_pipelined(300, small_items(300, None), 16, &c4));
+            assert!(!takes_pipelined(200, small_items(200, None), None, 64, &o1));
+            assert!(takes_pipelined(300, small_items(300, None), None, 16, &d) && !takes_pipelined(300, small_items(300, None), None, 16, &c4));
         }
         assert_eq!(pipe_expand_tiles(2048, small_items(2048, None), &[100], &p16), 2); // never past the slice
         for &(t, ho, s) in &[(300, 4096, 1), (2048, 4096, 1), (2048, 14336, 2), (8192, 1024, 3)] {
