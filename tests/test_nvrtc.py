@@ -4,18 +4,35 @@ not on the GPU machine."""
 
 import pytest
 
-from loramux import _core
+from loramux import _core, cli
 from loramux.ops import kernels
 from loramux.errors import LoraCudaError
 
 pytestmark = pytest.mark.skipif(kernels.nvrtc_library() is None, reason="no libnvrtc installed")
 
 
-@pytest.mark.parametrize("arch", [80, 90])
-def test_every_kernel_compiles(arch):
-    compiled = dict(_core.nvrtc_compile_all(arch))
-    assert set(compiled) == {"lora_segments", "lora_shrink", "lora_expand", "lora_fused", "lora_prefill"}
+FAMILIES = {"lora_segments", "lora_shrink", "lora_expand", "lora_fused", "lora_prefill"}
+
+
+def test_every_kernel_compiles():
+    compiled = dict(_core.nvrtc_compile_all(80))
+    assert set(compiled) == FAMILIES
     assert all(size > 1000 for size in compiled.values()), compiled
+
+
+def test_compile_kernels_fills_the_cache_a_launch_reads(tmp_path, monkeypatch, capsys):
+    """`loramux compile-kernels --arch 90` compiles every kernel (sm_90) into LORAMUX_KERNEL_CACHE,
+    one file a family named by arch and NVRTC version; compiling again reads them back unchanged."""
+    monkeypatch.setenv("LORAMUX_KERNEL_CACHE", str(tmp_path))
+    assert cli.main(["compile-kernels", "--arch", "90"]) == 0
+    out = capsys.readouterr().out
+    assert str(tmp_path) in out and all(f"sm_90 {f}:" in out for f in FAMILIES)
+    major, minor = _core.nvrtc_version()
+    files = {p.name.split("-sm90-")[0]: p for p in tmp_path.iterdir()}
+    assert set(files) == FAMILIES and all(f"-sm90-nvrtc{major}.{minor}-" in p.name for p in files.values())
+    stamps = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in files.values()}
+    assert dict(_core.nvrtc_compile_all(90, cache=True)) == {f: p.stat().st_size for f, p in files.items()}
+    assert {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in files.values()} == stamps
 
 
 def test_nvrtc_version_is_reported():

@@ -335,14 +335,17 @@ def add_compile_kernels(sub) -> None:
 
 def cmd_compile_kernels(args) -> int:
     from loramux import _core
+    from loramux.errors import LoraCudaError
+    from loramux.ops.nvrtc_library import nvrtc_library
 
-    try:
-        _core.nvrtc_version()
-    except LoraError:
-        # libnvrtc comes with torch's CUDA wheels; importing torch puts them where the loader looks
-        import torch  # noqa: F401
+    # the first libnvrtc on sys.path (torch's CUDA wheels), as a launch would load it; the cache
+    # keys its files by NVRTC version, so compile with the one the serving machine runs
+    library = nvrtc_library()
+    if library is None:
+        raise LoraCudaError("no libnvrtc found: install torch's CUDA wheels (nvidia/cu13) or nvidia-cuda-nvrtc, "
+                            "or set CUDA_HOME")
     major, minor = _core.nvrtc_version()
-    print(f"NVRTC {major}.{minor}, cache {_core.nvrtc_cache_dir()}")
+    print(f"NVRTC {major}.{minor} ({library}), cache {_core.nvrtc_cache_dir()}")
     for arch in args.arch:
         for family, size in _core.nvrtc_compile_all(arch, cache=True):
             print(f"sm_{arch} {family}: {size} bytes")
