@@ -198,11 +198,11 @@ def test_decode_batch_of_few_adapters_cut_into_tiles(monkeypatch, T, ranks, tile
         assert rel_err(y, want, y0) < 2e-2
 
 
-@pytest.mark.parametrize("T,ranks,dora", [(17, [16] * 8, 0), (32, [16, 64, 8, 33] * 4, 0), (64, [64] * 32, 0),
+@pytest.mark.parametrize("T,ranks,dora", [(16, [64, 16, 8], 0), (17, [16] * 8, 0), (32, [16, 64, 8, 33] * 4, 0), (64, [64] * 32, 0),
                                           (48, [16, 0, 33, 64] * 6, 3), (64, [8, 16] * 20, 2)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_decode_batch_of_many_adapters_on_pipelined_small_items(monkeypatch, T, ranks, dora, dtype):
-    """LORAMUX_PIPE_SMALL_DECODE=1 (A/B): a decode batch of 17..64 tokens over many adapters (small
+    """LORAMUX_PIPE_SMALL_DECODE=1 (A/B): a decode batch of 16..64 tokens over many adapters (small
     items) takes the pipelined tensor-core kernels instead of the fused decode kernel, with a split
     planned on the host (the pipelined shrink's grid is its ksplit), equal to the float64 oracle
     over q|k|v, mixed and odd ranks, DoRA; in a graph too, replayed with another mix."""

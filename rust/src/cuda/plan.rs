@@ -671,7 +671,7 @@ pub fn pipe_on_small_items(tokens: usize, small: bool, adapters: Option<usize>, 
             Ok("0") => false,
             _ => adapters.is_some_and(|n| tokens >= PIPE_DECODE_TOKENS_PER_ADAPTER * n.max(1)),
         };
-        return tokens > FUSED_MIN_TOKENS && by_count && PIPE_SMALL_RANKS.contains(&max_rank);
+        return tokens >= DECODE_TILES_MIN_T && by_count && PIPE_SMALL_RANKS.contains(&max_rank);
     }
     match std::env::var("LORAMUX_PIPE_SMALL").as_deref() {
         Ok("1") => true,
@@ -684,8 +684,9 @@ pub fn pipe_on_small_items(tokens: usize, small: bool, adapters: Option<usize>, 
     }
 }
 
-/// Fewest tokens the counted adapters of a decode batch (FUSED_MIN_TOKENS+1..=TILE_T tokens, small
-/// items) must average for it to take the pipelined kernels rather than the fused decode kernel
+/// Fewest tokens the counted adapters of a decode batch (DECODE_TILES_MIN_T..=TILE_T tokens, small
+/// items) must average for it to take the pipelined kernels rather than the fused decode kernel (at
+/// 16 tokens: the two-kernel decode path)
 /// (`LORAMUX_PIPE_SMALL_DECODE=1|0` forces either way for A/B runs; no count, a captured graph:
 /// the fused kernel). Measured on the H200 (docs/kernel-notes.md, s12; ops.py, same run, 3 shapes x
 /// r16/64, both orders, pipelined / fused time): 4 adapters at T = 32 0.61x geomean (0.46-0.86),
@@ -1145,7 +1146,8 @@ mod tests {
         if std::env::var("LORAMUX_PIPE_SMALL_DECODE").is_err() {
             assert!(pipe_on_small_items(32, true, Some(8), 64, &d) && takes_pipelined(64, true, Some(16), 16, &fused));
             assert!(!pipe_on_small_items(32, true, Some(9), 64, &d) && !pipe_on_small_items(32, true, None, 64, &d));
-            assert!(!pipe_on_small_items(16, true, Some(1), 64, &d) && !pipe_on_small_items(64, true, Some(4), 128, &d));
+            assert!(pipe_on_small_items(16, true, Some(4), 64, &d) && !pipe_on_small_items(15, true, Some(1), 64, &d));
+            assert!(!pipe_on_small_items(64, true, Some(4), 128, &d));
             assert!(!decode_is_fused(64, true, Some(16), 16, &fused) && decode_is_fused(64, true, Some(17), 16, &d));
             assert!(!decode_expand_is_flat(64, true, Some(16), 3, 16, &d) && decode_expand_is_flat(64, true, Some(17), 3, 16, &d));
             assert_eq!(plan_shrink(64, true, Some(16), 4096, 3, 64, 16, &d).split_target, 0);
