@@ -225,7 +225,10 @@ def test_unloading_an_adapter_in_use_waits_for_its_requests(server, client):
     thread = threading.Thread(
         target=lambda: done.update(r=_post(server, "/v1/unload_lora_adapter", {"lora_name": "busy"})))
     thread.start()
-    time.sleep(0.2)
+    # the listing drops an adapter once its unload begins (a fixed sleep raced a loaded machine)
+    deadline = time.monotonic() + 30
+    while "busy" in _models(client) and time.monotonic() < deadline:
+        time.sleep(0.02)
     # unloading (or unloaded): new requests are refused, the one in flight runs to its end
     with pytest.raises(openai.NotFoundError, match="busy"):
         client.completions.create(model="busy", prompt=PROMPT, max_tokens=4)

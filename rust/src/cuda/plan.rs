@@ -691,7 +691,8 @@ pub fn pipe_on_small_items(tokens: usize, small: bool, adapters: Option<usize>, 
 /// the fused kernel). Measured on the H200 (docs/kernel-notes.md, s12; ops.py, same run, 3 shapes x
 /// r16/64, both orders, pipelined / fused time): 4 adapters at T = 32 0.61x geomean (0.46-0.86),
 /// 8 at 32 0.83x (0.69-1.05), 8 at 64 0.65x (0.48-0.88), 16 at 64 0.82x (0.65-1.06); at 2 tokens an
-/// adapter the fused kernel wins at rank 16 (32 adapters at T = 32: 1.28x geomean, up to 1.72x).
+/// adapter the fused kernel wins at rank 16 (32 adapters at T = 32: 1.28x geomean, up to 1.72x). At
+/// T = 16 (the two-kernel decode path before): 2 adapters 0.58x, 4 adapters 0.80x (0.55-1.15).
 pub const PIPE_DECODE_TOKENS_PER_ADAPTER: usize = 4;
 
 /// Max ranks whose small-item batches take the pipelined kernels by default. Rank 64 since prefill-5
