@@ -660,7 +660,9 @@ pub fn prefill_is_pipelined(tuning: &Tuning) -> bool {
 /// at T = 256 (docs/kernel-notes.md, prefill-5, run 3): at rank 64 the pipelined kernels were 1.28x
 /// faster (geomean of 12 cases, 0.87-1.67x: faster at 1-32 adapters in all three shapes, slower at
 /// 128 adapters in two), at rank 16 0.72x (the CUDA cores' shuffle reductions are cheap there); with
-/// the rank tiles fixed at compile time (s11) rank 16 turned too (PIPE_SMALL_RANKS).
+/// the rank tiles fixed at compile time (s11) rank 16 turned too (PIPE_SMALL_RANKS). Decode batches
+/// (DECODE_TILES_MIN_T..=TILE_T tokens) take it by their adapter count instead
+/// (PIPE_DECODE_TOKENS_PER_ADAPTER), never by the table, whose entries were timed on other kernels.
 pub fn pipe_on_small_items(tokens: usize, small: bool, adapters: Option<usize>, max_rank: usize, tuning: &Tuning) -> bool {
     if !small {
         return false;
