@@ -5,7 +5,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 PYDEPS := torch numpy safetensors tqdm transformers peft gguf ml_dtypes hypothesis pytest maturin starlette uvicorn pydantic openai httpx psutil
 
-.PHONY: deps install test test-rust test-python demo bench-gpu wheel clean
+.PHONY: deps install test test-rust test-python demo bench-gpu wheel kernel-cache clean
 
 deps:
 	$(PIP) install -q $(PYDEPS)
@@ -31,6 +31,16 @@ demo: install
 # abi3 wheel for the GPU machine (see README, "Tests").
 wheel:
 	maturin build --release -o .gpu
+
+# The kernels compiled ahead of time for the GPU machine, here without a GPU, by the NVRTC of its
+# CUDA (the cache keys each file by NVRTC version): carry .gpu/kcache there and point
+# LORAMUX_KERNEL_CACHE at it, and its first launch loads them instead of compiling (~100 s on an H200 host).
+GPU_NVRTC ?= 13.0.88
+GPU_ARCH ?= 90
+kernel-cache:
+	$(PIP) download -q --no-deps -d .gpu/nvrtc nvidia-cuda-nvrtc==$(GPU_NVRTC)
+	cd .gpu/nvrtc && $(PYTHON) -m zipfile -e nvidia_cuda_nvrtc-$(GPU_NVRTC)-*.whl .
+	PYTHONPATH=$(CURDIR)/.gpu/nvrtc LORAMUX_KERNEL_CACHE=$(CURDIR)/.gpu/kcache $(PYTHON) -m loramux.cli compile-kernels --arch $(GPU_ARCH)
 
 clean:
 	cargo clean
