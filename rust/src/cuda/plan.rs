@@ -258,16 +258,16 @@ pub struct ShrinkPlan {
 /// `LORAMUX_SHRINK_TARGET_BLOCKS`, else the tuning's target, else the built-in one; at most
 /// PIPE_MAX_SPLIT_DEFAULT splits where the pipelined kernels run (`max_rank` decides that on small
 /// items). `small`: how the step's segments cut the tokens (`small_items`).
+#[allow(clippy::too_many_arguments)]
 pub fn plan_shrink(
     tokens: usize, small: bool, adapters: Option<usize>, hi: usize, num_slices: usize, num_slots: usize, max_rank: usize, tuning: &Tuning,
 ) -> ShrinkPlan {
-    // the pipelined shrink's grid and its last-split count are the planned ksplit: no device sizing
-    let device_split = decode_split_from_device(tokens, tuning) && !takes_pipelined(tokens, small, adapters, max_rank, tuning);
-    plan_shrink_with(tokens, small, adapters, hi, num_slices, num_slots, max_rank, tuning, device_split)
+    plan_shrink_with(tokens, small, adapters, hi, num_slices, num_slots, max_rank, tuning, decode_split_from_device(tokens, tuning))
 }
 
 /// `plan_shrink` with the split planned on the host whatever the batch (the standalone shrink: its
 /// reduce sums every planned split).
+#[allow(clippy::too_many_arguments)]
 pub fn plan_shrink_on_host(
     tokens: usize, small: bool, adapters: Option<usize>, hi: usize, num_slices: usize, num_slots: usize, max_rank: usize, tuning: &Tuning,
 ) -> ShrinkPlan {
@@ -282,9 +282,11 @@ fn plan_shrink_with(
     // the flat expand re-reads every token's partials in each block: fewer, fatter splits pay there
     let built_in = if decode_expand_is_flat(tokens, small, adapters, num_slices, max_rank, tuning) { FLAT_TARGET_BLOCKS } else { TARGET_BLOCKS };
     let target = env_usize("LORAMUX_SHRINK_TARGET_BLOCKS").or(tuning.shrink_target_blocks).unwrap_or(built_in).max(1);
-    let plan = split_for(tokens, small, hi, num_slices, num_slots, target, device_split);
+    let pipelined = takes_pipelined(tokens, small, adapters, max_rank, tuning);
+    // the pipelined shrink's grid and its last-split count are the planned ksplit: no device sizing
+    let plan = split_for(tokens, small, hi, num_slices, num_slots, target, device_split && !pipelined);
     let max_split = pipe_max_split();
-    if !takes_pipelined(tokens, small, adapters, max_rank, tuning) || plan.ksplit <= max_split {
+    if !pipelined || plan.ksplit <= max_split {
         return plan;
     }
     // the pipelined shrink streams long chunks; the last split of an item sums all the partials.
@@ -1212,8 +1214,9 @@ mod tests {
         let pipe = plan_shrink(512, small_items(512, None), None, 14336, 1, 8, 64, &d);
         assert!(pipe.ksplit <= 16 && pipe.ksplit * pipe.kchunk >= 14336 && pipe.kchunk % 64 == 0, "{pipe:?}");
         assert!(plan_shrink(512, small_items(512, None), None, 14336, 1, 8, 64, &c4).ksplit > 16);
-        // small items take the pipelined kernels up to rank 64 unless the table says otherwise; decode batches never
-        if std::env::var("LORAMUX_PIPE_SMALL").is_err() {
+        // small items take the pipelined kernels up to rank 64 unless the table says otherwise; decode
+        // batches only by their adapter count (none here), never by the table
+        if std::env::var("LORAMUX_PIPE_SMALL").is_err() && std::env::var("LORAMUX_PIPE_SMALL_DECODE").is_err() {
             assert!(takes_pipelined(200, small_items(200, None), None, 16, &d) && takes_pipelined(200, small_items(200, None), None, 16, &p16) && !takes_pipelined(64, small_items(64, None), None, 64, &p16));
             assert!(takes_pipelined(200, small_items(200, None), None, 64, &d) && !takes_pipelined(200, small_items(200, None), None, 128, &d));
             let o1 = Tuning { expand: Some(ExpandKind::SmallO1), ..Default::default() };
