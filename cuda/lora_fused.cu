@@ -207,28 +207,18 @@ __device__ __forceinline__ void fused_wait(unsigned* done, unsigned wrap, int ks
     __syncthreads();
 }
 
-// B tiles the expand role keeps in flight (2..4): as many as the launch's shared memory holds past
-// tokens and u at the launch's max rank (rust/src/cuda/plan.rs fused_smem_bytes_with sizes it for
-// LORAMUX_FUSED_B_STAGES, else two tiles as before; at ranks <= 8 the shrink role's x rows leave
-// room for a third). More tiles put more of a block's column steps in flight before it waits on
-// the shrink. The staged-A form keeps two (its shared memory is sized for A).
-__device__ __forceinline__ int fused_b_stages(int smem_bytes, int max_rank) {
-    const int rc = (max_rank + 7) & ~7;
-    const int tile = FUSED_COLS * fused_row_chunks(rc) * 8 * 2;
-    return min(4, max(2, (smem_bytes - FUSED_SMEM_HEAD - DECODE_TOKENS * rc * 4) / tile));
-}
-
-// NT: the most tokens the item can have (1, 2, 4 or DECODE_TOKENS; fused_decode picks the least that
-// holds w.count). The token loops below unroll to NT, not to DECODE_TOKENS: each token slot past the
-// item's count still issued its predicated address arithmetic, load and sums (ncu, SASS of the
-// decode step's q|k|v apply: one-token items spent ~40 % of the expand's instructions on the seven
-// empty slots). NT <= 4 also keeps each token's y row address in a register instead of re-reading
-// the token from shared memory for every load and store. Same sums in the same order per token:
-// rows are bit for bit those of every NT.
+// NT: the most tokens the item can have (1, 2 or DECODE_TOKENS; fused_decode picks the least that
+// holds w.count; a bound of 4 measured no faster than 8 on the H200, kernel-notes s13). The token
+// loops below unroll to NT, not to DECODE_TOKENS: each token slot past the item's count still
+// issued its predicated address arithmetic, load and sums (ncu, SASS of the decode step's q|k|v
+// apply: one-token items spent ~40 % of the expand's instructions on the seven empty slots).
+// NT <= 2 also keeps each token's y row address in a register instead of re-reading the token from
+// shared memory for every load and store. Same sums in the same order per token: rows are bit for
+// bit those of every NT.
 template <bool BF16, int NT>
 __device__ __forceinline__ void fused_expand(const FusedArgs& p, const WorkItem& w, const AdapterEntry& e,
                                              unsigned* done, unsigned wrap, int s, int g, int ksplit, int col_steps,
-                                             int b_stages, unsigned char* sm) {
+                                             unsigned char* sm) {
     static_assert(NT >= 1 && NT <= DECODE_TOKENS, "NT: tokens an item holds at most");
     constexpr bool ROW_PTRS = NT <= 2;
     const int off = p.slices.out_offset[s], ho = p.slices.out_size[s];
@@ -248,12 +238,12 @@ __device__ __forceinline__ void fused_expand(const FusedArgs& p, const WorkItem&
     const int o_end = min(ho, o0 + col_steps * FUSED_COLS);
     const int nsteps = (o_end - o0 + FUSED_COLS - 1) / FUSED_COLS;
     const bool vec = (R % 8 == 0) && ((reinterpret_cast<u64>(e.b) & 15) == 0);
-    // B rows of step j into stage j % b_stages: one contiguous run of ncols * R halves of B
+    // B rows of step j into stage j & 1: one contiguous run of ncols * R halves of B
     auto stage = [&](int j) {
         if (j < nsteps) {
             const int c0 = o0 + j * FUSED_COLS;
             const int ncols = min(FUSED_COLS, o_end - c0);
-            u16* dst = bs + (j % b_stages) * FUSED_COLS * pitch;
+            u16* dst = bs + (j & 1) * FUSED_COLS * pitch;
             const u16* src = e.b + (long long)c0 * R;
             for (int idx = threadIdx.x; idx < ncols * nq; idx += LMX_THREADS) {
                 const int col = idx / nq, q = idx - col * nq;
@@ -268,7 +258,8 @@ __device__ __forceinline__ void fused_expand(const FusedArgs& p, const WorkItem&
         }
         cp_async_commit();  // one group a step, empty or not: the wait below counts them
     };
-    for (int j = 0; j < b_stages; ++j) stage(j);  // tokens: staged and published by fused_decode's prologue
+    stage(0);
+    stage(1);  // tokens: staged and published by fused_decode's prologue
     // y row of token slot t (from column off), set once a block where NT allows the registers
     u16* yrow[ROW_PTRS ? NT : 1];
 #pragma unroll
@@ -301,17 +292,12 @@ __device__ __forceinline__ void fused_expand(const FusedArgs& p, const WorkItem&
         su[i * rc + r] = v;
     }
     for (int j = 0; j < nsteps; ++j) {
-        // every group but the newest b_stages - 1 is in: step j's tile
-        switch (b_stages) {
-            case 2: cp_async_wait1(); break;
-            case 3: asm volatile("cp.async.wait_group 2;" ::: "memory"); break;
-            default: asm volatile("cp.async.wait_group 3;" ::: "memory"); break;
-        }
+        cp_async_wait1();  // every group but the newest is in: step j's tile
         __syncthreads();   // ... for every thread's copies (and su, the first time)
         load_y(j + 1, yn, sn);
         const int o = o0 + j * FUSED_COLS + threadIdx.x;
         if (o < o_end) {
-            const u16* brow = bs + (j % b_stages) * FUSED_COLS * pitch + threadIdx.x * pitch;
+            const u16* brow = bs + (j & 1) * FUSED_COLS * pitch + threadIdx.x * pitch;
             float acc[NT];
 #pragma unroll
             for (int t = 0; t < NT; ++t) acc[t] = 0.f;
@@ -340,8 +326,8 @@ __device__ __forceinline__ void fused_expand(const FusedArgs& p, const WorkItem&
                 }
             }
         }
-        __syncthreads();  // stage j % b_stages is read: step j + b_stages may land in it
-        stage(j + b_stages);
+        __syncthreads();  // stage j & 1 is read: step j + 2 may land in it
+        stage(j + 2);
 #pragma unroll
         for (int t = 0; t < NT; ++t) yv[t] = yn[t];
         sv = sn;
@@ -456,15 +442,12 @@ __device__ void fused_decode(const FusedArgs& p) {
         fused_shrink<BF16, STAGED_A>(p, w, e, done, wrap, s, role, f.kchunk, fsm);
     } else {
         const int g = role - f.ksplit, nt = min(DECODE_TOKENS, w.count);
-        const int bst = STAGED_A ? 2 : fused_b_stages(p.smem_bytes, p.table.max_rank);
         if (nt <= 1)
-            fused_expand<BF16, 1>(p, w, e, done, wrap, s, g, f.ksplit, f.col_steps, bst, fsm);
+            fused_expand<BF16, 1>(p, w, e, done, wrap, s, g, f.ksplit, f.col_steps, fsm);
         else if (nt <= 2)
-            fused_expand<BF16, 2>(p, w, e, done, wrap, s, g, f.ksplit, f.col_steps, bst, fsm);
-        else if (nt <= 4)
-            fused_expand<BF16, 4>(p, w, e, done, wrap, s, g, f.ksplit, f.col_steps, bst, fsm);
+            fused_expand<BF16, 2>(p, w, e, done, wrap, s, g, f.ksplit, f.col_steps, fsm);
         else
-            fused_expand<BF16, DECODE_TOKENS>(p, w, e, done, wrap, s, g, f.ksplit, f.col_steps, bst, fsm);
+            fused_expand<BF16, DECODE_TOKENS>(p, w, e, done, wrap, s, g, f.ksplit, f.col_steps, fsm);
     }
 }
 

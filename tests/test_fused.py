@@ -23,17 +23,14 @@ from test_kernels import QKV, TOL, _case  # noqa: E402
 DEV = "cuda"
 KNOBS = ("LORAMUX_EXPAND_DECODE", "LORAMUX_EXPAND_OPT", "LORAMUX_EXPAND_TILE_COLS", "LORAMUX_SHRINK_TARGET_BLOCKS",
          "LORAMUX_TUNING", "LORAMUX_DECODE_FUSED", "LORAMUX_FUSED_EXPAND_BLOCKS", "LORAMUX_FUSED_PDL",
-         "LORAMUX_FUSED_BLOCKS_PER_SM", "LORAMUX_FUSED_STAGE_A", "LORAMUX_DECODE_DEVICE_SPLIT", "LORAMUX_FUSED_B_STAGES")
+         "LORAMUX_FUSED_BLOCKS_PER_SM", "LORAMUX_FUSED_STAGE_A", "LORAMUX_DECODE_DEVICE_SPLIT")
 #: launch forms of the fused kernel that must give the same rows: the default (a programmatic
 #: dependent; the shrink's A in registers, 4 blocks an SM up to rank 32, 3 above), a plain launch,
 #: 3 and 5 blocks an SM, the shrink's A staged in shared memory (5 blocks an SM where shared memory
-#: lets them reside, fewer where not) and staged at 3 blocks an SM, 3 and 4 B tiles in flight in the
-#: expand role (4 at 3 blocks an SM too)
+#: lets them reside, fewer where not) and staged at 3 blocks an SM
 FORMS = {"default": {}, "plain": {"LORAMUX_FUSED_PDL": 0}, "m3": {"LORAMUX_FUSED_BLOCKS_PER_SM": 3},
          "m5": {"LORAMUX_FUSED_BLOCKS_PER_SM": 5}, "staged": {"LORAMUX_FUSED_STAGE_A": 1},
-         "staged-m3": {"LORAMUX_FUSED_STAGE_A": 1, "LORAMUX_FUSED_BLOCKS_PER_SM": 3},
-         "b3": {"LORAMUX_FUSED_B_STAGES": 3}, "b4": {"LORAMUX_FUSED_B_STAGES": 4},
-         "b4-m3": {"LORAMUX_FUSED_B_STAGES": 4, "LORAMUX_FUSED_BLOCKS_PER_SM": 3}}
+         "staged-m3": {"LORAMUX_FUSED_STAGE_A": 1, "LORAMUX_FUSED_BLOCKS_PER_SM": 3}}
 #: ... and, for the graph replays (another split: not the same bits), the split planned on the host
 GRAPH_FORMS = {**FORMS, "host-split": {"LORAMUX_DECODE_DEVICE_SPLIT": 0}}
 RANKS = [8, 16, 1, 0, 64, 7, 24, 33]  # <= 64: the fused kernel's ranks

@@ -506,28 +506,11 @@ pub fn fused_form(max_rank: usize, kchunk: usize, staged_a: bool, planned_blocks
         Ok("5") => Some(5),
         _ => planned_blocks_per_sm,
     };
-    fused_form_with(max_rank, kchunk, staged_a, forced, fused_b_stages())
+    fused_form_for(max_rank, kchunk, staged_a, forced)
 }
 
-/// B tiles the register-A fused kernel's expand role keeps in flight (cuda/lora_fused.cu
-/// fused_b_stages reads them back from the launch's shared memory): `LORAMUX_FUSED_B_STAGES=3|4`
-/// for A/B runs, else 2.
-pub fn fused_b_stages() -> usize {
-    match std::env::var("LORAMUX_FUSED_B_STAGES").as_deref() {
-        Ok("3") => 3,
-        Ok("4") => 4,
-        _ => 2,
-    }
-}
-
-/// `fused_form` with the environment's choices passed in (two B tiles in flight).
+/// `fused_form` with the environment's choices passed in.
 pub fn fused_form_for(max_rank: usize, kchunk: usize, staged_a: bool, blocks_per_sm: Option<usize>) -> FusedForm {
-    fused_form_with(max_rank, kchunk, staged_a, blocks_per_sm, 2)
-}
-
-/// `fused_form_for` with `b_stages` B tiles in flight in the register-A form's expand role (the
-/// staged-A form keeps two).
-pub fn fused_form_with(max_rank: usize, kchunk: usize, staged_a: bool, blocks_per_sm: Option<usize>, b_stages: usize) -> FusedForm {
     let wanted = match (blocks_per_sm, staged_a) {
         (Some(m), _) => m.clamp(3, 5),
         (None, true) => FUSED_STAGED_BLOCKS_PER_SM,
@@ -542,7 +525,7 @@ pub fn fused_form_with(max_rank: usize, kchunk: usize, staged_a: bool, blocks_pe
         let smem = if rounds > 1 && blocks_that_fit(two) >= wanted.min(blocks_that_fit(one)) { two } else { one };
         (((smem - FUSED_SMEM_HEAD - DECODE_ITEM * kchunk * 2) / (32 * kchunk)).min(4), smem)
     } else {
-        (0, fused_smem_bytes_with(max_rank, b_stages))
+        (0, fused_smem_bytes(max_rank))
     };
     FusedForm { blocks_per_sm: wanted.min(blocks_that_fit(smem_bytes).max(3)), staged_a, a_stages, smem_bytes }
 }
@@ -630,14 +613,9 @@ const FUSED_SMEM_HEAD: usize = 64;
 /// The fused expand role's shared memory with ranks up to `max_rank`: tokens, u, two B tiles of
 /// odd-chunk rows.
 pub fn fused_expand_smem_bytes(max_rank: usize) -> usize {
-    fused_expand_smem_bytes_with(max_rank, 2)
-}
-
-/// `fused_expand_smem_bytes` with `b_stages` B tiles.
-pub fn fused_expand_smem_bytes_with(max_rank: usize, b_stages: usize) -> usize {
     let rc = max_rank.div_ceil(8) * 8;
     let pitch = ((rc / 8) | 1) * 8;
-    FUSED_SMEM_HEAD + DECODE_ITEM * rc * 4 + b_stages * FUSED_COLS * pitch * 2
+    FUSED_SMEM_HEAD + DECODE_ITEM * rc * 4 + 2 * FUSED_COLS * pitch * 2
 }
 
 /// The staged shrink role's shared memory (cuda/lora_fused.cu shrink_decode_item_staged): tokens,
@@ -649,12 +627,7 @@ pub fn fused_staged_shrink_smem_bytes(kchunk: usize, a_stages: usize) -> usize {
 /// Dynamic shared memory of a register-A fused launch with ranks up to `max_rank`: the larger of
 /// the shrink role's (tokens, x chunk) and the expand role's.
 pub fn fused_smem_bytes(max_rank: usize) -> usize {
-    fused_smem_bytes_with(max_rank, 2)
-}
-
-/// `fused_smem_bytes` with `b_stages` B tiles in the expand role's ring.
-pub fn fused_smem_bytes_with(max_rank: usize, b_stages: usize) -> usize {
-    fused_expand_smem_bytes_with(max_rank, b_stages).max(FUSED_SMEM_HEAD + DECODE_ITEM * DECODE_MAX_CHUNK * 2)
+    fused_expand_smem_bytes(max_rank).max(FUSED_SMEM_HEAD + DECODE_ITEM * DECODE_MAX_CHUNK * 2)
 }
 
 /// Whether lora_apply sums the partials into u (the reduce kernel) before the expand where the shrink
@@ -1220,29 +1193,6 @@ mod tests {
         assert_eq!(r16.kernel_name("f16"), "lora_fused_decode_f16_m4");
         assert_eq!(r64.kernel_name("f16"), "lora_fused_decode_f16");
         assert_eq!(r64.smem_bytes, fused_smem_bytes(64));
-    }
-
-    /// The kernel's fused_b_stages (cuda/lora_fused.cu) reads back from the launch's shared memory
-    /// the B tiles the host sized it for: exactly, two by default, above rank 8; at ranks <= 8 the
-    /// shrink role's x rows leave room for a third 4 KB tile, which the kernel takes.
-    #[test]
-    fn fused_b_stages_round_trip_through_the_shared_memory() {
-        let kernel_b_stages = |smem: usize, max_rank: usize| {
-            let rc = max_rank.div_ceil(8) * 8;
-            let tile = FUSED_COLS * ((rc / 8) | 1) * 8 * 2;
-            ((smem - FUSED_SMEM_HEAD - DECODE_ITEM * rc * 4) / tile).clamp(2, 4)
-        };
-        for r in 1..=FUSED_MAX_RANK {
-            let default = kernel_b_stages(fused_form_for(r, 1024, false, None).smem_bytes, r);
-            assert_eq!(default, if r <= 8 { 3 } else { 2 }, "rank {r}");
-            for b in 2..=4 {
-                let f = fused_form_with(r, 1024, false, None, b);
-                assert_eq!(kernel_b_stages(f.smem_bytes, r), if r <= 8 { b.max(3) } else { b }, "rank {r}, {b} stages");
-                assert!(f.blocks_per_sm == 3 || f.blocks_per_sm * (f.smem_bytes + 1024) <= SM_SHARED_BYTES, "{f:?}");
-            }
-        }
-        // rank 16, four tiles: ~49 KB, still 4 blocks an SM
-        assert_eq!(fused_form_with(16, 1024, false, None, 4).blocks_per_sm, 4);
     }
 
     #[test]
