@@ -83,6 +83,13 @@ struct FusedArgs {
     int smem_bytes;                   // dynamic shared memory of the launch
     int split_target;                 // > 0: split and column steps from the step's item count
     int expand_target;                // expand blocks the device-sized column steps aim for
+    // the shape for max_items items (lora_fused.cu fused_shape), computed by the host
+    // (rust/src/cuda/plan.rs fused_placed_shape): blocks are placed with no arithmetic of their own
+    int placed_ksplit;
+    int placed_kchunk;
+    int placed_col_steps;
+    int placed_shrink_blocks;         // S * max_items * placed_ksplit: the grid's leading shrink range
+    int placed_groups[LMX_MAX_SLICES];  // expand blocks per item of each slice at placed_col_steps
     LoraTable table;
     LoraSlices slices;
 };

@@ -396,6 +396,39 @@ __device__ __forceinline__ bool fused_block_item(const FusedArgs& p, const Fused
     return true;
 }
 
+// The shape and the placement for max_items items as the host computed them (FusedArgs.placed_*:
+// fused_shape and fused_block_item's results for that count): a block's first trip needs no
+// arithmetic of its own. Measured on the H200 (globaltimer a block, the decode step's q|k|v apply,
+// kernel-notes s13): computing them here took ~1.2 us from a block's start to its first load,
+// the ksplit and column-step divisions and the slice loops, on the path of every block of both
+// waves of the grid.
+__device__ __forceinline__ FusedShape fused_placed_shape(const FusedArgs& p) {
+    FusedShape f;
+    f.items = p.max_items;
+    f.ksplit = p.placed_ksplit;
+    f.kchunk = p.placed_kchunk;
+    f.col_steps = p.placed_col_steps;
+    return f;
+}
+__device__ __forceinline__ bool fused_placed_block_item(const FusedArgs& p, int b, int& s, int& item) {
+    if (b < p.placed_shrink_blocks) {
+        const int per_slice = p.max_items * p.placed_ksplit;
+        s = b / per_slice;
+        item = (b - s * per_slice) / p.placed_ksplit;
+        return true;
+    }
+    b -= p.placed_shrink_blocks;
+    for (s = 0; s < p.slices.count; ++s) {
+        const int per = p.max_items * p.placed_groups[s];
+        if (b < per) {
+            item = b / p.placed_groups[s];
+            return true;
+        }
+        b -= per;
+    }
+    return false;
+}
+
 template <bool BF16, bool STAGED_A>
 __device__ void fused_decode(const FusedArgs& p) {
     extern __shared__ __align__(16) unsigned char fsm[];
@@ -404,8 +437,8 @@ __device__ void fused_decode(const FusedArgs& p) {
     // items the step can have); the role itself comes from the group's ticket, whatever the
     // dispatch order.
     int s, item;
-    FusedShape f = fused_shape(p, p.max_items);
-    if (!fused_block_item(p, f, blockIdx.x, s, item)) {
+    FusedShape f = fused_placed_shape(p);
+    if (!fused_placed_block_item(p, blockIdx.x, s, item)) {
         if (p.split_target <= 0) return;  // past the last slice: cannot happen for the launcher's grid
         item = p.max_items;               // read the count below, then place the block
     }
@@ -426,7 +459,7 @@ __device__ void fused_decode(const FusedArgs& p) {
         }
     }
     if (w.count == 0) return;  // no such item in this step: the whole group leaves, touching nothing
-    const int group = f.ksplit + fused_col_groups(p, s, f.col_steps);
+    const int group = f.ksplit + (f.items == p.max_items ? p.placed_groups[s] : fused_col_groups(p, s, f.col_steps));
     int* ws = fused_workspace(p.segments, p.max_items, p.T, p.table.num_slots) +
               LMX_FUSED_WS_WORDS * (s * p.max_items + item);
     // ws[0]: the group's next ticket, ws[1]: its completion count. Both wrap to 0 at the group's

@@ -7,8 +7,8 @@ use std::ffi::c_void;
 use cudarc::driver::{result as drv, sys};
 
 use super::plan::{
-    decode_expand_is_flat, expand_columns_per_thread, expand_tiles_per_block, expand_variant, flat_expand_columns, fused_form,
-    fused_grid_blocks, fused_is_dependent, grid_items, item_tokens, max_items, partial_len, pipe_expand_smem, pipe_expand_tiles,
+    decode_expand_is_flat, expand_columns_per_thread, expand_tiles_per_block, expand_variant, flat_expand_columns, fused_col_groups, fused_form,
+    fused_grid_blocks, fused_is_dependent, fused_shape, grid_items, item_tokens, max_items, partial_len, pipe_expand_smem, pipe_expand_tiles,
     pipe_expand_kernel, pipe_merge_items, pipe_shrink_kernel, pipe_shrink_smem,
     pipe_smem_fits, segments_len, small_items, takes_pipelined, u_len, FusedPlan, ShrinkPlan, Tuning, FUSED_COLS, FUSED_MAX_RANK, TILE_T,
 };
@@ -136,6 +136,11 @@ struct FusedArgs {
     smem_bytes: i32,
     split_target: i32,
     expand_target: i32,
+    placed_ksplit: i32,
+    placed_kchunk: i32,
+    placed_col_steps: i32,
+    placed_shrink_blocks: i32,
+    placed_groups: [i32; MAX_SLICES],
     table: LoraTable,
     slices: LoraSlices,
 }
@@ -573,6 +578,12 @@ pub fn fused(
     let items = b.max_items();
     let form = fused_form(b.max_rank, sp.kchunk, plan.staged_a, plan.blocks_per_sm);
     let smem = form.smem_bytes;
+    // the kernel's shape and placement for the most items, computed here once, not in every block
+    let (placed_ksplit, placed_kchunk, placed_col_steps) = fused_shape(plan, hi, out_sizes, items);
+    let mut placed_groups = [0i32; MAX_SLICES];
+    for (g, &o) in placed_groups.iter_mut().zip(out_sizes) {
+        *g = fused_col_groups(o, placed_col_steps) as i32;
+    }
     let args = FusedArgs {
         x,
         x_stride: x_stride as i64,
@@ -590,6 +601,11 @@ pub fn fused(
         smem_bytes: smem as i32,
         split_target: sp.split_target as i32,
         expand_target: plan.expand_target as i32,
+        placed_ksplit: placed_ksplit as i32,
+        placed_kchunk: placed_kchunk as i32,
+        placed_col_steps: placed_col_steps as i32,
+        placed_shrink_blocks: (out_sizes.len() * items * placed_ksplit) as i32,
+        placed_groups,
         table: b.table_args(),
         slices: sl,
     };
@@ -614,7 +630,7 @@ mod tests {
         assert_eq!(std::mem::size_of::<ShrinkArgs>(), 40 + 28 + 4 + 24 + 100 + 4);
         assert_eq!(std::mem::size_of::<ExpandArgs>(), 40 + 28 + 4 + 24 + 100 + 4);
         assert_eq!(std::mem::size_of::<SegmentArgs>(), 32);
-        assert_eq!(std::mem::size_of::<FusedArgs>(), 48 + 40 + 24 + 100 + 4);
+        assert_eq!(std::mem::size_of::<FusedArgs>(), 48 + 56 + 32 + 24 + 100 + 4);
     }
 
     #[test]

@@ -580,6 +580,21 @@ fn fused_col_steps(units: usize, pairs: usize, expand_target: usize) -> usize {
     (units * pairs.max(1)).div_ceil(expand_target.max(1)).clamp(1, units.max(1))
 }
 
+/// The fused kernel's shape for `items` work items, `(ksplit, kchunk, col_steps)`, as
+/// cuda/lora_fused.cu fused_shape computes it: the host-planned one, or, sized on the device, the
+/// decode split of the count (kept within the planned split) and the column steps it gives.
+pub fn fused_shape(plan: &FusedPlan, hi: usize, out_sizes: &[usize], items: usize) -> (usize, usize, usize) {
+    let sp = &plan.shrink;
+    if sp.split_target == 0 {
+        return (sp.ksplit, sp.kchunk, plan.col_steps);
+    }
+    let s = out_sizes.len();
+    let d = decode_split(items, s, hi, sp.split_target);
+    let (ksplit, kchunk) = if d.ksplit <= sp.ksplit && d.kchunk <= sp.kchunk { (d.ksplit, d.kchunk) } else { (sp.ksplit, sp.kchunk) };
+    let units = out_sizes.iter().copied().max().unwrap_or(0).div_ceil(FUSED_COLS).max(1);
+    (ksplit, kchunk, fused_col_steps(units, items * s, plan.expand_target))
+}
+
 /// Blocks of a fused launch: a group of ksplit + col_groups(slice) blocks per (slice, item). With
 /// the shape sized on the device, the most any item count up to the segments' bound can take
 /// (cuda/lora_fused.cu fused_shape / fused_block_item); blocks past the step's count leave.
@@ -590,13 +605,10 @@ pub fn fused_grid_blocks(plan: &FusedPlan, hi: usize, out_sizes: &[usize], max_i
     if plan.shrink.split_target == 0 {
         return groups(max_items, plan.shrink.ksplit, plan.col_steps);
     }
-    let s = out_sizes.len();
-    let units = out_sizes.iter().copied().max().unwrap_or(0).div_ceil(FUSED_COLS).max(1);
     (1..=max_items.max(1))
         .map(|n| {
-            let d = decode_split(n, s, hi, plan.shrink.split_target);
-            let ksplit = if d.ksplit <= plan.shrink.ksplit && d.kchunk <= plan.shrink.kchunk { d.ksplit } else { plan.shrink.ksplit };
-            groups(n, ksplit, fused_col_steps(units, n * s, plan.expand_target))
+            let (ksplit, _, col_steps) = fused_shape(plan, hi, out_sizes, n);
+            groups(n, ksplit, col_steps)
         })
         .max()
         .unwrap_or(0)
@@ -1014,6 +1026,8 @@ mod tests {
                 let q = decode_split(n, s, hi, f.shrink.split_target);
                 let cs = fused_col_steps(hi.max(300).div_ceil(FUSED_COLS), n * s, f.expand_target);
                 assert!(n * s * (q.ksplit + fused_col_groups(hi.max(300), cs)) <= grid);
+                // the shape the launcher hands the kernel for a count (FusedArgs.placed_*) is that split
+                assert_eq!(fused_shape(&f, hi, &outs, n), (q.ksplit, q.kchunk, cs), "{t} {hi} {s} {slots} n={n}");
             }
         }
         // the decode step: 32 one-token items of q|k|v are split as for 32 items, not 16
