@@ -47,6 +47,10 @@ VARIANTS = {
     "staged": {"LORAMUX_DECODE_FUSED": "1", "LORAMUX_FUSED_STAGE_A": "1"},
     "staged4": {"LORAMUX_DECODE_FUSED": "1", "LORAMUX_FUSED_STAGE_A": "1", "LORAMUX_FUSED_BLOCKS_PER_SM": "4"},
     "xb264": {"LORAMUX_DECODE_FUSED": "1", "LORAMUX_FUSED_EXPAND_BLOCKS": "264"},
+    # a grid within the SM slots (4 blocks an SM: 528): the decode step's q|k|v apply as 384 shrink
+    # and 128 expand blocks, so every expand block loads its B and y during the shrink's A burst
+    # (kernel-notes s13: a third of the expand blocks otherwise start after the shrink)
+    "m4xb128": {"LORAMUX_DECODE_FUSED": "1", "LORAMUX_FUSED_BLOCKS_PER_SM": "4", "LORAMUX_FUSED_EXPAND_BLOCKS": "128"},
     "xb792": {"LORAMUX_DECODE_FUSED": "1", "LORAMUX_FUSED_EXPAND_BLOCKS": "792"},
     "st132": {"LORAMUX_DECODE_FUSED": "1", "LORAMUX_SHRINK_TARGET_BLOCKS": "132"},
     "st528": {"LORAMUX_DECODE_FUSED": "1", "LORAMUX_SHRINK_TARGET_BLOCKS": "528"},
