@@ -14,13 +14,15 @@ that takes its SM slot next (measured on the H200: the second wave began ~750 us
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gzip
+import os
 import pathlib
 import statistics
 import subprocess
 import sys
 import tempfile
+
+from ptxas_report import family_source, nvrtc_compile
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # mark -> phase reached, per role (the instrumented lines below)
@@ -75,42 +77,21 @@ def instrument(src: str) -> str:
     return src.replace(end, end[:-1] + PRINT)
 
 
-def nvrtc_cubin(source: str, name: str, arch: int) -> bytes:
-    from loramux.ops.nvrtc_library import nvrtc_library
-
-    lib = ctypes.CDLL(nvrtc_library())
-    prog = ctypes.c_void_p()
-    assert lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), name.encode(), 0, None, None) == 0
-    # the package's options (rust/src/cuda/nvrtc.rs options)
-    opts = [f"--gpu-architecture=sm_{arch}".encode(), b"-std=c++17", b"--fmad=true"]
-    if lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts)) != 0:
-        size = ctypes.c_size_t()
-        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
-        log = ctypes.create_string_buffer(size.value)
-        lib.nvrtcGetProgramLog(prog, log)
-        raise SystemExit(f"fused_trace: NVRTC failed:\n{log.value.decode()[-4000:]}")
-    size = ctypes.c_size_t()
-    lib.nvrtcGetCUBINSize(prog, ctypes.byref(size))
-    out = ctypes.create_string_buffer(size.value)
-    lib.nvrtcGetCUBIN(prog, out)
-    return out.raw
-
-
 def build(arch: int, cache: pathlib.Path) -> None:
     if cache.exists() and any(cache.iterdir()):
         raise SystemExit(f"fused_trace: {cache} is not empty (it must hold one lora_fused cubin: the shipped one)")
     cache.mkdir(parents=True, exist_ok=True)
-    env = dict(__import__("os").environ, LORAMUX_KERNEL_CACHE=str(cache))
+    env = dict(os.environ, LORAMUX_KERNEL_CACHE=str(cache))
     subprocess.run([sys.executable, "-m", "loramux.cli", "compile-kernels", "--arch", str(arch)], check=True, env=env)
     shipped = sorted(cache.glob(f"lora_fused-sm{arch}-*.cubin"))
     if len(shipped) != 1:
         raise SystemExit(f"fused_trace: expected one lora_fused cubin in {cache}, found {shipped}")
-    cuda = ROOT / "cuda"
-    # the loader's order (rust/src/cuda/nvrtc.rs FAMILIES): common, the shared decode shrink, the family
-    source = ((cuda / "lora_common.cuh").read_text() + '\n#line 1 "lora_shrink_decode.cuh"\n'
-              + (cuda / "lora_shrink_decode.cuh").read_text() + '\n#line 1 "lora_fused.cu"\n'
-              + instrument((cuda / "lora_fused.cu").read_text()))
-    shipped[0].write_bytes(nvrtc_cubin(source, "lora_fused.cu", arch))
+    source = family_source("lora_fused", instrument((ROOT / "cuda" / "lora_fused.cu").read_text()))
+    # the package's options (rust/src/cuda/nvrtc.rs options)
+    rc, log, cubin = nvrtc_compile(source, "lora_fused", [f"--gpu-architecture=sm_{arch}", "-std=c++17", "--fmad=true"])
+    if rc != 0:
+        raise SystemExit(f"fused_trace: NVRTC failed:\n{log[-4000:]}")
+    shipped[0].write_bytes(cubin)
     print(f"traced lora_fused for sm_{arch} in {shipped[0]}")
 
 

@@ -84,7 +84,7 @@ struct FusedArgs {
     int split_target;                 // > 0: split and column steps from the step's item count
     int expand_target;                // expand blocks the device-sized column steps aim for
     // the shape for max_items items (lora_fused.cu fused_shape), computed by the host
-    // (rust/src/cuda/plan.rs fused_placed_shape): blocks are placed with no arithmetic of their own
+    // (rust/src/cuda/plan.rs fused_shape): blocks are placed with no arithmetic of their own
     int placed_ksplit;
     int placed_kchunk;
     int placed_col_steps;
