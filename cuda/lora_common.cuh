@@ -88,7 +88,6 @@ struct FusedArgs {
     int placed_ksplit;
     int placed_kchunk;
     int placed_col_steps;
-    int placed_shrink_blocks;         // S * max_items * placed_ksplit: the grid's leading shrink range
     int placed_groups[LMX_MAX_SLICES];  // expand blocks per item of each slice at placed_col_steps
     LoraTable table;
     LoraSlices slices;

@@ -372,36 +372,12 @@ __device__ __forceinline__ FusedShape fused_shape(const FusedArgs& p, int items)
     return f;
 }
 
-// Block b -> (slice, item) for the shape: the first S * items * ksplit blocks are ksplit per
-// (slice, item), the rest col_groups(s) per (slice, item), slice by slice: blocks dispatch roughly
-// in index order, so every item's shrink runs first on the whole GPU and the expand blocks, which
-// wait, come after (measured: interleaving each item's expand blocks with its shrink blocks held SM
-// slots with waiting blocks and was up to 1.3x slower at 32 adapters). False past the shape's blocks.
-__device__ __forceinline__ bool fused_block_item(const FusedArgs& p, const FusedShape& f, int b, int& s, int& item) {
-    s = 0;
-    const int n_shrink = p.slices.count * f.items * f.ksplit;
-    if (b < n_shrink) {
-        s = b / (f.items * f.ksplit);
-        item = (b - s * f.items * f.ksplit) / f.ksplit;
-        return true;
-    }
-    b -= n_shrink;
-    int per = f.items * fused_col_groups(p, 0, f.col_steps);
-    while (b >= per) {
-        b -= per;
-        if (++s >= p.slices.count) return false;
-        per = f.items * fused_col_groups(p, s, f.col_steps);
-    }
-    item = b / fused_col_groups(p, s, f.col_steps);
-    return true;
-}
-
 // The shape and the placement for max_items items as the host computed them (FusedArgs.placed_*:
-// fused_shape and fused_block_item's results for that count): a block's first trip needs no
-// arithmetic of its own. Measured on the H200 (globaltimer a block, the decode step's q|k|v apply,
-// kernel-notes s13): computing them here took ~1.2 us from a block's start to its first load,
-// the ksplit and column-step divisions and the slice loops, on the path of every block of both
-// waves of the grid.
+// fused_shape's result for that count, each slice's expand blocks an item): a block's first trip
+// needs no arithmetic of its own. Measured on the H200 (globaltimer a block, the decode step's
+// q|k|v apply, kernel-notes s13): computing them here took ~1.2 us from a block's start to its
+// first load, the ksplit and column-step divisions and the slice loops, on the path of every block
+// of both waves of the grid.
 __device__ __forceinline__ FusedShape fused_placed_shape(const FusedArgs& p) {
     FusedShape f;
     f.items = p.max_items;
@@ -410,21 +386,33 @@ __device__ __forceinline__ FusedShape fused_placed_shape(const FusedArgs& p) {
     f.col_steps = p.placed_col_steps;
     return f;
 }
-__device__ __forceinline__ bool fused_placed_block_item(const FusedArgs& p, int b, int& s, int& item) {
-    if (b < p.placed_shrink_blocks) {
-        const int per_slice = p.max_items * p.placed_ksplit;
+
+// Expand blocks per item of slice s in the shape: the host's figure for the placed shape (the only
+// one with max_items items), computed for a shape the device sized from a smaller count.
+__device__ __forceinline__ int fused_groups(const FusedArgs& p, const FusedShape& f, int s) {
+    return f.items == p.max_items ? p.placed_groups[s] : fused_col_groups(p, s, f.col_steps);
+}
+
+// Block b -> (slice, item) for the shape: the first S * items * ksplit blocks are ksplit per
+// (slice, item), the rest fused_groups(s) per (slice, item), slice by slice: blocks dispatch roughly
+// in index order, so every item's shrink runs first on the whole GPU and the expand blocks, which
+// wait, come after (measured: interleaving each item's expand blocks with its shrink blocks held SM
+// slots with waiting blocks and was up to 1.3x slower at 32 adapters). False past the shape's blocks.
+__device__ __forceinline__ bool fused_block_item(const FusedArgs& p, const FusedShape& f, int b, int& s, int& item) {
+    const int per_slice = f.items * f.ksplit;
+    if (b < p.slices.count * per_slice) {
         s = b / per_slice;
-        item = (b - s * per_slice) / p.placed_ksplit;
+        item = (b - s * per_slice) / f.ksplit;
         return true;
     }
-    b -= p.placed_shrink_blocks;
+    b -= p.slices.count * per_slice;
     for (s = 0; s < p.slices.count; ++s) {
-        const int per = p.max_items * p.placed_groups[s];
-        if (b < per) {
-            item = b / p.placed_groups[s];
+        const int groups = fused_groups(p, f, s);
+        if (b < f.items * groups) {
+            item = b / groups;
             return true;
         }
-        b -= per;
+        b -= f.items * groups;
     }
     return false;
 }
@@ -438,7 +426,7 @@ __device__ void fused_decode(const FusedArgs& p) {
     // dispatch order.
     int s, item;
     FusedShape f = fused_placed_shape(p);
-    if (!fused_placed_block_item(p, blockIdx.x, s, item)) {
+    if (!fused_block_item(p, f, blockIdx.x, s, item)) {
         if (p.split_target <= 0) return;  // past the last slice: cannot happen for the launcher's grid
         item = p.max_items;               // read the count below, then place the block
     }
@@ -459,7 +447,7 @@ __device__ void fused_decode(const FusedArgs& p) {
         }
     }
     if (w.count == 0) return;  // no such item in this step: the whole group leaves, touching nothing
-    const int group = f.ksplit + (f.items == p.max_items ? p.placed_groups[s] : fused_col_groups(p, s, f.col_steps));
+    const int group = f.ksplit + fused_groups(p, f, s);
     int* ws = fused_workspace(p.segments, p.max_items, p.T, p.table.num_slots) +
               LMX_FUSED_WS_WORDS * (s * p.max_items + item);
     // ws[0]: the group's next ticket, ws[1]: its completion count. Both wrap to 0 at the group's

@@ -16,6 +16,7 @@ from kernel_fixtures import captured, oracle_apply, rel_err
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 if torch.cuda.is_available():
+    from loramux import _core
     from loramux.ops import kernels
 
 from test_kernels import QKV, TOL, _case  # noqa: E402
@@ -23,7 +24,7 @@ from test_kernels import QKV, TOL, _case  # noqa: E402
 DEV = "cuda"
 KNOBS = ("LORAMUX_EXPAND_DECODE", "LORAMUX_EXPAND_OPT", "LORAMUX_EXPAND_TILE_COLS", "LORAMUX_SHRINK_TARGET_BLOCKS",
          "LORAMUX_TUNING", "LORAMUX_DECODE_FUSED", "LORAMUX_FUSED_EXPAND_BLOCKS", "LORAMUX_FUSED_PDL",
-         "LORAMUX_FUSED_BLOCKS_PER_SM", "LORAMUX_FUSED_STAGE_A", "LORAMUX_DECODE_DEVICE_SPLIT")
+         "LORAMUX_FUSED_BLOCKS_PER_SM", "LORAMUX_FUSED_STAGE_A", "LORAMUX_DECODE_DEVICE_SPLIT", "LORAMUX_FUSED_PAST_DECODE")
 #: launch forms of the fused kernel that must give the same rows: the default (a programmatic
 #: dependent; the shrink's A in registers, 4 blocks an SM up to rank 32, 3 above), a plain launch,
 #: 3 and 5 blocks an SM, the shrink's A staged in shared memory (5 blocks an SM where shared memory
@@ -225,3 +226,29 @@ def test_graph_replays_with_new_mappings_need_no_memset(monkeypatch, form):
         once = oracle_apply(ad, x, y0, new, 1, mids, sizes)
         twice = oracle_apply(ad, x, once.to(x.dtype).to(DEV), new, 1, mids[:1], sizes[:1])
         assert rel_err(static_y, twice, y0) < 3e-2, distinct
+
+
+@pytest.mark.parametrize("T,adapters", [(65, 30), (128, 50), (256, 100), (300, 120), (512, 180)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rank_set", ["r32", "r64-forced"])
+def test_small_items_past_decode_take_the_fused_kernel(monkeypatch, T, adapters, dtype, rank_set):
+    """A batch of 65..512 tokens whose counted adapters average at most 4 tokens (ranks up to 32;
+    above, LORAMUX_FUSED_PAST_DECODE=1 forces it) runs on small items of 8 tokens at most through the
+    fused decode kernel, the planner says so, and its rows are the oracle's, mixed and zero ranks and
+    no-adapter rows included; its workspace is left zeroed for the next apply of the step."""
+    forced = rank_set == "r64-forced"
+    _env(monkeypatch, LORAMUX_TUNING="off", **({"LORAMUX_FUSED_PAST_DECODE": 1} if forced else {}))
+    pattern, max_rank = ((16, 64, 8, 0, 33), 64) if forced else ((16, 8, 0, 32, 4), 32)
+    ranks = [pattern[i % 5] for i in range(adapters)]
+    ad, slots, x, y0, sot = _case(T + adapters, dtype, T, QKV, ranks=ranks, num_slots=adapters, none_frac=0.05,
+                                  max_rank=max_rank)
+    used = len({s for s in slots if s >= 0})
+    assert _core.small_items(T, used) and (forced or T <= 4 * used)
+    assert _core.plan_fused(T, 576, 576, 3, adapters, max_rank, adapters=used) is not None
+    meta = replace(ad.meta(sot), adapters=used, segments=kernels.segments(sot, adapters, used))
+    y = _apply(ad, x, y0, sot, QKV, meta)
+    _check(ad, slots, x, y0, y, QKV)
+    m = min(-(-T // 8) + min(T, adapters), T)  # the items the segments hold room for (plan.rs max_items)
+    ws = 4 + 3 * m + T + adapters
+    assert meta.segments.numel() in (ws + 2 * 8 * m, ws + 2 * 8 * m + 1)
+    assert not meta.segments[ws:ws + 2 * 8 * m].any(), "the fused kernel left its workspace dirty"

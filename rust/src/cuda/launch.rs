@@ -10,7 +10,7 @@ use super::plan::{
     decode_expand_is_flat, expand_columns_per_thread, expand_tiles_per_block, expand_variant, flat_expand_columns, fused_col_groups, fused_form,
     fused_grid_blocks, fused_is_dependent, fused_shape, grid_items, item_tokens, max_items, partial_len, pipe_expand_smem, pipe_expand_tiles,
     pipe_expand_kernel, pipe_merge_items, pipe_shrink_kernel, pipe_shrink_smem,
-    pipe_smem_fits, segments_len, small_items, takes_pipelined, u_len, FusedPlan, ShrinkPlan, Tuning, FUSED_COLS, FUSED_MAX_RANK, TILE_T,
+    pipe_smem_fits, segments_len, small_items, takes_pipelined, u_len, FusedPlan, ShrinkPlan, Tuning, FUSED_COLS, FUSED_MAX_RANK, ITEMS_BY_ADAPTERS_MAX_T, TILE_T,
 };
 use super::DeviceKernels;
 use crate::cache::slot_table::ENTRY_WORDS;
@@ -139,7 +139,6 @@ struct FusedArgs {
     placed_ksplit: i32,
     placed_kchunk: i32,
     placed_col_steps: i32,
-    placed_shrink_blocks: i32,
     placed_groups: [i32; MAX_SLICES],
     table: LoraTable,
     slices: LoraSlices,
@@ -540,9 +539,9 @@ pub fn fused(
         return Err(LoraError::Cuda(format!("{} out_sizes for {} module ids", out_sizes.len(), module_ids.len())));
     }
     let sl = slices(module_ids, Some(out_sizes))?;
-    if b.tokens > TILE_T || b.max_rank > FUSED_MAX_RANK {
+    if b.tokens > ITEMS_BY_ADAPTERS_MAX_T || b.max_rank > FUSED_MAX_RANK {
         return Err(LoraError::Cuda(format!(
-            "the fused decode kernel takes up to {TILE_T} tokens and rank {FUSED_MAX_RANK}, got {} and {}",
+            "the fused decode kernel takes up to {ITEMS_BY_ADAPTERS_MAX_T} tokens and rank {FUSED_MAX_RANK}, got {} and {}",
             b.tokens, b.max_rank
         )));
     }
@@ -604,7 +603,6 @@ pub fn fused(
         placed_ksplit: placed_ksplit as i32,
         placed_kchunk: placed_kchunk as i32,
         placed_col_steps: placed_col_steps as i32,
-        placed_shrink_blocks: (out_sizes.len() * items * placed_ksplit) as i32,
         placed_groups,
         table: b.table_args(),
         slices: sl,
@@ -630,7 +628,8 @@ mod tests {
         assert_eq!(std::mem::size_of::<ShrinkArgs>(), 40 + 28 + 4 + 24 + 100 + 4);
         assert_eq!(std::mem::size_of::<ExpandArgs>(), 40 + 28 + 4 + 24 + 100 + 4);
         assert_eq!(std::mem::size_of::<SegmentArgs>(), 32);
-        assert_eq!(std::mem::size_of::<FusedArgs>(), 48 + 56 + 32 + 24 + 100 + 4);
+        // 13 ints and placed_groups leave 4 bytes of padding before the 8-aligned table
+        assert_eq!(std::mem::size_of::<FusedArgs>(), 48 + 52 + 32 + 4 + 24 + 100 + 4);
     }
 
     #[test]

@@ -407,7 +407,13 @@ pub const FUSED_MIN_TOKENS: usize = 16;
 /// kernel decides; else decode batches of more than FUSED_MIN_TOKENS tokens take it. `small`: the
 /// step's segments are small items (`small_items`), the only layout the fused kernel reads.
 pub fn decode_is_fused(tokens: usize, small: bool, adapters: Option<usize>, max_rank: usize, tuning: &Tuning) -> bool {
-    if !small || tokens == 0 || tokens > TILE_T || max_rank > FUSED_MAX_RANK || pipe_on_small_items(tokens, small, adapters, max_rank, tuning) {
+    if !small || tokens == 0 || max_rank > FUSED_MAX_RANK {
+        return false;
+    }
+    if tokens > TILE_T {
+        return fused_past_decode(tokens, adapters, max_rank);
+    }
+    if pipe_on_small_items(tokens, small, adapters, max_rank, tuning) {
         return false;
     }
     match std::env::var("LORAMUX_DECODE_FUSED").as_deref() {
@@ -419,6 +425,38 @@ pub fn decode_is_fused(tokens: usize, small: bool, adapters: Option<usize>, max_
         },
     }
 }
+
+/// Whether a small-item batch of more than TILE_T tokens (up to ITEMS_BY_ADAPTERS_MAX_T: only a
+/// counted batch stays on small items past SMALL_ITEMS_MAX_T) takes the fused decode kernel instead
+/// of the pipelined ones: where its counted adapters average at most FUSED_PAST_DECODE_TOKENS tokens
+/// (ranks up to 32), fewer than FUSED_PAST_DECODE_TOKENS_R64 (above). Many adapters of a token or
+/// a few: the fused kernel reads each adapter's weights once, with no 64-row tensor-core tile of
+/// mostly empty rows. No count (a captured graph serves any mix): no.
+/// `LORAMUX_FUSED_PAST_DECODE=1|0` forces it either way for a counted batch (A/B runs, tests).
+pub fn fused_past_decode(tokens: usize, adapters: Option<usize>, max_rank: usize) -> bool {
+    let Some(n) = adapters else { return false };
+    if tokens > ITEMS_BY_ADAPTERS_MAX_T {
+        return false;
+    }
+    match std::env::var("LORAMUX_FUSED_PAST_DECODE").as_deref() {
+        Ok("1") => true,
+        Ok("0") => false,
+        _ if max_rank <= 32 => tokens <= FUSED_PAST_DECODE_TOKENS * n.max(1),
+        _ => tokens < FUSED_PAST_DECODE_TOKENS_R64 * n.max(1),
+    }
+}
+
+/// Most tokens the counted adapters of a small-item batch past TILE_T may average (ranks up to 32)
+/// for it to take the fused decode kernel (`fused_past_decode`). Measured on the H200
+/// (docs/kernel-notes.md, s14; ops.py, same run, 128 adapters, 3 shapes, both orders, fused /
+/// pipelined time): rank 16 at T = 128 (1 token an adapter) 0.41-0.54x, T = 256 (2) 0.46-0.70x,
+/// T = 512 (4) 0.62-0.88x.
+pub const FUSED_PAST_DECODE_TOKENS: usize = 4;
+
+/// Above rank 32 the bound is lower: the adapters must average fewer than this many tokens. Measured
+/// as above at rank 64: T = 128 (1 token an adapter) 0.87-0.92x, T = 256 (2) 0.87-1.10x, T = 512
+/// (4) 1.10-1.43x.
+pub const FUSED_PAST_DECODE_TOKENS_R64: usize = 2;
 
 /// Whether the fused decode kernel is launched as a programmatic dependent of the kernel before it
 /// (sm_90): its launch and block dispatch overlap that kernel's tail, and it waits in-kernel
@@ -557,7 +595,13 @@ pub const FUSED_COLS: usize = 256;
 pub fn plan_fused(tokens: usize, hi: usize, max_out: usize, num_slices: usize, num_slots: usize, tuning: &Tuning) -> FusedPlan {
     let target =
         env_usize("LORAMUX_SHRINK_TARGET_BLOCKS").or(tuning.shrink_target_blocks).unwrap_or(FUSED_SHRINK_TARGET).max(1);
-    let shrink = split_for(tokens, true, hi, num_slices, num_slots, target, decode_split_from_device(tokens, tuning));
+    let device_split = decode_split_from_device(tokens, tuning);
+    let shrink = if tokens > TILE_T && device_split {
+        // past decode (`fused_past_decode`) as within it: sized from the step's item count
+        device_sized_split(tokens, hi, num_slices, num_slots, target)
+    } else {
+        split_for(tokens, true, hi, num_slices, num_slots, target, device_split)
+    };
     let expand_target = env_usize("LORAMUX_FUSED_EXPAND_BLOCKS").unwrap_or(FUSED_EXPAND_TARGET).max(1);
     let units = max_out.div_ceil(FUSED_COLS).max(1);
     // sized on the device: the host's steps are the most items' (a check on the plan, not used)
@@ -1170,6 +1214,16 @@ mod tests {
             assert!(!decode_is_fused(64, true, Some(16), 16, &fused) && decode_is_fused(64, true, Some(17), 16, &d));
             assert!(!decode_expand_is_flat(64, true, Some(16), 3, 16, &d) && decode_expand_is_flat(64, true, Some(17), 3, 16, &d));
             assert_eq!(plan_shrink(64, true, Some(16), 4096, 3, 64, 16, &d).split_target, 0);
+        }
+        // past 64 tokens: a counted small-item batch whose adapters average few tokens (ranks up to
+        // 32: at most 4, above: fewer than 2), its split sized on the device
+        if std::env::var("LORAMUX_FUSED_PAST_DECODE").is_err() {
+            assert!(decode_is_fused(512, true, Some(128), 32, &d) && !decode_is_fused(512, true, Some(127), 32, &d));
+            assert!(decode_is_fused(65, true, Some(17), 16, &d) && !decode_is_fused(65, true, None, 16, &d));
+            assert!(decode_is_fused(255, true, Some(128), 64, &d) && !decode_is_fused(256, true, Some(128), 64, &d));
+            assert!(!decode_is_fused(513, true, Some(512), 16, &d) && !decode_is_fused(128, false, Some(128), 16, &d));
+            let p = plan_fused(256, 4096, 4096, 1, 128, &d);
+            assert!(p.shrink.split_target > 0 && p.shrink.kchunk <= DECODE_MAX_CHUNK);
         }
     }
 

@@ -47,7 +47,7 @@ pub fn struct_layouts() -> Vec<StructLayout> {
         layout!(ReduceArgs { partial, u, slot_of_token, t as T, ksplit, table, slices }),
         layout!(FusedArgs {
             x, x_stride, y, y_stride, segments, partial, t as T, hi, ksplit, kchunk, max_items, col_steps, col_groups, smem_bytes,
-            split_target, expand_target, placed_ksplit, placed_kchunk, placed_col_steps, placed_shrink_blocks, placed_groups,
+            split_target, expand_target, placed_ksplit, placed_kchunk, placed_col_steps, placed_groups,
             table, slices
         }),
     ]
