@@ -454,7 +454,7 @@ pub fn fused_past_decode(tokens: usize, adapters: Option<usize>, max_rank: usize
 pub const FUSED_PAST_DECODE_TOKENS: usize = 4;
 
 /// Above rank 32 the bound is lower: the adapters must average fewer than this many tokens. Measured
-/// as above at rank 64: T = 128 (1 token an adapter) 0.87-0.92x, T = 256 (2) 0.87-1.10x, T = 512
+/// as above at rank 64: T = 128 (1 token an adapter) 0.87-0.99x, T = 256 (2) 0.87-1.10x, T = 512
 /// (4) 1.10-1.43x.
 pub const FUSED_PAST_DECODE_TOKENS_R64: usize = 2;
 
