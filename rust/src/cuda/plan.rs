@@ -428,35 +428,43 @@ pub fn decode_is_fused(tokens: usize, small: bool, adapters: Option<usize>, max_
 
 /// Whether a small-item batch of more than TILE_T tokens (up to ITEMS_BY_ADAPTERS_MAX_T: only a
 /// counted batch stays on small items past SMALL_ITEMS_MAX_T) takes the fused decode kernel instead
-/// of the pipelined ones: where its counted adapters average at most FUSED_PAST_DECODE_TOKENS tokens
-/// (ranks up to 32), fewer than FUSED_PAST_DECODE_TOKENS_R64 (above). Many adapters of a token or
-/// a few: the fused kernel reads each adapter's weights once, with no 64-row tensor-core tile of
-/// mostly empty rows. No count (a captured graph serves any mix): no.
+/// of the pipelined ones: ranks up to FUSED_PAST_DECODE_MAX_RANK, its counted adapters averaging
+/// fewer than FUSED_PAST_DECODE_TOKENS tokens (past SMALL_ITEMS_MAX_T tokens: at most
+/// FUSED_PAST_DECODE_TOKENS_LONG). Many adapters of a token or a few: the fused kernel reads each
+/// adapter's weights once, with no 64-row tensor-core tile of mostly empty rows. No count (a
+/// captured graph serves any mix): no.
 /// `LORAMUX_FUSED_PAST_DECODE=1|0` forces it either way for a counted batch (A/B runs, tests).
 pub fn fused_past_decode(tokens: usize, adapters: Option<usize>, max_rank: usize) -> bool {
     let Some(n) = adapters else { return false };
     if tokens > ITEMS_BY_ADAPTERS_MAX_T {
         return false;
     }
+    let n = n.max(1);
     match std::env::var("LORAMUX_FUSED_PAST_DECODE").as_deref() {
         Ok("1") => true,
         Ok("0") => false,
-        _ if max_rank <= 32 => tokens <= FUSED_PAST_DECODE_TOKENS * n.max(1),
-        _ => tokens < FUSED_PAST_DECODE_TOKENS_R64 * n.max(1),
+        _ if max_rank > FUSED_PAST_DECODE_MAX_RANK => false,
+        _ if tokens > SMALL_ITEMS_MAX_T => tokens <= FUSED_PAST_DECODE_TOKENS_LONG * n,
+        _ => tokens < FUSED_PAST_DECODE_TOKENS * n,
     }
 }
 
-/// Most tokens the counted adapters of a small-item batch past TILE_T may average (ranks up to 32)
-/// for it to take the fused decode kernel (`fused_past_decode`). Measured on the H200
-/// (docs/kernel-notes.md, s14; ops.py, same run, 128 adapters, 3 shapes, both orders, fused /
-/// pipelined time): rank 16 at T = 128 (1 token an adapter) 0.41-0.54x, T = 256 (2) 0.46-0.70x,
-/// T = 512 (4) 0.62-0.88x.
+/// Tokens the counted adapters of a small-item batch of TILE_T + 1..=SMALL_ITEMS_MAX_T tokens must
+/// average fewer than for it to take the fused decode kernel (`fused_past_decode`). Measured on the
+/// H200 (docs/kernel-notes.md, s14; ops.py, same run, 3 shapes, fused / pipelined time) at rank 16,
+/// by tokens an adapter: 1-2 (T = 128 and 256 over 64-128 adapters) 0.41-0.71x, 2.7-3.2 0.80-0.90x,
+/// 4 (T = 256 over 64) 0.98-1.07x, 5.3 (T = 128 over 24) 1.11-1.24x, 6.4 1.16-1.21x.
 pub const FUSED_PAST_DECODE_TOKENS: usize = 4;
 
-/// Above rank 32 the bound is lower: the adapters must average fewer than this many tokens. Measured
-/// as above at rank 64: T = 128 (1 token an adapter) 0.87-0.99x, T = 256 (2) 0.87-1.10x, T = 512
-/// (4) 1.10-1.43x.
-pub const FUSED_PAST_DECODE_TOKENS_R64: usize = 2;
+/// Past SMALL_ITEMS_MAX_T tokens the bound is higher: the adapters may average up to this many
+/// tokens. Measured as above at T = 512: 4 tokens an adapter 0.62-0.88x, 5.3 0.65-0.96x, 8 1.03-1.26x.
+pub const FUSED_PAST_DECODE_TOKENS_LONG: usize = 6;
+
+/// Highest rank whose batches take the fused decode kernel past TILE_T by the adapter count. Measured
+/// as above at rank 64: 1-1.3 tokens an adapter (T = 128 over 96-128 adapters) 0.82-0.93x in
+/// 4096->4096 and 4096->14336 but 0.99-1.15x in 14336->4096; 2-2.7 tokens 0.87-1.45x; 4 and more
+/// 0.95-1.98x.
+pub const FUSED_PAST_DECODE_MAX_RANK: usize = 32;
 
 /// Whether the fused decode kernel is launched as a programmatic dependent of the kernel before it
 /// (sm_90): its launch and block dispatch overlap that kernel's tail, and it waits in-kernel
@@ -1215,12 +1223,13 @@ mod tests {
             assert!(!decode_expand_is_flat(64, true, Some(16), 3, 16, &d) && decode_expand_is_flat(64, true, Some(17), 3, 16, &d));
             assert_eq!(plan_shrink(64, true, Some(16), 4096, 3, 64, 16, &d).split_target, 0);
         }
-        // past 64 tokens: a counted small-item batch whose adapters average few tokens (ranks up to
-        // 32: at most 4, above: fewer than 2), its split sized on the device
+        // past 64 tokens: a counted small-item batch of ranks up to 32 whose adapters average fewer
+        // than 4 tokens (past 256 tokens: at most 6), its split sized on the device
         if std::env::var("LORAMUX_FUSED_PAST_DECODE").is_err() {
-            assert!(decode_is_fused(512, true, Some(128), 32, &d) && !decode_is_fused(512, true, Some(127), 32, &d));
-            assert!(decode_is_fused(65, true, Some(17), 16, &d) && !decode_is_fused(65, true, None, 16, &d));
-            assert!(decode_is_fused(255, true, Some(128), 64, &d) && !decode_is_fused(256, true, Some(128), 64, &d));
+            assert!(decode_is_fused(512, true, Some(86), 32, &d) && !decode_is_fused(512, true, Some(85), 32, &d));
+            assert!(decode_is_fused(257, true, Some(43), 32, &d) && !decode_is_fused(256, true, Some(64), 32, &d));
+            assert!(decode_is_fused(255, true, Some(64), 16, &d) && decode_is_fused(65, true, Some(17), 16, &d));
+            assert!(!decode_is_fused(65, true, None, 16, &d) && !decode_is_fused(128, true, Some(128), 64, &d));
             assert!(!decode_is_fused(513, true, Some(512), 16, &d) && !decode_is_fused(128, false, Some(128), 16, &d));
             let p = plan_fused(256, 4096, 4096, 1, 128, &d);
             assert!(p.shrink.split_target > 0 && p.shrink.kchunk <= DECODE_MAX_CHUNK);
