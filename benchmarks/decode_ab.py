@@ -49,7 +49,8 @@ VARIANTS = {
     "xb264": {"LORAMUX_DECODE_FUSED": "1", "LORAMUX_FUSED_EXPAND_BLOCKS": "264"},
     # a grid within the SM slots (4 blocks an SM: 528): the decode step's q|k|v apply as 384 shrink
     # and 128 expand blocks, so every expand block loads its B and y during the shrink's A burst
-    # (kernel-notes s13: a third of the expand blocks otherwise start after the shrink)
+    # (kernel-notes s13: a third of the expand blocks otherwise start after the shrink). Measured
+    # 1.2x slower on the H200 (kernel-notes s14: fewer expand blocks stream more column steps each)
     "m4xb128": {"LORAMUX_DECODE_FUSED": "1", "LORAMUX_FUSED_BLOCKS_PER_SM": "4", "LORAMUX_FUSED_EXPAND_BLOCKS": "128"},
     "xb792": {"LORAMUX_DECODE_FUSED": "1", "LORAMUX_FUSED_EXPAND_BLOCKS": "792"},
     "st132": {"LORAMUX_DECODE_FUSED": "1", "LORAMUX_SHRINK_TARGET_BLOCKS": "132"},
