@@ -54,6 +54,14 @@ def _apply(ad, x, y0, sot, widths, meta=None):
     return y
 
 
+def _workspace(segments, T, num_slots):
+    """(start, items) of the fused kernel's workspace in a segments buffer: the header, 3 words an
+    item, T token words and num_slots count words before it, 2 words a (slice, item) of 8 slices in
+    it; a batch cut by its adapter count has one word more after it."""
+    m = (segments.numel() - 4 - T - num_slots) // 19
+    return 4 + 3 * m + T + num_slots, m
+
+
 def _check(ad, slots, x, y0, y, widths):
     want = oracle_apply(ad, x, y0, slots, 1, [w[0] for w in widths], [w[2] for w in widths])
     assert torch.isfinite(y).all()
@@ -167,8 +175,7 @@ def test_workspace_is_left_zeroed_and_reused_by_every_apply_of_a_step(monkeypatc
     ad, slots, x, y0, sot = _case(5, torch.bfloat16, T, QKV, ranks=RANKS, max_rank=64)
     num_slots = ad.table.shape[0]
     meta = replace(ad.meta(sot), segments=kernels.segments(sot, num_slots))
-    m = (meta.segments.numel() - 4 - T - num_slots) // 19
-    ws = 4 + 3 * m + T + num_slots
+    ws, m = _workspace(meta.segments, T, num_slots)
     assert ws + 2 * 8 * m == meta.segments.numel()
     y = y0.clone()
     for _ in range(3):  # each apply reads the counters the previous one left
@@ -249,7 +256,7 @@ def test_small_items_past_decode_take_the_fused_kernel(monkeypatch, T, adapters,
     meta = replace(ad.meta(sot), adapters=used, segments=kernels.segments(sot, adapters, used))
     y = _apply(ad, x, y0, sot, QKV, meta)
     _check(ad, slots, x, y0, y, QKV)
-    m = min(-(-T // 8) + min(T, adapters), T)  # the items the segments hold room for (plan.rs max_items)
-    ws = 4 + 3 * m + T + adapters
+    ws, m = _workspace(meta.segments, T, adapters)
+    assert m == min(-(-T // 8) + min(T, adapters), T)  # the items the segments hold room for (plan.rs max_items)
     assert meta.segments.numel() in (ws + 2 * 8 * m, ws + 2 * 8 * m + 1)
     assert not meta.segments[ws:ws + 2 * 8 * m].any(), "the fused kernel left its workspace dirty"

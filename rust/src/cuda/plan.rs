@@ -404,8 +404,9 @@ pub const FUSED_MIN_TOKENS: usize = 16;
 /// Whether a lora_apply of `tokens` tokens takes the fused decode kernel (one launch: shrink and
 /// expand, cuda/lora_fused.cu) rather than shrink + expand. `LORAMUX_DECODE_FUSED=1|0` forces it
 /// either way for A/B runs (where the batch allows it); else a tuning table's choice of expand
-/// kernel decides; else decode batches of more than FUSED_MIN_TOKENS tokens take it. `small`: the
-/// step's segments are small items (`small_items`), the only layout the fused kernel reads.
+/// kernel decides; else decode batches of more than FUSED_MIN_TOKENS tokens take it. Past TILE_T
+/// tokens `fused_past_decode` alone decides. `small`: the step's segments are small items
+/// (`small_items`), the only layout the fused kernel reads.
 pub fn decode_is_fused(tokens: usize, small: bool, adapters: Option<usize>, max_rank: usize, tuning: &Tuning) -> bool {
     if !small || tokens == 0 || max_rank > FUSED_MAX_RANK {
         return false;
