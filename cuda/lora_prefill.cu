@@ -8,6 +8,9 @@
 
 #define PF_KSTEP 64
 #define PF_SHRINK_STAGES 4   // k-steps of x and A in the ring (3 in flight while one is multiplied)
+// ... of a WT kernel: deeper where its stages are small enough to keep 3 blocks an SM (rust/src/cuda/
+// plan.rs pipe_shrink_stages mirrors it)
+__device__ constexpr int pf_shrink_stages(int wt) { return wt == 1 ? 6 : (wt == 2 ? 5 : PF_SHRINK_STAGES); }
 // column tiles of y and B in the expand's ring (its template parameter: 4 and 5 were measured on
 // the H200 at ranks <= 16 / 48, still 3 blocks an SM, and were no faster: docs/kernel-notes.md)
 #define PF_EXPAND_STAGES 3
@@ -118,7 +121,7 @@ __device__ __forceinline__ void usum_groups(const float* part, float* u, const i
 // order into u[s, t, r] (r < rank), right after the partials in the same buffer (the launcher
 // sizes it), so the expand reads one u row a token instead of re-summing ksplit partials in every
 // column span. Block = (split c, work item, slice s), 8 warps: warp w owns token rows 16*(w&3)..
-// and every other 8-wide rank tile from (w>>2). Dynamic shared memory: PF_SHRINK_STAGES x
+// and every other 8-wide rank tile from (w>>2). Dynamic shared memory: pf_shrink_stages(WT) x
 // (64 + rank rows) x PF_PITCH halves. USUM 1: u element by element (the prefill-5 form, kept
 // for A/B runs: `_serial`), else usum_groups where ranks come in fours and the item holds more than
 // PF_USUM_SERIAL_MAX u elements (USUM 0) or wherever ranks come in fours (USUM 2: prefill-6's rule,
@@ -134,6 +137,7 @@ __device__ __forceinline__ void usum_groups(const float* part, float* u, const i
 // item's rank are summed into tiles that are never stored: the stored sums are the same, bit for bit.
 template <bool BF16, int USUM, bool LEAN, int WT = 0>
 __device__ void shrink_pipe(const ShrinkArgs& p) {
+    constexpr int ST = pf_shrink_stages(WT);
     extern __shared__ __align__(16) unsigned char pf_dyn[];
     __shared__ int tokens[LMX_TILE_T];
     __shared__ int is_last;
@@ -190,7 +194,7 @@ __device__ void shrink_pipe(const ShrinkArgs& p) {
         const u32 b_second_last = (b_tiles & 1) ? 0 : b_second;
         auto issue_lean = [&](int j) {
             if (j < nsteps) {
-                const u32 xs = ring_sa + (u32)((j % PF_SHRINK_STAGES) * stage_halves * 2);
+                const u32 xs = ring_sa + (u32)((j % ST) * stage_halves * 2);
                 const u32 as = xs + LMX_TILE_T * PF_PITCH * 2;
                 const int kj = j * PF_KSTEP;
                 const bool kin = k_begin + kj + cc0 < k_end;
@@ -211,7 +215,7 @@ __device__ void shrink_pipe(const ShrinkArgs& p) {
                             u16 v[8];
 #pragma unroll
                             for (int i = 0; i < 8; ++i) v[i] = (ok && k_begin + kj + cc0 + i < k_end) ? src[i] : (u16)0;
-                            *reinterpret_cast<uint4*>(ring + (j % PF_SHRINK_STAGES) * stage_halves + (LMX_TILE_T + r) * PF_PITCH + cc0) = pack8(v);
+                            *reinterpret_cast<uint4*>(ring + (j % ST) * stage_halves + (LMX_TILE_T + r) * PF_PITCH + cc0) = pack8(v);
                         }
                     }
                 }
@@ -224,7 +228,7 @@ __device__ void shrink_pipe(const ShrinkArgs& p) {
                 return;
             }
             if (j < nsteps) {
-                u16* xs = ring + (j % PF_SHRINK_STAGES) * stage_halves;
+                u16* xs = ring + (j % ST) * stage_halves;
                 u16* as = xs + LMX_TILE_T * PF_PITCH;
                 const int k0 = k_begin + j * PF_KSTEP;
 #pragma unroll
@@ -251,21 +255,21 @@ __device__ void shrink_pipe(const ShrinkArgs& p) {
             pf_commit();
         };
 #pragma unroll
-        for (int j = 0; j < PF_SHRINK_STAGES - 1; ++j) issue(j);
+        for (int j = 0; j < ST - 1; ++j) issue(j);
         constexpr int NACC = WT > 0 ? 2 * ((WT + 1) / 2) : 8;  // rank tiles a warp holds sums for
         float acc[NACC][4];
 #pragma unroll
         for (int i = 0; i < NACC; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
         for (int j = 0; j < nsteps; ++j) {
-            pf_wait<PF_SHRINK_STAGES - 2>();  // step j is in (this thread's copies)
+            pf_wait<ST - 2>();  // step j is in (this thread's copies)
             __syncthreads();                   // everyone's copies; step j-1's stage is free
-            issue(j + PF_SHRINK_STAGES - 1);
-            const u16* xs = ring + (j % PF_SHRINK_STAGES) * stage_halves;
+            issue(j + ST - 1);
+            const u16* xs = ring + (j % ST) * stage_halves;
             const u16* as = xs + LMX_TILE_T * PF_PITCH;
             if (LEAN && mt * 16 < nt) {
                 // x rows mt*16 + (lane & 15), columns kk + 8 (lane >> 4): the A fragment in one
                 // ldmatrix; A rows of tiles nb and nb + 2 (lanes 16..31), columns kk + 8 ((lane >> 3) & 1)
-                const u32 xs_sa = ring_sa + (u32)((j % PF_SHRINK_STAGES) * stage_halves * 2);
+                const u32 xs_sa = ring_sa + (u32)((j % ST) * stage_halves * 2);
                 const u32 as_sa = xs_sa + LMX_TILE_T * PF_PITCH * 2;
                 const u32 x_lane = xs_sa + ((mt * 16 + (lane & 15)) * PF_PITCH + (lane >> 4) * 8) * 2;
 #pragma unroll

@@ -873,6 +873,16 @@ const PIPE_PITCH: usize = 72;
 /// (5 tiles up to rank 16, 4 up to 48: still 3 blocks an SM) was measured on the H200 and taken
 /// back: no faster at T = 2048 (1.00x), 3 % slower at T = 512 (docs/kernel-notes.md, prefill-6).
 const PIPE_SHRINK_STAGES: usize = 4;
+/// k-steps in the ring of the pipelined shrink for ranks up to `max_rank` (cuda/lora_prefill.cu
+/// pf_shrink_stages of the rank-tile kernel it launches): 6 up to rank 16, 5 up to 32, else 4, so
+/// the ring holds more of a split's k-steps and 3 blocks an SM still reside.
+fn pipe_shrink_stages(max_rank: usize) -> usize {
+    match pipe_rank_rows(max_rank) {
+        16 => 6,
+        32 => 5,
+        _ => PIPE_SHRINK_STAGES,
+    }
+}
 const PIPE_EXPAND_STAGES: usize = 3;
 
 /// Shared memory one block may opt into on a GPU of this arch (sm_80/87: 163 KB, sm_90/100/103:
@@ -897,7 +907,7 @@ pub fn pipe_smem_fits(dynamic: usize, arch: u32) -> bool {
 
 /// Dynamic shared memory of a pipelined shrink: its ring of x and A k-steps.
 pub fn pipe_shrink_smem(max_rank: usize) -> usize {
-    PIPE_SHRINK_STAGES * (TILE_T + pipe_rank_rows(max_rank)) * PIPE_PITCH * 2
+    pipe_shrink_stages(max_rank) * (TILE_T + pipe_rank_rows(max_rank)) * PIPE_PITCH * 2
 }
 
 /// Dynamic shared memory of a pipelined expand: u, then its ring of B and y tiles.
@@ -1311,6 +1321,11 @@ mod tests {
             assert!(2 * (pipe_shrink_smem(r) + 1024) <= SM_SHARED_BYTES && pipe_shrink_smem(r) <= 163 * 1024, "{r}");
             assert!(2 * (pipe_expand_smem(r) + 1024) <= SM_SHARED_BYTES && pipe_expand_smem(r) <= 163 * 1024, "{r}");
         }
+        // the shrink's deeper rings (ranks up to 32) keep the 3 blocks an SM of its launch bounds
+        for r in [1, 16, 17, 32, 48, 64] {
+            assert!(3 * (pipe_shrink_smem(r) + 1024 + PIPE_STATIC_SMEM) <= SM_SHARED_BYTES, "{r}");
+        }
+        assert_eq!((pipe_shrink_stages(16), pipe_shrink_stages(32), pipe_shrink_stages(64)), (6, 5, 4));
     }
 
     #[test]
