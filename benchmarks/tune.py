@@ -5,7 +5,7 @@ kernel the path allows times a few shrink split targets, each graphed over weigh
 
     python benchmarks/tune.py --out python/loramux/ops/launch_table.json [--quick]
 
-Each token count is timed with one adapter and with many sharing the batch. A choice enters the
+Each token count is timed with one adapter and with many sharing the batch (past 64 tokens, also 128). A choice enters the
 table only where its output matches an fp32 reference, its geomean over the adapter counts beats
 the built-in rule by more than --margin (noise stays out) and neither count is slower than it by
 more; the rest keeps the built-in rule. Shrink split targets below the built-in one are not
@@ -36,8 +36,10 @@ SHAPES = [(4096, (4096, 1024, 1024), (1, 2, 3)), (4096, (4096,), (4,)), (4096, (
           (14336, (4096,), (6,))]
 RANKS = [16, 64]
 # one token count per bucket of tuning.TOKEN_BUCKETS, each timed with one adapter and with many
-# sharing the batch: a choice must not lose at either (the planner cannot see the adapter count)
-TOKENS = [(1, (1,)), (16, (1, 16)), (64, (1, 32)), (256, (1, 32)), (512, (1, 32)), (2048, (1, 8))]
+# sharing the batch: a choice must not lose at any (the planner cannot see the adapter count). Past
+# 64 tokens also 128 adapters: measured on the H200 (kernel-notes s15), 4-tile expand spans chosen at
+# T = 2048 over 1 and 8 adapters were 0.84-0.87x the time there and 1.10-1.13x at 128
+TOKENS = [(1, (1,)), (16, (1, 16)), (64, (1, 32)), (256, (1, 32, 128)), (512, (1, 32, 128)), (2048, (1, 8, 128))]
 TARGETS = [132, 264, 528, 1056]
 #: the planner's own targets (rust/src/cuda/plan.rs): the flat decode expand's, the fused decode
 #: kernel's, everyone else's
@@ -48,7 +50,8 @@ DEFAULT_TARGET = 528
 #: swept down to 132 (its few-adapter count, timed beside the many-adapter one, guards against the
 #: starved splits that kept coarser targets out)
 MIN_TARGET = dict(BUILT_IN_TARGET, **{k: 132 for k in FUSED_KINDS}, p=264, p4=264, p16=264)
-SELECTION = "geomean over the adapter counts swept, none slower; split targets >= the built-in one (fused kinds: >= 132)"
+SELECTION = ("geomean over the adapter counts swept, none slower; split targets >= the built-in one (fused kinds: >= 132); "
+             "per adapter bucket (few <= 32 / many) where its counts pick another choice")
 KNOBS = ("LORAMUX_DECODE_DEVICE_SPLIT", "LORAMUX_EXPAND_DECODE", "LORAMUX_EXPAND_OPT", "LORAMUX_EXPAND_TILE_COLS", "LORAMUX_SHRINK_TARGET_BLOCKS",
          "LORAMUX_TUNING", "LORAMUX_DECODE_FUSED", "LORAMUX_FUSED_EXPAND_BLOCKS", "LORAMUX_FUSED_PDL",
          "LORAMUX_FUSED_BLOCKS_PER_SM", "LORAMUX_FUSED_STAGE_A", "LORAMUX_PREFILL", "LORAMUX_EXPAND_SPAN_TILES",
@@ -162,7 +165,34 @@ def tune_case(hi, sizes, mids, r, tokens, counts, l2, targets, margin, kinds_onl
             for i, v in enumerate(kinds)]
     case = dict(hi=hi, out_sizes=list(sizes), rank=r, tokens=tokens, adapters=list(counts),
                 default_us=[m[0][0] for m in per_count], default_rel_err=max(m[0][1] for m in per_count), variants=rows)
-    return case, select(case, margin)
+    return case, entries_for(case, margin)
+
+
+def _counts_in(case, bucket):
+    """The case cut to the adapter counts of one bucket (tuning.adapter_bucket), or None where the
+    sweep timed none there or nothing else (then the entry for every count says it all)."""
+    counts = _as_list(case.get("adapters", []))
+    keep = [i for i, n in enumerate(counts) if tuning.adapter_bucket(n) == bucket]
+    if not keep or len(keep) == len(counts):
+        return None
+    cut = lambda v: [_as_list(v)[i] for i in keep]  # noqa: E731
+    return dict(case, adapters=cut(counts), default_us=cut(case["default_us"]),
+                variants=[dict(w, us=cut(w["us"])) for w in case["variants"]])
+
+
+def entries_for(case, margin):
+    """The table entries a swept case earns: the one for every adapter count (select), and, where
+    the sweep timed counts on both sides of tuning.FEW_ADAPTERS, one a bucket ("few" / "many") whose
+    own counts pick another choice (the planner takes it for a batch of a known count)."""
+    general = select(case, margin)
+    entries = [general] if general is not None else []
+    pick = lambda e: None if e is None else (e["expand_kernel"], e["shrink_target_blocks"], e.get("decode_device_split"))  # noqa: E731
+    for bucket in ("few", "many"):
+        sub = _counts_in(case, bucket)
+        e = select(sub, margin) if sub is not None else None
+        if e is not None and pick(e) != pick(general):
+            entries.append(dict(e, adapter_bucket=bucket))
+    return entries
 
 
 def _as_list(v):
@@ -192,9 +222,10 @@ def select(case, margin):
                 **({"decode_device_split": best["decode_device_split"]} if "decode_device_split" in best else {}))
 
 
-def write_table(path, arch, measured_note, entries, token_buckets=None):
+def write_table(path, arch, measured_note, entries, token_buckets=None, replaced_note=None):
     """Replaces `arch`'s entries (and its measurement note) in the table at `path`, keeps the others;
-    with `token_buckets`, only that arch's entries of those buckets (a partial sweep)."""
+    with `token_buckets`, only that arch's entries of those buckets (a partial sweep), and the note
+    `replaced_note` (a rebuilt sweep's own)."""
     try:
         with open(path) as f:
             doc = json.load(f)
@@ -204,7 +235,7 @@ def write_table(path, arch, measured_note, entries, token_buckets=None):
             if e["arch"] != arch or (token_buckets is not None and e["token_bucket"] not in token_buckets)]
     # a partial sweep keeps the arch's earlier notes (its other buckets' entries come from them)
     measured = [m for m in doc.get("measured", [])
-                if (m.get("arch") != arch or token_buckets is not None) and m != measured_note] + [measured_note]
+                if (m.get("arch") != arch or token_buckets is not None) and m not in (measured_note, replaced_note)] + [measured_note]
     out = {
         "about": "lora_apply launch choices measured by benchmarks/tune.py; read by loramux.ops.tuning "
                  "(geometries without an entry keep the built-in rules of rust/src/cuda/plan.rs)",
@@ -220,15 +251,18 @@ def rebuild(args):
     """The table from a saved sweep log (no GPU): the selection rule applied to the measured cases."""
     with open(args.from_log) as f:
         cases = [json.loads(line) for line in f if line.strip()]
-    entries = [e for e in (select(c, args.margin) for c in cases) if e is not None]
+    entries = [e for c in cases for e in entries_for(c, args.margin)]
+    buckets = {tuning.token_bucket(c["tokens"]) for c in cases}
     try:
         with open(args.out) as f:
-            old = next((m for m in json.load(f).get("measured", []) if m.get("arch") == args.arch), {})
-    except FileNotFoundError:
+            # the arch's latest note: the sweep the log is from, where the table is that sweep's output
+            old = [m for m in json.load(f).get("measured", []) if m.get("arch") == args.arch][-1]
+    except (FileNotFoundError, IndexError):
         old = {}
     note = dict(old, arch=args.arch, margin=args.margin, rebuilt_from=os.path.basename(args.from_log),
                 selection=SELECTION)
-    write_table(args.out, args.arch, note, entries)
+    # a log of some token buckets (a partial sweep) replaces the table's entries of those only
+    write_table(args.out, args.arch, note, entries, buckets if buckets != set(tuning.TOKEN_BUCKETS) else None, old or None)
     print(f"{len(entries)} entries for sm_{args.arch} from {len(cases)} cases -> {args.out}")
 
 
@@ -276,16 +310,16 @@ def main():
         for hi, sizes, mids in SHAPES:
             for r in RANKS:
                 for tokens, counts in sweep:
-                    case, entry = tune_case(hi, sizes, mids, r, tokens, counts, l2, targets, args.margin, kinds_only)
+                    case, found = tune_case(hi, sizes, mids, r, tokens, counts, l2, targets, args.margin, kinds_only)
                     log.write(json.dumps(case) + "\n")
                     log.flush()
                     fmt = lambda us: "/".join(f"{u:.1f}" for u in us)  # noqa: E731
                     print(f"{hi}->{sizes} r{r} T{tokens} adapters {fmt(counts)}: built-in {fmt(case['default_us'])} us"
-                          + (f", table {entry['expand_kernel']}/{entry['shrink_target_blocks']}"
-                             f"{'/dev' if entry.get('decode_device_split') else ''} {fmt(entry['us'])} us"
-                             if entry else ""), flush=True)
-                    if entry is not None:
-                        entries.append(entry)
+                          + "".join(f", table{' (' + e['adapter_bucket'] + ')' if e.get('adapter_bucket') else ''} "
+                                    f"{e['expand_kernel']}/{e['shrink_target_blocks']}"
+                                    f"{'/dev' if e.get('decode_device_split') else ''} {fmt(e['us'])} us" for e in found),
+                          flush=True)
+                    entries.extend(found)
             write()
     print(f"{len(entries)} entries for sm_{arch} -> {args.out}")
 

@@ -26,9 +26,13 @@ def test_shipped_table_is_well_formed():
     doc = json.loads(tuning.TABLE_PATH.read_text())
     seen = set()
     for e in doc["entries"]:
-        key = (e["arch"], e["hi"], tuple(e["out_sizes"]), e["rank_bucket"], e["token_bucket"])
+        key = (e["arch"], e["hi"], tuple(e["out_sizes"]), e["rank_bucket"], e["token_bucket"], e.get("adapter_bucket"))
         assert key not in seen, f"two entries for {key}"
         seen.add(key)
+        # an adapter bucket's entry was timed at that bucket's counts only
+        assert e.get("adapter_bucket") in (None, "few", "many")
+        if e.get("adapter_bucket"):
+            assert {tuning.adapter_bucket(n) for n in e["adapters"]} == {e["adapter_bucket"]}
         assert e["rank_bucket"] in tuning.RANK_BUCKETS and e["token_bucket"] in tuning.TOKEN_BUCKETS
         kind = e["expand_kernel"]
         assert kind in KINDS
@@ -67,6 +71,25 @@ def test_lookup_hits_listed_geometries_only(tmp_path, monkeypatch):
     assert tuning.choice(90, 4096, [4096, 1024, 1024], 16, 100) == none  # another token bucket
     monkeypatch.setenv("LORAMUX_TUNING", "off")
     assert tuning.choice(90, 4096, [4096, 1024, 1024], 16, 40) == none
+
+
+def test_a_counted_batch_takes_its_adapter_bucket_entry(tmp_path, monkeypatch):
+    path = tmp_path / "table.json"
+    geo = dict(arch=90, hi=4096, out_sizes=[4096], rank_bucket=16, token_bucket=2048)
+    path.write_text(json.dumps({"entries": [dict(geo, expand_kernel="p", shrink_target_blocks=264),
+                                            dict(geo, expand_kernel="p4", shrink_target_blocks=264, adapter_bucket="few"),
+                                            dict(geo, token_bucket=512, expand_kernel="p16", shrink_target_blocks=528,
+                                                 adapter_bucket="many")]}))
+    monkeypatch.setattr(tuning, "TABLE_PATH", path)
+    monkeypatch.delenv("LORAMUX_TUNING", raising=False)
+    assert [tuning.adapter_bucket(n) for n in (None, 1, 32, 33)] == [None, "few", "few", "many"]
+    assert tuning.choice(90, 4096, [4096], 16, 2048) == tuning.Choice(264, "p")  # count not known
+    assert tuning.choice(90, 4096, [4096], 16, 2048, adapters=8) == tuning.Choice(264, "p4")
+    assert tuning.choice(90, 4096, [4096], 16, 2048, adapters=128) == tuning.Choice(264, "p")  # no "many" entry
+    assert tuning.choice(90, 4096, [4096], 16, 512, adapters=128) == tuning.Choice(528, "p16")
+    none = tuning.Choice(None, None, None)
+    assert tuning.choice(90, 4096, [4096], 16, 512, adapters=8) == none
+    assert tuning.choice(90, 4096, [4096], 16, 512) == none
 
 
 def test_planner_takes_the_choices_and_rejects_unknown_kernels(monkeypatch):
@@ -134,3 +157,23 @@ def test_sweep_selection_keeps_coarse_splits_noise_and_wrong_results_out():
     assert {k for k, _ in tune.variants(300, tune.TARGETS)} == {"c1", "c4", "p", "p4", "p16"}
     # a sweep limited to some kinds (tune.py --kinds): only those, at the targets their path allows
     assert tune.variants(300, [264, 528], 16, {"p", "p4", "c1"}) == [("c1", 528), ("p", 264), ("p", 528), ("p4", 264), ("p4", 528)]
+
+
+def test_sweep_gives_an_adapter_bucket_its_own_entry_where_its_counts_pick_another():
+    tune = _tune_script()
+    # p4 wins at 1 and 8 adapters and loses at 128: no entry for every count, one for "few"
+    case = dict(hi=4096, out_sizes=[4096], rank=16, tokens=2048, adapters=[1, 8, 128], default_us=[30.0, 31.0, 52.0],
+                variants=[dict(expand_kernel="p4", shrink_target_blocks=264, us=[22.0, 24.0, 58.0], rel_err=1e-3),
+                          dict(expand_kernel="p16", shrink_target_blocks=264, us=[31.0, 32.0, 45.0], rel_err=1e-3)])
+    entries = tune.entries_for(case, margin=0.03)
+    assert [(e.get("adapter_bucket"), e["expand_kernel"], e["adapters"], e["us"]) for e in entries] == [
+        ("few", "p4", [1, 8], [22.0, 24.0]), ("many", "p16", [128], [45.0])]
+    # where every count agrees: one entry, no bucket repeating it
+    case["variants"][0]["us"] = [22.0, 24.0, 50.0]
+    assert [(e.get("adapter_bucket"), e["expand_kernel"]) for e in tune.entries_for(case, margin=0.03)] == [(None, "p4"), ("many", "p16")]
+    case["variants"] = case["variants"][:1]
+    assert [(e.get("adapter_bucket"), e["expand_kernel"]) for e in tune.entries_for(case, margin=0.03)] == [(None, "p4")]
+    # a sweep of one side only (decode buckets): the entry for every count alone
+    case = dict(case, adapters=[1, 16], default_us=[30.0, 31.0], variants=[dict(expand_kernel="p4", shrink_target_blocks=264,
+                                                                                us=[22.0, 24.0], rel_err=1e-3)])
+    assert [e.get("adapter_bucket") for e in tune.entries_for(case, margin=0.03)] == [None]

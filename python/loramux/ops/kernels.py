@@ -72,9 +72,9 @@ def _arch(index: int) -> int:
     return 10 * major + minor
 
 
-def _tuning(device, hi: int, out_sizes, max_rank: int, tokens: int) -> tuning.Choice:
-    """The launch table's choice for a lora_apply of this geometry (ops/tuning.py)."""
-    return tuning.choice(_arch(_device_index(device)), hi, out_sizes, max_rank, tokens)
+def _tuning(device, hi: int, out_sizes, max_rank: int, tokens: int, adapters=None) -> tuning.Choice:
+    """The launch table's choice for a lora_apply of this geometry and adapter count (ops/tuning.py)."""
+    return tuning.choice(_arch(_device_index(device)), hi, out_sizes, max_rank, tokens, adapters)
 
 
 def segments(slot_of_token, num_slots: int, adapters=None):
@@ -274,7 +274,7 @@ def lora_apply(x, y, meta, layer: int, module_ids: Sequence[int], out_sizes: Seq
     a reduce of the partials into u runs between them. Which kernels and how finely
     the shrink splits: the measured launch table where it has the geometry (tuning.py)."""
     sizes = _apply_checks(x, y, meta, module_ids, out_sizes)
-    choice = _tuning(x.device, x.shape[1], sizes, int(meta.max_rank), x.shape[0])
+    choice = _tuning(x.device, x.shape[1], sizes, int(meta.max_rank), x.shape[0], meta.adapters)
     ids = [int(m) for m in module_ids]
     fused = _core.plan_fused(x.shape[0], x.shape[1], max(sizes, default=0), len(ids), meta.table.shape[0],
                              int(meta.max_rank), choice.shrink_target_blocks, choice.expand_kernel,
@@ -313,7 +313,7 @@ def lora_apply_beside(x, base, meta, layer: int, applies, width: int, dora_free:
         # buffers allocated on the current stream (freed in its order), shrinks launched on the side
         for ids, sizes in applies:
             sizes = [int(o) for o in sizes]
-            choice = _tuning(x.device, x.shape[1], sizes, int(meta.max_rank), tokens)
+            choice = _tuning(x.device, x.shape[1], sizes, int(meta.max_rank), tokens, meta.adapters)
             batch, ids2, plan, partial, seg, u_offset = _shrink_partials(x, meta, layer, ids, choice, side)
             launched.append((ids2, sizes, choice, plan, partial, seg, u_offset))
     y = base()

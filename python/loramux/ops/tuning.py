@@ -12,7 +12,8 @@ import os
 import pathlib
 from typing import Dict, NamedTuple, Optional, Sequence, Tuple
 
-__all__ = ["Choice", "TOKEN_BUCKETS", "RANK_BUCKETS", "token_bucket", "rank_bucket", "choice", "load_table", "TABLE_PATH"]
+__all__ = ["Choice", "TOKEN_BUCKETS", "RANK_BUCKETS", "FEW_ADAPTERS", "token_bucket", "rank_bucket", "adapter_bucket",
+           "choice", "load_table", "TABLE_PATH"]
 
 TABLE_PATH = pathlib.Path(__file__).with_name("launch_table.json")
 #: a bucket holds the token counts above the previous bound up to its own; past the last: the last.
@@ -22,6 +23,11 @@ TABLE_PATH = pathlib.Path(__file__).with_name("launch_table.json")
 #: bucket's entry (what the same-run A/B of that rule measured).
 TOKEN_BUCKETS = (1, 16, 64, 256, 512, 2048)
 RANK_BUCKETS = (16, 32, 64, 128)
+#: where the batch's adapter count is known (BatchMeta.adapters), an entry may hold for "few" (up
+#: to FEW_ADAPTERS) or "many" adapters only: measured on the H200 (docs/kernel-notes.md, s15), the
+#: pipelined expand's 4-tile spans took 0.84-0.87x the time at 2048 tokens over 1-32 adapters and
+#: 1.10-1.13x over 128, so one entry for every count had to keep the slower choice for few
+FEW_ADAPTERS = 32
 #: LORAMUX_TUNING=off ignores the table (the built-in rules decide): for A/B runs;
 #: LORAMUX_TUNING_TABLE=path reads another table file instead of the shipped one (A/B of two sweeps)
 _OFF = ("off", "0", "none")
@@ -46,11 +52,18 @@ def rank_bucket(max_rank: int) -> int:
     return next((b for b in RANK_BUCKETS if max_rank <= b), RANK_BUCKETS[-1])
 
 
-Key = Tuple[int, int, Tuple[int, ...], int, int]  # arch, hi, out sizes, rank bucket, token bucket
+def adapter_bucket(adapters: Optional[int]) -> Optional[str]:
+    """"few" or "many" for a counted batch, None where the count is not known (a captured graph)."""
+    if adapters is None:
+        return None
+    return "few" if adapters <= FEW_ADAPTERS else "many"
 
 
-def _key(arch: int, hi: int, out_sizes: Sequence[int], rank_b: int, token_b: int) -> Key:
-    return (int(arch), int(hi), tuple(int(o) for o in out_sizes), int(rank_b), int(token_b))
+Key = Tuple[int, int, Tuple[int, ...], int, int, Optional[str]]  # arch, hi, out sizes, rank, token, adapter buckets
+
+
+def _key(arch: int, hi: int, out_sizes: Sequence[int], rank_b: int, token_b: int, adapter_b: Optional[str] = None) -> Key:
+    return (int(arch), int(hi), tuple(int(o) for o in out_sizes), int(rank_b), int(token_b), adapter_b)
 
 
 @functools.lru_cache(maxsize=None)
@@ -63,14 +76,23 @@ def load_table(path: str) -> Dict[Key, Choice]:
         return {}
     table = {}
     for e in doc.get("entries", []):
-        key = _key(e["arch"], e["hi"], e["out_sizes"], e["rank_bucket"], e["token_bucket"])
+        key = _key(e["arch"], e["hi"], e["out_sizes"], e["rank_bucket"], e["token_bucket"], e.get("adapter_bucket"))
         split = e.get("decode_device_split")
         table[key] = Choice(e.get("shrink_target_blocks"), e.get("expand_kernel"), None if split is None else bool(split))
     return table
 
 
-def choice(arch: int, hi: int, out_sizes: Sequence[int], max_rank: int, tokens: int) -> Choice:
-    """The table's launch choice for this lora_apply; Choice(None, None, None) where it has none."""
+def choice(arch: int, hi: int, out_sizes: Sequence[int], max_rank: int, tokens: int, adapters: Optional[int] = None) -> Choice:
+    """The table's launch choice for this lora_apply: the entry for its adapter bucket where the count
+    is known and the table has one, else the entry for any count; Choice(None, None, None) where it
+    has none."""
     if os.environ.get("LORAMUX_TUNING", "").lower() in _OFF:
         return _DEFAULT
-    return load_table(os.environ.get("LORAMUX_TUNING_TABLE") or str(TABLE_PATH)).get(_key(arch, hi, out_sizes, rank_bucket(max_rank), token_bucket(tokens)), _DEFAULT)
+    table = load_table(os.environ.get("LORAMUX_TUNING_TABLE") or str(TABLE_PATH))
+    key = _key(arch, hi, out_sizes, rank_bucket(max_rank), token_bucket(tokens))
+    bucket = adapter_bucket(adapters)
+    if bucket is not None:
+        found = table.get(key[:-1] + (bucket,))
+        if found is not None:
+            return found
+    return table.get(key, _DEFAULT)
