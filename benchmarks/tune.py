@@ -49,7 +49,7 @@ DEFAULT_TARGET = 528
 #: the coarsest target swept per kernel: the built-in one, except for the fused kernel, which is
 #: swept down to 132 (its few-adapter count, timed beside the many-adapter one, guards against the
 #: starved splits that kept coarser targets out)
-MIN_TARGET = dict(BUILT_IN_TARGET, **{k: 132 for k in FUSED_KINDS}, p=264, p4=264, p16=264)
+MIN_TARGET = dict(BUILT_IN_TARGET, **{k: 132 for k in FUSED_KINDS}, **{k: 264 for k in ("p", "p2", "p4", "p6", "p8", "p16")})
 SELECTION = ("geomean over the adapter counts swept, none slower; split targets >= the built-in one (fused kinds: >= 132); "
              "per adapter bucket (few <= 32 / many) where its counts pick another choice")
 KNOBS = ("LORAMUX_DECODE_DEVICE_SPLIT", "LORAMUX_EXPAND_DECODE", "LORAMUX_EXPAND_OPT", "LORAMUX_EXPAND_TILE_COLS", "LORAMUX_SHRINK_TARGET_BLOCKS",
@@ -71,8 +71,8 @@ def variants(tokens: int, targets, rank: int = 16, kinds_only=None):
         kinds = (list(FUSED_KINDS) if rank <= 64 else []) + ["flat", "o1", "o1w"]
     elif tokens <= 256:  # CUDA-core small items, or the pipelined tensor-core kernels over them
         kinds = ["o1", "o1w", "o4", "p"]
-    else:  # register-staged tiles, and the pipelined kernels at a planned / 4 / 16-tile expand span
-        kinds = ["c1", "c4", "p", "p4", "p16"]
+    else:  # register-staged tiles, and the pipelined kernels at a planned / 2 .. 16-tile expand span
+        kinds = ["c1", "c4", "p", "p2", "p4", "p6", "p8", "p16"]
     pairs = [(k, t) for k in kinds for t in targets
              if t >= MIN_TARGET.get(k, DEFAULT_TARGET) and (kinds_only is None or k in kinds_only)]
     return [(k, t, d) for k, t in pairs for d in DEVICE_SPLITS] if 1 < tokens <= 64 else pairs

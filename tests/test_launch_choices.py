@@ -19,7 +19,7 @@ KNOBS = ("LORAMUX_EXPAND_DECODE", "LORAMUX_EXPAND_OPT", "LORAMUX_EXPAND_TILE_COL
          "LORAMUX_PIPE_SPAN_RULE", "LORAMUX_PIPE_MERGE", "LORAMUX_PIPE_FRAGMENTS", "LORAMUX_PIPE_RANK_TILES")
 #: (expand kernel, the token counts whose path allows it)
 KINDS = [("fused", [1, 8, 40]), ("flat", [8, 40]), ("o1", [8, 40, 200]), ("o1w", [8, 40, 200]), ("o4", [8, 200]), ("c1", [300]),
-         ("c4", [300, 1000]), ("p", [200, 300, 1000]), ("p1", [300]), ("p4", [1000]), ("p16", [1000])]
+         ("c4", [300, 1000]), ("p", [200, 300, 1000]), ("p1", [300]), ("p4", [1000]), ("p6", [1000]), ("p16", [1000])]
 
 
 def _force(monkeypatch, kind, target):

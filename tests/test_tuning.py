@@ -13,7 +13,7 @@ import pytest
 from loramux import _core
 from loramux.ops import tuning
 
-KINDS = {"fused", "fused3", "fuseds", "fuseds4", "flat", "o1", "o1w", "o4", "c1", "c4", "p", "p4", "p16"}
+KINDS = {"fused", "fused3", "fuseds", "fuseds4", "flat", "o1", "o1w", "o4", "c1", "c4", "p", "p2", "p4", "p6", "p8", "p16"}
 
 
 def test_buckets_follow_the_kernel_paths():
@@ -154,7 +154,7 @@ def test_sweep_selection_keeps_coarse_splits_noise_and_wrong_results_out():
     assert tune.select(dcase, margin=0.03)["decode_device_split"] is True
     case["variants"] = [dict(expand_kernel="fused", shrink_target_blocks=132, us=[9.0, 30.0], rel_err=1e-3)]
     assert tune.select(case, margin=0.03)["shrink_target_blocks"] == 132
-    assert {k for k, _ in tune.variants(300, tune.TARGETS)} == {"c1", "c4", "p", "p4", "p16"}
+    assert {k for k, _ in tune.variants(300, tune.TARGETS)} == {"c1", "c4", "p", "p2", "p4", "p6", "p8", "p16"}
     # a sweep limited to some kinds (tune.py --kinds): only those, at the targets their path allows
     assert tune.variants(300, [264, 528], 16, {"p", "p4", "c1"}) == [("c1", 528), ("p", 264), ("p", 528), ("p4", 264), ("p4", 528)]
 

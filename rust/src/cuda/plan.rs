@@ -116,13 +116,16 @@ pub enum ExpandKind {
     TileC4,
     /// the pipelined prefill kernels (cuda/lora_prefill.cu), the expand's column span planned
     Pipe,
-    /// the pipelined prefill kernels, 4 or 16 64-column tiles an expand block
+    /// the pipelined prefill kernels, 2, 4, 6, 8 or 16 64-column tiles an expand block
+    Pipe2,
     Pipe4,
+    Pipe6,
+    Pipe8,
     Pipe16,
 }
 
 impl ExpandKind {
-    pub const ALL: [ExpandKind; 13] = [
+    pub const ALL: [ExpandKind; 16] = [
         ExpandKind::Fused,
         ExpandKind::Fused3,
         ExpandKind::FusedStaged,
@@ -134,7 +137,10 @@ impl ExpandKind {
         ExpandKind::TileC1,
         ExpandKind::TileC4,
         ExpandKind::Pipe,
+        ExpandKind::Pipe2,
         ExpandKind::Pipe4,
+        ExpandKind::Pipe6,
+        ExpandKind::Pipe8,
         ExpandKind::Pipe16,
     ];
 
@@ -151,7 +157,10 @@ impl ExpandKind {
             ExpandKind::TileC1 => "c1",
             ExpandKind::TileC4 => "c4",
             ExpandKind::Pipe => "p",
+            ExpandKind::Pipe2 => "p2",
             ExpandKind::Pipe4 => "p4",
+            ExpandKind::Pipe6 => "p6",
+            ExpandKind::Pipe8 => "p8",
             ExpandKind::Pipe16 => "p16",
         }
     }
@@ -159,6 +168,18 @@ impl ExpandKind {
     /// The fused decode kernel in one of its forms.
     pub fn is_fused(self) -> bool {
         matches!(self, ExpandKind::Fused | ExpandKind::Fused3 | ExpandKind::FusedStaged | ExpandKind::FusedStaged4)
+    }
+
+    /// The pipelined expand's span (64-column tiles a block) a `p<N>` kind fixes.
+    pub fn pipe_span(self) -> Option<usize> {
+        match self {
+            ExpandKind::Pipe2 => Some(2),
+            ExpandKind::Pipe4 => Some(4),
+            ExpandKind::Pipe6 => Some(6),
+            ExpandKind::Pipe8 => Some(8),
+            ExpandKind::Pipe16 => Some(16),
+            _ => None,
+        }
     }
 
     pub fn parse(name: &str) -> Option<ExpandKind> {
@@ -722,7 +743,7 @@ pub fn prefill_is_pipelined(tuning: &Tuning) -> bool {
 
 /// Whether a batch of the small-item path (65..=ITEMS_BY_ADAPTERS_MAX_T tokens, `small_items`) runs the pipelined
 /// tensor-core kernels over its items of 8 tokens instead of the CUDA-core ones.
-/// `LORAMUX_PIPE_SMALL=1|0` forces it for A/B runs; else a tuning table's choice (p / p4 / p16:
+/// `LORAMUX_PIPE_SMALL=1|0` forces it for A/B runs; else a tuning table's choice (p / p2 .. p16:
 /// pipelined, o1 / o1w / o4: CUDA cores); else ranks PIPE_SMALL_RANKS take it. Measured on the H200
 /// at T = 256 (docs/kernel-notes.md, prefill-5, run 3): at rank 64 the pipelined kernels were 1.28x
 /// faster (geomean of 12 cases, 0.87-1.67x: faster at 1-32 adapters in all three shapes, slower at
@@ -746,7 +767,7 @@ pub fn pipe_on_small_items(tokens: usize, small: bool, adapters: Option<usize>, 
         Ok("1") => true,
         Ok("0") => false,
         _ => match tuning.expand {
-            Some(ExpandKind::Pipe | ExpandKind::Pipe4 | ExpandKind::Pipe16) => true,
+            Some(k) if k.pipe_span().is_some() || k == ExpandKind::Pipe => true,
             Some(ExpandKind::SmallO1 | ExpandKind::SmallO1w | ExpandKind::SmallO4) => false,
             _ => PIPE_SMALL_RANKS.contains(&max_rank),
         },
@@ -793,15 +814,14 @@ const PIPE_RULE_MAX_SPAN: usize = 16;
 const PIPE_BLOCK_COST_TILES: usize = 1;
 
 /// 64-column tiles one pipelined expand block streams: `LORAMUX_EXPAND_SPAN_TILES`, else the
-/// tuning's p4 / p16, else the built-in rule (`pipe_span_rule`; on small items, and everywhere under
+/// tuning's p2 .. p16 (`ExpandKind::pipe_span`), else the built-in rule (`pipe_span_rule`; on small items, and everywhere under
 /// `LORAMUX_PIPE_SPAN_RULE=old`, prefill-6's: about PIPE_EXPAND_TARGET_BLOCKS blocks counting the
 /// widest slice's tiles once a slice).
 pub fn pipe_expand_tiles(tokens: usize, small: bool, out_sizes: &[usize], tuning: &Tuning) -> usize {
     let col_tiles = out_sizes.iter().copied().max().unwrap_or(0).div_ceil(64).max(1);
     let wanted = env_usize("LORAMUX_EXPAND_SPAN_TILES").or(match tuning.expand {
-        Some(ExpandKind::Pipe4) => Some(4),
-        Some(ExpandKind::Pipe16) => Some(16),
-        _ => None,
+        Some(k) => k.pipe_span(),
+        None => None,
     });
     let items = tokens.div_ceil(item_tokens(small));
     let old_rule = small || std::env::var("LORAMUX_PIPE_SPAN_RULE").as_deref() == Ok("old");
