@@ -1312,6 +1312,15 @@ mod tests {
         let c4 = Tuning { expand: Some(ExpandKind::TileC4), ..Default::default() };
         let p16 = Tuning { expand: Some(ExpandKind::Pipe16), ..Default::default() };
         assert!(prefill_is_pipelined(&d) && prefill_is_pipelined(&p16) && !prefill_is_pipelined(&c4));
+        // every kind by its table name; a p<N> kind fixes the expand's span at N tiles
+        for k in ExpandKind::ALL {
+            assert_eq!(ExpandKind::parse(k.name()), Some(k));
+        }
+        for (name, span) in [("p2", 2), ("p4", 4), ("p6", 6), ("p8", 8), ("p16", 16)] {
+            let t = Tuning { expand: ExpandKind::parse(name), ..Default::default() };
+            assert_eq!(pipe_expand_tiles(2048, false, &[4096], &t), span, "{name}");
+            assert!(pipe_on_small_items(300, true, None, 16, &t) || std::env::var("LORAMUX_PIPE_SMALL").is_ok());
+        }
         let plan = plan_shrink(2048, small_items(2048, None), None, 4096, 1, 8, 16, &d);
         // the reduce runs wherever the shrink did not sum u itself: lora_apply asks only when
         // launch::shrink returned no u (the register-staged path, or the pipelined one's fallback)
