@@ -819,10 +819,7 @@ const PIPE_BLOCK_COST_TILES: usize = 1;
 /// widest slice's tiles once a slice).
 pub fn pipe_expand_tiles(tokens: usize, small: bool, out_sizes: &[usize], tuning: &Tuning) -> usize {
     let col_tiles = out_sizes.iter().copied().max().unwrap_or(0).div_ceil(64).max(1);
-    let wanted = env_usize("LORAMUX_EXPAND_SPAN_TILES").or(match tuning.expand {
-        Some(k) => k.pipe_span(),
-        None => None,
-    });
+    let wanted = env_usize("LORAMUX_EXPAND_SPAN_TILES").or(tuning.expand.and_then(ExpandKind::pipe_span));
     let items = tokens.div_ceil(item_tokens(small));
     let old_rule = small || std::env::var("LORAMUX_PIPE_SPAN_RULE").as_deref() == Ok("old");
     let auto = || {
@@ -893,9 +890,13 @@ const PIPE_PITCH: usize = 72;
 /// (5 tiles up to rank 16, 4 up to 48: still 3 blocks an SM) was measured on the H200 and taken
 /// back: no faster at T = 2048 (1.00x), 3 % slower at T = 512 (docs/kernel-notes.md, prefill-6).
 const PIPE_SHRINK_STAGES: usize = 4;
+const PIPE_EXPAND_STAGES: usize = 3;
+
 /// k-steps in the ring of the pipelined shrink for ranks up to `max_rank` (cuda/lora_prefill.cu
-/// pf_shrink_stages of the rank-tile kernel it launches): 6 up to rank 16, 5 up to 32, else 4, so
-/// the ring holds more of a split's k-steps and 3 blocks an SM still reside.
+/// pf_shrink_stages of the rank-tile kernel it launches): 6 up to rank 16, 5 up to 32, else
+/// PIPE_SHRINK_STAGES, so the ring holds more of a split's k-steps and 3 blocks an SM still reside.
+/// Measured on the H200 (docs/kernel-notes.md, s15): rank 16 over 128 adapters at T = 2048 0.82-0.91x
+/// the time, other rows 0.96-1.04x.
 fn pipe_shrink_stages(max_rank: usize) -> usize {
     match pipe_rank_rows(max_rank) {
         16 => 6,
@@ -903,7 +904,6 @@ fn pipe_shrink_stages(max_rank: usize) -> usize {
         _ => PIPE_SHRINK_STAGES,
     }
 }
-const PIPE_EXPAND_STAGES: usize = 3;
 
 /// Shared memory one block may opt into on a GPU of this arch (sm_80/87: 163 KB, sm_90/100/103:
 /// 227 KB; sm_86/89, the sm_12x parts and any arch not listed: 99 KB, the smallest of them).
