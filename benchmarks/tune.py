@@ -33,7 +33,10 @@ from loramux.ops import BatchMeta, kernels, tuning
 DT, DEV = torch.bfloat16, "cuda"
 # (Hi, output slices, module ids): q|k|v, o, gate|up, down of Llama-8B
 SHAPES = [(4096, (4096, 1024, 1024), (1, 2, 3)), (4096, (4096,), (4,)), (4096, (14336, 14336), (7, 5)),
-          (14336, (4096,), (6,))]
+          (14336, (4096,), (6,)),
+          # up alone (a model whose adapters leave gate out, or whose projections are not attached
+          # together): one 14336-wide slice, which no entry of gate|up matches
+          (4096, (14336,), (5,))]
 RANKS = [16, 64]
 # one token count per bucket of tuning.TOKEN_BUCKETS, each timed with one adapter and with many
 # sharing the batch: a choice must not lose at any (the planner cannot see the adapter count). Past
@@ -228,20 +231,28 @@ def select(case, margin, max_loss=MAX_LOSS):
                 **({"decode_device_split": best["decode_device_split"]} if "decode_device_split" in best else {}))
 
 
-def write_table(path, arch, measured_note, entries, token_buckets=None, replaced_note=None):
+def shape_spec(hi, sizes):
+    """`Hi:out|out` (tune.py --shapes), e.g. 4096:14336 or 4096:4096|1024|1024."""
+    return f"{hi}:{'|'.join(str(o) for o in sizes)}"
+
+
+def write_table(path, arch, measured_note, entries, token_buckets=None, replaced_note=None, swept=None):
     """Replaces `arch`'s entries (and its measurement note) in the table at `path`, keeps the others;
-    with `token_buckets`, only that arch's entries of those buckets (a partial sweep), and the note
+    with `token_buckets`, only that arch's entries of those buckets (a partial sweep), with `swept`
+    (a set of (hi, out sizes, token bucket)) only those of these shapes and buckets, and the note
     `replaced_note` (a rebuilt sweep's own)."""
     try:
         with open(path) as f:
             doc = json.load(f)
     except FileNotFoundError:
         doc = {}
+    partial = token_buckets is not None or swept is not None
     kept = [e for e in doc.get("entries", [])
-            if e["arch"] != arch or (token_buckets is not None and e["token_bucket"] not in token_buckets)]
+            if e["arch"] != arch or (token_buckets is not None and e["token_bucket"] not in token_buckets)
+            or (swept is not None and (e["hi"], tuple(e["out_sizes"]), e["token_bucket"]) not in swept)]
     # a partial sweep keeps the arch's earlier notes (its other buckets' entries come from them)
     measured = [m for m in doc.get("measured", [])
-                if (m.get("arch") != arch or token_buckets is not None) and m not in (measured_note, replaced_note)] + [measured_note]
+                if (m.get("arch") != arch or partial) and m not in (measured_note, replaced_note)] + [measured_note]
     out = {
         "about": "lora_apply launch choices measured by benchmarks/tune.py; read by loramux.ops.tuning "
                  "(geometries without an entry keep the built-in rules of rust/src/cuda/plan.rs)",
@@ -259,6 +270,10 @@ def rebuild(args):
         cases = [json.loads(line) for line in f if line.strip()]
     entries = [e for c in cases for e in entries_for(c, args.margin)]
     buckets = {tuning.token_bucket(c["tokens"]) for c in cases}
+    shapes = {(c["hi"], tuple(c["out_sizes"])) for c in cases}
+    # a log of some shapes (tune.py --shapes) replaces only those shapes' entries of its buckets
+    swept = None if shapes >= {(hi, sizes) for hi, sizes, _ in SHAPES} else \
+        {(c["hi"], tuple(c["out_sizes"]), tuning.token_bucket(c["tokens"])) for c in cases}
     try:
         with open(args.out) as f:
             # the arch's latest note: the sweep the log is from, where the table is that sweep's output
@@ -268,7 +283,8 @@ def rebuild(args):
     note = dict(old, arch=args.arch, margin=args.margin, rebuilt_from=os.path.basename(args.from_log),
                 selection=SELECTION)
     # a log of some token buckets (a partial sweep) replaces the table's entries of those only
-    write_table(args.out, args.arch, note, entries, buckets if buckets != set(tuning.TOKEN_BUCKETS) else None, old or None)
+    write_table(args.out, args.arch, note, entries, buckets if buckets != set(tuning.TOKEN_BUCKETS) else None, old or None,
+                swept)
     print(f"{len(entries)} entries for sm_{args.arch} from {len(cases)} cases -> {args.out}")
 
 
@@ -285,6 +301,8 @@ def main():
                                      "table keeps its entries for the other token buckets")
     ap.add_argument("--targets", help="shrink split targets to sweep (comma-separated) instead of the default four")
     ap.add_argument("--kinds", help="sweep only these expand kinds (comma-separated, e.g. o1,p,p4,p16)")
+    ap.add_argument("--shapes", help="sweep only these shapes (comma-separated Hi:out|out, e.g. 4096:14336); the "
+                                     "table keeps its entries for the others")
     args = ap.parse_args()
     if args.from_log:
         return rebuild(args)
@@ -309,11 +327,21 @@ def main():
         buckets = {tuning.token_bucket(t) for t, _ in sweep}
         note["tokens"] = sorted(wanted)
 
+    shapes = SHAPES
+    swept = None
+    if args.shapes:
+        wanted_shapes = set(args.shapes.split(","))
+        shapes = [s for s in SHAPES if shape_spec(s[0], s[1]) in wanted_shapes]
+        if len(shapes) != len(wanted_shapes):
+            ap.error(f"--shapes: {sorted(wanted_shapes)}, of {[shape_spec(h, o) for h, o, _ in SHAPES]}")
+        swept = {(hi, sizes, tuning.token_bucket(t)) for hi, sizes, _ in shapes for t, _ in sweep}
+        note["shapes"] = sorted(wanted_shapes)
+
     def write():  # after every shape: a sweep cut short still leaves the shapes it finished
-        write_table(args.out, arch, note, entries, buckets)
+        write_table(args.out, arch, note, entries, buckets, swept=swept)
 
     with open(args.log, "w") as log:
-        for hi, sizes, mids in SHAPES:
+        for hi, sizes, mids in shapes:
             for r in RANKS:
                 for tokens, counts in sweep:
                     case, found = tune_case(hi, sizes, mids, r, tokens, counts, l2, targets, args.margin, kinds_only)

@@ -177,3 +177,20 @@ def test_sweep_gives_an_adapter_bucket_its_own_entry_where_its_counts_pick_anoth
     case = dict(case, adapters=[1, 16], default_us=[30.0, 31.0], variants=[dict(expand_kernel="p4", shrink_target_blocks=264,
                                                                                 us=[22.0, 24.0], rel_err=1e-3)])
     assert [e.get("adapter_bucket") for e in tune.entries_for(case, margin=0.03)] == [None]
+
+
+def test_a_sweep_of_some_shapes_replaces_only_their_entries(tmp_path):
+    tune = _tune_script()
+    table = tmp_path / "table.json"
+    old = [dict(arch=90, hi=4096, out_sizes=[4096], rank_bucket=16, token_bucket=16, expand_kernel="fused", shrink_target_blocks=132),
+           dict(arch=90, hi=4096, out_sizes=[14336], rank_bucket=16, token_bucket=16, expand_kernel="o1", shrink_target_blocks=528),
+           dict(arch=90, hi=4096, out_sizes=[14336], rank_bucket=16, token_bucket=64, expand_kernel="o1", shrink_target_blocks=528)]
+    table.write_text(json.dumps(dict(measured=[dict(arch=90, commit="a")], entries=old)))
+    new = dict(hi=4096, out_sizes=[14336], rank_bucket=16, token_bucket=16, expand_kernel="fused", shrink_target_blocks=264)
+    # tune.py --shapes 4096:14336 --tokens 16: the other shape's bucket-16 entry and this shape's bucket 64 stay
+    tune.write_table(str(table), 90, dict(arch=90, commit="b"), [new], {16}, swept={(4096, (14336,), 16)})
+    doc = json.loads(table.read_text())
+    assert sorted((tuple(e["out_sizes"]), e["token_bucket"], e["expand_kernel"]) for e in doc["entries"]) == [
+        ((4096,), 16, "fused"), ((14336,), 16, "fused"), ((14336,), 64, "o1")]
+    assert [m["commit"] for m in doc["measured"]] == ["a", "b"]
+    assert tune.shape_spec(4096, (4096, 1024, 1024)) == "4096:4096|1024|1024"
