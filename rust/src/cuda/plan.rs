@@ -302,8 +302,12 @@ fn plan_shrink_with(
 ) -> ShrinkPlan {
     // the flat expand re-reads every token's partials in each block: fewer, fatter splits pay there
     let built_in = if decode_expand_is_flat(tokens, small, adapters, num_slices, max_rank, tuning) { FLAT_TARGET_BLOCKS } else { TARGET_BLOCKS };
-    let target = env_usize("LORAMUX_SHRINK_TARGET_BLOCKS").or(tuning.shrink_target_blocks).unwrap_or(built_in).max(1);
     let pipelined = takes_pipelined(tokens, small, adapters, max_rank, tuning);
+    // a decode batch takes the pipelined kernels by its adapter count, never by the table, whose
+    // split target was timed on the decode kernel it names: measured on the H200 (kernel-notes s16),
+    // 8 adapters of 8 tokens ran 1.12-1.22x slower under a fused entry's target of 264
+    let tabled = if pipelined && tokens <= TILE_T { None } else { tuning.shrink_target_blocks };
+    let target = env_usize("LORAMUX_SHRINK_TARGET_BLOCKS").or(tabled).unwrap_or(built_in).max(1);
     // the pipelined shrink's grid and its last-split count are the planned ksplit: no device sizing
     let plan = split_for(tokens, small, hi, num_slices, num_slots, target, device_split && !pipelined);
     let max_split = pipe_max_split();
@@ -1193,6 +1197,15 @@ mod tests {
             let off = Tuning { device_split: Some(false), ..few };
             assert_eq!((plan_shrink(16, small_items(16, None), None, 4096, 1, 64, 16, &on).split_target, plan_shrink(64, small_items(64, None), None, 4096, 1, 64, 16, &off).split_target), (132, 0));
             assert_eq!(plan_fused(16, 4096, 4096, 1, 64, &on).shrink.split_target, 132);
+        }
+        // a decode batch on the pipelined kernels by its adapter count plans as with no table entry
+        if std::env::var("LORAMUX_SHRINK_TARGET_BLOCKS").is_err() && std::env::var("LORAMUX_PIPE_SMALL_DECODE").is_err() {
+            let fused = Tuning { expand: Some(ExpandKind::FusedStaged), shrink_target_blocks: Some(264), ..Default::default() };
+            let plan = |t: &Tuning, n: usize| plan_shrink(64, small_items(64, Some(n)), Some(n), 4096, 1, 64, 64, t);
+            assert!(takes_pipelined(64, small_items(64, Some(8)), Some(8), 64, &fused));
+            assert_eq!(plan(&fused, 8), plan(&Tuning::default(), 8));
+            assert!(!takes_pipelined(64, small_items(64, Some(32)), Some(32), 64, &fused));
+            assert_ne!(plan(&fused, 32), plan(&Tuning::default(), 32));
         }
         for k in ExpandKind::ALL {
             assert_eq!(ExpandKind::parse(k.name()), Some(k));
