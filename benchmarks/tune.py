@@ -42,7 +42,11 @@ RANKS = [16, 64]
 # sharing the batch: a choice must not lose at any (the planner cannot see the adapter count). Past
 # 64 tokens also 128 adapters: measured on the H200 (kernel-notes s15), 4-tile expand spans chosen at
 # T = 2048 over 1 and 8 adapters were 0.84-0.87x the time there and 1.10-1.13x at 128
-TOKENS = [(1, (1,)), (16, (1, 16)), (64, (1, 32)), (256, (1, 32, 128)), (512, (1, 32, 128)), (2048, (1, 8, 128))]
+# Decode buckets (kernel-notes s16): 16 tokens also over 8 adapters (entries timed at 1 and 16 only
+# were 1.15-1.24x slower there in ops.py); 64 tokens over 32 and 64 adapters: from 4 tokens an
+# adapter up the pipelined kernels take a decode batch by its count whatever the table says
+# (plan.rs pipe_on_small_items), so one adapter would time the same kernels under every choice.
+TOKENS = [(1, (1,)), (16, (1, 8, 16)), (64, (32, 64)), (256, (1, 32, 128)), (512, (1, 32, 128)), (2048, (1, 8, 128))]
 TARGETS = [132, 264, 528, 1056]
 #: the planner's own targets (rust/src/cuda/plan.rs): the flat decode expand's, the fused decode
 #: kernel's, everyone else's
@@ -62,9 +66,14 @@ KNOBS = ("LORAMUX_DECODE_DEVICE_SPLIT", "LORAMUX_EXPAND_DECODE", "LORAMUX_EXPAND
          "LORAMUX_PIPE_FRAGMENTS")
 
 
-#: decode token counts (2..64) time every choice with the split sized on the host (False) and from the
-#: step's item count on the device (True): the entry names the one it won with (the planner takes it)
+#: decode token counts (2..16) time every choice with the split sized on the host (False) and from the
+#: step's item count on the device (True): the entry names the one it won with (the planner takes it).
+#: Past DEVICE_SPLIT_MIN_TOKENS only the device's: the host plans a middle item count, right for the
+#: adapter count a sweep times and wrong for others (kernel-notes s16: bucket-64 entries that won on
+#: the host's split at 64 tokens over 32 adapters made the decode step, 32 one-token items at T = 32,
+#: 1.18x slower)
 DEVICE_SPLITS = (False, True)
+DEVICE_SPLIT_MIN_TOKENS = 16  # rust/src/cuda/plan.rs
 
 
 def variants(tokens: int, targets, rank: int = 16, kinds_only=None):
@@ -78,7 +87,10 @@ def variants(tokens: int, targets, rank: int = 16, kinds_only=None):
         kinds = ["c1", "c4", "p", "p2", "p4", "p6", "p8", "p16"]
     pairs = [(k, t) for k in kinds for t in targets
              if t >= MIN_TARGET.get(k, DEFAULT_TARGET) and (kinds_only is None or k in kinds_only)]
-    return [(k, t, d) for k, t in pairs for d in DEVICE_SPLITS] if 1 < tokens <= 64 else pairs
+    if tokens <= 1 or tokens > 64:
+        return pairs
+    splits = DEVICE_SPLITS if tokens <= DEVICE_SPLIT_MIN_TOKENS else (True,)
+    return [(k, t, d) for k, t in pairs for d in splits]
 
 
 def forced_env(kind, target, device_split=None):
