@@ -46,7 +46,12 @@ RANKS = [16, 64]
 # were 1.15-1.24x slower there in ops.py); 64 tokens over 32 and 64 adapters: from 4 tokens an
 # adapter up the pipelined kernels take a decode batch by its count whatever the table says
 # (plan.rs pipe_on_small_items), so one adapter would time the same kernels under every choice.
-TOKENS = [(1, (1,)), (16, (1, 8, 16)), (64, (32, 64)), (256, (1, 32, 128)), (512, (1, 32, 128)), (2048, (1, 8, 128))]
+# A count may name its own token count, (tokens, adapters), within the bucket: bucket 64 is also
+# timed as the decode step's batch, 32 one-token requests of their own adapters (entries that won at
+# 64 tokens alone made that step 1.05-1.18x slower, runs D and E).
+TOKENS = [(1, (1,)), (16, (1, 8, 16)), (64, ((32, 32), 32, 64)), (256, (1, 32, 128)), (512, (1, 32, 128)),
+          (2048, (1, 8, 128))]
+
 TARGETS = [132, 264, 528, 1056]
 #: the planner's own targets (rust/src/cuda/plan.rs): the flat decode expand's, the fused decode
 #: kernel's, everyone else's
@@ -66,14 +71,16 @@ KNOBS = ("LORAMUX_DECODE_DEVICE_SPLIT", "LORAMUX_EXPAND_DECODE", "LORAMUX_EXPAND
          "LORAMUX_PIPE_FRAGMENTS")
 
 
-#: decode token counts (2..16) time every choice with the split sized on the host (False) and from the
+#: decode token counts (2..64) time every choice with the split sized on the host (False) and from the
 #: step's item count on the device (True): the entry names the one it won with (the planner takes it).
-#: Past DEVICE_SPLIT_MIN_TOKENS only the device's: the host plans a middle item count, right for the
-#: adapter count a sweep times and wrong for others (kernel-notes s16: bucket-64 entries that won on
-#: the host's split at 64 tokens over 32 adapters made the decode step, 32 one-token items at T = 32,
-#: 1.18x slower)
+#: The host plans a middle item count, right for some adapter counts and wrong for others, hence the
+#: decode step's own batch among bucket 64's points (TOKENS). Measured (kernel-notes s16): the
+#: device's split alone past 16 tokens cost 4096 -> 14336 r64 at 64 tokens over 32 adapters 1.12x.
 DEVICE_SPLITS = (False, True)
-DEVICE_SPLIT_MIN_TOKENS = 16  # rust/src/cuda/plan.rs
+
+def points(tokens, counts):
+    """[(tokens, adapters)] a case times: each count at the case's token count unless it names its own."""
+    return [c if isinstance(c, (tuple, list)) else (tokens, c) for c in counts]
 
 
 def variants(tokens: int, targets, rank: int = 16, kinds_only=None):
@@ -87,10 +94,7 @@ def variants(tokens: int, targets, rank: int = 16, kinds_only=None):
         kinds = ["c1", "c4", "p", "p2", "p4", "p6", "p8", "p16"]
     pairs = [(k, t) for k in kinds for t in targets
              if t >= MIN_TARGET.get(k, DEFAULT_TARGET) and (kinds_only is None or k in kinds_only)]
-    if tokens <= 1 or tokens > 64:
-        return pairs
-    splits = DEVICE_SPLITS if tokens <= DEVICE_SPLIT_MIN_TOKENS else (True,)
-    return [(k, t, d) for k, t in pairs for d in splits]
+    return [(k, t, d) for k, t in pairs for d in DEVICE_SPLITS] if 1 < tokens <= 64 else pairs
 
 
 def forced_env(kind, target, device_split=None):
@@ -174,12 +178,15 @@ def tune_case(hi, sizes, mids, r, tokens, counts, l2, targets, margin, kinds_onl
     entry to write or None."""
     kinds = variants(tokens, targets, r, kinds_only)
     envs = [{"LORAMUX_TUNING": "off"}] + [forced_env(*v) for v in kinds]
-    per_count = [measure_count(hi, sizes, mids, r, tokens, n, l2, envs) for n in counts]
+    timed = points(tokens, counts)
+    per_count = [measure_count(hi, sizes, mids, r, t, n, l2, envs) for t, n in timed]
     rows = [dict(expand_kernel=v[0], shrink_target_blocks=v[1], us=[m[i + 1][0] for m in per_count],
                  rel_err=max(m[i + 1][1] for m in per_count), **({"decode_device_split": v[2]} if len(v) > 2 else {}))
             for i, v in enumerate(kinds)]
-    case = dict(hi=hi, out_sizes=list(sizes), rank=r, tokens=tokens, adapters=list(counts),
+    case = dict(hi=hi, out_sizes=list(sizes), rank=r, tokens=tokens, adapters=[n for _, n in timed],
                 default_us=[m[0][0] for m in per_count], default_rel_err=max(m[0][1] for m in per_count), variants=rows)
+    if any(t != tokens for t, _ in timed):
+        case["point_tokens"] = [t for t, _ in timed]
     return case, entries_for(case, margin)
 
 
@@ -192,7 +199,8 @@ def _counts_in(case, bucket):
         return None
     cut = lambda v: [_as_list(v)[i] for i in keep]  # noqa: E731
     return dict(case, adapters=cut(counts), default_us=cut(case["default_us"]),
-                variants=[dict(w, us=cut(w["us"])) for w in case["variants"]])
+                variants=[dict(w, us=cut(w["us"])) for w in case["variants"]],
+                **({"point_tokens": cut(case["point_tokens"])} if "point_tokens" in case else {}))
 
 
 def entries_for(case, margin):
@@ -240,6 +248,7 @@ def select(case, margin, max_loss=MAX_LOSS):
                 token_bucket=tuning.token_bucket(case["tokens"]), expand_kernel=best["expand_kernel"],
                 shrink_target_blocks=best["shrink_target_blocks"], adapters=_as_list(case.get("adapters", [])),
                 us=[round(u, 2) for u in _as_list(best["us"])], default_us=[round(d, 2) for d in default],
+                **({"point_tokens": case["point_tokens"]} if "point_tokens" in case else {}),
                 **({"decode_device_split": best["decode_device_split"]} if "decode_device_split" in best else {}))
 
 
@@ -360,7 +369,7 @@ def main():
                     log.write(json.dumps(case) + "\n")
                     log.flush()
                     fmt = lambda us: "/".join(f"{u:.1f}" for u in us)  # noqa: E731
-                    print(f"{hi}->{sizes} r{r} T{tokens} adapters {fmt(counts)}: built-in {fmt(case['default_us'])} us"
+                    print(f"{hi}->{sizes} r{r} T{case.get('point_tokens', tokens)} adapters {fmt(case['adapters'])}: built-in {fmt(case['default_us'])} us"
                           + "".join(f", table{' (' + e['adapter_bucket'] + ')' if e.get('adapter_bucket') else ''} "
                                     f"{e['expand_kernel']}/{e['shrink_target_blocks']}"
                                     f"{'/dev' if e.get('decode_device_split') else ''} {fmt(e['us'])} us" for e in found),

@@ -144,10 +144,9 @@ def test_sweep_selection_keeps_coarse_splits_noise_and_wrong_results_out():
     e = tune.select(case, margin=0.03)
     assert (e["expand_kernel"], e["us"], e["adapters"]) == ("o1", [9.0, 36.0], [1, 16])
     assert ("o1", 132, True) not in tune.variants(40, tune.TARGETS) and ("flat", 132, True) in tune.variants(40, tune.TARGETS)
-    assert ("fused", 132, True) in tune.variants(40, tune.TARGETS)  # swept from 132, both adapter counts timed
+    assert ("fused", 132, False) in tune.variants(40, tune.TARGETS)  # swept from 132, both adapter counts timed
     # decode counts: each choice with the split sized on the host and on the device; the entry names it
     assert {v[2] for v in tune.variants(16, tune.TARGETS)} == {False, True} and ("fused", 264) in tune.variants(1, tune.TARGETS)
-    assert {v[2] for v in tune.variants(64, tune.TARGETS)} == {True}  # past 16 tokens the device's split alone
     assert tune.forced_env("fused", 264, True)["LORAMUX_DECODE_DEVICE_SPLIT"] == "1"
     dcase = dict(hi=4096, out_sizes=[4096], rank=16, tokens=16, adapters=[1, 16], default_us=[10.0, 20.0], variants=[
         dict(expand_kernel="fused", shrink_target_blocks=132, decode_device_split=False, us=[9.5, 19.8], rel_err=1e-3),
@@ -195,3 +194,15 @@ def test_a_sweep_of_some_shapes_replaces_only_their_entries(tmp_path):
         ((4096,), 16, "fused"), ((14336,), 16, "fused"), ((14336,), 64, "o1")]
     assert [m["commit"] for m in doc["measured"]] == ["a", "b"]
     assert tune.shape_spec(4096, (4096, 1024, 1024)) == "4096:4096|1024|1024"
+
+
+def test_a_count_may_name_its_own_token_count_within_the_bucket():
+    tune = _tune_script()
+    assert tune.points(64, ((32, 32), 32, 64)) == [(32, 32), (64, 32), (64, 64)]
+    # the decode step's batch (32 one-token adapters) loses: no entry for every count, one for "many"
+    case = dict(hi=4096, out_sizes=[4096], rank=16, tokens=64, adapters=[32, 32, 64], point_tokens=[32, 64, 64],
+                default_us=[10.0, 12.0, 14.0],
+                variants=[dict(expand_kernel="fused", shrink_target_blocks=264, decode_device_split=True, us=[10.5, 11.0, 12.0], rel_err=1e-3)])
+    entries = tune.entries_for(case, margin=0.03)
+    assert [(e.get("adapter_bucket"), e["adapters"], e["point_tokens"], e["token_bucket"]) for e in entries] == [
+        ("many", [64], [64], 64)]
