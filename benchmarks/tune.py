@@ -63,7 +63,7 @@ DEFAULT_TARGET = 528
 #: starved splits that kept coarser targets out)
 MIN_TARGET = dict(BUILT_IN_TARGET, **{k: 132 for k in FUSED_KINDS}, **{k: 264 for k in ("p", "p2", "p4", "p6", "p8", "p16")})
 SELECTION = ("geomean over the adapter counts swept 3 % below the built-in rule's, none more than 1 % slower; split targets >= the built-in one (fused kinds: >= 132); "
-             "per adapter bucket (few <= 32 / many) where its counts pick another choice")
+             "per adapter bucket (one / few <= 32 / many) where its counts pick another choice")
 KNOBS = ("LORAMUX_DECODE_DEVICE_SPLIT", "LORAMUX_EXPAND_DECODE", "LORAMUX_EXPAND_OPT", "LORAMUX_EXPAND_TILE_COLS", "LORAMUX_SHRINK_TARGET_BLOCKS",
          "LORAMUX_TUNING", "LORAMUX_DECODE_FUSED", "LORAMUX_FUSED_EXPAND_BLOCKS", "LORAMUX_FUSED_PDL",
          "LORAMUX_FUSED_BLOCKS_PER_SM", "LORAMUX_FUSED_STAGE_A", "LORAMUX_PREFILL", "LORAMUX_EXPAND_SPAN_TILES",
@@ -88,8 +88,8 @@ def variants(tokens: int, targets, rank: int = 16, kinds_only=None):
     of the kinds in `kinds_only` where given; decode token counts: (kind, target, device split)."""
     if tokens <= 64:
         kinds = (list(FUSED_KINDS) if rank <= 64 else []) + ["flat", "o1", "o1w"]
-    elif tokens <= 256:  # CUDA-core small items, or the pipelined tensor-core kernels over them
-        kinds = ["o1", "o1w", "o4", "p"]
+    elif tokens <= 256:  # CUDA-core small items, or the pipelined tensor-core kernels over them at a planned / 2 .. 16-tile span
+        kinds = ["o1", "o1w", "o4", "p", "p2", "p4", "p6", "p8", "p16"]
     else:  # register-staged tiles, and the pipelined kernels at a planned / 2 .. 16-tile expand span
         kinds = ["c1", "c4", "p", "p2", "p4", "p6", "p8", "p16"]
     pairs = [(k, t) for k in kinds for t in targets
@@ -205,12 +205,13 @@ def _counts_in(case, bucket):
 
 def entries_for(case, margin):
     """The table entries a swept case earns: the one for every adapter count (select), and, where
-    the sweep timed counts on both sides of tuning.FEW_ADAPTERS, one a bucket ("few" / "many") whose
+    the sweep timed counts in more than one of tuning.adapter_bucket's buckets, one a bucket ("one" /
+    "few" / "many") whose
     own counts pick another choice (the planner takes it for a batch of a known count)."""
     general = select(case, margin)
     entries = [general] if general is not None else []
     pick = lambda e: None if e is None else (e["expand_kernel"], e["shrink_target_blocks"], e.get("decode_device_split"))  # noqa: E731
-    for bucket in ("few", "many"):
+    for bucket in ("one", "few", "many"):
         sub = _counts_in(case, bucket)
         e = select(sub, margin) if sub is not None else None
         if e is not None and pick(e) != pick(general):
@@ -297,15 +298,17 @@ def rebuild(args):
         {(c["hi"], tuple(c["out_sizes"]), tuning.token_bucket(c["tokens"])) for c in cases}
     try:
         with open(args.out) as f:
-            # the arch's latest note: the sweep the log is from, where the table is that sweep's output
-            old = [m for m in json.load(f).get("measured", []) if m.get("arch") == args.arch][-1]
-    except (FileNotFoundError, IndexError):
-        old = {}
-    note = dict(old, arch=args.arch, margin=args.margin, rebuilt_from=os.path.basename(args.from_log),
-                selection=SELECTION)
+            notes = [m for m in json.load(f).get("measured", []) if m.get("arch") == args.arch]
+    except FileNotFoundError:
+        notes = []
+    # the note of a rebuild from the same log (a selection rule changed since) gives way; the notes
+    # of the sweeps behind the table's other entries stay
+    name = os.path.basename(args.from_log)
+    old = next((m for m in reversed(notes) if m.get("rebuilt_from") == name), None)
+    note = dict(old or {}, arch=args.arch, rebuilt=datetime.date.today().isoformat(), margin=args.margin, rebuilt_from=name,
+                selection=SELECTION, tokens=sorted(buckets))
     # a log of some token buckets (a partial sweep) replaces the table's entries of those only
-    write_table(args.out, args.arch, note, entries, buckets if buckets != set(tuning.TOKEN_BUCKETS) else None, old or None,
-                swept)
+    write_table(args.out, args.arch, note, entries, buckets if buckets != set(tuning.TOKEN_BUCKETS) else None, old, swept)
     print(f"{len(entries)} entries for sm_{args.arch} from {len(cases)} cases -> {args.out}")
 
 

@@ -30,7 +30,7 @@ def test_shipped_table_is_well_formed():
         assert key not in seen, f"two entries for {key}"
         seen.add(key)
         # an adapter bucket's entry was timed at that bucket's counts only
-        assert e.get("adapter_bucket") in (None, "few", "many")
+        assert e.get("adapter_bucket") in (None, "one", "few", "many")
         if e.get("adapter_bucket"):
             assert {tuning.adapter_bucket(n) for n in e["adapters"]} == {e["adapter_bucket"]}
         assert e["rank_bucket"] in tuning.RANK_BUCKETS and e["token_bucket"] in tuning.TOKEN_BUCKETS
@@ -82,9 +82,10 @@ def test_a_counted_batch_takes_its_adapter_bucket_entry(tmp_path, monkeypatch):
                                                  adapter_bucket="many")]}))
     monkeypatch.setattr(tuning, "TABLE_PATH", path)
     monkeypatch.delenv("LORAMUX_TUNING", raising=False)
-    assert [tuning.adapter_bucket(n) for n in (None, 1, 32, 33)] == [None, "few", "few", "many"]
+    assert [tuning.adapter_bucket(n) for n in (None, 1, 2, 32, 33)] == [None, "one", "few", "few", "many"]
     assert tuning.choice(90, 4096, [4096], 16, 2048) == tuning.Choice(264, "p")  # count not known
     assert tuning.choice(90, 4096, [4096], 16, 2048, adapters=8) == tuning.Choice(264, "p4")
+    assert tuning.choice(90, 4096, [4096], 16, 2048, adapters=1) == tuning.Choice(264, "p")  # one adapter: no "one" entry
     assert tuning.choice(90, 4096, [4096], 16, 2048, adapters=128) == tuning.Choice(264, "p")  # no "many" entry
     assert tuning.choice(90, 4096, [4096], 16, 512, adapters=128) == tuning.Choice(528, "p16")
     none = tuning.Choice(None, None, None)
@@ -161,13 +162,13 @@ def test_sweep_selection_keeps_coarse_splits_noise_and_wrong_results_out():
 
 def test_sweep_gives_an_adapter_bucket_its_own_entry_where_its_counts_pick_another():
     tune = _tune_script()
-    # p4 wins at 1 and 8 adapters and loses at 128: no entry for every count, one for "few"
+    # p4 wins at 1 and 8 adapters and loses at 128: no entry for every count, one for "one" and "few"
     case = dict(hi=4096, out_sizes=[4096], rank=16, tokens=2048, adapters=[1, 8, 128], default_us=[30.0, 31.0, 52.0],
                 variants=[dict(expand_kernel="p4", shrink_target_blocks=264, us=[22.0, 24.0, 58.0], rel_err=1e-3),
                           dict(expand_kernel="p16", shrink_target_blocks=264, us=[31.0, 32.0, 45.0], rel_err=1e-3)])
     entries = tune.entries_for(case, margin=0.03)
     assert [(e.get("adapter_bucket"), e["expand_kernel"], e["adapters"], e["us"]) for e in entries] == [
-        ("few", "p4", [1, 8], [22.0, 24.0]), ("many", "p16", [128], [45.0])]
+        ("one", "p4", [1], [22.0]), ("few", "p4", [8], [24.0]), ("many", "p16", [128], [45.0])]
     # where every count agrees: one entry, no bucket repeating it
     case["variants"][0]["us"] = [22.0, 24.0, 50.0]
     assert [(e.get("adapter_bucket"), e["expand_kernel"]) for e in tune.entries_for(case, margin=0.03)] == [(None, "p4"), ("many", "p16")]

@@ -23,10 +23,12 @@ TABLE_PATH = pathlib.Path(__file__).with_name("launch_table.json")
 #: bucket's entry (what the same-run A/B of that rule measured).
 TOKEN_BUCKETS = (1, 16, 64, 256, 512, 2048)
 RANK_BUCKETS = (16, 32, 64, 128)
-#: where the batch's adapter count is known (BatchMeta.adapters), an entry may hold for "few" (up
-#: to FEW_ADAPTERS) or "many" adapters only: measured on the H200 (docs/kernel-notes.md, s15), the
-#: pipelined expand's 4-tile spans took 0.84-0.87x the time at 2048 tokens over 1-32 adapters and
-#: 1.10-1.13x over 128, so one entry for every count had to keep the slower choice for few
+#: where the batch's adapter count is known (BatchMeta.adapters), an entry may hold for "one"
+#: adapter, "few" (2 to FEW_ADAPTERS) or "many" only: measured on the H200 (docs/kernel-notes.md,
+#: s15), the pipelined expand's 4-tile spans took 0.84-0.87x the time at 2048 tokens over 1-32
+#: adapters and 1.10-1.13x over 128, so one entry for every count had to keep the slower choice for
+#: few; and (s16) at 256 tokens 4-tile spans over 32 adapters' small items took 0.89x the time where
+#: one adapter's 64-token tiles took 1.10x
 FEW_ADAPTERS = 32
 #: LORAMUX_TUNING=off ignores the table (the built-in rules decide): for A/B runs;
 #: LORAMUX_TUNING_TABLE=path reads another table file instead of the shipped one (A/B of two sweeps)
@@ -53,10 +55,10 @@ def rank_bucket(max_rank: int) -> int:
 
 
 def adapter_bucket(adapters: Optional[int]) -> Optional[str]:
-    """"few" or "many" for a counted batch, None where the count is not known (a captured graph)."""
+    """"one", "few" or "many" for a counted batch, None where the count is not known (a captured graph)."""
     if adapters is None:
         return None
-    return "few" if adapters <= FEW_ADAPTERS else "many"
+    return "one" if adapters <= 1 else "few" if adapters <= FEW_ADAPTERS else "many"
 
 
 Key = Tuple[int, int, Tuple[int, ...], int, int, Optional[str]]  # arch, hi, out sizes, rank, token, adapter buckets
