@@ -49,7 +49,9 @@ RANKS = [16, 64]
 # A count may name its own token count, (tokens, adapters), within the bucket: bucket 64 is also
 # timed as the decode step's batch, 32 one-token requests of their own adapters (entries that won at
 # 64 tokens alone made that step 1.05-1.18x slower, runs D and E).
-TOKENS = [(1, (1,)), (16, (1, 8, 16)), (64, ((32, 32), 32, 64)), (256, (1, 32, 128)), (512, (1, 32, 128)),
+# 256 and 512 tokens also over 8 adapters: "few" entries chosen at 32 adapters alone were up to 1.26x
+# slower over 8 in ops.py (run I; 8 adapters take 64-token tiles there, 32 small items at T = 256).
+TOKENS = [(1, (1,)), (16, (1, 8, 16)), (64, ((32, 32), 32, 64)), (256, (1, 8, 32, 128)), (512, (1, 8, 32, 128)),
           (2048, (1, 8, 128))]
 
 TARGETS = [132, 264, 528, 1056]
