@@ -5,10 +5,12 @@ kernel the path allows times a few shrink split targets, each graphed over weigh
 
     python benchmarks/tune.py --out python/loramux/ops/launch_table.json [--quick]
 
-Each token count is timed with one adapter and with many sharing the batch (past 64 tokens, also 128). A choice enters the
-table only where its output matches an fp32 reference, its geomean over the adapter counts beats
-the built-in rule by more than --margin (noise stays out) and neither count is slower than it by
-more; the rest keeps the built-in rule. Shrink split targets below the built-in one are not
+Each token bucket is timed at a few adapter counts sharing the batch (TOKENS: one adapter, a few,
+many; bucket 64 also at the decode step's own batch). A choice enters the table only where its
+output matches an fp32 reference, its geomean over the counts beats the built-in rule by more than
+--margin (noise stays out) and no count is slower than it by more than MAX_LOSS; where the counts
+of one adapter bucket (tuning.adapter_bucket: one / few / many) pick another choice, that bucket
+gets its own entry; the rest keeps the built-in rule. Shrink split targets below the built-in one are not
 considered (the fused kernel's, 264, excepted: it is swept from 132, with both counts timed): the
 planner sizes the split for a middle number of work items, and fewer adapters give fewer items, so
 a coarser target starves them (measured on the H200: ops.py rows with 1 or 8 adapters up to 1.5x
@@ -79,6 +81,7 @@ KNOBS = ("LORAMUX_DECODE_DEVICE_SPLIT", "LORAMUX_EXPAND_DECODE", "LORAMUX_EXPAND
 #: decode step's own batch among bucket 64's points (TOKENS). Measured (kernel-notes s16): the
 #: device's split alone past 16 tokens cost 4096 -> 14336 r64 at 64 tokens over 32 adapters 1.12x.
 DEVICE_SPLITS = (False, True)
+
 
 def points(tokens, counts):
     """[(tokens, adapters)] a case times: each count at the case's token count unless it names its own."""
@@ -207,9 +210,9 @@ def _counts_in(case, bucket):
 
 def entries_for(case, margin):
     """The table entries a swept case earns: the one for every adapter count (select), and, where
-    the sweep timed counts in more than one of tuning.adapter_bucket's buckets, one a bucket ("one" /
-    "few" / "many") whose
-    own counts pick another choice (the planner takes it for a batch of a known count)."""
+    the sweep timed counts in more than one of tuning.adapter_bucket's buckets, one for each bucket
+    ("one" / "few" / "many") whose own counts pick another choice (the planner takes it for a batch
+    of a known count)."""
     general = select(case, margin)
     entries = [general] if general is not None else []
     pick = lambda e: None if e is None else (e["expand_kernel"], e["shrink_target_blocks"], e.get("decode_device_split"))  # noqa: E731
