@@ -41,6 +41,7 @@ struct ShrinkArgs {
     int max_items;                    // work items the segments hold room for (= gridDim.y)
     int split_target;                 // > 0: the split comes from the step's item count (decode_split)
     int merge_items;                  // pipelined kernels: small items of one slot a block merges (pf_item)
+    int signal_items;                 // pipelined: an item's last split signals its u in the workspace (lora_prefill.cu)
     LoraTable table;
     LoraSlices slices;
 };
@@ -58,6 +59,7 @@ struct ExpandArgs {
     int hi;                           // the shrink's reduction dim (decode_split)
     int split_target;                 // > 0: sum the decode_split of the step's item count (<= ksplit)
     int merge_items;                  // pipelined kernels: small items of one slot a block merges (pf_item)
+    int wait_items;                   // pipelined: wait on each item's signal, not on the whole shrink grid
     LoraTable table;
     LoraSlices slices;
 };
@@ -191,9 +193,12 @@ __device__ __forceinline__ AdapterEntry read_entry(const LoraTable& t, int slot,
 //   token_idx[T], then num_slots ints of scratch (the builder's histogram and cursors), then the
 //   fused decode kernel's workspace: per (slice, item), LMX_FUSED_WS_WORDS ints (the block group's
 //   next ticket, its completion count), LMX_MAX_SLICES * max_items groups; the pipelined prefill
-//   shrink (lora_prefill.cu, never in the same step as a fused launch: T > 64) counts an item's
-//   finished splits in the first word. The builder zeroes it and every fused launch and pipelined
-//   shrink leaves it zeroed, so launches and graph replays need no memset.
+//   shrink (lora_prefill.cu) counts an item's finished splits in the first word and, launched with
+//   signal_items, bumps the second once it has summed the item's u; the expand launched with
+//   wait_items waits on that word and counts itself in, the last one wrapping it to zero (the
+//   launcher pairs the two: a signal no expand waits on would stay). The builder zeroes it and
+//   every fused launch and pipelined pair leaves it zeroed, so launches and graph replays need no
+//   memset.
 //   Launches sharing one segments buffer must be stream-ordered.
 #define LMX_SEG_HEADER 4
 #define LMX_FUSED_WS_WORDS 2
@@ -267,6 +272,23 @@ __device__ __forceinline__ void pdl_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
+}
+
+// Signals between blocks of one launch, or of a launch and its programmatic dependent (the fused
+// decode kernel's completion count, the pipelined shrink's "u is summed" word): an acquire load
+// at GPU scope, and an increment at L2 that wraps, with no value back.
+__device__ __forceinline__ int ld_acquire(const int* p) {
+    int v;
+    asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+// *p = (*p >= wrap) ? 0 : *p + 1 at L2, no value back; `release` orders the block's earlier writes
+// (made visible to thread 0 by a barrier) before it.
+__device__ __forceinline__ void red_inc(unsigned* p, unsigned wrap, bool release) {
+    if (release)
+        asm volatile("red.release.gpu.global.inc.u32 [%0], %1;" ::"l"(p), "r"(wrap) : "memory");
+    else
+        asm volatile("red.relaxed.gpu.global.inc.u32 [%0], %1;" ::"l"(p), "r"(wrap) : "memory");
 }
 
 // mma.sync m16n8k16, fp32 accumulate. A: 4 regs (row-major 16x16), B: 2 regs (col-major 16x8).

@@ -28,19 +28,6 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 __device__ __forceinline__ void cp_async_wait1() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
-__device__ __forceinline__ int ld_acquire(const int* p) {
-    int v;
-    asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-    return v;
-}
-// *p = (*p >= wrap) ? 0 : *p + 1 at L2, no value back; `release` orders the block's earlier writes
-// (made visible to thread 0 by a barrier) before it.
-__device__ __forceinline__ void red_inc(unsigned* p, unsigned wrap, bool release) {
-    if (release)
-        asm volatile("red.release.gpu.global.inc.u32 [%0], %1;" ::"l"(p), "r"(wrap) : "memory");
-    else
-        asm volatile("red.relaxed.gpu.global.inc.u32 [%0], %1;" ::"l"(p), "r"(wrap) : "memory");
-}
 // Partials written by other blocks of this launch: read at L2, never from a stale L1 line.
 __device__ __forceinline__ float ld_cg(const float* p) {
     float v;

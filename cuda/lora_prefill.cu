@@ -354,6 +354,12 @@ __device__ void shrink_pipe(const ShrinkArgs& p) {
                     us[t * mr + r] = v;
                 }
             }
+            if (p.signal_items) {
+                // u is in: the barrier orders every thread's stores before thread 0's release, which
+                // the item's expand blocks acquire (they wrap the word back to zero)
+                __syncthreads();
+                if (tid == 0) red_inc(reinterpret_cast<unsigned*>(done + LMX_FUSED_WS_WORDS * (s * p.max_items + it) + 1), ~0u, true);
+            }
         }
         __syncthreads();  // tokens, is_last and the ring are rewritten by the next item
     }
@@ -485,7 +491,17 @@ __device__ void expand_pipe(const ExpandArgs& p) {
         };
 #pragma unroll 1  // unrolled, a 5-deep ring's prologue spilled
         for (int j = 0; j < STAGES - 1; ++j) issue(j, j);  // B and y do not depend on the shrink
-        if (!waited) {
+        if (p.wait_items) {
+            // this item's u is summed once its shrink's last split signals (lora_common.cuh): wait
+            // on that, not on the whole shrink grid; the slice's spans count in, the last wraps it
+            if (tid == 0) {
+                unsigned* sig = reinterpret_cast<unsigned*>(fused_workspace(const_cast<int*>(p.segments), p.max_items, p.T, p.table.num_slots) +
+                                                            LMX_FUSED_WS_WORDS * (s * p.max_items + it) + 1);
+                while (ld_acquire(reinterpret_cast<const int*>(sig)) < 1) __nanosleep(32);
+                red_inc(sig, (unsigned)((ho + p.ochunk - 1) / p.ochunk), false);
+            }
+            __syncthreads();
+        } else if (!waited) {
             pdl_wait();
             waited = true;
         }
@@ -524,8 +540,11 @@ __device__ void expand_pipe(const ExpandArgs& p) {
             if (i < nt && r < R) {
                 const long long t = tokens[i];
 #pragma unroll 16
-                for (int c = 0; c < p.ksplit; ++c)
-                    v += p.partial[(((long long)s * p.ksplit + c) * p.T + t) * p.table.max_rank + r];
+                for (int c = 0; c < p.ksplit; ++c) {
+                    // waiting per item, another item's u may share the line: read at L2, never a stale L1 copy
+                    const float* src = p.partial + (((long long)s * p.ksplit + c) * p.T + t) * p.table.max_rank + r;
+                    v += p.wait_items ? __ldcg(src) : *src;
+                }
             }
             us[i * bpitch + r] = from_f32<BF16>(v);
         }
@@ -660,6 +679,9 @@ __device__ void expand_pipe(const ExpandArgs& p) {
         pf_wait<0>();
         __syncthreads();  // tokens, u and the ring are rewritten by the next item
     }
+    // signalled per item, the block may finish before the shrink grid has: its completion still
+    // follows the shrink's, as without the signals
+    if (p.wait_items) pdl_wait();
 }
 
 // The default kernels take their mma fragments by ldmatrix and their copies from addresses set once

@@ -202,3 +202,57 @@ def test_an_unaligned_x_takes_the_reduce_before_the_pipelined_expand(monkeypatch
     reduces.clear()
     _check_apply(ad, slots, x, y0, sot, 1, QKV)
     assert reduces == [False]  # aligned: the pipelined shrink summed u itself
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T,ranks,modules,max_rank", [(64, [16], QKV, 16), (40, [64, 0, 8], QKV, 64),
+                                                      (300, [8, 16, 1, 0, 64, 7, 33], QKV, 128),
+                                                      (2048, [16, 8, 4, 32], DORA, 32), (256, [48], DORA, 48)])
+def test_the_expand_waiting_on_each_items_signal_equals_the_grid_wait_bit_for_bit(monkeypatch, dtype, T, ranks, modules,
+                                                                                  max_rank):
+    """The pipelined pair of one apply: the shrink's last split of an item signals its u in the
+    segments' workspace and the expand waits on that (the default), or the expand waits on the
+    whole shrink grid (LORAMUX_PIPE_SIGNAL=0): the same sums, y equal bit for bit and the oracle's;
+    the workspace is left as the builder made it (the signal wrapped back to zero by the item's
+    last expand block), so the next apply over the same segments, and a second one, find it zeroed.
+    One adapter's 64 and 256 tokens and two adapters' 40 (64-token tiles, the count known), mixed,
+    odd and zero ranks, no-adapter rows, DoRA scales; the fixed rank-tile kernels (max rank 16..64)
+    and the per-item one (128)."""
+    from dataclasses import replace
+
+    from kernel_fixtures import oracle_apply, rel_err
+    from loramux.ops import kernels
+    from test_kernels import TOL
+
+    for k in KNOBS + ("LORAMUX_PIPE_SIGNAL",):
+        monkeypatch.delenv(k, raising=False)
+    ad, slots, x, y0, sot = _case(T + len(ranks), dtype, T, modules, ranks=ranks, num_slots=len(ranks) + 1,
+                                  dora_every=2 if modules is DORA else 0, none_frac=0.0 if len(ranks) == 1 else 0.2,
+                                  max_rank=max_rank)
+    used = len({s for s in slots if s >= 0})
+    meta = ad.meta(sot)
+    meta = replace(meta, adapters=used, segments=kernels.segments(meta.slot_of_token, meta.table.shape[0], used))
+    built = meta.segments.clone()
+    mids, sizes = [w[0] for w in modules], [w[2] for w in modules]
+    unsignalled = []
+    real = kernels._expand_after
+
+    def spy(*args):
+        unsignalled.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(kernels, "_expand_after", spy)
+    ys = {}
+    for signal in ("1", "0"):
+        monkeypatch.setenv("LORAMUX_PIPE_SIGNAL", signal)
+        unsignalled.clear()
+        for _ in range(2):
+            y = y0.clone()
+            kernels.lora_apply(x, y, meta, 1, mids, sizes)
+        torch.cuda.synchronize()
+        assert len(unsignalled) == (0 if signal == "1" else 2), signal  # the signalled pair ran, or not
+        assert torch.equal(meta.segments, built), signal
+        ys[signal] = y
+    assert torch.equal(ys["1"], ys["0"])
+    want = oracle_apply(ad, x, y0, slots, 1, mids, sizes)
+    assert rel_err(ys["1"], want, y0) < TOL[dtype]

@@ -135,6 +135,10 @@ class KernelBatch:
         self, partial: int, ksplit: int, y: int, y_stride: int, module_ids: List[int], out_sizes: List[int],
         chained: bool = False, hi: int = 0, split_target: int = 0,
     ) -> None: ...
+    def apply_signalled(
+        self, x: int, x_stride: int, hi: int, y: int, y_stride: int, module_ids: List[int], out_sizes: List[int],
+        partial: int, partial_capacity: int, plan: Tuple[int, int, bool, int],
+    ) -> bool: ...  # False: nothing launched (shrink, then expand)
     def fused(
         self, x: int, x_stride: int, hi: int, y: int, y_stride: int, module_ids: List[int], out_sizes: List[int],
         partial: int, partial_capacity: int, plan: Tuple[int, int, int, int, bool, Optional[int], int, int],

@@ -156,6 +156,13 @@ def _shrink_partials(x, meta, layer: int, module_ids: Sequence[int], choice: tun
     """Allocates the partials on the current stream, launches the shrink on `stream` (default: current).
     `device_split`: decode batches may size the split from the step's item count (the plan's
     split_target, which the expand must be given); False for a shrink whose reduce sums every split."""
+    batch, ids, plan, partial, seg = _partials(x, meta, layer, module_ids, choice, stream, device_split)
+    u_offset = batch.shrink(x.data_ptr(), x.stride(0), x.shape[1], ids, partial.data_ptr(), partial.numel(), plan)
+    return batch, ids, plan, partial, seg, u_offset
+
+
+def _partials(x, meta, layer: int, module_ids: Sequence[int], choice: tuning.Choice, stream=None, device_split: bool = True):
+    """The shrink's batch, plan and partial buffer (allocated on the current stream), nothing launched."""
     import torch
 
     _rows("x", x, x.device)
@@ -169,8 +176,7 @@ def _shrink_partials(x, meta, layer: int, module_ids: Sequence[int], choice: tun
     # the partials, then room for u [S, T, max_rank], which the pipelined prefill shrink fills
     u_len = len(ids) * tokens * int(meta.max_rank)
     partial = torch.empty(plan[0] * u_len + u_len, dtype=torch.float32, device=x.device)
-    u_offset = batch.shrink(x.data_ptr(), x.stride(0), hi, ids, partial.data_ptr(), partial.numel(), plan)
-    return batch, ids, plan, partial, seg, u_offset
+    return batch, ids, plan, partial, seg
 
 
 def lora_shrink(x, meta, layer: int, module_ids: Sequence[int]):
@@ -282,9 +288,13 @@ def lora_apply(x, y, meta, layer: int, module_ids: Sequence[int], out_sizes: Seq
     if fused is not None:
         _apply_fused(x, y, meta, layer, ids, sizes, choice, fused)
         return
-    batch, ids, plan, partial, seg, u_offset = _shrink_partials(x, meta, layer, module_ids, choice)
-    # the same batch (and segments): the expand is chained to the shrink just launched
-    _expand_after(batch, y, ids, sizes, plan, partial, u_offset, True, x.shape[1], int(meta.max_rank))
+    batch, ids, plan, partial, seg = _partials(x, meta, layer, module_ids, choice)
+    # the pipelined pair, the expand waiting on each item's u; else the shrink, then the expand
+    # chained to it (the same batch and segments)
+    if not batch.apply_signalled(x.data_ptr(), x.stride(0), x.shape[1], y.data_ptr(), y.stride(0), ids, sizes,
+                                 partial.data_ptr(), partial.numel(), plan):
+        u_offset = batch.shrink(x.data_ptr(), x.stride(0), x.shape[1], ids, partial.data_ptr(), partial.numel(), plan)
+        _expand_after(batch, y, ids, sizes, plan, partial, u_offset, True, x.shape[1], int(meta.max_rank))
     del seg  # alive until here: the launches read it
 
 

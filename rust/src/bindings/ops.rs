@@ -47,6 +47,21 @@ impl PyKernelBatch {
         launch::shrink(&k, &self.batch, x, x_stride, hi, &module_ids, partial, partial_capacity, &plan).py()
     }
 
+    /// Shrink and expand of one apply on the pipelined kernels, the expand waiting on each item's
+    /// signal rather than the whole shrink grid; False, nothing launched, where that pair does not
+    /// apply (then `shrink` and `expand`). `partial` as for `shrink`, with room for u.
+    #[pyo3(signature = (x, x_stride, hi, y, y_stride, module_ids, out_sizes, partial, partial_capacity, plan))]
+    #[allow(clippy::too_many_arguments)]
+    fn apply_signalled(
+        &self, x: u64, x_stride: usize, hi: usize, y: u64, y_stride: usize, module_ids: Vec<u32>, out_sizes: Vec<usize>,
+        partial: u64, partial_capacity: usize, plan: ShrinkTuple,
+    ) -> PyResult<bool> {
+        let k = cuda::kernels(self.device).py()?;
+        let plan = shrink_plan(plan);
+        launch::apply_signalled(&k, &self.batch, x, x_stride, hi, y, y_stride, &module_ids, &out_sizes, partial, partial_capacity, &plan)
+            .py()
+    }
+
     /// u [S, T, max_rank] = the summed partials (zero past each token's rank).
     fn reduce(&self, module_ids: Vec<u32>, partial: u64, plan: ShrinkTuple, u: u64) -> PyResult<()> {
         let k = cuda::kernels(self.device).py()?;

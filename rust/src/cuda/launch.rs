@@ -94,6 +94,7 @@ struct ShrinkArgs {
     max_items: i32,
     split_target: i32,
     merge_items: i32,
+    signal_items: i32,
     table: LoraTable,
     slices: LoraSlices,
 }
@@ -113,6 +114,7 @@ struct ExpandArgs {
     hi: i32,
     split_target: i32,
     merge_items: i32,
+    wait_items: i32,
     table: LoraTable,
     slices: LoraSlices,
 }
@@ -370,6 +372,39 @@ pub fn shrink(
     k: &DeviceKernels, b: &Batch, x: u64, x_stride: usize, hi: usize, module_ids: &[u32],
     partial: u64, partial_capacity: usize, plan: &ShrinkPlan,
 ) -> Result<Option<usize>> {
+    match shrink_launch(k, b, x, x_stride, hi, module_ids, partial, partial_capacity, plan)? {
+        Some(l) => l.go(k, b),
+        None => Ok(None),
+    }
+}
+
+/// A shrink launch, validated and planned, not yet launched.
+struct ShrinkLaunch {
+    args: ShrinkArgs,
+    grid: (u32, u32, u32),
+    /// the pipelined kernel's name and u's offset in the partial buffer, else None
+    pipe: Option<(String, usize)>,
+}
+
+impl ShrinkLaunch {
+    fn go(&self, k: &DeviceKernels, b: &Batch) -> Result<Option<usize>> {
+        if let Some((name, u)) = &self.pipe {
+            unsafe { launch_smem(k, name, self.grid, pipe_shrink_smem(b.max_rank), b.stream, &self.args, false)? };
+            return Ok(Some(*u));
+        }
+        let kind = if b.decode() { "decode" } else { "tile" };
+        let name = format!("lora_shrink_{kind}_{}", b.dtype.suffix());
+        unsafe { launch(k, &name, self.grid, b.stream, &self.args)? };
+        Ok(None)
+    }
+}
+
+/// `shrink`'s checks and plan; None: nothing to launch (no tokens or an empty input width).
+#[allow(clippy::too_many_arguments)]
+fn shrink_launch(
+    k: &DeviceKernels, b: &Batch, x: u64, x_stride: usize, hi: usize, module_ids: &[u32],
+    partial: u64, partial_capacity: usize, plan: &ShrinkPlan,
+) -> Result<Option<ShrinkLaunch>> {
     b.check()?;
     let sl = slices(module_ids, None)?;
     if b.tokens == 0 || hi == 0 {
@@ -398,27 +433,20 @@ pub fn shrink(
         // the decode shrink only (T <= 64): the other kernels keep the planned split
         split_target: if b.decode() && b.tokens <= TILE_T { plan.split_target as i32 } else { 0 },
         merge_items: pipe_merge_items(b.tokens, b.decode(), true) as i32,
+        signal_items: 0,
         table: b.table_args(),
         slices: sl,
     };
     let grid = (plan.ksplit as u32, b.grid_items() as u32, module_ids.len() as u32);
     // the pipelined prefill shrink copies x in 16-byte pieces (the register-staged one takes the rest)
-    let smem = pipe_shrink_smem(b.max_rank);
-    if takes_pipelined(b.tokens, b.decode(), b.adapters, b.max_rank, &b.tuning)
+    let pipe = (takes_pipelined(b.tokens, b.decode(), b.adapters, b.max_rank, &b.tuning)
         && hi % 8 == 0
         && x_stride % 8 == 0
         && x % 16 == 0
-        && pipe_smem_fits(smem, k.arch)
-        && partial_capacity >= need + u_len(module_ids.len(), b.tokens, b.max_rank)
-    {
-        let name = pipe_shrink_kernel(b.dtype.suffix(), b.max_rank);
-        unsafe { launch_smem(k, &name, grid, smem, b.stream, &args, false)? };
-        return Ok(Some(need));
-    }
-    let kind = if b.decode() { "decode" } else { "tile" };
-    let name = format!("lora_shrink_{kind}_{}", b.dtype.suffix());
-    unsafe { launch(k, &name, grid, b.stream, &args)? };
-    Ok(None)
+        && pipe_smem_fits(pipe_shrink_smem(b.max_rank), k.arch)
+        && partial_capacity >= need + u_len(module_ids.len(), b.tokens, b.max_rank))
+    .then(|| (pipe_shrink_kernel(b.dtype.suffix(), b.max_rank), need));
+    Ok(Some(ShrinkLaunch { args, grid, pipe }))
 }
 
 /// Sums the partials into u [S, T, max_rank] (zero past each token's rank): the standalone shrink.
@@ -451,6 +479,42 @@ pub fn expand(
     k: &DeviceKernels, b: &Batch, partial: u64, ksplit: usize, y: u64, y_stride: usize, module_ids: &[u32],
     out_sizes: &[usize], chained: bool, split: Option<(usize, usize)>,
 ) -> Result<()> {
+    match expand_launch(k, b, partial, ksplit, y, y_stride, module_ids, out_sizes, chained, split)? {
+        Some(l) => l.go(k, b),
+        None => Ok(()),
+    }
+}
+
+/// An expand launch, validated and planned, not yet launched.
+struct ExpandLaunch {
+    args: ExpandArgs,
+    grid: (u32, u32, u32),
+    name: String,
+    /// the pipelined kernel (its name in `name`)
+    pipe: bool,
+    chained: bool,
+}
+
+impl ExpandLaunch {
+    fn go(&self, k: &DeviceKernels, b: &Batch) -> Result<()> {
+        if self.pipe {
+            return unsafe { launch_smem(k, &self.name, self.grid, pipe_expand_smem(b.max_rank), b.stream, &self.args, self.chained) };
+        }
+        // Chained right after our own shrink (which never writes y): start early, overlap the prologue.
+        if self.chained {
+            unsafe { launch_dependent(k, &self.name, self.grid, b.stream, &self.args) }
+        } else {
+            unsafe { launch(k, &self.name, self.grid, b.stream, &self.args) }
+        }
+    }
+}
+
+/// `expand`'s checks and plan; None: nothing to launch (no tokens or no output columns).
+#[allow(clippy::too_many_arguments)]
+fn expand_launch(
+    k: &DeviceKernels, b: &Batch, partial: u64, ksplit: usize, y: u64, y_stride: usize, module_ids: &[u32],
+    out_sizes: &[usize], chained: bool, split: Option<(usize, usize)>,
+) -> Result<Option<ExpandLaunch>> {
     b.check()?;
     if out_sizes.len() != module_ids.len() {
         return Err(LoraError::Cuda(format!("{} out_sizes for {} module ids", out_sizes.len(), module_ids.len())));
@@ -462,7 +526,7 @@ pub fn expand(
     }
     let max_out = out_sizes.iter().copied().max().unwrap_or(0);
     if b.tokens == 0 || max_out == 0 {
-        return Ok(());
+        return Ok(None);
     }
     b.need_segments()?;
     let items = b.max_items();
@@ -502,10 +566,13 @@ pub fn expand(
             _ => 0,
         },
         merge_items: pipe_merge_items(b.tokens, b.decode(), false) as i32,
+        wait_items: 0,
         table: b.table_args(),
         slices: sl,
     };
-    let (name, gy) = if flat {
+    let (name, gy) = if pipe {
+        (pipe_expand_kernel(b.dtype.suffix(), b.max_rank), b.grid_items())
+    } else if flat {
         (format!("lora_expand_flat_{}", b.dtype.suffix()), 1)
     } else if b.decode() {
         (format!("lora_expand_decode_{}_o{}", b.dtype.suffix(), expand_variant(&b.tuning)), b.grid_items())
@@ -513,16 +580,46 @@ pub fn expand(
         (format!("lora_expand_tile_{}_c{tiles}", b.dtype.suffix()), b.grid_items())
     };
     let grid = (max_out.div_ceil(ochunk) as u32, gy as u32, module_ids.len() as u32);
-    if pipe {
-        let name = pipe_expand_kernel(b.dtype.suffix(), b.max_rank);
-        return unsafe { launch_smem(k, &name, grid, pipe_expand_smem(b.max_rank), b.stream, &args, chained) };
+    Ok(Some(ExpandLaunch { args, grid, name, pipe, chained }))
+}
+
+/// Shrink and expand of one lora_apply on the pipelined kernels, the expand waiting on each item's
+/// u (its shrink's last split signals it, in the segments' workspace) rather than on the whole
+/// shrink grid: an item's expand starts while other items' shrinks still run, and the wait ends
+/// when the last split is summed, not when the grid has drained. Ok(false), nothing launched,
+/// where either kernel would not be the pipelined one, the two would cut different items (merged
+/// apart: LORAMUX_PIPE_MERGE=shrink), or under `LORAMUX_PIPE_SIGNAL=0`; the caller then launches
+/// `shrink` and `expand`. Both are checked before either launches: a signal no expand waits on
+/// would stay in the workspace.
+#[allow(clippy::too_many_arguments)]
+pub fn apply_signalled(
+    k: &DeviceKernels, b: &Batch, x: u64, x_stride: usize, hi: usize, y: u64, y_stride: usize, module_ids: &[u32],
+    out_sizes: &[usize], partial: u64, partial_capacity: usize, plan: &ShrinkPlan,
+) -> Result<bool> {
+    if !pipe_signals() || pipe_merge_items(b.tokens, b.decode(), true) != pipe_merge_items(b.tokens, b.decode(), false) {
+        return Ok(false);
     }
-    // Chained right after our own shrink (which never writes y): start early, overlap the prologue.
-    if chained {
-        unsafe { launch_dependent(k, &name, grid, b.stream, &args) }
-    } else {
-        unsafe { launch(k, &name, grid, b.stream, &args) }
+    let Some(mut shrink) = shrink_launch(k, b, x, x_stride, hi, module_ids, partial, partial_capacity, plan)? else {
+        return Ok(false);
+    };
+    let Some((_, u)) = shrink.pipe else { return Ok(false) };
+    let u_ptr = partial + (u * std::mem::size_of::<f32>()) as u64;
+    let Some(mut expand) = expand_launch(k, b, u_ptr, 1, y, y_stride, module_ids, out_sizes, true, None)? else {
+        return Ok(false);
+    };
+    if !expand.pipe {
+        return Ok(false);
     }
+    shrink.args.signal_items = 1;
+    expand.args.wait_items = 1;
+    shrink.go(k, b)?;
+    expand.go(k, b)?;
+    Ok(true)
+}
+
+/// `LORAMUX_PIPE_SIGNAL=0` keeps the pipelined expand waiting on the whole shrink grid (A/B runs).
+fn pipe_signals() -> bool {
+    std::env::var("LORAMUX_PIPE_SIGNAL").as_deref() != Ok("0")
 }
 
 /// The fused decode apply (cuda/lora_fused.cu): shrink and expand of a batch of <= 64 tokens in
@@ -625,8 +722,9 @@ mod tests {
         // sizes as the CUDA compiler lays out lora_common.cuh (8-byte aligned members)
         assert_eq!(std::mem::size_of::<LoraSlices>(), 4 + 3 * 4 * MAX_SLICES);
         assert_eq!(std::mem::size_of::<LoraTable>(), 24);
-        assert_eq!(std::mem::size_of::<ShrinkArgs>(), 40 + 28 + 4 + 24 + 100 + 4);
-        assert_eq!(std::mem::size_of::<ExpandArgs>(), 40 + 28 + 4 + 24 + 100 + 4);
+        // 8 ints fill what was the padding before the 8-aligned table
+        assert_eq!(std::mem::size_of::<ShrinkArgs>(), 40 + 32 + 24 + 100 + 4);
+        assert_eq!(std::mem::size_of::<ExpandArgs>(), 40 + 32 + 24 + 100 + 4);
         assert_eq!(std::mem::size_of::<SegmentArgs>(), 32);
         // 13 ints and placed_groups leave 4 bytes of padding before the 8-aligned table
         assert_eq!(std::mem::size_of::<FusedArgs>(), 48 + 52 + 32 + 4 + 24 + 100 + 4);

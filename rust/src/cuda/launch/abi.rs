@@ -41,8 +41,8 @@ pub fn struct_layouts() -> Vec<StructLayout> {
     vec![
         layout!(LoraSlices { count, module_id, out_offset, out_size }),
         layout!(LoraTable { layer_base, slot_stride, num_slots, max_rank }),
-        layout!(ShrinkArgs { x, x_stride, slot_of_token, segments, partial, t as T, hi, ksplit, kchunk, max_items, split_target, merge_items, table, slices }),
-        layout!(ExpandArgs { partial, y, y_stride, slot_of_token, segments, t as T, ksplit, ochunk, max_items, hi, split_target, merge_items, table, slices }),
+        layout!(ShrinkArgs { x, x_stride, slot_of_token, segments, partial, t as T, hi, ksplit, kchunk, max_items, split_target, merge_items, signal_items, table, slices }),
+        layout!(ExpandArgs { partial, y, y_stride, slot_of_token, segments, t as T, ksplit, ochunk, max_items, hi, split_target, merge_items, wait_items, table, slices }),
         layout!(SegmentArgs { slot_of_token, segments, t as T, num_slots, max_items, chunk }),
         layout!(ReduceArgs { partial, u, slot_of_token, t as T, ksplit, table, slices }),
         layout!(FusedArgs {
