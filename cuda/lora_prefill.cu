@@ -493,7 +493,9 @@ __device__ void expand_pipe(const ExpandArgs& p) {
         for (int j = 0; j < STAGES - 1; ++j) issue(j, j);  // B and y do not depend on the shrink
         if (p.wait_items) {
             // this item's u is summed once its shrink's last split signals (lora_common.cuh): wait
-            // on that, not on the whole shrink grid; the slice's spans count in, the last wraps it
+            // on that, not on the whole shrink grid; the slice's spans count in, the last wraps it.
+            // u is then read at L2 (the float4 form below: the launcher signals only where it runs),
+            // never from an L1 line that another item's block filled before this item's u was in
             if (tid == 0) {
                 unsigned* sig = reinterpret_cast<unsigned*>(fused_workspace(const_cast<int*>(p.segments), p.max_items, p.T, p.table.num_slots) +
                                                             LMX_FUSED_WS_WORDS * (s * p.max_items + it) + 1);
@@ -540,11 +542,8 @@ __device__ void expand_pipe(const ExpandArgs& p) {
             if (i < nt && r < R) {
                 const long long t = tokens[i];
 #pragma unroll 16
-                for (int c = 0; c < p.ksplit; ++c) {
-                    // waiting per item, another item's u may share the line: read at L2, never a stale L1 copy
-                    const float* src = p.partial + (((long long)s * p.ksplit + c) * p.T + t) * p.table.max_rank + r;
-                    v += p.wait_items ? __ldcg(src) : *src;
-                }
+                for (int c = 0; c < p.ksplit; ++c)
+                    v += p.partial[(((long long)s * p.ksplit + c) * p.T + t) * p.table.max_rank + r];
             }
             us[i * bpitch + r] = from_f32<BF16>(v);
         }

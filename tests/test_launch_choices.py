@@ -16,7 +16,8 @@ KNOBS = ("LORAMUX_EXPAND_DECODE", "LORAMUX_EXPAND_OPT", "LORAMUX_EXPAND_TILE_COL
          "LORAMUX_TUNING", "LORAMUX_DECODE_FUSED", "LORAMUX_FUSED_EXPAND_BLOCKS", "LORAMUX_FUSED_PDL",
          "LORAMUX_FUSED_BLOCKS_PER_SM", "LORAMUX_FUSED_STAGE_A", "LORAMUX_PREFILL", "LORAMUX_EXPAND_SPAN_TILES",
          "LORAMUX_PIPE_SMALL", "LORAMUX_PIPE_MAX_SPLIT", "LORAMUX_PIPE_USUM", "LORAMUX_DECODE_DEVICE_SPLIT",
-         "LORAMUX_PIPE_SPAN_RULE", "LORAMUX_PIPE_MERGE", "LORAMUX_PIPE_FRAGMENTS", "LORAMUX_PIPE_RANK_TILES")
+         "LORAMUX_PIPE_SPAN_RULE", "LORAMUX_PIPE_MERGE", "LORAMUX_PIPE_FRAGMENTS", "LORAMUX_PIPE_RANK_TILES",
+         "LORAMUX_PIPE_SIGNAL")
 #: (expand kernel, the token counts whose path allows it)
 KINDS = [("fused", [1, 8, 40]), ("flat", [8, 40]), ("o1", [8, 40, 200]), ("o1w", [8, 40, 200]), ("o4", [8, 200]), ("c1", [300]),
          ("c4", [300, 1000]), ("p", [200, 300, 1000]), ("p1", [300]), ("p4", [1000]), ("p6", [1000]), ("p16", [1000])]
@@ -70,13 +71,13 @@ def test_a_table_entry_reaches_the_launcher(monkeypatch, tmp_path):
     path.write_text(json.dumps({"entries": [entry]}))
     monkeypatch.setattr(tuning, "TABLE_PATH", path)
     seen = []
-    real = kernels._shrink_partials
+    real = kernels._partials
 
-    def spy(x, meta, layer, module_ids, choice=tuning.Choice(None, None), stream=None):
+    def spy(x, meta, layer, module_ids, choice, stream=None, device_split=True):
         seen.append(choice)
-        return real(x, meta, layer, module_ids, choice, stream)
+        return real(x, meta, layer, module_ids, choice, stream, device_split)
 
-    monkeypatch.setattr(kernels, "_shrink_partials", spy)
+    monkeypatch.setattr(kernels, "_partials", spy)
     ad, slots, x, y0, sot = _case(5, torch.bfloat16, T, QKV, ranks=[8, 16, 1, 0, 64, 7, 128, 33])
     _check_apply(ad, slots, x, y0, sot, 1, QKV)
     assert seen == [tuning.Choice(1056, "o1w")]
@@ -201,7 +202,10 @@ def test_an_unaligned_x_takes_the_reduce_before_the_pipelined_expand(monkeypatch
     assert reduces == [True], "the reduce did not run after the shrink's fallback"
     reduces.clear()
     _check_apply(ad, slots, x, y0, sot, 1, QKV)
-    assert reduces == [False]  # aligned: the pipelined shrink summed u itself
+    assert reduces == []  # aligned: the signalled pair (kernels.lora_apply), u summed by the shrink
+    monkeypatch.setenv("LORAMUX_PIPE_SIGNAL", "0")
+    _check_apply(ad, slots, x, y0, sot, 1, QKV)
+    assert reduces == [False]  # aligned, the grid wait: the pipelined shrink summed u itself
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -211,8 +215,8 @@ def test_an_unaligned_x_takes_the_reduce_before_the_pipelined_expand(monkeypatch
 def test_the_expand_waiting_on_each_items_signal_equals_the_grid_wait_bit_for_bit(monkeypatch, dtype, T, ranks, modules,
                                                                                   max_rank):
     """The pipelined pair of one apply: the shrink's last split of an item signals its u in the
-    segments' workspace and the expand waits on that (the default), or the expand waits on the
-    whole shrink grid (LORAMUX_PIPE_SIGNAL=0): the same sums, y equal bit for bit and the oracle's;
+    segments' workspace and the expand waits on that (LORAMUX_PIPE_SIGNAL=1; the default past 512
+    tokens), or the expand waits on the whole shrink grid (=0): the same sums, y equal bit for bit and the oracle's;
     the workspace is left as the builder made it (the signal wrapped back to zero by the item's
     last expand block), so the next apply over the same segments, and a second one, find it zeroed.
     One adapter's 64 and 256 tokens and two adapters' 40 (64-token tiles, the count known), mixed,
@@ -224,7 +228,7 @@ def test_the_expand_waiting_on_each_items_signal_equals_the_grid_wait_bit_for_bi
     from loramux.ops import kernels
     from test_kernels import TOL
 
-    for k in KNOBS + ("LORAMUX_PIPE_SIGNAL",):
+    for k in KNOBS:
         monkeypatch.delenv(k, raising=False)
     ad, slots, x, y0, sot = _case(T + len(ranks), dtype, T, modules, ranks=ranks, num_slots=len(ranks) + 1,
                                   dora_every=2 if modules is DORA else 0, none_frac=0.0 if len(ranks) == 1 else 0.2,
@@ -243,7 +247,7 @@ def test_the_expand_waiting_on_each_items_signal_equals_the_grid_wait_bit_for_bi
 
     monkeypatch.setattr(kernels, "_expand_after", spy)
     ys = {}
-    for signal in ("1", "0"):
+    for signal in ("1", "0"):  # forced: by default only batches past 512 tokens signal
         monkeypatch.setenv("LORAMUX_PIPE_SIGNAL", signal)
         unsignalled.clear()
         for _ in range(2):

@@ -10,7 +10,7 @@ use super::plan::{
     decode_expand_is_flat, expand_columns_per_thread, expand_tiles_per_block, expand_variant, flat_expand_columns, fused_col_groups, fused_form,
     fused_grid_blocks, fused_is_dependent, fused_shape, grid_items, item_tokens, max_items, partial_len, pipe_expand_smem, pipe_expand_tiles,
     pipe_expand_kernel, pipe_merge_items, pipe_shrink_kernel, pipe_shrink_smem,
-    pipe_smem_fits, segments_len, small_items, takes_pipelined, u_len, FusedPlan, ShrinkPlan, Tuning, FUSED_COLS, FUSED_MAX_RANK, ITEMS_BY_ADAPTERS_MAX_T, TILE_T,
+    pipe_signals, pipe_smem_fits, segments_len, small_items, takes_pipelined, u_len, FusedPlan, ShrinkPlan, Tuning, FUSED_COLS, FUSED_MAX_RANK, ITEMS_BY_ADAPTERS_MAX_T, TILE_T,
 };
 use super::DeviceKernels;
 use crate::cache::slot_table::ENTRY_WORDS;
@@ -588,7 +588,7 @@ fn expand_launch(
 /// shrink grid: an item's expand starts while other items' shrinks still run, and the wait ends
 /// when the last split is summed, not when the grid has drained. Ok(false), nothing launched,
 /// where either kernel would not be the pipelined one, the two would cut different items (merged
-/// apart: LORAMUX_PIPE_MERGE=shrink), or under `LORAMUX_PIPE_SIGNAL=0`; the caller then launches
+/// apart: LORAMUX_PIPE_MERGE=shrink), or `plan::pipe_signals` says no; the caller then launches
 /// `shrink` and `expand`. Both are checked before either launches: a signal no expand waits on
 /// would stay in the workspace.
 #[allow(clippy::too_many_arguments)]
@@ -596,7 +596,7 @@ pub fn apply_signalled(
     k: &DeviceKernels, b: &Batch, x: u64, x_stride: usize, hi: usize, y: u64, y_stride: usize, module_ids: &[u32],
     out_sizes: &[usize], partial: u64, partial_capacity: usize, plan: &ShrinkPlan,
 ) -> Result<bool> {
-    if !pipe_signals() || pipe_merge_items(b.tokens, b.decode(), true) != pipe_merge_items(b.tokens, b.decode(), false) {
+    if !pipe_signals(b.tokens, b.max_rank) || pipe_merge_items(b.tokens, b.decode(), true) != pipe_merge_items(b.tokens, b.decode(), false) {
         return Ok(false);
     }
     let Some(mut shrink) = shrink_launch(k, b, x, x_stride, hi, module_ids, partial, partial_capacity, plan)? else {
@@ -604,6 +604,9 @@ pub fn apply_signalled(
     };
     let Some((_, u)) = shrink.pipe else { return Ok(false) };
     let u_ptr = partial + (u * std::mem::size_of::<f32>()) as u64;
+    if u_ptr % 16 != 0 {
+        return Ok(false); // the expand's float4 form of reading u (pipe_signals) needs it aligned
+    }
     let Some(mut expand) = expand_launch(k, b, u_ptr, 1, y, y_stride, module_ids, out_sizes, true, None)? else {
         return Ok(false);
     };
@@ -615,11 +618,6 @@ pub fn apply_signalled(
     shrink.go(k, b)?;
     expand.go(k, b)?;
     Ok(true)
-}
-
-/// `LORAMUX_PIPE_SIGNAL=0` keeps the pipelined expand waiting on the whole shrink grid (A/B runs).
-fn pipe_signals() -> bool {
-    std::env::var("LORAMUX_PIPE_SIGNAL").as_deref() != Ok("0")
 }
 
 /// The fused decode apply (cuda/lora_fused.cu): shrink and expand of a batch of <= 64 tokens in

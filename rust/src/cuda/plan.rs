@@ -909,6 +909,27 @@ fn pipe_shrink_stages(max_rank: usize) -> usize {
     }
 }
 
+/// Whether a pipelined apply's expand waits on each item's signal (the shrink's last split of the
+/// item bumps it once u is summed: `launch::apply_signalled`) rather than on the whole shrink grid.
+/// `LORAMUX_PIPE_SIGNAL=1|0` forces either (A/B runs, tests); else batches of more than
+/// PIPE_SIGNAL_AFTER_TOKENS tokens. `max_rank`: the expand reads u a float4 at a time at L2 only
+/// where its ranks come in fours (the other form's plain loads could hit a stale L1 line).
+pub fn pipe_signals(tokens: usize, max_rank: usize) -> bool {
+    let lean = std::env::var("LORAMUX_PIPE_FRAGMENTS").as_deref() != Ok("lds32");
+    lean && max_rank % 4 == 0
+        && match std::env::var("LORAMUX_PIPE_SIGNAL").as_deref() {
+            Ok("1") => true,
+            Ok("0") => false,
+            _ => tokens > PIPE_SIGNAL_AFTER_TOKENS,
+        }
+}
+
+/// Batches up to this many tokens keep the grid wait. Measured on the H200 (docs/kernel-notes.md,
+/// s17; ops.py quick grid, same run, signalled / grid wait): T = 2048 0.94x the time geomean over
+/// 2..128 adapters (0.86-0.98x), 0.98x at one adapter; T = 256 and 512 1.00x (0.91-1.08x); T = 16
+/// and 64 1.02x over several adapters and 1.08x at one (up to 1.26x).
+pub const PIPE_SIGNAL_AFTER_TOKENS: usize = 512;
+
 /// Shared memory one block may opt into on a GPU of this arch (sm_80/87: 163 KB, sm_90/100/103:
 /// 227 KB; sm_86/89, the sm_12x parts and any arch not listed: 99 KB, the smallest of them).
 pub fn block_smem_optin(arch: u32) -> usize {
@@ -1129,6 +1150,17 @@ mod tests {
             let p = split_for(tokens, true, 0, 1, 8, FUSED_SHRINK_TARGET, true);
             assert_eq!((p.ksplit, p.kchunk), (1, 256));
         }
+    }
+
+    #[test]
+    fn only_batches_past_512_tokens_with_ranks_in_fours_signal_their_items() {
+        if ["LORAMUX_PIPE_SIGNAL", "LORAMUX_PIPE_FRAGMENTS"].iter().any(|v| std::env::var(v).is_ok()) {
+            return;
+        }
+        assert!(pipe_signals(2048, 16) && pipe_signals(513, 64) && pipe_signals(600, 128));
+        assert!(!pipe_signals(512, 16) && !pipe_signals(64, 16) && !pipe_signals(1, 64));
+        // ranks not in fours: the expand would read u by plain loads
+        assert!(!pipe_signals(2048, 18) && !pipe_signals(2048, 33));
     }
 
     #[test]
