@@ -588,15 +588,19 @@ fn expand_launch(
 /// shrink grid: an item's expand starts while other items' shrinks still run, and the wait ends
 /// when the last split is summed, not when the grid has drained. Ok(false), nothing launched,
 /// where either kernel would not be the pipelined one, the two would cut different items (merged
-/// apart: LORAMUX_PIPE_MERGE=shrink), or `plan::pipe_signals` says no; the caller then launches
-/// `shrink` and `expand`. Both are checked before either launches: a signal no expand waits on
-/// would stay in the workspace.
+/// apart: LORAMUX_PIPE_MERGE=shrink), a slice has no columns, or `plan::pipe_signals` says no; the
+/// caller then launches `shrink` and `expand`. Both are checked before either launches: a signal no
+/// expand waits on would stay in the workspace.
 #[allow(clippy::too_many_arguments)]
 pub fn apply_signalled(
     k: &DeviceKernels, b: &Batch, x: u64, x_stride: usize, hi: usize, y: u64, y_stride: usize, module_ids: &[u32],
     out_sizes: &[usize], partial: u64, partial_capacity: usize, plan: &ShrinkPlan,
 ) -> Result<bool> {
-    if !pipe_signals(b.tokens, b.max_rank) || pipe_merge_items(b.tokens, b.decode(), true) != pipe_merge_items(b.tokens, b.decode(), false) {
+    if !pipe_signals(b.tokens, b.max_rank)
+        || pipe_merge_items(b.tokens, b.decode(), true) != pipe_merge_items(b.tokens, b.decode(), false)
+        // a slice of no columns has no expand block to take its items' signals back
+        || out_sizes.contains(&0)
+    {
         return Ok(false);
     }
     let Some(mut shrink) = shrink_launch(k, b, x, x_stride, hi, module_ids, partial, partial_capacity, plan)? else {
