@@ -925,9 +925,9 @@ pub fn pipe_signals(tokens: usize, max_rank: usize) -> bool {
 }
 
 /// Batches up to this many tokens keep the grid wait. Measured on the H200 (docs/kernel-notes.md,
-/// s17; ops.py quick grid, same run, signalled / grid wait): T = 2048 0.94x the time geomean over
-/// 2..128 adapters (0.86-0.98x), 0.98x at one adapter; T = 256 and 512 1.00x (0.91-1.08x); T = 16
-/// and 64 1.02x over several adapters and 1.08x at one (up to 1.26x).
+/// s17 run B; ops.py quick grid, same run, signalled / grid wait): T = 1024 and 2048 0.98x the time
+/// geomean over 96 rows (0.92-1.06x); T = 256 1.00-1.02x; one adapter at T = 16 / 64 1.09x / 1.10x
+/// (up to 1.27x).
 pub const PIPE_SIGNAL_AFTER_TOKENS: usize = 512;
 
 /// Shared memory one block may opt into on a GPU of this arch (sm_80/87: 163 KB, sm_90/100/103:
