@@ -915,8 +915,7 @@ fn pipe_shrink_stages(max_rank: usize) -> usize {
 /// PIPE_SIGNAL_AFTER_TOKENS tokens. `max_rank`: the expand reads u a float4 at a time at L2 only
 /// where its ranks come in fours (the other form's plain loads could hit a stale L1 line).
 pub fn pipe_signals(tokens: usize, max_rank: usize) -> bool {
-    let lean = std::env::var("LORAMUX_PIPE_FRAGMENTS").as_deref() != Ok("lds32");
-    lean && max_rank % 4 == 0
+    !pipe_fragments_lds32() && max_rank % 4 == 0
         && match std::env::var("LORAMUX_PIPE_SIGNAL").as_deref() {
             Ok("1") => true,
             Ok("0") => false,
@@ -984,12 +983,18 @@ pub fn pipe_expand_kernel(dtype: &str, max_rank: usize) -> String {
 /// fixed at compile time (`_w1`..`_w4`: 16 rows each), the rest the per-item form.
 pub const PIPE_FIXED_RANK_ROWS: usize = 64;
 
+/// `LORAMUX_PIPE_FRAGMENTS=lds32`: the pipelined kernels of prefill-5..7's form (A/B runs), whose
+/// expand reads u by plain loads.
+fn pipe_fragments_lds32() -> bool {
+    std::env::var("LORAMUX_PIPE_FRAGMENTS").as_deref() == Ok("lds32")
+}
+
 /// `_lds32` under `LORAMUX_PIPE_FRAGMENTS=lds32`; else `_w{rows / 16}` where the max rank pads to
 /// PIPE_FIXED_RANK_ROWS rows or fewer, unless `LORAMUX_PIPE_RANK_TILES=item` asks for the per-item
 /// form (A/B runs); else none (the per-item form).
 fn pipe_kernel_suffix(max_rank: usize) -> String {
     let rows = pipe_rank_rows(max_rank);
-    if std::env::var("LORAMUX_PIPE_FRAGMENTS").as_deref() == Ok("lds32") {
+    if pipe_fragments_lds32() {
         "_lds32".into()
     } else if rows <= PIPE_FIXED_RANK_ROWS && std::env::var("LORAMUX_PIPE_RANK_TILES").as_deref() != Ok("item") {
         format!("_w{}", rows / 16)
