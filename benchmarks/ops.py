@@ -47,7 +47,7 @@ PEER_CASES = [(4096, 4096, 16, 32, 64), (4096, 4096, 16, 1, 64), (4096, 4096, 16
                (4096, 4096, 16, 128, 256), (4096, 4096, 16, 8, 2048), (14336, 4096, 64, 32, 2048)]
 DT = torch.bfloat16
 DEV = "cuda"
-#: --ab times the cases past the small items (rust/src/cuda/plan.rs SMALL_ITEMS_MAX_T)
+#: --ab times the cases past the small items (rust/src/cuda/plan/items.rs SMALL_ITEMS_MAX_T)
 AB_MIN_TOKENS = 256
 
 

@@ -47,7 +47,7 @@ RANKS = [16, 64]
 # Decode buckets (kernel-notes s16): 16 tokens also over 8 adapters (entries timed at 1 and 16 only
 # were 1.15-1.24x slower there in ops.py); 64 tokens over 32 and 64 adapters: from 4 tokens an
 # adapter up the pipelined kernels take a decode batch by its count whatever the table says
-# (plan.rs pipe_on_small_items), so one adapter would time the same kernels under every choice.
+# (plan/pipe.rs pipe_on_small_items), so one adapter would time the same kernels under every choice.
 # A count may name its own token count, (tokens, adapters), within the bucket: bucket 64 is also
 # timed as the decode step's batch, 32 one-token requests of their own adapters (entries that won at
 # 64 tokens alone made that step 1.05-1.18x slower, runs D and E).

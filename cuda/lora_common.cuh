@@ -86,7 +86,7 @@ struct FusedArgs {
     int split_target;                 // > 0: split and column steps from the step's item count
     int expand_target;                // expand blocks the device-sized column steps aim for
     // the shape for max_items items (lora_fused.cu fused_shape), computed by the host
-    // (rust/src/cuda/plan.rs fused_shape): blocks are placed with no arithmetic of their own
+    // (rust/src/cuda/plan/fused.rs fused_shape): blocks are placed with no arithmetic of their own
     int placed_ksplit;
     int placed_kchunk;
     int placed_col_steps;
@@ -238,7 +238,7 @@ __device__ __forceinline__ WorkItem work_item(const int* seg, int max_items, int
     return w;
 }
 
-// The decode split from the step's real item count (rust/src/cuda/plan.rs decode_split mirrors it):
+// The decode split from the step's real item count (rust/src/cuda/plan/shrink.rs decode_split mirrors it):
 // the launch is sized on the host for any count (grid and partials for the most splits), the
 // device knows the count (seg[0]) and takes about `target` shrink blocks over n items x S slices:
 // splits of 256-element granules, at most 1024 elements (DECODE_MAX_CHUNK). The two-kernel shrink,

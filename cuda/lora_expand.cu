@@ -136,7 +136,7 @@ __device__ void expand_decode(const ExpandArgs& p) {
 // waiting on the shrink (PDL), each thread issues the B-row loads (first 16 ranks) and y loads of
 // all its rows at once: the only dependent chain is slot -> entry -> B, and it overlaps the shrink.
 // Tokens sharing an adapter re-read its B rows from L1/L2 (decode tiles are <= 64 tokens).
-// Taken for multi-slice launches of 32..64 tokens (plan.rs decode_expand_is_flat: measured there).
+// Taken for multi-slice launches of 32..64 tokens (plan/expand.rs decode_expand_is_flat: measured there).
 #define FLAT_ROWS 4   // token rows per thread (prefetched in registers)
 #define FLAT_PQ 2     // 8-rank chunks of B prefetched per row
 

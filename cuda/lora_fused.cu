@@ -330,7 +330,7 @@ __device__ __forceinline__ int fused_col_groups(const FusedArgs& p, int s, int c
 // How the launch's blocks are shared out for `items` items of the step: ksplit shrink blocks and
 // fused_col_groups expand blocks per (slice, item). Host-planned (split_target 0), or sized from
 // the item count (the split by decode_split, the column steps so about expand_target expand
-// blocks run; rust/src/cuda/plan.rs fused_grid_blocks and fused_col_steps mirror it).
+// blocks run; rust/src/cuda/plan/fused.rs fused_grid_blocks and fused_col_steps mirror it).
 struct FusedShape {
     int items;
     int ksplit;
@@ -461,7 +461,7 @@ __device__ void fused_decode(const FusedArgs& p) {
 
 // Instantiations: A in registers (the shrink_decode_item form) at 3, 4 (`_m4`: 64 registers) and 5
 // (`_m5`) blocks an SM; A staged in shared memory (`_sa<m>`) at 3, 4 and 5 blocks an SM. rust/src/cuda/
-// plan.rs fused_blocks_per_sm and fused_stages_a pick one; never more blocks than shared memory lets reside.
+// plan/fused.rs fused_kind_blocks_per_sm and fused_stages_a pick one; never more blocks than shared memory lets reside.
 extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_fused_decode_bf16(const FusedArgs p) { fused_decode<true, false>(p); }
 extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_fused_decode_f16(const FusedArgs p) { fused_decode<false, false>(p); }
 extern "C" __global__ void __launch_bounds__(LMX_THREADS, 4) lora_fused_decode_bf16_m4(const FusedArgs p) { fused_decode<true, false>(p); }

@@ -257,6 +257,6 @@ def test_small_items_past_decode_take_the_fused_kernel(monkeypatch, T, adapters,
     y = _apply(ad, x, y0, sot, QKV, meta)
     _check(ad, slots, x, y0, y, QKV)
     ws, m = _workspace(meta.segments, T, adapters)
-    assert m == min(-(-T // 8) + min(T, adapters), T)  # the items the segments hold room for (plan.rs max_items)
+    assert m == min(-(-T // 8) + min(T, adapters), T)  # the items the segments hold room for (plan/items.rs max_items)
     assert meta.segments.numel() in (ws + 2 * 8 * m, ws + 2 * 8 * m + 1)
     assert not meta.segments[ws:ws + 2 * 8 * m].any(), "the fused kernel left its workspace dirty"

@@ -1,4 +1,4 @@
-"""How a step's tokens are cut into work items (rust/src/cuda/plan.rs small_items): batches below 16
+"""How a step's tokens are cut into work items (rust/src/cuda/plan/items.rs small_items): batches below 16
 tokens in small items, past 512 tokens in 64-token tiles, and in between by the adapter count where
 the host knows it (StepBatch counts it into BatchMeta.adapters): small items where the adapters
 average 8 tokens or fewer, else tiles; without a count small items up to 256 tokens. CPU only: the planner and the

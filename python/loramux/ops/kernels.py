@@ -272,7 +272,7 @@ def _apply_fused(x, y, meta, layer: int, ids, sizes, choice, plan) -> None:
 def lora_apply(x, y, meta, layer: int, module_ids: Sequence[int], out_sizes: Sequence[int]) -> None:
     """Shrink then expand over the batch's token segments (meta.segments, or built here first).
     Decode (T <= 64, rank <= 64), and batches of up to 512 tokens whose counted adapters
-    (meta.adapters) average a few tokens each (rust/src/cuda/plan.rs fused_past_decode): one fused
+    (meta.adapters) average a few tokens each (rust/src/cuda/plan/fused.rs fused_past_decode): one fused
     launch (cuda/lora_fused.cu), or, where the launch table or LORAMUX_DECODE_FUSED=0 says so, two
     launches, the expand a programmatic dependent of the shrink on sm_90 (starts early, waits
     in-kernel) that sums the split-K partials as it loads u.

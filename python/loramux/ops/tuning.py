@@ -37,9 +37,9 @@ _OFF = ("off", "0", "none")
 
 class Choice(NamedTuple):
     shrink_target_blocks: Optional[int]
-    expand_kernel: Optional[str]  # fused | fused3 | fuseds | fuseds4 | flat | o1 | o1w | o4 | c1 | c4 | p | p2 | p4 | p6 | p8 | p16 (rust/src/cuda/plan.rs ExpandKind)
+    expand_kernel: Optional[str]  # fused | fused3 | fuseds | fuseds4 | flat | o1 | o1w | o4 | c1 | c4 | p | p2 | p4 | p6 | p8 | p16 (rust/src/cuda/plan/tuning.rs ExpandKind)
     #: decode buckets: whether the split was sized from the step's item count on the device when
-    #: the entry was timed (rust/src/cuda/plan.rs decode_split_from_device); None: the built-in rule
+    #: the entry was timed (rust/src/cuda/plan/shrink.rs decode_split_from_device); None: the built-in rule
     decode_device_split: Optional[bool] = None
 
 
