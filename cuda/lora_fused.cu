@@ -48,7 +48,7 @@ __device__ __forceinline__ int fused_row_chunks(int rc) { return (rc / 8) | 1; }
 // Shared memory: tokens (head), x rows at a pitch of kchunk, then stages x 16 x kchunk halves of A.
 __device__ __forceinline__ void store_zero16(void* dst) { *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0); }
 
-// Bytes of the staged shrink's shared memory with `stages` rounds of A (rust/src/cuda/plan.rs
+// Bytes of the staged shrink's shared memory with `stages` rounds of A (rust/src/cuda/plan/fused.rs
 // fused_smem_bytes mirrors it); the kernel takes as many stages as the launch's shared memory holds.
 __device__ __forceinline__ int staged_a_stages(int smem_bytes, int kchunk) {
     return (smem_bytes - FUSED_SMEM_HEAD - DECODE_TOKENS * kchunk * 2) / (32 * kchunk);
