@@ -66,7 +66,47 @@ def table(ops_lines, decode=None, cases=True) -> str:
         if d.get("overhead_static_us") is not None and d.get("overhead_static_beside_us") is not None:
             out[-1] += (f" A static batch (as the serving graphs capture it): {d['overhead_static_us']:.0f} us in order, "
                         f"{d['overhead_static_beside_us']:.0f} us with only the shrinks beside.")
+    if sums:
+        out += ["", *targets(sums, decode)]
     return "\n".join(out) + "\n"
+
+
+# The kernels' targets (H200, graphed, both token orders): regime -> (least median % of the
+# roofline, most times the floor for its worst case or None)
+TARGETS = {"decode T<=64": (60.0, None), "T=256..512": (50.0, None), "T=2048": (60.0, 2.5)}
+DECODE_STEP_TARGET = 1.5  # most times its bytes floor for the decode step's LoRA overhead
+
+
+def targets(sums, decode=None):
+    """The table of targets against the run: each regime's medians (one per token order) and worst
+    case, the decode step, the rows slower than the PEFT loop or gather+bmm."""
+    out = ["Against the kernels' targets (the runs above, both token orders):", "",
+           "| target | measured | |", "|---|---|---|"]
+    if decode:
+        met = decode["overhead_over_floor"] <= DECODE_STEP_TARGET
+        beside = decode.get("overhead_beside_over_floor")
+        out.append(f"| decode-step LoRA overhead <= {DECODE_STEP_TARGET}x its bytes floor | "
+                   f"{decode['overhead_over_floor']:.1f}x" + (f" ({beside:.1f}x beside the base GEMM)" if beside else "")
+                   + f" | {'met' if met else 'missed'} |")
+    for regime, (median, worst) in TARGETS.items():
+        rows = [s for s in sums if s["regime"] == regime]
+        if not rows:
+            continue
+        medians = [s["median_pct_roofline"] for s in rows]
+        met = all(m is not None and m >= median for m in medians)
+        text = " / ".join(_fmt(m) for m in medians) + " %"
+        goal = f"median >= {median:.0f} % of the roofline"
+        if worst is not None:
+            ratios = [s["worst_ratio_to_floor"] for s in rows]
+            met = met and all(r <= worst for r in ratios)
+            text += ", worst " + " / ".join(f"{r:.1f}x" for r in ratios)
+            goal += f", worst within {worst}x of the floor"
+        out.append(f"| {regime}: {goal} | {text} | {'met' if met else 'missed'} |")
+    slower = sum(1 for s in sums if any(s.get(key) is not None and s[key] < 1.0
+                                        for key in ("min_speedup_vs_peft", "min_speedup_vs_bmm")))
+    found = "none slower" if not slower else f"slower cases in {slower} of {len(sums)} regime rows"
+    out.append(f"| no case slower than the PEFT loop or gather+bmm | {found} | {'met' if not slower else 'missed'} |")
+    return out
 
 
 def main(argv=None):
