@@ -149,6 +149,43 @@ def test_example_adapter_is_a_real_peft_adapter_and_its_conversion(tmp_path, dor
     assert loaded.peft_config["default"].use_dora == dora
 
 
+def test_info_without_a_model_takes_dora_rows_and_names_bad_flags(tmp_path, capsys):
+    """Without --base-model the DoRA scales cannot be found (they follow A and B, whose widths come
+    from the model): a normalized DoRA adapter is listed as valid, a flag other than 0 / 1 is not,
+    and the scales are checked once the model is given."""
+    from tiny_hf import fresh_model
+
+    from loramux.demo import make_example_adapter
+
+    model = fresh_model("llama")
+    paths = make_example_adapter(str(tmp_path / "ex"), rank=4, targets=["q_proj"], dora=True, storage_type="float32", model=model)
+    assert cli.main(["info", paths["trt"]]) == 0
+    out = capsys.readouterr().out
+    assert "valid" in out and "DoRA scales" in out
+    weights, config = format.load(paths["trt"])
+    flag = config.copy()
+    flag[1, 3] = 2
+    format.save(str(tmp_path / "flag"), weights, flag)
+    assert cli.main(["info", str(tmp_path / "flag")]) == 2
+    err = capsys.readouterr().err
+    assert "LoraFormatError" in err and "row 1" in err and "is_dora" in err, err
+    model.save_pretrained(str(tmp_path / "base"))
+    assert cli.main(["info", paths["trt"], "--base-model", str(tmp_path / "base")]) == 0
+    capsys.readouterr()
+    unnormalized = format.to_float32(weights)
+    unnormalized[:, -1] = -1.0  # the last DoRA scale of every row (the rows are exactly as wide as they need)
+    format.save(str(tmp_path / "neg"), unnormalized, config)
+    assert cli.main(["info", str(tmp_path / "neg"), "--base-model", str(tmp_path / "base")]) == 2
+    assert "LoraDoraError" in capsys.readouterr().err
+
+
+def test_info_on_a_peft_folder_says_to_convert_it(tmp_path, capsys):
+    make_adapter("llama", tmp_path / "peft", r=4)
+    assert cli.main(["info", str(tmp_path / "peft")]) == 2
+    err = capsys.readouterr().err
+    assert "a PEFT adapter" in err and "loramux convert" in err, err
+
+
 def test_unreadable_json_exits_2_naming_the_file(tmp_path, capsys):
     (tmp_path / "peft").mkdir()
     (tmp_path / "peft" / "adapter_config.json").write_text("{not json")

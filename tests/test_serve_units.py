@@ -14,7 +14,7 @@ from loramux.errors import LoraCacheFullError, LoraConvertError, LoraFormatError
 from loramux.serving.server.adapter_paths import resolve_inside_root  # noqa: E402
 from loramux.serving.server.api_errors import ApiError, from_exception  # noqa: E402
 from loramux.serving.server.auth import BearerAuth  # noqa: E402
-from loramux.serving.server.errors import AdapterPathError, QueueFullError, UnknownModelError  # noqa: E402
+from loramux.serving.server.errors import AdapterNotFoundError, AdapterPathError, QueueFullError, UnknownModelError  # noqa: E402
 from loramux.serving.server.metrics_text import Counter, Histogram, render  # noqa: E402
 from loramux.serving.server.openai_schema import ChatCompletionRequest, CompletionRequest, parse  # noqa: E402
 
@@ -51,6 +51,13 @@ def test_a_symlinked_file_inside_an_adapter_folder_leading_out_is_refused(root, 
     os.symlink(tmp_path / "outside" / "secret.safetensors", root / "good" / "adapter_model.safetensors")
     with pytest.raises(AdapterPathError, match="links to"):
         resolve_inside_root(str(root), "good")
+
+
+def test_a_missing_folder_inside_the_root_is_not_found_and_outside_still_refused(root):
+    with pytest.raises(AdapterNotFoundError, match="no adapter folder"):
+        resolve_inside_root(str(root), "nothere")
+    with pytest.raises(AdapterPathError, match="outside the adapter root"):
+        resolve_inside_root(str(root), "../nothere")  # no hint whether a folder outside exists
 
 
 def test_without_a_root_runtime_loading_is_off(root):
@@ -117,6 +124,7 @@ def test_bad_chat_requests_are_refused():
 @pytest.mark.parametrize("error,status", [
     (UnknownModelError("no such model"), 404),
     (AdapterPathError("outside"), 403),
+    (AdapterNotFoundError("no folder"), 404),
     (QueueFullError("full"), 429),
     (LoraFormatError("bad adapter"), 400),
     (LoraConvertError("cannot convert"), 400),
@@ -155,5 +163,11 @@ def test_serve_refuses_what_is_not_a_model_and_parses_sizes(tmp_path, capsys):
     assert cli.main(["serve", str(tmp_path / "missing")]) == 2
     assert "not a model folder" in capsys.readouterr().err
     assert cli.main(["serve", str(tmp_path), "--task-id", "x=3"]) == 2
+    capsys.readouterr()
+    # refused before the model loads: an empty key (`--api-key "$KEY"` with KEY unset), a missing root
+    assert cli.main(["serve", "smollm2", "--api-key", ""]) == 2
+    assert "--api-key is empty" in capsys.readouterr().err
+    assert cli.main(["serve", "smollm2", "--adapter-root", str(tmp_path / "nowhere")]) == 2
+    assert "--adapter-root" in capsys.readouterr().err
     args = cli.build_parser().parse_args(["serve", "smollm2", "--host-cache-bytes", "512M", "--adapter", "a=/p"])
     assert args.host_cache_bytes == 512 << 20 and args.adapter == [("a", "/p")] and args.host == "127.0.0.1"

@@ -105,8 +105,10 @@ def add_info(sub) -> None:
 
 def _validate_for_info(weights, config, base_model: Optional[str], max_rank: int) -> str:
     """Validates (weights, config) with the format's own validator; returns what was checked.
-    Without a model the shapes are unknown, so it validates against a model that has every module
-    at width 1 and every layer the config names: all checks but the row widths apply."""
+    Without a model the widths are unknown, so it validates against a model that has every module
+    at width 1 and every layer the config names, with the rows' is_dora flags read but not acted
+    on: where a row's values and DoRA scales lie depends on the widths, so only the model checks
+    them."""
     import numpy as np
 
     from loramux import format
@@ -121,8 +123,15 @@ def _validate_for_info(weights, config, base_model: Optional[str], max_rank: int
     widest = format.ModelSpec(num_layers=max(int(rows[:, 1].max()) + 1, 1), hidden_size=1, num_heads=1, ffn_size=1,
                               expert_ffn_size=1, num_experts=1, encoder_hidden_size=1,
                               max_rank=max(int(rows[:, 2].max()), 1))
+    if well_formed and cfg.shape[-1] == 4:
+        # valid flags cleared (no scales to find at width 1), bad ones kept for the validator to name
+        flags = cfg[..., 3]
+        cfg = cfg.copy()
+        cfg[..., 3] = np.where((flags == 0) | (flags == 1), 0, flags)
+        config = cfg
     format.validate(weights, config, widest)
-    return "valid (module ids, layers, ranks, is_dora, duplicates, finite values; pass --base-model to check widths)"
+    return ("valid (module ids, layers, ranks, is_dora flags, duplicates; pass --base-model to check the "
+            "row widths, the values and the DoRA scales)")
 
 
 def _ranges(values: List[int]) -> str:
@@ -306,6 +315,11 @@ def cmd_serve(args) -> int:
 
     from loramux.serving.server import ServeOptions, serve
 
+    if args.api_key is not None and not args.api_key.strip():
+        # `--api-key "$KEY"` with KEY unset would otherwise serve with no key at all
+        print("loramux serve: --api-key is empty (an unset variable?): give the key, or leave the option out "
+              "to serve without one", file=sys.stderr)
+        return 2
     task_ids = dict(args.task_id)
     unknown = set(task_ids) - {name for name, _ in args.adapter}
     if unknown:

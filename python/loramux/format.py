@@ -229,6 +229,9 @@ def load(out_dir: str, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> Tuple[np.ndar
     """(weights, config) from a directory written by `save` or TensorRT-LLM's converter."""
     if not os.path.isdir(out_dir):
         raise LoraFormatError(f"{out_dir}: no such folder (it should hold {WEIGHTS_FILE} and {CONFIG_FILE})")
+    if not os.path.isfile(os.path.join(out_dir, WEIGHTS_FILE)) and os.path.isfile(os.path.join(out_dir, "adapter_config.json")):
+        raise LoraFormatError(f"{out_dir}: a PEFT adapter, not the TensorRT-LLM format ({WEIGHTS_FILE}, {CONFIG_FILE}); "
+                              f"convert it first (`loramux convert -i {out_dir} -o OUT_DIR`, or loramux.convert.from_peft)")
     weights = _load_npy(os.path.join(out_dir, WEIGHTS_FILE), max_bytes)
     config = _load_npy(os.path.join(out_dir, CONFIG_FILE), max_bytes)
     return weights, config

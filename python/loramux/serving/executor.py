@@ -83,8 +83,9 @@ class Executor:
         device = engine.device
         budget = self._kv_budget(device, kv_cache_bytes, kv_cache_fraction)
         positions = model_positions(model)
-        if max_seq_len is not None:
-            positions = min(positions, _positive_int("max_seq_len", max_seq_len))
+        limit = f"the model's {positions} positions"
+        if max_seq_len is not None and _positive_int("max_seq_len", max_seq_len) < positions:
+            positions, limit = max_seq_len, f"max_seq_len={max_seq_len}"
         if cuda_graphs is None:
             cuda_graphs = device.type == "cuda"
         if not isinstance(cuda_graphs, bool):
@@ -96,7 +97,7 @@ class Executor:
                              grow=device.type != "cuda")
         self._step = ModelStep(engine, self.kv, pad_token_id(tokenizer), cuda_graphs)
         self._gate = AdapterGate(engine.cache)
-        self._scheduler = Scheduler(self.kv, self._gate, tokenizer, model, self.max_batch_size, positions)
+        self._scheduler = Scheduler(self.kv, self._gate, tokenizer, model, self.max_batch_size, positions, limit)
         self._waiting = self._scheduler.waiting
 
     @staticmethod

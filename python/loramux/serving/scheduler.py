@@ -76,9 +76,12 @@ class AdapterGate:
 class Scheduler:
     """The waiting queue and the admission of its head requests at each step."""
 
-    def __init__(self, kv, gate: Optional[AdapterGate], tokenizer, model, max_rows: int, max_positions: int):
+    def __init__(self, kv, gate: Optional[AdapterGate], tokenizer, model, max_rows: int, max_positions: int,
+                 positions_limit: Optional[str] = None):
         self.kv, self.gate, self.tokenizer, self.model = kv, gate, tokenizer, model
         self.max_rows, self.max_positions = max_rows, max_positions
+        # what sets max_positions, as the error names it: the model, or the Executor's max_seq_len
+        self.positions_limit = positions_limit or f"the model's {max_positions} positions"
         self.waiting: Deque[Sequence] = deque()
 
     def admit(self, running: List[Sequence]) -> Tuple[List[Sequence], List[Sequence]]:
@@ -121,8 +124,7 @@ class Scheduler:
                 return err
             if seq.need > self.max_positions:
                 return LoraRequestError(f"request {seq.request_id}: its prompt of {len(seq.prompt_ids)} tokens and "
-                                        f"max_new_tokens={seq.request.max_new_tokens} exceed the model's "
-                                        f"{self.max_positions} positions")
+                                        f"max_new_tokens={seq.request.max_new_tokens} exceed {self.positions_limit}")
             why = self.kv.never_fits(seq.need)
             if why is not None:
                 return LoraRequestError(f"request {seq.request_id} can never fit the KV cache: it {why}")

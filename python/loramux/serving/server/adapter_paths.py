@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from loramux.serving.server.errors import AdapterPathError
+from loramux.serving.server.errors import AdapterNotFoundError, AdapterPathError
 
 #: how many entries of an adapter folder are checked for links out of the root before giving up
 MAX_FOLDER_ENTRIES = 10_000
@@ -27,7 +27,7 @@ def resolve_inside_root(root: Optional[str], path: str) -> str:
     if not _inside(real_root, real):
         raise AdapterPathError(f"lora_path {path!r} resolves to {real}, outside the adapter root {real_root}")
     if not os.path.isdir(real):
-        raise AdapterPathError(f"lora_path {path!r}: no adapter folder at {real} (inside the adapter root)")
+        raise AdapterNotFoundError(f"lora_path {path!r}: no adapter folder at {real} (inside the adapter root)")
     seen = 0
     for folder, dirs, files in os.walk(real):
         for name in dirs + files:

@@ -18,7 +18,7 @@ from loramux import format as lm_format
 from loramux.convert.peft_files import ADAPTER_CONFIG
 from loramux.errors import LoraCacheError, LoraFormatError, LoraNotCachedError
 from loramux.serving.server.adapter_paths import resolve_inside_root
-from loramux.serving.server.errors import (AdapterBusyError, AdapterConflictError, AdapterPathError, RequestError,
+from loramux.serving.server.errors import (AdapterBusyError, AdapterConflictError, AdapterNotFoundError, RequestError,
                                            UnknownModelError)
 
 #: adapter names: what fits in a URL path segment and a Prometheus label without escaping surprises
@@ -105,7 +105,7 @@ class AdapterRegistry:
         if trusted:
             real = os.path.realpath(path)
             if not os.path.isdir(real):
-                raise AdapterPathError(f"adapter path {path!r}: no such folder")
+                raise AdapterNotFoundError(f"adapter path {path!r}: no such folder")
         else:
             real = resolve_inside_root(self.adapter_root, path)
         task_id = self._reserve(name, task_id)

@@ -9,8 +9,8 @@ from starlette.responses import JSONResponse
 
 from loramux.errors import (LoraCacheFullError, LoraConvertError, LoraError, LoraFormatError, LoraNotCachedError,
                             LoraTaskConflictError)
-from loramux.serving.server.errors import (AdapterBusyError, AdapterConflictError, AdapterPathError, QueueFullError,
-                                           RequestError, UnknownModelError)
+from loramux.serving.server.errors import (AdapterBusyError, AdapterConflictError, AdapterNotFoundError, AdapterPathError,
+                                           QueueFullError, RequestError, UnknownModelError)
 
 
 class ApiError(Exception):
@@ -32,6 +32,7 @@ class ApiError(Exception):
 # most specific first: the first class an error is an instance of decides
 _STATUS = [
     (UnknownModelError, 404, "invalid_request_error", "model_not_found"),
+    (AdapterNotFoundError, 404, "invalid_request_error", "adapter_not_found"),
     (AdapterPathError, 403, "permission_error", "adapter_path_refused"),
     (AdapterConflictError, 409, "invalid_request_error", "adapter_conflict"),
     (AdapterBusyError, 409, "invalid_request_error", "adapter_busy"),

@@ -1,5 +1,5 @@
 """The server's own refusals, as typed loramux errors: an unknown model name, an adapter path
-outside the adapter root, a name already taken, an adapter busy with requests, a full queue."""
+outside the adapter root, an adapter folder that is not there, a name already taken, an adapter busy with requests, a full queue."""
 
 from __future__ import annotations
 
@@ -12,6 +12,10 @@ class UnknownModelError(LoraError, KeyError):
 
 class AdapterPathError(LoraError, PermissionError):
     """An adapter path that resolves outside the adapter root, or runtime loading without a root."""
+
+
+class AdapterNotFoundError(LoraError, FileNotFoundError):
+    """An adapter path (inside the adapter root, where one is set) with no folder there."""
 
 
 class AdapterConflictError(LoraError, ValueError):
@@ -35,5 +39,5 @@ class ModelSourceError(LoraError, ValueError):
     """`loramux serve MODEL` got something that is not a model folder, a GGUF file or `smollm2`."""
 
 
-__all__ = ["UnknownModelError", "AdapterPathError", "AdapterConflictError", "AdapterBusyError", "QueueFullError",
+__all__ = ["UnknownModelError", "AdapterPathError", "AdapterNotFoundError", "AdapterConflictError", "AdapterBusyError", "QueueFullError",
            "RequestError", "ModelSourceError"]

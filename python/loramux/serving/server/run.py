@@ -3,6 +3,7 @@ and the app on uvicorn (bound to localhost unless told otherwise)."""
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
@@ -40,9 +41,12 @@ def build(options: ServeOptions):
     from loramux.serving import Executor
     from loramux.serving.server.adapters_registry import AdapterRegistry
     from loramux.serving.server.app import build_app
+    from loramux.serving.server.errors import AdapterNotFoundError
     from loramux.serving.server.model_source import load_base_model
     from loramux.serving.server.state import ServerConfig, ServerState
 
+    if options.adapter_root is not None and not os.path.isdir(options.adapter_root):  # before the model loads
+        raise AdapterNotFoundError(f"--adapter-root {options.adapter_root}: no such folder")
     device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
     base = load_base_model(options.model, device)
     name = options.served_model_name or base.name
