@@ -113,6 +113,15 @@ def test_bad_completion_requests_name_the_field(body, field):
         assert err.param == field and field in err.message
 
 
+def test_json_nested_past_the_parser_and_lone_surrogates_are_400s():
+    deep = _parse_error(b'{"model": "m", "prompt": ' + b"[" * 100000 + b"]" * 100000 + b"}")
+    assert deep.code == "invalid_json" and "nested too deeply" in deep.message
+    lone = _parse_error(b'{"model": "m", "prompt": "\\ud800"}')
+    assert lone.param == "prompt" and "not valid Unicode" in lone.message
+    chat = _parse_error(b'{"model": "m", "messages": [{"role": "user", "content": "a\\udfffb"}]}', ChatCompletionRequest)
+    assert chat.param == "messages" and "messages.0.content" in chat.message
+
+
 def test_bad_chat_requests_are_refused():
     assert _parse_error({"model": "m", "messages": []}, ChatCompletionRequest).param == "messages"
     _parse_error({"model": "m", "messages": [{"content": "x"}]}, ChatCompletionRequest)

@@ -145,14 +145,39 @@ class UnloadAdapterRequest(_Strict):
 Model = TypeVar("Model", bound=BaseModel)
 
 
+def _lone_surrogate(data) -> Optional[list]:
+    """The path to a string (or key) holding a UTF-16 surrogate, else None; iterative, so
+    no nesting depth json.loads accepts can overflow it."""
+    stack = [([], data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return path or ["body"]
+        elif isinstance(value, dict):
+            stack.extend((path + [k], k) for k in value)
+            stack.extend((path + [k], v) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend((path + [i], v) for i, v in enumerate(value))
+    return None
+
+
 def parse(body: bytes, model: Type[Model]) -> Model:
     """The validated request; ApiError 400 naming the field (or the JSON syntax error) otherwise."""
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as err:
         raise ApiError(400, f"malformed JSON body: {err}", code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, "malformed JSON body: nested too deeply", code="invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, f"the request body must be a JSON object, got {type(data).__name__}", code="invalid_json")
+    where = _lone_surrogate(data)
+    if where is not None:  # JSON's "\ud800" escapes decode to text no tokenizer can encode
+        raise ApiError(400, f"{'.'.join(map(str, where))}: not valid Unicode text (a lone surrogate escape)",
+                       code="invalid_request", param=str(where[0]))
     try:
         return model.model_validate(data)
     except ValidationError as err:
