@@ -125,8 +125,15 @@ def test_json_nested_past_the_parser_and_lone_surrogates_are_400s():
 def test_bad_chat_requests_are_refused():
     assert _parse_error({"model": "m", "messages": []}, ChatCompletionRequest).param == "messages"
     _parse_error({"model": "m", "messages": [{"content": "x"}]}, ChatCompletionRequest)
-    _parse_error({"model": "m", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 3},
-                 ChatCompletionRequest)
+    top = _parse_error({"model": "m", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 3},
+                       ChatCompletionRequest)
+    assert "top_logprobs=3" in top.message and "not supported" in top.message
+
+
+def test_completion_logprobs_above_0_say_what_is_served():
+    refused = _parse_error({"model": "m", "prompt": "x", "logprobs": 1})
+    assert "logprobs=1" in refused.message and "logprobs=0 returns" in refused.message
+    assert parse(json.dumps({"model": "m", "prompt": "x", "logprobs": 0}).encode(), CompletionRequest).logprobs == 0
 
 
 # --- error statuses ------------------------------------------------------------------------------

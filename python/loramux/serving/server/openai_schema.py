@@ -66,7 +66,7 @@ class _Sampling(_Strict):
 class CompletionRequest(_Sampling):
     prompt: Union[str, List[str], List[int], List[List[int]]]
     max_tokens: Optional[int] = Field(16, ge=1)
-    logprobs: Optional[int] = Field(None, ge=0, le=0)  # only the chosen token's logprob is known
+    logprobs: Optional[int] = Field(None, ge=0)  # 0: the chosen tokens' logprobs, the only ones known
     echo: bool = False
     best_of: Optional[int] = None
     suffix: Optional[str] = None
@@ -75,6 +75,9 @@ class CompletionRequest(_Sampling):
     def _prompt(self):
         if self.echo:
             raise ValueError("echo is not supported by this server")
+        if self.logprobs:
+            raise ValueError(f"logprobs={self.logprobs} (top alternatives) is not supported by this server: "
+                             "logprobs=0 returns the chosen tokens' log-probabilities")
         if self.suffix:
             raise ValueError("suffix is not supported by this server")
         if self.best_of is not None and self.best_of != self.n:
@@ -114,7 +117,7 @@ class ChatCompletionRequest(_Sampling):
     max_tokens: Optional[int] = Field(None, ge=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: Optional[int] = Field(None, ge=0, le=0)  # only the chosen token's logprob is known
+    top_logprobs: Optional[int] = Field(None, ge=0)  # 0 only: the chosen tokens' logprobs are the ones known
     tools: Optional[List[Any]] = None
     response_format: Optional[Dict[str, Any]] = None
 
@@ -122,6 +125,9 @@ class ChatCompletionRequest(_Sampling):
     def _chat(self):
         if self.tools:
             raise ValueError("tools are not supported by this server")
+        if self.top_logprobs:
+            raise ValueError(f"top_logprobs={self.top_logprobs} is not supported by this server: logprobs=true "
+                             "returns the chosen tokens' log-probabilities")
         if self.response_format and self.response_format.get("type") not in (None, "text"):
             raise ValueError("response_format other than text is not supported by this server")
         return self
