@@ -286,3 +286,10 @@ def test_ml_dtypes_bfloat16_is_saved_as_its_uint16_bits(tmp_path):
     w, _ = format.load(str(tmp_path))
     assert w.dtype == np.uint16 and format.weights_dtype_name(w) == "bfloat16"
     np.testing.assert_array_equal(w, weights.view(np.uint16))
+
+
+def test_a_broadcast_view_too_large_to_copy_is_a_format_error_naming_its_shape():
+    huge = np.lib.stride_tricks.as_strided(np.zeros(1, np.float16), (60, 2**40), (0, 0))  # 132 TB behind 2 bytes
+    spec = ModelSpec(num_layers=2, hidden_size=4, num_heads=2, max_rank=4)
+    with pytest.raises(LoraFormatError, match=r"weights \[60, 1099511627776\] float16 are not contiguous"):
+        format.validate(huge, np.array([[1, 0, 1]] * 60), spec)

@@ -67,7 +67,11 @@ def raw_weights(weights) -> Tuple[np.ndarray, str, List[int]]:
     if not isinstance(weights, np.ndarray):
         raise LoraFormatError(f"weights must be a numpy array, got {type(weights).__name__}")
     dtype = weights_dtype_name(weights)
-    arr = np.ascontiguousarray(weights)
+    try:
+        arr = np.ascontiguousarray(weights)
+    except MemoryError:  # a strided view (e.g. broadcast) far larger than the memory behind it
+        raise LoraFormatError(f"weights {list(weights.shape)} {dtype} are not contiguous, and their "
+                              f"{weights.size * weights.itemsize} bytes do not fit in memory to copy") from None
     return arr.reshape(-1).view(np.uint8), dtype, list(arr.shape)
 
 
