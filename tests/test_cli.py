@@ -232,3 +232,97 @@ def test_demo_progress_is_plain_lines_off_a_terminal(capsys):
     assert "\r" not in out
     assert out.splitlines() == ["serving: 1/8 steps", "serving: 2/8 steps", "serving: 4/8 steps", "serving: 6/8 steps",
                                 "serving: 8/8 steps, done"]
+
+
+def _bad_factor_adapter(tmp_path):
+    """A PEFT adapter whose layer-0 q_proj lora_A is 2 columns short of the model's input width."""
+    from safetensors.numpy import load_file, save_file
+
+    make_adapter("llama", tmp_path / "peft", target_modules=["q_proj", "v_proj"])
+    path = str(tmp_path / "peft" / convert.SAFETENSORS_FILE)
+    state = load_file(path)
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    state[key] = state[key][:, :-2].copy()
+    save_file(state, path)
+    return str(tmp_path / "peft")
+
+
+def test_bad_adapters_exit_2_without_a_traceback(tmp_path):
+    bad = _bad_factor_adapter(tmp_path)
+    done = _run("convert", "-i", bad, "-o", str(tmp_path / "out"))
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and "LoraConvertError" in done.stderr, done.stderr
+    assert "q_proj: lora_A has shape [4, 30], expected [4, 32]" in done.stderr, done.stderr
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_output_paths_that_cannot_be_written_exit_2_naming_them(tmp_path, capsys):
+    make_adapter("llama", tmp_path / "peft", target_modules=["q_proj"])
+    assert cli.main(["convert", "-i", str(tmp_path / "peft"), "-o", str(tmp_path / "trt")]) == 0
+    from tiny_hf import tiny_model
+
+    tiny_model("llama").save_pretrained(str(tmp_path / "base"))
+    (tmp_path / "afile").write_text("not a folder")
+    capsys.readouterr()
+    for out, said in ((tmp_path / "afile", "exists and is not a folder"), (tmp_path / "afile" / "sub", "is a file"),
+                      ("/proc/loramux-no-such-folder", "cannot write")):  # /proc refuses new entries, even to root
+        for argv in (["convert", "-i", str(tmp_path / "peft"), "-o", str(out)],
+                     ["to-peft", "-i", str(tmp_path / "trt"), "-o", str(out), "--base-model", str(tmp_path / "base")],
+                     ["example-adapter", str(out)]):
+            assert cli.main(argv) == 2, argv
+            err = capsys.readouterr().err
+            assert "LoraFormatError" in err and f"{out}" in err and said in err, (argv, err)
+    assert (tmp_path / "afile").read_text() == "not a folder"
+    done = _run("convert", "-i", str(tmp_path / "peft"), "-o", str(tmp_path / "afile" / "sub"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+
+
+def test_the_input_folder_is_not_an_output(tmp_path, capsys):
+    """Writing into the input folder would overwrite (to-peft) or mix into (convert) the input; any
+    other existing folder is overwritten, as PEFT's save_pretrained and TensorRT-LLM's converter do."""
+    make_adapter("llama", tmp_path / "peft", target_modules=["q_proj"])
+    assert cli.main(["convert", "-i", str(tmp_path / "peft"), "-o", str(tmp_path / "trt")]) == 0
+    from tiny_hf import tiny_model
+
+    tiny_model("llama").save_pretrained(str(tmp_path / "base"))
+    os.symlink(tmp_path / "trt", tmp_path / "link")
+    before = {p: (tmp_path / "trt" / p).read_bytes() for p in os.listdir(tmp_path / "trt")}
+    capsys.readouterr()
+    for argv in (["convert", "-i", str(tmp_path / "peft"), "-o", str(tmp_path / "peft") + "/"],
+                 ["to-peft", "-i", str(tmp_path / "trt"), "-o", str(tmp_path / "trt"), "--base-model", str(tmp_path / "base")],
+                 ["to-peft", "-i", str(tmp_path / "trt"), "-o", str(tmp_path / "link"), "--base-model", str(tmp_path / "base")]):
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "LoraFormatError" in err and "is the input folder" in err, (argv, err)
+    assert sorted(os.listdir(tmp_path / "peft")) == sorted(["adapter_config.json", "adapter_model.safetensors", "README.md"])
+    assert {p: (tmp_path / "trt" / p).read_bytes() for p in os.listdir(tmp_path / "trt")} == before
+    # another existing folder is overwritten
+    assert cli.main(["to-peft", "-i", str(tmp_path / "trt"), "-o", str(tmp_path / "peft"), "--base-model", str(tmp_path / "base")]) == 0
+    assert cli.main(["convert", "-i", str(tmp_path / "peft"), "-o", str(tmp_path / "trt")]) == 0
+
+
+@pytest.mark.parametrize("argv, named", [(["--rank", "0"], "--rank"), (["--rank", "-3"], "--rank"),
+                                         (["--targets", "foo_proj"], "--targets: foo_proj"),
+                                         (["--targets", "q_proj,lm_head"], "--targets: lm_head"), (["--targets", ","], "--targets")])
+def test_example_adapter_options_are_checked(tmp_path, capsys, argv, named):
+    """Refused as argparse refuses any bad option: exit 2 naming it, before the model is loaded."""
+    with pytest.raises(SystemExit) as done:
+        cli.main(["example-adapter", str(tmp_path / "ex"), *argv])
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {named}" in err and "Traceback" not in err, err
+    assert not os.path.exists(tmp_path / "ex")
+
+
+def test_make_example_adapter_names_targets_the_model_lacks(tmp_path):
+    from tiny_hf import fresh_model
+
+    from loramux.demo import make_example_adapter
+    from loramux.errors import LoraConvertError
+
+    with pytest.raises(LoraConvertError, match="targets \\['foo_proj'\\]"):
+        make_example_adapter(str(tmp_path / "ex"), rank=4, targets=["foo_proj"], model=fresh_model("llama"))
+    from loramux.errors import LoraFormatError
+
+    with pytest.raises(LoraFormatError, match="/proc/loramux-no-such-folder/peft: cannot write"):
+        make_example_adapter("/proc/loramux-no-such-folder", rank=4, model=fresh_model("llama"))

@@ -253,6 +253,166 @@ def test_split_dora_rows_keep_scale_one_where_no_row_covers(tmp_path, tmp_path_f
     np.testing.assert_allclose(back.dora_scale[q:], 1, rtol=1e-5)
 
 
+# --- bad input: every odd adapter is refused with a typed error naming what is wrong -------------
+
+
+def _edited_copy(src, dst, tensors=None, config=None, raw_config=None):
+    """A copy of the PEFT folder `src` in `dst` with its state dict and adapter_config edited:
+    `tensors(dict)` / `config(dict)` change them in place; `raw_config` replaces the JSON text."""
+    from safetensors.numpy import load_file, save_file
+
+    state = load_file(os.path.join(src, convert.SAFETENSORS_FILE))
+    with open(os.path.join(src, convert.ADAPTER_CONFIG)) as f:
+        cfg = json.load(f)
+    if tensors:
+        tensors(state)
+    if config:
+        config(cfg)
+    os.makedirs(dst)
+    save_file(state, os.path.join(dst, convert.SAFETENSORS_FILE))
+    with open(os.path.join(dst, convert.ADAPTER_CONFIG), "w") as f:
+        f.write(json.dumps(cfg) if raw_config is None else raw_config)
+    return str(dst)
+
+
+_Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
+
+
+def _set(key, value):
+    def edit(d):
+        d[key] = value
+    return edit
+
+
+@pytest.fixture(scope="module")
+def llama_peft(tmp_path_factory):
+    """A tiny Llama adapter on q, k, v and down_proj (r=4, hidden 32, mlp 48) in 3 layers."""
+    path = tmp_path_factory.mktemp("llama-peft") / "peft"
+    make_adapter("llama", str(path), target_modules=["q_proj", "k_proj", "v_proj", "down_proj"])
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "edit, named",
+    [
+        (_set(_Q0 + ".lora_A.weight", np.ones((4, 30), np.float32)), "q_proj: lora_A has shape [4, 30], expected [4, 32]"),
+        (_set(_Q0 + ".lora_B.weight", np.ones((33, 4), np.float32)), "q_proj: lora_B has shape [33, 4], expected [32, 4]"),
+        (_set("base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight", np.ones((8, 4), np.float32)),
+         "layers.1.self_attn.v_proj: lora_B has shape [8, 4], expected [16, 4]"),  # k_proj's and v_proj's widths agree
+        (_set("base_model.model.model.layers.2.mlp.down_proj.lora_A.weight", np.ones((4, 40), np.float32)),
+         "down_proj: lora_A has shape [4, 40], expected [4, 48]"),
+    ],
+    ids=["A-width", "B-height", "v-vs-k", "mlp-width"],
+)
+@pytest.mark.parametrize("with_model", [False, True], ids=["no-model", "model"])
+def test_factors_of_the_wrong_width_are_named(llama_peft, tmp_path, tmp_path_factory, edit, named, with_model):
+    """A factor whose width is not the model's would still fit a padded row and serve garbage: with
+    the model its shape is checked against the model's; without, against the other layers' and the
+    modules sharing the width (the odd one out is named)."""
+    bad = _edited_copy(llama_peft, tmp_path / "bad", tensors=edit)
+    base = _base_dir("llama", tmp_path_factory) if with_model else None
+    with pytest.raises(LoraConvertError, match=named.replace("[", r"\[").replace("]", r"\]")):
+        convert.from_peft(bad, base_model=base)
+
+
+@pytest.mark.parametrize(
+    "field, value, named",
+    [
+        ("lora_alpha", None, "lora_alpha=None"),
+        ("lora_alpha", "16", "lora_alpha='16'"),
+        ("r", 0, "r=0"),
+        ("alpha_pattern", {"q_proj": "16"}, "alpha_pattern\\['q_proj'\\]='16'"),
+        ("rank_pattern", {"q_proj": "4"}, "rank_pattern\\['q_proj'\\]='4'"),
+        ("rank_pattern", {"q_proj": 0}, "rank_pattern\\['q_proj'\\]=0"),
+        ("alpha_pattern", {"q_proj[": 2}, "alpha_pattern key 'q_proj\\['"),
+        ("alpha_pattern", ["q_proj"], "alpha_pattern=\\['q_proj'\\]"),
+        ("rank_pattern", "q_proj", "rank_pattern='q_proj'"),
+        ("auto_mapping", "LlamaForCausalLM", "auto_mapping='LlamaForCausalLM'"),
+        ("use_dora", "false", "use_dora='false'"),
+        ("target_parameters", "mlp.gate.weight", "target_parameters='mlp.gate.weight'"),
+    ],
+)
+def test_odd_adapter_config_values_are_named(llama_peft, tmp_path, field, value, named):
+    bad = _edited_copy(llama_peft, tmp_path / "bad", config=_set(field, value))
+    with pytest.raises(LoraConvertError, match=named):
+        convert.from_peft(bad)
+
+
+@pytest.mark.parametrize("text", ["[]", "null", "3", '"LORA"'])
+def test_an_adapter_config_that_is_not_an_object_is_named(llama_peft, tmp_path, text):
+    bad = _edited_copy(llama_peft, tmp_path / "bad", raw_config=text)
+    with pytest.raises(LoraConvertError, match="adapter_config.json: holds .*expected a JSON object"):
+        convert.from_peft(bad)
+
+
+def test_rank_0_factors_are_named(llama_peft, tmp_path):
+    def rank0(state):
+        state[_Q0 + ".lora_A.weight"] = np.ones((0, 32), np.float32)
+        state[_Q0 + ".lora_B.weight"] = np.ones((32, 0), np.float32)
+
+    bad = _edited_copy(llama_peft, tmp_path / "bad", tensors=rank0)
+    with pytest.raises(LoraConvertError, match="layers.0.self_attn.q_proj: its rank is 0"):
+        convert.from_peft(bad)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("factor", ["lora_A", "lora_B"])
+def test_non_finite_factors_are_named(llama_peft, tmp_path, value, factor):
+    key = f"{_Q0}.{factor}.weight"
+
+    def poison(state):
+        state[key][1, 2] = value
+
+    bad = _edited_copy(llama_peft, tmp_path / "bad", tensors=poison)
+    with pytest.raises(LoraFormatError, match=f"{key}: holds a non-finite value \\({value}\\)"):
+        convert.from_peft(bad, "float32")
+
+
+def _put(factor, value):
+    def edit(state):
+        state[f"{_Q0}.{factor}.weight"][0, 0] = value
+    return edit
+
+
+@pytest.mark.parametrize(
+    "edit, storage, named",
+    [
+        (_put("lora_A", 1e6), "float16", "lora_A holds 1e\\+06"),
+        (_put("lora_A", -7e4), "float16", "lora_A holds -70000"),
+        (_put("lora_B", 4e4), "float16", "lora_B .*holds 80000"),  # x lora_alpha/r = 2
+        (_put("lora_A", 3.4e38), "bfloat16", "lora_A holds 3.4e\\+38"),
+    ],
+)
+def test_values_too_large_for_the_storage_type_are_named(llama_peft, tmp_path, edit, storage, named):
+    """float16 / bfloat16 would store them as inf (numpy only warns); a wider type holds them."""
+    bad = _edited_copy(llama_peft, tmp_path / "bad", tensors=edit)
+    with pytest.raises(LoraConvertError, match=f"q_proj: {named}, too large for storage type {storage}"):
+        convert.from_peft(bad, storage)
+    weights, _ = convert.from_peft(bad, "float32")
+    assert np.isfinite(weights).all()
+
+
+def test_a_scale_that_overflows_float32_is_named(llama_peft, tmp_path):
+    huge = _edited_copy(llama_peft, tmp_path / "huge", config=_set("lora_alpha", 1e40))
+    with pytest.raises(LoraConvertError, match="lora_B .*is not finite after conversion"):
+        convert.from_peft(huge, "float32")
+
+
+def test_an_empty_adapter_is_refused(llama_peft, tmp_path):
+    bad = _edited_copy(llama_peft, tmp_path / "bad", tensors=lambda state: state.clear())
+    with pytest.raises(LoraConvertError, match="no LoRA factors found"):
+        convert.from_peft(bad)
+
+
+def test_dora_without_its_magnitudes_is_refused(llama_peft, tmp_path, tmp_path_factory):
+    """Converted as plain LoRA it would silently serve another adapter than the one trained."""
+    bad = _edited_copy(llama_peft, tmp_path / "bad", config=_set("use_dora", True))
+    for base in (None, _base_dir("llama", tmp_path_factory)):
+        with pytest.raises(LoraConvertError, match="use_dora is true but model.layers.0.mlp.down_proj .and 11 more "
+                                                   "modules. has no lora_magnitude_vector"):
+            convert.from_peft(bad, base_model=base)
+
+
 # --- hypothesis: PEFT -> format -> PEFT over random architectures, shapes, ranks and modules ------
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -289,6 +449,17 @@ def _write_base(path, cfg):
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f)
     save_file({"unused": np.zeros(1, np.float32)}, os.path.join(path, "model.safetensors"))
+
+
+def _write_peft_and_base(root, tensors, adapter_config, cfg):
+    """A PEFT folder (root/peft: safetensors + adapter_config.json) and its base model's config (root/base)."""
+    from safetensors.numpy import save_file
+
+    os.makedirs(root / "peft")
+    save_file(tensors, str(root / "peft" / convert.SAFETENSORS_FILE))
+    with open(root / "peft" / convert.ADAPTER_CONFIG, "w") as f:
+        json.dump(adapter_config, f)
+    _write_base(str(root / "base"), cfg)
 
 
 @st.composite
@@ -352,16 +523,11 @@ def _delta(a, b, adapter_config, key):
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(peft_adapters(), st.sampled_from(["float32", "float16", "bfloat16"]))
 def test_peft_to_format_to_peft_is_exact_within_dtype(tmp_path_factory, adapter, storage):
-    from safetensors.numpy import save_file
     from safetensors.torch import load_file
 
     cfg, adapter_config, tensors, records = adapter
     root = tmp_path_factory.mktemp("rt")
-    os.makedirs(root / "peft")
-    save_file(tensors, str(root / "peft" / convert.SAFETENSORS_FILE))
-    with open(root / "peft" / convert.ADAPTER_CONFIG, "w") as f:
-        json.dump(adapter_config, f)
-    _write_base(str(root / "base"), cfg)
+    _write_peft_and_base(root, tensors, adapter_config, cfg)
     weights, config = convert.from_peft(str(root / "peft"), storage, base_model=str(root / "base"))
     convert.to_peft(weights, config, spec.spec_from_hf_config(cfg), str(root / "back"), cfg)
     with open(root / "back" / convert.ADAPTER_CONFIG) as f:
@@ -377,3 +543,25 @@ def test_peft_to_format_to_peft_is_exact_within_dtype(tmp_path_factory, adapter,
         for e in range(experts):  # every expert got the same adapter back
             ea, eb = ba.reshape(experts, rank, -1)[e], bb.reshape(bb.shape[0], rank, experts)[:, :, e]
             np.testing.assert_allclose(_delta(ea, eb, back_config, key), want, rtol=tol, atol=tol * max(1.0, np.abs(want).max()))
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(peft_adapters(), st.data())
+def test_a_factor_of_the_wrong_width_is_named_against_the_model(tmp_path_factory, adapter, data):
+    """One factor of a random valid adapter made one column (A) or one row (B) too wide: with the
+    model, from_peft names that module, the expected and the actual shape."""
+    cfg, adapter_config, tensors, records = adapter
+    key, nested, _, _, _ = data.draw(st.sampled_from(records))
+    factor = data.draw(st.sampled_from(["lora_A", "lora_B"]))
+    name = f"base_model.model.{nested}.{factor}.weight"
+    good = tensors[name]
+    pad = np.zeros((good.shape[0], 1) if factor == "lora_A" else (1, good.shape[1]), np.float32)
+    tensors = dict(tensors, **{name: np.concatenate([good, pad], axis=1 if factor == "lora_A" else 0)})
+    root = tmp_path_factory.mktemp("wide")
+    _write_peft_and_base(root, tensors, adapter_config, cfg)
+    with pytest.raises(LoraConvertError) as err:
+        convert.from_peft(str(root / "peft"), "float32", base_model=str(root / "base"))
+    message = str(err.value)
+    module = key[: -len(".weight")] if key.endswith(".weight") else key
+    assert module in message and factor in message, message
+    assert f"shape {list(tensors[name].shape)}, expected {list(good.shape)}" in message, message

@@ -5,6 +5,7 @@ adder in SUBCOMMANDS."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections import defaultdict
 from typing import Callable, List, Optional
@@ -45,6 +46,40 @@ def _hf_config(value: str):
     return format.read_json(config_path, LoraConvertError)
 
 
+def _check_output_dir(out: str, source: Optional[str] = None) -> None:
+    """Refuses, before any work, an output folder that cannot be written: an existing file, a path
+    under a file, or the input folder itself (its own files would be overwritten). An existing other
+    folder is written into, its files overwritten, as PEFT's save_pretrained and TensorRT-LLM's
+    hf_lora_convert.py do."""
+    import os
+
+    from loramux.errors import LoraFormatError
+
+    if source is not None and os.path.realpath(out) == os.path.realpath(source):
+        raise LoraFormatError(f"{out}: the output folder is the input folder {source}; writing there would overwrite "
+                              "the input: give another output folder")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise LoraFormatError(f"{out}: exists and is not a folder; the output is a folder to write into")
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise LoraFormatError(f"{out}: cannot be created, {parent} is a file, not a folder")
+
+
+@contextlib.contextmanager
+def _writing(out: str):
+    """An OSError while writing the output (no permission, a read-only or missing file system, a full
+    disk) as a LoraFormatError naming the folder."""
+    from loramux.errors import LoraFormatError
+
+    try:
+        yield
+    except OSError as e:
+        raise LoraFormatError(f"{out}: cannot write the output there ({e.strerror or e}"
+                              f"{': ' + str(e.filename) if e.filename else ''})") from None
+
+
 def add_convert(sub) -> None:
     p = sub.add_parser("convert", help="PEFT adapter dir -> model.lora_weights.npy + model.lora_config.npy")
     p.add_argument("-i", "--input", required=True, help="PEFT adapter directory (adapter_config.json + weights)")
@@ -61,9 +96,11 @@ def add_convert(sub) -> None:
 def cmd_convert(args) -> int:
     from loramux import convert, format
 
+    _check_output_dir(args.output, source=args.input)
     weights, config = convert.from_peft(args.input, storage_type=args.storage_type,
                                         base_model=_base_model(args.base_model), arch=args.arch)
-    format.save(args.output, weights, config)
+    with _writing(args.output):
+        format.save(args.output, weights, config)
     print(f"wrote {args.output}/{format.WEIGHTS_FILE} {list(weights.shape)} {args.storage_type} and "
           f"{format.CONFIG_FILE} {list(config.shape)}")
     return 0
@@ -83,6 +120,7 @@ def cmd_to_peft(args) -> int:
     from loramux import convert, format
     from loramux.convert import hf_modules
 
+    _check_output_dir(args.output, source=args.input)
     hf_config = _hf_config(args.base_model)
     weights, config = format.load(args.input)
     has_dora = config.shape[-1] == 4 and bool(config[..., 3].any())  # only DoRA needs the weights themselves
@@ -196,13 +234,37 @@ def cmd_demo(args) -> int:
                      keep=args.keep)
 
 
+#: the projections of SmolLM2's layers (a Llama), what example-adapter's --targets may name
+EXAMPLE_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _rank(text: str) -> int:
+    try:
+        rank = int(text)
+    except ValueError:
+        rank = 0
+    if rank < 1:
+        raise argparse.ArgumentTypeError(f"the LoRA rank is an integer >= 1, got {text!r}")
+    return rank
+
+
+def _example_targets(text: str) -> List[str]:
+    """--targets as a list; names SmolLM2 does not have are refused here, not by PEFT's traceback."""
+    targets = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in targets if t not in EXAMPLE_TARGETS]
+    if unknown or not targets:
+        what = f"{', '.join(unknown)}: not a projection of SmolLM2's layers" if unknown else f"{text!r} names no projection"
+        raise argparse.ArgumentTypeError(f"{what}; give some of {', '.join(EXAMPLE_TARGETS)}")
+    return targets
+
+
 def add_example_adapter(sub) -> None:
     p = sub.add_parser("example-adapter", help="make a real PEFT adapter on SmolLM2-135M-Instruct (random non-zero "
                        "weights) in OUT_DIR/peft and its conversion in OUT_DIR/trt, to try the other commands on")
     p.add_argument("out_dir", metavar="OUT_DIR", help="folder to write peft/ and trt/ into")
-    p.add_argument("--rank", type=int, default=8, help="LoRA rank")
-    p.add_argument("--targets", default="q_proj,v_proj", help="comma-separated projections (q_proj, k_proj, v_proj, "
-                   "o_proj, gate_proj, up_proj, down_proj)")
+    p.add_argument("--rank", type=_rank, default=8, help="LoRA rank (>= 1)")
+    p.add_argument("--targets", type=_example_targets, default="q_proj,v_proj", help="comma-separated projections "
+                   f"({', '.join(EXAMPLE_TARGETS)})")
     p.add_argument("--dora", action="store_true", help="a DoRA adapter (use_dora=True); converted with its scales "
                    "normalized against the model")
     p.add_argument("--storage-type", default="float16", choices=["float16", "bfloat16", "float32"])
@@ -211,9 +273,14 @@ def add_example_adapter(sub) -> None:
 
 
 def cmd_example_adapter(args) -> int:
+    import os
+
     from loramux.demo import make_example_adapter
 
-    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    targets = args.targets  # a list: _example_targets parsed it
+    _check_output_dir(args.out_dir)
+    with _writing(args.out_dir):  # before loading the model, so an unwritable folder fails at once
+        os.makedirs(args.out_dir, exist_ok=True)
     paths = make_example_adapter(args.out_dir, rank=args.rank, targets=targets, dora=args.dora,
                                  storage_type=args.storage_type, seed=args.seed)
     kind = "DoRA" if args.dora else "LoRA"

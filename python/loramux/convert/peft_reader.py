@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -49,6 +49,8 @@ def read_adapter(path: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     if not os.path.isfile(cfg_path):
         raise LoraConvertError(f"{path}: no {ADAPTER_CONFIG}; not a PEFT adapter directory")
     config = fmt.read_json(cfg_path, LoraConvertError)
+    if not isinstance(config, dict):
+        raise LoraConvertError(f"{cfg_path}: holds {_json_type(config)}, expected a JSON object (PEFT's LoraConfig fields)")
     st, binf = os.path.join(path, SAFETENSORS_FILE), os.path.join(path, BIN_FILE)
     if os.path.isfile(st):
         from safetensors.torch import load_file
@@ -67,7 +69,56 @@ def read_adapter(path: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     return config, state
 
 
+def _json_type(value: Any) -> str:
+    """How JSON spells a parsed value's type, for messages about adapter_config.json."""
+    if value is None:
+        return "null"
+    return {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list",
+            dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_rank(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _check_field_types(config: Dict[str, Any]) -> None:
+    """The fields from_peft computes with must have PEFT's types: a string "16" or a null lora_alpha
+    would otherwise end in a TypeError deep in the scaling, a bad regex in re.error."""
+    if "lora_alpha" in config and not _is_number(config["lora_alpha"]):
+        raise LoraConvertError(f"lora_alpha={config['lora_alpha']!r} ({_json_type(config['lora_alpha'])}): must be a finite number")
+    if "r" in config and not _is_rank(config["r"]):
+        raise LoraConvertError(f"r={config['r']!r} ({_json_type(config['r'])}): must be an integer >= 1")
+    for name, ok, want in (("alpha_pattern", _is_number, "a finite number"), ("rank_pattern", _is_rank, "an integer >= 1")):
+        pattern = config.get(name)
+        if pattern is None:
+            continue
+        if not isinstance(pattern, dict):
+            raise LoraConvertError(f"{name}={pattern!r}: must be an object mapping module-name patterns to values, "
+                                   f"not {_json_type(pattern)}")
+        for key, value in pattern.items():
+            try:
+                re.compile(rf"(.*\.)?({key})$")
+            except re.error as e:
+                raise LoraConvertError(f"{name} key {key!r}: not a valid regular expression ({e})") from None
+            if not ok(value):
+                raise LoraConvertError(f"{name}[{key!r}]={value!r} ({_json_type(value)}): must be {want}")
+    for name in ("use_dora", "use_rslora"):
+        if config.get(name) not in (None, True, False):
+            raise LoraConvertError(f"{name}={config[name]!r} ({_json_type(config[name])}): must be true or false")
+    auto = config.get("auto_mapping")
+    if auto is not None and not (isinstance(auto, dict) and isinstance(auto.get("base_model_class", ""), (str, type(None)))):
+        raise LoraConvertError(f"auto_mapping={auto!r}: must be an object whose base_model_class is a class name string")
+    params = config.get("target_parameters")
+    if params is not None and not (isinstance(params, list) and all(isinstance(t, str) for t in params)):
+        raise LoraConvertError(f"target_parameters={params!r}: must be a list of parameter names")
+
+
 def _check_config(config: Dict[str, Any]) -> None:
+    _check_field_types(config)
     if config.get("peft_type", "LORA") != "LORA":
         raise LoraConvertError(f"peft_type {config.get('peft_type')!r}: only LORA adapters can be converted")
     if config.get("modules_to_save"):
@@ -88,7 +139,11 @@ def _group_factors(state: Dict[str, Any]) -> Dict[str, Dict[str, np.ndarray]]:
         name = key[len(KEY_PREFIX):] if key.startswith(KEY_PREFIX) else key
         for suffix, part in suffixes:
             if name.endswith(suffix):
-                groups[name[: -len(suffix)]][part] = tensor.detach().float().cpu().numpy()
+                values = tensor.detach().float().cpu().numpy()
+                if not np.isfinite(values).all():  # the format refuses NaN/Inf; say which tensor holds one
+                    bad = values[~np.isfinite(values)].reshape(-1)[0]
+                    raise LoraFormatError(f"{key}: holds a non-finite value ({bad}); the format needs finite weights")
+                groups[name[: -len(suffix)]][part] = values
                 break
         else:
             if "lora_embedding" in name:
@@ -164,11 +219,32 @@ def _same_for_all_experts(a: np.ndarray, b: np.ndarray, what: str) -> Tuple[np.n
     return a[0], b[0]
 
 
-def _rows_for_target(key, target, factors, config, base: Optional[BaseWeights], num_experts: Optional[int]):
+def _check_model_shapes(key, target, a: np.ndarray, b: np.ndarray, spec: fmt.ModelSpec) -> None:
+    """lora_A / lora_B against the widths of the model's layer: a factor of the wrong width would
+    still fit a padded row and serve garbage (the validator sees only the row's length)."""
+    try:
+        hi = spec.module_dims(target.module_id)[0]
+        ho = sum(spec.module_dims(m)[1] for m in target.module_ids)
+    except ValueError:
+        return  # a module this model lacks: fmt.validate names it
+    cols = a.shape[0]  # rank (rank * experts for a fused experts parameter)
+    for name, got, want in (("lora_A", a.shape, (cols, hi)), ("lora_B", b.shape, (ho, cols))):
+        if tuple(got) != want:
+            ids = "+".join(MODULE_NAMES[m] for m in target.module_ids)
+            raise LoraConvertError(f"{key}: {name} has shape {list(got)}, expected {list(want)} for this model's {ids} "
+                                   f"(input width {hi}, output width {ho})")
+
+
+def _rows_for_target(key, target, factors, config, base: Optional[BaseWeights], spec: Optional[fmt.ModelSpec]):
     """AdapterRows for one HF target (two for a fused gate_up experts parameter)."""
     a, b, m = factors["A"], factors["B"], factors.get("m")
+    num_experts = spec.num_experts if spec is not None else None
     if a.ndim != 2 or b.ndim != 2 or b.shape[1] != a.shape[0]:
         raise LoraConvertError(f"{key}: lora_A {a.shape} and lora_B {b.shape} are not [rank, in] and [out, rank]")
+    if a.shape[0] == 0:  # alpha / r would divide by zero; the format's ranks start at 1
+        raise LoraConvertError(f"{key}: its rank is 0 (lora_A {list(a.shape)}, lora_B {list(b.shape)}); the format needs rank >= 1")
+    if spec is not None:
+        _check_model_shapes(key, target, a, b, spec)
     if target.kind == hfspec.EXPERTS:
         r = _pattern_get(config.get("rank_pattern") or {}, key, config.get("r", 8))
         if a.shape[0] % r or b.shape[1] != a.shape[0]:
@@ -191,6 +267,90 @@ def _rows_for_target(key, target, factors, config, base: Optional[BaseWeights], 
         raise LoraConvertError(f"{key}: cannot split a fused output of {b.shape[0]} into {len(target.module_ids)} modules")
     parts = np.split(scaled_b, len(target.module_ids), axis=0)
     return [AdapterRow(mid, target.layer, a, part, None) for mid, part in zip(target.module_ids, parts)]
+
+
+# The smallest magnitude each half-precision storage type rounds to inf (float16: 65504 + half an
+# ulp; bfloat16: the float32 halfway above its largest finite value, which rounds to even = inf).
+_ROUNDS_TO_INF = {"float16": 65520.0, "bfloat16": float(np.array(0x7F7F8000, np.uint32).view(np.float32))}
+
+
+def _check_storage(key: str, rows: List[AdapterRow], storage_type: str) -> None:
+    """Every value of `rows` is finite in float32 and in the storage type: numpy would store an
+    overflow as inf with only a RuntimeWarning, an adapter no model can serve."""
+    for row in rows:
+        for name, values in (("lora_A", row.a), ("lora_B (scaled by lora_alpha/r)", row.b), ("DoRA scale", row.dora_scale)):
+            if values is None or values.size == 0:
+                continue
+            if not np.isfinite(values).all():
+                raise LoraConvertError(f"{key}: {name} is not finite after conversion (lora_alpha too large, or a "
+                                       "DoRA norm of 0?)")
+            peak = values.reshape(-1)[np.abs(values).argmax()]
+            if storage_type in _ROUNDS_TO_INF and abs(float(peak)) >= _ROUNDS_TO_INF[storage_type]:
+                largest = float(np.finfo(np.float16).max) if storage_type == "float16" else 3.3895313892515355e38
+                raise LoraConvertError(f"{key}: {name} holds {float(peak):g}, too large for storage type {storage_type} "
+                                       f"(largest {largest:g}); use storage type float32"
+                                       + (" or bfloat16" if storage_type == "float16" else ""))
+
+
+# Which width each module's input / output shares with other modules (module_dims in
+# rust/src/format.rs): (width name, multiple); None for a sum (a fused qkv output), checked per module.
+_SHARED_WIDTHS = {
+    "attn_qkv": (("hidden size", 1), None),
+    "attn_q": (("hidden size", 1), ("attention width", 1)),
+    "attn_k": (("hidden size", 1), ("key/value width", 1)),
+    "attn_v": (("hidden size", 1), ("key/value width", 1)),
+    "attn_dense": (("attention width", 1), ("hidden size", 1)),
+    "mlp_h_to_4h": (("hidden size", 1), ("MLP width", 1)),
+    "mlp_gate": (("hidden size", 1), ("MLP width", 1)),
+    "mlp_4h_to_h": (("MLP width", 1), ("hidden size", 1)),
+    "mlp_gate_up": (("hidden size", 1), ("MLP width", 2)),
+    "cross_attn_qkv": (("hidden size", 1), None),
+    "cross_attn_q": (("hidden size", 1), ("attention width", 1)),
+    "cross_attn_k": (("encoder width", 1), ("key/value width", 1)),
+    "cross_attn_v": (("encoder width", 1), ("key/value width", 1)),
+    "cross_attn_dense": (("attention width", 1), ("hidden size", 1)),
+    "moe_h_to_4h": (("hidden size", 1), ("expert MLP width", 1)),
+    "moe_gate": (("hidden size", 1), ("expert MLP width", 1)),
+    "moe_4h_to_h": (("expert MLP width", 1), ("hidden size", 1)),
+    "moe_router": (("hidden size", 1), ("number of experts", 1)),
+    "mlp_router": (("hidden size", 1), ("mlp_router output width (1)", 1)),
+}
+# widths the format fixes, whatever the factors say
+_FIXED_WIDTHS = {"mlp_router output width (1)": 1}
+
+
+class _Widths:
+    """Checks, without the model, what the factors' shapes say about it: each module kind has one
+    width in every layer, and modules that share a width (q, k, v and gate/up all read the hidden
+    size; o_proj reads what q_proj writes, ...) agree. The width most factors give is taken as the
+    model's, so the odd factor out is the one named. The model's config checks the rest."""
+
+    def __init__(self) -> None:
+        # width name -> [(width, key, factor, shape, rank, side, times, module name)]
+        self.seen: Dict[str, List[Tuple[int, str, str, Tuple[int, ...], int, int, int, str]]] = defaultdict(list)
+
+    def add(self, key: str, row: AdapterRow) -> None:
+        name = MODULE_NAMES[row.module_id]
+        rank = row.a.shape[0]
+        for factor, side, shape, width, entry in (("lora_A", 1, row.a.shape, row.a.shape[1], _SHARED_WIDTHS[name][0]),
+                                                  ("lora_B", 0, row.b.shape, row.b.shape[0], _SHARED_WIDTHS[name][1])):
+            what, times = entry or (f"{name} {'input' if side else 'output'} width", 1)
+            if width % times:
+                raise LoraConvertError(f"{key}: {factor} has shape {list(shape)}: its {name} width {width} is not "
+                                       f"{times} x the {what}")
+            self.seen[what].append((width // times, key, factor, tuple(shape), rank, side, times, name))
+
+    def check(self) -> None:
+        for what, seen in self.seen.items():
+            want = _FIXED_WIDTHS.get(what) or Counter(s[0] for s in seen).most_common(1)[0][0]
+            agree = next((s for s in seen if s[0] == want), None)
+            for width, key, factor, shape, rank, side, times, _ in seen:
+                if width != want:
+                    expected = [rank, want * times] if side else [want * times, rank]
+                    source = f" as {agree[1]} {agree[2]} {list(agree[3])} gives" if agree else ""
+                    sharing = ", ".join(sorted({s[7] for s in seen}))
+                    raise LoraConvertError(f"{key}: {factor} has shape {list(shape)}, expected {expected}: the {what} "
+                                           f"is {want}{source} ({sharing} of every layer must agree on it)")
 
 
 def _merge_per_expert(items):
@@ -221,6 +381,14 @@ def from_peft(path: str, storage_type: str = "float16", base_model: Any = None, 
     _check_config(config)
     base = BaseWeights(base_model) if base_model is not None else None
     groups = _group_factors(state)
+    if not groups:  # an empty [0, 0] adapter is valid for no model and changes nothing: a wrong folder?
+        raise LoraConvertError(f"{path}: no LoRA factors found (the adapter's state dict is empty)")
+    if config.get("use_dora"):
+        missing = sorted(p for p, parts in groups.items() if "m" not in parts)
+        if missing:  # converted as plain LoRA it would serve another adapter than the one trained
+            more = f" (and {len(missing) - 1} more modules)" if len(missing) > 1 else ""
+            raise LoraConvertError(f"{path}: use_dora is true but {missing[0]}{more} has no lora_magnitude_vector: "
+                                   "a DoRA adapter without its magnitudes cannot be converted")
     arch = arch or detect_arch(config, list(groups), base)
     base_config = base.config if base is not None else None
     targets = _resolve_targets(groups, arch, config.get("target_parameters") or [], hfspec.encoder_layers_of(base_config))
@@ -231,13 +399,17 @@ def from_peft(path: str, storage_type: str = "float16", base_model: Any = None, 
     from tqdm import tqdm
 
     show = progress if progress is not None else out_bytes > PROGRESS_BYTES
-    rows, per_expert = [], []
+    rows, per_expert, widths = [], [], _Widths()
     for key, target, factors in tqdm(targets, desc="converting", unit="module", disable=not show):
-        new = _rows_for_target(key, target, factors, config, base, spec.num_experts if spec else None)
+        new = _rows_for_target(key, target, factors, config, base, spec)
+        _check_storage(key, new, storage_type)
+        for row in new:
+            widths.add(key, row)
         if target.kind == hfspec.PER_EXPERT:
             per_expert += [(key, target, r) for r in new]
         else:
             rows += new
+    widths.check()
     rows = sorted(rows + _merge_per_expert(per_expert), key=lambda r: (r.layer, r.module_id))
     weights, cfg = fmt.from_rows(rows, storage_type)
     if spec is not None:
