@@ -44,3 +44,38 @@ def test_reservations_stay_within_the_budget_and_take_every_row_when_they_can():
     tight = _cache(max_rows=8, budget_tokens=1000)
     tight.reserve(2, 400)  # 8 rows of 400 would pass the budget
     assert 2 <= tight.rows_alloc < 8 and tight.capacity >= 400 and tight.bytes_allocated <= tight.budget_bytes
+
+
+def test_a_lone_long_request_fits_once_every_row_was_laid_out_short():
+    """The rule is the rows in use x the longest of them within the budget, whatever the buffers
+    were laid out for: after a short reservation took every row, one row as long as the budget
+    allows still fits, re-laid with the rows in use kept; more rows of it wait."""
+    kv = _cache(max_rows=8, budget_tokens=1000)
+    kv.reserve(2, 10)
+    assert kv.rows_alloc == 8 and kv.capacity < 500
+    for buf in kv.keys + kv.values:
+        buf[0, :, :10] = 7.0
+    assert kv.fits(1, 500) and kv.fits(2, 500)  # 8 rows of 500 would not: the rows in use decide
+    assert not kv.fits(3, 500) and not kv.fits(1, 513)  # the budget; max_seq_len
+    kv.reserve(1, 500)
+    assert kv.capacity >= 500 and 1 <= kv.rows_alloc < 8 and kv.bytes_allocated <= kv.budget_bytes
+    for buf in kv.keys + kv.values:
+        assert torch.all(buf[0, :, :10] == 7.0) and torch.count_nonzero(buf[0, :, 10:]) == 0
+    kv.reserve(8, 100)  # back to every row, shorter
+    assert kv.rows_alloc == 8 and kv.capacity >= 100 and kv.bytes_allocated <= kv.budget_bytes
+    for buf in kv.keys + kv.values:
+        assert torch.all(buf[0, :, :10] == 7.0)
+
+
+def test_full_size_buffers_never_move():
+    """grow=False (the CUDA layout, where captured graphs keep the buffers' addresses): every row
+    at full length from the start; fits() is that allocation, and reserve() never reallocates."""
+    per_token = 2 * 2 * 2 * 16 * 4
+    kv = RowKVCache(CONFIG, torch.float32, torch.device("cpu"), 4, 400 * per_token, 512, grow=False)
+    assert (kv.rows_alloc, kv.capacity, kv.max_seq_len) == (4, 100, 100)
+    keys = [k.data_ptr() for k in kv.keys]
+    assert kv.fits(4, 100) and kv.fits(1, 100) and not kv.fits(1, 101)
+    kv.reserve(1, 100)
+    kv.reserve(4, 50)
+    assert [k.data_ptr() for k in kv.keys] == keys and kv.bytes_allocated == 400 * per_token
+    assert "split over 4 rows" in kv.never_fits(101)

@@ -308,7 +308,9 @@ def test_every_error_is_answered_in_the_openai_shape_and_a_good_request_still_wo
     assert not (server.root.parent / "pwned").exists()
     _error(_post(server, "/v1/load_lora_adapter", {"lora_name": "a1", "lora_path": "a3"}), 409, "adapter_conflict")
     _error(_post(server, "/v1/load_lora_adapter", {"lora_name": "m", "lora_path": "missing"}), 404, "adapter_not_found")
-    assert {"b", "w", "p", "m"}.isdisjoint(_models(client))
+    big = _error(_post(server, "/v1/load_lora_adapter", {"lora_name": "t", "lora_path": "a3", "task_id": 2**64}), 400)
+    assert "2**64" in big
+    assert {"b", "w", "p", "m", "t"}.isdisjoint(_models(client))
     _good(client)
     # paths out of the adapter root
     for path in ("../outside", "escape", str(server.root.parent / "outside"), "a3/../../outside"):

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import pytest
 import torch
 
 import loramux as lm
-from loramux.errors import LoraRequestError, LoraStepError
+from loramux.errors import LoraFormatError, LoraRequestError, LoraStepError
 from serving_helpers import alone, attach, llama, prompt_ids, talkative_prompt, tokenizer  # noqa: F401 (fixtures)
 
 
@@ -165,6 +166,106 @@ def test_a_request_that_could_never_fit_fails_alone_and_others_wait_for_rows(lla
     finally:
         hook.remove()
         engine.detach()
+
+
+def _per_token(config):
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * \
+        (config.hidden_size // config.num_attention_heads) * 4
+
+
+def test_a_grown_kv_cache_admits_a_lone_request_a_fresh_one_would(llama, tokenizer):
+    """A KV budget of 64 positions and 4 rows: a first short request lays the buffers out for every
+    row (4 x 5 positions); a request needing 50 still runs alone afterwards, as on a fresh Executor
+    (the buffers re-laid for the rows in use), one submitted beside it waits for its row; one
+    needing 70 fails alone naming max_new_tokens and the sizes."""
+    ours, peft_model, names, formats = llama
+    with attach(ours) as engine:
+        ex = lm.Executor(engine, tokenizer, max_batch_size=4, kv_cache_bytes=64 * _per_token(ours.config),
+                         max_seq_len=128)
+        ex.submit(lm.Request(prompt_ids(60, 3), max_new_tokens=2))
+        (first,) = ex.run()
+        assert first.ok and ex.kv.rows_alloc == 4 and ex.kv.capacity < 50
+        long_ids = talkative_prompt(peft_model, names[0], 40, first_seed=61, length=10)
+        ex.submit(lm.Request(long_ids, max_new_tokens=40, lora=lm.LoraConfig(0, *formats[0])))
+        ex.submit(lm.Request(prompt_ids(62, 6), max_new_tokens=4))
+        ex.submit(lm.Request(prompt_ids(63, 10), max_new_tokens=60))
+        long, beside, never = ex.run()
+        assert long.ok, long.error
+        assert long.token_ids == alone(peft_model, long_ids, 40, names[0])
+        assert beside.ok and beside.token_ids == alone(peft_model, prompt_ids(62, 6), 4, None)
+        assert isinstance(never.error, LoraRequestError) and "never fit" in str(never.error)
+        for part in ("max_new_tokens=60", "10 tokens", "70 KV positions", "the 64 one request can hold"):
+            assert part in str(never.error), never.error
+        assert ex.kv.bytes_allocated <= 64 * _per_token(ours.config)
+        assert engine.cache.pinned_ids() == [] and ex.metrics()["running"] == 0
+
+
+def test_lora_config_refuses_a_task_id_the_cache_cannot_hold(llama):
+    """The cache's ids are u64: LoraConfig refuses 2**64 and more where the request is built."""
+    ours, peft_model, names, formats = llama
+    with pytest.raises(LoraRequestError, match=r"task_id must be an int in \[0, 2\*\*64\)"):
+        lm.LoraConfig(2 ** 64, *formats[0])
+    assert lm.LoraConfig(2 ** 64 - 1).task_id == 2 ** 64 - 1
+
+
+def test_a_task_id_the_cache_refuses_fails_that_request_alone(llama, tokenizer):
+    """Whatever admitting a request raises (here the cache refusing an id changed after LoraConfig
+    checked it) fails that request alone, typed (the cause chained), as does a broadcast weights
+    view too large to copy: the request running meanwhile goes on as PEFT says, the cache keeps
+    what it had, and the executor still serves."""
+    ours, peft_model, names, formats = llama
+    with attach(ours) as engine:
+        ids = talkative_prompt(peft_model, names[1], 40, first_seed=70)
+        with lm.Executor(engine, tokenizer, max_batch_size=4) as ex:
+            good = ex.submit(lm.Request(ids, max_new_tokens=40, lora=lm.LoraConfig(1, *formats[1])))
+            next(iter(good))  # running when the bad ones arrive
+            sneaked = lm.LoraConfig(3, *formats[0])
+            sneaked.task_id = 2 ** 64
+            bad = ex.submit(lm.Request(prompt_ids(71, 5), max_new_tokens=3, lora=sneaked))
+            rows = formats[0][1].shape[0]  # 2**47 bytes a row behind 2 bytes: more than any memory to copy
+            huge = np.lib.stride_tricks.as_strided(np.zeros(1, np.float16), (rows, 2 ** 46), (0, 0))
+            broadcast = lm.LoraConfig(4, huge, formats[0][1])
+            strided = ex.submit(lm.Request(prompt_ids(72, 5), max_new_tokens=3, lora=broadcast))
+            bad_r, strided_r = bad.result(timeout=120), strided.result(timeout=120)
+            good_r = good.result(timeout=120)
+            again = ex.submit(lm.Request(prompt_ids(73, 5), max_new_tokens=3, lora=lm.LoraConfig(1)))
+            after = again.result(timeout=120)
+        assert isinstance(bad_r.error, LoraRequestError) and bad_r.finish_reason == "error"
+        assert isinstance(bad_r.error.__cause__, ValueError) and "2**64" in str(bad_r.error)
+        assert isinstance(strided_r.error, LoraFormatError) and "not contiguous" in str(strided_r.error)
+        assert good_r.ok, good_r.error
+        assert good_r.token_ids == alone(peft_model, ids, 40, names[1])
+        assert after.ok and after.token_ids == alone(peft_model, prompt_ids(73, 5), 3, names[1])
+        assert engine.cache.task_ids() == [1] and engine.cache.pinned_ids() == []
+
+
+def test_a_failure_starting_admitted_requests_fails_them_alone(llama, tokenizer):
+    """The KV reservation for newly admitted requests raising (no memory for their rows) fails
+    those requests with LoraStepError; the request already running goes on."""
+    ours, peft_model, names, formats = llama
+    with attach(ours) as engine:
+        ex = lm.Executor(engine, tokenizer, max_batch_size=4)
+        ids = talkative_prompt(peft_model, names[2], 12, first_seed=80)
+        running = ex.submit(lm.Request(ids, max_new_tokens=12, lora=lm.LoraConfig(2, *formats[2])))
+        ex._step_once()  # admitted, prefilled, decoding
+        reserve = ex.kv.reserve
+
+        def no_memory(rows, length):
+            raise MemoryError("no memory for the new rows (injected)")
+
+        ex.kv.reserve = no_memory
+        late = ex.submit(lm.Request(prompt_ids(81, 5), max_new_tokens=3, lora=lm.LoraConfig(2)))
+        ex._step_once()
+        ex.kv.reserve = reserve
+        assert late.done()  # failed at once, not lost between the queue and the running rows
+        for _ in range(20):
+            if running.done():
+                break
+            ex._step_once()
+        first, second = running.result(timeout=0), late.result(timeout=0)
+        assert first.ok and first.token_ids == alone(peft_model, ids, 12, names[2])
+        assert isinstance(second.error, LoraStepError) and "injected" in str(second.error)
+        assert engine.cache.pinned_ids() == [] and ex.metrics()["running"] == 0
 
 
 def test_prompt_longer_than_the_model_fails_alone(llama, tokenizer):

@@ -28,7 +28,7 @@ from loramux.serving.model_step import ModelStep
 from loramux.serving.openmp_workers import release_this_threads_workers
 from loramux.serving.request import Delta, Request, Result
 from loramux.serving.sampling import choose, new_generator
-from loramux.serving.scheduler import AdapterGate, Scheduler
+from loramux.serving.scheduler import AdapterGate, Scheduler, admission_error
 from loramux.serving.sequence import Sequence
 from loramux.serving.static_batch import StaticExecutor, check_batch_size
 from loramux.serving.text import end_token_ids, pad_token_id
@@ -241,11 +241,7 @@ class Executor:
             admitted, failed = self._scheduler.admit(self._running)
             self._end(failed)
             if admitted:
-                self.kv.reserve(len(self._running) + len(admitted), max(s.need for s in self._running + admitted))
-                for seq in admitted:
-                    seq.generator = new_generator(seq.request, self.kv.device)
-                    self._metrics.add(prompt_tokens=len(seq.prompt_ids))
-                self._running.extend(admitted)
+                self._start_admitted(admitted)
             made += self._prefill()
             self._retire()
             made += self._decode()
@@ -258,6 +254,34 @@ class Executor:
             self._progress.update(made)
         if not made and not self._running:
             time.sleep(0.0005)  # only waiting for an adapter load (or nothing): do not spin hot
+
+    def _start_admitted(self, admitted: List[Sequence]) -> None:
+        """Admitted requests join the running rows, their KV memory reserved. Whatever fails here
+        fails the requests it concerns (their adapter holds released), never the running ones."""
+        starting: List[Sequence] = []
+        for seq in admitted:
+            try:
+                seq.generator = new_generator(seq.request, self.kv.device)
+            except Exception as err:  # noqa: BLE001 - this request alone
+                seq.row = None
+                seq.finish("error", admission_error(seq, err))
+                self._end([seq])
+                continue
+            seq.row = len(self._running) + len(starting)  # nothing written in its row yet
+            starting.append(seq)
+        if not starting:
+            return
+        try:
+            self.kv.reserve(len(self._running) + len(starting), max(s.need for s in self._running + starting))
+        except Exception as err:  # noqa: BLE001 - e.g. no memory for the rows of these requests
+            for seq in starting:
+                seq.row = None
+            self._fail(starting, err)
+            self._end(starting)
+            return
+        for seq in starting:
+            self._metrics.add(prompt_tokens=len(seq.prompt_ids))
+        self._running.extend(starting)
 
     def _refresh_end_ids(self) -> None:
         """The end tokens, recomputed only when the model's generation_config changed them."""

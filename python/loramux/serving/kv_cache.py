@@ -9,7 +9,8 @@ hides every position past a row's own length. Running requests always occupy row
 freed in the middle takes the last row's contents), so a step's keys are a view, never a gather.
 On CUDA the buffers are allocated once at full size (captured CUDA graphs keep their addresses);
 on the CPU they grow within the budget as requests need them (every row at once where the budget
-allows, the length doubling), from memory that costs nothing until a position is written.
+allows, the length doubling; laid out anew for just the rows in use when a longer request needs
+it), from memory that costs nothing until a position is written.
 """
 
 from __future__ import annotations
@@ -60,34 +61,43 @@ class RowKVCache:
     def never_fits(self, length: int) -> Optional[str]:
         """Why a request of `length` tokens (prompt + max_new_tokens) could never be held, or None."""
         if length > self.max_seq_len:
-            return (f"needs {length} KV positions, more than the {self.max_seq_len} one request can hold "
-                    f"(kv_cache_bytes={self.budget_bytes}, {self.bytes_per_token} bytes per token)")
+            split = "" if self.grow else f", split over {self.max_rows} rows"
+            return (f"need {length} KV positions, more than the {self.max_seq_len} one request can hold "
+                    f"(kv_cache_bytes={self.budget_bytes}{split}, {self.bytes_per_token} bytes per token)")
         return None
 
     def fits(self, rows: int, length: int) -> bool:
-        """Whether `rows` rows of `length` positions fit now (allocated, or growable within the budget)."""
+        """Whether `rows` rows of `length` positions fit now: `rows` is every row in use (rows
+        0..rows-1) and `length` the longest any of them needs. On the CPU that is a question of the
+        budget alone (reserve() re-lays the buffers, for fewer rows if need be); on CUDA of the
+        buffers allocated at full size."""
         if rows > self.max_rows or length > self.max_seq_len:
             return False
         if rows <= self.rows_alloc and length <= self.capacity:
             return True
         if not self.grow:
             return False
-        return max(rows, self.rows_alloc) * max(length, self.capacity) * self.bytes_per_token <= self.budget_bytes
+        return rows * length * self.bytes_per_token <= self.budget_bytes
 
     def reserve(self, rows: int, length: int) -> None:
-        """Grows the buffers (CPU) to hold `rows` rows of `length` positions; the caller checked fits()."""
+        """Lays the buffers out (CPU) to hold `rows` rows of `length` positions, keeping rows 0..rows-1
+        (the rows in use, none longer than `length`); the caller checked fits()."""
         if rows <= self.rows_alloc and length <= self.capacity:
             return
+        per_token = self.bytes_per_token
         want_rows, want_len = max(rows, self.rows_alloc), max(length, self.capacity)
+        if want_rows * want_len * per_token > self.budget_bytes:
+            # laid out for more rows (or longer ones) than are in use now: only these rows, this long
+            want_rows, want_len = rows, length
         # A reservation costs only the pages later written (_zeroed), while each regrowth copies every
         # row: reserve generously within the budget (every row where it allows, twice the length).
-        per_token = self.bytes_per_token
         grown_rows = self.max_rows if self.max_rows * want_len * per_token <= self.budget_bytes else want_rows
         grown_len = min(self.max_seq_len, max(want_len, 2 * self.capacity), self.budget_bytes // (grown_rows * per_token))
-        old_k, old_v, old_rows, old_cap = self.keys, self.values, self.rows_alloc, self.capacity
+        old_k, old_v = self.keys, self.values
+        keep_rows, keep_len = min(self.rows_alloc, grown_rows), min(self.capacity, grown_len)
         self._allocate(grown_rows, grown_len)
         for new, old in zip(self.keys + self.values, old_k + old_v):
-            new[:old_rows, :, :old_cap] = old
+            new[:keep_rows, :, :keep_len] = old[:keep_rows, :, :keep_len]
 
     def _allocate(self, rows: int, capacity: int) -> None:
         # zeros, not empty: a masked position still enters attention as (weight 0) x value, and

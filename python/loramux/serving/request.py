@@ -36,8 +36,9 @@ class LoraConfig:
     def __post_init__(self):
         if not _is_int(self.task_id):
             raise TypeError(f"task_id must be an int, got {type(self.task_id).__name__} {self.task_id!r}")
-        if self.task_id < 0:
-            raise LoraRequestError(f"task_id must be a non-negative int, got {self.task_id!r}")
+        self.task_id = int(self.task_id)  # a numpy integer too: the cache and the results take ints
+        if not 0 <= self.task_id < 1 << 64:  # the adapter cache's ids (a u64 in the core)
+            raise LoraRequestError(f"task_id must be an int in [0, 2**64), got {self.task_id!r}")
         if (self.weights is None) != (self.config is None):
             raise LoraFormatError(f"task_id {self.task_id}: weights and config come together (one of them is missing)")
 

@@ -73,6 +73,17 @@ class AdapterGate:
             self.cache.release(hold)
 
 
+def admission_error(seq: Sequence, err: BaseException) -> LoraError:
+    """The typed error a request fails with when admitting it raised `err`: the LoraError it was,
+    or a LoraRequestError with `err` chained (the cache refusing its id, a tokenizer bug, ...)."""
+    if isinstance(err, LoraError):
+        return err
+    error = LoraRequestError(f"request {seq.request_id} could not be admitted: {type(err).__name__}: {err}",
+                             task_id=seq.task_id)
+    error.__cause__ = err
+    return error
+
+
 class Scheduler:
     """The waiting queue and the admission of its head requests at each step."""
 
@@ -96,7 +107,10 @@ class Scheduler:
                 seq.finish("cancelled")
                 failed.append(seq)
                 continue
-            verdict = self._check(seq, running, admitted, longest, behind_a_load=bool(skipped))
+            try:
+                verdict = self._check(seq, running, admitted, longest, behind_a_load=bool(skipped))
+            except Exception as err:  # noqa: BLE001 - whatever admitting one request raises fails it alone
+                verdict = admission_error(seq, err)
             if verdict == "wait":
                 self.waiting.appendleft(seq)
                 break
@@ -127,10 +141,16 @@ class Scheduler:
                                         f"max_new_tokens={seq.request.max_new_tokens} exceed {self.positions_limit}")
             why = self.kv.never_fits(seq.need)
             if why is not None:
-                return LoraRequestError(f"request {seq.request_id} can never fit the KV cache: it {why}")
+                return LoraRequestError(f"request {seq.request_id} can never fit the KV cache: its prompt of "
+                                        f"{len(seq.prompt_ids)} tokens and max_new_tokens="
+                                        f"{seq.request.max_new_tokens} {why}")
         busy = bool(running or admitted)
         if not self.kv.fits(len(running) + len(admitted) + 1, max(longest, seq.need)):
-            return "wait" if busy else LoraRequestError(f"request {seq.request_id} does not fit the KV cache alone")
+            if busy:
+                return "wait"
+            return LoraRequestError(f"request {seq.request_id} does not fit the KV cache alone: its prompt of "
+                                    f"{len(seq.prompt_ids)} tokens and max_new_tokens={seq.request.max_new_tokens} "
+                                    f"need {seq.need} KV positions; at most {self.kv.max_seq_len} fit")
         if seq.task_id is None:
             return "ok"
         gate = self.gate
@@ -160,4 +180,4 @@ class Scheduler:
         return "ok"
 
 
-__all__ = ["AdapterGate", "Scheduler"]
+__all__ = ["AdapterGate", "Scheduler", "admission_error"]

@@ -100,8 +100,8 @@ class AdapterRegistry:
         if not isinstance(name, str) or not NAME_PATTERN.match(name):
             raise RequestError(f"lora_name must be 1-128 letters, digits or ._:/@+- starting with a letter or "
                                   f"digit, got {name!r}")
-        if task_id is not None and (isinstance(task_id, bool) or not isinstance(task_id, int) or task_id < 0):
-            raise RequestError(f"task_id must be a non-negative integer, got {task_id!r}")
+        if task_id is not None and (isinstance(task_id, bool) or not isinstance(task_id, int) or not 0 <= task_id < 1 << 64):
+            raise RequestError(f"task_id must be an integer in [0, 2**64), got {task_id!r}")
         if trusted:
             real = os.path.realpath(path)
             if not os.path.isdir(real):
