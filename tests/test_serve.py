@@ -183,6 +183,25 @@ def test_logprobs_of_the_chosen_tokens(client):
     assert len(r.choices[0].logprobs.token_logprobs) == 6
 
 
+def test_top_logprobs_list_the_likeliest_tokens_first(client):
+    r = client.chat.completions.create(model="a2", messages=MESSAGES, max_tokens=4, logprobs=True, top_logprobs=3,
+                                       temperature=0)
+    for t in r.choices[0].logprobs.content:
+        alts = t.top_logprobs
+        assert len(alts) == 3 and alts[0].token == t.token and alts[0].logprob == pytest.approx(t.logprob)
+        assert [a.logprob for a in alts] == sorted((a.logprob for a in alts), reverse=True)
+    streamed = [t for chunk in client.chat.completions.create(model="a2", messages=MESSAGES, max_tokens=4, logprobs=True,
+                                                              top_logprobs=3, temperature=0, stream=True)
+                for c in chunk.choices if c.logprobs for t in c.logprobs.content]
+    assert [(t.token, [a.token for a in t.top_logprobs]) for t in streamed] == \
+        [(t.token, [a.token for a in t.top_logprobs]) for t in r.choices[0].logprobs.content]
+    r = client.completions.create(model=BASE, prompt=PROMPT, max_tokens=4, logprobs=2, temperature=0)
+    lp = r.choices[0].logprobs
+    assert len(lp.top_logprobs) == 4
+    for token, chosen, alts in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert 1 <= len(alts) <= 2 and alts[token] == pytest.approx(chosen) and max(alts.values()) == alts[token]
+
+
 def _post(server, path, body, key=KEY):
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     data = body if isinstance(body, bytes) else json.dumps(body).encode()

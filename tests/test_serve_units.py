@@ -127,13 +127,16 @@ def test_bad_chat_requests_are_refused():
     _parse_error({"model": "m", "messages": [{"content": "x"}]}, ChatCompletionRequest)
     top = _parse_error({"model": "m", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 3},
                        ChatCompletionRequest)
-    assert "top_logprobs=3" in top.message and "not supported" in top.message
+    assert "top_logprobs needs logprobs: true" in top.message
+    many = _parse_error({"model": "m", "messages": [{"role": "user", "content": "x"}], "logprobs": True,
+                         "top_logprobs": 21}, ChatCompletionRequest)
+    assert many.param == "top_logprobs"
 
 
-def test_completion_logprobs_above_0_say_what_is_served():
-    refused = _parse_error({"model": "m", "prompt": "x", "logprobs": 1})
-    assert "logprobs=1" in refused.message and "logprobs=0 returns" in refused.message
-    assert parse(json.dumps({"model": "m", "prompt": "x", "logprobs": 0}).encode(), CompletionRequest).logprobs == 0
+def test_completion_logprobs_count_the_alternatives_up_to_20():
+    assert _parse_error({"model": "m", "prompt": "x", "logprobs": 21}).param == "logprobs"
+    for n in (0, 5, 20):
+        assert parse(json.dumps({"model": "m", "prompt": "x", "logprobs": n}).encode(), CompletionRequest).logprobs == n
 
 
 # --- error statuses ------------------------------------------------------------------------------

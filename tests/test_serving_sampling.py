@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import loramux as lm
+from loramux.errors import LoraRequestError
 from serving_helpers import alone, attach, llama, peft_logits, prompt_ids, talkative_prompt, tokenizer  # noqa: F401
 
 
@@ -84,6 +85,36 @@ def test_logprobs_are_the_models_log_softmax_at_the_chosen_tokens(llama, tokeniz
                 for k, t in enumerate(r.token_ids)]
         assert r.logprobs == pytest.approx(want, abs=1e-4)
         assert [lp for d in h for lp in d.logprobs] == r.logprobs
+
+
+def test_top_logprobs_are_the_models_likeliest_tokens_at_each_step(llama, tokenizer):
+    """top_logprobs=k: at each step the k likeliest tokens under PEFT's logits with their
+    log-softmax, likeliest first, beside a request in the same batch that asks for none; the
+    chosen (greedy) token is the first of them."""
+    ours, peft_model, names, formats = llama
+    with attach(ours) as engine:
+        ids = talkative_prompt(peft_model, names[0], 4, first_seed=72)
+        ex = lm.Executor(engine, tokenizer)
+        h = ex.submit(lm.Request(ids, max_new_tokens=4, logprobs=True, top_logprobs=3, lora=lm.LoraConfig(0, *formats[0])))
+        ex.submit(lm.Request(ids, max_new_tokens=4, logprobs=True))
+        r, plain = ex.run()
+        assert plain.top_logprobs is None and len(plain.logprobs) == 4
+        assert len(r.top_logprobs) == len(r.token_ids) == 4
+        for k, (token, top) in enumerate(zip(r.token_ids, r.top_logprobs)):
+            want = torch.log_softmax(peft_logits(peft_model, ids + r.token_ids[:k], names[0]).float(), -1)
+            values, order = torch.topk(want, 3)
+            assert [t for t, _ in top] == order.tolist() and top[0][0] == token
+            assert [lp for _, lp in top] == pytest.approx(values.tolist(), abs=1e-4)
+        assert [top for d in h for top in d.top_logprobs] == r.top_logprobs
+
+
+def test_top_logprobs_need_logprobs_and_a_count_in_range():
+    with pytest.raises(LoraRequestError, match="needs logprobs=True"):
+        lm.Request("x", top_logprobs=2)
+    with pytest.raises(LoraRequestError, match=r"\[0, 20\]"):
+        lm.Request("x", logprobs=True, top_logprobs=21)
+    with pytest.raises(TypeError, match="top_logprobs must be an int"):
+        lm.Request("x", logprobs=True, top_logprobs=2.0)
 
 
 def test_stop_strings_cut_the_text_and_are_never_streamed(llama, tokenizer):

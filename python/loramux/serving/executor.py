@@ -353,10 +353,10 @@ class Executor:
         return self._take_tokens([rows[i] for i in picked], logits[picked] if len(picked) < len(rows) else logits)
 
     def _take_tokens(self, seqs: List[Sequence], logits: torch.Tensor) -> int:
-        tokens, logprobs = choose(logits, [s.request for s in seqs], [s.generator for s in seqs])
-        for seq, token, logprob in zip(seqs, tokens, logprobs):
+        tokens, logprobs, tops = choose(logits, [s.request for s in seqs], [s.generator for s in seqs])
+        for seq, token, logprob, top in zip(seqs, tokens, logprobs, tops):
             try:
-                seq.add_token(token, logprob, self._end_ids)
+                seq.add_token(token, logprob, self._end_ids, top)
             except Exception as err:  # noqa: BLE001 - e.g. the tokenizer failing on this answer
                 self._fail([seq], err)
         return len(seqs)

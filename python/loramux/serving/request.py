@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -59,6 +59,9 @@ class LoraConfig:
         return self.weights is not None
 
 
+#: most alternatives a request may ask for at each step (the OpenAI API's limit for top_logprobs)
+MAX_TOP_LOGPROBS = 20
+
 #: a prompt: text, chat messages ([{"role": ..., "content": ...}], templated by the tokenizer) or token ids
 Prompt = Union[str, List[Dict[str, str]], List[int]]
 
@@ -69,7 +72,8 @@ class Request:
     and top_p 1 keep every token; `seed` makes a sampled answer reproducible; the answer ends at
     max_new_tokens, the model's end token, one of `stop_token_ids` (neither is returned) or one of
     the `stop` strings (the text is cut before it). `logprobs`: the log-probability of each chosen
-    token under the model (before temperature and filtering)."""
+    token under the model (before temperature and filtering); `top_logprobs` (with `logprobs`): also
+    that many most likely tokens at each step, as (token id, log-probability) pairs."""
 
     prompt: Prompt
     max_new_tokens: int = 32
@@ -81,6 +85,7 @@ class Request:
     stop: Optional[Union[str, Sequence[str]]] = None
     stop_token_ids: Optional[Sequence[int]] = None
     logprobs: bool = False
+    top_logprobs: int = 0
 
     def __post_init__(self):
         if isinstance(self.prompt, (np.ndarray, torch.Tensor)) and self.prompt.ndim == 1:
@@ -129,6 +134,12 @@ class Request:
             self.stop_token_ids = [int(t) for t in self.stop_token_ids]
         if not isinstance(self.logprobs, bool):
             raise TypeError(f"logprobs must be a bool, got {type(self.logprobs).__name__}")
+        if not _is_int(self.top_logprobs):
+            raise TypeError(f"top_logprobs must be an int, got {type(self.top_logprobs).__name__}")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise LoraRequestError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
+        if self.top_logprobs and not self.logprobs:
+            raise LoraRequestError("top_logprobs needs logprobs=True")
 
     @property
     def greedy(self) -> bool:
@@ -144,6 +155,7 @@ class Delta:
     text: str
     token_ids: List[int]
     logprobs: Optional[List[float]] = None
+    top_logprobs: Optional[List[List[Tuple[int, float]]]] = None  # per token, most likely first
 
 
 @dataclass
@@ -161,6 +173,7 @@ class Result:
     finish_reason: Optional[str] = None
     prompt_tokens: int = 0
     logprobs: Optional[List[float]] = None
+    top_logprobs: Optional[List[List[Tuple[int, float]]]] = None
     ttft_s: Optional[float] = None
     tpot_s: Optional[float] = None
 
@@ -169,4 +182,4 @@ class Result:
         return self.error is None
 
 
-__all__ = ["Delta", "FINISH_REASONS", "LoraConfig", "Prompt", "Request", "Result"]
+__all__ = ["Delta", "FINISH_REASONS", "LoraConfig", "MAX_TOP_LOGPROBS", "Prompt", "Request", "Result"]

@@ -39,10 +39,14 @@ def filtered_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: 
     return torch.softmax(scores, dim=-1)
 
 
-def choose(logits: torch.Tensor, requests: Sequence[Request],
-           generators: Sequence[Optional[torch.Generator]]) -> Tuple[List[int], List[Optional[float]]]:
-    """Next token of each row of `logits` [rows, vocab], and its log-probability under the model
-    (None where the request did not ask for it)."""
+#: (token id, log-probability) pairs of one step, most likely first
+TopLogprobs = List[Tuple[int, float]]
+
+
+def choose(logits: torch.Tensor, requests: Sequence[Request], generators: Sequence[Optional[torch.Generator]]
+           ) -> Tuple[List[int], List[Optional[float]], List[Optional[TopLogprobs]]]:
+    """Next token of each row of `logits` [rows, vocab], its log-probability under the model and the
+    request's top_logprobs most likely tokens (None where the request did not ask for them)."""
     greedy = [i for i, r in enumerate(requests) if r.greedy]
     tokens: List[int] = [0] * len(requests)
     if greedy:
@@ -54,6 +58,7 @@ def choose(logits: torch.Tensor, requests: Sequence[Request],
             probs = filtered_probs(logits[i], r.temperature, r.top_k, r.top_p)
             tokens[i] = int(torch.multinomial(probs, 1, generator=generators[i]).item())
     logprobs: List[Optional[float]] = [None] * len(requests)
+    tops: List[Optional[TopLogprobs]] = [None] * len(requests)
     wanted = [i for i, r in enumerate(requests) if r.logprobs]
     if wanted:
         rows = torch.log_softmax(logits[wanted].float(), dim=-1)
@@ -61,7 +66,15 @@ def choose(logits: torch.Tensor, requests: Sequence[Request],
                                                                                    device=rows.device)].tolist()
         for i, lp in zip(wanted, chosen):
             logprobs[i] = lp
-    return tokens, logprobs
+        most = max(requests[i].top_logprobs for i in wanted)
+        if most:  # one topk for the rows that asked, each keeping its own count
+            values, ids = torch.topk(rows, min(most, rows.shape[-1]), dim=-1)
+            values, ids = values.tolist(), ids.tolist()
+            for j, i in enumerate(wanted):
+                k = requests[i].top_logprobs
+                if k:
+                    tops[i] = list(zip(ids[j][:k], values[j][:k]))
+    return tokens, logprobs, tops
 
 
-__all__ = ["choose", "filtered_probs", "new_generator"]
+__all__ = ["TopLogprobs", "choose", "filtered_probs", "new_generator"]

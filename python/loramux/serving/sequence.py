@@ -30,6 +30,7 @@ class Sequence:
         self.generator = None
         self.tokens: List[int] = []
         self.logprobs: Optional[List[float]] = [] if request.logprobs else None
+        self.top_logprobs: Optional[List[list]] = [] if request.top_logprobs else None  # (id, logprob) pairs a token
         self.text = IncrementalText(tokenizer, request.stop)
         self.first_token_at: Optional[float] = None
         self.last_token_at: Optional[float] = None
@@ -59,7 +60,7 @@ class Sequence:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def add_token(self, token: int, logprob: Optional[float], end_ids: set) -> None:
+    def add_token(self, token: int, logprob: Optional[float], end_ids: set, top: Optional[list] = None) -> None:
         """Takes the step's token: ends the answer at an end token (not kept), a stop string or
         max_new_tokens, and streams what it completed."""
         now = time.perf_counter()
@@ -72,8 +73,11 @@ class Sequence:
         self.tokens.append(token)
         if self.logprobs is not None:
             self.logprobs.append(logprob)
+        if self.top_logprobs is not None:
+            self.top_logprobs.append(top or [])
         piece = self.text.add(token)
-        self.handle._push(Delta(piece, [token], [logprob] if self.logprobs is not None else None))
+        self.handle._push(Delta(piece, [token], [logprob] if self.logprobs is not None else None,
+                                [top or []] if self.top_logprobs is not None else None))
         if self.text.stopped:
             self.finish("stop")
         elif len(self.tokens) >= self.request.max_new_tokens:
@@ -86,7 +90,8 @@ class Sequence:
         if error is None:
             rest = self.text.flush()
             if rest:
-                self.handle._push(Delta(rest, [], [] if self.logprobs is not None else None))
+                self.handle._push(Delta(rest, [], [] if self.logprobs is not None else None,
+                                        [] if self.top_logprobs is not None else None))
 
     def result(self) -> Result:
         tpot = None
@@ -102,6 +107,7 @@ class Sequence:
             finish_reason=self.finish_reason,
             prompt_tokens=len(self.prompt_ids) if self.prompt_ids is not None else 0,
             logprobs=self.logprobs,
+            top_logprobs=self.top_logprobs,
             ttft_s=None if self.first_token_at is None else self.first_token_at - self.submitted,
             tpot_s=tpot,
         )

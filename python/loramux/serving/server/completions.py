@@ -33,7 +33,8 @@ def build(state: ServerState, body: Union[CompletionRequest, ChatCompletionReque
             seed = None if body.seed is None else body.seed + j
             choices.append(Choice(len(choices), prompt, count, wanted, seed))
     logprobs = bool(body.logprobs) if chat else body.logprobs is not None
-    return Generation(state, body, choices, adapter_name, logprobs)
+    top = (body.top_logprobs or 0) if chat else (body.logprobs or 0)
+    return Generation(state, body, choices, adapter_name, logprobs, top)
 
 
 def _error_of(choices: List[Choice]) -> Optional[ApiError]:
@@ -43,6 +44,11 @@ def _error_of(choices: List[Choice]) -> Optional[ApiError]:
 
 def _token_texts(state: ServerState, token_ids: List[int]) -> List[str]:
     return [state.tokenizer.decode([t]) for t in token_ids]
+
+
+def _top_texts(state: ServerState, tops: Optional[list]) -> Optional[list]:
+    """Each token's alternatives as (text, logprob) pairs, likeliest first; None where none were asked."""
+    return [[(state.tokenizer.decode([t]), lp) for t, lp in top] for top in tops] if tops else None
 
 
 async def answer(state: ServerState, http: HttpRequest, body: Union[CompletionRequest, ChatCompletionRequest]):
@@ -77,7 +83,9 @@ def _whole(state: ServerState, body, choices: List[Choice]) -> dict:
         lp = None
         if gen_logprobs(body):
             tokens = _token_texts(state, c.token_ids)
-            lp = shapes.chat_logprobs(tokens, c.logprobs) if chat else shapes.completion_logprobs(tokens, c.logprobs)
+            tops = _top_texts(state, c.top_logprobs)
+            lp = shapes.chat_logprobs(tokens, c.logprobs, tops) if chat else \
+                shapes.completion_logprobs(tokens, c.logprobs, tops=tops)
         make = shapes.chat_choice if chat else shapes.completion_choice
         out.append(make(c.index, text, c.finish_reason, lp))
     make = shapes.chat_completion if chat else shapes.completion
@@ -118,8 +126,9 @@ async def _sse(state: ServerState, body, gen: Generation, first, events) -> Asyn
                     lp = None
                     if want_logprobs and delta.logprobs:
                         tokens = _token_texts(state, list(delta.token_ids))
-                        lp = shapes.chat_logprobs(tokens, delta.logprobs) if chat else \
-                            shapes.completion_logprobs(tokens, delta.logprobs)
+                        tops = _top_texts(state, delta.top_logprobs)
+                        lp = shapes.chat_logprobs(tokens, delta.logprobs, tops) if chat else \
+                            shapes.completion_logprobs(tokens, delta.logprobs, tops=tops)
                     part = shapes.chat_delta(choice.index, {"content": delta.text}, None, lp) if chat else \
                         shapes.completion_choice(choice.index, delta.text, None, lp)
                     yield event(chunk(id_, created, model, [part]))

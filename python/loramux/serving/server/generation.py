@@ -28,6 +28,7 @@ class Choice:
     text: List[str] = field(default_factory=list)
     token_ids: List[int] = field(default_factory=list)
     logprobs: List[float] = field(default_factory=list)
+    top_logprobs: List[list] = field(default_factory=list)  # per token: (id, logprob) pairs, likeliest first
 
     @property
     def finish_reason(self) -> Optional[str]:
@@ -43,12 +44,13 @@ class Generation:
     """Submits every choice at start(); events() yields them as they come; close() cancels the rest."""
 
     def __init__(self, state: ServerState, sampling: Any, choices: List[Choice], adapter_name: Optional[str],
-                 logprobs: bool):
+                 logprobs: bool, top_logprobs: int = 0):
         self.state = state
         self.sampling = sampling  # the validated OpenAI request (temperature, top_p, stop, ...)
         self.choices = choices
         self.adapter_name = adapter_name  # None: the base model
         self.logprobs = logprobs
+        self.top_logprobs = top_logprobs  # alternatives a token, with logprobs
         self.adapter: Optional[Adapter] = None
         self._queue: "asyncio.Queue[Event]" = asyncio.Queue()
         self._tasks: List[asyncio.Task] = []
@@ -84,7 +86,8 @@ class Generation:
         s = self.sampling
         return Request(choice.prompt, max_new_tokens=choice.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
                        top_k=max(s.top_k, 0), seed=choice.seed, stop=s.stops,
-                       stop_token_ids=list(s.stop_token_ids or []), logprobs=self.logprobs, lora=lora)
+                       stop_token_ids=list(s.stop_token_ids or []), logprobs=self.logprobs,
+                       top_logprobs=self.top_logprobs if self.logprobs else 0, lora=lora)
 
     # --- run -----------------------------------------------------------------------------------
     async def _drive(self, choice: Choice) -> None:
@@ -97,6 +100,7 @@ class Generation:
                     choice.text.append(delta.text or "")
                     choice.token_ids += list(delta.token_ids or [])
                     choice.logprobs += list(delta.logprobs or [])
+                    choice.top_logprobs += list(delta.top_logprobs or [])
                     self._queue.put_nowait((choice, delta))
                 result = choice.handle.result()
                 error = getattr(result, "error", None)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 
 def new_id(prefix: str) -> str:
@@ -21,20 +21,37 @@ def usage(prompt_tokens: int, completion_tokens: int) -> Dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def completion_logprobs(tokens: Sequence[str], logprobs: Sequence[float], offset: int = 0) -> Dict[str, Any]:
-    """The completions API's logprobs object for the chosen tokens (`top_logprobs` is null: only
-    the chosen token's logprob is known)."""
+#: a token's likeliest alternatives: (text, logprob) pairs, likeliest first
+Alternatives = Sequence[Tuple[str, float]]
+
+
+def completion_logprobs(tokens: Sequence[str], logprobs: Sequence[float], offset: int = 0,
+                        tops: Optional[Sequence[Alternatives]] = None) -> Dict[str, Any]:
+    """The completions API's logprobs object for the chosen tokens; `top_logprobs` maps each
+    alternative's text to its logprob (null when none were asked; texts that decode alike keep the
+    likelier, as in a JSON object)."""
     offsets, at = [], offset
     for token in tokens:
         offsets.append(at)
         at += len(token)
-    return {"tokens": list(tokens), "token_logprobs": [float(x) for x in logprobs], "top_logprobs": None,
+    top = None
+    if tops is not None:
+        top = []
+        for alts in tops:
+            by_text: Dict[str, float] = {}
+            for t, x in alts:
+                by_text.setdefault(t, float(x))
+            top.append(by_text)
+    return {"tokens": list(tokens), "token_logprobs": [float(x) for x in logprobs], "top_logprobs": top,
             "text_offset": offsets}
 
 
-def chat_logprobs(tokens: Sequence[str], logprobs: Sequence[float]) -> Dict[str, Any]:
-    return {"content": [{"token": t, "logprob": float(x), "bytes": list(t.encode()), "top_logprobs": []}
-                        for t, x in zip(tokens, logprobs)]}
+def chat_logprobs(tokens: Sequence[str], logprobs: Sequence[float],
+                  tops: Optional[Sequence[Alternatives]] = None) -> Dict[str, Any]:
+    alternatives = tops if tops is not None else [()] * len(tokens)
+    return {"content": [{"token": t, "logprob": float(x), "bytes": list(t.encode()),
+                         "top_logprobs": [{"token": a, "logprob": float(y), "bytes": list(a.encode())} for a, y in alts]}
+                        for t, x, alts in zip(tokens, logprobs, alternatives)]}
 
 
 def completion(id: str, created: int, model: str, choices: List[Dict[str, Any]], usage_: Dict[str, int]) -> dict:

@@ -9,6 +9,7 @@ from typing import Any, Dict, List, Literal, Optional, Type, TypeVar, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from loramux.serving.request import MAX_TOP_LOGPROBS
 from loramux.serving.server.api_errors import ApiError
 
 #: OpenAI allows up to 4 stop sequences; a few more cost nothing here
@@ -66,7 +67,7 @@ class _Sampling(_Strict):
 class CompletionRequest(_Sampling):
     prompt: Union[str, List[str], List[int], List[List[int]]]
     max_tokens: Optional[int] = Field(16, ge=1)
-    logprobs: Optional[int] = Field(None, ge=0)  # 0: the chosen tokens' logprobs, the only ones known
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # the chosen tokens' + this many likeliest
     echo: bool = False
     best_of: Optional[int] = None
     suffix: Optional[str] = None
@@ -75,9 +76,6 @@ class CompletionRequest(_Sampling):
     def _prompt(self):
         if self.echo:
             raise ValueError("echo is not supported by this server")
-        if self.logprobs:
-            raise ValueError(f"logprobs={self.logprobs} (top alternatives) is not supported by this server: "
-                             "logprobs=0 returns the chosen tokens' log-probabilities")
         if self.suffix:
             raise ValueError("suffix is not supported by this server")
         if self.best_of is not None and self.best_of != self.n:
@@ -117,7 +115,7 @@ class ChatCompletionRequest(_Sampling):
     max_tokens: Optional[int] = Field(None, ge=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: Optional[int] = Field(None, ge=0)  # 0 only: the chosen tokens' logprobs are the ones known
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: Optional[List[Any]] = None
     response_format: Optional[Dict[str, Any]] = None
 
@@ -125,9 +123,8 @@ class ChatCompletionRequest(_Sampling):
     def _chat(self):
         if self.tools:
             raise ValueError("tools are not supported by this server")
-        if self.top_logprobs:
-            raise ValueError(f"top_logprobs={self.top_logprobs} is not supported by this server: logprobs=true "
-                             "returns the chosen tokens' log-probabilities")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
         if self.response_format and self.response_format.get("type") not in (None, "text"):
             raise ValueError("response_format other than text is not supported by this server")
         return self
