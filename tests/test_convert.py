@@ -315,6 +315,29 @@ def test_factors_of_the_wrong_width_are_named(llama_peft, tmp_path, tmp_path_fac
         convert.from_peft(bad, base_model=base)
 
 
+def test_the_shared_widths_table_agrees_with_the_formats_module_dims():
+    """peft_reader._SHARED_WIDTHS names, for the checks without a model, which width each module
+    reads and writes; the format's ModelSpec.module_dims (rust/src/format.rs) is the rule it
+    mirrors: every module's widths, spelled out by the table, equal module_dims' on a model whose
+    every width differs (the fused qkv outputs, a sum, are left to the per-module check; the fused
+    cross-attention qkv needs an encoder as wide as the decoder)."""
+    from loramux.convert import peft_reader
+
+    def model(encoder):
+        return format.ModelSpec(num_layers=1, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=24, ffn_size=96,
+                                expert_ffn_size=80, num_experts=6, encoder_hidden_size=encoder, max_rank=8)
+
+    value = {"hidden size": 64, "attention width": 4 * 24, "key/value width": 2 * 24, "MLP width": 96,
+             "expert MLP width": 80, "number of experts": 6, "encoder width": 40, **peft_reader._FIXED_WIDTHS}
+    assert set(peft_reader._SHARED_WIDTHS) == set(MODULE_IDS)
+    for name, sides in peft_reader._SHARED_WIDTHS.items():
+        dims = model(64 if name == "cross_attn_qkv" else 40).module_dims(MODULE_IDS[name])
+        for side, entry in enumerate(sides):
+            if entry is not None:
+                what, times = entry
+                assert value[what] * times == dims[side], (name, side, entry, dims)
+
+
 @pytest.mark.parametrize(
     "field, value, named",
     [

@@ -5,7 +5,6 @@ adder in SUBCOMMANDS."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from collections import defaultdict
 from typing import Callable, List, Optional
@@ -67,19 +66,6 @@ def _check_output_dir(out: str, source: Optional[str] = None) -> None:
         raise LoraFormatError(f"{out}: cannot be created, {parent} is a file, not a folder")
 
 
-@contextlib.contextmanager
-def _writing(out: str):
-    """An OSError while writing the output (no permission, a read-only or missing file system, a full
-    disk) as a LoraFormatError naming the folder."""
-    from loramux.errors import LoraFormatError
-
-    try:
-        yield
-    except OSError as e:
-        raise LoraFormatError(f"{out}: cannot write the output there ({e.strerror or e}"
-                              f"{': ' + str(e.filename) if e.filename else ''})") from None
-
-
 def add_convert(sub) -> None:
     p = sub.add_parser("convert", help="PEFT adapter dir -> model.lora_weights.npy + model.lora_config.npy")
     p.add_argument("-i", "--input", required=True, help="PEFT adapter directory (adapter_config.json + weights)")
@@ -99,7 +85,7 @@ def cmd_convert(args) -> int:
     _check_output_dir(args.output, source=args.input)
     weights, config = convert.from_peft(args.input, storage_type=args.storage_type,
                                         base_model=_base_model(args.base_model), arch=args.arch)
-    with _writing(args.output):
+    with format.writing_to(args.output, "the output"):
         format.save(args.output, weights, config)
     print(f"wrote {args.output}/{format.WEIGHTS_FILE} {list(weights.shape)} {args.storage_type} and "
           f"{format.CONFIG_FILE} {list(config.shape)}")
@@ -275,11 +261,12 @@ def add_example_adapter(sub) -> None:
 def cmd_example_adapter(args) -> int:
     import os
 
+    from loramux import format
     from loramux.demo import make_example_adapter
 
     targets = args.targets  # a list: _example_targets parsed it
     _check_output_dir(args.out_dir)
-    with _writing(args.out_dir):  # before loading the model, so an unwritable folder fails at once
+    with format.writing_to(args.out_dir, "the output"):  # before loading the model, so an unwritable folder fails at once
         os.makedirs(args.out_dir, exist_ok=True)
     paths = make_example_adapter(args.out_dir, rank=args.rank, targets=targets, dora=args.dora,
                                  storage_type=args.storage_type, seed=args.seed)

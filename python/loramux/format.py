@@ -7,6 +7,7 @@ Ho DoRA scales, then padding.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -207,6 +208,17 @@ def save(out_dir: str, weights: np.ndarray, config: np.ndarray) -> None:
     np.save(os.path.join(out_dir, CONFIG_FILE), np.asarray(config), allow_pickle=False)
 
 
+@contextlib.contextmanager
+def writing_to(path: str, what: str = ""):
+    """An OSError while writing into `path` (a file in the way, no permission, a read-only or full
+    disk) as a LoraFormatError naming the path; `what`: what is being written, for the message."""
+    try:
+        yield
+    except OSError as e:
+        raise LoraFormatError(f"{path}: cannot write {what + ' ' if what else ''}there ({e.strerror or e}"
+                              f"{': ' + str(e.filename) if e.filename else ''})") from None
+
+
 def _load_npy(path: str, max_bytes: int) -> np.ndarray:
     """np.load without pickle, after checking the header's shape against the file size and limit."""
     if not os.path.isfile(path):
@@ -243,5 +255,5 @@ def load(out_dir: str, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> Tuple[np.ndar
 
 __all__ = [
     "ModelSpec", "RowLayout", "AdapterRow", "validate", "adapter_input", "raw_weights", "raw_config", "row_width", "weights_dtype_name",
-    "to_float32", "from_rows", "to_rows", "save", "load", "WEIGHT_DTYPES", "WEIGHTS_FILE", "CONFIG_FILE",
+    "to_float32", "from_rows", "to_rows", "save", "load", "writing_to", "WEIGHT_DTYPES", "WEIGHTS_FILE", "CONFIG_FILE",
 ]

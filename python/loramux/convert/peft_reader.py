@@ -399,17 +399,20 @@ def from_peft(path: str, storage_type: str = "float16", base_model: Any = None, 
     from tqdm import tqdm
 
     show = progress if progress is not None else out_bytes > PROGRESS_BYTES
-    rows, per_expert, widths = [], [], _Widths()
+    # with the model each factor is checked against its layer's widths (_check_model_shapes)
+    rows, per_expert, widths = [], [], _Widths() if spec is None else None
     for key, target, factors in tqdm(targets, desc="converting", unit="module", disable=not show):
         new = _rows_for_target(key, target, factors, config, base, spec)
         _check_storage(key, new, storage_type)
-        for row in new:
-            widths.add(key, row)
+        if widths is not None:
+            for row in new:
+                widths.add(key, row)
         if target.kind == hfspec.PER_EXPERT:
             per_expert += [(key, target, r) for r in new]
         else:
             rows += new
-    widths.check()
+    if widths is not None:
+        widths.check()
     rows = sorted(rows + _merge_per_expert(per_expert), key=lambda r: (r.layer, r.module_id))
     weights, cfg = fmt.from_rows(rows, storage_type)
     if spec is not None:

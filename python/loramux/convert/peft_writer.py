@@ -19,7 +19,7 @@ import numpy as np
 import loramux.format as fmt
 from loramux.convert import hf_modules as hfspec
 from loramux.dora import BaseWeights, denormalize
-from loramux.errors import LoraConvertError, LoraDoraError, LoraFormatError
+from loramux.errors import LoraConvertError, LoraDoraError
 from loramux.convert.peft_files import ADAPTER_CONFIG, BIN_FILE, EXPERT_PARAM_ORDER, KEY_PREFIX, SAFETENSORS_FILE
 from loramux.format import AdapterRow, ModelSpec
 
@@ -145,14 +145,11 @@ def to_peft(weights, config, spec: ModelSpec, out_dir: str, arch: Any, base_mode
         "inference_mode": True,
     }
     # An existing folder is written into (its adapter files replaced), as PEFT's save_pretrained does.
-    try:
+    with fmt.writing_to(out_dir, "the PEFT adapter"):
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, ADAPTER_CONFIG), "w") as f:
             json.dump(adapter_config, f, indent=2)
         _save_tensors(tensors, fmt.weights_dtype_name(np.asarray(weights)), os.path.join(out_dir, SAFETENSORS_FILE))
-    except OSError as e:  # a file in the way, no permission, a read-only or full disk
-        raise LoraFormatError(f"{out_dir}: cannot write the PEFT adapter there ({e.strerror or e}"
-                              f"{': ' + str(e.filename) if e.filename else ''})") from None
 
 
 __all__ = ["to_peft"]

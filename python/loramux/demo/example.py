@@ -3,14 +3,13 @@ random, non-zero weights, saved as a PEFT folder and converted to the TensorRT-L
 
 from __future__ import annotations
 
-import contextlib
 import os
 from typing import Sequence
 
 import torch
 
 from loramux.demo.smollm2 import quiet_loading
-from loramux.errors import LoraConvertError, LoraFormatError
+from loramux.errors import LoraConvertError
 
 #: the PEFT folder and the converted pair inside an example adapter's output folder
 PEFT_SUBDIR = "peft"
@@ -30,17 +29,6 @@ def randomize_lora_b(peft_model, adapter_name: str, std: float = 0.02, magnitude
             if magnitude_jitter and adapter_name in magnitudes:
                 m = magnitudes[adapter_name].weight
                 m.mul_(1 + magnitude_jitter * (2 * torch.rand_like(m) - 1))
-
-
-@contextlib.contextmanager
-def _writing(out: str):
-    """An OSError while writing `out` (a file in the way, no permission, a read-only disk) as a
-    LoraFormatError naming it."""
-    try:
-        yield
-    except OSError as e:
-        raise LoraFormatError(f"{out}: cannot write there ({e.strerror or e}"
-                              f"{': ' + str(e.filename) if e.filename else ''})") from None
 
 
 def make_example_adapter(out_dir: str, *, rank: int = 8, targets: Sequence[str] = DEFAULT_TARGETS,
@@ -70,13 +58,13 @@ def make_example_adapter(out_dir: str, *, rank: int = 8, targets: Sequence[str] 
             raise LoraConvertError(f"targets {list(targets)}: not modules of this model ({e})") from None
         try:
             randomize_lora_b(peft_model, "default", magnitude_jitter=0.2 if dora else 0.0)
-            with _writing(peft_dir):
+            with format.writing_to(peft_dir):
                 peft_model.save_pretrained(peft_dir)
         finally:
             peft_model.unload()  # the base model's own layers back in place
     # DoRA scales are normalized against the base weights, so the converter needs the model
     weights, config_rows = convert.from_peft(peft_dir, storage_type=storage_type, base_model=model if dora else None)
-    with _writing(trt_dir):
+    with format.writing_to(trt_dir):
         format.save(trt_dir, weights, config_rows)
     return {"peft": peft_dir, "trt": trt_dir}
 

@@ -73,6 +73,11 @@ class AdapterGate:
             self.cache.release(hold)
 
 
+def _asked(seq: Sequence) -> str:
+    """What a request asks of the KV cache, as its errors say it."""
+    return f"its prompt of {len(seq.prompt_ids)} tokens and max_new_tokens={seq.request.max_new_tokens}"
+
+
 def admission_error(seq: Sequence, err: BaseException) -> LoraError:
     """The typed error a request fails with when admitting it raised `err`: the LoraError it was,
     or a LoraRequestError with `err` chained (the cache refusing its id, a tokenizer bug, ...)."""
@@ -137,19 +142,15 @@ class Scheduler:
             except LoraRequestError as err:
                 return err
             if seq.need > self.max_positions:
-                return LoraRequestError(f"request {seq.request_id}: its prompt of {len(seq.prompt_ids)} tokens and "
-                                        f"max_new_tokens={seq.request.max_new_tokens} exceed {self.positions_limit}")
+                return LoraRequestError(f"request {seq.request_id}: {_asked(seq)} exceed {self.positions_limit}")
             why = self.kv.never_fits(seq.need)
             if why is not None:
-                return LoraRequestError(f"request {seq.request_id} can never fit the KV cache: its prompt of "
-                                        f"{len(seq.prompt_ids)} tokens and max_new_tokens="
-                                        f"{seq.request.max_new_tokens} {why}")
+                return LoraRequestError(f"request {seq.request_id} can never fit the KV cache: {_asked(seq)} {why}")
         busy = bool(running or admitted)
         if not self.kv.fits(len(running) + len(admitted) + 1, max(longest, seq.need)):
             if busy:
                 return "wait"
-            return LoraRequestError(f"request {seq.request_id} does not fit the KV cache alone: its prompt of "
-                                    f"{len(seq.prompt_ids)} tokens and max_new_tokens={seq.request.max_new_tokens} "
+            return LoraRequestError(f"request {seq.request_id} does not fit the KV cache alone: {_asked(seq)} "
                                     f"need {seq.need} KV positions; at most {self.kv.max_seq_len} fit")
         if seq.task_id is None:
             return "ok"
