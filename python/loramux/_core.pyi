@@ -10,6 +10,8 @@ __version__: str
 #: (flat uint8 weights, dtype name, weights shape, flat int64 config, config shape), as
 #: loramux.format.adapter_input builds it
 _AdapterInput = Tuple[np.ndarray, str, List[int], np.ndarray, List[int]]
+#: (flat uint8 weights, dtype name, weights shape), as loramux.format.raw_weights returns it
+_WeightsInput = Tuple[np.ndarray, str, List[int]]
 
 class ModelSpec:
     num_layers: int
@@ -48,6 +50,12 @@ def validate(
     dora_allowed: bool = True,
     check_finite: bool = True,
 ) -> List[Tuple[int, int, int, int, int, bool]]: ...
+# rows: (module_id, layer, rank, hi, ho, is_dora); returns (row, column, value) or None
+def first_unstorable(
+    weights: _WeightsInput,
+    rows: List[Tuple[int, int, int, int, int, bool]],
+    storage_type: str,
+) -> Optional[Tuple[int, int, float]]: ...
 def tp_slice_adapter(
     adapter: _AdapterInput,
     spec: ModelSpec,

@@ -1,6 +1,7 @@
 //! The TensorRT-LLM LoRA tensor format: a `[N, 3|4]` config (`module_id, layer_idx, rank[, is_dora]`)
 //! and an `[N, W]` weights array whose row i holds A_i (D x Hi), B_i (Ho x D), then Ho DoRA scales.
-//! This file owns the row layout, its validation against a model, and packing rows into a cache page.
+//! This file owns the row layout, its validation against a model (or, for rows being built, the
+//! storage check), and packing rows into a cache page.
 
 use std::collections::HashMap;
 
@@ -283,6 +284,58 @@ pub fn checked_layout(weights: &WeightsView, config: &[ConfigRow], spec: &ModelS
         });
     }
     Ok(layout)
+}
+
+/// One row's shape as the code building an adapter knows it, before there is a config, or a model
+/// to check it against (python/loramux/format.py `from_rows`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RowShape {
+    pub module_id: i64,
+    pub layer: usize,
+    pub rank: usize,
+    pub hi: usize,
+    pub ho: usize,
+    pub is_dora: bool,
+}
+
+/// The layout of rows given by their shapes: each module id must be one of the format's, and each
+/// row's values must fit the weights' width (so the value scans stay inside the row). Ranks,
+/// layers and widths are the builder's; `validate` checks them against a model later.
+pub fn layout_from_shapes(weights: &WeightsView, shapes: &[RowShape]) -> Result<AdapterLayout> {
+    if shapes.len() != weights.rows {
+        return Err(LoraError::RowCountMismatch { config_rows: shapes.len(), weight_rows: weights.rows });
+    }
+    let mut rows = Vec::with_capacity(shapes.len());
+    for (row, s) in shapes.iter().enumerate() {
+        let module = LoraModule::from_id(s.module_id).ok_or(LoraError::UnknownModuleId { row, module_id: s.module_id })?;
+        // The sizes come from the caller, not a model: a count past usize is a row no array holds.
+        let needed = s
+            .rank
+            .checked_mul(s.hi)
+            .and_then(|a| s.ho.checked_mul(s.rank).and_then(|b| a.checked_add(b)))
+            .and_then(|ab| ab.checked_add(if s.is_dora { s.ho } else { 0 }));
+        if needed.is_none_or(|n| n > weights.width) {
+            return Err(LoraError::RowTooShort {
+                row,
+                module: module.name(),
+                layer: s.layer,
+                rank: s.rank,
+                needed: needed.unwrap_or(usize::MAX),
+                width: weights.width,
+                dora: if s.is_dora { " + Ho" } else { "" },
+            });
+        }
+        rows.push(RowLayout { module, layer: s.layer, rank: s.rank, hi: s.hi, ho: s.ho, is_dora: s.is_dora });
+    }
+    Ok(AdapterLayout { rows })
+}
+
+/// Every used value is finite, and stays finite once stored as `storage`: what an adapter's
+/// builder checks before converting (numpy stores an overflow as inf with only a warning). DoRA
+/// scales are not checked for > 0: builders hold unnormalized scales that `validate` refuses later.
+pub fn check_storable(weights: &WeightsView, layout: &AdapterLayout, storage: WeightsDtype) -> Result<()> {
+    let checks = ValueChecks { finite: true, dora_scales: false, representable_in: Some(storage) };
+    scan_digest_pack(weights, layout, checks, None, false).map(|_| ())
 }
 
 /// Little-endian element of width N (2 or 4 bytes) as u32.

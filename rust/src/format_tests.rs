@@ -1,4 +1,5 @@
-//! Unit tests of format.rs: layouts, each bad-input class, the NaN/Inf scan, packing and dtype conversion.
+//! Unit tests of format.rs: layouts (from a config or from row shapes), each bad-input class, the
+//! NaN/Inf scan, the storage check, packing and dtype conversion.
 
 use super::*;
 use super::scan::first_overflow;
@@ -259,4 +260,93 @@ fn dst_is_finite(v: f32, dst: WeightsDtype) -> bool {
         WeightsDtype::BF16 => bf16::from_f32(v).is_finite(),
         WeightsDtype::F32 => v.is_finite(),
     }
+}
+
+/// Two rows as a float32 [2, 12] array: q (A 4, B 4, 4 DoRA scales: 12 values), then v (A 4, B 2,
+/// then padding).
+fn shaped_rows() -> (Vec<RowShape>, Vec<f32>) {
+    let shapes = vec![
+        RowShape { module_id: 1, layer: 0, rank: 1, hi: 4, ho: 4, is_dora: true },
+        RowShape { module_id: 3, layer: 2, rank: 1, hi: 4, ho: 2, is_dora: false },
+    ];
+    (shapes, vec![0.25f32; 2 * 12])
+}
+
+#[test]
+fn rows_from_shapes_lay_out_as_their_config_would() {
+    let (shapes, vals) = shaped_rows();
+    let data = f32_bytes(&vals);
+    let w = WeightsView::new(WeightsDtype::F32, &[2, 12], &data).unwrap();
+    let layout = layout_from_shapes(&w, &shapes).unwrap();
+    let cfg = vec![[1, 0, 1, 1], [3, 2, 1, 0]];
+    assert_eq!(layout, layout_from_config(&cfg, &spec(), ValidateOptions::default()).unwrap());
+    for storage in WeightsDtype::ALL {
+        assert_eq!(check_storable(&w, &layout, storage), Ok(()), "{storage:?}");
+    }
+}
+
+#[test]
+fn values_the_storage_type_cannot_hold_are_named_by_row_and_column() {
+    use WeightsDtype::*;
+    let (shapes, clean) = shaped_rows();
+    let check = |column: usize, value: f32, storage: WeightsDtype| {
+        let mut vals = clean.clone();
+        vals[12 + column] = value; // row 1
+        let data = f32_bytes(&vals);
+        let w = WeightsView::new(F32, &[2, 12], &data).unwrap();
+        check_storable(&w, &layout_from_shapes(&w, &shapes).unwrap(), storage)
+    };
+    for storage in WeightsDtype::ALL {
+        assert_eq!(check(4, f32::NAN, storage).unwrap_err().row(), Some(1));
+        assert!(matches!(check(4, f32::NAN, storage), Err(LoraError::NonFinite { row: 1, column: 4, value }) if value.is_nan()));
+        assert_eq!(check(2, f32::NEG_INFINITY, storage), Err(LoraError::NonFinite { row: 1, column: 2, value: f32::NEG_INFINITY }));
+        assert_eq!(check(7, f32::NAN, storage), Ok(())); // padding: not a value of the row
+    }
+    assert_eq!(check(5, 65519.0, F16), Ok(())); // rounds to 65504, float16's largest
+    assert_eq!(check(5, 70000.0, F16), Err(LoraError::NotRepresentable { row: 1, column: 5, value: 70000.0, dtype: "float16" }));
+    assert_eq!(check(5, -65520.0, F16), Err(LoraError::NotRepresentable { row: 1, column: 5, value: -65520.0, dtype: "float16" }));
+    assert_eq!(check(5, 70000.0, BF16), Ok(()));
+    assert_eq!(check(0, 3.4e38, BF16), Err(LoraError::NotRepresentable { row: 1, column: 0, value: 3.4e38, dtype: "bfloat16" }));
+    assert_eq!(check(0, 3.4e38, F32), Ok(()));
+    // A NaN is reported before a value out of range, wherever each sits (validation's order).
+    let mut vals = clean.clone();
+    vals[1] = 1e6;
+    vals[12 + 5] = f32::NAN;
+    let data = f32_bytes(&vals);
+    let w = WeightsView::new(F32, &[2, 12], &data).unwrap();
+    assert!(matches!(check_storable(&w, &layout_from_shapes(&w, &shapes).unwrap(), F16), Err(LoraError::NonFinite { row: 1, column: 5, .. })));
+}
+
+#[test]
+fn unnormalized_dora_scales_are_storable() {
+    // from_rows builds rows whose scales validate would refuse; storing them is not the fault.
+    let (shapes, mut vals) = shaped_rows();
+    vals[8] = 0.0;
+    vals[9] = -3.0;
+    let data = f32_bytes(&vals);
+    let w = WeightsView::new(WeightsDtype::F32, &[2, 12], &data).unwrap();
+    assert_eq!(check_storable(&w, &layout_from_shapes(&w, &shapes).unwrap(), WeightsDtype::F16), Ok(()));
+}
+
+#[test]
+fn shapes_that_do_not_fit_the_weights_are_typed_errors() {
+    let (shapes, vals) = shaped_rows();
+    let data = f32_bytes(&vals[..2 * 11]);
+    let narrow = WeightsView::new(WeightsDtype::F32, &[2, 11], &data).unwrap();
+    let err = layout_from_shapes(&narrow, &shapes).unwrap_err();
+    assert_eq!(err, LoraError::RowTooShort { row: 0, module: "attn_q", layer: 0, rank: 1, needed: 12, width: 11, dora: " + Ho" });
+
+    let data = f32_bytes(&vals);
+    let w = WeightsView::new(WeightsDtype::F32, &[2, 12], &data).unwrap();
+    let unknown = [shapes[0], RowShape { module_id: 19, ..shapes[1] }];
+    assert_eq!(layout_from_shapes(&w, &unknown), Err(LoraError::UnknownModuleId { row: 1, module_id: 19 }));
+    let negative = [RowShape { module_id: -1, ..shapes[0] }, shapes[1]];
+    assert_eq!(layout_from_shapes(&w, &negative), Err(LoraError::UnknownModuleId { row: 0, module_id: -1 }));
+    // Sizes whose product wraps usize are too long for any row, not a short layout to scan past.
+    let huge = [shapes[0], RowShape { rank: 1 << 33, hi: 1 << 33, ..shapes[1] }];
+    assert!(matches!(layout_from_shapes(&w, &huge), Err(LoraError::RowTooShort { row: 1, needed: usize::MAX, .. })));
+    assert_eq!(
+        layout_from_shapes(&w, &shapes[..1]),
+        Err(LoraError::RowCountMismatch { config_rows: 1, weight_rows: 2 })
+    );
 }

@@ -1,13 +1,14 @@
-//! The format's validation and tables for Python: `validate` and the dtype table (logic in
-//! rust/src/format.rs).
+//! The format's validation and tables for Python: `validate`, the storage check of rows being
+//! built, and the dtype table (logic in rust/src/format.rs).
 
 use pyo3::prelude::*;
 
-use crate::bindings::adapter::AdapterInput;
-use crate::bindings::errors::IntoPyResult;
+use crate::bindings::adapter::{AdapterInput, WeightsInput};
+use crate::bindings::errors::{to_py, IntoPyResult};
 use crate::bindings::spec::PyModelSpec;
 use crate::cuda::launch;
-use crate::format::{self, ValidateOptions, WeightsDtype};
+use crate::error::LoraError;
+use crate::format::{self, RowShape, ValidateOptions, WeightsDtype};
 use crate::modules::LoraModule;
 
 /// One validated row: (module_id, layer, rank, hi, ho, is_dora).
@@ -22,6 +23,32 @@ fn validate(py: Python<'_>, adapter: AdapterInput<'_>, spec: &PyModelSpec, dora_
     let opts = ValidateOptions { dora_allowed, check_finite };
     let layout = py.detach(|| format::validate(&weights, &rows, &spec.core, opts)).py()?;
     Ok(layout.rows.iter().map(|r| (r.module.id(), r.layer, r.rank, r.hi, r.ho, r.is_dora)).collect())
+}
+
+/// One row being built: (module_id, layer, rank, hi, ho, is_dora).
+type RowShapeTuple = (i64, usize, usize, usize, usize, bool);
+
+/// The first used value of `weights` (`format.raw_weights` of the rows' values, one row shape
+/// each) that is NaN / Inf or would be once stored as `storage_type`: `(row, column, value)`, or
+/// None when every value can be stored. An unknown module id or a row too short raises
+/// LoraFormatError.
+#[pyfunction]
+fn first_unstorable(
+    py: Python<'_>,
+    weights: WeightsInput<'_>,
+    rows: Vec<RowShapeTuple>,
+    storage_type: &str,
+) -> PyResult<Option<(usize, usize, f32)>> {
+    let weights = weights.core()?;
+    let storage = WeightsDtype::from_name(storage_type).py()?;
+    let shapes: Vec<RowShape> =
+        rows.into_iter().map(|(module_id, layer, rank, hi, ho, is_dora)| RowShape { module_id, layer, rank, hi, ho, is_dora }).collect();
+    let checked = py.detach(|| format::layout_from_shapes(&weights, &shapes).and_then(|layout| format::check_storable(&weights, &layout, storage)));
+    match checked {
+        Ok(()) => Ok(None),
+        Err(LoraError::NonFinite { row, column, value } | LoraError::NotRepresentable { row, column, value, .. }) => Ok(Some((row, column, value))),
+        Err(other) => Err(to_py(other)),
+    }
 }
 
 #[pyfunction]
@@ -41,6 +68,7 @@ fn dtype_table() -> Vec<(&'static str, usize, bool)> {
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(validate, m)?)?;
+    m.add_function(wrap_pyfunction!(first_unstorable, m)?)?;
     m.add_function(wrap_pyfunction!(module_name, m)?)?;
     m.add_function(wrap_pyfunction!(dtype_table, m)?)?;
     Ok(())
