@@ -32,23 +32,40 @@ def _dims(spec, mid):
         return None
 
 
+#: the largest float32 magnitude each storage type holds finite: float16 rounds 65519 to 65504 and
+#: 65520 to inf; bfloat16 rounds the float32 halfway past its largest value to inf
+STORABLE_PEAK = {"float16": 65519.0, "bfloat16": float(np.array([0x7F7F7FFF], np.uint32).view(np.float32)[0]),
+                 "float32": float(np.finfo(np.float32).max)}
+
+
 @st.composite
 def adapters(draw, storage=None):
-    """(spec, rows, storage type): a random valid adapter over a random model."""
+    """(spec, rows, storage type): a random valid adapter over a random model, its values anywhere
+    in the storage type's range."""
     spec = draw(specs())
     present = [m for m in range(NUM_MODULES) if _dims(spec, m)]
     slots = [(m, layer) for m in present for layer in range(spec.num_layers)]
     chosen = draw(st.lists(st.sampled_from(slots), min_size=1, max_size=8, unique=True))
     dora = draw(st.booleans())
+    storage = storage or draw(st.sampled_from(format.WEIGHT_DTYPES))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    peak = STORABLE_PEAK[storage]
+    spread = draw(st.sampled_from([1.0, 1e4, peak / 8]))
+
+    def values(shape):
+        """Normal values `spread` wide, within what `storage` holds, sometimes with its extremes."""
+        v = np.clip(rng.standard_normal(shape) * spread, -peak, peak).astype(np.float32)
+        if v.size and draw(st.booleans()):
+            v.reshape(-1)[rng.integers(v.size)] = peak * rng.choice([-1, 1])
+        return v
+
     rows = []
     for mid, layer in chosen:
         hi, ho = spec.module_dims(mid)
         rank = draw(st.integers(1, spec.max_rank))
         scale = rng.uniform(0.5, 2, ho).astype(np.float32) if dora and draw(st.booleans()) else None
-        rows.append(AdapterRow(mid, layer, rng.standard_normal((rank, hi), dtype=np.float32),
-                               rng.standard_normal((ho, rank), dtype=np.float32), scale))
-    return spec, rows, storage or draw(st.sampled_from(format.WEIGHT_DTYPES))
+        rows.append(AdapterRow(mid, layer, values((rank, hi)), values((ho, rank)), scale))
+    return spec, rows, storage
 
 
 def _as_stored(values, storage):
@@ -272,6 +289,11 @@ def test_from_rows_refuses_rows_that_are_not_an_adapter():
         format.from_rows([AdapterRow(1, 0, a, b, np.ones(3, np.float32))])
     with pytest.raises(LoraFormatError, match="row 1"):
         format.from_rows([AdapterRow(1, 0, a, b), AdapterRow(2, 0, np.float32(1.0), b)])
+    with pytest.raises(LoraFormatError, match=f"row 1: module_id {NUM_MODULES} is not one of") as err:
+        format.from_rows([AdapterRow(1, 0, a, b), AdapterRow(NUM_MODULES, 0, a, b)])
+    assert err.value.row == 1
+    with pytest.raises(LoraFormatError, match="row 0: layer -1 is negative"):
+        format.from_rows([AdapterRow(1, -1, a, b)])
     with pytest.raises(ValueError, match="storage type 'int8'") as err:  # an argument, not adapter data
         format.from_rows([AdapterRow(1, 0, a, b)], "int8")
     assert not isinstance(err.value, LoraFormatError)
@@ -293,3 +315,57 @@ def test_a_broadcast_view_too_large_to_copy_is_a_format_error_naming_its_shape()
     spec = ModelSpec(num_layers=2, hidden_size=4, num_heads=2, max_rank=4)
     with pytest.raises(LoraFormatError, match=r"weights \[60, 1099511627776\] float16 are not contiguous"):
         format.validate(huge, np.array([[1, 0, 1]] * 60), spec)
+
+
+def _rows_with(value, factor):
+    """attn_q layer 0, then attn_v layer 2 with DoRA scales, `value` last in row 1's `factor`."""
+    a, b, scale = np.full((2, 8), 0.5, np.float32), np.full((4, 2), -0.25, np.float32), np.ones(4, np.float32)
+    {"lora_A": a, "lora_B": b, "DoRA scale": scale}[factor].reshape(-1)[-1] = value
+    q = AdapterRow(MODULE_IDS["attn_q"], 0, np.ones((1, 8), np.float32), np.ones((8, 1), np.float32))
+    return [q, AdapterRow(MODULE_IDS["attn_v"], 2, a, b, scale)]
+
+
+@pytest.mark.parametrize("factor", ["lora_A", "lora_B", "DoRA scale"])
+@pytest.mark.parametrize(
+    "value, storage",
+    [(np.nan, "float16"), (np.inf, "bfloat16"), (-np.inf, "float32"), (np.nan, "float32"), (65520.0, "float16"),
+     (-7e4, "float16"), (3.4e38, "bfloat16"), (-STORABLE_PEAK["float32"], "bfloat16")],
+)
+def test_from_rows_refuses_values_the_storage_type_cannot_hold_naming_the_row(value, storage, factor):
+    """numpy would store them as inf (or NaN) with a warning at most: an adapter no model serves."""
+    rows = _rows_with(value, factor)
+    with pytest.raises(LoraFormatError) as err:
+        format.from_rows(rows, storage)
+    assert err.value.row == 1
+    message = str(err.value)
+    assert message.startswith(f"row 1 (attn_v layer 2): {factor} holds {value:g}"), message
+    if np.isfinite(value):
+        largest, wider = {"float16": ("65504", "bfloat16 or float32"), "bfloat16": ("3.38953e+38", "float32")}[storage]
+        assert message.endswith(f", too large for storage type {storage} (largest {largest}); use {wider}"), message
+    else:
+        assert f"not finite (storage type {storage} needs finite values)" in message
+    fault = format.storage_fault(rows, storage)
+    assert fault[:4] == (1, MODULE_IDS["attn_v"], 2, factor) and fault.storage_type == storage
+    assert fault.finite == bool(np.isfinite(value)) and str(fault) == message
+
+
+@pytest.mark.parametrize("value", [65520.0, -7e4, 3.4e38, STORABLE_PEAK["float32"], -STORABLE_PEAK["float32"], 1e-45])
+def test_float32_storage_holds_every_finite_value(value):
+    weights, _ = format.from_rows(_rows_with(value, "lora_B"), "float32")
+    assert weights[1, 2 * 8 + 4 * 2 - 1] == np.float32(value)
+    assert format.storage_fault(_rows_with(value, "lora_B"), "float32") is None
+
+
+def test_the_largest_value_each_half_type_holds_is_stored_finite():
+    for storage, peak, stored in (("float16", 65519.0, 65504.0), ("bfloat16", STORABLE_PEAK["bfloat16"], 3.3895313892515355e38)):
+        weights, _ = format.from_rows(_rows_with(-peak, "lora_A"), storage)
+        assert format.to_float32(weights)[1, 2 * 8 - 1] == -stored
+    weights, _ = format.from_rows(_rows_with(7e4, "lora_A"), "bfloat16")  # beyond float16, within bfloat16
+    assert format.to_float32(weights)[1, 2 * 8 - 1] == 70144.0
+
+
+def test_dora_scales_are_stored_unnormalized():
+    """Callers build rows whose scales validate refuses until normalized; storing them is no fault."""
+    for scale in (0.0, -2.0):
+        weights, config = format.from_rows(_rows_with(scale, "DoRA scale"), "float16")
+        assert weights[1, -1] == scale and config[1, 3] == 1

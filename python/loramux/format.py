@@ -140,26 +140,92 @@ def to_float32(weights: np.ndarray) -> np.ndarray:
     return weights.astype(np.float32)
 
 
-def from_rows(rows: Sequence[AdapterRow], storage_type: str = "float16") -> Tuple[np.ndarray, np.ndarray]:
-    """(weights [N, W], config [N, 3|4] int32) from rows; W is the longest row, the rest is zero
-    padding; config has the is_dora column only if some row is DoRA. bfloat16 is stored as its
-    uint16 bit pattern (what np.save/np.load round-trip without pickle)."""
-    if storage_type not in WEIGHT_DTYPES:
-        raise ValueError(f"storage type {storage_type!r} is not one of {WEIGHT_DTYPES}")
-    has_dora = any(r.dora_scale is not None for r in rows)
-    cols = 4 if has_dora else 3
-    config = np.zeros((len(rows), cols), dtype=np.int32)
+def _row_values(rows: Sequence[AdapterRow]) -> np.ndarray:
+    """float32 [N, W]: each row's A, B and DoRA scales, flattened, then zeros up to the longest."""
     lengths = [r.a.size + r.b.size + (0 if r.dora_scale is None else r.dora_scale.size) for r in rows]
     values = np.zeros((len(rows), max(lengths, default=0)), dtype=np.float32)
     for i, r in enumerate(rows):
         if np.ndim(r.a) != 2 or np.ndim(r.b) != 2 or r.b.shape[1] != r.a.shape[0]:
             raise LoraFormatError(f"row {i}: A {np.shape(r.a)} and B {np.shape(r.b)} are not [rank, Hi] and [Ho, rank]", row=i)
-        rank = r.a.shape[0]
         if r.dora_scale is not None and np.size(r.dora_scale) != r.b.shape[0]:
             raise LoraFormatError(f"row {i}: {np.size(r.dora_scale)} DoRA scales for B with Ho = {r.b.shape[0]} rows", row=i)
+        if r.layer < 0:
+            raise LoraFormatError(f"row {i}: layer {r.layer} is negative", row=i)
         parts = [r.a.reshape(-1), r.b.reshape(-1)] + ([] if r.dora_scale is None else [r.dora_scale.reshape(-1)])
         values[i, : lengths[i]] = np.concatenate(parts)
-        config[i, :3] = (r.module_id, r.layer, rank)
+    return values
+
+
+#: the largest finite value of each half-precision storage type, for messages (the bound a value
+#: is checked against is the core's: rust/src/format_scan.rs)
+_LARGEST = {"float16": 65504.0, "bfloat16": 3.3895313892515355e38}
+
+
+class StorageFault(NamedTuple):
+    """A value `from_rows` cannot store: NaN / Inf, or beyond the storage type's range (numpy
+    would store it as inf with only a warning). `factor` is lora_A, lora_B or DoRA scale."""
+
+    row: int
+    module_id: int
+    layer: int
+    factor: str
+    value: float
+    storage_type: str
+
+    @property
+    def finite(self) -> bool:
+        return math.isfinite(self.value)
+
+    def detail(self) -> str:
+        """What is wrong with the value, without the row that holds it."""
+        if not self.finite:
+            return f"{self.factor} holds {self.value:g}, not finite (storage type {self.storage_type} needs finite values)"
+        wider = "bfloat16 or float32" if self.storage_type == "float16" else "float32"
+        return (f"{self.factor} holds {self.value:g}, too large for storage type {self.storage_type} "
+                f"(largest {_LARGEST[self.storage_type]:g}); use {wider}")
+
+    def __str__(self) -> str:
+        return f"row {self.row} ({_core.module_name(self.module_id)} layer {self.layer}): {self.detail()}"
+
+
+def _first_fault(values: np.ndarray, rows: Sequence[AdapterRow], storage_type: str) -> Optional[StorageFault]:
+    """The core's check (rust/src/format.rs check_storable) of `values`, `_row_values(rows)`."""
+    shapes = [(r.module_id, r.layer, r.a.shape[0], r.a.shape[1], r.b.shape[0], r.dora_scale is not None) for r in rows]
+    found = _core.first_unstorable(raw_weights(values), shapes, storage_type)
+    if found is None:
+        return None
+    i, column, value = found
+    r = rows[i]
+    factor = "lora_A" if column < r.a.size else "lora_B" if column < r.a.size + r.b.size else "DoRA scale"
+    return StorageFault(i, r.module_id, r.layer, factor, value, storage_type)
+
+
+def _check_storage_type(storage_type: str) -> None:
+    if storage_type not in WEIGHT_DTYPES:
+        raise ValueError(f"storage type {storage_type!r} is not one of {WEIGHT_DTYPES}")
+
+
+def storage_fault(rows: Sequence[AdapterRow], storage_type: str) -> Optional[StorageFault]:
+    """The first value of `rows` that `from_rows` would refuse to store as `storage_type` (NaN / Inf,
+    or beyond its range), or None. DoRA scales are not checked for > 0 (`validate` does)."""
+    _check_storage_type(storage_type)
+    return _first_fault(_row_values(rows), rows, storage_type)
+
+
+def from_rows(rows: Sequence[AdapterRow], storage_type: str = "float16") -> Tuple[np.ndarray, np.ndarray]:
+    """(weights [N, W], config [N, 3|4] int32) from rows; W is the longest row, the rest is zero
+    padding; config has the is_dora column only if some row is DoRA. bfloat16 is stored as its
+    uint16 bit pattern (what np.save/np.load round-trip without pickle). A value the storage type
+    cannot hold (NaN / Inf, or out of its range) raises LoraFormatError naming its row and factor."""
+    _check_storage_type(storage_type)
+    values = _row_values(rows)
+    fault = _first_fault(values, rows, storage_type)
+    if fault is not None:
+        raise LoraFormatError(str(fault), row=fault.row)
+    has_dora = any(r.dora_scale is not None for r in rows)
+    config = np.zeros((len(rows), 4 if has_dora else 3), dtype=np.int32)
+    for i, r in enumerate(rows):
+        config[i, :3] = (r.module_id, r.layer, r.a.shape[0])
         if has_dora:
             config[i, 3] = int(r.dora_scale is not None)
     if storage_type == "float32":
@@ -255,5 +321,5 @@ def load(out_dir: str, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> Tuple[np.ndar
 
 __all__ = [
     "ModelSpec", "RowLayout", "AdapterRow", "validate", "adapter_input", "raw_weights", "raw_config", "row_width", "weights_dtype_name",
-    "to_float32", "from_rows", "to_rows", "save", "load", "writing_to", "WEIGHT_DTYPES", "WEIGHTS_FILE", "CONFIG_FILE",
+    "to_float32", "from_rows", "storage_fault", "StorageFault", "to_rows", "save", "load", "writing_to", "WEIGHT_DTYPES", "WEIGHTS_FILE", "CONFIG_FILE",
 ]

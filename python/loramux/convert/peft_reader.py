@@ -269,27 +269,13 @@ def _rows_for_target(key, target, factors, config, base: Optional[BaseWeights], 
     return [AdapterRow(mid, target.layer, a, part, None) for mid, part in zip(target.module_ids, parts)]
 
 
-# The smallest magnitude each half-precision storage type rounds to inf (float16: 65504 + half an
-# ulp; bfloat16: the float32 halfway above its largest finite value, which rounds to even = inf).
-_ROUNDS_TO_INF = {"float16": 65520.0, "bfloat16": float(np.array(0x7F7F8000, np.uint32).view(np.float32))}
-
-
-def _check_storage(key: str, rows: List[AdapterRow], storage_type: str) -> None:
-    """Every value of `rows` is finite in float32 and in the storage type: numpy would store an
-    overflow as inf with only a RuntimeWarning, an adapter no model can serve."""
-    for row in rows:
-        for name, values in (("lora_A", row.a), ("lora_B (scaled by lora_alpha/r)", row.b), ("DoRA scale", row.dora_scale)):
-            if values is None or values.size == 0:
-                continue
-            if not np.isfinite(values).all():
-                raise LoraConvertError(f"{key}: {name} is not finite after conversion (lora_alpha too large, or a "
-                                       "DoRA norm of 0?)")
-            peak = values.reshape(-1)[np.abs(values).argmax()]
-            if storage_type in _ROUNDS_TO_INF and abs(float(peak)) >= _ROUNDS_TO_INF[storage_type]:
-                largest = float(np.finfo(np.float16).max) if storage_type == "float16" else 3.3895313892515355e38
-                raise LoraConvertError(f"{key}: {name} holds {float(peak):g}, too large for storage type {storage_type} "
-                                       f"(largest {largest:g}); use storage type float32"
-                                       + (" or bfloat16" if storage_type == "float16" else ""))
+def _storage_error(key: str, fault: fmt.StorageFault) -> LoraConvertError:
+    """A value of `key`'s rows that the storage type cannot hold (fmt.storage_fault), named by the
+    key: lora_B carries lora_alpha/r, which is where such a value usually comes from."""
+    if fault.factor == "lora_B":
+        fault = fault._replace(factor="lora_B (scaled by lora_alpha/r)")
+    hint = "; lora_alpha too large, or a DoRA norm of 0?" if not fault.finite else ""
+    return LoraConvertError(f"{key}: {fault.detail()}{hint}")
 
 
 # Which width each module's input / output shares with other modules (module_dims in
@@ -403,7 +389,9 @@ def from_peft(path: str, storage_type: str = "float16", base_model: Any = None, 
     rows, per_expert, widths = [], [], _Widths() if spec is None else None
     for key, target, factors in tqdm(targets, desc="converting", unit="module", disable=not show):
         new = _rows_for_target(key, target, factors, config, base, spec)
-        _check_storage(key, new, storage_type)
+        fault = fmt.storage_fault(new, storage_type)
+        if fault is not None:
+            raise _storage_error(key, fault)
         if widths is not None:
             for row in new:
                 widths.add(key, row)
