@@ -6,72 +6,7 @@
 // Both take 16-byte copies only: the launcher sends unaligned x / y and Hi or Ho not a multiple
 // of 8 to the register-staged kernels. lora_common.cuh is prepended by the loader.
 
-#define PF_KSTEP 64
-#define PF_SHRINK_STAGES 4   // k-steps of x and A in the ring (3 in flight while one is multiplied)
-// ... of a WT kernel: deeper where its stages are small enough to keep 3 blocks an SM (rust/src/cuda/
-// plan.rs pipe_shrink_stages mirrors it)
-__device__ constexpr int pf_shrink_stages(int wt) { return wt == 1 ? 6 : (wt == 2 ? 5 : PF_SHRINK_STAGES); }
-// column tiles of y and B in the expand's ring (its template parameter: 4 and 5 were measured on
-// the H200 at ranks <= 16 / 48, still 3 blocks an SM, and were no faster: docs/kernel-notes.md)
-#define PF_EXPAND_STAGES 3
-#define PF_PITCH 72          // halves a row of an x / A / y tile: 144 bytes, conflict-free fragments
-#define PF_OTILE 64
-#define EXPAND_PIPE_KSTEPS 8    // k16 steps of the largest rank (128) an expand holds u for
-
-__device__ __forceinline__ u32 pf_smem_addr(const void* p) {
-    u32 a;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-    return a;
-}
-// 16 bytes global -> shared (L2 only); zeros when !valid (nothing read: src is any mapped address)
-__device__ __forceinline__ void pf_cp16(void* dst, const void* src, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(pf_smem_addr(dst)), "l"(src),
-                 "r"(valid ? 16 : 0)
-                 : "memory");
-}
-// the same copy to a shared address already converted (pf_smem_addr once an item, not once a copy)
-__device__ __forceinline__ void pf_cp16_sa(u32 dst, const void* src, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0) : "memory");
-}
-// Four 8x8 matrices of 16-bit values out of shared memory in one instruction: lane l names row
-// l % 8 of matrix l / 8 (16 bytes), and gets in out[m] its pair of matrix m in the mma fragment
-// layout (row l / 4, columns 2 (l % 4) and + 1): what four 32-bit loads a matrix fetched before.
-__device__ __forceinline__ void pf_ldsm4(u32 out[4], u32 row_addr) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(out[0]), "=r"(out[1]), "=r"(out[2]), "=r"(out[3])
-                 : "r"(row_addr));
-}
-__device__ __forceinline__ void pf_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void pf_wait() {
-    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-}
-
-// Rows of the A tile a stage holds: the launch's max rank, padded to the mma's n16.
-__device__ __forceinline__ int pf_rank_rows(int max_rank) { return (max_rank + 15) & ~15; }
-
-// Work item i as a pipelined block takes it. merge > 1 (small items, 8 tokens each): a slot's
-// consecutive small items are merged into the 64-token tile the block holds anyway, so one
-// adapter's 256 tokens are 4 blocks reading A and B once each, not 32 (a slot's items are
-// consecutive and its tokens contiguous in the list, every item but its last full). Item i leads
-// when i % merge == 0 or item i-1 is another slot's, and takes its slot's items up to the next
-// multiple of merge; a follower gets count -1 (nothing to do). merge 1: work_item as it is.
-__device__ __forceinline__ WorkItem pf_item(const int* seg, int max_items, int T, int i, int merge) {
-    WorkItem w = work_item(seg, max_items, T, i);
-    if (merge <= 1 || w.count <= 0) return w;
-    const int* item_slot = seg + LMX_SEG_HEADER;
-    const int* item_count = item_slot + 2 * max_items;
-    if (i % merge != 0 && item_slot[i - 1] == w.slot) {
-        w.count = -1;
-        return w;
-    }
-    const int end = min(w.items, (i / merge + 1) * merge);
-    int count = w.count;
-    for (int j = i + 1; j < end && item_slot[j] == w.slot; ++j) count += max(item_count[j], 0);
-    const int begin = (int)(w.tokens - (seg + LMX_SEG_HEADER + 3 * max_items));
-    w.count = min(min(count, LMX_TILE_T), T - begin);  // clamped as work_item does
-    return w;
-}
+// The ring geometry, copies and fragments: lora_pipe.cuh, prepended by the loader.
 
 // u[t, r..r+3] = sum over the ksplit partials in split order (the serial sum's order, bit for bit),
 // 4 ranks a float4, PF_USUM_GROUPS of them a thread at once and the split loop unrolled, so the
@@ -141,6 +76,9 @@ __device__ void shrink_pipe(const ShrinkArgs& p) {
     extern __shared__ __align__(16) unsigned char pf_dyn[];
     __shared__ int tokens[LMX_TILE_T];
     __shared__ int is_last;
+    // the per-item kernel's signal word, set by thread 0 beside its count: not a live register across
+    // the u sum (deriving it there again made that kernel spill; the rank-tile ones do not)
+    __shared__ unsigned* signal_word;
     const int s = blockIdx.z;
     const int c = blockIdx.x;
     if (s >= p.slices.count) return;
@@ -193,33 +131,9 @@ __device__ void shrink_pipe(const ShrinkArgs& p) {
         const u32 b_second = (lane & 16) ? 16 * PF_PITCH * 2 : 0;  // two tiles on
         const u32 b_second_last = (b_tiles & 1) ? 0 : b_second;
         auto issue_lean = [&](int j) {
-            if (j < nsteps) {
-                const u32 xs = ring_sa + (u32)((j % ST) * stage_halves * 2);
-                const u32 as = xs + LMX_TILE_T * PF_PITCH * 2;
-                const int kj = j * PF_KSTEP;
-                const bool kin = k_begin + kj + cc0 < k_end;
-#pragma unroll
-                for (int q = 0; q < 2; ++q) {
-                    const bool ok = kin && x_row[q] != nullptr;
-                    pf_cp16_sa(xs + ((r0 + 32 * q) * PF_PITCH + cc0) * 2, ok ? x_row[q] + kj : p.x, ok);
-                }
-#pragma unroll
-                for (int q = 0; q < (WT > 0 ? (16 * WT + 31) / 32 : 4); ++q) {
-                    const int r = r0 + 32 * q;
-                    if (r < nrows_a) {
-                        const bool ok = kin && r < R;
-                        const u16* src = a_row + q * a_rows32 + kj;
-                        if (avec) {
-                            pf_cp16_sa(as + (r * PF_PITCH + cc0) * 2, ok ? src : e.a, ok);
-                        } else {  // an unaligned adapter row: plain loads, visible after the step's barrier
-                            u16 v[8];
-#pragma unroll
-                            for (int i = 0; i < 8; ++i) v[i] = (ok && k_begin + kj + cc0 + i < k_end) ? src[i] : (u16)0;
-                            *reinterpret_cast<uint4*>(ring + (j % ST) * stage_halves + (LMX_TILE_T + r) * PF_PITCH + cc0) = pack8(v);
-                        }
-                    }
-                }
-            }
+            if (j < nsteps)
+                pf_copy_shrink_step<WT>(ring_sa + (u32)((j % ST) * stage_halves * 2), ring + (j % ST) * stage_halves, j * PF_KSTEP,
+                                        x_row, a_row, a_rows32, k_begin, k_end, cc0, r0, R, nrows_a, avec, p.x, e.a);
             pf_commit();
         };
         auto issue = [&](int j) {
@@ -267,25 +181,8 @@ __device__ void shrink_pipe(const ShrinkArgs& p) {
             const u16* xs = ring + (j % ST) * stage_halves;
             const u16* as = xs + LMX_TILE_T * PF_PITCH;
             if (LEAN && mt * 16 < nt) {
-                // x rows mt*16 + (lane & 15), columns kk + 8 (lane >> 4): the A fragment in one
-                // ldmatrix; A rows of tiles nb and nb + 2 (lanes 16..31), columns kk + 8 ((lane >> 3) & 1)
-                const u32 xs_sa = ring_sa + (u32)((j % ST) * stage_halves * 2);
-                const u32 as_sa = xs_sa + LMX_TILE_T * PF_PITCH * 2;
-                const u32 x_lane = xs_sa + ((mt * 16 + (lane & 15)) * PF_PITCH + (lane >> 4) * 8) * 2;
-#pragma unroll
-                for (int kk = 0; kk < PF_KSTEP; kk += 16) {
-                    u32 af[4];
-                    pf_ldsm4(af, x_lane + kk * 2);
-#pragma unroll
-                    for (int q = 0; q < NACC / 2; ++q) {
-                        if (q < b_pairs) {
-                            u32 bf[4];
-                            pf_ldsm4(bf, as_sa + b_lane + q * 32 * PF_PITCH * 2 + (q + 1 < b_pairs ? b_second : b_second_last) + kk * 2);
-                            mma16816<BF16>(acc[2 * q], af, bf);
-                            if (2 * q + 1 < b_tiles) mma16816<BF16>(acc[2 * q + 1], af, bf + 2);
-                        }
-                    }
-                }
+                pf_mma_shrink_step<BF16, NACC>(acc, ring_sa + (u32)((j % ST) * stage_halves * 2), mt, lane, b_lane, b_pairs, b_tiles,
+                                               b_second, b_second_last);
             } else if (mt * 16 < nt) {
 #pragma unroll
                 for (int kk = 0; kk < PF_KSTEP; kk += 16) {
@@ -332,6 +229,7 @@ __device__ void shrink_pipe(const ShrinkArgs& p) {
         if (tid == 0) {
             if (LEAN) __threadfence();
             int* count = done + LMX_FUSED_WS_WORDS * (s * p.max_items + it);
+            if (WT == 0) signal_word = reinterpret_cast<unsigned*>(count + 1);
             const int before = atomicAdd(count, 1);
             is_last = before == p.ksplit - 1;
             if (is_last) *count = 0;  // every split has counted: zeroed for the next launch
@@ -358,7 +256,11 @@ __device__ void shrink_pipe(const ShrinkArgs& p) {
                 // u is in: the barrier orders every thread's stores before thread 0's release, which
                 // the item's expand blocks acquire (they wrap the word back to zero)
                 __syncthreads();
-                if (tid == 0) red_inc(reinterpret_cast<unsigned*>(done + LMX_FUSED_WS_WORDS * (s * p.max_items + it) + 1), ~0u, true);
+                if (tid == 0) {
+                    unsigned* word = WT == 0 ? signal_word
+                                             : reinterpret_cast<unsigned*>(done + LMX_FUSED_WS_WORDS * (s * p.max_items + it) + 1);
+                    red_inc(word, ~0u, true);
+                }
             }
         }
         __syncthreads();  // tokens, is_last and the ring are rewritten by the next item
@@ -426,34 +328,9 @@ __device__ void expand_pipe(const ExpandArgs& p) {
         }
         const u32 ring_sa = pf_smem_addr(ring);
         auto issue_lean = [&](int j, int stage) {
-            if (j < ntiles) {
-                const u32 bs = ring_sa + (u32)(stage * stage_halves * 2);
-                const u32 ys = bs + PF_OTILE * bpitch * 2;
-                const int o0 = ob + j * PF_OTILE;
-#pragma unroll
-                for (int q = 0; q < BQ; ++q) {
-                    const u32 chunk = (u32)(b_chunks >> (16 * q)) & 0xffffu;
-                    if (chunk != 0xffffu) {
-                        const int o = chunk & 63, r = (chunk >> 6) * 8;
-                        const u16* src = e.b + (long long)(o0 + o) * R + r;
-                        if (bvec) {
-                            const bool ok = o0 + o < ho && r < R;
-                            pf_cp16_sa(bs + (o * bpitch + r) * 2, ok ? src : e.b, ok);
-                        } else {  // odd rank or unaligned B: plain loads, visible after the tile's barrier
-                            u16 v[8];
-#pragma unroll
-                            for (int i = 0; i < 8; ++i) v[i] = (o0 + o < ho && r + i < R) ? src[i] : (u16)0;
-                            *reinterpret_cast<uint4*>(ring + stage * stage_halves + o * bpitch + r) = pack8(v);
-                        }
-                    }
-                }
-                const bool cin = o0 + cc0 < ho;
-#pragma unroll
-                for (int q = 0; q < 2; ++q) {
-                    const bool ok = cin && y_row[q] != nullptr;
-                    pf_cp16_sa(ys + ((r0 + 32 * q) * PF_PITCH + cc0) * 2, ok ? y_row[q] + o0 : p.y, ok);
-                }
-            }
+            if (j < ntiles)
+                pf_copy_expand_tile<BQ>(ring_sa + (u32)(stage * stage_halves * 2), ring + stage * stage_halves, ob + j * PF_OTILE,
+                                        b_chunks, bpitch, y_row, cc0, r0, e.b, R, ho, bvec, p.y);
             pf_commit();
         };
         // tile j into ring stage `stage` (= j % STAGES, kept by the caller: no division in the loop)
@@ -578,22 +455,7 @@ __device__ void expand_pipe(const ExpandArgs& p) {
 #pragma unroll
                 for (int i = 0; i < 4; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
                 if (LEAN) {
-                    // B rows nh*32 + 8i + (lane & 7) (tiles i, i + 1: lanes 16..31), columns
-                    // k*16 + 8 ((lane >> 3) & 1): two tiles' fragments an ldmatrix
-                    const u32 b_lane = ring_sa + (u32)(stage * stage_halves * 2) +
-                                       ((nh * 32 + ((lane >> 4) & 1) * 8 + (lane & 7)) * bpitch + ((lane >> 3) & 1) * 8) * 2;
-#pragma unroll
-                    for (int k = 0; k < KS; ++k) {
-                        if (k * 16 < rk) {
-#pragma unroll
-                            for (int i = 0; i < 4; i += 2) {
-                                u32 bf[4];
-                                pf_ldsm4(bf, b_lane + (i * 8 * bpitch + k * 16) * 2);
-                                mma16816<BF16>(acc[i], af[k], bf);
-                                mma16816<BF16>(acc[i + 1], af[k], bf + 2);
-                            }
-                        }
-                    }
+                    pf_mma_expand_tile<BF16, KS>(acc, af, ring_sa + (u32)(stage * stage_halves * 2), nh, lane, bpitch, rk);
                 } else
 #pragma unroll
                 for (int k = 0; k < EXPAND_PIPE_KSTEPS; ++k) {
@@ -608,61 +470,15 @@ __device__ void expand_pipe(const ExpandArgs& p) {
                         }
                     }
                 }
-                // y + delta (DoRA: scaled) back into the y tile; Ho is a multiple of 8 here, so a
-                // column pair is in the slice or out of it together. LEAN: every row and column of
-                // the tile (the stores skip the rows past nt and columns past ho, whose sums are of
+                // y + delta (DoRA: scaled) back into the y tile. LEAN: every row and column of the
+                // tile (the stores skip the rows past nt and columns past ho, whose sums are of
                 // zero-filled copies), the scaled form apart (a uniform branch an item, not a
                 // predicated scale load issued for every pair)
-                if (LEAN && e.scale == nullptr) {
-#pragma unroll
-                    for (int i = 0; i < 4; ++i) {
-#pragma unroll
-                        for (int hh = 0; hh < 2; ++hh) {
-                            u32* yp = reinterpret_cast<u32*>(ys + (mt * 16 + gq + hh * 8) * PF_PITCH + nh * 32 + i * 8 + tq * 2);
-                            const u32 yv = *yp;
-                            const float v0 = to_f32<BF16>((u16)(yv & 0xffff)) + acc[i][2 * hh];
-                            const float v1 = to_f32<BF16>((u16)(yv >> 16)) + acc[i][2 * hh + 1];
-                            *yp = pack2(from_f32<BF16>(v0), from_f32<BF16>(v1));
-                        }
-                    }
-                } else
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
-#pragma unroll
-                    for (int hh = 0; hh < 2; ++hh) {
-                        const int row = mt * 16 + gq + hh * 8;
-                        const int col = nh * 32 + i * 8 + tq * 2;
-                        if (row < nt && o0 + col < ho) {
-                            u32* yp = reinterpret_cast<u32*>(ys + row * PF_PITCH + col);
-                            const u32 yv = *yp;
-                            float v0 = to_f32<BF16>((u16)(yv & 0xffff)) + acc[i][2 * hh];
-                            float v1 = to_f32<BF16>((u16)(yv >> 16)) + acc[i][2 * hh + 1];
-                            if (e.scale) {
-                                v0 *= to_f32<BF16>(e.scale[o0 + col]);
-                                v1 *= to_f32<BF16>(e.scale[o0 + col + 1]);
-                            }
-                            *yp = pack2(from_f32<BF16>(v0), from_f32<BF16>(v1));
-                        }
-                    }
-                }
-                if (LEAN) {
-                    // the warp stores the 16 x 32 region it summed, 16 bytes a lane (rows mt*16 +
-                    // k and k + 8, k = 0, 4, 1, 5, ... by lane quad: a quarter-warp's two rows 4 apart
-                    // fall in different banks), so no block barrier stands between a warp's sums
-                    // and its stores (the next tile's barrier still frees the stage)
-                    __syncwarp();
-                    const int quad = lane >> 2;
-                    const int col = nh * 32 + (lane & 3) * 8;
-                    if (o0 + col < ho) {
-#pragma unroll
-                        for (int q = 0; q < 2; ++q) {
-                            const int row = mt * 16 + (quad & 1) * 4 + (quad >> 1) + 8 * q;
-                            if (row < nt)
-                                *reinterpret_cast<uint4*>(p.y + (long long)tokens[row] * p.y_stride + off + o0 + col) =
-                                    *reinterpret_cast<const uint4*>(ys + row * PF_PITCH + col);
-                        }
-                    }
-                }
+                if (LEAN && e.scale == nullptr)
+                    pf_add_y_tile<BF16>(acc, ys, mt, nh, lane);
+                else
+                    pf_add_y_tile_scaled<BF16>(acc, ys, mt, nh, lane, nt, o0, ho, e.scale);
+                if (LEAN) pf_store_y_warp(ys, p.y, p.y_stride, tokens, off, o0, ho, nt, mt, nh, lane);
             }
             if (LEAN) continue;  // its warps stored their own regions above
             __syncthreads();
@@ -694,7 +510,7 @@ extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_shrink
 extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_shrink_bf16_f4(const ShrinkArgs p) { shrink_pipe<true, PF_USUM_FLOAT4, true>(p); }
 extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_shrink_f16_f4(const ShrinkArgs p) { shrink_pipe<false, PF_USUM_FLOAT4, true>(p); }
 // `_w1`..`_w4`: the same sums with the rank tiles fixed at compile time (WT above), for launches
-// whose max rank pads to 16, 32, 48, 64 (rust/src/cuda/plan.rs pipe_shrink_kernel).
+// whose max rank pads to 16, 32, 48, 64 (rust/src/cuda/plan/pipe.rs pipe_shrink_kernel).
 extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_shrink_bf16_w1(const ShrinkArgs p) { shrink_pipe<true, PF_USUM_RULE, true, 1>(p); }
 extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_shrink_f16_w1(const ShrinkArgs p) { shrink_pipe<false, PF_USUM_RULE, true, 1>(p); }
 extern "C" __global__ void __launch_bounds__(LMX_THREADS, 3) lora_prefill_shrink_bf16_w2(const ShrinkArgs p) { shrink_pipe<true, PF_USUM_RULE, true, 2>(p); }

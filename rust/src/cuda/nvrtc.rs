@@ -19,6 +19,10 @@ const COMMON: &str = include_str!("../../../cuda/lora_common.cuh");
 /// the fused decode kernel, prepended to both families.
 const SHRINK_DECODE: (&str, &str) = ("lora_shrink_decode.cuh", include_str!("../../../cuda/lora_shrink_decode.cuh"));
 
+/// The pipelined kernels' ring geometry, copies, fragments and work items (cuda/lora_pipe.cuh):
+/// prepended to the pipelined prefill family.
+const PIPE: (&str, &str) = ("lora_pipe.cuh", include_str!("../../../cuda/lora_pipe.cuh"));
+
 /// One .cu file: its kernels are compiled and loaded together.
 pub struct KernelFamily {
     pub name: &'static str,
@@ -63,7 +67,7 @@ pub const EXPAND: KernelFamily = KernelFamily {
 
 pub const PREFILL: KernelFamily = KernelFamily {
     name: "lora_prefill",
-    parts: &[],
+    parts: &[PIPE],
     body: include_str!("../../../cuda/lora_prefill.cu"),
     functions: &[
         "lora_prefill_shrink_bf16",
