@@ -68,14 +68,14 @@ def test_adapters_cover_every_module_id_an_hf_architecture_has(tmp_path):
 
 
 def test_fused_layers_take_their_parts_side_by_side(tmp_path):
-    """Phi-3's fused qkv_proj / gate_up_proj also serve attn_q|k|v and mlp_gate|h_to_4h adapters:
+    """Phi-3's fused qkv_proj / gate_up_proj also serve attn_q|k|v and mlp_h_to_4h|mlp_gate adapters:
     the same adapter written both ways gives the same logits."""
     ours, _, _, formats = build("phi3", torch.float32, tmp_path)
     spec = lm.models.spec_from_config(ours.config)
     rows = lm.format.to_rows(*formats[1], spec)
     split = []
     for r in rows:
-        parts = {0: (1, 2, 3), 18: (7, 5)}.get(r.module_id)
+        parts = {0: (1, 2, 3), 18: (5, 7)}.get(r.module_id)  # gate_up = [gate (5); up (7)]
         if parts is None:
             split.append(r)
             continue
