@@ -43,6 +43,11 @@ def _target(arch: str, path: str, encoder_layers: Optional[int]) -> Optional[hfs
         return None  # not a LoRA target (embeddings, norms, containers, ...)
 
 
+def served_modules(targets: List[LayerTarget]) -> List[Tuple[int, int]]:
+    """The (module_id, layer) pairs the wrapped layers apply: what an adapter may hold."""
+    return sorted({(mid, t.layer) for t in targets for ids in t.slices for mid in ids})
+
+
 def match_targets(model) -> List[LayerTarget]:
     """Every layer of `model` that takes LoRA, with its module-id slices and layer index."""
     config = model.config
