@@ -186,13 +186,45 @@ def test_transformers4_per_expert_mixtral_adapters(tmp_path):
     tensors = _legacy_mixtral_adapter(str(tmp_path / "same"), distinct=False)
     weights, config = convert.from_peft(str(tmp_path / "same"), "float32")
     assert config.tolist() == [[MODULE_IDS["moe_h_to_4h"], 1, 2], [MODULE_IDS["moe_4h_to_h"], 1, 2], [MODULE_IDS["moe_gate"], 1, 2]]
-    a = tensors["base_model.model.model.layers.1.block_sparse_moe.experts.0.w1.lora_A.weight"]
-    b = tensors["base_model.model.model.layers.1.block_sparse_moe.experts.0.w1.lora_B.weight"]
-    np.testing.assert_array_equal(weights[2, : a.size], a.reshape(-1))
-    np.testing.assert_allclose(weights[2, a.size : a.size + b.size], (b * 2).reshape(-1))  # alpha/r = 2 folded
+    for row, name in ((0, "w1"), (1, "w2"), (2, "w3")):  # w1 (gate) is moe_h_to_4h, w3 (up) moe_gate
+        a = tensors[f"base_model.model.model.layers.1.block_sparse_moe.experts.0.{name}.lora_A.weight"]
+        b = tensors[f"base_model.model.model.layers.1.block_sparse_moe.experts.0.{name}.lora_B.weight"]
+        np.testing.assert_array_equal(weights[row, : a.size], a.reshape(-1))
+        np.testing.assert_allclose(weights[row, a.size : a.size + b.size], (b * 2).reshape(-1))  # alpha/r = 2 folded
     _legacy_mixtral_adapter(str(tmp_path / "distinct"), distinct=True)
-    with pytest.raises(LoraConvertError, match="moe_h_to_4h"):
+    with pytest.raises(LoraConvertError, match="moe_gate"):
         convert.from_peft(str(tmp_path / "distinct"))
+
+
+@pytest.mark.parametrize(
+    "arch, path, names",
+    [
+        ("llama", "model.layers.0.mlp.gate_proj", ("mlp_h_to_4h",)),
+        ("llama", "model.layers.0.mlp.up_proj", ("mlp_gate",)),
+        ("llama", "model.layers.0.mlp.down_proj", ("mlp_4h_to_h",)),
+        ("qwen2_moe", "model.layers.0.mlp.shared_expert.gate_proj", ("mlp_h_to_4h",)),
+        ("qwen2_moe", "model.layers.0.mlp.shared_expert.up_proj", ("mlp_gate",)),
+        ("mixtral", "model.layers.0.block_sparse_moe.experts.0.w1", ("moe_h_to_4h",)),
+        ("mixtral", "model.layers.0.block_sparse_moe.experts.0.w3", ("moe_gate",)),
+        ("mixtral", "model.layers.0.block_sparse_moe.experts.0.w2", ("moe_4h_to_h",)),
+        ("qwen2_moe", "model.layers.0.mlp.experts.0.gate_proj", ("moe_h_to_4h",)),
+        ("qwen2_moe", "model.layers.0.mlp.experts.0.up_proj", ("moe_gate",)),
+        ("mixtral", "model.layers.0.mlp.experts.gate_up_proj", ("moe_h_to_4h", "moe_gate")),  # [gate; up]
+    ],
+)
+def test_gated_mlps_map_to_module_ids_as_tensorrt_llm_converts_them(arch, path, names):
+    """The module table names TensorRT-LLM's layers: mlp_h_to_4h is the projection the activation
+    reads (HF gate_proj, Mixtral w1), mlp_gate the multiplied one (up_proj, w3); TensorRT-LLM's
+    converter maps them so, and files exchanged with it must keep gate and up apart."""
+    assert spec.target_for(arch, path).module_ids == tuple(MODULE_IDS[n] for n in names)
+
+
+def test_a_gate_proj_adapter_converts_to_mlp_h_to_4h_rows(tmp_path):
+    make_adapter("llama", tmp_path / "peft", target_modules=["gate_proj"])
+    _, config = convert.from_peft(str(tmp_path / "peft"), "float32")
+    assert set(config[:, 0].tolist()) == {MODULE_IDS["mlp_h_to_4h"]}
+    _, rule = spec.hf_path_for("phi3", MODULE_IDS["mlp_h_to_4h"], 0)  # written into gate_up's gate half
+    assert rule.inner == "mlp.gate_up_proj" and rule.module_ids == (MODULE_IDS["mlp_h_to_4h"], MODULE_IDS["mlp_gate"])
 
 
 def test_format_rows_without_an_hf_place_are_refused_by_to_peft(tmp_path):

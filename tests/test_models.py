@@ -68,14 +68,14 @@ def test_adapters_cover_every_module_id_an_hf_architecture_has(tmp_path):
 
 
 def test_fused_layers_take_their_parts_side_by_side(tmp_path):
-    """Phi-3's fused qkv_proj / gate_up_proj also serve attn_q|k|v and mlp_gate|h_to_4h adapters:
+    """Phi-3's fused qkv_proj / gate_up_proj also serve attn_q|k|v and mlp_h_to_4h|mlp_gate adapters:
     the same adapter written both ways gives the same logits."""
     ours, _, _, formats = build("phi3", torch.float32, tmp_path)
     spec = lm.models.spec_from_config(ours.config)
     rows = lm.format.to_rows(*formats[1], spec)
     split = []
     for r in rows:
-        parts = {0: (1, 2, 3), 18: (7, 5)}.get(r.module_id)
+        parts = {0: (1, 2, 3), 18: (5, 7)}.get(r.module_id)  # gate_up = [gate (5); up (7)]
         if parts is None:
             split.append(r)
             continue
@@ -116,6 +116,34 @@ def test_attach_errors_are_typed_and_change_nothing():
                 pass
     lm.detach(engine)
     assert not any("Lora" in type(m).__name__ for m in model.modules())
+
+
+@pytest.mark.parametrize("arch, module, layer", [("llama", "attn_qkv", 0), ("llama", "mlp_gate_up", 1), ("llama", "mlp_router", 0),
+                                                 ("phi3", "attn_q", 0), ("gpt2", "mlp_gate", 1)])
+def test_rows_the_attached_model_never_applies_are_refused(arch, module, layer):
+    """An adapter row for a module-layer no wrapped layer applies (an attn_qkv row on a Llama, whose
+    q, k and v are separate) would be cached and served without effect: put refuses it, naming the
+    row, and the cache keeps what it held. Phi-3's fused qkv takes attn_q|k|v as its parts, so
+    there the plain attn_q row is served."""
+    import numpy as np
+
+    from loramux.modules import MODULE_IDS
+
+    model = ARCHS[arch][0]().eval()
+    engine = lm.attach(model, max_rank=16, device_cache_bytes=1 << 20)
+    spec = lm.models.spec_from_config(model.config)
+    q_hi, q_ho = spec.module_dims(MODULE_IDS["attn_q"])
+    hi, ho = spec.module_dims(MODULE_IDS[module])
+    rows = [lm.format.AdapterRow(MODULE_IDS["attn_q"], 0 if layer else 1, np.ones((2, q_hi), np.float32), np.ones((q_ho, 2), np.float32)),
+            lm.format.AdapterRow(MODULE_IDS[module], layer, np.ones((2, hi), np.float32), np.ones((ho, 2), np.float32))]
+    weights, config = lm.format.from_rows(rows, "float32")
+    if arch == "phi3":
+        assert engine.cache.put(1, weights, config) == "inserted"
+        return
+    with pytest.raises(lm.LoraFormatError, match=f"config row 1: module {module} layer {layer} is not applied") as err:
+        engine.cache.put(1, weights, config)
+    assert err.value.row == 1 and len(engine.cache) == 0 and engine.cache.stats()["host_bytes"] == 0
+    assert engine.cache.put(1, weights[:1], config[:1]) == "inserted"  # the served row alone is fine
 
 
 def test_wrapped_layers_read_through_to_the_original():

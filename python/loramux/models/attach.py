@@ -11,7 +11,7 @@ from torch import nn
 from loramux.convert import hf_modules as hfspec
 from loramux.models.engine import Engine
 from loramux.models.siblings import group_siblings
-from loramux.models.targets import match_targets, spec_from_config
+from loramux.models.targets import match_targets, served_modules, spec_from_config
 from loramux.models.wrappers import LoraExperts, LoraLinear, LoraRouter
 
 _WRAPPERS = (LoraLinear, LoraRouter, LoraExperts)
@@ -82,7 +82,8 @@ def attach(
 
     The cache keeps adapters in the model's dtype on the model's device: a GPU model gets a device
     tier of `device_cache_bytes` (or `device_cache_fraction` of free GPU memory); a CPU model a
-    host-memory "device" tier. The device tier is carved into pages of `page_bytes`.
+    host-memory "device" tier. The device tier is carved into pages of `page_bytes`. The cache
+    refuses adapters with rows no layer of the model applies (an attn_qkv row on a Llama).
     With `fuse_siblings` (default), projections HF calls on one input (q|k|v, gate|up) get their
     LoRA from one multi-slice launch; False keeps one launch per projection (same results).
     """
@@ -100,6 +101,7 @@ def attach(
         device_cache_fraction=device_cache_fraction,
         max_slots=max_slots,
         page_bytes=page_bytes,
+        served=served_modules(match_targets(model)),
     )
     return attach_layers(model, spec, cache, param.dtype, device, fuse_siblings=fuse_siblings)
 
