@@ -216,7 +216,7 @@ def test_rows_the_model_does_not_apply_are_refused_naming_the_first_and_change_n
         config[0, 1] = SPEC.num_layers
         with pytest.raises(LoraFormatError, match="config row 0: layer_idx"):
             cache.put(2, weights, config)
-    with pytest.raises(ValueError, match="served"):
+    with pytest.raises(LoraCacheError, match="served pair"):
         new_cache(served=[(19, 0)])
 
 

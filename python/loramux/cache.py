@@ -14,10 +14,9 @@ import numpy as np
 import torch
 
 import loramux._core as _core
-from loramux.errors import LoraCacheError, LoraCudaError, LoraFormatError
+from loramux.errors import LoraCacheError, LoraCudaError
 from loramux.format import adapter_input
 from loramux.layout import DTYPES, table_shape
-from loramux.modules import NUM_MODULES
 
 #: torch dtype -> the core's name for it, for every dtype the cache serves in
 _DTYPE_NAMES = {getattr(torch, name): name for name in DTYPES}
@@ -45,36 +44,6 @@ def _cuda_device(device: torch.device) -> torch.device:
     if not 0 <= index < torch.cuda.device_count():
         raise LoraCudaError(f"device={str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return torch.device("cuda", index)
-
-
-def _served_table(served, num_layers: int) -> Optional[np.ndarray]:
-    """bool [num_layers, 19]: which (layer, module_id) a model applies; None when every one is."""
-    if served is None:
-        return None
-    table = np.zeros((num_layers, NUM_MODULES), dtype=bool)
-    for module_id, layer in served:
-        if not (0 <= module_id < NUM_MODULES and 0 <= layer < num_layers):
-            raise ValueError(f"served: ({module_id}, {layer}) is not a (module_id, layer) of a {num_layers}-layer model")
-        table[layer, module_id] = True
-    return table
-
-
-def _first_unserved(config_values: np.ndarray, config_shape: List[int], served: np.ndarray) -> Optional[Tuple[int, int, int]]:
-    """(row, module_id, layer) of the first config row the model never applies, or None. Rows the
-    format itself refuses (bad shape, unknown id, layer out of range) are left to the core's
-    validation, which names them; so is everything after the first of those."""
-    if len(config_shape) not in (2, 3) or config_shape[-1] not in (3, 4) or (len(config_shape) == 3 and config_shape[0] != 1):
-        return None
-    rows = config_values.reshape(-1, config_shape[-1])[:, :2]
-    num_layers, num_modules = served.shape
-    valid = (rows[:, 0] >= 0) & (rows[:, 0] < num_modules) & (rows[:, 1] >= 0) & (rows[:, 1] < num_layers)
-    unserved = valid.copy()
-    unserved[valid] = ~served[rows[valid, 1], rows[valid, 0]]
-    first_bad = np.flatnonzero(~valid | unserved)
-    if not first_bad.size or not unserved[first_bad[0]]:
-        return None
-    row = int(first_bad[0])
-    return row, int(rows[row, 0]), int(rows[row, 1])
 
 
 def _as_numpy(array) -> np.ndarray:
@@ -146,8 +115,8 @@ class LoraCache:
     anything is evicted and then packed in place (two passes over its weights instead of one).
 
     ``served``: the (module_id, layer) pairs the model applies (``attach`` passes its wrapped
-    layers'); a put whose config has a row outside them raises LoraFormatError naming the row.
-    None accepts every module-layer the spec has.
+    layers'); a put whose config has a row outside them raises LoraFormatError naming the row
+    (after the format's own checks of the config). None accepts every module-layer the spec has.
     """
 
     def __init__(
@@ -186,9 +155,6 @@ class LoraCache:
         if device.type == "cuda":
             device = _cuda_device(device)
         self.spec = spec
-        # Rows of a module-layer no layer of the model applies would be cached and served as if
-        # absent: an adapter that silently does less than it says. put refuses them.
-        self._served = _served_table(served, spec.num_layers)
         self.dtype = dtype
         self.device = device
         self.max_slots = max_slots
@@ -228,6 +194,7 @@ class LoraCache:
             cuda_device,
             self._copy_stream.cuda_stream if self._copy_stream is not None else 0,
             dora_allowed,
+            None if served is None else [(int(m), int(layer)) for m, layer in served],
         )
 
     @staticmethod
@@ -266,14 +233,7 @@ class LoraCache:
         ``replace=True`` ("replaced"). Returns "inserted", "cached" or "replaced". The GIL is released
         meanwhile; the checks, digest and packing run on every core (one pass over the weights)."""
         task_id = _task_id(task_id)
-        adapter = adapter_input(_as_numpy(weights), _as_numpy(config))
-        if self._served is not None:
-            unserved = _first_unserved(adapter[3], adapter[4], self._served)
-            if unserved is not None:
-                row, module_id, layer = unserved
-                raise LoraFormatError(f"config row {row}: module {_core.module_name(module_id)} layer {layer} is not "
-                                      "applied by any layer of this model; its rows would be ignored", row=row)
-        return self._core.put(task_id, adapter, bool(replace))
+        return self._core.put(task_id, adapter_input(_as_numpy(weights), _as_numpy(config)), bool(replace))
 
     def remove(self, task_id: int) -> None:
         """Drops an adapter from both tiers (a server's unload): its host bytes, device pages and

@@ -18,6 +18,8 @@ pub enum LoraError {
     UnknownModuleId { row: usize, module_id: i64 },
     #[error("config row {row}: module {module} is not present in this model ({reason})")]
     ModuleNotInModel { row: usize, module: &'static str, reason: &'static str },
+    #[error("config row {row}: module {module} layer {layer} is not applied by any layer of this model (its weights would be ignored)")]
+    ModuleNotApplied { row: usize, module: &'static str, layer: usize },
     #[error("config row {row}: layer_idx {layer} is out of range for a model of {layers} layers")]
     LayerOutOfRange { row: usize, layer: i64, layers: usize },
     #[error("config row {row}: adapter_size (rank) {rank} must be in 1..={max_rank}")]
@@ -88,6 +90,7 @@ impl LoraError {
         match self {
             UnknownModuleId { row, .. }
             | ModuleNotInModel { row, .. }
+            | ModuleNotApplied { row, .. }
             | LayerOutOfRange { row, .. }
             | BadRank { row, .. }
             | BadIsDora { row, .. }

@@ -43,6 +43,7 @@ impl PyErrorClass {
             | RowCountMismatch { .. }
             | UnknownModuleId { .. }
             | ModuleNotInModel { .. }
+            | ModuleNotApplied { .. }
             | LayerOutOfRange { .. }
             | BadRank { .. }
             | BadIsDora { .. }

@@ -12,6 +12,9 @@ impl TwoLevelCache {
     /// weights again are a no-op; different weights need `replace`.
     pub fn put(&self, task_id: u64, weights: &WeightsView, config: &[ConfigRow], replace: bool) -> Result<PutOutcome> {
         let layout = format::checked_layout(weights, config, &self.cfg.spec, self.cfg.validate)?;
+        if let Some(served) = &self.cfg.served {
+            served.check(&layout)?;
+        }
         let checks = self.cfg.validate.value_checks(Some(self.cfg.dtype));
         let image_layout = ImageLayout::new(&layout, self.cfg.dtype, self.cfg.page_bytes);
         if let Err(too_large) = self.fits_the_tiers(task_id, &image_layout) {
