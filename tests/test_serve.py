@@ -202,6 +202,18 @@ def test_top_logprobs_list_the_likeliest_tokens_first(client):
         assert 1 <= len(alts) <= 2 and alts[token] == pytest.approx(chosen) and max(alts.values()) == alts[token]
 
 
+def test_a_temperature_too_small_to_divide_by_is_greedy_and_leaves_the_batch_alone(client, reference):
+    """temperature 1e-300 passes validation (>= 0); dividing the logits by it gave NaN probabilities
+    that failed every request sharing the step with a 500. It answers greedily, the others as usual."""
+    stream = client.completions.create(model="a1", prompt=PROMPT, max_tokens=40, temperature=0.8, seed=3,
+                                       stream=True)
+    first = next(iter(stream))
+    tiny = client.completions.create(model="a1", prompt=PROMPT, max_tokens=6, temperature=1e-300)
+    assert tiny.choices[0].text == reference("a1", PROMPT, 6, temperature=0).text
+    text = first.choices[0].text + "".join(c.choices[0].text for c in stream if c.choices)
+    assert text == reference("a1", PROMPT, 40, temperature=0.8, seed=3).text
+
+
 def _post(server, path, body, key=KEY):
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
