@@ -214,6 +214,16 @@ def test_a_temperature_too_small_to_divide_by_is_greedy_and_leaves_the_batch_alo
     assert text == reference("a1", PROMPT, 40, temperature=0.8, seed=3).text
 
 
+def test_parameters_set_to_none_take_their_defaults(client, reference):
+    """The openai client sends a parameter set to None as null, which the OpenAI API takes as unset."""
+    r = client.completions.create(model="a1", prompt=PROMPT, max_tokens=5, temperature=0, top_p=None, n=None,
+                                  stream=None, seed=None, stop=None, logprobs=None, presence_penalty=None)
+    assert r.choices[0].text == reference("a1", PROMPT, 5, temperature=0).text
+    r = client.chat.completions.create(model="a1", messages=MESSAGES, max_tokens=5, temperature=None, top_p=None,
+                                       n=None, logprobs=None, top_logprobs=None, stream_options=None)
+    assert len(r.choices) == 1 and r.choices[0].logprobs is None and r.usage.completion_tokens == 5
+
+
 def _post(server, path, body, key=KEY):
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     data = body if isinstance(body, bytes) else json.dumps(body).encode()

@@ -91,6 +91,25 @@ def test_valid_requests_parse():
     assert c.messages[0].as_dict() == {"role": "user", "content": "hi"} and c.max_new_tokens == 5
 
 
+def test_null_takes_the_default_of_an_optional_field():
+    """The OpenAI API's optional parameters are nullable: a client that sets one to None sends null."""
+    nulls = dict.fromkeys(["temperature", "top_p", "n", "stream", "seed", "stop", "logprobs", "echo",
+                           "presence_penalty", "frequency_penalty", "logit_bias", "user"])
+    r = parse(json.dumps({"model": "m", "prompt": "x", **nulls, "stream_options": {"include_usage": None}}).encode(),
+              CompletionRequest)
+    assert (r.temperature, r.top_p, r.n, r.stream, r.logprobs, r.include_usage) == (1.0, 1.0, 1, False, None, False)
+    assert r.max_tokens == 16
+    # completions' max_tokens: null keeps its meaning (what the context leaves)
+    assert parse(b'{"model": "m", "prompt": "x", "max_tokens": null}', CompletionRequest).max_tokens is None
+    c = parse(json.dumps({"model": "m", "messages": [{"role": "user", "content": "x", "name": None}],
+                          "logprobs": None, "top_logprobs": None, "max_completion_tokens": None, "n": None,
+                          "temperature": None}).encode(), ChatCompletionRequest)
+    assert (c.logprobs, c.top_logprobs, c.n, c.temperature, c.max_new_tokens) == (False, None, 1, 1.0, None)
+    # a required field stays required
+    assert _parse_error({"model": None, "prompt": "x"}).param == "model"
+    assert _parse_error({"model": "m", "prompt": None}).param == "prompt"
+
+
 @pytest.mark.parametrize("body,field", [
     (b"{not json", None),
     (b"[1, 2]", None),

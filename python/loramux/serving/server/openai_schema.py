@@ -5,7 +5,7 @@ parameter is refused with the field named, never coerced."""
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, List, Literal, Optional, Type, TypeVar, Union
+from typing import Any, Dict, List, Literal, Optional, Type, TypeVar, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -20,6 +20,23 @@ MAX_N = 16
 class _Strict(BaseModel):
     # unknown fields (user, metadata, ...) are ignored as the OpenAI API ignores what it does not use
     model_config = ConfigDict(strict=True, extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data: Any) -> Any:
+        """The OpenAI API's optional fields are nullable (`"temperature": null`, what a client sends
+        for a parameter set to None): null takes the field's default, except where the field holds
+        None itself (completions' `max_tokens: null`: what the context leaves). A required field
+        stays required."""
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+
+        def null_is_default(name: str) -> bool:
+            field = fields.get(name)
+            return field is not None and not field.is_required() and type(None) not in get_args(field.annotation)
+
+        return {k: v for k, v in data.items() if v is not None or not null_is_default(k)}
 
 
 class StreamOptions(_Strict):
