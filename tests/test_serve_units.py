@@ -209,3 +209,48 @@ def test_serve_refuses_what_is_not_a_model_and_parses_sizes(tmp_path, capsys):
     assert "--adapter-root" in capsys.readouterr().err
     args = cli.build_parser().parse_args(["serve", "smollm2", "--host-cache-bytes", "512M", "--adapter", "a=/p"])
     assert args.host_cache_bytes == 512 << 20 and args.adapter == [("a", "/p")] and args.host == "127.0.0.1"
+
+
+# --- the event loop keeps serving while a prompt is tokenized ----------------------------------
+def test_a_prompt_is_tokenized_off_the_event_loop():
+    """Tokenizing a prompt near --max-body-bytes takes a good part of a second; on the event loop it
+    stalled every other stream. The tokenizer here returns only once the loop has run meanwhile."""
+    import asyncio
+    import threading
+    from types import SimpleNamespace
+
+    from loramux.serving.server.completions import answer
+    from loramux.serving.server.state import ServerConfig, ServerState
+
+    loop_ran = threading.Event()
+
+    class SlowTokenizer:
+        chat_template = None
+
+        def __call__(self, text):
+            if not loop_ran.wait(10):
+                raise AssertionError("the event loop stood still while the prompt was tokenized")
+            return {"input_ids": [1, 2, 3]}
+
+    class Submitted(Exception):
+        pass
+
+    def submit(request):
+        raise Submitted(request.prompt)
+
+    model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=64, vocab_size=10),
+                            get_input_embeddings=lambda: SimpleNamespace(num_embeddings=10))
+    state = ServerState(SimpleNamespace(submit=submit), SimpleNamespace(model=model), SlowTokenizer(), None,
+                        ServerConfig("base"))
+    body = parse(b'{"model": "base", "prompt": "a long prompt", "max_tokens": 4}', CompletionRequest)
+
+    async def main():
+        task = asyncio.ensure_future(answer(state, None, body))
+        await asyncio.sleep(0.05)
+        loop_ran.set()
+        with pytest.raises(Submitted) as submitted:
+            await task
+        return submitted.value.args[0]
+
+    assert asyncio.run(main()) == [1, 2, 3]  # the executor gets the ids, not the text to tokenize again
+    assert state.pending == 0
