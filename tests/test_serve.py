@@ -224,6 +224,20 @@ def test_parameters_set_to_none_take_their_defaults(client, reference):
     assert len(r.choices) == 1 and r.choices[0].logprobs is None and r.usage.completion_tokens == 5
 
 
+def test_streamed_completion_logprobs_offsets_count_from_the_start_of_the_answer(client):
+    """Each chunk's text_offset went back to 0; a streamed answer's offsets are the whole answer's."""
+    kw = dict(model="a1", prompt=PROMPT, max_tokens=6, logprobs=1, temperature=0, n=2)
+    whole = client.completions.create(**kw).choices[0].logprobs
+    streamed = {0: ([], []), 1: ([], [])}
+    for chunk in client.completions.create(stream=True, **kw):
+        for c in chunk.choices:
+            if c.logprobs:
+                streamed[c.index][0].extend(c.logprobs.tokens)
+                streamed[c.index][1].extend(c.logprobs.text_offset)
+    assert whole.text_offset[-1] > 0
+    assert streamed[0] == streamed[1] == (whole.tokens, whole.text_offset)
+
+
 def _post(server, path, body, key=KEY):
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     data = body if isinstance(body, bytes) else json.dumps(body).encode()

@@ -119,6 +119,8 @@ async def _sse(state: ServerState, body, gen: Generation, first, events) -> Asyn
     id_, created, model = shapes.new_id("chatcmpl" if chat else "cmpl"), shapes.now(), body.model
     chunk = shapes.chat_chunk if chat else shapes.completion_chunk
     want_logprobs = gen_logprobs(body)
+    # completions' text_offset counts from the start of each choice's answer, not of each chunk
+    token_chars = {c.index: 0 for c in gen.choices}
     try:
         if chat:  # OpenAI opens each choice with the assistant's role
             yield event(chunk(id_, created, model, [shapes.chat_delta(c.index, {"role": "assistant", "content": ""})
@@ -132,7 +134,8 @@ async def _sse(state: ServerState, body, gen: Generation, first, events) -> Asyn
                         tokens = _token_texts(state, list(delta.token_ids))
                         tops = _top_texts(state, delta.top_logprobs)
                         lp = shapes.chat_logprobs(tokens, delta.logprobs, tops) if chat else \
-                            shapes.completion_logprobs(tokens, delta.logprobs, tops=tops)
+                            shapes.completion_logprobs(tokens, delta.logprobs, token_chars[choice.index], tops)
+                        token_chars[choice.index] += sum(map(len, tokens))
                     part = shapes.chat_delta(choice.index, {"content": delta.text}, None, lp) if chat else \
                         shapes.completion_choice(choice.index, delta.text, None, lp)
                     yield event(chunk(id_, created, model, [part]))
