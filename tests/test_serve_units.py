@@ -121,9 +121,10 @@ def test_null_takes_the_default_of_an_optional_field():
     ({"model": "m", "prompt": "x", "max_tokens": 0}, "max_tokens"),
     ({"model": "m", "prompt": "x", "max_tokens": True}, "max_tokens"),
     ({"model": "m", "prompt": "x", "n": 0}, "n"),
-    ({"model": "m", "prompt": "x", "stop": [""]}, None),
-    ({"model": "m", "prompt": "x", "presence_penalty": 0.5}, None),
-    ({"model": "m", "prompt": []}, None),
+    ({"model": "m", "prompt": "x", "stop": [""]}, "stop"),
+    ({"model": "m", "prompt": "x", "presence_penalty": 0.5}, "presence_penalty"),
+    ({"model": "m", "prompt": []}, "prompt"),
+    ({"model": "m", "prompt": "x", "echo": True}, "echo"),
 ])
 def test_bad_completion_requests_name_the_field(body, field):
     err = _parse_error(body)
@@ -147,6 +148,11 @@ def test_bad_chat_requests_are_refused():
     top = _parse_error({"model": "m", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 3},
                        ChatCompletionRequest)
     assert "top_logprobs needs logprobs: true" in top.message
+    # a check across fields names the field it refused and its value, not the whole body
+    assert top.param == "top_logprobs" and top.message.endswith("(got 3)") and "messages" not in top.message
+    tools = _parse_error({"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
+                         ChatCompletionRequest)
+    assert tools.param == "tools"
     many = _parse_error({"model": "m", "messages": [{"role": "user", "content": "x"}], "logprobs": True,
                          "top_logprobs": 21}, ChatCompletionRequest)
     assert many.param == "top_logprobs"
