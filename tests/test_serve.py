@@ -238,6 +238,17 @@ def test_streamed_completion_logprobs_offsets_count_from_the_start_of_the_answer
     assert streamed[0] == streamed[1] == (whole.tokens, whole.text_offset)
 
 
+def test_models_retrieve_gives_one_card_and_404_for_an_unknown_name(server, client):
+    base, adapter = client.models.retrieve(BASE), client.models.retrieve("a1")
+    assert (base.id, adapter.id, adapter.parent) == (BASE, "a1", BASE)
+    listed = {m.id: m for m in client.models.list().data}
+    assert adapter == listed["a1"] and base == listed[BASE]
+    with pytest.raises(openai.NotFoundError, match="nope"):
+        client.models.retrieve("nope")
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).models.retrieve("a1")
+
+
 def _post(server, path, body, key=KEY):
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
