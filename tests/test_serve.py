@@ -362,7 +362,10 @@ def test_every_error_is_answered_in_the_openai_shape_and_a_good_request_still_wo
     _good(client)
     assert "token ids" in _error(_post(server, "/v1/completions", {**good, "prompt": [1, 10 ** 6]}), 400)
     _good(client)
-    _error(_post(server, "/v1/completions", {**good, "prompt": [PROMPT] * (MAX_PENDING + 1)}), 429, "queue_full")
+    # a call over --max-pending on its own can never get in: 400, not 429 (which clients retry)
+    refused = _error(_post(server, "/v1/completions", {**good, "prompt": [PROMPT] * (MAX_PENDING // 4 + 1), "n": 4}),
+                     400, "invalid_request")
+    assert "--max-pending" in refused
     _good(client)
     _error(_post(server, "/v1/completions", {**good, "prompt": "x" * 70000}), 413, "body_too_large")
     _good(client)
@@ -392,6 +395,19 @@ def test_every_error_is_answered_in_the_openai_shape_and_a_good_request_still_wo
     _error(httpx.get(server.url + "/v1/nothing", headers=server.headers()), 404)
     _good(client)
     assert _models(client) >= {BASE, "a1", "a2"}
+
+
+def test_a_full_server_answers_429_and_admits_again_once_its_requests_end(server, client):
+    filling = client.completions.create(model=BASE, prompt=[PROMPT] * (MAX_PENDING // 4), n=4,
+                                        max_tokens=MAX_TOKENS_LIMIT, stream=True)
+    next(iter(filling))
+    with pytest.raises(openai.RateLimitError, match="max-pending"):
+        client.completions.create(model="a1", prompt=PROMPT, max_tokens=4)
+    filling.close()  # gone: its requests are cancelled and let go of their places
+    deadline = time.monotonic() + 30
+    while server.metrics()["loramux_server_pending_requests"] != 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    _good(client)
 
 
 def test_health_is_open_and_metrics_report_requests_tokens_latency_queue_and_cache(server, client):
