@@ -118,13 +118,14 @@ def test_attach_errors_are_typed_and_change_nothing():
     assert not any("Lora" in type(m).__name__ for m in model.modules())
 
 
-@pytest.mark.parametrize("arch, module, layer", [("llama", "attn_qkv", 0), ("llama", "mlp_gate_up", 1), ("llama", "mlp_router", 0),
+@pytest.mark.parametrize("arch, module, layer", [("llama", "mlp_router", 0), ("gpt2", "mlp_gate_up", 1),
                                                  ("phi3", "attn_q", 0), ("gpt2", "mlp_gate", 1)])
 def test_rows_the_attached_model_never_applies_are_refused(arch, module, layer):
-    """An adapter row for a module-layer no wrapped layer applies (an attn_qkv row on a Llama, whose
-    q, k and v are separate) would be cached and served without effect: put refuses it, naming the
-    row, and the cache keeps what it held. Phi-3's fused qkv takes attn_q|k|v as its parts, so
-    there the plain attn_q row is served."""
+    """An adapter row for a module-layer no wrapped layer applies (an mlp_router row on a Llama, an
+    mlp_gate_up row on GPT-2, whose MLP has no gate) would be cached and served without effect: put
+    refuses it, naming the row, and the cache keeps what it held. Phi-3's fused qkv takes attn_q|k|v
+    as its parts, so there the plain attn_q row is served (and a Llama serves fused rows as their
+    parts: tests/test_fused_rows.py)."""
     import numpy as np
 
     from loramux.modules import MODULE_IDS

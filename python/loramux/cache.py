@@ -116,7 +116,10 @@ class LoraCache:
 
     ``served``: the (module_id, layer) pairs the model applies (``attach`` passes its wrapped
     layers'); a put whose config has a row outside them raises LoraFormatError naming the row
-    (after the format's own checks of the config). None accepts every module-layer the spec has.
+    (after the format's own checks of the config), except a fused row (attn_qkv, mlp_gate_up,
+    cross_attn_qkv) whose parts are all served at its layer: it is cached as those part rows (A
+    shared, B and DoRA scales cut per part), and refused, naming both rows, if the adapter also
+    gives one of those parts for that layer. None accepts every module-layer the spec has.
     """
 
     def __init__(

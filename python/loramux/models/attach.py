@@ -83,7 +83,9 @@ def attach(
     The cache keeps adapters in the model's dtype on the model's device: a GPU model gets a device
     tier of `device_cache_bytes` (or `device_cache_fraction` of free GPU memory); a CPU model a
     host-memory "device" tier. The device tier is carved into pages of `page_bytes`. The cache
-    refuses adapters with rows no layer of the model applies (an attn_qkv row on a Llama).
+    refuses adapters with rows no layer of the model applies (an mlp_router row on a Llama); a
+    fused row whose parts are wrapped separately (attn_qkv on a Llama's q/k/v_proj) is kept as
+    those parts.
     With `fuse_siblings` (default), projections HF calls on one input (q|k|v, gate|up) get their
     LoRA from one multi-slice launch; False keeps one launch per projection (same results).
     """

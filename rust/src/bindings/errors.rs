@@ -44,6 +44,7 @@ impl PyErrorClass {
             | UnknownModuleId { .. }
             | ModuleNotInModel { .. }
             | ModuleNotApplied { .. }
+            | FusedRowBesidePart { .. }
             | LayerOutOfRange { .. }
             | BadRank { .. }
             | BadIsDora { .. }

@@ -23,6 +23,8 @@ pub use stats::{CacheStats, StatValue};
 pub use two_level::{built_pool_bytes, Acquired, CacheConfig, PoolRegion, PutOutcome, TwoLevelCache};
 
 #[cfg(test)]
+mod fused_put_tests;
+#[cfg(test)]
 mod pool_tests;
 #[cfg(test)]
 mod tests;

@@ -1,7 +1,11 @@
 //! Which (module, layer) pairs the attached model applies. The format checks rows against the
-//! model's dimensions only, and those allow modules no layer applies (attn_qkv on a Llama, whose
-//! q, k and v are separate layers): such rows would be cached and served without effect, an
-//! adapter silently doing less than it says. A cache told what its model applies refuses them.
+//! model's dimensions only, and those allow modules no layer applies (mlp_router on a Llama,
+//! mlp_gate_up on GPT-2, whose MLP has no gate): such rows would be cached and served without
+//! effect, an adapter silently doing less than it says. A cache told what its model applies
+//! refuses them, except fused rows whose parts the model applies (attn_qkv on a Llama, whose q, k
+//! and v are separate layers): those it keeps as their parts (fused_rows.rs).
+
+use std::collections::HashMap;
 
 use crate::error::{LoraError, Result};
 use crate::format::AdapterLayout;
@@ -33,12 +37,28 @@ impl ServedModules {
         self.applied.get(layer).is_some_and(|bits| bits & (1 << module.id()) != 0)
     }
 
-    /// The first row of a layout (already checked against the model) that no layer applies.
-    pub fn check(&self, layout: &AdapterLayout) -> Result<()> {
-        match layout.rows.iter().enumerate().find(|(_, r)| !self.applies(r.module, r.layer)) {
-            Some((row, r)) => Err(LoraError::ModuleNotApplied { row, module: r.module.name(), layer: r.layer }),
-            None => Ok(()),
+    /// The rows of a layout (already checked against the model) that the model applies as their
+    /// parts: fused rows it does not apply whole, at a layer where it applies every part (an
+    /// attn_qkv row on a Llama's q_proj, k_proj, v_proj). Refuses, at the first row in config
+    /// order, a row applied neither way, and a fused row to split beside a row for one of its
+    /// parts at that layer (the two would be summed; the adapter means one or the other).
+    pub fn check(&self, layout: &AdapterLayout) -> Result<Vec<usize>> {
+        let row_of: HashMap<(LoraModule, usize), usize> = layout.rows.iter().enumerate().map(|(i, r)| ((r.module, r.layer), i)).collect();
+        let mut split = Vec::new();
+        for (row, r) in layout.rows.iter().enumerate() {
+            if self.applies(r.module, r.layer) {
+                continue;
+            }
+            let parts = r.module.fused_parts().filter(|parts| parts.iter().all(|&p| self.applies(p, r.layer)));
+            let Some(parts) = parts else {
+                return Err(LoraError::ModuleNotApplied { row, module: r.module.name(), layer: r.layer });
+            };
+            if let Some((&part, &part_row)) = parts.iter().find_map(|p| row_of.get(&(*p, r.layer)).map(|row| (p, row))) {
+                return Err(LoraError::FusedRowBesidePart { row, module: r.module.name(), layer: r.layer, part_row, part: part.name() });
+            }
+            split.push(row);
         }
+        Ok(split)
     }
 }
 
@@ -59,10 +79,44 @@ mod tests {
         assert!(served.applies(LoraModule::AttnQ, 1) && !served.applies(LoraModule::AttnK, 1));
         let ok = AdapterLayout { rows: vec![row(LoraModule::AttnQ, 0), row(LoraModule::AttnV, 0), row(LoraModule::AttnQ, 1)] };
         assert!(served.check(&ok).is_ok());
-        let bad = AdapterLayout { rows: vec![row(LoraModule::AttnQ, 0), row(LoraModule::AttnQkv, 0), row(LoraModule::AttnK, 1)] };
+        // attn_qkv on layer 1, where only q is applied: neither whole nor as its parts.
+        let bad = AdapterLayout { rows: vec![row(LoraModule::AttnQ, 0), row(LoraModule::AttnQkv, 1), row(LoraModule::AttnK, 1)] };
         let err = served.check(&bad).unwrap_err();
-        assert!(matches!(err, LoraError::ModuleNotApplied { row: 1, module: "attn_qkv", layer: 0 }), "{err}");
+        assert!(matches!(err, LoraError::ModuleNotApplied { row: 1, module: "attn_qkv", layer: 1 }), "{err}");
         assert_eq!(err.row(), Some(1));
+    }
+
+    /// A Llama-like model: q, k, v and gate, up as separate layers on both layers, nothing fused.
+    fn split_model() -> ServedModules {
+        ServedModules::new(&[(1, 0), (2, 0), (3, 0), (5, 0), (7, 0), (1, 1), (2, 1), (3, 1), (5, 1)], 2).unwrap()
+    }
+
+    #[test]
+    fn fused_rows_whose_parts_the_model_applies_are_split() {
+        let ok = AdapterLayout { rows: vec![row(LoraModule::AttnQ, 0), row(LoraModule::MlpGateUp, 0), row(LoraModule::AttnQkv, 1)] };
+        assert_eq!(split_model().check(&ok), Ok(vec![1, 2]));
+        // A fused row the model applies whole stays whole.
+        let fused = ServedModules::new(&[(0, 0), (1, 0), (2, 0), (3, 0)], 1).unwrap();
+        assert_eq!(fused.check(&AdapterLayout { rows: vec![row(LoraModule::AttnQkv, 0)] }), Ok(vec![]));
+    }
+
+    #[test]
+    fn a_fused_row_beside_its_part_names_both_rows() {
+        let layout = AdapterLayout { rows: vec![row(LoraModule::MlpGate, 0), row(LoraModule::AttnV, 1), row(LoraModule::MlpGateUp, 0)] };
+        let err = split_model().check(&layout).unwrap_err();
+        assert_eq!(err, LoraError::FusedRowBesidePart { row: 2, module: "mlp_gate_up", layer: 0, part_row: 0, part: "mlp_gate" });
+        assert_eq!(err.row(), Some(2));
+        assert!(err.to_string().starts_with("config rows 2 and 0: "), "{err}");
+    }
+
+    #[test]
+    fn a_fused_row_with_a_part_the_layer_lacks_is_not_applied() {
+        // Layer 1 has no mlp_gate: its mlp_gate_up row cannot be served as parts.
+        let layout = AdapterLayout { rows: vec![row(LoraModule::MlpGateUp, 0), row(LoraModule::MlpGateUp, 1)] };
+        let err = split_model().check(&layout).unwrap_err();
+        assert_eq!(err, LoraError::ModuleNotApplied { row: 1, module: "mlp_gate_up", layer: 1 });
+        let cross = AdapterLayout { rows: vec![row(LoraModule::CrossAttnQkv, 0)] };
+        assert!(matches!(split_model().check(&cross), Err(LoraError::ModuleNotApplied { row: 0, .. })));
     }
 
     #[test]
