@@ -87,13 +87,15 @@ def test_part_rows_reproduce_the_fused_delta_exactly(fused, heads, kv_heads, hea
     with cache.acquire([1]) as batch:
         segs = {s["module_id"]: s for s in cache.segments(1, batch.slots[0])}
     assert sorted(segs) == sorted(PARTS[fused]), "the fused row is kept only as its parts"
-    want, at = b.astype(np.float64) @ a.astype(np.float64), 0
+    at = 0
     for part in PARTS[fused]:
         s, (p_hi, p_ho) = segs[part], spec.module_dims(part)
         p_a = np.frombuffer(s["a"], np.float32).reshape(rank, p_hi)
         p_b = np.frombuffer(s["b"], np.float32).reshape(p_ho, rank)
         assert s["rank"] == rank and np.array_equal(p_a, a), "A is shared, rank unchanged"
-        assert np.array_equal(p_b.astype(np.float64) @ p_a.astype(np.float64), want[at : at + p_ho])
+        # A whole and B's block of rows: the part's delta is exactly its block of the fused B @ A
+        # (compared as stored; products of differently shaped blocks may round apart by an ulp)
+        assert np.array_equal(p_b, b[at : at + p_ho])
         if dora:
             assert np.array_equal(np.frombuffer(s["scale"], np.float32), scale[at : at + p_ho])
         else:
