@@ -12,7 +12,7 @@ import torch
 peft = pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
-from tiny_hf import MODEL_TYPE, TINY_CONFIGS, fresh_model, logits, make_adapter, tiny_model  # noqa: E402
+from tiny_hf import MODEL_TYPE, TINY_CONFIGS, fresh_model, logits, make_adapter, sample_inputs, tiny_model  # noqa: E402
 
 from loramux import cli, convert, format  # noqa: E402
 from loramux.convert import hf_modules as spec  # noqa: E402
@@ -621,3 +621,44 @@ def test_a_factor_of_the_wrong_width_is_named_against_the_model(tmp_path_factory
     module = key[: -len(".weight")] if key.endswith(".weight") else key
     assert module in message and factor in message, message
     assert f"shape {list(tensors[name].shape)}, expected {list(good.shape)}" in message, message
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora", "corda", "loftq"])
+def test_an_adapter_whose_initialization_rewrites_the_base_is_refused(tmp_path, init):
+    # PEFT runs these initializations again when it loads the adapter, rewriting the base weights
+    make_adapter("llama", str(tmp_path / "peft"), target_modules=["q_proj"])
+    path = tmp_path / "peft" / convert.ADAPTER_CONFIG
+    config = json.loads(path.read_text())
+    config["init_lora_weights"] = init
+    path.write_text(json.dumps(config))
+    with pytest.raises(LoraConvertError, match=f"init_lora_weights='{init}'"):
+        convert.from_peft(str(tmp_path / "peft"))
+
+
+def test_a_pissa_adapter_serves_as_peft_loads_it_once_peft_saved_it_as_plain_lora(tmp_path):
+    import loramux as lm
+
+    model = peft.get_peft_model(fresh_model("llama"), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                                      init_lora_weights="pissa")).eval()
+    model.peft_config["default"].init_lora_weights = True  # PEFT's recipe: the initial adapter saved as plain LoRA
+    model.save_pretrained(str(tmp_path / "initial"))
+    model.peft_config["default"].init_lora_weights = "pissa"
+    with torch.no_grad():  # "training": B moves away from its SVD initialization
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.add_(0.05 * torch.randn_like(param))
+    model.save_pretrained(str(tmp_path / "pissa"))
+    model.save_pretrained(str(tmp_path / "plain"), path_initial_model_for_weight_conversion=str(tmp_path / "initial"))
+    with pytest.raises(LoraConvertError, match="path_initial_model_for_weight_conversion"):
+        convert.from_peft(str(tmp_path / "pissa"))
+    loaded = peft.PeftModel.from_pretrained(fresh_model("llama"), str(tmp_path / "pissa")).eval()
+    plain = peft.PeftModel.from_pretrained(fresh_model("llama"), str(tmp_path / "plain")).eval()
+    torch.testing.assert_close(logits(plain, "llama"), logits(loaded, "llama"), rtol=1e-4, atol=1e-4)
+    weights, config = convert.from_peft(str(tmp_path / "plain"), "float32")
+    ours = fresh_model("llama")
+    with lm.attach(ours, max_rank=16, host_cache_bytes=4 << 20, device_cache_bytes=2 << 20) as engine:
+        engine.cache.put(1, weights, config)
+        rows = sample_inputs("llama")["input_ids"].shape[0]
+        with engine.batch([1] * rows):
+            got = logits(ours, "llama")
+    torch.testing.assert_close(got, logits(loaded, "llama"), rtol=1e-4, atol=1e-4)

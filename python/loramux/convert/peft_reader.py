@@ -28,6 +28,11 @@ PROGRESS_BYTES = 64 << 20
 # adapter_config fields that turn LoRA into something the format cannot express.
 _UNSUPPORTED_FIELDS = ("layer_replication", "trainable_token_indices", "velora_config", "kasa_config", "arrow_config",
                        "alora_invocation_tokens", "use_qalora", "use_bdlora", "lora_bias", "megatron_config")
+# init_lora_weights values (prefixes, as PEFT matches them) whose initialization rewrites the base
+# weights (W - B0 A0 for PiSSA, OLoRA and CorDA; a quantized residual for LoftQ). PEFT runs it again
+# when it loads such an adapter, so the adapter only means something over that rewritten base, never
+# over the unchanged base loramux shares between adapters.
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
 
 
 def _pattern_get(pattern: Dict[str, Any], key: str, default: Any) -> Any:
@@ -128,6 +133,14 @@ def _check_config(config: Dict[str, Any]) -> None:
     for name in _UNSUPPORTED_FIELDS:
         if config.get(name):
             raise LoraConvertError(f"{name}={config[name]!r}: not expressible in the LoRA format")
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+        fix = ("serve the base model LoftQ saved, with the adapter saved as init_lora_weights=true"
+               if init.lower() == "loftq" else
+               "save it as a plain LoRA first with PEFT's save_pretrained(..., path_initial_model_for_weight_conversion=...)")
+        raise LoraConvertError(f"init_lora_weights={init!r}: this initialization rewrites the base weights, and PEFT "
+                               "rewrites them again when it loads the adapter, so over the unchanged base model the "
+                               f"adapter gives other outputs; {fix}")
 
 
 def _group_factors(state: Dict[str, Any]) -> Dict[str, Dict[str, np.ndarray]]:
