@@ -106,6 +106,9 @@ def test_attach_errors_are_typed_and_change_nothing():
     with pytest.raises(ValueError, match="already") as err:  # a bad argument, not a LoraError
         lm.attach(model)
     assert not isinstance(err.value, LoraError)
+    # refused before a cache is built: no host pool of that size is allocated, so it is no LoraCacheError
+    with pytest.raises(ValueError, match="already"):
+        lm.attach(model, host_cache_bytes=1 << 50)
     with pytest.raises(LoraNotCachedError, match="7"):
         with engine.batch([None, 7]):
             pass
