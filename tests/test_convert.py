@@ -74,7 +74,7 @@ def test_half_storage_round_trips_within_dtype(storage, tmp_path):
     torch.testing.assert_close(logits(back, "llama"), logits(original, "llama"), rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt2-xattn"])  # gpt2-xattn: DoRA on a fused k|v layer
 def test_dora_needs_the_base_model_and_then_round_trips(arch, tmp_path, tmp_path_factory):
     original = make_adapter(arch, tmp_path / "peft", use_dora=True)
     with pytest.raises(LoraDoraError, match="base_model"):
@@ -662,3 +662,22 @@ def test_a_pissa_adapter_serves_as_peft_loads_it_once_peft_saved_it_as_plain_lor
         with engine.batch([1] * rows):
             got = logits(ours, "llama")
     torch.testing.assert_close(got, logits(loaded, "llama"), rtol=1e-4, atol=1e-4)
+
+
+def test_dora_on_a_fused_layer_of_two_modules_serves_as_peft(tmp_path):
+    """GPT-2's cross-attention c_attn holds k and v: each DoRA scale belongs to one output row, so
+    the scales split with B's rows."""
+    import loramux as lm
+
+    original = make_adapter("gpt2-xattn", str(tmp_path / "peft"), use_dora=True)
+    weights, config = convert.from_peft(str(tmp_path / "peft"), "float32", base_model=fresh_model("gpt2-xattn"))
+    split = {MODULE_IDS["cross_attn_k"], MODULE_IDS["cross_attn_v"]}
+    assert {int(m) for m, _, _, dora in config if dora == 1} >= split
+    ours = fresh_model("gpt2-xattn")
+    with lm.attach(ours, max_rank=16, host_cache_bytes=4 << 20, device_cache_bytes=2 << 20) as engine:
+        engine.cache.put(1, weights, config)
+        with engine.batch([1, None]):
+            got = logits(ours, "gpt2-xattn")
+    want, base = logits(original, "gpt2-xattn"), logits(tiny_model("gpt2-xattn"), "gpt2-xattn")
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], base[1], rtol=1e-5, atol=1e-5)

@@ -276,10 +276,13 @@ def _rows_for_target(key, target, factors, config, base: Optional[BaseWeights], 
         scale = normalize(w0, a, scaled_b, m.reshape(-1)).astype(np.float32)
     if len(target.module_ids) == 1:
         return [AdapterRow(target.module_id, target.layer, a, scaled_b, scale)]
-    if b.shape[0] % len(target.module_ids) or scale is not None:
+    if b.shape[0] % len(target.module_ids):
         raise LoraConvertError(f"{key}: cannot split a fused output of {b.shape[0]} into {len(target.module_ids)} modules")
     parts = np.split(scaled_b, len(target.module_ids), axis=0)
-    return [AdapterRow(mid, target.layer, a, part, None) for mid, part in zip(target.module_ids, parts)]
+    # a DoRA scale belongs to one output row (its norm is that row's), so it splits with B's rows
+    scales = np.split(scale, len(target.module_ids)) if scale is not None else [None] * len(parts)
+    return [AdapterRow(mid, target.layer, a, part, part_scale)
+            for mid, part, part_scale in zip(target.module_ids, parts, scales)]
 
 
 def _storage_error(key: str, fault: fmt.StorageFault) -> LoraConvertError:
