@@ -110,8 +110,8 @@ def test_bin_adapter_converts_like_safetensors(tmp_path):
     "kwargs, match",
     [
         (dict(target_modules=["q_proj"], modules_to_save=["lm_head"]), "modules_to_save"),
-        (dict(target_modules=["q_proj", "lm_head"]), "lm_head"),
-        (dict(target_modules=["q_proj", "embed_tokens"]), "embed"),
+        (dict(target_modules=["q_proj", "lm_head"]), "lm_head.* a LoRA on an embedding or lm_head"),
+        (dict(target_modules=["q_proj", "embed_tokens"]), "embed.* a LoRA on an embedding or lm_head"),
         (dict(target_modules=["q_proj"], bias="lora_only"), "bias"),
         (dict(target_modules=["q_proj"], bias="all"), "bias"),
     ],

@@ -161,6 +161,9 @@ def _group_factors(state: Dict[str, Any]) -> Dict[str, Dict[str, np.ndarray]]:
         else:
             if "lora_embedding" in name:
                 raise LoraConvertError(f"{key}: embedding LoRA cannot be held by the LoRA format")
+            if name.endswith(".base_layer.weight"):  # PEFT's save_embedding_layers
+                raise LoraConvertError(f"{key}: the base weight PEFT saves beside a LoRA on an embedding or lm_head; "
+                                       "the LoRA format holds LoRA on the projections inside transformer layers only")
             raise LoraConvertError(f"{key}: not a LoRA factor (modules_to_save, a bias or trainable tokens?); "
                                    "the LoRA format cannot hold it")
     for path, parts in groups.items():
