@@ -106,6 +106,9 @@ def test_attach_errors_are_typed_and_change_nothing():
     with pytest.raises(ValueError, match="already") as err:  # a bad argument, not a LoraError
         lm.attach(model)
     assert not isinstance(err.value, LoraError)
+    # refused before a cache is built: no host pool of that size is allocated, so it is no LoraCacheError
+    with pytest.raises(ValueError, match="already"):
+        lm.attach(model, host_cache_bytes=1 << 50)
     with pytest.raises(LoraNotCachedError, match="7"):
         with engine.batch([None, 7]):
             pass
@@ -191,3 +194,21 @@ def test_gpt2_cross_attention_matches_peft(tmp_path):
             got = ours(**inputs).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
     assert (got[0] - peft_rows(peft_model, [None], lambda m: m(**inputs).logits)[0]).abs().max() > 1e-4
+
+
+def test_a_batch_whose_task_ids_do_not_match_the_rows_is_refused(tmp_path):
+    ours, peft_model, names, formats = build("llama", torch.float32, tmp_path)
+    engine = attach_converted(ours, names, formats)
+    inputs = make_inputs(ours, 3)
+    with torch.no_grad():
+        for task_ids in ([0, None], [0, 1, None, 0], [None, None]):
+            with pytest.raises(ValueError, match=f"3 rows but the batch gave {len(task_ids)} task ids"):
+                with engine.batch(task_ids):
+                    ours(**inputs)
+        # generate's beams are k copies of each row side by side: each copy keeps its row's adapter
+        row_adapter = [names[0], None, names[1]]
+        kw = dict(max_new_tokens=4, do_sample=False, num_beams=2, pad_token_id=0)
+        expected = peft_rows(peft_model, row_adapter, lambda m: m.generate(input_ids=inputs["input_ids"], **kw))
+        with engine.batch([0, None, 1]):
+            got = ours.generate(input_ids=inputs["input_ids"], **kw)
+    assert torch.equal(got, expected)

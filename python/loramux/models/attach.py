@@ -43,12 +43,16 @@ def _wrap(target, layer: nn.Module, spec, engine) -> nn.Module:
     return LoraLinear(layer, engine, target.layer, target.slices, sizes, conv1d=not isinstance(layer, nn.Linear))
 
 
+def _refuse_attached(model: nn.Module) -> None:
+    if any(isinstance(m, _WRAPPERS) for m in model.modules()):
+        raise ValueError("this model already has loramux layers attached; detach() first")
+
+
 def attach_layers(model: nn.Module, spec, cache, dtype: torch.dtype, device: torch.device,
                   fuse_siblings: bool = True) -> Engine:
     """Wraps every target layer of `model` (loramux.convert.hf_modules table, via models/targets.py); the layers read `cache`'s slots.
     `fuse_siblings`: projections that read one input (q|k|v, gate|up) share one multi-slice LoRA launch."""
-    if any(isinstance(m, _WRAPPERS) for m in model.modules()):
-        raise ValueError("this model already has loramux layers attached; detach() first")
+    _refuse_attached(model)
     engine = Engine(model, spec, cache, dtype, device, restore=[])
     restore, linears = [], []
     for target in match_targets(model):
@@ -91,6 +95,7 @@ def attach(
     """
     from loramux.cache import LoraCache
 
+    _refuse_attached(model)  # before the cache pins or pre-faults its memory
     param = next(model.parameters())
     spec = spec_from_config(model.config, max_rank=max_rank)
     device = param.device
