@@ -114,16 +114,22 @@ TOL = {"float32": 1e-5, "bfloat16": 2e-2}
 ALL_MODULES = [1, 2, 3, 4, 5, 6, 7]
 
 
+#: a DoRA adapter of fused rows (attn_qkv on layers 0 and 2, mlp_gate_up on 1 and 3) beside plain ones:
+#: every rank keeps the fused rows as the q/k/v and gate/up parts its shard applies
+FUSED_ROWS = [(0, 0, 4), (18, 1, 2), (0, 2, 2), (18, 3, 4), (4, 1, 2), (1, 1, 2), (7, 2, 2)]
+
+
 def _scenario():
-    """The model, a mixed batch and its adapters: ranks 2, 4 and 8, one DoRA, one row without."""
+    """The model, a mixed batch and its adapters: ranks 2, 4 and 8, DoRA, fused rows, one row without."""
     model = tiny_llama(0)
     adapters = {
         11: random_adapter(model, [(m, l, 2) for m in ALL_MODULES for l in range(4)], dora=False, seed=1),
         12: random_adapter(model, [(m, l, 4) for m in (1, 3, 4, 6) for l in (0, 3)], dora=True, seed=2),
         13: random_adapter(model, [(m, l, 8) for m in (2, 5, 7) for l in (1, 2)], dora=False, seed=3),
+        14: random_adapter(model, FUSED_ROWS, dora=True, seed=5),
     }
-    input_ids = torch.randint(0, 64, (5, 6), generator=torch.Generator().manual_seed(4))
-    task_ids = [11, 12, None, 13, 12]
+    input_ids = torch.randint(0, 64, (6, 6), generator=torch.Generator().manual_seed(4))
+    task_ids = [11, 12, None, 13, 12, 14]
     return model, adapters, input_ids, task_ids
 
 
@@ -249,10 +255,6 @@ def test_parallel_forward_refuses_what_it_cannot_serve():
         TpLlama(tiny_llama(0), ParallelContext(tp_size=3), max_rank=8, device="cpu", device_cache_bytes=1 << 20)
     shard = TpLlama(model, ParallelContext(), max_rank=8, host_cache_bytes=8 << 20, device="cpu",
                     device_cache_bytes=4 << 20)
-    fused = np.zeros((1, 2 * (32 + 64)), np.float32)  # attn_qkv on a model with separate q/k/v
-    with pytest.raises(lm.LoraFormatError, match="row 0: module_id 0"):
-        shard.load(1, fused, np.array([[0, 0, 2]]))
-    assert 1 not in shard.cache
     ids = torch.zeros(2, 3, dtype=torch.long)
     with pytest.raises(lm.LoraNotCachedError):
         shard.forward(ids, [None, 7])
@@ -262,3 +264,63 @@ def test_parallel_forward_refuses_what_it_cannot_serve():
     with torch.no_grad():  # rows without an adapter give the unsharded base model's logits
         base = tiny_llama(0)(ids).logits
     torch.testing.assert_close(shard.forward(ids, [None, None]), base)
+
+
+# --- served (module, layer) pairs: every rank refuses and splits as an attached model does -------
+
+#: tp=2 x pp=2 as (tp_rank, pp_rank): shards built in this process (loading needs no process group)
+RANKS = [(0, 0), (1, 0), (0, 1), (1, 1)]
+
+
+def _shard(tp_rank, pp_rank):
+    from loramux.parallel import ParallelContext, TpLlama
+
+    ctx = ParallelContext(tp_size=2, tp_rank=tp_rank, pp_size=2, pp_rank=pp_rank)
+    return TpLlama(tiny_llama(0), ctx, max_rank=8, host_cache_bytes=2 << 20, device="cpu", device_cache_bytes=1 << 20)
+
+
+def test_every_rank_refuses_a_row_no_layer_applies_and_keeps_its_cache():
+    """An mlp_router row on layer 3 (a Llama has no router) is refused by every rank, the first
+    stage's too (it never holds layer 3), naming the caller's row; each rank's cache keeps what it
+    held. The last stage's cache refuses the row put into it directly as well (its pairs are the
+    stage's, renumbered as the slice's rows are)."""
+    model = tiny_llama(0)
+    good = random_adapter(model, [(1, 0, 2), (6, 3, 2)], dora=False, seed=7)
+    spec = lm.models.spec_from_config(model.config, max_rank=8)
+    hi, ho = spec.module_dims(lm.modules.MODULE_IDS["mlp_router"])
+    router = lm.format.AdapterRow(lm.modules.MODULE_IDS["mlp_router"], 3, np.ones((2, hi), np.float32), np.ones((ho, 2), np.float32))
+    bad = lm.format.from_rows([*lm.format.to_rows(*good, spec), router], "float32")
+    for tp_rank, pp_rank in reversed(RANKS):  # the stage holding layer 3 first
+        shard = _shard(tp_rank, pp_rank)
+        if pp_rank == 1:  # the stage's slice holds the router row as its row 1 (layer 3 -> 1)
+            sliced = tp.slice_adapter(*bad, spec, 2, tp_rank, shard.layers)
+            with pytest.raises(lm.LoraFormatError, match="config row 1: module mlp_router layer 1 is not applied"):
+                shard.cache.put(3, sliced.weights, sliced.config)
+            assert 3 not in shard.cache
+        shard.load(1, *good)
+        held = (shard.cache.task_ids(), shard.cache.stats()["host_bytes"], shard.cache._core.host_image(1))
+        for task_id in (1, 2):
+            with pytest.raises(lm.LoraFormatError, match="config row 2: module mlp_router layer 3 is not applied") as err:
+                shard.load(task_id, *bad, replace=True)
+            assert err.value.row == 2
+        assert (shard.cache.task_ids(), shard.cache.stats()["host_bytes"], shard.cache._core.host_image(1)) == held
+        assert 2 not in shard._empty_tasks
+
+
+def test_each_rank_keeps_fused_rows_as_the_parts_of_its_shard():
+    """Slicing an attn_qkv / mlp_gate_up row per rank and then splitting it into parts (what load
+    does) caches exactly what splitting first and slicing the parts does: the latter, put under the
+    same id, is "cached" on every rank of tp=2 x pp=2. The logits: test_tp_and_pp_logits_equal_tp1_for_a_mixed_batch."""
+    from tp_oracle import as_parts
+
+    model = tiny_llama(0)
+    spec = lm.models.spec_from_config(model.config, max_rank=8)
+    fused = random_adapter(model, FUSED_ROWS, dora=True, seed=5)
+    parts = as_parts(model, *fused)
+    for tp_rank, pp_rank in RANKS:
+        shard = _shard(tp_rank, pp_rank)
+        shard.load(1, *fused)
+        sliced_parts = tp.slice_adapter(*parts, spec, 2, tp_rank, shard.layers)
+        assert shard.cache.put(1, sliced_parts.weights, sliced_parts.config) == "cached"
+        held = tp.slice_adapter(*fused, spec, 2, tp_rank, shard.layers).config[:, 0].tolist()
+        assert {0, 18} <= set(held)  # the rank's slice did hold both kinds of fused row

@@ -1,5 +1,6 @@
 """Shared by test_tp.py and test_dora.py: a tiny random Llama, random adapters in the TensorRT-LLM
-format, and the merged-weights oracle (one adapter per row: W' = W + B A, DoRA: diag(s) (W + B A))."""
+format (fused attn_qkv / mlp_gate_up rows too), and the merged-weights oracle (one adapter per row:
+W' = W + B A, DoRA: diag(s) (W + B A))."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import torch
 #: module id -> Llama projection (the TensorRT-LLM module ids of a Llama decoder layer: mlp_h_to_4h is
 #: the projection the activation reads, gate_proj; mlp_gate the multiplied one, up_proj)
 _PROJ = {1: "q_proj", 2: "k_proj", 3: "v_proj", 4: "o_proj", 5: "gate_proj", 6: "down_proj", 7: "up_proj"}
+#: fused module id -> its parts in output order: attn_qkv = q | k | v, mlp_gate_up = mlp_h_to_4h | mlp_gate
+_PARTS = {0: (1, 2, 3), 18: (5, 7)}
 
 
 def tiny_llama(seed: int = 0, *, layers: int = 4, bias: bool = True):
@@ -31,8 +34,9 @@ def tiny_llama(seed: int = 0, *, layers: int = 4, bias: bool = True):
 
 
 def module_dims(model, module_id: int) -> Tuple[int, int]:
-    proj = _proj(model, 0, module_id)
-    return proj.in_features, proj.out_features
+    """(Hi, Ho) of a projection; a fused module's Ho is its parts' side by side."""
+    projs = [_proj(model, 0, part) for part in _PARTS.get(module_id, (module_id,))]
+    return projs[0].in_features, sum(p.out_features for p in projs)
 
 
 def _proj(model, layer: int, module_id: int):
@@ -60,11 +64,33 @@ def random_adapter(model, rows: Sequence[Tuple[int, int, int]], *, dora: bool, s
     return weights, np.asarray(cfg, np.int64)
 
 
+def as_parts(model, weights: np.ndarray, config: np.ndarray):
+    """The adapter with each fused row written as its part rows, in order: A shared, each part its
+    block of B's rows and of the DoRA scales (what the cache of a model with separate q/k/v keeps)."""
+    out, cfg = [], []
+    for row, c in zip(weights, config):
+        mid, layer, rank = int(c[0]), int(c[1]), int(c[2])
+        dora = len(c) == 4 and bool(c[3])
+        hi, ho = module_dims(model, mid)
+        a, b = row[: rank * hi], row[rank * hi : rank * hi + ho * rank].reshape(ho, rank)
+        s = row[rank * (hi + ho) : rank * (hi + ho) + ho] if dora else None
+        at = 0
+        for part in _PARTS.get(mid, (mid,)):
+            n = module_dims(model, part)[1]
+            out.append(np.concatenate([a, b[at : at + n].ravel()] + ([s[at : at + n]] if dora else [])))
+            cfg.append([part, layer, rank] + list(c[3:]))
+            at += n
+    parts = np.zeros((len(out), max(len(r) for r in out)), weights.dtype)
+    for i, r in enumerate(out):
+        parts[i, : len(r)] = r
+    return parts, np.asarray(cfg, np.int64)
+
+
 def merged(model, weights: np.ndarray, config: np.ndarray):
     """A copy of `model` with the adapter merged into its weights (the oracle for one row)."""
     m = copy.deepcopy(model)
     with torch.no_grad():
-        for row, c in zip(weights, config):
+        for row, c in zip(*as_parts(model, weights, config)):
             mid, layer, rank = int(c[0]), int(c[1]), int(c[2])
             dora = len(c) == 4 and bool(c[3])
             proj = _proj(m, layer, mid)

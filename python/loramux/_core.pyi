@@ -62,6 +62,7 @@ def tp_slice_adapter(
     tp_size: int,
     tp_rank: int,
     layers: Optional[Tuple[int, int]] = None,
+    served: Optional[List[Tuple[int, int]]] = None,
 ) -> Tuple[np.ndarray, int, int, List[int], ModelSpec]: ...
 def tp_rank_spec(spec: ModelSpec, tp_size: int, layers: Optional[Tuple[int, int]] = None) -> ModelSpec: ...
 

@@ -20,6 +20,7 @@
 
 use std::ops::Range;
 
+use crate::cache::ServedModules;
 use crate::error::{LoraError, Result};
 use crate::format::{self, ConfigRow, ModelSpec, RowLayout, ValidateOptions, WeightsDtype, WeightsView};
 use crate::modules::{LoraModule, ParallelKind};
@@ -235,12 +236,24 @@ fn check_divisible(row: usize, module: LoraModule, parts: &[Part], tp: usize) ->
     }
 }
 
-/// Validates the full adapter against the full model, then cuts rank `layout.tp_rank`'s slice of
-/// the stage's layers. Every row is checked for divisibility (even rows another stage keeps), so
-/// all ranks accept or refuse an adapter alike.
-pub fn slice_adapter(weights: &WeightsView, config: &[ConfigRow], spec: &ModelSpec, layout: &ParallelLayout) -> Result<SlicedAdapter> {
+/// Validates the full adapter against the full model (and, given `served`, the full model's
+/// applied (module, layer) pairs), then cuts rank `layout.tp_rank`'s slice of the stage's layers.
+/// Every row is checked (even rows another stage keeps), so all ranks accept or refuse an adapter
+/// alike, naming the caller's row. Fused rows the model applies as their parts stay fused here:
+/// the rank's cache, told its stage's served pairs, splits them; cutting q|k|v per rank and then
+/// into parts gives what cutting into parts and then per rank does (each part is split alone).
+pub fn slice_adapter(
+    weights: &WeightsView,
+    config: &[ConfigRow],
+    spec: &ModelSpec,
+    layout: &ParallelLayout,
+    served: Option<&ServedModules>,
+) -> Result<SlicedAdapter> {
     layout.check(spec)?;
     let full = format::validate(weights, config, spec, ValidateOptions::default())?;
+    if let Some(served) = served {
+        served.check(&full)?;
+    }
     let tp = layout.tp_size;
     let mut plans = Vec::with_capacity(full.rows.len());
     for (row, r) in full.rows.iter().enumerate() {

@@ -62,7 +62,7 @@ fn bytes_f32(v: &[f32]) -> Vec<u8> {
 fn slice(full: &Full, s: &ModelSpec, tp: usize, rank: usize, layers: Option<Range<usize>>) -> Result<SlicedAdapter> {
     let data = bytes_f32(&full.rows.concat());
     let w = WeightsView::new(WeightsDtype::F32, &[full.rows.len(), full.width], &data).unwrap();
-    slice_adapter(&w, &full.config, s, &ParallelLayout::new(tp, rank, layers))
+    slice_adapter(&w, &full.config, s, &ParallelLayout::new(tp, rank, layers), None)
 }
 
 fn f32s(b: &[u8]) -> Vec<f32> {
@@ -242,7 +242,7 @@ fn half_precision_bytes_are_copied_exactly() {
     let halves: Vec<u16> = (0..n as u16).map(|i| half::f16::from_f32(0.25 + i as f32 / 64.0).to_bits()).collect();
     let data: Vec<u8> = halves.iter().flat_map(|h| h.to_le_bytes()).collect();
     let w = WeightsView::new(WeightsDtype::F16, &[1, n], &data).unwrap();
-    let sl = slice_adapter(&w, &config, &s, &ParallelLayout::new(2, 1, None)).unwrap();
+    let sl = slice_adapter(&w, &config, &s, &ParallelLayout::new(2, 1, None), None).unwrap();
     assert_eq!(sl.dtype, WeightsDtype::F16);
     let got: Vec<u16> = sl.data.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
     // attn_dense: A [2, 8] keeps columns 4..8 of each row; B [8, 2] and 8 scales whole.
@@ -259,4 +259,58 @@ fn invalid_full_adapters_are_rejected_before_slicing() {
     let mut full = full_adapter(vec![[1, 0, 2, 0]], &s);
     full.rows[0][1] = f32::NAN;
     assert!(matches!(slice(&full, &s, 2, 0, None), Err(LoraError::NonFinite { row: 0, column: 1, .. })));
+}
+
+/// Every (module, layer) of the Llama-like `spec()` a model with separate q/k/v and gate/up layers
+/// applies: attn_q, attn_k, attn_v, attn_dense, mlp_h_to_4h, mlp_4h_to_h, mlp_gate on each layer.
+fn split_llama(s: &ModelSpec) -> ServedModules {
+    let pairs: Vec<(i64, i64)> = (0..s.num_layers as i64).flat_map(|l| [1, 2, 3, 4, 5, 6, 7].map(|m| (m, l))).collect();
+    ServedModules::new(&pairs, s.num_layers).unwrap()
+}
+
+#[test]
+fn a_row_the_model_never_applies_is_refused_by_every_rank_and_stage() {
+    let s = spec();
+    // mlp_router on layer 3: only the stage owning layers 2..4 keeps it, yet every rank refuses it.
+    let full = full_adapter(vec![[1, 0, 2, 0], [0, 1, 2, 0], [17, 3, 2, 0]], &s);
+    let data = bytes_f32(&full.rows.concat());
+    let w = WeightsView::new(WeightsDtype::F32, &[full.rows.len(), full.width], &data).unwrap();
+    let served = split_llama(&s);
+    for (rank, layers) in [(0, Some(0..2)), (1, Some(0..2)), (0, Some(2..4)), (1, None)] {
+        let err = slice_adapter(&w, &full.config, &s, &ParallelLayout::new(2, rank, layers), Some(&served)).unwrap_err();
+        assert_eq!(err, LoraError::ModuleNotApplied { row: 2, module: "mlp_router", layer: 3 });
+    }
+    // The attn_qkv row on layer 1 is applied as its parts: it passes, still fused.
+    let two = WeightsView::new(WeightsDtype::F32, &[2, full.width], &data[..2 * full.width * 4]).unwrap();
+    let sl = slice_adapter(&two, &full.config[..2], &s, &ParallelLayout::new(2, 1, Some(0..2)), Some(&served)).unwrap();
+    assert_eq!(sl.config, vec![[1, 0, 2, 0], [0, 1, 2, 0]]);
+}
+
+/// The config rows of a layout, in order.
+fn config_of(layout: &format::AdapterLayout) -> Vec<ConfigRow> {
+    layout.rows.iter().map(|r| [r.module.id() as i64, r.layer as i64, r.rank as i64, r.is_dora as i64]).collect()
+}
+
+#[test]
+fn slicing_a_fused_row_then_splitting_it_equals_splitting_then_slicing() {
+    use crate::fused_rows::split_fused_rows;
+
+    let s = spec();
+    // attn_qkv (DoRA), mlp_gate_up, beside a plain row; the stage keeps layers 1..4.
+    let full = full_adapter(vec![[0, 1, 2, 1], [18, 2, 3, 0], [4, 3, 2, 0]], &s);
+    let data = bytes_f32(&full.rows.concat());
+    let w = WeightsView::new(WeightsDtype::F32, &[full.rows.len(), full.width], &data).unwrap();
+    let full_layout = format::validate(&w, &full.config, &s, ValidateOptions::default()).unwrap();
+    let parts = split_fused_rows(&w, &full_layout, &[0, 1], &s);
+    let part_config = config_of(&parts.layout);
+    for rank in 0..2 {
+        let layout = ParallelLayout::new(2, rank, Some(1..4));
+        let split_then_sliced = slice_adapter(&parts.view(), &part_config, &s, &layout, None).unwrap();
+        let sliced = slice_adapter(&w, &full.config, &s, &layout, None).unwrap();
+        let sliced_view = WeightsView::new(sliced.dtype, &[sliced.config.len(), sliced.width], &sliced.data).unwrap();
+        let sliced_layout = format::validate(&sliced_view, &sliced.config, &sliced.spec, ValidateOptions::default()).unwrap();
+        let sliced_then_split = split_fused_rows(&sliced_view, &sliced_layout, &[0, 1], &sliced.spec);
+        assert_eq!(config_of(&sliced_then_split.layout), split_then_sliced.config, "rank {rank}");
+        assert_eq!((sliced_then_split.width, sliced_then_split.data), (split_then_sliced.width, split_then_sliced.data), "rank {rank}");
+    }
 }

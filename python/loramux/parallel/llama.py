@@ -8,24 +8,26 @@ columns; the partial outputs, base + LoRA, are summed by one all-reduce, then th
 once). q/k/v (and gate/up) run as one GEMM and one multi-slice LoRA launch per layer; the HF
 modules' calls take their slices of it. Embedding, norms and lm_head are replicated. A request's
 full adapter is sliced on load (loramux.parallel.slice_adapter) and each rank caches only its slice in
-its own LoraCache. `load` is per rank: every rank must load the same adapters (a rank that fails,
-e.g. on a full cache, leaves the layout inconsistent until the caller retries or drops the task).
+its own LoraCache, told which (module, layer) pairs its stage applies, as attach() tells its cache: a
+row no layer of the model applies is refused on every rank (checked against the whole model before
+slicing), and attn_qkv / mlp_gate_up rows are kept as their q/k/v and gate/up parts. `load` is per
+rank: every rank must load the same adapters (a rank that fails, e.g. on a full cache, leaves the
+layout inconsistent until the caller retries or drops the task).
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from loramux.convert import hf_modules
-from loramux.errors import LoraFormatError, LoraParallelError
+from loramux.errors import LoraParallelError
 from loramux.models.siblings import SharedOutputs
 from loramux.models.targets import spec_from_config
 from loramux.modules import MODULE_IDS
@@ -45,6 +47,11 @@ _GROUPS = (
 )
 #: the module ids the tensor-parallel forward serves
 SERVED_MODULE_IDS = frozenset(m for ids, _ in _GROUPS for m in ids)
+
+
+def served_pairs(layers: range) -> List[Tuple[int, int]]:
+    """The (module_id, layer) pairs the forward applies over `layers`: every projection of each."""
+    return [(m, layer) for layer in layers for m in sorted(SERVED_MODULE_IDS)]
 
 
 def _projection(block: nn.Module, arch: str, module_id: int):
@@ -178,10 +185,14 @@ class TpLlama:
         self.full_spec = spec_from_config(cfg, max_rank=max_rank)
         self.layers = stage_layers(cfg.num_hidden_layers, ctx.pp_size, ctx.pp_rank)
         self.spec = rank_spec(self.full_spec, ctx.tp_size, self.layers)  # raises if heads/ffn do not divide
+        # Loads are checked against the whole model's pairs (so every rank refuses alike); the
+        # cache holds the stage's, renumbered from 0 as its rows are, and splits fused rows by them.
+        self.served = served_pairs(range(cfg.num_hidden_layers))
         if device is None:  # adapters live where the model does (a host-memory tier for CPU models)
             device = self.device if self.device.type == "cuda" else "cpu"
         self.cache = LoraCache(self.spec, dtype=self.dtype, host_cache_bytes=host_cache_bytes, device=device,
-                               device_cache_bytes=device_cache_bytes, max_slots=max_slots)
+                               device_cache_bytes=device_cache_bytes, max_slots=max_slots,
+                               served=served_pairs(range(self.layers[1] - self.layers[0])))
         self._batch = StepBatch(self.dtype, max_rank)
         self._fused: List[ParallelLoraLinear] = []
         self._empty_tasks: set = set()  # tasks whose adapter has no rows on this stage
@@ -214,13 +225,11 @@ class TpLlama:
 
     # --- adapters ----------------------------------------------------------------------------
     def load(self, task_id: int, weights, config, replace: bool = False) -> None:
-        """Caches this rank's slice of a full adapter (the one every rank of the request receives)."""
-        cfg = np.asarray(config)
-        for row, mid in enumerate(cfg.reshape(-1, cfg.shape[-1])[:, 0].tolist()):
-            if mid not in SERVED_MODULE_IDS:
-                raise LoraFormatError(f"config row {row}: module_id {mid} is not applied by the Llama forward "
-                                      f"(ids {sorted(SERVED_MODULE_IDS)})", row=row)
-        sliced = slice_adapter(weights, config, self.full_spec, self.ctx.tp_size, self.ctx.tp_rank, self.layers)
+        """Caches this rank's slice of a full adapter (the one every rank of the request receives).
+        A row no layer of the model applies raises LoraFormatError naming it, on every rank, and
+        leaves the cache as it was."""
+        sliced = slice_adapter(weights, config, self.full_spec, self.ctx.tp_size, self.ctx.tp_rank, self.layers,
+                               served=self.served)
         if sliced.config.shape[0] == 0:
             self._empty_tasks.add(task_id)
             return
@@ -280,4 +289,4 @@ class TpLlama:
     __call__ = forward
 
 
-__all__ = ["ParallelContext", "init_parallel", "ParallelLoraLinear", "SliceOf", "TpLlama", "SERVED_MODULE_IDS"]
+__all__ = ["ParallelContext", "init_parallel", "ParallelLoraLinear", "SliceOf", "TpLlama", "SERVED_MODULE_IDS", "served_pairs"]

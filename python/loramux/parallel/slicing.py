@@ -5,14 +5,16 @@ Per-rank layout: ColumnLinear modules keep A whole and rank r's block of B's row
 scales); fused attn_qkv / mlp_gate_up split each part (q|k|v, gate|up) separately and keep
 ``q_r|k_r|v_r`` / ``gate_r|up_r``; RowLinear modules (attn_dense, mlp_4h_to_h, cross_attn_dense,
 moe_4h_to_h) keep rank r's block of A's columns and B and the DoRA scales whole; the routers are
-replicated. A pipeline stage keeps its layers' rows, renumbered from 0.
+replicated. A pipeline stage keeps its layers' rows, renumbered from 0. Given the model's served
+(module, layer) pairs, every rank refuses a row no layer applies, whichever stage holds its layer;
+fused rows whose parts the model applies stay fused in the slice, for the rank's cache to split.
 The torch.distributed forward for the Llama family lives in ``loramux.parallel.llama``.
 """
 
 from __future__ import annotations
 
 import numbers
-from typing import NamedTuple, Optional, Tuple
+from typing import Iterable, NamedTuple, Optional, Tuple
 
 import numpy as np
 
@@ -44,17 +46,25 @@ def _layers(layers: Optional[Tuple[int, int]]) -> Optional[Tuple[int, int]]:
     return (_count("layers start", start), _count("layers end", end))
 
 
-def slice_adapter(weights, config, spec: ModelSpec, tp_size: int, tp_rank: int, layers: Optional[Tuple[int, int]] = None) -> RankAdapter:
+def slice_adapter(weights, config, spec: ModelSpec, tp_size: int, tp_rank: int, layers: Optional[Tuple[int, int]] = None,
+                  served: Optional[Iterable[Tuple[int, int]]] = None) -> RankAdapter:
     """Rank ``tp_rank`` of ``tp_size``'s slice of a full adapter, for the pipeline stage owning
     global layers ``[layers[0], layers[1])`` (all layers when None; rows renumbered from 0).
 
+    ``served``: the (module_id, global layer) pairs the whole model applies (as ``LoraCache``'s
+    ``served``, before any stage's renumbering). A row outside them raises LoraFormatError naming
+    the caller's row on every rank, also where the row's layer belongs to another stage; a fused
+    row whose parts are all served is kept fused (the rank's cache splits it). None checks no pair.
+
     Raises LoraFormatError for an invalid adapter, LoraParallelError (a ValueError) when a split
-    size does not divide by tp_size (naming the row, module and dimension) or the layout is bad.
+    size does not divide by tp_size (naming the row, module and dimension) or the layout (or a
+    served pair) is bad.
     """
     adapter = adapter_input(weights, config)
     cshape = adapter[4]
+    pairs = None if served is None else [(int(m), int(layer)) for m, layer in served]
     data, rows, width, flat_config, rank_spec_ = _core.tp_slice_adapter(
-        adapter, spec, _count("tp_size", tp_size), _count("tp_rank", tp_rank), _layers(layers)
+        adapter, spec, _count("tp_size", tp_size), _count("tp_rank", tp_rank), _layers(layers), pairs
     )
     out_weights = data.view(np.asarray(weights).dtype).reshape(rows, width)
     out_config = np.asarray(flat_config, dtype=np.int64).reshape(rows, 4)
