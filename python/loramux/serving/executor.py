@@ -6,8 +6,9 @@ the TensorRT-LLM task_id rules, KV rows, adapters loaded when scheduled); admitt
 prefilled in chunks within `max_tokens_per_step`, the chunks of several requests packed into one
 forward; every running request decodes one token in one batched forward (a captured CUDA graph on
 GPU); finished, cancelled and failed requests leave and free their KV row and adapter hold at once.
-An exception inside a forward fails the requests of that forward only. The loop runs in a
-background thread (`with Executor(...) as ex:`) or in the caller's (`run()`, for scripts).
+An exception inside a forward fails the requests of that forward only, and a row whose logits
+come out NaN or infinite (an adapter overflowing the model's dtype) fails its request alone. The
+loop runs in a background thread (`with Executor(...) as ex:`) or in the caller's (`run()`).
 Encoder-decoder models are served in static greedy batches (static_batch.py).
 """
 
@@ -28,7 +29,7 @@ from loramux.serving.model_step import ModelStep
 from loramux.serving.openmp_workers import release_this_threads_workers
 from loramux.serving.request import Delta, Request, Result
 from loramux.serving.sampling import choose, new_generator
-from loramux.serving.scheduler import AdapterGate, Scheduler, admission_error
+from loramux.serving.scheduler import AdapterGate, Scheduler, admission_error, non_finite_error
 from loramux.serving.sequence import Sequence
 from loramux.serving.static_batch import StaticExecutor, check_batch_size
 from loramux.serving.text import end_token_ids, pad_token_id
@@ -320,6 +321,7 @@ class Executor:
             return 0
         try:
             logits = self._step.prefill(chunks)
+            finite = self._isolate_non_finite(chunks, logits)
         except Exception as err:  # noqa: BLE001 - the requests of this forward fail, the loop goes on
             self._fail(seqs, err)
             return 0
@@ -327,12 +329,28 @@ class Executor:
         complete = []
         for i, (seq, (_, _, chunk, _)) in enumerate(zip(seqs, chunks)):
             seq.prefilled += len(chunk)
-            if seq.prefilled == len(seq.prompt_ids):
+            if not finite[i]:  # its row holds NaN or infinity now: no later chunk can mend it
+                seq.finish("error", non_finite_error(seq, "logits"))
+            elif seq.prefilled == len(seq.prompt_ids):
                 complete.append(i)
         if not complete:
             return 0
         picked = logits if len(complete) == len(seqs) else logits[complete]
         return self._take_tokens([seqs[i] for i in complete], picked)
+
+    def _isolate_non_finite(self, chunks, logits: torch.Tensor) -> List[bool]:
+        """Whether each chunk's logits are finite, each chunk judged alone. One masked attention over
+        a pack (the GPU's) lets a chunk whose adapter overflows turn every chunk beside it NaN (its
+        NaN keys reach them as NaN x weight 0): when several come out non-finite, each is prefilled
+        again alone (into the same positions), and takes those logits."""
+        finite = torch.isfinite(logits).all(dim=-1).tolist()
+        suspects = [i for i, ok in enumerate(finite) if not ok]
+        if len(suspects) > 1:
+            for i in suspects:
+                alone = self._step.prefill([chunks[i]])
+                logits[i] = alone[0]
+                finite[i] = bool(torch.isfinite(alone).all())
+        return finite
 
     def _decode(self) -> int:
         rows = self._running
@@ -353,13 +371,24 @@ class Executor:
         return self._take_tokens([rows[i] for i in picked], logits[picked] if len(picked) < len(rows) else logits)
 
     def _take_tokens(self, seqs: List[Sequence], logits: torch.Tensor) -> int:
-        tokens, logprobs, tops = choose(logits, [s.request for s in seqs], [s.generator for s in seqs])
-        for seq, token, logprob, top in zip(seqs, tokens, logprobs, tops):
+        """Each row's next token into its request; returns how many were made. A row whose logits
+        are not finite fails its request alone."""
+        try:
+            picks = choose(logits, [s.request for s in seqs], [s.generator for s in seqs])
+        except Exception as err:  # noqa: BLE001 - the requests of these rows fail, the loop goes on
+            self._fail(seqs, err)
+            return 0
+        made = 0
+        for seq, token, logprob, top, fault in zip(seqs, *picks):
+            if fault is not None:
+                seq.finish("error", non_finite_error(seq, fault))
+                continue
             try:
                 seq.add_token(token, logprob, self._end_ids, top)
+                made += 1
             except Exception as err:  # noqa: BLE001 - e.g. the tokenizer failing on this answer
                 self._fail([seq], err)
-        return len(seqs)
+        return made
 
     def _fail(self, seqs: List[Sequence], err: BaseException) -> None:
         self._metrics.add(step_errors=1)
@@ -375,9 +404,12 @@ class Executor:
 
     def _retire(self) -> None:
         """Ends finished requests: frees their adapter hold and KV row (the last row moves into a
-        freed one, so running rows stay 0..n-1) and completes their handles."""
+        freed one, so running rows stay 0..n-1; a failed request's row is zeroed first) and
+        completes their handles."""
         done = sorted((s for s in self._running if s.finished), key=lambda s: -s.row)
         for seq in done:
+            if seq.error is not None:  # it may have left NaN or infinity in its row
+                self.kv.clear_row(seq.row, seq.need)
             last = len(self._running) - 1
             if seq.row != last:
                 mover = self._running[last]
