@@ -279,6 +279,24 @@ def test_prompt_longer_than_the_model_fails_alone(llama, tokenizer):
         assert fine.ok and fine.token_ids == alone(peft_model, prompt_ids(4, 10), 5, None)
 
 
+def test_prompt_token_ids_outside_the_vocabulary_are_refused_at_submit(llama, tokenizer):
+    """Nothing is queued: the handle of a request the model could not embed would otherwise only
+    fail when admitted. A text prompt the tokenizer turns into no ids fails alone when admitted."""
+    ours, peft_model, names, formats = llama
+    with attach(ours) as engine:
+        ex = lm.Executor(engine, tokenizer)
+        vocab = ours.get_input_embeddings().num_embeddings
+        for ids in ([5, vocab], [-1, 5], np.array([5, vocab + 7])):
+            with pytest.raises(LoraRequestError, match=rf"\[0, {vocab}\)"):
+                ex.submit(lm.Request(ids, max_new_tokens=2))
+        ex.submit(lm.Request("   ", max_new_tokens=2))
+        ex.submit(lm.Request(prompt_ids(4, 10), max_new_tokens=5))
+        empty, fine = ex.run()
+        assert isinstance(empty.error, LoraRequestError) and "not empty" in str(empty.error)
+        assert fine.ok and fine.token_ids == alone(peft_model, prompt_ids(4, 10), 5, None)
+        assert ex.metrics()["requests_submitted"] == 2
+
+
 class _Faulty:
     """A forward pre-hook on the first decoder layer that raises `error` on its `at`-th call."""
 

@@ -32,7 +32,7 @@ from loramux.serving.sampling import choose, new_generator
 from loramux.serving.scheduler import AdapterGate, Scheduler, admission_error, non_finite_error
 from loramux.serving.sequence import Sequence
 from loramux.serving.static_batch import StaticExecutor, check_batch_size
-from loramux.serving.text import end_token_ids, pad_token_id
+from loramux.serving.text import check_token_ids, end_token_ids, model_vocab, pad_token_id
 
 _CPU_KV_BYTES = 2 << 30  # default KV budget of a CPU model (the buffers grow to it as needed)
 _CUDA_KV_FRACTION = 0.3  # default share of the GPU memory free at construction
@@ -74,6 +74,7 @@ class Executor:
         self._cancel_on_stop = False
         self._metrics = Metrics()
         self._end_ids = end_token_ids(tokenizer, model)
+        self._vocab = model_vocab(model)
         self._end_key = None
         self._static: Optional[StaticExecutor] = None
         self._progress = None
@@ -135,9 +136,12 @@ class Executor:
 
     # --- submitting --------------------------------------------------------------------------------
     def submit(self, request: Request) -> RequestHandle:
-        """Queues a request (thread-safe); returns its handle at once."""
+        """Queues a request (thread-safe); returns its handle at once. A prompt of token ids outside
+        the model's vocabulary raises LoraRequestError here, before anything is queued."""
         if not isinstance(request, Request):
             raise TypeError(f"submit takes a loramux.Request, got {type(request).__name__}")
+        if isinstance(request.prompt, (list, tuple)) and not isinstance(request.prompt[0], dict):
+            check_token_ids(request.prompt, self._vocab)  # ids the embedding cannot take: refused here
         with self._lock:
             handle = RequestHandle(self._next_id, request.lora.task_id if request.lora else None, self._cancelled)
             self._next_id += 1
