@@ -382,6 +382,39 @@ def test_ctrl_c_in_run_stops_and_returns_what_finished(llama, tokenizer):
         engine.detach()
 
 
+@pytest.mark.parametrize("during", ["adapter put", "start of admitted requests"])
+def test_ctrl_c_during_admission_cancels_the_requests_it_had_taken(llama, tokenizer, monkeypatch, during):
+    """Requests taken off the queue but not yet running when the interrupt comes (a large adapter's
+    put takes a while) are cancelled too: run() returns, and no adapter stays pinned."""
+    import loramux.serving.executor as executor_module
+
+    ours, peft_model, names, formats = llama
+    with attach(ours) as engine:
+        ex = lm.Executor(engine, tokenizer, max_batch_size=4)
+        ex.submit(lm.Request(prompt_ids(1, 5), max_new_tokens=3, lora=lm.LoraConfig(0, *formats[0])))
+        ex.submit(lm.Request(prompt_ids(2, 5), max_new_tokens=3, temperature=1.0, lora=lm.LoraConfig(1, *formats[1])))
+        if during == "adapter put":
+            put = ex._gate.resolve
+            monkeypatch.setattr(ex._gate, "resolve", lambda seq: put(seq) if seq.task_id == 0 else _interrupt())
+        else:
+            monkeypatch.setattr(executor_module, "new_generator", lambda request, device: _interrupt())
+        returned = []
+        runner = threading.Thread(target=lambda: returned.append(ex.run()), daemon=True)
+        runner.start()
+        runner.join(60)
+        assert returned, "run() never returned"
+        assert [r.finish_reason for r in returned[0]] == ["cancelled", "cancelled"]
+        assert engine.cache.pinned_ids() == [] and ex.metrics()["running"] == 0
+        monkeypatch.undo()
+        ex.submit(lm.Request(prompt_ids(1, 5), max_new_tokens=3, lora=lm.LoraConfig(0)))  # the executor still serves
+        (again,) = ex.run()
+        assert again.ok and again.token_ids == alone(peft_model, prompt_ids(1, 5), 3, names[0])
+
+
+def _interrupt():
+    raise KeyboardInterrupt
+
+
 def test_metrics_report_queue_running_kv_and_cache(llama, tokenizer):
     ours, peft_model, names, formats = llama
     with attach(ours) as engine:

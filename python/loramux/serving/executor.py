@@ -66,6 +66,9 @@ class Executor:
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._incoming: Deque[Sequence] = deque()
+        # every request submitted and not ended, wherever it is (an interrupt can leave one between
+        # the queue and the running rows): what _cancel_all must end
+        self._live: Dict[int, Sequence] = {}
         self._unreturned: List[RequestHandle] = []
         self._running: List[Sequence] = []  # _running[i] holds KV row i
         self._next_id = 0
@@ -145,7 +148,9 @@ class Executor:
         with self._lock:
             handle = RequestHandle(self._next_id, request.lora.task_id if request.lora else None, self._cancelled)
             self._next_id += 1
-            self._incoming.append(Sequence(request, handle, self.tokenizer))
+            seq = Sequence(request, handle, self.tokenizer)
+            self._incoming.append(seq)
+            self._live[handle.request_id] = seq
             self._unreturned.append(handle)
             self._wake.notify_all()
             background = self._thread is not None and self._thread is not threading.current_thread()
@@ -426,6 +431,8 @@ class Executor:
 
     def _end(self, seqs: List[Sequence]) -> None:
         for seq in seqs:
+            with self._lock:
+                self._live.pop(seq.request_id, None)
             if self._static is None:
                 self._gate.release(seq)
             outcome = {"error": "requests_failed", "cancelled": "requests_cancelled"}.get(seq.finish_reason,
@@ -434,15 +441,16 @@ class Executor:
             seq.handle._finish(seq.result())
 
     def _cancel_all(self) -> None:
-        """Ends every request not finished (cancelled), releasing what it holds."""
+        """Ends every request not finished (cancelled), releasing what it holds: those queued, those
+        running and any an interrupt left in between (taken off the queue, not yet running)."""
         with self._lock:
-            incoming, self._incoming = list(self._incoming), deque()
-        self._waiting.extend(incoming)
-        for seq in list(self._waiting) + self._running:
+            self._incoming.clear()
+            live = list(self._live.values())
+        running = set(map(id, self._running))
+        for seq in live:
             seq.finish("cancelled")
-        waiting = list(self._waiting)
         self._waiting.clear()
-        self._end(waiting)
+        self._end([seq for seq in live if id(seq) not in running])
         if self._static is None:
             self._retire()
             self.engine.clear_batch()
