@@ -482,4 +482,11 @@ def test_alive_reports_a_step_loop_that_died(llama, tokenizer):
         ex._thread.join(timeout=60)
         assert not ex.alive()
         assert h.result(timeout=10).finish_reason == "cancelled"  # its requests are not left hanging
+        with pytest.raises(RuntimeError, match="step loop has ended"):  # nothing would ever serve it
+            ex.submit(lm.Request(prompt_ids(1, 5), max_new_tokens=2))
         ex.close()
+        del ex._step_once
+        ex.submit(lm.Request(prompt_ids(1, 5), max_new_tokens=2))  # closed: run() steps in this thread
+        dead, r = ex.run()  # (run() returns every handle not returned yet: the one the dead loop cancelled too)
+        assert dead.finish_reason == "cancelled"
+        assert r.ok and r.token_ids == alone(peft_model, prompt_ids(1, 5), 2, None)

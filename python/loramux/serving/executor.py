@@ -74,6 +74,7 @@ class Executor:
         self._next_id = 0
         self._thread: Optional[threading.Thread] = None
         self._stopping = False
+        self._loop_ended = False  # the background loop has left (closing, or it died) and serves nothing more
         self._cancel_on_stop = False
         self._metrics = Metrics()
         self._end_ids = end_token_ids(tokenizer, model)
@@ -140,12 +141,16 @@ class Executor:
     # --- submitting --------------------------------------------------------------------------------
     def submit(self, request: Request) -> RequestHandle:
         """Queues a request (thread-safe); returns its handle at once. A prompt of token ids outside
-        the model's vocabulary raises LoraRequestError here, before anything is queued."""
+        the model's vocabulary raises LoraRequestError here, before anything is queued; so does a
+        background loop that has ended (RuntimeError), which would never serve it."""
         if not isinstance(request, Request):
             raise TypeError(f"submit takes a loramux.Request, got {type(request).__name__}")
         if isinstance(request.prompt, (list, tuple)) and not isinstance(request.prompt[0], dict):
             check_token_ids(request.prompt, self._vocab)  # ids the embedding cannot take: refused here
         with self._lock:
+            if self._thread is not None and self._loop_ended:
+                raise RuntimeError("this executor's step loop has ended (closed, or it died: see alive()); "
+                                   "after close() returns, start() it again or step with run()")
             handle = RequestHandle(self._next_id, request.lora.task_id if request.lora else None, self._cancelled)
             self._next_id += 1
             seq = Sequence(request, handle, self.tokenizer)
@@ -176,7 +181,7 @@ class Executor:
         with self._lock:
             if self._thread is not None:
                 raise RuntimeError("this executor's loop is already running")
-            self._stopping = self._cancel_on_stop = False
+            self._stopping = self._cancel_on_stop = self._loop_ended = False
             self._thread = threading.Thread(target=self._loop, name="loramux-executor", daemon=True)
         # this thread's idle OpenMP workers (it loaded the model) would make every parallel CPU op of
         # the loop thread sleep and wake its own (serving/openmp_workers.py)
@@ -214,6 +219,8 @@ class Executor:
                         break
                 self._step_once()
         finally:
+            with self._lock:  # from here on submit refuses: a request queued now would never be served
+                self._loop_ended = True
             self._cancel_all()
 
     def run(self, progress: Any = None) -> List[Result]:
