@@ -2,7 +2,7 @@
 weights overflow the model's dtype makes its own rows' logits NaN or infinite; that request fails
 alone with LoraNonFiniteError, and every other request of its steps gets the tokens it gets without
 it, whether greedy or sampled, with logprobs or not, packed into one prefill with it or later
-taking over its KV row."""
+taking over its KV row, or in an encoder-decoder's static batch."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ import torch
 
 import loramux as lm
 import loramux.serving.model_step as model_step
-from loramux.errors import LoraNonFiniteError, LoraRequestError
+from loramux.errors import LoraNonFiniteError, LoraRequestError, LoraStepError
 from loramux.serving.sampling import choose
+from peft_models import build
 from serving_helpers import alone, attach, llama, prompt_ids, tokenizer  # noqa: F401 (fixtures)
 
 OVERFLOWING_TASK = 7
@@ -133,3 +134,46 @@ def test_choose_gives_a_fault_for_rows_not_finite_and_the_same_picks_for_the_oth
     got = choose(huge[:3], cold, [None, torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)])
     assert got.faults == [None, None, "probabilities"]
     assert got.tokens[:2] == clean.tokens[:2]
+
+
+@pytest.fixture(scope="module")
+def bart(tmp_path_factory):
+    return build("bart", torch.float32, tmp_path_factory.mktemp("bart-adapters"))
+
+
+class _TokenizerFailingOn:
+    """The tokenizer, except that decoding ids that hold `token` raises (a tokenizer bug one answer
+    runs into)."""
+
+    def __init__(self, tokenizer, token):
+        self._tokenizer, self._token = tokenizer, token
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+    def decode(self, ids, **kwargs):
+        if self._token in list(ids):
+            raise ValueError(f"cannot decode {self._token}")
+        return self._tokenizer.decode(ids, **kwargs)
+
+
+def test_encoder_decoder_batches_fail_an_overflowing_row_or_an_undecodable_answer_alone(bart, tokenizer):
+    """Encoder-decoder models run in static generate batches: a row whose logits went NaN got the
+    argmax of NaN as its answer, and a tokenizer failing on one answer ended the whole batch (and
+    the step loop)."""
+    ours, peft_model, names, formats = bart
+    prompts = [prompt_ids(1, 6), prompt_ids(2, 6), prompt_ids(4, 6)]
+    with attach(ours) as engine:
+        plain = lm.LoraConfig(0, *formats[0])  # the random model answers most prompts alike; an adapter does not
+        neighbours = [dict(prompt=prompts[0], max_new_tokens=4), dict(prompt=prompts[2], max_new_tokens=4, lora=plain)]
+        want = _serve(engine, tokenizer, neighbours)
+        assert want[0].token_ids != want[1].token_ids
+        bad = dict(prompt=prompts[1], max_new_tokens=4, lora=_overflowing(formats))
+        got = _serve(engine, tokenizer, [neighbours[0], bad, neighbours[1]])
+        assert isinstance(got[1].error, LoraNonFiniteError) and got[1].token_ids == []
+        assert [(r.token_ids, r.text) for r in (got[0], got[2])] == [(w.token_ids, w.text) for w in want]
+        # a token only the first answer holds
+        token = next(t for t in want[0].token_ids if t not in want[1].token_ids)
+        got = _serve(engine, _TokenizerFailingOn(tokenizer, token), neighbours)
+    assert isinstance(got[0].error, LoraStepError) and "cannot decode" in str(got[0].error)
+    assert got[1].ok and (got[1].token_ids, got[1].text) == (want[1].token_ids, want[1].text)

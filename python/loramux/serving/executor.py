@@ -28,8 +28,8 @@ from loramux.serving.metrics import Metrics
 from loramux.serving.model_step import ModelStep
 from loramux.serving.openmp_workers import release_this_threads_workers
 from loramux.serving.request import Delta, Request, Result
-from loramux.serving.sampling import choose, new_generator
-from loramux.serving.scheduler import AdapterGate, Scheduler, admission_error, non_finite_error
+from loramux.serving.sampling import choose, new_generator, non_finite_error
+from loramux.serving.scheduler import AdapterGate, Scheduler, admission_error
 from loramux.serving.sequence import Sequence
 from loramux.serving.static_batch import StaticExecutor, check_batch_size
 from loramux.serving.text import check_token_ids, end_token_ids, model_vocab, pad_token_id
@@ -346,7 +346,7 @@ class Executor:
         for i, (seq, (_, _, chunk, _)) in enumerate(zip(seqs, chunks)):
             seq.prefilled += len(chunk)
             if not finite[i]:  # its row holds NaN or infinity now: no later chunk can mend it
-                seq.finish("error", non_finite_error(seq, "logits"))
+                seq.finish("error", non_finite_error(seq.request, "logits"))
             elif seq.prefilled == len(seq.prompt_ids):
                 complete.append(i)
         if not complete:
@@ -397,7 +397,7 @@ class Executor:
         made = 0
         for seq, token, logprob, top, fault in zip(seqs, *picks):
             if fault is not None:
-                seq.finish("error", non_finite_error(seq, fault))
+                seq.finish("error", non_finite_error(seq.request, fault))
                 continue
             try:
                 seq.add_token(token, logprob, self._end_ids, top)
@@ -467,16 +467,24 @@ class Executor:
         batch = [self._waiting.popleft() for _ in range(min(self.max_batch_size, len(self._waiting)))]
         for seq in batch:
             self._static.submit(seq.request)
-        results = self._static.run(progress=self._progress)
+        try:
+            results = self._static.run(progress=self._progress)
+        except Exception as err:  # noqa: BLE001 - this batch's requests fail, the loop goes on
+            self._fail(batch, err)
+            self._end(batch)
+            return
         for seq, r in zip(batch, results):
             seq.prompt_ids = [0] * r.prompt_tokens
-            if r.ok:
+            if not r.ok:
+                seq.finish("error", r.error)
+                continue
+            try:
                 for token in r.token_ids:
                     seq.add_token(token, None, set())
                 if not seq.finished:
                     seq.finish(r.finish_reason)
-            else:
-                seq.finish("error", r.error)
+            except Exception as err:  # noqa: BLE001 - e.g. the tokenizer failing on this answer
+                self._fail([seq], err)
         self._end(batch)
         self._metrics.step_done(sum(len(r.token_ids) for r in results))
 

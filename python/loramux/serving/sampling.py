@@ -8,6 +8,7 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
+from loramux.errors import LoraNonFiniteError
 from loramux.serving.request import Request
 
 
@@ -52,6 +53,18 @@ class Choices(NamedTuple):
     logprobs: List[Optional[float]]
     tops: List[Optional[TopLogprobs]]
     faults: List[Optional[str]]
+
+
+def non_finite_error(request: Request, fault: str) -> LoraNonFiniteError:
+    """The error of a request whose "logits" or sampling "probabilities" came out NaN or infinite."""
+    task_id = request.lora.task_id if request.lora is not None else None
+    if fault == "probabilities":
+        why = f"sampling probabilities not finite: its logits are too large for temperature {request.temperature}"
+    elif task_id is not None:
+        why = f"logits not finite (NaN or infinity): the weights of task_id {task_id} overflow the model's dtype"
+    else:
+        why = "logits not finite (NaN or infinity) without an adapter: the model overflows its dtype"
+    return LoraNonFiniteError(why, task_id=task_id)
 
 
 def _draw(probs: torch.Tensor, generator: Optional[torch.Generator]) -> Tuple[int, bool]:
@@ -102,4 +115,4 @@ def choose(logits: torch.Tensor, requests: Sequence[Request], generators: Sequen
     return Choices(tokens, logprobs, tops, faults)
 
 
-__all__ = ["Choices", "TopLogprobs", "choose", "filtered_probs", "new_generator"]
+__all__ = ["Choices", "TopLogprobs", "choose", "filtered_probs", "new_generator", "non_finite_error"]

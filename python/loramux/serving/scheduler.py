@@ -13,7 +13,7 @@ from typing import Deque, Dict, List, Optional, Tuple
 
 import torch
 
-from loramux.errors import LoraCacheFullError, LoraError, LoraNonFiniteError, LoraNotCachedError, LoraRequestError
+from loramux.errors import LoraCacheFullError, LoraError, LoraNotCachedError, LoraRequestError
 from loramux.serving.sequence import Sequence
 from loramux.serving.text import prompt_token_ids
 
@@ -87,17 +87,6 @@ def admission_error(seq: Sequence, err: BaseException) -> LoraError:
                              task_id=seq.task_id)
     error.__cause__ = err
     return error
-
-
-def non_finite_error(seq: Sequence, fault: str) -> LoraNonFiniteError:
-    """The error of a request whose "logits" or sampling "probabilities" came out NaN or infinite."""
-    if fault == "probabilities":
-        why = f"sampling probabilities not finite: its logits are too large for temperature {seq.request.temperature}"
-    elif seq.task_id is not None:
-        why = f"logits not finite (NaN or infinity): the weights of task_id {seq.task_id} overflow the model's dtype"
-    else:
-        why = "logits not finite (NaN or infinity) without an adapter: the model overflows its dtype"
-    return LoraNonFiniteError(f"request {seq.request_id}: {why}", task_id=seq.task_id)
 
 
 class Scheduler:
@@ -192,4 +181,4 @@ class Scheduler:
         return "ok"
 
 
-__all__ = ["AdapterGate", "Scheduler", "admission_error", "non_finite_error"]
+__all__ = ["AdapterGate", "Scheduler", "admission_error"]
