@@ -310,17 +310,18 @@ def test_host_tier_of_one_adapter_serves_carried_adapters_in_turn_and_an_evicted
 
 
 def test_a_bad_prompt_fails_its_request_alone_and_caches_nothing(llama, tokenizer):
-    """Token ids outside the vocabulary, or chat messages for a tokenizer without a chat template,
-    fail their own request with LoraRequestError; its adapter is not cached; the others run."""
+    """Token ids outside the vocabulary are refused at submit, and chat messages for a tokenizer
+    without a chat template fail their own request, with LoraRequestError; neither adapter is
+    cached; the others run."""
     ours, peft_model, names, formats = llama
     with _attach(ours) as engine:
         ex = lm.Executor(engine, tokenizer, max_batch_size=4)
         ex.submit(lm.Request(_prompt(80), max_new_tokens=2))
-        ex.submit(lm.Request([3, VOCAB], max_new_tokens=2, lora=lm.LoraConfig(1, *formats[0])))
+        with pytest.raises(LoraRequestError, match=str(VOCAB)):
+            ex.submit(lm.Request([3, VOCAB], max_new_tokens=2, lora=lm.LoraConfig(1, *formats[0])))
         ex.submit(lm.Request([{"role": "user", "content": "t3"}], max_new_tokens=2, lora=lm.LoraConfig(2, *formats[1])))
         ex.submit(lm.Request(_prompt(81), max_new_tokens=2, lora=lm.LoraConfig(0, *formats[2])))
-        plain, out_of_vocab, no_template, good = ex.run()
-        assert isinstance(out_of_vocab.error, LoraRequestError) and str(VOCAB) in str(out_of_vocab.error)
+        plain, no_template, good = ex.run()
         assert isinstance(no_template.error, LoraRequestError) and "prompt" in str(no_template.error)
         assert 1 not in engine.cache and 2 not in engine.cache
         assert plain.ok and plain.token_ids == _tokens_of(peft_model, tokenizer, 20, None)

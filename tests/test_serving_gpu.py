@@ -124,3 +124,37 @@ def test_graphs_captured_ahead_serve_steps_without_a_capture(llama_cuda_fp16, to
         with ex:
             with pytest.raises(RuntimeError, match="before serving"):
                 ex.capture_graphs(64)
+
+
+@pytest.mark.parametrize("precision", ["float32", "float16"])
+def test_an_overflowing_adapter_fails_alone_on_cuda(llama_cuda, llama_cuda_fp16, tokenizer, precision):
+    """On CUDA the prompt chunks of a step share one masked attention (a NaN key reaches every chunk
+    of the pack) and decode steps replay graphs: the overflowing request still fails alone with
+    LoraNonFiniteError, and the others (greedy, with top_logprobs, sampled) answer as without it."""
+    import numpy as np
+
+    ours, peft_model, names, formats = llama_cuda if precision == "float32" else llama_cuda_fp16
+    weights, config = formats[1]
+    scale = 1e10 if precision == "float32" else 1e4  # finite in the storage type, overflowing the activations
+    bad = lm.LoraConfig(7, (weights.astype(np.float64) * scale).astype(weights.dtype), config)
+    neighbours = [dict(prompt=prompt_ids(1, 6), max_new_tokens=6),
+                  dict(prompt=prompt_ids(3, 9), max_new_tokens=6, logprobs=True, top_logprobs=3,
+                       lora=lm.LoraConfig(0, *formats[0])),
+                  dict(prompt=prompt_ids(4, 5), max_new_tokens=6, temperature=1.0, seed=11)]
+    with attach(ours) as engine:
+        def serve(requests):
+            ex = lm.Executor(engine, tokenizer, max_batch_size=4, cuda_graphs=True)
+            for kw in requests:
+                ex.submit(lm.Request(**kw))
+            return ex.run()
+
+        want = serve(neighbours)
+        got = serve(neighbours[:1] + [dict(prompt=prompt_ids(2, 7), max_new_tokens=6, lora=bad)] + neighbours[1:])
+        again = serve(neighbours)  # the failed request's KV row and adapter left nothing behind
+        pinned = engine.cache.pinned_ids()
+    failed = got.pop(1)
+    assert isinstance(failed.error, lm.LoraNonFiniteError) and failed.error.task_id == 7
+    for g, w, a in zip(got, want, again):
+        assert g.ok and a.ok, (g.error, a.error)
+        assert g.token_ids == w.token_ids == a.token_ids
+    assert pinned == []

@@ -279,6 +279,24 @@ def test_prompt_longer_than_the_model_fails_alone(llama, tokenizer):
         assert fine.ok and fine.token_ids == alone(peft_model, prompt_ids(4, 10), 5, None)
 
 
+def test_prompt_token_ids_outside_the_vocabulary_are_refused_at_submit(llama, tokenizer):
+    """Nothing is queued: the handle of a request the model could not embed would otherwise only
+    fail when admitted. A text prompt the tokenizer turns into no ids fails alone when admitted."""
+    ours, peft_model, names, formats = llama
+    with attach(ours) as engine:
+        ex = lm.Executor(engine, tokenizer)
+        vocab = ours.get_input_embeddings().num_embeddings
+        for ids in ([5, vocab], [-1, 5], np.array([5, vocab + 7])):
+            with pytest.raises(LoraRequestError, match=rf"\[0, {vocab}\)"):
+                ex.submit(lm.Request(ids, max_new_tokens=2))
+        ex.submit(lm.Request("   ", max_new_tokens=2))
+        ex.submit(lm.Request(prompt_ids(4, 10), max_new_tokens=5))
+        empty, fine = ex.run()
+        assert isinstance(empty.error, LoraRequestError) and "not empty" in str(empty.error)
+        assert fine.ok and fine.token_ids == alone(peft_model, prompt_ids(4, 10), 5, None)
+        assert ex.metrics()["requests_submitted"] == 2
+
+
 class _Faulty:
     """A forward pre-hook on the first decoder layer that raises `error` on its `at`-th call."""
 
@@ -364,6 +382,39 @@ def test_ctrl_c_in_run_stops_and_returns_what_finished(llama, tokenizer):
         engine.detach()
 
 
+@pytest.mark.parametrize("during", ["adapter put", "start of admitted requests"])
+def test_ctrl_c_during_admission_cancels_the_requests_it_had_taken(llama, tokenizer, monkeypatch, during):
+    """Requests taken off the queue but not yet running when the interrupt comes (a large adapter's
+    put takes a while) are cancelled too: run() returns, and no adapter stays pinned."""
+    import loramux.serving.executor as executor_module
+
+    ours, peft_model, names, formats = llama
+    with attach(ours) as engine:
+        ex = lm.Executor(engine, tokenizer, max_batch_size=4)
+        ex.submit(lm.Request(prompt_ids(1, 5), max_new_tokens=3, lora=lm.LoraConfig(0, *formats[0])))
+        ex.submit(lm.Request(prompt_ids(2, 5), max_new_tokens=3, temperature=1.0, lora=lm.LoraConfig(1, *formats[1])))
+        if during == "adapter put":
+            put = ex._gate.resolve
+            monkeypatch.setattr(ex._gate, "resolve", lambda seq: put(seq) if seq.task_id == 0 else _interrupt())
+        else:
+            monkeypatch.setattr(executor_module, "new_generator", lambda request, device: _interrupt())
+        returned = []
+        runner = threading.Thread(target=lambda: returned.append(ex.run()), daemon=True)
+        runner.start()
+        runner.join(60)
+        assert returned, "run() never returned"
+        assert [r.finish_reason for r in returned[0]] == ["cancelled", "cancelled"]
+        assert engine.cache.pinned_ids() == [] and ex.metrics()["running"] == 0
+        monkeypatch.undo()
+        ex.submit(lm.Request(prompt_ids(1, 5), max_new_tokens=3, lora=lm.LoraConfig(0)))  # the executor still serves
+        (again,) = ex.run()
+        assert again.ok and again.token_ids == alone(peft_model, prompt_ids(1, 5), 3, names[0])
+
+
+def _interrupt():
+    raise KeyboardInterrupt
+
+
 def test_metrics_report_queue_running_kv_and_cache(llama, tokenizer):
     ours, peft_model, names, formats = llama
     with attach(ours) as engine:
@@ -431,4 +482,11 @@ def test_alive_reports_a_step_loop_that_died(llama, tokenizer):
         ex._thread.join(timeout=60)
         assert not ex.alive()
         assert h.result(timeout=10).finish_reason == "cancelled"  # its requests are not left hanging
+        with pytest.raises(RuntimeError, match="step loop has ended"):  # nothing would ever serve it
+            ex.submit(lm.Request(prompt_ids(1, 5), max_new_tokens=2))
         ex.close()
+        del ex._step_once
+        ex.submit(lm.Request(prompt_ids(1, 5), max_new_tokens=2))  # closed: run() steps in this thread
+        dead, r = ex.run()  # (run() returns every handle not returned yet: the one the dead loop cancelled too)
+        assert dead.finish_reason == "cancelled"
+        assert r.ok and r.token_ids == alone(peft_model, prompt_ids(1, 5), 2, None)

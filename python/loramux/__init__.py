@@ -14,6 +14,7 @@ from loramux.errors import (
     LoraDoraError,
     LoraError,
     LoraFormatError,
+    LoraNonFiniteError,
     LoraNotCachedError,
     LoraParallelError,
     LoraRequestError,

@@ -59,6 +59,12 @@ class LoraRequestError(LoraError, ValueError):
     one that could never fit the KV-cache budget, or options the model cannot serve."""
 
 
+class LoraNonFiniteError(LoraRequestError):
+    """A served request whose logits (or sampling probabilities) came out NaN or infinite: its
+    adapter's weights overflow the model's dtype, or its temperature is too small for logits that
+    large. That request fails alone; the others in its steps go on."""
+
+
 class LoraStepError(LoraError, RuntimeError):
     """A forward step failed (out of memory, a CUDA error, ...); the requests it carried fail with
     this error (the cause chained), the others go on."""
@@ -76,5 +82,6 @@ __all__ = [
     "LoraCacheFullError",
     "LoraCudaError",
     "LoraRequestError",
+    "LoraNonFiniteError",
     "LoraStepError",
 ]

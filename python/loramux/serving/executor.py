@@ -6,8 +6,9 @@ the TensorRT-LLM task_id rules, KV rows, adapters loaded when scheduled); admitt
 prefilled in chunks within `max_tokens_per_step`, the chunks of several requests packed into one
 forward; every running request decodes one token in one batched forward (a captured CUDA graph on
 GPU); finished, cancelled and failed requests leave and free their KV row and adapter hold at once.
-An exception inside a forward fails the requests of that forward only. The loop runs in a
-background thread (`with Executor(...) as ex:`) or in the caller's (`run()`, for scripts).
+An exception inside a forward fails the requests of that forward only, and a row whose logits
+come out NaN or infinite (an adapter overflowing the model's dtype) fails its request alone. The
+loop runs in a background thread (`with Executor(...) as ex:`) or in the caller's (`run()`).
 Encoder-decoder models are served in static greedy batches (static_batch.py).
 """
 
@@ -27,11 +28,11 @@ from loramux.serving.metrics import Metrics
 from loramux.serving.model_step import ModelStep
 from loramux.serving.openmp_workers import release_this_threads_workers
 from loramux.serving.request import Delta, Request, Result
-from loramux.serving.sampling import choose, new_generator
+from loramux.serving.sampling import choose, new_generator, non_finite_error
 from loramux.serving.scheduler import AdapterGate, Scheduler, admission_error
 from loramux.serving.sequence import Sequence
 from loramux.serving.static_batch import StaticExecutor, check_batch_size
-from loramux.serving.text import end_token_ids, pad_token_id
+from loramux.serving.text import check_token_ids, end_token_ids, model_vocab, pad_token_id
 
 _CPU_KV_BYTES = 2 << 30  # default KV budget of a CPU model (the buffers grow to it as needed)
 _CUDA_KV_FRACTION = 0.3  # default share of the GPU memory free at construction
@@ -65,14 +66,19 @@ class Executor:
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._incoming: Deque[Sequence] = deque()
+        # every request submitted and not ended, wherever it is (an interrupt can leave one between
+        # the queue and the running rows): what _cancel_all must end
+        self._live: Dict[int, Sequence] = {}
         self._unreturned: List[RequestHandle] = []
         self._running: List[Sequence] = []  # _running[i] holds KV row i
         self._next_id = 0
         self._thread: Optional[threading.Thread] = None
         self._stopping = False
+        self._loop_ended = False  # the background loop has left (closing, or it died) and serves nothing more
         self._cancel_on_stop = False
         self._metrics = Metrics()
         self._end_ids = end_token_ids(tokenizer, model)
+        self._vocab = model_vocab(model)
         self._end_key = None
         self._static: Optional[StaticExecutor] = None
         self._progress = None
@@ -134,13 +140,22 @@ class Executor:
 
     # --- submitting --------------------------------------------------------------------------------
     def submit(self, request: Request) -> RequestHandle:
-        """Queues a request (thread-safe); returns its handle at once."""
+        """Queues a request (thread-safe); returns its handle at once. A prompt of token ids outside
+        the model's vocabulary raises LoraRequestError here, before anything is queued; so does a
+        background loop that has ended (RuntimeError), which would never serve it."""
         if not isinstance(request, Request):
             raise TypeError(f"submit takes a loramux.Request, got {type(request).__name__}")
+        if isinstance(request.prompt, (list, tuple)) and not isinstance(request.prompt[0], dict):
+            check_token_ids(request.prompt, self._vocab)  # ids the embedding cannot take: refused here
         with self._lock:
+            if self._thread is not None and self._loop_ended:
+                raise RuntimeError("this executor's step loop has ended (closed, or it died: see alive()); "
+                                   "after close() returns, start() it again or step with run()")
             handle = RequestHandle(self._next_id, request.lora.task_id if request.lora else None, self._cancelled)
             self._next_id += 1
-            self._incoming.append(Sequence(request, handle, self.tokenizer))
+            seq = Sequence(request, handle, self.tokenizer)
+            self._incoming.append(seq)
+            self._live[handle.request_id] = seq
             self._unreturned.append(handle)
             self._wake.notify_all()
             background = self._thread is not None and self._thread is not threading.current_thread()
@@ -166,7 +181,7 @@ class Executor:
         with self._lock:
             if self._thread is not None:
                 raise RuntimeError("this executor's loop is already running")
-            self._stopping = self._cancel_on_stop = False
+            self._stopping = self._cancel_on_stop = self._loop_ended = False
             self._thread = threading.Thread(target=self._loop, name="loramux-executor", daemon=True)
         # this thread's idle OpenMP workers (it loaded the model) would make every parallel CPU op of
         # the loop thread sleep and wake its own (serving/openmp_workers.py)
@@ -204,6 +219,8 @@ class Executor:
                         break
                 self._step_once()
         finally:
+            with self._lock:  # from here on submit refuses: a request queued now would never be served
+                self._loop_ended = True
             self._cancel_all()
 
     def run(self, progress: Any = None) -> List[Result]:
@@ -320,6 +337,7 @@ class Executor:
             return 0
         try:
             logits = self._step.prefill(chunks)
+            finite = self._isolate_non_finite(chunks, logits)
         except Exception as err:  # noqa: BLE001 - the requests of this forward fail, the loop goes on
             self._fail(seqs, err)
             return 0
@@ -327,12 +345,28 @@ class Executor:
         complete = []
         for i, (seq, (_, _, chunk, _)) in enumerate(zip(seqs, chunks)):
             seq.prefilled += len(chunk)
-            if seq.prefilled == len(seq.prompt_ids):
+            if not finite[i]:  # its row holds NaN or infinity now: no later chunk can mend it
+                seq.finish("error", non_finite_error(seq.request, "logits"))
+            elif seq.prefilled == len(seq.prompt_ids):
                 complete.append(i)
         if not complete:
             return 0
         picked = logits if len(complete) == len(seqs) else logits[complete]
         return self._take_tokens([seqs[i] for i in complete], picked)
+
+    def _isolate_non_finite(self, chunks, logits: torch.Tensor) -> List[bool]:
+        """Whether each chunk's logits are finite, each chunk judged alone. One masked attention over
+        a pack (the GPU's) lets a chunk whose adapter overflows turn every chunk beside it NaN (its
+        NaN keys reach them as NaN x weight 0): when several come out non-finite, each is prefilled
+        again alone (into the same positions), and takes those logits."""
+        finite = torch.isfinite(logits).all(dim=-1).tolist()
+        suspects = [i for i, ok in enumerate(finite) if not ok]
+        if len(suspects) > 1:
+            for i in suspects:
+                alone = self._step.prefill([chunks[i]])
+                logits[i] = alone[0]
+                finite[i] = bool(torch.isfinite(alone).all())
+        return finite
 
     def _decode(self) -> int:
         rows = self._running
@@ -353,13 +387,24 @@ class Executor:
         return self._take_tokens([rows[i] for i in picked], logits[picked] if len(picked) < len(rows) else logits)
 
     def _take_tokens(self, seqs: List[Sequence], logits: torch.Tensor) -> int:
-        tokens, logprobs, tops = choose(logits, [s.request for s in seqs], [s.generator for s in seqs])
-        for seq, token, logprob, top in zip(seqs, tokens, logprobs, tops):
+        """Each row's next token into its request; returns how many were made. A row whose logits
+        are not finite fails its request alone."""
+        try:
+            picks = choose(logits, [s.request for s in seqs], [s.generator for s in seqs])
+        except Exception as err:  # noqa: BLE001 - the requests of these rows fail, the loop goes on
+            self._fail(seqs, err)
+            return 0
+        made = 0
+        for seq, token, logprob, top, fault in zip(seqs, *picks):
+            if fault is not None:
+                seq.finish("error", non_finite_error(seq.request, fault))
+                continue
             try:
                 seq.add_token(token, logprob, self._end_ids, top)
+                made += 1
             except Exception as err:  # noqa: BLE001 - e.g. the tokenizer failing on this answer
                 self._fail([seq], err)
-        return len(seqs)
+        return made
 
     def _fail(self, seqs: List[Sequence], err: BaseException) -> None:
         self._metrics.add(step_errors=1)
@@ -375,9 +420,12 @@ class Executor:
 
     def _retire(self) -> None:
         """Ends finished requests: frees their adapter hold and KV row (the last row moves into a
-        freed one, so running rows stay 0..n-1) and completes their handles."""
+        freed one, so running rows stay 0..n-1; a failed request's row is zeroed first) and
+        completes their handles."""
         done = sorted((s for s in self._running if s.finished), key=lambda s: -s.row)
         for seq in done:
+            if seq.error is not None:  # it may have left NaN or infinity in its row
+                self.kv.clear_row(seq.row, seq.need)
             last = len(self._running) - 1
             if seq.row != last:
                 mover = self._running[last]
@@ -390,6 +438,8 @@ class Executor:
 
     def _end(self, seqs: List[Sequence]) -> None:
         for seq in seqs:
+            with self._lock:
+                self._live.pop(seq.request_id, None)
             if self._static is None:
                 self._gate.release(seq)
             outcome = {"error": "requests_failed", "cancelled": "requests_cancelled"}.get(seq.finish_reason,
@@ -398,15 +448,16 @@ class Executor:
             seq.handle._finish(seq.result())
 
     def _cancel_all(self) -> None:
-        """Ends every request not finished (cancelled), releasing what it holds."""
+        """Ends every request not finished (cancelled), releasing what it holds: those queued, those
+        running and any an interrupt left in between (taken off the queue, not yet running)."""
         with self._lock:
-            incoming, self._incoming = list(self._incoming), deque()
-        self._waiting.extend(incoming)
-        for seq in list(self._waiting) + self._running:
+            self._incoming.clear()
+            live = list(self._live.values())
+        running = set(map(id, self._running))
+        for seq in live:
             seq.finish("cancelled")
-        waiting = list(self._waiting)
         self._waiting.clear()
-        self._end(waiting)
+        self._end([seq for seq in live if id(seq) not in running])
         if self._static is None:
             self._retire()
             self.engine.clear_batch()
@@ -416,16 +467,24 @@ class Executor:
         batch = [self._waiting.popleft() for _ in range(min(self.max_batch_size, len(self._waiting)))]
         for seq in batch:
             self._static.submit(seq.request)
-        results = self._static.run(progress=self._progress)
+        try:
+            results = self._static.run(progress=self._progress)
+        except Exception as err:  # noqa: BLE001 - this batch's requests fail, the loop goes on
+            self._fail(batch, err)
+            self._end(batch)
+            return
         for seq, r in zip(batch, results):
             seq.prompt_ids = [0] * r.prompt_tokens
-            if r.ok:
+            if not r.ok:
+                seq.finish("error", r.error)
+                continue
+            try:
                 for token in r.token_ids:
                     seq.add_token(token, None, set())
                 if not seq.finished:
                     seq.finish(r.finish_reason)
-            else:
-                seq.finish("error", r.error)
+            except Exception as err:  # noqa: BLE001 - e.g. the tokenizer failing on this answer
+                self._fail([seq], err)
         self._end(batch)
         self._metrics.step_done(sum(len(r.token_ids) for r in results))
 

@@ -121,6 +121,14 @@ class RowKVCache:
         for buf in self.keys + self.values:
             buf[dst, :, :length] = buf[src, :, :length]
 
+    def clear_row(self, row: int, length: int) -> None:
+        """Zeros the first `length` positions of `row`. A later request in this row reads the positions
+        past its own length under the mask, and a masked NaN or infinity still turns its attention
+        NaN (the score q.k is NaN before the mask is added): a failed request's row may hold them."""
+        length = min(length, self.capacity)
+        for buf in self.keys + self.values:
+            buf[row, :, :length].zero_()
+
     # --- the views one forward uses --------------------------------------------------------------------
     def prefill_view(self, chunks: Sequence[Tuple[int, int, int]]) -> "PrefillView":
         """The view of one forward over prompt chunks [(row, start, length)]."""

@@ -15,9 +15,10 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from loramux.errors import LoraCacheFullError, LoraError, LoraNotCachedError, LoraRequestError
+from loramux.errors import LoraCacheFullError, LoraError, LoraNotCachedError, LoraRequestError, LoraStepError
 from loramux.serving.attention import serving_attention
 from loramux.serving.request import Request, Result
+from loramux.serving.sampling import non_finite_error
 from loramux.serving.text import end_token_ids, pad_token_id, prompt_token_ids
 
 
@@ -223,11 +224,16 @@ class StaticExecutor:
         kwargs: Dict[str, Any] = dict(max_new_tokens=steps, do_sample=False, pad_token_id=pad_token_id(self.tokenizer))
         clock = _StepClock(progress)
         kwargs["stopping_criteria"] = [clock]
+        non_finite = _NonFiniteRows()
+        kwargs["logits_processor"] = [non_finite]
         with torch.no_grad(), serving_attention(self.engine.device):
             out = model.generate(**inputs, **kwargs)
         new = out if model.config.is_encoder_decoder else out[:, inputs["input_ids"].shape[1]:]
         stops = end_token_ids(self.tokenizer, model)
         for row, i in enumerate(ids):
+            if non_finite.rows[row]:  # its greedy tokens are the argmax of NaN: no answer
+                results[i].error = non_finite_error(queue[i], "logits")
+                continue
             tokens = new[row].tolist()
             if model.config.is_encoder_decoder and tokens and tokens[0] == model.config.decoder_start_token_id:
                 tokens = tokens[1:]
@@ -238,7 +244,12 @@ class StaticExecutor:
             results[i].token_ids = tokens
             results[i].prompt_tokens = len(self._prompt_ids[i])
             results[i].finish_reason = "stop" if end is not None else "length"
-            results[i].text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            try:
+                results[i].text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            except Exception as err:  # noqa: BLE001 - the tokenizer failing on this answer fails it alone
+                results[i].error = LoraStepError(f"decoding the answer failed: {type(err).__name__}: {err}",
+                                                 task_id=results[i].task_id)
+                results[i].error.__cause__ = err
             # the token times as generate made them (a static batch returns them all at its end)
             made = clock.times[: max(1, len(tokens))]
             if made and i in self._submitted_at:
@@ -247,6 +258,23 @@ class StaticExecutor:
                     results[i].tpot_s = (made[-1] - made[0]) / (len(tokens) - 1)
             self.generated_tokens += len(tokens)
         self.batches_run += 1
+
+
+class _NonFiniteRows:
+    """A logits processor that notes the rows whose scores were ever NaN or infinite (on the device,
+    no copy per step) and passes the scores on unchanged."""
+
+    def __init__(self):
+        self._seen: Optional[torch.Tensor] = None
+
+    def __call__(self, input_ids, scores):
+        bad = ~torch.isfinite(scores).all(dim=-1)
+        self._seen = bad if self._seen is None else self._seen | bad
+        return scores
+
+    @property
+    def rows(self) -> List[bool]:
+        return [] if self._seen is None else self._seen.tolist()
 
 
 class _StepClock:

@@ -20,11 +20,20 @@ def prompt_token_ids(tokenizer, model, prompt) -> List[int]:
         ids = [int(t) for t in prompt]
     except Exception as err:  # e.g. chat messages for a tokenizer without a chat template
         raise LoraRequestError(f"the tokenizer refused this prompt: {type(err).__name__}: {err}") from None
-    vocab = getattr(model.get_input_embeddings(), "num_embeddings", None) or model.config.vocab_size
+    check_token_ids(ids, model_vocab(model))
+    return ids
+
+
+def model_vocab(model) -> int:
+    """How many token ids the model's input embedding takes."""
+    return getattr(model.get_input_embeddings(), "num_embeddings", None) or model.config.vocab_size
+
+
+def check_token_ids(ids: Sequence[int], vocab: int) -> None:
+    """Raises LoraRequestError unless `ids` is a non-empty prompt of ids in [0, vocab)."""
     bad = [t for t in ids if not 0 <= t < vocab]
     if not ids or bad:
-        raise LoraRequestError(f"prompt token ids must be in [0, {vocab}) and not empty; got {bad[:4] or ids}")
-    return ids
+        raise LoraRequestError(f"prompt token ids must be in [0, {vocab}) and not empty; got {bad[:4] or 'none'}")
 
 
 def _decoder(tokenizer):
@@ -120,4 +129,4 @@ def pad_token_id(tokenizer) -> int:
     return 0
 
 
-__all__ = ["IncrementalText", "end_token_ids", "pad_token_id", "prompt_token_ids"]
+__all__ = ["IncrementalText", "check_token_ids", "end_token_ids", "model_vocab", "pad_token_id", "prompt_token_ids"]
