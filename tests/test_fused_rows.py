@@ -206,3 +206,32 @@ def test_a_fused_adapter_gives_the_logits_of_its_parts_written_as_rows(fuse_sibl
     a, b = (torch.from_numpy(v).double() for v in (fused[0].a, fused[0].b))
     torch.testing.assert_close(qkv, qkv_base + x.double() @ a.T @ b.T, rtol=1e-5, atol=1e-5)
     engine.detach()
+
+
+@pytest.mark.parametrize("arch", ["bart", "gpt2-xattn"])
+def test_a_cross_attn_qkv_row_is_served_as_its_parts_on_cross_attention_models(arch):
+    """No HF model has a fused cross_attn_qkv layer (the converter never writes one), but BART's
+    encoder_attn q/k/v_proj and GPT-2's crossattention q_attn + c_attn (k|v) apply its parts: an
+    attached model takes the row and gives the logits of the same adapter written as part rows."""
+    from tiny_hf import sample_inputs, tiny_model
+
+    model = tiny_model(arch).eval()
+    spec = lm.models.spec_from_config(model.config, max_rank=16)
+    layer = spec.num_layers - 1  # a decoder block (BART numbers its encoder blocks first)
+    rng = np.random.default_rng(5)
+    hi, ho = spec.module_dims(_M["cross_attn_qkv"])
+    fused = [lm.format.AdapterRow(_M["cross_attn_qkv"], layer, rng.uniform(-0.5, 0.5, (3, hi)).astype(np.float32),
+                                  rng.uniform(-0.5, 0.5, (ho, 3)).astype(np.float32))]
+    inputs = {k: v[:1].repeat(3, *[1] * (v.dim() - 1)) for k, v in sample_inputs(arch).items()}  # one input, three times
+    with torch.no_grad():
+        base_out = model(**inputs).logits[0]
+    engine = lm.attach(model, max_rank=16, host_cache_bytes=4 << 20, device_cache_bytes=1 << 20, page_bytes=4096)
+    assert engine.cache.put(1, *lm.format.from_rows(fused, "float32")) == "inserted"
+    assert engine.cache.put(2, *lm.format.from_rows(split_by_hand(fused, spec), "float32")) == "inserted"
+    with torch.no_grad(), engine.batch([1, 2, None]):
+        got = model(**inputs).logits
+    scale = got.abs().max().item()
+    torch.testing.assert_close(got[0], got[1], rtol=1e-5, atol=1e-5 * scale)
+    torch.testing.assert_close(got[2], base_out, rtol=1e-5, atol=1e-5 * scale)
+    assert (got[0] - base_out).abs().max() > 1e-3 * scale, "the adapter must change the output for the test to mean anything"
+    engine.detach()
