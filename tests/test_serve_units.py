@@ -16,7 +16,7 @@ from loramux.serving.server.api_errors import ApiError, from_exception  # noqa: 
 from loramux.serving.server.auth import BearerAuth  # noqa: E402
 from loramux.serving.server.errors import AdapterNotFoundError, AdapterPathError, QueueFullError, UnknownModelError  # noqa: E402
 from loramux.serving.server.metrics_text import Counter, Histogram, render  # noqa: E402
-from loramux.serving.server.openai_schema import ChatCompletionRequest, CompletionRequest, parse  # noqa: E402
+from loramux.serving.server.openai_schema import MAX_STOP_TOKEN_IDS, ChatCompletionRequest, CompletionRequest, parse  # noqa: E402
 
 
 # --- adapter paths -------------------------------------------------------------------------------
@@ -140,6 +140,17 @@ def test_json_nested_past_the_parser_and_lone_surrogates_are_400s():
     assert lone.param == "prompt" and "not valid Unicode" in lone.message
     chat = _parse_error(b'{"model": "m", "messages": [{"role": "user", "content": "a\\udfffb"}]}', ChatCompletionRequest)
     assert chat.param == "messages" and "messages.0.content" in chat.message
+
+
+def test_stop_token_ids_are_capped_in_length():
+    ids = list(range(MAX_STOP_TOKEN_IDS))
+    assert parse(json.dumps({"model": "m", "prompt": "x", "stop_token_ids": ids}).encode(),
+                 CompletionRequest).stop_token_ids == ids
+    err = _parse_error({"model": "m", "prompt": "x", "stop_token_ids": ids + [7]})
+    assert err.param == "stop_token_ids" and f"at most {MAX_STOP_TOKEN_IDS}" in err.message
+    chat = _parse_error({"model": "m", "messages": [{"role": "user", "content": "x"}], "stop_token_ids": ids * 2},
+                        ChatCompletionRequest)
+    assert chat.param == "stop_token_ids"
 
 
 def test_bad_chat_requests_are_refused():
