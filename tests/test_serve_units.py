@@ -95,9 +95,11 @@ def test_null_takes_the_default_of_an_optional_field():
     """The OpenAI API's optional parameters are nullable: a client that sets one to None sends null."""
     nulls = dict.fromkeys(["temperature", "top_p", "n", "stream", "seed", "stop", "logprobs", "echo",
                            "presence_penalty", "frequency_penalty", "logit_bias", "user"])
-    r = parse(json.dumps({"model": "m", "prompt": "x", **nulls, "stream_options": {"include_usage": None}}).encode(),
-              CompletionRequest)
+    r = parse(json.dumps({"model": "m", "prompt": "x", **nulls, "stream_options": None}).encode(), CompletionRequest)
     assert (r.temperature, r.top_p, r.n, r.stream, r.logprobs, r.include_usage) == (1.0, 1.0, 1, False, None, False)
+    streamed = parse(json.dumps({"model": "m", "prompt": "x", "stream": True,
+                                 "stream_options": {"include_usage": None}}).encode(), CompletionRequest)
+    assert streamed.stream and not streamed.include_usage
     assert r.max_tokens == 16
     # completions' max_tokens: null keeps its meaning (what the context leaves)
     assert parse(b'{"model": "m", "prompt": "x", "max_tokens": null}', CompletionRequest).max_tokens is None
@@ -140,6 +142,16 @@ def test_json_nested_past_the_parser_and_lone_surrogates_are_400s():
     assert lone.param == "prompt" and "not valid Unicode" in lone.message
     chat = _parse_error(b'{"model": "m", "messages": [{"role": "user", "content": "a\\udfffb"}]}', ChatCompletionRequest)
     assert chat.param == "messages" and "messages.0.content" in chat.message
+
+
+def test_stream_options_without_streaming_are_refused():
+    for body, model in (({"model": "m", "prompt": "x"}, CompletionRequest),
+                        ({"model": "m", "messages": [{"role": "user", "content": "x"}]}, ChatCompletionRequest)):
+        for stream in ({}, {"stream": False}, {"stream": None}):
+            err = _parse_error({**body, **stream, "stream_options": {"include_usage": True}}, model)
+            assert err.param == "stream_options" and "stream: true" in err.message
+        assert parse(json.dumps({**body, "stream": True, "stream_options": {"include_usage": True}}).encode(),
+                     model).include_usage
 
 
 def test_stop_token_ids_are_capped_in_length():

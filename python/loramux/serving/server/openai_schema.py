@@ -76,6 +76,8 @@ class _Sampling(_Strict):
                 raise FieldError(name, f"{name} is not supported by this server (only 0)")
         if self.logit_bias:
             raise FieldError("logit_bias", "logit_bias is not supported by this server")
+        if self.stream_options is not None and not self.stream:  # as vLLM: options of a stream that is not one
+            raise FieldError("stream_options", "stream_options needs stream: true")
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         if len(stops) > MAX_STOP or any(not s for s in stops):
             raise FieldError("stop", f"stop must be up to {MAX_STOP} non-empty strings")
