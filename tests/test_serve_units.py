@@ -224,6 +224,37 @@ def test_prometheus_text_format():
 
 
 # --- the command line ----------------------------------------------------------------------------
+def test_answers_no_route_gives_are_counted_under_bounded_endpoint_labels():
+    """401 (no key), 404 (no such path) and 405 (a method the route lacks) are counted in
+    loramux_requests_total like the routes' own answers; every unknown path shares one label."""
+    from types import SimpleNamespace
+
+    from starlette.testclient import TestClient
+
+    from loramux.serving.server.app import UNMATCHED_ENDPOINT, build_app
+    from loramux.serving.server.server_metrics import ServerMetrics
+
+    state = SimpleNamespace(metrics=ServerMetrics(), config=SimpleNamespace(api_key="sesame"))
+    client = TestClient(build_app(state))
+    key = {"Authorization": "Bearer sesame"}
+    for i in range(5):
+        assert client.get(f"/made/up/{i}", headers=key).status_code == 404
+    assert client.get("/v1/completions", headers=key).status_code == 405
+    assert client.post("/metrics", headers=key).status_code == 405
+    assert client.get("/v1/models").status_code == 401
+    assert client.get("/v1/models/some-adapter", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert client.get("/nowhere").status_code == 401
+    requests = state.metrics.requests
+    assert requests.value(endpoint=UNMATCHED_ENDPOINT, status="404") == 5
+    assert requests.value(endpoint="/v1/completions", status="405") == 1
+    assert requests.value(endpoint="/metrics", status="405") == 1
+    assert requests.value(endpoint="/v1/models", status="401") == 1
+    assert requests.value(endpoint="/v1/models/{model:path}", status="401") == 1
+    assert requests.value(endpoint=UNMATCHED_ENDPOINT, status="401") == 1
+    assert {dict(k)["endpoint"] for k in requests._values} == {UNMATCHED_ENDPOINT, "/v1/completions", "/metrics",
+                                                               "/v1/models", "/v1/models/{model:path}"}
+
+
 def test_serve_refuses_what_is_not_a_model_and_parses_sizes(tmp_path, capsys):
     from loramux import cli
 
