@@ -139,6 +139,7 @@ def test_remove_unloads_from_both_tiers_and_refuses_unknown_or_held_ids():
     assert after["host_bytes"] == before["host_bytes"] - freed
     assert after["device_bytes_held"] == before["device_bytes_held"] - freed and after["slots_used"] == 1
     assert after["removals"] == 1 and after["host_evictions"] == before["host_evictions"]
+    assert cache.was_removed(1) and not cache.was_removed(2) and not cache.was_removed(9)
     with pytest.raises(LoraNotCachedError):
         cache.acquire([1])
     with pytest.raises(LoraNotCachedError):
@@ -146,6 +147,7 @@ def test_remove_unloads_from_both_tiers_and_refuses_unknown_or_held_ids():
     # Its pages and slot serve the next load; put again, it is a new adapter whose bytes are right.
     w, c = adapters[1]
     assert cache.put(1, w, c) == "inserted"
+    assert not cache.was_removed(1)  # put again: no longer "removed"
     with cache.acquire([1]) as batch:
         for m, layer, a, b, s in reference_parts(w, c, torch.float16):
             a_addr, b_addr, _, _ = batch.table[batch.slots[0], layer, m].tolist()

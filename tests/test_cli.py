@@ -314,6 +314,19 @@ def test_example_adapter_options_are_checked(tmp_path, capsys, argv, named):
     assert not os.path.exists(tmp_path / "ex")
 
 
+@pytest.mark.parametrize("command", [["info", "DIR", "--base-model", "BASE"],
+                                     ["to-peft", "-i", "DIR", "-o", "OUT", "--base-model", "BASE"], ["serve", "MODEL"]])
+@pytest.mark.parametrize("max_rank", ["0", "-1", "four"])
+def test_max_rank_below_1_is_refused_as_an_option(tmp_path, capsys, command, max_rank):
+    """Exit 2 naming --max-rank, before any adapter or model is read (not a rank error about a row)."""
+    argv = [str(tmp_path / a) if a.isupper() else a for a in command]
+    with pytest.raises(SystemExit) as done:
+        cli.main([*argv, "--max-rank", max_rank])
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --max-rank" in err and ">= 1" in err and "Traceback" not in err, err
+
+
 def test_make_example_adapter_names_targets_the_model_lacks(tmp_path):
     from tiny_hf import fresh_model
 

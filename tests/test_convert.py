@@ -4,6 +4,7 @@ PeftModel.from_pretrained loads the result and gives the original adapter's logi
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -180,6 +181,34 @@ def test_factors_that_do_not_pair_up_are_named(tmp_path):
         json.dump({"peft_type": "IA3", "target_modules": ["q_proj"]}, fh)
     with pytest.raises(LoraConvertError, match="IA3"):
         convert.from_peft(str(tmp_path / "bad"))
+
+
+def test_a_monteclora_adapter_is_refused_naming_the_variant(tmp_path):
+    peft = pytest.importorskip("peft")
+    if not hasattr(peft, "MontecloraConfig"):
+        pytest.skip("this PEFT has no MonteCLoRA")
+    make_adapter("llama", tmp_path / "mc", target_modules=["q_proj"], monteclora_config=peft.MontecloraConfig())
+    with pytest.raises(LoraConvertError, match="a MonteCLoRA adapter \\(monteclora_config is set\\)") as err:
+        convert.from_peft(str(tmp_path / "mc"))
+    assert "not a LoRA factor" not in str(err.value)
+
+
+@pytest.mark.parametrize("config, named", [
+    ({"peft_type": "LORA", "monteclora_config": {"num_samples": 8}}, "MonteCLoRA"),
+    ({"peft_type": "LORA", "use_qalora": True}, "QA-LoRA"),
+    ({"peft_type": "LORA", "alora_invocation_tokens": [5, 6]}, "aLoRA"),
+    ({"peft_type": "LORA", "kasa_config": {}, "use_bdlora": {"nblocks": 2}}, "BD-LoRA"),
+    ({"peft_type": "ADALORA", "r": 4, "lora_alpha": 8, "rank_pattern": {"q_proj": [True, False]}}, "peft_type 'ADALORA'"),
+    ({"peft_type": "LOHA", "r": 4, "alpha": 8}, "peft_type 'LOHA'"),
+])
+def test_an_unsupported_type_or_variant_is_named_before_the_tensors_are_read(tmp_path, config, named):
+    """Its weights file is not even valid safetensors: the config alone refuses the adapter."""
+    os.makedirs(tmp_path / "a")
+    (tmp_path / "a" / convert.SAFETENSORS_FILE).write_bytes(b"not safetensors")
+    with open(tmp_path / "a" / convert.ADAPTER_CONFIG, "w") as fh:
+        json.dump({"r": 2, "lora_alpha": 2, "target_modules": ["q_proj"], **config}, fh)
+    with pytest.raises(LoraConvertError, match=re.escape(named)):
+        convert.from_peft(str(tmp_path / "a"))
 
 
 def test_transformers4_per_expert_mixtral_adapters(tmp_path):

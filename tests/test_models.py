@@ -113,6 +113,13 @@ def test_attach_errors_are_typed_and_change_nothing():
         with engine.batch([None, 7]):
             pass
     assert engine.meta_for(torch.zeros(2, 3, 32)) is None  # the failed batch left nothing behind
+    for empty in (lambda: engine.batch([]), lambda: engine.batch(iter(()))):
+        with pytest.raises(ValueError, match="one task id per row") as err:  # a bad argument, not a LoraError
+            with empty():
+                pass
+        assert not isinstance(err.value, LoraError)
+    with pytest.raises(ValueError, match="at least one row"):
+        engine.set_batch([], engine.cache.table, engine.cache.pool)
     with engine.batch([None]):
         with pytest.raises(LoraError, match="already running"):
             with engine.batch([None]):

@@ -309,6 +309,25 @@ def test_host_tier_of_one_adapter_serves_carried_adapters_in_turn_and_an_evicted
         assert kept.ok and kept.token_ids == _tokens_of(peft_model, tokenizer, 11, names[1])
 
 
+def test_an_id_only_request_for_an_adapter_the_user_removed_says_it_was_removed(llama, tokenizer):
+    """The executor put the adapter; the user removed it (cache.remove): a request naming only its
+    id fails with LoraNotCachedError saying it was removed, not that later adapters evicted it."""
+    ours, peft_model, names, formats = llama
+    with _attach(ours) as engine:
+        ex = lm.Executor(engine, tokenizer)
+        ex.submit(lm.Request(_prompt(70), max_new_tokens=2, lora=lm.LoraConfig(1, *formats[1])))
+        (first,) = ex.run()
+        assert first.ok, first.error
+        engine.cache.remove(1)
+        ex.submit(lm.Request(_prompt(70), max_new_tokens=2, lora=lm.LoraConfig(1)))
+        (gone,) = ex.run()
+        assert isinstance(gone.error, LoraNotCachedError) and gone.error.task_id == 1, gone.error
+        assert "removed" in str(gone.error) and "evicted" not in str(gone.error)
+        ex.submit(lm.Request(_prompt(70), max_new_tokens=2, lora=lm.LoraConfig(1, *formats[1])))  # sent again
+        (again,) = ex.run()
+        assert again.ok and again.token_ids == first.token_ids
+
+
 def test_a_bad_prompt_fails_its_request_alone_and_caches_nothing(llama, tokenizer):
     """Token ids outside the vocabulary are refused at submit, and chat messages for a tokenizer
     without a chat template fail their own request, with LoraRequestError; neither adapter is

@@ -16,7 +16,7 @@ from loramux.serving.server.api_errors import ApiError, from_exception  # noqa: 
 from loramux.serving.server.auth import BearerAuth  # noqa: E402
 from loramux.serving.server.errors import AdapterNotFoundError, AdapterPathError, QueueFullError, UnknownModelError  # noqa: E402
 from loramux.serving.server.metrics_text import Counter, Histogram, render  # noqa: E402
-from loramux.serving.server.openai_schema import ChatCompletionRequest, CompletionRequest, parse  # noqa: E402
+from loramux.serving.server.openai_schema import MAX_STOP_TOKEN_IDS, ChatCompletionRequest, CompletionRequest, parse  # noqa: E402
 
 
 # --- adapter paths -------------------------------------------------------------------------------
@@ -95,9 +95,11 @@ def test_null_takes_the_default_of_an_optional_field():
     """The OpenAI API's optional parameters are nullable: a client that sets one to None sends null."""
     nulls = dict.fromkeys(["temperature", "top_p", "n", "stream", "seed", "stop", "logprobs", "echo",
                            "presence_penalty", "frequency_penalty", "logit_bias", "user"])
-    r = parse(json.dumps({"model": "m", "prompt": "x", **nulls, "stream_options": {"include_usage": None}}).encode(),
-              CompletionRequest)
+    r = parse(json.dumps({"model": "m", "prompt": "x", **nulls, "stream_options": None}).encode(), CompletionRequest)
     assert (r.temperature, r.top_p, r.n, r.stream, r.logprobs, r.include_usage) == (1.0, 1.0, 1, False, None, False)
+    streamed = parse(json.dumps({"model": "m", "prompt": "x", "stream": True,
+                                 "stream_options": {"include_usage": None}}).encode(), CompletionRequest)
+    assert streamed.stream and not streamed.include_usage
     assert r.max_tokens == 16
     # completions' max_tokens: null keeps its meaning (what the context leaves)
     assert parse(b'{"model": "m", "prompt": "x", "max_tokens": null}', CompletionRequest).max_tokens is None
@@ -140,6 +142,27 @@ def test_json_nested_past_the_parser_and_lone_surrogates_are_400s():
     assert lone.param == "prompt" and "not valid Unicode" in lone.message
     chat = _parse_error(b'{"model": "m", "messages": [{"role": "user", "content": "a\\udfffb"}]}', ChatCompletionRequest)
     assert chat.param == "messages" and "messages.0.content" in chat.message
+
+
+def test_stream_options_without_streaming_are_refused():
+    for body, model in (({"model": "m", "prompt": "x"}, CompletionRequest),
+                        ({"model": "m", "messages": [{"role": "user", "content": "x"}]}, ChatCompletionRequest)):
+        for stream in ({}, {"stream": False}, {"stream": None}):
+            err = _parse_error({**body, **stream, "stream_options": {"include_usage": True}}, model)
+            assert err.param == "stream_options" and "stream: true" in err.message
+        assert parse(json.dumps({**body, "stream": True, "stream_options": {"include_usage": True}}).encode(),
+                     model).include_usage
+
+
+def test_stop_token_ids_are_capped_in_length():
+    ids = list(range(MAX_STOP_TOKEN_IDS))
+    assert parse(json.dumps({"model": "m", "prompt": "x", "stop_token_ids": ids}).encode(),
+                 CompletionRequest).stop_token_ids == ids
+    err = _parse_error({"model": "m", "prompt": "x", "stop_token_ids": ids + [7]})
+    assert err.param == "stop_token_ids" and f"at most {MAX_STOP_TOKEN_IDS}" in err.message
+    chat = _parse_error({"model": "m", "messages": [{"role": "user", "content": "x"}], "stop_token_ids": ids * 2},
+                        ChatCompletionRequest)
+    assert chat.param == "stop_token_ids"
 
 
 def test_bad_chat_requests_are_refused():
@@ -201,6 +224,37 @@ def test_prometheus_text_format():
 
 
 # --- the command line ----------------------------------------------------------------------------
+def test_answers_no_route_gives_are_counted_under_bounded_endpoint_labels():
+    """401 (no key), 404 (no such path) and 405 (a method the route lacks) are counted in
+    loramux_requests_total like the routes' own answers; every unknown path shares one label."""
+    from types import SimpleNamespace
+
+    from starlette.testclient import TestClient
+
+    from loramux.serving.server.app import UNMATCHED_ENDPOINT, build_app
+    from loramux.serving.server.server_metrics import ServerMetrics
+
+    state = SimpleNamespace(metrics=ServerMetrics(), config=SimpleNamespace(api_key="sesame"))
+    client = TestClient(build_app(state))
+    key = {"Authorization": "Bearer sesame"}
+    for i in range(5):
+        assert client.get(f"/made/up/{i}", headers=key).status_code == 404
+    assert client.get("/v1/completions", headers=key).status_code == 405
+    assert client.post("/metrics", headers=key).status_code == 405
+    assert client.get("/v1/models").status_code == 401
+    assert client.get("/v1/models/some-adapter", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert client.get("/nowhere").status_code == 401
+    requests = state.metrics.requests
+    assert requests.value(endpoint=UNMATCHED_ENDPOINT, status="404") == 5
+    assert requests.value(endpoint="/v1/completions", status="405") == 1
+    assert requests.value(endpoint="/metrics", status="405") == 1
+    assert requests.value(endpoint="/v1/models", status="401") == 1
+    assert requests.value(endpoint="/v1/models/{model:path}", status="401") == 1
+    assert requests.value(endpoint=UNMATCHED_ENDPOINT, status="401") == 1
+    assert {dict(k)["endpoint"] for k in requests._values} == {UNMATCHED_ENDPOINT, "/v1/completions", "/metrics",
+                                                               "/v1/models", "/v1/models/{model:path}"}
+
+
 def test_serve_refuses_what_is_not_a_model_and_parses_sizes(tmp_path, capsys):
     from loramux import cli
 

@@ -148,6 +148,25 @@ def test_stop_strings_cut_the_text_and_are_never_streamed(llama, tokenizer):
         assert "".join(d.text for d in h) == r.text
 
 
+def test_a_sequence_holds_its_stop_token_ids_as_a_set_that_ends_the_answer(tokenizer):
+    """Checked against every generated token: held as a frozenset made once, membership unchanged."""
+    from loramux.serving.handle import RequestHandle
+    from loramux.serving.sequence import Sequence
+
+    listed = list(range(1000, 5000)) + [7, 7]
+    seq = Sequence(lm.Request([3, 4], max_new_tokens=8, stop_token_ids=listed),
+                   RequestHandle(0, None, lambda handle: None), tokenizer)
+    assert isinstance(seq.stop_token_ids, frozenset) and seq.stop_token_ids == set(listed)
+    seq.add_token(5, None, set())
+    assert not seq.finished and seq.tokens == [5]
+    seq.add_token(4999, None, set())  # the list's last id
+    assert seq.finish_reason == "stop" and seq.tokens == [5]
+    plain = Sequence(lm.Request([3, 4], max_new_tokens=8), RequestHandle(1, None, lambda handle: None), tokenizer)
+    assert plain.stop_token_ids == frozenset()
+    plain.add_token(7, None, set())
+    assert not plain.finished and plain.tokens == [7]
+
+
 def test_stop_token_ids_end_the_answer_without_the_token(llama, tokenizer):
     ours, peft_model, names, formats = llama
     with attach(ours) as engine:

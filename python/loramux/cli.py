@@ -17,6 +17,17 @@ PACKAGED_MODEL = "smollm2"
 BASE_MODEL_HELP = f"a saved HF model folder, or {PACKAGED_MODEL!r} for the packaged SmolLM2-135M-Instruct"
 
 
+def _rank(text: str) -> int:
+    """A LoRA rank option (--rank, --max-rank): refused by argparse, naming the option, unless >= 1."""
+    try:
+        rank = int(text)
+    except ValueError:
+        rank = 0
+    if rank < 1:
+        raise argparse.ArgumentTypeError(f"a LoRA rank is an integer >= 1, got {text!r}")
+    return rank
+
+
 def _base_model(value: Optional[str]):
     """What from_peft / to_peft take as base_model: the folder as given, or the loaded packaged model."""
     if value != PACKAGED_MODEL:
@@ -98,7 +109,7 @@ def add_to_peft(sub) -> None:
     p.add_argument("-o", "--output", required=True, help="PEFT adapter directory to write")
     p.add_argument("--base-model", required=True, help=f"{BASE_MODEL_HELP}: its config places the rows (and its "
                    "weights turn DoRA scales back into magnitudes)")
-    p.add_argument("--max-rank", type=int, default=64, help="largest rank the adapter may use")
+    p.add_argument("--max-rank", type=_rank, default=64, help="largest rank the adapter may use")
     p.set_defaults(func=cmd_to_peft)
 
 
@@ -123,7 +134,7 @@ def add_info(sub) -> None:
     p.add_argument("dir", help="directory holding model.lora_weights.npy and model.lora_config.npy")
     p.add_argument("--base-model", default=None, help=f"{BASE_MODEL_HELP}: also check every row's width against "
                    "its shapes (without it: module ids, layers, ranks, is_dora, duplicates, finite values)")
-    p.add_argument("--max-rank", type=int, default=64, help="largest rank allowed with --base-model")
+    p.add_argument("--max-rank", type=_rank, default=64, help="largest rank allowed with --base-model")
     p.set_defaults(func=cmd_info)
 
 
@@ -224,14 +235,6 @@ def cmd_demo(args) -> int:
 EXAMPLE_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def _rank(text: str) -> int:
-    try:
-        rank = int(text)
-    except ValueError:
-        rank = 0
-    if rank < 1:
-        raise argparse.ArgumentTypeError(f"the LoRA rank is an integer >= 1, got {text!r}")
-    return rank
 
 
 def _example_targets(text: str) -> List[str]:
@@ -348,7 +351,7 @@ def add_serve(sub) -> None:
                    "folder or file name, or smollm2)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--max-batch-size", type=int, default=64, help="requests decoded together")
-    p.add_argument("--max-rank", type=int, default=64, help="largest adapter rank served")
+    p.add_argument("--max-rank", type=_rank, default=64, help="largest adapter rank served")
     p.add_argument("--host-cache-bytes", type=_bytes, default=1 << 30, help="host tier of the adapter cache")
     p.add_argument("--device-cache-bytes", type=_bytes, default=None, help="device tier of the adapter cache "
                    "(default: a share of free GPU memory; on CPU, the host tier's size)")

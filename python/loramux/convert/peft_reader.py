@@ -26,8 +26,12 @@ from loramux.modules import MODULE_NAMES
 # Adapters bigger than this (bytes in the output) get a progress bar by default.
 PROGRESS_BYTES = 64 << 20
 # adapter_config fields that turn LoRA into something the format cannot express.
-_UNSUPPORTED_FIELDS = ("layer_replication", "trainable_token_indices", "velora_config", "kasa_config", "arrow_config",
-                       "alora_invocation_tokens", "use_qalora", "use_bdlora", "lora_bias", "megatron_config")
+_UNSUPPORTED_FIELDS = ("layer_replication", "trainable_token_indices", "lora_bias", "megatron_config")
+# adapter_config fields that make PEFT build a LoRA variant (its own layer, its own tensors) rather
+# than plain LoRA, with the variant's name; DoRA (use_dora) and rsLoRA (use_rslora) are converted
+_UNSUPPORTED_VARIANTS = {"monteclora_config": "MonteCLoRA", "velora_config": "VeLoRA", "kasa_config": "KaSA",
+                         "arrow_config": "Arrow", "alora_invocation_tokens": "aLoRA (activated LoRA)",
+                         "use_qalora": "QA-LoRA", "use_bdlora": "BD-LoRA"}
 # init_lora_weights values (prefixes, as PEFT matches them) whose initialization rewrites the base
 # weights (W - B0 A0 for PiSSA, OLoRA and CorDA; a quantized residual for LoftQ). PEFT runs it again
 # when it loads such an adapter, so the adapter only means something over that rewritten base, never
@@ -46,8 +50,10 @@ def _pattern_get(pattern: Dict[str, Any], key: str, default: Any) -> Any:
 def read_adapter(path: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """(adapter_config dict, state dict of torch tensors) of a PEFT adapter directory; safetensors
     preferred, adapter_model.bin only through torch.load(weights_only=True)."""
-    import torch
+    return _read_config(path), _read_state(path)
 
+
+def _read_config(path: str) -> Dict[str, Any]:
     if not os.path.isdir(path):
         raise LoraConvertError(f"{path}: no such folder (a PEFT adapter folder holds {ADAPTER_CONFIG} and its weights)")
     cfg_path = os.path.join(path, ADAPTER_CONFIG)
@@ -56,6 +62,12 @@ def read_adapter(path: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     config = fmt.read_json(cfg_path, LoraConvertError)
     if not isinstance(config, dict):
         raise LoraConvertError(f"{cfg_path}: holds {_json_type(config)}, expected a JSON object (PEFT's LoraConfig fields)")
+    return config
+
+
+def _read_state(path: str) -> Dict[str, Any]:
+    import torch
+
     st, binf = os.path.join(path, SAFETENSORS_FILE), os.path.join(path, BIN_FILE)
     if os.path.isfile(st):
         from safetensors.torch import load_file
@@ -71,7 +83,7 @@ def read_adapter(path: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
             raise LoraFormatError(f"{binf}: not loadable with torch.load(weights_only=True) ({e})") from None
     else:
         raise LoraConvertError(f"{path}: neither {SAFETENSORS_FILE} nor {BIN_FILE}")
-    return config, state
+    return state
 
 
 def _json_type(value: Any) -> str:
@@ -123,9 +135,15 @@ def _check_field_types(config: Dict[str, Any]) -> None:
 
 
 def _check_config(config: Dict[str, Any]) -> None:
-    _check_field_types(config)
+    # the adapter's type and variant first: their own fields (AdaLoRA's rank_pattern of masks, ...)
+    # would otherwise be refused as a malformed LoRA field
     if config.get("peft_type", "LORA") != "LORA":
         raise LoraConvertError(f"peft_type {config.get('peft_type')!r}: only LORA adapters can be converted")
+    for name, variant in _UNSUPPORTED_VARIANTS.items():
+        if config.get(name):
+            raise LoraConvertError(f"a {variant} adapter ({name} is set): a PEFT LoRA variant this converter does not "
+                                   "support; plain LoRA, rsLoRA and DoRA adapters can be converted")
+    _check_field_types(config)
     if config.get("modules_to_save"):
         raise LoraConvertError(f"modules_to_save {config['modules_to_save']}: fully trained modules cannot be held by the LoRA format")
     if config.get("bias", "none") != "none":
@@ -382,8 +400,9 @@ def from_peft(path: str, storage_type: str = "float16", base_model: Any = None, 
     base_model (an HF model or a saved model directory) is required for DoRA adapters and for the
     decoder of an encoder-decoder (its layers are numbered after the encoder's); when given, the
     result is validated against its ModelSpec."""
-    config, state = read_adapter(path)
-    _check_config(config)
+    config = _read_config(path)
+    _check_config(config)  # an adapter type or variant it cannot convert is named before any tensor is read
+    state = _read_state(path)
     base = BaseWeights(base_model) if base_model is not None else None
     groups = _group_factors(state)
     if not groups:  # an empty [0, 0] adapter is valid for no model and changes nothing: a wrong folder?

@@ -74,6 +74,9 @@ class Engine:
         time per engine: the layers read one set of rows."""
         if self._in_batch:
             raise LoraError("this engine is already running a batch; finish it before starting another")
+        task_ids = list(task_ids)
+        if not task_ids:  # a bad argument, like a forward whose rows do not match the ids
+            raise ValueError("batch() needs one task id per row (None for the base model), got none")
         wanted = [t for t in task_ids if t is not None]
         acquired = self.cache.acquire(wanted) if wanted else None
         self._in_batch = True

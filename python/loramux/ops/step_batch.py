@@ -62,7 +62,7 @@ class StepBatch:
         was derived from the pool for the same slots at an earlier set() be reused; None: rebuilt."""
         slots = torch.as_tensor(slot_of_row, dtype=torch.int32).flatten()
         if slots.numel() == 0:
-            raise LoraError("a batch needs at least one row")
+            raise ValueError("a batch needs at least one row")
         self.clear()
         self.rows = slots.numel()
         present = sorted({int(s) for s in slots.tolist() if s >= 0})

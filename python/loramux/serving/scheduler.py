@@ -24,7 +24,7 @@ class AdapterGate:
     def __init__(self, cache):
         self.cache = cache
         self._loads: Dict[int, object] = {}  # task_id -> CUDA event recorded after its prefetch
-        self._put_here: set = set()  # task ids this executor put (an id-only request for one gone was evicted)
+        self._put_here: set = set()  # task ids this executor put (one gone and not removed was evicted)
         self.pinned = 0  # adapter holds of running requests
 
     def resolve(self, seq: Sequence) -> None:
@@ -35,6 +35,10 @@ class AdapterGate:
             self.cache.put(lora.task_id, lora.weights, lora.config)
             self._put_here.add(lora.task_id)
         elif lora.task_id not in self.cache:
+            if self.cache.was_removed(lora.task_id):
+                raise LoraNotCachedError(
+                    f"task_id {lora.task_id} was removed from the cache (LoraCache.remove, or a server's unload) "
+                    "after it was put: send its weights and config again", task_id=lora.task_id)
             if lora.task_id in self._put_here:
                 raise LoraCacheFullError(
                     f"task_id {lora.task_id} was evicted from the host tier by adapters later requests carried "

@@ -32,6 +32,8 @@ class Sequence:
         self.logprobs: Optional[List[float]] = [] if request.logprobs else None
         self.top_logprobs: Optional[List[list]] = [] if request.top_logprobs else None  # (id, logprob) pairs a token
         self.text = IncrementalText(tokenizer, request.stop)
+        # checked against every token it generates: a set once, not a scan of the request's list each step
+        self.stop_token_ids = frozenset(request.stop_token_ids or ())
         self.first_token_at: Optional[float] = None
         self.last_token_at: Optional[float] = None
         self.finish_reason: Optional[str] = None
@@ -67,7 +69,7 @@ class Sequence:
         if self.first_token_at is None:
             self.first_token_at = now
         self.last_token_at = now
-        if token in end_ids or (self.request.stop_token_ids and token in self.request.stop_token_ids):
+        if token in end_ids or token in self.stop_token_ids:
             self.finish("stop")
             return
         self.tokens.append(token)

@@ -11,7 +11,7 @@ from typing import Any, Awaitable, Callable
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
-from starlette.routing import Route
+from starlette.routing import Match, Route
 
 from loramux.serving.server import openai_responses as shapes
 from loramux.serving.server.api_errors import ApiError, from_exception
@@ -23,6 +23,19 @@ from loramux.serving.server.openai_schema import (ChatCompletionRequest, Complet
 from loramux.serving.server.state import ServerState
 
 Handler = Callable[[ServerState, Request], Awaitable[Any]]
+
+#: the endpoint label of answers to paths no route serves: one label whatever the path, so a client
+#: sending made-up paths cannot grow the metrics' label set
+UNMATCHED_ENDPOINT = "unmatched"
+
+
+def _endpoint_of(routes, scope) -> str:
+    """The route template a request's path falls under (whatever its method), else UNMATCHED_ENDPOINT."""
+    for route in routes:
+        match, _ = route.matches(scope)
+        if match != Match.NONE:
+            return route.path
+    return UNMATCHED_ENDPOINT
 
 
 def _route(state: ServerState, path: str, handler: Handler, methods) -> Route:
@@ -112,13 +125,18 @@ def build_app(state: ServerState, executor_context: Any = None) -> Any:
         _route(state, "/health", health, ["GET"]),
         _route(state, "/metrics", metrics, ["GET"]),
     ]
+    def counted(scope, error: ApiError) -> Response:
+        """An answer the routes never see (no route, a method the route lacks, no key), counted as theirs are."""
+        state.metrics.requests.inc(endpoint=_endpoint_of(routes, scope), status=str(error.status))
+        return error.response()
+
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
-        404: lambda request, exc: ApiError(404, f"no route {request.method} {request.url.path}",
-                                           code="not_found").response(),
-        405: lambda request, exc: ApiError(405, f"{request.method} is not allowed on {request.url.path}",
-                                           code="method_not_allowed").response(),
+        404: lambda request, exc: counted(request.scope, ApiError(404, f"no route {request.method} {request.url.path}",
+                                                                  code="not_found")),
+        405: lambda request, exc: counted(request.scope, ApiError(405, f"{request.method} is not allowed on "
+                                                                  f"{request.url.path}", code="method_not_allowed")),
     })
-    return BearerAuth(app, state.config.api_key)
+    return BearerAuth(app, state.config.api_key, on_refused=counted)
 
 
-__all__ = ["build_app"]
+__all__ = ["build_app", "UNMATCHED_ENDPOINT"]

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import hmac
-from typing import Optional
+from typing import Any, Callable, Optional
 
 from loramux.serving.server.api_errors import ApiError
 
@@ -15,9 +15,12 @@ OPEN_PATHS = frozenset({"/health"})
 class BearerAuth:
     """ASGI middleware: refuses HTTP requests without the key with 401 in the OpenAI error shape."""
 
-    def __init__(self, app, api_key: Optional[str]):
+    def __init__(self, app, api_key: Optional[str], on_refused: Optional[Callable[[dict, ApiError], Any]] = None):
+        """`on_refused(scope, error)`: the 401 answer to send (the server counts it there); by default
+        the error's own response."""
         self.app = app
         self._key = api_key.encode() if api_key else None
+        self._on_refused = on_refused or (lambda scope, error: error.response())
 
     def allows(self, authorization: Optional[bytes]) -> bool:
         if self._key is None:
@@ -34,7 +37,7 @@ class BearerAuth:
             return await self.app(scope, receive, send)
         error = ApiError(401, "Incorrect API key provided: send `Authorization: Bearer <key>` with the server's "
                          "--api-key", code="invalid_api_key")
-        await error.response()(scope, receive, send)
+        await self._on_refused(scope, error)(scope, receive, send)
 
 
 __all__ = ["BearerAuth", "OPEN_PATHS"]

@@ -14,6 +14,9 @@ from loramux.serving.server.api_errors import ApiError
 
 #: OpenAI allows up to 4 stop sequences; a few more cost nothing here
 MAX_STOP = 16
+#: stop token ids a request may list: room for every end-like token of a large vocabulary, while one
+#: request cannot make the server parse and hold an unbounded list
+MAX_STOP_TOKEN_IDS = 1024
 MAX_N = 16
 
 
@@ -73,9 +76,14 @@ class _Sampling(_Strict):
                 raise FieldError(name, f"{name} is not supported by this server (only 0)")
         if self.logit_bias:
             raise FieldError("logit_bias", "logit_bias is not supported by this server")
+        if self.stream_options is not None and not self.stream:  # as vLLM: options of a stream that is not one
+            raise FieldError("stream_options", "stream_options needs stream: true")
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         if len(stops) > MAX_STOP or any(not s for s in stops):
             raise FieldError("stop", f"stop must be up to {MAX_STOP} non-empty strings")
+        if len(self.stop_token_ids or []) > MAX_STOP_TOKEN_IDS:
+            raise FieldError("stop_token_ids", f"stop_token_ids must list at most {MAX_STOP_TOKEN_IDS} token ids, "
+                                               f"got {len(self.stop_token_ids)}")
         if any(t < 0 for t in self.stop_token_ids or []):
             raise FieldError("stop_token_ids", "stop_token_ids must be non-negative token ids")
         return self
@@ -222,4 +230,5 @@ def parse(body: bytes, model: Type[Model]) -> Model:
 
 
 __all__ = ["CompletionRequest", "ChatCompletionRequest", "ChatMessage", "FieldError", "LoadAdapterRequest", "UnloadAdapterRequest",
-           "StreamOptions", "parse", "MAX_N", "MAX_STOP"]
+           "StreamOptions", "parse", "MAX_N", "MAX_STOP",
+           "MAX_STOP_TOKEN_IDS"]
