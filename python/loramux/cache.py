@@ -8,7 +8,7 @@ into them. ``put`` validates and packs once; ``acquire`` makes a batch resident 
 from __future__ import annotations
 
 import numbers
-from typing import Dict, Iterable, List, Optional, Set, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -174,9 +174,6 @@ class LoraCache:
             error = LoraCudaError if device.type == "cuda" else LoraCacheError
             raise error(f"could not allocate a pool of {pool_bytes} bytes and a slot table of {table_bytes} bytes on {device}: {e}") from None
         self._copy_stream = None
-        # ids dropped by remove() and not put again, so a later miss can say "removed", not "evicted"
-        # (a set of ints: the core counts removals and evictions, but not per id)
-        self._removed_ids: Set[int] = set()
         cuda_device = None
         if device.type == "cuda":
             if not _core.AdapterCache.cuda_driver_present():
@@ -239,23 +236,19 @@ class LoraCache:
         ``replace=True`` ("replaced"). Returns "inserted", "cached" or "replaced". The GIL is released
         meanwhile; the checks, digest and packing run on every core (one pass over the weights)."""
         task_id = _task_id(task_id)
-        outcome = self._core.put(task_id, adapter_input(_as_numpy(weights), _as_numpy(config)), bool(replace))
-        self._removed_ids.discard(task_id)
-        return outcome
+        return self._core.put(task_id, adapter_input(_as_numpy(weights), _as_numpy(config)), bool(replace))
 
     def remove(self, task_id: int) -> None:
         """Drops an adapter from both tiers (a server's unload): its host bytes, device pages and
         slot are freed. Raises LoraNotCachedError for an id that is not cached and LoraCacheError
         while an in-flight batch holds it; either way the cache is left as it was."""
-        task_id = _task_id(task_id)
-        self._core.remove(task_id)
-        self._removed_ids.add(task_id)
+        self._core.remove(_task_id(task_id))
 
     def was_removed(self, task_id: int) -> bool:
         """Whether `task_id` left the cache through remove() and has not been put since (False for
         an id evicted to make room, or never cached): what an error about a missing id can say."""
         try:
-            return _task_id(task_id) in self._removed_ids
+            return self._core.was_removed(_task_id(task_id))
         except (TypeError, ValueError):
             return False
 

@@ -82,6 +82,10 @@ impl PyAdapterCache {
         self.inner.contains(task_id)
     }
 
+    fn was_removed(&self, task_id: u64) -> bool {
+        self.inner.was_removed(task_id)
+    }
+
     fn __len__(&self) -> usize {
         self.inner.len()
     }

@@ -1,7 +1,7 @@
 //! A fast hasher for task and batch ids (u64 keys the cache looks up several times per acquire);
 //! SipHash's flooding resistance buys nothing for ids the server itself hands around.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
 
 #[derive(Default, Clone, Copy)]
@@ -24,6 +24,7 @@ impl Hasher for IdHasher {
 }
 
 pub type IdMap<V> = HashMap<u64, V, BuildHasherDefault<IdHasher>>;
+pub type IdSet = HashSet<u64, BuildHasherDefault<IdHasher>>;
 
 #[cfg(test)]
 mod tests {

@@ -14,7 +14,7 @@ use crate::cache::copier::{Copier, ReleaseTicket};
 use crate::cache::device_tier::DeviceTier;
 use crate::cache::host_pool::HostPool;
 use crate::cache::host_tier::HostTier;
-use crate::cache::id_hash::IdMap;
+use crate::cache::id_hash::{IdMap, IdSet};
 use crate::cache::slot_table::SlotTable;
 use crate::cache::served::ServedModules;
 use crate::cache::stats::Counters;
@@ -63,6 +63,9 @@ struct State {
     table: SlotTable,
     /// task_id -> number of in-flight batches holding it.
     pins: IdMap<u32>,
+    /// Ids `remove` dropped and no put has brought back: a later miss was the caller's doing, not an
+    /// eviction (what an error about it can say).
+    removed: IdSet,
     /// batch_id -> the distinct task ids it holds.
     batches: IdMap<Vec<u64>>,
     /// task_id -> its last release per compute stream (while resident).
@@ -165,6 +168,7 @@ impl TwoLevelCache {
             device: DeviceTier::new(region.pool_addr, region.pool_bytes, cfg.page_bytes, cfg.max_slots),
             table: SlotTable::new(region.table_addr, cfg.max_slots, cfg.spec.num_layers),
             pins: IdMap::default(),
+            removed: IdSet::default(),
             batches: IdMap::default(),
             released_at: IdMap::default(),
             loads_after: Vec::new(),
@@ -181,6 +185,12 @@ impl TwoLevelCache {
 
     pub fn contains(&self, task_id: u64) -> bool {
         self.state.read().host.contains(task_id)
+    }
+
+    /// Whether `task_id` left through `remove` and has not been put since (false for an id evicted
+    /// to make room, or never cached).
+    pub fn was_removed(&self, task_id: u64) -> bool {
+        self.state.read().removed.contains(&task_id)
     }
 
     pub fn len(&self) -> usize {

@@ -64,6 +64,7 @@ impl TwoLevelCache {
         let dropped = Self::evict_for_put(&mut st, &victims, replacing)?;
         image.unstage();
         st.host.insert(task_id, HostEntry { image, layout: image_layout, digest, loaded: false });
+        st.removed.remove(&task_id);
         let outcome = Self::count_put(&mut st, replacing);
         drop(dropped); // their pages go back to the pool for the next puts
         drop(st);
@@ -105,6 +106,7 @@ impl TwoLevelCache {
         };
         image_layout.pack(weights, layout, image.as_mut_slice());
         st.host.insert(task_id, HostEntry { image, layout: image_layout.clone(), digest, loaded: false });
+        st.removed.remove(&task_id);
         let outcome = Self::count_put(&mut st, replacing);
         drop(st);
         self.pool.trim();

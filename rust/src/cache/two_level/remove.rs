@@ -25,6 +25,7 @@ impl TwoLevelCache {
             st.forget_resident(task_id, resident.slot);
         }
         st.counters.removals += 1;
+        st.removed.insert(task_id);
         drop(st);
         drop(entry); // its pages go back to the pool
         self.pool.trim();
@@ -49,6 +50,7 @@ mod tests {
         f.cache.remove(1).unwrap();
         let after = f.cache.stats();
         assert!(!f.cache.contains(1) && f.cache.slot_of(1).is_none());
+        assert!(f.cache.was_removed(1) && !f.cache.was_removed(2) && !f.cache.was_removed(3));
         assert_eq!(f.cache.task_ids(), vec![2]);
         assert_eq!(after.host_bytes, before.host_bytes - one);
         assert_eq!(after.device_bytes_held, before.device_bytes_held - one); // images are whole pages
@@ -58,6 +60,7 @@ mod tests {
         // Its slot and pages serve the next adapter; putting it again starts from scratch.
         put(&f.cache, 3, 30, &[2], 16).unwrap();
         assert_eq!(put(&f.cache, 1, 10, &[1, 3], 4), Ok(crate::cache::PutOutcome::Inserted));
+        assert!(!f.cache.was_removed(1), "put again: no longer a removed id");
         let b = f.cache.acquire(&[3, 2], 0).unwrap();
         f.cache.release(b.batch_id, 0).unwrap();
         f.cache.check_invariants().unwrap();
