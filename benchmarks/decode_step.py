@@ -6,7 +6,9 @@ resident_adapters), so the kernels read the serving path's pool and slot table.
 The LoRA step runs attach's fused siblings (q|k|v and gate|up: 4 lora_apply per layer); the same
 step with one apply per projection (fuse_siblings off: 7 per layer) is timed beside it, and so is
 the step with each projection's LoRA branch on a side stream beside its base GEMM
-(Engine.lora_beside_base; forked and joined inside the captured graph).
+(Engine.lora_beside_base; forked and joined inside the captured graph, the branch merged into the
+base output by cuda/lora_merge.cu), and both ways as a static batch (the serving graphs' form).
+overhead_default_us is the form the engine takes by default at this batch.
 Also checks the LoRA logits against PEFT's and replays the captured graph with new adapter
 mappings (more and fewer distinct adapters, rows without one) against eager results.
 
@@ -125,7 +127,7 @@ def beside_step(engine, step, slots0, ad, logits):
         out["lora_beside_us"] = graphed_step_us(engine, step)
     except Exception as e:  # noqa: BLE001
         out["lora_beside_error"] = repr(e)[:300]
-    # as the serving graphs run it: a static batch (any adapter mix, DoRA unknown: shrinks aside only)
+    # as the serving graphs run it: a static batch (any adapter mix, DoRA rows included)
     static = torch.tensor(slots0, dtype=torch.int32, device=DEV)
     for beside, key in ((False, "lora_static_us"), (True, "lora_static_beside_us")):
         engine.lora_beside_base = beside
@@ -201,6 +203,8 @@ def main():
 
     spec = llama_spec(LAYERS, RANK)
     engine = attach_layers(model, spec, None, DT, torch.device(DEV))
+    default_beside = engine.beside_for(BATCH)  # the engine's default at this batch (LORAMUX_LORA_BESIDE_BASE)
+    engine.lora_beside_base = False  # the step below in order; beside_step times the branch beside
     mids = [mid for mid, _ in PROJ]
     adapters = [random_adapter(spec, mids, range(LAYERS), RANK, seed=1 + a, std=0.03) for a in range(ADAPTERS)]
     ad = resident_adapters(spec, adapters, dtype=DT, device=DEV)
@@ -264,6 +268,11 @@ def main():
     if "lora_beside_us" in res:
         res["overhead_beside_us"] = res["lora_beside_us"] - t_base * 1e6
         res["overhead_beside_over_floor"] = res["overhead_beside_us"] / res["lora_floor_us"]
+    res["default_beside"] = default_beside
+    key = "overhead_beside_us" if default_beside else "overhead_us"
+    if key in res:
+        res["overhead_default_us"] = res[key]
+        res["overhead_default_over_floor"] = res[key] / res["lora_floor_us"]
     for key in ("lora_static_us", "lora_static_beside_us"):
         if key in res:
             res[key.replace("lora_", "overhead_")] = res[key] - t_base * 1e6
