@@ -158,9 +158,10 @@ def _oracle(ad, x, y0, slots):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("T", [1, 7, 64, 300])
-def test_beside_op_matches_in_order_and_oracle(T):
-    ad, slots, x, w = _op_case(T)
+@pytest.mark.parametrize("T,dtype", [(1, torch.bfloat16), (7, torch.bfloat16), (64, torch.bfloat16), (300, torch.bfloat16),
+                                     (7, torch.float16), (64, torch.float16)])
+def test_beside_op_matches_in_order_and_oracle(T, dtype):
+    ad, slots, x, w = _op_case(T, dtype)
     sot = torch.tensor(slots, dtype=torch.int32, device="cuda")
     meta = ad.meta(sot)
     base = lambda: x @ w.T  # noqa: E731
@@ -176,7 +177,8 @@ def test_beside_op_matches_in_order_and_oracle(T):
     plain = [t for t, s in enumerate(slots) if s not in (1, 3, 4, 5)]  # rows no DoRA scale touches
     no_adapter = [t for t, s in enumerate(slots) if s in (-1, 6)]
     assert torch.equal(got[no_adapter], y0[no_adapter])  # f = 1, delta = 0: y exactly as base() left it
-    assert (got[plain] - in_order[plain]).abs().max().item() <= 2 * (in_order[plain].abs().max().item() * 2 ** -8)
+    # where no DoRA scale applies the two differ by delta's rounding: within 2 ulps of bf16 at the largest value
+    assert (got[plain] - in_order[plain]).abs().max().item() <= 2 * in_order[plain].abs().max().item() * 2 ** -7
 
 
 @pytest.mark.gpu
