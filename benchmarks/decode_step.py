@@ -160,6 +160,33 @@ def unfused_step(engine, step, slots0, ad, fused_logits):
     return out
 
 
+def beside_by_batch(engine, model, ad, batches):
+    """{batch: {base_us, in_order_us, beside_us}}: graphed decode steps at other batch sizes (rows
+    cycling over the adapters), the LoRA branch in order and beside the base GEMM: the measurement
+    behind the engine's auto bound (models/engine.py BESIDE_MAX_TOKENS)."""
+    out = {}
+    for batch in batches:
+        ids = torch.randint(0, 128256, (batch, 1), device=DEV)
+        pos = torch.zeros(batch, 1, dtype=torch.long, device=DEV)
+        step = lambda: model(input_ids=ids, position_ids=pos, use_cache=False).logits  # noqa: E731
+        slots = [ad.slots[i % len(ad.slots)] for i in range(batch)]
+        engine.clear_batch()
+        g, _ = capture(step)
+        row = {"base_us": median_seconds(g.replay) * 1e6}
+        del g
+        for beside, key in ((False, "in_order_us"), (True, "beside_us")):
+            engine.lora_beside_base = beside
+            try:
+                engine.set_batch(slots, ad.cache.table, ad.cache.pool)
+                row[key] = graphed_step_us(engine, step)
+            except Exception as e:  # noqa: BLE001
+                row[key.replace("_us", "_error")] = repr(e)[:300]
+        out[batch] = row
+        print(f"batch {batch}:", {k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
+    engine.lora_beside_base = False
+    return out
+
+
 def variant_overheads(engine, step, slots0, ad, base_us, names):
     """{variant: [LoRA overhead us]}: the in-order step captured under each launch variant's
     environment (benchmarks/decode_ab.py VARIANTS), the default first and last (its spread)."""
@@ -179,6 +206,9 @@ def variant_overheads(engine, step, slots0, ad, base_us, names):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="decode.json")
+    ap.add_argument("--batches", default="", help="comma-separated batch sizes also timed in order and beside the "
+                    "base GEMM (beside_by_batch), e.g. 8,64,128")
+    ap.add_argument("--no-peft", action="store_true", help="skip the PEFT comparison (its step takes ~250 ms)")
     ap.add_argument("--variants", default="", help="comma-separated launch variants of benchmarks/decode_ab.py "
                     "(e.g. plain,m4): the in-order LoRA step captured again under each, the default before and after")
     args = ap.parse_args()
@@ -280,44 +310,48 @@ def main():
         res["overhead_unfused_us"] = res["lora_unfused_us"] - t_base * 1e6
         res["overhead_unfused_over_floor"] = res["overhead_unfused_us"] / res["lora_floor_us"]
 
-    # PEFT on the same batch and the same adapters (scaling 1: lora_alpha = r)
-    try:
-        import peft
+    if args.batches:
+        res["beside_by_batch"] = beside_by_batch(engine, model, ad, [int(b) for b in args.batches.split(",")])
 
-        engine.detach()
-        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-        cfg = peft.LoraConfig(r=RANK, lora_alpha=RANK, target_modules=targets, init_lora_weights=False)
-        pm = peft.get_peft_model(model, cfg, adapter_name="a0").eval()
-        for slot in range(1, ADAPTERS):
-            pm.add_adapter(f"a{slot}", cfg)
-        # each adapter's A and B per (layer, module), as its rows of the TensorRT-LLM format hold them
-        ab = {}
-        for a, (weights, config) in enumerate(adapters):
-            w = weights.float().numpy()
-            for i, row in enumerate(lm.format.validate(w, config, spec)):
-                mid, layer = int(config[i][0]), int(config[i][1])
-                ab[(a, layer, mid)] = (torch.from_numpy(w[i, row.a_slice].reshape(row.rank, row.hi).copy()),
-                                       torch.from_numpy(w[i, row.b_slice].reshape(row.ho, row.rank).copy()))
-        with torch.no_grad():
-            for name, mod in pm.named_modules():
-                if not hasattr(mod, "lora_A") or not isinstance(getattr(mod, "lora_A"), torch.nn.ModuleDict):
-                    continue
-                layer = int(name.split("layers.")[1].split(".")[0])
-                mid = next(m for m, n in PROJ if name.endswith(n))
-                for a in range(ADAPTERS):
-                    mod.lora_A[f"a{a}"].weight.copy_(ab[(a, layer, mid)][0].to(DT))
-                    mod.lora_B[f"a{a}"].weight.copy_(ab[(a, layer, mid)][1].to(DT))
-        pm.eval()
-        names = [f"a{a}" for a in range(ADAPTERS)]
-        peft_step = lambda: pm(input_ids=ids, position_ids=pos, use_cache=False, adapter_names=names).logits  # noqa: E731
-        peft_logits = peft_step().float()
-        res["kernel_vs_peft_rel"] = float((eager - peft_logits).norm() / peft_logits.norm())
-        if base_logits is not None:
-            res["kernel_vs_peft_rel_of_lora_term"] = float((eager - peft_logits).norm() / (peft_logits - base_logits).norm())
-        res["peft_us"] = median_seconds(peft_step, reps=5) * 1e6
-        res["speedup_vs_peft"] = res["peft_us"] / res["lora_us"]
-    except Exception as e:  # noqa: BLE001
-        res["peft_error"] = repr(e)[:300]
+    # PEFT on the same batch and the same adapters (scaling 1: lora_alpha = r)
+    if not args.no_peft:
+        try:
+            import peft
+
+            engine.detach()
+            targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+            cfg = peft.LoraConfig(r=RANK, lora_alpha=RANK, target_modules=targets, init_lora_weights=False)
+            pm = peft.get_peft_model(model, cfg, adapter_name="a0").eval()
+            for slot in range(1, ADAPTERS):
+                pm.add_adapter(f"a{slot}", cfg)
+            # each adapter's A and B per (layer, module), as its rows of the TensorRT-LLM format hold them
+            ab = {}
+            for a, (weights, config) in enumerate(adapters):
+                w = weights.float().numpy()
+                for i, row in enumerate(lm.format.validate(w, config, spec)):
+                    mid, layer = int(config[i][0]), int(config[i][1])
+                    ab[(a, layer, mid)] = (torch.from_numpy(w[i, row.a_slice].reshape(row.rank, row.hi).copy()),
+                                           torch.from_numpy(w[i, row.b_slice].reshape(row.ho, row.rank).copy()))
+            with torch.no_grad():
+                for name, mod in pm.named_modules():
+                    if not hasattr(mod, "lora_A") or not isinstance(getattr(mod, "lora_A"), torch.nn.ModuleDict):
+                        continue
+                    layer = int(name.split("layers.")[1].split(".")[0])
+                    mid = next(m for m, n in PROJ if name.endswith(n))
+                    for a in range(ADAPTERS):
+                        mod.lora_A[f"a{a}"].weight.copy_(ab[(a, layer, mid)][0].to(DT))
+                        mod.lora_B[f"a{a}"].weight.copy_(ab[(a, layer, mid)][1].to(DT))
+            pm.eval()
+            names = [f"a{a}" for a in range(ADAPTERS)]
+            peft_step = lambda: pm(input_ids=ids, position_ids=pos, use_cache=False, adapter_names=names).logits  # noqa: E731
+            peft_logits = peft_step().float()
+            res["kernel_vs_peft_rel"] = float((eager - peft_logits).norm() / peft_logits.norm())
+            if base_logits is not None:
+                res["kernel_vs_peft_rel_of_lora_term"] = float((eager - peft_logits).norm() / (peft_logits - base_logits).norm())
+            res["peft_us"] = median_seconds(peft_step, reps=5) * 1e6
+            res["speedup_vs_peft"] = res["peft_us"] / res["lora_us"]
+        except Exception as e:  # noqa: BLE001
+            res["peft_error"] = repr(e)[:300]
     print(json.dumps(res, indent=1))
     with open(args.out, "w") as f:
         f.write(json.dumps(res) + "\n")

@@ -1,8 +1,10 @@
 #!/bin/bash
 # The device pass that gates the beside merge (cuda/lora_merge.cu) in one call of under 600 s: its
-# tests, the decode step (in order, beside, and both as a static batch; again with the side stream at
-# high priority), memcheck of the op tests, then the kernel GPU test files three at a time.
-#   WHEEL=.gpu/w21a KCACHE=.gpu/kc21 bash benchmarks/gpu_beside_pass.sh   (carry both and this script)
+# tests, the decode step (in order, beside, and both as a static batch, at batch 32 and, in order and
+# beside, at 8, 64 and 128; again at 32 with the side stream at high priority), memcheck of the op
+# tests; then the kernel GPU test files three at a time. PART=1 or 2 runs one half (each well under
+# 600 s), unset both.
+#   WHEEL=.gpu/w21a KCACHE=.gpu/kc21 PART=1 bash benchmarks/gpu_beside_pass.sh   (carry both dirs)
 export PYTHONUNBUFFERED=1
 [ -n "$KCACHE" ] && export LORAMUX_KERNEL_CACHE=$PWD/$KCACHE
 pip install -q --no-index --no-deps --target /tmp/site ${WHEEL:-.gpu}/*.whl 2>/dev/null || exit 1
@@ -13,24 +15,27 @@ run() {
   echo "$1 rc=$? $(grep -E ' passed| failed| error' $OUT/$1.log | tail -1)"
   grep -E '^(FAILED|ERROR)' $OUT/$1.log | head -5
 }
-decode() {  # $1: output name; the rest: environment for the run
-  local name=$1; shift
-  env "$@" timeout 200 python benchmarks/decode_step.py --out $OUT/$name.json > $OUT/$name.log 2>&1
+decode() {  # $1: output name, $2: decode_step.py's extra arguments; the rest: environment for the run
+  local name=$1 extra=$2; shift 2
+  env "$@" timeout ${DECODE_S:-280} python benchmarks/decode_step.py $extra --out $OUT/$name.json > $OUT/$name.log 2>&1
   echo "$name rc=$?"
   python - $OUT/$name.json <<'PY'
 import json, sys
 d = json.load(open(sys.argv[1]))
 keys = ("base_us", "overhead_us", "overhead_over_floor", "overhead_beside_us", "overhead_beside_over_floor", "beside_vs_in_order_rel",
         "overhead_static_us", "overhead_static_beside_us", "ops_only_4_fused_per_layer_us", "graph_replay_rel_err",
-        "kernel_vs_peft_rel_of_lora_term", "lora_beside_error", "lora_static_beside_error")
+        "kernel_vs_peft_rel_of_lora_term", "lora_beside_error", "lora_static_beside_error", "beside_by_batch")
 print({k: d.get(k) for k in keys})
 PY
 }
+if [ "${PART:-1}" = 1 ]; then
 run test_beside 150
-decode decode LORAMUX_SIDE_STREAM_PRIORITY=normal
-decode decode-high LORAMUX_SIDE_STREAM_PRIORITY=high
+decode decode "--batches 8,64,128" LORAMUX_SIDE_STREAM_PRIORITY=normal
+decode decode-high --no-peft LORAMUX_SIDE_STREAM_PRIORITY=high
 timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 python -m pytest -q -m gpu -p no:cacheprovider tests/test_beside.py -k op > $OUT/memcheck.log 2>&1
 echo "memcheck rc=$?"; tail -2 $OUT/memcheck.log
+fi
+[ "${PART:-2}" = 2 ] || exit 0
 for f in ${FILES:-test_kernels test_launch_choices test_segments test_ops test_siblings test_models test_serving_gpu test_fused}; do
   while [ "$(jobs -rp | wc -l)" -ge 3 ]; do sleep 1; done
   run $f ${TEST_S:-170} &
