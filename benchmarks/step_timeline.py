@@ -139,7 +139,8 @@ def main():
         g, _ = capture(step, None if mode == "base" else (lambda: fresh_metas(engine)))
         replays = split_replays(profile_kernels(g.replay, args.reps), args.gap_us)
         res["modes"][mode] = median_summary(replays) if replays else {"error": "the profiler recorded no kernels"}
-        # CUPTI's timing of graph kernels has been wrong on some CUDA versions (kineto issue 1165):
+        # CUPTI's timing of graph kernels has been wrong on some CUDA versions (kineto's GitHub report
+        # "Cudagraphs profiling is incorrect", fixed per CUPTI's notes for CUDA 13.1 update 1):
         # the replay as CUDA events time it, to set the profiled wall against
         res["modes"][mode]["event_us"] = median_seconds(g.replay) * 1e6
         print(mode, json.dumps(res["modes"][mode]), flush=True)
