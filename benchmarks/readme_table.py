@@ -88,7 +88,7 @@ def targets(sums, decode=None):
            "| target | measured | |", "|---|---|---|"]
     if decode:
         in_order, beside = decode["overhead_over_floor"], decode.get("overhead_beside_over_floor")
-        if decode.get("default_beside"):  # the engine's default form is the one measured against the target
+        if decode.get("default_beside") and beside is not None:  # the engine's default form meets the target or not
             met, shown = beside <= DECODE_STEP_TARGET, f"{beside:.1f}x beside the base GEMM, the default ({in_order:.1f}x in order)"
         else:
             met = in_order <= DECODE_STEP_TARGET

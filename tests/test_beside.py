@@ -137,7 +137,7 @@ def _op_case(T: int, dtype=torch.bfloat16):
     gen = torch.Generator().manual_seed(5 + T)
     specs = {}
     for slot in range(6):
-        dora = slot % 2 == 1
+        dora = slot in (1, 3, 4, 5)
         if slot in (0, 1, 4):  # the fused module
             specs[(slot, 0, 0)] = (8, HI, WIDTH, dora)
         if slot in (2, 3, 4, 5):  # q, k, v; slot 4 has both, each DoRA-scaled: the scales multiply
@@ -164,8 +164,8 @@ def test_beside_op_matches_in_order_and_oracle(T, dtype):
     ad, slots, x, w = _op_case(T, dtype)
     sot = torch.tensor(slots, dtype=torch.int32, device="cuda")
     meta = ad.meta(sot)
-    base = lambda: x @ w.T  # noqa: E731
-    y0 = base()
+    y0 = x @ w.T
+    base = lambda: y0.clone()  # noqa: E731
     in_order = y0.clone()
     for ids, sizes in APPLIES:
         ops.lora_apply(x, in_order, meta, 0, ids, sizes)
@@ -174,6 +174,8 @@ def test_beside_op_matches_in_order_and_oracle(T, dtype):
     want = _oracle(ad, x, y0, slots)
     assert rel_err(in_order, want, y0) < 1e-2
     assert rel_err(got, want, y0) < 1e-2  # one more rounding than in order: delta stored in bf16
+    if T >= 64:
+        assert 4 in slots  # rows whose two applies' DoRA scales multiply
     plain = [t for t, s in enumerate(slots) if s not in (1, 3, 4, 5)]  # rows no DoRA scale touches
     no_adapter = [t for t, s in enumerate(slots) if s in (-1, 6)]
     assert torch.equal(got[no_adapter], y0[no_adapter])  # f = 1, delta = 0: y exactly as base() left it
@@ -194,6 +196,36 @@ def test_beside_op_graph_replays_a_changed_mapping():
     torch.cuda.synchronize()
     y0 = x @ w.T
     assert rel_err(out["y"], _oracle(ad, x, y0, other), y0) < 1e-2
+
+
+@pytest.mark.gpu
+def test_beside_op_past_one_merge_runs_in_order():
+    ad, slots, x, w = _op_case(16)
+    meta = ad.meta(torch.tensor(slots, dtype=torch.int32, device="cuda"))
+    y0 = x @ w.T
+    applies = APPLIES + [([1, 2, 3], SIZES), ([1, 2], SIZES[:2])]  # 9 slices: more than one merge takes
+    in_order = y0.clone()
+    for ids, sizes in applies:
+        ops.lora_apply(x, in_order, meta, 0, ids, sizes)
+    got = ops.lora_apply_beside(x, lambda: y0.clone(), meta, 0, applies)
+    assert torch.equal(got, in_order)
+
+
+@pytest.mark.gpu
+def test_beside_op_joins_the_side_stream_when_base_raises():
+    ad, slots, x, w = _op_case(8)
+    meta = ad.meta(torch.tensor(slots, dtype=torch.int32, device="cuda"))
+
+    def failing_base():
+        raise RuntimeError("base GEMM failed")
+
+    with pytest.raises(RuntimeError, match="base GEMM failed"):
+        ops.lora_apply_beside(x, failing_base, meta, 0, APPLIES)
+    # the same call works afterwards, and a capture is not left waiting on an unjoined stream
+    y0 = x @ w.T
+    got = ops.lora_apply_beside(x, lambda: y0.clone(), meta, 0, APPLIES)
+    torch.cuda.synchronize()
+    assert rel_err(got, _oracle(ad, x, y0, slots), y0) < 1e-2
 
 
 @pytest.mark.gpu

@@ -313,14 +313,19 @@ def lora_apply_beside(x, base, meta, layer: int, applies, width: int, side):
     tokens = x.shape[0]
     if meta.segments is None:  # built before the fork, so the side branch sees them
         meta = replace(meta, segments=segments(meta.slot_of_token, meta.table.shape[0], meta.adapters))
+    _rows("x", x, x.device)
     delta = torch.empty(tokens, width, dtype=x.dtype, device=x.device)
     side.wait_stream(main)
-    with torch.cuda.stream(side):
-        delta.zero_()
-        for ids, sizes in applies:
-            lora_apply(x, delta, meta, layer, ids, sizes)
-    y = base()
-    main.wait_stream(side)
+    try:
+        with torch.cuda.stream(side):
+            delta.zero_()
+            for ids, sizes in applies:
+                lora_apply(x, delta, meta, layer, ids, sizes)
+        y = base()
+    finally:
+        # joined even where an apply or base() raised: delta (allocated on this stream) is freed
+        # only after the side branch is done with it, and a capture does not end unjoined
+        main.wait_stream(side)
     _rows("y", y, x.device)
     if tuple(y.shape) != (tokens, width) or y.dtype != x.dtype:
         raise LoraCudaError(f"base() gave {y.dtype} {list(y.shape)}, not {x.dtype} [{tokens}, {width}]")

@@ -487,15 +487,9 @@ pub fn reduce(k: &DeviceKernels, b: &Batch, module_ids: &[u32], partial: u64, pl
     unsafe { launch(k, "lora_shrink_reduce", (blocks, 1, 1), b.stream, &args) }
 }
 
-/// The join of a LoRA branch run beside the base GEMM: y = f * y + delta over `width` columns,
-/// f the product of the row adapter's DoRA scales over the slices covering a column. `applies`:
-/// the branch's (module ids, out sizes), each laid from column 0 of y and of delta.
-#[allow(clippy::too_many_arguments)]
-pub fn merge_beside(
-    k: &DeviceKernels, b: &Batch, applies: &[(Vec<u32>, Vec<usize>)], width: usize, y: u64, y_stride: usize, delta: u64,
-    delta_stride: usize,
-) -> Result<()> {
-    b.check()?;
+/// Every slice of a beside branch's applies in one list, each apply's laid from column 0 (so
+/// slices of different applies may overlap): what the merge scales y by.
+fn merge_slices(applies: &[(Vec<u32>, Vec<usize>)], width: usize) -> Result<LoraSlices> {
     let mut sl = LoraSlices::default();
     for (ids, sizes) in applies {
         if ids.len() != sizes.len() {
@@ -517,6 +511,19 @@ pub fn merge_beside(
             sl.count += 1;
         }
     }
+    Ok(sl)
+}
+
+/// The join of a LoRA branch run beside the base GEMM: y = f * y + delta over `width` columns,
+/// f the product of the row adapter's DoRA scales over the slices covering a column. `applies`:
+/// the branch's (module ids, out sizes), each laid from column 0 of y and of delta.
+#[allow(clippy::too_many_arguments)]
+pub fn merge_beside(
+    k: &DeviceKernels, b: &Batch, applies: &[(Vec<u32>, Vec<usize>)], width: usize, y: u64, y_stride: usize, delta: u64,
+    delta_stride: usize,
+) -> Result<()> {
+    b.check()?;
+    let sl = merge_slices(applies, width)?;
     if width > i32::MAX as usize || y_stride < width || delta_stride < width {
         return Err(LoraError::Cuda(format!("merge of {width} columns over row strides {y_stride} (y) and {delta_stride} (delta)")));
     }
@@ -810,6 +817,20 @@ mod tests {
         assert!(slices(&[1; 9], None).is_err());
         let s = slices(&[1, 2, 3], Some(&[4096, 1024, 1024])).unwrap();
         assert_eq!((s.out_offset[2], s.out_size[2]), (5120, 1024));
+    }
+
+    #[test]
+    fn merge_slices_lay_each_apply_from_column_zero() {
+        let applies = vec![(vec![0], vec![384]), (vec![1, 2, 3], vec![256, 64, 64])];
+        let s = merge_slices(&applies, 384).unwrap();
+        assert_eq!(s.count, 4);
+        assert_eq!(&s.module_id[..4], &[0, 1, 2, 3]);
+        assert_eq!((&s.out_offset[..4], &s.out_size[..4]), (&[0, 0, 256, 320][..], &[384, 256, 64, 64][..]));
+        assert!(merge_slices(&applies, 383).is_err()); // past the width
+        assert!(merge_slices(&[(vec![1, 2], vec![8])], 8).is_err()); // ids and sizes differ in count
+        assert!(matches!(merge_slices(&[(vec![19], vec![8])], 8), Err(LoraError::UnknownModuleId { .. })));
+        let nine = vec![(vec![1, 2, 3, 4, 5], vec![1; 5]), (vec![6, 7, 8, 9], vec![1; 4])];
+        assert!(merge_slices(&nine, 8).is_err()); // more than one merge takes
     }
 
     #[test]
