@@ -2,9 +2,9 @@
 # The device pass that gates the beside merge (cuda/lora_merge.cu) in one call of under 600 s: its
 # tests, the decode step (in order, beside, and both as a static batch, at batch 32 and, in order and
 # beside, at 8, 64 and 128; again at 32 with the side stream at high priority), memcheck of the op
-# tests; then the kernel GPU test files three at a time. PART=1 or 2 runs one half (each well under
-# 600 s), unset both.
-#   WHEEL=.gpu/w21a KCACHE=.gpu/kc21 PART=1 bash benchmarks/gpu_beside_pass.sh   (carry both dirs)
+# tests; PART=2: the kernel GPU test files three at a time; PART=3: the step's timeline in order and
+# beside (benchmarks/step_timeline.py). Each part well under 600 s; PART unset runs 1 and 2.
+#   WHEEL=.gpu/w21b KCACHE=.gpu/kc21 PART=1 bash benchmarks/gpu_beside_pass.sh   (carry both dirs)
 export PYTHONUNBUFFERED=1
 [ -n "$KCACHE" ] && export LORAMUX_KERNEL_CACHE=$PWD/$KCACHE
 pip install -q --no-index --no-deps --target /tmp/site ${WHEEL:-.gpu}/*.whl 2>/dev/null || exit 1
@@ -34,6 +34,11 @@ decode decode "--batches 8,64,128" LORAMUX_SIDE_STREAM_PRIORITY=normal
 decode decode-high --no-peft LORAMUX_SIDE_STREAM_PRIORITY=high
 timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 python -m pytest -q -m gpu -p no:cacheprovider tests/test_beside.py -k op > $OUT/memcheck.log 2>&1
 echo "memcheck rc=$?"; tail -2 $OUT/memcheck.log
+fi
+if [ "${PART}" = 3 ]; then
+  timeout 300 python benchmarks/step_timeline.py --modes base,in_order,beside --out $OUT/timeline.json > $OUT/timeline.log 2>&1
+  echo "timeline rc=$?"; tail -4 $OUT/timeline.log | cut -c1-1500
+  exit 0
 fi
 [ "${PART:-2}" = 2 ] || exit 0
 for f in ${FILES:-test_kernels test_launch_choices test_segments test_ops test_siblings test_models test_serving_gpu test_fused}; do
