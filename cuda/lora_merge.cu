@@ -3,7 +3,7 @@
 // that zero base as it would y (delta = s * (0 + d)); the applies in order over y would have left
 // s2 * (s1 * (y + d1) + d2) = s1 * s2 * y + delta. So y = f * y + delta, f the product of the DoRA
 // scales of the row's adapter over the slices that cover the column (1 where none): one rounding,
-// and exact where f = 1. lora_common.cuh is prepended.
+// and exact where f = 1 (a -0 in y comes back +0 where delta is 0). lora_common.cuh is prepended.
 
 template <bool BF16>
 __device__ void beside_merge(const MergeArgs& p) {
