@@ -4,7 +4,7 @@
 # beside, at 8, 64 and 128; again at 32 with the side stream at high priority), memcheck of the op
 # tests; PART=2: the kernel GPU test files three at a time; PART=3: the step's timeline in order and
 # beside (benchmarks/step_timeline.py). Each part well under 600 s; PART unset runs 1 and 2.
-#   WHEEL=.gpu/w21b KCACHE=.gpu/kc21 PART=1 bash benchmarks/gpu_beside_pass.sh   (carry both dirs)
+#   WHEEL=.gpu/w21b KCACHE=.gpu/kc21b PART=1 bash benchmarks/gpu_beside_pass.sh   (carry both dirs)
 export PYTHONUNBUFFERED=1
 [ -n "$KCACHE" ] && export LORAMUX_KERNEL_CACHE=$PWD/$KCACHE
 pip install -q --no-index --no-deps --target /tmp/site ${WHEEL:-.gpu}/*.whl 2>/dev/null || exit 1
