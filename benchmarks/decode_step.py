@@ -129,15 +129,24 @@ def beside_step(engine, step, slots0, ad, logits):
         out["lora_beside_error"] = repr(e)[:300]
     # as the serving graphs run it: a static batch (any adapter mix, DoRA rows included)
     static = torch.tensor(slots0, dtype=torch.int32, device=DEV)
-    for beside, key in ((False, "lora_static_us"), (True, "lora_static_beside_us")):
+    out.update(graphed_both_ways(engine, step, lambda: engine.set_static_batch(static, ad.cache.table, ad.cache.pool),
+                                 "lora_static_us", "lora_static_beside_us"))
+    engine.set_batch(slots0, ad.cache.table, ad.cache.pool)
+    return out
+
+
+def graphed_both_ways(engine, step, set_batch, in_order_key, beside_key):
+    """{key: graphed step us}, the LoRA branch in order and beside the base GEMM, set_batch() before
+    each capture; a failure kept as the key's _error."""
+    out = {}
+    for beside, key in ((False, in_order_key), (True, beside_key)):
         engine.lora_beside_base = beside
         try:
-            engine.set_static_batch(static, ad.cache.table, ad.cache.pool)
+            set_batch()
             out[key] = graphed_step_us(engine, step)
         except Exception as e:  # noqa: BLE001
             out[key.replace("_us", "_error")] = repr(e)[:300]
     engine.lora_beside_base = False
-    engine.set_batch(slots0, ad.cache.table, ad.cache.pool)
     return out
 
 
@@ -174,16 +183,10 @@ def beside_by_batch(engine, model, ad, batches):
         g, _ = capture(step)
         row = {"base_us": median_seconds(g.replay) * 1e6}
         del g
-        for beside, key in ((False, "in_order_us"), (True, "beside_us")):
-            engine.lora_beside_base = beside
-            try:
-                engine.set_batch(slots, ad.cache.table, ad.cache.pool)
-                row[key] = graphed_step_us(engine, step)
-            except Exception as e:  # noqa: BLE001
-                row[key.replace("_us", "_error")] = repr(e)[:300]
+        row.update(graphed_both_ways(engine, step, lambda: engine.set_batch(slots, ad.cache.table, ad.cache.pool),
+                                     "in_order_us", "beside_us"))
         out[batch] = row
         print(f"batch {batch}:", {k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
-    engine.lora_beside_base = False
     return out
 
 
