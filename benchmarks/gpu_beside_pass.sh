@@ -1,19 +1,23 @@
 #!/bin/bash
-# The device pass that gates the beside merge (cuda/lora_merge.cu) in one call of under 600 s: its
-# tests, the decode step (in order, beside, and both as a static batch, at batch 32 and, in order and
-# beside, at 8, 64 and 128; again at 32 with the side stream at high priority), memcheck of the op
-# tests; PART=2: the kernel GPU test files three at a time; PART=3: the step's timeline in order and
-# beside (benchmarks/step_timeline.py). Each part well under 600 s; PART unset runs 1 and 2.
+# The device pass that gates the beside merge (cuda/lora_merge.cu), in parts of well under 600 s
+# each (PART unset runs 1 and 2):
+#   PART=1: its tests; the decode step in order, beside, and both as a static batch at batch 32, in
+#           order and beside at 8, 64 and 128, again at 32 with the side stream at high priority;
+#           memcheck of the op tests.
+#   PART=2: the kernel GPU test files three at a time, then the model and serving files again with
+#           LORAMUX_LORA_BESIDE_BASE=1.
+#   PART=3: the step's timeline in order and beside (benchmarks/step_timeline.py).
 #   WHEEL=.gpu/w21b KCACHE=.gpu/kc21b PART=1 bash benchmarks/gpu_beside_pass.sh   (carry both dirs)
 export PYTHONUNBUFFERED=1
 [ -n "$KCACHE" ] && export LORAMUX_KERNEL_CACHE=$PWD/$KCACHE
 pip install -q --no-index --no-deps --target /tmp/site ${WHEEL:-.gpu}/*.whl 2>/dev/null || exit 1
 export PYTHONPATH=/tmp/site
 python -c "import loramux, torch; print(loramux.__file__, torch.cuda.get_device_name())"
-run() {
-  timeout -s INT -k 20 $2 python -m pytest -q -m gpu -p no:cacheprovider --tb=short tests/$1.py > $OUT/$1.log 2>&1
-  echo "$1 rc=$? $(grep -E ' passed| failed| error' $OUT/$1.log | tail -1)"
-  grep -E '^(FAILED|ERROR)' $OUT/$1.log | head -5
+run() {  # $1: test file, $2: seconds, $3: log name (default: the file's)
+  local log=$OUT/${3:-$1}.log
+  timeout -s INT -k 20 $2 python -m pytest -q -m gpu -p no:cacheprovider --tb=short tests/$1.py > $log 2>&1
+  echo "${3:-$1} rc=$? $(grep -E ' passed| failed| error' $log | tail -1)"
+  grep -E '^(FAILED|ERROR)' $log | head -5
 }
 decode() {  # $1: output name, $2: decode_step.py's extra arguments; the rest: environment for the run
   local name=$1 extra=$2; shift 2
@@ -44,5 +48,11 @@ fi
 for f in ${FILES:-test_kernels test_launch_choices test_segments test_ops test_siblings test_models test_serving_gpu test_fused}; do
   while [ "$(jobs -rp | wc -l)" -ge 3 ]; do sleep 1; done
   run $f ${TEST_S:-170} &
+done
+# the model and serving paths with every projection's branch beside its GEMM (the serving graphs'
+# static batches merged by lora_merge.cu), as the default would run them if it turns on
+for f in test_siblings test_models test_serving_gpu; do
+  while [ "$(jobs -rp | wc -l)" -ge 3 ]; do sleep 1; done
+  LORAMUX_LORA_BESIDE_BASE=1 run $f ${TEST_S:-170} $f-beside &
 done
 wait
