@@ -6,12 +6,12 @@ import ctypes
 import pathlib
 import sys
 
+from loramux import _core
 from loramux.ops import kernels
 
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "cuda"
-# the shared parts each family gets prepended after lora_common.cuh (rust/src/cuda/nvrtc.rs FAMILIES)
-SHARED = {"lora_segments": [], "lora_shrink": ["lora_shrink_decode.cuh"], "lora_expand": [],
-          "lora_fused": ["lora_shrink_decode.cuh"], "lora_prefill": ["lora_pipe.cuh"], "lora_merge": []}
+# the shared parts each family gets prepended after lora_common.cuh, as the loader lists them
+SHARED = dict(_core.kernel_families())
 
 
 def family_source(name: str, body: str = None) -> str:

@@ -2,6 +2,8 @@
 libnvrtc of the torch wheel (or a CUDA toolkit) is all it takes. Compile errors fail here, in CI,
 not on the GPU machine."""
 
+import pathlib
+
 import pytest
 
 from loramux import _core, cli
@@ -14,8 +16,13 @@ pytestmark = pytest.mark.skipif(kernels.nvrtc_library() is None, reason="no libn
 FAMILIES = {"lora_segments", "lora_shrink", "lora_expand", "lora_fused", "lora_prefill", "lora_merge"}
 
 
-def test_every_kernel_compiles():
-    compiled = dict(_core.nvrtc_compile_all(80))
+@pytest.fixture(scope="module")
+def sm80_cubin_sizes():
+    return dict(_core.nvrtc_compile_all(80))
+
+
+def test_every_kernel_compiles(sm80_cubin_sizes):
+    compiled = sm80_cubin_sizes
     assert set(compiled) == FAMILIES
     assert all(size > 1000 for size in compiled.values()), compiled
 
@@ -33,6 +40,26 @@ def test_compile_kernels_fills_the_cache_a_launch_reads(tmp_path, monkeypatch, c
     stamps = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in files.values()}
     assert dict(_core.nvrtc_compile_all(90, cache=True)) == {f: p.stat().st_size for f, p in files.items()}
     assert {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in files.values()} == stamps
+
+
+BENCH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.mark.skipif(not (BENCH / "ptxas_report.py").is_file(), reason="not run from a source checkout")
+@pytest.mark.parametrize("family", ["lora_segments", "lora_shrink"])
+def test_the_report_compiles_what_the_loader_compiles(family, sm80_cubin_sizes, monkeypatch):
+    """benchmarks/ptxas_report.py (and fused_trace.py) assemble a family's source from the loader's
+    list of shared parts; the cubin comes out the loader's. Two families (one with a shared part)
+    keep the check quick: the assembly is the same code for all."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import ptxas_report
+
+    assert set(ptxas_report.SHARED) == FAMILIES
+    assert all((ptxas_report.ROOT / part).is_file() for parts in ptxas_report.SHARED.values() for part in parts)
+    rc, log, cubin = ptxas_report.nvrtc_compile(ptxas_report.family_source(family), family,
+                                                ["--gpu-architecture=sm_80", "-std=c++17", "--fmad=true"])
+    assert rc == 0, log
+    assert len(cubin) == sm80_cubin_sizes[family]
 
 
 def test_nvrtc_version_is_reported():

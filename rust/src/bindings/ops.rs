@@ -256,6 +256,13 @@ fn nvrtc_compile_all(py: Python<'_>, arch: u32, cache: bool) -> PyResult<Vec<(St
     .py()
 }
 
+/// `[(family, [shared parts prepended after lora_common.cuh, in order]), ...]`: what the loader
+/// compiles, for tools that compile a family's source themselves (benchmarks/ptxas_report.py).
+#[pyfunction]
+fn kernel_families() -> Vec<(&'static str, Vec<&'static str>)> {
+    nvrtc::FAMILIES.iter().map(|f| (f.name, f.parts.iter().map(|(name, _)| *name).collect())).collect()
+}
+
 /// The folder compiled kernels are cached in (None: no cache folder can be named).
 #[pyfunction]
 fn nvrtc_cache_dir() -> Option<String> {
@@ -293,6 +300,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(nvrtc_version, m)?)?;
     m.add_function(wrap_pyfunction!(nvrtc_compile_all, m)?)?;
     m.add_function(wrap_pyfunction!(nvrtc_cache_dir, m)?)?;
+    m.add_function(wrap_pyfunction!(kernel_families, m)?)?;
     m.add_function(wrap_pyfunction!(load_kernels, m)?)?;
     m.add_function(wrap_pyfunction!(kernel_struct_layouts, m)?)?;
     m.add_function(wrap_pyfunction!(kernel_constants, m)?)?;
