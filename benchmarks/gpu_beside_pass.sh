@@ -2,11 +2,11 @@
 # The device pass that gates the beside merge (cuda/lora_merge.cu), in parts of well under 600 s
 # each (PART unset runs 1 and 2):
 #   PART=1: its tests; the decode step in order, beside, and both as a static batch at batch 32, in
-#           order and beside at 8, 64 and 128, again at 32 with the side stream at high priority;
-#           memcheck of the op tests.
+#           order and beside at 8, 64 and 128; memcheck of the op tests (the decision, first).
 #   PART=2: the kernel GPU test files three at a time, then the model and serving files again with
 #           LORAMUX_LORA_BESIDE_BASE=1.
-#   PART=3: the step's timeline in order and beside (benchmarks/step_timeline.py).
+#   PART=3: the decode step at 32 with the side stream at high priority; the step's timeline in
+#           order and beside (benchmarks/step_timeline.py).
 #   WHEEL=.gpu/w21b KCACHE=.gpu/kc21b PART=1 bash benchmarks/gpu_beside_pass.sh   (carry both dirs)
 export PYTHONUNBUFFERED=1
 [ -n "$KCACHE" ] && export LORAMUX_KERNEL_CACHE=$PWD/$KCACHE
@@ -35,11 +35,11 @@ PY
 if [ "${PART:-1}" = 1 ]; then
 run test_beside 150
 decode decode "--batches 8,64,128" LORAMUX_SIDE_STREAM_PRIORITY=normal
-decode decode-high --no-peft LORAMUX_SIDE_STREAM_PRIORITY=high
 timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 python -m pytest -q -m gpu -p no:cacheprovider tests/test_beside.py -k op > $OUT/memcheck.log 2>&1
 echo "memcheck rc=$?"; tail -2 $OUT/memcheck.log
 fi
 if [ "${PART}" = 3 ]; then
+  DECODE_S=250 decode decode-high --no-peft LORAMUX_SIDE_STREAM_PRIORITY=high
   timeout 300 python benchmarks/step_timeline.py --modes base,in_order,beside --out $OUT/timeline.json > $OUT/timeline.log 2>&1
   echo "timeline rc=$?"; tail -4 $OUT/timeline.log | cut -c1-1500
   exit 0
