@@ -29,7 +29,7 @@ ADAPTERS, RANK, LAYERS = 32, 16, 4
 DIMS = {1: (4096, 4096), 2: (4096, 1024), 3: (4096, 1024), 4: (4096, 4096), 7: (4096, 14336), 5: (4096, 14336),
         6: (14336, 4096)}
 PER_PROJ = [[1], [2], [3], [4], [7], [5], [6]]
-FUSED = [[1, 2, 3], [4], [7, 5], [6]]
+FUSED = [[1, 2, 3], [4], [5, 7], [6]]
 VARIANTS = {
     "grouped": {"LORAMUX_EXPAND_DECODE": "grouped"},
     "flat": {"LORAMUX_EXPAND_DECODE": "flat"},

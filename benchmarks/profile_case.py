@@ -44,8 +44,8 @@ def run(T, n, modules, order_seed):
 
 
 if "--decode-step" in sys.argv:
-    # module ids: 1 q, 2 k, 3 v, 4 o, 7 gate, 5 up, 6 down (Llama-8B shapes)
-    for modules in ([1, 2, 3], [4], [7, 5], [6]):
+    # module ids: 1 q, 2 k, 3 v, 4 o, 5 gate (mlp_h_to_4h), 7 up (mlp_gate), 6 down (Llama-8B shapes)
+    for modules in ([1, 2, 3], [4], [5, 7], [6]):
         run(32, 32, modules, 32)
     run(64, 1, [1, 2, 3], 64)
 elif "--cases" in sys.argv:

@@ -17,10 +17,10 @@ from tune import measure_count
 
 from loramux.ops import tuning
 
-# (name, Hi, output slices, module ids): 1 q, 2 k, 3 v, 7 gate, 5 up
-SHAPES = [("qwen2-7b q|k|v", 3584, (3584, 512, 512), (1, 2, 3)), ("qwen2-7b gate|up", 3584, (18944, 18944), (7, 5)),
-          ("5120 q|k|v", 5120, (5120, 1024, 1024), (1, 2, 3)), ("5120 gate|up", 5120, (13824, 13824), (7, 5)),
-          ("llama-8b q|k|v", 4096, (4096, 1024, 1024), (1, 2, 3)), ("llama-8b gate|up", 4096, (14336, 14336), (7, 5))]
+# (name, Hi, output slices, module ids): 1 q, 2 k, 3 v, 5 gate (mlp_h_to_4h), 7 up (mlp_gate)
+SHAPES = [("qwen2-7b q|k|v", 3584, (3584, 512, 512), (1, 2, 3)), ("qwen2-7b gate|up", 3584, (18944, 18944), (5, 7)),
+          ("5120 q|k|v", 5120, (5120, 1024, 1024), (1, 2, 3)), ("5120 gate|up", 5120, (13824, 13824), (5, 7)),
+          ("llama-8b q|k|v", 4096, (4096, 1024, 1024), (1, 2, 3)), ("llama-8b gate|up", 4096, (14336, 14336), (5, 7))]
 NEW = {"LORAMUX_TUNING": "off"}
 OLD = {"LORAMUX_TUNING": "off", "LORAMUX_PIPE_SPAN_RULE": "old"}
 TABLE = {}  # the shipped launch table decides (Llama-8B's shapes hold entries)

@@ -34,11 +34,11 @@ from loramux.ops import BatchMeta, kernels, tuning
 
 DT, DEV = torch.bfloat16, "cuda"
 # (Hi, output slices, module ids): q|k|v, o, gate|up, down of Llama-8B
-SHAPES = [(4096, (4096, 1024, 1024), (1, 2, 3)), (4096, (4096,), (4,)), (4096, (14336, 14336), (7, 5)),
+SHAPES = [(4096, (4096, 1024, 1024), (1, 2, 3)), (4096, (4096,), (4,)), (4096, (14336, 14336), (5, 7)),
           (14336, (4096,), (6,)),
-          # up alone (a model whose adapters leave gate out, or whose projections are not attached
-          # together): one 14336-wide slice, which no entry of gate|up matches
-          (4096, (14336,), (5,))]
+          # one of gate|up alone (a model whose adapters leave the other out, or whose projections are not
+          # attached together): one 14336-wide slice, which no entry of gate|up matches
+          (4096, (14336,), (7,))]
 RANKS = [16, 64]
 # one token count per bucket of tuning.TOKEN_BUCKETS, each timed with one adapter and with many
 # sharing the batch: a choice must not lose at any (the planner cannot see the adapter count). Past

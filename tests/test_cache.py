@@ -9,6 +9,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from cache_helpers import PAGE, SHAPES, SPEC, make_adapter, pool_view, segment_pages
 
 import loramux
@@ -185,6 +187,52 @@ def test_bad_input_is_typed_and_changes_nothing():
         cache.put(2, bad_w, c)
     assert cache.stats()["host_spare_bytes"] == spare  # a rejected put leaves the spare images too
     cache.check_invariants()
+
+
+PAIRS = [(m, layer) for m in (1, 2, 3, 4, 5, 6, 7, 18) for layer in range(SPEC.num_layers)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.lists(st.sampled_from(PAIRS), min_size=1, max_size=5, unique=True),
+       served=st.sets(st.sampled_from(PAIRS)), ranks=st.lists(st.integers(1, 8), min_size=5, max_size=5))
+def test_rows_the_model_does_not_apply_are_refused_naming_the_first_and_change_nothing(rows, served, ranks):
+    """A model without a layer for a module-layer (an mlp_router row on a Llama) would serve the
+    adapter without those rows; a cache told what the model applies refuses such an adapter. A
+    fused mlp_gate_up row (18) on a layer that applies its parts (5, 7) is served as them, unless
+    the adapter gives one of those parts too."""
+    served = served | {(m, layer) for m, layer, _, _ in SHAPES[0]}  # the adapter already cached
+    cache = new_cache(served=served)
+    cache.put(1, *make_adapter(1, SHAPES[0]))
+    before = (cache.task_ids(), cache.stats()["host_bytes"], cache._core.host_image(1)[0])
+    weights, config = make_adapter(2, [(m, layer, r, 0) for (m, layer), r in zip(rows, ranks)])
+
+    row_of = {pair: i for i, pair in enumerate(rows)}
+    refusal = None  # (row, message) of the first row refused, in config order
+    for i, (m, layer) in enumerate(rows):
+        if (m, layer) in served:
+            continue
+        if m == 18 and {(5, layer), (7, layer)} <= served:  # served as its parts, unless given beside one
+            beside = [row_of[(p, layer)] for p in (5, 7) if (p, layer) in row_of]
+            if beside:
+                refusal = (i, f"config rows {i} and {beside[0]}: this model applies mlp_gate_up layer {layer} as its parts")
+                break
+            continue
+        refusal = (i, f"config row {i}: module .* layer {layer} is not applied")
+        break
+    if refusal is None:
+        assert cache.put(2, weights, config) == "inserted"
+        return
+    row, message = refusal
+    with pytest.raises(LoraFormatError, match=message) as err:
+        cache.put(2, weights, config)
+    assert err.value.row == row
+    assert (cache.task_ids(), cache.stats()["host_bytes"], cache._core.host_image(1)[0]) == before
+    if row > 0:  # a fault the format names in an earlier row is reported first, by the format's check
+        config[0, 1] = SPEC.num_layers
+        with pytest.raises(LoraFormatError, match="config row 0: layer_idx"):
+            cache.put(2, weights, config)
+    with pytest.raises(LoraCacheError, match="served pair"):
+        new_cache(served=[(19, 0)])
 
 
 def test_host_pool_is_allocated_with_the_cache_and_puts_only_carve_it():

@@ -326,3 +326,21 @@ def test_make_example_adapter_names_targets_the_model_lacks(tmp_path):
 
     with pytest.raises(LoraFormatError, match="/proc/loramux-no-such-folder/peft: cannot write"):
         make_example_adapter("/proc/loramux-no-such-folder", rank=4, model=fresh_model("llama"))
+
+
+def test_dora_normalize_checks_its_output_folder_as_convert_does(tmp_path, capsys):
+    from tiny_hf import tiny_model
+
+    make_adapter("llama", tmp_path / "peft", target_modules=["q_proj"], use_dora=True)
+    tiny_model("llama").save_pretrained(str(tmp_path / "base"))
+    (tmp_path / "afile").write_text("not a folder")
+    before = sorted(os.listdir(tmp_path / "peft"))
+    capsys.readouterr()
+    for out, said in ((tmp_path / "afile", "exists and is not a folder"), (tmp_path / "afile" / "sub", "is a file"),
+                      (tmp_path / "peft", "is the input folder"), ("/proc/loramux-no-such-folder", "cannot write")):
+        argv = ["dora-normalize", "-i", str(tmp_path / "peft"), "-b", str(tmp_path / "base"), "-o", str(out)]
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "LoraFormatError" in err and f"{out}" in err and said in err, (argv, err)
+    assert (tmp_path / "afile").read_text() == "not a folder"
+    assert sorted(os.listdir(tmp_path / "peft")) == before

@@ -12,7 +12,7 @@ import torch
 peft = pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
-from tiny_hf import MODEL_TYPE, TINY_CONFIGS, fresh_model, logits, make_adapter, tiny_model  # noqa: E402
+from tiny_hf import MODEL_TYPE, TINY_CONFIGS, fresh_model, logits, make_adapter, sample_inputs, tiny_model  # noqa: E402
 
 from loramux import cli, convert, format  # noqa: E402
 from loramux.convert import hf_modules as spec  # noqa: E402
@@ -74,7 +74,7 @@ def test_half_storage_round_trips_within_dtype(storage, tmp_path):
     torch.testing.assert_close(logits(back, "llama"), logits(original, "llama"), rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt2-xattn"])  # gpt2-xattn: DoRA on a fused k|v layer
 def test_dora_needs_the_base_model_and_then_round_trips(arch, tmp_path, tmp_path_factory):
     original = make_adapter(arch, tmp_path / "peft", use_dora=True)
     with pytest.raises(LoraDoraError, match="base_model"):
@@ -110,8 +110,8 @@ def test_bin_adapter_converts_like_safetensors(tmp_path):
     "kwargs, match",
     [
         (dict(target_modules=["q_proj"], modules_to_save=["lm_head"]), "modules_to_save"),
-        (dict(target_modules=["q_proj", "lm_head"]), "lm_head"),
-        (dict(target_modules=["q_proj", "embed_tokens"]), "embed"),
+        (dict(target_modules=["q_proj", "lm_head"]), "lm_head.* a LoRA on an embedding or lm_head"),
+        (dict(target_modules=["q_proj", "embed_tokens"]), "embed.* a LoRA on an embedding or lm_head"),
         (dict(target_modules=["q_proj"], bias="lora_only"), "bias"),
         (dict(target_modules=["q_proj"], bias="all"), "bias"),
     ],
@@ -186,13 +186,45 @@ def test_transformers4_per_expert_mixtral_adapters(tmp_path):
     tensors = _legacy_mixtral_adapter(str(tmp_path / "same"), distinct=False)
     weights, config = convert.from_peft(str(tmp_path / "same"), "float32")
     assert config.tolist() == [[MODULE_IDS["moe_h_to_4h"], 1, 2], [MODULE_IDS["moe_4h_to_h"], 1, 2], [MODULE_IDS["moe_gate"], 1, 2]]
-    a = tensors["base_model.model.model.layers.1.block_sparse_moe.experts.0.w1.lora_A.weight"]
-    b = tensors["base_model.model.model.layers.1.block_sparse_moe.experts.0.w1.lora_B.weight"]
-    np.testing.assert_array_equal(weights[2, : a.size], a.reshape(-1))
-    np.testing.assert_allclose(weights[2, a.size : a.size + b.size], (b * 2).reshape(-1))  # alpha/r = 2 folded
+    for row, name in ((0, "w1"), (1, "w2"), (2, "w3")):  # w1 (gate) is moe_h_to_4h, w3 (up) moe_gate
+        a = tensors[f"base_model.model.model.layers.1.block_sparse_moe.experts.0.{name}.lora_A.weight"]
+        b = tensors[f"base_model.model.model.layers.1.block_sparse_moe.experts.0.{name}.lora_B.weight"]
+        np.testing.assert_array_equal(weights[row, : a.size], a.reshape(-1))
+        np.testing.assert_allclose(weights[row, a.size : a.size + b.size], (b * 2).reshape(-1))  # alpha/r = 2 folded
     _legacy_mixtral_adapter(str(tmp_path / "distinct"), distinct=True)
-    with pytest.raises(LoraConvertError, match="moe_h_to_4h"):
+    with pytest.raises(LoraConvertError, match="moe_gate"):
         convert.from_peft(str(tmp_path / "distinct"))
+
+
+@pytest.mark.parametrize(
+    "arch, path, names",
+    [
+        ("llama", "model.layers.0.mlp.gate_proj", ("mlp_h_to_4h",)),
+        ("llama", "model.layers.0.mlp.up_proj", ("mlp_gate",)),
+        ("llama", "model.layers.0.mlp.down_proj", ("mlp_4h_to_h",)),
+        ("qwen2_moe", "model.layers.0.mlp.shared_expert.gate_proj", ("mlp_h_to_4h",)),
+        ("qwen2_moe", "model.layers.0.mlp.shared_expert.up_proj", ("mlp_gate",)),
+        ("mixtral", "model.layers.0.block_sparse_moe.experts.0.w1", ("moe_h_to_4h",)),
+        ("mixtral", "model.layers.0.block_sparse_moe.experts.0.w3", ("moe_gate",)),
+        ("mixtral", "model.layers.0.block_sparse_moe.experts.0.w2", ("moe_4h_to_h",)),
+        ("qwen2_moe", "model.layers.0.mlp.experts.0.gate_proj", ("moe_h_to_4h",)),
+        ("qwen2_moe", "model.layers.0.mlp.experts.0.up_proj", ("moe_gate",)),
+        ("mixtral", "model.layers.0.mlp.experts.gate_up_proj", ("moe_h_to_4h", "moe_gate")),  # [gate; up]
+    ],
+)
+def test_gated_mlps_map_to_module_ids_as_tensorrt_llm_converts_them(arch, path, names):
+    """The module table names TensorRT-LLM's layers: mlp_h_to_4h is the projection the activation
+    reads (HF gate_proj, Mixtral w1), mlp_gate the multiplied one (up_proj, w3); TensorRT-LLM's
+    converter maps them so, and files exchanged with it must keep gate and up apart."""
+    assert spec.target_for(arch, path).module_ids == tuple(MODULE_IDS[n] for n in names)
+
+
+def test_a_gate_proj_adapter_converts_to_mlp_h_to_4h_rows(tmp_path):
+    make_adapter("llama", tmp_path / "peft", target_modules=["gate_proj"])
+    _, config = convert.from_peft(str(tmp_path / "peft"), "float32")
+    assert set(config[:, 0].tolist()) == {MODULE_IDS["mlp_h_to_4h"]}
+    _, rule = spec.hf_path_for("phi3", MODULE_IDS["mlp_h_to_4h"], 0)  # written into gate_up's gate half
+    assert rule.inner == "mlp.gate_up_proj" and rule.module_ids == (MODULE_IDS["mlp_h_to_4h"], MODULE_IDS["mlp_gate"])
 
 
 def test_format_rows_without_an_hf_place_are_refused_by_to_peft(tmp_path):
@@ -589,3 +621,63 @@ def test_a_factor_of_the_wrong_width_is_named_against_the_model(tmp_path_factory
     module = key[: -len(".weight")] if key.endswith(".weight") else key
     assert module in message and factor in message, message
     assert f"shape {list(tensors[name].shape)}, expected {list(good.shape)}" in message, message
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora", "corda", "loftq"])
+def test_an_adapter_whose_initialization_rewrites_the_base_is_refused(tmp_path, init):
+    # PEFT runs these initializations again when it loads the adapter, rewriting the base weights
+    make_adapter("llama", str(tmp_path / "peft"), target_modules=["q_proj"])
+    path = tmp_path / "peft" / convert.ADAPTER_CONFIG
+    config = json.loads(path.read_text())
+    config["init_lora_weights"] = init
+    path.write_text(json.dumps(config))
+    with pytest.raises(LoraConvertError, match=f"init_lora_weights='{init}'"):
+        convert.from_peft(str(tmp_path / "peft"))
+
+
+def test_a_pissa_adapter_serves_as_peft_loads_it_once_peft_saved_it_as_plain_lora(tmp_path):
+    import loramux as lm
+
+    model = peft.get_peft_model(fresh_model("llama"), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                                      init_lora_weights="pissa")).eval()
+    model.peft_config["default"].init_lora_weights = True  # PEFT's recipe: the initial adapter saved as plain LoRA
+    model.save_pretrained(str(tmp_path / "initial"))
+    model.peft_config["default"].init_lora_weights = "pissa"
+    with torch.no_grad():  # "training": B moves away from its SVD initialization
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.add_(0.05 * torch.randn_like(param))
+    model.save_pretrained(str(tmp_path / "pissa"))
+    model.save_pretrained(str(tmp_path / "plain"), path_initial_model_for_weight_conversion=str(tmp_path / "initial"))
+    with pytest.raises(LoraConvertError, match="path_initial_model_for_weight_conversion"):
+        convert.from_peft(str(tmp_path / "pissa"))
+    loaded = peft.PeftModel.from_pretrained(fresh_model("llama"), str(tmp_path / "pissa")).eval()
+    plain = peft.PeftModel.from_pretrained(fresh_model("llama"), str(tmp_path / "plain")).eval()
+    torch.testing.assert_close(logits(plain, "llama"), logits(loaded, "llama"), rtol=1e-4, atol=1e-4)
+    weights, config = convert.from_peft(str(tmp_path / "plain"), "float32")
+    ours = fresh_model("llama")
+    with lm.attach(ours, max_rank=16, host_cache_bytes=4 << 20, device_cache_bytes=2 << 20) as engine:
+        engine.cache.put(1, weights, config)
+        rows = sample_inputs("llama")["input_ids"].shape[0]
+        with engine.batch([1] * rows):
+            got = logits(ours, "llama")
+    torch.testing.assert_close(got, logits(loaded, "llama"), rtol=1e-4, atol=1e-4)
+
+
+def test_dora_on_a_fused_layer_of_two_modules_serves_as_peft(tmp_path):
+    """GPT-2's cross-attention c_attn holds k and v: each DoRA scale belongs to one output row, so
+    the scales split with B's rows."""
+    import loramux as lm
+
+    original = make_adapter("gpt2-xattn", str(tmp_path / "peft"), use_dora=True)
+    weights, config = convert.from_peft(str(tmp_path / "peft"), "float32", base_model=fresh_model("gpt2-xattn"))
+    split = {MODULE_IDS["cross_attn_k"], MODULE_IDS["cross_attn_v"]}
+    assert {int(m) for m, _, _, dora in config if dora == 1} >= split
+    ours = fresh_model("gpt2-xattn")
+    with lm.attach(ours, max_rank=16, host_cache_bytes=4 << 20, device_cache_bytes=2 << 20) as engine:
+        engine.cache.put(1, weights, config)
+        with engine.batch([1, None]):
+            got = logits(ours, "gpt2-xattn")
+    want, base = logits(original, "gpt2-xattn"), logits(tiny_model("gpt2-xattn"), "gpt2-xattn")
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], base[1], rtol=1e-5, atol=1e-5)

@@ -211,11 +211,22 @@ def test_model_spec_takes_numpy_integers_and_names_its_fields():
 
 
 def test_the_trtllm_documentation_example_layout():
+    """The contract's example, rows built as it draws them: <D x 4 in weights>, <4 x D out weights>,
+    <padding> (here NaN: padding is never read)."""
     spec = ModelSpec(num_layers=4, hidden_size=4, num_heads=2, num_kv_heads=2, head_dim=2, max_rank=8)
     config = np.array([[1, 0, 2], [2, 0, 4], [1, 1, 2], [2, 1, 4], [1, 2, 2], [1, 3, 8]])
-    weights = np.ones((6, 8 * 4 + 4 * 8), np.float16)
+    rng = np.random.default_rng(0)
+    ins = [rng.standard_normal((d, 4)).astype(np.float32) for d in config[:, 2]]
+    outs = [rng.standard_normal((4, d)).astype(np.float32) for d in config[:, 2]]
+    weights = np.full((6, 8 * 4 + 4 * 8), np.nan, np.float32)
+    for i, (a, b) in enumerate(zip(ins, outs)):
+        weights[i, : a.size + b.size] = np.concatenate([a.ravel(), b.ravel()])
     layouts = format.validate(weights, config, spec)
     assert [r.needed for r in layouts] == [16, 32, 16, 32, 16, 64]
+    for got, a, b, (mid, layer, _) in zip(format.to_rows(weights, config, spec), ins, outs, config):
+        assert (got.module_id, got.layer, got.dora_scale) == (mid, layer, None)
+        np.testing.assert_array_equal(got.a, a)
+        np.testing.assert_array_equal(got.b, b)
 
 
 def test_cross_attn_qkv_is_held_at_the_format_level():

@@ -68,14 +68,14 @@ def test_adapters_cover_every_module_id_an_hf_architecture_has(tmp_path):
 
 
 def test_fused_layers_take_their_parts_side_by_side(tmp_path):
-    """Phi-3's fused qkv_proj / gate_up_proj also serve attn_q|k|v and mlp_gate|h_to_4h adapters:
+    """Phi-3's fused qkv_proj / gate_up_proj also serve attn_q|k|v and mlp_h_to_4h|mlp_gate adapters:
     the same adapter written both ways gives the same logits."""
     ours, _, _, formats = build("phi3", torch.float32, tmp_path)
     spec = lm.models.spec_from_config(ours.config)
     rows = lm.format.to_rows(*formats[1], spec)
     split = []
     for r in rows:
-        parts = {0: (1, 2, 3), 18: (7, 5)}.get(r.module_id)
+        parts = {0: (1, 2, 3), 18: (5, 7)}.get(r.module_id)  # gate_up = [gate (5); up (7)]
         if parts is None:
             split.append(r)
             continue
@@ -106,6 +106,9 @@ def test_attach_errors_are_typed_and_change_nothing():
     with pytest.raises(ValueError, match="already") as err:  # a bad argument, not a LoraError
         lm.attach(model)
     assert not isinstance(err.value, LoraError)
+    # refused before a cache is built: no host pool of that size is allocated, so it is no LoraCacheError
+    with pytest.raises(ValueError, match="already"):
+        lm.attach(model, host_cache_bytes=1 << 50)
     with pytest.raises(LoraNotCachedError, match="7"):
         with engine.batch([None, 7]):
             pass
@@ -116,6 +119,35 @@ def test_attach_errors_are_typed_and_change_nothing():
                 pass
     lm.detach(engine)
     assert not any("Lora" in type(m).__name__ for m in model.modules())
+
+
+@pytest.mark.parametrize("arch, module, layer", [("llama", "mlp_router", 0), ("gpt2", "mlp_gate_up", 1),
+                                                 ("phi3", "attn_q", 0), ("gpt2", "mlp_gate", 1)])
+def test_rows_the_attached_model_never_applies_are_refused(arch, module, layer):
+    """An adapter row for a module-layer no wrapped layer applies (an mlp_router row on a Llama, an
+    mlp_gate_up row on GPT-2, whose MLP has no gate) would be cached and served without effect: put
+    refuses it, naming the row, and the cache keeps what it held. Phi-3's fused qkv takes attn_q|k|v
+    as its parts, so there the plain attn_q row is served (and a Llama serves fused rows as their
+    parts: tests/test_fused_rows.py)."""
+    import numpy as np
+
+    from loramux.modules import MODULE_IDS
+
+    model = ARCHS[arch][0]().eval()
+    engine = lm.attach(model, max_rank=16, device_cache_bytes=1 << 20)
+    spec = lm.models.spec_from_config(model.config)
+    q_hi, q_ho = spec.module_dims(MODULE_IDS["attn_q"])
+    hi, ho = spec.module_dims(MODULE_IDS[module])
+    rows = [lm.format.AdapterRow(MODULE_IDS["attn_q"], 0 if layer else 1, np.ones((2, q_hi), np.float32), np.ones((q_ho, 2), np.float32)),
+            lm.format.AdapterRow(MODULE_IDS[module], layer, np.ones((2, hi), np.float32), np.ones((ho, 2), np.float32))]
+    weights, config = lm.format.from_rows(rows, "float32")
+    if arch == "phi3":
+        assert engine.cache.put(1, weights, config) == "inserted"
+        return
+    with pytest.raises(lm.LoraFormatError, match=f"config row 1: module {module} layer {layer} is not applied") as err:
+        engine.cache.put(1, weights, config)
+    assert err.value.row == 1 and len(engine.cache) == 0 and engine.cache.stats()["host_bytes"] == 0
+    assert engine.cache.put(1, weights[:1], config[:1]) == "inserted"  # the served row alone is fine
 
 
 def test_wrapped_layers_read_through_to_the_original():
@@ -162,3 +194,21 @@ def test_gpt2_cross_attention_matches_peft(tmp_path):
             got = ours(**inputs).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
     assert (got[0] - peft_rows(peft_model, [None], lambda m: m(**inputs).logits)[0]).abs().max() > 1e-4
+
+
+def test_a_batch_whose_task_ids_do_not_match_the_rows_is_refused(tmp_path):
+    ours, peft_model, names, formats = build("llama", torch.float32, tmp_path)
+    engine = attach_converted(ours, names, formats)
+    inputs = make_inputs(ours, 3)
+    with torch.no_grad():
+        for task_ids in ([0, None], [0, 1, None, 0], [None, None]):
+            with pytest.raises(ValueError, match=f"3 rows but the batch gave {len(task_ids)} task ids"):
+                with engine.batch(task_ids):
+                    ours(**inputs)
+        # generate's beams are k copies of each row side by side: each copy keeps its row's adapter
+        row_adapter = [names[0], None, names[1]]
+        kw = dict(max_new_tokens=4, do_sample=False, num_beams=2, pad_token_id=0)
+        expected = peft_rows(peft_model, row_adapter, lambda m: m.generate(input_ids=inputs["input_ids"], **kw))
+        with engine.batch([0, None, 1]):
+            got = ours.generate(input_ids=inputs["input_ids"], **kw)
+    assert torch.equal(got, expected)

@@ -202,6 +202,53 @@ def test_top_logprobs_list_the_likeliest_tokens_first(client):
         assert 1 <= len(alts) <= 2 and alts[token] == pytest.approx(chosen) and max(alts.values()) == alts[token]
 
 
+def test_a_temperature_too_small_to_divide_by_is_greedy_and_leaves_the_batch_alone(client, reference):
+    """temperature 1e-300 passes validation (>= 0); dividing the logits by it gave NaN probabilities
+    that failed every request sharing the step with a 500. It answers greedily, the others as usual."""
+    stream = client.completions.create(model="a1", prompt=PROMPT, max_tokens=40, temperature=0.8, seed=3,
+                                       stream=True)
+    first = next(iter(stream))
+    tiny = client.completions.create(model="a1", prompt=PROMPT, max_tokens=6, temperature=1e-300)
+    assert tiny.choices[0].text == reference("a1", PROMPT, 6, temperature=0).text
+    text = first.choices[0].text + "".join(c.choices[0].text for c in stream if c.choices)
+    assert text == reference("a1", PROMPT, 40, temperature=0.8, seed=3).text
+
+
+def test_parameters_set_to_none_take_their_defaults(client, reference):
+    """The openai client sends a parameter set to None as null, which the OpenAI API takes as unset."""
+    r = client.completions.create(model="a1", prompt=PROMPT, max_tokens=5, temperature=0, top_p=None, n=None,
+                                  stream=None, seed=None, stop=None, logprobs=None, presence_penalty=None)
+    assert r.choices[0].text == reference("a1", PROMPT, 5, temperature=0).text
+    r = client.chat.completions.create(model="a1", messages=MESSAGES, max_tokens=5, temperature=None, top_p=None,
+                                       n=None, logprobs=None, top_logprobs=None, stream_options=None)
+    assert len(r.choices) == 1 and r.choices[0].logprobs is None and r.usage.completion_tokens == 5
+
+
+def test_streamed_completion_logprobs_offsets_count_from_the_start_of_the_answer(client):
+    """Each chunk's text_offset went back to 0; a streamed answer's offsets are the whole answer's."""
+    kw = dict(model="a1", prompt=PROMPT, max_tokens=6, logprobs=1, temperature=0, n=2)
+    whole = client.completions.create(**kw).choices[0].logprobs
+    streamed = {0: ([], []), 1: ([], [])}
+    for chunk in client.completions.create(stream=True, **kw):
+        for c in chunk.choices:
+            if c.logprobs:
+                streamed[c.index][0].extend(c.logprobs.tokens)
+                streamed[c.index][1].extend(c.logprobs.text_offset)
+    assert whole.text_offset[-1] > 0
+    assert streamed[0] == streamed[1] == (whole.tokens, whole.text_offset)
+
+
+def test_models_retrieve_gives_one_card_and_404_for_an_unknown_name(server, client):
+    base, adapter = client.models.retrieve(BASE), client.models.retrieve("a1")
+    assert (base.id, adapter.id, adapter.parent) == (BASE, "a1", BASE)
+    listed = {m.id: m for m in client.models.list().data}
+    assert adapter == listed["a1"] and base == listed[BASE]
+    with pytest.raises(openai.NotFoundError, match="nope"):
+        client.models.retrieve("nope")
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).models.retrieve("a1")
+
+
 def _post(server, path, body, key=KEY):
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -315,7 +362,10 @@ def test_every_error_is_answered_in_the_openai_shape_and_a_good_request_still_wo
     _good(client)
     assert "token ids" in _error(_post(server, "/v1/completions", {**good, "prompt": [1, 10 ** 6]}), 400)
     _good(client)
-    _error(_post(server, "/v1/completions", {**good, "prompt": [PROMPT] * (MAX_PENDING + 1)}), 429, "queue_full")
+    # a call over --max-pending on its own can never get in: 400, not 429 (which clients retry)
+    refused = _error(_post(server, "/v1/completions", {**good, "prompt": [PROMPT] * (MAX_PENDING // 4 + 1), "n": 4}),
+                     400, "invalid_request")
+    assert "--max-pending" in refused
     _good(client)
     _error(_post(server, "/v1/completions", {**good, "prompt": "x" * 70000}), 413, "body_too_large")
     _good(client)
@@ -345,6 +395,19 @@ def test_every_error_is_answered_in_the_openai_shape_and_a_good_request_still_wo
     _error(httpx.get(server.url + "/v1/nothing", headers=server.headers()), 404)
     _good(client)
     assert _models(client) >= {BASE, "a1", "a2"}
+
+
+def test_a_full_server_answers_429_and_admits_again_once_its_requests_end(server, client):
+    filling = client.completions.create(model=BASE, prompt=[PROMPT] * (MAX_PENDING // 4), n=4,
+                                        max_tokens=MAX_TOKENS_LIMIT, stream=True)
+    next(iter(filling))
+    with pytest.raises(openai.RateLimitError, match="max-pending"):
+        client.completions.create(model="a1", prompt=PROMPT, max_tokens=4)
+    filling.close()  # gone: its requests are cancelled and let go of their places
+    deadline = time.monotonic() + 30
+    while server.metrics()["loramux_server_pending_requests"] != 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    _good(client)
 
 
 def test_health_is_open_and_metrics_report_requests_tokens_latency_queue_and_cache(server, client):

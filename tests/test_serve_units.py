@@ -91,6 +91,25 @@ def test_valid_requests_parse():
     assert c.messages[0].as_dict() == {"role": "user", "content": "hi"} and c.max_new_tokens == 5
 
 
+def test_null_takes_the_default_of_an_optional_field():
+    """The OpenAI API's optional parameters are nullable: a client that sets one to None sends null."""
+    nulls = dict.fromkeys(["temperature", "top_p", "n", "stream", "seed", "stop", "logprobs", "echo",
+                           "presence_penalty", "frequency_penalty", "logit_bias", "user"])
+    r = parse(json.dumps({"model": "m", "prompt": "x", **nulls, "stream_options": {"include_usage": None}}).encode(),
+              CompletionRequest)
+    assert (r.temperature, r.top_p, r.n, r.stream, r.logprobs, r.include_usage) == (1.0, 1.0, 1, False, None, False)
+    assert r.max_tokens == 16
+    # completions' max_tokens: null keeps its meaning (what the context leaves)
+    assert parse(b'{"model": "m", "prompt": "x", "max_tokens": null}', CompletionRequest).max_tokens is None
+    c = parse(json.dumps({"model": "m", "messages": [{"role": "user", "content": "x", "name": None}],
+                          "logprobs": None, "top_logprobs": None, "max_completion_tokens": None, "n": None,
+                          "temperature": None}).encode(), ChatCompletionRequest)
+    assert (c.logprobs, c.top_logprobs, c.n, c.temperature, c.max_new_tokens) == (False, None, 1, 1.0, None)
+    # a required field stays required
+    assert _parse_error({"model": None, "prompt": "x"}).param == "model"
+    assert _parse_error({"model": "m", "prompt": None}).param == "prompt"
+
+
 @pytest.mark.parametrize("body,field", [
     (b"{not json", None),
     (b"[1, 2]", None),
@@ -102,9 +121,10 @@ def test_valid_requests_parse():
     ({"model": "m", "prompt": "x", "max_tokens": 0}, "max_tokens"),
     ({"model": "m", "prompt": "x", "max_tokens": True}, "max_tokens"),
     ({"model": "m", "prompt": "x", "n": 0}, "n"),
-    ({"model": "m", "prompt": "x", "stop": [""]}, None),
-    ({"model": "m", "prompt": "x", "presence_penalty": 0.5}, None),
-    ({"model": "m", "prompt": []}, None),
+    ({"model": "m", "prompt": "x", "stop": [""]}, "stop"),
+    ({"model": "m", "prompt": "x", "presence_penalty": 0.5}, "presence_penalty"),
+    ({"model": "m", "prompt": []}, "prompt"),
+    ({"model": "m", "prompt": "x", "echo": True}, "echo"),
 ])
 def test_bad_completion_requests_name_the_field(body, field):
     err = _parse_error(body)
@@ -128,6 +148,11 @@ def test_bad_chat_requests_are_refused():
     top = _parse_error({"model": "m", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 3},
                        ChatCompletionRequest)
     assert "top_logprobs needs logprobs: true" in top.message
+    # a check across fields names the field it refused and its value, not the whole body
+    assert top.param == "top_logprobs" and top.message.endswith("(got 3)") and "messages" not in top.message
+    tools = _parse_error({"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
+                         ChatCompletionRequest)
+    assert tools.param == "tools"
     many = _parse_error({"model": "m", "messages": [{"role": "user", "content": "x"}], "logprobs": True,
                          "top_logprobs": 21}, ChatCompletionRequest)
     assert many.param == "top_logprobs"
@@ -190,3 +215,48 @@ def test_serve_refuses_what_is_not_a_model_and_parses_sizes(tmp_path, capsys):
     assert "--adapter-root" in capsys.readouterr().err
     args = cli.build_parser().parse_args(["serve", "smollm2", "--host-cache-bytes", "512M", "--adapter", "a=/p"])
     assert args.host_cache_bytes == 512 << 20 and args.adapter == [("a", "/p")] and args.host == "127.0.0.1"
+
+
+# --- the event loop keeps serving while a prompt is tokenized ----------------------------------
+def test_a_prompt_is_tokenized_off_the_event_loop():
+    """Tokenizing a prompt near --max-body-bytes takes a good part of a second; on the event loop it
+    stalled every other stream. The tokenizer here returns only once the loop has run meanwhile."""
+    import asyncio
+    import threading
+    from types import SimpleNamespace
+
+    from loramux.serving.server.completions import answer
+    from loramux.serving.server.state import ServerConfig, ServerState
+
+    loop_ran = threading.Event()
+
+    class SlowTokenizer:
+        chat_template = None
+
+        def __call__(self, text):
+            if not loop_ran.wait(10):
+                raise AssertionError("the event loop stood still while the prompt was tokenized")
+            return {"input_ids": [1, 2, 3]}
+
+    class Submitted(Exception):
+        pass
+
+    def submit(request):
+        raise Submitted(request.prompt)
+
+    model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=64, vocab_size=10),
+                            get_input_embeddings=lambda: SimpleNamespace(num_embeddings=10))
+    state = ServerState(SimpleNamespace(submit=submit), SimpleNamespace(model=model), SlowTokenizer(), None,
+                        ServerConfig("base"))
+    body = parse(b'{"model": "base", "prompt": "a long prompt", "max_tokens": 4}', CompletionRequest)
+
+    async def main():
+        task = asyncio.ensure_future(answer(state, None, body))
+        await asyncio.sleep(0.05)
+        loop_ran.set()
+        with pytest.raises(Submitted) as submitted:
+            await task
+        return submitted.value.args[0]
+
+    assert asyncio.run(main()) == [1, 2, 3]  # the executor gets the ids, not the text to tokenize again
+    assert state.pending == 0

@@ -73,6 +73,21 @@ def test_different_seeds_give_different_answers(llama, tokenizer):
         assert len(answers) > 1
 
 
+def test_a_temperature_too_small_for_float32_is_greedy_and_fails_no_request_beside_it(llama, tokenizer):
+    """logits / 1e-300 overflow float32 (the divisor rounds to 0): the probabilities were NaN and the
+    multinomial draw failed the step of every request sharing it. Such a request is greedy instead."""
+    ours, peft_model, names, formats = llama
+    with attach(ours) as engine:
+        ids = talkative_prompt(peft_model, None, 6, first_seed=64)
+        ex = lm.Executor(engine, tokenizer, max_batch_size=4)
+        ex.submit(lm.Request(ids, max_new_tokens=6, temperature=0.9, seed=3))
+        for temperature in (1e-300, 1e-40, 1e-6):
+            ex.submit(lm.Request(ids, max_new_tokens=6, temperature=temperature, seed=1))
+        results = ex.run()
+        assert all(r.error is None for r in results), [r.error for r in results]
+        assert all(r.token_ids == alone(peft_model, ids, 6, None) for r in results[1:])
+
+
 def test_logprobs_are_the_models_log_softmax_at_the_chosen_tokens(llama, tokenizer):
     ours, peft_model, names, formats = llama
     with attach(ours) as engine:

@@ -17,7 +17,7 @@ from dora_adapters import ROWS as DORA_ROWS
 from dora_adapters import dora_input_ids, dora_peft_rows
 from peft_models import attach_converted, build, make_inputs, peft_rows
 
-Q, K, V, O, UP, DOWN, GATE = 1, 2, 3, 4, 5, 6, 7
+Q, K, V, O, GATE, DOWN, UP = 1, 2, 3, 4, 5, 6, 7  # HF gate_proj is mlp_h_to_4h (5), up_proj mlp_gate (7)
 
 
 @pytest.fixture

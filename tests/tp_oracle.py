@@ -9,8 +9,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-#: module id -> Llama projection (the TensorRT-LLM module ids of a Llama decoder layer)
-_PROJ = {1: "q_proj", 2: "k_proj", 3: "v_proj", 4: "o_proj", 5: "up_proj", 6: "down_proj", 7: "gate_proj"}
+#: module id -> Llama projection (the TensorRT-LLM module ids of a Llama decoder layer: mlp_h_to_4h is
+#: the projection the activation reads, gate_proj; mlp_gate the multiplied one, up_proj)
+_PROJ = {1: "q_proj", 2: "k_proj", 3: "v_proj", 4: "o_proj", 5: "gate_proj", 6: "down_proj", 7: "up_proj"}
 
 
 def tiny_llama(seed: int = 0, *, layers: int = 4, bias: bool = True):

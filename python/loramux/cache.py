@@ -8,7 +8,7 @@ into them. ``put`` validates and packs once; ``acquire`` makes a batch resident 
 from __future__ import annotations
 
 import numbers
-from typing import Dict, Iterable, List, Optional, Union
+from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -113,6 +113,13 @@ class LoraCache:
     want ready on the host (``stats()["host_bytes"]`` after a few puts says what they take) and to
     the memory you can lock. An adapter larger than the reserve, on a full tier, is checked before
     anything is evicted and then packed in place (two passes over its weights instead of one).
+
+    ``served``: the (module_id, layer) pairs the model applies (``attach`` passes its wrapped
+    layers'); a put whose config has a row outside them raises LoraFormatError naming the row
+    (after the format's own checks of the config), except a fused row (attn_qkv, mlp_gate_up,
+    cross_attn_qkv) whose parts are all served at its layer: it is cached as those part rows (A
+    shared, B and DoRA scales cut per part), and refused, naming both rows, if the adapter also
+    gives one of those parts for that layer. None accepts every module-layer the spec has.
     """
 
     def __init__(
@@ -127,6 +134,7 @@ class LoraCache:
         max_slots: int = 64,
         page_bytes: int = 64 << 10,
         dora_allowed: bool = True,
+        served: Optional[Iterable[Tuple[int, int]]] = None,
     ):
         # Bad arguments are TypeError / ValueError; LoraCacheError is for what the cache refuses.
         if dtype not in _DTYPE_NAMES:
@@ -189,6 +197,7 @@ class LoraCache:
             cuda_device,
             self._copy_stream.cuda_stream if self._copy_stream is not None else 0,
             dora_allowed,
+            None if served is None else [(int(m), int(layer)) for m, layer in served],
         )
 
     @staticmethod

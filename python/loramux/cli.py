@@ -294,12 +294,14 @@ def cmd_dora_normalize(args) -> int:
 
     if args.base_model is None:
         raise LoraDoraError("dora-normalize needs the base model's weights to normalize against: pass --base-model DIR")
+    _check_output_dir(args.output, source=args.input)
     # from_peft normalizes every DoRA module with loramux.dora.normalize against the base weights
     weights, config = convert.from_peft(args.input, storage_type=args.storage_type,
                                         base_model=_base_model(args.base_model), arch=args.arch)
     if config.shape[1] != 4 or not config[:, 3].any():
         raise LoraDoraError(f"{args.input} holds no DoRA modules (use_dora=False): use `loramux convert`")
-    format.save(args.output, weights, config)
+    with format.writing_to(args.output, "the output"):
+        format.save(args.output, weights, config)
     print(f"wrote {args.output}: {int(config[:, 3].sum())} of {config.shape[0]} module-layers with normalized DoRA scales")
     return 0
 

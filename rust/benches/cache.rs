@@ -25,7 +25,7 @@ struct Bench {
 fn bench_cache(host_budget_bytes: u64, pool_bytes: usize, max_slots: usize) -> Bench {
     let pool = vec![0u128; pool_bytes / 16].into_boxed_slice();
     let table = vec![0u128; SlotTable::table_bytes(max_slots, spec().num_layers) / 16].into_boxed_slice();
-    let cfg = CacheConfig { spec: spec(), dtype: WeightsDtype::F16, host_budget_bytes, page_bytes: 64 << 10, max_slots, validate: ValidateOptions::default() };
+    let cfg = CacheConfig { spec: spec(), dtype: WeightsDtype::F16, host_budget_bytes, page_bytes: 64 << 10, max_slots, validate: ValidateOptions::default(), served: None };
     let region = PoolRegion { pool_addr: pool.as_ptr() as u64, pool_bytes: pool_bytes as u64, table_addr: table.as_ptr() as u64 };
     // SAFETY: the boxes live beside the cache in `Bench`.
     let cache = unsafe { TwoLevelCache::new(cfg, region, Box::new(HostMemcpy::default())).unwrap() };
@@ -130,7 +130,7 @@ fn llama8b_cache(spec: &ModelSpec, dtype: WeightsDtype, adapters: u64) -> Bench 
     let image_bytes = 82u64 << 20;
     let pool = vec![0u128; (image_bytes / 16) as usize].into_boxed_slice();
     let table = vec![0u128; SlotTable::table_bytes(4, spec.num_layers) / 16].into_boxed_slice();
-    let cfg = CacheConfig { spec: spec.clone(), dtype, host_budget_bytes: image_bytes * adapters, page_bytes: 64 << 10, max_slots: 4, validate: ValidateOptions::default() };
+    let cfg = CacheConfig { spec: spec.clone(), dtype, host_budget_bytes: image_bytes * adapters, page_bytes: 64 << 10, max_slots: 4, validate: ValidateOptions::default(), served: None };
     let region = PoolRegion { pool_addr: pool.as_ptr() as u64, pool_bytes: image_bytes, table_addr: table.as_ptr() as u64 };
     // SAFETY: the boxes live beside the cache in `Bench`.
     let cache = unsafe { TwoLevelCache::new(cfg, region, Box::new(HostMemcpy::default())).unwrap() };

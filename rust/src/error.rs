@@ -18,6 +18,10 @@ pub enum LoraError {
     UnknownModuleId { row: usize, module_id: i64 },
     #[error("config row {row}: module {module} is not present in this model ({reason})")]
     ModuleNotInModel { row: usize, module: &'static str, reason: &'static str },
+    #[error("config row {row}: module {module} layer {layer} is not applied by any layer of this model (its weights would be ignored)")]
+    ModuleNotApplied { row: usize, module: &'static str, layer: usize },
+    #[error("config rows {row} and {part_row}: this model applies {module} layer {layer} as its parts, and row {part_row} gives its part {part} too; give the fused row or its parts, not both")]
+    FusedRowBesidePart { row: usize, module: &'static str, layer: usize, part_row: usize, part: &'static str },
     #[error("config row {row}: layer_idx {layer} is out of range for a model of {layers} layers")]
     LayerOutOfRange { row: usize, layer: i64, layers: usize },
     #[error("config row {row}: adapter_size (rank) {rank} must be in 1..={max_rank}")]
@@ -88,6 +92,8 @@ impl LoraError {
         match self {
             UnknownModuleId { row, .. }
             | ModuleNotInModel { row, .. }
+            | ModuleNotApplied { row, .. }
+            | FusedRowBesidePart { row, .. }
             | LayerOutOfRange { row, .. }
             | BadRank { row, .. }
             | BadIsDora { row, .. }

@@ -5,6 +5,7 @@ pub mod cache;
 pub mod cuda;
 pub mod error;
 pub mod format;
+pub mod fused_rows;
 pub mod modules;
 pub mod tp;
 

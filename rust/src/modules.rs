@@ -102,6 +102,18 @@ impl LoraModule {
             .ok_or_else(|| LoraError::UnknownModuleName(name.to_string()))
     }
 
+    /// The modules a fused module holds side by side along its output, in TensorRT-LLM's order
+    /// (q | k | v; mlp_h_to_4h | mlp_gate, HF's gate | up); None for a module that is not fused.
+    pub fn fused_parts(self) -> Option<&'static [LoraModule]> {
+        use LoraModule::*;
+        match self {
+            AttnQkv => Some(&[AttnQ, AttnK, AttnV]),
+            MlpGateUp => Some(&[MlpHTo4h, MlpGate]),
+            CrossAttnQkv => Some(&[CrossAttnQ, CrossAttnK, CrossAttnV]),
+            _ => None,
+        }
+    }
+
     pub fn parallel_kind(self) -> ParallelKind {
         match self {
             LoraModule::AttnDense
@@ -127,6 +139,15 @@ mod tests {
         assert_eq!(LoraModule::from_id(19), None);
         assert_eq!(LoraModule::from_id(-1), None);
         assert!(LoraModule::from_name("attn_x").is_err());
+    }
+
+    #[test]
+    fn fused_modules_are_the_three_with_parts() {
+        let fused: Vec<&str> = LoraModule::ALL.iter().filter(|m| m.fused_parts().is_some()).map(|m| m.name()).collect();
+        assert_eq!(fused, ["attn_qkv", "cross_attn_qkv", "mlp_gate_up"]);
+        let names = |m: LoraModule| m.fused_parts().unwrap().iter().map(|p| p.name()).collect::<Vec<_>>();
+        assert_eq!(names(LoraModule::MlpGateUp), ["mlp_h_to_4h", "mlp_gate"]);
+        assert_eq!(names(LoraModule::CrossAttnQkv), ["cross_attn_q", "cross_attn_k", "cross_attn_v"]);
     }
 
     #[test]

@@ -169,14 +169,7 @@ fn row_ranges(r: &RowLayout, parts: &[Part], kind: SplitKind, tp: usize, rank: u
             out.push(whole(r.b_offset(), r.b_len()));
             out.push(whole(r.scale_offset(), r.scale_len()));
         }
-        SplitKind::Column => {
-            out.push(whole(r.a_offset(), r.a_len()));
-            // B is [Ho, D] row-major: a block of Ho rows is contiguous.
-            out.extend(blocks.iter().map(|b| r.b_offset() + b.start * r.rank..r.b_offset() + b.end * r.rank));
-            if r.is_dora {
-                out.extend(blocks.iter().map(|b| r.scale_offset() + b.start..r.scale_offset() + b.end));
-            }
-        }
+        SplitKind::Column => out.extend(column_ranges(r, &blocks)),
         SplitKind::Row => {
             // A is [D, Hi] row-major: each of the D rows contributes the rank's Hi columns.
             for d in 0..r.rank {
@@ -188,6 +181,50 @@ fn row_ranges(r: &RowLayout, parts: &[Part], kind: SplitKind, tp: usize, rank: u
     }
     out.retain(|x| !x.is_empty());
     out
+}
+
+/// Element ranges of a ColumnLinear row that hold A whole, then B's rows and the DoRA scales of
+/// each block of Ho (`blocks`, offsets along Ho), in order: a row keeping only those outputs.
+pub(crate) fn column_ranges(r: &RowLayout, blocks: &[Range<usize>]) -> Vec<Range<usize>> {
+    let mut out = Vec::with_capacity(1 + 2 * blocks.len());
+    out.push(r.a_offset()..r.a_offset() + r.a_len());
+    // B is [Ho, D] row-major: a block of Ho rows is contiguous.
+    out.extend(blocks.iter().map(|b| r.b_offset() + b.start * r.rank..r.b_offset() + b.end * r.rank));
+    if r.is_dora {
+        out.extend(blocks.iter().map(|b| r.scale_offset() + b.start..r.scale_offset() + b.end));
+    }
+    out
+}
+
+/// Where each part of a fused module (q | k | v, gate | up) lies along its Ho, in order.
+pub(crate) fn fused_part_spans(module: LoraModule, spec: &ModelSpec) -> Vec<Range<usize>> {
+    let mut at = 0;
+    split_parts(module, spec)
+        .iter()
+        .map(|p| {
+            at += p.len;
+            at - p.len..at
+        })
+        .collect()
+}
+
+/// A dense `[rows, width]` array (width: the longest output row) whose row i is the concatenation
+/// of `plans[i].1`, element ranges of source row `plans[i].0`; the rest of a row is zero.
+pub(crate) fn gather_rows(weights: &WeightsView, plans: &[(usize, Vec<Range<usize>>)]) -> (usize, Vec<u8>) {
+    let es = weights.dtype.size();
+    let width = plans.iter().map(|(_, ranges)| ranges.iter().map(Range::len).sum::<usize>()).max().unwrap_or(0);
+    let mut data = vec![0u8; plans.len() * width * es];
+    for (i, (row, ranges)) in plans.iter().enumerate() {
+        let src = weights.row_bytes(*row);
+        let dst = &mut data[i * width * es..(i + 1) * width * es];
+        let mut at = 0;
+        for range in ranges {
+            let n = range.len() * es;
+            dst[at..at + n].copy_from_slice(&src[range.start * es..range.end * es]);
+            at += n;
+        }
+    }
+    (width, data)
 }
 
 /// Checks that every part a row's module splits divides by tp_size (heads split whole).
@@ -220,21 +257,12 @@ pub fn slice_adapter(weights: &WeightsView, config: &[ConfigRow], spec: &ModelSp
         }
     }
     let out_spec = rank_spec(spec, layout)?;
-    let es = weights.dtype.size();
-    let width = plans.iter().map(|(_, _, ranges)| ranges.iter().map(Range::len).sum::<usize>()).max().unwrap_or(0);
-    let mut data = vec![0u8; plans.len() * width * es];
-    let mut out_config = Vec::with_capacity(plans.len());
-    for (i, (row, r, ranges)) in plans.iter().enumerate() {
-        let src = weights.row_bytes(*row);
-        let dst = &mut data[i * width * es..(i + 1) * width * es];
-        let mut at = 0;
-        for range in ranges {
-            let n = range.len() * es;
-            dst[at..at + n].copy_from_slice(&src[range.start * es..range.end * es]);
-            at += n;
-        }
-        out_config.push([r.module.id() as i64, layout.local_layer(r.layer) as i64, r.rank as i64, r.is_dora as i64]);
-    }
+    let out_config = plans
+        .iter()
+        .map(|(_, r, _)| [r.module.id() as i64, layout.local_layer(r.layer) as i64, r.rank as i64, r.is_dora as i64])
+        .collect();
+    let ranges: Vec<(usize, Vec<Range<usize>>)> = plans.into_iter().map(|(row, _, ranges)| (row, ranges)).collect();
+    let (width, data) = gather_rows(weights, &ranges);
     Ok(SlicedAdapter { config: out_config, dtype: weights.dtype, width, data, spec: out_spec })
 }
 

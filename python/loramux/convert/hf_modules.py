@@ -53,13 +53,17 @@ class TargetRule(NamedTuple):
 
 
 _ATTN_FAMILIES = (LLAMA, MIXTRAL, QWEN2_MOE)
+# Gated MLPs follow TensorRT-LLM's layers, whose names the module table uses: its h_to_4h layer
+# ("fc") is the one the activation reads, HF's gate_proj (Mixtral's w1), and its "gate" layer is
+# the multiplied branch, HF's up_proj (w3). TensorRT-LLM's own converter maps them so; mapping
+# them by the HF names instead would swap the two adapters of files exchanged with it.
 TARGET_RULES: List[TargetRule] = [
     TargetRule(_ATTN_FAMILIES + (BART,), "self_attn.q_proj", (_M["attn_q"],), LINEAR),
     TargetRule(_ATTN_FAMILIES + (BART,), "self_attn.k_proj", (_M["attn_k"],), LINEAR),
     TargetRule(_ATTN_FAMILIES + (BART,), "self_attn.v_proj", (_M["attn_v"],), LINEAR),
     TargetRule(_ATTN_FAMILIES + (PHI3,), "self_attn.o_proj", (_M["attn_dense"],), LINEAR),
-    TargetRule((LLAMA,), "mlp.gate_proj", (_M["mlp_gate"],), LINEAR),
-    TargetRule((LLAMA,), "mlp.up_proj", (_M["mlp_h_to_4h"],), LINEAR),
+    TargetRule((LLAMA,), "mlp.gate_proj", (_M["mlp_h_to_4h"],), LINEAR),
+    TargetRule((LLAMA,), "mlp.up_proj", (_M["mlp_gate"],), LINEAR),
     TargetRule((LLAMA, PHI3), "mlp.down_proj", (_M["mlp_4h_to_h"],), LINEAR),
     # Phi-3: fused q|k|v and gate|up linears
     TargetRule((PHI3,), "self_attn.qkv_proj", (_M["attn_qkv"],), LINEAR),
@@ -76,23 +80,23 @@ TARGET_RULES: List[TargetRule] = [
     # The same fused layers seen as their parts: format rows of attn_q/k/v or mlp_gate/mlp_h_to_4h are
     # written into the fused layer side by side (reading always yields the fused id above)
     TargetRule((PHI3,), "self_attn.qkv_proj", (_M["attn_q"], _M["attn_k"], _M["attn_v"]), LINEAR, split=True),
-    TargetRule((PHI3,), "mlp.gate_up_proj", (_M["mlp_gate"], _M["mlp_h_to_4h"]), LINEAR, split=True),
+    TargetRule((PHI3,), "mlp.gate_up_proj", (_M["mlp_h_to_4h"], _M["mlp_gate"]), LINEAR, split=True),
     TargetRule((GPT2,), "attn.c_attn", (_M["attn_q"], _M["attn_k"], _M["attn_v"]), CONV1D, split=True),
     # Mixture of experts (transformers 5: router module + fused 3-D expert parameters)
     TargetRule((MIXTRAL, QWEN2_MOE), "mlp.gate", (_M["moe_router"],), ROUTER),
-    TargetRule((MIXTRAL, QWEN2_MOE), "mlp.experts.gate_up_proj", (_M["moe_gate"], _M["moe_h_to_4h"]), EXPERTS),
+    TargetRule((MIXTRAL, QWEN2_MOE), "mlp.experts.gate_up_proj", (_M["moe_h_to_4h"], _M["moe_gate"]), EXPERTS),
     TargetRule((MIXTRAL, QWEN2_MOE), "mlp.experts.down_proj", (_M["moe_4h_to_h"],), EXPERTS),
     # Mixtral in transformers 4 (adapters on the Hub use these names)
     TargetRule((MIXTRAL,), "block_sparse_moe.gate", (_M["moe_router"],), LINEAR, legacy=True),
-    TargetRule((MIXTRAL,), "block_sparse_moe.experts.{e}.w1", (_M["moe_gate"],), PER_EXPERT, legacy=True),
-    TargetRule((MIXTRAL,), "block_sparse_moe.experts.{e}.w3", (_M["moe_h_to_4h"],), PER_EXPERT, legacy=True),
+    TargetRule((MIXTRAL,), "block_sparse_moe.experts.{e}.w1", (_M["moe_h_to_4h"],), PER_EXPERT, legacy=True),
+    TargetRule((MIXTRAL,), "block_sparse_moe.experts.{e}.w3", (_M["moe_gate"],), PER_EXPERT, legacy=True),
     TargetRule((MIXTRAL,), "block_sparse_moe.experts.{e}.w2", (_M["moe_4h_to_h"],), PER_EXPERT, legacy=True),
-    TargetRule((QWEN2_MOE,), "mlp.experts.{e}.gate_proj", (_M["moe_gate"],), PER_EXPERT, legacy=True),
-    TargetRule((QWEN2_MOE,), "mlp.experts.{e}.up_proj", (_M["moe_h_to_4h"],), PER_EXPERT, legacy=True),
+    TargetRule((QWEN2_MOE,), "mlp.experts.{e}.gate_proj", (_M["moe_h_to_4h"],), PER_EXPERT, legacy=True),
+    TargetRule((QWEN2_MOE,), "mlp.experts.{e}.up_proj", (_M["moe_gate"],), PER_EXPERT, legacy=True),
     TargetRule((QWEN2_MOE,), "mlp.experts.{e}.down_proj", (_M["moe_4h_to_h"],), PER_EXPERT, legacy=True),
     # Qwen2-MoE shared expert: a dense gated MLP plus its sigmoid gate
-    TargetRule((QWEN2_MOE,), "mlp.shared_expert.gate_proj", (_M["mlp_gate"],), LINEAR),
-    TargetRule((QWEN2_MOE,), "mlp.shared_expert.up_proj", (_M["mlp_h_to_4h"],), LINEAR),
+    TargetRule((QWEN2_MOE,), "mlp.shared_expert.gate_proj", (_M["mlp_h_to_4h"],), LINEAR),
+    TargetRule((QWEN2_MOE,), "mlp.shared_expert.up_proj", (_M["mlp_gate"],), LINEAR),
     TargetRule((QWEN2_MOE,), "mlp.shared_expert.down_proj", (_M["mlp_4h_to_h"],), LINEAR),
     TargetRule((QWEN2_MOE,), "mlp.shared_expert_gate", (_M["mlp_router"],), LINEAR),
     # BART (encoder-decoder): self attention, cross attention over the encoder output, fc1/fc2

@@ -28,6 +28,11 @@ PROGRESS_BYTES = 64 << 20
 # adapter_config fields that turn LoRA into something the format cannot express.
 _UNSUPPORTED_FIELDS = ("layer_replication", "trainable_token_indices", "velora_config", "kasa_config", "arrow_config",
                        "alora_invocation_tokens", "use_qalora", "use_bdlora", "lora_bias", "megatron_config")
+# init_lora_weights values (prefixes, as PEFT matches them) whose initialization rewrites the base
+# weights (W - B0 A0 for PiSSA, OLoRA and CorDA; a quantized residual for LoftQ). PEFT runs it again
+# when it loads such an adapter, so the adapter only means something over that rewritten base, never
+# over the unchanged base loramux shares between adapters.
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
 
 
 def _pattern_get(pattern: Dict[str, Any], key: str, default: Any) -> Any:
@@ -128,6 +133,14 @@ def _check_config(config: Dict[str, Any]) -> None:
     for name in _UNSUPPORTED_FIELDS:
         if config.get(name):
             raise LoraConvertError(f"{name}={config[name]!r}: not expressible in the LoRA format")
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+        fix = ("serve the base model LoftQ saved, with the adapter saved as init_lora_weights=true"
+               if init.lower() == "loftq" else
+               "save it as a plain LoRA first with PEFT's save_pretrained(..., path_initial_model_for_weight_conversion=...)")
+        raise LoraConvertError(f"init_lora_weights={init!r}: this initialization rewrites the base weights, and PEFT "
+                               "rewrites them again when it loads the adapter, so over the unchanged base model the "
+                               f"adapter gives other outputs; {fix}")
 
 
 def _group_factors(state: Dict[str, Any]) -> Dict[str, Dict[str, np.ndarray]]:
@@ -148,6 +161,9 @@ def _group_factors(state: Dict[str, Any]) -> Dict[str, Dict[str, np.ndarray]]:
         else:
             if "lora_embedding" in name:
                 raise LoraConvertError(f"{key}: embedding LoRA cannot be held by the LoRA format")
+            if name.endswith(".base_layer.weight"):  # PEFT's save_embedding_layers
+                raise LoraConvertError(f"{key}: the base weight PEFT saves beside a LoRA on an embedding or lm_head; "
+                                       "the LoRA format holds LoRA on the projections inside transformer layers only")
             raise LoraConvertError(f"{key}: not a LoRA factor (modules_to_save, a bias or trainable tokens?); "
                                    "the LoRA format cannot hold it")
     for path, parts in groups.items():
@@ -263,10 +279,13 @@ def _rows_for_target(key, target, factors, config, base: Optional[BaseWeights], 
         scale = normalize(w0, a, scaled_b, m.reshape(-1)).astype(np.float32)
     if len(target.module_ids) == 1:
         return [AdapterRow(target.module_id, target.layer, a, scaled_b, scale)]
-    if b.shape[0] % len(target.module_ids) or scale is not None:
+    if b.shape[0] % len(target.module_ids):
         raise LoraConvertError(f"{key}: cannot split a fused output of {b.shape[0]} into {len(target.module_ids)} modules")
     parts = np.split(scaled_b, len(target.module_ids), axis=0)
-    return [AdapterRow(mid, target.layer, a, part, None) for mid, part in zip(target.module_ids, parts)]
+    # a DoRA scale belongs to one output row (its norm is that row's), so it splits with B's rows
+    scales = np.split(scale, len(target.module_ids)) if scale is not None else [None] * len(parts)
+    return [AdapterRow(mid, target.layer, a, part, part_scale)
+            for mid, part, part_scale in zip(target.module_ids, parts, scales)]
 
 
 def _storage_error(key: str, fault: fmt.StorageFault) -> LoraConvertError:

@@ -4,7 +4,7 @@ adapter_model.safetensors) that PeftModel.from_pretrained loads: the inverse of 
 The scale is already folded into B, so every module gets lora_alpha = r (scale 1). Rows that share
 one HF weight (the gate and up halves of a fused experts gate_up_proj) become one block-diagonal
 LoRA of rank r_gate + r_up, which is exact; so do attn_q/k/v rows on a fused qkv layer (GPT-2,
-Phi-3) and mlp_gate/mlp_h_to_4h rows on Phi-3's gate_up_proj.
+Phi-3) and mlp_h_to_4h/mlp_gate (gate/up) rows on Phi-3's gate_up_proj.
 """
 
 from __future__ import annotations

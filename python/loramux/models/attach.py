@@ -11,7 +11,7 @@ from torch import nn
 from loramux.convert import hf_modules as hfspec
 from loramux.models.engine import Engine
 from loramux.models.siblings import group_siblings
-from loramux.models.targets import match_targets, spec_from_config
+from loramux.models.targets import match_targets, served_modules, spec_from_config
 from loramux.models.wrappers import LoraExperts, LoraLinear, LoraRouter
 
 _WRAPPERS = (LoraLinear, LoraRouter, LoraExperts)
@@ -43,12 +43,16 @@ def _wrap(target, layer: nn.Module, spec, engine) -> nn.Module:
     return LoraLinear(layer, engine, target.layer, target.slices, sizes, conv1d=not isinstance(layer, nn.Linear))
 
 
+def _refuse_attached(model: nn.Module) -> None:
+    if any(isinstance(m, _WRAPPERS) for m in model.modules()):
+        raise ValueError("this model already has loramux layers attached; detach() first")
+
+
 def attach_layers(model: nn.Module, spec, cache, dtype: torch.dtype, device: torch.device,
                   fuse_siblings: bool = True) -> Engine:
     """Wraps every target layer of `model` (loramux.convert.hf_modules table, via models/targets.py); the layers read `cache`'s slots.
     `fuse_siblings`: projections that read one input (q|k|v, gate|up) share one multi-slice LoRA launch."""
-    if any(isinstance(m, _WRAPPERS) for m in model.modules()):
-        raise ValueError("this model already has loramux layers attached; detach() first")
+    _refuse_attached(model)
     engine = Engine(model, spec, cache, dtype, device, restore=[])
     restore, linears = [], []
     for target in match_targets(model):
@@ -82,12 +86,16 @@ def attach(
 
     The cache keeps adapters in the model's dtype on the model's device: a GPU model gets a device
     tier of `device_cache_bytes` (or `device_cache_fraction` of free GPU memory); a CPU model a
-    host-memory "device" tier. The device tier is carved into pages of `page_bytes`.
+    host-memory "device" tier. The device tier is carved into pages of `page_bytes`. The cache
+    refuses adapters with rows no layer of the model applies (an mlp_router row on a Llama); a
+    fused row whose parts are wrapped separately (attn_qkv on a Llama's q/k/v_proj) is kept as
+    those parts.
     With `fuse_siblings` (default), projections HF calls on one input (q|k|v, gate|up) get their
     LoRA from one multi-slice launch; False keeps one launch per projection (same results).
     """
     from loramux.cache import LoraCache
 
+    _refuse_attached(model)  # before the cache pins or pre-faults its memory
     param = next(model.parameters())
     spec = spec_from_config(model.config, max_rank=max_rank)
     device = param.device
@@ -100,6 +108,7 @@ def attach(
         device_cache_fraction=device_cache_fraction,
         max_slots=max_slots,
         page_bytes=page_bytes,
+        served=served_modules(match_targets(model)),
     )
     return attach_layers(model, spec, cache, param.dtype, device, fuse_siblings=fuse_siblings)
 

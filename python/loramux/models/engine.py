@@ -43,6 +43,10 @@ class Engine:
         self._restore = restore  # [(parent module, attribute, original layer)], for detach()
         self.step = StepBatch(dtype, spec.max_rank)  # the adapter mapping every LoRA layer reads
         self._in_batch = False
+        # rows of the batch() being run: its forwards' activations [rows * k, seq, H] (k > 1: generate's
+        # beams or return sequences, each row's copies side by side); None under set_batch, whose
+        # callers pack tokens as they like (a prefill of several requests is one row of T tokens)
+        self._batch_rows: Optional[int] = None
         # q|k|v and gate|up siblings computed by one multi-slice lora_apply (models/siblings.py);
         # False: one lora_apply per projection (same results, for A/B runs)
         self.fuse_siblings = True
@@ -62,15 +66,18 @@ class Engine:
         """Rows of the coming forwards use these slots of `table` (-1: no adapter); `pool_version`
         (LoraCache.pool_version) lets steps over the same adapters reuse what was derived from them."""
         self._drop_sibling_outputs()
+        self._batch_rows = None
         self.step.set(list(slot_of_row), table, pool, pool_version)
 
     def set_static_batch(self, slot_of_row: torch.Tensor, table: torch.Tensor, pool: torch.Tensor) -> None:
         """set_batch for CUDA-graph capture: the layers read `slot_of_row` in place (rewritten
         between replays) and launch for every module, so one graph serves any adapter mix."""
         self._drop_sibling_outputs()
+        self._batch_rows = None
         self.step.set_static(slot_of_row, table, pool)
 
     def clear_batch(self) -> None:
+        self._batch_rows = None
         self.step.clear()
         self._drop_sibling_outputs()
 
@@ -94,6 +101,7 @@ class Engine:
             table = acquired.table if acquired is not None else self.cache.table
             pool = acquired.pool if acquired is not None else self.cache.pool
             self.set_batch(slots, table, pool, self.cache.pool_version)
+            self._batch_rows = len(slots)
             yield slots
         finally:
             self._in_batch = False
@@ -112,7 +120,13 @@ class Engine:
         return self.step.used_slices(layer, slices)
 
     def meta_for(self, x: torch.Tensor) -> Optional[BatchMeta]:
-        """The BatchMeta for an activation of this batch; None when no row holds an adapter."""
+        """The BatchMeta for an activation of this batch; None when no row holds an adapter. Under
+        batch(), an activation whose rows are not the batch's (or k copies of each) is a ValueError:
+        its tokens would otherwise be dealt out to the rows' adapters in the wrong places."""
+        rows = self._batch_rows
+        if rows is not None and x.dim() >= 3 and x.shape[0] % rows:
+            raise ValueError(f"the forward has {x.shape[0]} rows but the batch gave {rows} task ids, one per row "
+                             "(None for the base model)")
         return self.step.meta_for(x)
 
     # --- attach / detach -------------------------------------------------------------------------

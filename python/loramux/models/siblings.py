@@ -20,7 +20,7 @@ _M = MODULE_IDS
 #: module ids whose HF layers read one input, in the order their outputs sit side by side
 SIBLING_IDS: Tuple[Tuple[int, ...], ...] = (
     (_M["attn_q"], _M["attn_k"], _M["attn_v"]),  # self attention (Llama family, Mixtral, Qwen2-MoE, BART)
-    (_M["mlp_gate"], _M["mlp_h_to_4h"]),  # gated MLP (Llama family, Qwen2-MoE's shared expert)
+    (_M["mlp_h_to_4h"], _M["mlp_gate"]),  # gated MLP: HF gate_proj, up_proj (Llama family, Qwen2-MoE's shared expert)
     (_M["cross_attn_k"], _M["cross_attn_v"]),  # BART cross attention: k and v read the encoder output
 )
 

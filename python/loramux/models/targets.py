@@ -14,16 +14,16 @@ from loramux.modules import MODULE_IDS
 
 _M = MODULE_IDS
 # A fused layer also takes its parts side by side: attn_q|attn_k|attn_v on a fused qkv layer (as
-# TensorRT-LLM's fused-qkv models do), mlp_gate|mlp_h_to_4h on a fused gate_up layer.
+# TensorRT-LLM's fused-qkv models do), mlp_h_to_4h|mlp_gate (HF gate|up) on a fused gate_up layer.
 _PARTS = {
     _M["attn_qkv"]: (_M["attn_q"], _M["attn_k"], _M["attn_v"]),
-    _M["mlp_gate_up"]: (_M["mlp_gate"], _M["mlp_h_to_4h"]),
+    _M["mlp_gate_up"]: (_M["mlp_h_to_4h"], _M["mlp_gate"]),
 }
 
 
 class LayerTarget(NamedTuple):
     """A layer to wrap: `slices` are groups of module ids, each applied over the output columns in
-    order; for "experts", slices = ((moe_gate, moe_h_to_4h), (moe_4h_to_h,))."""
+    order; for "experts", slices = ((moe_h_to_4h, moe_gate), (moe_4h_to_h,))."""
 
     name: str
     kind: str  # hfspec.LINEAR / CONV1D / ROUTER / EXPERTS
@@ -41,6 +41,11 @@ def _target(arch: str, path: str, encoder_layers: Optional[int]) -> Optional[hfs
         return hfspec.target_for(arch, path, encoder_layers)
     except LoraConvertError:
         return None  # not a LoRA target (embeddings, norms, containers, ...)
+
+
+def served_modules(targets: List[LayerTarget]) -> List[Tuple[int, int]]:
+    """The (module_id, layer) pairs the wrapped layers apply: what an adapter may hold."""
+    return sorted({(mid, t.layer) for t in targets for ids in t.slices for mid in ids})
 
 
 def match_targets(model) -> List[LayerTarget]:

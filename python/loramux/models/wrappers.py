@@ -102,7 +102,7 @@ class LoraRouter(_Wrapper):
 
 class LoraExperts(_Wrapper):
     """Fused MoE experts (gate_up_proj [E, 2f, h], down_proj [E, h, f]) taking one adapter shared by
-    all experts of the layer: moe_gate / moe_h_to_4h on the gate / up halves, moe_4h_to_h on down."""
+    all experts of the layer: moe_h_to_4h / moe_gate on the gate / up halves, moe_4h_to_h on down."""
 
     def __init__(self, base: nn.Module, engine, layer: int, gate_up_ids: Tuple[int, int], down_id: int):
         super().__init__()

@@ -40,7 +40,7 @@ _M = MODULE_IDS
 _GROUPS = (
     ((_M["attn_q"], _M["attn_k"], _M["attn_v"]), "column"),
     ((_M["attn_dense"],), "row"),
-    ((_M["mlp_gate"], _M["mlp_h_to_4h"]), "column"),
+    ((_M["mlp_h_to_4h"], _M["mlp_gate"]), "column"),
     ((_M["mlp_4h_to_h"],), "row"),
 )
 #: the module ids the tensor-parallel forward serves

@@ -59,6 +59,11 @@ class LoraConfig:
         return self.weights is not None
 
 
+#: temperatures below this are greedy: dividing float32 logits by a smaller one overflows (or divides
+#: by zero where it rounds to 0) and the NaN probabilities would fail the step of every request in the
+#: batch; the answer it asks for is the argmax anyway (vLLM draws the same line)
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
 #: most alternatives a request may ask for at each step (the OpenAI API's limit for top_logprobs)
 MAX_TOP_LOGPROBS = 20
 
@@ -68,7 +73,8 @@ Prompt = Union[str, List[Dict[str, str]], List[int]]
 
 @dataclass
 class Request:
-    """One generation. Sampling as in the OpenAI API: temperature 0 (the default) is greedy; top_k 0
+    """One generation. Sampling as in the OpenAI API: temperature 0 (the default; anything below
+    GREEDY_BELOW_TEMPERATURE) is greedy; top_k 0
     and top_p 1 keep every token; `seed` makes a sampled answer reproducible; the answer ends at
     max_new_tokens, the model's end token, one of `stop_token_ids` (neither is returned) or one of
     the `stop` strings (the text is cut before it). `logprobs`: the log-probability of each chosen
@@ -143,7 +149,7 @@ class Request:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
 
 @dataclass
@@ -182,4 +188,4 @@ class Result:
         return self.error is None
 
 
-__all__ = ["Delta", "FINISH_REASONS", "LoraConfig", "MAX_TOP_LOGPROBS", "Prompt", "Request", "Result"]
+__all__ = ["Delta", "FINISH_REASONS", "GREEDY_BELOW_TEMPERATURE", "LoraConfig", "MAX_TOP_LOGPROBS", "Prompt", "Request", "Result"]

@@ -8,7 +8,9 @@ use crate::bindings::adapter::AdapterInput;
 use crate::bindings::errors::IntoPyResult;
 use crate::bindings::spec::PyModelSpec;
 use crate::cache::slot_table::ENTRY_FIELDS;
-use crate::cache::{self, CacheConfig, Copier, CudaCopier, HostMemcpy, PoolRegion, PutOutcome, SlotTable, StatValue, TwoLevelCache};
+use crate::cache::{
+    self, CacheConfig, Copier, CudaCopier, HostMemcpy, PoolRegion, PutOutcome, ServedModules, SlotTable, StatValue, TwoLevelCache,
+};
 use crate::format::{ValidateOptions, WeightsDtype};
 
 #[pyclass(name = "AdapterCache", module = "loramux._core", frozen)]
@@ -22,7 +24,7 @@ impl PyAdapterCache {
     /// of `pool_bytes` and a zeroed int64 table of `table_bytes(max_slots, num_layers)` bytes, on
     /// CUDA device `cuda_device` (with `copy_stream` a raw CUstream) or in host memory when None.
     #[new]
-    #[pyo3(signature = (spec, dtype, host_cache_bytes, pool_addr, pool_bytes, table_addr, max_slots, page_bytes, cuda_device=None, copy_stream=0, dora_allowed=true))]
+    #[pyo3(signature = (spec, dtype, host_cache_bytes, pool_addr, pool_bytes, table_addr, max_slots, page_bytes, cuda_device=None, copy_stream=0, dora_allowed=true, served=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         spec: &PyModelSpec,
@@ -36,6 +38,7 @@ impl PyAdapterCache {
         cuda_device: Option<i32>,
         copy_stream: u64,
         dora_allowed: bool,
+        served: Option<Vec<(i64, i64)>>,
     ) -> PyResult<Self> {
         let cfg = CacheConfig {
             spec: spec.core.clone(),
@@ -44,6 +47,7 @@ impl PyAdapterCache {
             page_bytes,
             max_slots,
             validate: ValidateOptions { dora_allowed, check_finite: true },
+            served: served.map(|pairs| ServedModules::new(&pairs, spec.core.num_layers)).transpose().py()?,
         };
         let copier: Box<dyn Copier> = match cuda_device {
             Some(ordinal) => Box::new(CudaCopier::new(ordinal, copy_stream).py()?),

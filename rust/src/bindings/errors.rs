@@ -43,6 +43,8 @@ impl PyErrorClass {
             | RowCountMismatch { .. }
             | UnknownModuleId { .. }
             | ModuleNotInModel { .. }
+            | ModuleNotApplied { .. }
+            | FusedRowBesidePart { .. }
             | LayerOutOfRange { .. }
             | BadRank { .. }
             | BadIsDora { .. }

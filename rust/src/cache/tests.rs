@@ -23,9 +23,14 @@ pub(crate) struct Fixture {
 }
 
 pub(crate) fn fixture(host_budget_bytes: u64, pool_bytes: usize, page_bytes: usize, max_slots: usize) -> Fixture {
+    fixture_serving(host_budget_bytes, pool_bytes, page_bytes, max_slots, None)
+}
+
+/// `fixture` for a model that applies only the `served` (module, layer) pairs.
+pub(crate) fn fixture_serving(host_budget_bytes: u64, pool_bytes: usize, page_bytes: usize, max_slots: usize, served: Option<ServedModules>) -> Fixture {
     let pool = vec![0u128; pool_bytes / 16].into_boxed_slice();
     let table = vec![0u128; SlotTable::table_bytes(max_slots, spec().num_layers) / 16].into_boxed_slice();
-    let cfg = CacheConfig { spec: spec(), dtype: WeightsDtype::F16, host_budget_bytes, page_bytes, max_slots, validate: ValidateOptions::default() };
+    let cfg = CacheConfig { spec: spec(), dtype: WeightsDtype::F16, host_budget_bytes, page_bytes, max_slots, validate: ValidateOptions::default(), served };
     let region = PoolRegion { pool_addr: pool.as_ptr() as u64, pool_bytes: pool_bytes as u64, table_addr: table.as_ptr() as u64 };
     // SAFETY: both boxes live in the fixture beside the cache and are touched by nothing else.
     let cache = unsafe { TwoLevelCache::new(cfg, region, Box::new(HostMemcpy::default())).unwrap() };
@@ -332,7 +337,7 @@ fn loads_wait_only_for_releases_of_adapters_whose_pages_they_reuse() {
     let table = vec![0u128; SlotTable::table_bytes(4, spec().num_layers) / 16].into_boxed_slice();
     let log = Arc::new(parking_lot::Mutex::new(Vec::new()));
     let copier = OrderRecorder { log: Arc::clone(&log), ..Default::default() };
-    let cfg = CacheConfig { spec: spec(), dtype: WeightsDtype::F16, host_budget_bytes: 1 << 20, page_bytes: 256, max_slots: 4, validate: ValidateOptions::default() };
+    let cfg = CacheConfig { spec: spec(), dtype: WeightsDtype::F16, host_budget_bytes: 1 << 20, page_bytes: 256, max_slots: 4, validate: ValidateOptions::default(), served: None };
     let region = PoolRegion { pool_addr: pool.as_ptr() as u64, pool_bytes: pool.len() as u64 * 16, table_addr: table.as_ptr() as u64 };
     let c = unsafe { TwoLevelCache::new(cfg, region, Box::new(copier)).unwrap() };
     for id in 1..=4 {
@@ -377,7 +382,7 @@ fn a_failed_load_leaves_no_half_loaded_adapter_resident() {
     let table = vec![0u128; SlotTable::table_bytes(4, spec().num_layers) / 16].into_boxed_slice();
     let fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let copier = OrderRecorder { fail: Arc::clone(&fail), ..Default::default() };
-    let cfg = CacheConfig { spec: spec(), dtype: WeightsDtype::F16, host_budget_bytes: 1 << 20, page_bytes: 256, max_slots: 4, validate: ValidateOptions::default() };
+    let cfg = CacheConfig { spec: spec(), dtype: WeightsDtype::F16, host_budget_bytes: 1 << 20, page_bytes: 256, max_slots: 4, validate: ValidateOptions::default(), served: None };
     let region = PoolRegion { pool_addr: pool.as_ptr() as u64, pool_bytes: pool.len() as u64 * 16, table_addr: table.as_ptr() as u64 };
     let c = unsafe { TwoLevelCache::new(cfg, region, Box::new(copier)).unwrap() };
     put(&c, 1, 10, &[1, 3], 4).unwrap();

@@ -16,6 +16,7 @@ use crate::cache::host_pool::HostPool;
 use crate::cache::host_tier::HostTier;
 use crate::cache::id_hash::IdMap;
 use crate::cache::slot_table::SlotTable;
+use crate::cache::served::ServedModules;
 use crate::cache::stats::Counters;
 use crate::error::{LoraError, Result};
 use crate::format::{ModelSpec, ValidateOptions, WeightsDtype};
@@ -29,6 +30,8 @@ pub struct CacheConfig {
     pub page_bytes: usize,
     pub max_slots: usize,
     pub validate: ValidateOptions,
+    /// The (module, layer) pairs the model applies; None: every pair the spec allows.
+    pub served: Option<ServedModules>,
 }
 
 /// The caller-owned memory the cache writes: the pool and the slot table (docs/internals.md).

@@ -1,6 +1,6 @@
-"""The ASGI application: the OpenAI routes (/v1/completions, /v1/chat/completions, /v1/models), the
-adapter routes (/v1/load_lora_adapter, /v1/unload_lora_adapter), /health and /metrics, with the
-bearer-key check around them and every error answered in the OpenAI error shape."""
+"""The ASGI application: the OpenAI routes (/v1/completions, /v1/chat/completions, /v1/models and
+/v1/models/{model}), the adapter routes (/v1/load_lora_adapter, /v1/unload_lora_adapter), /health
+and /metrics, with the bearer-key check around them and every error answered in the OpenAI error shape."""
 
 from __future__ import annotations
 
@@ -54,6 +54,16 @@ async def models(state: ServerState, request: Request):
     return JSONResponse({"object": "list", "data": data})
 
 
+async def model(state: ServerState, request: Request):
+    """One model card (the openai client's models.retrieve); an unknown name 404. Adapter names may
+    hold '/', so the route takes the rest of the path."""
+    name, base = request.path_params["model"], state.config.base_name
+    if name == base:
+        return JSONResponse(shapes.model_card(base, state.started, base, None))
+    adapter = state.registry.get(name)
+    return JSONResponse(shapes.model_card(adapter.name, adapter.created, adapter.path, base))
+
+
 async def load_lora_adapter(state: ServerState, request: Request):
     body = parse(await read_body(request, state.config.max_body_bytes), LoadAdapterRequest)
     # reading and converting an adapter takes a while: off the event loop
@@ -96,6 +106,7 @@ def build_app(state: ServerState, executor_context: Any = None) -> Any:
         _route(state, "/v1/completions", completions, ["POST"]),
         _route(state, "/v1/chat/completions", chat_completions, ["POST"]),
         _route(state, "/v1/models", models, ["GET"]),
+        _route(state, "/v1/models/{model:path}", model, ["GET"]),
         _route(state, "/v1/load_lora_adapter", load_lora_adapter, ["POST"]),
         _route(state, "/v1/unload_lora_adapter", unload_lora_adapter, ["POST"]),
         _route(state, "/health", health, ["GET"]),

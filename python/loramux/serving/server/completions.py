@@ -3,6 +3,7 @@ its events turned into the OpenAI answer, whole or streamed as server-sent event
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, AsyncIterator, List, Optional, Union
 
 from starlette.requests import Request as HttpRequest
@@ -18,7 +19,9 @@ from loramux.serving.server.state import ServerState
 
 def build(state: ServerState, body: Union[CompletionRequest, ChatCompletionRequest]) -> Generation:
     """The call's choices (prompt i, sample j at index i*n+j; seed+j for sample j), checked against
-    the model: an unknown model 404, a prompt the tokenizer refuses or too long 400."""
+    the model: an unknown model 404, a prompt the tokenizer refuses or too long 400. Each prompt is
+    tokenized here once and goes to the executor as token ids (its step loop would tokenize it again).
+    Blocking (a long prompt takes a while to tokenize): call it from a worker thread."""
     chat = isinstance(body, ChatCompletionRequest)
     adapter_name = None if body.model == state.config.base_name else body.model
     if adapter_name is not None:
@@ -27,11 +30,11 @@ def build(state: ServerState, body: Union[CompletionRequest, ChatCompletionReque
     max_tokens = body.max_new_tokens if chat else body.max_tokens
     choices = []
     for prompt in prompts:
-        count = len(state.prompt_ids(prompt))
-        wanted = state.check_length(count, max_tokens)
+        ids = state.prompt_ids(prompt)
+        wanted = state.check_length(len(ids), max_tokens)
         for j in range(body.n):
             seed = None if body.seed is None else body.seed + j
-            choices.append(Choice(len(choices), prompt, count, wanted, seed))
+            choices.append(Choice(len(choices), ids, len(ids), wanted, seed))
     logprobs = bool(body.logprobs) if chat else body.logprobs is not None
     top = (body.top_logprobs or 0) if chat else (body.logprobs or 0)
     return Generation(state, body, choices, adapter_name, logprobs, top)
@@ -53,7 +56,8 @@ def _top_texts(state: ServerState, tops: Optional[list]) -> Optional[list]:
 
 async def answer(state: ServerState, http: HttpRequest, body: Union[CompletionRequest, ChatCompletionRequest]):
     """The whole answer (200), or a streamed one; an error before the first token gets its own status."""
-    gen = build(state, body)
+    # off the event loop: tokenizing a prompt near --max-body-bytes stalled every other stream meanwhile
+    gen = await asyncio.to_thread(build, state, body)
     gen.start()
     streaming = False
     try:
@@ -115,6 +119,8 @@ async def _sse(state: ServerState, body, gen: Generation, first, events) -> Asyn
     id_, created, model = shapes.new_id("chatcmpl" if chat else "cmpl"), shapes.now(), body.model
     chunk = shapes.chat_chunk if chat else shapes.completion_chunk
     want_logprobs = gen_logprobs(body)
+    # completions' text_offset counts from the start of each choice's answer, not of each chunk
+    token_chars = {c.index: 0 for c in gen.choices}
     try:
         if chat:  # OpenAI opens each choice with the assistant's role
             yield event(chunk(id_, created, model, [shapes.chat_delta(c.index, {"role": "assistant", "content": ""})
@@ -128,7 +134,8 @@ async def _sse(state: ServerState, body, gen: Generation, first, events) -> Asyn
                         tokens = _token_texts(state, list(delta.token_ids))
                         tops = _top_texts(state, delta.top_logprobs)
                         lp = shapes.chat_logprobs(tokens, delta.logprobs, tops) if chat else \
-                            shapes.completion_logprobs(tokens, delta.logprobs, tops=tops)
+                            shapes.completion_logprobs(tokens, delta.logprobs, token_chars[choice.index], tops)
+                        token_chars[choice.index] += sum(map(len, tokens))
                     part = shapes.chat_delta(choice.index, {"content": delta.text}, None, lp) if chat else \
                         shapes.completion_choice(choice.index, delta.text, None, lp)
                     yield event(chunk(id_, created, model, [part]))

@@ -18,7 +18,7 @@ class Choice:
     """One request of the call: the prompt it was made from and what came back."""
 
     index: int
-    prompt: Any  # text, chat messages or token ids, as the executor takes them
+    prompt: List[int]  # the prompt's token ids (one list per prompt, shared by its n choices)
     prompt_tokens: int  # counted by the server's tokenizer (the executor's count wins when it gives one)
     max_new_tokens: int
     seed: Optional[int]

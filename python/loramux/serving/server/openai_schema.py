@@ -5,7 +5,7 @@ parameter is refused with the field named, never coerced."""
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, List, Literal, Optional, Type, TypeVar, Union
+from typing import Any, Dict, List, Literal, Optional, Type, TypeVar, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -17,9 +17,34 @@ MAX_STOP = 16
 MAX_N = 16
 
 
+class FieldError(ValueError):
+    """A check across a request's fields (in a model validator) that names the field it refused."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
 class _Strict(BaseModel):
     # unknown fields (user, metadata, ...) are ignored as the OpenAI API ignores what it does not use
     model_config = ConfigDict(strict=True, extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data: Any) -> Any:
+        """The OpenAI API's optional fields are nullable (`"temperature": null`, what a client sends
+        for a parameter set to None): null takes the field's default, except where the field holds
+        None itself (completions' `max_tokens: null`: what the context leaves). A required field
+        stays required."""
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+
+        def null_is_default(name: str) -> bool:
+            field = fields.get(name)
+            return field is not None and not field.is_required() and type(None) not in get_args(field.annotation)
+
+        return {k: v for k, v in data.items() if v is not None or not null_is_default(k)}
 
 
 class StreamOptions(_Strict):
@@ -45,14 +70,14 @@ class _Sampling(_Strict):
     def _supported(self):
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name) != 0.0:
-                raise ValueError(f"{name} is not supported by this server (only 0)")
+                raise FieldError(name, f"{name} is not supported by this server (only 0)")
         if self.logit_bias:
-            raise ValueError("logit_bias is not supported by this server")
+            raise FieldError("logit_bias", "logit_bias is not supported by this server")
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         if len(stops) > MAX_STOP or any(not s for s in stops):
-            raise ValueError(f"stop must be up to {MAX_STOP} non-empty strings")
+            raise FieldError("stop", f"stop must be up to {MAX_STOP} non-empty strings")
         if any(t < 0 for t in self.stop_token_ids or []):
-            raise ValueError("stop_token_ids must be non-negative token ids")
+            raise FieldError("stop_token_ids", "stop_token_ids must be non-negative token ids")
         return self
 
     @property
@@ -75,13 +100,13 @@ class CompletionRequest(_Sampling):
     @model_validator(mode="after")
     def _prompt(self):
         if self.echo:
-            raise ValueError("echo is not supported by this server")
+            raise FieldError("echo", "echo is not supported by this server")
         if self.suffix:
-            raise ValueError("suffix is not supported by this server")
+            raise FieldError("suffix", "suffix is not supported by this server")
         if self.best_of is not None and self.best_of != self.n:
-            raise ValueError("best_of other than n is not supported by this server")
+            raise FieldError("best_of", "best_of other than n is not supported by this server")
         if isinstance(self.prompt, list) and not self.prompt:
-            raise ValueError("prompt must not be empty")
+            raise FieldError("prompt", "prompt must not be empty")
         return self
 
     @property
@@ -122,11 +147,11 @@ class ChatCompletionRequest(_Sampling):
     @model_validator(mode="after")
     def _chat(self):
         if self.tools:
-            raise ValueError("tools are not supported by this server")
+            raise FieldError("tools", "tools are not supported by this server")
         if self.top_logprobs and not self.logprobs:
-            raise ValueError("top_logprobs needs logprobs: true")
+            raise FieldError("top_logprobs", "top_logprobs needs logprobs: true")
         if self.response_format and self.response_format.get("type") not in (None, "text"):
-            raise ValueError("response_format other than text is not supported by this server")
+            raise FieldError("response_format", "response_format other than text is not supported by this server")
         return self
 
     @property
@@ -186,11 +211,15 @@ def parse(body: bytes, model: Type[Model]) -> Model:
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        got = "" if first["type"] == "missing" else f" (got {json.dumps(first.get('input'), default=str)[:80]})"
+        value, param = first.get("input"), str(first["loc"][0]) if first["loc"] else None
+        refused = (first.get("ctx") or {}).get("error")
+        if not first["loc"] and isinstance(refused, FieldError):  # a check across fields: the one it names
+            value, param = data.get(refused.param), refused.param
+        got = "" if first["type"] == "missing" else f" (got {json.dumps(value, default=str)[:80]})"
         message = first["msg"].removeprefix("Value error, ")
         raise ApiError(400, f"{where + ': ' if where else ''}{message}{got}", code="invalid_request",
-                       param=str(first["loc"][0]) if first["loc"] else None) from None
+                       param=param) from None
 
 
-__all__ = ["CompletionRequest", "ChatCompletionRequest", "ChatMessage", "LoadAdapterRequest", "UnloadAdapterRequest",
+__all__ = ["CompletionRequest", "ChatCompletionRequest", "ChatMessage", "FieldError", "LoadAdapterRequest", "UnloadAdapterRequest",
            "StreamOptions", "parse", "MAX_N", "MAX_STOP"]

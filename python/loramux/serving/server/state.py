@@ -43,6 +43,11 @@ class ServerState:
 
     # --- admission ------------------------------------------------------------------------------
     def admit(self, n: int) -> None:
+        """Counts a call of `n` requests in; QueueFullError (429, retry later) while the server is full,
+        RequestError (400) for a call that alone is over --max-pending: no retry would ever get it in."""
+        if n > self.config.max_pending:
+            raise RequestError(f"this call asks for {n} completions (prompts x n), more than the server admits at "
+                               f"once ({self.config.max_pending}, --max-pending)")
         with self._lock:
             if self.pending + n > self.config.max_pending:
                 raise QueueFullError(f"the server holds {self.pending} requests and admits at most "

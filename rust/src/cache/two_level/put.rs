@@ -6,22 +6,39 @@ use crate::cache::host_tier::HostEntry;
 use crate::cache::two_level::{PutOutcome, State, TwoLevelCache};
 use crate::error::{LoraError, Result};
 use crate::format::{self, ConfigRow, WeightsView};
+use crate::fused_rows::split_fused_rows;
 
 impl TwoLevelCache {
     /// Caches `task_id`'s adapter: validated and packed once into the serving dtype. The same
     /// weights again are a no-op; different weights need `replace`.
     pub fn put(&self, task_id: u64, weights: &WeightsView, config: &[ConfigRow], replace: bool) -> Result<PutOutcome> {
         let layout = format::checked_layout(weights, config, &self.cfg.spec, self.cfg.validate)?;
+        let split = match &self.cfg.served {
+            Some(served) => served.check(&layout)?,
+            None => Vec::new(),
+        };
+        if split.is_empty() {
+            return self.put_layout(task_id, weights, &layout, replace);
+        }
+        // Fused rows the model applies as their parts are cached as those parts. Their values are
+        // checked as given first, so an error names the caller's row and column.
+        format::scan_digest_pack(weights, &layout, self.cfg.validate.value_checks(Some(self.cfg.dtype)), None, false)?;
+        let parts = split_fused_rows(weights, &layout, &split, &self.cfg.spec);
+        self.put_layout(task_id, &parts.view(), &parts.layout, replace)
+    }
+
+    /// `put` of weights whose config is checked (`layout`) and whose rows the model applies.
+    fn put_layout(&self, task_id: u64, weights: &WeightsView, layout: &format::AdapterLayout, replace: bool) -> Result<PutOutcome> {
         let checks = self.cfg.validate.value_checks(Some(self.cfg.dtype));
-        let image_layout = ImageLayout::new(&layout, self.cfg.dtype, self.cfg.page_bytes);
+        let image_layout = ImageLayout::new(layout, self.cfg.dtype, self.cfg.page_bytes);
         if let Err(too_large) = self.fits_the_tiers(task_id, &image_layout) {
             // Bad values are named before size, as when every value check ran first.
-            format::scan_digest_pack(weights, &layout, checks, None, false)?;
+            format::scan_digest_pack(weights, layout, checks, None, false)?;
             return Err(too_large);
         }
         if self.contains(task_id) {
             // Perhaps the same weights again: check and digest them before packing anything.
-            let digest = format::scan_digest_pack(weights, &layout, checks, None, true)?;
+            let digest = format::scan_digest_pack(weights, layout, checks, None, true)?;
             if let Some(outcome) = self.existing_put(task_id, digest, replace)? {
                 return Ok(outcome);
             }
@@ -31,11 +48,11 @@ impl TwoLevelCache {
         let len = image_layout.held_bytes();
         let unused_budget = self.cfg.host_budget_bytes - self.state.read().host.used_bytes();
         let Some(mut image) = self.pool.try_stage(len, unused_budget) else {
-            return self.put_in_place(task_id, weights, &layout, &image_layout, replace);
+            return self.put_in_place(task_id, weights, layout, &image_layout, replace);
         };
         // Check, digest and pack in one pass on every core, without the lock: other threads keep
         // serving meanwhile. A refused put gives its pages straight back (dropping `image`).
-        let digest = image_layout.check_and_pack(weights, &layout, checks, image.as_mut_slice())?;
+        let digest = image_layout.check_and_pack(weights, layout, checks, image.as_mut_slice())?;
 
         let mut st = self.state.write();
         let settled = Self::existing_put_locked(&mut st, task_id, digest, replace);
