@@ -6,7 +6,9 @@ resident_adapters), so the kernels read the serving path's pool and slot table.
 The LoRA step runs attach's fused siblings (q|k|v and gate|up: 4 lora_apply per layer); the same
 step with one apply per projection (fuse_siblings off: 7 per layer) is timed beside it, and so is
 the step with each projection's LoRA branch on a side stream beside its base GEMM
-(Engine.lora_beside_base; forked and joined inside the captured graph).
+(Engine.lora_beside_base; forked and joined inside the captured graph, the branch merged into the
+base output by cuda/lora_merge.cu), and both ways as a static batch (the serving graphs' form).
+overhead_default_us is the form the engine takes by default at this batch.
 Also checks the LoRA logits against PEFT's and replays the captured graph with new adapter
 mappings (more and fewer distinct adapters, rows without one) against eager results.
 
@@ -29,7 +31,7 @@ DEV, DT = "cuda", torch.bfloat16
 BATCH, ADAPTERS, RANK, LAYERS = 32, 32, 16, 4
 # (module id, HF name)
 PROJ = [(1, "self_attn.q_proj"), (2, "self_attn.k_proj"), (3, "self_attn.v_proj"), (4, "self_attn.o_proj"),
-        (7, "mlp.gate_proj"), (5, "mlp.up_proj"), (6, "mlp.down_proj")]
+        (5, "mlp.gate_proj"), (7, "mlp.up_proj"), (6, "mlp.down_proj")]
 
 
 def build_model(attn):
@@ -125,17 +127,26 @@ def beside_step(engine, step, slots0, ad, logits):
         out["lora_beside_us"] = graphed_step_us(engine, step)
     except Exception as e:  # noqa: BLE001
         out["lora_beside_error"] = repr(e)[:300]
-    # as the serving graphs run it: a static batch (any adapter mix, DoRA unknown: shrinks aside only)
+    # as the serving graphs run it: a static batch (any adapter mix, DoRA rows included)
     static = torch.tensor(slots0, dtype=torch.int32, device=DEV)
-    for beside, key in ((False, "lora_static_us"), (True, "lora_static_beside_us")):
+    out.update(graphed_both_ways(engine, step, lambda: engine.set_static_batch(static, ad.cache.table, ad.cache.pool),
+                                 "lora_static_us", "lora_static_beside_us"))
+    engine.set_batch(slots0, ad.cache.table, ad.cache.pool)
+    return out
+
+
+def graphed_both_ways(engine, step, set_batch, in_order_key, beside_key):
+    """{key: graphed step us}, the LoRA branch in order and beside the base GEMM, set_batch() before
+    each capture; a failure kept as the key's _error."""
+    out = {}
+    for beside, key in ((False, in_order_key), (True, beside_key)):
         engine.lora_beside_base = beside
         try:
-            engine.set_static_batch(static, ad.cache.table, ad.cache.pool)
+            set_batch()
             out[key] = graphed_step_us(engine, step)
         except Exception as e:  # noqa: BLE001
             out[key.replace("_us", "_error")] = repr(e)[:300]
     engine.lora_beside_base = False
-    engine.set_batch(slots0, ad.cache.table, ad.cache.pool)
     return out
 
 
@@ -158,6 +169,27 @@ def unfused_step(engine, step, slots0, ad, fused_logits):
     return out
 
 
+def beside_by_batch(engine, model, ad, batches):
+    """{batch: {base_us, in_order_us, beside_us}}: graphed decode steps at other batch sizes (rows
+    cycling over the adapters), the LoRA branch in order and beside the base GEMM: the measurement
+    behind the engine's auto bound (models/engine.py BESIDE_MAX_TOKENS)."""
+    out = {}
+    for batch in batches:
+        ids = torch.randint(0, 128256, (batch, 1), device=DEV)
+        pos = torch.zeros(batch, 1, dtype=torch.long, device=DEV)
+        step = lambda: model(input_ids=ids, position_ids=pos, use_cache=False).logits  # noqa: E731
+        slots = [ad.slots[i % len(ad.slots)] for i in range(batch)]
+        engine.clear_batch()
+        g, _ = capture(step)
+        row = {"base_us": median_seconds(g.replay) * 1e6}
+        del g
+        row.update(graphed_both_ways(engine, step, lambda: engine.set_batch(slots, ad.cache.table, ad.cache.pool),
+                                     "in_order_us", "beside_us"))
+        out[batch] = row
+        print(f"batch {batch}:", {k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
+    return out
+
+
 def variant_overheads(engine, step, slots0, ad, base_us, names):
     """{variant: [LoRA overhead us]}: the in-order step captured under each launch variant's
     environment (benchmarks/decode_ab.py VARIANTS), the default first and last (its spread)."""
@@ -177,6 +209,9 @@ def variant_overheads(engine, step, slots0, ad, base_us, names):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="decode.json")
+    ap.add_argument("--batches", default="", help="comma-separated batch sizes also timed in order and beside the "
+                    "base GEMM (beside_by_batch), e.g. 8,64,128")
+    ap.add_argument("--no-peft", action="store_true", help="skip the PEFT comparison (its step takes ~250 ms)")
     ap.add_argument("--variants", default="", help="comma-separated launch variants of benchmarks/decode_ab.py "
                     "(e.g. plain,m4): the in-order LoRA step captured again under each, the default before and after")
     args = ap.parse_args()
@@ -201,6 +236,8 @@ def main():
 
     spec = llama_spec(LAYERS, RANK)
     engine = attach_layers(model, spec, None, DT, torch.device(DEV))
+    default_beside = engine.beside_for(BATCH)  # the engine's default at this batch (LORAMUX_LORA_BESIDE_BASE)
+    engine.lora_beside_base = False  # the step below in order; beside_step times the branch beside
     mids = [mid for mid, _ in PROJ]
     adapters = [random_adapter(spec, mids, range(LAYERS), RANK, seed=1 + a, std=0.03) for a in range(ADAPTERS)]
     ad = resident_adapters(spec, adapters, dtype=DT, device=DEV)
@@ -264,6 +301,11 @@ def main():
     if "lora_beside_us" in res:
         res["overhead_beside_us"] = res["lora_beside_us"] - t_base * 1e6
         res["overhead_beside_over_floor"] = res["overhead_beside_us"] / res["lora_floor_us"]
+    res["default_beside"] = default_beside
+    key = "overhead_beside_us" if default_beside else "overhead_us"
+    if key in res:
+        res["overhead_default_us"] = res[key]
+        res["overhead_default_over_floor"] = res[key] / res["lora_floor_us"]
     for key in ("lora_static_us", "lora_static_beside_us"):
         if key in res:
             res[key.replace("lora_", "overhead_")] = res[key] - t_base * 1e6
@@ -271,44 +313,48 @@ def main():
         res["overhead_unfused_us"] = res["lora_unfused_us"] - t_base * 1e6
         res["overhead_unfused_over_floor"] = res["overhead_unfused_us"] / res["lora_floor_us"]
 
-    # PEFT on the same batch and the same adapters (scaling 1: lora_alpha = r)
-    try:
-        import peft
+    if args.batches:
+        res["beside_by_batch"] = beside_by_batch(engine, model, ad, [int(b) for b in args.batches.split(",")])
 
-        engine.detach()
-        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-        cfg = peft.LoraConfig(r=RANK, lora_alpha=RANK, target_modules=targets, init_lora_weights=False)
-        pm = peft.get_peft_model(model, cfg, adapter_name="a0").eval()
-        for slot in range(1, ADAPTERS):
-            pm.add_adapter(f"a{slot}", cfg)
-        # each adapter's A and B per (layer, module), as its rows of the TensorRT-LLM format hold them
-        ab = {}
-        for a, (weights, config) in enumerate(adapters):
-            w = weights.float().numpy()
-            for i, row in enumerate(lm.format.validate(w, config, spec)):
-                mid, layer = int(config[i][0]), int(config[i][1])
-                ab[(a, layer, mid)] = (torch.from_numpy(w[i, row.a_slice].reshape(row.rank, row.hi).copy()),
-                                       torch.from_numpy(w[i, row.b_slice].reshape(row.ho, row.rank).copy()))
-        with torch.no_grad():
-            for name, mod in pm.named_modules():
-                if not hasattr(mod, "lora_A") or not isinstance(getattr(mod, "lora_A"), torch.nn.ModuleDict):
-                    continue
-                layer = int(name.split("layers.")[1].split(".")[0])
-                mid = next(m for m, n in PROJ if name.endswith(n))
-                for a in range(ADAPTERS):
-                    mod.lora_A[f"a{a}"].weight.copy_(ab[(a, layer, mid)][0].to(DT))
-                    mod.lora_B[f"a{a}"].weight.copy_(ab[(a, layer, mid)][1].to(DT))
-        pm.eval()
-        names = [f"a{a}" for a in range(ADAPTERS)]
-        peft_step = lambda: pm(input_ids=ids, position_ids=pos, use_cache=False, adapter_names=names).logits  # noqa: E731
-        peft_logits = peft_step().float()
-        res["kernel_vs_peft_rel"] = float((eager - peft_logits).norm() / peft_logits.norm())
-        if base_logits is not None:
-            res["kernel_vs_peft_rel_of_lora_term"] = float((eager - peft_logits).norm() / (peft_logits - base_logits).norm())
-        res["peft_us"] = median_seconds(peft_step, reps=5) * 1e6
-        res["speedup_vs_peft"] = res["peft_us"] / res["lora_us"]
-    except Exception as e:  # noqa: BLE001
-        res["peft_error"] = repr(e)[:300]
+    # PEFT on the same batch and the same adapters (scaling 1: lora_alpha = r)
+    if not args.no_peft:
+        try:
+            import peft
+
+            engine.detach()
+            targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+            cfg = peft.LoraConfig(r=RANK, lora_alpha=RANK, target_modules=targets, init_lora_weights=False)
+            pm = peft.get_peft_model(model, cfg, adapter_name="a0").eval()
+            for slot in range(1, ADAPTERS):
+                pm.add_adapter(f"a{slot}", cfg)
+            # each adapter's A and B per (layer, module), as its rows of the TensorRT-LLM format hold them
+            ab = {}
+            for a, (weights, config) in enumerate(adapters):
+                w = weights.float().numpy()
+                for i, row in enumerate(lm.format.validate(w, config, spec)):
+                    mid, layer = int(config[i][0]), int(config[i][1])
+                    ab[(a, layer, mid)] = (torch.from_numpy(w[i, row.a_slice].reshape(row.rank, row.hi).copy()),
+                                           torch.from_numpy(w[i, row.b_slice].reshape(row.ho, row.rank).copy()))
+            with torch.no_grad():
+                for name, mod in pm.named_modules():
+                    if not hasattr(mod, "lora_A") or not isinstance(getattr(mod, "lora_A"), torch.nn.ModuleDict):
+                        continue
+                    layer = int(name.split("layers.")[1].split(".")[0])
+                    mid = next(m for m, n in PROJ if name.endswith(n))
+                    for a in range(ADAPTERS):
+                        mod.lora_A[f"a{a}"].weight.copy_(ab[(a, layer, mid)][0].to(DT))
+                        mod.lora_B[f"a{a}"].weight.copy_(ab[(a, layer, mid)][1].to(DT))
+            pm.eval()
+            names = [f"a{a}" for a in range(ADAPTERS)]
+            peft_step = lambda: pm(input_ids=ids, position_ids=pos, use_cache=False, adapter_names=names).logits  # noqa: E731
+            peft_logits = peft_step().float()
+            res["kernel_vs_peft_rel"] = float((eager - peft_logits).norm() / peft_logits.norm())
+            if base_logits is not None:
+                res["kernel_vs_peft_rel_of_lora_term"] = float((eager - peft_logits).norm() / (peft_logits - base_logits).norm())
+            res["peft_us"] = median_seconds(peft_step, reps=5) * 1e6
+            res["speedup_vs_peft"] = res["peft_us"] / res["lora_us"]
+        except Exception as e:  # noqa: BLE001
+            res["peft_error"] = repr(e)[:300]
     print(json.dumps(res, indent=1))
     with open(args.out, "w") as f:
         f.write(json.dumps(res) + "\n")

@@ -115,6 +115,23 @@ struct ReduceArgs {
     LoraSlices slices;
 };
 
+// The join of a LoRA branch run beside the base GEMM (lora_merge.cu): y = f * y + delta per row,
+// f the row's DoRA scales over the slices covering a column. Slices here may overlap: each apply
+// of the branch starts at column 0 of y.
+#define LMX_MERGE_COLS 8       // columns a thread of the merge takes: 16 bytes of y and of delta
+struct MergeArgs {
+    u16* y;                           // [T, >= width], row stride y_stride elements
+    long long y_stride;
+    const u16* delta;                 // [T, >= width], row stride delta_stride elements
+    long long delta_stride;
+    const int* slot_of_token;         // [T]
+    int T;
+    int width;
+    int vec;                          // y, delta and their strides allow 16-byte accesses
+    LoraTable table;
+    LoraSlices slices;
+};
+
 // ---- 16-bit floats ----------------------------------------------------------------------------
 
 template <bool BF16> __device__ __forceinline__ float to_f32(u16 v);

@@ -73,9 +73,9 @@ def test_a_table_entry_reaches_the_launcher(monkeypatch, tmp_path):
     seen = []
     real = kernels._partials
 
-    def spy(x, meta, layer, module_ids, choice, stream=None, device_split=True):
+    def spy(x, meta, layer, module_ids, choice, *rest, **kwargs):
         seen.append(choice)
-        return real(x, meta, layer, module_ids, choice, stream, device_split)
+        return real(x, meta, layer, module_ids, choice, *rest, **kwargs)
 
     monkeypatch.setattr(kernels, "_partials", spy)
     ad, slots, x, y0, sot = _case(5, torch.bfloat16, T, QKV, ranks=[8, 16, 1, 0, 64, 7, 128, 33])

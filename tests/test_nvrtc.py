@@ -13,7 +13,7 @@ from loramux.errors import LoraCudaError
 pytestmark = pytest.mark.skipif(kernels.nvrtc_library() is None, reason="no libnvrtc installed")
 
 
-FAMILIES = {"lora_segments", "lora_shrink", "lora_expand", "lora_fused", "lora_prefill"}
+FAMILIES = {"lora_segments", "lora_shrink", "lora_expand", "lora_fused", "lora_prefill", "lora_merge"}
 
 
 @pytest.fixture(scope="module")

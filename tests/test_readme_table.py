@@ -58,3 +58,11 @@ def test_a_regime_slower_than_a_peer_misses(readme_table):
     lines = readme_table.targets(sums)
     assert _row(lines, "no case slower").endswith("| slower cases in 1 of 1 regime rows | missed |")
     assert not any(line.startswith("| decode-step") for line in lines)
+
+
+def test_a_decode_run_from_another_gpu_is_named(readme_table):
+    ops = readme_table.read_lines(ROOT / "benchmarks/results/ops-h200-s17-signal.json")
+    h100 = readme_table.read_lines(ROOT / "benchmarks/results/decode-h100-s23-beside.json")[-1]
+    h200 = readme_table.read_lines(ROOT / "benchmarks/results/decode-h200-s16j.json")[-1]
+    assert "graphed, on NVIDIA H100 80GB HBM3)" in readme_table.table(ops, h100, cases=False)
+    assert "graphed)" in readme_table.table(ops, h200, cases=False)

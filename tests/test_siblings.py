@@ -22,15 +22,21 @@ Q, K, V, O, GATE, DOWN, UP = 1, 2, 3, 4, 5, 6, 7  # HF gate_proj is mlp_h_to_4h 
 
 @pytest.fixture
 def applies(monkeypatch):
-    """Every ops.lora_apply call of the models layer as (layer, module ids), still computed for real."""
+    """Every apply the models layer asks for, in order (ops.lora_apply) or beside its base GEMM (each
+    entry of ops.lora_apply_beside), as (layer, module ids), still computed for real."""
     calls = []
-    real = ops.lora_apply
+    real, real_beside = ops.lora_apply, ops.lora_apply_beside
 
     def counting(x, y, meta, layer, module_ids, out_sizes):
         calls.append((layer, tuple(module_ids)))
         real(x, y, meta, layer, module_ids, out_sizes)
 
+    def counting_beside(x, base, meta, layer, applies):
+        calls.extend((layer, tuple(ids)) for ids, _ in applies)
+        return real_beside(x, base, meta, layer, applies)  # its CPU fallback calls apply.lora_apply, not counted again
+
     monkeypatch.setattr(ops, "lora_apply", counting)
+    monkeypatch.setattr(ops, "lora_apply_beside", counting_beside)
     return calls
 
 

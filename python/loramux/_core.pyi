@@ -154,6 +154,9 @@ class KernelBatch:
         self, x: int, x_stride: int, hi: int, y: int, y_stride: int, module_ids: List[int], out_sizes: List[int],
         partial: int, partial_capacity: int, plan: Tuple[int, int, int, int, bool, Optional[int], int, int],
     ) -> None: ...
+    def merge_beside(
+        self, applies: List[Tuple[List[int], List[int]]], width: int, y: int, y_stride: int, delta: int, delta_stride: int,
+    ) -> None: ...  # y = (the row's DoRA scales over the slices) * y + delta
 
 # (ksplit, kchunk, reduce_first, split_target): split_target > 0 sizes a decode split on the device
 def plan_shrink(tokens: int, hi: int, num_slices: int, num_slots: int, shrink_target_blocks: Optional[int] = None,

@@ -13,6 +13,23 @@ from loramux.errors import LoraError
 from loramux.ops import BatchMeta
 from loramux.ops.step_batch import StepBatch
 
+# Batches up to this many tokens run each projection's LoRA branch beside its base GEMM by default:
+# the decode kernels' range, where benchmarks/decode_step.py measured it faster than in order.
+BESIDE_MAX_TOKENS = 64
+BESIDE_DEFAULT = "auto"
+
+
+def beside_setting(value: str) -> Optional[bool]:
+    """LORAMUX_LORA_BESIDE_BASE: 1 / on (always), 0 / off / empty (never), auto (up to BESIDE_MAX_TOKENS)."""
+    value = value.strip().lower()
+    if value == "auto":
+        return None
+    if value in ("", "0", "off", "false"):
+        return False
+    if value in ("1", "on", "true"):
+        return True
+    raise LoraError(f"LORAMUX_LORA_BESIDE_BASE={value!r}: expected 1, 0 or auto")
+
 
 class Engine:
     """Holds the per-batch state the LoRA layers read. Build it with loramux.attach()."""
@@ -34,8 +51,9 @@ class Engine:
         # False: one lora_apply per projection (same results, for A/B runs)
         self.fuse_siblings = True
         # the LoRA branch of a projection on a side stream while its base GEMM runs (forked and
-        # joined inside a captured graph too); LORAMUX_LORA_BESIDE_BASE=1|0 sets it for A/B runs
-        self.lora_beside_base = os.environ.get("LORAMUX_LORA_BESIDE_BASE", "0") not in ("", "0", "off")
+        # joined inside a captured graph too): True / False force it either way; None takes it for
+        # batches of at most BESIDE_MAX_TOKENS tokens. LORAMUX_LORA_BESIDE_BASE=1|0|auto
+        self.lora_beside_base: Optional[bool] = beside_setting(os.environ.get("LORAMUX_LORA_BESIDE_BASE", BESIDE_DEFAULT))
         self.sibling_groups: list = []
 
     @property
@@ -94,13 +112,15 @@ class Engine:
             if acquired is not None:
                 self.cache.release(acquired)
 
+    def beside_for(self, tokens: int) -> bool:
+        """Whether a projection of `tokens` tokens runs its LoRA branch beside its base GEMM."""
+        if self.lora_beside_base is None:
+            return tokens <= BESIDE_MAX_TOKENS
+        return self.lora_beside_base
+
     def used_slices(self, layer: int, slices):
         """The module-id groups of `slices` that some adapter of the current batch has at `layer`."""
         return self.step.used_slices(layer, slices)
-
-    def dora_free(self, layer: int, module_ids) -> bool:
-        """Whether no adapter of the current batch has a DoRA scale on these modules at `layer`."""
-        return self.step.dora_free(layer, module_ids)
 
     def meta_for(self, x: torch.Tensor) -> Optional[BatchMeta]:
         """The BatchMeta for an activation of this batch; None when no row holds an adapter. Under

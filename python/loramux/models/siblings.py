@@ -109,9 +109,9 @@ class SiblingGroup:
         DoRA row's expand scales base + LoRA of each slice), one lora_apply, then each bias."""
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
-        if self.engine.lora_beside_base:
+        if self.engine.beside_for(x2.shape[0]):
             y = ops.lora_apply_beside(x2, lambda: self._base_outputs(x2), meta, self.layer,
-                                      [(self.module_ids, self.out_sizes)], self.engine.dora_free(self.layer, self.module_ids))
+                                      [(self.module_ids, self.out_sizes)])
         else:
             y = self._base_outputs(x2)
             ops.lora_apply(x2, y, meta, self.layer, self.module_ids, self.out_sizes)

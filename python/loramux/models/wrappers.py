@@ -56,10 +56,9 @@ class LoraLinear(_Wrapper):
         x2 = x.reshape(-1, x.shape[-1])
         w = self.base.weight
         applies = [(ids, sizes) for ids, sizes in zip(self.slices, self.slice_sizes) if ids in used]
-        if self._engine.lora_beside_base:
+        if self._engine.beside_for(x2.shape[0]):
             base = (lambda: x2 @ w) if self.conv1d else (lambda: F.linear(x2, w))
-            dora_free = self._engine.dora_free(self.layer, [m for ids, _ in applies for m in ids])
-            y = ops.lora_apply_beside(x2, base, meta, self.layer, applies, dora_free)
+            y = ops.lora_apply_beside(x2, base, meta, self.layer, applies)
         else:
             y = x2 @ w if self.conv1d else F.linear(x2, w)
             for ids, sizes in applies:

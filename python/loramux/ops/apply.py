@@ -112,16 +112,15 @@ def lora_apply_beside(
     meta: BatchMeta,
     layer: int,
     applies: Sequence[Tuple[Sequence[int], Sequence[int]]],
-    dora_free: bool,
 ) -> torch.Tensor:
     """y = base() ([T, W], the projection's base output) plus each token's LoRA slices of `applies`
     ([(module_ids, out_sizes)], each over y's W columns). Where the kernels serve the batch the LoRA
     branch runs on a side stream while base() runs on the current one (a captured CUDA graph holds
-    both branches); `dora_free` (no DoRA scale on these modules in the batch) lets the whole branch
-    run there, else only its shrinks. Elsewhere: base() then lora_apply per entry, in order."""
+    both branches), and the current stream merges it into y (DoRA rows scaled as in order). Elsewhere:
+    base() then lora_apply per entry, in order."""
     if applies and _use_kernels(x, meta, max(len(ids) for ids, _ in applies)):
         width = sum(int(o) for o in applies[0][1])
-        return _kernels.lora_apply_beside(x, base, meta, layer, applies, width, dora_free, _side_stream(x.device))
+        return _kernels.lora_apply_beside(x, base, meta, layer, applies, width, _side_stream(x.device))
     y = base()
     for ids, sizes in applies:
         lora_apply(x, y, meta, layer, ids, sizes)

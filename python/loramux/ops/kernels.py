@@ -113,9 +113,9 @@ def _segments_of(meta, device, tokens: int):
     return segments(meta.slot_of_token, num_slots, meta.adapters)
 
 
-def _batch(meta, layer: int, device, tokens: int, choice: tuning.Choice = tuning.Choice(None, None), stream=None):
+def _batch(meta, layer: int, device, tokens: int, choice: tuning.Choice = tuning.Choice(None, None)):
     """(the Rust KernelBatch, the segments tensor it points into: kept alive by the caller); its
-    launches go to `stream` (default: the current one)."""
+    launches go to the current stream."""
     import torch
 
     nvrtc_library()
@@ -134,7 +134,7 @@ def _batch(meta, layer: int, device, tokens: int, choice: tuning.Choice = tuning
     seg = _segments_of(meta, device, tokens)
     return seg, _core.KernelBatch(
         device=_device_index(device),
-        stream=(stream or torch.cuda.current_stream(device)).cuda_stream,
+        stream=torch.cuda.current_stream(device).cuda_stream,
         dtype=_dtype_name(meta.dtype),
         slot_of_token=slots.data_ptr(),
         segments=seg.data_ptr(),
@@ -152,16 +152,16 @@ def _batch(meta, layer: int, device, tokens: int, choice: tuning.Choice = tuning
 
 
 def _shrink_partials(x, meta, layer: int, module_ids: Sequence[int], choice: tuning.Choice = tuning.Choice(None, None),
-                     stream=None, device_split: bool = True):
-    """Allocates the partials on the current stream, launches the shrink on `stream` (default: current).
+                     device_split: bool = True):
+    """Allocates the partials and launches the shrink, both on the current stream.
     `device_split`: decode batches may size the split from the step's item count (the plan's
     split_target, which the expand must be given); False for a shrink whose reduce sums every split."""
-    batch, ids, plan, partial, seg = _partials(x, meta, layer, module_ids, choice, stream, device_split)
+    batch, ids, plan, partial, seg = _partials(x, meta, layer, module_ids, choice, device_split)
     u_offset = batch.shrink(x.data_ptr(), x.stride(0), x.shape[1], ids, partial.data_ptr(), partial.numel(), plan)
     return batch, ids, plan, partial, seg, u_offset
 
 
-def _partials(x, meta, layer: int, module_ids: Sequence[int], choice: tuning.Choice, stream=None, device_split: bool = True):
+def _partials(x, meta, layer: int, module_ids: Sequence[int], choice: tuning.Choice, device_split: bool = True):
     """The shrink's batch, plan and partial buffer (allocated on the current stream), nothing launched."""
     import torch
 
@@ -169,7 +169,7 @@ def _partials(x, meta, layer: int, module_ids: Sequence[int], choice: tuning.Cho
     if x.dtype != meta.dtype:
         raise LoraCudaError(f"x is {x.dtype} but the adapters are {meta.dtype}: serve in one dtype")
     tokens, hi = x.shape
-    seg, batch = _batch(meta, layer, x.device, tokens, choice, stream)
+    seg, batch = _batch(meta, layer, x.device, tokens, choice)
     ids = [int(m) for m in module_ids]
     plan = _core.plan_shrink(tokens, hi, len(ids), meta.table.shape[0], choice.shrink_target_blocks, choice.expand_kernel,
                              int(meta.max_rank), device_split, choice.decode_device_split, meta.adapters)
@@ -219,13 +219,6 @@ def _apply_checks(x, y, meta, module_ids, out_sizes):
     if y.shape[0] != x.shape[0] or y.dtype != x.dtype:
         raise LoraCudaError(f"y {tuple(y.shape)} {y.dtype} does not match x {tuple(x.shape)} {x.dtype}")
     return sizes
-
-
-def _finish(x, y, meta, layer, ids, sizes, choice, plan, partial, u_offset=None) -> None:
-    """The expand of an apply whose shrink wrote `partial` on another stream (lora_apply_beside),
-    on the current stream: a new batch for it (meta.segments were built before the fork)."""
-    seg, batch = _batch(meta, layer, x.device, x.shape[0], choice)  # seg: alive until launched
-    _expand_after(batch, y, ids, sizes, plan, partial, u_offset, False, x.shape[1], int(meta.max_rank))
 
 
 def _expand_after(batch, y, ids, sizes, plan, partial, u_offset, chained: bool, hi: int, max_rank: int) -> None:
@@ -298,40 +291,45 @@ def lora_apply(x, y, meta, layer: int, module_ids: Sequence[int], out_sizes: Seq
     del seg  # alive until here: the launches read it
 
 
-def lora_apply_beside(x, base, meta, layer: int, applies, width: int, dora_free: bool, side):
+def lora_apply_beside(x, base, meta, layer: int, applies, width: int, side):
     """y = base() (a [T, width] tensor computed on the current stream) plus each token's LoRA slices
     of `applies` ([(module_ids, out_sizes)], each from column 0 of y), with the LoRA branch on
     stream `side` while base() runs: forked and joined by stream waits, so a captured CUDA graph
-    holds both branches. `dora_free` (no adapter of the batch has a DoRA scale on these modules):
-    the whole apply runs on the side into a zeroed buffer that the current stream then adds to y.
-    Otherwise (DoRA scales y + delta): only the shrinks run on the side; the expands follow base()."""
+    holds both branches. The branch runs every apply, as lora_apply does, into a zeroed buffer;
+    the current stream then merges it into y (cuda/lora_merge.cu), scaling y by the DoRA scales
+    the branch's epilogues applied to that zero base."""
     import torch
 
+    applies = [([int(m) for m in ids], [int(o) for o in sizes]) for ids, sizes in applies]
+    for ids, sizes in applies:  # refused before anything is launched
+        if len(ids) != len(sizes) or sum(sizes) > width:
+            raise LoraCudaError(f"module ids {ids} with out sizes {sizes} do not fit a {width}-column output")
+    if sum(len(ids) for ids, _ in applies) > MAX_SLICES:  # more than one merge takes: in order
+        y = base()
+        for ids, sizes in applies:
+            lora_apply(x, y, meta, layer, ids, sizes)
+        return y
     main = torch.cuda.current_stream(x.device)
     tokens = x.shape[0]
     if meta.segments is None:  # built before the fork, so the side branch sees them
         meta = replace(meta, segments=segments(meta.slot_of_token, meta.table.shape[0], meta.adapters))
-    launched = []
-    delta = torch.empty(tokens, width, dtype=x.dtype, device=x.device) if dora_free else None
+    _rows("x", x, x.device)
+    delta = torch.empty(tokens, width, dtype=x.dtype, device=x.device)
     side.wait_stream(main)
-    if dora_free:
+    try:
         with torch.cuda.stream(side):
             delta.zero_()
             for ids, sizes in applies:
                 lora_apply(x, delta, meta, layer, ids, sizes)
-    else:
-        # buffers allocated on the current stream (freed in its order), shrinks launched on the side
-        for ids, sizes in applies:
-            sizes = [int(o) for o in sizes]
-            choice = _tuning(x.device, x.shape[1], sizes, int(meta.max_rank), tokens, meta.adapters)
-            batch, ids2, plan, partial, seg, u_offset = _shrink_partials(x, meta, layer, ids, choice, side)
-            launched.append((ids2, sizes, choice, plan, partial, seg, u_offset))
-    y = base()
-    main.wait_stream(side)
-    if dora_free:
-        y.add_(delta)
-        return y
-    for ids, sizes, choice, plan, partial, _seg, u_offset in launched:
-        _apply_checks(x, y, meta, ids, sizes)
-        _finish(x, y, meta, layer, ids, sizes, choice, plan, partial, u_offset=u_offset)
+        y = base()
+    finally:
+        # joined even where an apply or base() raised: delta (allocated on this stream) is freed
+        # only after the side branch is done with it, and a capture does not end unjoined
+        main.wait_stream(side)
+    _rows("y", y, x.device)
+    if tuple(y.shape) != (tokens, width) or y.dtype != x.dtype:
+        raise LoraCudaError(f"base() gave {y.dtype} {list(y.shape)}, not {x.dtype} [{tokens}, {width}]")
+    seg, batch = _batch(meta, layer, x.device, tokens)
+    batch.merge_beside(applies, width, y.data_ptr(), y.stride(0), delta.data_ptr(), delta.stride(0))
+    del seg  # alive until here: the launch reads it
     return y

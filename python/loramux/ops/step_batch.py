@@ -48,7 +48,6 @@ class StepBatch:
         self.table: Optional[torch.Tensor] = None
         self.pool: Optional[torch.Tensor] = None
         self._used: Optional[List[List[bool]]] = None  # [layer][module_id]: some row's adapter has it
-        self._dora: Optional[List[List[bool]]] = None  # [layer][module_id]: some row's adapter has a DoRA scale there; None: unknown
         self._adapters: Optional[int] = None  # distinct slots among the rows; None: unknown (a static batch)
         self._metas: Dict[int, BatchMeta] = {}  # token count -> BatchMeta
         # BatchMeta.derived kept across set() calls while (pool, pool version, adapter slots) repeat
@@ -76,10 +75,7 @@ class StepBatch:
         key = (pool, pool_version, tuple(present))
         if pool_version is None or self._derived_key is None or not _same_key(self._derived_key, key):
             self._derived_key, self._derived = key, {}
-        rows = table[present]
-        used = rows[..., 3] > 0
-        # entry word 2 is the DoRA scale vector's address (loramux.layout.ENTRY_FIELDS), 0 without one
-        self._used, self._dora = torch.stack([used.any(dim=0), (used & (rows[..., 2] != 0)).any(dim=0)]).cpu().tolist()
+        self._used = (table[present][..., 3] > 0).any(dim=0).cpu().tolist()
 
     def set_static(self, slot_of_row: torch.Tensor, table: torch.Tensor, pool: torch.Tensor) -> None:
         """For CUDA-graph capture: the rows read `slot_of_row` (int32, on the table's device) in
@@ -97,7 +93,6 @@ class StepBatch:
         self.rows = 0
         self.slot_of_row = self.table = self.pool = None
         self._used = None
-        self._dora = None
         self._adapters = None
         self._metas = {}
 
@@ -108,11 +103,6 @@ class StepBatch:
     def uses(self, layer: int, module_id: int) -> bool:
         """Whether some row's adapter has `module_id` at `layer`."""
         return self._used is not None and self._used[layer][module_id]
-
-    def dora_free(self, layer: int, module_ids: Sequence[int]) -> bool:
-        """Whether no row's adapter has a DoRA scale on these modules at `layer` (False when unknown:
-        a static batch serves any adapter mix)."""
-        return self._dora is not None and not any(self._dora[layer][m] for m in module_ids)
 
     def used_slices(self, layer: int, slices: Sequence[Sequence[int]]) -> list:
         """The module-id groups of `slices` that some row's adapter has at `layer`."""

@@ -73,6 +73,17 @@ impl PyKernelBatch {
         launch::reduce(&k, &self.batch, &module_ids, partial, &plan, u).py()
     }
 
+    /// The join of a LoRA branch run beside the base GEMM into `delta`: y = f * y + delta over
+    /// `width` columns, f the row adapter's DoRA scales over `applies` ([(module ids, out sizes)],
+    /// each from column 0).
+    #[pyo3(signature = (applies, width, y, y_stride, delta, delta_stride))]
+    fn merge_beside(
+        &self, applies: Vec<(Vec<u32>, Vec<usize>)>, width: usize, y: u64, y_stride: usize, delta: u64, delta_stride: usize,
+    ) -> PyResult<()> {
+        let k = cuda::kernels(self.device).py()?;
+        launch::merge_beside(&k, &self.batch, &applies, width, y, y_stride, delta, delta_stride).py()
+    }
+
     /// y[:, slice columns] += partials summed over ksplit @ B^T (DoRA scaled), in place.
     /// `chained`: launched right after the shrink that wrote `partial` (may overlap it). `hi` and
     /// `split_target`: the shrink's, where its plan sized the split on the device (plan[3] > 0).

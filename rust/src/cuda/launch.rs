@@ -26,6 +26,8 @@ pub const MAX_RANK: usize = 128;
 const THREADS: u32 = 256;
 const SEG_THREADS: u32 = 1024;
 const MODULES: u32 = NUM_MODULES as u32;
+/// Columns a thread of the beside merge takes (LMX_MERGE_COLS).
+pub const MERGE_COLS: usize = 8;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Dtype {
@@ -165,6 +167,21 @@ struct ReduceArgs {
     slot_of_token: u64,
     t: i32,
     ksplit: i32,
+    table: LoraTable,
+    slices: LoraSlices,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct MergeArgs {
+    y: u64,
+    y_stride: i64,
+    delta: u64,
+    delta_stride: i64,
+    slot_of_token: u64,
+    t: i32,
+    width: i32,
+    vec: i32,
     table: LoraTable,
     slices: LoraSlices,
 }
@@ -470,6 +487,67 @@ pub fn reduce(k: &DeviceKernels, b: &Batch, module_ids: &[u32], partial: u64, pl
     unsafe { launch(k, "lora_shrink_reduce", (blocks, 1, 1), b.stream, &args) }
 }
 
+/// Every slice of a beside branch's applies in one list, each apply's laid from column 0 (so
+/// slices of different applies may overlap): what the merge scales y by.
+fn merge_slices(applies: &[(Vec<u32>, Vec<usize>)], width: usize) -> Result<LoraSlices> {
+    let mut sl = LoraSlices::default();
+    for (ids, sizes) in applies {
+        if ids.len() != sizes.len() {
+            return Err(LoraError::Cuda(format!("{} module ids but {} out sizes", ids.len(), sizes.len())));
+        }
+        let one = slices(ids, Some(sizes))?;
+        let end = sizes.iter().sum::<usize>();
+        if end > width {
+            return Err(LoraError::Cuda(format!("slices of {end} columns past the merged width {width}")));
+        }
+        for i in 0..one.count as usize {
+            let n = sl.count as usize;
+            if n == MAX_SLICES {
+                return Err(LoraError::Cuda(format!("more than {MAX_SLICES} slices in one beside branch")));
+            }
+            sl.module_id[n] = one.module_id[i];
+            sl.out_offset[n] = one.out_offset[i];
+            sl.out_size[n] = one.out_size[i];
+            sl.count += 1;
+        }
+    }
+    Ok(sl)
+}
+
+/// The join of a LoRA branch run beside the base GEMM: y = f * y + delta over `width` columns,
+/// f the product of the row adapter's DoRA scales over the slices covering a column. `applies`:
+/// the branch's (module ids, out sizes), each laid from column 0 of y and of delta.
+#[allow(clippy::too_many_arguments)]
+pub fn merge_beside(
+    k: &DeviceKernels, b: &Batch, applies: &[(Vec<u32>, Vec<usize>)], width: usize, y: u64, y_stride: usize, delta: u64,
+    delta_stride: usize,
+) -> Result<()> {
+    b.check()?;
+    let sl = merge_slices(applies, width)?;
+    if width > i32::MAX as usize || y_stride < width || delta_stride < width {
+        return Err(LoraError::Cuda(format!("merge of {width} columns over row strides {y_stride} (y) and {delta_stride} (delta)")));
+    }
+    if b.tokens == 0 || width == 0 {
+        return Ok(());
+    }
+    let vec = (y | delta) % 16 == 0 && (y_stride | delta_stride) % 8 == 0;
+    let args = MergeArgs {
+        y,
+        y_stride: y_stride as i64,
+        delta,
+        delta_stride: delta_stride as i64,
+        slot_of_token: b.slot_of_token,
+        t: b.tokens as i32,
+        width: width as i32,
+        vec: vec as i32,
+        table: b.table_args(),
+        slices: sl,
+    };
+    let grid = (b.tokens as u32, width.div_ceil(THREADS as usize * MERGE_COLS) as u32, 1);
+    let name = format!("lora_beside_merge_{}", b.dtype.suffix());
+    unsafe { launch(k, &name, grid, b.stream, &args) }
+}
+
 /// Expand from `ksplit` partials (ksplit = 1 for a caller's u) into y, in place. `chained`: the
 /// kernel before it on the stream is the shrink that wrote `partial` (lora_apply). `split`: the
 /// shrink's (Hi, split_target) where it sized its split on the device (ShrinkPlan::split_target):
@@ -739,6 +817,20 @@ mod tests {
         assert!(slices(&[1; 9], None).is_err());
         let s = slices(&[1, 2, 3], Some(&[4096, 1024, 1024])).unwrap();
         assert_eq!((s.out_offset[2], s.out_size[2]), (5120, 1024));
+    }
+
+    #[test]
+    fn merge_slices_lay_each_apply_from_column_zero() {
+        let applies = vec![(vec![0], vec![384]), (vec![1, 2, 3], vec![256, 64, 64])];
+        let s = merge_slices(&applies, 384).unwrap();
+        assert_eq!(s.count, 4);
+        assert_eq!(&s.module_id[..4], &[0, 1, 2, 3]);
+        assert_eq!((&s.out_offset[..4], &s.out_size[..4]), (&[0, 0, 256, 320][..], &[384, 256, 64, 64][..]));
+        assert!(merge_slices(&applies, 383).is_err()); // past the width
+        assert!(merge_slices(&[(vec![1, 2], vec![8])], 8).is_err()); // ids and sizes differ in count
+        assert!(matches!(merge_slices(&[(vec![19], vec![8])], 8), Err(LoraError::UnknownModuleId { .. })));
+        let nine = vec![(vec![1, 2, 3, 4, 5], vec![1; 5]), (vec![6, 7, 8, 9], vec![1; 4])];
+        assert!(merge_slices(&nine, 8).is_err()); // more than one merge takes
     }
 
     #[test]

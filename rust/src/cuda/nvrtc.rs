@@ -128,7 +128,14 @@ pub const FUSED: KernelFamily = KernelFamily {
     ],
 };
 
-pub const FAMILIES: [&KernelFamily; 5] = [&SEGMENTS, &SHRINK, &EXPAND, &FUSED, &PREFILL];
+pub const MERGE: KernelFamily = KernelFamily {
+    name: "lora_merge",
+    parts: &[],
+    body: include_str!("../../../cuda/lora_merge.cu"),
+    functions: &["lora_beside_merge_bf16", "lora_beside_merge_f16"],
+};
+
+pub const FAMILIES: [&KernelFamily; 6] = [&SEGMENTS, &SHRINK, &EXPAND, &FUSED, &PREFILL, &MERGE];
 
 impl KernelFamily {
     pub fn source(&self) -> String {

@@ -3,7 +3,7 @@
 //! the header repeats as macros. tests/test_kernel_abi.py compiles static_asserts of these against
 //! the header with NVRTC, so the two sides cannot drift apart unnoticed.
 
-use super::{ExpandArgs, FusedArgs, LoraSlices, LoraTable, ReduceArgs, SegmentArgs, ShrinkArgs, MAX_SLICES, MODULES, THREADS};
+use super::{ExpandArgs, FusedArgs, LoraSlices, LoraTable, MergeArgs, ReduceArgs, SegmentArgs, ShrinkArgs, MAX_SLICES, MERGE_COLS, MODULES, THREADS};
 use crate::cache::slot_table::ENTRY_WORDS;
 use crate::cuda::plan::{FUSED_WS_WORDS, SEG_HEADER, TILE_T};
 
@@ -45,6 +45,7 @@ pub fn struct_layouts() -> Vec<StructLayout> {
         layout!(ExpandArgs { partial, y, y_stride, slot_of_token, segments, t as T, ksplit, ochunk, max_items, hi, split_target, merge_items, wait_items, table, slices }),
         layout!(SegmentArgs { slot_of_token, segments, t as T, num_slots, max_items, chunk }),
         layout!(ReduceArgs { partial, u, slot_of_token, t as T, ksplit, table, slices }),
+        layout!(MergeArgs { y, y_stride, delta, delta_stride, slot_of_token, t as T, width, vec, table, slices }),
         layout!(FusedArgs {
             x, x_stride, y, y_stride, segments, partial, t as T, hi, ksplit, kchunk, max_items, col_steps, col_groups, smem_bytes,
             split_target, expand_target, placed_ksplit, placed_kchunk, placed_col_steps, placed_groups,
@@ -57,6 +58,7 @@ pub fn struct_layouts() -> Vec<StructLayout> {
 pub fn constants() -> Vec<(&'static str, usize)> {
     vec![
         ("LMX_MAX_SLICES", MAX_SLICES),
+        ("LMX_MERGE_COLS", MERGE_COLS),
         ("LMX_TILE_T", TILE_T),
         ("LMX_THREADS", THREADS as usize),
         ("LMX_ENTRY_I64", ENTRY_WORDS),
