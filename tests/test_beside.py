@@ -48,6 +48,16 @@ def test_beside_setting_and_the_auto_bound():
     assert engine.beside_for(BESIDE_MAX_TOKENS) and not engine.beside_for(BESIDE_MAX_TOKENS + 1)
     engine.lora_beside_base = False
     assert not engine.beside_for(1)
+    # strings as the variable takes them: "auto" or "0" must not read as a truthy True
+    engine.lora_beside_base = "auto"
+    assert engine.lora_beside_base is None
+    engine.lora_beside_base = "0"
+    assert engine.lora_beside_base is False and not engine.beside_for(1)
+    with pytest.raises(LoraError, match="lora_beside_base='sometimes'"):
+        engine.lora_beside_base = "sometimes"
+    with pytest.raises(TypeError, match="lora_beside_base takes True, False, None or 'auto', not 1"):
+        engine.lora_beside_base = 1
+    assert engine.lora_beside_base is False  # a refused value leaves the setting as it was
 
 
 def _graph(step, engine):

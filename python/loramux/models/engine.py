@@ -19,7 +19,7 @@ BESIDE_MAX_TOKENS = 64
 BESIDE_DEFAULT = "auto"
 
 
-def beside_setting(value: str) -> Optional[bool]:
+def beside_setting(value: str, name: str = "LORAMUX_LORA_BESIDE_BASE") -> Optional[bool]:
     """LORAMUX_LORA_BESIDE_BASE: 1 / on (always), 0 / off / empty (never), auto (up to BESIDE_MAX_TOKENS)."""
     value = value.strip().lower()
     if value == "auto":
@@ -28,7 +28,7 @@ def beside_setting(value: str) -> Optional[bool]:
         return False
     if value in ("1", "on", "true"):
         return True
-    raise LoraError(f"LORAMUX_LORA_BESIDE_BASE={value!r}: expected 1, 0 or auto")
+    raise LoraError(f"{name}={value!r}: expected 1, 0 or auto")
 
 
 class Engine:
@@ -53,8 +53,21 @@ class Engine:
         # the LoRA branch of a projection on a side stream while its base GEMM runs (forked and
         # joined inside a captured graph too): True / False force it either way; None takes it for
         # batches of at most BESIDE_MAX_TOKENS tokens. LORAMUX_LORA_BESIDE_BASE=1|0|auto
-        self.lora_beside_base: Optional[bool] = beside_setting(os.environ.get("LORAMUX_LORA_BESIDE_BASE", BESIDE_DEFAULT))
+        self.lora_beside_base = beside_setting(os.environ.get("LORAMUX_LORA_BESIDE_BASE", BESIDE_DEFAULT))
         self.sibling_groups: list = []
+
+    @property
+    def lora_beside_base(self) -> Optional[bool]:
+        return self._beside
+
+    @lora_beside_base.setter
+    def lora_beside_base(self, value) -> None:
+        # a truthy string such as "auto" or "0" must not read as True
+        if isinstance(value, str):
+            value = beside_setting(value, "lora_beside_base")
+        elif value is not None and not isinstance(value, bool):
+            raise TypeError(f"lora_beside_base takes True, False, None or 'auto', not {value!r}")
+        self._beside = value
 
     @property
     def max_rank(self) -> int:
