@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import torch
 from _common import capture, copy_bandwidth, env_set, llama_spec, median_seconds, random_adapter, resident_adapters
@@ -217,6 +218,9 @@ def main():
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     res = dict(gpu=torch.cuda.get_device_name(), batch=BATCH, adapters=ADAPTERS, rank=RANK, layers=LAYERS)
+    # the switches that change the beside form, as this run had them
+    res["switches"] = {k: os.environ[k] for k in ("LORAMUX_BESIDE_SM_CARVEOUT", "LORAMUX_SIDE_STREAM_PRIORITY",
+                                                  "LORAMUX_LORA_BESIDE_BASE") if k in os.environ}
     bw = copy_bandwidth()
     res["copy_bw_gbs"] = bw / 1e9
     model, attn = None, None
