@@ -18,6 +18,7 @@ mappings (more and fewer distinct adapters, rows without one) against eager resu
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 
@@ -210,6 +211,7 @@ def variant_overheads(engine, step, slots0, ad, base_us, names):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="decode.json")
+    ap.add_argument("--commit", default="", help="the source commit, recorded for readme_table.py")
     ap.add_argument("--batches", default="", help="comma-separated batch sizes also timed in order and beside the "
                     "base GEMM (beside_by_batch), e.g. 8,64,128")
     ap.add_argument("--no-peft", action="store_true", help="skip the PEFT comparison (its step takes ~250 ms)")
@@ -217,7 +219,8 @@ def main():
                     "(e.g. plain,m4): the in-order LoRA step captured again under each, the default before and after")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
-    res = dict(gpu=torch.cuda.get_device_name(), batch=BATCH, adapters=ADAPTERS, rank=RANK, layers=LAYERS)
+    res = dict(gpu=torch.cuda.get_device_name(), batch=BATCH, adapters=ADAPTERS, rank=RANK, layers=LAYERS,
+               commit=args.commit or None, date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
     # the switches that change the beside form, as this run had them
     res["switches"] = {k: os.environ[k] for k in ("LORAMUX_BESIDE_SM_CARVEOUT", "LORAMUX_SIDE_STREAM_PRIORITY",
                                                   "LORAMUX_LORA_BESIDE_BASE") if k in os.environ}

@@ -66,3 +66,5 @@ def test_a_decode_run_from_another_gpu_is_named(readme_table):
     h200 = readme_table.read_lines(ROOT / "benchmarks/results/decode-h200-s16j.json")[-1]
     assert "graphed, on NVIDIA H100 80GB HBM3)" in readme_table.table(ops, h100, cases=False)
     assert "graphed)" in readme_table.table(ops, h200, cases=False)
+    dated = dict(h100, date="2026-12-05 10:29 UTC", commit="1a6aee3")
+    assert "graphed, on NVIDIA H100 80GB HBM3, 2026-12-05 10:29 UTC, commit 1a6aee3)" in readme_table.table(ops, dated, cases=False)
