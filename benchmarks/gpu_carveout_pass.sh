@@ -13,7 +13,7 @@ T0=$(date +%s); el() { echo "[t+$(( $(date +%s) - T0 ))s] $*"; }
 timeout 120 python -m pytest -q -m gpu -p no:cacheprovider --tb=short tests/test_beside.py tests/test_gemm_carveout.py > $OUT/tests.log 2>&1
 el "tests rc=$? $(grep -E ' passed| failed| error' $OUT/tests.log | tail -1)"; grep -E '^(FAILED|ERROR)' $OUT/tests.log | head -5
 for sms in 0 8 16 32 0b; do
-  LORAMUX_BESIDE_SM_CARVEOUT=${sms%b} timeout 100 python benchmarks/decode_step.py --no-peft --batches 8,64 \
+  LORAMUX_BESIDE_SM_CARVEOUT=${sms%b} timeout 100 python benchmarks/decode_step.py --no-peft --batches 8,64 --commit "$(git rev-parse --short HEAD 2>/dev/null)" \
     --out $OUT/decode-carve$sms.json > $OUT/decode-carve$sms.log 2>&1
   el "carveout $sms rc=$?"
   python - $OUT/decode-carve$sms.json <<'PY'
