@@ -27,13 +27,13 @@ from _common import capture, copy_bandwidth, env_set, llama_spec, median_seconds
 
 import loramux as lm
 from loramux import ops
+from loramux.convert.hf_modules import target_for
 from loramux.models.attach import attach_layers
 
 DEV, DT = "cuda", torch.bfloat16
 BATCH, ADAPTERS, RANK, LAYERS = 32, 32, 16, 4
-# (module id, HF name)
-PROJ = [(1, "self_attn.q_proj"), (2, "self_attn.k_proj"), (3, "self_attn.v_proj"), (4, "self_attn.o_proj"),
-        (5, "mlp.gate_proj"), (7, "mlp.up_proj"), (6, "mlp.down_proj")]
+# the 7 projections of a Llama layer: attn_q, k, v, dense, mlp_h_to_4h (gate_proj), mlp_4h_to_h, mlp_gate (up_proj)
+MODULE_IDS = [1, 2, 3, 4, 5, 6, 7]
 
 
 def build_model(attn):
@@ -245,7 +245,7 @@ def main():
     engine = attach_layers(model, spec, None, DT, torch.device(DEV))
     default_beside = engine.beside_for(BATCH)  # the engine's default at this batch (LORAMUX_LORA_BESIDE_BASE)
     engine.lora_beside_base = False  # the step below in order; beside_step times the branch beside
-    mids = [mid for mid, _ in PROJ]
+    mids = MODULE_IDS
     adapters = [random_adapter(spec, mids, range(LAYERS), RANK, seed=1 + a, std=0.03) for a in range(ADAPTERS)]
     ad = resident_adapters(spec, adapters, dtype=DT, device=DEV)
     lora_bytes = ad.value_bytes
@@ -346,8 +346,9 @@ def main():
                 for name, mod in pm.named_modules():
                     if not hasattr(mod, "lora_A") or not isinstance(getattr(mod, "lora_A"), torch.nn.ModuleDict):
                         continue
-                    layer = int(name.split("layers.")[1].split(".")[0])
-                    mid = next(m for m, n in PROJ if name.endswith(n))
+                    # each PEFT layer takes the rows the converter maps its HF path to (gate_proj: mlp_h_to_4h)
+                    target = target_for("llama", name)
+                    layer, mid = target.layer, target.module_ids[0]
                     for a in range(ADAPTERS):
                         mod.lora_A[f"a{a}"].weight.copy_(ab[(a, layer, mid)][0].to(DT))
                         mod.lora_B[f"a{a}"].weight.copy_(ab[(a, layer, mid)][1].to(DT))

@@ -57,10 +57,10 @@ def table(ops_lines, decode=None, cases=True) -> str:
         d = decode
         # a decode run from another GPU than the kernel table's says which; its date and commit
         # where the run recorded them (decode_step.py --commit)
-        gpu = f", on {d['gpu']}" if d.get("gpu") and d["gpu"] != head["gpu"] else ""
-        gpu += "".join(f", {label}{d[key]}" for key, label in (("date", ""), ("commit", "commit ")) if d.get(key))
+        provenance = f", on {d['gpu']}" if d.get("gpu") and d["gpu"] != head["gpu"] else ""
+        provenance += "".join(f", {label}{d[key]}" for key, label in (("date", ""), ("commit", "commit ")) if d.get(key))
         out += ["", f"Decode step ({d['layers']} Llama-8B layers, batch {d['batch']}, {d['adapters']} adapters "
-                f"r={d['rank']} on 7 projections, graphed{gpu}): base {d['base_us']:.0f} us, with LoRA {d['lora_us']:.0f} us, "
+                f"r={d['rank']} on 7 projections, graphed{provenance}): base {d['base_us']:.0f} us, with LoRA {d['lora_us']:.0f} us, "
                 f"overhead {d['overhead_us']:.0f} us = {d['overhead_over_floor']:.1f}x its {d['lora_floor_us']:.0f} us "
                 f"bytes floor" + (f"; PEFT {d['peft_us'] / 1e3:.0f} ms" if d.get("peft_us") else "") + "."]
         if d.get("overhead_beside_us") is not None:

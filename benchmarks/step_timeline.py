@@ -109,7 +109,7 @@ def profile_kernels(replay, reps: int) -> List[dict]:
 def main():
     import torch
     from _common import capture, llama_spec, median_seconds, random_adapter, resident_adapters
-    from decode_step import ADAPTERS, BATCH, DEV, DT, LAYERS, PROJ, RANK, build_model, fresh_metas
+    from decode_step import ADAPTERS, BATCH, DEV, DT, LAYERS, MODULE_IDS, RANK, build_model, fresh_metas
 
     from loramux.models.attach import attach_layers
 
@@ -126,7 +126,7 @@ def main():
     step = lambda: model(input_ids=ids, position_ids=pos, use_cache=False).logits  # noqa: E731
     spec = llama_spec(LAYERS, RANK)
     engine = attach_layers(model, spec, None, DT, torch.device(DEV))
-    mids = [mid for mid, _ in PROJ]
+    mids = MODULE_IDS
     adapters = [random_adapter(spec, mids, range(LAYERS), RANK, seed=1 + a, std=0.03) for a in range(ADAPTERS)]
     ad = resident_adapters(spec, adapters, dtype=DT, device=DEV)
     res = {"gpu": torch.cuda.get_device_name(), "batch": BATCH, "adapters": ADAPTERS, "rank": RANK, "layers": LAYERS, "modes": {}}

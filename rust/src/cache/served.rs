@@ -43,7 +43,8 @@ impl ServedModules {
     /// order, a row applied neither way, and a fused row to split beside a row for one of its
     /// parts at that layer (the two would be summed; the adapter means one or the other).
     pub fn check(&self, layout: &AdapterLayout) -> Result<Vec<usize>> {
-        let row_of: HashMap<(LoraModule, usize), usize> = layout.rows.iter().enumerate().map(|(i, r)| ((r.module, r.layer), i)).collect();
+        // where each (module, layer) row is, built only once a row needs splitting (most puts have none)
+        let mut row_of: Option<HashMap<(LoraModule, usize), usize>> = None;
         let mut split = Vec::new();
         for (row, r) in layout.rows.iter().enumerate() {
             if self.applies(r.module, r.layer) {
@@ -53,6 +54,7 @@ impl ServedModules {
             let Some(parts) = parts else {
                 return Err(LoraError::ModuleNotApplied { row, module: r.module.name(), layer: r.layer });
             };
+            let row_of = row_of.get_or_insert_with(|| layout.rows.iter().enumerate().map(|(i, r)| ((r.module, r.layer), i)).collect());
             if let Some((&part, &part_row)) = parts.iter().find_map(|p| row_of.get(&(*p, r.layer)).map(|row| (p, row))) {
                 return Err(LoraError::FusedRowBesidePart { row, module: r.module.name(), layer: r.layer, part_row, part: part.name() });
             }
