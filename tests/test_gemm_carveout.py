@@ -1,21 +1,20 @@
-"""LORAMUX_BESIDE_SM_CARVEOUT: the base GEMM beside a LoRA branch run under torch's SM carveout
-(cuBLASLt), every setting restored after, whatever base() does."""
+"""The base GEMM beside a LoRA branch run under torch's SM carveout (cuBLASLt): DEFAULT_SMS unless
+LORAMUX_BESIDE_SM_CARVEOUT names another count, every setting restored after, whatever base() does."""
 
 import pytest
 import torch
 
 from loramux.errors import LoraError
 from loramux.ops import gemm_carveout
-from loramux.ops.gemm_carveout import ENV, carved, carveout_sms, gemm_sm_carveout
+from loramux.ops.gemm_carveout import DEFAULT_SMS, ENV, carved, carveout_available, carveout_sms, gemm_sm_carveout
 
-needs_carveout = pytest.mark.skipif(not hasattr(torch._C, "_set_sm_carveout_experimental"),
-                                    reason="this torch has no SM carveout")
+needs_carveout = pytest.mark.skipif(not carveout_available(), reason="this torch has no SM carveout")
 
 
 def test_the_count_is_read_from_the_variable(monkeypatch):
     monkeypatch.delenv(ENV, raising=False)
-    assert carveout_sms() is None
-    for value, want in (("0", None), ("16", 16), (" 8 ", 8)):
+    assert carveout_sms() == (DEFAULT_SMS if carveout_available() else None)
+    for value, want in (("0", None), ("16", 16), (" 8 ", 8), ("", DEFAULT_SMS if carveout_available() else None)):
         monkeypatch.setenv(ENV, value)
         assert carveout_sms() == want
     monkeypatch.setenv(ENV, "-4")
@@ -38,6 +37,7 @@ def test_the_carveout_holds_inside_and_is_undone_after_a_raise():
     assert _settings() == before
 
 
+@pytest.mark.gpu
 @needs_carveout
 def test_carved_runs_base_under_the_carveout_only_when_asked(monkeypatch):
     seen = []
@@ -46,16 +46,32 @@ def test_carved_runs_base_under_the_carveout_only_when_asked(monkeypatch):
         seen.append(_settings())
         return torch.zeros(1)
 
-    monkeypatch.delenv(ENV, raising=False)
-    assert carved(base) is base
+    monkeypatch.setenv(ENV, "0")
+    assert carved(base, torch.device("cuda")) is base
     monkeypatch.setenv(ENV, "24")
     before = _settings()
-    carved(base)()
+    carved(base, torch.device("cuda"))()
     assert seen == [(24, torch._C._BlasBackend.Cublaslt)] and _settings() == before
 
 
-def test_a_torch_without_the_carveout_is_named(monkeypatch):
+@pytest.mark.gpu
+@needs_carveout
+def test_a_count_that_leaves_the_gemm_no_sm_is_refused(monkeypatch):
+    sm_count = torch.cuda.get_device_properties(0).multi_processor_count
+    monkeypatch.setenv(ENV, str(sm_count))
+    with pytest.raises(LoraError, match=f"has {sm_count} SMs"):
+        carved(lambda: torch.zeros(1), torch.device("cuda"))
+    monkeypatch.setenv(ENV, str(sm_count - 1))
+    assert carved(lambda: torch.zeros(1), torch.device("cuda"))().shape == (1,)
+
+
+def test_a_torch_without_the_carveout_runs_without_unless_asked(monkeypatch):
     monkeypatch.delattr(torch._C, "_set_sm_carveout_experimental", raising=False)
-    with pytest.raises(LoraError, match="needs a torch with"), gemm_carveout.gemm_sm_carveout(8):
+    monkeypatch.delenv(ENV, raising=False)
+    assert carveout_sms() is None
+    base = lambda: torch.zeros(1)  # noqa: E731
+    assert carved(base, torch.device("cpu")) is base
+    monkeypatch.setenv(ENV, "8")
+    with pytest.raises(LoraError, match="needs a torch with"), gemm_carveout.gemm_sm_carveout(carveout_sms()):
         pass
 
