@@ -225,7 +225,7 @@ def main():
     # the switches that change the beside form, as this run had them
     res["switches"] = {k: os.environ[k] for k in ("LORAMUX_BESIDE_SM_CARVEOUT", "LORAMUX_SIDE_STREAM_PRIORITY",
                                                   "LORAMUX_LORA_BESIDE_BASE") if k in os.environ}
-    res["beside_sm_carveout"] = carveout_sms()  # SMs kept from a base GEMM with a branch beside it
+    res["beside_sm_carveout"] = carveout_sms(BATCH)  # SMs kept from a base GEMM with a branch beside it
     bw = copy_bandwidth()
     res["copy_bw_gbs"] = bw / 1e9
     model, attn = None, None

@@ -4,10 +4,10 @@ timeline: 210 us of a 305 us overhead ran with nothing beside it). torch's exper
 sets cuBLASLt's SM count target, which leaves that many SMs to the branch from the start; the
 memory-bound decode GEMM on the rest loses little. torch applies it to cuBLASLt matmuls only, so the
 backend is switched too, for the base GEMM's call alone (a captured graph keeps the kernels chosen
-at capture). On by default (DEFAULT_SMS) where torch has the carveout; LORAMUX_BESIDE_SM_CARVEOUT
-names another count, or 0 for none. The settings are torch's process-wide ones, held only for the
-base GEMM's call: a matmul another thread issues meanwhile runs under them too (same results,
-other kernels)."""
+at capture). On by default (DEFAULT_SMS, from DEFAULT_MIN_TOKENS tokens up) where torch has the
+carveout; LORAMUX_BESIDE_SM_CARVEOUT names another count for every batch, or 0 for none. The
+settings are torch's process-wide ones, held only for the base GEMM's call: a matmul another
+thread issues meanwhile runs under them too (same results, other kernels)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,9 @@ ENV = "LORAMUX_BESIDE_SM_CARVEOUT"
 # s24, H100, benchmarks/decode_step.py: 8, 16 and 32 SMs each took the beside overhead at batch 32
 # from 302-314 us to 269-272 us; 16 leaves an H100's or H200's 132 SMs 116 for the GEMM
 DEFAULT_SMS = 16
+# ...at batch 8 the default cost 13 us of a 1710 us step, at 16 nothing either way, from 24 up it saved
+# 1-3 % of the step: unset, batches of up to this many tokens run their GEMM on every SM
+DEFAULT_MIN_TOKENS = 17
 
 
 def carveout_available() -> bool:
@@ -30,13 +33,13 @@ def carveout_available() -> bool:
     return hasattr(torch._C, "_set_sm_carveout_experimental")
 
 
-def carveout_sms() -> Optional[int]:
-    """The SM count kept from a base GEMM with a LoRA branch beside it: LORAMUX_BESIDE_SM_CARVEOUT's,
-    else DEFAULT_SMS where this torch has the carveout; None for none (0, or unset on a torch
-    without it)."""
+def carveout_sms(tokens: int) -> Optional[int]:
+    """The SM count kept from a base GEMM of `tokens` rows with a LoRA branch beside it:
+    LORAMUX_BESIDE_SM_CARVEOUT's at any batch, else DEFAULT_SMS from DEFAULT_MIN_TOKENS tokens up where
+    this torch has the carveout; None for none."""
     value = os.environ.get(ENV, "").strip()
     if value == "":
-        return DEFAULT_SMS if carveout_available() else None
+        return DEFAULT_SMS if carveout_available() and tokens >= DEFAULT_MIN_TOKENS else None
     if value == "0":
         return None
     if not value.isdigit():
@@ -60,10 +63,10 @@ def gemm_sm_carveout(sms: int) -> Iterator[None]:
         torch.backends.cuda.preferred_blas_library(library_before)
 
 
-def carved(base: Callable[[], torch.Tensor], device: torch.device) -> Callable[[], torch.Tensor]:
-    """`base` run under the carveout carveout_sms() names, or `base` itself when none. A count that
-    leaves `device` no SM for the GEMM is refused."""
-    sms = carveout_sms()
+def carved(base: Callable[[], torch.Tensor], tokens: int, device: torch.device) -> Callable[[], torch.Tensor]:
+    """`base` (a GEMM of `tokens` rows) run under the carveout carveout_sms() names, or `base` itself
+    when none. A count that leaves `device` no SM for the GEMM is refused."""
+    sms = carveout_sms(tokens)
     if sms is None:
         return base
     sm_count = torch.cuda.get_device_properties(device).multi_processor_count
