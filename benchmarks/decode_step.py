@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 
 import torch
 from _common import capture, copy_bandwidth, env_set, llama_spec, median_seconds, random_adapter, resident_adapters
@@ -28,6 +29,7 @@ import loramux as lm
 from loramux import ops
 from loramux.convert.hf_modules import target_for
 from loramux.models.attach import attach_layers
+from loramux.ops.gemm_carveout import carveout_sms
 
 DEV, DT = "cuda", torch.bfloat16
 BATCH, ADAPTERS, RANK, LAYERS = 32, 32, 16, 4
@@ -220,6 +222,10 @@ def main():
     torch.set_grad_enabled(False)
     res = dict(gpu=torch.cuda.get_device_name(), batch=BATCH, adapters=ADAPTERS, rank=RANK, layers=LAYERS,
                commit=args.commit or None, date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+    # the switches that change the beside form, as this run had them
+    res["switches"] = {k: os.environ[k] for k in ("LORAMUX_BESIDE_SM_CARVEOUT", "LORAMUX_SIDE_STREAM_PRIORITY",
+                                                  "LORAMUX_LORA_BESIDE_BASE") if k in os.environ}
+    res["beside_sm_carveout"] = carveout_sms(BATCH)  # SMs kept from a base GEMM with a branch beside it
     bw = copy_bandwidth()
     res["copy_bw_gbs"] = bw / 1e9
     model, attn = None, None

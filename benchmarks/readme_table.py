@@ -64,8 +64,10 @@ def table(ops_lines, decode=None, cases=True) -> str:
                 f"overhead {d['overhead_us']:.0f} us = {d['overhead_over_floor']:.1f}x its {d['lora_floor_us']:.0f} us "
                 f"bytes floor" + (f"; PEFT {d['peft_us'] / 1e3:.0f} ms" if d.get("peft_us") else "") + "."]
         if d.get("overhead_beside_us") is not None:
+            # the SMs kept from that GEMM, where the run recorded them (gemm_carveout.py)
+            carveout = f", the GEMM on all but {d['beside_sm_carveout']} SMs" if d.get("beside_sm_carveout") else ""
             out[-1] += (f" With each projection's LoRA branch on a side stream beside its base GEMM "
-                        f"(`Engine.lora_beside_base`): overhead {d['overhead_beside_us']:.0f} us = "
+                        f"(`Engine.lora_beside_base`{carveout}): overhead {d['overhead_beside_us']:.0f} us = "
                         f"{d['overhead_beside_over_floor']:.1f}x.")
         if d.get("overhead_static_us") is not None and d.get("overhead_static_beside_us") is not None:
             # before the merge kernel (no default_beside key) a static batch ran only its shrinks beside

@@ -194,6 +194,23 @@ def test_beside_op_matches_in_order_and_oracle(T, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not hasattr(torch._C, "_set_sm_carveout_experimental"), reason="this torch has no SM carveout")
+def test_beside_op_under_the_gemm_carveout(monkeypatch):
+    # LORAMUX_BESIDE_SM_CARVEOUT: base() through cuBLASLt on all but 16 SMs, the branch beside it
+    from loramux.ops.gemm_carveout import gemm_sm_carveout
+
+    ad, slots, x, w = _op_case(64)
+    meta = ad.meta(torch.tensor(slots, dtype=torch.int32, device="cuda"))
+    with gemm_sm_carveout(16):
+        y0 = x @ w.T  # the base as the carved GEMM computes it
+    monkeypatch.setenv("LORAMUX_BESIDE_SM_CARVEOUT", "16")
+    got = ops.lora_apply_beside(x, lambda: x @ w.T, meta, 0, APPLIES)
+    torch.cuda.synchronize()
+    assert torch._C._get_sm_carveout_experimental() is None  # restored after base()
+    assert rel_err(got, _oracle(ad, x, y0, slots), y0) < 1e-2
+
+
+@pytest.mark.gpu
 def test_beside_op_graph_replays_a_changed_mapping():
     ad, slots, x, w = _op_case(33)
     sot = torch.tensor(slots, dtype=torch.int32, device="cuda")

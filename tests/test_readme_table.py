@@ -60,11 +60,18 @@ def test_a_regime_slower_than_a_peer_misses(readme_table):
     assert not any(line.startswith("| decode-step") for line in lines)
 
 
+def _results(readme_table, name):
+    return readme_table.read_lines(ROOT / "benchmarks/results" / name)
+
+
 def test_a_decode_run_from_another_gpu_is_named(readme_table):
-    ops = readme_table.read_lines(ROOT / "benchmarks/results/ops-h200-s17-signal.json")
-    h100 = readme_table.read_lines(ROOT / "benchmarks/results/decode-h100-s23-beside.json")[-1]
-    h200 = readme_table.read_lines(ROOT / "benchmarks/results/decode-h200-s16j.json")[-1]
+    ops = _results(readme_table, "ops-h200-s17-signal.json")
+    h100, h200 = _results(readme_table, "decode-h100-s23-beside.json")[-1], _results(readme_table, "decode-h200-s16j.json")[-1]
     assert "graphed, on NVIDIA H100 80GB HBM3)" in readme_table.table(ops, h100, cases=False)
     assert "graphed)" in readme_table.table(ops, h200, cases=False)
     dated = dict(h100, date="2026-12-05 10:29 UTC", commit="1a6aee3")
     assert "graphed, on NVIDIA H100 80GB HBM3, 2026-12-05 10:29 UTC, commit 1a6aee3)" in readme_table.table(ops, dated, cases=False)
+    # the SMs kept from the base GEMM beside a branch, where the run recorded them
+    assert "(`Engine.lora_beside_base`): overhead" in readme_table.table(ops, h100, cases=False)
+    carved = _results(readme_table, "decode-h100-s24-carveout.json")[-1]
+    assert "(`Engine.lora_beside_base`, the GEMM on all but 16 SMs): overhead 285 us" in readme_table.table(ops, carved, cases=False)

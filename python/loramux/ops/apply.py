@@ -12,6 +12,7 @@ from typing import Callable, Sequence, Tuple
 import torch
 
 from loramux.ops import per_adapter, reference, stacked
+from loramux.ops.gemm_carveout import carved
 from loramux.ops.batch_meta import BatchMeta
 
 try:  # the CUDA kernels are optional: absent on builds without them, the reference serves CUDA too
@@ -120,7 +121,7 @@ def lora_apply_beside(
     base() then lora_apply per entry, in order."""
     if applies and _use_kernels(x, meta, max(len(ids) for ids, _ in applies)):
         width = sum(int(o) for o in applies[0][1])
-        return _kernels.lora_apply_beside(x, base, meta, layer, applies, width, _side_stream(x.device))
+        return _kernels.lora_apply_beside(x, carved(base, x.shape[0], x.device), meta, layer, applies, width, _side_stream(x.device))
     y = base()
     for ids, sizes in applies:
         lora_apply(x, y, meta, layer, ids, sizes)
