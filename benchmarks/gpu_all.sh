@@ -16,7 +16,7 @@ run_test_file() {
   grep -E "^(FAILED|ERROR)" $LOGS/$1.log | head -6
 }
 if has tests; then  # JOBS files at once (one GPU holds several test processes)
-  for f in ${FILES:-test_launch_choices test_segments test_fused test_cache_gpu test_kernels test_ops test_siblings test_models test_runtime test_tp test_serving_gpu test_beside}; do
+  for f in ${FILES:-test_launch_choices test_segments test_fused test_cache_gpu test_kernels test_ops test_siblings test_models test_runtime test_tp test_serving_gpu test_beside test_gemm_carveout}; do
     while [ "$(jobs -rp | wc -l)" -ge "${JOBS:-1}" ]; do sleep 1; done
     run_test_file $f &
   done
