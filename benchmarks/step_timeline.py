@@ -5,8 +5,10 @@ per replay: the wall time from the first kernel's start to the last one's end, t
 runs, and per category its kernel count, summed duration, the time one of its kernels runs (union)
 and the time only its kernels run (alone). In order, a LoRA apply's union is what it adds to the
 step; beside the base GEMM, what of it overlaps a GEMM and what runs alone says whether the side
-stream hides the branch or only moves it. Medians over the replays; event_us is the replay as CUDA
-events time it, a check on the profiler's clock.
+stream hides the branch or only moves it. lora_by_name splits the LoRA kernels' count, sum and
+alone time by kernel name (alone time shared among the LoRA kernels running then), to say which of
+them stand alone. Medians over the replays; event_us is the replay as CUDA events time it, a check
+on the profiler's clock.
 
     python benchmarks/step_timeline.py --modes base,in_order,beside --out timeline.json
 """
@@ -50,13 +52,15 @@ def split_replays(kernels: Sequence[dict], gap_us: float) -> List[List[dict]]:
 def summarize(kernels: Sequence[dict]) -> Dict[str, object]:
     """One replay's wall, busy time and, per category, count / sum / union / alone (us): a sweep
     over the kernels' start and end points."""
-    points = sorted([(k["start"], 1, category(k["name"])) for k in kernels] + [(k["end"], -1, category(k["name"])) for k in kernels],
+    points = sorted([(k["start"], 1, k["name"]) for k in kernels] + [(k["end"], -1, k["name"]) for k in kernels],
                     key=lambda p: p[0])
     active = dict.fromkeys(CATEGORIES, 0)
     union = dict.fromkeys(CATEGORIES, 0.0)
     alone = dict.fromkeys(CATEGORIES, 0.0)
+    lora_running: Dict[str, int] = {}  # LoRA kernel name -> instances running
+    lora_alone: Dict[str, float] = {}
     busy, prev = 0.0, None
-    for t, step, cat in points:
+    for t, step, name in points:
         if prev is not None and t > prev:
             running = [c for c in CATEGORIES if active[c] > 0]
             if running:
@@ -65,13 +69,26 @@ def summarize(kernels: Sequence[dict]) -> Dict[str, object]:
                     union[c] += t - prev
                 if len(running) == 1:
                     alone[running[0]] += t - prev
+                if running == ["lora"]:
+                    share = (t - prev) / sum(lora_running.values())
+                    for n, count in lora_running.items():
+                        lora_alone[n] = lora_alone.get(n, 0.0) + share * count
+        cat = category(name)
         active[cat] += step
+        if cat == "lora":
+            lora_running[name] = lora_running.get(name, 0) + step
+            if lora_running[name] == 0:
+                del lora_running[name]
         prev = t
     per = {c: {"count": sum(1 for k in kernels if category(k["name"]) == c),
                "sum_us": sum(k["end"] - k["start"] for k in kernels if category(k["name"]) == c),
                "union_us": union[c], "alone_us": alone[c]} for c in CATEGORIES}
+    by_name = {n: {"count": sum(1 for k in kernels if k["name"] == n),
+                   "sum_us": sum(k["end"] - k["start"] for k in kernels if k["name"] == n),
+                   "alone_us": lora_alone.get(n, 0.0)} for n in sorted({k["name"] for k in kernels if category(k["name"]) == "lora"})}
     wall = max(k["end"] for k in kernels) - min(k["start"] for k in kernels) if kernels else 0.0
-    return {"wall_us": wall, "busy_us": busy, "streams": len({k.get("stream") for k in kernels}), "categories": per}
+    return {"wall_us": wall, "busy_us": busy, "streams": len({k.get("stream") for k in kernels}), "categories": per,
+            "lora_by_name": by_name}
 
 
 def median_summary(replays: Sequence[Sequence[dict]]) -> Dict[str, object]:
@@ -81,6 +98,10 @@ def median_summary(replays: Sequence[Sequence[dict]]) -> Dict[str, object]:
     out = {"replays": len(sums), "wall_us": med("wall_us"), "busy_us": med("busy_us"), "streams": med("streams")}
     out["categories"] = {c: {f: statistics.median(s["categories"][c][f] for s in sums)
                              for f in ("count", "sum_us", "union_us", "alone_us")} for c in CATEGORIES}
+    # a name missing from a replay counts as zero there
+    names = sorted({n for s in sums for n in s["lora_by_name"]})
+    out["lora_by_name"] = {n: {f: statistics.median(s["lora_by_name"].get(n, {}).get(f, 0.0) for s in sums)
+                               for f in ("count", "sum_us", "alone_us")} for n in names}
     return out
 
 

@@ -35,6 +35,16 @@ def test_overlap_union_and_alone(tl):
     lora, gemm = s["categories"]["lora"], s["categories"]["gemm"]
     assert (lora["count"], lora["sum_us"], lora["union_us"], lora["alone_us"]) == (2, 14, 14, 6)
     assert (gemm["count"], gemm["union_us"], gemm["alone_us"]) == (1, 10, 2)
+    assert s["lora_by_name"] == {"lora_fused_decode_bf16": {"count": 1, "sum_us": 12, "alone_us": 4},
+                                 "lora_beside_merge_bf16": {"count": 1, "sum_us": 2, "alone_us": 2}}
+
+
+def test_lora_time_alone_is_shared_among_the_lora_kernels_running(tl):
+    # two applies overlap alone 4..6 (1 us each), one runs alone 6..8; a GEMM beside 0..4
+    s = tl.summarize([k("nvjet_gemm", 0, 4), k("lora_apply", 1, 6, 9), k("lora_apply", 4, 8, 11), k("lora_merge", 8, 9)])
+    assert s["categories"]["lora"]["alone_us"] == 5
+    assert s["lora_by_name"]["lora_apply"] == {"count": 2, "sum_us": 9, "alone_us": 4}
+    assert s["lora_by_name"]["lora_merge"]["alone_us"] == 1
 
 
 def test_idle_time_and_touching_kernels(tl):
@@ -52,3 +62,6 @@ def test_replays_split_at_gaps_and_medians(tl):
     assert [len(r) for r in replays] == [2, 2, 1]
     m = tl.median_summary(replays[:2])
     assert m["replays"] == 2 and m["wall_us"] == 12 and m["categories"]["lora"]["alone_us"] == 2
+    assert m["lora_by_name"] == {"lora_x": {"count": 1, "sum_us": 2, "alone_us": 2}}
+    # a LoRA kernel in one replay of three counts zero in the others
+    assert tl.median_summary(replays)["lora_by_name"]["lora_x"]["count"] == 1
