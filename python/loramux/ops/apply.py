@@ -12,8 +12,8 @@ from typing import Callable, Sequence, Tuple
 import torch
 
 from loramux.ops import per_adapter, reference, stacked
-from loramux.ops.gemm_carveout import carved
 from loramux.ops.batch_meta import BatchMeta
+from loramux.ops.gemm_carveout import carved
 
 try:  # the CUDA kernels are optional: absent on builds without them, the reference serves CUDA too
     from loramux.ops import kernels as _kernels

@@ -23,8 +23,8 @@ ENV = "LORAMUX_BESIDE_SM_CARVEOUT"
 # s24, H100, benchmarks/decode_step.py: 8, 16 and 32 SMs each took the beside overhead at batch 32
 # from 302-314 us to 269-272 us; 16 leaves an H100's or H200's 132 SMs 116 for the GEMM
 DEFAULT_SMS = 16
-# ...at batch 8 the default cost 13 us of a 1710 us step, at 16 nothing either way, from 24 up it saved
-# 1-3 % of the step: unset, batches of up to this many tokens run their GEMM on every SM
+# ...at batch 8 a carveout cost 9-21 us of a 1710 us step, at 16 nothing either way, from 24 up it
+# saved up to 3 % of the step: unset, batches under this many tokens run their GEMM on every SM
 DEFAULT_MIN_TOKENS = 17
 
 
