@@ -17,6 +17,7 @@ from loramux.format import AdapterRow, from_rows
 from peft_models import DEVICES, VOCAB
 from peft_models import build as _build
 from peft_models import peft_rows as _peft_rows
+from serving_helpers import attach as _attach
 from serving_helpers import llama, tokenizer  # noqa: F401 (fixtures)
 
 NEW_TOKENS = 4
@@ -35,12 +36,6 @@ def _peft_tokens(peft_model, tokenizer, prompt, adapter):
                                                                   do_sample=False, pad_token_id=0))
     tokens = out[0, ids.shape[1]:].tolist()
     return tokens[: tokens.index(2)] if 2 in tokens else tokens
-
-
-def _attach(ours, **kw):
-    kw.setdefault("max_rank", 16)
-    kw.setdefault("device_cache_bytes", 4 << 20)
-    return lm.attach(ours, **kw)
 
 
 @pytest.fixture(scope="module", params=DEVICES)
