@@ -5,6 +5,8 @@ random-weight models of every supported architecture (together all module ids an
 from __future__ import annotations
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -178,6 +180,21 @@ def test_an_attached_engine_as_a_context_detaches_on_the_way_out():
         with lm.attach(model, max_rank=16, device_cache_bytes=1 << 20):
             raise RuntimeError("inside")
     assert not any("Lora" in type(m).__name__ for m in model.modules())
+
+
+def test_a_detached_engine_and_its_cache_go_with_their_last_reference():
+    # no reference cycle outlives detach(), so the host tier's memory comes back at once, not at
+    # the cyclic GC's next pass
+    model = ARCHS["llama"][0]().eval()
+    gc.disable()
+    try:
+        with lm.attach(model, max_rank=16, device_cache_bytes=1 << 20, host_cache_bytes=1 << 20) as engine:
+            assert engine.sibling_groups  # q|k|v and gate|up, whose wrappers and groups refer to each other
+            refs = weakref.ref(engine), weakref.ref(engine.cache)
+        del engine
+        assert [r() for r in refs] == [None, None]
+    finally:
+        gc.enable()
 
 
 def test_gpt2_cross_attention_matches_peft(tmp_path):

@@ -160,5 +160,11 @@ class Engine:
             setattr(parent, attr, original)
         self._restore = []
         self.clear_batch()
+        # wrapper <-> group references form a cycle that would keep this engine, and the cache's pools
+        # it holds (the host tier's gigabyte), until the cyclic GC ran
+        for group in self.sibling_groups:
+            for member in group.members:
+                member.sibling = None
+            group.members = []
         self.sibling_groups = []
         return self.model
