@@ -32,8 +32,8 @@ def llama(tmp_path_factory):
 def attach(ours, **kw):
     kw.setdefault("max_rank", 16)
     kw.setdefault("device_cache_bytes", 4 << 20)
-    # the tiny model's adapters take kilobytes; the 1 GiB default host tier (allocated up front) is
-    # freed only when the cyclic GC collects the engine, and a file's worth of them held 13 GB
+    # the tiny model's adapters take kilobytes; the default host tier is 1 GiB (plus its reserve),
+    # pre-faulted by every attach
     kw.setdefault("host_cache_bytes", 64 << 20)
     return lm.attach(ours, **kw)
 

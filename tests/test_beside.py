@@ -21,6 +21,7 @@ from peft_models import attach_converted, build, make_inputs
 from loramux import ops
 from loramux.errors import LoraCudaError, LoraError
 from loramux.models.engine import BESIDE_MAX_TOKENS, Engine, beside_setting
+from loramux.ops.gemm_carveout import carveout_available, gemm_sm_carveout
 
 
 def test_beside_off_cuda_is_the_in_order_path(tmp_path):
@@ -194,10 +195,9 @@ def test_beside_op_matches_in_order_and_oracle(T, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not hasattr(torch._C, "_set_sm_carveout_experimental"), reason="this torch has no SM carveout")
+@pytest.mark.skipif(not carveout_available(), reason="this torch has no SM carveout")
 def test_beside_op_under_the_gemm_carveout(monkeypatch):
     # LORAMUX_BESIDE_SM_CARVEOUT: base() through cuBLASLt on all but 16 SMs, the branch beside it
-    from loramux.ops.gemm_carveout import gemm_sm_carveout
 
     ad, slots, x, w = _op_case(64)
     meta = ad.meta(torch.tensor(slots, dtype=torch.int32, device="cuda"))
